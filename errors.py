@@ -1,0 +1,50 @@
+"""The small hierarchy of errors Calypso raises on purpose.
+
+Each message says which file or field is wrong, what was expected and what to
+do about it; the CLI prints the message alone (no traceback) and exits with
+a non-zero status.
+"""
+
+from __future__ import annotations
+
+
+class CalypsoError(Exception):
+    """Base class of every error Calypso reports to a user."""
+
+    exit_code = 1
+
+
+class ConfigurationError(CalypsoError):
+    """Settings or a configuration file are invalid."""
+
+    exit_code = 2
+
+
+class ParameterError(CalypsoError):
+    """A processing parameter is unknown, mistyped or inconsistent with the data."""
+
+    exit_code = 2
+
+
+class DataPolicyError(CalypsoError):
+    """A path does not follow the ESRF data policy layout."""
+
+    exit_code = 3
+
+
+class RawDataError(CalypsoError):
+    """Raw data is missing, incomplete or not in the expected format."""
+
+    exit_code = 3
+
+
+class OutputError(CalypsoError):
+    """Results could not be written."""
+
+    exit_code = 4
+
+
+class CatalogueError(CalypsoError):
+    """The catalogue could not record or read a processed dataset."""
+
+    exit_code = 5

@@ -1,0 +1,1 @@
+"""One Prefect flow per technique, and the ``calypso`` command line."""

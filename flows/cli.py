@@ -1,0 +1,395 @@
+"""The ``calypso`` command line.
+
+Every error Calypso anticipates is a :class:`~calypso.errors.CalypsoError`:
+the CLI prints its message (no traceback) and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from calypso.errors import CalypsoError, ParameterError
+from calypso.settings import CalypsoSettings, load_settings
+
+TECHNIQUES = ("diffraction",)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except CalypsoError as exc:
+        print(f"calypso: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("calypso: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="calypso", description="Synchrotron data reduction flows (Prefect + Dask)."
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="reduce a raw dataset with a technique flow")
+    run.add_argument("technique", choices=TECHNIQUES)
+    run.add_argument("input", help="raw dataset folder (ESRF layout), Bliss file or image file(s)")
+    run.add_argument(
+        "--scan",
+        type=int,
+        action="append",
+        dest="scans",
+        metavar="N",
+        help="scan number to reduce (repeatable; default: every scan)",
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a parameter (see `calypso parameters TECHNIQUE`)",
+    )
+    run.add_argument("--params", metavar="FILE", help="parameters from a JSON or YAML file")
+    run.add_argument(
+        "--output",
+        metavar="DIR",
+        help="output folder (default: the dataset's PROCESSED_DATA folder)",
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="local Dask worker processes (default: one per core)",
+    )
+    run.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    run.add_argument("-v", "--verbose", action="store_true", help="show Prefect and Dask logs")
+    run.set_defaults(handler=command_run)
+
+    params = commands.add_parser("parameters", help="list a technique's parameters")
+    params.add_argument("technique", choices=TECHNIQUES)
+    params.add_argument("--json", action="store_true", help="print the JSON schema")
+    params.set_defaults(handler=command_parameters)
+
+    sample = commands.add_parser("sample-data", help="write realistic sample raw data")
+    sample.add_argument("technique", choices=TECHNIQUES)
+    sample.add_argument("directory", help="root folder (like /data/visitor)")
+    sample.add_argument("--frames", type=int, default=100, help="frames in the scan")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(handler=command_sample_data)
+
+    demo = commands.add_parser("demo", help="generate sample data and reduce it")
+    demo.add_argument("--directory", default="demo-data", help="where to put the demo data")
+    demo.add_argument("--frames", type=int, default=100)
+    demo.set_defaults(handler=command_demo)
+
+    server = commands.add_parser("server", help="start a local Prefect server with its UI")
+    server.add_argument("--host", help="address to listen on (default: settings, 127.0.0.1)")
+    server.add_argument("--port", type=int, help="port (default: settings, 4200)")
+    server.set_defaults(handler=command_server)
+
+    catalogue = commands.add_parser("catalogue", help="the catalogue of processed datasets")
+    catalogue_commands = catalogue.add_subparsers(title="catalogue commands", metavar="ACTION")
+    listing = catalogue_commands.add_parser("list", help="list processed datasets")
+    listing.add_argument("--technique", choices=TECHNIQUES)
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=command_catalogue_list)
+    show = catalogue_commands.add_parser("show", help="show one processed dataset")
+    show.add_argument("id", type=int)
+    show.set_defaults(handler=command_catalogue_show)
+    return parser
+
+
+# -- parameters -------------------------------------------------------------
+
+
+def parameter_model(technique: str) -> type[BaseModel]:
+    from calypso.techniques.diffraction import DiffractionParameters
+
+    return {"diffraction": DiffractionParameters}[technique]
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_parameters(technique: str, assignments: list[str], params_file: str | None) -> BaseModel:
+    """The technique's parameter model from a file and ``NAME=VALUE`` assignments."""
+    model = parameter_model(technique)
+    values: dict[str, Any] = {}
+    if params_file:
+        values.update(_read_params_file(Path(params_file)))
+    for assignment in assignments:
+        name, sep, text = assignment.partition("=")
+        if not sep or not name.strip():
+            raise ParameterError(f"--set {assignment!r}: expected NAME=VALUE, e.g. --set npt=2000")
+        values[name.strip()] = _parse_value(text.strip())
+    unknown = [name for name in values if name not in model.model_fields]
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, model.model_fields, n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ParameterError(
+            f"unknown {technique} parameter {', '.join(hints)}; known parameters: "
+            f"{', '.join(model.model_fields)} (`calypso parameters {technique}` explains them)"
+        )
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
+            for err in exc.errors()
+        )
+        source = f" in {params_file}" if params_file else ""
+        raise ParameterError(f"invalid {technique} parameters{source}: {problems}") from None
+
+
+def _read_params_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ParameterError(f"parameter file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:
+        raise ParameterError(f"parameter file {path} cannot be parsed: {exc}") from None
+    if not isinstance(data, dict):
+        raise ParameterError(f"parameter file {path} must hold a mapping of NAME: VALUE")
+    return data
+
+
+def command_parameters(args: argparse.Namespace) -> int:
+    model = parameter_model(args.technique)
+    if args.json:
+        print(json.dumps(model.model_json_schema(), indent=2))
+        return 0
+    for name, field in model.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        print(f"{name:22s} default={default!r}\n    {field.description or ''}")
+    return 0
+
+
+# -- run ----------------------------------------------------------------------
+
+
+def command_run(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    if args.workers:
+        overrides["executor"] = {"kind": "local", "n_workers": args.workers}
+    settings = load_settings(**overrides) if overrides else load_settings()
+    from calypso.flows.runtime import prepare_environment
+
+    prepare_environment(settings, verbose=args.verbose)
+    parameters = build_parameters(args.technique, args.set, args.params)
+    summary = run_technique(
+        args.technique, args.input, parameters, args.scans, args.output, settings
+    )
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_summary(summary)
+    return 0
+
+
+def run_technique(
+    technique: str,
+    input_path: str,
+    parameters: BaseModel,
+    scans: list[int] | None,
+    output: str | None,
+    settings: CalypsoSettings,
+) -> dict[str, Any]:
+    """Check the input, then run the technique's flow on the configured Dask cluster."""
+    began = time.perf_counter()
+    from calypso.executors import build_task_runner, local_worker_count
+    from calypso.flows.diffraction import diffraction
+    from calypso.flows.progress import listening
+    from calypso.flows.runtime import prefect_api
+    from calypso.tasks.diffraction import make_integration_plan
+
+    # Check everything before Prefect starts: bad input fails in a second,
+    # with one message and nothing written.
+    plan = make_integration_plan(
+        input_path, parameters, scans, output, settings, local_worker_count(settings.executor)
+    )
+    runner = build_task_runner(settings.executor)
+    bar = _progress_bar(plan.n_frames, "frames")
+    try:
+        with prefect_api(), listening(bar.update_to):
+            summary = diffraction.with_options(task_runner=runner)(
+                raw=input_path, parameters=parameters, scans=scans, output_dir=output
+            )
+    finally:
+        bar.close()
+    summary["wall_s"] = round(time.perf_counter() - began, 3)
+    return summary
+
+
+class _Bar:
+    def __init__(self, total: int, unit: str) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, unit=unit, file=sys.stderr, disable=None, leave=False)
+
+    def update_to(self, done: int, total: int) -> None:
+        self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _progress_bar(total: int, unit: str) -> _Bar:
+    return _Bar(total, unit)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    timings = summary["timings_s"]
+    print(
+        f"{summary['technique']}: {summary['frames']} frames in {summary['chunks']} chunks, "
+        f"flow {timings['total']:.1f} s ({summary['frames_per_s']:.1f} frames/s), "
+        f"command {summary['wall_s']:.1f} s"
+    )
+    print(f"results in {summary['processed_dataset_dir']}")
+    for url in summary["outputs"]:
+        print(f"  {url}")
+    print(
+        f"catalogue id {summary['catalogue_id']} (calypso catalogue show {summary['catalogue_id']})"
+    )
+
+
+# -- sample data and demo -----------------------------------------------------
+
+
+def command_sample_data(args: argparse.Namespace) -> int:
+    from calypso.tasks.sample_data import write_diffraction_sample
+
+    if args.frames < 1:
+        raise ParameterError("--frames must be at least 1")
+    sample = write_diffraction_sample(Path(args.directory), frames=args.frames, seed=args.seed)
+    print(f"raw dataset: {sample.raw_dataset_dir}")
+    for name, path in sample.calibration.items():
+        print(f"{name}: {path}")
+    print(
+        "reduce it with:\n  calypso run diffraction "
+        f"{sample.raw_dataset_dir} --set poni={sample.calibration['poni']} "
+        f"--set mask={sample.calibration['mask']} --set monitor=mon --set monitor_reference=1e5"
+    )
+    return 0
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    from calypso.tasks.sample_data import write_diffraction_sample
+
+    root = Path(args.directory).absolute()
+    settings = load_settings()
+    from calypso.flows.runtime import prepare_environment
+
+    prepare_environment(settings)
+    print(f"Writing {args.frames} Pilatus 1M frames of CeO2 in the ESRF layout under {root} ...")
+    if root.exists():
+        shutil.rmtree(root)
+    sample = write_diffraction_sample(root, frames=args.frames)
+    print(f"raw dataset: {sample.raw_dataset_dir}")
+    parameters = build_parameters(
+        "diffraction",
+        [
+            f"poni={sample.calibration['poni']}",
+            f"mask={sample.calibration['mask']}",
+            "monitor=mon",
+            "monitor_reference=1e5",
+            "unit=2th_deg",
+        ],
+        None,
+    )
+    print("Reducing it with the diffraction flow on a local Dask cluster under Prefect ...")
+    summary = run_technique(
+        "diffraction", str(sample.raw_dataset_dir), parameters, None, None, settings
+    )
+    print_summary(summary)
+    print("Look at the result with: silx view " + summary["outputs"][0].split("::")[0])
+    return 0
+
+
+# -- server and catalogue ---------------------------------------------------
+
+
+def command_server(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    host = args.host or settings.server.host
+    port = args.port or settings.server.port
+    env = dict(os.environ)
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault("PREFECT_UI_API_URL", f"http://{host}:{port}/api")
+    prefect = Path(sys.executable).with_name("prefect")
+    command = [
+        str(prefect) if prefect.exists() else "prefect",
+        "server",
+        "start",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    print(
+        f"Prefect server and UI on http://{host}:{port} (Ctrl-C stops it); point runs at it with\n"
+        f"  export PREFECT_API_URL=http://{host}:{port}/api",
+        flush=True,
+    )
+    os.execvpe(command[0], command, env)
+    return 0  # not reached
+
+
+def command_catalogue_list(args: argparse.Namespace) -> int:
+    from calypso.registry import open_catalogue
+
+    records = open_catalogue(load_settings()).list(args.technique, args.limit)
+    if args.json:
+        print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
+        return 0
+    if not records:
+        print("the catalogue is empty")
+        return 0
+    print(f"{'id':>5}  {'status':9}  {'technique':12} {'finished':25} raw dataset -> processed")
+    for r in records:
+        print(
+            f"{r.id:>5}  {r.status:9}  {r.technique:12} {r.finished or '':25} "
+            f"{r.raw_dataset} -> {r.processed_path}"
+        )
+    return 0
+
+
+def command_catalogue_show(args: argparse.Namespace) -> int:
+    from calypso.registry import open_catalogue
+
+    record = open_catalogue(load_settings()).get(args.id)
+    print(json.dumps(record.model_dump(mode="json"), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Progress of a flow run: a Prefect progress artifact, and a bar when run from the CLI.
+
+The CLI installs a listener in a context variable for the duration of the
+run; the flow reports to whatever is installed (nothing, by default).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+Listener = Callable[[int, int], None]
+_listener: ContextVar[Listener | None] = ContextVar("calypso_progress_listener", default=None)
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def listening(listener: Listener) -> Iterator[None]:
+    """Send progress reports of flows run inside this block to ``listener(done, total)``."""
+    token = _listener.set(listener)
+    try:
+        yield
+    finally:
+        _listener.reset(token)
+
+
+class RunProgress:
+    """Counts finished work units and reports them as they finish."""
+
+    def __init__(self, total: int, description: str) -> None:
+        self.total = max(total, 1)
+        self.done = 0
+        self._artifact: Any = None
+        try:
+            self._artifact = create_progress_artifact(
+                progress=0.0, key=None, description=description
+            )
+        except Exception:  # no API to report to: the run itself must not fail for that
+            logger.debug("progress artifact not created", exc_info=True)
+        self._notify()
+
+    def advance(self, amount: int) -> None:
+        self.done += amount
+        if self._artifact is not None:
+            try:
+                update_progress_artifact(self._artifact, progress=100.0 * self.done / self.total)
+            except Exception:
+                logger.debug("progress artifact not updated", exc_info=True)
+        self._notify()
+
+    def _notify(self) -> None:
+        listener = _listener.get()
+        if listener is not None:
+            listener(self.done, self.total)

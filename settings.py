@@ -1,0 +1,152 @@
+"""Calypso settings: ``CALYPSO_*`` environment variables and an optional TOML file.
+
+Precedence (highest first): keyword arguments, environment variables
+(``CALYPSO_EXECUTOR__N_WORKERS=4``; nested fields use ``__``), the TOML file
+named by ``CALYPSO_CONFIG`` (default ``~/.config/calypso/config.toml`` when it
+exists), then the embedded defaults, which run everything on one machine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from calypso.errors import ConfigurationError
+
+DEFAULT_CONFIG_FILE = Path("~/.config/calypso/config.toml").expanduser()
+
+
+class ProcessedDataPolicy(BaseModel):
+    """Where processed results go, relative to the raw dataset (ESRF data policy)."""
+
+    raw_dirname: str = Field("RAW_DATA", description="Name of the raw data folder of a session.")
+    processed_dirname: str = Field(
+        "PROCESSED_DATA",
+        description="Folder mirroring RAW_DATA for results (PROCESSED_DATA or NOBACKUP).",
+    )
+    technique_subdir: bool = Field(
+        True,
+        description="Write each technique's results in its own sub-folder of the processed "
+        "dataset folder, so each is one ICAT processed dataset.",
+    )
+
+
+class ExecutorSettings(BaseModel):
+    """Which Dask cluster runs the tasks."""
+
+    kind: Literal["local", "address"] = Field(
+        "local", description="'local': a Dask LocalCluster; 'address': an existing scheduler."
+    )
+    n_workers: int | None = Field(
+        None, ge=1, description="Worker processes of the local cluster (default: one per core)."
+    )
+    threads_per_worker: int = Field(1, ge=1)
+    memory_limit: str = Field("auto", description="Memory limit per local worker (Dask syntax).")
+    address: str | None = Field(None, description="Scheduler address when kind = 'address'.")
+
+
+class CatalogueSettings(BaseModel):
+    """Where processed datasets are registered."""
+
+    backend: Literal["sqlite"] = "sqlite"
+    path: Path | None = Field(
+        None,
+        description="SQLite file of the embedded catalogue (default: <home>/catalogue.sqlite).",
+    )
+
+
+class ServerSettings(BaseModel):
+    """The local Prefect server started by ``calypso server``."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(4200, ge=1, le=65535)
+
+
+class CalypsoSettings(BaseSettings):
+    """All of Calypso's configuration. Every field has an embedded default."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CALYPSO_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    home: Path = Field(
+        Path("~/.calypso").expanduser(),
+        description="Folder for Calypso's own state (catalogue, logs).",
+    )
+    data_roots: list[Path] = Field(
+        default_factory=list,
+        description="Mount points of the facility data (e.g. /data/visitor); used for watching "
+        "and confinement, not needed for a direct run.",
+    )
+    processed_data: ProcessedDataPolicy = Field(default_factory=ProcessedDataPolicy)
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
+    catalogue: CatalogueSettings = Field(default_factory=CatalogueSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    prefect_api_url: str | None = Field(
+        None,
+        description="Prefect server API; when unset, PREFECT_API_URL or Prefect's "
+        "ephemeral mode is used.",
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = config_file_path()
+        if config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    @property
+    def catalogue_path(self) -> Path:
+        return self.catalogue.path or self.home / "catalogue.sqlite"
+
+
+def config_file_path() -> Path | None:
+    """The TOML configuration file in use, or None."""
+    named = os.environ.get("CALYPSO_CONFIG")
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            raise ConfigurationError(
+                f"CALYPSO_CONFIG names {path}, which is not a file: create it or unset the variable"
+            )
+        return path
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def load_settings(**overrides: object) -> CalypsoSettings:
+    """Read the settings, turning validation problems into one actionable message."""
+    try:
+        return CalypsoSettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        source = config_file_path()
+        where = (
+            f" (config file {source} or CALYPSO_* variables)"
+            if source
+            else " (CALYPSO_* variables)"
+        )
+        raise ConfigurationError(f"invalid Calypso settings{where}: {problems}") from None
+    except ValueError as exc:  # malformed TOML
+        raise ConfigurationError(f"cannot read the Calypso configuration: {exc}") from None

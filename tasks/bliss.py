@@ -1,0 +1,226 @@
+"""Reading Bliss HDF5 dataset files, read-only and safely while Bliss writes.
+
+A Bliss dataset file holds one NXentry per scan (``N.1``); detector frames are
+a virtual dataset (VDS) over Lima files. HDF5 fills a VDS region whose source
+file is missing with the fill value (zeros) without any error, so before frames
+are read every source is checked: a missing or short Lima file is an error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers bitshuffle, LZ4 ... with HDF5)
+import numpy as np
+
+from calypso.errors import RawDataError
+
+SCAN_ENTRY = re.compile(r"^(\d+)\.1$")
+
+
+@contextmanager
+def open_raw(path: str | Path) -> Iterator[h5py.File]:
+    """Open an HDF5 file read-only with file locking off (Bliss may hold it)."""
+    path = Path(path)
+    if not path.exists():
+        raise RawDataError(f"{path} does not exist")
+    try:
+        handle = h5py.File(path, "r", locking=False)
+    except OSError as exc:
+        raise RawDataError(
+            f"{path} cannot be opened as HDF5 ({exc}); is it a Bliss dataset file?"
+        ) from None
+    try:
+        yield handle
+    finally:
+        handle.close()
+
+
+@dataclass(frozen=True)
+class ScanInfo:
+    """What a scan entry of a Bliss file holds."""
+
+    number: int
+    title: str
+    start_time: str | None
+    end_time: str | None
+    detectors: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def entry(self) -> str:
+        return f"{self.number}.1"
+
+    @property
+    def complete(self) -> bool:
+        """Bliss writes ``end_time`` last: its presence marks a finished scan."""
+        return self.end_time is not None
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray):
+        return _text(value[()] if value.shape == () else value.ravel()[0])
+    return str(value)
+
+
+def _optional_text(group: h5py.Group, name: str) -> str | None:
+    return _text(group[name][()]) if name in group else None
+
+
+def scan_info(entry: h5py.Group, number: int) -> ScanInfo:
+    """Describe one ``N.1`` entry: title, times, 2D detectors and 1D counters."""
+    detectors: dict[str, tuple[int, ...]] = {}
+    counters: dict[str, int] = {}
+    instrument = entry.get("instrument")
+    if isinstance(instrument, h5py.Group):
+        for name, item in instrument.items():
+            data = item.get("data") if isinstance(item, h5py.Group) else None
+            if isinstance(data, h5py.Dataset) and data.ndim == 3:
+                detectors[name] = tuple(data.shape)
+    measurement = entry.get("measurement")
+    if isinstance(measurement, h5py.Group):
+        for name in measurement:
+            try:
+                item = measurement[name]
+            except (KeyError, OSError):  # broken external link
+                continue
+            if isinstance(item, h5py.Dataset) and item.ndim == 1:
+                counters[name] = item.shape[0]
+    return ScanInfo(
+        number=number,
+        title=_optional_text(entry, "title") or "",
+        start_time=_optional_text(entry, "start_time"),
+        end_time=_optional_text(entry, "end_time"),
+        detectors=detectors,
+        counters=counters,
+    )
+
+
+def list_scans(path: str | Path) -> list[ScanInfo]:
+    """All scans of a Bliss dataset file, in scan order."""
+    with open_raw(path) as h5:
+        numbers = sorted(int(m.group(1)) for name in h5 if (m := SCAN_ENTRY.match(name)))
+        if not numbers:
+            raise RawDataError(
+                f"{path} has no scan entries (groups named 'N.1'): it is not a Bliss dataset file"
+            )
+        return [scan_info(h5[f"{n}.1"], n) for n in numbers]
+
+
+def counter_lengths(path: str | Path, scan: int) -> dict[str, int]:
+    """Names and lengths of the 1D counters of scan ``scan``."""
+    with open_raw(path) as h5:
+        entry = f"{scan}.1"
+        if entry not in h5:
+            raise RawDataError(f"{path} has no scan {scan}")
+        return scan_info(h5[entry], scan).counters
+
+
+def read_sample_name(path: str | Path, scan: int | None = None) -> str | None:
+    """The sample name Bliss stored with a scan (``N.1/sample/name``)."""
+    with open_raw(path) as h5:
+        entries = (
+            [f"{scan}.1"] if scan is not None else sorted(n for n in h5 if SCAN_ENTRY.match(n))
+        )
+        for entry in entries:
+            name = f"{entry}/sample/name"
+            if name in h5:
+                return _text(h5[name][()])
+    return None
+
+
+def missing_frame_sources(path: str | Path, dataset: str) -> list[str]:
+    """Describe every VDS source of ``dataset`` that cannot deliver its frames.
+
+    An empty list means all frames are backed by data. Source file names are
+    resolved like HDF5 does: relative to the folder of the file holding the VDS.
+    """
+    path = Path(path)
+    problems: list[str] = []
+    with open_raw(path) as h5:
+        if dataset not in h5:
+            raise RawDataError(f"{path} has no dataset {dataset}")
+        dset = h5[dataset]
+        if not dset.is_virtual:
+            return problems
+        seen: dict[tuple[str, str], tuple[int, ...] | str] = {}
+        for source in dset.virtual_sources():
+            file_name = source.file_name
+            if file_name == ".":
+                source_path = path
+            else:
+                source_path = Path(file_name)
+                if not source_path.is_absolute():
+                    source_path = path.parent / source_path
+            key = (str(source_path), source.dset_name)
+            if key not in seen:
+                seen[key] = _source_shape(source_path, source.dset_name)
+            shape = seen[key]
+            if isinstance(shape, str):
+                problems.append(shape)
+                continue
+            needed = _selected_extent(source.src_space, source.vspace)
+            if any(s > n for s, n in zip(needed, shape, strict=False)):
+                problems.append(
+                    f"{source_path}::{source.dset_name} holds {shape[0]} frames but the scan "
+                    f"expects {needed[0]} (Lima file incomplete?)"
+                )
+    return sorted(set(problems))
+
+
+def _selected_extent(source: h5py.h5s.SpaceID, virtual: h5py.h5s.SpaceID) -> tuple[int, ...]:
+    """How far into the source a VDS mapping reaches (one past the last index, per axis).
+
+    A mapping of a whole source ("all" selection) covers as many elements as
+    its block in the virtual dataset.
+    """
+    if source.get_select_type() == h5py.h5s.SEL_ALL:
+        start, stop = virtual.get_select_bounds()
+        return tuple(int(b) - int(a) + 1 for a, b in zip(start, stop, strict=True))
+    _, stop = source.get_select_bounds()
+    return tuple(int(i) + 1 for i in stop)
+
+
+def _source_shape(path: Path, name: str) -> tuple[int, ...] | str:
+    if not path.exists():
+        return f"{path} is missing"
+    try:
+        with h5py.File(path, "r", locking=False) as h5:
+            if name not in h5:
+                return f"{path} has no dataset {name}"
+            return tuple(h5[name].shape)
+    except OSError as exc:
+        return f"{path} cannot be read ({exc})"
+
+
+def require_frames(path: str | Path, dataset: str) -> None:
+    """Raise :class:`RawDataError` unless every frame of ``dataset`` is backed by data."""
+    problems = missing_frame_sources(path, dataset)
+    if problems:
+        shown = "; ".join(problems[:5]) + (
+            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
+        raise RawDataError(
+            f"{path}::{dataset} refers to detector files that are missing or incomplete: "
+            f"{shown}. Copy the Lima files next to the dataset file (or wait for the scan "
+            "to finish) and run again; missing frames are never read as zeros."
+        )
+
+
+def read_counter(path: str | Path, scan: int, name: str, start: int = 0, stop: int | None = None):
+    """Values of a counter (``N.1/measurement/<name>``) for frames ``start:stop``."""
+    with open_raw(path) as h5:
+        location = f"{scan}.1/measurement/{name}"
+        if location not in h5:
+            available = sorted(h5.get(f"{scan}.1/measurement", {}).keys())
+            raise RawDataError(
+                f"{path}: scan {scan} has no counter {name!r}; available: {', '.join(available)}"
+            )
+        return np.asarray(h5[location][start:stop], dtype=np.float64)

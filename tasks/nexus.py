@@ -1,0 +1,153 @@
+"""Writing results as NeXus/HDF5, the way ESRF users already read them.
+
+Everything is written under a temporary name in the destination folder and
+renamed into place only when complete, so a failed run never leaves a file
+that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+import calypso
+from calypso.errors import OutputError
+
+PARTIAL_PREFIX = ".calypso-partial-"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@contextmanager
+def atomic_outputs(*finals: Path) -> Iterator[list[Path]]:
+    """Temporary paths for ``finals``; renamed onto them only if the block succeeds.
+
+    The files are renamed in the order given, so put the file that marks the
+    result as complete (the NeXus file) last.
+    """
+    temporaries = [
+        final.parent / f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:8]}-{final.name}" for final in finals
+    ]
+    for final in finals:
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the output folder {final.parent}: {exc}") from None
+    try:
+        yield temporaries
+        for temporary, final in zip(temporaries, finals, strict=True):
+            if temporary.exists():
+                os.replace(temporary, final)
+    finally:
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of the software that shaped a result."""
+    import dask
+    import fabio
+    import prefect
+    import pyFAI
+    import silx
+
+    return {
+        "calypso": calypso.__version__,
+        "pyFAI": pyFAI.version,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "hdf5": h5py.version.hdf5_version,
+        "silx": silx.version,
+        "fabio": fabio.version,
+        "dask": dask.__version__,
+        "prefect": prefect.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def set_nx_class(node: h5py.Group, nx_class: str) -> None:
+    node.attrs["NX_class"] = nx_class
+
+
+def write_root_attributes(h5: h5py.File, default_entry: str) -> None:
+    set_nx_class(h5, "NXroot")
+    h5.attrs["creator"] = f"calypso {calypso.__version__}"
+    h5.attrs["file_time"] = now_iso()
+    h5.attrs["default"] = default_entry
+
+
+def link_raw_groups(entry: h5py.Group, raw_file: Path, raw_entry: str, output_dir: Path) -> None:
+    """External links from a processed entry to the raw ``instrument``, ``measurement``, ``sample``.
+
+    The raw file is named relative to the output folder, so the links still
+    resolve when the whole proposal tree is mounted elsewhere.
+    """
+    relative = os.path.relpath(raw_file, output_dir)
+    with h5py.File(raw_file, "r", locking=False) as raw:
+        present = [
+            name for name in ("instrument", "measurement", "sample") if name in raw[raw_entry]
+        ]
+    for name in present:
+        entry[name] = h5py.ExternalLink(relative, f"/{raw_entry}/{name}")
+
+
+def write_process(
+    parent: h5py.Group,
+    name: str,
+    *,
+    parameters: dict[str, Any],
+    provenance: dict[str, Any],
+) -> h5py.Group:
+    """An NXprocess with program, versions and the full parameter set as JSON."""
+    process = parent.create_group(name)
+    set_nx_class(process, "NXprocess")
+    versions = software_versions()
+    process["program"] = "calypso"
+    process["version"] = versions["calypso"]
+    process["date"] = now_iso()
+    configuration = process.create_group("configuration")
+    set_nx_class(configuration, "NXnote")
+    configuration["type"] = "application/json"
+    configuration["data"] = json.dumps(parameters, indent=2, sort_keys=True, default=str)
+    notes = process.create_group("provenance")
+    set_nx_class(notes, "NXnote")
+    notes["type"] = "application/json"
+    notes["data"] = json.dumps(
+        {**provenance, "software": versions, "host": platform.node()},
+        indent=2,
+        sort_keys=True,
+        default=str,
+    )
+    return process
+
+
+def create_nxdata(
+    parent: h5py.Group,
+    name: str,
+    *,
+    signal: str,
+    axes: list[str],
+) -> h5py.Group:
+    group = parent.create_group(name)
+    set_nx_class(group, "NXdata")
+    group.attrs["signal"] = signal
+    group.attrs["axes"] = axes
+    return group
+
+
+def write_axis(group: h5py.Group, name: str, values: np.ndarray, units: str) -> None:
+    dataset = group.create_dataset(name, data=values)
+    if units:
+        dataset.attrs["units"] = units

@@ -1,0 +1,316 @@
+"""Azimuthal integration of powder diffraction frames with pyFAI.
+
+Arrays in, arrays out. Parameters carry pyFAI's own names (``npt``, ``unit``,
+``method``, ``error_model``, ``polarization_factor``, ``npt_azim`` ...) so a
+pyFAI user recognises them. The expensive object, the azimuthal integrator with
+its sparse matrix, is cached explicitly by :class:`IntegratorCache`, keyed by
+the geometry.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pyFAI import units as pyfai_units
+from pyFAI.integrator.azimuthal import AzimuthalIntegrator
+
+from calypso.errors import ParameterError
+
+Flip = Literal["ud", "lr", "udlr"]
+
+
+class Geometry(BaseModel):
+    """Experiment geometry in pyFAI's PONI convention (metres and radians)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dist: float = Field(..., gt=0, description="Sample-detector distance (m).")
+    poni1: float = Field(..., description="Point of normal incidence, slow axis (m).")
+    poni2: float = Field(..., description="Point of normal incidence, fast axis (m).")
+    rot1: float = Field(0.0, description="Rotation 1 (rad).")
+    rot2: float = Field(0.0, description="Rotation 2 (rad).")
+    rot3: float = Field(0.0, description="Rotation 3 (rad).")
+    wavelength: float = Field(..., gt=0, description="X-ray wavelength (m).")
+    detector: str = Field("Detector", description="pyFAI detector name.")
+    detector_config: dict[str, Any] = Field(
+        default_factory=dict, description="pyFAI detector configuration (e.g. pixel1, pixel2)."
+    )
+    parallax: bool = Field(False, description="pyFAI parallax correction.")
+
+    def as_pyfai_config(self) -> dict[str, Any]:
+        return {"poni_version": 2.1, **self.model_dump()}
+
+    def key(self) -> str:
+        """A stable string identifying this geometry (for caches)."""
+        return json.dumps(self.model_dump(), sort_keys=True)
+
+
+class DiffractionParameters(BaseModel):
+    """Parameters of the diffraction (azimuthal integration) flow.
+
+    Names follow pyFAI wherever pyFAI has one. File-valued parameters (``poni``,
+    ``mask``, ``dark``, ``flat``) are paths read by the flow's tasks; ``mask``,
+    ``dark`` and ``flat`` are in the detector's raw orientation, like the frames,
+    and are re-oriented with them.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    poni: str | None = Field(None, description="pyFAI PONI file with the calibrated geometry.")
+    geometry: Geometry | None = Field(None, description="The geometry itself, instead of a PONI.")
+    detector: str | None = Field(
+        None, description="Detector in the Bliss scan (default: the only 2D detector)."
+    )
+    mask: str | None = Field(None, description="Mask image (non-zero = masked), any fabio format.")
+    dark: str | None = Field(None, description="Dark current image.")
+    flat: str | None = Field(None, description="Flat field image.")
+    npt: int = Field(1000, ge=2, le=100_000, description="Number of radial bins.")
+    npt_azim: int | None = Field(
+        None, ge=1, le=36_000, description="Azimuthal bins: set it for 2D (cake) integration."
+    )
+    unit: str = Field("q_nm^-1", description="Radial unit: q_nm^-1, q_A^-1, 2th_deg, r_mm ...")
+    method: tuple[str, str, str] = Field(
+        ("bbox", "csr", "cython"),
+        description="pyFAI method: (splitting, algorithm, implementation).",
+    )
+    error_model: Literal["poisson", "azimuthal", "hybrid"] | None = Field(
+        "poisson", description="How pyFAI estimates errors (None: no errors)."
+    )
+    polarization_factor: float | None = Field(
+        None, ge=-1, le=1, description="Polarisation factor (-1..1); None: no correction."
+    )
+    correct_solid_angle: bool = Field(True, description="Correct for the pixels' solid angle.")
+    radial_range: tuple[float, float] | None = Field(None, description="Radial range, in `unit`.")
+    azimuth_range: tuple[float, float] | None = Field(None, description="Azimuthal range (deg).")
+    dummy: float | None = Field(None, description="Value of invalid pixels (dynamic mask).")
+    delta_dummy: float | None = Field(None, description="Tolerance on `dummy`.")
+    monitor: str | None = Field(
+        None, description="Counter that normalises each frame (e.g. 'mon'); None: no normalisation."
+    )
+    monitor_reference: float = Field(
+        1.0, gt=0, description="Monitor value at which intensities are reported unscaled."
+    )
+    flip: Flip | None = Field(
+        None, description="Flip frames before integration: 'ud' (up-down), 'lr' or 'udlr'."
+    )
+    rotate: Literal[0, 90, 180, 270] = Field(
+        0, description="Rotate frames counter-clockwise by this many degrees, after the flip."
+    )
+    chunk_size: int | None = Field(
+        None, ge=1, description="Frames per task (default: chosen from the dataset size)."
+    )
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _split_method(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parts = [p for p in value.replace(",", "_").replace(" ", "_").split("_") if p]
+            if len(parts) == 1:
+                return ("bbox", parts[0], "cython")
+            return tuple(parts)
+        return value
+
+    @field_validator("unit")
+    @classmethod
+    def _known_unit(cls, value: str) -> str:
+        if value not in pyfai_units.RADIAL_UNITS:
+            known = ", ".join(u for u in pyfai_units.RADIAL_UNITS if "(" not in u)
+            raise ValueError(f"unknown radial unit {value!r}; pyFAI knows {known}")
+        return value
+
+    @field_validator("error_model", mode="before")
+    @classmethod
+    def _none_error_model(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.lower() in ("none", "") else value
+
+    @model_validator(mode="after")
+    def _one_geometry(self) -> DiffractionParameters:
+        if self.poni is not None and self.geometry is not None:
+            raise ValueError("give either 'poni' or 'geometry', not both")
+        return self
+
+
+def orient(frames: np.ndarray, flip: Flip | None = None, rotate: int = 0) -> np.ndarray:
+    """Flip then rotate images (the last two axes) as the calibration expects.
+
+    Parameters
+    ----------
+    frames : ndarray, shape (..., rows, columns)
+        One image or a stack of images.
+    flip : {'ud', 'lr', 'udlr'} or None
+        'ud' reverses the rows, 'lr' the columns.
+    rotate : {0, 90, 180, 270}
+        Counter-clockwise rotation in degrees, applied after the flip.
+
+    Returns
+    -------
+    ndarray
+        A view when possible; the same array when nothing is asked.
+    """
+    out = frames
+    if flip in ("ud", "udlr"):
+        out = out[..., ::-1, :]
+    if flip in ("lr", "udlr"):
+        out = out[..., :, ::-1]
+    if rotate:
+        out = np.rot90(out, k=rotate // 90, axes=(-2, -1))
+    return out
+
+
+def oriented_shape(shape: tuple[int, ...], rotate: int) -> tuple[int, ...]:
+    """Shape of an image of ``shape`` after :func:`orient` with ``rotate``."""
+    if rotate in (90, 270):
+        return (*shape[:-2], shape[-1], shape[-2])
+    return tuple(shape)
+
+
+def make_integrator(geometry: Geometry) -> AzimuthalIntegrator:
+    """Build a pyFAI azimuthal integrator for ``geometry``."""
+    try:
+        return AzimuthalIntegrator().set_config(geometry.as_pyfai_config())
+    except Exception as exc:
+        raise ParameterError(f"pyFAI rejects the geometry {geometry.model_dump()}: {exc}") from exc
+
+
+class IntegratorCache:
+    """Integrators kept by geometry, so each worker builds pyFAI's sparse matrix once.
+
+    Parameters
+    ----------
+    size : int
+        Number of geometries kept; the least recently used is dropped first.
+    """
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._integrators: OrderedDict[str, AzimuthalIntegrator] = OrderedDict()
+        self.built = 0
+
+    def get(self, geometry: Geometry) -> AzimuthalIntegrator:
+        key = geometry.key()
+        integrator = self._integrators.pop(key, None)
+        if integrator is None:
+            integrator = make_integrator(geometry)
+            self.built += 1
+        self._integrators[key] = integrator
+        while len(self._integrators) > self.size:
+            self._integrators.popitem(last=False)
+        return integrator
+
+
+@dataclass(frozen=True)
+class IntegratedFrames:
+    """Result of integrating a stack of frames.
+
+    ``intensity`` and ``errors`` have shape (frames, npt) in 1D and
+    (frames, npt_azim, npt) in 2D; ``errors`` is None without an error model.
+    """
+
+    radial: np.ndarray
+    radial_unit: str
+    intensity: np.ndarray
+    errors: np.ndarray | None
+    azimuthal: np.ndarray | None = None
+
+
+def radial_axis_name(unit: str) -> tuple[str, str]:
+    """NeXus name and units of the radial axis for a pyFAI unit, e.g. ('q', 'nm^-1')."""
+    name, _, units = str(pyfai_units.to_unit(unit)).partition("_")
+    return {"2th": "2theta", "chi": "chi"}.get(name, name), units or ""
+
+
+def integrate_frames(
+    frames: Iterable[np.ndarray],
+    integrator: AzimuthalIntegrator,
+    parameters: DiffractionParameters,
+    *,
+    mask: np.ndarray | None = None,
+    dark: np.ndarray | None = None,
+    flat: np.ndarray | None = None,
+    monitor: np.ndarray | None = None,
+) -> IntegratedFrames:
+    """Integrate each frame of a stack with pyFAI.
+
+    Parameters
+    ----------
+    frames : ndarray of shape (n, rows, columns), or an iterable of 2D frames
+        Raw frames in the detector's orientation. An iterable is consumed one
+        frame at a time, so frames can be streamed from a file.
+    integrator : AzimuthalIntegrator
+        Reused across calls (see :class:`IntegratorCache`).
+    parameters : DiffractionParameters
+        Integration parameters; ``flip``/``rotate`` are applied to frames,
+        mask, dark and flat alike.
+    mask, dark, flat : ndarray, optional
+        Images of one frame's shape, in the raw orientation.
+    monitor : ndarray, shape (n,), optional
+        Monitor counts; intensities are divided by ``monitor / monitor_reference``.
+
+    Returns
+    -------
+    IntegratedFrames
+    """
+    p = parameters
+    prepared: dict[str, np.ndarray | None] = {}
+    for name, image in (("mask", mask), ("dark", dark), ("flat", flat)):
+        prepared[name] = (
+            None if image is None else np.ascontiguousarray(orient(image, p.flip, p.rotate))
+        )
+    common: dict[str, Any] = {
+        "correctSolidAngle": p.correct_solid_angle,
+        "error_model": p.error_model,
+        "radial_range": p.radial_range,
+        "azimuth_range": p.azimuth_range,
+        "dummy": p.dummy,
+        "delta_dummy": p.delta_dummy,
+        "polarization_factor": p.polarization_factor,
+        "method": p.method,
+        "unit": p.unit,
+        **prepared,
+    }
+    intensities, errors = [], []
+    result = None
+    for index, frame in enumerate(frames):
+        if frame.ndim != 2:
+            raise ParameterError(f"frame {index} has shape {frame.shape}: expected a 2D image")
+        for name, image in (("mask", mask), ("dark", dark), ("flat", flat)):
+            if image is not None and image.shape != frame.shape:
+                raise ParameterError(
+                    f"{name} has shape {image.shape} but the frames are {frame.shape}: "
+                    f"give a {name} of the detector's size"
+                )
+        image = np.ascontiguousarray(orient(frame, p.flip, p.rotate))
+        norm = 1.0
+        if monitor is not None:
+            if index >= len(monitor):
+                raise ParameterError(f"{len(monitor)} monitor values for more frames")
+            norm = float(monitor[index]) / p.monitor_reference
+            if not np.isfinite(norm) or norm <= 0:
+                raise ParameterError(
+                    f"monitor '{p.monitor}' is {float(monitor[index])} at frame {index}: "
+                    "cannot normalise; choose another counter or drop 'monitor'"
+                )
+        if p.npt_azim is None:
+            result = integrator.integrate1d(image, p.npt, normalization_factor=norm, **common)
+        else:
+            result = integrator.integrate2d_ng(
+                image, p.npt, p.npt_azim, normalization_factor=norm, **common
+            )
+        intensities.append(result.intensity)
+        errors.append(result.sigma)
+    if result is None:
+        raise ParameterError("no frames to integrate")
+    has_errors = p.error_model is not None and result.sigma is not None
+    return IntegratedFrames(
+        radial=np.asarray(result.radial),
+        radial_unit=p.unit,
+        intensity=np.stack(intensities),
+        errors=np.stack(errors) if has_errors else None,
+        azimuthal=None if p.npt_azim is None else np.asarray(result.azimuthal),
+    )

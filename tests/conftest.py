@@ -1,0 +1,111 @@
+"""Shared fixtures: real data location, an isolated Calypso home, a real Prefect server.
+
+A Prefect server (the one ``calypso server`` starts) runs for the whole test
+session on a free loopback port, with its own SQLite database; tests and the
+CLI processes they start talk to it through PREFECT_API_URL. It is started in
+``pytest_configure`` so the variable is set before any test module imports
+Prefect.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_server: subprocess.Popen | None = None
+_state_dir = Path(tempfile.mkdtemp(prefix="calypso-tests-"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(
+                f"the server exited with {process.returncode} before answering {url}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _server
+    os.environ["CALYPSO_HOME"] = str(_state_dir / "calypso")
+    os.environ["PREFECT_HOME"] = str(_state_dir / "prefect")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "ERROR")
+    os.environ.pop("CALYPSO_CONFIG", None)
+    if find_spec("pyopencl") is None:
+        os.environ["SILX_OPENCL"] = "0"
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    port = free_port()
+    log = open(_state_dir / "prefect-server.log", "wb")  # noqa: SIM115 (kept open for the session)
+    _server = subprocess.Popen(
+        [sys.executable, "-m", "calypso.flows.cli", "server", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    wait_for_http(f"http://127.0.0.1:{port}/api/health", timeout=120, process=_server)
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _server is not None:
+        if "prefect" in sys.modules:  # deliver queued logs before the server goes
+            from calypso.flows.runtime import drain_prefect_queues
+
+            drain_prefect_queues()
+        _server.terminate()
+        try:
+            _server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            _server.kill()
+
+
+@pytest.fixture(scope="session")
+def test_data() -> Path:
+    """The shared real data (CALYPSO_TEST_DATA, default ../shared/data)."""
+    root = Path(os.environ.get("CALYPSO_TEST_DATA", REPO.parent / "shared" / "data"))
+    if not (root / "SOURCES.md").is_file():
+        pytest.skip(f"real test data not found at {root}: set CALYPSO_TEST_DATA")
+    return root
+
+
+@pytest.fixture(scope="session")
+def diffraction_sample(tmp_path_factory: pytest.TempPathFactory):
+    """A small simulated Bliss diffraction dataset (12 Pilatus 1M frames in 3 Lima files)."""
+    from calypso.tasks.sample_data import write_diffraction_sample
+
+    root = tmp_path_factory.mktemp("visitor")
+    return write_diffraction_sample(root, frames=12, frames_per_file=5, seed=1)
+
+
+@pytest.fixture
+def catalogue_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh catalogue for one test."""
+    path = tmp_path / "catalogue.sqlite"
+    monkeypatch.setenv("CALYPSO_CATALOGUE__PATH", str(path))
+    return path

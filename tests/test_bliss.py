@@ -1,0 +1,96 @@
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from calypso.errors import RawDataError
+from calypso.tasks import bliss
+from calypso.tasks.frames import hdf5_frame_source, image_files_source, read_frames, read_image
+
+
+def test_sample_dataset_reads_like_bliss(diffraction_sample):
+    raw_file = diffraction_sample.dataset.raw_file
+    [scan] = bliss.list_scans(raw_file)
+    assert scan.number == 1 and scan.complete
+    assert scan.detectors == {"pilatus1m": (12, 1043, 981)}
+    assert {"mon", "epoch", "elapsed_time"} <= set(scan.counters)
+    assert bliss.read_sample_name(raw_file) == "CeO2"
+    assert bliss.missing_frame_sources(raw_file, "/1.1/instrument/pilatus1m/data") == []
+    source = hdf5_frame_source(raw_file, "/1.1/instrument/pilatus1m/data")
+    frames = read_frames(source, 3, 8)  # spans two Lima files (5 frames each)
+    assert frames.shape == (5, 1043, 981) and frames.dtype == np.int32
+    lima = raw_file.parent / "scan0001" / "pilatus1m_0001.h5"
+    with h5py.File(lima, "r") as h5:
+        np.testing.assert_array_equal(frames[2:], h5["/entry_0000/measurement/data"][0:3])
+    assert frames.max() > 100 and (frames == -1).any()  # rings and Pilatus gaps
+
+
+@pytest.fixture
+def copied_sample(diffraction_sample, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(diffraction_sample.raw_dataset_dir, target)
+    return target / diffraction_sample.dataset.raw_file.name
+
+
+def test_missing_lima_file_is_an_error_not_zeros(copied_sample):
+    (copied_sample.parent / "scan0001" / "pilatus1m_0001.h5").unlink()
+    problems = bliss.missing_frame_sources(copied_sample, "/1.1/instrument/pilatus1m/data")
+    assert len(problems) == 1 and "pilatus1m_0001.h5 is missing" in problems[0]
+    with pytest.raises(RawDataError, match="pilatus1m_0001.h5 is missing.*never read as zeros"):
+        bliss.require_frames(copied_sample, "/1.1/instrument/pilatus1m/data")
+
+
+def test_truncated_lima_file_is_detected(copied_sample):
+    lima = copied_sample.parent / "scan0001" / "pilatus1m_0002.h5"
+    with h5py.File(lima, "a") as h5:
+        data = h5["/entry_0000/measurement/data"][:1]
+        del h5["/entry_0000/measurement/data"]
+        h5["/entry_0000/measurement/data"] = data
+    with pytest.raises(RawDataError, match="holds 1 frames but the scan expects 2"):
+        bliss.require_frames(copied_sample, "/1.1/instrument/pilatus1m/data")
+
+
+def test_real_bliss_files_layout(test_data):
+    id11 = test_data / "bliss/id11_demoh5/demoh5_dataset/demoh5_dataset.h5"
+    scans = bliss.list_scans(id11)
+    assert [(s.number, s.title) for s in scans] == [(1, "loopscan 2 0.1"), (2, "loopscan 5 0.1")]
+    assert scans[1].detectors == {"marana": (5, 2048, 2048)}
+    assert bliss.read_sample_name(id11) == "demoh5"
+    id01 = test_data / "bliss/id01_PTO_STO_SL/PTO_STO_SL_0001/PTO_STO_SL_0001.h5"
+    [scan] = bliss.list_scans(id01)
+    assert scan.number == 20 and scan.detectors == {"mpx1x4": (51, 516, 516)}
+    assert scan.counters["mon1"] == 51 and scan.counters["eta"] == 51
+    eta = bliss.read_counter(id01, 20, "eta")
+    assert eta[0] == pytest.approx(15.24, abs=0.01) and eta[-1] == pytest.approx(19.24, abs=0.01)
+
+
+def test_real_bliss_file_without_its_lima_files_is_refused(test_data):
+    id11 = test_data / "bliss/id11_demoh5/demoh5_dataset/demoh5_dataset.h5"
+    with pytest.raises(RawDataError, match="scan0002/marana_0000.h5 is missing"):
+        bliss.require_frames(id11, "/2.1/instrument/marana/data")
+
+
+def test_not_a_bliss_file(test_data, tmp_path):
+    with pytest.raises(RawDataError, match="no scan entries"):
+        bliss.list_scans(test_data / "xrd/AgBehenate_228.hdf5")
+    text = tmp_path / "notes.h5"
+    text.write_text("not hdf5")
+    with pytest.raises(RawDataError, match="cannot be opened as HDF5"):
+        bliss.list_scans(text)
+
+
+def test_single_images_through_fabio_and_h5py(test_data):
+    tif = image_files_source([test_data / "xrd/CeO2_Pilatus1M.tif"])
+    assert tif.shape == (1, 1043, 981)
+    assert read_frames(tif, 0, 1).max() == 621698
+    cbf = image_files_source([test_data / "mx/thau_3_2_0001.cbf.bz2"])
+    assert cbf.shape == (1, 2527, 2463)
+    h5 = hdf5_frame_source(test_data / "xrd/AgBehenate_228.hdf5", "/entry/data/data")
+    assert read_frames(h5, 0, 1).shape == (1, 195, 487)
+    assert read_image(
+        f"{test_data / 'xrd/AgBehenate_228.hdf5'}::/entry/data/data", "mask"
+    ).shape == (
+        195,
+        487,
+    )

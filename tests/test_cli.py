@@ -1,0 +1,228 @@
+"""The command line: bad input is refused with one clear message and nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from calypso.flows.cli import main
+from calypso.registry import SQLiteCatalogue
+
+
+def calypso(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+@pytest.fixture
+def dataset(diffraction_sample, tmp_path):
+    """A private copy of the sample, in the data policy layout, that tests may damage."""
+    raw = diffraction_sample.dataset
+    copy_root = tmp_path / "visitor"
+    target = copy_root / raw.raw_dataset_dir.relative_to(raw.root)
+    shutil.copytree(raw.raw_dataset_dir, target)
+    return target
+
+
+@pytest.fixture
+def options(diffraction_sample):
+    poni, mask = diffraction_sample.calibration["poni"], diffraction_sample.calibration["mask"]
+    return ["--set", f"poni={poni}", "--set", f"mask={mask}"]
+
+
+def processed_dir(raw_dataset_dir: Path) -> Path:
+    parts = list(raw_dataset_dir.parts)
+    parts[parts.index("RAW_DATA")] = "PROCESSED_DATA"
+    return Path(*parts)
+
+
+BAD_INPUTS = {
+    "wrong path": (lambda d, t: ([str(d) + "_nope"], "does not exist", 3)),
+    "missing scan": (lambda d, t: ([d, "--scan", "7"], "has no scan 7; its scans are 1", 3)),
+    "missing detector": (
+        lambda d, t: (
+            [d, "--set", "detector=eiger"],
+            "no scan has detector 'eiger'; its detectors: pilatus1m",
+            3,
+        )
+    ),
+    "unknown parameter": (
+        lambda d, t: ([d, "--set", "nbpt=10"], "unknown diffraction parameter 'nbpt'", 2)
+    ),
+    "mistyped parameter": (lambda d, t: ([d, "--set", "npt=many"], "npt: Input should be", 2)),
+    "missing counter": (
+        lambda d, t: ([d, "--set", "monitor=I0"], "no counter 'I0' for 'monitor'; its counters", 2)
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_refused_clearly(case, dataset, options, tmp_path, capsys):
+    arguments, message, code = BAD_INPUTS[case](dataset, tmp_path)
+    status, _, err = calypso(capsys, "run", "diffraction", *arguments, *options)
+    assert status == code
+    assert message in err
+    assert err.startswith("calypso: error: ") and err.count("\n") == 1  # one message
+    assert "Traceback" not in err
+    assert files_under(processed_dir(dataset)) == []
+
+
+def test_missing_lima_files(dataset, options, capsys):
+    (dataset / "scan0001" / "pilatus1m_0000.h5").unlink()
+    status, _, err = calypso(capsys, "run", "diffraction", dataset, *options)
+    assert status == 3
+    assert "scan0001/pilatus1m_0000.h5 is missing" in err and "never read as zeros" in err
+
+
+def test_not_a_bliss_file(dataset, options, capsys):
+    bliss_file = dataset / f"{dataset.name}.h5"
+    bliss_file.write_text("this is not HDF5")
+    status, _, err = calypso(capsys, "run", "diffraction", dataset, *options)
+    assert status == 3 and f"{bliss_file} cannot be opened as HDF5" in err
+
+
+def test_unreadable_poni(dataset, tmp_path, capsys):
+    poni = tmp_path / "broken.poni"
+    poni.write_text("Distance: far away\nPoni1: ?\n")
+    status, _, err = calypso(capsys, "run", "diffraction", dataset, "--set", f"poni={poni}")
+    assert status == 2 and f"PONI file {poni} cannot be read" in err
+    status, _, err = calypso(capsys, "run", "diffraction", dataset)
+    assert status == 2 and "no geometry: give the calibration as --set poni=" in err
+
+
+def test_mask_of_the_wrong_shape(dataset, diffraction_sample, tmp_path, capsys):
+    mask = tmp_path / "mask.npy"
+    np.save(mask, np.zeros((516, 516), np.int8))
+    poni = diffraction_sample.calibration["poni"]
+    status, _, err = calypso(
+        capsys, "run", "diffraction", dataset, "--set", f"poni={poni}", "--set", f"mask={mask}"
+    )
+    assert status == 2
+    assert f"mask {mask} has shape (516, 516) but the detector frames are (1043, 981)" in err
+
+
+def test_image_outside_the_policy_needs_an_output(test_data, tmp_path, capsys):
+    xrd = test_data / "xrd"
+    status, _, err = calypso(
+        capsys,
+        "run",
+        "diffraction",
+        xrd / "CeO2_Pilatus1M.tif",
+        "--set",
+        f"poni={xrd / 'CeO2_Pilatus1M.poni'}",
+    )
+    assert status == 2 and "give --output DIR" in err
+
+
+def test_failure_inside_the_flow_leaves_nothing_that_looks_complete(
+    dataset, options, catalogue_path, capsys
+):
+    with h5py.File(dataset / f"{dataset.name}.h5", "a") as h5:
+        h5["1.1/instrument/mon/data"][7] = 0.0  # a beam loss: cannot normalise frame 7
+    status, _, err = calypso(
+        capsys,
+        "run",
+        "diffraction",
+        dataset,
+        *options,
+        "--set",
+        "monitor=mon",
+        "--set",
+        "chunk_size=4",
+        "--workers",
+        "1",
+    )
+    assert status == 2
+    assert "monitor 'mon' is 0.0 at frame 3" in err
+    assert files_under(processed_dir(dataset)) == []
+    [record] = SQLiteCatalogue(catalogue_path).list()
+    assert record.status == "failed" and "monitor 'mon'" in record.message
+
+
+def test_parameters_file_and_listing(dataset, options, tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("npt: 200\nunit: 2th_deg\nmonitor: mon\nmonitor_reference: 1.0e5\n")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"npt": 200,')
+    status, _, err = calypso(capsys, "run", "diffraction", dataset, "--params", bad)
+    assert status == 2 and f"parameter file {bad} cannot be parsed" in err
+    status, out, _ = calypso(capsys, "parameters", "diffraction")
+    assert status == 0 and "polarization_factor" in out and "monitor_reference" in out
+
+
+def test_command_line_run_in_ephemeral_mode_is_quiet(diffraction_sample, tmp_path):
+    """A real `calypso run` process with no Prefect server configured."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        CALYPSO_HOME=str(tmp_path / "calypso"),
+    )
+    output = tmp_path / "out"
+    poni, mask = diffraction_sample.calibration["poni"], diffraction_sample.calibration["mask"]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "calypso.flows.cli",
+            "run",
+            "diffraction",
+            str(diffraction_sample.raw_dataset_dir),
+            "--set",
+            f"poni={poni}",
+            "--set",
+            f"mask={mask}",
+            "--output",
+            str(output),
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == ""  # no tracebacks, no shutdown noise
+    summary = json.loads(result.stdout)
+    assert summary["frames"] == 12 and Path(summary["outputs"][0].split("::")[0]).is_file()
+    status = subprocess.run(
+        [sys.executable, "-m", "calypso.flows.cli", "catalogue", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert status.returncode == 0 and str(output) in status.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "calypso.flows.cli", "run", "diffraction", str(tmp_path / "no")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 3
+    assert bad.stderr == f"calypso: error: {tmp_path / 'no'} does not exist\n"
+
+
+def test_sample_data_command(tmp_path, capsys):
+    status, out, _ = calypso(capsys, "sample-data", "diffraction", tmp_path, "--frames", "3")
+    assert status == 0 and "calypso run diffraction" in out
+    [bliss_file] = tmp_path.rglob("RAW_DATA/CeO2/CeO2_0001/CeO2_0001.h5")
+    with h5py.File(bliss_file) as h5:
+        assert h5["1.1/measurement/pilatus1m"].shape == (3, 1043, 981)
+        assert h5["1.1/instrument/pilatus1m/data"].is_virtual
+        lima = h5["1.1/instrument/pilatus1m/data"].virtual_sources()[0].file_name
+    with h5py.File(bliss_file.parent / lima) as h5:
+        assert "32008" in h5["/entry_0000/measurement/data"]._filters  # bitshuffle-LZ4

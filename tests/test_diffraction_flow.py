@@ -1,0 +1,210 @@
+"""The diffraction flow end to end: Prefect server, local Dask cluster, NeXus, catalogue."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.request
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from pyFAI.integrator.azimuthal import AzimuthalIntegrator
+from scipy.signal import find_peaks
+
+from calypso.flows.cli import run_technique
+from calypso.registry import SQLiteCatalogue
+from calypso.settings import load_settings
+from calypso.tasks.diffraction import load_geometry
+from calypso.techniques.diffraction import DiffractionParameters
+
+pytestmark = pytest.mark.slow
+
+
+def run_flow(input_path, parameters, workers, output=None):
+    settings = load_settings(executor={"kind": "local", "n_workers": workers})
+    return run_technique("diffraction", str(input_path), parameters, None, output, settings)
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(diffraction_sample, tmp_path_factory):
+    """The same dataset reduced twice: 1 worker with 5-frame chunks, 2 workers with defaults."""
+    catalogue = tmp_path_factory.mktemp("catalogue") / "catalogue.sqlite"
+    os.environ["CALYPSO_CATALOGUE__PATH"] = str(catalogue)
+    raw_before = digest(diffraction_sample.raw_dataset_dir)
+    base = DiffractionParameters(
+        poni=str(diffraction_sample.calibration["poni"]),
+        mask=str(diffraction_sample.calibration["mask"]),
+        monitor="mon",
+        monitor_reference=1e5,
+        npt=500,
+    )
+    small_chunks = run_flow(
+        diffraction_sample.raw_dataset_dir,
+        base.model_copy(update={"chunk_size": 5}),
+        workers=1,
+        output=str(tmp_path_factory.mktemp("one_worker")),
+    )
+    default = run_flow(diffraction_sample.raw_dataset_dir, base, workers=2)
+    yield {
+        "small_chunks": small_chunks,
+        "default": default,
+        "parameters": base,
+        "catalogue": catalogue,
+        "raw_before": raw_before,
+    }
+    del os.environ["CALYPSO_CATALOGUE__PATH"]
+
+
+def read_integrated(url: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    file_name, path = url.split("::")
+    with h5py.File(file_name, "r") as h5:
+        data = h5[path]
+        return data["intensity"][()], data["intensity_errors"][()], data["q"][()]
+
+
+def test_results_do_not_depend_on_chunks_or_workers(runs):
+    assert runs["small_chunks"]["chunks"] == 3 and runs["small_chunks"]["chunk_size"] == 5
+    assert runs["default"]["chunk_size"] != 5
+    a = read_integrated(runs["small_chunks"]["outputs"][0])
+    b = read_integrated(runs["default"]["outputs"][0])
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_flow_equals_a_direct_pyfai_integration(runs, diffraction_sample):
+    intensity, errors, q = read_integrated(runs["default"]["outputs"][0])
+    parameters = runs["parameters"]
+    integrator = AzimuthalIntegrator().set_config(load_geometry(parameters).as_pyfai_config())
+    raw_file = diffraction_sample.dataset.raw_file
+    import fabio
+
+    mask = fabio.open(str(diffraction_sample.calibration["mask"])).data
+    with h5py.File(raw_file, "r") as h5:
+        frames = h5["1.1/measurement/pilatus1m"][()]
+        monitor = h5["1.1/measurement/mon"][()]
+    assert intensity.shape == (12, 500)
+    for index in (0, 7, 11):
+        direct = integrator.integrate1d(
+            frames[index],
+            500,
+            unit="q_nm^-1",
+            mask=mask,
+            error_model="poisson",
+            method=("bbox", "csr", "cython"),
+            normalization_factor=monitor[index] / 1e5,
+        )
+        np.testing.assert_allclose(intensity[index], direct.intensity, rtol=1e-6)
+        np.testing.assert_allclose(errors[index], direct.sigma, rtol=1e-6)
+        np.testing.assert_allclose(q, direct.radial, rtol=1e-12)
+
+
+def test_results_land_in_processed_data_as_nexus(runs, diffraction_sample, tmp_path, monkeypatch):
+    summary = runs["default"]
+    processed = diffraction_sample.dataset.processed_dataset_dir("diffraction")
+    assert summary["processed_dataset_dir"] == str(processed)
+    nexus_file = processed / "CeO2_0001.h5"
+    assert summary["outputs"] == [f"{nexus_file}::/1.1/pilatus1m_integrate/integrated"]
+    monkeypatch.chdir(tmp_path)  # external links must not depend on the working directory
+    with h5py.File(nexus_file, "r") as h5:
+        assert h5.attrs["default"] == "1.1"
+        entry = h5["1.1"]
+        assert entry.attrs["NX_class"] == "NXentry"
+        assert entry.attrs["default"] == "pilatus1m_integrate/integrated"
+        process = entry["pilatus1m_integrate"]
+        assert process.attrs["NX_class"] == "NXprocess"
+        assert process["program"][()] == b"calypso"
+        config = json.loads(process["configuration/data"][()])
+        assert config["parameters"]["npt"] == 500 and config["parameters"]["monitor"] == "mon"
+        assert config["geometry"]["detector"] == "Pilatus1M"
+        provenance = json.loads(process["provenance/data"][()])
+        assert provenance["flow_run_id"] == summary["flow_run_id"]
+        assert "pyFAI" in provenance["software"]
+        data = process["integrated"]
+        assert data.attrs["NX_class"] == "NXdata" and data.attrs["signal"] == "intensity"
+        assert list(data.attrs["axes"]) == ["points", "q"]
+        assert data["q"].attrs["units"] == "nm^-1"
+        # links back to the raw scan resolve
+        assert entry["instrument/pilatus1m/data"].shape == (12, 1043, 981)
+        assert entry["measurement/mon"].shape == (12,)
+        assert entry["sample/name"][()] == b"CeO2"
+        assert entry["end_time"][()]
+        average = process["average/intensity"][()]
+    pattern = np.loadtxt(processed / "CeO2_0001_0001_pilatus1m.xy")
+    assert pattern.shape == (500, 3)
+    np.testing.assert_allclose(pattern[:, 1], average, rtol=1e-6)
+    intensity, _, _ = read_integrated(summary["outputs"][0])
+    np.testing.assert_allclose(average, intensity.mean(axis=0), rtol=1e-6)
+    leftovers = [p.name for p in processed.iterdir() if p.name.startswith(".calypso")]
+    assert leftovers == []
+
+
+def test_raw_data_is_left_untouched(runs, diffraction_sample):
+    assert digest(diffraction_sample.raw_dataset_dir) == runs["raw_before"]
+
+
+def test_runs_are_catalogued(runs, diffraction_sample):
+    records = SQLiteCatalogue(runs["catalogue"]).list()
+    assert [r.id for r in records] == [
+        runs["default"]["catalogue_id"],
+        runs["small_chunks"]["catalogue_id"],
+    ]
+    record = records[0]
+    assert record.status == "completed" and record.technique == "diffraction"
+    assert record.raw_dataset == str(diffraction_sample.raw_dataset_dir)
+    assert (record.proposal, record.beamline, record.sample_name) == ("ih0001", "id00", "CeO2")
+    assert record.flow_run_id == runs["default"]["flow_run_id"]
+    assert record.outputs == runs["default"]["outputs"]
+    assert record.frames == 12 and record.duration_s > 0
+    assert record.parameters["chunk_size"] is None
+
+
+def test_runs_are_recorded_by_the_prefect_server(runs):
+    api = os.environ["PREFECT_API_URL"]
+    run_id = runs["small_chunks"]["flow_run_id"]
+    with urllib.request.urlopen(f"{api}/flow_runs/{run_id}") as response:
+        flow_run = json.load(response)
+    assert flow_run["state"]["type"] == "COMPLETED"
+    request = urllib.request.Request(
+        f"{api}/task_runs/filter",
+        data=json.dumps({"flow_runs": {"id": {"any_": [run_id]}}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request) as response:
+        names = sorted(t["task_key"].split("-")[0] for t in json.load(response))
+    assert names.count("integrate_chunk") == 3
+    assert {"plan_integration", "write_integrated_nexus", "register_processed_dataset"} <= set(
+        names
+    )
+
+
+def test_real_ceo2_pilatus_image_matches_the_reference(test_data, tmp_path):
+    """The up-down flipped CeO2 image (Dioptas convention) against Dioptas' own pattern."""
+    xrd = test_data / "xrd"
+    parameters = DiffractionParameters(
+        poni=str(xrd / "CeO2_Pilatus1M.poni"), npt=1512, unit="2th_deg", flip="ud"
+    )
+    summary = run_flow(xrd / "CeO2_Pilatus1M.tif", parameters, workers=1, output=str(tmp_path))
+    pattern = np.loadtxt(tmp_path / "CeO2_Pilatus1M_0001_detector.xy")
+    reference = np.loadtxt(xrd / "CeO2_Pilatus1M.xy")
+    np.testing.assert_allclose(pattern[:, 0], reference[:, 0], atol=1e-6)
+    correlation = np.corrcoef(pattern[:, 1], reference[:, 1])[0, 1]
+    assert correlation >= 0.999
+
+    def strongest_peaks(intensity):
+        peaks, properties = find_peaks(intensity, prominence=0)
+        return np.sort(peaks[np.argsort(properties["prominences"])[-10:]])
+
+    offsets = strongest_peaks(pattern[:, 1]) - strongest_peaks(reference[:, 1])
+    assert np.abs(offsets).max() <= 1
+    assert summary["frames"] == 1

@@ -1,0 +1,131 @@
+"""The science of the diffraction technique, without Prefect or files."""
+
+import numpy as np
+import pytest
+from pyFAI.integrator.azimuthal import AzimuthalIntegrator
+
+from calypso.errors import ParameterError
+from calypso.techniques.diffraction import (
+    DiffractionParameters,
+    Geometry,
+    IntegratorCache,
+    integrate_frames,
+    orient,
+    oriented_shape,
+)
+
+GEOMETRY = Geometry(
+    dist=0.1,
+    poni1=0.01,
+    poni2=0.012,
+    rot1=0.01,
+    wavelength=1e-10,
+    detector="Detector",
+    detector_config={"pixel1": 1e-4, "pixel2": 1e-4, "max_shape": [200, 240]},
+)
+
+
+def rings(shape=(200, 240), seed=0, frames=3):
+    rng = np.random.default_rng(seed)
+    y, x = np.indices(shape)
+    r = np.hypot(y - 100, x - 120)
+    base = 50 + 400 * np.exp(-(((r % 30) - 15) ** 2) / 4)
+    return rng.poisson(base, size=(frames, *shape)).astype(np.int32)
+
+
+def test_orient_flips_then_rotates():
+    image = np.arange(6).reshape(2, 3)
+    np.testing.assert_array_equal(orient(image, "ud"), image[::-1])
+    np.testing.assert_array_equal(orient(image, "lr"), image[:, ::-1])
+    np.testing.assert_array_equal(orient(image, "udlr"), image[::-1, ::-1])
+    np.testing.assert_array_equal(orient(image, None, 90), np.rot90(image))
+    np.testing.assert_array_equal(orient(image, "ud", 270), np.rot90(image[::-1], 3))
+    stack = np.stack([image, image + 10])
+    assert orient(stack, "ud", 90).shape == (2, 3, 2) == oriented_shape(stack.shape, 90)
+    assert orient(image) is image
+
+
+def test_equals_a_direct_pyfai_integration():
+    frames = rings()
+    mask = np.zeros(frames.shape[1:], np.int8)
+    mask[:, :5] = 1
+    monitor = np.array([1.0e5, 0.9e5, 1.1e5])
+    params = DiffractionParameters(
+        geometry=GEOMETRY,
+        npt=300,
+        unit="2th_deg",
+        flip="ud",
+        monitor="mon",
+        monitor_reference=1e5,
+        polarization_factor=0.95,
+    )
+    ours = integrate_frames(
+        frames, IntegratorCache().get(GEOMETRY), params, mask=mask, monitor=monitor
+    )
+    direct = AzimuthalIntegrator().set_config(GEOMETRY.as_pyfai_config())
+    for index, frame in enumerate(frames):
+        expected = direct.integrate1d(
+            np.flipud(frame),
+            300,
+            unit="2th_deg",
+            method=("bbox", "csr", "cython"),
+            mask=np.flipud(mask),
+            error_model="poisson",
+            polarization_factor=0.95,
+            normalization_factor=monitor[index] / 1e5,
+        )
+        np.testing.assert_allclose(ours.intensity[index], expected.intensity, rtol=1e-6)
+        np.testing.assert_allclose(ours.errors[index], expected.sigma, rtol=1e-6)
+        np.testing.assert_allclose(ours.radial, expected.radial, rtol=1e-12)
+    # the monitor really scales: frame 1 had 10% less beam
+    assert ours.intensity.shape == (3, 300)
+
+
+def test_frames_may_be_streamed_one_at_a_time():
+    frames = rings(frames=2)
+    params = DiffractionParameters(geometry=GEOMETRY, npt=100)
+    integrator = IntegratorCache().get(GEOMETRY)
+    whole = integrate_frames(frames, integrator, params)
+    streamed = integrate_frames(iter(list(frames)), integrator, params)
+    np.testing.assert_array_equal(whole.intensity, streamed.intensity)
+
+
+def test_cake_integration_has_azimuthal_axis():
+    params = DiffractionParameters(geometry=GEOMETRY, npt=100, npt_azim=36, error_model=None)
+    result = integrate_frames(rings(frames=1), IntegratorCache().get(GEOMETRY), params)
+    assert result.intensity.shape == (1, 36, 100)
+    assert result.azimuthal.shape == (36,) and result.errors is None
+
+
+def test_integrator_is_built_once_per_geometry():
+    cache = IntegratorCache(size=2)
+    first = cache.get(GEOMETRY)
+    assert cache.get(Geometry(**GEOMETRY.model_dump())) is first
+    other = GEOMETRY.model_copy(update={"dist": 0.2})
+    assert cache.get(other) is not first
+    assert cache.built == 2
+
+
+def test_parameters_are_checked():
+    with pytest.raises(ValueError, match="unknown radial unit"):
+        DiffractionParameters(unit="furlongs")
+    with pytest.raises(ValueError, match="either 'poni' or 'geometry'"):
+        DiffractionParameters(poni="a.poni", geometry=GEOMETRY)
+    assert DiffractionParameters(method="csr").method == ("bbox", "csr", "cython")
+    assert DiffractionParameters(method="full_histogram_cython").method == (
+        "full",
+        "histogram",
+        "cython",
+    )
+    params = DiffractionParameters(geometry=GEOMETRY)
+    with pytest.raises(ParameterError, match="mask has shape"):
+        integrate_frames(
+            rings(frames=1), IntegratorCache().get(GEOMETRY), params, mask=np.zeros((10, 10))
+        )
+    with pytest.raises(ParameterError, match="monitor 'mon' is 0.0"):
+        integrate_frames(
+            rings(frames=1),
+            IntegratorCache().get(GEOMETRY),
+            params.model_copy(update={"monitor": "mon"}),
+            monitor=np.zeros(1),
+        )
