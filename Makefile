@@ -26,7 +26,7 @@ test: install
 	$(BIN)/python -m pytest tests
 
 bench: install
-	$(BIN)/python tests/benchmarks/bench_diffraction.py
+	$(BIN)/python tests/benchmarks/bench_diffraction.py --frames 500 --half
 
 lint: install
 	$(BIN)/ruff check .

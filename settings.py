@@ -52,6 +52,10 @@ class ExecutorSettings(BaseModel):
     threads_per_worker: int = Field(1, ge=1)
     memory_limit: str = Field("auto", description="Memory limit per local worker (Dask syntax).")
     address: str | None = Field(None, description="Scheduler address when kind = 'address'.")
+    preload: list[str] = Field(
+        default_factory=lambda: ["calypso.tasks.diffraction"],
+        description="Modules local workers import as they start (the reduction code).",
+    )
 
 
 class CatalogueSettings(BaseModel):

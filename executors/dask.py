@@ -9,11 +9,11 @@ processes scale and threads do not. ``address`` uses an existing scheduler.
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import dask
 from distributed import LocalCluster
-from prefect_dask import DaskTaskRunner
 
 from calypso.errors import ConfigurationError
 from calypso.settings import ExecutorSettings
@@ -57,8 +57,43 @@ def start_local_cluster(**kwargs: Any) -> LocalCluster:
         return LocalCluster(**kwargs)
 
 
-def build_task_runner(executor: ExecutorSettings) -> DaskTaskRunner:
-    """The Prefect task runner for these executor settings."""
+def local_cluster_options(executor: ExecutorSettings) -> dict[str, Any]:
+    return {
+        "n_workers": local_worker_count(executor),
+        "threads_per_worker": executor.threads_per_worker,
+        "processes": True,
+        "memory_limit": executor.memory_limit,
+        # Any free port: a fixed one warns when another cluster already holds it.
+        "dashboard_address": ":0",
+        # Workers import the reduction code while they start, not on their first task.
+        "preload": list(executor.preload),
+    }
+
+
+def boot_local_cluster(executor: ExecutorSettings) -> Future[LocalCluster] | None:
+    """Start the local cluster in a background thread (None unless kind is 'local').
+
+    The workers start and import the reduction code while the caller imports
+    Prefect and prepares the run, instead of after it.
+    """
+    if executor.kind != "local":
+        return None
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calypso-cluster")
+    future = pool.submit(start_local_cluster, **local_cluster_options(executor))
+    pool.shutdown(wait=False)
+    return future
+
+
+def build_task_runner(executor: ExecutorSettings, cluster: LocalCluster | None = None):
+    """The Prefect task runner (a ``DaskTaskRunner``) for these executor settings.
+
+    With ``cluster``, the runner uses that cluster and leaves closing it to the
+    caller; otherwise a local cluster lives as long as the flow run.
+    """
+    from prefect_dask import DaskTaskRunner
+
+    if cluster is not None:  # by address: Prefect copies task runners, and copies drop a cluster
+        return DaskTaskRunner(address=cluster.scheduler_address)
     if executor.kind == "address":
         if not executor.address:
             raise ConfigurationError(
@@ -66,12 +101,5 @@ def build_task_runner(executor: ExecutorSettings) -> DaskTaskRunner:
             )
         return DaskTaskRunner(address=executor.address)
     return DaskTaskRunner(
-        cluster_class=start_local_cluster,
-        cluster_kwargs={
-            "n_workers": local_worker_count(executor),
-            "threads_per_worker": executor.threads_per_worker,
-            "processes": True,
-            "memory_limit": executor.memory_limit,
-            "dashboard_address": None,
-        },
+        cluster_class=start_local_cluster, cluster_kwargs=local_cluster_options(executor)
     )

@@ -224,26 +224,34 @@ def run_technique(
 ) -> dict[str, Any]:
     """Check the input, then run the technique's flow on the configured Dask cluster."""
     began = time.perf_counter()
-    from calypso.executors import build_task_runner, local_worker_count
-    from calypso.flows.diffraction import diffraction
-    from calypso.flows.progress import listening
-    from calypso.flows.runtime import prefect_api
-    from calypso.tasks.diffraction import make_integration_plan
+    from calypso.executors import boot_local_cluster, build_task_runner, local_worker_count
+    from calypso.tasks.diffraction_plan import make_integration_plan
 
-    # Check everything before Prefect starts: bad input fails in a second,
-    # with one message and nothing written.
+    # Check everything before Prefect or Dask start: bad input fails in a
+    # second, with one message and nothing written.
     plan = make_integration_plan(
         input_path, parameters, scans, output, settings, local_worker_count(settings.executor)
     )
-    runner = build_task_runner(settings.executor)
+    booting = boot_local_cluster(settings.executor)
+    from calypso.flows.diffraction import diffraction
+    from calypso.flows.progress import listening
+    from calypso.flows.runtime import prefect_api
+
     bar = _progress_bar(plan.n_frames, "frames")
-    try:
-        with prefect_api(), listening(bar.update_to):
+    # The cluster closes while the Prefect API is still up: its workers flush
+    # their logs to it on the way out.
+    with prefect_api(), listening(bar.update_to):
+        try:
+            runner = build_task_runner(
+                settings.executor, cluster=booting.result() if booting else None
+            )
             summary = diffraction.with_options(task_runner=runner)(
                 raw=input_path, parameters=parameters, scans=scans, output_dir=output
             )
-    finally:
-        bar.close()
+        finally:
+            bar.close()
+            if booting is not None:
+                booting.result().close()
     summary["wall_s"] = round(time.perf_counter() - began, 3)
     return summary
 

@@ -54,7 +54,7 @@ def diffraction(
         chunks = integrate_all_chunks(plan, str(work_dir))
         integrated = time.perf_counter()
         outputs = write_integrated_nexus(plan, chunks, {"flow_run_id": run_id, "input": raw})
-    except BaseException as exc:
+    except Exception as exc:
         register_processed_dataset(
             catalogue_record(plan, run_id, started, clock, [], status="failed", message=str(exc))
         )

@@ -52,7 +52,9 @@ def prefect_api() -> Iterator[str]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     server = SubprocessASGIServer()
-    server.start()
+    # A first start creates and migrates the SQLite database: allow more than
+    # Prefect's default 20 s on a busy two-core machine.
+    server.start(timeout=120)
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):

@@ -17,7 +17,7 @@ from scipy.signal import find_peaks
 from calypso.flows.cli import run_technique
 from calypso.registry import SQLiteCatalogue
 from calypso.settings import load_settings
-from calypso.tasks.diffraction import load_geometry
+from calypso.tasks.diffraction_plan import load_geometry
 from calypso.techniques.diffraction import DiffractionParameters
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,201 @@
+"""Benchmark: `calypso run diffraction` end to end versus a bare pyFAI loop, same run.
+
+    python tests/benchmarks/bench_diffraction.py [--frames 500] [--workers N]
+
+1. Writes a sample Bliss dataset of Pilatus 1M frames (bitshuffle-LZ4 Lima files).
+2. Starts a real Prefect server (`calypso server`), as at a facility, and times the
+   `calypso run diffraction` command as a subprocess: start-up, Dask cluster,
+   reading, integration, NeXus writing and catalogue included. Peak memory is the
+   largest summed RSS of the command and its worker processes.
+3. Times a bare pyFAI loop over the same frames already in memory, one process per
+   core, each integrating its share with one integrator (built inside the timing).
+4. Optionally (--ephemeral) times the same command with no server configured
+   (Prefect's temporary server is started by the command itself).
+
+The machine is shared and noisy: compare the ratio printed, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from statistics import median
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+
+from conftest import free_port, wait_for_http  # noqa: E402
+
+
+def parameters(sample) -> list[str]:
+    return [
+        "--set", f"poni={sample.calibration['poni']}",
+        "--set", f"mask={sample.calibration['mask']}",
+        "--set", "monitor=mon", "--set", "monitor_reference=1e5",
+    ]  # fmt: skip
+
+
+class PeakMemory(threading.Thread):
+    """Largest summed RSS of a process and its children, sampled every 0.1 s."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.running = pid, 0, True
+
+    def run(self) -> None:
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while self.running:
+            try:
+                procs = [root, *root.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+            except psutil.Error:
+                pass
+            time.sleep(0.1)
+
+
+def time_command(raw_dir: Path, sample, workers: int, env: dict[str, str], output: Path):
+    command = [
+        sys.executable, "-m", "calypso.flows.cli", "run", "diffraction", str(raw_dir),
+        *parameters(sample), "--workers", str(workers), "--output", str(output), "--json",
+    ]  # fmt: skip
+    began = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    memory = PeakMemory(process.pid)
+    memory.start()
+    out, err = process.communicate()
+    wall = time.perf_counter() - began
+    memory.running = False
+    if process.returncode:
+        raise SystemExit(f"calypso run failed ({process.returncode}):\n{err.decode()}")
+    return wall, json.loads(out), memory.peak
+
+
+def _bare_worker(args) -> tuple[float, int]:
+    poni, mask_file, frames_slice, raw_file, barrier = args
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import fabio
+    import h5py
+    import hdf5plugin  # noqa: F401
+    import pyFAI
+
+    with h5py.File(raw_file, "r", locking=False) as h5:
+        frames = h5["1.1/measurement/pilatus1m"][frames_slice]
+        monitor = h5["1.1/measurement/mon"][frames_slice]
+    mask = fabio.open(mask_file).data
+    barrier.wait()
+    began = time.perf_counter()
+    integrator = pyFAI.load(poni)
+    for frame, mon in zip(frames, monitor, strict=True):
+        integrator.integrate1d(
+            frame, 1000, unit="q_nm^-1", mask=mask, error_model="poisson",
+            method=("bbox", "csr", "cython"), normalization_factor=mon / 1e5,
+        )  # fmt: skip
+    return time.perf_counter() - began, len(frames)
+
+
+def time_bare_loop(sample, n_frames: int, processes: int) -> float:
+    """Frames/s of plain pyFAI over frames in memory, one process per core."""
+    bounds = [round(i * n_frames / processes) for i in range(processes + 1)]
+    context = mp.get_context("spawn")
+    with context.Manager() as manager:
+        barrier = manager.Barrier(processes)
+        jobs = [
+            (str(sample.calibration["poni"]), str(sample.calibration["mask"]),
+             slice(bounds[i], bounds[i + 1]), str(sample.dataset.raw_file), barrier)
+            for i in range(processes)
+        ]  # fmt: skip
+        with context.Pool(processes) as pool:
+            results = pool.map(_bare_worker, jobs)
+    return n_frames / max(seconds for seconds, _ in results)
+
+
+def _each(values: list[float]) -> str:
+    return "(" + ", ".join(f"{v:.1f}" for v in values) + ")"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=500)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--data", type=Path, help="reuse sample data written here before")
+    parser.add_argument("--ephemeral", action="store_true", help="also time ephemeral mode")
+    parser.add_argument("--half", action="store_true", help="also run half the frames (memory)")
+    parser.add_argument("--repeat", type=int, default=2, help="interleaved repeats")
+    args = parser.parse_args()
+
+    from calypso.tasks.sample_data import write_diffraction_sample
+
+    work = Path(tempfile.mkdtemp(prefix="calypso-bench-"))
+    data_root = args.data or work / "visitor"
+    began = time.perf_counter()
+    sample = write_diffraction_sample(data_root, frames=args.frames, frames_per_file=100)
+    print(f"sample data: {args.frames} Pilatus 1M frames in {time.perf_counter() - began:.0f} s")
+
+    env = dict(os.environ)
+    env.update(CALYPSO_HOME=str(work / "calypso"), PREFECT_HOME=str(work / "prefect"))
+    env.pop("PREFECT_API_URL", None)
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "calypso.flows.cli", "server", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/api/health", 120, server)
+        served = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+        command_fps, flow_fps, bare_fps, busy, peak = [], [], [], [], 0
+        for repeat in range(args.repeat):  # interleaved, so both sides share the noise
+            wall, summary, peak_run = time_command(
+                sample.raw_dataset_dir, sample, args.workers, served, work / f"out{repeat}"
+            )
+            peak = max(peak, peak_run)
+            command_fps.append(args.frames / wall)
+            flow_fps.append(summary["frames_per_s"])
+            timings = summary["timings_s"]
+            busy.append(timings["busy_in_tasks"] / (timings["total"] * args.workers))
+            bare_fps.append(time_bare_loop(sample, args.frames, args.workers))
+        command, flow, bare = median(command_fps), median(flow_fps), median(bare_fps)
+        print(f"{args.frames} frames, {args.workers} workers, chunk size "
+              f"{summary['chunk_size']} ({summary['chunks']} chunks), "
+              f"{args.repeat} interleaved repeats, medians:")  # fmt: skip
+        print(f"calypso run (command, server running): {command:7.1f} frames/s  "
+              f"{_each(command_fps)}")  # fmt: skip
+        print(f"  inside the flow run:                 {flow:7.1f} frames/s  {_each(flow_fps)}")
+        print(f"  share of flow time spent in chunk tasks: {median(busy):.2f}")
+        print(f"bare pyFAI loop, frames in memory:     {bare:7.1f} frames/s  {_each(bare_fps)}")
+        print(f"ratio command / bare:  {command / bare:.2f}")
+        print(f"ratio flow run / bare: {flow / bare:.2f}")
+        print(f"peak RSS of the command and its workers: {peak / 2**30:.2f} GiB")
+        if args.half:
+            half = write_diffraction_sample(
+                work / "half", frames=args.frames // 2, frames_per_file=100
+            )
+            _, _, half_peak = time_command(
+                half.raw_dataset_dir, half, args.workers, served, work / "half-out"
+            )
+            print(f"peak RSS with {args.frames // 2} frames: {half_peak / 2**30:.2f} GiB")
+        if args.ephemeral:
+            wall, _, _ = time_command(
+                sample.raw_dataset_dir, sample, args.workers, env, work / "out-ephemeral"
+            )
+            print(f"calypso run (ephemeral Prefect server): {args.frames / wall:7.1f} frames/s "
+                  f"({wall:.1f} s); ratio / bare {args.frames / wall / bare:.2f}")  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
