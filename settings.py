@@ -58,14 +58,36 @@ class ExecutorSettings(BaseModel):
     )
 
 
+class IcatSettings(BaseModel):
+    """The facility catalogue, reached through pyicat-plus (STOMP to ActiveMQ)."""
+
+    metadata_urls: list[str] = Field(
+        default_factory=list, description="STOMP brokers the ICAT ingester reads, as host:port."
+    )
+    metadata_queue: str = Field("icatIngest", description="Queue of the dataset ingester.")
+    queue_monitor_port: int | None = Field(
+        None, description="ActiveMQ REST (Jolokia) port, to check that the queue is consumed."
+    )
+    icatplus_url: str | None = Field(None, description="ICAT+ REST server, for checks.")
+    timeout_s: float = Field(5.0, gt=0, description="Connection timeout.")
+    portal_url: str | None = Field(
+        None, description="Prefect UI base URL, to link each dataset to its flow run."
+    )
+
+
 class CatalogueSettings(BaseModel):
     """Where processed datasets are registered."""
 
-    backend: Literal["sqlite"] = "sqlite"
+    backend: Literal["sqlite", "icat"] = Field(
+        "sqlite",
+        description="'sqlite': the embedded catalogue only; 'icat': also ICAT, with the "
+        "SQLite catalogue as record and outbox.",
+    )
     path: Path | None = Field(
         None,
         description="SQLite file of the embedded catalogue (default: <home>/catalogue.sqlite).",
     )
+    icat: IcatSettings = Field(default_factory=IcatSettings)
 
 
 class ServerSettings(BaseModel):

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from calypso.errors import CalypsoError, ParameterError
+from calypso.errors import CalypsoError, ConfigurationError, ParameterError
 from calypso.settings import CalypsoSettings, load_settings
 
 TECHNIQUES = ("diffraction",)
@@ -108,7 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--technique", choices=TECHNIQUES)
     listing.add_argument("--limit", type=int, default=50)
     listing.add_argument("--json", action="store_true")
+    listing.add_argument(
+        "--pending", action="store_true", help="registrations waiting for delivery to ICAT"
+    )
     listing.set_defaults(handler=command_catalogue_list)
+    flush = catalogue_commands.add_parser("flush", help="deliver pending ICAT registrations")
+    flush.set_defaults(handler=command_catalogue_flush)
+    check = catalogue_commands.add_parser(
+        "check", help="is the ICAT broker reachable, its queue consumed, ICAT+ up?"
+    )
+    check.set_defaults(handler=command_catalogue_check)
     show = catalogue_commands.add_parser("show", help="show one processed dataset")
     show.add_argument("id", type=int)
     show.set_defaults(handler=command_catalogue_show)
@@ -288,6 +297,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(
         f"catalogue id {summary['catalogue_id']} (calypso catalogue show {summary['catalogue_id']})"
     )
+    for warning in summary.get("warnings", []):
+        print(f"calypso: warning: {warning}", file=sys.stderr)
 
 
 # -- sample data and demo -----------------------------------------------------
@@ -372,9 +383,52 @@ def command_server(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def _icat_catalogue():
+    from calypso.registry import open_catalogue
+    from calypso.registry.icat import IcatCatalogue
+
+    catalogue = open_catalogue(load_settings())
+    if not isinstance(catalogue, IcatCatalogue):
+        raise ConfigurationError(
+            "the catalogue backend is 'sqlite', which delivers nothing: set "
+            "CALYPSO_CATALOGUE__BACKEND=icat and CALYPSO_CATALOGUE__ICAT__METADATA_URLS"
+        )
+    return catalogue
+
+
+def command_catalogue_flush(args: argparse.Namespace) -> int:
+    report = _icat_catalogue().flush(release_stale=True)
+    print(
+        f"delivered {len(report.delivered)} registration(s) to ICAT; {len(report.pending)} pending"
+    )
+    if report.error:
+        print(f"calypso: error: delivery stopped: {report.error}", file=sys.stderr)
+        return 5
+    return 0
+
+
+def command_catalogue_check(args: argparse.Namespace) -> int:
+    results = _icat_catalogue().check()
+    for component, ok, message in results:
+        print(f"{component:9s} {'ok' if ok else 'FAILED':7s} {message}")
+    return 0 if all(ok for _, ok, _ in results) else 5
+
+
 def command_catalogue_list(args: argparse.Namespace) -> int:
     from calypso.registry import open_catalogue
 
+    if args.pending:
+        entries = _icat_catalogue().local.outbox("pending")
+        if args.json:
+            print(json.dumps([e.model_dump(mode="json") for e in entries], indent=2))
+        for entry in [] if args.json else entries:
+            print(
+                f"record {entry.record_id}: {entry.payload['path']} "
+                f"(attempts {entry.attempts}; {entry.last_error or 'not tried'})"
+            )
+        if not entries and not args.json:
+            print("nothing is waiting for ICAT")
+        return 0
     records = open_catalogue(load_settings()).list(args.technique, args.limit)
     if args.json:
         print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))

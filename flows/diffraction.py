@@ -62,8 +62,9 @@ def diffraction(
     finally:
         remove_work_dir(work_dir)
     finished = time.perf_counter()
-    record = catalogue_record(plan, run_id, started, clock, outputs)
-    catalogue_id = register_processed_dataset(record)
+    registration = register_processed_dataset(
+        catalogue_record(plan, run_id, started, clock, outputs)
+    )
     return {
         "technique": TECHNIQUE,
         "flow_run_id": run_id,
@@ -73,7 +74,8 @@ def diffraction(
         "frames": plan.n_frames,
         "chunks": len(chunks),
         "chunk_size": plan.chunk_size,
-        "catalogue_id": catalogue_id,
+        "catalogue_id": registration.catalogue_id,
+        "warnings": [registration.warning] if registration.warning else [],
         "timings_s": {
             "total": round(finished - clock, 3),
             "integrate": round(integrated - clock, 3),

@@ -5,6 +5,7 @@ Defaults only (``os.environ.setdefault``): anything a user sets wins.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -33,6 +34,10 @@ def prepare_environment(settings: CalypsoSettings, verbose: bool = False) -> Non
         defaults["SILX_OPENCL"] = "0"
     for name, value in defaults.items():
         os.environ.setdefault(name, value)
+    if not verbose:
+        # The STOMP client logs every failed connection attempt; an unreachable
+        # broker is reported once, as a warning about the outbox.
+        logging.getLogger("stompest").setLevel(logging.CRITICAL)
 
 
 @contextmanager

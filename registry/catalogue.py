@@ -74,7 +74,33 @@ CREATE TABLE IF NOT EXISTS processed_datasets (
     registered TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
 );
 CREATE INDEX IF NOT EXISTS processed_by_raw ON processed_datasets (raw_dataset);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    record_id INTEGER NOT NULL UNIQUE REFERENCES processed_datasets (id),
+    destination TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    created TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+    delivered TEXT
+);
 """
+
+
+class OutboxEntry(BaseModel):
+    """A registration waiting for (or done with) delivery to an external catalogue."""
+
+    id: int
+    record_id: int
+    destination: str
+    payload: dict[str, Any]
+    state: Literal["pending", "sending", "delivered"]
+    attempts: int
+    last_error: str | None = None
+    created: str
+    delivered: str | None = None
+
 
 _JSON_FIELDS = ("outputs", "parameters")
 
@@ -105,6 +131,16 @@ class SQLiteCatalogue:
             db.close()
 
     def register(self, record: ProcessedDataset) -> int:
+        """Record a processed dataset; a retry of the same flow run returns the first record."""
+        if record.flow_run_id and record.status == "completed":
+            with self._connect() as db:
+                row = db.execute(
+                    "SELECT id FROM processed_datasets WHERE flow_run_id = ? AND technique = ? "
+                    "AND processed_path = ? AND status = 'completed'",
+                    (record.flow_run_id, record.technique, record.processed_path),
+                ).fetchone()
+            if row is not None:
+                return int(row["id"])
         values = record.model_dump(exclude={"id"})
         for name in _JSON_FIELDS:
             values[name] = json.dumps(values[name], default=str)
@@ -139,6 +175,72 @@ class SQLiteCatalogue:
             rows = db.execute(query, (*arguments, limit)).fetchall()
         return [self._record(row) for row in rows]
 
+    # -- the outbox: registrations owed to an external catalogue ---------------
+
+    def enqueue(self, record_id: int, destination: str, payload: dict[str, Any]) -> bool:
+        """Owe ``payload`` to ``destination``; False if this record is already owed or sent."""
+        with self._connect() as db:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO outbox (record_id, destination, payload) VALUES (?, ?, ?)",
+                (record_id, destination, json.dumps(payload, default=str)),
+            )
+            return cursor.rowcount == 1
+
+    def claim(self, destination: str) -> OutboxEntry | None:
+        """Take the oldest pending entry for delivery; no other process can take it meanwhile."""
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute(
+                "SELECT * FROM outbox WHERE destination = ? AND state = 'pending' "
+                "ORDER BY id LIMIT 1",
+                (destination,),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE outbox SET state = 'sending', attempts = attempts + 1 WHERE id = ?",
+                (row["id"],),
+            )
+        return self._entry({**dict(row), "state": "sending", "attempts": row["attempts"] + 1})
+
+    def settle(self, entry_id: int, error: str | None = None) -> None:
+        """Mark an entry delivered, or (with ``error``) pending again."""
+        with self._connect() as db:
+            if error is None:
+                db.execute(
+                    "UPDATE outbox SET state = 'delivered', last_error = NULL, "
+                    "delivered = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE id = ?",
+                    (entry_id,),
+                )
+            else:
+                db.execute(
+                    "UPDATE outbox SET state = 'pending', last_error = ? WHERE id = ?",
+                    (error, entry_id),
+                )
+
+    def release_stale(self, destination: str) -> int:
+        """Return entries left 'sending' by a process that died back to 'pending'."""
+        with self._connect() as db:
+            cursor = db.execute(
+                "UPDATE outbox SET state = 'pending' WHERE destination = ? AND state = 'sending'",
+                (destination,),
+            )
+            return cursor.rowcount
+
+    def outbox(self, state: str | None = None) -> list[OutboxEntry]:
+        query, arguments = "SELECT * FROM outbox", ()
+        if state:
+            query, arguments = query + " WHERE state = ?", (state,)
+        with self._connect() as db:
+            rows = db.execute(query + " ORDER BY id", arguments).fetchall()
+        return [self._entry(dict(row)) for row in rows]
+
+    @staticmethod
+    def _entry(values: dict[str, Any]) -> OutboxEntry:
+        if isinstance(values["payload"], str):
+            values["payload"] = json.loads(values["payload"])
+        return OutboxEntry(**values)
+
     @staticmethod
     def _record(row: sqlite3.Row) -> ProcessedDataset:
         values = dict(row)
@@ -150,4 +252,9 @@ class SQLiteCatalogue:
 
 def open_catalogue(settings: CalypsoSettings) -> Catalogue:
     """The catalogue the settings ask for."""
-    return SQLiteCatalogue(settings.catalogue_path)
+    local = SQLiteCatalogue(settings.catalogue_path)
+    if settings.catalogue.backend == "icat":
+        from calypso.registry.icat import IcatCatalogue
+
+        return IcatCatalogue(local, settings.catalogue.icat)
+    return local

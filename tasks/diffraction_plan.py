@@ -296,6 +296,17 @@ def make_integration_plan(
         )
     if raw is not None and raw_file is not None:
         raw = raw.model_copy(update={"sample_name": bliss.read_sample_name(raw_file)})
+    if settings.catalogue.backend == "icat":
+        if raw is None:
+            raise ParameterError(
+                f"{input_path}: the catalogue is ICAT, which registers raw datasets of the data "
+                "policy only; reduce a dataset under RAW_DATA or use the sqlite catalogue"
+            )
+        if not raw.sample_name:
+            raise RawDataError(
+                f"{raw_file}: no sample name (N.1/sample/name), which ICAT requires; "
+                "fix the Bliss file or register with the sqlite catalogue"
+            )
     n_frames = sum(scan.source.n_frames for scan in scan_plans)
     return IntegrationPlan(
         input=input_path,

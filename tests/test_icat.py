@@ -1,0 +1,275 @@
+"""ICAT registration against the real test servers shipped with pyicat-plus[test].
+
+The STOMP broker (coilmq), the ICAT ingester emulator and the ICAT+ REST
+emulator run as processes on loopback; the broker is stopped and started on
+the same port to test the outbox.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pyicat_plus_pytest_plugin")
+
+from pyicat_plus.client.main import IcatClient
+from pyicat_plus_pytest_plugin import _mock_backend, proc, tcp
+
+from calypso.flows.cli import main, run_technique
+from calypso.registry import ProcessedDataset, SQLiteCatalogue
+from calypso.registry.icat import IcatCatalogue
+from calypso.settings import IcatSettings, load_settings
+from calypso.techniques.diffraction import DiffractionParameters
+
+pytestmark = pytest.mark.slow
+QUEUE = "/queue/icatIngest"
+
+
+class IcatServers:
+    """Broker, ingester, ICAT+ and queue monitor; the broker can be stopped and restarted."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.broker_port = tcp.get_open_port()
+        self.monitor_port = tcp.get_open_port()
+        self.icatplus_port = tcp.get_open_port()
+        self._sinks = []
+        self.broker = self.ingester = None
+        self.monitor = _mock_backend.start_activemq_rest_server(self.monitor_port, quiet=True)
+        self.start_broker()
+        sink = tcp.tcp_message_server("json", validate_all=False)
+        port, _ = sink.__enter__()
+        self._sinks.append(sink)
+        self.icatplus = _mock_backend.start_icatplus_server(
+            self.icatplus_port, port, data_dir, quiet=True
+        )
+
+    def start_broker(self) -> None:
+        self.broker = _mock_backend.start_stomp_server(self.broker_port, quiet=True)
+        sink = tcp.tcp_message_server(validate_all=False)
+        port, messages = sink.__enter__()
+        self._sinks.append(sink)
+        self.ingester = _mock_backend.start_stomp_subscriber(
+            self.broker_port, port, QUEUE, self.data_dir, quiet=True
+        )
+        assert messages.get(timeout=10) == "LISTENING"
+
+    def stop_broker(self) -> None:
+        proc.wait_terminate(self.ingester)
+        self.broker.kill()
+        self.broker.wait()
+
+    def close(self) -> None:
+        for process in (self.ingester, self.broker, self.icatplus, self.monitor):
+            if process is not None and process.poll() is None:
+                proc.wait_terminate(process)
+        for sink in self._sinks:
+            sink.__exit__(None, None, None)
+
+    def settings(self, **changes) -> IcatSettings:
+        values = {
+            "metadata_urls": [f"localhost:{self.broker_port}"],
+            "queue_monitor_port": self.monitor_port,
+            "icatplus_url": f"http://localhost:{self.icatplus_port}",
+            "timeout_s": 5,
+        }
+        return IcatSettings(**{**values, **changes})
+
+    def client(self) -> IcatClient:
+        s = self.settings()
+        return IcatClient(
+            metadata_urls=s.metadata_urls,
+            elogbook_url=s.icatplus_url,
+            metadata_queue_monitor_port=s.queue_monitor_port,
+        )
+
+    def datasets(self) -> list[dict]:
+        """What the ingester stored (its files may be mid-write: read again then)."""
+        for _ in range(50):
+            try:
+                found = []
+                for path in sorted(self.data_dir.glob("datasets*.json")):
+                    found += json.loads(path.read_text())
+                return found
+            except json.JSONDecodeError:
+                time.sleep(0.1)
+        raise AssertionError(f"the ingester's files in {self.data_dir} stay unreadable")
+
+
+@pytest.fixture(scope="module")
+def icat(tmp_path_factory):
+    servers = IcatServers(tmp_path_factory.mktemp("icat"))
+    client = servers.client()
+    start = datetime.datetime.now().astimezone() - datetime.timedelta(days=1)
+    for proposal in ("ih0001", "ih0002"):
+        client.start_investigation(beamline="id00", proposal=proposal, start_datetime=start)
+    client.disconnect()
+    yield servers
+    servers.close()
+
+
+@pytest.fixture
+def icat_env(icat, monkeypatch, tmp_path):
+    settings = icat.settings()
+    monkeypatch.setenv("CALYPSO_CATALOGUE__BACKEND", "icat")
+    monkeypatch.setenv("CALYPSO_CATALOGUE__PATH", str(tmp_path / "catalogue.sqlite"))
+    monkeypatch.setenv("CALYPSO_CATALOGUE__ICAT__METADATA_URLS", json.dumps(settings.metadata_urls))
+    monkeypatch.setenv("CALYPSO_CATALOGUE__ICAT__QUEUE_MONITOR_PORT", str(icat.monitor_port))
+    monkeypatch.setenv("CALYPSO_CATALOGUE__ICAT__ICATPLUS_URL", settings.icatplus_url)
+    return tmp_path / "catalogue.sqlite"
+
+
+def reduce(sample, output=None):
+    parameters = DiffractionParameters(
+        poni=str(sample.calibration["poni"]), mask=str(sample.calibration["mask"]), npt=200
+    )
+    settings = load_settings(executor={"kind": "local", "n_workers": 1})
+    return run_technique(
+        "diffraction", str(sample.raw_dataset_dir), parameters, None, output, settings
+    )
+
+
+def wait_for(condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_flow_run_registers_the_processed_dataset_in_icat(icat, icat_env, diffraction_sample):
+    summary = reduce(diffraction_sample)
+    assert summary["warnings"] == []
+    processed = summary["processed_dataset_dir"]
+    assert wait_for(lambda: any(d["location"] == processed for d in icat.datasets()))
+    [dataset] = [d for d in icat.datasets() if d["location"] == processed]
+    assert dataset["investigation"]["name"] == "ih0001" and dataset["instrument"] == "id00"
+    assert dataset["name"] == "diffraction" and dataset["sample"]["name"] == "CeO2"
+    parameters = {p["name"]: p["value"] for p in dataset["parameters"]}
+    assert parameters["input_datasets"] == str(diffraction_sample.raw_dataset_dir)
+    assert parameters["Workflow_id"] == summary["flow_run_id"]
+    assert parameters["Process_program"] == "calypso"
+    record = SQLiteCatalogue(icat_env).get(summary["catalogue_id"])
+    assert dataset["startDate"][:19] == record.started[:19].replace("+00:00", "")
+    assert SQLiteCatalogue(icat_env).outbox("pending") == []
+
+
+def test_broker_down_the_run_succeeds_and_flush_delivers_once(
+    icat, icat_env, diffraction_sample, tmp_path, capsys
+):
+    icat.stop_broker()
+    try:
+        summary = reduce(diffraction_sample, output=None)
+    finally:
+        icat.start_broker()
+    [warning] = summary["warnings"]
+    assert "waiting in the outbox" in warning and "calypso catalogue flush" in warning
+    assert main(["catalogue", "list", "--pending"]) == 0
+    assert summary["processed_dataset_dir"] in capsys.readouterr().out
+    before = [
+        d
+        for d in icat.datasets()
+        if d.get("parameters") and _workflow_id(d) == summary["flow_run_id"]
+    ]
+    assert before == []
+    assert main(["catalogue", "flush"]) == 0
+    assert "delivered 1 registration(s) to ICAT; 0 pending" in capsys.readouterr().out
+    assert wait_for(lambda: _count(icat, summary["flow_run_id"]) == 1)
+    assert main(["catalogue", "flush"]) == 0  # nothing more to send
+    assert "delivered 0" in capsys.readouterr().out
+    assert _count(icat, summary["flow_run_id"]) == 1
+
+
+def _workflow_id(dataset: dict) -> str | None:
+    return {p["name"]: p["value"] for p in dataset["parameters"]}.get("Workflow_id")
+
+
+def _count(icat: IcatServers, workflow_id: str) -> int:
+    return sum(1 for d in icat.datasets() if _workflow_id(d) == workflow_id)
+
+
+def test_broker_killed_during_a_burst_of_twenty(icat, icat_env):
+    catalogue = IcatCatalogue(SQLiteCatalogue(icat_env), icat.settings())
+    ids = []
+    for index in range(20):
+        if index == 7:
+            # coilmq keeps messages in memory (ActiveMQ persists them): let the ingester
+            # take what the broker already has, then kill the broker mid-burst
+            assert wait_for(lambda: all(_count(icat, f"burst-{i}") == 1 for i in range(7)))
+            icat.stop_broker()
+        ids.append(
+            catalogue.register(
+                ProcessedDataset(
+                    technique="diffraction",
+                    raw_dataset=f"/data/visitor/ih0002/id00/20261125/RAW_DATA/s/s_{index:04d}",
+                    processed_path=f"/data/visitor/ih0002/id00/20261125/PROCESSED_DATA/s/s_{index:04d}",
+                    proposal="ih0002",
+                    beamline="id00",
+                    sample_name="burst",
+                    flow_run_id=f"burst-{index}",
+                    started="2026-11-25T10:00:00+00:00",
+                    finished="2026-11-25T10:01:00+00:00",
+                )
+            )
+        )
+    assert len(catalogue.local.outbox("pending")) == 13
+    icat.start_broker()
+    report = catalogue.flush()
+    assert report.error is None and len(report.delivered) == 13 and report.pending == []
+    assert wait_for(lambda: all(_count(icat, f"burst-{i}") == 1 for i in range(20)))
+    assert sorted(_count(icat, f"burst-{i}") for i in range(20)) == [1] * 20
+
+
+def test_a_retry_of_the_same_run_does_not_register_twice(icat, icat_env):
+    catalogue = IcatCatalogue(SQLiteCatalogue(icat_env), icat.settings())
+    record = ProcessedDataset(
+        technique="diffraction",
+        raw_dataset="/data/visitor/ih0002/id00/20261125/RAW_DATA/r/r_0001",
+        processed_path="/data/visitor/ih0002/id00/20261125/PROCESSED_DATA/r/r_0001/diffraction",
+        proposal="ih0002",
+        beamline="id00",
+        sample_name="retry",
+        flow_run_id="retry-1",
+    )
+    first = catalogue.register(record)
+    assert catalogue.register(record) == first
+    rerun = catalogue.register(record.model_copy(update={"flow_run_id": "retry-2"}))
+    assert rerun != first
+    failed = catalogue.register(record.model_copy(update={"flow_run_id": "f", "status": "failed"}))
+    assert [e.record_id for e in catalogue.local.outbox()] == [first, rerun]
+    assert wait_for(lambda: _count(icat, "retry-1") == 1 and _count(icat, "retry-2") == 1)
+    assert _count(icat, "f") == 0 and failed not in (first, rerun)
+
+
+def test_health_check_and_bad_configuration(
+    icat, icat_env, monkeypatch, capsys, diffraction_sample
+):
+    assert main(["catalogue", "check"]) == 0
+    out = capsys.readouterr().out
+    assert "broker    ok" in out and "ingester  ok" in out and "icat+     ok" in out
+    monkeypatch.setenv("CALYPSO_CATALOGUE__ICAT__METADATA_URLS", '["localhost:1"]')
+    assert main(["catalogue", "check"]) == 5
+    assert "localhost:1 cannot be reached" in capsys.readouterr().out
+    monkeypatch.setenv("CALYPSO_CATALOGUE__ICAT__METADATA_URLS", "[]")
+    assert main(["catalogue", "flush"]) == 2
+    assert "CALYPSO_CATALOGUE__ICAT__METADATA_URLS" in capsys.readouterr().err
+
+
+def test_icat_needs_a_sample_name(icat, icat_env, diffraction_sample, tmp_path, capsys):
+    import shutil
+
+    import h5py
+
+    raw = diffraction_sample.dataset
+    copy = tmp_path / "v" / raw.raw_dataset_dir.relative_to(raw.root)
+    shutil.copytree(raw.raw_dataset_dir, copy)
+    with h5py.File(copy / raw.raw_file.name, "a") as h5:
+        del h5["1.1/sample/name"]
+    poni = diffraction_sample.calibration["poni"]
+    assert main(["run", "diffraction", str(copy), "--set", f"poni={poni}"]) == 3
+    assert "no sample name (N.1/sample/name), which ICAT requires" in capsys.readouterr().err
