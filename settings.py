@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -68,7 +68,10 @@ class IcatSettings(BaseModel):
     queue_monitor_port: int | None = Field(
         None, description="ActiveMQ REST (Jolokia) port, to check that the queue is consumed."
     )
-    icatplus_url: str | None = Field(None, description="ICAT+ REST server, for checks.")
+    icatplus_url: str | None = Field(
+        None, description="ICAT+ REST server: checks that the proposal has an investigation."
+    )
+    icatplus_token: SecretStr | None = Field(None, description="ICAT+ data-acquisition API key.")
     timeout_s: float = Field(5.0, gt=0, description="Connection timeout.")
     portal_url: str | None = Field(
         None, description="Prefect UI base URL, to link each dataset to its flow run."

@@ -25,7 +25,7 @@ from calypso.tasks.diffraction import (
     remove_work_dir,
     write_integrated_nexus,
 )
-from calypso.tasks.nexus import now_iso
+from calypso.tasks.nexus import now_iso, software_versions
 from calypso.techniques.diffraction import DiffractionParameters
 
 
@@ -121,6 +121,7 @@ def catalogue_record(
         sample_name=raw.sample_name if raw else None,
         flow_run_id=run_id,
         parameters=plan.parameters.model_dump(mode="json"),
+        software=software_versions(),
         status=status,
         message=message,
         started=started,

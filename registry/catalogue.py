@@ -35,6 +35,7 @@ class ProcessedDataset(BaseModel):
     sample_name: str | None = None
     flow_run_id: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
+    software: dict[str, str] = Field(default_factory=dict, description="Software versions.")
     status: Status = "completed"
     message: str | None = None
     started: str | None = None
@@ -65,6 +66,7 @@ CREATE TABLE IF NOT EXISTS processed_datasets (
     sample_name TEXT,
     flow_run_id TEXT,
     parameters TEXT NOT NULL,
+    software TEXT NOT NULL DEFAULT '{}',
     status TEXT NOT NULL,
     message TEXT,
     started TEXT,
@@ -102,7 +104,7 @@ class OutboxEntry(BaseModel):
     delivered: str | None = None
 
 
-_JSON_FIELDS = ("outputs", "parameters")
+_JSON_FIELDS = ("outputs", "parameters", "software")
 
 
 class SQLiteCatalogue:
@@ -114,6 +116,14 @@ class SQLiteCatalogue:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._connect() as db:
                 db.executescript(_SCHEMA)
+                columns = {
+                    row["name"] for row in db.execute("PRAGMA table_info(processed_datasets)")
+                }
+                if "software" not in columns:  # catalogues made before software was recorded
+                    db.execute(
+                        "ALTER TABLE processed_datasets "
+                        "ADD COLUMN software TEXT NOT NULL DEFAULT '{}'"
+                    )
         except (OSError, sqlite3.Error) as exc:
             raise CatalogueError(
                 f"cannot open the catalogue {self.path}: {exc}; set CALYPSO_CATALOGUE__PATH "

@@ -11,6 +11,7 @@ as soon as the broker has it, so each registration is sent once.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,15 +55,18 @@ def icat_payload(record: ProcessedDataset, settings: IcatSettings) -> dict[str, 
         "endDate": record.finished,
         "Process_program": "calypso",
         "Process_version": calypso.__version__,
-        "Process_note": json.dumps(record.parameters, sort_keys=True, default=str),
+        "Process_note": json.dumps(
+            {"parameters": record.parameters, "software": record.software},
+            sort_keys=True,
+            default=str,
+        ),
         "Workflow_name": record.technique,
         "Workflow_id": record.flow_run_id or "",
         "Workflow_status": record.status,
     }
-    if settings.portal_url and record.flow_run_id:
-        metadata["Notes_note_00"] = (
-            f"{settings.portal_url.rstrip('/')}/runs/flow-run/{record.flow_run_id}"
-        )
+    portal = settings.portal_url or _prefect_ui_url()
+    if portal and record.flow_run_id:
+        metadata["Notes_note_00"] = f"{portal.rstrip('/')}/runs/flow-run/{record.flow_run_id}"
     return {
         "beamline": record.beamline,
         "proposal": record.proposal,
@@ -71,6 +75,14 @@ def icat_payload(record: ProcessedDataset, settings: IcatSettings) -> dict[str, 
         "raw": [record.raw_dataset],
         "metadata": {k: v for k, v in metadata.items() if v not in (None, "")},
     }
+
+
+def _prefect_ui_url() -> str | None:
+    """The Prefect UI that shows the flow runs, from PREFECT_UI_URL or PREFECT_API_URL."""
+    ui, api = os.environ.get("PREFECT_UI_URL"), os.environ.get("PREFECT_API_URL")
+    if ui:
+        return ui
+    return api.removesuffix("/").removesuffix("/api") if api else None
 
 
 class IcatCatalogue:
@@ -158,13 +170,41 @@ class IcatCatalogue:
                 results.append(("icat+", False, f"{self.settings.icatplus_url}: {exc}"))
         return results
 
+    def require_investigation(self, beamline: str, proposal: str) -> None:
+        """Refuse a proposal that ICAT+ says has no investigation on this beamline now.
+
+        Without ICAT+ configured (URL and token), or when it does not answer,
+        nothing is refused: the outbox keeps the registration until it can be
+        delivered.
+        """
+        if not (self.settings.icatplus_url and self.settings.icatplus_token):
+            return
+        client = self._client()
+        try:
+            info = client.investigation_info(
+                beamline=beamline, proposal=proposal, timeout=self.settings.timeout_s
+            )
+        except Exception:
+            return
+        finally:
+            client.disconnect()
+        if info == {}:
+            raise CatalogueError(
+                f"proposal {proposal} has no investigation on {beamline} in ICAT "
+                f"({self.settings.icatplus_url}): check the proposal and beamline in the "
+                "data path, or register with the sqlite catalogue"
+            )
+
     def _client(self):
         from pyicat_plus.client.main import IcatClient
 
+        token = self.settings.icatplus_token
         return IcatClient(
             metadata_urls=list(self.settings.metadata_urls),
             metadata_queue=self.settings.metadata_queue,
             metadata_queue_monitor_port=self.settings.queue_monitor_port,
             elogbook_url=self.settings.icatplus_url,
+            elogbook_token=token.get_secret_value() if token else None,
+            elogbook_timeout=self.settings.timeout_s,
             queue_timeout=self.settings.timeout_s,
         )

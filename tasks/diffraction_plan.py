@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from calypso.errors import ParameterError, RawDataError
+from calypso.registry import open_catalogue
 from calypso.settings import CalypsoSettings
 from calypso.tasks import bliss
 from calypso.tasks.data_policy import RawDataset
@@ -307,6 +308,11 @@ def make_integration_plan(
                 f"{raw_file}: no sample name (N.1/sample/name), which ICAT requires; "
                 "fix the Bliss file or register with the sqlite catalogue"
             )
+        from calypso.registry.icat import IcatCatalogue
+
+        catalogue = open_catalogue(settings)
+        if isinstance(catalogue, IcatCatalogue):
+            catalogue.require_investigation(raw.beamline, raw.proposal)
     n_frames = sum(scan.source.n_frames for scan in scan_plans)
     return IntegrationPlan(
         input=input_path,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 
 pytest.importorskip("pyicat_plus_pytest_plugin")
 
+from pyicat_plus.client import defaults
 from pyicat_plus.client.main import IcatClient
 from pyicat_plus_pytest_plugin import _mock_backend, proc, tcp
 
@@ -75,6 +77,7 @@ class IcatServers:
             "metadata_urls": [f"localhost:{self.broker_port}"],
             "queue_monitor_port": self.monitor_port,
             "icatplus_url": f"http://localhost:{self.icatplus_port}",
+            "icatplus_token": defaults.ELOGBOOK_TOKEN,
             "timeout_s": 5,
         }
         return IcatSettings(**{**values, **changes})
@@ -84,6 +87,7 @@ class IcatServers:
         return IcatClient(
             metadata_urls=s.metadata_urls,
             elogbook_url=s.icatplus_url,
+            elogbook_token=defaults.ELOGBOOK_TOKEN,
             metadata_queue_monitor_port=s.queue_monitor_port,
         )
 
@@ -120,6 +124,7 @@ def icat_env(icat, monkeypatch, tmp_path):
     monkeypatch.setenv("CALYPSO_CATALOGUE__ICAT__METADATA_URLS", json.dumps(settings.metadata_urls))
     monkeypatch.setenv("CALYPSO_CATALOGUE__ICAT__QUEUE_MONITOR_PORT", str(icat.monitor_port))
     monkeypatch.setenv("CALYPSO_CATALOGUE__ICAT__ICATPLUS_URL", settings.icatplus_url)
+    monkeypatch.setenv("CALYPSO_CATALOGUE__ICAT__ICATPLUS_TOKEN", defaults.ELOGBOOK_TOKEN)
     return tmp_path / "catalogue.sqlite"
 
 
@@ -154,6 +159,10 @@ def test_flow_run_registers_the_processed_dataset_in_icat(icat, icat_env, diffra
     assert parameters["input_datasets"] == str(diffraction_sample.raw_dataset_dir)
     assert parameters["Workflow_id"] == summary["flow_run_id"]
     assert parameters["Process_program"] == "calypso"
+    note = json.loads(parameters["Process_note"])
+    assert note["parameters"]["npt"] == 200 and "pyFAI" in note["software"]
+    api = os.environ["PREFECT_API_URL"].removesuffix("/api")
+    assert parameters["Notes_note_00"] == f"{api}/runs/flow-run/{summary['flow_run_id']}"
     record = SQLiteCatalogue(icat_env).get(summary["catalogue_id"])
     assert dataset["startDate"][:19] == record.started[:19].replace("+00:00", "")
     assert SQLiteCatalogue(icat_env).outbox("pending") == []
@@ -273,3 +282,18 @@ def test_icat_needs_a_sample_name(icat, icat_env, diffraction_sample, tmp_path, 
     poni = diffraction_sample.calibration["poni"]
     assert main(["run", "diffraction", str(copy), "--set", f"poni={poni}"]) == 3
     assert "no sample name (N.1/sample/name), which ICAT requires" in capsys.readouterr().err
+
+
+def test_a_proposal_unknown_to_icat_is_refused_before_processing(
+    icat, icat_env, diffraction_sample, tmp_path, capsys
+):
+    import shutil
+
+    raw = diffraction_sample.dataset
+    elsewhere = tmp_path / "v" / "ih0099" / raw.beamline / raw.session / "RAW_DATA" / "CeO2"
+    shutil.copytree(raw.raw_dataset_dir, elsewhere / raw.name)
+    poni = diffraction_sample.calibration["poni"]
+    assert main(["run", "diffraction", str(elsewhere / raw.name), "--set", f"poni={poni}"]) == 5
+    err = capsys.readouterr().err
+    assert "proposal ih0099 has no investigation on id00 in ICAT" in err
+    assert not (tmp_path / "v" / "ih0099" / raw.beamline / raw.session / "PROCESSED_DATA").exists()
