@@ -134,6 +134,9 @@ def main() -> None:
     parser.add_argument("--ephemeral", action="store_true", help="also time ephemeral mode")
     parser.add_argument("--half", action="store_true", help="also run half the frames (memory)")
     parser.add_argument("--repeat", type=int, default=2, help="interleaved repeats")
+    parser.add_argument(
+        "--scaling", action="store_true", help="also run with 1 worker: speed-up from 1 to N"
+    )
     args = parser.parse_args()
 
     from calypso.tasks.sample_data import write_diffraction_sample
@@ -186,6 +189,19 @@ def main() -> None:
                 half.raw_dataset_dir, half, args.workers, served, work / "half-out"
             )
             print(f"peak RSS with {args.frames // 2} frames: {half_peak / 2**30:.2f} GiB")
+        if args.scaling:
+            _, one, _ = time_command(
+                sample.raw_dataset_dir, sample, 1, served, work / "out-one-worker"
+            )
+            per_frame = 1000 * one["timings_s"]["busy_in_tasks"] / args.frames
+            chunk = one["chunk_size"]
+            bare_one = time_bare_loop(sample, args.frames, 1)
+            print(f"1 worker, inside the flow run: {one['frames_per_s']:.1f} frames/s; "
+                  f"speed-up with {args.workers} workers: {flow / one['frames_per_s']:.2f}; "
+                  f"cost in chunk tasks {per_frame:.0f} ms a frame "
+                  f"({per_frame * chunk / 1000:.1f} s a {chunk}-frame chunk)")  # fmt: skip
+            print(f"bare loop, 1 process: {bare_one:.1f} frames/s; speed-up with "
+                  f"{args.workers} processes: {bare / bare_one:.2f}")  # fmt: skip
         if args.ephemeral:
             wall, _, _ = time_command(
                 sample.raw_dataset_dir, sample, args.workers, env, work / "out-ephemeral"
