@@ -241,10 +241,12 @@ def run_technique(
     plan = make_integration_plan(
         input_path, parameters, scans, output, settings, local_worker_count(settings.executor)
     )
+    from calypso.flows.runtime import check_prefect_api, prefect_api
+
+    check_prefect_api()
     booting = boot_local_cluster(settings.executor)
     from calypso.flows.diffraction import diffraction
     from calypso.flows.progress import listening
-    from calypso.flows.runtime import prefect_api
 
     bar = _progress_bar(plan.n_frames, "frames")
     # The cluster closes while the Prefect API is still up: its workers flush

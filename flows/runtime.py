@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from importlib.util import find_spec
 
+from calypso.errors import ConfigurationError
 from calypso.settings import CalypsoSettings
 
 
@@ -38,6 +40,25 @@ def prepare_environment(settings: CalypsoSettings, verbose: bool = False) -> Non
         # The STOMP client logs every failed connection attempt; an unreachable
         # broker is reported once, as a warning about the outbox.
         logging.getLogger("stompest").setLevel(logging.CRITICAL)
+
+
+def check_prefect_api(timeout_s: float = 10.0) -> None:
+    """Fail early, with a message, when PREFECT_API_URL names a server that does not answer."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        return
+    health = url.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except (OSError, ValueError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise ConfigurationError(
+        f"the Prefect API at {url} does not answer ({problem}): start it (`calypso server`) "
+        "or unset PREFECT_API_URL to run with Prefect's ephemeral server"
+    )
 
 
 @contextmanager

@@ -152,6 +152,15 @@ def test_failure_inside_the_flow_leaves_nothing_that_looks_complete(
     assert record.status == "failed" and "monitor 'mon'" in record.message
 
 
+def test_unreachable_prefect_server_is_a_configuration_error(dataset, options, monkeypatch, capsys):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    status, _, err = calypso(capsys, "run", "diffraction", dataset, *options)
+    assert status == 2
+    assert "the Prefect API at http://127.0.0.1:9/api does not answer" in err
+    assert "calypso server" in err
+    assert files_under(processed_dir(dataset)) == []
+
+
 def test_parameters_file_and_listing(dataset, options, tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text("npt: 200\nunit: 2th_deg\nmonitor: mon\nmonitor_reference: 1.0e5\n")
