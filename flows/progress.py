@@ -1,7 +1,9 @@
 """Progress of a flow run: a Prefect progress artifact, and a bar when run from the CLI.
 
-The CLI installs a listener in a context variable for the duration of the
-run; the flow reports to whatever is installed (nothing, by default).
+The CLI installs a listener for the duration of the run; the flow reports to
+whatever is installed (nothing, by default). The listeners are a process-wide
+list, not a context variable: Prefect runs the flow function in a context of
+its own, where the CLI's context variables are not set.
 """
 
 from __future__ import annotations
@@ -9,24 +11,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Any
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 Listener = Callable[[int, int], None]
-_listener: ContextVar[Listener | None] = ContextVar("calypso_progress_listener", default=None)
+_listeners: list[Listener] = []
 logger = logging.getLogger(__name__)
 
 
 @contextmanager
 def listening(listener: Listener) -> Iterator[None]:
     """Send progress reports of flows run inside this block to ``listener(done, total)``."""
-    token = _listener.set(listener)
+    _listeners.append(listener)
     try:
         yield
     finally:
-        _listener.reset(token)
+        _listeners.remove(listener)
 
 
 class RunProgress:
@@ -54,6 +55,5 @@ class RunProgress:
         self._notify()
 
     def _notify(self) -> None:
-        listener = _listener.get()
-        if listener is not None:
+        for listener in list(_listeners):
             listener(self.done, self.total)

@@ -15,6 +15,7 @@ from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 from scipy.signal import find_peaks
 
 from calypso.flows.cli import run_technique
+from calypso.flows.progress import listening
 from calypso.registry import SQLiteCatalogue
 from calypso.settings import load_settings
 from calypso.tasks.diffraction_plan import load_geometry
@@ -55,13 +56,16 @@ def runs(diffraction_sample, tmp_path_factory):
         workers=1,
         output=str(tmp_path_factory.mktemp("one_worker")),
     )
-    default = run_flow(diffraction_sample.raw_dataset_dir, base, workers=2)
+    progress: list[tuple[int, int]] = []
+    with listening(lambda done, total: progress.append((done, total))):
+        default = run_flow(diffraction_sample.raw_dataset_dir, base, workers=2)
     yield {
         "small_chunks": small_chunks,
         "default": default,
         "parameters": base,
         "catalogue": catalogue,
         "raw_before": raw_before,
+        "progress": progress,
     }
     del os.environ["CALYPSO_CATALOGUE__PATH"]
 
@@ -149,6 +153,13 @@ def test_results_land_in_processed_data_as_nexus(runs, diffraction_sample, tmp_p
     assert leftovers == []
 
 
+def test_progress_is_reported_as_chunks_finish(runs):
+    progress = runs["progress"]
+    assert progress[0] == (0, 12) and progress[-1] == (12, 12)
+    assert len(progress) == runs["default"]["chunks"] + 1
+    assert [done for done, _ in progress] == sorted(done for done, _ in progress)
+
+
 def test_raw_data_is_left_untouched(runs, diffraction_sample):
     assert digest(diffraction_sample.raw_dataset_dir) == runs["raw_before"]
 
@@ -186,6 +197,15 @@ def test_runs_are_recorded_by_the_prefect_server(runs):
     assert {"plan_integration", "write_integrated_nexus", "register_processed_dataset"} <= set(
         names
     )
+    request = urllib.request.Request(
+        f"{api}/artifacts/filter",
+        data=json.dumps({"artifacts": {"flow_run_id": {"any_": [run_id]}}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request) as response:
+        artifacts = json.load(response)
+    [progress] = [a for a in artifacts if a["type"] == "progress"]
+    assert progress["data"] == 100.0
 
 
 def test_real_ceo2_pilatus_image_matches_the_reference(test_data, tmp_path):
