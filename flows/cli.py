@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any
 
@@ -248,23 +249,24 @@ def run_technique(
     from calypso.flows.diffraction import diffraction
     from calypso.flows.progress import listening
 
-    bar = _progress_bar(plan.n_frames, "frames")
-    # The cluster closes while the Prefect API is still up: its workers flush
-    # their logs to it on the way out.
-    with prefect_api(), listening(bar.update_to):
-        try:
-            runner = build_task_runner(
-                settings.executor, cluster=booting.result() if booting else None
-            )
-            summary = diffraction.with_options(task_runner=runner)(
-                raw=input_path, parameters=parameters, scans=scans, output_dir=output
-            )
-        finally:
-            bar.close()
-            if booting is not None:
-                booting.result().close()
+    with ExitStack() as stack:
+        if booting is not None:  # closed even if the Prefect API never comes up
+            stack.callback(_close_cluster, booting)
+        stack.enter_context(prefect_api())
+        if booting is not None:  # ... and normally before the API goes: workers flush logs to it
+            stack.callback(_close_cluster, booting)
+        bar = stack.enter_context(closing(_Bar(plan.n_frames, "frames")))
+        stack.enter_context(listening(bar.update_to))
+        runner = build_task_runner(settings.executor, cluster=booting.result() if booting else None)
+        summary = diffraction.with_options(task_runner=runner)(
+            raw=input_path, parameters=parameters, scans=scans, output_dir=output
+        )
     summary["wall_s"] = round(time.perf_counter() - began, 3)
     return summary
+
+
+def _close_cluster(booting) -> None:
+    booting.result().close()  # closing twice is harmless
 
 
 class _Bar:
@@ -280,10 +282,6 @@ class _Bar:
 
     def close(self) -> None:
         self._bar.close()
-
-
-def _progress_bar(total: int, unit: str) -> _Bar:
-    return _Bar(total, unit)
 
 
 def print_summary(summary: dict[str, Any]) -> None:
