@@ -45,7 +45,13 @@ class ProcessedDataset(BaseModel):
 
 
 class Catalogue(Protocol):
-    """What Calypso needs from a catalogue backend."""
+    """What Calypso needs from a catalogue backend.
+
+    ``last_warning`` says what went wrong, without failing, in the latest
+    ``register`` (e.g. a registration left waiting in the outbox).
+    """
+
+    last_warning: str | None
 
     def register(self, record: ProcessedDataset) -> int: ...
 
@@ -112,6 +118,7 @@ class SQLiteCatalogue:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.last_warning: str | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._connect() as db:

@@ -100,6 +100,7 @@ class IcatCatalogue:
 
     def register(self, record: ProcessedDataset) -> int:
         """Record the dataset; if complete, owe it to ICAT and try to deliver it now."""
+        self.last_warning = None
         payload = icat_payload(record, self.settings) if record.status == "completed" else None
         record_id = self.local.register(record)
         if payload is not None and self.local.enqueue(record_id, DESTINATION, payload):

@@ -20,7 +20,7 @@ def register_processed_dataset(record: ProcessedDataset) -> Registration:
     """Record the processed dataset in the catalogue(s); a delivery problem is a warning."""
     catalogue = open_catalogue(load_settings())
     catalogue_id = catalogue.register(record)
-    warning = getattr(catalogue, "last_warning", None)
+    warning = catalogue.last_warning
     if warning:
         get_run_logger().warning(warning)
     return Registration(catalogue_id=catalogue_id, warning=warning)

@@ -28,7 +28,7 @@ from calypso.tasks.diffraction_plan import (
     ScanPlan,
     make_integration_plan,
 )
-from calypso.tasks.frames import iter_frames, read_image
+from calypso.tasks.frames import iter_frames
 from calypso.techniques.diffraction import (
     DiffractionParameters,
     Geometry,
@@ -85,7 +85,7 @@ def integrate_chunk(
             raw_file, scan.number, parameters.monitor, chunk.start, chunk.stop
         )
     images = {
-        name: read_image(getattr(parameters, name), name)
+        name: integrators.detector_image(getattr(parameters, name), name)
         for name in ("mask", "dark", "flat")
         if getattr(parameters, name) is not None
     }
