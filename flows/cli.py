@@ -20,9 +20,10 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from calypso.errors import CalypsoError, ConfigurationError, ParameterError
+from calypso.flows.techniques import TECHNIQUES as TECHNIQUE_TABLE
 from calypso.settings import CalypsoSettings, load_settings
 
-TECHNIQUES = ("diffraction",)
+TECHNIQUES = tuple(TECHNIQUE_TABLE)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample-data", help="write realistic sample raw data")
     sample.add_argument("technique", choices=TECHNIQUES)
     sample.add_argument("directory", help="root folder (like /data/visitor)")
-    sample.add_argument("--frames", type=int, default=100, help="frames in the scan")
+    sample.add_argument("--frames", type=int, default=100, help="diffraction: frames in the scan")
+    sample.add_argument(
+        "--repeats", type=int, default=3, help="spectroscopy: repeated scans of a foil"
+    )
+    sample.add_argument(
+        "--spectra",
+        type=int,
+        default=0,
+        help="spectroscopy: write a mapping scan of N spectra instead of repeated scans",
+    )
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(handler=command_sample_data)
 
@@ -129,9 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parameter_model(technique: str) -> type[BaseModel]:
-    from calypso.techniques.diffraction import DiffractionParameters
-
-    return {"diffraction": DiffractionParameters}[technique]
+    return TECHNIQUE_TABLE[technique].parameters()
 
 
 def _parse_value(text: str) -> Any:
@@ -235,18 +243,26 @@ def run_technique(
     """Check the input, then run the technique's flow on the configured Dask cluster."""
     began = time.perf_counter()
     from calypso.executors import boot_local_cluster, build_task_runner, local_worker_count
-    from calypso.tasks.diffraction_plan import make_integration_plan
 
+    entry = TECHNIQUE_TABLE[technique]
+    if settings.executor.preload == type(settings.executor)().preload:
+        # Workers import this technique's code while they start, not another's.
+        settings = settings.model_copy(
+            update={
+                "executor": settings.executor.model_copy(update={"preload": [entry.task_module]})
+            }
+        )
     # Check everything before Prefect or Dask start: bad input fails in a
     # second, with one message and nothing written.
-    plan = make_integration_plan(
+    plan = entry.plan()(
         input_path, parameters, scans, output, settings, local_worker_count(settings.executor)
     )
+    total = getattr(plan, entry.count_attribute)
     from calypso.flows.runtime import check_prefect_api, prefect_api
 
     check_prefect_api()
     booting = boot_local_cluster(settings.executor)
-    from calypso.flows.diffraction import diffraction
+    technique_flow = entry.flow()
     from calypso.flows.progress import listening
 
     with ExitStack() as stack:
@@ -255,10 +271,10 @@ def run_technique(
         stack.enter_context(prefect_api())
         if booting is not None:  # ... and normally before the API goes: workers flush logs to it
             stack.callback(_close_cluster, booting)
-        bar = stack.enter_context(closing(_Bar(plan.n_frames, "frames")))
+        bar = stack.enter_context(closing(_Bar(total, entry.unit)))
         stack.enter_context(listening(bar.update_to))
         runner = build_task_runner(settings.executor, cluster=booting.result() if booting else None)
-        summary = diffraction.with_options(task_runner=runner)(
+        summary = technique_flow.with_options(task_runner=runner)(
             raw=input_path, parameters=parameters, scans=scans, output_dir=output
         )
     summary["wall_s"] = round(time.perf_counter() - began, 3)
@@ -286,9 +302,10 @@ class _Bar:
 
 def print_summary(summary: dict[str, Any]) -> None:
     timings = summary["timings_s"]
+    unit = summary["unit"]
     print(
-        f"{summary['technique']}: {summary['frames']} frames in {summary['chunks']} chunks, "
-        f"flow {timings['total']:.1f} s ({summary['frames_per_s']:.1f} frames/s), "
+        f"{summary['technique']}: {summary['count']} {unit} in {summary['tasks']} tasks, "
+        f"flow {timings['total']:.1f} s ({summary['per_s']:.1f} {unit}/s), "
         f"command {summary['wall_s']:.1f} s"
     )
     print(f"results in {summary['processed_dataset_dir']}")
@@ -305,6 +322,8 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 def command_sample_data(args: argparse.Namespace) -> int:
+    if args.technique == "spectroscopy":
+        return _sample_spectroscopy(args)
     from calypso.tasks.sample_data import write_diffraction_sample
 
     if args.frames < 1:
@@ -315,42 +334,72 @@ def command_sample_data(args: argparse.Namespace) -> int:
         print(f"{name}: {path}")
     print(
         "reduce it with:\n  calypso run diffraction "
-        f"{sample.raw_dataset_dir} --set poni={sample.calibration['poni']} "
-        f"--set mask={sample.calibration['mask']} --set monitor=mon --set monitor_reference=1e5"
+        f"{sample.raw_dataset_dir} {' '.join(_diffraction_demo_settings(sample))}"
     )
     return 0
 
 
+def _sample_spectroscopy(args: argparse.Namespace) -> int:
+    from calypso.tasks.sample_spectroscopy import (
+        reference_spectrum,
+        write_spectroscopy_map_sample,
+        write_spectroscopy_sample,
+    )
+
+    if args.spectra < 0 or args.repeats < 1:
+        raise ParameterError("--spectra must be >= 0 and --repeats >= 1")
+    if args.spectra:
+        dataset = write_spectroscopy_map_sample(Path(args.directory), args.spectra, seed=args.seed)
+    else:
+        dataset = write_spectroscopy_sample(Path(args.directory), args.repeats, seed=args.seed)
+    print(f"raw dataset: {dataset.raw_dataset_dir} (from {reference_spectrum().source})")
+    print(f"reduce it with:\n  calypso run spectroscopy {dataset.raw_dataset_dir}")
+    return 0
+
+
+def _diffraction_demo_settings(sample) -> list[str]:
+    return [
+        f"--set poni={sample.calibration['poni']}",
+        f"--set mask={sample.calibration['mask']}",
+        "--set monitor=mon",
+        "--set monitor_reference=1e5",
+        "--set unit=2th_deg",
+    ]
+
+
 def command_demo(args: argparse.Namespace) -> int:
     from calypso.tasks.sample_data import write_diffraction_sample
+    from calypso.tasks.sample_spectroscopy import write_spectroscopy_sample
 
     root = Path(args.directory).absolute()
     settings = load_settings()
     from calypso.flows.runtime import prepare_environment
 
     prepare_environment(settings)
-    print(f"Writing {args.frames} Pilatus 1M frames of CeO2 in the ESRF layout under {root} ...")
     if root.exists():
         shutil.rmtree(root)
+    print(f"Writing {args.frames} Pilatus 1M frames of CeO2 in the ESRF layout under {root} ...")
     sample = write_diffraction_sample(root, frames=args.frames)
     print(f"raw dataset: {sample.raw_dataset_dir}")
-    parameters = build_parameters(
-        "diffraction",
-        [
-            f"poni={sample.calibration['poni']}",
-            f"mask={sample.calibration['mask']}",
-            "monitor=mon",
-            "monitor_reference=1e5",
-            "unit=2th_deg",
-        ],
-        None,
-    )
+    settings_text = [s.split(" ", 1)[1] for s in _diffraction_demo_settings(sample)]
+    parameters = build_parameters("diffraction", settings_text, None)
     print("Reducing it with the diffraction flow on a local Dask cluster under Prefect ...")
     summary = run_technique(
         "diffraction", str(sample.raw_dataset_dir), parameters, None, None, settings
     )
     print_summary(summary)
     print("Look at the result with: silx view " + summary["outputs"][0].split("::")[0])
+
+    print("\nWriting 3 XAS scans of an Fe foil (transmission, reference foil channel) ...")
+    xas_dataset = write_spectroscopy_sample(root, repeats=3)
+    print(f"raw dataset: {xas_dataset.raw_dataset_dir}")
+    print("Reducing them with the spectroscopy flow (calibrate, merge, normalise, EXAFS) ...")
+    parameters = build_parameters("spectroscopy", [], None)
+    summary = run_technique(
+        "spectroscopy", str(xas_dataset.raw_dataset_dir), parameters, None, None, settings
+    )
+    print_summary(summary)
+    print(f"Quick look: {summary['png']}")
     return 0
 
 

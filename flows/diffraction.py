@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -14,18 +13,16 @@ from calypso.executors import local_worker_count
 from calypso.flows.progress import RunProgress
 from calypso.registry import ProcessedDataset
 from calypso.settings import load_settings
-from calypso.tasks.catalogue import register_processed_dataset
+from calypso.tasks.catalogue import processed_record, register_processed_dataset
 from calypso.tasks.diffraction import (
     TECHNIQUE,
     ChunkResult,
     IntegrationPlan,
     integrate_chunk,
-    new_work_dir,
     plan_integration,
-    remove_work_dir,
     write_integrated_nexus,
 )
-from calypso.tasks.nexus import now_iso, software_versions
+from calypso.tasks.nexus import new_work_dir, now_iso, remove_work_dir
 from calypso.techniques.diffraction import DiffractionParameters
 
 
@@ -49,7 +46,7 @@ def diffraction(
     plan = plan_integration(
         raw, parameters, scans, output_dir, local_worker_count(settings.executor)
     )
-    work_dir = new_work_dir(plan)
+    work_dir = new_work_dir(plan.output_dir)
     try:
         chunks = integrate_all_chunks(plan, str(work_dir))
         integrated = time.perf_counter()
@@ -73,6 +70,9 @@ def diffraction(
         "processed_dataset_dir": plan.output_dir,
         "frames": plan.n_frames,
         "chunks": len(chunks),
+        "unit": "frames",
+        "count": plan.n_frames,
+        "tasks": len(chunks),
         "chunk_size": plan.chunk_size,
         "catalogue_id": registration.catalogue_id,
         "warnings": [registration.warning] if registration.warning else [],
@@ -83,6 +83,7 @@ def diffraction(
             "busy_in_tasks": round(sum(c.seconds for c in chunks), 3),
         },
         "frames_per_s": round(plan.n_frames / max(finished - clock, 1e-9), 2),
+        "per_s": round(plan.n_frames / max(finished - clock, 1e-9), 2),
     }
 
 
@@ -110,22 +111,17 @@ def catalogue_record(
     status: str = "completed",
     message: str | None = None,
 ) -> ProcessedDataset:
-    raw = plan.raw
-    return ProcessedDataset(
-        technique=TECHNIQUE,
-        raw_dataset=str(raw.raw_dataset_dir) if raw else str(Path(plan.input).absolute()),
-        processed_path=plan.output_dir,
+    return processed_record(
+        TECHNIQUE,
+        input_path=plan.input,
+        raw=plan.raw,
+        output_dir=plan.output_dir,
+        parameters=plan.parameters,
+        run_id=run_id,
+        started=started,
+        clock=clock,
+        count=plan.n_frames,
         outputs=outputs,
-        proposal=raw.proposal if raw else None,
-        beamline=raw.beamline if raw else None,
-        sample_name=raw.sample_name if raw else None,
-        flow_run_id=run_id,
-        parameters=plan.parameters.model_dump(mode="json"),
-        software=software_versions(),
         status=status,
         message=message,
-        started=started,
-        finished=now_iso(),
-        duration_s=round(time.perf_counter() - clock, 3),
-        frames=plan.n_frames,
     )

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+from typing import Any
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from calypso.registry import ProcessedDataset, open_catalogue
 from calypso.settings import load_settings
+from calypso.tasks.data_policy import RawDataset
+from calypso.tasks.nexus import now_iso, software_versions
 
 
 class Registration(BaseModel):
@@ -24,3 +30,39 @@ def register_processed_dataset(record: ProcessedDataset) -> Registration:
     if warning:
         get_run_logger().warning(warning)
     return Registration(catalogue_id=catalogue_id, warning=warning)
+
+
+def processed_record(
+    technique: str,
+    *,
+    input_path: str,
+    raw: RawDataset | None,
+    output_dir: str,
+    parameters: BaseModel,
+    run_id: str,
+    started: str,
+    clock: float,
+    count: int,
+    outputs: list[str],
+    status: Any = "completed",
+    message: str | None = None,
+) -> ProcessedDataset:
+    """The catalogue record of a run; ``clock`` is the run's ``time.perf_counter()`` start."""
+    return ProcessedDataset(
+        technique=technique,
+        raw_dataset=str(raw.raw_dataset_dir) if raw else str(Path(input_path).absolute()),
+        processed_path=output_dir,
+        outputs=outputs,
+        proposal=raw.proposal if raw else None,
+        beamline=raw.beamline if raw else None,
+        sample_name=raw.sample_name if raw else None,
+        flow_run_id=run_id,
+        parameters=parameters.model_dump(mode="json"),
+        software=software_versions(),
+        status=status,
+        message=message,
+        started=started,
+        finished=now_iso(),
+        duration_s=round(time.perf_counter() - clock, 3),
+        frames=count,
+    )

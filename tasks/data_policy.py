@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from calypso.errors import DataPolicyError
+from calypso.errors import DataPolicyError, ParameterError
 from calypso.settings import ProcessedDataPolicy
 
 
@@ -109,3 +109,28 @@ class RawDataset(BaseModel):
             dataset=dataset_dir[len(prefix) :],
             raw_dirname=raw_dirname,
         )
+
+
+def output_folder(
+    input_path: str,
+    raw: RawDataset | None,
+    technique: str,
+    output_dir: str | None,
+    policy: ProcessedDataPolicy,
+) -> Path:
+    """Where a run writes: ``output_dir`` if given, else the dataset's PROCESSED_DATA folder.
+
+    Raises
+    ------
+    ParameterError
+        When the input is outside the data policy and no output folder is given.
+    """
+    if output_dir is not None:
+        return Path(output_dir).expanduser().absolute()
+    if raw is not None:
+        return raw.processed_dataset_dir(technique, policy)
+    raise ParameterError(
+        f"{input_path} is not a raw dataset of the data policy (…/RAW_DATA/<collection>/"
+        "<collection>_<dataset>), so there is no PROCESSED_DATA folder to write to: "
+        "give --output DIR"
+    )

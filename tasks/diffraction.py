@@ -7,9 +7,7 @@ no big array crosses the network and the flow process stays small.
 
 from __future__ import annotations
 
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,17 +105,6 @@ def integrate_chunk(
         part_file=str(part),
         seconds=time.perf_counter() - began,
     )
-
-
-def new_work_dir(plan: IntegrationPlan) -> Path:
-    """A hidden scratch folder beside the output for the chunks' part files."""
-    work = Path(plan.output_dir) / f"{nexus.PARTIAL_PREFIX}{uuid.uuid4().hex[:12]}"
-    work.mkdir(parents=True)
-    return work
-
-
-def remove_work_dir(work_dir: str | Path) -> None:
-    shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def ascii_path(plan: IntegrationPlan, scan: ScanPlan) -> Path:

@@ -13,10 +13,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from calypso.errors import ParameterError, RawDataError
-from calypso.registry import open_catalogue
 from calypso.settings import CalypsoSettings
 from calypso.tasks import bliss
-from calypso.tasks.data_policy import RawDataset
+from calypso.tasks.data_policy import RawDataset, output_folder
 from calypso.tasks.frames import (
     HDF5_SUFFIXES,
     IMAGE_SUFFIXES,
@@ -26,6 +25,7 @@ from calypso.tasks.frames import (
     image_files_source,
     read_image,
 )
+from calypso.tasks.preflight import require_registrable
 from calypso.techniques.diffraction import DiffractionParameters, Geometry
 
 TECHNIQUE = "diffraction"
@@ -285,34 +285,10 @@ def make_integration_plan(
                     f"{raw_file}: scan {scan.number} has {counts[parameters.monitor]} values of "
                     f"{parameters.monitor} for {scan.source.n_frames} frames"
                 )
-    if output_dir is not None:
-        out = Path(output_dir).expanduser().absolute()
-    elif raw is not None:
-        out = raw.processed_dataset_dir(TECHNIQUE, settings.processed_data)
-    else:
-        raise ParameterError(
-            f"{input_path} is not a raw dataset of the data policy (…/RAW_DATA/<collection>/"
-            "<collection>_<dataset>), so there is no PROCESSED_DATA folder to write to: "
-            "give --output DIR"
-        )
+    out = output_folder(input_path, raw, TECHNIQUE, output_dir, settings.processed_data)
     if raw is not None and raw_file is not None:
         raw = raw.model_copy(update={"sample_name": bliss.read_sample_name(raw_file)})
-    if settings.catalogue.backend == "icat":
-        if raw is None:
-            raise ParameterError(
-                f"{input_path}: the catalogue is ICAT, which registers raw datasets of the data "
-                "policy only; reduce a dataset under RAW_DATA or use the sqlite catalogue"
-            )
-        if not raw.sample_name:
-            raise RawDataError(
-                f"{raw_file}: no sample name (N.1/sample/name), which ICAT requires; "
-                "fix the Bliss file or register with the sqlite catalogue"
-            )
-        from calypso.registry.icat import IcatCatalogue
-
-        catalogue = open_catalogue(settings)
-        if isinstance(catalogue, IcatCatalogue):
-            catalogue.require_investigation(raw.beamline, raw.proposal)
+    require_registrable(input_path, raw, str(raw_file) if raw_file else None, settings)
     n_frames = sum(scan.source.n_frames for scan in scan_plans)
     return IntegrationPlan(
         input=input_path,

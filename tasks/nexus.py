@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,6 +54,20 @@ def atomic_outputs(*finals: Path) -> Iterator[list[Path]]:
     finally:
         for temporary in temporaries:
             temporary.unlink(missing_ok=True)
+
+
+def new_work_dir(output_dir: str | Path) -> Path:
+    """A hidden scratch folder in the output folder for the tasks' part files."""
+    work = Path(output_dir) / f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:12]}"
+    try:
+        work.mkdir(parents=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {output_dir}: {exc}") from None
+    return work
+
+
+def remove_work_dir(work_dir: str | Path) -> None:
+    shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def software_versions() -> dict[str, str]:

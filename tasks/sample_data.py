@@ -89,6 +89,41 @@ def write_bliss_scan(
         )
         layout[first : first + count] = source
 
+    def detector_group(instrument: h5py.Group, measurement: h5py.Group) -> None:
+        det = instrument.create_group(detector)
+        det.attrs["NX_class"] = "NXdetector"
+        det.create_virtual_dataset("data", layout, fillvalue=0)
+        det["data"].attrs["interpretation"] = "image"
+        det["type"] = "lima"
+        measurement[detector] = h5py.SoftLink(f"/{scan}.1/instrument/{detector}/data")
+
+    return write_counter_scan(
+        dataset,
+        scan,
+        title=title,
+        counters=counters,
+        positioners=positioners,
+        duration_s=exposure_s * n_frames,
+        extra=detector_group,
+    )
+
+
+def write_counter_scan(
+    dataset: RawDataset,
+    scan: int,
+    *,
+    title: str,
+    counters: dict[str, np.ndarray],
+    positioners: dict[str, float],
+    duration_s: float,
+    extra: Callable[[h5py.Group, h5py.Group], None] | None = None,
+    instrument_metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write (or add) scan ``scan`` of a Bliss dataset file: counters, positioners, sample.
+
+    ``extra(instrument, measurement)`` adds more (a detector); ``end_time`` is
+    written last, as Bliss does, to mark the scan complete.
+    """
     start = datetime.now(UTC).astimezone()
     with h5py.File(dataset.raw_file, "a") as h5:
         h5.attrs["NX_class"] = "NXroot"
@@ -99,14 +134,10 @@ def write_bliss_scan(
         entry["start_time"] = start.isoformat()
         instrument = entry.create_group("instrument")
         instrument.attrs["NX_class"] = "NXinstrument"
-        det = instrument.create_group(detector)
-        det.attrs["NX_class"] = "NXdetector"
-        det.create_virtual_dataset("data", layout, fillvalue=0)
-        det["data"].attrs["interpretation"] = "image"
-        det["type"] = "lima"
         measurement = entry.create_group("measurement")
         measurement.attrs["NX_class"] = "NXcollection"
-        measurement[detector] = h5py.SoftLink(f"/{scan}.1/instrument/{detector}/data")
+        if extra is not None:
+            extra(instrument, measurement)
         for name, values in counters.items():
             counter = instrument.create_group(name)
             counter.attrs["NX_class"] = "NXdetector"
@@ -116,10 +147,15 @@ def write_bliss_scan(
         motors.attrs["NX_class"] = "NXcollection"
         for name, value in positioners.items():
             motors[name] = value
+        if instrument_metadata:
+            group = instrument.create_group("xas")
+            group.attrs["NX_class"] = "NXcollection"
+            for name, value in instrument_metadata.items():
+                group[name] = value
         sample = entry.create_group("sample")
         sample.attrs["NX_class"] = "NXsample"
         sample["name"] = dataset.sample_name or dataset.collection
-        end = start + timedelta(seconds=exposure_s * n_frames)
+        end = start + timedelta(seconds=duration_s)
         entry["end_time"] = end.isoformat()  # written last: marks the scan complete
     return dataset.raw_file
 

@@ -1,0 +1,67 @@
+"""The technique flows the CLI (and later deployments) can run, found by name.
+
+Imports are lazy: naming a technique must not import Prefect, pyFAI or scipy,
+so ``calypso --help`` and bad-input errors stay fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Any
+
+from pydantic import BaseModel
+
+
+@dataclass(frozen=True)
+class Technique:
+    """Where a technique's parameter model, planning and flow live."""
+
+    name: str
+    unit: str  # what its progress counts: frames, spectra ...
+    parameters_at: str  # "module:ClassName"
+    plan_at: str  # "module:function(input, parameters, scans, output, settings, workers)"
+    count_attribute: str  # the plan's attribute holding the number of units
+    flow_at: str  # "module:flow"
+
+    @property
+    def task_module(self) -> str:
+        return f"calypso.tasks.{self.name}"
+
+    def parameters(self) -> type[BaseModel]:
+        return _load(self.parameters_at)
+
+    def plan(self) -> Callable[..., Any]:
+        return _load(self.plan_at)
+
+    def flow(self) -> Any:
+        return _load(self.flow_at)
+
+
+def _load(location: str) -> Any:
+    module, name = location.split(":")
+    return getattr(import_module(module), name)
+
+
+TECHNIQUES: dict[str, Technique] = {
+    technique.name: technique
+    for technique in (
+        Technique(
+            name="diffraction",
+            unit="frames",
+            parameters_at="calypso.techniques.diffraction:DiffractionParameters",
+            plan_at="calypso.tasks.diffraction_plan:make_integration_plan",
+            count_attribute="n_frames",
+            flow_at="calypso.flows.diffraction:diffraction",
+        ),
+        Technique(
+            name="spectroscopy",
+            unit="spectra",
+            parameters_at="calypso.techniques.spectroscopy:SpectroscopyParameters",
+            plan_at="calypso.tasks.spectroscopy_plan:make_spectroscopy_plan",
+            count_attribute="n_spectra",
+            flow_at="calypso.flows.spectroscopy:spectroscopy",
+        ),
+    )
+}

@@ -1,0 +1,63 @@
+"""Quick-look figures: PNG files beside the results, and the same image in the Prefect UI."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_spectra(
+    path: Path,
+    curves: list[tuple[str, np.ndarray, np.ndarray]],
+    chi_curves: list[tuple[str, np.ndarray, np.ndarray]],
+    kweight: float,
+    title: str,
+) -> None:
+    """Normalised (flattened) mu(E) and k^w·chi(k), side by side, as a PNG."""
+    plt = _pyplot()
+    columns = 2 if chi_curves else 1
+    figure, axes = plt.subplots(1, columns, figsize=(5.5 * columns, 4), dpi=90, squeeze=False)
+    for label, energy, flat in curves:
+        axes[0, 0].plot(energy, flat, label=label, lw=1)
+    axes[0, 0].set_xlabel("energy (eV)")
+    axes[0, 0].set_ylabel("flattened normalised mu(E)")
+    if len(curves) <= 8:
+        axes[0, 0].legend(fontsize=7)
+    if chi_curves:
+        for label, k, chi in chi_curves:
+            axes[0, 1].plot(k, chi * k**kweight, label=label, lw=1)
+        axes[0, 1].set_xlabel("k (1/Å)")
+        axes[0, 1].set_ylabel(f"k^{kweight:g} chi(k) (1/Å^{kweight:g})")
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def publish_image(path: Path, description: str) -> None:
+    """Show a PNG in the run's Prefect artifacts (a markdown artifact with the image inline)."""
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        encoded = base64.b64encode(Path(path).read_bytes()).decode()
+        create_markdown_artifact(
+            markdown=f"### {description}\n\n![{path.name}](data:image/png;base64,{encoded})\n\n"
+            f"`{path}`",
+            description=description,
+        )
+    except Exception:  # no Prefect API to report to: the result itself is written
+        logger.debug("image artifact not created", exc_info=True)
