@@ -147,23 +147,30 @@ def reduce_spectra_batch(
 def merge_repeated_scans(
     plan: SpectroscopyPlan, results: list[BatchResult], work_dir: str
 ) -> BatchResult:
-    """Average the calibrated mu(E) of repeated scans and reduce the merged spectrum."""
+    """Merge the normalised spectra of repeated scans (weighted by 1/noise²) and reduce it.
+
+    Normalised spectra are merged, not mu(E): repeats whose edge step differs
+    (fluorescence from another spot, a changed gain) still merge correctly.
+    """
     began = time.perf_counter()
     labels = {source.label for source in plan.repeats}
-    energies, mus = [], []
+    energies, spectra, noise = [], [], []
     for result in sorted(results, key=lambda r: r.label):
         if result.label in labels:
             with h5py.File(result.part_file, "r") as part:
-                energies.append(part["energy"][()])
-                mus.append(part["mu"][0])
-    merged = xas.merge_spectra(energies, mus)
+                energy, norm = part["energy"][()], part["norm"][0]
+                energies.append(energy)
+                spectra.append(norm)
+                noise.append(xas.spectrum_noise(energy, norm, float(part["e0"][0])))
+    merged = xas.merge_spectra(energies, spectra, np.array(noise))
     reduction = xas.reduce_spectra(
-        merged.energy, merged.mu, plan.parameters, where=f"merge of {len(mus)} scans"
+        merged.energy, merged.values, plan.parameters, where=f"merge of {len(spectra)} scans"
     )
     part_file = Path(work_dir) / f"{MERGED}.h5"
     _write_part(part_file, reduction, None)
     with h5py.File(part_file, "a") as h5:
-        h5["mu_errors"] = merged.mu_error[None, :]
+        h5["mu_errors"] = merged.error[None, :]
+        h5["merge_weights"] = merged.weights
         h5.attrs["count"] = merged.count
     return BatchResult(
         label=MERGED,
@@ -346,7 +353,8 @@ def _copy_parts(process: h5py.Group, parts: list[BatchResult], n: int) -> dict:
                 fits[name][rows] = h5[name][()] if stacked else h5[name][0]
             if "mu_errors" in h5:
                 mu_errors = process["mu"].create_dataset("mu_errors", data=h5["mu_errors"][0])
-                mu_errors.attrs["meaning"] = "standard error of the mean of the merged scans"
+                mu_errors.attrs["meaning"] = "weighted standard error of the merged spectra"
+                process["fit"]["merge_weights"] = h5["merge_weights"][()]
             e0_values.append(h5["e0"][()])
             steps.append(h5["edge_step"][()])
     e0_all, step_all = np.concatenate(e0_values), np.concatenate(steps)

@@ -1,0 +1,173 @@
+"""XAS technique functions against xraylarch and xraydb, on the real spectra of the shared data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calypso.errors import RawDataError
+from calypso.tasks.spectra import absorption, read_text_spectrum
+from calypso.techniques import spectroscopy as xas
+
+larch_xafs = pytest.importorskip("larch.xafs", reason="xraylarch is the reference (test extra)")
+larch = pytest.importorskip("larch")
+xraydb = pytest.importorskip("xraydb")
+
+XDI_FILES = [
+    "co_metal_rt.xdi",
+    "cu_metal_10K.xdi",
+    "cu_metal_rt.xdi",
+    "fe2o3_rt.xdi",
+    "fe3c_rt.xdi",
+    "fe_metal_rt.xdi",
+    "fen_rt.xdi",
+    "feo_rt1.xdi",
+    "se_na2so4_rt.xdi",
+    "zn_znse_rt.xdi",
+]
+
+
+def load(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    table = read_text_spectrum(path)
+    data = absorption(table, xas.SpectroscopyParameters())
+    return np.asarray(data.energy), data.mu[0], table.metadata
+
+
+@pytest.fixture(params=XDI_FILES)
+def spectrum(request, test_data):
+    path = test_data / "xas" / request.param
+    return (request.param, *load(path))
+
+
+def larch_group(energy, mu, **pre_edge):
+    group = larch.Group(energy=energy, mu=mu)
+    larch_xafs.pre_edge(group, **pre_edge)
+    return group
+
+
+def test_e0_matches_larch_and_the_tabulated_edge(spectrum):
+    name, energy, mu, metadata = spectrum
+    e0 = float(xas.find_e0(energy, mu)[0])
+    reference = larch_group(energy, mu)
+    assert abs(e0 - reference.e0) <= 0.5, (name, e0, reference.e0)
+    # A sanity check of the energy scale: compounds sit up to ~15 eV above the
+    # tabulated (metal) edge, the chemical shift; metal foils within 3 eV (below).
+    tabulated = xraydb.xray_edge(metadata["Element.symbol"], metadata["Element.edge"]).energy
+    assert -3.0 <= e0 - tabulated <= 15.0, (name, e0, tabulated)
+
+
+def test_metal_foils_are_within_3_ev_of_the_table(test_data):
+    for name in ("co_metal_rt.xdi", "cu_metal_rt.xdi", "cu_metal_10K.xdi", "fe_metal_rt.xdi"):
+        energy, mu, metadata = load(test_data / "xas" / name)
+        tabulated = xraydb.xray_edge(metadata["Element.symbol"], metadata["Element.edge"]).energy
+        assert abs(xas.find_e0(energy, mu)[0] - tabulated) <= 3.0, name
+
+
+def test_default_edge_step_is_within_3_percent_of_larch_defaults(spectrum):
+    name, energy, mu, _ = spectrum
+    ours = xas.normalize(energy, mu, xas.SpectroscopyParameters())
+    reference = larch_group(energy, mu)
+    assert ours.edge_step[0] == pytest.approx(reference.edge_step, rel=0.03), name
+
+
+def test_same_parameters_give_larchs_normalisation_and_chi(spectrum):
+    name, energy, mu, _ = spectrum
+    defaults = larch_group(energy, mu)
+    details = defaults.pre_edge_details
+    same = {
+        "e0": float(defaults.e0),
+        "pre1": details.pre1,
+        "pre2": details.pre2,
+        "norm1": details.norm1,
+        "norm2": details.norm2,
+        "nnorm": int(details.nnorm),
+    }
+    parameters = xas.SpectroscopyParameters(**same, rbkg=1.0, bkg_kweight=1.0)
+    ours = xas.normalize(energy, mu, parameters)
+    reference = larch_group(energy, mu, **same)
+    assert ours.edge_step[0] == pytest.approx(reference.edge_step, rel=0.01), name
+    rms = np.sqrt(np.mean((ours.norm[0] - reference.norm) ** 2))
+    assert rms <= 0.01, (name, rms)
+
+    larch_xafs.autobk(reference, rbkg=1.0, kweight=1)
+    exafs = xas.autobk(energy, mu, ours, parameters)
+    window = (exafs.k >= 2) & (exafs.k <= 12)
+    k = exafs.k[window]
+    theirs = np.interp(k, reference.k, reference.chi)
+    correlation = np.corrcoef(exafs.chi[0][window] * k**2, theirs * k**2)[0, 1]
+    assert correlation >= 0.98, (name, correlation)
+
+
+def test_batches_give_the_same_result_as_single_spectra(test_data):
+    energy, mu, _ = load(test_data / "xas" / "fe_metal_rt.xdi")
+    rng = np.random.default_rng(3)
+    batch = mu * rng.uniform(0.5, 2.0, (6, 1)) + rng.normal(0, 1e-3, (6, mu.size))
+    parameters = xas.SpectroscopyParameters()
+    together = xas.reduce_spectra(energy, batch, parameters)
+    for row in range(batch.shape[0]):
+        alone = xas.reduce_spectra(energy, batch[row], parameters)
+        assert alone.normalization.e0[0] == pytest.approx(together.normalization.e0[row])
+        # Fit ranges follow the batch median E0, so they move by a fraction of an eV.
+        np.testing.assert_allclose(
+            alone.normalization.norm[0], together.normalization.norm[row], atol=1e-3
+        )
+        n = min(alone.exafs.k.size, together.exafs.k.size)
+        np.testing.assert_allclose(
+            alone.exafs.chi[0][:n], together.exafs.chi[row][:n], atol=0.02 * np.abs(batch).max()
+        )
+
+
+def test_calibration_recovers_a_known_monochromator_offset(test_data):
+    energy, mu, _ = load(test_data / "xas" / "fe_metal_rt.xdi")
+    measured = energy + 2.5  # a monochromator reading 2.5 eV high
+    foil_e0 = float(xas.find_e0(energy, mu)[0])
+    reduction = xas.reduce_spectra(
+        measured,
+        mu,
+        xas.SpectroscopyParameters(),
+        mu_reference=mu[None, :],
+        reference_e0=foil_e0,
+    )
+    assert reduction.shift[0] == pytest.approx(-2.5, abs=0.1)
+    assert reduction.normalization.e0[0] == pytest.approx(foil_e0, abs=0.1)
+
+
+def test_merging_five_repeats_lowers_the_noise(test_data):
+    """The five Fe XANES repeats (fluorescence): the merge is less noisy than every repeat."""
+    parameters = xas.SpectroscopyParameters(
+        mode="fluorescence", fluorescence=["Sum_Fe_Ka"], i0="I0", exafs=False
+    )
+    energies, spectra, noise = [], [], []
+    for path in sorted((test_data / "xas" / "fexafs").iterdir()):
+        data = absorption(read_text_spectrum(path), parameters)
+        reduced = xas.reduce_spectra(data.energy, data.mu, parameters, where=str(path))
+        e0 = float(reduced.normalization.e0[0])
+        energies.append(reduced.energy[0])
+        spectra.append(reduced.normalization.norm[0])
+        noise.append(xas.spectrum_noise(reduced.energy[0], spectra[-1], e0))
+    assert len(spectra) == 5
+    merged = xas.merge_spectra(energies, spectra, np.array(noise))
+    e0 = float(xas.find_e0(merged.energy, merged.values)[0])
+    merged_noise = xas.spectrum_noise(merged.energy, merged.values, e0)
+    assert merged_noise < min(noise), (merged_noise, noise)
+    # and an equal-weight merge of the same spectra is noisier than the weighted one
+    plain = xas.merge_spectra(energies, spectra)
+    assert merged_noise < xas.spectrum_noise(plain.energy, plain.values, e0)
+
+
+def test_bad_spectra_are_refused_with_the_reason(test_data):
+    energy, mu, _ = load(test_data / "xas" / "fe_metal_rt.xdi")
+    parameters = xas.SpectroscopyParameters()
+    backwards = energy.copy()
+    backwards[100], backwards[101] = backwards[101], backwards[100]
+    with pytest.raises(RawDataError, match="not strictly increasing"):
+        xas.reduce_spectra(backwards, mu, parameters, where="scan 7")
+    above = energy > 7200
+    with pytest.raises(RawDataError, match="does not cover the edge|too close to the edge"):
+        xas.reduce_spectra(energy[above], mu[above], parameters, where="scan 7")
+    broken = mu.copy()
+    broken[10] = np.nan
+    with pytest.raises(RawDataError, match="scan 7: mu.*not finite"):
+        xas.reduce_spectra(energy, broken, parameters, where="scan 7")
