@@ -27,6 +27,7 @@ test: install
 
 bench: install
 	$(BIN)/python tests/benchmarks/bench_diffraction.py --frames 500 --half
+	$(BIN)/python tests/benchmarks/bench_spectroscopy.py --spectra 10000 --half
 
 lint: install
 	$(BIN)/ruff check .

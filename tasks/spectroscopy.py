@@ -72,8 +72,13 @@ def plan_spectroscopy(
     return make_spectroscopy_plan(input_path, parameters, scans, output_dir, workers=workers)
 
 
-def _write_part(path: Path, reduction: xas.Reduction, axis: np.ndarray | None) -> None:
-    """Store a reduced batch; with ``axis``, spectra are put on that common energy grid."""
+def _write_part(path: Path, reduction: xas.Reduction, measured: np.ndarray, stacked: bool) -> None:
+    """Store a reduced batch.
+
+    A single spectrum keeps its calibrated energies. Many spectra (a map) share
+    one axis, the measured energies of their source, and each spectrum's
+    calibration is its ``energy_shift``: no interpolation, so nothing is smoothed.
+    """
     norm = reduction.normalization
     arrays = {
         "mu": reduction.mu,
@@ -84,20 +89,19 @@ def _write_part(path: Path, reduction: xas.Reduction, axis: np.ndarray | None) -
     }
     if reduction.exafs is not None:
         arrays["background"] = reduction.exafs.background
+    measured = np.broadcast_to(measured, reduction.mu.shape)
+    axis = measured[0] if stacked else reduction.energy[0]
     with h5py.File(path, "w") as h5:
-        if axis is None:
-            h5["energy"] = reduction.energy[0]
-            for name, values in arrays.items():
-                h5[name] = values
-        else:
-            h5["energy"] = axis
-            for name, values in arrays.items():
-                h5[name] = np.stack(
-                    [
-                        np.interp(axis, e, v, left=np.nan, right=np.nan)
-                        for e, v in zip(reduction.energy, values, strict=True)
-                    ]
-                )
+        h5["energy"] = axis
+        differs = [
+            row for row in range(measured.shape[0]) if not np.array_equal(measured[row], axis)
+        ]
+        for name, values in arrays.items():
+            if stacked and differs:  # rows measured on other grids go onto the first's
+                values = values.copy()
+                for row in differs:
+                    values[row] = np.interp(axis, measured[row], values[row])
+            h5[name] = values
         h5["e0"] = norm.e0
         h5["edge_step"] = norm.edge_step
         h5["energy_shift"] = reduction.shift
@@ -129,11 +133,8 @@ def reduce_spectra_batch(
     reduction = xas.reduce_spectra(
         data.energy, data.mu, parameters, data.mu_reference, reference_e0, where=where
     )
-    axis = None
-    if source.n_spectra > 1:  # many spectra share one axis: the measured energies of the first
-        axis = np.atleast_2d(data.energy)[0]
     part = Path(work_dir) / f"{source.label}-{batch.start:09d}.h5"
-    _write_part(part, reduction, axis)
+    _write_part(part, reduction, data.energy, stacked=source.n_spectra > 1)
     return BatchResult(
         label=source.label,
         start=batch.start,
@@ -167,7 +168,7 @@ def merge_repeated_scans(
         merged.energy, merged.values, plan.parameters, where=f"merge of {len(spectra)} scans"
     )
     part_file = Path(work_dir) / f"{MERGED}.h5"
-    _write_part(part_file, reduction, None)
+    _write_part(part_file, reduction, reduction.energy, stacked=False)
     with h5py.File(part_file, "a") as h5:
         h5["mu_errors"] = merged.error[None, :]
         h5["merge_weights"] = merged.weights
@@ -297,6 +298,8 @@ def _copy_parts(process: h5py.Group, parts: list[BatchResult], n: int) -> dict:
         if stacked:
             group["spectrum"] = np.arange(n)
         nexus.write_axis(group, axis, values, units)
+        if stacked and axis == "energy":
+            group[axis].attrs["long_name"] = "measured energy (eV); calibrated: + fit/energy_shift"
         dataset = group.create_dataset(signal, shape=(*lead, *shape), dtype=np.float64)
         dataset.attrs["interpretation"] = "spectrum"
         groups[name] = dataset

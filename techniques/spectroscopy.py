@@ -326,17 +326,30 @@ def edge_ranges(energy: np.ndarray, e0: float, parameters: SpectroscopyParameter
     return EdgeRanges(pre1=pre1, pre2=pre2, norm1=norm1, norm2=norm2, nnorm=nnorm)
 
 
+def _powers(x: np.ndarray, degree: int) -> np.ndarray:
+    """x**0 .. x**degree stacked on a last axis (by products: ``**`` is slow on big arrays)."""
+    powers = np.empty((*x.shape, degree + 1))
+    powers[..., 0] = 1.0
+    for j in range(1, degree + 1):
+        np.multiply(powers[..., j - 1], x, out=powers[..., j])
+    return powers
+
+
 def _masked_polyfit(x: np.ndarray, y: np.ndarray, mask: np.ndarray, degree: int) -> np.ndarray:
     """Least-squares polynomials (coefficients of x**0 .. x**degree) over ``mask``, row by row."""
-    powers = x[..., None] ** np.arange(degree + 1)  # (n, m, degree + 1)
-    weights = mask.astype(np.float64)
-    normal = np.einsum("nmi,nm,nmj->nij", powers, weights, powers)
-    rhs = np.einsum("nmi,nm,nm->ni", powers, weights, y)
+    powers = _powers(x, degree) * mask[..., None]  # (n, m, degree + 1), zero outside the mask
+    normal = np.einsum("nmi,nmj->nij", powers, powers)
+    rhs = np.einsum("nmi,nm->ni", powers, y)
     return np.linalg.solve(normal, rhs[..., None])[..., 0]
 
 
 def _polyval(coefficients: np.ndarray, x: np.ndarray) -> np.ndarray:
-    return np.einsum("ni,nmi->nm", coefficients, x[..., None] ** np.arange(coefficients.shape[1]))
+    """Row-wise polynomials (Horner), ``coefficients`` (n, degree + 1) at ``x`` (n, m)."""
+    values = np.broadcast_to(coefficients[:, -1:], x.shape).copy()
+    for j in range(coefficients.shape[1] - 2, -1, -1):
+        values *= x
+        values += coefficients[:, j : j + 1]
+    return values
 
 
 @dataclass(frozen=True)

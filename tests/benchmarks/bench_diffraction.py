@@ -24,17 +24,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from statistics import median
 
-import psutil
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
-
-from conftest import free_port, wait_for_http  # noqa: E402
+from harness import PeakMemory, isolated_environment, prefect_server
 
 
 def parameters(sample) -> list[str]:
@@ -43,27 +39,6 @@ def parameters(sample) -> list[str]:
         "--set", f"mask={sample.calibration['mask']}",
         "--set", "monitor=mon", "--set", "monitor_reference=1e5",
     ]  # fmt: skip
-
-
-class PeakMemory(threading.Thread):
-    """Largest summed RSS of a process and its children, sampled every 0.1 s."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.peak, self.running = pid, 0, True
-
-    def run(self) -> None:
-        try:
-            root = psutil.Process(self.pid)
-        except psutil.NoSuchProcess:
-            return
-        while self.running:
-            try:
-                procs = [root, *root.children(recursive=True)]
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
-            except psutil.Error:
-                pass
-            time.sleep(0.1)
 
 
 def time_command(raw_dir: Path, sample, workers: int, env: dict[str, str], output: Path):
@@ -147,17 +122,8 @@ def main() -> None:
     sample = write_diffraction_sample(data_root, frames=args.frames, frames_per_file=100)
     print(f"sample data: {args.frames} Pilatus 1M frames in {time.perf_counter() - began:.0f} s")
 
-    env = dict(os.environ)
-    env.update(CALYPSO_HOME=str(work / "calypso"), PREFECT_HOME=str(work / "prefect"))
-    env.pop("PREFECT_API_URL", None)
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "calypso.flows.cli", "server", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/api/health", 120, server)
-        served = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    env = isolated_environment(work)
+    with prefect_server(env) as served:
         command_fps, flow_fps, bare_fps, busy, peak = [], [], [], [], 0
         for repeat in range(args.repeat):  # interleaved, so both sides share the noise
             wall, summary, peak_run = time_command(
@@ -208,9 +174,6 @@ def main() -> None:
             )
             print(f"calypso run (ephemeral Prefect server): {args.frames / wall:7.1f} frames/s "
                   f"({wall:.1f} s); ratio / bare {args.frames / wall / bare:.2f}")  # fmt: skip
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 if __name__ == "__main__":

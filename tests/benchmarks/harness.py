@@ -1,0 +1,64 @@
+"""What every benchmark needs: a real Prefect server and the peak memory of a command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+
+from conftest import free_port, wait_for_http  # noqa: E402
+
+
+class PeakMemory(threading.Thread):
+    """Largest summed RSS of a process and its children, sampled every 0.1 s."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.running = pid, 0, True
+
+    def run(self) -> None:
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while self.running:
+            try:
+                procs = [root, *root.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+            except psutil.Error:
+                pass
+            time.sleep(0.1)
+
+
+def isolated_environment(work: Path) -> dict[str, str]:
+    """This process's environment with a private Calypso and Prefect home under ``work``."""
+    env = dict(os.environ)
+    env.update(CALYPSO_HOME=str(work / "calypso"), PREFECT_HOME=str(work / "prefect"))
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+@contextmanager
+def prefect_server(env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Start `calypso server` on a free port; yield ``env`` pointing PREFECT_API_URL at it."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "calypso.flows.cli", "server", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/api/health", 120, server)
+        yield {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

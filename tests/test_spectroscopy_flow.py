@@ -1,0 +1,261 @@
+"""The spectroscopy flow end to end: Prefect server, local Dask cluster, NeXus, XDI, catalogue."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from calypso.flows.cli import main, run_technique
+from calypso.registry import SQLiteCatalogue
+from calypso.settings import load_settings
+from calypso.tasks.sample_spectroscopy import (
+    FE_K_EDGE_EV,
+    write_spectroscopy_map_sample,
+    write_spectroscopy_sample,
+)
+from calypso.techniques.spectroscopy import SpectroscopyParameters
+
+pytestmark = pytest.mark.slow
+
+
+def run_flow(input_path, parameters, workers, output=None):
+    settings = load_settings(executor={"kind": "local", "n_workers": workers})
+    return run_technique("spectroscopy", str(input_path), parameters, None, output, settings)
+
+
+def nexus_file(summary) -> Path:
+    return Path(summary["outputs"][0].split("::")[0])
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+    path = tmp_path_factory.mktemp("catalogue") / "catalogue.sqlite"
+    os.environ["CALYPSO_CATALOGUE__PATH"] = str(path)
+    yield path
+    del os.environ["CALYPSO_CATALOGUE__PATH"]
+
+
+@pytest.fixture(scope="module")
+def repeats(tmp_path_factory, catalogue, test_data):
+    """Three Fe foil scans (from the real Fe spectrum) with a miscalibrated monochromator."""
+    dataset = write_spectroscopy_sample(tmp_path_factory.mktemp("visitor"), repeats=3, seed=2)
+    summary = run_flow(dataset.raw_dataset_dir, SpectroscopyParameters(), workers=2)
+    return dataset, summary
+
+
+@pytest.fixture(scope="module")
+def mapping(tmp_path_factory, catalogue, test_data):
+    """A mapping scan of 600 spectra reduced twice: 1 worker in batches of 70, 2 workers."""
+    dataset = write_spectroscopy_map_sample(tmp_path_factory.mktemp("visitor"), 600, seed=4)
+    small = run_flow(
+        dataset.raw_dataset_dir,
+        SpectroscopyParameters(batch_size=70),
+        workers=1,
+        output=str(tmp_path_factory.mktemp("small_batches")),
+    )
+    default = run_flow(dataset.raw_dataset_dir, SpectroscopyParameters(), workers=2)
+    return dataset, small, default
+
+
+def test_repeats_are_calibrated_merged_and_written(repeats):
+    dataset, summary = repeats
+    assert summary["count"] == 3 and summary["merged"]
+    assert summary["calibration"] == {"element": "Fe", "edge": "K", "reference_e0": FE_K_EDGE_EV}
+    output = nexus_file(summary)
+    assert output.parent == (
+        dataset.session_dir / "PROCESSED_DATA" / "Fe_foil" / "Fe_foil_0001" / "spectroscopy"
+    )
+    with h5py.File(output, "r") as h5:
+        assert h5.attrs["default"] == "merged"
+        for entry in ("1.1", "2.1", "3.1", "merged"):
+            process = h5[entry]["xas"]
+            assert process.attrs["NX_class"] == "NXprocess"
+            # The foil and the sample are the same Fe metal: after calibration the
+            # sample's edge sits on the tabulated Fe K edge, whatever the mono said.
+            assert process["fit/e0"][()] == pytest.approx(FE_K_EDGE_EV, abs=0.3)
+            for name, signal, axis, units in (
+                ("mu", "mu", "energy", "eV"),
+                ("normalized", "norm", "energy", "eV"),
+                ("flattened", "flat", "energy", "eV"),
+                ("chi", "chi", "k", "1/angstrom"),
+                ("chir", "chir_magnitude", "r", "angstrom"),
+            ):
+                group = process[name]
+                assert group.attrs["NX_class"] == "NXdata"
+                assert group.attrs["signal"] == signal and list(group.attrs["axes"]) == [axis]
+                assert group[axis].attrs["units"] == units
+                assert np.isfinite(group[signal][()]).mean() > 0.95
+        for entry in ("1.1", "2.1", "3.1"):
+            # the real foil's edge is ~1 eV below the table; the mono read 2.5 eV high
+            assert h5[entry]["xas/fit/energy_shift"][()] == pytest.approx(-1.5, abs=0.5)
+            assert h5[entry]["instrument"].file.filename  # external link to the raw scan resolves
+        merged = h5["merged/xas"]
+        assert merged["mu/mu_errors"].shape == merged["mu/mu"].shape
+        assert merged["fit/merge_weights"][()].sum() == pytest.approx(1.0)
+        # |chi(R)| of Fe metal (bcc): the first shell peak at 2.0-2.3 Å (not phase-corrected)
+        r, chir = merged["chir/r"][()], merged["chir/chir_magnitude"][()]
+        assert 1.7 < r[np.argmax(chir)] < 2.5
+        configuration = merged["configuration/data"][()].decode()
+        assert '"rbkg": 1.0' in configuration
+
+
+def test_xdi_files_read_back_in_larch(repeats):
+    larch_io = pytest.importorskip("larch.io")
+    _, summary = repeats
+    folder = nexus_file(summary).parent
+    files = sorted(folder.glob("*.xdi"))
+    assert [f.name for f in files] == [
+        "Fe_foil_0001_1_1.xdi",
+        "Fe_foil_0001_2_1.xdi",
+        "Fe_foil_0001_3_1.xdi",
+        "Fe_foil_0001_merged.xdi",
+    ]
+    group = larch_io.read_xdi(str(files[-1]))
+    assert group.array_labels[:4] == ["energy", "mu", "norm", "flat"]
+    assert group.attrs["element"]["symbol"] == "Fe"
+    from larch.xafs import pre_edge
+
+    pre_edge(group)
+    assert group.e0 == pytest.approx(FE_K_EDGE_EV, abs=0.5)
+    png = folder / "Fe_foil_0001.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_do_not_depend_on_batches_or_workers(mapping):
+    _, small, default = mapping
+    assert small["tasks"] == 9 and default["count"] == 600
+    with h5py.File(nexus_file(small), "r") as a, h5py.File(nexus_file(default), "r") as b:
+        for path in ("1.1/xas/normalized/norm", "1.1/xas/fit/e0", "1.1/xas/fit/edge_step"):
+            np.testing.assert_allclose(a[path][()], b[path][()], atol=2e-3, err_msg=path)
+        chi_a, chi_b = a["1.1/xas/chi/chi"][()], b["1.1/xas/chi/chi"][()]
+        n = min(chi_a.shape[1], chi_b.shape[1])
+        k = a["1.1/xas/chi/k"][:n]
+        inside = (k > 2) & (k < 12)
+        for row in range(0, 600, 97):
+            correlation = np.corrcoef(chi_a[row, :n][inside], chi_b[row, :n][inside])[0, 1]
+            assert correlation > 0.99, row
+        assert a["1.1/xas/normalized/norm"].shape == (600, a["1.1/xas/normalized/energy"].size)
+
+
+def test_the_map_shows_the_mixture(mapping):
+    """Each map point mixes Fe metal and Fe2O3: E0 moves between the two compounds' edges."""
+    _, _, default = mapping
+    with h5py.File(nexus_file(default), "r") as h5:
+        e0 = h5["1.1/xas/fit/e0"][()]
+    assert e0.shape == (600,)
+    assert np.percentile(e0, 5) < 7115 and np.percentile(e0, 95) > 7115
+    assert np.all((e0 > 7105) & (e0 < 7135))
+
+
+def test_runs_are_in_the_catalogue(repeats, catalogue):
+    _, summary = repeats
+    record = SQLiteCatalogue(catalogue).get(summary["catalogue_id"])
+    assert record.technique == "spectroscopy" and record.status == "completed"
+    assert record.frames == 3 and record.outputs == summary["outputs"]
+
+
+def test_real_repeats_from_text_files_merge(test_data, tmp_path, capsys, catalogue):
+    """The five real Fe XANES repeats (fluorescence, XDI-style text) through the CLI."""
+    code = main(
+        [
+            "run",
+            "spectroscopy",
+            str(test_data / "xas" / "fexafs"),
+            "--set",
+            "mode=fluorescence",
+            "--set",
+            'fluorescence=["Sum_Fe_Ka"]',
+            "--set",
+            "i0=I0",
+            "--set",
+            "exafs=false",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "5 spectra" in out
+    with h5py.File(tmp_path / "out" / "fexafs.h5", "r") as h5:
+        assert set(h5) == {
+            "fexanes_a",
+            "fexanes_b",
+            "fexanes_c",
+            "fexanes_d",
+            "fexanes_e",
+            "merged",
+        }
+        assert "chi" not in h5["merged/xas"]
+        assert 7110 < h5["merged/xas/fit/e0"][()] < 7125
+
+
+def write_bad(folder: Path, name: str, header: str, rows: np.ndarray) -> Path:
+    path = folder / name
+    np.savetxt(path, rows, header=header, fmt="%.6f")
+    return path
+
+
+@pytest.fixture
+def fe_columns(test_data):
+    from calypso.tasks.spectra import read_text_spectrum
+
+    table = read_text_spectrum(test_data / "xas" / "fe_metal_rt.xdi")
+    energy, mu = table.columns["energy"], table.columns["mutrans"]
+    i0 = np.full(energy.size, 1e6)
+    return energy, i0, i0 * np.exp(-mu)
+
+
+def test_bad_input_is_refused_naming_the_file(fe_columns, tmp_path, capsys, catalogue):
+    energy, i0, it = fe_columns
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    cases = {
+        "no energy column": (
+            write_bad(bad, "a.dat", "time i0 it", np.column_stack([energy, i0, it])),
+            "no energy column",
+        ),
+        "non-monotonic energy": (
+            write_bad(bad, "b.dat", "energy i0 it", np.column_stack([energy[::-1], i0, it[::-1]])),
+            "not strictly increasing",
+        ),
+        "edge not covered": (
+            write_bad(
+                bad,
+                "c.dat",
+                "energy i0 it",
+                np.column_stack([energy, i0, it])[energy > 7200],
+            ),
+            "does not cover the edge",
+        ),
+        "all-zero I0": (
+            write_bad(bad, "d.dat", "energy i0 it", np.column_stack([energy, 0 * i0, it])),
+            "I0 (i0) is zero everywhere",
+        ),
+    }
+    for case, (path, message) in cases.items():
+        out_dir = tmp_path / f"out-{path.stem}"
+        code = main(["run", "spectroscopy", str(path), "--output", str(out_dir)])
+        _, err = capsys.readouterr()
+        assert code == 3, (case, err)
+        assert str(path) in err and message in err, (case, err)
+        assert not out_dir.exists() or not any(out_dir.iterdir()), case
+
+
+def test_a_bliss_scan_without_energy_is_refused(tmp_path, capsys, catalogue, test_data):
+    dataset = write_spectroscopy_sample(tmp_path, repeats=1)
+    raw = dataset.raw_file
+    before = raw.read_bytes()
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset.raw_dataset_dir, copy / dataset.raw_dataset_dir.relative_to(tmp_path))
+    target = copy / dataset.raw_file.relative_to(tmp_path)
+    with h5py.File(target, "a") as h5:
+        del h5["1.1/measurement/energy"]
+    code = main(["run", "spectroscopy", str(target.parent)])
+    _, err = capsys.readouterr()
+    assert code == 3 and "no scan has an energy counter" in err and str(target) in err
+    assert raw.read_bytes() == before
