@@ -11,7 +11,6 @@ from prefect.runtime import flow_run
 
 from calypso.executors import local_worker_count
 from calypso.flows.progress import RunProgress
-from calypso.registry import ProcessedDataset
 from calypso.settings import load_settings
 from calypso.tasks.catalogue import processed_record, register_processed_dataset
 from calypso.tasks.diffraction import (
@@ -53,14 +52,32 @@ def diffraction(
         outputs = write_integrated_nexus(plan, chunks, {"flow_run_id": run_id, "input": raw})
     except Exception as exc:
         register_processed_dataset(
-            catalogue_record(plan, run_id, started, clock, [], status="failed", message=str(exc))
+            processed_record(
+                TECHNIQUE,
+                plan,
+                plan.n_frames,
+                run_id=run_id,
+                started=started,
+                clock=clock,
+                outputs=[],
+                status="failed",
+                message=str(exc),
+            )
         )
         raise
     finally:
         remove_work_dir(work_dir)
     finished = time.perf_counter()
     registration = register_processed_dataset(
-        catalogue_record(plan, run_id, started, clock, outputs)
+        processed_record(
+            TECHNIQUE,
+            plan,
+            plan.n_frames,
+            run_id=run_id,
+            started=started,
+            clock=clock,
+            outputs=outputs,
+        )
     )
     return {
         "technique": TECHNIQUE,
@@ -100,28 +117,3 @@ def integrate_all_chunks(plan: IntegrationPlan, work_dir: str) -> list[ChunkResu
         results.append(result)
         progress.advance(result.stop - result.start)
     return results
-
-
-def catalogue_record(
-    plan: IntegrationPlan,
-    run_id: str,
-    started: str,
-    clock: float,
-    outputs: list[str],
-    status: str = "completed",
-    message: str | None = None,
-) -> ProcessedDataset:
-    return processed_record(
-        TECHNIQUE,
-        input_path=plan.input,
-        raw=plan.raw,
-        output_dir=plan.output_dir,
-        parameters=plan.parameters,
-        run_id=run_id,
-        started=started,
-        clock=clock,
-        count=plan.n_frames,
-        outputs=outputs,
-        status=status,
-        message=message,
-    )

@@ -11,7 +11,6 @@ from prefect.runtime import flow_run
 
 from calypso.executors import local_worker_count
 from calypso.flows.progress import RunProgress
-from calypso.registry import ProcessedDataset
 from calypso.settings import load_settings
 from calypso.tasks.catalogue import processed_record, register_processed_dataset
 from calypso.tasks.nexus import new_work_dir, now_iso, remove_work_dir
@@ -56,14 +55,32 @@ def spectroscopy(
         written = write_spectroscopy_nexus(plan, batches, {"flow_run_id": run_id, "input": raw})
     except Exception as exc:
         register_processed_dataset(
-            catalogue_record(plan, run_id, started, clock, [], status="failed", message=str(exc))
+            processed_record(
+                TECHNIQUE,
+                plan,
+                plan.n_spectra,
+                run_id=run_id,
+                started=started,
+                clock=clock,
+                outputs=[],
+                status="failed",
+                message=str(exc),
+            )
         )
         raise
     finally:
         remove_work_dir(work_dir)
     finished = time.perf_counter()
     registration = register_processed_dataset(
-        catalogue_record(plan, run_id, started, clock, written["outputs"])
+        processed_record(
+            TECHNIQUE,
+            plan,
+            plan.n_spectra,
+            run_id=run_id,
+            started=started,
+            clock=clock,
+            outputs=written["outputs"],
+        )
     )
     return {
         "technique": TECHNIQUE,
@@ -104,28 +121,3 @@ def reduce_all_batches(plan: SpectroscopyPlan, work_dir: str) -> list[BatchResul
         results.append(result)
         progress.advance(result.stop - result.start)
     return results
-
-
-def catalogue_record(
-    plan: SpectroscopyPlan,
-    run_id: str,
-    started: str,
-    clock: float,
-    outputs: list[str],
-    status: str = "completed",
-    message: str | None = None,
-) -> ProcessedDataset:
-    return processed_record(
-        TECHNIQUE,
-        input_path=plan.input,
-        raw=plan.raw,
-        output_dir=plan.output_dir,
-        parameters=plan.parameters,
-        run_id=run_id,
-        started=started,
-        clock=clock,
-        count=plan.n_spectra,
-        outputs=outputs,
-        status=status,
-        message=message,
-    )

@@ -34,30 +34,29 @@ def register_processed_dataset(record: ProcessedDataset) -> Registration:
 
 def processed_record(
     technique: str,
+    plan: Any,
+    count: int,
     *,
-    input_path: str,
-    raw: RawDataset | None,
-    output_dir: str,
-    parameters: BaseModel,
     run_id: str,
     started: str,
     clock: float,
-    count: int,
     outputs: list[str],
     status: Any = "completed",
     message: str | None = None,
 ) -> ProcessedDataset:
-    """The catalogue record of a run; ``clock`` is the run's ``time.perf_counter()`` start."""
+    """The catalogue record of a run of ``plan`` (any technique's plan: ``input``, ``raw``,
+    ``output_dir``, ``parameters``); ``clock`` is the run's ``time.perf_counter()`` start."""
+    raw: RawDataset | None = plan.raw
     return ProcessedDataset(
         technique=technique,
-        raw_dataset=str(raw.raw_dataset_dir) if raw else str(Path(input_path).absolute()),
-        processed_path=output_dir,
+        raw_dataset=str(raw.raw_dataset_dir) if raw else str(Path(plan.input).absolute()),
+        processed_path=plan.output_dir,
         outputs=outputs,
         proposal=raw.proposal if raw else None,
         beamline=raw.beamline if raw else None,
         sample_name=raw.sample_name if raw else None,
         flow_run_id=run_id,
-        parameters=parameters.model_dump(mode="json"),
+        parameters=plan.parameters.model_dump(mode="json"),
         software=software_versions(),
         status=status,
         message=message,

@@ -18,10 +18,8 @@ The machine is shared and noisy: compare the ratio printed, not absolute times.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +28,8 @@ from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import PeakMemory, isolated_environment, prefect_server
+from harness import isolated_environment, prefect_server
+from harness import time_command as run_command
 
 
 def parameters(sample) -> list[str]:
@@ -46,16 +45,7 @@ def time_command(raw_dir: Path, sample, workers: int, env: dict[str, str], outpu
         sys.executable, "-m", "calypso.flows.cli", "run", "diffraction", str(raw_dir),
         *parameters(sample), "--workers", str(workers), "--output", str(output), "--json",
     ]  # fmt: skip
-    began = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    memory = PeakMemory(process.pid)
-    memory.start()
-    out, err = process.communicate()
-    wall = time.perf_counter() - began
-    memory.running = False
-    if process.returncode:
-        raise SystemExit(f"calypso run failed ({process.returncode}):\n{err.decode()}")
-    return wall, json.loads(out), memory.peak
+    return run_command(command, env)
 
 
 def _bare_worker(args) -> tuple[float, int]:

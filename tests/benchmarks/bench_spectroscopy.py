@@ -18,9 +18,7 @@ The machine is shared and noisy: compare the ratios printed, not absolute times.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +27,8 @@ from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import PeakMemory, isolated_environment, prefect_server
+from harness import isolated_environment, prefect_server
+from harness import time_command as run_command
 
 
 def time_command(raw_dir: Path, workers: int, env: dict[str, str], output: Path):
@@ -37,16 +36,7 @@ def time_command(raw_dir: Path, workers: int, env: dict[str, str], output: Path)
         sys.executable, "-m", "calypso.flows.cli", "run", "spectroscopy", str(raw_dir),
         "--workers", str(workers), "--output", str(output), "--json",
     ]  # fmt: skip
-    began = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    memory = PeakMemory(process.pid)
-    memory.start()
-    out, err = process.communicate()
-    wall = time.perf_counter() - began
-    memory.running = False
-    if process.returncode:
-        raise SystemExit(f"calypso run failed ({process.returncode}):\n{err.decode()}")
-    return wall, json.loads(out), memory.peak
+    return run_command(command, env)
 
 
 def time_plain_loop(raw_dir: Path, batch_size: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -62,3 +63,17 @@ def prefect_server(env: dict[str, str]) -> Iterator[dict[str, str]]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def time_command(command: list[str], env: dict[str, str]) -> tuple[float, dict, int]:
+    """Run a `calypso ... --json` command: its wall time, JSON summary and peak RSS (bytes)."""
+    began = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    memory = PeakMemory(process.pid)
+    memory.start()
+    out, err = process.communicate()
+    wall = time.perf_counter() - began
+    memory.running = False
+    if process.returncode:
+        raise SystemExit(f"{' '.join(command[2:5])} failed ({process.returncode}):\n{err.decode()}")
+    return wall, json.loads(out), memory.peak
