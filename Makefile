@@ -28,6 +28,7 @@ test: install
 bench: install
 	$(BIN)/python tests/benchmarks/bench_diffraction.py --frames 500 --half
 	$(BIN)/python tests/benchmarks/bench_spectroscopy.py --spectra 10000 --half
+	$(BIN)/python tests/benchmarks/bench_tomography.py --rows 64 --columns 1024 --projections 900
 
 lint: install
 	$(BIN)/ruff check .

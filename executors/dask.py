@@ -45,6 +45,7 @@ def worker_environment(threads_per_worker: int) -> dict[str, int]:
         "MKL_NUM_THREADS": threads,
         "OPENBLAS_NUM_THREADS": threads,
         "NUMEXPR_NUM_THREADS": threads,
+        "NUMBA_NUM_THREADS": threads,
         "MALLOC_MMAP_THRESHOLD_": 1 << 30,
         "MALLOC_TRIM_THRESHOLD_": 1 << 30,
     }

@@ -100,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="spectroscopy: write a mapping scan of N spectra instead of repeated scans",
     )
+    sample.add_argument(
+        "--size",
+        type=int,
+        nargs=3,
+        metavar=("ROWS", "COLUMNS", "PROJECTIONS"),
+        default=(32, 192, 360),
+        help="tomography: detector rows and columns, and projections over 180 degrees",
+    )
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(handler=command_sample_data)
 
@@ -324,6 +332,8 @@ def print_summary(summary: dict[str, Any]) -> None:
 def command_sample_data(args: argparse.Namespace) -> int:
     if args.technique == "spectroscopy":
         return _sample_spectroscopy(args)
+    if args.technique == "tomography":
+        return _sample_tomography(args)
     from calypso.tasks.sample_data import write_diffraction_sample
 
     if args.frames < 1:
@@ -357,6 +367,27 @@ def _sample_spectroscopy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample_tomography(args: argparse.Namespace) -> int:
+    from calypso.tasks.sample_tomography import write_tomography_sample
+
+    rows, columns, projections = args.size
+    if rows < 1 or columns < 32 or projections < 10:
+        raise ParameterError("--size: at least 1 row, 32 columns and 10 projections")
+    sample = write_tomography_sample(
+        Path(args.directory), rows=rows, columns=columns, projections=projections, seed=args.seed
+    )
+    print(f"raw dataset: {sample.raw_dataset_dir}")
+    print(
+        f"ground truth: {sample.ground_truth} (true centre of rotation "
+        f"{sample.geometry.center_of_rotation:.2f} px)"
+    )
+    print(
+        f"reduce it with:\n  calypso run tomography {sample.raw_dataset_dir}\n"
+        f"or look first:\n  calypso run tomography {sample.raw_dataset_dir} --set mode=preview"
+    )
+    return 0
+
+
 def _diffraction_demo_settings(sample) -> list[str]:
     return [
         f"--set poni={sample.calibration['poni']}",
@@ -367,9 +398,20 @@ def _diffraction_demo_settings(sample) -> list[str]:
     ]
 
 
+def _reduce(
+    technique: str, raw_dir: Path, settings: CalypsoSettings, assignments: list[str] | None = None
+) -> dict[str, Any]:
+    """Run a technique's flow with default parameters (plus ``assignments``) and print it."""
+    parameters = build_parameters(technique, assignments or [], None)
+    summary = run_technique(technique, str(raw_dir), parameters, None, None, settings)
+    print_summary(summary)
+    return summary
+
+
 def command_demo(args: argparse.Namespace) -> int:
     from calypso.tasks.sample_data import write_diffraction_sample
     from calypso.tasks.sample_spectroscopy import write_spectroscopy_sample
+    from calypso.tasks.sample_tomography import write_tomography_sample
 
     root = Path(args.directory).absolute()
     settings = load_settings()
@@ -382,24 +424,26 @@ def command_demo(args: argparse.Namespace) -> int:
     sample = write_diffraction_sample(root, frames=args.frames)
     print(f"raw dataset: {sample.raw_dataset_dir}")
     settings_text = [s.split(" ", 1)[1] for s in _diffraction_demo_settings(sample)]
-    parameters = build_parameters("diffraction", settings_text, None)
     print("Reducing it with the diffraction flow on a local Dask cluster under Prefect ...")
-    summary = run_technique(
-        "diffraction", str(sample.raw_dataset_dir), parameters, None, None, settings
-    )
-    print_summary(summary)
+    summary = _reduce("diffraction", sample.raw_dataset_dir, settings, settings_text)
     print("Look at the result with: silx view " + summary["outputs"][0].split("::")[0])
 
     print("\nWriting 3 XAS scans of an Fe foil (transmission, reference foil channel) ...")
     xas_dataset = write_spectroscopy_sample(root, repeats=3)
     print(f"raw dataset: {xas_dataset.raw_dataset_dir}")
     print("Reducing them with the spectroscopy flow (calibrate, merge, normalise, EXAFS) ...")
-    parameters = build_parameters("spectroscopy", [], None)
-    summary = run_technique(
-        "spectroscopy", str(xas_dataset.raw_dataset_dir), parameters, None, None, settings
-    )
-    print_summary(summary)
+    summary = _reduce("spectroscopy", xas_dataset.raw_dataset_dir, settings)
     print(f"Quick look: {summary['png']}")
+
+    print("\nWriting a tomography scan of a 3D phantom (darks, flats, 360 projections) ...")
+    tomo_sample = write_tomography_sample(root)
+    print(f"raw dataset: {tomo_sample.raw_dataset_dir}")
+    print("Reconstructing it with the tomography flow (flat field, rings, axis, FBP) ...")
+    summary = _reduce("tomography", tomo_sample.raw_dataset_dir, settings)
+    print(
+        f"centre of rotation {summary['center_of_rotation']:.2f} px "
+        f"(true {tomo_sample.geometry.center_of_rotation:.2f}); quick look: {summary['png']}"
+    )
     return 0
 
 

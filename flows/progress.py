@@ -9,11 +9,14 @@ its own, where the CLI's context variables are not set.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import PrefectFuture, as_completed
+
+Result = TypeVar("Result")
 
 Listener = Callable[[int, int], None]
 _listeners: list[Listener] = []
@@ -57,3 +60,19 @@ class RunProgress:
     def _notify(self) -> None:
         for listener in list(_listeners):
             listener(self.done, self.total)
+
+
+def collect(
+    futures: Iterable[PrefectFuture[Result]],
+    total: int,
+    description: str,
+    size: Callable[[Result], int],
+) -> list[Result]:
+    """Results of submitted tasks as they finish, reporting ``size(result)`` units each."""
+    progress = RunProgress(total, description)
+    results = []
+    for future in as_completed(list(futures)):
+        result = future.result()
+        results.append(result)
+        progress.advance(size(result))
+    return results

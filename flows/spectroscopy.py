@@ -6,14 +6,10 @@ import time
 from typing import Any
 
 from prefect import flow
-from prefect.futures import as_completed
-from prefect.runtime import flow_run
 
-from calypso.executors import local_worker_count
-from calypso.flows.progress import RunProgress
-from calypso.settings import load_settings
-from calypso.tasks.catalogue import processed_record, register_processed_dataset
-from calypso.tasks.nexus import new_work_dir, now_iso, remove_work_dir
+from calypso.flows.progress import collect
+from calypso.tasks.catalogue import FlowRun
+from calypso.tasks.nexus import new_work_dir, remove_work_dir
 from calypso.tasks.spectroscopy import (
     TECHNIQUE,
     BatchResult,
@@ -40,51 +36,26 @@ def spectroscopy(
     ``output_dir``) as NeXus, XDI and a PNG, and are registered in the catalogue.
     """
     parameters = parameters or SpectroscopyParameters()
-    settings = load_settings()
-    started, clock = now_iso(), time.perf_counter()
-    run_id = str(flow_run.get_id() or "")
-    plan = plan_spectroscopy(
-        raw, parameters, scans, output_dir, local_worker_count(settings.executor)
-    )
+    run = FlowRun(TECHNIQUE)
+    plan = plan_spectroscopy(raw, parameters, scans, output_dir, run.workers)
+    run.planned(plan, plan.n_spectra)
     work_dir = new_work_dir(plan.output_dir)
     try:
         batches = reduce_all_batches(plan, str(work_dir))
         if plan.merges:
             batches.append(merge_repeated_scans(plan, batches, str(work_dir)))
         reduced = time.perf_counter()
-        written = write_spectroscopy_nexus(plan, batches, {"flow_run_id": run_id, "input": raw})
+        written = write_spectroscopy_nexus(plan, batches, {"flow_run_id": run.run_id, "input": raw})
     except Exception as exc:
-        register_processed_dataset(
-            processed_record(
-                TECHNIQUE,
-                plan,
-                plan.n_spectra,
-                run_id=run_id,
-                started=started,
-                clock=clock,
-                outputs=[],
-                status="failed",
-                message=str(exc),
-            )
-        )
+        run.failed(exc)
         raise
     finally:
         remove_work_dir(work_dir)
     finished = time.perf_counter()
-    registration = register_processed_dataset(
-        processed_record(
-            TECHNIQUE,
-            plan,
-            plan.n_spectra,
-            run_id=run_id,
-            started=started,
-            clock=clock,
-            outputs=written["outputs"],
-        )
-    )
+    registration = run.completed(written["outputs"])
     return {
         "technique": TECHNIQUE,
-        "flow_run_id": run_id,
+        "flow_run_id": run.run_id,
         "input": raw,
         "outputs": written["outputs"],
         "png": written["png"],
@@ -98,26 +69,22 @@ def spectroscopy(
         "catalogue_id": registration.catalogue_id,
         "warnings": [registration.warning] if registration.warning else [],
         "timings_s": {
-            "total": round(finished - clock, 3),
-            "reduce": round(reduced - clock, 3),
+            "total": round(finished - run.clock, 3),
+            "reduce": round(reduced - run.clock, 3),
             "write": round(finished - reduced, 3),
             "busy_in_tasks": round(sum(b.seconds for b in batches), 3),
         },
-        "per_s": round(plan.n_spectra / max(finished - clock, 1e-9), 2),
+        "per_s": round(plan.n_spectra / max(finished - run.clock, 1e-9), 2),
     }
 
 
 def reduce_all_batches(plan: SpectroscopyPlan, work_dir: str) -> list[BatchResult]:
     """Submit every batch to the task runner and collect results as they finish."""
-    progress = RunProgress(plan.n_spectra, f"Reducing {plan.n_spectra} spectra")
     reference_e0 = plan.calibration.reference_e0 if plan.calibration else None
     futures = [
         reduce_spectra_batch.submit(batch, plan.parameters, reference_e0, work_dir)
         for batch in plan.batches()
     ]
-    results = []
-    for future in as_completed(futures):
-        result = future.result()
-        results.append(result)
-        progress.advance(result.stop - result.start)
-    return results
+    return collect(
+        futures, plan.n_spectra, f"Reducing {plan.n_spectra} spectra", lambda r: r.stop - r.start
+    )

@@ -63,5 +63,13 @@ TECHNIQUES: dict[str, Technique] = {
             count_attribute="n_spectra",
             flow_at="calypso.flows.spectroscopy:spectroscopy",
         ),
+        Technique(
+            name="tomography",
+            unit="slices",
+            parameters_at="calypso.techniques.tomography:TomographyParameters",
+            plan_at="calypso.tasks.tomography_plan:make_tomography_plan",
+            count_attribute="n_slices",
+            flow_at="calypso.flows.tomography:tomography",
+        ),
     )
 }

@@ -18,7 +18,7 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers bitshuffle, LZ4 ... with HDF5)
 import numpy as np
 
-from calypso.errors import RawDataError
+from calypso.errors import ParameterError, RawDataError
 
 SCAN_ENTRY = re.compile(r"^(\d+)\.1$")
 
@@ -112,6 +112,27 @@ def list_scans(path: str | Path) -> list[ScanInfo]:
                 f"{path} has no scan entries (groups named 'N.1'): it is not a Bliss dataset file"
             )
         return [scan_info(h5[f"{n}.1"], n) for n in numbers]
+
+
+def choose_detector(path: str | Path, infos: list[ScanInfo], detector: str | None) -> str:
+    """``detector``, or the only 2D detector of the scans ``infos``.
+
+    Raises
+    ------
+    ParameterError
+        When there is none, or several and none was named.
+    """
+    if detector is not None:
+        return detector
+    names = sorted({name for info in infos for name in info.detectors})
+    if len(names) != 1:
+        raise ParameterError(
+            f"{path}: no 2D detector in the chosen scans"
+            if not names
+            else f"{path}: several 2D detectors ({', '.join(names)}): "
+            "choose one with --set detector=NAME"
+        )
+    return names[0]
 
 
 def counter_lengths(path: str | Path, scan: int) -> dict[str, int]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from calypso.registry import ProcessedDataset, open_catalogue
@@ -65,3 +67,46 @@ def processed_record(
         duration_s=round(time.perf_counter() - clock, 3),
         frames=count,
     )
+
+
+@dataclass
+class FlowRun:
+    """A flow run as the catalogue sees it: started when created, registered once it
+    failed or completed."""
+
+    technique: str
+    run_id: str = field(default_factory=lambda: str(flow_run.get_id() or ""))
+    started: str = field(default_factory=now_iso)
+    clock: float = field(default_factory=time.perf_counter)
+    plan: Any = None
+    count: int = 0
+
+    @property
+    def workers(self) -> int:
+        """Worker processes of a local cluster under the current settings (to size tasks)."""
+        from calypso.executors import local_worker_count
+
+        return local_worker_count(load_settings().executor)
+
+    def planned(self, plan: Any, count: int) -> None:
+        self.plan, self.count = plan, count
+
+    def _register(self, outputs: list[str], status: str, message: str | None) -> Registration:
+        record = processed_record(
+            self.technique,
+            self.plan,
+            self.count,
+            run_id=self.run_id,
+            started=self.started,
+            clock=self.clock,
+            outputs=outputs,
+            status=status,
+            message=message,
+        )
+        return register_processed_dataset(record)
+
+    def failed(self, error: BaseException) -> Registration:
+        return self._register([], "failed", str(error))
+
+    def completed(self, outputs: list[str]) -> Registration:
+        return self._register(outputs, "completed", None)

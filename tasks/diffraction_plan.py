@@ -134,16 +134,7 @@ def _bliss_scans(path: Path, wanted: list[int] | None, detector: str | None) -> 
         chosen = [info for info in infos if info.detectors]
         if not chosen:
             raise RawDataError(f"{path}: no scan has a 2D detector (instrument/<detector>/data)")
-    if detector is None:
-        names = sorted({name for info in chosen for name in info.detectors})
-        if len(names) != 1:
-            raise ParameterError(
-                f"{path}: no 2D detector in the chosen scans"
-                if not names
-                else f"{path}: several 2D detectors ({', '.join(names)}): "
-                "choose one with --set detector=NAME"
-            )
-        detector = names[0]
+    detector = bliss.choose_detector(path, chosen, detector)
     plans = []
     for info in chosen:
         if detector not in info.detectors:

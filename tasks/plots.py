@@ -61,3 +61,24 @@ def publish_image(path: Path, description: str) -> None:
         )
     except Exception:  # no Prefect API to report to: the result itself is written
         logger.debug("image artifact not created", exc_info=True)
+
+
+def plot_slices(path: Path, panels: list[tuple[str, np.ndarray]], title: str) -> None:
+    """Reconstructed slices side by side (up to 4 a row), on one grey scale, as a PNG."""
+    plt = _pyplot()
+    values = np.concatenate([image[image != 0].ravel() for _, image in panels] or [np.zeros(1)])
+    low, high = np.percentile(values, [0.5, 99.5]) if values.size else (0.0, 1.0)
+    columns = min(4, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(3.2 * columns, 3.4 * rows), dpi=90, squeeze=False
+    )
+    for axis in axes.ravel():
+        axis.set_axis_off()
+    for axis, (label, image) in zip(axes.ravel(), panels, strict=False):
+        axis.imshow(image, cmap="gray", vmin=low, vmax=high if high > low else low + 1)
+        axis.set_title(label, fontsize=8)
+    figure.suptitle(title, fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -101,6 +102,15 @@ def diffraction_sample(tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("visitor")
     return write_diffraction_sample(root, frames=12, frames_per_file=5, seed=1)
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A catalogue shared by the tests of one module (their flow runs register there)."""
+    path = tmp_path_factory.mktemp("catalogue") / "catalogue.sqlite"
+    os.environ["CALYPSO_CATALOGUE__PATH"] = str(path)
+    yield path
+    del os.environ["CALYPSO_CATALOGUE__PATH"]
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -30,14 +29,6 @@ def run_flow(input_path, parameters, workers, output=None):
 
 def nexus_file(summary) -> Path:
     return Path(summary["outputs"][0].split("::")[0])
-
-
-@pytest.fixture(scope="module")
-def catalogue(tmp_path_factory):
-    path = tmp_path_factory.mktemp("catalogue") / "catalogue.sqlite"
-    os.environ["CALYPSO_CATALOGUE__PATH"] = str(path)
-    yield path
-    del os.environ["CALYPSO_CATALOGUE__PATH"]
 
 
 @pytest.fixture(scope="module")
