@@ -132,6 +132,16 @@ def find_center_of_rotation(plan: TomographyPlan) -> CenterResult:
     began = time.perf_counter()
     p = plan.parameters
     row = plan.center_row
+    needs_range = p.output_range is None and p.output_dtype != "float32"
+    if p.center_of_rotation is not None and not needs_range:
+        return CenterResult(
+            value=p.center_of_rotation,
+            confidence=None,
+            method="given",
+            row=row,
+            output_range=p.output_range,
+            seconds=time.perf_counter() - began,
+        )
     sinogram = prepared_sinograms(plan, row, row + 1)
     if p.center_of_rotation is not None:
         found = tomo.CenterOfRotation(value=p.center_of_rotation, confidence=-1, method="given")
@@ -143,7 +153,7 @@ def find_center_of_rotation(plan: TomographyPlan) -> CenterResult:
         except ValueError as exc:
             raise RawDataError(f"{plan.scan.description}, row {row}: {exc}") from None
     output_range = p.output_range
-    if output_range is None and p.output_dtype != "float32":
+    if needs_range:
         output_range = tomo.auto_range(_reconstruct(plan, sinogram, found.value))
     return CenterResult(
         value=found.value,

@@ -327,7 +327,10 @@ def paganin_filter(
     wavelength = PLANCK_EV_M / (energy_kev * 1e3)
     alpha = math.pi * wavelength * distance_m * delta_beta
     n, rows, columns = transmission.shape
-    pad_rows, pad_columns = rows // 2, columns // 2
+    # Edge padding, wide enough that the periodic FFT does not bring the far edge
+    # within reach of the kernel (16 decay lengths: a wrap-around below 1e-7).
+    reach = math.ceil(16 * paganin_length_px(energy_kev, distance_m, pixel_size_um, delta_beta))
+    pad_rows, pad_columns = max(rows // 2, reach), max(columns // 2, reach)
     padded = np.pad(
         transmission, ((0, 0), (pad_rows, pad_rows), (pad_columns, pad_columns)), mode="edge"
     )
