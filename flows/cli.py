@@ -334,6 +334,8 @@ def command_sample_data(args: argparse.Namespace) -> int:
         return _sample_spectroscopy(args)
     if args.technique == "tomography":
         return _sample_tomography(args)
+    if args.technique == "mx":
+        return _sample_mx(args)
     from calypso.tasks.sample_data import write_diffraction_sample
 
     if args.frames < 1:
@@ -385,6 +387,20 @@ def _sample_tomography(args: argparse.Namespace) -> int:
         f"reduce it with:\n  calypso run tomography {sample.raw_dataset_dir}\n"
         f"or look first:\n  calypso run tomography {sample.raw_dataset_dir} --set mode=preview"
     )
+    return 0
+
+
+def _sample_mx(args: argparse.Namespace) -> int:
+    from calypso.tasks.sample_mx import write_mx_sample
+
+    sample = write_mx_sample(Path(args.directory), seed=args.seed)
+    print(f"raw dataset: {sample.raw_dataset_dir}")
+    print(f"mask: {sample.mask}")
+    print(
+        f"ground truth: {sample.ground_truth} (grid {sample.grid[0]}x{sample.grid[1]}, "
+        f"crystal centred in cell row {sample.crystal_cell[0]}, column {sample.crystal_cell[1]})"
+    )
+    print(f"reduce it with:\n  calypso run mx {sample.raw_dataset_dir} --set mask={sample.mask}")
     return 0
 
 

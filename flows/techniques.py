@@ -71,5 +71,13 @@ TECHNIQUES: dict[str, Technique] = {
             count_attribute="n_slices",
             flow_at="calypso.flows.tomography:tomography",
         ),
+        Technique(
+            name="mx",
+            unit="images",
+            parameters_at="calypso.techniques.mx:MXParameters",
+            plan_at="calypso.tasks.mx_plan:make_mx_plan",
+            count_attribute="n_frames",
+            flow_at="calypso.flows.mx:mx",
+        ),
     )
 }

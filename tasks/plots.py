@@ -82,3 +82,30 @@ def plot_slices(path: Path, panels: list[tuple[str, np.ndarray]], title: str) ->
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def plot_mx_scan(
+    path: Path,
+    n_spots: np.ndarray,
+    heat: np.ndarray | None,
+    title: str,
+    best: dict | None = None,
+) -> None:
+    """Spots per image against frame number, and the grid heat map with the centring cell."""
+    plt = _pyplot()
+    columns = 2 if heat is not None else 1
+    figure, axes = plt.subplots(1, columns, figsize=(5.5 * columns, 4), dpi=90, squeeze=False)
+    axes[0, 0].plot(np.arange(len(n_spots)), n_spots, lw=1, marker=".", ms=3)
+    axes[0, 0].set_xlabel("frame")
+    axes[0, 0].set_ylabel("spots")
+    if heat is not None:
+        shown = axes[0, 1].imshow(heat, cmap="viridis", origin="upper")
+        figure.colorbar(shown, ax=axes[0, 1], label="spots")
+        if best is not None:
+            axes[0, 1].plot(best["column"], best["row"], "r+", ms=16, mew=2)
+        axes[0, 1].set_xlabel("grid column")
+        axes[0, 1].set_ylabel("grid row")
+    figure.suptitle(title, fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

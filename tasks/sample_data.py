@@ -69,11 +69,13 @@ def write_bliss_scan(
     frames_per_file: int = 100,
     dtype: str = "int32",
     exposure_s: float = 0.1,
+    extra_detector: Callable[[h5py.Group, h5py.Group], None] | None = None,
 ) -> Path:
     """Write (or add) scan ``scan`` of a Bliss dataset, frames in Lima files.
 
     ``make_frame(i)`` returns frame ``i``; frames are generated and written
-    one at a time so memory stays flat.
+    one at a time so memory stays flat. ``extra_detector(instrument,
+    measurement)`` adds metadata once the detector group exists.
     """
     folder = dataset.raw_dataset_dir
     lima_dir = folder / f"scan{scan:04d}"
@@ -96,6 +98,8 @@ def write_bliss_scan(
         det["data"].attrs["interpretation"] = "image"
         det["type"] = "lima"
         measurement[detector] = h5py.SoftLink(f"/{scan}.1/instrument/{detector}/data")
+        if extra_detector is not None:
+            extra_detector(instrument, measurement)
 
     return write_counter_scan(
         dataset,
