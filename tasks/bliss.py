@@ -210,15 +210,22 @@ def _selected_extent(source: h5py.h5s.SpaceID, virtual: h5py.h5s.SpaceID) -> tup
 
 
 def _source_shape(path: Path, name: str) -> tuple[int, ...] | str:
+    """Shape of the source dataset, or what is wrong with it (following external links,
+    as Eiger masters chain a VDS to links to the data files)."""
     if not path.exists():
         return f"{path} is missing"
     try:
         with h5py.File(path, "r", locking=False) as h5:
+            link = h5.get(name, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                target = Path(link.filename)
+                target = target if target.is_absolute() else path.parent / target
+                return _source_shape(target, link.path)
             if name not in h5:
                 return f"{path} has no dataset {name}"
             return tuple(h5[name].shape)
-    except OSError as exc:
-        return f"{path} cannot be read ({exc})"
+    except (OSError, KeyError) as exc:
+        return f"{path}::{name} cannot be read ({exc})"
 
 
 def require_frames(path: str | Path, dataset: str) -> None:

@@ -199,7 +199,11 @@ def nxmx_scan(path: Path, parameters: MXParameters) -> MXScan:
         if "entry/data" not in h5:
             raise RawDataError(f"{path}: no entry/data group: not an NXmx master file")
         data = h5["entry/data"]
-        names = sorted(n for n in data if n == "data" or re.fullmatch(r"data_\d+", n))
+        # A master holds a VDS "data" over the data files, or links "data_NNNNNN" to
+        # them (older Eiger firmware), or both: then "data" alone has every frame.
+        names = (
+            ["data"] if "data" in data else sorted(n for n in data if re.fullmatch(r"data_\d+", n))
+        )
         links = {n: data.get(n, getlink=True) for n in names}
         found = (
             hdf5_geometry(h5["entry/instrument"], "detector") if "entry/instrument" in h5 else {}

@@ -156,7 +156,7 @@ def write_mx_sample(
     mask = np.zeros(shape, dtype=np.int8)
     beamstop = np.hypot(from_beam[0], from_beam[1]) < 12
     mask[beamstop] = 1
-    hot = (int(geometry.beam_y_px) + 3, int(geometry.beam_x_px) - 4)
+    hot = (int(geometry.beam_y_px) - 25, int(geometry.beam_x_px) - 22)  # ~24 Å: in range
     mask[hot[0] : hot[0] + 2, hot[1] : hot[1] + 2] = 1
 
     rows, columns = grid

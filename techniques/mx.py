@@ -129,7 +129,7 @@ def dispersion_threshold(
     sigma_strong: float = 3.0,
     global_threshold: float = 0.0,
     min_local: int = 2,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """Strong pixels by the dispersion threshold (DIALS' default spot finder).
 
     Parameters
@@ -141,10 +141,12 @@ def dispersion_threshold(
 
     Returns
     -------
-    ndarray of bool
+    strong : ndarray of bool
         True where the pixel is strong: its window's variance/mean exceeds
         ``gain * (1 + sigma_background * sqrt(2 / (n - 1)))`` and the pixel
         exceeds the window mean by ``sigma_strong * sqrt(gain * mean)``.
+    mean : ndarray
+        The window means (the local background estimate).
     """
     counts = np.where(valid, image, 0).astype(np.float64)
     weight = valid.astype(np.float64)
@@ -159,12 +161,13 @@ def dispersion_threshold(
     mean_safe = np.where(positive, mean, 1.0)
     dispersed = variance / mean_safe > gain * (1 + sigma_background * np.sqrt(2 / (n_safe - 1)))
     above = counts - mean > sigma_strong * np.sqrt(gain * mean_safe)
-    return valid & enough & positive & dispersed & above & (counts > global_threshold)
+    strong = valid & enough & positive & dispersed & above & (counts > global_threshold)
+    return strong, mean
 
 
 @dataclass(frozen=True)
 class Spots:
-    """Spots of one image: centroid (px), summed counts above the local mean, size (px)."""
+    """Spots of one image: centroid (px), counts above the local background, size (px)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -179,9 +182,17 @@ class Spots:
 
 
 def label_spots(
-    strong: np.ndarray, image: np.ndarray, min_size: int = 3, max_size: int = 1000
+    strong: np.ndarray,
+    image: np.ndarray,
+    background: np.ndarray,
+    min_size: int = 3,
+    max_size: int = 1000,
 ) -> Spots:
-    """Group strong pixels into 8-connected spots and measure them."""
+    """Group strong pixels into 8-connected spots; measure them above ``background``.
+
+    The centroid weighs each pixel by its counts above the background, so a
+    spot's position does not lean towards the middle of its pixels.
+    """
     from scipy import ndimage
 
     labels, count = ndimage.label(strong, structure=np.ones((3, 3), dtype=bool))
@@ -190,7 +201,7 @@ def label_spots(
         return Spots(empty, empty, empty, empty.astype(int))
     index = labels[strong]
     rows, columns = np.nonzero(strong)
-    values = image[strong].astype(np.float64)
+    values = image[strong].astype(np.float64) - background[strong]
     weights = np.clip(values, 1e-9, None)
     size = np.bincount(index, minlength=count + 1)[1:]
     total = np.bincount(index, weights=values, minlength=count + 1)[1:]
@@ -209,7 +220,7 @@ def find_spots(
     usable = valid
     if p.d_max_a is not None:
         usable = valid & (d_spacing < p.d_max_a)
-    strong = dispersion_threshold(
+    strong, _ = dispersion_threshold(
         image,
         usable,
         gain=p.gain,
@@ -219,7 +230,29 @@ def find_spots(
         global_threshold=p.global_threshold,
         min_local=p.min_local,
     )
-    return label_spots(strong, image, p.min_spot_size, p.max_spot_size)
+    return label_spots(
+        strong, image, local_background(image, usable, strong, p.kernel_size),
+        p.min_spot_size, p.max_spot_size,
+    )  # fmt: skip
+
+
+def local_background(
+    image: np.ndarray, valid: np.ndarray, strong: np.ndarray, kernel_size: int = 3
+) -> np.ndarray:
+    """Mean of the valid pixels around each pixel, leaving out spots and their rims.
+
+    The dispersion threshold's own window mean includes the spot it tests, which
+    would take part of every spot's counts away as "background".
+    """
+    from scipy import ndimage
+
+    if not strong.any():
+        return np.zeros(image.shape)
+    quiet = valid & ~ndimage.binary_dilation(strong, iterations=1)
+    half = kernel_size + 2
+    n = _window_sum(quiet.astype(np.float64), half)
+    total = _window_sum(np.where(quiet, image, 0).astype(np.float64), half)
+    return np.where(n > 0, total / np.maximum(n, 1), 0.0)
 
 
 # -- per-image indicators -----------------------------------------------------------
@@ -323,20 +356,22 @@ def grid_map(values: np.ndarray, shape: tuple[int, int], snake: bool = False) ->
 
 
 def centring_position(heat: np.ndarray) -> tuple[int, int]:
-    """The grid cell to centre on: the centroid of the connected region around the
-    strongest cell holding at least half its value, snapped to a cell of that region.
+    """The grid cell to centre on.
 
-    A centroid rather than the single maximum: one noisy cell does not pull the
-    crystal off centre, and an elongated crystal is centred along its length.
+    Cells holding at least half the strongest value form connected regions;
+    the crystal is the region with the most spots in total (one cell lit by a
+    salt crystal or an ice chunk is a small region), and the answer is the cell
+    of that region nearest to its spot-weighted centroid, so an elongated
+    crystal is centred along its length.
     """
     from scipy import ndimage
 
     heat = np.nan_to_num(np.asarray(heat, dtype=np.float64))
-    peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    if heat[peak] <= 0:
+    if heat.max() <= 0:
         raise ValueError("no spots anywhere in the grid: nothing to centre on")
-    labels, _ = ndimage.label(heat >= 0.5 * heat[peak])
-    region = labels == labels[peak]
+    labels, count = ndimage.label(heat >= 0.5 * heat.max())
+    totals = ndimage.sum_labels(heat, labels, index=np.arange(1, count + 1))
+    region = labels == 1 + int(np.argmax(totals))
     rows, columns = np.nonzero(region)
     weights = heat[region]
     cy, cx = np.average(rows, weights=weights), np.average(columns, weights=weights)
