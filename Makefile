@@ -29,6 +29,7 @@ bench: install
 	$(BIN)/python tests/benchmarks/bench_diffraction.py --frames 500 --half
 	$(BIN)/python tests/benchmarks/bench_spectroscopy.py --spectra 10000 --half
 	$(BIN)/python tests/benchmarks/bench_tomography.py --rows 64 --columns 1024 --projections 900
+	$(BIN)/python tests/benchmarks/bench_mx.py --frames 200
 
 lint: install
 	$(BIN)/ruff check .

@@ -426,6 +426,7 @@ def _reduce(
 
 def command_demo(args: argparse.Namespace) -> int:
     from calypso.tasks.sample_data import write_diffraction_sample
+    from calypso.tasks.sample_mx import write_mx_sample
     from calypso.tasks.sample_spectroscopy import write_spectroscopy_sample
     from calypso.tasks.sample_tomography import write_tomography_sample
 
@@ -459,6 +460,20 @@ def command_demo(args: argparse.Namespace) -> int:
     print(
         f"centre of rotation {summary['center_of_rotation']:.2f} px "
         f"(true {tomo_sample.geometry.center_of_rotation:.2f}); quick look: {summary['png']}"
+    )
+
+    print("\nWriting a 5x7 MX grid scan of thaumatin stills (Eiger-like, ice in 2 frames) ...")
+    mx_sample = write_mx_sample(root)
+    print(f"raw dataset: {mx_sample.raw_dataset_dir}")
+    print("Finding spots, hits and the centring position with the MX flow ...")
+    summary = _reduce("mx", mx_sample.raw_dataset_dir, settings, [f"mask={mx_sample.mask}"])
+    scan = summary["report"]["scans"][0]
+    best = scan["best_position"]
+    print(
+        f"hit rate {scan['hit_rate']:.0%}, ice rings on {scan['ice_ring_images']} images; "
+        f"centre on grid cell row {best['row']}, column {best['column']} (the crystal is in "
+        f"row {mx_sample.crystal_cell[0]}, column {mx_sample.crystal_cell[1]}); "
+        f"quick look: {summary['png']}"
     )
     return 0
 

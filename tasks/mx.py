@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from pydantic import BaseModel
 
 from calypso.errors import RawDataError
 from calypso.tasks import nexus
-from calypso.tasks.frames import iter_frames, read_image
+from calypso.tasks.frames import FrameSource, iter_frames, read_image
 from calypso.tasks.mx_images import MXScan
 from calypso.tasks.mx_plan import TECHNIQUE, ImageChunk, MXPlan, make_mx_plan
 from calypso.tasks.plots import plot_mx_scan, publish_image
@@ -115,13 +116,7 @@ def find_spots_chunk(chunk: ImageChunk, scan: MXScan, parameters: mx.MXParameter
     spots_columns: dict[str, list[np.ndarray]] = {
         name: [] for name in ("frame", "x", "y", "intensity", "size", "d")
     }
-    try:
-        frames = list(enumerate(iter_frames(source, chunk.start, chunk.stop)))
-    except OSError as exc:
-        raise RawDataError(
-            f"{source.describe()} frames {chunk.start}-{chunk.stop - 1} cannot be read ({exc})"
-        ) from None
-    for offset, image in frames:
+    for offset, image in enumerate(_frames(source, chunk.start, chunk.stop)):
         valid = statics.valid & (image >= 0)
         if scan.saturation is not None:
             valid &= image < scan.saturation
@@ -147,6 +142,21 @@ def find_spots_chunk(chunk: ImageChunk, scan: MXScan, parameters: mx.MXParameter
         part_file=str(part),
         seconds=time.perf_counter() - began,
     )
+
+
+def _frames(source: FrameSource, start: int, stop: int) -> Iterator[np.ndarray]:
+    """Frames one at a time (a task holds one frame), read errors naming the file."""
+    frames = iter_frames(source, start, stop)
+    while True:
+        try:
+            frame = next(frames)
+        except StopIteration:
+            return
+        except OSError as exc:
+            raise RawDataError(
+                f"{source.describe()} frames {start}-{stop - 1} cannot be read ({exc})"
+            ) from None
+        yield frame
 
 
 @task(name="run_indexing", cache_policy=NO_CACHE)

@@ -97,11 +97,13 @@ def reflections(
 
 def _separated(x: np.ndarray, y: np.ndarray, order: np.ndarray, spacing: float) -> np.ndarray:
     """Indices (strongest first) of spots at least ``spacing`` px from every stronger one."""
-    kept: list[int] = []
-    for index in order:
-        if all((x[index] - x[j]) ** 2 + (y[index] - y[j]) ** 2 >= spacing**2 for j in kept):
-            kept.append(int(index))
-    return np.array(kept, dtype=int)
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(np.column_stack([x[order], y[order]]))
+    taken = np.zeros(len(order), dtype=bool)
+    for rank, neighbours in enumerate(tree.query_ball_point(tree.data, r=spacing)):
+        taken[rank] = not any(taken[j] for j in neighbours if j < rank)
+    return order[taken]
 
 
 def write_mx_sample(
