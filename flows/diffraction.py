@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prefect import flow
@@ -17,7 +16,6 @@ from calypso.tasks.diffraction import (
     plan_integration,
     write_integrated_nexus,
 )
-from calypso.tasks.nexus import new_work_dir, remove_work_dir
 from calypso.techniques.diffraction import DiffractionParameters
 
 
@@ -38,41 +36,28 @@ def diffraction(
     run = FlowRun(TECHNIQUE)
     plan = plan_integration(raw, parameters, scans, output_dir, run.workers)
     run.planned(plan, plan.n_frames)
-    work_dir = new_work_dir(plan.output_dir)
-    try:
-        chunks = integrate_all_chunks(plan, str(work_dir))
-        integrated = time.perf_counter()
+    with run.working() as work_dir:
+        chunks = integrate_all_chunks(plan, work_dir)
+        integrated = run.elapsed()
         outputs = write_integrated_nexus(plan, chunks, {"flow_run_id": run.run_id, "input": raw})
-    except Exception as exc:
-        run.failed(exc)
-        raise
-    finally:
-        remove_work_dir(work_dir)
-    finished = time.perf_counter()
+    write = run.elapsed() - integrated
     registration = run.completed(outputs)
-    return {
-        "technique": TECHNIQUE,
-        "flow_run_id": run.run_id,
-        "input": raw,
-        "outputs": outputs,
-        "processed_dataset_dir": plan.output_dir,
-        "frames": plan.n_frames,
-        "chunks": len(chunks),
-        "unit": "frames",
-        "count": plan.n_frames,
-        "tasks": len(chunks),
-        "chunk_size": plan.chunk_size,
-        "catalogue_id": registration.catalogue_id,
-        "warnings": [registration.warning] if registration.warning else [],
-        "timings_s": {
-            "total": round(finished - run.clock, 3),
-            "integrate": round(integrated - run.clock, 3),
-            "write": round(finished - integrated, 3),
-            "busy_in_tasks": round(sum(c.seconds for c in chunks), 3),
+    summary = run.summary(
+        raw,
+        outputs,
+        registration,
+        unit="frames",
+        tasks=len(chunks),
+        timings={
+            "integrate": integrated,
+            "write": write,
+            "busy_in_tasks": sum(c.seconds for c in chunks),
         },
-        "frames_per_s": round(plan.n_frames / max(finished - run.clock, 1e-9), 2),
-        "per_s": round(plan.n_frames / max(finished - run.clock, 1e-9), 2),
-    }
+        frames=plan.n_frames,
+        chunks=len(chunks),
+        chunk_size=plan.chunk_size,
+    )
+    return summary | {"frames_per_s": summary["per_s"]}
 
 
 def integrate_all_chunks(plan: IntegrationPlan, work_dir: str) -> list[ChunkResult]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prefect import flow
@@ -18,7 +17,6 @@ from calypso.tasks.mx import (
     run_indexing,
     write_mx_nexus,
 )
-from calypso.tasks.nexus import new_work_dir, remove_work_dir
 from calypso.techniques.mx import MXParameters
 
 
@@ -35,42 +33,29 @@ def mx(
     run = FlowRun(TECHNIQUE)
     plan = plan_mx(raw, parameters, scans, output_dir, run.workers)
     run.planned(plan, plan.n_frames)
-    work_dir = new_work_dir(plan.output_dir)
-    try:
-        chunks = find_all_spots(plan, str(work_dir))
-        found = time.perf_counter()
+    with run.working() as work_dir:
+        chunks = find_all_spots(plan, work_dir)
+        found = run.elapsed()
         indexing = run_indexing(plan)
         written = write_mx_nexus(plan, chunks, indexing, {"flow_run_id": run.run_id, "input": raw})
-    except Exception as exc:
-        run.failed(exc)
-        raise
-    finally:
-        remove_work_dir(work_dir)
-    finished = time.perf_counter()
+    write = run.elapsed() - found
     registration = run.completed(written["outputs"])
     print(indexing.message)
-    return {
-        "technique": TECHNIQUE,
-        "flow_run_id": run.run_id,
-        "input": raw,
-        "outputs": written["outputs"],
-        "png": written["png"],
-        "processed_dataset_dir": plan.output_dir,
-        "unit": "images",
-        "count": plan.n_frames,
-        "tasks": len(chunks),
-        "chunk_size": plan.chunk_size,
-        "report": written["report"],
-        "catalogue_id": registration.catalogue_id,
-        "warnings": [registration.warning] if registration.warning else [],
-        "timings_s": {
-            "total": round(finished - run.clock, 3),
-            "find_spots": round(found - run.clock, 3),
-            "write": round(finished - found, 3),
-            "busy_in_tasks": round(sum(c.seconds for c in chunks), 3),
+    return run.summary(
+        raw,
+        written["outputs"],
+        registration,
+        unit="images",
+        tasks=len(chunks),
+        timings={
+            "find_spots": found,
+            "index_and_write": write,
+            "busy_in_tasks": sum(c.seconds for c in chunks),
         },
-        "per_s": round(plan.n_frames / max(finished - run.clock, 1e-9), 2),
-    }
+        png=written["png"],
+        chunk_size=plan.chunk_size,
+        report=written["report"],
+    )
 
 
 def find_all_spots(plan: MXPlan, work_dir: str) -> list[ChunkSpots]:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prefect import flow
 
 from calypso.flows.progress import collect
 from calypso.tasks.catalogue import FlowRun
-from calypso.tasks.nexus import new_work_dir, remove_work_dir
 from calypso.tasks.spectroscopy import (
     TECHNIQUE,
     BatchResult,
@@ -39,43 +37,30 @@ def spectroscopy(
     run = FlowRun(TECHNIQUE)
     plan = plan_spectroscopy(raw, parameters, scans, output_dir, run.workers)
     run.planned(plan, plan.n_spectra)
-    work_dir = new_work_dir(plan.output_dir)
-    try:
-        batches = reduce_all_batches(plan, str(work_dir))
+    with run.working() as work_dir:
+        batches = reduce_all_batches(plan, work_dir)
         if plan.merges:
-            batches.append(merge_repeated_scans(plan, batches, str(work_dir)))
-        reduced = time.perf_counter()
+            batches.append(merge_repeated_scans(plan, batches, work_dir))
+        reduced = run.elapsed()
         written = write_spectroscopy_nexus(plan, batches, {"flow_run_id": run.run_id, "input": raw})
-    except Exception as exc:
-        run.failed(exc)
-        raise
-    finally:
-        remove_work_dir(work_dir)
-    finished = time.perf_counter()
+    write = run.elapsed() - reduced
     registration = run.completed(written["outputs"])
-    return {
-        "technique": TECHNIQUE,
-        "flow_run_id": run.run_id,
-        "input": raw,
-        "outputs": written["outputs"],
-        "png": written["png"],
-        "processed_dataset_dir": plan.output_dir,
-        "unit": "spectra",
-        "count": plan.n_spectra,
-        "tasks": len(batches),
-        "merged": plan.merges,
-        "calibration": plan.calibration.model_dump() if plan.calibration else None,
-        "key_figures": written["key_figures"],
-        "catalogue_id": registration.catalogue_id,
-        "warnings": [registration.warning] if registration.warning else [],
-        "timings_s": {
-            "total": round(finished - run.clock, 3),
-            "reduce": round(reduced - run.clock, 3),
-            "write": round(finished - reduced, 3),
-            "busy_in_tasks": round(sum(b.seconds for b in batches), 3),
+    return run.summary(
+        raw,
+        written["outputs"],
+        registration,
+        unit="spectra",
+        tasks=len(batches),
+        timings={
+            "reduce": reduced,
+            "write": write,
+            "busy_in_tasks": sum(b.seconds for b in batches),
         },
-        "per_s": round(plan.n_spectra / max(finished - run.clock, 1e-9), 2),
-    }
+        png=written["png"],
+        merged=plan.merges,
+        calibration=plan.calibration.model_dump() if plan.calibration else None,
+        key_figures=written["key_figures"],
+    )
 
 
 def reduce_all_batches(plan: SpectroscopyPlan, work_dir: str) -> list[BatchResult]:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prefect import flow
 
 from calypso.flows.progress import collect
 from calypso.tasks.catalogue import FlowRun
-from calypso.tasks.nexus import new_work_dir, remove_work_dir
 from calypso.tasks.tomography import (
     TECHNIQUE,
     CenterResult,
@@ -45,9 +43,8 @@ def tomography(
     plan = plan_tomography(raw, parameters, scans, output_dir, run.workers)
     run.planned(plan, plan.n_slices)
     provenance = {"flow_run_id": run.run_id, "input": raw}
-    work_dir = new_work_dir(plan.output_dir)
     slabs: list[SlabResult] = []
-    try:
+    with run.working() as work_dir:
         center = find_center_of_rotation(plan)
         print(
             f"centre of rotation {center.value:.2f} px ({center.method}"
@@ -55,50 +52,38 @@ def tomography(
             + f") on row {center.row}"
         )
         if plan.preview:
-            preview = reconstruct_preview(plan, center, str(work_dir))
-            reconstructed = time.perf_counter()
+            preview = reconstruct_preview(plan, center, work_dir)
+            reconstructed = run.elapsed()
             written = write_preview_nexus(plan, center, preview, provenance)
             busy = preview.seconds
         else:
-            slabs = reconstruct_all_slabs(plan, center, str(work_dir))
-            reconstructed = time.perf_counter()
-            written = write_volume_nexus(plan, center, slabs, str(work_dir), provenance)
+            slabs = reconstruct_all_slabs(plan, center, work_dir)
+            reconstructed = run.elapsed()
+            written = write_volume_nexus(plan, center, slabs, work_dir, provenance)
             busy = sum(s.seconds for s in slabs)
-    except Exception as exc:
-        run.failed(exc)
-        raise
-    finally:
-        remove_work_dir(work_dir)
-    finished = time.perf_counter()
+    write = run.elapsed() - reconstructed
     registration = run.completed(written["outputs"])
-    return {
-        "technique": TECHNIQUE,
-        "flow_run_id": run.run_id,
-        "input": raw,
-        "mode": parameters.mode,
-        "outputs": written["outputs"],
-        "volume_dir": written["volume_dir"],
-        "png": written["png"],
-        "processed_dataset_dir": plan.output_dir,
-        "unit": "slices",
-        "count": plan.n_slices,
-        "tasks": len(slabs) if slabs else 1,
-        "chunk_rows": plan.chunk_rows,
-        "center_of_rotation": center.value,
-        "center_of_rotation_confidence": center.confidence,
-        "center_of_rotation_method": center.method,
-        "gpu": plan.gpu,
-        "catalogue_id": registration.catalogue_id,
-        "warnings": [registration.warning] if registration.warning else [],
-        "timings_s": {
-            "total": round(finished - run.clock, 3),
-            "center_of_rotation": round(center.seconds, 3),
-            "reconstruct": round(reconstructed - run.clock, 3),
-            "write": round(finished - reconstructed, 3),
-            "busy_in_tasks": round(busy, 3),
+    return run.summary(
+        raw,
+        written["outputs"],
+        registration,
+        unit="slices",
+        tasks=len(slabs) if slabs else 1,
+        timings={
+            "center_of_rotation": center.seconds,
+            "reconstruct": reconstructed,
+            "write": write,
+            "busy_in_tasks": busy,
         },
-        "per_s": round(plan.n_slices / max(finished - run.clock, 1e-9), 2),
-    }
+        mode=parameters.mode,
+        volume_dir=written["volume_dir"],
+        png=written["png"],
+        chunk_rows=plan.chunk_rows,
+        center_of_rotation=center.value,
+        center_of_rotation_confidence=center.confidence,
+        center_of_rotation_method=center.method,
+        gpu=plan.gpu,
+    )
 
 
 def reconstruct_all_slabs(

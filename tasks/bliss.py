@@ -114,6 +114,27 @@ def list_scans(path: str | Path) -> list[ScanInfo]:
         return [scan_info(h5[f"{n}.1"], n) for n in numbers]
 
 
+def select_scans(path: str | Path, wanted: list[int] | None) -> list[ScanInfo]:
+    """The scans of a Bliss file, or those numbered ``wanted`` in that order.
+
+    Raises
+    ------
+    RawDataError
+        When a wanted scan is not in the file (the message lists those that are).
+    """
+    infos = list_scans(path)
+    if not wanted:
+        return infos
+    by_number = {info.number: info for info in infos}
+    missing = [n for n in wanted if n not in by_number]
+    if missing:
+        raise RawDataError(
+            f"{path} has no scan {', '.join(map(str, missing))}; its scans are "
+            f"{', '.join(map(str, by_number))}"
+        )
+    return [by_number[n] for n in wanted]
+
+
 def choose_detector(path: str | Path, infos: list[ScanInfo], detector: str | None) -> str:
     """``detector``, or the only 2D detector of the scans ``infos``.
 

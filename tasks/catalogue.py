@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from pydantic import BaseModel
 from calypso.registry import ProcessedDataset, open_catalogue
 from calypso.settings import load_settings
 from calypso.tasks.data_policy import RawDataset
-from calypso.tasks.nexus import now_iso, software_versions
+from calypso.tasks.nexus import new_work_dir, now_iso, remove_work_dir, software_versions
 
 
 class Registration(BaseModel):
@@ -110,3 +112,49 @@ class FlowRun:
 
     def completed(self, outputs: list[str]) -> Registration:
         return self._register(outputs, "completed", None)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.clock
+
+    @contextmanager
+    def working(self) -> Iterator[str]:
+        """A scratch folder in the output folder for the tasks' part files, removed at the
+        end; an error inside the block is registered as a failed run, then raised."""
+        work_dir = new_work_dir(self.plan.output_dir)
+        try:
+            yield str(work_dir)
+        except Exception as exc:
+            self.failed(exc)
+            raise
+        finally:
+            remove_work_dir(work_dir)
+
+    def summary(
+        self,
+        raw: str,
+        outputs: list[str],
+        registration: Registration,
+        *,
+        unit: str,
+        tasks: int,
+        timings: dict[str, float],
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """What the flow returns (and the CLI prints): the same keys for every technique."""
+        total = self.elapsed()
+        return {
+            "technique": self.technique,
+            "flow_run_id": self.run_id,
+            "input": raw,
+            "outputs": outputs,
+            "processed_dataset_dir": self.plan.output_dir,
+            "unit": unit,
+            "count": self.count,
+            "tasks": tasks,
+            **extra,
+            "catalogue_id": registration.catalogue_id,
+            "warnings": [registration.warning] if registration.warning else [],
+            "timings_s": {"total": round(total, 3)}
+            | {name: round(value, 3) for name, value in timings.items()},
+            "per_s": round(self.count / max(total, 1e-9), 2),
+        }

@@ -120,18 +120,9 @@ def _default_chunk_size(n_frames: int, workers: int) -> int:
 
 
 def _bliss_scans(path: Path, wanted: list[int] | None, detector: str | None) -> list[ScanPlan]:
-    infos = bliss.list_scans(path)
-    by_number = {info.number: info for info in infos}
-    if wanted:
-        missing = [n for n in wanted if n not in by_number]
-        if missing:
-            raise RawDataError(
-                f"{path} has no scan {', '.join(map(str, missing))}; "
-                f"its scans are {', '.join(map(str, by_number))}"
-            )
-        chosen = [by_number[n] for n in wanted]
-    else:
-        chosen = [info for info in infos if info.detectors]
+    chosen = bliss.select_scans(path, wanted)
+    if not wanted:
+        chosen = [info for info in chosen if info.detectors]
         if not chosen:
             raise RawDataError(f"{path}: no scan has a 2D detector (instrument/<detector>/data)")
     detector = bliss.choose_detector(path, chosen, detector)

@@ -145,12 +145,7 @@ def grid_from_title(title: str) -> tuple[int, int] | None:
 
 
 def bliss_scans(path: Path, parameters: MXParameters, wanted: list[int] | None) -> list[MXScan]:
-    infos = bliss.list_scans(path)
-    if wanted:
-        missing = sorted(set(wanted) - {info.number for info in infos})
-        if missing:
-            raise RawDataError(f"{path} has no scan {', '.join(map(str, missing))}")
-        infos = [info for info in infos if info.number in wanted]
+    infos = bliss.select_scans(path, wanted)
     infos = [info for info in infos if info.detectors]
     if not infos:
         raise RawDataError(f"{path}: no scan has a 2D detector (instrument/<detector>/data)")

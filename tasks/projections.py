@@ -266,12 +266,7 @@ def bliss_scan(
     path: Path, parameters: TomographyParameters, wanted: list[int] | None
 ) -> TomographyScan:
     """The tomography scan made of the scans of a Bliss dataset file."""
-    infos = bliss.list_scans(path)
-    if wanted:
-        missing = sorted(set(wanted) - {info.number for info in infos})
-        if missing:
-            raise RawDataError(f"{path} has no scan {', '.join(map(str, missing))}")
-        infos = [info for info in infos if info.number in wanted]
+    infos = bliss.select_scans(path, wanted)
     detector = bliss.choose_detector(path, infos, parameters.detector)
     darks: list[FrameBlock] = []
     flats: list[FrameBlock] = []

@@ -189,15 +189,8 @@ def bliss_sources(
     path: Path, wanted: list[int] | None, parameters: SpectroscopyParameters
 ) -> list[SpectrumSource]:
     """The energy scans of a Bliss dataset file (those with an energy or mono angle counter)."""
-    infos = {info.number: info for info in bliss.list_scans(path)}
-    if wanted:
-        missing = [n for n in wanted if n not in infos]
-        if missing:
-            raise RawDataError(
-                f"{path} has no scan {', '.join(map(str, missing))}; its scans are "
-                f"{', '.join(map(str, infos))}"
-            )
-    numbers = wanted or list(infos)
+    infos = {info.number: info for info in bliss.select_scans(path, wanted)}
+    numbers = list(infos)
     sources = []
     for number in numbers:
         info = infos[number]
