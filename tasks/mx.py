@@ -169,9 +169,10 @@ def run_indexing(plan: MXPlan) -> IndexingReport:
     if not plan.parameters.indexing:
         return IndexingReport(program=None, ran=False, message="indexing switched off")
     scan = plan.scans[0]
-    if scan.grid is not None:
+    if not scan.rotation:
+        kind = "grid scan of stills" if scan.grid is not None else "stills (no oscillation)"
         return IndexingReport(
-            program=None, ran=False, message="grid scan of stills: no indexing (centring only)"
+            program=None, ran=False, message=f"{kind}: no indexing (spot finding only)"
         )
     program = next((p for p in INDEXING_PROGRAMS if shutil.which(p)), None)
     if program is None:
@@ -260,6 +261,7 @@ def write_mx_nexus(
                 "spots_per_image_median": float(np.median(table["n_spots"])),
                 "ice_ring_images": int(table["ice_rings"].sum()),
                 "geometry": scan.geometry.model_dump(),
+                "oscillation_deg": list(scan.oscillation) if scan.oscillation else None,
             }
             process = nexus.write_process(
                 entry,

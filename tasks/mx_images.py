@@ -26,6 +26,7 @@ MESH_TITLE = re.compile(
     r"^\s*[ad]mesh\s+\S+\s+\S+\s+\S+\s+(\d+)\s+\S+\s+\S+\s+\S+\s+(\d+)", re.IGNORECASE
 )
 CBF_SUFFIXES = (".cbf", ".cbf.gz", ".cbf.bz2")
+OMEGA = ("entry/sample/transformations/omega", "entry/data/omega", "entry/sample/goniometer/omega")
 
 
 class MXScan(BaseModel):
@@ -40,6 +41,7 @@ class MXScan(BaseModel):
     pixel_mask: str | None = None  # FILE::/dataset, non-zero = bad
     saturation: float | None = None  # counts at and above which a pixel is invalid
     grid: tuple[int, int] | None = None
+    oscillation: tuple[float, float] | None = None  # start, increment (deg); 0: stills
     motors: dict[str, list[float]] = {}
     title: str = ""
     start_time: str | None = None
@@ -52,6 +54,11 @@ class MXScan(BaseModel):
     @property
     def frame_shape(self) -> tuple[int, int]:
         return self.sources[0].frame_shape
+
+    @property
+    def rotation(self) -> bool:
+        """A rotation scan (indexable), as opposed to stills (grid scans, serial)."""
+        return self.grid is None and self.oscillation is not None and self.oscillation[1] != 0
 
 
 # -- geometry ---------------------------------------------------------------------
@@ -129,6 +136,8 @@ def cbf_header(path: Path) -> dict[str, float | None]:
         "wavelength_a": number(r"Wavelength\s+([-\d.eE+]+)\s*A"),
         "pixel_size_um": pixel * 1e6 if pixel is not None else None,
         "saturation": number(r"Count_cutoff\s+([-\d.eE+]+)"),
+        "start_angle": number(r"Start_angle\s+([-\d.eE+]+)"),
+        "angle_increment": number(r"Angle_increment\s+([-\d.eE+]+)"),
     }
 
 
@@ -204,6 +213,10 @@ def nxmx_scan(path: Path, parameters: MXParameters) -> MXScan:
             hdf5_geometry(h5["entry/instrument"], "detector") if "entry/instrument" in h5 else {}
         )
         has_mask = "entry/instrument/detector/pixel_mask" in h5
+        omega = next(
+            (np.asarray(h5[name][()], dtype=np.float64).ravel() for name in OMEGA if name in h5),
+            None,
+        )
     sources = []
     for name in names:
         link = links[name]
@@ -230,6 +243,9 @@ def nxmx_scan(path: Path, parameters: MXParameters) -> MXScan:
         pixel_mask=f"{path}::/entry/instrument/detector/pixel_mask" if has_mask else None,
         saturation=float(np.iinfo(dtype).max) if dtype.kind == "u" else None,
         grid=parameters.grid,
+        oscillation=(float(omega[0]), float(omega[1] - omega[0]))
+        if omega is not None and len(omega) > 1
+        else None,
     )
 
 
@@ -247,6 +263,9 @@ def image_series_scan(files: list[Path], parameters: MXParameters, name: str) ->
         geometry=resolve_geometry(header, parameters, str(files[0])),
         saturation=header.get("saturation"),
         grid=parameters.grid,
+        oscillation=(header["start_angle"], header["angle_increment"])
+        if header.get("start_angle") is not None and header.get("angle_increment") is not None
+        else None,
         title=name,
     )
 

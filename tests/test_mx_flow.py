@@ -170,23 +170,65 @@ def test_real_thaumatin_images(test_data, tmp_path, catalogue):
     np.testing.assert_array_equal(table["d_min"], rerun["d_min"])
     assert np.all((table["n_spots"] > 200) & (table["n_spots"] < 3000))
     assert np.all((table["d_min"] > 1.6) & (table["d_min"] < 3.0))
-    assert "no indexing program on PATH" in first["report"]["indexing"]["message"]
+    assert "stills (no oscillation)" in first["report"]["indexing"]["message"]
 
 
 def test_xia2_is_run_when_on_path(test_data, tmp_path, monkeypatch, catalogue):
-    """The subprocess plumbing, with a stand-in xia2 that records its arguments."""
+    """The subprocess plumbing, with a stand-in xia2 that records its arguments.
+
+    The real thermolysin image is from a rotation scan (0.25 deg a frame in its
+    header), so it is indexable; the thaumatin stills are not.
+    """
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     xia2 = bin_dir / "xia2"
-    xia2.write_text('#!/bin/sh\necho "xia2 stand-in: $@"\necho "High resolution limit 1.8" \n')
+    xia2.write_text('#!/bin/sh\necho "xia2 stand-in: $@"\necho "High resolution limit 1.8"\n')
     xia2.chmod(xia2.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    image = test_data / "mx" / "thau_3_2_0001.cbf.bz2"
+    image = test_data / "mx" / "dlsnxs2cbf_therm_0001.cbf.gz"
     summary = run_flow(image, MXParameters(), workers=1, output=str(tmp_path / "out"))
+    assert summary["report"]["scans"][0]["oscillation_deg"] == [174.0, 0.25]
     indexing = summary["report"]["indexing"]
     assert indexing["program"] == "xia2" and indexing["ran"]
     assert f"image={image}" in indexing["log_tail"] and "pipeline=dials" in indexing["log_tail"]
     assert (tmp_path / "out" / "xia2").is_dir()
+    still = run_flow(
+        test_data / "mx" / "thau_3_2_0001.cbf.bz2", MXParameters(), output=str(tmp_path / "s")
+    )
+    assert "stills (no oscillation): no indexing" in still["report"]["indexing"]["message"]
+
+
+def test_eiger_master_with_data_files(grid, tmp_path, catalogue):
+    """An NXmx master linking a bitshuffle-LZ4 data file, as Eiger writes them."""
+    import hdf5plugin
+
+    sample, masked, _ = grid
+    with h5py.File(sample.dataset.raw_file, "r") as raw:
+        frames = raw["1.1/instrument/eiger/data"][10:16]
+        detector = raw["1.1/instrument/eiger"]
+        names = ("beam_center_x", "beam_center_y", "detector_distance", "x_pixel_size")
+        geometry = {name: detector[name][()] for name in names}
+        pixel_mask = detector["pixel_mask"][()]
+        wavelength = raw["1.1/instrument/beam/incident_wavelength"][()]
+    with h5py.File(tmp_path / "lyso_data_000001.h5", "w") as h5:
+        h5.create_dataset("entry/data/data", data=frames, chunks=(1, *frames.shape[1:]),
+                          **hdf5plugin.Bitshuffle(cname="lz4"))  # fmt: skip
+    with h5py.File(tmp_path / "lyso_master.h5", "w") as h5:
+        h5["entry/data/data_000001"] = h5py.ExternalLink("lyso_data_000001.h5", "/entry/data/data")
+        h5["entry/data/omega"] = 30.0 + 0.1 * np.arange(6)
+        for name, value in geometry.items():
+            h5[f"entry/instrument/detector/{name}"] = value
+        h5["entry/instrument/detector/pixel_mask"] = pixel_mask
+        h5["entry/instrument/beam/incident_wavelength"] = wavelength
+    summary = run_flow(
+        tmp_path / "lyso_master.h5", MXParameters(mask=str(sample.mask)), output=str(tmp_path / "o")
+    )
+    np.testing.assert_array_equal(
+        per_image(summary)["n_spots"], per_image(masked)["n_spots"][10:16]
+    )
+    scan = summary["report"]["scans"][0]
+    assert scan["oscillation_deg"] == pytest.approx([30.0, 0.1])
+    assert "no indexing program on PATH" in summary["report"]["indexing"]["message"]
 
 
 # -- bad input ----------------------------------------------------------------------
