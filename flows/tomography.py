@@ -45,14 +45,14 @@ def tomography(
     provenance = {"flow_run_id": run.run_id, "input": raw}
     slabs: list[SlabResult] = []
     with run.working() as work_dir:
-        center = find_center_of_rotation(plan)
+        center = find_center_of_rotation.submit(plan).result()
         print(
             f"centre of rotation {center.value:.2f} px ({center.method}"
             + (f", confidence {center.confidence:.2f}" if center.confidence is not None else "")
             + f") on row {center.row}"
         )
         if plan.preview:
-            preview = reconstruct_preview(plan, center, work_dir)
+            preview = reconstruct_preview.submit(plan, center, work_dir).result()
             reconstructed = run.elapsed()
             written = write_preview_nexus(plan, center, preview, provenance)
             busy = preview.seconds

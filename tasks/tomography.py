@@ -33,6 +33,12 @@ from calypso.tasks.projections import flat_series_rows, mean_rows, read_projecti
 from calypso.tasks.tomography_plan import TECHNIQUE, TomographyPlan, make_tomography_plan
 from calypso.techniques import tomography as tomo
 
+# Compile the back-projection kernel now (~0.5 s): workers preload this module
+# while they start, so the first slab does not wait for it.
+tomo.serial_back_projection()(
+    np.zeros((2, 4), np.float32), np.zeros(2, np.float32), np.float32(1.5), False
+)
+
 __all__ = [
     "TECHNIQUE",
     "CenterResult",

@@ -19,9 +19,9 @@ when it is installed, tomopy's gridrec.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 import numpy as np
@@ -528,24 +528,48 @@ def gpu_available() -> bool:
         return False
 
 
-@contextmanager
-def single_numba_thread() -> Iterator[None]:
-    """Run numba kernels on one thread inside the block.
+@cache
+def serial_back_projection() -> Callable[..., np.ndarray]:
+    """algotom's CPU back-projection kernel, compiled without parallel loops.
 
-    algotom's CPU back-projection loops over angles in parallel and adds every
-    angle into the same image without synchronisation: with more than one
-    numba thread, updates are lost and the slice changes from run to run
-    (measured: 1-3% of the values, differently each time). Parallelism comes
-    from Dask instead, one process a core.
+    algotom compiles it with ``parallel=True`` and a ``prange`` over angles
+    that adds every angle into the same image without synchronisation: with
+    more than one numba thread, updates are lost and the slice changes from run
+    to run (measured: 1-3% of the values). Compiled serially (``prange`` is then
+    ``range``) it is exact, whatever the process's numba threading state;
+    parallelism comes from Dask, one process a core. Compiled once a process.
     """
     import numba
+    from algotom.rec.reconstruction import back_projection_cpu
 
-    previous = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(previous)
+    return numba.njit(nogil=True)(back_projection_cpu.py_func)
+
+
+def filtered_back_projection(
+    sinograms: np.ndarray,
+    angles: np.ndarray,
+    center: float,
+    filter_name: str | None,
+    circle_mask: bool,
+) -> np.ndarray:
+    """FBP with algotom's ramp filter (padded by 15% of the width, at most 150 pixels)
+    and its back-projection kernel run serially; shape (rows, columns, columns)."""
+    from algotom.rec.reconstruction import apply_ramp_filter, make_2d_ramp_window
+    from algotom.util.utility import make_circle_mask
+
+    n_angles, n_rows, width = sinograms.shape
+    pad = min(int(0.15 * width), 150)
+    ramp = make_2d_ramp_window(n_angles, width + 2 * pad, filter_name)
+    back_project = serial_back_projection()
+    weight = np.float32(math.pi / n_angles)  # Riemann sum over a half or full turn
+    if circle_mask:
+        weight = weight * make_circle_mask(width, 1.0).astype(np.float32)
+    angles32, center32 = np.float32(angles), np.float32(center)
+    volume = np.empty((n_rows, width, width), dtype=np.float32)
+    for row in range(n_rows):
+        filtered = apply_ramp_filter(sinograms[:, row, :], ramp, filter_name, pad, "edge")
+        volume[row] = back_project(np.float32(filtered), angles32, center32, False) * weight
+    return volume
 
 
 def reconstruct(
@@ -588,11 +612,12 @@ def reconstruct(
     if not 0 <= center < width:
         raise ValueError(f"centre of rotation {center:.2f} is outside the detector (0-{width})")
     common = {"angles": angles, "ratio": 1.0 if circle_mask else None, "apply_log": False}
+    if algorithm == "fbp" and not gpu:
+        return filtered_back_projection(sinograms, angles, center, filter_name, circle_mask)
     if algorithm == "fbp":
-        with single_numba_thread():
-            volume = rec.fbp_reconstruction(
-                sinograms, center, filter_name=filter_name, gpu=gpu, ncore=1, **common
-            )
+        volume = rec.fbp_reconstruction(
+            sinograms, center, filter_name=filter_name, gpu=True, ncore=1, **common
+        )
         # algotom weighs each projection by pi/(n-1); the Riemann sum of a uniform
         # half or full turn is pi/n, which keeps the values quantitative.
         volume *= (n_angles - 1) / n_angles
