@@ -35,7 +35,7 @@ from calypso.techniques import tomography as tomo
 
 # Compile the back-projection kernel now (~0.5 s): workers preload this module
 # while they start, so the first slab does not wait for it.
-tomo.serial_back_projection()(
+tomo.back_projection_kernel()(
     np.zeros((2, 4), np.float32), np.zeros(2, np.float32), np.float32(1.5), False
 )
 
