@@ -30,6 +30,9 @@ def prepare_environment(settings: CalypsoSettings, verbose: bool = False) -> Non
         "PREFECT_LOGGING_INTERNAL_LEVEL": "ERROR",
         "DASK_LOGGING__DISTRIBUTED": "info" if verbose else "error",
         "DASK_DISTRIBUTED__ADMIN__LOG_LENGTH": "1000",
+        # The local cluster's nannies write the workers' environment into this
+        # process too; numba must see the same thread count from the start.
+        "NUMBA_NUM_THREADS": str(settings.executor.threads_per_worker),
     }
     if find_spec("pyopencl") is None:
         # silx warns at import when pyopencl is absent; without it OpenCL is off anyway.

@@ -543,17 +543,16 @@ def back_projection_kernel() -> Callable[..., np.ndarray]:
     algotom compiles its kernel with ``parallel=True`` and a ``prange`` over
     angles that adds every angle into the same image without synchronisation:
     with more than one numba thread, updates are lost and the slice changes
-    from run to run (measured: 1-3% of the values). Where numba is configured
-    for one thread (``NUMBA_NUM_THREADS=1``, as Calypso's Dask workers are) no
-    race is possible and algotom's kernel is used as compiled; elsewhere the
-    same kernel compiled serially, which gives identical values but runs ~1.6
-    times slower here. Calypso never changes numba's thread count at run time:
-    Dask's nanny rewrites the parent process's environment, and numba refuses a
-    thread count that changes after its threads started.
+    from run to run (measured: 1-3% of the values). Where numba runs one
+    thread (``NUMBA_NUM_THREADS=1``, as in Calypso's Dask workers) no race is
+    possible and algotom's kernel is used as compiled; elsewhere the same
+    kernel compiled serially, which gives identical values but runs ~1.6 times
+    slower here. Calypso never changes numba's thread count itself: numba
+    refuses a count that changes once its threads have started.
     """
     import numba
 
-    if numba.config.NUMBA_NUM_THREADS == 1:
+    if numba.get_num_threads() == 1:
         from algotom.rec.reconstruction import back_projection_cpu
 
         return back_projection_cpu

@@ -57,6 +57,11 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "ERROR")
     os.environ.pop("CALYPSO_CONFIG", None)
+    # Every local Dask cluster a test starts in this process has its nanny write
+    # the workers' environment (NUMBA_NUM_THREADS=1 ...) into this process's own;
+    # numba refuses a thread count that changes once its threads have started,
+    # so this process starts with the value the nannies will write.
+    os.environ["NUMBA_NUM_THREADS"] = "1"
     if find_spec("pyopencl") is None:
         os.environ["SILX_OPENCL"] = "0"
     if os.environ.get("PREFECT_API_URL"):
