@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("calypso: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` or a pager that quit
+        sys.stderr.close()
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
