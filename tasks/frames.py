@@ -7,6 +7,7 @@ travels between tasks; each task reads only the frames of its own chunk.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -127,16 +128,39 @@ def _open_image(path: Path):
         raise RawDataError(f"{path} cannot be read as an image by fabio: {exc}") from None
 
 
+@contextmanager
+def named_read_errors(what: str) -> Iterator[None]:
+    """Turn a failed read (corrupt compressed chunk, truncated file) into a
+    :class:`RawDataError` that names ``what`` was being read."""
+    try:
+        yield
+    except OSError as exc:
+        raise RawDataError(
+            f"{what} cannot be read ({exc}): a detector file is corrupt or truncated; check "
+            "it (h5dump, silx view) or copy it again"
+        ) from None
+
+
 def iter_frames(source: FrameSource, start: int, stop: int) -> Iterator[np.ndarray]:
     """Frames ``start:stop`` of a source, one at a time (the file stays open meanwhile).
 
     Reading frame by frame keeps a task's memory at one frame, and is faster
     than one big read through an HDF5 virtual dataset.
+
+    Raises
+    ------
+    RawDataError
+        When a frame cannot be read, naming the source and the frames.
     """
     if not 0 <= start < stop <= source.n_frames:
         raise ParameterError(
             f"frames {start}:{stop} are outside {source.describe()} ({source.n_frames} frames)"
         )
+    with named_read_errors(f"{source.describe()} frames {start}-{stop - 1}"):
+        yield from _frames(source, start, stop)
+
+
+def _frames(source: FrameSource, start: int, stop: int) -> Iterator[np.ndarray]:
     if source.kind == "hdf5":
         with open_raw(source.files[0]) as h5:
             dset = h5[source.dataset]

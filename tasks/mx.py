@@ -12,7 +12,6 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from pydantic import BaseModel
 
 from calypso.errors import RawDataError
 from calypso.tasks import nexus
-from calypso.tasks.frames import FrameSource, iter_frames, read_image
+from calypso.tasks.frames import iter_frames, read_image
 from calypso.tasks.mx_images import MXScan
 from calypso.tasks.mx_plan import TECHNIQUE, ImageChunk, MXPlan, make_mx_plan
 from calypso.tasks.plots import plot_mx_scan, publish_image
@@ -63,9 +62,9 @@ class IndexingReport(BaseModel):
 
 @dataclass(frozen=True)
 class DetectorStatics:
-    """What a worker keeps per detector: resolution of every pixel and the static mask."""
+    """What a worker keeps per detector: the static mask (with the resolution cut) and the
+    resolution range it leaves."""
 
-    d_spacing: np.ndarray
     valid: np.ndarray
     d_range: tuple[float, float]
 
@@ -74,9 +73,15 @@ _STATICS: dict[str, DetectorStatics] = {}
 
 
 def detector_statics(scan: MXScan, parameters: mx.MXParameters) -> DetectorStatics:
-    """Resolution map and static mask (pixel mask, user mask), cached per worker."""
+    """Static mask (pixel mask, user mask, ``d_max_a`` cut), cached per worker."""
     key = json.dumps(
-        [scan.geometry.model_dump(), scan.frame_shape, scan.pixel_mask, parameters.mask]
+        [
+            scan.geometry.model_dump(),
+            scan.frame_shape,
+            scan.pixel_mask,
+            parameters.mask,
+            parameters.d_max_a,
+        ]
     )
     if key not in _STATICS:
         valid = np.ones(scan.frame_shape, dtype=bool)
@@ -86,10 +91,10 @@ def detector_statics(scan: MXScan, parameters: mx.MXParameters) -> DetectorStati
             valid &= read_image(parameters.mask, "mask") == 0
         d = scan.geometry.d_spacing_image(scan.frame_shape)
         d_max = parameters.d_max_a or float(np.nanmax(d[valid]))
+        if parameters.d_max_a is not None:  # the beamstop's shadow: once, not per frame
+            valid &= d < parameters.d_max_a
         _STATICS.clear()  # one detector at a time: a worker's memory stays one map
-        _STATICS[key] = DetectorStatics(
-            d_spacing=d, valid=valid, d_range=(float(np.nanmin(d[valid])), d_max)
-        )
+        _STATICS[key] = DetectorStatics(valid=valid, d_range=(float(np.nanmin(d[valid])), d_max))
     return _STATICS[key]
 
 
@@ -116,11 +121,11 @@ def find_spots_chunk(chunk: ImageChunk, scan: MXScan, parameters: mx.MXParameter
     spots_columns: dict[str, list[np.ndarray]] = {
         name: [] for name in ("frame", "x", "y", "intensity", "size", "d")
     }
-    for offset, image in enumerate(_frames(source, chunk.start, chunk.stop)):
+    for offset, image in enumerate(iter_frames(source, chunk.start, chunk.stop)):
         valid = statics.valid & (image >= 0)
         if scan.saturation is not None:
             valid &= image < scan.saturation
-        spots = mx.find_spots(image, valid, parameters, statics.d_spacing)
+        spots = mx.find_spots(image, valid, parameters)
         summary, d = mx.summarize_image(spots, scan.geometry, statics.d_range, parameters)
         for name in table:
             table[name].append(getattr(summary, name))
@@ -142,21 +147,6 @@ def find_spots_chunk(chunk: ImageChunk, scan: MXScan, parameters: mx.MXParameter
         part_file=str(part),
         seconds=time.perf_counter() - began,
     )
-
-
-def _frames(source: FrameSource, start: int, stop: int) -> Iterator[np.ndarray]:
-    """Frames one at a time (a task holds one frame), read errors naming the file."""
-    frames = iter_frames(source, start, stop)
-    while True:
-        try:
-            frame = next(frames)
-        except StopIteration:
-            return
-        except OSError as exc:
-            raise RawDataError(
-                f"{source.describe()} frames {start}-{stop - 1} cannot be read ({exc})"
-            ) from None
-        yield frame
 
 
 @task(name="run_indexing", cache_policy=NO_CACHE)

@@ -35,6 +35,7 @@ from calypso.tasks.frames import (
     hdf5_frame_source,
     image_files_source,
     iter_frames,
+    named_read_errors,
 )
 from calypso.techniques.tomography import TomographyParameters
 
@@ -114,7 +115,7 @@ def read_block_rows(block: FrameBlock, first: int, stop: int) -> np.ndarray:
         When the file cannot deliver them (corrupt compressed chunk, truncated file).
     """
     source = block.source
-    try:
+    with named_read_errors(f"{block.describe()}, rows {first}-{stop - 1}"):
         if source.kind == "hdf5":
             with bliss.open_raw(source.files[0]) as h5:
                 dset = h5[source.dataset]
@@ -123,11 +124,6 @@ def read_block_rows(block: FrameBlock, first: int, stop: int) -> np.ndarray:
                 return dset[block.start : block.stop, first:stop, :]
         frames = iter_frames(source, block.start, block.stop)
         return np.stack([frame[first:stop] for frame in frames])
-    except OSError as exc:
-        raise RawDataError(
-            f"{block.describe()}, rows {first}-{stop - 1} cannot be read ({exc}): a detector "
-            "file is corrupt or truncated; check it (h5dump, silx view) or copy it again"
-        ) from None
 
 
 def read_projection_rows(scan: TomographyScan, first: int, stop: int) -> np.ndarray:

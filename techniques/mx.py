@@ -212,17 +212,17 @@ def label_spots(
     return spots.select((size >= min_size) & (size <= max_size))
 
 
-def find_spots(
-    image: np.ndarray, valid: np.ndarray, parameters: MXParameters, d_spacing: np.ndarray
-) -> Spots:
-    """Strong pixels (dispersion threshold), grouped into spots, cut at ``d_max_a``."""
+def find_spots(image: np.ndarray, valid: np.ndarray, parameters: MXParameters) -> Spots:
+    """Strong pixels (dispersion threshold), grouped into spots.
+
+    ``valid`` is every pixel to use: not masked, not in a gap, not saturated,
+    and at higher resolution than ``d_max_a`` (the caller builds the static part
+    once per detector: ``geometry.d_spacing_image(shape) < d_max_a``).
+    """
     p = parameters
-    usable = valid
-    if p.d_max_a is not None:
-        usable = valid & (d_spacing < p.d_max_a)
     strong, _ = dispersion_threshold(
         image,
-        usable,
+        valid,
         gain=p.gain,
         kernel_size=p.kernel_size,
         sigma_background=p.sigma_background,
@@ -231,7 +231,7 @@ def find_spots(
         min_local=p.min_local,
     )
     return label_spots(
-        strong, image, local_background(image, usable, strong, p.kernel_size),
+        strong, image, local_background(image, valid, strong, p.kernel_size),
         p.min_spot_size, p.max_spot_size,
     )  # fmt: skip
 

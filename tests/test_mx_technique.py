@@ -26,7 +26,7 @@ def background_with_spots(
 
 def find(image: np.ndarray, valid: np.ndarray | None = None) -> mx.Spots:
     valid = np.ones(image.shape, bool) if valid is None else valid
-    return mx.find_spots(image, valid, PARAMETERS, np.full(image.shape, 5.0))
+    return mx.find_spots(image, valid, PARAMETERS)
 
 
 def test_pure_poisson_background_gives_no_spots():

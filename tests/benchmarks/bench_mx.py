@@ -45,7 +45,7 @@ def _find(indices: list[int]) -> int:
     for index in indices:
         image = frames[index]
         valid = statics.valid & (image < scan.saturation)
-        spots = mx.find_spots(image, valid, parameters, statics.d_spacing)
+        spots = mx.find_spots(image, valid, parameters)
         mx.summarize_image(spots, scan.geometry, statics.d_range, parameters)
         total += len(spots)
     return total
