@@ -30,6 +30,7 @@ bench: install
 	$(BIN)/python tests/benchmarks/bench_spectroscopy.py --spectra 10000 --half
 	$(BIN)/python tests/benchmarks/bench_tomography.py --rows 64 --columns 1024 --projections 900
 	$(BIN)/python tests/benchmarks/bench_mx.py --frames 200
+	$(BIN)/python tests/benchmarks/bench_export.py --gigabytes 2
 
 lint: install
 	$(BIN)/ruff check .

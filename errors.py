@@ -48,3 +48,9 @@ class CatalogueError(CalypsoError):
     """The catalogue could not record or read a processed dataset."""
 
     exit_code = 5
+
+
+class ExportError(CalypsoError):
+    """Results could not be exported to (or verified in) an object store or folder."""
+
+    exit_code = 6

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -93,6 +93,110 @@ class CatalogueSettings(BaseModel):
     icat: IcatSettings = Field(default_factory=IcatSettings)
 
 
+class ExportSettings(BaseModel):
+    """Where ``calypso export`` (and a flow's ``export_to``) sends processed datasets.
+
+    Credentials come, in this order, from ``credentials_block`` (a Prefect Secret
+    block holding ``{"access_key_id": ..., "secret_access_key": ...}``), from
+    ``access_key_id``/``secret_access_key`` here, or from the standard AWS chain
+    (``AWS_ACCESS_KEY_ID``..., ``AWS_PROFILE``, ``~/.aws``) when neither is set.
+    """
+
+    default_target: str | None = Field(
+        None,
+        description="Target used when none is given (default: the folder <home>/export).",
+    )
+    endpoint_url: str | None = Field(
+        None,
+        description="S3 endpoint of a non-AWS store (Ceph RGW, MinIO, ...), e.g. "
+        "https://s3.example.org.",
+    )
+    region: str | None = Field(None, description="S3 region (default: the AWS chain's).")
+    profile: str | None = Field(None, description="AWS profile name in ~/.aws.")
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    credentials_block: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the S3 key pair (JSON)."
+    )
+    part_size_mb: int = Field(
+        16,
+        ge=5,
+        le=5120,
+        description="Multipart part size (S3 needs >= 5 MB; raised for files over 10,000 "
+        "parts). Memory held is about files_at_once x parts_at_once x part size.",
+    )
+    files_at_once: int = Field(8, ge=1, le=64, description="Files uploaded concurrently.")
+    parts_at_once: int = Field(4, ge=1, le=64, description="Parts of one file in flight.")
+    connect_timeout_s: float = Field(10.0, gt=0)
+    retries: int = Field(
+        3, ge=1, le=10, description="Attempts for a failing request before the export stops."
+    )
+    icat_field: str = Field(
+        "Notes_note_01",
+        description="ICAT dataset parameter that receives the exported URIs (ICAT backend).",
+    )
+
+
+class WatchRule(BaseModel):
+    """Which scans of a beamline a technique reduces, and with which default parameters.
+
+    A scan matches when every pattern given matches (shell patterns, case-insensitive):
+    ``detector`` against the names of its 2D detectors (any), ``title`` against its title.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    technique: str
+    detector: str | None = Field(None, description="e.g. 'pilatus*', 'eiger*'")
+    title: str | None = Field(None, description="e.g. 'fscan*', '*xas*', 'tomo:*'")
+    unit: Literal["scan", "dataset"] = Field(
+        "scan",
+        description="'scan': each finished scan is reduced alone (diffraction, MX); "
+        "'dataset': the whole dataset once it is finished and quiet (tomography sequences, "
+        "repeated XAS scans to merge).",
+    )
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="Defaults for this beamline, e.g. its PONI file."
+    )
+
+
+class WatchSettings(BaseModel):
+    """``calypso watch``: how RAW_DATA trees are followed and scans routed to flows."""
+
+    interval_s: float = Field(10.0, gt=0, description="Seconds between two polls of a tree.")
+    quiet_s: float = Field(
+        60.0,
+        ge=0,
+        description="A dataset whose files have not changed for this long is finished "
+        "(scans without end_time included: a crashed acquisition still gets reduced).",
+    )
+    beamlines: dict[str, list[WatchRule]] = Field(
+        default_factory=dict,
+        description="Rules per beamline name (as in the data path); '*' applies to any "
+        "beamline without rules of its own.",
+    )
+    state_path: Path | None = Field(
+        None, description="SQLite file of the watcher's state (default: <home>/watch.sqlite)."
+    )
+
+
+class ServeSettings(BaseModel):
+    """``calypso serve``: the deployments it serves."""
+
+    concurrency: dict[str, int] = Field(
+        default_factory=dict, description="Flow runs at once per technique (overrides default)."
+    )
+    default_concurrency: int = Field(2, ge=1, description="Flow runs at once per technique.")
+    icat_flush_interval_s: float = Field(
+        300.0, gt=0, description="How often pending ICAT registrations are retried."
+    )
+    result_storage: Path | None = Field(
+        None,
+        description="Where task results are kept so a retried run skips finished chunks "
+        "(default: <home>/results).",
+    )
+
+
 class ServerSettings(BaseModel):
     """The local Prefect server started by ``calypso server``."""
 
@@ -123,6 +227,9 @@ class CalypsoSettings(BaseSettings):
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     catalogue: CatalogueSettings = Field(default_factory=CatalogueSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    watch: WatchSettings = Field(default_factory=WatchSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
     prefect_api_url: str | None = Field(
         None,
         description="Prefect server API; when unset, PREFECT_API_URL or Prefect's "
@@ -147,6 +254,18 @@ class CalypsoSettings(BaseSettings):
     @property
     def catalogue_path(self) -> Path:
         return self.catalogue.path or self.home / "catalogue.sqlite"
+
+    @property
+    def watch_state_path(self) -> Path:
+        return self.watch.state_path or self.home / "watch.sqlite"
+
+    @property
+    def result_storage(self) -> Path:
+        return self.serve.result_storage or self.home / "results"
+
+    @property
+    def export_target(self) -> str:
+        return self.export.default_target or str(self.home / "export")
 
 
 def config_file_path() -> Path | None:

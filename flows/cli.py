@@ -81,9 +81,36 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="local Dask worker processes (default: one per core)",
     )
+    run.add_argument(
+        "--export-to",
+        metavar="URI",
+        help="then export the results under this prefix (s3://bucket/prefix, a folder ...)",
+    )
     run.add_argument("--json", action="store_true", help="print a machine-readable summary")
     run.add_argument("-v", "--verbose", action="store_true", help="show Prefect and Dask logs")
     run.set_defaults(handler=command_run)
+
+    export = commands.add_parser(
+        "export", help="copy a processed dataset to object storage (S3, ...), resumable"
+    )
+    export.add_argument("source", help="processed dataset folder, or its catalogue id")
+    export.add_argument(
+        "--to",
+        metavar="URI",
+        help="s3://bucket/prefix or any fsspec URL or folder (default: settings' "
+        "export.default_target, then <home>/export/<folder name>)",
+    )
+    export.add_argument(
+        "--include",
+        action="append",
+        metavar="PATTERN",
+        help="only files matching this shell pattern (repeatable), e.g. '*.h5'",
+    )
+    export.add_argument(
+        "--verify", action="store_true", help="read every object back and check its SHA-256"
+    )
+    export.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    export.set_defaults(handler=command_export)
 
     params = commands.add_parser("parameters", help="list a technique's parameters")
     params.add_argument("technique", choices=TECHNIQUES)
@@ -234,7 +261,13 @@ def command_run(args: argparse.Namespace) -> int:
     prepare_environment(settings, verbose=args.verbose)
     parameters = build_parameters(args.technique, args.set, args.params)
     summary = run_technique(
-        args.technique, args.input, parameters, args.scans, args.output, settings
+        args.technique,
+        args.input,
+        parameters,
+        args.scans,
+        args.output,
+        settings,
+        export_to=args.export_to,
     )
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -250,6 +283,7 @@ def run_technique(
     scans: list[int] | None,
     output: str | None,
     settings: CalypsoSettings,
+    export_to: str | None = None,
 ) -> dict[str, Any]:
     """Check the input, then run the technique's flow on the configured Dask cluster."""
     began = time.perf_counter()
@@ -269,6 +303,10 @@ def run_technique(
         input_path, parameters, scans, output, settings, local_worker_count(settings.executor)
     )
     total = getattr(plan, entry.count_attribute)
+    if export_to:
+        from calypso.tasks.export import check_target_uri
+
+        check_target_uri(export_to)
     from calypso.flows.runtime import check_prefect_api, prefect_api
 
     check_prefect_api()
@@ -286,7 +324,11 @@ def run_technique(
         stack.enter_context(listening(bar.update_to))
         runner = build_task_runner(settings.executor, cluster=booting.result() if booting else None)
         summary = technique_flow.with_options(task_runner=runner)(
-            raw=input_path, parameters=parameters, scans=scans, output_dir=output
+            raw=input_path,
+            parameters=parameters,
+            scans=scans,
+            output_dir=output,
+            export_to=export_to,
         )
     summary["wall_s"] = round(time.perf_counter() - began, 3)
     return summary
@@ -297,10 +339,18 @@ def _close_cluster(booting) -> None:
 
 
 class _Bar:
-    def __init__(self, total: int, unit: str) -> None:
+    def __init__(self, total: int, unit: str, scale: bool = False) -> None:
         from tqdm import tqdm
 
-        self._bar = tqdm(total=total, unit=unit, file=sys.stderr, disable=None, leave=False)
+        self._bar = tqdm(
+            total=total,
+            unit=unit,
+            unit_scale=scale,
+            unit_divisor=1024 if scale else 1000,
+            file=sys.stderr,
+            disable=None,
+            leave=False,
+        )
 
     def update_to(self, done: int, total: int) -> None:
         self._bar.total = total
@@ -325,8 +375,50 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(
         f"catalogue id {summary['catalogue_id']} (calypso catalogue show {summary['catalogue_id']})"
     )
+    if summary.get("export"):
+        print_export(summary["export"])
     for warning in summary.get("warnings", []):
         print(f"calypso: warning: {warning}", file=sys.stderr)
+
+
+def print_export(export: dict[str, Any]) -> None:
+    print(
+        f"exported {export['files']} files ({export['bytes'] / 2**20:.1f} MiB) to "
+        f"{export['uri']}: {export['uploaded']} sent, {export['already_there']} already there"
+        f" ({export['megabytes_per_s']:.1f} MiB/s){', verified' if export['verified'] else ''}"
+    )
+    print(f"manifest: {export['manifest']}")
+    for warning in export.get("warnings", []):
+        print(f"calypso: warning: {warning}", file=sys.stderr)
+
+
+# -- export -------------------------------------------------------------------
+
+
+def command_export(args: argparse.Namespace) -> int:
+    from calypso.tasks.export import (
+        dataset_to_export,
+        export_dataset,
+        export_summary,
+        record_export,
+    )
+
+    settings = load_settings()
+    source, record_id = dataset_to_export(args.source, settings)
+    target = args.to or f"{settings.export_target.rstrip('/')}/{source.name}"
+    bar = _Bar(0, "B", scale=True)
+    try:
+        report = export_dataset(
+            source, target, settings, args.include, args.verify, progress=bar.update_to
+        )
+    finally:
+        bar.close()
+    summary = export_summary(report, record_export(report, record_id, settings))
+    if args.json:
+        print(json.dumps(summary | {"source": str(source), "catalogue_id": record_id}, indent=2))
+    else:
+        print_export(summary)
+    return 0
 
 
 # -- sample data and demo -----------------------------------------------------
@@ -549,8 +641,9 @@ def command_catalogue_list(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps([e.model_dump(mode="json") for e in entries], indent=2))
         for entry in [] if args.json else entries:
+            what = entry.payload.get("path") or entry.payload.get("metadata_name")
             print(
-                f"record {entry.record_id}: {entry.payload['path']} "
+                f"record {entry.record_id} ({entry.destination}): {what} "
                 f"(attempts {entry.attempts}; {entry.last_error or 'not tried'})"
             )
         if not entries and not args.json:
@@ -575,8 +668,13 @@ def command_catalogue_list(args: argparse.Namespace) -> int:
 def command_catalogue_show(args: argparse.Namespace) -> int:
     from calypso.registry import open_catalogue
 
-    record = open_catalogue(load_settings()).get(args.id)
-    print(json.dumps(record.model_dump(mode="json"), indent=2))
+    catalogue = open_catalogue(load_settings())
+    record = catalogue.get(args.id)
+    exports = getattr(catalogue, "local", catalogue).exports(record_id=args.id)
+    shown = record.model_dump(mode="json") | {
+        "exports": [e.model_dump(mode="json", exclude={"record_id"}) for e in exports]
+    }
+    print(json.dumps(shown, indent=2))
     return 0
 
 

@@ -25,6 +25,7 @@ def diffraction(
     parameters: DiffractionParameters | None = None,
     scans: list[int] | None = None,
     output_dir: str | None = None,
+    export_to: str | None = None,
 ) -> dict[str, Any]:
     """Integrate the frames of a raw dataset azimuthally and write NeXus results.
 
@@ -33,7 +34,7 @@ def diffraction(
     ``output_dir``) and are registered in the catalogue.
     """
     parameters = parameters or DiffractionParameters()
-    run = FlowRun(TECHNIQUE)
+    run = FlowRun(TECHNIQUE, export_to=export_to)
     plan = plan_integration(raw, parameters, scans, output_dir, run.workers)
     run.planned(plan, plan.n_frames)
     with run.working() as work_dir:

@@ -26,11 +26,12 @@ def mx(
     parameters: MXParameters | None = None,
     scans: list[int] | None = None,
     output_dir: str | None = None,
+    export_to: str | None = None,
 ) -> dict[str, Any]:
     """Find the spots of every image (dispersion threshold), rate hits, map grid scans and
     pick the centring position; index rotation scans with xia2 when it is installed."""
     parameters = parameters or MXParameters()
-    run = FlowRun(TECHNIQUE)
+    run = FlowRun(TECHNIQUE, export_to=export_to)
     plan = plan_mx(raw, parameters, scans, output_dir, run.workers)
     run.planned(plan, plan.n_frames)
     with run.working() as work_dir:

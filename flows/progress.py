@@ -8,58 +8,16 @@ its own, where the CLI's context variables are not set.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
 
+from calypso.tasks.progress import RunProgress, listening
+
+__all__ = ["RunProgress", "collect", "listening"]
+
 Result = TypeVar("Result")
-
-Listener = Callable[[int, int], None]
-_listeners: list[Listener] = []
-logger = logging.getLogger(__name__)
-
-
-@contextmanager
-def listening(listener: Listener) -> Iterator[None]:
-    """Send progress reports of flows run inside this block to ``listener(done, total)``."""
-    _listeners.append(listener)
-    try:
-        yield
-    finally:
-        _listeners.remove(listener)
-
-
-class RunProgress:
-    """Counts finished work units and reports them as they finish."""
-
-    def __init__(self, total: int, description: str) -> None:
-        self.total = max(total, 1)
-        self.done = 0
-        self._artifact: Any = None
-        try:
-            self._artifact = create_progress_artifact(
-                progress=0.0, key=None, description=description
-            )
-        except Exception:  # no API to report to: the run itself must not fail for that
-            logger.debug("progress artifact not created", exc_info=True)
-        self._notify()
-
-    def advance(self, amount: int) -> None:
-        self.done += amount
-        if self._artifact is not None:
-            try:
-                update_progress_artifact(self._artifact, progress=100.0 * self.done / self.total)
-            except Exception:
-                logger.debug("progress artifact not updated", exc_info=True)
-        self._notify()
-
-    def _notify(self) -> None:
-        for listener in list(_listeners):
-            listener(self.done, self.total)
 
 
 def collect(

@@ -26,6 +26,7 @@ def spectroscopy(
     parameters: SpectroscopyParameters | None = None,
     scans: list[int] | None = None,
     output_dir: str | None = None,
+    export_to: str | None = None,
 ) -> dict[str, Any]:
     """Reduce X-ray absorption spectra: mu(E), calibration, merge, normalisation, EXAFS.
 
@@ -34,7 +35,7 @@ def spectroscopy(
     ``output_dir``) as NeXus, XDI and a PNG, and are registered in the catalogue.
     """
     parameters = parameters or SpectroscopyParameters()
-    run = FlowRun(TECHNIQUE)
+    run = FlowRun(TECHNIQUE, export_to=export_to)
     plan = plan_spectroscopy(raw, parameters, scans, output_dir, run.workers)
     run.planned(plan, plan.n_spectra)
     with run.working() as work_dir:

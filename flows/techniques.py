@@ -38,6 +38,29 @@ class Technique:
     def flow(self) -> Any:
         return _load(self.flow_at)
 
+    @property
+    def version(self) -> str:
+        """Calypso's version and a digest of this technique's code (flow, tasks, plan,
+        science): a new version reprocesses what the previous one processed."""
+        import hashlib
+        from importlib.util import find_spec
+
+        import calypso
+
+        digest = hashlib.sha256()
+        modules = [
+            self.flow_at.split(":")[0],
+            self.task_module,
+            self.plan_at.split(":")[0],
+            self.parameters_at.split(":")[0],
+        ]
+        for module in sorted(set(modules)):
+            spec = find_spec(module)
+            if spec is not None and spec.origin:
+                with open(spec.origin, "rb") as source:
+                    digest.update(source.read())
+        return f"{calypso.__version__}+{digest.hexdigest()[:12]}"
+
 
 def _load(location: str) -> Any:
     module, name = location.split(":")

@@ -29,6 +29,7 @@ def tomography(
     parameters: TomographyParameters | None = None,
     scans: list[int] | None = None,
     output_dir: str | None = None,
+    export_to: str | None = None,
 ) -> dict[str, Any]:
     """Reconstruct a tomography scan: flat field, -log, ring removal, centre of rotation,
     (Paganin,) filtered back-projection.
@@ -39,7 +40,7 @@ def tomography(
     centre-of-rotation sweep instead.
     """
     parameters = parameters or TomographyParameters()
-    run = FlowRun(TECHNIQUE)
+    run = FlowRun(TECHNIQUE, export_to=export_to)
     plan = plan_tomography(raw, parameters, scans, output_dir, run.workers)
     run.planned(plan, plan.n_slices)
     provenance = {"flow_run_id": run.run_id, "input": raw}

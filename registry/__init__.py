@@ -1,5 +1,11 @@
 """Catalogues of processed datasets (embedded SQLite by default) and, later, saved flows."""
 
-from calypso.registry.catalogue import Catalogue, ProcessedDataset, SQLiteCatalogue, open_catalogue
+from calypso.registry.catalogue import (
+    Catalogue,
+    ExportRecord,
+    ProcessedDataset,
+    SQLiteCatalogue,
+    open_catalogue,
+)
 
-__all__ = ["Catalogue", "ProcessedDataset", "SQLiteCatalogue", "open_catalogue"]
+__all__ = ["Catalogue", "ExportRecord", "ProcessedDataset", "SQLiteCatalogue", "open_catalogue"]

@@ -84,8 +84,9 @@ CREATE TABLE IF NOT EXISTS processed_datasets (
 CREATE INDEX IF NOT EXISTS processed_by_raw ON processed_datasets (raw_dataset);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    record_id INTEGER NOT NULL UNIQUE REFERENCES processed_datasets (id),
+    record_id INTEGER NOT NULL REFERENCES processed_datasets (id),
     destination TEXT NOT NULL,
+    key TEXT NOT NULL UNIQUE,
     payload TEXT NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending',
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -93,6 +94,40 @@ CREATE TABLE IF NOT EXISTS outbox (
     created TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
     delivered TEXT
 );
+CREATE TABLE IF NOT EXISTS exports (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    record_id INTEGER REFERENCES processed_datasets (id),
+    source TEXT NOT NULL,
+    uri TEXT NOT NULL,
+    manifest TEXT NOT NULL,
+    files INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    uploaded INTEGER NOT NULL,
+    verified INTEGER NOT NULL DEFAULT 0,
+    finished TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+);
+CREATE INDEX IF NOT EXISTS exports_by_record ON exports (record_id);
+"""
+
+# Catalogues made before the outbox could hold more than one entry a record
+# (an ICAT registration, then its export notes) get the keyed table.
+_OUTBOX_WITH_KEYS = """
+ALTER TABLE outbox RENAME TO outbox_before_keys;
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    record_id INTEGER NOT NULL REFERENCES processed_datasets (id),
+    destination TEXT NOT NULL,
+    key TEXT NOT NULL UNIQUE,
+    payload TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    created TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+    delivered TEXT
+);
+INSERT INTO outbox SELECT id, record_id, destination, destination || ':' || record_id,
+    payload, state, attempts, last_error, created, delivered FROM outbox_before_keys;
+DROP TABLE outbox_before_keys;
 """
 
 
@@ -102,12 +137,28 @@ class OutboxEntry(BaseModel):
     id: int
     record_id: int
     destination: str
+    key: str
     payload: dict[str, Any]
     state: Literal["pending", "sending", "delivered"]
     attempts: int
     last_error: str | None = None
     created: str
     delivered: str | None = None
+
+
+class ExportRecord(BaseModel):
+    """A completed (and, if ``verified``, read back and checked) export of a dataset."""
+
+    id: int | None = None
+    record_id: int | None = Field(None, description="Catalogue id of the exported dataset.")
+    source: str = Field(..., description="Local folder that was exported.")
+    uri: str = Field(..., description="Where its files are now (no credentials).")
+    manifest: str = Field(..., description="URI of the SHA-256 manifest.")
+    files: int
+    bytes: int
+    uploaded: int = Field(..., description="Files sent by the last run (others were there).")
+    verified: bool = False
+    finished: str | None = None
 
 
 _JSON_FIELDS = ("outputs", "parameters", "software")
@@ -131,6 +182,9 @@ class SQLiteCatalogue:
                         "ALTER TABLE processed_datasets "
                         "ADD COLUMN software TEXT NOT NULL DEFAULT '{}'"
                     )
+                outbox_columns = {row["name"] for row in db.execute("PRAGMA table_info(outbox)")}
+                if "key" not in outbox_columns:
+                    db.executescript(_OUTBOX_WITH_KEYS)
         except (OSError, sqlite3.Error) as exc:
             raise CatalogueError(
                 f"cannot open the catalogue {self.path}: {exc}; set CALYPSO_CATALOGUE__PATH "
@@ -194,12 +248,17 @@ class SQLiteCatalogue:
 
     # -- the outbox: registrations owed to an external catalogue ---------------
 
-    def enqueue(self, record_id: int, destination: str, payload: dict[str, Any]) -> bool:
-        """Owe ``payload`` to ``destination``; False if this record is already owed or sent."""
+    def enqueue(
+        self, record_id: int, destination: str, payload: dict[str, Any], key: str | None = None
+    ) -> bool:
+        """Owe ``payload`` to ``destination``; False if the same ``key`` (by default one per
+        record and destination) is already owed or sent."""
+        key = key or f"{destination}:{record_id}"
         with self._connect() as db:
             cursor = db.execute(
-                "INSERT OR IGNORE INTO outbox (record_id, destination, payload) VALUES (?, ?, ?)",
-                (record_id, destination, json.dumps(payload, default=str)),
+                "INSERT OR IGNORE INTO outbox (record_id, destination, key, payload) "
+                "VALUES (?, ?, ?, ?)",
+                (record_id, destination, key, json.dumps(payload, default=str)),
             )
             return cursor.rowcount == 1
 
@@ -243,6 +302,39 @@ class SQLiteCatalogue:
                 (destination,),
             )
             return cursor.rowcount
+
+    # -- exports --------------------------------------------------------------
+
+    def record_export(self, export: ExportRecord) -> int:
+        values = export.model_dump(exclude={"id", "finished"})
+        columns = ", ".join(values)
+        marks = ", ".join(f":{name}" for name in values)
+        with self._connect() as db:
+            cursor = db.execute(f"INSERT INTO exports ({columns}) VALUES ({marks})", values)
+            return int(cursor.lastrowid)
+
+    def exports(
+        self, record_id: int | None = None, source: str | None = None
+    ) -> list[ExportRecord]:
+        """Exports of a catalogue record or of a source folder, oldest first."""
+        query, arguments = "SELECT * FROM exports", []
+        if record_id is not None:
+            query, arguments = query + " WHERE record_id = ?", [record_id]
+        elif source is not None:
+            query, arguments = query + " WHERE source = ?", [source]
+        with self._connect() as db:
+            rows = db.execute(query + " ORDER BY id", arguments).fetchall()
+        return [ExportRecord(**dict(row)) for row in rows]
+
+    def find_by_processed_path(self, path: str) -> ProcessedDataset | None:
+        """The latest completed record whose results are in ``path``."""
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT * FROM processed_datasets WHERE processed_path = ? "
+                "AND status = 'completed' ORDER BY id DESC LIMIT 1",
+                (path,),
+            ).fetchone()
+        return None if row is None else self._record(row)
 
     def outbox(self, state: str | None = None) -> list[OutboxEntry]:
         query, arguments = "SELECT * FROM outbox", ()

@@ -21,6 +21,9 @@ from calypso.registry.catalogue import ProcessedDataset, SQLiteCatalogue
 from calypso.settings import IcatSettings
 
 DESTINATION = "icat"
+# Later notes on a registered dataset (e.g. where it was exported), sent after
+# every pending registration, so ICAT already knows the dataset.
+METADATA_DESTINATION = "icat-metadata"
 
 
 @dataclass
@@ -118,24 +121,51 @@ class IcatCatalogue:
     def list(self, technique: str | None = None, limit: int = 50) -> list[ProcessedDataset]:
         return self.local.list(technique, limit)
 
+    def note(self, record_id: int, key: str, name: str, value: str) -> str | None:
+        """Owe ICAT a metadata update of ``record_id``'s dataset (``name = value``), try to
+        send it now; a warning when it is left waiting in the outbox."""
+        record = self.local.get(record_id)
+        payload = {
+            "proposal": record.proposal,
+            "beamline": record.beamline,
+            "dataset_paths": [record.processed_path],
+            "metadata_name": name,
+            "metadata_value": value,
+        }
+        if not (record.proposal and record.beamline):
+            return f"{record.processed_path} has no proposal or beamline: ICAT not told"
+        if self.local.enqueue(record_id, METADATA_DESTINATION, payload, key=key):
+            report = self.flush()
+            if report.error:
+                return (
+                    f"ICAT note {name} of {record.processed_path} is waiting in the outbox "
+                    f"({report.error}); deliver it with `calypso catalogue flush`"
+                )
+        return None
+
     def flush(self, release_stale: bool = False) -> FlushReport:
-        """Deliver pending registrations, oldest first, until one fails."""
+        """Deliver pending registrations, then pending notes, oldest first, until one fails."""
         if release_stale:
             self.local.release_stale(DESTINATION)
+            self.local.release_stale(METADATA_DESTINATION)
         report = FlushReport()
         client = None
         try:
-            while (entry := self.local.claim(DESTINATION)) is not None:
-                try:
-                    if client is None:
-                        client = self._client()
-                    client.store_processed_data(**entry.payload)
-                except Exception as exc:
-                    report.error = f"{type(exc).__name__}: {exc}"
-                    self.local.settle(entry.id, error=report.error)
-                    break
-                self.local.settle(entry.id)
-                report.delivered.append(entry.record_id)
+            for destination in (DESTINATION, METADATA_DESTINATION):
+                while report.error is None and (entry := self.local.claim(destination)):
+                    try:
+                        if client is None:
+                            client = self._client()
+                        if destination == DESTINATION:
+                            client.store_processed_data(**entry.payload)
+                        else:
+                            client.update_metadata(**entry.payload)
+                    except Exception as exc:
+                        report.error = f"{type(exc).__name__}: {exc}"
+                        self.local.settle(entry.id, error=report.error)
+                        break
+                    self.local.settle(entry.id)
+                    report.delivered.append(entry.record_id)
         finally:
             if client is not None:
                 client.disconnect()
@@ -204,6 +234,7 @@ class IcatCatalogue:
             metadata_urls=list(self.settings.metadata_urls),
             metadata_queue=self.settings.metadata_queue,
             metadata_queue_monitor_port=self.settings.queue_monitor_port,
+            update_metadata_urls=list(self.settings.metadata_urls),
             elogbook_url=self.settings.icatplus_url,
             elogbook_token=token.get_secret_value() if token else None,
             elogbook_timeout=self.settings.timeout_s,

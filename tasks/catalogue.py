@@ -82,6 +82,8 @@ class FlowRun:
     clock: float = field(default_factory=time.perf_counter)
     plan: Any = None
     count: int = 0
+    export_to: str | None = None  # object-store prefix the results go to once registered
+    exported: dict[str, Any] | None = None
 
     @property
     def workers(self) -> int:
@@ -111,7 +113,17 @@ class FlowRun:
         return self._register([], "failed", str(error))
 
     def completed(self, outputs: list[str]) -> Registration:
-        return self._register(outputs, "completed", None)
+        """Register the results; then export them when the run was asked to."""
+        registration = self._register(outputs, "completed", None)
+        if self.export_to:
+            from calypso.tasks.export import flow_export_uri
+            from calypso.tasks.export_step import export_processed_dataset
+
+            uri = flow_export_uri(self.export_to, self.plan.output_dir, self.plan.raw)
+            self.exported = export_processed_dataset(
+                self.plan.output_dir, uri, registration.catalogue_id
+            )
+        return registration
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.clock
@@ -153,6 +165,7 @@ class FlowRun:
             "tasks": tasks,
             **extra,
             "catalogue_id": registration.catalogue_id,
+            **({"export": self.exported} if self.exported else {}),
             "warnings": [registration.warning] if registration.warning else [],
             "timings_s": {"total": round(total, 3)}
             | {name: round(value, 3) for name, value in timings.items()},

@@ -124,3 +124,11 @@ def catalogue_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "catalogue.sqlite"
     monkeypatch.setenv("CALYPSO_CATALOGUE__PATH", str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def loopback():
+    """Helpers for tests that start servers: ``free_port()`` and ``wait_for_http(url, ...)``."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(free_port=free_port, wait_for_http=wait_for_http)

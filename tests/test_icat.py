@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import queue
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from calypso.techniques.diffraction import DiffractionParameters
 
 pytestmark = pytest.mark.slow
 QUEUE = "/queue/icatIngest"
+UPDATE_QUEUE = "/queue/icatUpdateDatasetMetadata"
 
 
 class IcatServers:
@@ -40,7 +42,7 @@ class IcatServers:
         self.monitor_port = tcp.get_open_port()
         self.icatplus_port = tcp.get_open_port()
         self._sinks = []
-        self.broker = self.ingester = None
+        self.broker = self.ingester = self.updater = None
         self.monitor = _mock_backend.start_activemq_rest_server(self.monitor_port, quiet=True)
         self.start_broker()
         sink = tcp.tcp_message_server("json", validate_all=False)
@@ -59,14 +61,23 @@ class IcatServers:
             self.broker_port, port, QUEUE, self.data_dir, quiet=True
         )
         assert messages.get(timeout=10) == "LISTENING"
+        # Metadata updates of registered datasets (e.g. where they were exported).
+        sink = tcp.tcp_message_server(validate_all=False)
+        port, self.updates = sink.__enter__()
+        self._sinks.append(sink)
+        self.updater = _mock_backend.start_stomp_subscriber(
+            self.broker_port, port, UPDATE_QUEUE, self.data_dir, quiet=True
+        )
+        assert self.updates.get(timeout=10) == "LISTENING"
 
     def stop_broker(self) -> None:
         proc.wait_terminate(self.ingester)
+        proc.wait_terminate(self.updater)
         self.broker.kill()
         self.broker.wait()
 
     def close(self) -> None:
-        for process in (self.ingester, self.broker, self.icatplus, self.monitor):
+        for process in (self.ingester, self.updater, self.broker, self.icatplus, self.monitor):
             if process is not None and process.poll() is None:
                 proc.wait_terminate(process)
         for sink in self._sinks:
@@ -192,6 +203,26 @@ def test_broker_down_the_run_succeeds_and_flush_delivers_once(
     assert main(["catalogue", "flush"]) == 0  # nothing more to send
     assert "delivered 0" in capsys.readouterr().out
     assert _count(icat, summary["flow_run_id"]) == 1
+
+
+def test_an_export_is_noted_on_the_icat_dataset(icat, icat_env, diffraction_sample, tmp_path):
+    summary = reduce(diffraction_sample)
+    processed = summary["processed_dataset_dir"]
+    target = tmp_path / "exported"
+    for _ in range(2):  # the same export twice: ICAT is told once
+        assert main(["export", str(summary["catalogue_id"]), "--to", str(target)]) == 0
+    message = json.loads(icat.updates.get(timeout=20))
+    assert message == {
+        "proposal": "ih0001",
+        "beamline": "id00",
+        "datasetPaths": [processed],
+        "metadataName": "Notes_note_01",
+        "metadataValue": f"exported to {target} (SHA-256 manifest {target}/MANIFEST.sha256)",
+    }
+    with pytest.raises(queue.Empty):
+        icat.updates.get(timeout=2)
+    assert SQLiteCatalogue(icat_env).outbox("pending") == []
+    assert len(SQLiteCatalogue(icat_env).exports(record_id=summary["catalogue_id"])) == 2
 
 
 def _workflow_id(dataset: dict) -> str | None:
