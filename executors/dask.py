@@ -104,3 +104,18 @@ def build_task_runner(executor: ExecutorSettings, cluster: LocalCluster | None =
     return DaskTaskRunner(
         cluster_class=start_local_cluster, cluster_kwargs=local_cluster_options(executor)
     )
+
+
+def flow_task_runner(technique: str):
+    """The task runner a technique flow gets when no caller chooses one: runs started
+    by a deployment (``calypso serve``), where Prefect loads the flow itself.
+
+    Read from the settings when the flow's module is imported: ``calypso serve`` points
+    its flow runs at the cluster it keeps (``CALYPSO_EXECUTOR__KIND=address``).
+    """
+    from calypso.settings import ExecutorSettings, load_settings
+
+    executor = load_settings().executor
+    if executor.preload == ExecutorSettings().preload:
+        executor = executor.model_copy(update={"preload": [f"calypso.tasks.{technique}"]})
+    return build_task_runner(executor)

@@ -151,6 +151,27 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, help="port (default: settings, 4200)")
     server.set_defaults(handler=command_server)
 
+    serve = commands.add_parser(
+        "serve", help="serve one Prefect deployment per technique, triggered by acquisitions"
+    )
+    serve.add_argument(
+        "--technique",
+        action="append",
+        choices=TECHNIQUES,
+        dest="techniques",
+        help="serve only this technique (repeatable; default: all)",
+    )
+    serve.add_argument("-v", "--verbose", action="store_true", help="show Prefect and Dask logs")
+    serve.set_defaults(handler=command_serve)
+
+    watch = commands.add_parser(
+        "watch", help="follow RAW_DATA trees and announce every finished scan to Prefect"
+    )
+    watch.add_argument("roots", nargs="+", metavar="ROOT", help="e.g. /data/visitor")
+    watch.add_argument("--once", action="store_true", help="one pass, then exit")
+    watch.add_argument("--interval", type=float, metavar="S", help="seconds between polls")
+    watch.set_defaults(handler=command_watch)
+
     catalogue = commands.add_parser("catalogue", help="the catalogue of processed datasets")
     catalogue_commands = catalogue.add_subparsers(title="catalogue commands", metavar="ACTION")
     listing = catalogue_commands.add_parser("list", help="list processed datasets")
@@ -600,6 +621,60 @@ def command_server(args: argparse.Namespace) -> int:
     )
     os.execvpe(command[0], command, env)
     return 0  # not reached
+
+
+def command_serve(args: argparse.Namespace) -> int:
+    from calypso.flows.runtime import prepare_environment
+    from calypso.flows.serve import serve
+
+    settings = load_settings()
+    prepare_environment(settings, verbose=args.verbose)
+    # Flow runs log to the Prefect UI; this console says what serve itself does.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    _log_to_stderr()
+    serve(settings, args.techniques)
+    return 0
+
+
+def command_watch(args: argparse.Namespace) -> int:
+    from calypso.flows.runtime import check_prefect_api, prepare_environment
+    from calypso.flows.watch import Watcher
+
+    settings = load_settings()
+    if args.interval:
+        settings = settings.model_copy(
+            update={"watch": settings.watch.model_copy(update={"interval_s": args.interval})}
+        )
+    prepare_environment(settings)
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        raise ConfigurationError(
+            "calypso watch posts events to a Prefect server: set PREFECT_API_URL "
+            "(e.g. http://127.0.0.1:4200/api, where `calypso server` listens)"
+        )
+    check_prefect_api()
+    roots = [Path(root).absolute() for root in args.roots]
+    missing = [str(root) for root in roots if not root.is_dir()]
+    if missing:
+        raise ConfigurationError(f"cannot watch {', '.join(missing)}: not a folder")
+    if not settings.watch.beamlines:
+        raise ConfigurationError(
+            "no beamline rules: set CALYPSO_WATCH__BEAMLINES (or [watch.beamlines] in the "
+            "config file) to say which technique reduces which scans (see README 'Triggers')"
+        )
+    _log_to_stderr()
+    Watcher(roots, settings, api).run(once=args.once)
+    return 0
+
+
+def _log_to_stderr() -> None:
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    calypso_logger = logging.getLogger("calypso")
+    calypso_logger.addHandler(handler)
+    calypso_logger.setLevel(logging.INFO)
 
 
 def _icat_catalogue():

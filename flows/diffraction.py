@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import flow
 
+from calypso.executors.dask import flow_task_runner
 from calypso.flows.progress import collect
 from calypso.tasks.catalogue import FlowRun
 from calypso.tasks.diffraction import (
@@ -14,18 +15,25 @@ from calypso.tasks.diffraction import (
     IntegrationPlan,
     integrate_chunk,
     plan_integration,
+    quick_look_path,
     write_integrated_nexus,
 )
 from calypso.techniques.diffraction import DiffractionParameters
 
 
-@flow(name="diffraction", persist_result=False, log_prints=True)
+@flow(
+    name="diffraction",
+    persist_result=False,
+    log_prints=True,
+    task_runner=flow_task_runner("diffraction"),
+)
 def diffraction(
     raw: str,
     parameters: DiffractionParameters | None = None,
     scans: list[int] | None = None,
     output_dir: str | None = None,
     export_to: str | None = None,
+    trigger: str | None = None,
 ) -> dict[str, Any]:
     """Integrate the frames of a raw dataset azimuthally and write NeXus results.
 
@@ -34,9 +42,10 @@ def diffraction(
     ``output_dir``) and are registered in the catalogue.
     """
     parameters = parameters or DiffractionParameters()
-    run = FlowRun(TECHNIQUE, export_to=export_to)
+    run = FlowRun(TECHNIQUE, raw=raw, export_to=export_to, trigger=trigger)
     plan = plan_integration(raw, parameters, scans, output_dir, run.workers)
-    run.planned(plan, plan.n_frames)
+    if not run.planned(plan, plan.n_frames):  # this acquisition was processed already
+        return run.skipped()
     with run.working() as work_dir:
         chunks = integrate_all_chunks(plan, work_dir)
         integrated = run.elapsed()
@@ -55,6 +64,7 @@ def diffraction(
             "busy_in_tasks": sum(c.seconds for c in chunks),
         },
         frames=plan.n_frames,
+        png=str(quick_look_path(plan)) if quick_look_path(plan).exists() else None,
         chunks=len(chunks),
         chunk_size=plan.chunk_size,
     )

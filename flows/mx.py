@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import flow
 
+from calypso.executors.dask import flow_task_runner
 from calypso.flows.progress import collect
 from calypso.tasks.catalogue import FlowRun
 from calypso.tasks.mx import (
@@ -20,20 +21,27 @@ from calypso.tasks.mx import (
 from calypso.techniques.mx import MXParameters
 
 
-@flow(name="mx", persist_result=False, log_prints=True)
+@flow(
+    name="mx",
+    persist_result=False,
+    log_prints=True,
+    task_runner=flow_task_runner("mx"),
+)
 def mx(
     raw: str,
     parameters: MXParameters | None = None,
     scans: list[int] | None = None,
     output_dir: str | None = None,
     export_to: str | None = None,
+    trigger: str | None = None,
 ) -> dict[str, Any]:
     """Find the spots of every image (dispersion threshold), rate hits, map grid scans and
     pick the centring position; index rotation scans with xia2 when it is installed."""
     parameters = parameters or MXParameters()
-    run = FlowRun(TECHNIQUE, export_to=export_to)
+    run = FlowRun(TECHNIQUE, raw=raw, export_to=export_to, trigger=trigger)
     plan = plan_mx(raw, parameters, scans, output_dir, run.workers)
-    run.planned(plan, plan.n_frames)
+    if not run.planned(plan, plan.n_frames):  # this acquisition was processed already
+        return run.skipped()
     with run.working() as work_dir:
         chunks = find_all_spots(plan, work_dir)
         found = run.elapsed()

@@ -33,6 +33,8 @@ def prepare_environment(settings: CalypsoSettings, verbose: bool = False) -> Non
         # The local cluster's nannies write the workers' environment into this
         # process too; numba must see the same thread count from the start.
         "NUMBA_NUM_THREADS": str(settings.executor.threads_per_worker),
+        # Chunk results a retried run reuses (tasks/caching.py); workers inherit it.
+        "PREFECT_LOCAL_STORAGE_PATH": str(settings.result_storage),
     }
     if find_spec("pyopencl") is None:
         # silx warns at import when pyopencl is absent; without it OpenCL is off anyway.

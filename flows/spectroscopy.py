@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import flow
 
+from calypso.executors.dask import flow_task_runner
 from calypso.flows.progress import collect
 from calypso.tasks.catalogue import FlowRun
 from calypso.tasks.spectroscopy import (
@@ -20,13 +21,19 @@ from calypso.tasks.spectroscopy import (
 from calypso.techniques.spectroscopy import SpectroscopyParameters
 
 
-@flow(name="spectroscopy", persist_result=False, log_prints=True)
+@flow(
+    name="spectroscopy",
+    persist_result=False,
+    log_prints=True,
+    task_runner=flow_task_runner("spectroscopy"),
+)
 def spectroscopy(
     raw: str,
     parameters: SpectroscopyParameters | None = None,
     scans: list[int] | None = None,
     output_dir: str | None = None,
     export_to: str | None = None,
+    trigger: str | None = None,
 ) -> dict[str, Any]:
     """Reduce X-ray absorption spectra: mu(E), calibration, merge, normalisation, EXAFS.
 
@@ -35,9 +42,10 @@ def spectroscopy(
     ``output_dir``) as NeXus, XDI and a PNG, and are registered in the catalogue.
     """
     parameters = parameters or SpectroscopyParameters()
-    run = FlowRun(TECHNIQUE, export_to=export_to)
+    run = FlowRun(TECHNIQUE, raw=raw, export_to=export_to, trigger=trigger)
     plan = plan_spectroscopy(raw, parameters, scans, output_dir, run.workers)
-    run.planned(plan, plan.n_spectra)
+    if not run.planned(plan, plan.n_spectra):  # this acquisition was processed already
+        return run.skipped()
     with run.working() as work_dir:
         batches = reduce_all_batches(plan, work_dir)
         if plan.merges:

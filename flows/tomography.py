@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import flow
 
+from calypso.executors.dask import flow_task_runner
 from calypso.flows.progress import collect
 from calypso.tasks.catalogue import FlowRun
 from calypso.tasks.tomography import (
@@ -23,13 +24,19 @@ from calypso.tasks.tomography import (
 from calypso.techniques.tomography import TomographyParameters
 
 
-@flow(name="tomography", persist_result=False, log_prints=True)
+@flow(
+    name="tomography",
+    persist_result=False,
+    log_prints=True,
+    task_runner=flow_task_runner("tomography"),
+)
 def tomography(
     raw: str,
     parameters: TomographyParameters | None = None,
     scans: list[int] | None = None,
     output_dir: str | None = None,
     export_to: str | None = None,
+    trigger: str | None = None,
 ) -> dict[str, Any]:
     """Reconstruct a tomography scan: flat field, -log, ring removal, centre of rotation,
     (Paganin,) filtered back-projection.
@@ -40,9 +47,10 @@ def tomography(
     centre-of-rotation sweep instead.
     """
     parameters = parameters or TomographyParameters()
-    run = FlowRun(TECHNIQUE, export_to=export_to)
+    run = FlowRun(TECHNIQUE, raw=raw, export_to=export_to, trigger=trigger)
     plan = plan_tomography(raw, parameters, scans, output_dir, run.workers)
-    run.planned(plan, plan.n_slices)
+    if not run.planned(plan, plan.n_slices):  # this acquisition was processed already
+        return run.skipped()
     provenance = {"flow_run_id": run.run_id, "input": raw}
     slabs: list[SlabResult] = []
     with run.working() as work_dir:

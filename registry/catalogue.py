@@ -107,6 +107,12 @@ CREATE TABLE IF NOT EXISTS exports (
     finished TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
 );
 CREATE INDEX IF NOT EXISTS exports_by_record ON exports (record_id);
+CREATE TABLE IF NOT EXISTS claims (
+    key TEXT PRIMARY KEY,
+    flow_run_id TEXT NOT NULL,
+    technique TEXT NOT NULL,
+    created TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+);
 """
 
 # Catalogues made before the outbox could hold more than one entry a record
@@ -302,6 +308,34 @@ class SQLiteCatalogue:
                 (destination,),
             )
             return cursor.rowcount
+
+    # -- processing claims: each acquisition processed once ----------------------
+
+    def claim_processing(self, key: str, flow_run_id: str, technique: str) -> str | None:
+        """Take the processing ``key`` for ``flow_run_id``; None if taken (or already ours),
+        else the flow run holding it. A key held by a run that failed is taken over."""
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute("SELECT flow_run_id FROM claims WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO claims (key, flow_run_id, technique) VALUES (?, ?, ?)",
+                    (key, flow_run_id, technique),
+                )
+                return None
+            holder = row["flow_run_id"]
+            if holder == flow_run_id:  # a retry of the same run
+                return None
+            statuses = {
+                r["status"]
+                for r in db.execute(
+                    "SELECT status FROM processed_datasets WHERE flow_run_id = ?", (holder,)
+                )
+            }
+            if statuses and "completed" not in statuses:  # the holder failed: take over
+                db.execute("UPDATE claims SET flow_run_id = ? WHERE key = ?", (flow_run_id, key))
+                return None
+            return holder
 
     # -- exports --------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,8 +83,18 @@ class FlowRun:
     clock: float = field(default_factory=time.perf_counter)
     plan: Any = None
     count: int = 0
+    raw: str | None = None
     export_to: str | None = None  # object-store prefix the results go to once registered
+    trigger: str | None = None  # processing key of the acquisition event that started it
     exported: dict[str, Any] | None = None
+    skipped_because: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.trigger and self.raw:
+            # An event can name any path: only data under the configured roots is read.
+            from calypso.tasks.acquisitions import require_inside_roots
+
+            require_inside_roots(self.raw, load_settings().data_roots)
 
     @property
     def workers(self) -> int:
@@ -92,8 +103,31 @@ class FlowRun:
 
         return local_worker_count(load_settings().executor)
 
-    def planned(self, plan: Any, count: int) -> None:
+    def planned(self, plan: Any, count: int) -> bool:
+        """Record the plan; False when the triggering acquisition (same data, technique,
+        flow version and parameters) was processed by another run already."""
         self.plan, self.count = plan, count
+        if not self.trigger:
+            return True
+        from calypso.registry import open_catalogue
+
+        catalogue = open_catalogue(load_settings())
+        local = getattr(catalogue, "local", catalogue)
+        holder = local.claim_processing(self.trigger, self.run_id, self.technique)
+        if holder is None:
+            return True
+        self.skipped_because = f"already processed by flow run {holder}"
+        get_run_logger().info("%s: %s; nothing to do", self.raw, self.skipped_because)
+        return False
+
+    def skipped(self) -> dict[str, Any]:
+        return {
+            "technique": self.technique,
+            "flow_run_id": self.run_id,
+            "input": self.raw,
+            "outputs": [],
+            "skipped": self.skipped_because,
+        }
 
     def _register(self, outputs: list[str], status: str, message: str | None) -> Registration:
         record = processed_record(
@@ -130,16 +164,19 @@ class FlowRun:
 
     @contextmanager
     def working(self) -> Iterator[str]:
-        """A scratch folder in the output folder for the tasks' part files, removed at the
-        end; an error inside the block is registered as a failed run, then raised."""
-        work_dir = new_work_dir(self.plan.output_dir)
+        """A scratch folder in the output folder for the tasks' part files, named after the
+        flow run and removed once it completes. An error inside the block is registered
+        as a failed run, then raised; the folder stays, so a retry of the run (same flow
+        run id) finds the chunks that finished, whose task results are cached."""
+        work_dir = new_work_dir(self.plan.output_dir, self.run_id or None)
         try:
             yield str(work_dir)
         except Exception as exc:
             self.failed(exc)
+            if not self.run_id:
+                remove_work_dir(work_dir)
             raise
-        finally:
-            remove_work_dir(work_dir)
+        remove_work_dir(work_dir)
 
     def summary(
         self,
@@ -152,9 +189,10 @@ class FlowRun:
         timings: dict[str, float],
         **extra: Any,
     ) -> dict[str, Any]:
-        """What the flow returns (and the CLI prints): the same keys for every technique."""
+        """What the flow returns (and the CLI prints): the same keys for every technique;
+        also shown in the Prefect UI as the run's table artifact."""
         total = self.elapsed()
-        return {
+        summary = {
             "technique": self.technique,
             "flow_run_id": self.run_id,
             "input": raw,
@@ -171,3 +209,50 @@ class FlowRun:
             | {name: round(value, 3) for name, value in timings.items()},
             "per_s": round(self.count / max(total, 1e-9), 2),
         }
+        publish_results_table(summary)
+        return summary
+
+
+def key_figures(values: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:
+    """Scalar leaves of a summary (``report.scans.0.hit_rate`` ...), for the results table."""
+    if isinstance(values, dict) and depth < 4:
+        pairs = [(f"{prefix}{k}.", v) for k, v in values.items()]
+    elif isinstance(values, list | tuple) and depth < 4 and len(values) <= 8:
+        pairs = [(f"{prefix}{i}.", v) for i, v in enumerate(values)]
+    elif isinstance(values, bool | int | float | str) or values is None:
+        return [(prefix.rstrip("."), values)]
+    else:
+        return []
+    found = []
+    for name, value in pairs:
+        found += key_figures(value, name, depth + 1)
+    return found
+
+
+_NOT_FIGURES = ("timings_s", "outputs", "warnings", "geometry", "parameters", "export")
+
+
+def publish_results_table(summary: dict[str, Any]) -> None:
+    """The run's outputs, key figures and catalogue id as a table artifact in the UI."""
+    rows = [{"item": "output", "value": url} for url in summary["outputs"]]
+    rows.append({"item": "processed_dataset_dir", "value": summary["processed_dataset_dir"]})
+    rows.append({"item": "catalogue_id", "value": summary["catalogue_id"]})
+    rows.append(
+        {"item": f"{summary['unit']} per s", "value": f"{summary['per_s']} ({summary['count']})"}
+    )
+    figures = {k: v for k, v in summary.items() if k not in _NOT_FIGURES}
+    for name, value in key_figures(figures):
+        if name not in ("technique", "flow_run_id", "processed_dataset_dir", "catalogue_id"):
+            rows.append({"item": name, "value": value if value is not None else ""})
+    if summary.get("export"):
+        rows.append({"item": "exported to", "value": summary["export"]["uri"]})
+    try:
+        from prefect.artifacts import create_table_artifact
+
+        create_table_artifact(
+            table=rows[:60],
+            key=f"calypso-{summary['technique']}-results",
+            description=f"{summary['technique']} results of {summary['input']}",
+        )
+    except Exception:  # no Prefect API to report to: the results themselves are written
+        logging.getLogger(__name__).debug("results table not published", exc_info=True)

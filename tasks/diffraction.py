@@ -18,7 +18,8 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from calypso.errors import RawDataError
-from calypso.tasks import bliss, integrators, nexus
+from calypso.tasks import bliss, integrators, nexus, plots
+from calypso.tasks.caching import CHUNK_TASK
 from calypso.tasks.diffraction_plan import (
     TECHNIQUE,
     Chunk,
@@ -65,7 +66,7 @@ def plan_integration(
     return make_integration_plan(input_path, parameters, scans, output_dir, workers=workers)
 
 
-@task(name="integrate_chunk", cache_policy=NO_CACHE)
+@task(name="integrate_chunk", **CHUNK_TASK)
 def integrate_chunk(
     chunk: Chunk,
     parameters: DiffractionParameters,
@@ -134,8 +135,10 @@ def write_integrated_nexus(
         "geometry": plan.geometry.model_dump(mode="json"),
     }
     urls = []
-    with nexus.atomic_outputs(*ascii_files, output) as temporaries:
-        *ascii_temps, h5_temp = temporaries
+    curves = []
+    png = quick_look_path(plan)
+    with nexus.atomic_outputs(*ascii_files, png, output) as temporaries:
+        *ascii_temps, png_temp, h5_temp = temporaries
         with h5py.File(h5_temp, "w") as h5:
             nexus.write_root_attributes(h5, f"{plan.scans[0].number}.1")
             for index, scan in enumerate(plan.scans):
@@ -169,7 +172,19 @@ def write_integrated_nexus(
                 urls.append(f"{output}::/{entry_name}/{process_name}/integrated")
                 if write_ascii:
                     _write_ascii(ascii_temps[index], average, plan, scan, radial_name)
+                    curves.append((f"scan {scan.number}", average.radial, average.intensity))
+        if curves:
+            plots.plot_patterns(
+                png_temp, curves, f"{radial_name} ({radial_units})", f"{output.name}: mean patterns"
+            )
+    if curves:
+        plots.publish_image(png, f"Diffraction: mean pattern of {output.name}")
     return urls
+
+
+def quick_look_path(plan: IntegrationPlan) -> Path:
+    """The PNG of the mean patterns (1D integration only), next to the NeXus file."""
+    return Path(plan.output_file).with_suffix(".png")
 
 
 @dataclass(frozen=True)

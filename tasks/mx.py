@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from calypso.errors import RawDataError
 from calypso.tasks import nexus
+from calypso.tasks.caching import CHUNK_TASK
 from calypso.tasks.frames import iter_frames, read_image
 from calypso.tasks.mx_images import MXScan
 from calypso.tasks.mx_plan import TECHNIQUE, ImageChunk, MXPlan, make_mx_plan
@@ -110,7 +111,7 @@ def plan_mx(
     return make_mx_plan(input_path, parameters, scans, output_dir, workers=workers)
 
 
-@task(name="find_spots_chunk", cache_policy=NO_CACHE)
+@task(name="find_spots_chunk", **CHUNK_TASK)
 def find_spots_chunk(chunk: ImageChunk, scan: MXScan, parameters: mx.MXParameters,
                      work_dir: str) -> ChunkSpots:  # fmt: skip
     """Find the spots of frames ``start:stop`` and store per-image values and spots."""

@@ -56,11 +56,12 @@ def atomic_outputs(*finals: Path) -> Iterator[list[Path]]:
             temporary.unlink(missing_ok=True)
 
 
-def new_work_dir(output_dir: str | Path) -> Path:
-    """A hidden scratch folder in the output folder for the tasks' part files."""
-    work = Path(output_dir) / f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:12]}"
+def new_work_dir(output_dir: str | Path, name: str | None = None) -> Path:
+    """A hidden scratch folder in the output folder for the tasks' part files (``name``:
+    the same folder again, e.g. for a retry of the same flow run)."""
+    work = Path(output_dir) / f"{PARTIAL_PREFIX}{name or uuid.uuid4().hex[:12]}"
     try:
-        work.mkdir(parents=True)
+        work.mkdir(parents=True, exist_ok=name is not None)
     except OSError as exc:
         raise OutputError(f"cannot create the output folder {output_dir}: {exc}") from None
     return work

@@ -48,6 +48,24 @@ def plot_spectra(
     plt.close(figure)
 
 
+def plot_patterns(
+    path: Path, curves: list[tuple[str, np.ndarray, np.ndarray]], xlabel: str, title: str
+) -> None:
+    """Azimuthally integrated patterns (one curve a scan), as a PNG."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=90)
+    for label, radial, intensity in curves:
+        axis.plot(radial, intensity, label=label, lw=1)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("mean intensity")
+    if 1 < len(curves) <= 8:
+        axis.legend(fontsize=7)
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
 def publish_image(path: Path, description: str) -> None:
     """Show a PNG in the run's Prefect artifacts (a markdown artifact with the image inline)."""
     try:

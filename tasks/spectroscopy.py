@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from calypso.errors import RawDataError
 from calypso.tasks import nexus, plots
+from calypso.tasks.caching import CHUNK_TASK
 from calypso.tasks.spectra import SpectrumSource, absorption, read_source
 from calypso.tasks.spectroscopy_plan import (
     TECHNIQUE,
@@ -116,7 +117,7 @@ def _write_part(path: Path, reduction: xas.Reduction, measured: np.ndarray, stac
             h5.attrs["nknots"] = reduction.exafs.nknots
 
 
-@task(name="reduce_spectra_batch", cache_policy=NO_CACHE)
+@task(name="reduce_spectra_batch", **CHUNK_TASK)
 def reduce_spectra_batch(
     batch: SpectraBatch,
     parameters: xas.SpectroscopyParameters,

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 
 from calypso.errors import OutputError, RawDataError
 from calypso.tasks import nexus
+from calypso.tasks.caching import CHUNK_TASK
 from calypso.tasks.plots import plot_slices, publish_image
 from calypso.tasks.projections import flat_series_rows, mean_rows, read_projection_rows
 from calypso.tasks.tomography_plan import TECHNIQUE, TomographyPlan, make_tomography_plan
@@ -171,7 +172,7 @@ def find_center_of_rotation(plan: TomographyPlan) -> CenterResult:
     )
 
 
-@task(name="reconstruct_slab", cache_policy=NO_CACHE)
+@task(name="reconstruct_slab", **CHUNK_TASK)
 def reconstruct_slab(
     plan: TomographyPlan, first: int, stop: int, center: CenterResult, work_dir: str
 ) -> SlabResult:

@@ -1,0 +1,320 @@
+"""Processing starts by itself: `calypso watch` and `calypso serve` as real processes.
+
+The session's Prefect server (conftest) receives the watcher's events; its
+automations start the deployments that `calypso serve` serves; the tests look
+at flow runs, artifacts and the catalogue through the server's API and files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from calypso.flows.techniques import TECHNIQUES
+from calypso.flows.watch import post_event
+from calypso.tasks.acquisitions import Acquisition
+from calypso.tasks.data_policy import RawDataset
+from calypso.tasks.sample_data import write_diffraction_sample
+
+pytestmark = pytest.mark.slow
+CONCURRENCY = 3
+
+
+def start(arguments: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "calypso.flows.cli", *arguments],
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Facility:
+    """A data tree, its rules, and `calypso serve` running against the test server."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.tree = work / "visitor"  # watched
+        self.elsewhere = work / "inhouse"  # inside the data roots, not watched
+        self.tree.mkdir()
+        self.elsewhere.mkdir()
+        calibration = write_diffraction_sample(work / "calibration", frames=1).calibration
+        self.parameters = {
+            "poni": str(calibration["poni"]),
+            "mask": str(calibration["mask"]),
+            "npt": 200,
+        }
+        self.home = work / "home"
+        self.env = dict(os.environ)
+        self.env.update(
+            CALYPSO_HOME=str(self.home),
+            CALYPSO_DATA_ROOTS=json.dumps([str(self.tree), str(self.elsewhere)]),
+            CALYPSO_WATCH__BEAMLINES=json.dumps(
+                {
+                    "id00": [
+                        {
+                            "technique": "diffraction",
+                            "detector": "pilatus*",
+                            "parameters": self.parameters,
+                        }
+                    ],
+                    "id99": [{"technique": "holography", "detector": "*"}],
+                }
+            ),
+            CALYPSO_WATCH__INTERVAL_S="1",
+            CALYPSO_WATCH__QUIET_S="30",
+            CALYPSO_SERVE__DEFAULT_CONCURRENCY=str(CONCURRENCY),
+            CALYPSO_EXECUTOR__N_WORKERS="2",
+            PREFECT_RUNNER_POLL_FREQUENCY="1",
+        )
+        self.env.pop("CALYPSO_CATALOGUE__PATH", None)
+        self.serve = start(["serve", "--technique", "diffraction"], self.env, work / "serve.log")
+        self.watchers: list[subprocess.Popen] = []
+        self.deployment_id = wait_until(self._deployment_id, 180, "the diffraction deployment")
+
+    def _deployment_id(self):
+        from prefect.client.orchestration import get_client
+
+        assert self.serve.poll() is None, (self.work / "serve.log").read_text()[-3000:]
+        with get_client(sync_client=True) as client:
+            try:
+                deployment = client.read_deployment_by_name("diffraction/diffraction")
+            except Exception:
+                return None
+        return deployment.id if deployment.version == TECHNIQUES["diffraction"].version else None
+
+    def watch(self) -> subprocess.Popen:
+        watcher = start(["watch", str(self.tree)], self.env, self.work / "watch.log")
+        self.watchers.append(watcher)
+        return watcher
+
+    def runs(self) -> list:
+        """Flow runs of the deployment, oldest first."""
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        with get_client(sync_client=True) as client:
+            return client.read_flow_runs(
+                deployment_filter=DeploymentFilter(
+                    id=DeploymentFilterId(any_=[self.deployment_id])
+                ),
+                sort=FlowRunSort.START_TIME_ASC,
+                limit=200,
+            )
+
+    def finished(self, count: int):
+        """The runs once ``count`` of them are final and none is pending."""
+        runs = self.runs()
+        final = [r for r in runs if r.state and r.state.is_final()]
+        return runs if len(final) >= count and len(final) == len(runs) else None
+
+    def records(self) -> list[tuple]:
+        path = self.home / "catalogue.sqlite"
+        if not path.exists():
+            return []
+        with sqlite3.connect(path) as db:
+            return db.execute(
+                "SELECT raw_dataset, status, flow_run_id, parameters FROM processed_datasets "
+                "ORDER BY id"
+            ).fetchall()
+
+    def close(self) -> None:
+        for process in [*self.watchers, self.serve]:
+            stop(process)
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:  # leave the shared server clean
+            client.delete_deployment(self.deployment_id)
+
+
+@pytest.fixture(scope="module")
+def facility(tmp_path_factory):
+    site = Facility(tmp_path_factory.mktemp("facility"))
+    yield site
+    site.close()
+
+
+def event_for(raw_dir: Path, parameters: dict, version: str | None = None) -> dict:
+    raw = RawDataset.from_path(raw_dir)
+    acquisition = Acquisition(
+        raw_dataset_dir=str(raw_dir),
+        technique="diffraction",
+        scans=(1,),
+        parameters=parameters,
+        beamline=raw.beamline,
+        proposal=raw.proposal,
+    )
+    return acquisition.event(version or TECHNIQUES["diffraction"].version)
+
+
+def test_a_dataset_written_into_the_watched_tree_is_processed(facility):
+    from prefect.client.orchestration import get_client
+
+    facility.watch()
+    sample = write_diffraction_sample(facility.tree, frames=3, frames_per_file=2)
+    [run] = wait_until(lambda: facility.finished(1), 240, "the triggered flow run")
+    assert run.state.is_completed(), run.state
+    assert run.parameters["raw"] == str(sample.raw_dataset_dir)
+    assert run.parameters["parameters"]["npt"] == 200 and run.parameters["scans"] == [1]
+    processed = sample.dataset.processed_dataset_dir("diffraction") / "CeO2_0001.h5"
+    with h5py.File(processed, "r") as h5:
+        assert h5["1.1/pilatus1m_integrate/integrated/intensity"].shape == (3, 200)
+    [record] = facility.records()
+    assert record[:3] == (str(sample.raw_dataset_dir), "completed", str(run.id))
+    # What the UI shows for the run: the results table, the quick look, the progress.
+    with get_client(sync_client=True) as client:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+        )
+    kinds = {a.type: a for a in artifacts}
+    assert {"table", "markdown", "progress"} <= set(kinds)
+    table = kinds["table"].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    items = {row["item"]: row["value"] for row in rows}
+    assert items["catalogue_id"] == 1 and items["output"].startswith(str(processed))
+    assert "data:image/png;base64" in kinds["markdown"].data
+
+
+def test_the_same_event_twice_gives_one_run_and_new_parameters_process_again(facility):
+    sample = write_diffraction_sample(facility.elsewhere, frames=2, seed=3)
+    before = len(facility.runs())
+    event = event_for(sample.raw_dataset_dir, facility.parameters)
+    api = os.environ["PREFECT_API_URL"]
+    post_event(api, event)
+    post_event(api, event)
+    runs = wait_until(lambda: facility.finished(before + 1), 180, "one run")
+    time.sleep(5)  # a second run would have been created by now
+    assert len(facility.runs()) == before + 1 and runs[-1].state.is_completed()
+
+    # The same work announced under another event id (a watcher elsewhere, long after):
+    # the run starts, finds the work done, and does nothing.
+    post_event(api, event | {"id": str(uuid.uuid4())})
+    runs = wait_until(lambda: facility.finished(before + 2), 180, "the duplicate run")
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        result = client.read_flow_run(runs[-1].id)
+    assert result.state.is_completed()
+    raw_records = [r for r in facility.records() if r[0] == str(sample.raw_dataset_dir)]
+    assert len(raw_records) == 1
+
+    # Changed parameters, or a new flow version, process again.
+    post_event(api, event_for(sample.raw_dataset_dir, facility.parameters | {"npt": 150}))
+    post_event(api, event_for(sample.raw_dataset_dir, facility.parameters, version="0.0.0+new"))
+    wait_until(lambda: facility.finished(before + 4), 180, "two more runs")
+    raw_records = [r for r in facility.records() if r[0] == str(sample.raw_dataset_dir)]
+    assert sorted(json.loads(r[3])["npt"] for r in raw_records) == [150, 200, 200]
+
+
+def test_a_restarted_or_second_watcher_announces_nothing_twice(facility):
+    before = len(facility.runs())
+    for watcher in facility.watchers:
+        stop(watcher)
+    facility.watchers.clear()
+    facility.watch()
+    facility.watch()  # two watchers on the same tree
+    sample = write_diffraction_sample(facility.tree, frames=2, dataset_number=2, seed=4)
+    runs = wait_until(lambda: facility.finished(before + 1), 240, "the new dataset's run")
+    time.sleep(6)  # several polls of both watchers
+    runs = facility.runs()
+    assert len(runs) == before + 1
+    assert runs[-1].parameters["raw"] == str(sample.raw_dataset_dir)
+
+
+def test_fifty_datasets_at_once_each_processed_once_within_the_limit(facility, tmp_path):
+    before = len(facility.runs())
+    template = facility.tree / "ih0001" / "id00" / "20261127" / "RAW_DATA" / "CeO2" / "CeO2_0001"
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    names = [f"CeO2_{n:04d}" for n in range(101, 151)]
+    for name in names:
+        shutil.copytree(template, staging / name)
+        (staging / name / "CeO2_0001.h5").rename(staging / name / f"{name}.h5")
+    collection = facility.tree / "ih0002" / "id00" / "20261127" / "RAW_DATA" / "CeO2"
+    collection.mkdir(parents=True)
+    for name in names:  # each dataset appears complete, all within a second
+        (staging / name).rename(collection / name)
+    runs = wait_until(lambda: facility.finished(before + 50), 600, "50 runs", interval=2)
+    new = runs[before:]
+    assert all(r.state.is_completed() for r in new), [r.state.name for r in new]
+    assert sorted(Path(r.parameters["raw"]).name for r in new) == names
+    # Never more than the deployment's limit at once.
+    spans = sorted((r.start_time, r.end_time) for r in new)
+    overlaps = max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)
+    assert overlaps <= CONCURRENCY, overlaps
+    processed = [r for r in facility.records() if "/ih0002/" in r[0]]
+    assert len(processed) == 50 and len({r[0] for r in processed}) == 50
+    output = collection.parent.parent / "PROCESSED_DATA" / "CeO2" / names[-1] / "diffraction"
+    with h5py.File(output / f"{names[-1]}.h5", "r") as h5:
+        assert np.isfinite(h5["1.1/pilatus1m_integrate/integrated/intensity"][()]).all()
+
+
+def test_bad_events_are_rejected_with_a_reason_and_the_watcher_goes_on(facility, tmp_path):
+    api = os.environ["PREFECT_API_URL"]
+    before = len(facility.runs())
+    # A path outside the configured roots: the run refuses it, reading nothing.
+    outside = write_diffraction_sample(tmp_path / "outside", frames=1)
+    post_event(api, event_for(outside.raw_dataset_dir, facility.parameters))
+    runs = wait_until(lambda: facility.finished(before + 1), 180, "the refused run")
+    assert runs[-1].state.is_failed()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs[-1].id]))
+        )
+    assert any("outside the configured data roots" in log.message for log in logs)
+    assert not outside.dataset.processed_dataset_dir("diffraction").exists()
+
+    # A beamline whose rules name an unknown technique: logged, and the watcher goes on.
+    unknown = facility.tree / "ih0009" / "id99" / "20261127" / "RAW_DATA" / "CeO2"
+    shutil.copytree(
+        facility.tree / "ih0001" / "id00" / "20261127" / "RAW_DATA" / "CeO2" / "CeO2_0001",
+        unknown / "CeO2_0001",
+    )
+    wait_until(
+        lambda: "unknown technique 'holography'" in (facility.work / "watch.log").read_text(),
+        60,
+        "the watcher's reason",
+    )
+    sample = write_diffraction_sample(facility.tree, frames=2, dataset_number=3, seed=5)
+    runs = wait_until(lambda: facility.finished(before + 2), 240, "the next dataset's run")
+    assert runs[-1].parameters["raw"] == str(sample.raw_dataset_dir)
+    assert all(w.poll() is None for w in facility.watchers)
