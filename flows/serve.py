@@ -124,7 +124,10 @@ def serve(settings: CalypsoSettings, techniques: list[str] | None = None) -> Non
 
         deployments = [technique_deployment(technique, settings) for technique in chosen]
         limit = sum(d.concurrency_limit or 1 for d in deployments)
-        prefect_serve(*deployments, limit=limit, print_starting_message=True)
+        # Deployments stay active when serve stops: runs triggered meanwhile wait for it.
+        prefect_serve(
+            *deployments, limit=limit, pause_on_shutdown=False, print_starting_message=True
+        )
     finally:
         stop.set()
         if cluster is not None:

@@ -99,6 +99,9 @@ class Facility:
             CALYPSO_SERVE__DEFAULT_CONCURRENCY=str(CONCURRENCY),
             CALYPSO_EXECUTOR__N_WORKERS="2",
             PREFECT_RUNNER_POLL_FREQUENCY="1",
+            # A task on a worker that dies fails at once (Dask would otherwise rerun it
+            # elsewhere): the retry test kills a worker and retries the failed run.
+            DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="0",
         )
         self.env.pop("CALYPSO_CATALOGUE__PATH", None)
         self.serve = start(["serve", "--technique", "diffraction"], self.env, work / "serve.log")
@@ -318,3 +321,90 @@ def test_bad_events_are_rejected_with_a_reason_and_the_watcher_goes_on(facility,
     runs = wait_until(lambda: facility.finished(before + 2), 240, "the next dataset's run")
     assert runs[-1].parameters["raw"] == str(sample.raw_dataset_dir)
     assert all(w.poll() is None for w in facility.watchers)
+
+
+def dask_workers(serve: subprocess.Popen) -> list:
+    import psutil
+
+    return [
+        child
+        for child in psutil.Process(serve.pid).children(recursive=True)
+        if "spawn_main" in " ".join(child.cmdline())
+    ]
+
+
+def chunk_runs(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="integrate_chunk")),
+            limit=200,
+        )
+
+
+def test_a_retry_after_a_killed_worker_recomputes_only_unfinished_chunks(facility, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.states import Scheduled
+
+    sample = write_diffraction_sample(facility.elsewhere, frames=60, dataset_number=7, seed=6)
+    parameters = {
+        "raw": str(sample.raw_dataset_dir),
+        "parameters": facility.parameters | {"chunk_size": 2},
+    }
+
+    def start_run(output: Path):
+        with get_client(sync_client=True) as client:
+            return client.create_flow_run_from_deployment(
+                facility.deployment_id, parameters=parameters | {"output_dir": str(output)}
+            )
+
+    def state_of(run):
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(run.id).state
+
+    reference = start_run(tmp_path / "a")
+    wait_until(lambda: state_of(reference).is_final(), 240, "the uninterrupted run")
+    assert state_of(reference).is_completed()
+    interrupted = start_run(tmp_path / "b")
+    parts = tmp_path / "b" / f".calypso-partial-{interrupted.id}"
+    wait_until(
+        lambda: parts.is_dir() and len(list(parts.glob("*.h5"))) >= 6,
+        240,
+        "some chunks",
+        interval=0.01,
+    )
+    for worker in dask_workers(facility.serve)[:1]:
+        worker.kill()
+    wait_until(lambda: state_of(interrupted).is_final(), 120, "the run to fail")
+    assert state_of(interrupted).is_failed()
+    first = chunk_runs(interrupted.id)
+    done_first = sum(1 for r in first if r.state.is_completed())
+    assert 0 < done_first < 30
+
+    with get_client(sync_client=True) as client:  # what the UI's Retry does
+        client.set_flow_run_state(interrupted.id, Scheduled(name="AwaitingRetry"), force=True)
+    wait_until(lambda: state_of(interrupted).is_final(), 240, "the retried run")
+    assert state_of(interrupted).is_completed()
+    retried = [r for r in chunk_runs(interrupted.id) if r.flow_run_run_count == 2]
+    cached = [r for r in retried if r.state.name == "Cached"]
+    computed = [r for r in retried if r.state.name == "Completed"]
+    print(
+        f"chunks: {done_first} done before the kill, {len(cached)} cached and {len(computed)} computed in the retry"
+    )
+    assert len(retried) == 30 and len(cached) == done_first and len(computed) == 30 - done_first
+
+    def intensities(folder: Path) -> np.ndarray:
+        [nexus] = folder.glob("*.h5")
+        with h5py.File(nexus, "r") as h5:
+            return h5["1.1/pilatus1m_integrate/integrated/intensity"][()]
+
+    np.testing.assert_array_equal(intensities(tmp_path / "a"), intensities(tmp_path / "b"))
+    assert not parts.exists()  # the part folder goes once the run completes
