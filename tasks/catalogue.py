@@ -229,7 +229,11 @@ def key_figures(values: Any, prefix: str = "", depth: int = 0) -> list[tuple[str
     return found
 
 
-_NOT_FIGURES = ("timings_s", "outputs", "warnings", "geometry", "parameters", "export")
+_NOT_FIGURES = (
+    *("timings_s", "outputs", "warnings", "geometry", "parameters", "export"),
+    *("technique", "flow_run_id", "processed_dataset_dir", "catalogue_id"),
+    *("unit", "count", "per_s", "frames_per_s"),  # in the throughput row
+)
 
 
 def publish_results_table(summary: dict[str, Any]) -> None:
@@ -242,8 +246,7 @@ def publish_results_table(summary: dict[str, Any]) -> None:
     )
     figures = {k: v for k, v in summary.items() if k not in _NOT_FIGURES}
     for name, value in key_figures(figures):
-        if name not in ("technique", "flow_run_id", "processed_dataset_dir", "catalogue_id"):
-            rows.append({"item": name, "value": value if value is not None else ""})
+        rows.append({"item": name, "value": value if value is not None else ""})
     if summary.get("export"):
         rows.append({"item": "exported to", "value": summary["export"]["uri"]})
     try:

@@ -132,3 +132,57 @@ def loopback():
     from types import SimpleNamespace
 
     return SimpleNamespace(free_port=free_port, wait_for_http=wait_for_http)
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1000",
+    "--virtual-time-budget=20000",
+]
+
+
+@pytest.fixture(scope="session")
+def chromium(tmp_path_factory):
+    """Run headless Chromium (Debian's package) on a page: ``chromium(url, "--dump-dom")``
+    returns what it printed. Installed here with apt-get when missing and allowed."""
+    import shutil
+
+    binary = shutil.which("chromium")
+    if binary is None and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(
+            ["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
+            capture_output=True,
+            timeout=900,
+            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+        )
+        binary = shutil.which("chromium")
+    if binary is None:
+        pytest.skip("Debian's chromium is not installed and cannot be: apt-get install chromium")
+    profile = tmp_path_factory.mktemp("chromium-profile")
+
+    def run(url: str, *arguments: str) -> str:
+        result = subprocess.run(
+            [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *arguments, url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        return result.stdout
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def test_artifacts() -> Path:
+    """Where tests keep what a person may want to look at (screenshots): CALYPSO_TEST_ARTIFACTS,
+    default <repo>/test-artifacts."""
+    folder = Path(os.environ.get("CALYPSO_TEST_ARTIFACTS", REPO / "test-artifacts"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -214,6 +215,38 @@ def test_a_dataset_written_into_the_watched_tree_is_processed(facility):
     assert "data:image/png;base64" in kinds["markdown"].data
 
 
+def test_the_prefect_ui_shows_the_results_table_of_a_finished_run(
+    facility, chromium, test_artifacts
+):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterType,
+    )
+
+    run = next(r for r in facility.runs() if r.state.is_completed())
+    with get_client(sync_client=True) as client:
+        [table] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]),
+                type=ArtifactFilterType(any_=["table"]),
+            )
+        )
+    ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
+    page = f"{ui}/artifacts/artifact/{table.id}"
+    text = re.sub(r"<[^>]+>", " ", chromium(page, "--dump-dom"))
+    assert "calypso-diffraction-results" in text and run.name in text
+    assert "catalogue_id" in text and "PROCESSED_DATA" in text and "frames per s" in text
+    shot = test_artifacts / "prefect-ui-results-table.png"
+    shot.unlink(missing_ok=True)
+    chromium(page, f"--screenshot={shot}")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    run_page = test_artifacts / "prefect-ui-flow-run.png"
+    chromium(f"{ui}/runs/flow-run/{run.id}", f"--screenshot={run_page}")
+    assert run_page.stat().st_size > 20_000
+
+
 def test_the_same_event_twice_gives_one_run_and_new_parameters_process_again(facility):
     sample = write_diffraction_sample(facility.elsewhere, frames=2, seed=3)
     before = len(facility.runs())
@@ -396,9 +429,8 @@ def test_a_retry_after_a_killed_worker_recomputes_only_unfinished_chunks(facilit
     retried = [r for r in chunk_runs(interrupted.id) if r.flow_run_run_count == 2]
     cached = [r for r in retried if r.state.name == "Cached"]
     computed = [r for r in retried if r.state.name == "Completed"]
-    print(
-        f"chunks: {done_first} done before the kill, {len(cached)} cached and {len(computed)} computed in the retry"
-    )
+    print(f"chunks: {done_first} done before the kill; retry: {len(cached)} cached, ", end="")
+    print(f"{len(computed)} computed")
     assert len(retried) == 30 and len(cached) == done_first and len(computed) == 30 - done_first
 
     def intensities(folder: Path) -> np.ndarray:
