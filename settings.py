@@ -40,11 +40,70 @@ class ProcessedDataPolicy(BaseModel):
     )
 
 
+class SlurmSettings(BaseModel):
+    """Dask workers as SLURM jobs (dask-jobqueue), adaptive between two bounds."""
+
+    queue: str | None = Field(None, description="Partition (default: the cluster's default).")
+    account: str | None = None
+    cores: int = Field(1, ge=1, description="Cores per job.")
+    processes: int = Field(1, ge=1, description="Dask worker processes per job.")
+    memory: str = Field("4GB", description="Memory per job.")
+    walltime: str = Field("01:00:00", description="Job time limit (HH:MM:SS).")
+    lifetime: str | None = Field(
+        "55m",
+        description="Workers retire (their tasks moved) this long after they start, before "
+        "SLURM kills the job at its walltime; the adaptive cluster replaces them.",
+    )
+    minimum_jobs: int = Field(0, ge=0)
+    maximum_jobs: int = Field(4, ge=1)
+    job_name: str = Field("calypso", description="Job name prefix (as sacct shows it).")
+    python: str | None = Field(
+        None, description="Python on the nodes (default: this one: shared software area)."
+    )
+    prologue: list[str] = Field(
+        default_factory=list,
+        description="Shell lines run before the worker starts (module load ..., source ...).",
+    )
+    directives: list[str] = Field(
+        default_factory=list, description="Extra #SBATCH lines, e.g. '--constraint=skylake'."
+    )
+    interface: str | None = Field(
+        None, description="Network interface the scheduler and workers use (e.g. ib0)."
+    )
+    log_directory: Path | None = Field(None, description="Where the jobs' output goes.")
+
+
+class OpenStackSettings(BaseModel):
+    """A long-lived Dask cluster on OpenStack VMs (dask-cloudprovider), started by
+    ``calypso cluster up openstack`` and used by address."""
+
+    auth_url: str | None = None
+    region: str | None = None
+    application_credential_id: str | None = None
+    application_credential_secret: SecretStr | None = None
+    flavor: str = Field("m1.large", description="VM size of the scheduler and workers.")
+    image: str = Field("ubuntu-24.04", description="VM image with Docker.")
+    docker_image: str = Field(
+        "registry.example.org/calypso:latest", description="Calypso's image (deploy/)."
+    )
+    network_id: str | None = None
+    keypair_name: str | None = None
+    security_group: str = "default"
+    external_network_id: str | None = None
+    create_floating_ip: bool = False
+    minimum_workers: int = Field(0, ge=0)
+    maximum_workers: int = Field(8, ge=1)
+    worker_threads: int = Field(1, ge=1)
+
+
 class ExecutorSettings(BaseModel):
     """Which Dask cluster runs the tasks."""
 
-    kind: Literal["local", "address"] = Field(
-        "local", description="'local': a Dask LocalCluster; 'address': an existing scheduler."
+    kind: Literal["local", "address", "slurm", "openstack"] = Field(
+        "local",
+        description="'local': a Dask LocalCluster; 'address': an existing scheduler; "
+        "'slurm': workers as SLURM jobs, per flow run; 'openstack': the cluster that "
+        "`calypso cluster up openstack` keeps.",
     )
     n_workers: int | None = Field(
         None, ge=1, description="Worker processes of the local cluster (default: one per core)."
@@ -56,6 +115,8 @@ class ExecutorSettings(BaseModel):
         default_factory=lambda: ["calypso.tasks.diffraction"],
         description="Modules local workers import as they start (the reduction code).",
     )
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
+    openstack: OpenStackSettings = Field(default_factory=OpenStackSettings)
 
 
 class IcatSettings(BaseModel):
@@ -217,6 +278,12 @@ class CalypsoSettings(BaseSettings):
     home: Path = Field(
         Path("~/.calypso").expanduser(),
         description="Folder for Calypso's own state (catalogue, logs).",
+    )
+    path_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="Facility path prefix -> where workers see it, e.g. "
+        '{"/data/visitor": "/mnt/gpfs/visitor"}: a flow submitted with facility paths reads '
+        "the same files on workers that mount them elsewhere.",
     )
     data_roots: list[Path] = Field(
         default_factory=list,

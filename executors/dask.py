@@ -101,6 +101,17 @@ def build_task_runner(executor: ExecutorSettings, cluster: LocalCluster | None =
                 "executor kind 'address' needs CALYPSO_EXECUTOR__ADDRESS=tcp://host:8786"
             )
         return DaskTaskRunner(address=executor.address)
+    if executor.kind == "slurm":
+        from calypso.executors.slurm import slurm_cluster_options, start_slurm_cluster
+
+        options, bounds = slurm_cluster_options(executor)
+        return DaskTaskRunner(
+            cluster_class=start_slurm_cluster, cluster_kwargs=options, adapt_kwargs=bounds
+        )
+    if executor.kind == "openstack":
+        from calypso.executors.openstack import running_cluster_address
+
+        return DaskTaskRunner(address=running_cluster_address())
     return DaskTaskRunner(
         cluster_class=start_local_cluster, cluster_kwargs=local_cluster_options(executor)
     )
@@ -119,3 +130,11 @@ def flow_task_runner(technique: str):
     if executor.preload == ExecutorSettings().preload:
         executor = executor.model_copy(update={"preload": [f"calypso.tasks.{technique}"]})
     return build_task_runner(executor)
+
+
+def worker_identity() -> str:
+    """Where a task runs: ``slurm:<job id>`` in a SLURM job, else ``<host>:<pid>``."""
+    import socket
+
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"slurm:{job}" if job else f"{socket.gethostname()}:{os.getpid()}"

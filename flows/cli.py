@@ -172,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--interval", type=float, metavar="S", help="seconds between polls")
     watch.set_defaults(handler=command_watch)
 
+    cluster = commands.add_parser(
+        "cluster", help="a long-lived Dask cluster (OpenStack VMs) that flow runs use by address"
+    )
+    cluster_commands = cluster.add_subparsers(title="cluster commands", metavar="ACTION")
+    up = cluster_commands.add_parser("up", help="start it and keep it (Ctrl-C stops it)")
+    up.add_argument("provider", choices=["openstack"])
+    up.set_defaults(handler=command_cluster_up)
+    status = cluster_commands.add_parser("status", help="its address and workers")
+    status.set_defaults(handler=command_cluster_status)
+    down = cluster_commands.add_parser("down", help="stop it and its VMs")
+    down.set_defaults(handler=command_cluster_down)
+
     catalogue = commands.add_parser("catalogue", help="the catalogue of processed datasets")
     catalogue_commands = catalogue.add_subparsers(title="catalogue commands", metavar="ACTION")
     listing = catalogue_commands.add_parser("list", help="list processed datasets")
@@ -664,6 +676,38 @@ def command_watch(args: argparse.Namespace) -> int:
         )
     _log_to_stderr()
     Watcher(roots, settings, api).run(once=args.once)
+    return 0
+
+
+def command_cluster_up(args: argparse.Namespace) -> int:
+    from calypso.executors.openstack import cluster_up
+
+    settings = load_settings()
+    cluster_up(settings, [technique.task_module for technique in TECHNIQUE_TABLE.values()])
+    return 0
+
+
+def command_cluster_status(args: argparse.Namespace) -> int:
+    from calypso.executors.openstack import running_cluster_address
+
+    address = running_cluster_address(load_settings())
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=10) as client:
+            workers = client.scheduler_info()["workers"]
+    except OSError as exc:
+        raise ConfigurationError(f"the cluster at {address} does not answer: {exc}") from None
+    print(f"OpenStack Dask cluster at {address}: {len(workers)} workers")
+    for name, worker in sorted(workers.items()):
+        print(f"  {name}  {worker.get('nthreads')} threads")
+    return 0
+
+
+def command_cluster_down(args: argparse.Namespace) -> int:
+    from calypso.executors.openstack import cluster_down
+
+    print(cluster_down(load_settings()))
     return 0
 
 

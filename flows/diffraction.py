@@ -67,6 +67,7 @@ def diffraction(
         png=str(quick_look_path(plan)) if quick_look_path(plan).exists() else None,
         chunks=len(chunks),
         chunk_size=plan.chunk_size,
+        workers=sorted({c.worker for c in chunks}),
     )
     return summary | {"frames_per_s": summary["per_s"]}
 

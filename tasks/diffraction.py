@@ -18,6 +18,8 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from calypso.errors import RawDataError
+from calypso.executors.dask import worker_identity
+from calypso.executors.paths import worker_paths
 from calypso.tasks import bliss, integrators, nexus, plots
 from calypso.tasks.caching import CHUNK_TASK
 from calypso.tasks.diffraction_plan import (
@@ -52,6 +54,7 @@ class ChunkResult(BaseModel):
     stop: int
     part_file: str
     seconds: float
+    worker: str = ""  # where it ran: a SLURM job, or host:pid
 
 
 @task(name="plan_integration", cache_policy=NO_CACHE)
@@ -67,6 +70,7 @@ def plan_integration(
 
 
 @task(name="integrate_chunk", **CHUNK_TASK)
+@worker_paths
 def integrate_chunk(
     chunk: Chunk,
     parameters: DiffractionParameters,
@@ -105,6 +109,7 @@ def integrate_chunk(
         stop=chunk.stop,
         part_file=str(part),
         seconds=time.perf_counter() - began,
+        worker=worker_identity(),
     )
 
 

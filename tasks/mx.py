@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from calypso.errors import RawDataError
+from calypso.executors.paths import worker_paths
 from calypso.tasks import nexus
 from calypso.tasks.caching import CHUNK_TASK
 from calypso.tasks.frames import iter_frames, read_image
@@ -112,6 +113,7 @@ def plan_mx(
 
 
 @task(name="find_spots_chunk", **CHUNK_TASK)
+@worker_paths
 def find_spots_chunk(chunk: ImageChunk, scan: MXScan, parameters: mx.MXParameters,
                      work_dir: str) -> ChunkSpots:  # fmt: skip
     """Find the spots of frames ``start:stop`` and store per-image values and spots."""

@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from calypso.errors import RawDataError
+from calypso.executors.paths import worker_paths
 from calypso.tasks import nexus, plots
 from calypso.tasks.caching import CHUNK_TASK
 from calypso.tasks.spectra import SpectrumSource, absorption, read_source
@@ -118,6 +119,7 @@ def _write_part(path: Path, reduction: xas.Reduction, measured: np.ndarray, stac
 
 
 @task(name="reduce_spectra_batch", **CHUNK_TASK)
+@worker_paths
 def reduce_spectra_batch(
     batch: SpectraBatch,
     parameters: xas.SpectroscopyParameters,

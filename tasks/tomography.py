@@ -27,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from calypso.errors import OutputError, RawDataError
+from calypso.executors.paths import worker_paths
 from calypso.tasks import nexus
 from calypso.tasks.caching import CHUNK_TASK
 from calypso.tasks.plots import plot_slices, publish_image
@@ -173,6 +174,7 @@ def find_center_of_rotation(plan: TomographyPlan) -> CenterResult:
 
 
 @task(name="reconstruct_slab", **CHUNK_TASK)
+@worker_paths
 def reconstruct_slab(
     plan: TomographyPlan, first: int, stop: int, center: CenterResult, work_dir: str
 ) -> SlabResult:

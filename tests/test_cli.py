@@ -77,7 +77,10 @@ def test_bad_input_is_refused_clearly(case, dataset, options, tmp_path, capsys):
     assert message in err
     assert err.startswith("calypso: error: ") and err.count("\n") == 1  # one message
     assert "Traceback" not in err
-    assert files_under(processed_dir(dataset)) == []
+    # Only the run's hidden part folder stays, for a retry of the same flow run.
+    assert [
+        p for p in files_under(processed_dir(dataset)) if ".calypso-partial-" not in str(p)
+    ] == []
 
 
 def test_missing_lima_files(dataset, options, capsys):
@@ -147,7 +150,10 @@ def test_failure_inside_the_flow_leaves_nothing_that_looks_complete(
     )
     assert status == 2
     assert "monitor 'mon' is 0.0 at frame 3" in err
-    assert files_under(processed_dir(dataset)) == []
+    # Only the run's hidden part folder stays, for a retry of the same flow run.
+    assert [
+        p for p in files_under(processed_dir(dataset)) if ".calypso-partial-" not in str(p)
+    ] == []
     [record] = SQLiteCatalogue(catalogue_path).list()
     assert record.status == "failed" and "monitor 'mon'" in record.message
 
@@ -158,7 +164,10 @@ def test_unreachable_prefect_server_is_a_configuration_error(dataset, options, m
     assert status == 2
     assert "the Prefect API at http://127.0.0.1:9/api does not answer" in err
     assert "calypso server" in err
-    assert files_under(processed_dir(dataset)) == []
+    # Only the run's hidden part folder stays, for a retry of the same flow run.
+    assert [
+        p for p in files_under(processed_dir(dataset)) if ".calypso-partial-" not in str(p)
+    ] == []
 
 
 def test_parameters_file_and_listing(dataset, options, tmp_path, capsys):
