@@ -21,13 +21,12 @@ import sqlite3
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from calypso.errors import CalypsoError, ConfigurationError
 from calypso.flows.techniques import TECHNIQUES
+from calypso.registry.catalogue import connect
 from calypso.settings import CalypsoSettings
 from calypso.tasks.acquisitions import (
     Acquisition,
@@ -68,14 +67,8 @@ class WatchState:
                 "to a writable file"
             ) from None
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30)
-        try:
-            with db:
-                yield db
-        finally:
-            db.close()
+    def _connect(self):
+        return connect(self.path)
 
     def claim(self, acquisition: Acquisition, key: str, version: str, event_id: str) -> bool:
         """True if this watcher is the one to announce ``key`` (now or again after a

@@ -60,6 +60,21 @@ class Catalogue(Protocol):
     def list(self, technique: str | None = None, limit: int = 50) -> list[ProcessedDataset]: ...
 
 
+_OUTBOX = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    record_id INTEGER NOT NULL REFERENCES processed_datasets (id),
+    destination TEXT NOT NULL,
+    key TEXT NOT NULL UNIQUE,
+    payload TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    created TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+    delivered TEXT
+);
+"""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS processed_datasets (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -82,18 +97,6 @@ CREATE TABLE IF NOT EXISTS processed_datasets (
     registered TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
 );
 CREATE INDEX IF NOT EXISTS processed_by_raw ON processed_datasets (raw_dataset);
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    record_id INTEGER NOT NULL REFERENCES processed_datasets (id),
-    destination TEXT NOT NULL,
-    key TEXT NOT NULL UNIQUE,
-    payload TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT,
-    created TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
-    delivered TEXT
-);
 CREATE TABLE IF NOT EXISTS exports (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     record_id INTEGER REFERENCES processed_datasets (id),
@@ -117,24 +120,15 @@ CREATE TABLE IF NOT EXISTS claims (
 
 # Catalogues made before the outbox could hold more than one entry a record
 # (an ICAT registration, then its export notes) get the keyed table.
-_OUTBOX_WITH_KEYS = """
-ALTER TABLE outbox RENAME TO outbox_before_keys;
-CREATE TABLE outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    record_id INTEGER NOT NULL REFERENCES processed_datasets (id),
-    destination TEXT NOT NULL,
-    key TEXT NOT NULL UNIQUE,
-    payload TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT,
-    created TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
-    delivered TEXT
-);
+_OUTBOX_WITH_KEYS = (
+    "ALTER TABLE outbox RENAME TO outbox_before_keys;"
+    + _OUTBOX
+    + """
 INSERT INTO outbox SELECT id, record_id, destination, destination || ':' || record_id,
     payload, state, attempts, last_error, created, delivered FROM outbox_before_keys;
 DROP TABLE outbox_before_keys;
 """
+)
 
 
 class OutboxEntry(BaseModel):
@@ -170,6 +164,19 @@ class ExportRecord(BaseModel):
 _JSON_FIELDS = ("outputs", "parameters", "software")
 
 
+@contextmanager
+def connect(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection to an SQLite file several processes share: one transaction, closed
+    at the end; rows readable by column name."""
+    db = sqlite3.connect(path, timeout=30)
+    db.row_factory = sqlite3.Row
+    try:
+        with db:
+            yield db
+    finally:
+        db.close()
+
+
 class SQLiteCatalogue:
     """The embedded catalogue: one SQLite file, safe for several processes."""
 
@@ -179,7 +186,7 @@ class SQLiteCatalogue:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._connect() as db:
-                db.executescript(_SCHEMA)
+                db.executescript(_SCHEMA + _OUTBOX)
                 columns = {
                     row["name"] for row in db.execute("PRAGMA table_info(processed_datasets)")
                 }
@@ -197,15 +204,8 @@ class SQLiteCatalogue:
                 "to a writable file"
             ) from None
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30)
-        db.row_factory = sqlite3.Row
-        try:
-            with db:
-                yield db
-        finally:
-            db.close()
+    def _connect(self):
+        return connect(self.path)
 
     def register(self, record: ProcessedDataset) -> int:
         """Record a processed dataset; a retry of the same flow run returns the first record."""

@@ -21,7 +21,6 @@ compare the ratios printed in one run, not absolute speeds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -34,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import PeakMemory, free_port, isolated_environment, wait_for_http
+from harness import free_port, isolated_environment, time_command, wait_for_http
 
 BUCKET = "benchmark"
 
@@ -91,16 +90,7 @@ def calypso_export(source: Path, endpoint: str, prefix: str, env: dict[str, str]
         sys.executable, "-m", "calypso.flows.cli", "export", str(source),
         "--to", f"s3://{BUCKET}/{prefix}", "--json",
     ]  # fmt: skip
-    began = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    memory = PeakMemory(process.pid)
-    memory.start()
-    out, err = process.communicate()
-    seconds = time.perf_counter() - began
-    memory.running = False
-    if process.returncode:
-        raise SystemExit(f"calypso export failed:\n{err.decode()}")
-    return seconds, json.loads(out), memory.peak
+    return time_command(command, env)
 
 
 def main() -> None:
