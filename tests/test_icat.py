@@ -293,6 +293,37 @@ def test_a_retry_of_the_same_run_does_not_register_twice(icat, icat_env):
     assert _count(icat, "f") == 0 and failed not in (first, rerun)
 
 
+def test_serve_retries_pending_registrations_periodically(icat, icat_env):
+    import threading
+
+    from calypso.flows.serve import start_icat_flushing
+
+    record = ProcessedDataset(
+        technique="diffraction",
+        raw_dataset="/data/visitor/ih0002/id00/20261125/RAW_DATA/p/p_0001",
+        processed_path="/data/visitor/ih0002/id00/20261125/PROCESSED_DATA/p/p_0001/diffraction",
+        proposal="ih0002",
+        beamline="id00",
+        sample_name="periodic",
+        flow_run_id="periodic-1",
+    )
+    icat.stop_broker()
+    try:
+        catalogue = IcatCatalogue(SQLiteCatalogue(icat_env), icat.settings(timeout_s=1))
+        catalogue.register(record)
+        assert "waiting in the outbox" in catalogue.last_warning
+    finally:
+        icat.start_broker()
+    stop = threading.Event()
+    settings = load_settings(serve={"icat_flush_interval_s": 0.5})
+    start_icat_flushing(settings, stop)  # what `calypso serve` runs beside its deployments
+    try:
+        assert wait_for(lambda: _count(icat, "periodic-1") == 1, timeout=30)
+        assert SQLiteCatalogue(icat_env).outbox("pending") == []
+    finally:
+        stop.set()
+
+
 def test_health_check_and_bad_configuration(
     icat, icat_env, monkeypatch, capsys, diffraction_sample
 ):

@@ -34,6 +34,18 @@ OPENSTACK = {
 }
 
 
+@pytest.fixture(autouse=True)
+def dask_config_restored():
+    """dask-cloudprovider switches this process's Dask configuration to TLS when it builds
+    a cluster; the clusters of later tests must not inherit that."""
+    import copy
+
+    saved = copy.deepcopy(dask.config.config)
+    yield
+    dask.config.config.clear()
+    dask.config.config.update(saved)
+
+
 def settings(**openstack):
     return load_settings(
         executor={"kind": "openstack", "openstack": OPENSTACK | openstack},

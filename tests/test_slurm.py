@@ -32,7 +32,8 @@ def slurm():
     started = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True)
     if started.returncode != 0:
         pytest.fail(f"single-node SLURM did not start:\n{started.stdout}\n{started.stderr}")
-    return started.stdout
+    yield started.stdout
+    subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True)
 
 
 def integrated(summary: dict) -> np.ndarray:
