@@ -258,6 +258,14 @@ class ServeSettings(BaseModel):
     )
 
 
+class UserSettings(BaseModel):
+    """Who runs Calypso, for saved flows: owner of what they save; members of these
+    proposals may change each other's flows (at a facility: from its user office)."""
+
+    name: str | None = Field(None, description="Default: the login name.")
+    proposals: list[str] = Field(default_factory=list)
+
+
 class ServerSettings(BaseModel):
     """The local Prefect server started by ``calypso server``."""
 
@@ -296,6 +304,7 @@ class CalypsoSettings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
     watch: WatchSettings = Field(default_factory=WatchSettings)
+    user: UserSettings = Field(default_factory=UserSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     prefect_api_url: str | None = Field(
         None,

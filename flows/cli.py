@@ -172,6 +172,43 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--interval", type=float, metavar="S", help="seconds between polls")
     watch.set_defaults(handler=command_watch)
 
+    flows = commands.add_parser("flows", help="user flows: check, save, list, show, diff, run")
+    flow_commands = flows.add_subparsers(title="flow commands", metavar="ACTION")
+    tasks = flow_commands.add_parser("tasks", help="the steps a user flow may use")
+    tasks.set_defaults(handler=command_flows_tasks)
+    export_flow = flow_commands.add_parser("export", help="a built-in flow as a specification")
+    export_flow.add_argument("technique", choices=TECHNIQUES)
+    export_flow.set_defaults(handler=command_flows_export)
+    check_flow = flow_commands.add_parser("check", help="check a specification file")
+    check_flow.add_argument("file")
+    check_flow.set_defaults(handler=command_flows_check)
+    save = flow_commands.add_parser("save", help="store a new version of a flow")
+    save.add_argument("file")
+    save.add_argument("--name", required=True)
+    save.add_argument("--proposal", help="the proposal it belongs to (its data only)")
+    save.add_argument("--description", default="")
+    save.set_defaults(handler=command_flows_save)
+    listing_flows = flow_commands.add_parser("list", help="saved flows and their versions")
+    listing_flows.set_defaults(handler=command_flows_list)
+    show_flow = flow_commands.add_parser("show", help="a saved flow's specification")
+    show_flow.add_argument("reference", metavar="NAME[@VERSION]")
+    show_flow.set_defaults(handler=command_flows_show)
+    diff = flow_commands.add_parser("diff", help="what changed between two versions")
+    diff.add_argument("first", metavar="NAME@V1")
+    diff.add_argument("second", metavar="NAME@V2")
+    diff.set_defaults(handler=command_flows_diff)
+    run_flow = flow_commands.add_parser("run", help="run a saved flow on a raw dataset")
+    run_flow.add_argument("reference", metavar="NAME[@VERSION]")
+    run_flow.add_argument("input", help="raw dataset folder (inside the flow's proposal)")
+    run_flow.add_argument("--scan", type=int, action="append", dest="scans", metavar="N")
+    run_flow.add_argument("--output", metavar="DIR", help="inside the proposal")
+    run_flow.add_argument("--workers", type=int, metavar="N")
+    run_flow.add_argument("--json", action="store_true")
+    run_flow.set_defaults(handler=command_flows_run)
+    delete = flow_commands.add_parser("delete", help="delete a saved flow (every version)")
+    delete.add_argument("name")
+    delete.set_defaults(handler=command_flows_delete)
+
     cluster = commands.add_parser(
         "cluster", help="a long-lived Dask cluster (OpenStack VMs) that flow runs use by address"
     )
@@ -220,7 +257,9 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def build_parameters(technique: str, assignments: list[str], params_file: str | None) -> BaseModel:
+def build_parameters(
+    technique: str, assignments: list[str], params_file: str | None = None
+) -> BaseModel:
     """The technique's parameter model from a file and ``NAME=VALUE`` assignments."""
     model = parameter_model(technique)
     values: dict[str, Any] = {}
@@ -320,7 +359,7 @@ def run_technique(
 ) -> dict[str, Any]:
     """Check the input, then run the technique's flow on the configured Dask cluster."""
     began = time.perf_counter()
-    from calypso.executors import boot_local_cluster, build_task_runner, local_worker_count
+    from calypso.executors import local_worker_count
 
     entry = TECHNIQUE_TABLE[technique]
     if settings.executor.preload == type(settings.executor)().preload:
@@ -336,35 +375,46 @@ def run_technique(
         input_path, parameters, scans, output, settings, local_worker_count(settings.executor)
     )
     total = getattr(plan, entry.count_attribute)
+    technique_flow = entry.flow()
     if export_to:
         from calypso.tasks.export import check_target_uri
 
         check_target_uri(export_to)
+    summary = run_on_cluster(
+        settings,
+        total,
+        entry.unit,
+        lambda runner: technique_flow.with_options(task_runner=runner)(
+            raw=input_path,
+            parameters=parameters,
+            scans=scans,
+            output_dir=output,
+            export_to=export_to,
+        ),
+    )
+    summary["wall_s"] = round(time.perf_counter() - began, 3)
+    return summary
+
+
+def run_on_cluster(settings: CalypsoSettings, total: int, unit: str, call) -> Any:
+    """``call(task_runner)`` with a Prefect API up, on the Dask cluster the settings name
+    (a local one boots while Prefect starts), a progress bar counting ``unit``."""
+    from calypso.executors import boot_local_cluster, build_task_runner
+    from calypso.flows.progress import listening
     from calypso.flows.runtime import check_prefect_api, prefect_api
 
     check_prefect_api()
     booting = boot_local_cluster(settings.executor)
-    technique_flow = entry.flow()
-    from calypso.flows.progress import listening
-
     with ExitStack() as stack:
         if booting is not None:  # closed even if the Prefect API never comes up
             stack.callback(_close_cluster, booting)
         stack.enter_context(prefect_api())
         if booting is not None:  # ... and normally before the API goes: workers flush logs to it
             stack.callback(_close_cluster, booting)
-        bar = stack.enter_context(closing(_Bar(total, entry.unit)))
+        bar = stack.enter_context(closing(_Bar(total, unit)))
         stack.enter_context(listening(bar.update_to))
         runner = build_task_runner(settings.executor, cluster=booting.result() if booting else None)
-        summary = technique_flow.with_options(task_runner=runner)(
-            raw=input_path,
-            parameters=parameters,
-            scans=scans,
-            output_dir=output,
-            export_to=export_to,
-        )
-    summary["wall_s"] = round(time.perf_counter() - began, 3)
-    return summary
+        return call(runner)
 
 
 def _close_cluster(booting) -> None:
@@ -676,6 +726,164 @@ def command_watch(args: argparse.Namespace) -> int:
         )
     _log_to_stderr()
     Watcher(roots, settings, api).run(once=args.once)
+    return 0
+
+
+# -- user flows ---------------------------------------------------------------
+
+
+def _saved_flows():
+    from calypso.registry.saved_flows import SavedFlows
+
+    return SavedFlows(load_settings().catalogue_path)
+
+
+def _user():
+    import getpass
+
+    from calypso.registry.saved_flows import User
+
+    settings = load_settings()
+    return User(name=settings.user.name or getpass.getuser(), proposals=settings.user.proposals)
+
+
+def _read_specification(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ParameterError(f"cannot read the flow specification {path}: {exc}") from None
+
+
+def command_flows_tasks(args: argparse.Namespace) -> int:
+    from calypso.flows.steps import STEPS
+
+    for step in STEPS.values():
+        inputs = ", ".join(f"{port}: {kind}" for port, kind in step.inputs.items()) or "-"
+        parameters = f" + {step.technique} parameters" if step.takes_parameters else ""
+        print(f"{step.name:30s} ({inputs}{parameters}) -> {step.output}\n    {step.description}")
+    return 0
+
+
+def command_flows_export(args: argparse.Namespace) -> int:
+    from calypso.flows.user_flows import export_specification
+
+    print(export_specification(args.technique), end="")
+    return 0
+
+
+def command_flows_check(args: argparse.Namespace) -> int:
+    from calypso.flows.user_flows import check_specification
+
+    spec = check_specification(_read_specification(args.file), args.file)
+    variants = len(spec.variants()) if spec.sweep else 1
+    print(f"{args.file}: valid {spec.technique} flow, steps {' -> '.join(spec.order)}", end="")
+    print(f"; sweep of {variants} variants" if spec.sweep else "")
+    return 0
+
+
+def command_flows_save(args: argparse.Namespace) -> int:
+    from calypso.flows.user_flows import check_specification
+
+    text = _read_specification(args.file)
+    spec = check_specification(text, args.file)
+    saved = _saved_flows().save(
+        args.name, text, spec.technique, _user(), args.proposal, args.description
+    )
+    print(
+        f"saved {saved.label} ({saved.technique}, owner {saved.owner}, proposal {saved.proposal})"
+    )
+    return 0
+
+
+def command_flows_list(args: argparse.Namespace) -> int:
+    flows = _saved_flows().list()
+    if not flows:
+        print("no saved flows (`calypso flows save FILE --name NAME`)")
+    for flow in flows:
+        print(
+            f"{flow.label:24s} {flow.technique:12s} {flow.owner:10s} {flow.proposal or '-':8s} "
+            f"{flow.created}  {flow.description}"
+        )
+    return 0
+
+
+def _get_saved(reference: str):
+    from calypso.registry.saved_flows import parse_reference
+
+    return _saved_flows().get(*parse_reference(reference))
+
+
+def command_flows_show(args: argparse.Namespace) -> int:
+    flow = _get_saved(args.reference)
+    print(
+        f"# {flow.label}: {flow.technique}, owner {flow.owner}, proposal {flow.proposal}, "
+        f"saved {flow.created} with Calypso {flow.calypso_version}\n# {flow.description}"
+    )
+    print(flow.specification, end="")
+    return 0
+
+
+def command_flows_diff(args: argparse.Namespace) -> int:
+    first, second = _get_saved(args.first), _get_saved(args.second)
+    lines = difflib.unified_diff(
+        first.specification.splitlines(keepends=True),
+        second.specification.splitlines(keepends=True),
+        fromfile=first.label,
+        tofile=second.label,
+    )
+    sys.stdout.writelines(lines)
+    return 0
+
+
+def command_flows_delete(args: argparse.Namespace) -> int:
+    count = _saved_flows().delete(args.name, _user())
+    print(f"deleted {args.name} ({count} versions; kept for the provenance of results)")
+    return 0
+
+
+def command_flows_run(args: argparse.Namespace) -> int:
+    began = time.perf_counter()
+    from calypso.flows.runtime import prepare_environment
+    from calypso.flows.user_flows import check_specification, confine, default_output, user_flow
+
+    overrides: dict[str, Any] = {}
+    if args.workers:
+        overrides["executor"] = {"kind": "local", "n_workers": args.workers}
+    settings = load_settings(**overrides) if overrides else load_settings()
+    prepare_environment(settings)
+    flow = _get_saved(args.reference)
+    spec = check_specification(flow.specification, flow.label)
+    raw = str(Path(args.input).absolute())
+    confine(raw, args.output, spec, flow.proposal, settings.data_roots)
+    output = args.output or default_output(raw, spec.technique, flow.name, flow.version)
+    modules = [TECHNIQUE_TABLE[spec.technique].task_module]
+    settings = settings.model_copy(
+        update={"executor": settings.executor.model_copy(update={"preload": modules})}
+    )
+    result = run_on_cluster(
+        settings,
+        len(spec.variants()),
+        "variants",
+        lambda runner: user_flow.with_options(task_runner=runner)(
+            name=flow.name,
+            version=flow.version,
+            specification=flow.specification,
+            raw=raw,
+            scans=args.scans,
+            output_dir=output,
+        ),
+    )
+    result["wall_s"] = round(time.perf_counter() - began, 3)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    for variant in result["variants"]:
+        sweep = ", ".join(f"{k}={v}" for k, v in variant.get("sweep", {}).items())
+        print(
+            f"{flow.label}{' [' + sweep + ']' if sweep else ''}: {variant['processed_dataset_dir']}"
+        )
+        for url in variant["outputs"]:
+            print(f"  {url}")
     return 0
 
 

@@ -65,6 +65,22 @@ def technique_deployment(technique: Technique, settings: CalypsoSettings):
     )
 
 
+def saved_flow_deployment(settings: CalypsoSettings):
+    """Saved user flows, by name (and version), as one deployment: its form takes the flow
+    name and the raw dataset; the run stays inside the flow's proposal."""
+    from prefect.deployments.runner import EntrypointType
+
+    from calypso.flows.user_flows import saved_flow
+
+    return saved_flow.to_deployment(
+        name="saved-flow",
+        concurrency_limit=settings.serve.default_concurrency,
+        tags=["calypso", "user-flow"],
+        description="Run a saved Calypso user flow (`calypso flows list`) on a raw dataset.",
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
 def start_shared_cluster(settings: CalypsoSettings):
     """A local cluster for every flow run served (None when the settings name a scheduler);
     flow runs, which are child processes, find it through CALYPSO_EXECUTOR__*."""
@@ -123,6 +139,7 @@ def serve(settings: CalypsoSettings, techniques: list[str] | None = None) -> Non
         from prefect import serve as prefect_serve
 
         deployments = [technique_deployment(technique, settings) for technique in chosen]
+        deployments.append(saved_flow_deployment(settings))
         limit = sum(d.concurrency_limit or 1 for d in deployments)
         # Deployments stay active when serve stops: runs triggered meanwhile wait for it.
         prefect_serve(

@@ -431,7 +431,11 @@ def test_a_retry_after_a_killed_worker_recomputes_only_unfinished_chunks(facilit
     computed = [r for r in retried if r.state.name == "Completed"]
     print(f"chunks: {done_first} done before the kill; retry: {len(cached)} cached, ", end="")
     print(f"{len(computed)} computed")
-    assert len(retried) == 30 and len(cached) == done_first and len(computed) == 30 - done_first
+    # Every chunk that had finished is taken from the cache, except possibly the one that
+    # finished on the killed worker at the instant it died (its result record may not
+    # have reached the storage); all others run again, once.
+    assert len(retried) == 30 and len(computed) == 30 - len(cached)
+    assert done_first - 1 <= len(cached) <= done_first
 
     def intensities(folder: Path) -> np.ndarray:
         [nexus] = folder.glob("*.h5")
@@ -440,3 +444,40 @@ def test_a_retry_after_a_killed_worker_recomputes_only_unfinished_chunks(facilit
 
     np.testing.assert_array_equal(intensities(tmp_path / "a"), intensities(tmp_path / "b"))
     assert not parts.exists()  # the part folder goes once the run completes
+
+
+def test_a_saved_user_flow_runs_from_its_deployment(facility):
+    import yaml
+    from prefect.client.orchestration import get_client
+
+    from calypso.flows.user_flows import export_specification
+    from calypso.registry.saved_flows import SavedFlows, User
+
+    sample = write_diffraction_sample(facility.elsewhere, frames=2, dataset_number=8, seed=8)
+    spec = yaml.safe_load(export_specification("diffraction"))
+    spec["steps"]["plan"]["parameters"].update(
+        poni=str(sample.calibration["poni"]), mask=str(sample.calibration["mask"]), npt=120
+    )
+    SavedFlows(facility.home / "catalogue.sqlite").save(
+        "quick-look", yaml.safe_dump(spec), "diffraction", User(name="alice"), "ih0001", ""
+    )
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("saved-flow/saved-flow")
+        run = client.create_flow_run_from_deployment(
+            deployment.id, parameters={"name": "quick-look", "raw": str(sample.raw_dataset_dir)}
+        )
+
+    def state():
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(run.id).state
+
+    wait_until(lambda: state().is_final(), 240, "the saved flow's run")
+    assert state().is_completed(), state()
+    output = sample.dataset.processed_dataset_dir(None) / "diffraction_quick-look_v1"
+    [nexus] = output.glob("*.h5")
+    with h5py.File(nexus, "r") as h5:
+        assert h5["1.1/pilatus1m_integrate/integrated/intensity"].shape == (2, 120)
+        provenance = json.loads(h5["1.1/pilatus1m_integrate/provenance/data"][()])
+    assert provenance["user_flow"]["name"] == "quick-look"
+    with get_client(sync_client=True) as client:
+        client.delete_deployment(deployment.id)

@@ -1,0 +1,279 @@
+"""User flows: specifications checked all at once, saved in versions, run like built-ins,
+swept in parallel, confined to their proposal."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from calypso.flows.cli import build_parameters, main, run_technique
+from calypso.flows.user_flows import SpecificationError, check_specification
+from calypso.settings import load_settings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def user(monkeypatch, catalogue_path):
+    monkeypatch.setenv("CALYPSO_USER__NAME", "alice")
+    monkeypatch.setenv("CALYPSO_USER__PROPOSALS", '["ih0001"]')
+    return "alice"
+
+
+def test_a_specification_with_many_mistakes_reports_each_with_its_place():
+    text = """\
+calypso: 1
+colour: blue
+steps:
+  plan:
+    task: tomography.plan
+    parameters:
+      ring_removel: true
+      delta_beta: "lots"
+      center_of_rotation: {start: 5, stop: 1, step: 1}
+  center:
+    task: tomography.centre_of_rotation
+    inputs: {plan: plan}
+  slices:
+    task: tomography.reconstruct
+    inputs: {plan: plan, centre: center, extra: plan}
+  write:
+    task: tomography.write
+    inputs: {plan: plan, center: write, slices: nowhere}
+    parameters: {npt: 2}
+  Bad-Name:
+    task: diffraction.integrate
+    inputs: {plan: plan}
+"""
+    with pytest.raises(SpecificationError) as raised:
+        check_specification(text, "mine.yaml")
+    problems = "\n".join(raised.value.problems)
+    expected = [
+        "line 2, colour: unknown field",
+        "line 7, steps.plan.parameters.ring_removel: unknown tomography parameter "
+        "(did you mean 'ring_removal'?)",
+        "line 8, steps.plan.parameters.delta_beta: Input should be a valid number",
+        "line 9, steps.plan.parameters.center_of_rotation: bad range",
+        "line 11, steps.center.task: unknown task 'tomography.centre_of_rotation' "
+        "(did you mean 'tomography.center_of_rotation'?)",
+        "steps.slices.inputs: missing input 'center' (tomography.center)",
+        "line 15, steps.slices.inputs.centre: tomography.reconstruct has no input 'centre'",
+        "line 15, steps.slices.inputs.extra: tomography.reconstruct has no input 'extra'",
+        "line 18, steps.write.inputs.center: 'write' gives outputs, but 'center' takes "
+        "tomography.center",
+        "line 18, steps.write.inputs.slices: no step named 'nowhere'",
+        "line 19, steps.write.parameters: tomography.write takes no parameters",
+        "line 20, steps.Bad-Name: a step name is lower-case letters",
+        "steps.Bad-Name.inputs.plan: 'plan' gives tomography.plan, but 'plan' takes "
+        "diffraction.plan",
+        "one technique a flow; found diffraction, tomography",
+        "the inputs form a cycle: write -> write",
+    ]
+    for message in expected:
+        assert message in problems, f"{message!r} not in:\n{problems}"
+    assert len(raised.value.problems) >= 14
+    # and each kind of file-level mistake on its own
+    with pytest.raises(SpecificationError, match="line 3: not valid YAML"):
+        check_specification("steps:\n  plan: [unclosed\n")
+    with pytest.raises(SpecificationError, match="expected a mapping of named steps"):
+        check_specification("calypso: 1\nsteps: []\n")
+
+
+def test_cli_check_export_save_show_diff_list_delete(tmp_path, capsys, user, monkeypatch):
+    assert main(["flows", "export", "diffraction"]) == 0
+    exported = capsys.readouterr().out
+    first = tmp_path / "d1.yaml"
+    first.write_text(exported)
+    assert main(["flows", "check", str(first)]) == 0
+    assert "valid diffraction flow, steps plan -> integrate -> write" in capsys.readouterr().out
+    second = tmp_path / "d2.yaml"
+    second.write_text(exported.replace("npt: 1000", "npt: 2000"))
+    for spec in (first, second):
+        assert main(["flows", "save", str(spec), "--name", "rings", "--proposal", "ih0001"]) == 0
+    assert "saved rings@2" in capsys.readouterr().out
+    assert main(["flows", "show", "rings@1"]) == 0
+    assert "npt: 1000" in capsys.readouterr().out
+    assert main(["flows", "diff", "rings@1", "rings@2"]) == 0
+    diff = capsys.readouterr().out
+    assert "-      npt: 1000" in diff and "+      npt: 2000" in diff
+    # Someone else may neither overwrite nor delete it; a member of the proposal may.
+    monkeypatch.setenv("CALYPSO_USER__NAME", "mallory")
+    monkeypatch.setenv("CALYPSO_USER__PROPOSALS", '["ih0666"]')
+    assert main(["flows", "save", str(first), "--name", "rings"]) == 5
+    assert main(["flows", "delete", "rings"]) == 5
+    assert "belongs to alice" in capsys.readouterr().err
+    monkeypatch.setenv("CALYPSO_USER__NAME", "bob")
+    monkeypatch.setenv("CALYPSO_USER__PROPOSALS", '["ih0001"]')
+    assert main(["flows", "list"]) == 0
+    assert "rings@2" in capsys.readouterr().out
+    assert main(["flows", "delete", "rings"]) == 0
+    assert main(["flows", "show", "rings"]) == 5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps:\n  x: {task: os.system}\n")
+    assert main(["flows", "save", str(bad), "--name", "evil"]) == 2
+    assert "unknown task 'os.system'" in capsys.readouterr().err
+
+
+def _main_dataset(url: str) -> np.ndarray:
+    path, entry = url.split("::")
+    with h5py.File(path, "r") as h5:
+        node = h5[entry]
+        name = node.attrs.get("signal", "data") if isinstance(node, h5py.Group) else None
+        return node[name][()] if name else node[()]
+
+
+def _saved_run(tmp_path, capsys, technique, raw, parameters, output) -> list[str]:
+    spec = yaml.safe_load(_exported(technique, capsys))
+    spec["steps"]["plan"]["parameters"].update(parameters)
+    path = tmp_path / f"{technique}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert main(["flows", "save", str(path), "--name", f"my-{technique}"]) == 0
+    capsys.readouterr()
+    code = main(["flows", "run", f"my-{technique}", str(raw), "--output", str(output), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0
+    [variant] = result["variants"]
+    return variant["outputs"]
+
+
+def _first_provenance(h5: h5py.File) -> str:
+    found: list[str] = []
+    h5.visit(lambda name: found.append(name) if name.endswith("provenance/data") else None)
+    return found[0]
+
+
+def _exported(technique, capsys) -> str:
+    assert main(["flows", "export", technique]) == 0
+    return capsys.readouterr().out
+
+
+def test_every_built_in_flow_exported_saved_and_run_gives_the_same_output(
+    tmp_path, capsys, user, diffraction_sample
+):
+    from calypso.tasks.sample_mx import write_mx_sample
+    from calypso.tasks.sample_spectroscopy import write_spectroscopy_sample
+    from calypso.tasks.sample_tomography import write_tomography_sample
+
+    root = diffraction_sample.dataset.root
+    mx = write_mx_sample(tmp_path / "mxroot", grid=(2, 3), dataset_number=5)
+    cases = {
+        "diffraction": (
+            diffraction_sample.raw_dataset_dir,
+            {
+                "poni": str(diffraction_sample.calibration["poni"]),
+                "mask": str(diffraction_sample.calibration["mask"]),
+                "npt": 300,
+            },
+        ),
+        "spectroscopy": (
+            write_spectroscopy_sample(tmp_path / "xas", repeats=2).raw_dataset_dir,
+            {},
+        ),
+        "tomography": (
+            write_tomography_sample(
+                tmp_path / "tomo", rows=4, columns=128, projections=180
+            ).raw_dataset_dir,
+            {},
+        ),
+        "mx": (mx.raw_dataset_dir, {"mask": str(mx.mask)}),
+    }
+    settings = load_settings(executor={"kind": "local", "n_workers": 1})
+    for technique, (raw, parameters) in cases.items():
+        base = Path(raw).parents[3]  # the session folder, inside the proposal
+        built_in = run_technique(
+            technique,
+            str(raw),
+            build_parameters(
+                technique, [f"{k}={json.dumps(v)}" for k, v in parameters.items()], None
+            ),
+            None,
+            str(base / "PROCESSED_DATA" / "builtin" / technique),
+            settings,
+        )
+        outputs = _saved_run(
+            tmp_path, capsys, technique, raw, parameters, base / "PROCESSED_DATA" / "mine"
+        )
+        assert len(outputs) == len(built_in["outputs"]), technique
+        for mine, theirs in zip(outputs, built_in["outputs"], strict=True):
+            np.testing.assert_array_equal(_main_dataset(mine), _main_dataset(theirs), technique)
+        # The NeXus result records the specification and its version.
+        with h5py.File(outputs[0].split("::")[0], "r") as h5:
+            provenance = json.loads(h5[_first_provenance(h5)][()])
+        assert provenance["user_flow"]["name"] == f"my-{technique}"
+        assert provenance["user_flow"]["version"] == 1
+        assert "task: " in provenance["user_flow"]["specification"]
+    assert root.exists()
+
+
+def test_a_sweep_of_five_centres_on_three_slices_runs_in_parallel(tmp_path, capsys, user):
+    from calypso.tasks.sample_tomography import write_tomography_sample
+
+    sample = write_tomography_sample(tmp_path / "visitor", rows=16, columns=96, projections=120)
+    true = sample.geometry.center_of_rotation
+    spec = yaml.safe_load(_exported("tomography", capsys))
+    spec["steps"]["plan"]["parameters"].update(
+        rows=[6, 9],
+        center_of_rotation={"start": round(true) - 2, "stop": round(true) + 2, "step": 1},
+    )
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["flows", "check", str(path)]) == 0
+    assert "sweep of 5 variants" in capsys.readouterr().out
+    assert main(["flows", "save", str(path), "--name", "cor-sweep"]) == 0
+    capsys.readouterr()
+    assert main(["flows", "run", "cor-sweep", str(sample.raw_dataset_dir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    variants = result["variants"]
+    assert len(variants) == 5
+    centres = sorted(v["sweep"]["plan.center_of_rotation"] for v in variants)
+    assert centres == [round(true) + d for d in (-2, -1, 0, 1, 2)]
+    folders = {v["processed_dataset_dir"] for v in variants}
+    assert len(folders) == 5 and all("/sweep/center_of_rotation_" in f for f in folders)
+    for variant in variants:
+        volume = _main_dataset(variant["outputs"][0])
+        assert volume.shape[0] == 3 and np.isfinite(volume).all()
+        assert variant["center_of_rotation"] == variant["sweep"]["plan.center_of_rotation"]
+    # In parallel: every variant had started before any had finished.
+    from calypso.registry import SQLiteCatalogue
+
+    records = SQLiteCatalogue(os.environ["CALYPSO_CATALOGUE__PATH"]).list(limit=5)
+    assert max(r.started for r in records) <= min(r.finished for r in records)
+
+
+def test_paths_that_leave_the_proposal_are_refused(tmp_path, capsys, user, diffraction_sample):
+    spec = yaml.safe_load(_exported("diffraction", capsys))
+    spec["steps"]["plan"]["parameters"]["poni"] = str(diffraction_sample.calibration["poni"])
+    path = tmp_path / "d.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["flows", "save", str(path), "--name", "mine", "--proposal", "ih0001"]) == 0
+    raw = diffraction_sample.raw_dataset_dir
+    proposal = raw.parents[4]
+    other = proposal.parent / "ih0002" / "id00" / "20261127" / "RAW_DATA" / "CeO2" / "CeO2_0001"
+    other.mkdir(parents=True, exist_ok=True)
+    (other / "CeO2_0001.h5").write_bytes((raw / "CeO2_0001.h5").read_bytes())
+    escape = proposal / "id00" / "20261127" / "RAW_DATA" / "CeO2" / "CeO2_0099"
+    escape.parent.mkdir(parents=True, exist_ok=True)
+    if not escape.exists():
+        escape.symlink_to(tmp_path)  # a symlink inside the proposal, pointing out of it
+    cases = {
+        "dotdot": ([str(raw / ".." / raw.name)], "'..' is not allowed"),
+        "other proposal": ([str(other)], "belongs to proposal ih0002"),
+        "output elsewhere": ([str(raw), "--output", str(tmp_path / "out")], "leads outside"),
+        "symlink out": ([str(escape)], "leads outside proposal ih0001"),
+    }
+    for case, (arguments, message) in cases.items():
+        code = main(["flows", "run", "mine", *arguments])
+        err = capsys.readouterr().err
+        assert code == 3 and message in err, (case, err)
+    spec["steps"]["plan"]["parameters"]["mask"] = "/etc/passwd"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["flows", "save", str(path), "--name", "mine"]) == 0
+    capsys.readouterr()
+    assert main(["flows", "run", "mine", str(raw)]) == 3
+    assert "steps.plan.parameters.mask /etc/passwd leads outside" in capsys.readouterr().err
