@@ -272,17 +272,24 @@ def test_broker_killed_during_a_burst_of_twenty(icat, icat_env):
     assert sorted(_count(icat, f"burst-{i}") for i in range(20)) == [1] * 20
 
 
-def test_a_retry_of_the_same_run_does_not_register_twice(icat, icat_env):
-    catalogue = IcatCatalogue(SQLiteCatalogue(icat_env), icat.settings())
-    record = ProcessedDataset(
+def a_record(collection: str, sample: str, flow_run_id: str) -> ProcessedDataset:
+    """A completed diffraction record of proposal ih0002 (no data behind it)."""
+    session = "/data/visitor/ih0002/id00/20261125"
+    dataset = f"{collection}/{collection}_0001"
+    return ProcessedDataset(
         technique="diffraction",
-        raw_dataset="/data/visitor/ih0002/id00/20261125/RAW_DATA/r/r_0001",
-        processed_path="/data/visitor/ih0002/id00/20261125/PROCESSED_DATA/r/r_0001/diffraction",
+        raw_dataset=f"{session}/RAW_DATA/{dataset}",
+        processed_path=f"{session}/PROCESSED_DATA/{dataset}/diffraction",
         proposal="ih0002",
         beamline="id00",
-        sample_name="retry",
-        flow_run_id="retry-1",
+        sample_name=sample,
+        flow_run_id=flow_run_id,
     )
+
+
+def test_a_retry_of_the_same_run_does_not_register_twice(icat, icat_env):
+    catalogue = IcatCatalogue(SQLiteCatalogue(icat_env), icat.settings())
+    record = a_record("r", "retry", "retry-1")
     first = catalogue.register(record)
     assert catalogue.register(record) == first
     rerun = catalogue.register(record.model_copy(update={"flow_run_id": "retry-2"}))
@@ -298,15 +305,7 @@ def test_serve_retries_pending_registrations_periodically(icat, icat_env):
 
     from calypso.flows.serve import start_icat_flushing
 
-    record = ProcessedDataset(
-        technique="diffraction",
-        raw_dataset="/data/visitor/ih0002/id00/20261125/RAW_DATA/p/p_0001",
-        processed_path="/data/visitor/ih0002/id00/20261125/PROCESSED_DATA/p/p_0001/diffraction",
-        proposal="ih0002",
-        beamline="id00",
-        sample_name="periodic",
-        flow_run_id="periodic-1",
-    )
+    record = a_record("p", "periodic", "periodic-1")
     icat.stop_broker()
     try:
         catalogue = IcatCatalogue(SQLiteCatalogue(icat_env), icat.settings(timeout_s=1))
