@@ -207,7 +207,11 @@ class WatchRule(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    technique: str
+    technique: str = Field(
+        ...,
+        description="A technique (its built-in flow), or 'flow:NAME' for a saved user flow "
+        "(its latest version).",
+    )
     detector: str | None = Field(None, description="e.g. 'pilatus*', 'eiger*'")
     title: str | None = Field(None, description="e.g. 'fscan*', '*xas*', 'tomo:*'")
     unit: Literal["scan", "dataset"] = Field(

@@ -69,11 +69,24 @@ def saved_flow_deployment(settings: CalypsoSettings):
     """Saved user flows, by name (and version), as one deployment: its form takes the flow
     name and the raw dataset; the run stays inside the flow's proposal."""
     from prefect.deployments.runner import EntrypointType
+    from prefect.events import DeploymentEventTrigger
 
     from calypso.flows.user_flows import saved_flow
 
+    trigger = DeploymentEventTrigger(
+        name="saved flows after each acquisition",
+        expect={EVENT},
+        match={"calypso.technique": "saved-flow"},
+        parameters={
+            "name": _from_event("flow"),
+            "raw": _from_event("raw"),
+            "scans": _from_event("scans"),
+            "trigger": _from_event("key"),
+        },
+    )
     return saved_flow.to_deployment(
         name="saved-flow",
+        triggers=[trigger],
         concurrency_limit=settings.serve.default_concurrency,
         tags=["calypso", "user-flow"],
         description="Run a saved Calypso user flow (`calypso flows list`) on a raw dataset.",

@@ -342,12 +342,14 @@ def run_variant(
     scans: list[int] | None,
     output_dir: str | None,
     provenance: dict[str, Any],
+    trigger: str | None = None,
 ) -> dict[str, Any]:
     """One variant of a user flow, through the built-in machinery: plan, Dask tasks,
-    NeXus (with the specification in its NXprocess provenance), catalogue."""
+    NeXus (with the specification in its NXprocess provenance), catalogue. With the
+    ``trigger`` key of an acquisition event, a variant already processed is skipped."""
     from calypso.tasks.catalogue import FlowRun
 
-    run = FlowRun(spec.technique, raw=raw)
+    run = FlowRun(spec.technique, raw=raw, trigger=trigger)
     ctx = StepContext(run=run, raw=raw, scans=scans, output_dir=output_dir)
     ctx.provenance = {"flow_run_id": run.run_id, "input": raw, **provenance}
     if assignment:
@@ -371,6 +373,8 @@ def run_variant(
     planned = [n for n in spec.order if STEPS[spec.steps[n]["task"]].takes_parameters]
     for name in planned:
         results[name] = call(name)
+    if run.skipped_because:  # this acquisition was processed by this flow already
+        return run.skipped()
     with run.working() as work_dir:
         ctx.work_dir = work_dir
         for name in spec.order:
@@ -409,12 +413,13 @@ def run_user_flow_variants(
     scans: list[int] | None,
     output_dir: str,
     provenance: dict[str, Any],
+    trigger: str | None = None,
 ) -> list[dict[str, Any]]:
     """Every variant of the sweep (one without a sweep), in parallel: their tasks share
     the Dask cluster, each writes its own folder."""
     variants = spec.variants()
     if len(variants) == 1 and not variants[0]:
-        return [run_variant(spec, {}, raw, scans, output_dir, provenance)]
+        return [run_variant(spec, {}, raw, scans, output_dir, provenance, trigger)]
     with ThreadPoolExecutor(max_workers=min(8, len(variants))) as pool:
         # Each variant's thread runs in a copy of this flow run's context (Prefect's
         # run context is a context variable), so its tasks go to the same task runner.
@@ -428,6 +433,7 @@ def run_user_flow_variants(
                 scans,
                 variant_folder(output_dir, assignment),
                 provenance,
+                trigger,
             )
             for assignment in variants
         ]
@@ -457,12 +463,13 @@ def user_flow(
     raw: str,
     scans: list[int] | None = None,
     output_dir: str | None = None,
+    trigger: str | None = None,
 ) -> dict[str, Any]:
     """Run a saved user flow (its specification, as saved) on a raw dataset."""
     spec = check_specification(specification, f"{name}@{version}")
     output = output_dir or default_output(raw, spec.technique, name, version)
     provenance = {"user_flow": {"name": name, "version": version, "specification": specification}}
-    variants = run_user_flow_variants(spec, raw, scans, output, provenance)
+    variants = run_user_flow_variants(spec, raw, scans, output, provenance, trigger)
     return {"flow": f"{name}@{version}", "technique": spec.technique, "variants": variants}
 
 
@@ -478,9 +485,11 @@ def saved_flow(
     version: int | None = None,
     scans: list[int] | None = None,
     output_dir: str | None = None,
+    trigger: str | None = None,
 ) -> dict[str, Any]:
     """Run a saved user flow (latest version unless ``version``) on a raw dataset inside
-    its proposal: the form `calypso serve` offers in the Prefect UI."""
+    its proposal: the form `calypso serve` offers in the Prefect UI, also started by
+    acquisition events for rules ``technique = "flow:NAME"``."""
     from calypso.registry.saved_flows import SavedFlows
     from calypso.settings import load_settings
 
@@ -495,4 +504,5 @@ def saved_flow(
         raw=raw,
         scans=scans,
         output_dir=output_dir,
+        trigger=trigger,
     )

@@ -161,6 +161,20 @@ class Watcher:
         ready, waiting = finished_acquisitions(bliss_file, self.settings.watch)
         announced = []
         for acquisition in ready:
+            if acquisition.saved_flow:
+                version = self._saved_flow_version(acquisition.saved_flow)
+                if version is None:
+                    logger.warning(
+                        "rejected %s: no saved flow %r (rules of beamline %s); "
+                        "`calypso flows list` shows them",
+                        acquisition.raw_dataset_dir,
+                        acquisition.saved_flow,
+                        acquisition.beamline,
+                    )
+                    continue
+                if self._announce(acquisition, version):
+                    announced.append(acquisition)
+                continue
             if acquisition.technique not in TECHNIQUES:
                 logger.warning(
                     "rejected %s: unknown technique %r in the rules of beamline %s (known: %s)",
@@ -170,14 +184,23 @@ class Watcher:
                     ", ".join(TECHNIQUES),
                 )
                 continue
-            if self._announce(acquisition):
+            if self._announce(acquisition, self.versions[acquisition.technique]):
                 announced.append(acquisition)
         if not waiting:
             self._unchanged[bliss_file] = changed
         return announced
 
-    def _announce(self, acquisition: Acquisition) -> bool:
-        version = self.versions[acquisition.technique]
+    def _saved_flow_version(self, name: str) -> str | None:
+        """``flow:NAME@V`` of the latest version: a new version processes again."""
+        from calypso.errors import CatalogueError
+        from calypso.registry.saved_flows import SavedFlows
+
+        try:
+            return f"flow:{SavedFlows(self.settings.catalogue_path).get(name).label}"
+        except CatalogueError:
+            return None
+
+    def _announce(self, acquisition: Acquisition, version: str) -> bool:
         event = acquisition.event(version)
         key = event["payload"]["key"]
         if not self.state.claim(acquisition, key, version, event["id"]):

@@ -44,6 +44,11 @@ class Acquisition:
     beamline: str
     proposal: str
 
+    @property
+    def saved_flow(self) -> str | None:
+        """The saved user flow's name, for a rule ``technique = "flow:NAME"``."""
+        return self.technique.removeprefix("flow:") if self.technique.startswith("flow:") else None
+
     def key(self, flow_version: str) -> str:
         """What makes a processing unique: the same key is processed once."""
         return processing_key(
@@ -61,7 +66,8 @@ class Acquisition:
             "resource": {
                 "prefect.resource.id": f"calypso.dataset.{self.raw_dataset_dir}#{scans}",
                 "prefect.resource.name": f"{Path(self.raw_dataset_dir).name} scan {scans}",
-                "calypso.technique": self.technique,
+                # a saved user flow is run by the `saved-flow` deployment
+                "calypso.technique": "saved-flow" if self.saved_flow else self.technique,
                 "calypso.beamline": self.beamline,
                 "calypso.proposal": self.proposal,
             },
@@ -71,6 +77,7 @@ class Acquisition:
                 "parameters": self.parameters,
                 "key": key,
                 "flow_version": flow_version,
+                "flow": self.saved_flow,
             },
             "related": [],
         }

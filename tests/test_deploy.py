@@ -25,7 +25,7 @@ def test_prefect_yaml_has_one_triggered_deployment_per_technique():
 
     config = yaml.safe_load((DEPLOY / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in config["deployments"]}
-    assert set(deployments) == set(TECHNIQUES)
+    assert set(deployments) == {*TECHNIQUES, "saved-flow"}
     for name, deployment in deployments.items():
         path, function = deployment["entrypoint"].split(":")
         assert (REPO / path).is_file(), path
@@ -35,6 +35,8 @@ def test_prefect_yaml_has_one_triggered_deployment_per_technique():
         model = DeploymentEventTrigger(**{k: v for k, v in trigger.items() if k != "type"})
         assert model.expect == {"calypso.acquisition.completed"}
         assert model.match.model_dump() == {"calypso.technique": name}
+        if name == "saved-flow":
+            assert "name" in trigger["parameters"]
         # Every parameter the trigger fills is one of the flow's.
         assert set(trigger["parameters"]) <= set(inspect.signature(flow.fn).parameters)
         assert deployment["work_pool"]["name"] == "calypso"

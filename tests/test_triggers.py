@@ -93,6 +93,7 @@ class Facility:
                         }
                     ],
                     "id99": [{"technique": "holography", "detector": "*"}],
+                    "id02": [{"technique": "flow:auto-look", "detector": "pilatus*"}],
                 }
             ),
             CALYPSO_WATCH__INTERVAL_S="1",
@@ -160,9 +161,14 @@ class Facility:
         for process in [*self.watchers, self.serve]:
             stop(process)
         from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
         with get_client(sync_client=True) as client:  # leave the shared server clean
             client.delete_deployment(self.deployment_id)
+            for deployment in client.read_deployments(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["saved-flow"]))
+            ):
+                client.delete_deployment(deployment.id)
 
 
 @pytest.fixture(scope="module")
@@ -479,5 +485,58 @@ def test_a_saved_user_flow_runs_from_its_deployment(facility):
         assert h5["1.1/pilatus1m_integrate/integrated/intensity"].shape == (2, 120)
         provenance = json.loads(h5["1.1/pilatus1m_integrate/provenance/data"][()])
     assert provenance["user_flow"]["name"] == "quick-look"
+
+
+def test_a_beamline_rule_runs_a_saved_flow_after_each_acquisition(facility, tmp_path):
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    from calypso.flows.user_flows import export_specification
+    from calypso.registry.saved_flows import SavedFlows, User
+
+    if not facility.watchers:
+        facility.watch()
+    # A dataset of beamline id02, whose rule is `technique = "flow:auto-look"`.
+    source = write_diffraction_sample(tmp_path / "v", frames=2, dataset_number=9, seed=9)
+    session = facility.tree / "ih0004" / "id02" / "20261127"
+    calibration = session / "SCRIPTS"
+    calibration.mkdir(parents=True)
+    for path in source.calibration.values():
+        shutil.copy(path, calibration / path.name)
+    spec = yaml.safe_load(export_specification("diffraction"))
+    spec["steps"]["plan"]["parameters"].update(
+        poni=str(calibration / source.calibration["poni"].name),
+        mask=str(calibration / source.calibration["mask"].name),
+        npt=90,
+    )
+    SavedFlows(facility.home / "catalogue.sqlite").save(
+        "auto-look", yaml.safe_dump(spec), "diffraction", User(name="alice"), "ih0004", ""
+    )
     with get_client(sync_client=True) as client:
-        client.delete_deployment(deployment.id)
+        [deployment] = client.read_deployments(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["saved-flow"]))
+        )
+
+    def runs() -> list:
+        from prefect.client.schemas.filters import DeploymentFilterId
+
+        with get_client(sync_client=True) as client:
+            return client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+            )
+
+    before = len(runs())
+    staging = tmp_path / "staging" / "CeO2_0009"
+    shutil.copytree(source.raw_dataset_dir, staging)
+    (session / "RAW_DATA" / "CeO2").mkdir(parents=True)
+    staging.rename(session / "RAW_DATA" / "CeO2" / "CeO2_0009")
+    done = wait_until(
+        lambda: [r for r in runs() if r.state.is_final()][before:] if len(runs()) > before else [],
+        240,
+        "the saved flow run started by the acquisition",
+    )
+    assert done[0].state.is_completed() and done[0].parameters["name"] == "auto-look"
+    output = session / "PROCESSED_DATA" / "CeO2" / "CeO2_0009" / "diffraction_auto-look_v1"
+    with h5py.File(output / "CeO2_0009.h5", "r") as h5:
+        assert h5["1.1/pilatus1m_integrate/integrated/intensity"].shape == (2, 90)
