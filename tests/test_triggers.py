@@ -526,17 +526,19 @@ def test_a_beamline_rule_runs_a_saved_flow_after_each_acquisition(facility, tmp_
                 deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
             )
 
-    before = len(runs())
     staging = tmp_path / "staging" / "CeO2_0009"
     shutil.copytree(source.raw_dataset_dir, staging)
     (session / "RAW_DATA" / "CeO2").mkdir(parents=True)
     staging.rename(session / "RAW_DATA" / "CeO2" / "CeO2_0009")
-    done = wait_until(
-        lambda: [r for r in runs() if r.state.is_final()][before:] if len(runs()) > before else [],
+    [done] = wait_until(
+        lambda: [
+            r for r in runs() if r.parameters.get("name") == "auto-look" and r.state.is_final()
+        ],
         240,
         "the saved flow run started by the acquisition",
     )
-    assert done[0].state.is_completed() and done[0].parameters["name"] == "auto-look"
+    assert done.state.is_completed(), done.state
+    assert done.parameters["raw"].endswith("/ih0004/id02/20261127/RAW_DATA/CeO2/CeO2_0009")
     output = session / "PROCESSED_DATA" / "CeO2" / "CeO2_0009" / "diffraction_auto-look_v1"
     with h5py.File(output / "CeO2_0009.h5", "r") as h5:
         assert h5["1.1/pilatus1m_integrate/integrated/intensity"].shape == (2, 90)
