@@ -243,6 +243,12 @@ class WatchSettings(BaseModel):
     state_path: Path | None = Field(
         None, description="SQLite file of the watcher's state (default: <home>/watch.sqlite)."
     )
+    confirm_s: float = Field(
+        60.0,
+        gt=0,
+        description="An announcement with no flow run after this long is posted again.",
+    )
+    attempts: int = Field(5, ge=1, description="Posts of one announcement at most.")
 
 
 class ServeSettings(BaseModel):

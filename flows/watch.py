@@ -21,6 +21,7 @@ import sqlite3
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +48,11 @@ CREATE TABLE IF NOT EXISTS acquisitions (
     event_id TEXT NOT NULL,
     state TEXT NOT NULL DEFAULT 'claimed',
     claimed TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
-    emitted TEXT
+    emitted TEXT,
+    event TEXT,
+    deployment TEXT,
+    posted REAL,
+    attempts INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -93,16 +98,31 @@ class WatchState:
             )
             return True
 
-    def settle(self, key: str, emitted: bool) -> None:
+    def settle(self, key: str, emitted: bool, event: dict | None = None) -> None:
         with self._connect() as db:
             if emitted:
                 db.execute(
-                    "UPDATE acquisitions SET state = 'emitted', "
+                    "UPDATE acquisitions SET state = 'emitted', event = ?, deployment = ?, "
+                    "posted = ?, attempts = attempts + 1, "
                     "emitted = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE key = ?",
-                    (key,),
+                    (json.dumps(event), _deployment_of(event), time.time(), key),
                 )
             else:
                 db.execute("UPDATE acquisitions SET state = 'failed' WHERE key = ?", (key,))
+
+    def unconfirmed(self, older_than_s: float) -> list[tuple[str, dict, str, int]]:
+        """(key, event, deployment, attempts) of announcements with no flow run seen yet."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT key, event, deployment, attempts FROM acquisitions "
+                "WHERE state = 'emitted' AND posted < ?",
+                (time.time() - older_than_s,),
+            ).fetchall()
+        return [(r[0], json.loads(r[1]), r[2], r[3]) for r in rows]
+
+    def mark(self, key: str, state: str) -> None:
+        with self._connect() as db:
+            db.execute("UPDATE acquisitions SET state = ? WHERE key = ?", (state, key))
 
     def emitted(self) -> list[tuple[str, str, str]]:
         """(raw dataset, scans, technique) of every acquisition announced."""
@@ -111,6 +131,30 @@ class WatchState:
                 "SELECT raw_dataset, scans, technique FROM acquisitions WHERE state = 'emitted' "
                 "ORDER BY emitted"
             ).fetchall()
+
+
+def _deployment_of(event: dict | None) -> str | None:
+    """The deployment an event triggers (its name): the technique, or ``saved-flow``."""
+    return event["resource"]["calypso.technique"] if event else None
+
+
+def flow_runs_with_key(api_url: str, deployment: str, key: str, timeout_s: float = 10.0) -> int:
+    """How many runs of ``deployment`` carry the processing ``key`` (``trigger``)."""
+    request = urllib.request.Request(
+        api_url.rstrip("/") + "/flow_runs/filter",
+        data=json.dumps(
+            {
+                "deployments": {"name": {"any_": [deployment]}},
+                "sort": "EXPECTED_START_TIME_DESC",
+                "limit": 200,
+            }
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        runs = json.loads(response.read())
+    return sum(1 for run in runs if (run.get("parameters") or {}).get("trigger") == key)
 
 
 def post_event(api_url: str, event: dict, timeout_s: float = 10.0) -> None:
@@ -215,7 +259,7 @@ class Watcher:
                 exc,
             )
             return False
-        self.state.settle(key, emitted=True)
+        self.state.settle(key, emitted=True, event=event)
         scans = ",".join(map(str, acquisition.scans)) if acquisition.scans else "all scans"
         logger.info(
             "%s %s -> %s (event %s)",
@@ -226,10 +270,44 @@ class Watcher:
         )
         return True
 
+    def confirm(self) -> None:
+        """Check that each announcement started a flow run; post again the ones that did
+        not (a server can lose an event under load): under a new event id, since Prefect
+        drops ids it has seen, and safely, since the run claims the key in the catalogue."""
+        watch = self.settings.watch
+        for key, event, deployment, attempts in self.state.unconfirmed(watch.confirm_s):
+            try:
+                found = flow_runs_with_key(self.api_url, deployment, key)
+            except (OSError, ValueError) as exc:
+                logger.debug("cannot look for the runs of %s: %s", key, exc)
+                return
+            if found:
+                self.state.mark(key, "confirmed")
+                continue
+            if attempts >= watch.attempts:
+                self.state.mark(key, "unconfirmed")
+                logger.error(
+                    "no flow run started for %s after %d events: is `calypso serve` running "
+                    "and its %s deployment's trigger enabled?",
+                    event["payload"]["raw"],
+                    attempts,
+                    deployment,
+                )
+                continue
+            event = event | {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{key}#{attempts}"))}
+            try:
+                post_event(self.api_url, event)
+            except OSError as exc:
+                logger.warning("could not post again the event for %s: %s", key, exc)
+                return
+            self.state.settle(key, emitted=True, event=event)
+            logger.warning("no flow run yet for %s: event posted again", event["payload"]["raw"])
+
     def run(self, once: bool = False) -> None:
         while True:
             began = time.monotonic()
             self.poll()
+            self.confirm()
             if once:
                 return
             time.sleep(max(0.0, self.settings.watch.interval_s - (time.monotonic() - began)))

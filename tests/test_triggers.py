@@ -98,6 +98,8 @@ class Facility:
             ),
             CALYPSO_WATCH__INTERVAL_S="1",
             CALYPSO_WATCH__QUIET_S="30",
+            # an announcement that started no run is posted again after this long
+            CALYPSO_WATCH__CONFIRM_S="15",
             CALYPSO_SERVE__DEFAULT_CONCURRENCY=str(CONCURRENCY),
             CALYPSO_EXECUTOR__N_WORKERS="2",
             PREFECT_RUNNER_POLL_FREQUENCY="1",
@@ -325,6 +327,41 @@ def test_fifty_datasets_at_once_each_processed_once_within_the_limit(facility, t
     output = collection.parent.parent / "PROCESSED_DATA" / "CeO2" / names[-1] / "diffraction"
     with h5py.File(output / f"{names[-1]}.h5", "r") as h5:
         assert np.isfinite(h5["1.1/pilatus1m_integrate/integrated/intensity"][()]).all()
+
+
+def test_an_event_the_server_lost_is_posted_again(facility, tmp_path):
+    """At-least-once delivery: the watcher checks that each announcement started a run."""
+    from calypso.flows.watch import Watcher
+    from calypso.settings import load_settings
+
+    before = len(facility.runs())
+    sample = write_diffraction_sample(facility.elsewhere, frames=1, dataset_number=11, seed=11)
+    settings = load_settings(
+        home=facility.home / "lost",
+        watch={"confirm_s": 0.1, "beamlines": {"id00": [{"technique": "diffraction"}]}},
+    )
+    watcher = Watcher([facility.elsewhere], settings, os.environ["PREFECT_API_URL"])
+    event = event_for(sample.raw_dataset_dir, facility.parameters)
+    key = event["payload"]["key"]
+    # As if posted, then lost on the way: claimed and recorded, but never received.
+    acquisition = Acquisition(
+        raw_dataset_dir=str(sample.raw_dataset_dir),
+        technique="diffraction",
+        scans=(1,),
+        parameters=facility.parameters,
+        beamline="id00",
+        proposal="ih0001",
+    )
+    assert watcher.state.claim(acquisition, key, "v", event["id"])
+    watcher.state.settle(key, emitted=True, event=event)
+    time.sleep(0.2)
+    watcher.confirm()  # no run has this key: posted again, under a new id
+    runs = wait_until(lambda: facility.finished(before + 1), 180, "the run of the re-posted event")
+    assert runs[-1].parameters["trigger"] == key and runs[-1].state.is_completed()
+    time.sleep(0.2)
+    watcher.confirm()  # now confirmed: nothing posted again
+    time.sleep(5)
+    assert len(facility.runs()) == before + 1
 
 
 def test_bad_events_are_rejected_with_a_reason_and_the_watcher_goes_on(facility, tmp_path):
