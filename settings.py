@@ -244,9 +244,10 @@ class WatchSettings(BaseModel):
         None, description="SQLite file of the watcher's state (default: <home>/watch.sqlite)."
     )
     confirm_s: float = Field(
-        60.0,
+        300.0,
         gt=0,
-        description="An announcement with no flow run after this long is posted again.",
+        description="An announcement with no flow run after this long is posted again (the "
+        "server may be slow to turn a burst of events into runs: keep it generous).",
     )
     attempts: int = Field(5, ge=1, description="Posts of one announcement at most.")
 

@@ -111,13 +111,20 @@ class WatchState:
                 db.execute("UPDATE acquisitions SET state = 'failed' WHERE key = ?", (key,))
 
     def unconfirmed(self, older_than_s: float) -> list[tuple[str, dict, str, int]]:
-        """(key, event, deployment, attempts) of announcements with no flow run seen yet."""
+        """(key, event, deployment, attempts) of announcements with no flow run seen after
+        ``older_than_s``; taken by this watcher (the next look is due a period later), so
+        two watchers sharing the state never post the same one again together."""
+        now = time.time()
         with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
             rows = db.execute(
                 "SELECT key, event, deployment, attempts FROM acquisitions "
                 "WHERE state = 'emitted' AND posted < ?",
-                (time.time() - older_than_s,),
+                (now - older_than_s,),
             ).fetchall()
+            db.executemany(
+                "UPDATE acquisitions SET posted = ? WHERE key = ?", [(now, r[0]) for r in rows]
+            )
         return [(r[0], json.loads(r[1]), r[2], r[3]) for r in rows]
 
     def mark(self, key: str, state: str) -> None:

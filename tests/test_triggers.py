@@ -99,7 +99,7 @@ class Facility:
             CALYPSO_WATCH__INTERVAL_S="1",
             CALYPSO_WATCH__QUIET_S="30",
             # an announcement that started no run is posted again after this long
-            CALYPSO_WATCH__CONFIRM_S="15",
+            CALYPSO_WATCH__CONFIRM_S="120",
             CALYPSO_SERVE__DEFAULT_CONCURRENCY=str(CONCURRENCY),
             CALYPSO_EXECUTOR__N_WORKERS="2",
             PREFECT_RUNNER_POLL_FREQUENCY="1",
