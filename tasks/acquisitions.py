@@ -17,7 +17,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,17 +144,19 @@ class ScanState:
     finished: bool
 
 
-def scan_states(bliss_file: Path, quiet: bool) -> list[ScanState]:
-    """Each scan of the file and whether it is finished (``quiet``: the dataset has not
-    changed for long enough to count unfinished scans as finished)."""
+def scan_states(bliss_file: Path, quiet: Callable[[], bool]) -> list[ScanState]:
+    """Each scan of the file and whether it is finished. ``quiet()`` (the dataset has not
+    changed for long enough to count unfinished scans as finished) walks the dataset's
+    files, so it is asked only about scans without ``end_time``."""
     states = []
     for info in list_scans(bliss_file):
-        finished = quiet
-        if info.complete and not finished:
+        if info.complete:
             finished = all(
                 not missing_frame_sources(bliss_file, f"{info.entry}/instrument/{name}/data")
                 for name in info.detectors
             )
+        else:
+            finished = quiet()
         states.append(ScanState(info.number, info.title, tuple(info.detectors), finished))
     return states
 
@@ -180,34 +182,41 @@ def rules_for(beamline: str, settings: WatchSettings) -> list[WatchRule]:
 def finished_acquisitions(
     bliss_file: Path, settings: WatchSettings, now: float | None = None
 ) -> tuple[list[Acquisition], list[str]]:
-    """The acquisitions of a dataset file that are ready for a flow, and the reasons
-    why other scans were left (unfinished, no rule): those are retried next poll."""
+    """The acquisitions of a dataset file that are ready for a flow, and why others must
+    wait (unfinished scans, a dataset not yet quiet): the file is looked at again while
+    something waits. Scans no rule matches are left alone and wait for nothing."""
     raw = RawDataset.from_path(bliss_file)
     dataset_dir = bliss_file.parent
-    quiet = (now or time.time()) - last_change(dataset_dir) >= settings.quiet_s
+    quiet_now: list[bool] = []
+
+    def quiet() -> bool:  # one walk of the dataset's files a look, and only if needed
+        if not quiet_now:
+            age = (now or time.time()) - last_change(dataset_dir)
+            quiet_now.append(age >= settings.quiet_s)
+        return quiet_now[0]
+
     scans = scan_states(bliss_file, quiet)
     rules = rules_for(raw.beamline, settings)
     ready: list[Acquisition] = []
-    notes: list[str] = []
+    waiting: list[str] = []
     whole: dict[str, WatchRule] = {}  # technique -> rule, for rules that take the dataset
     for scan in scans:
         rule = matching_rule(scan, rules)
         if rule is None:
-            notes.append(f"{bliss_file} scan {scan.number} ({scan.title!r}): no rule matches")
             continue
         if rule.unit == "dataset":
             whole.setdefault(rule.technique, rule)
             continue
         if not scan.finished:
-            notes.append(f"{bliss_file} scan {scan.number}: not finished yet")
+            waiting.append(f"{bliss_file} scan {scan.number}: not finished yet")
             continue
         ready.append(_acquisition(raw, dataset_dir, rule, (scan.number,)))
     for rule in whole.values():
-        if quiet and all(s.finished for s in scans):
+        if all(s.finished for s in scans) and quiet():
             ready.append(_acquisition(raw, dataset_dir, rule, None))
         else:
-            notes.append(f"{dataset_dir}: {rule.technique} waits for the dataset to finish")
-    return ready, notes
+            waiting.append(f"{dataset_dir}: {rule.technique} waits for the dataset to finish")
+    return ready, waiting
 
 
 def _acquisition(
