@@ -267,6 +267,12 @@ class ServeSettings(BaseModel):
         description="Where task results are kept so a retried run skips finished chunks "
         "(default: <home>/results).",
     )
+    saved_flow_poll_s: float = Field(
+        30.0,
+        gt=0,
+        description="How often serve looks for saved flows that are new, have a new version "
+        "or were deleted (each saved flow has its own deployment).",
+    )
 
 
 class UserSettings(BaseModel):

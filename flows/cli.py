@@ -927,6 +927,7 @@ def _log_to_stderr() -> None:
     calypso_logger = logging.getLogger("calypso")
     calypso_logger.addHandler(handler)
     calypso_logger.setLevel(logging.INFO)
+    calypso_logger.propagate = False  # Prefect's console handler would print it again
 
 
 def _icat_catalogue():

@@ -5,6 +5,12 @@ the form of the Prefect UI, runs at most ``serve.concurrency`` flow runs at once
 and has a trigger: every ``calypso.acquisition.completed`` event whose resource
 names its technique starts a run with the event's dataset, scans and parameters.
 
+Each saved user flow has a deployment of its own too (flow ``saved-flow``,
+deployment named after the saved flow, triggered by events of watch rules
+``technique = "flow:NAME"``), kept up to date while serving: a flow saved later
+appears within ``serve.saved_flow_poll_s``. The ``saved-flow/saved-flow``
+deployment runs any saved flow by name.
+
 The flow runs share one Dask cluster that ``calypso serve`` keeps for its
 lifetime (a local one by default), instead of starting one per run. Pending ICAT
 registrations are retried periodically.
@@ -12,13 +18,16 @@ registrations are retried periodically.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 from typing import Any
 
+import calypso
 from calypso.errors import ConfigurationError
 from calypso.flows.techniques import TECHNIQUES, Technique
+from calypso.registry.saved_flows import ANY_SAVED_FLOW, SavedFlow, SavedFlows
 from calypso.settings import CalypsoSettings
 from calypso.tasks.acquisitions import EVENT
 
@@ -65,33 +74,84 @@ def technique_deployment(technique: Technique, settings: CalypsoSettings):
     )
 
 
-def saved_flow_deployment(settings: CalypsoSettings):
-    """Saved user flows, by name (and version), as one deployment: its form takes the flow
-    name and the raw dataset; the run stays inside the flow's proposal."""
+def saved_flow_deployment(settings: CalypsoSettings, saved: SavedFlow | None = None):
+    """The deployment of one saved user flow, named after it and triggered by acquisitions
+    of rules ``technique = "flow:NAME"``; without ``saved``, the ``saved-flow`` deployment
+    whose form takes any saved flow's name (no trigger: each flow has its own)."""
     from prefect.deployments.runner import EntrypointType
     from prefect.events import DeploymentEventTrigger
 
     from calypso.flows.user_flows import saved_flow
 
+    if saved is None:
+        return saved_flow.to_deployment(
+            name=ANY_SAVED_FLOW,
+            concurrency_limit=settings.serve.default_concurrency,
+            tags=["calypso", "user-flow"],
+            description="Run any saved Calypso user flow (`calypso flows list`) on a raw "
+            "dataset, by name.",
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
     trigger = DeploymentEventTrigger(
-        name="saved flows after each acquisition",
+        name=f"{saved.name} after each acquisition",
         expect={EVENT},
-        match={"calypso.technique": "saved-flow"},
+        match={"calypso.technique": "saved-flow", "calypso.flow": saved.name},
         parameters={
-            "name": _from_event("flow"),
+            "name": saved.name,
             "raw": _from_event("raw"),
             "scans": _from_event("scans"),
             "trigger": _from_event("key"),
         },
     )
     return saved_flow.to_deployment(
-        name="saved-flow",
+        name=saved.name,
         triggers=[trigger],
+        parameters={"name": saved.name},
         concurrency_limit=settings.serve.default_concurrency,
-        tags=["calypso", "user-flow"],
-        description="Run a saved Calypso user flow (`calypso flows list`) on a raw dataset.",
+        paused=False,
+        version=f"{saved.label} (calypso {calypso.__version__})",
+        tags=["calypso", "user-flow", saved.technique],
+        description=f"Saved user flow {saved.name} ({saved.technique}, owner {saved.owner}, "
+        f"proposal {saved.proposal}): latest version unless the form names one. "
+        f"{saved.description}".strip(),
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
+
+
+async def follow_saved_flows(runner, settings: CalypsoSettings, served: dict[str, str]) -> None:
+    """Keep one deployment per saved flow while serving: a flow saved (or given a new
+    version) gets its deployment within ``serve.saved_flow_poll_s``; a deleted flow's
+    deployment is paused, so its trigger no longer fires."""
+    import anyio
+    from prefect.client.orchestration import get_client
+
+    from calypso.registry.saved_flows import SavedFlows
+
+    registry = SavedFlows(settings.catalogue_path)
+    said = ""
+    while True:
+        await anyio.sleep(settings.serve.saved_flow_poll_s)
+        try:
+            latest = {flow.name: flow for flow in registry.list()}  # versions ascending
+            for name, flow in latest.items():
+                if served.get(name) != flow.label:
+                    # built in a thread: Prefect's to_deployment is a coroutine inside a loop
+                    deployment = await asyncio.to_thread(saved_flow_deployment, settings, flow)
+                    await runner.aadd_deployment(deployment)
+                    served[name] = flow.label
+                    logger.info("serving saved flow %s", flow.label)
+            for name in [name for name in served if name not in latest]:
+                async with get_client() as client:
+                    deployment = await client.read_deployment_by_name(f"saved-flow/{name}")
+                    await client.pause_deployment(deployment.id)
+                del served[name]
+                logger.info("saved flow %s deleted: its deployment is paused", name)
+        except Exception as exc:  # keep serving; say why (once, not every poll)
+            if str(exc) != said:
+                logger.warning("cannot update the saved flows' deployments: %s", exc)
+            said = str(exc)
+        else:
+            said = ""
 
 
 def start_shared_cluster(settings: CalypsoSettings):
@@ -149,16 +209,33 @@ def serve(settings: CalypsoSettings, techniques: list[str] | None = None) -> Non
     stop = threading.Event()
     start_icat_flushing(settings, stop)
     try:
-        from prefect import serve as prefect_serve
-
         deployments = [technique_deployment(technique, settings) for technique in chosen]
         deployments.append(saved_flow_deployment(settings))
-        limit = sum(d.concurrency_limit or 1 for d in deployments)
-        # Deployments stay active when serve stops: runs triggered meanwhile wait for it.
-        prefect_serve(
-            *deployments, limit=limit, pause_on_shutdown=False, print_starting_message=True
-        )
+        saved = {flow.name: flow for flow in SavedFlows(settings.catalogue_path).list()}
+        deployments += [saved_flow_deployment(settings, flow) for flow in saved.values()]
+        served = {name: flow.label for name, flow in saved.items()}
+        # Saved flows share one set of slots: one more deployment costs the machine nothing.
+        limit = sum(d.concurrency_limit or 1 for d in deployments[: len(chosen) + 1])
+        asyncio.run(_serve(deployments, settings, served, limit))
+    except KeyboardInterrupt:
+        logger.info("interrupted: serve stops (its deployments stay, for the next serve)")
     finally:
         stop.set()
         if cluster is not None:
             cluster.close()
+
+
+async def _serve(deployments: list, settings: CalypsoSettings, served: dict, limit: int) -> None:
+    from prefect.runner import Runner
+
+    # Deployments stay active when serve stops: runs triggered meanwhile wait for it.
+    runner = Runner(name="calypso", pause_on_shutdown=False, limit=limit)
+    for deployment in deployments:
+        await runner.aadd_deployment(deployment)
+    names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
+    print(f"calypso serve: serving {names}; Ctrl-C stops", flush=True)
+    following = asyncio.create_task(follow_saved_flows(runner, settings, served))
+    try:
+        await runner.start()
+    finally:
+        following.cancel()

@@ -141,8 +141,10 @@ class WatchState:
 
 
 def _deployment_of(event: dict | None) -> str | None:
-    """The deployment an event triggers (its name): the technique, or ``saved-flow``."""
-    return event["resource"]["calypso.technique"] if event else None
+    """The deployment an event triggers (its name): the technique, or the saved flow."""
+    if not event:
+        return None
+    return event["resource"].get("calypso.flow") or event["resource"]["calypso.technique"]
 
 
 def flow_runs_with_key(api_url: str, deployment: str, key: str, timeout_s: float = 10.0) -> int:

@@ -7,6 +7,7 @@ version of a name, or deleting it, is for its owner or a member of its proposal.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -15,6 +16,12 @@ from pydantic import BaseModel
 import calypso
 from calypso.errors import CatalogueError, ConfigurationError
 from calypso.registry.catalogue import connect
+
+# The deployment that runs any saved flow by name (`calypso serve`, prefect.yaml); each
+# saved flow also gets a deployment of its own name, so this one is not a flow name.
+ANY_SAVED_FLOW = "saved-flow"
+# Names become folder names (<technique>_<name>_v<version>) and deployment names.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS saved_flows (
@@ -88,6 +95,11 @@ class SavedFlows:
         proposal: str | None,
         description: str,
     ) -> SavedFlow:
+        if not _NAME.fullmatch(name) or name == ANY_SAVED_FLOW:
+            raise ConfigurationError(
+                f"flow name {name!r}: expected letters, digits, '.', '_' or '-' (at most 63, "
+                f"starting with a letter or digit; not {ANY_SAVED_FLOW!r}), e.g. tomo-sweep"
+            )
         with connect(self.path) as db:
             db.execute("BEGIN IMMEDIATE")
             latest = db.execute(

@@ -66,11 +66,12 @@ class Acquisition:
             "resource": {
                 "prefect.resource.id": f"calypso.dataset.{self.raw_dataset_dir}#{scans}",
                 "prefect.resource.name": f"{Path(self.raw_dataset_dir).name} scan {scans}",
-                # a saved user flow is run by the `saved-flow` deployment
+                # a saved user flow is run by its own deployment (flow `saved-flow`)
                 "calypso.technique": "saved-flow" if self.saved_flow else self.technique,
                 "calypso.beamline": self.beamline,
                 "calypso.proposal": self.proposal,
-            },
+            }
+            | ({"calypso.flow": self.saved_flow} if self.saved_flow else {}),
             "payload": {
                 "raw": self.raw_dataset_dir,
                 "scans": list(self.scans) if self.scans else None,

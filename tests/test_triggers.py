@@ -101,6 +101,7 @@ class Facility:
             # an announcement that started no run is posted again after this long
             CALYPSO_WATCH__CONFIRM_S="120",
             CALYPSO_SERVE__DEFAULT_CONCURRENCY=str(CONCURRENCY),
+            CALYPSO_SERVE__SAVED_FLOW_POLL_S="1",
             CALYPSO_EXECUTOR__N_WORKERS="2",
             PREFECT_RUNNER_POLL_FREQUENCY="1",
             # A task on a worker that dies fails at once (Dask would otherwise rerun it
@@ -163,14 +164,28 @@ class Facility:
         for process in [*self.watchers, self.serve]:
             stop(process)
         from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+        from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
         with get_client(sync_client=True) as client:  # leave the shared server clean
             client.delete_deployment(self.deployment_id)
             for deployment in client.read_deployments(
-                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["saved-flow"]))
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["saved-flow"]))
             ):
                 client.delete_deployment(deployment.id)
+
+    def deployment(self, name: str):
+        """The deployment ``name`` once serve has it (saved flows: within a poll)."""
+        from prefect.client.orchestration import get_client
+
+        def found():
+            assert self.serve.poll() is None, (self.work / "serve.log").read_text()[-3000:]
+            with get_client(sync_client=True) as client:
+                try:
+                    return client.read_deployment_by_name(name)
+                except Exception:
+                    return None
+
+        return wait_until(found, 60, f"the deployment {name}")
 
 
 @pytest.fixture(scope="module")
@@ -371,15 +386,20 @@ def test_bad_events_are_rejected_with_a_reason_and_the_watcher_goes_on(facility,
     outside = write_diffraction_sample(tmp_path / "outside", frames=1)
     post_event(api, event_for(outside.raw_dataset_dir, facility.parameters))
     runs = wait_until(lambda: facility.finished(before + 1), 180, "the refused run")
+    assert runs[-1].parameters["raw"] == str(outside.raw_dataset_dir)
     assert runs[-1].state.is_failed()
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs[-1].id]))
-        )
-    assert any("outside the configured data roots" in log.message for log in logs)
+    def reason_logged() -> bool:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs[-1].id]))
+            )
+        return any("outside the configured data roots" in log.message for log in logs)
+
+    # Run logs reach the server in batches, after the run's final state: wait for them.
+    wait_until(reason_logged, 60, "the refusal's reason in the run's logs")
     assert not outside.dataset.processed_dataset_dir("diffraction").exists()
 
     # A beamline whose rules name an unknown technique: logged, and the watcher goes on.
@@ -461,8 +481,19 @@ def test_a_retry_after_a_killed_worker_recomputes_only_unfinished_chunks(facilit
         worker.kill()
     wait_until(lambda: state_of(interrupted).is_final(), 120, "the run to fail")
     assert state_of(interrupted).is_failed()
-    first = chunk_runs(interrupted.id)
-    done_first = sum(1 for r in first if r.state.is_completed())
+
+    # Task-run states reach the server as events, recorded asynchronously, and a chunk
+    # already running on the surviving worker may still finish: count once the tally is
+    # steady.
+    def steady_count() -> int | None:
+        counts = []
+        for _ in range(3):
+            runs = chunk_runs(interrupted.id)
+            counts.append(sum(1 for r in runs if r.state.is_completed()))
+            time.sleep(2)
+        return counts[0] if len(set(counts)) == 1 else None
+
+    done_first = wait_until(steady_count, 90, "the chunk states to settle", interval=0)
     assert 0 < done_first < 30
 
     with get_client(sync_client=True) as client:  # what the UI's Retry does
@@ -504,10 +535,13 @@ def test_a_saved_user_flow_runs_from_its_deployment(facility):
     SavedFlows(facility.home / "catalogue.sqlite").save(
         "quick-look", yaml.safe_dump(spec), "diffraction", User(name="alice"), "ih0001", ""
     )
+    # Saved while serve runs: its own deployment appears, the flow's name in its form.
+    deployment = facility.deployment("saved-flow/quick-look")
+    assert deployment.parameters == {"name": "quick-look"}
+    assert deployment.version.startswith("quick-look@1 ")
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name("saved-flow/saved-flow")
         run = client.create_flow_run_from_deployment(
-            deployment.id, parameters={"name": "quick-look", "raw": str(sample.raw_dataset_dir)}
+            deployment.id, parameters={"raw": str(sample.raw_dataset_dir)}
         )
 
     def state():
@@ -523,11 +557,26 @@ def test_a_saved_user_flow_runs_from_its_deployment(facility):
         provenance = json.loads(h5["1.1/pilatus1m_integrate/provenance/data"][()])
     assert provenance["user_flow"]["name"] == "quick-look"
 
+    # A new version updates the deployment; deleting the flow pauses it.
+    saved_flows = SavedFlows(facility.home / "catalogue.sqlite")
+    saved_flows.save(
+        "quick-look", yaml.safe_dump(spec), "diffraction", User(name="alice"), "ih0001", "v2"
+    )
+    wait_until(
+        lambda: facility.deployment("saved-flow/quick-look").version.startswith("quick-look@2 "),
+        60,
+        "the deployment of version 2",
+    )
+    saved_flows.delete("quick-look", User(name="alice"))
+    wait_until(lambda: facility.deployment("saved-flow/quick-look").paused, 60, "the pause")
+    # Any saved flow by name: the `saved-flow` deployment.
+    assert facility.deployment("saved-flow/saved-flow").parameters == {}
+
 
 def test_a_beamline_rule_runs_a_saved_flow_after_each_acquisition(facility, tmp_path):
     import yaml
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.client.schemas.filters import DeploymentFilter
 
     from calypso.flows.user_flows import export_specification
     from calypso.registry.saved_flows import SavedFlows, User
@@ -550,10 +599,7 @@ def test_a_beamline_rule_runs_a_saved_flow_after_each_acquisition(facility, tmp_
     SavedFlows(facility.home / "catalogue.sqlite").save(
         "auto-look", yaml.safe_dump(spec), "diffraction", User(name="alice"), "ih0004", ""
     )
-    with get_client(sync_client=True) as client:
-        [deployment] = client.read_deployments(
-            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["saved-flow"]))
-        )
+    deployment = facility.deployment("saved-flow/auto-look")
 
     def runs() -> list:
         from prefect.client.schemas.filters import DeploymentFilterId

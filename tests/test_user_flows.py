@@ -114,6 +114,10 @@ def test_cli_check_export_save_show_diff_list_delete(tmp_path, capsys, user, mon
     assert "rings@2" in capsys.readouterr().out
     assert main(["flows", "delete", "rings"]) == 0
     assert main(["flows", "show", "rings"]) == 5
+    # Names become folder and deployment names.
+    for name in ("../up", "a b", "saved-flow", ""):
+        assert main(["flows", "save", str(first), "--name", name]) == 2
+        assert "flow name" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps:\n  x: {task: os.system}\n")
     assert main(["flows", "save", str(bad), "--name", "evil"]) == 2
