@@ -489,7 +489,7 @@ def test_a_retry_after_a_killed_worker_recomputes_only_unfinished_chunks(facilit
         counts = []
         for _ in range(3):
             runs = chunk_runs(interrupted.id)
-            counts.append(sum(1 for r in runs if r.state.is_completed()))
+            counts.append(sum(1 for r in runs if r.state and r.state.is_completed()))
             time.sleep(2)
         return counts[0] if len(set(counts)) == 1 else None
 
@@ -500,16 +500,23 @@ def test_a_retry_after_a_killed_worker_recomputes_only_unfinished_chunks(facilit
         client.set_flow_run_state(interrupted.id, Scheduled(name="AwaitingRetry"), force=True)
     wait_until(lambda: state_of(interrupted).is_final(), 240, "the retried run")
     assert state_of(interrupted).is_completed()
-    retried = [r for r in chunk_runs(interrupted.id) if r.flow_run_run_count == 2]
+
+    def retried_chunks() -> list | None:
+        runs = [r for r in chunk_runs(interrupted.id) if r.flow_run_run_count == 2]
+        final = len(runs) == 30 and all(r.state and r.state.is_final() for r in runs)
+        return runs if final else None
+
+    retried = wait_until(retried_chunks, 60, "the retried chunks' final states")
     cached = [r for r in retried if r.state.name == "Cached"]
     computed = [r for r in retried if r.state.name == "Completed"]
     print(f"chunks: {done_first} done before the kill; retry: {len(cached)} cached, ", end="")
     print(f"{len(computed)} computed")
-    # Every chunk that had finished is taken from the cache, except possibly the one that
-    # finished on the killed worker at the instant it died (its result record may not
-    # have reached the storage); all others run again, once.
+    # Every chunk that had finished is taken from the cache and all others run again,
+    # once. The one chunk in flight on the killed worker (one thread a worker) may have
+    # died between persisting its result and reporting its state, or the other way
+    # round: it counts on either side.
     assert len(retried) == 30 and len(computed) == 30 - len(cached)
-    assert done_first - 1 <= len(cached) <= done_first
+    assert done_first - 1 <= len(cached) <= done_first + 1
 
     def intensities(folder: Path) -> np.ndarray:
         [nexus] = folder.glob("*.h5")
