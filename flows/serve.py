@@ -125,8 +125,6 @@ async def follow_saved_flows(runner, settings: CalypsoSettings, served: dict[str
     import anyio
     from prefect.client.orchestration import get_client
 
-    from calypso.registry.saved_flows import SavedFlows
-
     registry = SavedFlows(settings.catalogue_path)
     said = ""
     while True:
@@ -214,7 +212,7 @@ def serve(settings: CalypsoSettings, techniques: list[str] | None = None) -> Non
         saved = {flow.name: flow for flow in SavedFlows(settings.catalogue_path).list()}
         deployments += [saved_flow_deployment(settings, flow) for flow in saved.values()]
         served = {name: flow.label for name, flow in saved.items()}
-        # Saved flows share one set of slots: one more deployment costs the machine nothing.
+        # All saved flows share the slots of one deployment: saving flows adds no load.
         limit = sum(d.concurrency_limit or 1 for d in deployments[: len(chosen) + 1])
         asyncio.run(_serve(deployments, settings, served, limit))
     except KeyboardInterrupt:
