@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from calypso.errors import CalypsoError, ConfigurationError
 from calypso.flows.techniques import TECHNIQUES
-from calypso.registry.catalogue import connect
+from calypso.registry.catalogue import connect, create_database
 from calypso.settings import CalypsoSettings
 from calypso.tasks.acquisitions import (
     Acquisition,
@@ -62,15 +61,13 @@ class WatchState:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with self._connect() as db:
-                db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigurationError(
-                f"cannot open the watcher's state {path}: {exc}; set CALYPSO_WATCH__STATE_PATH "
-                "to a writable file"
-            ) from None
+        create_database(
+            path,
+            _SCHEMA,
+            ConfigurationError,
+            "the watcher's state",
+            "set CALYPSO_WATCH__STATE_PATH to a writable file",
+        )
 
     def _connect(self):
         return connect(self.path)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
-from calypso.errors import CatalogueError
+from calypso.errors import CalypsoError, CatalogueError
 from calypso.settings import CalypsoSettings
 
 Status = Literal["completed", "failed"]
@@ -177,32 +177,51 @@ def connect(path: Path) -> Iterator[sqlite3.Connection]:
         db.close()
 
 
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a catalogue made by an older Calypso up to the current schema."""
+    columns = {row["name"] for row in db.execute("PRAGMA table_info(processed_datasets)")}
+    if "software" not in columns:  # catalogues made before software was recorded
+        db.execute("ALTER TABLE processed_datasets ADD COLUMN software TEXT NOT NULL DEFAULT '{}'")
+    outbox_columns = {row["name"] for row in db.execute("PRAGMA table_info(outbox)")}
+    if "key" not in outbox_columns:
+        db.executescript(_OUTBOX_WITH_KEYS)
+
+
+def create_database(
+    path: Path,
+    schema: str,
+    error: type[CalypsoError],
+    what: str,
+    advice: str,
+    migrate: Callable[[sqlite3.Connection], None] | None = None,
+) -> None:
+    """Create ``path`` (and its folder) with ``schema`` if needed, then ``migrate`` it; a
+    file that cannot be made or read raises ``error``: "cannot open <what> <path>: <why>;
+    <advice>"."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with connect(path) as db:
+            db.executescript(schema)
+            if migrate is not None:
+                migrate(db)
+    except (OSError, sqlite3.Error) as exc:
+        raise error(f"cannot open {what} {path}: {exc}; {advice}") from None
+
+
 class SQLiteCatalogue:
     """The embedded catalogue: one SQLite file, safe for several processes."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.last_warning: str | None = None
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._connect() as db:
-                db.executescript(_SCHEMA + _OUTBOX)
-                columns = {
-                    row["name"] for row in db.execute("PRAGMA table_info(processed_datasets)")
-                }
-                if "software" not in columns:  # catalogues made before software was recorded
-                    db.execute(
-                        "ALTER TABLE processed_datasets "
-                        "ADD COLUMN software TEXT NOT NULL DEFAULT '{}'"
-                    )
-                outbox_columns = {row["name"] for row in db.execute("PRAGMA table_info(outbox)")}
-                if "key" not in outbox_columns:
-                    db.executescript(_OUTBOX_WITH_KEYS)
-        except (OSError, sqlite3.Error) as exc:
-            raise CatalogueError(
-                f"cannot open the catalogue {self.path}: {exc}; set CALYPSO_CATALOGUE__PATH "
-                "to a writable file"
-            ) from None
+        create_database(
+            self.path,
+            _SCHEMA + _OUTBOX,
+            CatalogueError,
+            "the catalogue",
+            "set CALYPSO_CATALOGUE__PATH to a writable file",
+            migrate=_migrate,
+        )
 
     def _connect(self):
         return connect(self.path)

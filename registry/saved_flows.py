@@ -8,14 +8,13 @@ version of a name, or deleting it, is for its owner or a member of its proposal.
 from __future__ import annotations
 
 import re
-import sqlite3
 from pathlib import Path
 
 from pydantic import BaseModel
 
 import calypso
 from calypso.errors import CatalogueError, ConfigurationError
-from calypso.registry.catalogue import connect
+from calypso.registry.catalogue import connect, create_database
 
 # The deployment that runs any saved flow by name (`calypso serve`, prefect.yaml); each
 # saved flow also gets a deployment of its own name, so this one is not a flow name.
@@ -79,12 +78,13 @@ def parse_reference(reference: str) -> tuple[str, int | None]:
 class SavedFlows:
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with connect(path) as db:
-                db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise CatalogueError(f"cannot open the flow registry in {path}: {exc}") from None
+        create_database(
+            path,
+            _SCHEMA,
+            CatalogueError,
+            "the flow registry",
+            "it lives in the catalogue's file: set CALYPSO_CATALOGUE__PATH to a writable file",
+        )
 
     def save(
         self,
