@@ -112,8 +112,9 @@ class ExecutorSettings(BaseModel):
     memory_limit: str = Field("auto", description="Memory limit per local worker (Dask syntax).")
     address: str | None = Field(None, description="Scheduler address when kind = 'address'.")
     preload: list[str] = Field(
-        default_factory=lambda: ["calypso.tasks.diffraction"],
-        description="Modules local workers import as they start (the reduction code).",
+        default_factory=list,
+        description="Modules workers import as they start (default: the chunk tasks of the "
+        "technique being run, from its descriptor).",
     )
     slurm: SlurmSettings = Field(default_factory=SlurmSettings)
     openstack: OpenStackSettings = Field(default_factory=OpenStackSettings)
@@ -258,7 +259,12 @@ class ServeSettings(BaseModel):
     concurrency: dict[str, int] = Field(
         default_factory=dict, description="Flow runs at once per technique (overrides default)."
     )
-    default_concurrency: int = Field(2, ge=1, description="Flow runs at once per technique.")
+    default_concurrency: int | None = Field(
+        None,
+        ge=1,
+        description="Flow runs at once per technique and per saved flow (default: each "
+        "technique's own, from its descriptor: 1 for tomography, 2 for the others).",
+    )
     icat_flush_interval_s: float = Field(
         300.0, gt=0, description="How often pending ICAT registrations are retried."
     )

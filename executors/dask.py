@@ -117,18 +117,20 @@ def build_task_runner(executor: ExecutorSettings, cluster: LocalCluster | None =
     )
 
 
-def flow_task_runner(technique: str):
-    """The task runner a technique flow gets when no caller chooses one: runs started
-    by a deployment (``calypso serve``), where Prefect loads the flow itself.
+def flow_task_runner(preload: list[str] | None = None):
+    """The task runner a flow gets when no caller chooses one: runs started by a
+    deployment (``calypso serve``), where Prefect loads the flow itself. Local workers
+    import ``preload`` (the technique's chunk tasks) as they start, unless the settings
+    name modules of their own.
 
-    Read from the settings when the flow's module is imported: ``calypso serve`` points
-    its flow runs at the cluster it keeps (``CALYPSO_EXECUTOR__KIND=address``).
+    Read from the settings when the flow is made: ``calypso serve`` points its flow runs
+    at the cluster it keeps (``CALYPSO_EXECUTOR__KIND=address``).
     """
     from calypso.settings import ExecutorSettings, load_settings
 
     executor = load_settings().executor
-    if executor.preload == ExecutorSettings().preload:
-        executor = executor.model_copy(update={"preload": [f"calypso.tasks.{technique}"]})
+    if preload and executor.preload == ExecutorSettings().preload:
+        executor = executor.model_copy(update={"preload": preload})
     return build_task_runner(executor)
 
 

@@ -38,15 +38,21 @@ def translate(value: Any, mapping: dict[str, str]) -> Any:
     return visit_collection(value, visit_fn=move, return_data=True)
 
 
+@functools.cache
+def _path_map() -> dict[str, str]:
+    """This worker's path map, read from its settings once (not once a chunk)."""
+    from calypso.settings import load_settings
+
+    return load_settings().path_map
+
+
 def worker_paths(function: Function) -> Function:
     """Run ``function`` with its arguments' paths as this process sees them, and give its
     result's paths back as the submitter sees them."""
 
     @functools.wraps(function)
     def on_this_worker(*args: Any, **kwargs: Any) -> Any:
-        from calypso.settings import load_settings
-
-        mapping = load_settings().path_map
+        mapping = _path_map()
         if not mapping:
             return function(*args, **kwargs)
         args, kwargs = translate((args, kwargs), mapping)

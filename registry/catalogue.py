@@ -59,6 +59,21 @@ class Catalogue(Protocol):
 
     def list(self, technique: str | None = None, limit: int = 50) -> list[ProcessedDataset]: ...
 
+    def claim_processing(self, key: str, flow_run_id: str, technique: str) -> str | None: ...
+
+    def record_export(self, export: ExportRecord) -> int: ...
+
+    def exports(
+        self, record_id: int | None = None, source: str | None = None
+    ) -> list[ExportRecord]: ...
+
+    def find_by_processed_path(self, path: str) -> ProcessedDataset | None: ...
+
+    def note(self, record_id: int, key: str, name: str, value: str) -> str | None:
+        """Owe the facility catalogue a metadata update (a warning when it waits); the
+        embedded catalogue has nobody to tell."""
+        ...
+
 
 _OUTBOX = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -355,6 +370,9 @@ class SQLiteCatalogue:
                 db.execute("UPDATE claims SET flow_run_id = ? WHERE key = ?", (flow_run_id, key))
                 return None
             return holder
+
+    def note(self, record_id: int, key: str, name: str, value: str) -> str | None:
+        return None  # the embedded catalogue keeps the export record itself
 
     # -- exports --------------------------------------------------------------
 

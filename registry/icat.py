@@ -17,7 +17,7 @@ from typing import Any
 
 import calypso
 from calypso.errors import CatalogueError, ConfigurationError
-from calypso.registry.catalogue import ProcessedDataset, SQLiteCatalogue
+from calypso.registry.catalogue import ExportRecord, ProcessedDataset, SQLiteCatalogue
 from calypso.settings import IcatSettings
 
 DESTINATION = "icat"
@@ -120,6 +120,20 @@ class IcatCatalogue:
 
     def list(self, technique: str | None = None, limit: int = 50) -> list[ProcessedDataset]:
         return self.local.list(technique, limit)
+
+    def claim_processing(self, key: str, flow_run_id: str, technique: str) -> str | None:
+        return self.local.claim_processing(key, flow_run_id, technique)
+
+    def record_export(self, export: ExportRecord) -> int:
+        return self.local.record_export(export)
+
+    def exports(
+        self, record_id: int | None = None, source: str | None = None
+    ) -> list[ExportRecord]:
+        return self.local.exports(record_id, source)
+
+    def find_by_processed_path(self, path: str) -> ProcessedDataset | None:
+        return self.local.find_by_processed_path(path)
 
     def note(self, record_id: int, key: str, name: str, value: str) -> str | None:
         """Owe ICAT a metadata update of ``record_id``'s dataset (``name = value``), try to

@@ -20,16 +20,17 @@ from pydantic import BaseModel
 from calypso.errors import RawDataError
 from calypso.executors.dask import worker_identity
 from calypso.executors.paths import worker_paths
-from calypso.tasks import bliss, integrators, nexus, plots
+from calypso.tasks import integrators
 from calypso.tasks.caching import CHUNK_TASK
-from calypso.tasks.diffraction_plan import (
+from calypso.tasks.plans.diffraction import (
     TECHNIQUE,
     Chunk,
     IntegrationPlan,
     ScanPlan,
-    make_integration_plan,
 )
-from calypso.tasks.frames import iter_frames
+from calypso.tasks.raw import bliss
+from calypso.tasks.raw.frames import iter_frames
+from calypso.tasks.writers import nexus, plots
 from calypso.techniques.diffraction import (
     DiffractionParameters,
     Geometry,
@@ -42,8 +43,6 @@ __all__ = [
     "ChunkResult",
     "IntegrationPlan",
     "integrate_chunk",
-    "make_integration_plan",
-    "plan_integration",
     "write_integrated_nexus",
 ]
 
@@ -55,18 +54,6 @@ class ChunkResult(BaseModel):
     part_file: str
     seconds: float
     worker: str = ""  # where it ran: a SLURM job, or host:pid
-
-
-@task(name="plan_integration", cache_policy=NO_CACHE)
-def plan_integration(
-    input_path: str,
-    parameters: DiffractionParameters,
-    scans: list[int] | None,
-    output_dir: str | None,
-    workers: int,
-) -> IntegrationPlan:
-    """Check the raw data, geometry and parameters; split the frames into chunks."""
-    return make_integration_plan(input_path, parameters, scans, output_dir, workers=workers)
 
 
 @task(name="integrate_chunk", **CHUNK_TASK)
@@ -92,8 +79,27 @@ def integrate_chunk(
         for name in ("mask", "dark", "flat")
         if getattr(parameters, name) is not None
     }
+    p = parameters
     result = integrate_frames(
-        frames, integrators.WORKER_INTEGRATORS.get(geometry), parameters, monitor=monitor, **images
+        frames,
+        integrators.WORKER_INTEGRATORS.get(geometry),
+        npt=p.npt,
+        npt_azim=p.npt_azim,
+        unit=p.unit,
+        method=p.method,
+        error_model=p.error_model,
+        polarization_factor=p.polarization_factor,
+        correct_solid_angle=p.correct_solid_angle,
+        radial_range=p.radial_range,
+        azimuth_range=p.azimuth_range,
+        dummy=p.dummy,
+        delta_dummy=p.delta_dummy,
+        flip=p.flip,
+        rotate=p.rotate,
+        monitor=monitor,
+        monitor_reference=p.monitor_reference,
+        monitor_name=p.monitor,
+        **images,
     )
     part = Path(work_dir) / f"scan{scan.number:04d}-{chunk.start:09d}.h5"
     with h5py.File(part, "w") as h5:

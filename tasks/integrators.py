@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from calypso.tasks.frames import read_image
+from calypso.tasks.raw.frames import read_image
 from calypso.techniques.diffraction import IntegratorCache
 
 WORKER_INTEGRATORS = IntegratorCache()

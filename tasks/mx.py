@@ -23,12 +23,12 @@ from pydantic import BaseModel
 
 from calypso.errors import RawDataError
 from calypso.executors.paths import worker_paths
-from calypso.tasks import nexus
 from calypso.tasks.caching import CHUNK_TASK
-from calypso.tasks.frames import iter_frames, read_image
-from calypso.tasks.mx_images import MXScan
-from calypso.tasks.mx_plan import TECHNIQUE, ImageChunk, MXPlan, make_mx_plan
-from calypso.tasks.plots import plot_mx_scan, publish_image
+from calypso.tasks.plans.mx import TECHNIQUE, ImageChunk, MXPlan
+from calypso.tasks.raw.frames import iter_frames, read_image
+from calypso.tasks.raw.mx_images import MXScan
+from calypso.tasks.writers import nexus
+from calypso.tasks.writers.plots import plot_mx_scan, publish_image
 from calypso.techniques import mx
 
 __all__ = [
@@ -37,8 +37,6 @@ __all__ = [
     "IndexingReport",
     "MXPlan",
     "find_spots_chunk",
-    "make_mx_plan",
-    "plan_mx",
     "run_indexing",
     "write_mx_nexus",
 ]
@@ -100,18 +98,6 @@ def detector_statics(scan: MXScan, parameters: mx.MXParameters) -> DetectorStati
     return _STATICS[key]
 
 
-@task(name="plan_mx", cache_policy=NO_CACHE)
-def plan_mx(
-    input_path: str,
-    parameters: mx.MXParameters,
-    scans: list[int] | None,
-    output_dir: str | None,
-    workers: int,
-) -> MXPlan:
-    """Check the images, geometry and parameters; split the images into chunks."""
-    return make_mx_plan(input_path, parameters, scans, output_dir, workers=workers)
-
-
 @task(name="find_spots_chunk", **CHUNK_TASK)
 @worker_paths
 def find_spots_chunk(chunk: ImageChunk, scan: MXScan, parameters: mx.MXParameters,
@@ -128,8 +114,21 @@ def find_spots_chunk(chunk: ImageChunk, scan: MXScan, parameters: mx.MXParameter
         valid = statics.valid & (image >= 0)
         if scan.saturation is not None:
             valid &= image < scan.saturation
-        spots = mx.find_spots(image, valid, parameters)
-        summary, d = mx.summarize_image(spots, scan.geometry, statics.d_range, parameters)
+        spots = mx.find_spots(
+            image,
+            valid,
+            gain=parameters.gain,
+            kernel_size=parameters.kernel_size,
+            sigma_background=parameters.sigma_background,
+            sigma_strong=parameters.sigma_strong,
+            global_threshold=parameters.global_threshold,
+            min_local=parameters.min_local,
+            min_spot_size=parameters.min_spot_size,
+            max_spot_size=parameters.max_spot_size,
+        )
+        summary, d = mx.summarize_image(
+            spots, scan.geometry, statics.d_range, ice_ring_ratio=parameters.ice_ring_ratio
+        )
         for name in table:
             table[name].append(getattr(summary, name))
         frame = chunk.first_frame + offset

@@ -1,5 +1,6 @@
 """Progress of work inside a flow run: a Prefect progress artifact in the UI, and
-whatever listeners the CLI installed (a terminal bar).
+whatever listeners the CLI installed (a terminal bar); results of submitted tasks
+collected as they finish.
 
 The listeners are a process-wide list, not a context variable: Prefect runs the
 flow function in a context of its own, where the CLI's context variables are
@@ -9,13 +10,15 @@ not set.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import PrefectFuture, as_completed
 
 Listener = Callable[[int, int], None]
+Result = TypeVar("Result")
 _listeners: list[Listener] = []
 logger = logging.getLogger(__name__)
 
@@ -58,3 +61,19 @@ class RunProgress:
     def _notify(self) -> None:
         for listener in list(_listeners) if self._notifying else []:
             listener(self.done, self.total)
+
+
+def collect(
+    futures: Iterable[PrefectFuture[Result]],
+    total: int,
+    description: str,
+    size: Callable[[Result], int],
+) -> list[Result]:
+    """Results of submitted tasks as they finish, reporting ``size(result)`` units each."""
+    progress = RunProgress(total, description)
+    results = []
+    for future in as_completed(list(futures)):
+        result = future.result()
+        results.append(result)
+        progress.advance(size(result))
+    return results

@@ -20,24 +20,22 @@ from pydantic import BaseModel
 
 from calypso.errors import RawDataError
 from calypso.executors.paths import worker_paths
-from calypso.tasks import nexus, plots
 from calypso.tasks.caching import CHUNK_TASK
-from calypso.tasks.spectra import SpectrumSource, absorption, read_source
-from calypso.tasks.spectroscopy_plan import (
+from calypso.tasks.plans.spectroscopy import (
     TECHNIQUE,
     SpectraBatch,
     SpectroscopyPlan,
-    make_spectroscopy_plan,
+    reduction_keywords,
 )
+from calypso.tasks.raw.spectra import SpectrumSource, absorption, read_source
+from calypso.tasks.writers import nexus, plots
 from calypso.techniques import spectroscopy as xas
 
 __all__ = [
     "TECHNIQUE",
     "BatchResult",
     "SpectroscopyPlan",
-    "make_spectroscopy_plan",
     "merge_repeated_scans",
-    "plan_spectroscopy",
     "reduce_spectra_batch",
     "write_spectroscopy_nexus",
 ]
@@ -60,18 +58,6 @@ class BatchResult(BaseModel):
     stop: int
     part_file: str
     seconds: float
-
-
-@task(name="plan_spectroscopy", cache_policy=NO_CACHE)
-def plan_spectroscopy(
-    input_path: str,
-    parameters: xas.SpectroscopyParameters,
-    scans: list[int] | None,
-    output_dir: str | None,
-    workers: int,
-) -> SpectroscopyPlan:
-    """Check the raw data and parameters; find the calibration; split spectra into batches."""
-    return make_spectroscopy_plan(input_path, parameters, scans, output_dir, workers=workers)
 
 
 def _write_part(path: Path, reduction: xas.Reduction, measured: np.ndarray, stacked: bool) -> None:
@@ -134,7 +120,12 @@ def reduce_spectra_batch(
     )
     data = absorption(read_source(source, batch.start, batch.stop), parameters)
     reduction = xas.reduce_spectra(
-        data.energy, data.mu, parameters, data.mu_reference, reference_e0, where=where
+        data.energy,
+        data.mu,
+        mu_reference=data.mu_reference,
+        reference_e0=reference_e0,
+        **reduction_keywords(parameters),
+        where=where,
     )
     part = Path(work_dir) / f"{source.label}-{batch.start:09d}.h5"
     _write_part(part, reduction, data.energy, stacked=source.n_spectra > 1)
@@ -168,7 +159,10 @@ def merge_repeated_scans(
                 noise.append(xas.spectrum_noise(energy, norm, float(part["e0"][0])))
     merged = xas.merge_spectra(energies, spectra, np.array(noise))
     reduction = xas.reduce_spectra(
-        merged.energy, merged.values, plan.parameters, where=f"merge of {len(spectra)} scans"
+        merged.energy,
+        merged.values,
+        **reduction_keywords(plan.parameters),
+        where=f"merge of {len(spectra)} scans",
     )
     part_file = Path(work_dir) / f"{MERGED}.h5"
     _write_part(part_file, reduction, reduction.energy, stacked=False)

@@ -28,11 +28,11 @@ from pydantic import BaseModel
 
 from calypso.errors import OutputError, RawDataError
 from calypso.executors.paths import worker_paths
-from calypso.tasks import nexus
 from calypso.tasks.caching import CHUNK_TASK
-from calypso.tasks.plots import plot_slices, publish_image
-from calypso.tasks.projections import flat_series_rows, mean_rows, read_projection_rows
-from calypso.tasks.tomography_plan import TECHNIQUE, TomographyPlan, make_tomography_plan
+from calypso.tasks.plans.tomography import TECHNIQUE, TomographyPlan
+from calypso.tasks.raw.projections import flat_series_rows, mean_rows, read_projection_rows
+from calypso.tasks.writers import nexus
+from calypso.tasks.writers.plots import plot_slices, publish_image
 from calypso.techniques import tomography as tomo
 
 # Compile the back-projection kernel now (~0.5 s): workers preload this module
@@ -47,8 +47,6 @@ __all__ = [
     "SlabResult",
     "TomographyPlan",
     "find_center_of_rotation",
-    "make_tomography_plan",
-    "plan_tomography",
     "reconstruct_preview",
     "reconstruct_slab",
     "write_preview_nexus",
@@ -80,18 +78,6 @@ class PreviewResult(BaseModel):
     seconds: float
 
 
-@task(name="plan_tomography", cache_policy=NO_CACHE)
-def plan_tomography(
-    input_path: str,
-    parameters: tomo.TomographyParameters,
-    scans: list[int] | None,
-    output_dir: str | None,
-    workers: int,
-) -> TomographyPlan:
-    """Check the scan, angles, flats and parameters; split the rows into slabs."""
-    return make_tomography_plan(input_path, parameters, scans, output_dir, workers=workers)
-
-
 def prepared_sinograms(plan: TomographyPlan, first: int, stop: int) -> np.ndarray:
     """Sinograms of rows ``first:stop``, read from the raw files and prepared.
 
@@ -102,13 +88,23 @@ def prepared_sinograms(plan: TomographyPlan, first: int, stop: int) -> np.ndarra
     projections = read_projection_rows(scan, low, high)
     dark = mean_rows(scan.darks, low, high) if scan.darks else None
     flats = flat_series_rows(scan, low, high) if scan.flats else None
+    p = plan.parameters
     sinograms = tomo.prepare_sinograms(
         projections,
         dark,
         flats,
-        plan.parameters,
         positions=scan.projection_positions(),
         flat_positions=scan.flat_positions() if scan.flats else None,
+        flat_field=p.flat_field,
+        paganin=p.paganin,
+        energy_kev=p.energy_kev,
+        distance_m=p.distance_m,
+        pixel_size_um=p.pixel_size_um,
+        delta_beta=p.delta_beta,
+        minus_log=p.minus_log,
+        log_floor=p.log_floor,
+        ring_removal=p.ring_removal,
+        ring_size=p.ring_size,
     )
     return sinograms[:, first - low : stop - low]
 

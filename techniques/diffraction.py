@@ -21,8 +21,10 @@ from pyFAI import units as pyfai_units
 from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
 from calypso.errors import ParameterError
+from calypso.techniques.fields import TechniqueParameters
 
 Flip = Literal["ud", "lr", "udlr"]
+ErrorModel = Literal["poisson", "azimuthal", "hybrid"]
 
 
 class Geometry(BaseModel):
@@ -51,25 +53,41 @@ class Geometry(BaseModel):
         return json.dumps(self.model_dump(), sort_keys=True)
 
 
-class DiffractionParameters(BaseModel):
-    """Parameters of the diffraction (azimuthal integration) flow.
-
-    Names follow pyFAI wherever pyFAI has one. File-valued parameters (``poni``,
-    ``mask``, ``dark``, ``flat``) are paths read by the flow's tasks; ``mask``,
-    ``dark`` and ``flat`` are in the detector's raw orientation, like the frames,
-    and are re-oriented with them.
-    """
+class DiffractionSource(TechniqueParameters):
+    """Where the frames and their companions are: the detector, the monitor, the files read."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    poni: str | None = Field(None, description="pyFAI PONI file with the calibrated geometry.")
-    geometry: Geometry | None = Field(None, description="The geometry itself, instead of a PONI.")
+    poni: str | None = Field(
+        None,
+        description="pyFAI PONI file with the calibrated geometry.",
+        json_schema_extra={"path": "file"},
+    )
     detector: str | None = Field(
         None, description="Detector in the Bliss scan (default: the only 2D detector)."
     )
-    mask: str | None = Field(None, description="Mask image (non-zero = masked), any fabio format.")
-    dark: str | None = Field(None, description="Dark current image.")
-    flat: str | None = Field(None, description="Flat field image.")
+    mask: str | None = Field(
+        None,
+        description="Mask image (non-zero = masked), any fabio format.",
+        json_schema_extra={"path": "file"},
+    )
+    dark: str | None = Field(
+        None, description="Dark current image.", json_schema_extra={"path": "file"}
+    )
+    flat: str | None = Field(
+        None, description="Flat field image.", json_schema_extra={"path": "file"}
+    )
+    monitor: str | None = Field(
+        None, description="Counter that normalises each frame (e.g. 'mon'); None: no normalisation."
+    )
+
+
+class DiffractionScience(TechniqueParameters):
+    """How a frame becomes a pattern: geometry, bins, corrections and errors, in pyFAI's names."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    geometry: Geometry | None = Field(None, description="The geometry itself, instead of a PONI.")
     npt: int = Field(1000, ge=2, le=100_000, description="Number of radial bins.")
     npt_azim: int | None = Field(
         None, ge=1, le=36_000, description="Azimuthal bins: set it for 2D (cake) integration."
@@ -79,7 +97,7 @@ class DiffractionParameters(BaseModel):
         ("bbox", "csr", "cython"),
         description="pyFAI method: (splitting, algorithm, implementation).",
     )
-    error_model: Literal["poisson", "azimuthal", "hybrid"] | None = Field(
+    error_model: ErrorModel | None = Field(
         "poisson", description="How pyFAI estimates errors (None: no errors)."
     )
     polarization_factor: float | None = Field(
@@ -90,9 +108,6 @@ class DiffractionParameters(BaseModel):
     azimuth_range: tuple[float, float] | None = Field(None, description="Azimuthal range (deg).")
     dummy: float | None = Field(None, description="Value of invalid pixels (dynamic mask).")
     delta_dummy: float | None = Field(None, description="Tolerance on `dummy`.")
-    monitor: str | None = Field(
-        None, description="Counter that normalises each frame (e.g. 'mon'); None: no normalisation."
-    )
     monitor_reference: float = Field(
         1.0, gt=0, description="Monitor value at which intensities are reported unscaled."
     )
@@ -101,9 +116,6 @@ class DiffractionParameters(BaseModel):
     )
     rotate: Literal[0, 90, 180, 270] = Field(
         0, description="Rotate frames counter-clockwise by this many degrees, after the flip."
-    )
-    chunk_size: int | None = Field(
-        None, ge=1, description="Frames per task (default: chosen from the dataset size)."
     )
 
     @field_validator("method", mode="before")
@@ -128,6 +140,29 @@ class DiffractionParameters(BaseModel):
     @classmethod
     def _none_error_model(cls, value: Any) -> Any:
         return None if isinstance(value, str) and value.lower() in ("none", "") else value
+
+
+class DiffractionExecution(TechniqueParameters):
+    """How the work is cut into tasks."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    chunk_size: int | None = Field(
+        None, ge=1, description="Frames per task (default: chosen from the dataset size)."
+    )
+
+
+# pydantic orders the fields from the last base to the first: source, science, execution.
+class DiffractionParameters(DiffractionExecution, DiffractionScience, DiffractionSource):
+    """Parameters of the diffraction (azimuthal integration) flow.
+
+    Names follow pyFAI wherever pyFAI has one. File-valued parameters (``poni``,
+    ``mask``, ``dark``, ``flat``) are paths read by the flow's tasks; ``mask``,
+    ``dark`` and ``flat`` are in the detector's raw orientation, like the frames,
+    and are re-oriented with them.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     @model_validator(mode="after")
     def _one_geometry(self) -> DiffractionParameters:
@@ -228,14 +263,31 @@ def radial_axis_name(unit: str) -> tuple[str, str]:
 def integrate_frames(
     frames: Iterable[np.ndarray],
     integrator: AzimuthalIntegrator,
-    parameters: DiffractionParameters,
     *,
+    npt: int = 1000,
+    npt_azim: int | None = None,
+    unit: str = "q_nm^-1",
+    method: tuple[str, str, str] = ("bbox", "csr", "cython"),
+    error_model: ErrorModel | None = "poisson",
+    polarization_factor: float | None = None,
+    correct_solid_angle: bool = True,
+    radial_range: tuple[float, float] | None = None,
+    azimuth_range: tuple[float, float] | None = None,
+    dummy: float | None = None,
+    delta_dummy: float | None = None,
+    flip: Flip | None = None,
+    rotate: int = 0,
     mask: np.ndarray | None = None,
     dark: np.ndarray | None = None,
     flat: np.ndarray | None = None,
     monitor: np.ndarray | None = None,
+    monitor_reference: float = 1.0,
+    monitor_name: str | None = None,
 ) -> IntegratedFrames:
     """Integrate each frame of a stack with pyFAI.
+
+    The keywords are pyFAI's (``integrate1d``/``integrate2d_ng``) and those of
+    :class:`DiffractionParameters`, with the same defaults.
 
     Parameters
     ----------
@@ -244,34 +296,66 @@ def integrate_frames(
         frame at a time, so frames can be streamed from a file.
     integrator : AzimuthalIntegrator
         Reused across calls (see :class:`IntegratorCache`).
-    parameters : DiffractionParameters
-        Integration parameters; ``flip``/``rotate`` are applied to frames,
-        mask, dark and flat alike.
+    npt : int
+        Radial bins.
+    npt_azim : int, optional
+        Azimuthal bins; given, the integration is 2D (a cake).
+    unit : str
+        Radial unit in pyFAI's names (``q_nm^-1``, ``2th_deg``, ``r_mm`` ...).
+    method : (str, str, str)
+        pyFAI's (splitting, algorithm, implementation).
+    error_model : {'poisson', 'azimuthal', 'hybrid'} or None
+        How pyFAI estimates the errors; None: no errors.
+    polarization_factor : float, optional
+        -1 to 1; None: no polarisation correction.
+    correct_solid_angle : bool
+        Correct for each pixel's solid angle.
+    radial_range : (float, float), optional
+        In ``unit``.
+    azimuth_range : (float, float), optional
+        Degrees.
+    dummy, delta_dummy : float, optional
+        Value (and tolerance) of the pixels to ignore.
+    flip : {'ud', 'lr', 'udlr'} or None
+    rotate : {0, 90, 180, 270}
+        Applied (see :func:`orient`) to frames, mask, dark and flat alike.
     mask, dark, flat : ndarray, optional
         Images of one frame's shape, in the raw orientation.
     monitor : ndarray, shape (n,), optional
         Monitor counts; intensities are divided by ``monitor / monitor_reference``.
+    monitor_reference : float
+        Monitor value at which intensities are unscaled.
+    monitor_name : str, optional
+        The monitor's counter, named in error messages.
 
     Returns
     -------
     IntegratedFrames
+
+    Examples
+    --------
+    >>> geometry = Geometry(dist=0.1, poni1=0.01, poni2=0.01, wavelength=1e-10,
+    ...                     detector_config={"pixel1": 1e-4, "pixel2": 1e-4})
+    >>> frames = np.ones((2, 200, 200), dtype=np.float32)
+    >>> result = integrate_frames(frames, make_integrator(geometry), npt=100, unit="2th_deg")
+    >>> result.intensity.shape
+    (2, 100)
     """
-    p = parameters
     prepared: dict[str, np.ndarray | None] = {}
     for name, image in (("mask", mask), ("dark", dark), ("flat", flat)):
         prepared[name] = (
-            None if image is None else np.ascontiguousarray(orient(image, p.flip, p.rotate))
+            None if image is None else np.ascontiguousarray(orient(image, flip, rotate))
         )
     common: dict[str, Any] = {
-        "correctSolidAngle": p.correct_solid_angle,
-        "error_model": p.error_model,
-        "radial_range": p.radial_range,
-        "azimuth_range": p.azimuth_range,
-        "dummy": p.dummy,
-        "delta_dummy": p.delta_dummy,
-        "polarization_factor": p.polarization_factor,
-        "method": p.method,
-        "unit": p.unit,
+        "correctSolidAngle": correct_solid_angle,
+        "error_model": error_model,
+        "radial_range": radial_range,
+        "azimuth_range": azimuth_range,
+        "dummy": dummy,
+        "delta_dummy": delta_dummy,
+        "polarization_factor": polarization_factor,
+        "method": method,
+        "unit": unit,
         **prepared,
     }
     intensities, errors = [], []
@@ -285,32 +369,32 @@ def integrate_frames(
                     f"{name} has shape {image.shape} but the frames are {frame.shape}: "
                     f"give a {name} of the detector's size"
                 )
-        image = np.ascontiguousarray(orient(frame, p.flip, p.rotate))
+        image = np.ascontiguousarray(orient(frame, flip, rotate))
         norm = 1.0
         if monitor is not None:
             if index >= len(monitor):
                 raise ParameterError(f"{len(monitor)} monitor values for more frames")
-            norm = float(monitor[index]) / p.monitor_reference
+            norm = float(monitor[index]) / monitor_reference
             if not np.isfinite(norm) or norm <= 0:
                 raise ParameterError(
-                    f"monitor '{p.monitor}' is {float(monitor[index])} at frame {index}: "
+                    f"monitor '{monitor_name}' is {float(monitor[index])} at frame {index}: "
                     "cannot normalise; choose another counter or drop 'monitor'"
                 )
-        if p.npt_azim is None:
-            result = integrator.integrate1d(image, p.npt, normalization_factor=norm, **common)
+        if npt_azim is None:
+            result = integrator.integrate1d(image, npt, normalization_factor=norm, **common)
         else:
             result = integrator.integrate2d_ng(
-                image, p.npt, p.npt_azim, normalization_factor=norm, **common
+                image, npt, npt_azim, normalization_factor=norm, **common
             )
         intensities.append(result.intensity)
         errors.append(result.sigma)
     if result is None:
         raise ParameterError("no frames to integrate")
-    has_errors = p.error_model is not None and result.sigma is not None
+    has_errors = error_model is not None and result.sigma is not None
     return IntegratedFrames(
         radial=np.asarray(result.radial),
-        radial_unit=p.unit,
+        radial_unit=unit,
         intensity=np.stack(intensities),
         errors=np.stack(errors) if has_errors else None,
-        azimuthal=None if p.npt_azim is None else np.asarray(result.azimuthal),
+        azimuthal=None if npt_azim is None else np.asarray(result.azimuthal),
     )

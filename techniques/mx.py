@@ -24,12 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from calypso.techniques.fields import TechniqueParameters
+
 # Ice Ih powder rings, d-spacings in Å (the strongest ones, hexagonal ice).
 ICE_RINGS_A = (3.897, 3.669, 3.441, 2.671, 2.249, 2.072, 1.948, 1.918, 1.883, 1.721)
 
 
-class MXParameters(BaseModel):
-    """Spot finding, hit and centring parameters (DIALS names where DIALS has one)."""
+class MXSource(TechniqueParameters):
+    """Which images to read, which pixels to mask, and how the scan's grid was laid out."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -37,8 +39,27 @@ class MXParameters(BaseModel):
         None, description="Bliss: the 2D detector (default: the only one in the scans)"
     )
     images: str = Field(
-        "*", description="folder input: glob of the image files to read (e.g. 'thau_*')"
+        "*",
+        description="folder input: glob of the image files to read (e.g. 'thau_*')",
+        json_schema_extra={"path": "glob"},
     )
+    mask: str | None = Field(
+        None,
+        description="mask image (non-zero = bad pixel): EDF, TIFF, .npy, FILE.h5::/path",
+        json_schema_extra={"path": "file"},
+    )
+    grid: tuple[int, int] | None = Field(
+        None,
+        description="grid scan shape [rows, columns] (default: from the Bliss mesh title)",
+    )
+    snake: bool = Field(False, description="grid rows alternate direction (snake scan)")
+
+
+class MXScience(TechniqueParameters):
+    """Geometry overrides, spot finding (DIALS' dispersion threshold), hits and ice."""
+
+    model_config = ConfigDict(extra="forbid")
+
     beam_x_px: float | None = Field(None, description="beam centre, column (px); overrides")
     beam_y_px: float | None = Field(None, description="beam centre, row (px); overrides")
     distance_m: float | None = Field(None, gt=0, description="sample-detector distance, m")
@@ -61,9 +82,6 @@ class MXParameters(BaseModel):
     d_max_a: float | None = Field(
         40.0, gt=0, description="ignore spots at lower resolution than this (beam stop), Å"
     )
-    mask: str | None = Field(
-        None, description="mask image (non-zero = bad pixel): EDF, TIFF, .npy, FILE.h5::/path"
-    )
     hit_min_spots: int = Field(
         20, ge=1, description="an image with at least this many spots is a hit"
     )
@@ -72,17 +90,26 @@ class MXParameters(BaseModel):
         gt=1,
         description="ice flag: spots on ice-ring d-spacings this many times the uniform share",
     )
-    grid: tuple[int, int] | None = Field(
-        None,
-        description="grid scan shape [rows, columns] (default: from the Bliss mesh title)",
-    )
-    snake: bool = Field(False, description="grid rows alternate direction (snake scan)")
+
+
+class MXExecution(TechniqueParameters):
+    """How the work is cut into tasks, and whether an indexing program runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
     chunk_size: int | None = Field(None, ge=1, description="images per task (default: auto)")
     indexing: bool = Field(
         True,
         description="run xia2 (or DIALS) on the data when found on PATH; otherwise skipped "
         "and said in the report",
     )
+
+
+# pydantic orders the fields from the last base to the first: source, science, execution.
+class MXParameters(MXExecution, MXScience, MXSource):
+    """Spot finding, hit and centring parameters (DIALS names where DIALS has one)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class DetectorGeometry(BaseModel):
@@ -212,27 +239,59 @@ def label_spots(
     return spots.select((size >= min_size) & (size <= max_size))
 
 
-def find_spots(image: np.ndarray, valid: np.ndarray, parameters: MXParameters) -> Spots:
+def find_spots(
+    image: np.ndarray,
+    valid: np.ndarray,
+    *,
+    gain: float = 1.0,
+    kernel_size: int = 3,
+    sigma_background: float = 6.0,
+    sigma_strong: float = 3.0,
+    global_threshold: float = 0.0,
+    min_local: int = 2,
+    min_spot_size: int = 3,
+    max_spot_size: int = 1000,
+) -> Spots:
     """Strong pixels (dispersion threshold), grouped into spots.
 
     ``valid`` is every pixel to use: not masked, not in a gap, not saturated,
     and at higher resolution than ``d_max_a`` (the caller builds the static part
     once per detector: ``geometry.d_spacing_image(shape) < d_max_a``).
+
+    Parameters
+    ----------
+    image : ndarray (rows, columns)
+        Counts.
+    valid : ndarray of bool
+        Pixels to use.
+    gain, kernel_size, sigma_background, sigma_strong, global_threshold, min_local
+        Of the dispersion threshold (see :func:`dispersion_threshold`); ``gain`` in
+        counts per photon, ``kernel_size`` the window's half width in pixels,
+        ``global_threshold`` in counts.
+    min_spot_size, max_spot_size : int
+        Spots kept, in pixels.
+
+    Examples
+    --------
+    >>> image = np.random.default_rng(0).poisson(10.0, (64, 64))
+    >>> image[30:32, 40:42] += 400
+    >>> spots = find_spots(image, np.ones(image.shape, bool))
+    >>> len(spots), round(float(spots.x[0]), 1), round(float(spots.y[0]), 1)
+    (1, 40.5, 30.5)
     """
-    p = parameters
     strong, _ = dispersion_threshold(
         image,
         valid,
-        gain=p.gain,
-        kernel_size=p.kernel_size,
-        sigma_background=p.sigma_background,
-        sigma_strong=p.sigma_strong,
-        global_threshold=p.global_threshold,
-        min_local=p.min_local,
+        gain=gain,
+        kernel_size=kernel_size,
+        sigma_background=sigma_background,
+        sigma_strong=sigma_strong,
+        global_threshold=global_threshold,
+        min_local=min_local,
     )
     return label_spots(
-        strong, image, local_background(image, valid, strong, p.kernel_size),
-        p.min_spot_size, p.max_spot_size,
+        strong, image, local_background(image, valid, strong, kernel_size),
+        min_spot_size, max_spot_size,
     )  # fmt: skip
 
 
@@ -313,15 +372,33 @@ class ImageSummary:
 
 
 def summarize_image(
-    spots: Spots, geometry: DetectorGeometry, d_range: tuple[float, float], parameters: MXParameters
+    spots: Spots,
+    geometry: DetectorGeometry,
+    d_range: tuple[float, float],
+    *,
+    ice_ring_ratio: float = 4.0,
 ) -> tuple[ImageSummary, np.ndarray]:
-    """Spot count, summed intensity, resolution estimate, ice flag; and the spots' d."""
+    """Spot count, summed intensity, resolution estimate, ice flag; and the spots' d.
+
+    ``d_range`` (Å) is the resolution range the valid pixels cover; an ice ring
+    inside it with ``ice_ring_ratio`` times its share of spots flags ice (see
+    :func:`has_ice_rings`).
+
+    Examples
+    --------
+    >>> geometry = DetectorGeometry(beam_x_px=0, beam_y_px=0, distance_m=0.1,
+    ...                             wavelength_a=1.0, pixel_size_um=100)
+    >>> spots = Spots(np.array([100.0]), np.array([0.0]), np.array([50.0]), np.array([4]))
+    >>> summary, d = summarize_image(spots, geometry, (1.0, 40.0))
+    >>> summary.n_spots, d.round(2)
+    (1, array([10.04]))
+    """
     d = geometry.d_spacing(spots.x, spots.y)
     summary = ImageSummary(
         n_spots=len(spots),
         total_intensity=float(spots.intensity.sum()),
         d_min=resolution_estimate(d),
-        ice_rings=has_ice_rings(d, d_range[0], d_range[1], parameters.ice_ring_ratio),
+        ice_rings=has_ice_rings(d, d_range[0], d_range[1], ice_ring_ratio),
     )
     return summary, d
 

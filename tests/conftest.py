@@ -103,7 +103,7 @@ def test_data() -> Path:
 @pytest.fixture(scope="session")
 def diffraction_sample(tmp_path_factory: pytest.TempPathFactory):
     """A small simulated Bliss diffraction dataset (12 Pilatus 1M frames in 3 Lima files)."""
-    from calypso.tasks.sample_data import write_diffraction_sample
+    from calypso.flows.samples.diffraction import write_diffraction_sample
 
     root = tmp_path_factory.mktemp("visitor")
     return write_diffraction_sample(root, frames=12, frames_per_file=5, seed=1)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from calypso.errors import RawDataError
-from calypso.tasks import bliss
-from calypso.tasks.frames import hdf5_frame_source, image_files_source, read_frames, read_image
+from calypso.tasks.raw import bliss
+from calypso.tasks.raw.frames import hdf5_frame_source, image_files_source, read_frames, read_image
 
 
 def test_sample_dataset_reads_like_bliss(diffraction_sample):

@@ -4,7 +4,7 @@ import pytest
 
 from calypso.errors import DataPolicyError
 from calypso.settings import ProcessedDataPolicy
-from calypso.tasks.data_policy import RawDataset
+from calypso.tasks.raw.data_policy import RawDataset
 
 RAW = "/data/visitor/ma1234/id11/20261125/RAW_DATA/sampleA/sampleA_0002"
 

@@ -98,3 +98,9 @@ def test_cloud_init_is_cloud_config_without_credentials():
 @pytest.mark.parametrize("script", ["slurm/single-node.sh"])
 def test_shell_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(DEPLOY / script)]).returncode == 0
+
+
+def test_prefect_yaml_is_written_from_the_technique_descriptors():
+    from calypso.flows.cli import main
+
+    assert main(["deployments", "--check"]) == 0, "run `calypso deployments --write`"

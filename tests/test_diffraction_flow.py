@@ -14,11 +14,11 @@ import pytest
 from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 from scipy.signal import find_peaks
 
-from calypso.flows.cli import run_technique
-from calypso.flows.progress import listening
+from calypso.flows.api import run_technique
 from calypso.registry import SQLiteCatalogue
 from calypso.settings import load_settings
-from calypso.tasks.diffraction_plan import load_geometry
+from calypso.tasks.plans.diffraction import load_geometry
+from calypso.tasks.progress import listening
 from calypso.techniques.diffraction import DiffractionParameters
 
 pytestmark = pytest.mark.slow
@@ -194,9 +194,7 @@ def test_runs_are_recorded_by_the_prefect_server(runs):
     with urllib.request.urlopen(request) as response:
         names = sorted(t["task_key"].split("-")[0] for t in json.load(response))
     assert names.count("integrate_chunk") == 3
-    assert {"plan_integration", "write_integrated_nexus", "register_processed_dataset"} <= set(
-        names
-    )
+    assert {"make_plan", "write_integrated_nexus", "register_processed_dataset"} <= set(names)
     request = urllib.request.Request(
         f"{api}/artifacts/filter",
         data=json.dumps({"artifacts": {"flow_run_id": {"any_": [run_id]}}}).encode(),

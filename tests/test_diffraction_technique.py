@@ -1,12 +1,17 @@
 """The science of the diffraction technique, without Prefect or files."""
 
+import inspect
+
 import numpy as np
 import pytest
 from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
 from calypso.errors import ParameterError
 from calypso.techniques.diffraction import (
+    DiffractionExecution,
     DiffractionParameters,
+    DiffractionScience,
+    DiffractionSource,
     Geometry,
     IntegratorCache,
     integrate_frames,
@@ -50,17 +55,16 @@ def test_equals_a_direct_pyfai_integration():
     mask = np.zeros(frames.shape[1:], np.int8)
     mask[:, :5] = 1
     monitor = np.array([1.0e5, 0.9e5, 1.1e5])
-    params = DiffractionParameters(
-        geometry=GEOMETRY,
+    ours = integrate_frames(
+        frames,
+        IntegratorCache().get(GEOMETRY),
         npt=300,
         unit="2th_deg",
         flip="ud",
-        monitor="mon",
-        monitor_reference=1e5,
         polarization_factor=0.95,
-    )
-    ours = integrate_frames(
-        frames, IntegratorCache().get(GEOMETRY), params, mask=mask, monitor=monitor
+        mask=mask,
+        monitor=monitor,
+        monitor_reference=1e5,
     )
     direct = AzimuthalIntegrator().set_config(GEOMETRY.as_pyfai_config())
     for index, frame in enumerate(frames):
@@ -83,16 +87,16 @@ def test_equals_a_direct_pyfai_integration():
 
 def test_frames_may_be_streamed_one_at_a_time():
     frames = rings(frames=2)
-    params = DiffractionParameters(geometry=GEOMETRY, npt=100)
     integrator = IntegratorCache().get(GEOMETRY)
-    whole = integrate_frames(frames, integrator, params)
-    streamed = integrate_frames(iter(list(frames)), integrator, params)
+    whole = integrate_frames(frames, integrator, npt=100)
+    streamed = integrate_frames(iter(list(frames)), integrator, npt=100)
     np.testing.assert_array_equal(whole.intensity, streamed.intensity)
 
 
 def test_cake_integration_has_azimuthal_axis():
-    params = DiffractionParameters(geometry=GEOMETRY, npt=100, npt_azim=36, error_model=None)
-    result = integrate_frames(rings(frames=1), IntegratorCache().get(GEOMETRY), params)
+    result = integrate_frames(
+        rings(frames=1), IntegratorCache().get(GEOMETRY), npt=100, npt_azim=36, error_model=None
+    )
     assert result.intensity.shape == (1, 36, 100)
     assert result.azimuthal.shape == (36,) and result.errors is None
 
@@ -117,15 +121,30 @@ def test_parameters_are_checked():
         "histogram",
         "cython",
     )
-    params = DiffractionParameters(geometry=GEOMETRY)
     with pytest.raises(ParameterError, match="mask has shape"):
-        integrate_frames(
-            rings(frames=1), IntegratorCache().get(GEOMETRY), params, mask=np.zeros((10, 10))
-        )
+        integrate_frames(rings(frames=1), IntegratorCache().get(GEOMETRY), mask=np.zeros((10, 10)))
     with pytest.raises(ParameterError, match="monitor 'mon' is 0.0"):
         integrate_frames(
             rings(frames=1),
             IntegratorCache().get(GEOMETRY),
-            params.model_copy(update={"monitor": "mon"}),
             monitor=np.zeros(1),
+            monitor_name="mon",
         )
+
+
+def test_keyword_defaults_are_the_parameter_defaults():
+    fields = DiffractionScience.model_fields
+    keywords = inspect.signature(integrate_frames).parameters
+    shared = [name for name in keywords if name in fields]
+    assert len(shared) == 14
+    for name in shared:
+        assert keywords[name].default == fields[name].default, name
+
+
+def test_parameters_are_grouped_and_paths_are_marked():
+    assert DiffractionParameters.path_fields() == ["poni", "mask", "dark", "flat"]
+    assert DiffractionParameters.glob_fields() == []
+    groups = [DiffractionSource, DiffractionScience, DiffractionExecution]
+    assert [n for g in groups for n in g.model_fields] == list(DiffractionParameters.model_fields)
+    assert DiffractionSource.path_fields() == DiffractionParameters.path_fields()
+    assert DiffractionScience.path_fields() == DiffractionExecution.path_fields() == []

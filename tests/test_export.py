@@ -22,7 +22,7 @@ from calypso.flows.cli import main
 from calypso.registry import SQLiteCatalogue
 from calypso.settings import load_settings
 from calypso.tasks.export import MANIFEST_NAME, export_dataset, verify_export
-from calypso.tasks.nexus import PARTIAL_PREFIX
+from calypso.tasks.writers.nexus import PARTIAL_PREFIX
 
 boto3 = pytest.importorskip("boto3")
 pytestmark = pytest.mark.slow
@@ -282,7 +282,7 @@ def test_export_to_a_folder_resumes_by_checksum(tmp_path, catalogue_path):
 def test_a_flow_run_exports_its_results_with_export_to(
     s3_env, diffraction_sample, monkeypatch, capsys
 ):
-    from calypso.flows.cli import run_technique
+    from calypso.flows.api import run_technique
     from calypso.techniques.diffraction import DiffractionParameters
 
     bucket = s3_env.bucket("results-e")

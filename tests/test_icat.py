@@ -22,7 +22,8 @@ from pyicat_plus.client import defaults
 from pyicat_plus.client.main import IcatClient
 from pyicat_plus_pytest_plugin import _mock_backend, proc, tcp
 
-from calypso.flows.cli import main, run_technique
+from calypso.flows.api import run_technique
+from calypso.flows.cli import main
 from calypso.registry import ProcessedDataset, SQLiteCatalogue
 from calypso.registry.icat import IcatCatalogue
 from calypso.settings import IcatSettings, load_settings
@@ -303,7 +304,7 @@ def test_a_retry_of_the_same_run_does_not_register_twice(icat, icat_env):
 def test_serve_retries_pending_registrations_periodically(icat, icat_env):
     import threading
 
-    from calypso.flows.serve import start_icat_flushing
+    from calypso.flows.online.serve import start_icat_flushing
 
     record = a_record("p", "periodic", "periodic-1")
     icat.stop_broker()

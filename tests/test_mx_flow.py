@@ -12,10 +12,11 @@ import h5py
 import numpy as np
 import pytest
 
-from calypso.flows.cli import main, run_technique
+from calypso.flows.api import run_technique
+from calypso.flows.cli import main
+from calypso.flows.samples.mx import write_mx_sample
 from calypso.registry import SQLiteCatalogue
 from calypso.settings import load_settings
-from calypso.tasks.sample_mx import write_mx_sample
 from calypso.techniques.mx import MXParameters
 
 pytestmark = pytest.mark.slow

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
 import pytest
 
 from calypso.techniques import mx
-
-PARAMETERS = mx.MXParameters()
 
 
 def background_with_spots(
@@ -26,7 +25,7 @@ def background_with_spots(
 
 def find(image: np.ndarray, valid: np.ndarray | None = None) -> mx.Spots:
     valid = np.ones(image.shape, bool) if valid is None else valid
-    return mx.find_spots(image, valid, PARAMETERS)
+    return mx.find_spots(image, valid)
 
 
 def test_pure_poisson_background_gives_no_spots():
@@ -111,3 +110,20 @@ def test_centring_is_the_crystal_not_one_noisy_cell():
     assert mx.centring_position(heat) == (2, 4)
     with pytest.raises(ValueError, match="no spots"):
         mx.centring_position(np.zeros((3, 3)))
+
+
+def test_keyword_defaults_are_the_parameter_defaults():
+    fields = mx.MXScience.model_fields
+    for function, count in ((mx.find_spots, 8), (mx.summarize_image, 1)):
+        keywords = inspect.signature(function).parameters
+        shared = [name for name in keywords if name in fields]
+        assert len(shared) == count, function
+        for name in shared:
+            assert keywords[name].default == fields[name].default, (function, name)
+
+
+def test_parameters_are_grouped_and_paths_are_marked():
+    assert mx.MXParameters.path_fields() == ["mask"]
+    assert mx.MXParameters.glob_fields() == ["images"]
+    groups = [mx.MXSource, mx.MXScience, mx.MXExecution]
+    assert [n for g in groups for n in g.model_fields] == list(mx.MXParameters.model_fields)

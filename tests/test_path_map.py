@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from calypso.flows.cli import run_technique
+from calypso.flows.api import run_technique
 from calypso.settings import load_settings
 from calypso.techniques.diffraction import DiffractionParameters
 

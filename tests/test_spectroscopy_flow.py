@@ -9,14 +9,15 @@ import h5py
 import numpy as np
 import pytest
 
-from calypso.flows.cli import main, run_technique
-from calypso.registry import SQLiteCatalogue
-from calypso.settings import load_settings
-from calypso.tasks.sample_spectroscopy import (
+from calypso.flows.api import run_technique
+from calypso.flows.cli import main
+from calypso.flows.samples.spectroscopy import (
     FE_K_EDGE_EV,
     write_spectroscopy_map_sample,
     write_spectroscopy_sample,
 )
+from calypso.registry import SQLiteCatalogue
+from calypso.settings import load_settings
 from calypso.techniques.spectroscopy import SpectroscopyParameters
 
 pytestmark = pytest.mark.slow
@@ -193,7 +194,7 @@ def write_bad(folder: Path, name: str, header: str, rows: np.ndarray) -> Path:
 
 @pytest.fixture
 def fe_columns(test_data):
-    from calypso.tasks.spectra import read_text_spectrum
+    from calypso.tasks.raw.spectra import read_text_spectrum
 
     table = read_text_spectrum(test_data / "xas" / "fe_metal_rt.xdi")
     energy, mu = table.columns["energy"], table.columns["mutrans"]

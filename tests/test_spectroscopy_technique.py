@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from calypso.errors import RawDataError
-from calypso.tasks.spectra import absorption, read_text_spectrum
+from calypso.tasks.raw.spectra import absorption, read_text_spectrum
 from calypso.techniques import spectroscopy as xas
 
 larch_xafs = pytest.importorskip("larch.xafs", reason="xraylarch is the reference (test extra)")
@@ -67,7 +68,7 @@ def test_metal_foils_are_within_3_ev_of_the_table(test_data):
 
 def test_default_edge_step_is_within_3_percent_of_larch_defaults(spectrum):
     name, energy, mu, _ = spectrum
-    ours = xas.normalize(energy, mu, xas.SpectroscopyParameters())
+    ours = xas.normalize(energy, mu)
     reference = larch_group(energy, mu)
     assert ours.edge_step[0] == pytest.approx(reference.edge_step, rel=0.03), name
 
@@ -84,15 +85,14 @@ def test_same_parameters_give_larchs_normalisation_and_chi(spectrum):
         "norm2": details.norm2,
         "nnorm": int(details.nnorm),
     }
-    parameters = xas.SpectroscopyParameters(**same, rbkg=1.0, bkg_kweight=1.0)
-    ours = xas.normalize(energy, mu, parameters)
+    ours = xas.normalize(energy, mu, **same)
     reference = larch_group(energy, mu, **same)
     assert ours.edge_step[0] == pytest.approx(reference.edge_step, rel=0.01), name
     rms = np.sqrt(np.mean((ours.norm[0] - reference.norm) ** 2))
     assert rms <= 0.01, (name, rms)
 
     larch_xafs.autobk(reference, rbkg=1.0, kweight=1)
-    exafs = xas.autobk(energy, mu, ours, parameters)
+    exafs = xas.autobk(energy, mu, ours, rbkg=1.0, bkg_kweight=1.0)
     window = (exafs.k >= 2) & (exafs.k <= 12)
     k = exafs.k[window]
     theirs = np.interp(k, reference.k, reference.chi)
@@ -104,10 +104,9 @@ def test_batches_give_the_same_result_as_single_spectra(test_data):
     energy, mu, _ = load(test_data / "xas" / "fe_metal_rt.xdi")
     rng = np.random.default_rng(3)
     batch = mu * rng.uniform(0.5, 2.0, (6, 1)) + rng.normal(0, 1e-3, (6, mu.size))
-    parameters = xas.SpectroscopyParameters()
-    together = xas.reduce_spectra(energy, batch, parameters)
+    together = xas.reduce_spectra(energy, batch)
     for row in range(batch.shape[0]):
-        alone = xas.reduce_spectra(energy, batch[row], parameters)
+        alone = xas.reduce_spectra(energy, batch[row])
         assert alone.normalization.e0[0] == pytest.approx(together.normalization.e0[row])
         # Fit ranges follow the batch median E0, so they move by a fraction of an eV.
         np.testing.assert_allclose(
@@ -123,13 +122,7 @@ def test_calibration_recovers_a_known_monochromator_offset(test_data):
     energy, mu, _ = load(test_data / "xas" / "fe_metal_rt.xdi")
     measured = energy + 2.5  # a monochromator reading 2.5 eV high
     foil_e0 = float(xas.find_e0(energy, mu)[0])
-    reduction = xas.reduce_spectra(
-        measured,
-        mu,
-        xas.SpectroscopyParameters(),
-        mu_reference=mu[None, :],
-        reference_e0=foil_e0,
-    )
+    reduction = xas.reduce_spectra(measured, mu, mu_reference=mu[None, :], reference_e0=foil_e0)
     assert reduction.shift[0] == pytest.approx(-2.5, abs=0.1)
     assert reduction.normalization.e0[0] == pytest.approx(foil_e0, abs=0.1)
 
@@ -142,7 +135,7 @@ def test_merging_five_repeats_lowers_the_noise(test_data):
     energies, spectra, noise = [], [], []
     for path in sorted((test_data / "xas" / "fexafs").iterdir()):
         data = absorption(read_text_spectrum(path), parameters)
-        reduced = xas.reduce_spectra(data.energy, data.mu, parameters, where=str(path))
+        reduced = xas.reduce_spectra(data.energy, data.mu, exafs=False, where=str(path))
         e0 = float(reduced.normalization.e0[0])
         energies.append(reduced.energy[0])
         spectra.append(reduced.normalization.norm[0])
@@ -159,15 +152,33 @@ def test_merging_five_repeats_lowers_the_noise(test_data):
 
 def test_bad_spectra_are_refused_with_the_reason(test_data):
     energy, mu, _ = load(test_data / "xas" / "fe_metal_rt.xdi")
-    parameters = xas.SpectroscopyParameters()
     backwards = energy.copy()
     backwards[100], backwards[101] = backwards[101], backwards[100]
     with pytest.raises(RawDataError, match="not strictly increasing"):
-        xas.reduce_spectra(backwards, mu, parameters, where="scan 7")
+        xas.reduce_spectra(backwards, mu, where="scan 7")
     above = energy > 7200
     with pytest.raises(RawDataError, match="does not cover the edge|too close to the edge"):
-        xas.reduce_spectra(energy[above], mu[above], parameters, where="scan 7")
+        xas.reduce_spectra(energy[above], mu[above], where="scan 7")
     broken = mu.copy()
     broken[10] = np.nan
     with pytest.raises(RawDataError, match="scan 7: mu.*not finite"):
-        xas.reduce_spectra(energy, broken, parameters, where="scan 7")
+        xas.reduce_spectra(energy, broken, where="scan 7")
+
+
+def test_keyword_defaults_are_the_parameter_defaults():
+    fields = xas.SpectroscopyScience.model_fields
+    functions = {xas.edge_ranges: 5, xas.normalize: 8, xas.autobk: 14, xas.reduce_spectra: 24}
+    for function, count in functions.items():
+        keywords = inspect.signature(function).parameters
+        shared = [n for n, p in keywords.items() if n in fields and p.kind is p.KEYWORD_ONLY]
+        assert len(shared) == count, function
+        for name in shared:
+            assert keywords[name].default == fields[name].default, (function, name)
+
+
+def test_parameters_are_grouped_and_name_no_files():
+    groups = [xas.SpectroscopySource, xas.SpectroscopyScience, xas.SpectroscopyExecution]
+    fields = [name for group in groups for name in group.model_fields]
+    assert fields == list(xas.SpectroscopyParameters.model_fields)
+    assert xas.SpectroscopyParameters.path_fields() == []
+    assert xas.SpectroscopyParameters.glob_fields() == []

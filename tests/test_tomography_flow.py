@@ -12,10 +12,11 @@ import pytest
 from skimage.filters import threshold_otsu
 from skimage.metrics import structural_similarity
 
-from calypso.flows.cli import main, run_technique
+from calypso.flows.api import run_technique
+from calypso.flows.cli import main
+from calypso.flows.samples.tomography import write_nxtomo_sample, write_tomography_sample
 from calypso.registry import SQLiteCatalogue
 from calypso.settings import load_settings
-from calypso.tasks.sample_tomography import write_nxtomo_sample, write_tomography_sample
 from calypso.techniques.tomography import TomographyParameters
 
 pytestmark = pytest.mark.slow

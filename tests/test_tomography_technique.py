@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from calypso.tasks.sample_tomography import PhantomGeometry, phantom_volume, project_phantom
+from calypso.flows.samples.tomography import PhantomGeometry, phantom_volume, project_phantom
+from calypso.tasks.plans.tomography import read_margin
 from calypso.techniques import tomography as tomo
 
 GEOMETRY = PhantomGeometry(rows=6, columns=160, center_of_rotation=79.5 + 6.6, radius=66.0)
@@ -99,6 +101,7 @@ def test_ring_filter_scales_with_the_detector():
     assert parameters.ring_filter_size(192) == 3
     assert parameters.ring_filter_size(2048) == 21
     assert tomo.TomographyParameters(ring_size=8).ring_filter_size(2048) == 9
+    assert tomo.ring_filter_size(2048) == 21 and tomo.ring_filter_size(2048, size=8) == 9
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.01])
@@ -202,12 +205,12 @@ def test_paganin_keeps_the_mean_and_smooths():
 
 
 def test_paganin_margin_follows_the_kernel_width():
-    parameters = tomo.TomographyParameters(
-        paganin=True, energy_kev=20, distance_m=0.5, pixel_size_um=1.0, delta_beta=200
-    )
+    physics = {"energy_kev": 20, "distance_m": 0.5, "pixel_size_um": 1.0, "delta_beta": 200}
     length = tomo.paganin_length_px(20, 0.5, 1.0, 200)
-    assert tomo.paganin_margin(parameters) == math.ceil(8 * length)
-    assert tomo.paganin_margin(tomo.TomographyParameters()) == 0
+    assert tomo.paganin_margin(**physics) == math.ceil(8 * length)
+    # The tasks read the margin only when Paganin is on.
+    assert read_margin(tomo.TomographyParameters(paganin=True, **physics)) == math.ceil(8 * length)
+    assert read_margin(tomo.TomographyParameters(**physics)) == 0
 
 
 def test_paganin_needs_its_physics():
@@ -244,3 +247,37 @@ def test_binned_reconstruction_keeps_values_per_detector_pixel(line_integrals, t
     assert image[small > 0.5 * truth[2][inside].mean()].mean() == pytest.approx(
         truth[2][inside].mean(), rel=0.05
     )
+
+
+def test_prepared_sinograms_are_minus_log_of_the_transmission():
+    rng = np.random.default_rng(6)
+    transmission = rng.uniform(0.2, 0.9, (5, 3, 32))
+    dark = np.full((3, 32), 100.0)
+    flats = np.full((1, 3, 32), 10_100.0)
+    sinograms = tomo.prepare_sinograms(
+        transmission * 10_000 + dark, dark, flats, ring_removal=False
+    )
+    assert sinograms.dtype == np.float32
+    np.testing.assert_allclose(sinograms, -np.log(transmission), rtol=1e-5)
+    with pytest.raises(ValueError, match="energy_kev"):
+        tomo.prepare_sinograms(transmission, None, flats, paganin=True)
+
+
+def test_keyword_defaults_are_the_parameter_defaults():
+    fields = tomo.TomographyScience.model_fields
+    for function, count in ((tomo.prepare_sinograms, 10), (tomo.paganin_margin, 4)):
+        keywords = inspect.signature(function).parameters
+        shared = [name for name in keywords if name in fields]
+        assert len(shared) == count, function
+        for name in shared:
+            default = keywords[name].default
+            if default is not inspect.Parameter.empty:  # paganin_margin's are required
+                assert default == fields[name].default, (function, name)
+
+
+def test_parameters_are_grouped_and_paths_are_marked():
+    groups = [tomo.TomographySource, tomo.TomographyScience, tomo.TomographyExecution]
+    fields = [name for group in groups for name in group.model_fields]
+    assert fields == list(tomo.TomographyParameters.model_fields)
+    assert tomo.TomographyParameters.path_fields() == []
+    assert tomo.TomographyParameters.glob_fields() == ["projections", "darks", "flats"]

@@ -23,11 +23,11 @@ import h5py
 import numpy as np
 import pytest
 
+from calypso.flows.online.acquisitions import Acquisition
+from calypso.flows.online.watch import post_event
+from calypso.flows.samples.diffraction import write_diffraction_sample
 from calypso.flows.techniques import TECHNIQUES
-from calypso.flows.watch import post_event
-from calypso.tasks.acquisitions import Acquisition
-from calypso.tasks.data_policy import RawDataset
-from calypso.tasks.sample_data import write_diffraction_sample
+from calypso.tasks.raw.data_policy import RawDataset
 
 pytestmark = pytest.mark.slow
 CONCURRENCY = 3
@@ -346,7 +346,7 @@ def test_fifty_datasets_at_once_each_processed_once_within_the_limit(facility, t
 
 def test_an_event_the_server_lost_is_posted_again(facility, tmp_path):
     """At-least-once delivery: the watcher checks that each announcement started a run."""
-    from calypso.flows.watch import Watcher
+    from calypso.flows.online.watch import Watcher
     from calypso.settings import load_settings
 
     before = len(facility.runs())
@@ -531,7 +531,7 @@ def test_a_saved_user_flow_runs_from_its_deployment(facility):
     import yaml
     from prefect.client.orchestration import get_client
 
-    from calypso.flows.user_flows import export_specification
+    from calypso.flows.specification import export_specification
     from calypso.registry.saved_flows import SavedFlows, User
 
     sample = write_diffraction_sample(facility.elsewhere, frames=2, dataset_number=8, seed=8)
@@ -585,7 +585,7 @@ def test_a_beamline_rule_runs_a_saved_flow_after_each_acquisition(facility, tmp_
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter
 
-    from calypso.flows.user_flows import export_specification
+    from calypso.flows.specification import export_specification
     from calypso.registry.saved_flows import SavedFlows, User
 
     if not facility.watchers:

@@ -104,7 +104,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from calypso.tasks.sample_data import write_diffraction_sample
+    from calypso.flows.samples.diffraction import write_diffraction_sample
 
     work = Path(tempfile.mkdtemp(prefix="calypso-bench-"))
     data_root = args.data or work / "visitor"

@@ -45,8 +45,21 @@ def _find(indices: list[int]) -> int:
     for index in indices:
         image = frames[index]
         valid = statics.valid & (image < scan.saturation)
-        spots = mx.find_spots(image, valid, parameters)
-        mx.summarize_image(spots, scan.geometry, statics.d_range, parameters)
+        spots = mx.find_spots(
+            image,
+            valid,
+            gain=parameters.gain,
+            kernel_size=parameters.kernel_size,
+            sigma_background=parameters.sigma_background,
+            sigma_strong=parameters.sigma_strong,
+            global_threshold=parameters.global_threshold,
+            min_local=parameters.min_local,
+            min_spot_size=parameters.min_spot_size,
+            max_spot_size=parameters.max_spot_size,
+        )
+        mx.summarize_image(
+            spots, scan.geometry, statics.d_range, ice_ring_ratio=parameters.ice_ring_ratio
+        )
         total += len(spots)
     return total
 
@@ -54,8 +67,8 @@ def _find(indices: list[int]) -> int:
 def time_spot_finder(raw_dir: Path, mask: Path, workers: int, chunk: int) -> float:
     """Images/s of the spot finder alone on frames already in memory, ``workers`` processes."""
     global _FRAMES
-    from calypso.tasks.frames import read_frames
-    from calypso.tasks.mx_plan import make_mx_plan
+    from calypso.tasks.plans.mx import make_mx_plan
+    from calypso.tasks.raw.frames import read_frames
     from calypso.techniques.mx import MXParameters
 
     parameters = MXParameters(mask=str(mask))
@@ -81,7 +94,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
-    from calypso.tasks.sample_mx import write_mx_sample
+    from calypso.flows.samples.mx import write_mx_sample
 
     columns = 20
     rows = -(-args.frames // columns)

@@ -41,8 +41,8 @@ def time_command(raw_dir: Path, workers: int, env: dict[str, str], output: Path)
 
 def time_plain_loop(raw_dir: Path, batch_size: int) -> float:
     """Spectra/s of the same reduction, vectorised, in this one process (reading included)."""
-    from calypso.tasks.spectra import absorption, read_bliss_counters
-    from calypso.tasks.spectroscopy_plan import make_spectroscopy_plan
+    from calypso.tasks.plans.spectroscopy import make_spectroscopy_plan, reduction_keywords
+    from calypso.tasks.raw.spectra import absorption, read_bliss_counters
     from calypso.techniques.spectroscopy import SpectroscopyParameters, reduce_spectra
 
     parameters = SpectroscopyParameters()
@@ -53,7 +53,13 @@ def time_plain_loop(raw_dir: Path, batch_size: int) -> float:
     for start in range(0, source.n_spectra, batch_size):
         table = read_bliss_counters(source.path, 1, start, start + batch_size)
         data = absorption(table, parameters)
-        reduce_spectra(data.energy, data.mu, parameters, data.mu_reference, reference)
+        reduce_spectra(
+            data.energy,
+            data.mu,
+            mu_reference=data.mu_reference,
+            reference_e0=reference,
+            **reduction_keywords(parameters),
+        )
     return source.n_spectra / (time.perf_counter() - began)
 
 
@@ -65,7 +71,7 @@ def main() -> None:
     parser.add_argument("--half", action="store_true", help="also run half the spectra (memory)")
     args = parser.parse_args()
 
-    from calypso.tasks.sample_spectroscopy import write_spectroscopy_map_sample
+    from calypso.flows.samples.spectroscopy import write_spectroscopy_map_sample
 
     work = Path(tempfile.mkdtemp(prefix="calypso-bench-"))
     counts = [args.spectra // 2, args.spectra] if args.half else [args.spectra]

@@ -68,8 +68,8 @@ def time_backend(raw_dir: Path, center: float, workers: int) -> float:
     The pool's processes are spawned, not forked (numba's threading layer is
     running here), and load the prepared sinograms before the clock starts.
     """
+    from calypso.tasks.plans.tomography import make_tomography_plan
     from calypso.tasks.tomography import prepared_sinograms
-    from calypso.tasks.tomography_plan import make_tomography_plan
     from calypso.techniques.tomography import TomographyParameters
 
     work = Path(tempfile.mkdtemp())
@@ -102,7 +102,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from calypso.tasks.sample_tomography import write_tomography_sample
+    from calypso.flows.samples.tomography import write_tomography_sample
 
     work = Path(tempfile.mkdtemp(prefix="calypso-bench-tomo-"))
     env = isolated_environment(work)

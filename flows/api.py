@@ -1,0 +1,323 @@
+"""Calypso's application API: run technique flows, saved user flows and exports from Python.
+
+The ``calypso`` command line is a thin layer over these functions; tests, benchmarks and
+notebooks call them directly. Nothing here prints: results come back as dictionaries
+(the summaries ``calypso run --json`` shows) and every anticipated failure is a
+:class:`~calypso.errors.CalypsoError` with a message meant for people. Only a progress bar
+is drawn, on standard error, while a flow runs.
+
+From a notebook::
+
+    from calypso.flows.api import build_parameters, run_technique
+    from calypso.flows.runtime import prepare_environment
+    from calypso.settings import load_settings
+
+    settings = load_settings(executor={"kind": "local", "n_workers": 4})
+    prepare_environment(settings)  # quiet Prefect and Dask, as the CLI does
+    parameters = build_parameters("diffraction", ["poni=/data/ceo2.poni", "npt=2000"])
+    summary = run_technique(
+        "diffraction", "/data/visitor/ma1234/id15/20240101/RAW_DATA/CeO2/CeO2_0001",
+        parameters, scans=None, output=None, settings=settings,
+    )
+    summary["outputs"]  # the NeXus results, as file.h5::/entry paths
+"""
+
+from __future__ import annotations
+
+import difflib
+import getpass
+import json
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack, closing
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
+
+from calypso.errors import ParameterError
+from calypso.flows.techniques import TECHNIQUES
+from calypso.settings import CalypsoSettings
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from calypso.registry.saved_flows import SavedFlow, SavedFlows, User
+
+__all__ = [
+    "build_parameters",
+    "current_user",
+    "export_processed",
+    "get_saved_flow",
+    "parameter_model",
+    "run_on_cluster",
+    "run_saved_flow",
+    "run_technique",
+    "saved_flows",
+]
+
+
+# -- parameters -------------------------------------------------------------
+
+
+def parameter_model(technique: str) -> type[BaseModel]:
+    """The pydantic model of a technique's parameters (``calypso parameters`` lists it)."""
+    return TECHNIQUES[technique].parameters()
+
+
+def _parse_value(text: str) -> Any:
+    # `npt=2000` is a number and `unit=2th_deg` a string without the user quoting it.
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_parameters(
+    technique: str, assignments: list[str], params_file: str | None = None
+) -> BaseModel:
+    """The technique's parameter model from a file and ``NAME=VALUE`` assignments."""
+    model = parameter_model(technique)
+    values: dict[str, Any] = {}
+    if params_file:
+        values.update(_read_params_file(Path(params_file)))
+    for assignment in assignments:
+        name, sep, text = assignment.partition("=")
+        if not sep or not name.strip():
+            raise ParameterError(f"--set {assignment!r}: expected NAME=VALUE, e.g. --set npt=2000")
+        values[name.strip()] = _parse_value(text.strip())
+    unknown = [name for name in values if name not in model.model_fields]
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, model.model_fields, n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ParameterError(
+            f"unknown {technique} parameter {', '.join(hints)}; known parameters: "
+            f"{', '.join(model.model_fields)} (`calypso parameters {technique}` explains them)"
+        )
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
+            for err in exc.errors()
+        )
+        source = f" in {params_file}" if params_file else ""
+        raise ParameterError(f"invalid {technique} parameters{source}: {problems}") from None
+
+
+def _read_params_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ParameterError(f"parameter file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:
+        raise ParameterError(f"parameter file {path} cannot be parsed: {exc}") from None
+    if not isinstance(data, dict):
+        raise ParameterError(f"parameter file {path} must hold a mapping of NAME: VALUE")
+    return data
+
+
+# -- technique flows ----------------------------------------------------------
+
+
+def run_technique(
+    technique: str,
+    input_path: str,
+    parameters: BaseModel,
+    scans: list[int] | None,
+    output: str | None,
+    settings: CalypsoSettings,
+    export_to: str | None = None,
+) -> dict[str, Any]:
+    """Check the input, then run the technique's flow on the configured Dask cluster."""
+    began = time.perf_counter()
+    from calypso.executors import local_worker_count
+    from calypso.flows.engine import remember_plan
+
+    entry = TECHNIQUES[technique]
+    if not settings.executor.preload:
+        # Workers import this technique's code while they start, not another's.
+        settings = settings.model_copy(
+            update={"executor": settings.executor.model_copy(update={"preload": [entry.preload]})}
+        )
+    # Check everything before Prefect or Dask start: bad input fails in a
+    # second, with one message and nothing written. The run takes this plan.
+    workers = local_worker_count(settings.executor)
+    plan = entry.plan()(input_path, parameters, scans, output, settings, workers)
+    remember_plan(technique, input_path, parameters, scans, output, workers, plan)
+    total = getattr(plan, entry.count_attribute)
+    technique_flow = entry.flow()
+    if export_to:
+        from calypso.tasks.export import check_target_uri
+
+        check_target_uri(export_to)
+    summary = run_on_cluster(
+        settings,
+        total,
+        entry.unit,
+        lambda runner: technique_flow.with_options(task_runner=runner)(
+            raw=input_path,
+            parameters=parameters,
+            scans=scans,
+            output_dir=output,
+            export_to=export_to,
+        ),
+    )
+    summary["wall_s"] = round(time.perf_counter() - began, 3)
+    return summary
+
+
+def run_on_cluster(
+    settings: CalypsoSettings, total: int, unit: str, call: Callable[[Any], Any]
+) -> Any:
+    """``call(task_runner)`` with a Prefect API up, on the Dask cluster the settings name
+    (a local one boots while Prefect starts), a progress bar counting ``unit``."""
+    from calypso.executors import boot_local_cluster, build_task_runner
+    from calypso.flows.runtime import check_prefect_api, prefect_api
+    from calypso.tasks.progress import listening
+
+    check_prefect_api()
+    booting = boot_local_cluster(settings.executor)
+    with ExitStack() as stack:
+        if booting is not None:  # closed even if the Prefect API never comes up
+            stack.callback(_close_cluster, booting)
+        stack.enter_context(prefect_api())
+        if booting is not None:  # ... and normally before the API goes: workers flush logs to it
+            stack.callback(_close_cluster, booting)
+        bar = stack.enter_context(closing(_Bar(total, unit)))
+        stack.enter_context(listening(bar.update_to))
+        runner = build_task_runner(settings.executor, cluster=booting.result() if booting else None)
+        return call(runner)
+
+
+def _close_cluster(booting: Future) -> None:
+    booting.result().close()  # closing twice is harmless
+
+
+class _Bar:
+    """A tqdm bar on standard error, fed ``(done, total)`` by a progress listener."""
+
+    def __init__(self, total: int, unit: str, scale: bool = False) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(
+            total=total,
+            unit=unit,
+            unit_scale=scale,
+            unit_divisor=1024 if scale else 1000,
+            file=sys.stderr,
+            disable=None,  # none when standard error is not a terminal (logs, pipes)
+            leave=False,
+        )
+
+    def update_to(self, done: int, total: int) -> None:
+        self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+# -- exports --------------------------------------------------------------------
+
+
+def export_processed(
+    source: str,
+    settings: CalypsoSettings,
+    target: str | None = None,
+    include: list[str] | None = None,
+    verify: bool = False,
+) -> dict[str, Any]:
+    """Copy a processed dataset (a folder or its catalogue id) to ``target``, resumably, and
+    record the export in the catalogue. ``target`` defaults to the settings' export target
+    plus the folder's name; ``include`` keeps only files matching these shell patterns;
+    ``verify`` reads every object back and checks its SHA-256."""
+    from calypso.tasks.export import (
+        dataset_to_export,
+        export_dataset,
+        export_summary,
+        record_export,
+    )
+
+    folder, record_id = dataset_to_export(source, settings)
+    target = target or f"{settings.export_target.rstrip('/')}/{folder.name}"
+    bar = _Bar(0, "B", scale=True)
+    try:
+        report = export_dataset(folder, target, settings, include, verify, progress=bar.update_to)
+    finally:
+        bar.close()
+    summary = export_summary(report, record_export(report, record_id, settings))
+    return summary | {"source": str(folder), "catalogue_id": record_id}
+
+
+# -- saved user flows -------------------------------------------------------------
+
+
+def saved_flows(settings: CalypsoSettings) -> SavedFlows:
+    """The registry of saved user flows (beside the catalogue)."""
+    from calypso.registry.saved_flows import SavedFlows
+
+    return SavedFlows(settings.catalogue_path)
+
+
+def current_user(settings: CalypsoSettings) -> User:
+    """Who acts: the settings' user, else the login name, and their proposals."""
+    from calypso.registry.saved_flows import User
+
+    return User(name=settings.user.name or getpass.getuser(), proposals=settings.user.proposals)
+
+
+def get_saved_flow(reference: str, settings: CalypsoSettings) -> SavedFlow:
+    """A saved flow by ``NAME`` (its latest version) or ``NAME@VERSION``."""
+    from calypso.registry.saved_flows import parse_reference
+
+    return saved_flows(settings).get(*parse_reference(reference))
+
+
+def run_saved_flow(
+    flow: SavedFlow,
+    input_path: str,
+    scans: list[int] | None,
+    output: str | None,
+    settings: CalypsoSettings,
+) -> dict[str, Any]:
+    """Check a saved flow and its paths (confined to its proposal), then run every variant
+    of it on the configured Dask cluster."""
+    began = time.perf_counter()
+    from calypso.flows.specification import check_specification
+    from calypso.flows.user_flows import confine, default_output, user_flow
+
+    spec = check_specification(flow.specification, flow.label)
+    raw = str(Path(input_path).absolute())
+    confine(raw, output, spec, flow.proposal, settings.data_roots)
+    output_dir = output or default_output(raw, spec.technique, flow.name, flow.version)
+    # Workers import the code of the flow's technique while they start.
+    modules = [TECHNIQUES[spec.technique].preload]
+    settings = settings.model_copy(
+        update={"executor": settings.executor.model_copy(update={"preload": modules})}
+    )
+    result = run_on_cluster(
+        settings,
+        len(spec.variants()),
+        "variants",
+        lambda runner: user_flow.with_options(task_runner=runner)(
+            name=flow.name,
+            version=flow.version,
+            specification=flow.specification,
+            raw=raw,
+            scans=scans,
+            output_dir=output_dir,
+        ),
+    )
+    result["wall_s"] = round(time.perf_counter() - began, 3)
+    return result

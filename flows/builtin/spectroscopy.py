@@ -1,0 +1,101 @@
+"""Spectroscopy: XAS from counters to normalised spectra, chi(k) and |chi(R)|."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from calypso.flows.techniques import OUTPUTS, Option, Step, Technique, planning_step
+
+
+def reduce(ctx: Any, plan: Any) -> list[Any]:
+    """Batches of spectra reduced on the task runner (vectorised inside a batch), then the
+    repeated scans merged."""
+    from calypso.tasks.progress import collect
+    from calypso.tasks.spectroscopy import merge_repeated_scans, reduce_spectra_batch
+
+    reference_e0 = plan.calibration.reference_e0 if plan.calibration else None
+    futures = [
+        reduce_spectra_batch.submit(batch, plan.parameters, reference_e0, ctx.work_dir)
+        for batch in plan.batches()
+    ]
+    batches = collect(
+        futures, plan.n_spectra, f"Reducing {plan.n_spectra} spectra", lambda r: r.stop - r.start
+    )
+    if plan.merges:
+        batches.append(merge_repeated_scans(plan, batches, ctx.work_dir))
+    ctx.report(
+        tasks=len(batches),
+        busy=sum(b.seconds for b in batches),
+        merged=plan.merges,
+        calibration=plan.calibration.model_dump() if plan.calibration else None,
+    )
+    return batches
+
+
+def write(ctx: Any, plan: Any, batches: list[Any]) -> list[str]:
+    from calypso.tasks.spectroscopy import write_spectroscopy_nexus
+
+    written = write_spectroscopy_nexus(plan, batches, ctx.provenance)
+    ctx.report(png=written["png"], key_figures=written["key_figures"])
+    return written["outputs"]
+
+
+def write_sample(directory: Path, seed: int = 0, repeats: int = 3, spectra: int = 0) -> str:
+    """Repeated XAS scans of an Fe foil (or a map of ``spectra`` spectra); what to run next."""
+    from calypso.errors import ParameterError
+    from calypso.flows.samples.spectroscopy import (
+        reference_spectrum,
+        write_spectroscopy_map_sample,
+        write_spectroscopy_sample,
+    )
+
+    if spectra < 0 or repeats < 1:
+        raise ParameterError("--spectra must be >= 0 and --repeats >= 1")
+    if spectra:
+        dataset = write_spectroscopy_map_sample(directory, spectra, seed=seed)
+    else:
+        dataset = write_spectroscopy_sample(directory, repeats, seed=seed)
+    return (
+        f"raw dataset: {dataset.raw_dataset_dir} (from {reference_spectrum().source})\n"
+        f"reduce it with:\n  calypso run spectroscopy {dataset.raw_dataset_dir}"
+    )
+
+
+SPECTROSCOPY = Technique(
+    name="spectroscopy",
+    description="Reduce X-ray absorption spectra: mu(E), calibration, merge, normalisation, "
+    "EXAFS; batches of spectra in parallel on Dask; NeXus, XDI and a quick look.",
+    unit="spectra",
+    parameters_at="calypso.techniques.spectroscopy:SpectroscopyParameters",
+    plan_at="calypso.tasks.plans.spectroscopy:make_spectroscopy_plan",
+    count_attribute="n_spectra",
+    steps=(
+        planning_step("spectroscopy"),
+        Step(
+            "spectroscopy.reduce",
+            {"plan": "spectroscopy.plan"},
+            "spectroscopy.batches",
+            f"{__name__}:reduce",
+            "mu(E), calibration, normalisation, EXAFS in batches; merge of repeats",
+        ),
+        Step(
+            "spectroscopy.write",
+            {"plan": "spectroscopy.plan", "batches": "spectroscopy.batches"},
+            OUTPUTS,
+            f"{__name__}:write",
+            "NeXus, XDI and the quick-look plot",
+        ),
+    ),
+    specification=Path(__file__).with_name("spectroscopy.yaml"),
+    flow_at="calypso.flows.spectroscopy:spectroscopy",
+    preload="calypso.tasks.spectroscopy",
+    sample_at=f"{__name__}:write_sample",
+    sample_options=(
+        Option(("--repeats",), {"type": int, "default": 3, "help": "repeated scans of a foil"}),
+        Option(
+            ("--spectra",),
+            {"type": int, "default": 0, "help": "a mapping scan of N spectra instead of repeats"},
+        ),
+    ),
+)

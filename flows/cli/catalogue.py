@@ -1,0 +1,114 @@
+"""``calypso catalogue``: the processed datasets, and their delivery to ICAT."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING
+
+from calypso.errors import ConfigurationError
+from calypso.flows.cli.common import technique_names
+from calypso.settings import load_settings
+
+if TYPE_CHECKING:
+    from calypso.registry.icat import IcatCatalogue
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    catalogue = commands.add_parser("catalogue", help="the catalogue of processed datasets")
+    catalogue_commands = catalogue.add_subparsers(title="catalogue commands", metavar="ACTION")
+    listing = catalogue_commands.add_parser("list", help="list processed datasets")
+    listing.add_argument("--technique", choices=technique_names())
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--json", action="store_true")
+    listing.add_argument(
+        "--pending", action="store_true", help="registrations waiting for delivery to ICAT"
+    )
+    listing.set_defaults(handler=command_catalogue_list)
+    flush = catalogue_commands.add_parser("flush", help="deliver pending ICAT registrations")
+    flush.set_defaults(handler=command_catalogue_flush)
+    check = catalogue_commands.add_parser(
+        "check", help="is the ICAT broker reachable, its queue consumed, ICAT+ up?"
+    )
+    check.set_defaults(handler=command_catalogue_check)
+    show = catalogue_commands.add_parser("show", help="show one processed dataset")
+    show.add_argument("id", type=int)
+    show.set_defaults(handler=command_catalogue_show)
+
+
+def _icat_catalogue() -> IcatCatalogue:
+    from calypso.registry import open_catalogue
+    from calypso.registry.icat import IcatCatalogue
+
+    catalogue = open_catalogue(load_settings())
+    if not isinstance(catalogue, IcatCatalogue):
+        raise ConfigurationError(
+            "the catalogue backend is 'sqlite', which delivers nothing: set "
+            "CALYPSO_CATALOGUE__BACKEND=icat and CALYPSO_CATALOGUE__ICAT__METADATA_URLS"
+        )
+    return catalogue
+
+
+def command_catalogue_flush(args: argparse.Namespace) -> int:
+    report = _icat_catalogue().flush(release_stale=True)
+    print(
+        f"delivered {len(report.delivered)} registration(s) to ICAT; {len(report.pending)} pending"
+    )
+    if report.error:
+        print(f"calypso: error: delivery stopped: {report.error}", file=sys.stderr)
+        return 5
+    return 0
+
+
+def command_catalogue_check(args: argparse.Namespace) -> int:
+    results = _icat_catalogue().check()
+    for component, ok, message in results:
+        print(f"{component:9s} {'ok' if ok else 'FAILED':7s} {message}")
+    return 0 if all(ok for _, ok, _ in results) else 5
+
+
+def command_catalogue_list(args: argparse.Namespace) -> int:
+    from calypso.registry import open_catalogue
+
+    if args.pending:
+        entries = _icat_catalogue().local.outbox("pending")
+        if args.json:
+            print(json.dumps([e.model_dump(mode="json") for e in entries], indent=2))
+        for entry in [] if args.json else entries:
+            what = entry.payload.get("path") or entry.payload.get("metadata_name")
+            print(
+                f"record {entry.record_id} ({entry.destination}): {what} "
+                f"(attempts {entry.attempts}; {entry.last_error or 'not tried'})"
+            )
+        if not entries and not args.json:
+            print("nothing is waiting for ICAT")
+        return 0
+    records = open_catalogue(load_settings()).list(args.technique, args.limit)
+    if args.json:
+        print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
+        return 0
+    if not records:
+        print("the catalogue is empty")
+        return 0
+    print(f"{'id':>5}  {'status':9}  {'technique':12} {'finished':25} raw dataset -> processed")
+    for r in records:
+        print(
+            f"{r.id:>5}  {r.status:9}  {r.technique:12} {r.finished or '':25} "
+            f"{r.raw_dataset} -> {r.processed_path}"
+        )
+    return 0
+
+
+def command_catalogue_show(args: argparse.Namespace) -> int:
+    from calypso.registry import open_catalogue
+
+    catalogue = open_catalogue(load_settings())
+    record = catalogue.get(args.id)
+    # An ICAT catalogue keeps exports in its local SQLite mirror.
+    exports = getattr(catalogue, "local", catalogue).exports(record_id=args.id)
+    shown = record.model_dump(mode="json") | {
+        "exports": [e.model_dump(mode="json", exclude={"record_id"}) for e in exports]
+    }
+    print(json.dumps(shown, indent=2))
+    return 0

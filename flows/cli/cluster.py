@@ -1,0 +1,57 @@
+"""``calypso cluster``: a long-lived Dask cluster on OpenStack VMs that flow runs use by
+address."""
+
+from __future__ import annotations
+
+import argparse
+
+from calypso.errors import ConfigurationError
+from calypso.flows.techniques import TECHNIQUES
+from calypso.settings import load_settings
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    cluster = commands.add_parser(
+        "cluster", help="a long-lived Dask cluster (OpenStack VMs) that flow runs use by address"
+    )
+    cluster_commands = cluster.add_subparsers(title="cluster commands", metavar="ACTION")
+    up = cluster_commands.add_parser("up", help="start it and keep it (Ctrl-C stops it)")
+    up.add_argument("provider", choices=["openstack"])
+    up.set_defaults(handler=command_cluster_up)
+    status = cluster_commands.add_parser("status", help="its address and workers")
+    status.set_defaults(handler=command_cluster_status)
+    down = cluster_commands.add_parser("down", help="stop it and its VMs")
+    down.set_defaults(handler=command_cluster_down)
+
+
+def command_cluster_up(args: argparse.Namespace) -> int:
+    from calypso.executors.openstack import cluster_up
+
+    settings = load_settings()
+    # Its workers serve every technique, so they import every technique's code as they start.
+    cluster_up(settings, [technique.task_module for technique in TECHNIQUES.values()])
+    return 0
+
+
+def command_cluster_status(args: argparse.Namespace) -> int:
+    from calypso.executors.openstack import running_cluster_address
+
+    address = running_cluster_address(load_settings())
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=10) as client:
+            workers = client.scheduler_info()["workers"]
+    except OSError as exc:
+        raise ConfigurationError(f"the cluster at {address} does not answer: {exc}") from None
+    print(f"OpenStack Dask cluster at {address}: {len(workers)} workers")
+    for name, worker in sorted(workers.items()):
+        print(f"  {name}  {worker.get('nthreads')} threads")
+    return 0
+
+
+def command_cluster_down(args: argparse.Namespace) -> int:
+    from calypso.executors.openstack import cluster_down
+
+    print(cluster_down(load_settings()))
+    return 0

@@ -1,0 +1,53 @@
+"""What several command groups share: the technique choices, settings with ``--workers``,
+and how run and export summaries are printed."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from calypso.flows.techniques import TECHNIQUES
+from calypso.settings import CalypsoSettings, load_settings
+
+
+def technique_names() -> tuple[str, ...]:
+    """The ``choices`` of every TECHNIQUE argument, read when the parser is built."""
+    return tuple(TECHNIQUES)
+
+
+def load_settings_with_workers(workers: int | None) -> CalypsoSettings:
+    """The settings, on a local cluster of ``workers`` processes when the user asked for one."""
+    if workers:
+        return load_settings(executor={"kind": "local", "n_workers": workers})
+    return load_settings()
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    timings = summary["timings_s"]
+    unit = summary["unit"]
+    print(
+        f"{summary['technique']}: {summary['count']} {unit} in {summary['tasks']} tasks, "
+        f"flow {timings['total']:.1f} s ({summary['per_s']:.1f} {unit}/s), "
+        f"command {summary['wall_s']:.1f} s"
+    )
+    print(f"results in {summary['processed_dataset_dir']}")
+    for url in summary["outputs"]:
+        print(f"  {url}")
+    print(
+        f"catalogue id {summary['catalogue_id']} (calypso catalogue show {summary['catalogue_id']})"
+    )
+    if summary.get("export"):
+        print_export(summary["export"])
+    for warning in summary.get("warnings", []):
+        print(f"calypso: warning: {warning}", file=sys.stderr)
+
+
+def print_export(export: dict[str, Any]) -> None:
+    print(
+        f"exported {export['files']} files ({export['bytes'] / 2**20:.1f} MiB) to "
+        f"{export['uri']}: {export['uploaded']} sent, {export['already_there']} already there"
+        f" ({export['megabytes_per_s']:.1f} MiB/s){', verified' if export['verified'] else ''}"
+    )
+    print(f"manifest: {export['manifest']}")
+    for warning in export.get("warnings", []):
+        print(f"calypso: warning: {warning}", file=sys.stderr)

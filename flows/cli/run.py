@@ -1,0 +1,73 @@
+"""``calypso run``: reduce a raw dataset with a technique's flow."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from calypso.flows.api import build_parameters, run_technique
+from calypso.flows.cli.common import load_settings_with_workers, print_summary, technique_names
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    run = commands.add_parser("run", help="reduce a raw dataset with a technique flow")
+    run.add_argument("technique", choices=technique_names())
+    run.add_argument("input", help="raw dataset folder (ESRF layout), Bliss file or image file(s)")
+    run.add_argument(
+        "--scan",
+        type=int,
+        action="append",
+        dest="scans",
+        metavar="N",
+        help="scan number to reduce (repeatable; default: every scan)",
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a parameter (see `calypso parameters TECHNIQUE`)",
+    )
+    run.add_argument("--params", metavar="FILE", help="parameters from a JSON or YAML file")
+    run.add_argument(
+        "--output",
+        metavar="DIR",
+        help="output folder (default: the dataset's PROCESSED_DATA folder)",
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="local Dask worker processes (default: one per core)",
+    )
+    run.add_argument(
+        "--export-to",
+        metavar="URI",
+        help="then export the results under this prefix (s3://bucket/prefix, a folder ...)",
+    )
+    run.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    run.add_argument("-v", "--verbose", action="store_true", help="show Prefect and Dask logs")
+    run.set_defaults(handler=command_run)
+
+
+def command_run(args: argparse.Namespace) -> int:
+    settings = load_settings_with_workers(args.workers)
+    # Imported here: Prefect's import is slow and `calypso --help` needs none of it.
+    from calypso.flows.runtime import prepare_environment
+
+    prepare_environment(settings, verbose=args.verbose)
+    parameters = build_parameters(args.technique, args.set, args.params)
+    summary = run_technique(
+        args.technique,
+        args.input,
+        parameters,
+        args.scans,
+        args.output,
+        settings,
+        export_to=args.export_to,
+    )
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_summary(summary)
+    return 0

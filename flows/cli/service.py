@@ -1,0 +1,149 @@
+"""The long-running commands: ``calypso server`` (Prefect and its UI), ``calypso serve``
+(a deployment per technique) and ``calypso watch`` (scan events from RAW_DATA trees)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from calypso.errors import ConfigurationError
+from calypso.flows.cli.common import technique_names
+from calypso.settings import load_settings
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    server = commands.add_parser("server", help="start a local Prefect server with its UI")
+    server.add_argument("--host", help="address to listen on (default: settings, 127.0.0.1)")
+    server.add_argument("--port", type=int, help="port (default: settings, 4200)")
+    server.set_defaults(handler=command_server)
+
+    serve = commands.add_parser(
+        "serve", help="serve one Prefect deployment per technique, triggered by acquisitions"
+    )
+    serve.add_argument(
+        "--technique",
+        action="append",
+        choices=technique_names(),
+        dest="techniques",
+        help="serve only this technique (repeatable; default: all)",
+    )
+    serve.add_argument("-v", "--verbose", action="store_true", help="show Prefect and Dask logs")
+    serve.set_defaults(handler=command_serve)
+
+    watch = commands.add_parser(
+        "watch", help="follow RAW_DATA trees and announce every finished scan to Prefect"
+    )
+    watch.add_argument("roots", nargs="+", metavar="ROOT", help="e.g. /data/visitor")
+    watch.add_argument("--once", action="store_true", help="one pass, then exit")
+    watch.add_argument("--interval", type=float, metavar="S", help="seconds between polls")
+    watch.set_defaults(handler=command_watch)
+
+    deployments = commands.add_parser(
+        "deployments",
+        help="print deploy/prefect.yaml as the technique descriptors make it (for work pools)",
+    )
+    what = deployments.add_mutually_exclusive_group()
+    what.add_argument("--write", action="store_true", help="renew deploy/prefect.yaml")
+    what.add_argument("--check", action="store_true", help="exit 1 if the file is not current")
+    deployments.set_defaults(handler=command_deployments)
+
+
+def command_server(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    host = args.host or settings.server.host
+    port = args.port or settings.server.port
+    env = dict(os.environ)
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault("PREFECT_UI_API_URL", f"http://{host}:{port}/api")
+    # The `prefect` beside this interpreter: the one of Calypso's environment, even unactivated.
+    prefect = Path(sys.executable).with_name("prefect")
+    command = [
+        str(prefect) if prefect.exists() else "prefect",
+        "server",
+        "start",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    print(
+        f"Prefect server and UI on http://{host}:{port} (Ctrl-C stops it); point runs at it with\n"
+        f"  export PREFECT_API_URL=http://{host}:{port}/api",
+        flush=True,
+    )
+    os.execvpe(command[0], command, env)
+    return 0  # not reached
+
+
+def command_serve(args: argparse.Namespace) -> int:
+    from calypso.flows.online.serve import serve
+    from calypso.flows.runtime import prepare_environment
+
+    settings = load_settings()
+    prepare_environment(settings, verbose=args.verbose)
+    # Flow runs log to the Prefect UI; this console says what serve itself does.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    _log_to_stderr()
+    serve(settings, args.techniques)
+    return 0
+
+
+def command_watch(args: argparse.Namespace) -> int:
+    from calypso.flows.online.watch import Watcher
+    from calypso.flows.runtime import check_prefect_api, prepare_environment
+
+    settings = load_settings()
+    if args.interval:
+        settings = settings.model_copy(
+            update={"watch": settings.watch.model_copy(update={"interval_s": args.interval})}
+        )
+    prepare_environment(settings)
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        raise ConfigurationError(
+            "calypso watch posts events to a Prefect server: set PREFECT_API_URL "
+            "(e.g. http://127.0.0.1:4200/api, where `calypso server` listens)"
+        )
+    check_prefect_api()
+    roots = [Path(root).absolute() for root in args.roots]
+    missing = [str(root) for root in roots if not root.is_dir()]
+    if missing:
+        raise ConfigurationError(f"cannot watch {', '.join(missing)}: not a folder")
+    if not settings.watch.beamlines:
+        raise ConfigurationError(
+            "no beamline rules: set CALYPSO_WATCH__BEAMLINES (or [watch.beamlines] in the "
+            "config file) to say which technique reduces which scans (see README 'Triggers')"
+        )
+    _log_to_stderr()
+    Watcher(roots, settings, api).run(once=args.once)
+    return 0
+
+
+def _log_to_stderr() -> None:
+    """Calypso's own log records on standard error: these commands run for hours, unattended."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    calypso_logger = logging.getLogger("calypso")
+    calypso_logger.addHandler(handler)
+    calypso_logger.setLevel(logging.INFO)
+    calypso_logger.propagate = False  # Prefect's console handler would print it again
+
+
+def command_deployments(args: argparse.Namespace) -> int:
+    from calypso.flows.deployments import FILE, prefect_yaml
+
+    text = prefect_yaml()
+    if args.write:
+        FILE.write_text(text)
+        print(f"wrote {FILE}")
+    elif args.check:
+        if not FILE.is_file() or FILE.read_text() != text:
+            print(f"{FILE} is not current: renew it with `calypso deployments --write`")
+            return 1
+        print(f"{FILE} is current")
+    else:
+        print(text, end="")
+    return 0

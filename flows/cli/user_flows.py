@@ -1,0 +1,165 @@
+"""``calypso flows``: user flows, from writing a specification to running a saved version."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from pathlib import Path
+
+from calypso.errors import ParameterError
+from calypso.flows.api import current_user, get_saved_flow, run_saved_flow, saved_flows
+from calypso.flows.cli.common import load_settings_with_workers, technique_names
+from calypso.settings import load_settings
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    flows = commands.add_parser("flows", help="user flows: check, save, list, show, diff, run")
+    flow_commands = flows.add_subparsers(title="flow commands", metavar="ACTION")
+    tasks = flow_commands.add_parser("tasks", help="the steps a user flow may use")
+    tasks.set_defaults(handler=command_flows_tasks)
+    export_flow = flow_commands.add_parser("export", help="a built-in flow as a specification")
+    export_flow.add_argument("technique", choices=technique_names())
+    export_flow.set_defaults(handler=command_flows_export)
+    check_flow = flow_commands.add_parser("check", help="check a specification file")
+    check_flow.add_argument("file")
+    check_flow.set_defaults(handler=command_flows_check)
+    save = flow_commands.add_parser("save", help="store a new version of a flow")
+    save.add_argument("file")
+    save.add_argument("--name", required=True)
+    save.add_argument("--proposal", help="the proposal it belongs to (its data only)")
+    save.add_argument("--description", default="")
+    save.set_defaults(handler=command_flows_save)
+    listing_flows = flow_commands.add_parser("list", help="saved flows and their versions")
+    listing_flows.set_defaults(handler=command_flows_list)
+    show_flow = flow_commands.add_parser("show", help="a saved flow's specification")
+    show_flow.add_argument("reference", metavar="NAME[@VERSION]")
+    show_flow.set_defaults(handler=command_flows_show)
+    diff = flow_commands.add_parser("diff", help="what changed between two versions")
+    diff.add_argument("first", metavar="NAME@V1")
+    diff.add_argument("second", metavar="NAME@V2")
+    diff.set_defaults(handler=command_flows_diff)
+    run_flow = flow_commands.add_parser("run", help="run a saved flow on a raw dataset")
+    run_flow.add_argument("reference", metavar="NAME[@VERSION]")
+    run_flow.add_argument("input", help="raw dataset folder (inside the flow's proposal)")
+    run_flow.add_argument("--scan", type=int, action="append", dest="scans", metavar="N")
+    run_flow.add_argument("--output", metavar="DIR", help="inside the proposal")
+    run_flow.add_argument("--workers", type=int, metavar="N")
+    run_flow.add_argument("--json", action="store_true")
+    run_flow.set_defaults(handler=command_flows_run)
+    delete = flow_commands.add_parser("delete", help="delete a saved flow (every version)")
+    delete.add_argument("name")
+    delete.set_defaults(handler=command_flows_delete)
+
+
+def _read_specification(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ParameterError(f"cannot read the flow specification {path}: {exc}") from None
+
+
+def command_flows_tasks(args: argparse.Namespace) -> int:
+    from calypso.flows.techniques import all_steps
+
+    for step in all_steps().values():
+        inputs = ", ".join(f"{port}: {kind}" for port, kind in step.inputs.items()) or "-"
+        parameters = f" + {step.technique} parameters" if step.takes_parameters else ""
+        print(f"{step.name:30s} ({inputs}{parameters}) -> {step.output}\n    {step.description}")
+    return 0
+
+
+def command_flows_export(args: argparse.Namespace) -> int:
+    from calypso.flows.specification import export_specification
+
+    print(export_specification(args.technique), end="")
+    return 0
+
+
+def command_flows_check(args: argparse.Namespace) -> int:
+    from calypso.flows.specification import check_specification
+
+    spec = check_specification(_read_specification(args.file), args.file)
+    variants = len(spec.variants()) if spec.sweep else 1
+    print(f"{args.file}: valid {spec.technique} flow, steps {' -> '.join(spec.order)}", end="")
+    print(f"; sweep of {variants} variants" if spec.sweep else "")
+    return 0
+
+
+def command_flows_save(args: argparse.Namespace) -> int:
+    from calypso.flows.specification import check_specification
+
+    text = _read_specification(args.file)
+    spec = check_specification(text, args.file)
+    settings = load_settings()
+    saved = saved_flows(settings).save(
+        args.name, text, spec.technique, current_user(settings), args.proposal, args.description
+    )
+    print(
+        f"saved {saved.label} ({saved.technique}, owner {saved.owner}, proposal {saved.proposal})"
+    )
+    return 0
+
+
+def command_flows_list(args: argparse.Namespace) -> int:
+    flows = saved_flows(load_settings()).list()
+    if not flows:
+        print("no saved flows (`calypso flows save FILE --name NAME`)")
+    for flow in flows:
+        print(
+            f"{flow.label:24s} {flow.technique:12s} {flow.owner:10s} {flow.proposal or '-':8s} "
+            f"{flow.created}  {flow.description}"
+        )
+    return 0
+
+
+def command_flows_show(args: argparse.Namespace) -> int:
+    flow = get_saved_flow(args.reference, load_settings())
+    print(
+        f"# {flow.label}: {flow.technique}, owner {flow.owner}, proposal {flow.proposal}, "
+        f"saved {flow.created} with Calypso {flow.calypso_version}\n# {flow.description}"
+    )
+    print(flow.specification, end="")
+    return 0
+
+
+def command_flows_diff(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    first = get_saved_flow(args.first, settings)
+    second = get_saved_flow(args.second, settings)
+    lines = difflib.unified_diff(
+        first.specification.splitlines(keepends=True),
+        second.specification.splitlines(keepends=True),
+        fromfile=first.label,
+        tofile=second.label,
+    )
+    sys.stdout.writelines(lines)
+    return 0
+
+
+def command_flows_delete(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    count = saved_flows(settings).delete(args.name, current_user(settings))
+    print(f"deleted {args.name} ({count} versions; kept for the provenance of results)")
+    return 0
+
+
+def command_flows_run(args: argparse.Namespace) -> int:
+    from calypso.flows.runtime import prepare_environment
+
+    settings = load_settings_with_workers(args.workers)
+    prepare_environment(settings)
+    flow = get_saved_flow(args.reference, settings)
+    result = run_saved_flow(flow, args.input, args.scans, args.output, settings)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    for variant in result["variants"]:
+        sweep = ", ".join(f"{k}={v}" for k, v in variant.get("sweep", {}).items())
+        print(
+            f"{flow.label}{' [' + sweep + ']' if sweep else ''}: {variant['processed_dataset_dir']}"
+        )
+        for url in variant["outputs"]:
+            print(f"  {url}")
+    return 0

@@ -1,0 +1,225 @@
+"""The one engine: runs a flow specification (a built-in flow or a saved user flow) step
+by step on the run's task runner, and reports it the same way whoever wrote it.
+
+A run plans first (checking the raw data and parameters, claiming the acquisition
+when an event started it), then works in a scratch folder of the output folder,
+registers the results in the catalogue, exports them when asked, and returns the
+summary the CLI prints and the Prefect UI shows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from prefect import Flow, flow, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from calypso.executors.dask import flow_task_runner
+from calypso.flows.flow_run import FlowRun
+from calypso.flows.specification import FlowSpec, check_specification
+from calypso.flows.techniques import OUTPUTS, TECHNIQUES, Technique, all_steps
+from calypso.settings import CalypsoSettings
+
+
+@dataclass
+class StepContext:
+    """What every step of one run (or sweep variant) shares, and what the steps report."""
+
+    run: FlowRun
+    raw: str
+    scans: list[int] | None
+    output_dir: str | None
+    work_dir: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)  # key figures for the summary
+    tasks: int = 0  # Dask tasks the steps ran
+    busy: float = 0.0  # seconds spent inside them
+
+    @property
+    def settings(self) -> CalypsoSettings:
+        return self.run.settings
+
+    def report(self, *, tasks: int = 0, busy: float = 0.0, **values: Any) -> None:
+        """Count a step's tasks and busy seconds; keep its key figures for the summary."""
+        self.tasks += tasks
+        self.busy += busy
+        self.values.update(values)
+
+
+# -- planning ------------------------------------------------------------------------
+
+_planned: dict[tuple, Any] = {}  # plans made before the run, by what they were made from
+
+
+def _plan_key(technique: str, raw: str, parameters: BaseModel, scans, output_dir, workers) -> tuple:
+    scans = tuple(scans) if scans else None
+    return (technique, raw, parameters.model_dump_json(), scans, output_dir, workers)
+
+
+def remember_plan(
+    technique: str, raw: str, parameters: BaseModel, scans, output_dir, workers: int, plan: Any
+) -> None:
+    """Keep a plan made before the run (the CLI checks the input first), so that the run's
+    planning step in this process takes it instead of reading the raw data again."""
+    _planned[_plan_key(technique, raw, parameters, scans, output_dir, workers)] = plan
+
+
+@task(name="make_plan", task_run_name="plan_{technique}", cache_policy=NO_CACHE)
+def make_plan(
+    technique: str,
+    raw: str,
+    parameters: BaseModel,
+    scans: list[int] | None,
+    output_dir: str | None,
+    workers: int,
+    settings: CalypsoSettings,
+) -> Any:
+    """Check the raw data and parameters; decide the work (chunks, slabs, batches)."""
+    key = _plan_key(technique, raw, parameters, scans, output_dir, workers)
+    if key in _planned:
+        return _planned.pop(key)
+    return TECHNIQUES[technique].plan()(raw, parameters, scans, output_dir, settings, workers)
+
+
+def plan(ctx: StepContext, parameters: BaseModel) -> Any:
+    """The planning step of every technique: plan, then claim the acquisition."""
+    technique = TECHNIQUES[ctx.run.technique]
+    made = make_plan(
+        technique.name, ctx.raw, parameters, ctx.scans, ctx.output_dir, ctx.run.workers,
+        ctx.settings,
+    )  # fmt: skip
+    ctx.run.planned(made, getattr(made, technique.count_attribute))
+    return made
+
+
+# -- running a specification ------------------------------------------------------------
+
+
+def run_specification(
+    spec: FlowSpec,
+    raw: str,
+    *,
+    parameters: BaseModel | None = None,
+    assignment: dict[str, Any] | None = None,
+    scans: list[int] | None = None,
+    output_dir: str | None = None,
+    provenance: dict[str, Any] | None = None,
+    export_to: str | None = None,
+    trigger: str | None = None,
+) -> dict[str, Any]:
+    """Run ``spec`` on ``raw``: plan, tasks on Dask, NeXus, catalogue, summary.
+
+    ``parameters`` replaces the planning step's parameters (a built-in flow called
+    with a parameter model); ``assignment`` (``{"step.parameter": value}``) sets swept
+    values of one variant. With the ``trigger`` key of an acquisition event, an
+    acquisition processed already is skipped.
+    """
+    steps = all_steps()
+    technique = TECHNIQUES[spec.technique]
+    assignment = assignment or {}
+    run = FlowRun(technique.name, raw=raw, export_to=export_to, trigger=trigger)
+    ctx = StepContext(run=run, raw=raw, scans=scans, output_dir=output_dir)
+    ctx.provenance = {"flow_run_id": run.run_id, "input": raw, **(provenance or {})}
+    if assignment:
+        ctx.provenance["sweep"] = assignment
+    results: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+
+    def call(name: str) -> Any:
+        step = spec.steps[name]
+        definition = steps[step["task"]]
+        inputs = {port: results[source] for port, source in (step.get("inputs") or {}).items()}
+        if definition.takes_parameters:
+            inputs["parameters"] = parameters or _parameters(definition, name, step, assignment)
+        return definition.run(ctx, **inputs)
+
+    planning = [name for name in spec.order if steps[spec.steps[name]["task"]].takes_parameters]
+    for name in planning:
+        results[name] = call(name)
+    if run.skipped_because:  # this acquisition was processed by this flow already
+        return run.skipped()
+    outputs: list[str] = []
+    with run.working() as work_dir:
+        ctx.work_dir = work_dir
+        for name in spec.order:
+            if name in results:
+                continue
+            began = time.perf_counter()
+            results[name] = call(name)
+            timings[name] = time.perf_counter() - began
+            if steps[spec.steps[name]["task"]].output == OUTPUTS:
+                outputs = results[name]
+    registration = run.completed(outputs)
+    summary = run.summary(
+        raw,
+        outputs,
+        registration,
+        unit=technique.unit,
+        tasks=ctx.tasks,
+        timings=timings | {"busy_in_tasks": ctx.busy},
+        **ctx.values,
+        **({"sweep": assignment} if assignment else {}),
+    )
+    if technique.rate_name:
+        summary[technique.rate_name] = summary["per_s"]
+    return summary
+
+
+def _parameters(definition, name: str, step: dict, assignment: dict[str, Any]) -> BaseModel:
+    values = {**(step.get("parameters") or {})}
+    for key, value in assignment.items():
+        step_name, parameter = key.split(".", 1)
+        if step_name == name:
+            values[parameter] = value
+    return definition.parameter_model()(**values)
+
+
+# -- the built-in flows -------------------------------------------------------------
+
+
+@cache
+def builtin_specification(technique: str) -> FlowSpec:
+    """The built-in flow of ``technique``, checked like any user flow."""
+    path = TECHNIQUES[technique].specification
+    return check_specification(path.read_text(), str(path))
+
+
+def technique_flow(technique: Technique, module: str) -> Flow:
+    """The Prefect flow of a technique, named after it, in ``module``: a thin entry point
+    (the form of the Prefect UI, deployments, scripts) around its built-in
+    specification, run by :func:`run_specification`."""
+    model = technique.parameters()
+
+    def run(
+        raw: str,
+        parameters: model | None = None,  # type: ignore[valid-type]
+        scans: list[int] | None = None,
+        output_dir: str | None = None,
+        export_to: str | None = None,
+        trigger: str | None = None,
+    ) -> dict[str, Any]:
+        return run_specification(
+            builtin_specification(technique.name),
+            raw,
+            parameters=parameters or model(),
+            scans=scans,
+            output_dir=output_dir,
+            export_to=export_to,
+            trigger=trigger,
+        )
+
+    # Prefect finds a deployment's flow by module and name, and shows the docstring.
+    run.__name__ = run.__qualname__ = technique.name.replace("-", "_")
+    run.__module__ = module
+    run.__doc__ = technique.description
+    run.__annotations__["parameters"] = model | None
+    return flow(
+        name=technique.name,
+        persist_result=False,
+        log_prints=True,
+        task_runner=flow_task_runner([technique.preload]),
+    )(run)

@@ -1,0 +1,247 @@
+"""Finished acquisitions in RAW_DATA trees, and which technique flow reduces each.
+
+Everything here reads the file server only (read-only, HDF5 locking off), by
+polling: inotify does not see writes made by other clients of GPFS or NFS.
+
+A scan is finished when Bliss wrote its ``end_time`` and every detector frame
+it refers to is on disk (Lima files complete), or when its dataset has been
+quiet (no file changed) for ``quiet_s``. A rule of the beamline's configuration
+says which technique reduces it, with which default parameters.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from calypso.errors import DataPolicyError
+from calypso.settings import WatchRule, WatchSettings
+from calypso.tasks.raw.bliss import list_scans, missing_frame_sources
+from calypso.tasks.raw.data_policy import RawDataset
+
+EVENT = "calypso.acquisition.completed"
+# Event ids are derived from the processing key: the same acquisition, technique,
+# flow version and parameters always give the same event, which Prefect accepts once.
+_EVENT_NAMESPACE = uuid.UUID("5b0b8a8e-6d1c-4a43-9a55-3a7c2f1c0c11")
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """Work for a technique flow: a raw dataset (some scans or all) and its parameters."""
+
+    raw_dataset_dir: str
+    technique: str
+    scans: tuple[int, ...] | None  # None: the whole dataset
+    parameters: dict[str, Any]
+    beamline: str
+    proposal: str
+
+    @property
+    def saved_flow(self) -> str | None:
+        """The saved user flow's name, for a rule ``technique = "flow:NAME"``."""
+        return self.technique.removeprefix("flow:") if self.technique.startswith("flow:") else None
+
+    def key(self, flow_version: str) -> str:
+        """What makes a processing unique: the same key is processed once."""
+        return processing_key(
+            self.raw_dataset_dir, self.scans, self.technique, flow_version, self.parameters
+        )
+
+    def event(self, flow_version: str) -> dict[str, Any]:
+        """The Prefect event announcing it (JSON, as ``POST /api/events`` takes it)."""
+        key = self.key(flow_version)
+        scans = ",".join(map(str, self.scans)) if self.scans else "all"
+        return {
+            "id": str(uuid.uuid5(_EVENT_NAMESPACE, key)),
+            "occurred": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "event": EVENT,
+            "resource": {
+                "prefect.resource.id": f"calypso.dataset.{self.raw_dataset_dir}#{scans}",
+                "prefect.resource.name": f"{Path(self.raw_dataset_dir).name} scan {scans}",
+                # a saved user flow is run by its own deployment (flow `saved-flow`)
+                "calypso.technique": "saved-flow" if self.saved_flow else self.technique,
+                "calypso.beamline": self.beamline,
+                "calypso.proposal": self.proposal,
+            }
+            | ({"calypso.flow": self.saved_flow} if self.saved_flow else {}),
+            "payload": {
+                "raw": self.raw_dataset_dir,
+                "scans": list(self.scans) if self.scans else None,
+                "parameters": self.parameters,
+                "key": key,
+                "flow_version": flow_version,
+                "flow": self.saved_flow,
+            },
+            "related": [],
+        }
+
+
+def processing_key(
+    raw: str,
+    scans: tuple[int, ...] | list[int] | None,
+    technique: str,
+    flow_version: str,
+    parameters: dict[str, Any],
+) -> str:
+    identity = {
+        "raw": str(Path(raw)),
+        "scans": sorted(scans) if scans else None,
+        "technique": technique,
+        "flow_version": flow_version,
+        "parameters": parameters,
+    }
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def bliss_files(root: Path) -> Iterator[Path]:
+    """Dataset files of the data policy under ``root`` (any level down to a session):
+    ``.../RAW_DATA/<collection>/<collection>_<dataset>/<collection>_<dataset>.h5``."""
+    for folder, subfolders, _ in os.walk(root):
+        here = Path(folder)
+        if here.name == "RAW_DATA":
+            subfolders[:] = []  # scan folders of Lima files are never walked
+            for collection in _subfolders(here):
+                for dataset in _subfolders(collection):
+                    candidate = dataset / f"{dataset.name}.h5"
+                    if candidate.is_file():
+                        yield candidate
+        else:
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []
+
+
+def last_change(dataset_dir: Path) -> float:
+    """Latest modification time of the dataset folder's files (Lima scan folders too)."""
+    latest = dataset_dir.stat().st_mtime
+    for folder, _, names in os.walk(dataset_dir):
+        for name in names:
+            try:
+                latest = max(latest, os.stat(os.path.join(folder, name)).st_mtime)
+            except OSError:  # removed while we looked
+                continue
+    return latest
+
+
+@dataclass(frozen=True)
+class ScanState:
+    number: int
+    title: str
+    detectors: tuple[str, ...]
+    finished: bool
+
+
+def scan_states(bliss_file: Path, quiet: Callable[[], bool]) -> list[ScanState]:
+    """Each scan of the file and whether it is finished. ``quiet()`` (the dataset has not
+    changed for long enough to count unfinished scans as finished) walks the dataset's
+    files, so it is asked only about scans without ``end_time``."""
+    states = []
+    for info in list_scans(bliss_file):
+        if info.complete:
+            finished = all(
+                not missing_frame_sources(bliss_file, f"{info.entry}/instrument/{name}/data")
+                for name in info.detectors
+            )
+        else:
+            finished = quiet()
+        states.append(ScanState(info.number, info.title, tuple(info.detectors), finished))
+    return states
+
+
+def matching_rule(scan: ScanState, rules: list[WatchRule]) -> WatchRule | None:
+    """The first rule whose patterns all match the scan (case-insensitive)."""
+    for rule in rules:
+        if rule.title and not fnmatch.fnmatch(scan.title.lower(), rule.title.lower()):
+            continue
+        if rule.detector and not any(
+            fnmatch.fnmatch(name.lower(), rule.detector.lower()) for name in scan.detectors
+        ):
+            continue
+        return rule
+    return None
+
+
+def rules_for(beamline: str, settings: WatchSettings) -> list[WatchRule]:
+    by_name = {name.lower(): rules for name, rules in settings.beamlines.items()}
+    return by_name.get(beamline.lower(), by_name.get("*", []))
+
+
+def finished_acquisitions(
+    bliss_file: Path, settings: WatchSettings, now: float | None = None
+) -> tuple[list[Acquisition], list[str]]:
+    """The acquisitions of a dataset file that are ready for a flow, and why others must
+    wait (unfinished scans, a dataset not yet quiet): the file is looked at again while
+    something waits. Scans no rule matches are left alone and wait for nothing."""
+    raw = RawDataset.from_path(bliss_file)
+    dataset_dir = bliss_file.parent
+    quiet_now: list[bool] = []
+
+    def quiet() -> bool:  # one walk of the dataset's files a look, and only if needed
+        if not quiet_now:
+            age = (now or time.time()) - last_change(dataset_dir)
+            quiet_now.append(age >= settings.quiet_s)
+        return quiet_now[0]
+
+    scans = scan_states(bliss_file, quiet)
+    rules = rules_for(raw.beamline, settings)
+    ready: list[Acquisition] = []
+    waiting: list[str] = []
+    whole: dict[str, WatchRule] = {}  # technique -> rule, for rules that take the dataset
+    for scan in scans:
+        rule = matching_rule(scan, rules)
+        if rule is None:
+            continue
+        if rule.unit == "dataset":
+            whole.setdefault(rule.technique, rule)
+            continue
+        if not scan.finished:
+            waiting.append(f"{bliss_file} scan {scan.number}: not finished yet")
+            continue
+        ready.append(_acquisition(raw, dataset_dir, rule, (scan.number,)))
+    for rule in whole.values():
+        if all(s.finished for s in scans) and quiet():
+            ready.append(_acquisition(raw, dataset_dir, rule, None))
+        else:
+            waiting.append(f"{dataset_dir}: {rule.technique} waits for the dataset to finish")
+    return ready, waiting
+
+
+def _acquisition(
+    raw: RawDataset, dataset_dir: Path, rule: WatchRule, scans: tuple[int, ...] | None
+) -> Acquisition:
+    return Acquisition(
+        raw_dataset_dir=str(dataset_dir),
+        technique=rule.technique,
+        scans=scans,
+        parameters=dict(rule.parameters),
+        beamline=raw.beamline,
+        proposal=raw.proposal,
+    )
+
+
+def require_inside_roots(path: str | Path, roots: list[Path]) -> None:
+    """Refuse a raw path that is not (after resolving symlinks) inside a configured root."""
+    if not roots:
+        return
+    resolved = Path(path).resolve()
+    for root in roots:
+        if resolved.is_relative_to(Path(root).resolve()):
+            return
+    raise DataPolicyError(
+        f"{path} is outside the configured data roots ({', '.join(map(str, roots))}): "
+        "Calypso processes only data under CALYPSO_DATA_ROOTS"
+    )

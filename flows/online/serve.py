@@ -1,0 +1,243 @@
+"""``calypso serve``: one Prefect deployment per technique, started by acquisition events.
+
+Each deployment shows its flow's parameters (the technique's pydantic model) as
+the form of the Prefect UI, runs at most ``serve.concurrency`` flow runs at once,
+and has a trigger: every ``calypso.acquisition.completed`` event whose resource
+names its technique starts a run with the event's dataset, scans and parameters.
+
+Each saved user flow has a deployment of its own too (flow ``saved-flow``,
+deployment named after the saved flow, triggered by events of watch rules
+``technique = "flow:NAME"``), kept up to date while serving: a flow saved later
+appears within ``serve.saved_flow_poll_s``. The ``saved-flow/saved-flow``
+deployment runs any saved flow by name.
+
+The flow runs share one Dask cluster that ``calypso serve`` keeps for its
+lifetime (a local one by default), instead of starting one per run. Pending ICAT
+registrations are retried periodically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from typing import Any
+
+import calypso
+from calypso.errors import ConfigurationError
+from calypso.flows.online.acquisitions import EVENT
+from calypso.flows.techniques import TECHNIQUES, Technique
+from calypso.registry.saved_flows import ANY_SAVED_FLOW, SavedFlow, SavedFlows
+from calypso.settings import CalypsoSettings
+
+logger = logging.getLogger("calypso.serve")
+
+SAVED_FLOW_CONCURRENCY = 2  # flow runs at once of the saved flows, unless the settings say
+
+
+def _from_event(field: str) -> dict[str, Any]:
+    """A deployment parameter filled from the triggering event's payload (JSON kept)."""
+    return {
+        "__prefect_kind": "json",
+        "value": {
+            "__prefect_kind": "jinja",
+            "template": f"{{{{ event.payload.{field} | tojson }}}}",
+        },
+    }
+
+
+def technique_deployment(technique: Technique, settings: CalypsoSettings):
+    """The deployment of one technique flow, with its acquisition trigger."""
+    from prefect.deployments.runner import EntrypointType
+    from prefect.events import DeploymentEventTrigger
+
+    trigger = DeploymentEventTrigger(
+        name=f"{technique.name} after each acquisition",
+        expect={EVENT},
+        match={"calypso.technique": technique.name},
+        parameters={
+            "raw": _from_event("raw"),
+            "scans": _from_event("scans"),
+            "parameters": _from_event("parameters"),
+            "trigger": _from_event("key"),
+        },
+    )
+    limit = settings.serve.concurrency.get(
+        technique.name, settings.serve.default_concurrency or technique.concurrency
+    )
+    return technique.flow().to_deployment(
+        name=technique.name,
+        triggers=[trigger],
+        concurrency_limit=limit,
+        version=technique.version,
+        tags=["calypso", technique.name],
+        description=f"{technique.description} Runs after each acquisition event ({EVENT}) "
+        f"for {technique.name}, or by hand from this form.",
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def saved_flow_deployment(settings: CalypsoSettings, saved: SavedFlow | None = None):
+    """The deployment of one saved user flow, named after it and triggered by acquisitions
+    of rules ``technique = "flow:NAME"``; without ``saved``, the ``saved-flow`` deployment
+    whose form takes any saved flow's name (no trigger: each flow has its own)."""
+    from prefect.deployments.runner import EntrypointType
+    from prefect.events import DeploymentEventTrigger
+
+    from calypso.flows.user_flows import saved_flow
+
+    if saved is None:
+        return saved_flow.to_deployment(
+            name=ANY_SAVED_FLOW,
+            concurrency_limit=settings.serve.default_concurrency or SAVED_FLOW_CONCURRENCY,
+            tags=["calypso", "user-flow"],
+            description="Run any saved Calypso user flow (`calypso flows list`) on a raw "
+            "dataset, by name.",
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
+    trigger = DeploymentEventTrigger(
+        name=f"{saved.name} after each acquisition",
+        expect={EVENT},
+        match={"calypso.technique": "saved-flow", "calypso.flow": saved.name},
+        parameters={
+            "name": saved.name,
+            "raw": _from_event("raw"),
+            "scans": _from_event("scans"),
+            "trigger": _from_event("key"),
+        },
+    )
+    return saved_flow.to_deployment(
+        name=saved.name,
+        triggers=[trigger],
+        parameters={"name": saved.name},
+        concurrency_limit=settings.serve.default_concurrency or SAVED_FLOW_CONCURRENCY,
+        paused=False,
+        version=f"{saved.label} (calypso {calypso.__version__})",
+        tags=["calypso", "user-flow", saved.technique],
+        description=f"Saved user flow {saved.name} ({saved.technique}, owner {saved.owner}, "
+        f"proposal {saved.proposal}): latest version unless the form names one. "
+        f"{saved.description}".strip(),
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+async def follow_saved_flows(runner, settings: CalypsoSettings, served: dict[str, str]) -> None:
+    """Keep one deployment per saved flow while serving: a flow saved (or given a new
+    version) gets its deployment within ``serve.saved_flow_poll_s``; a deleted flow's
+    deployment is paused, so its trigger no longer fires."""
+    import anyio
+    from prefect.client.orchestration import get_client
+
+    registry = SavedFlows(settings.catalogue_path)
+    said = ""
+    while True:
+        await anyio.sleep(settings.serve.saved_flow_poll_s)
+        try:
+            latest = {flow.name: flow for flow in registry.list()}  # versions ascending
+            for name, flow in latest.items():
+                if served.get(name) != flow.label:
+                    # built in a thread: Prefect's to_deployment is a coroutine inside a loop
+                    deployment = await asyncio.to_thread(saved_flow_deployment, settings, flow)
+                    await runner.aadd_deployment(deployment)
+                    served[name] = flow.label
+                    logger.info("serving saved flow %s", flow.label)
+            for name in [name for name in served if name not in latest]:
+                async with get_client() as client:
+                    deployment = await client.read_deployment_by_name(f"saved-flow/{name}")
+                    await client.pause_deployment(deployment.id)
+                del served[name]
+                logger.info("saved flow %s deleted: its deployment is paused", name)
+        except Exception as exc:  # keep serving; say why (once, not every poll)
+            if str(exc) != said:
+                logger.warning("cannot update the saved flows' deployments: %s", exc)
+            said = str(exc)
+        else:
+            said = ""
+
+
+def start_shared_cluster(settings: CalypsoSettings):
+    """A local cluster for every flow run served (None when the settings name a scheduler);
+    flow runs, which are child processes, find it through CALYPSO_EXECUTOR__*."""
+    from calypso.executors.dask import local_cluster_options, start_local_cluster
+
+    if settings.executor.kind != "local":
+        return None
+    executor = settings.executor.model_copy(
+        update={"preload": [technique.preload for technique in TECHNIQUES.values()]}
+    )
+    cluster = start_local_cluster(**local_cluster_options(executor))
+    os.environ["CALYPSO_EXECUTOR__KIND"] = "address"
+    os.environ["CALYPSO_EXECUTOR__ADDRESS"] = cluster.scheduler_address
+    return cluster
+
+
+def start_icat_flushing(settings: CalypsoSettings, stop: threading.Event) -> None:
+    """Retry pending ICAT registrations every ``serve.icat_flush_interval_s``."""
+    if settings.catalogue.backend != "icat":
+        return
+    from calypso.registry import open_catalogue
+
+    def flush_now_and_then() -> None:
+        while not stop.wait(settings.serve.icat_flush_interval_s):
+            try:
+                report = open_catalogue(settings).flush(release_stale=True)
+            except Exception as exc:  # keep serving; say why
+                logger.warning("ICAT flush failed: %s", exc)
+                continue
+            if report.delivered or report.error:
+                logger.info(
+                    "ICAT flush: %d delivered, %d pending%s",
+                    len(report.delivered),
+                    len(report.pending),
+                    f" ({report.error})" if report.error else "",
+                )
+
+    threading.Thread(target=flush_now_and_then, name="icat-flush", daemon=True).start()
+
+
+def serve(settings: CalypsoSettings, techniques: list[str] | None = None) -> None:
+    """Serve the deployments until interrupted (Ctrl-C or SIGTERM)."""
+    from calypso.flows.runtime import check_prefect_api
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ConfigurationError(
+            "calypso serve needs a Prefect server: start one (`calypso server`) and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api (or CALYPSO_PREFECT_API_URL)"
+        )
+    check_prefect_api()
+    chosen = [TECHNIQUES[name] for name in techniques] if techniques else TECHNIQUES.values()
+    cluster = start_shared_cluster(settings)
+    stop = threading.Event()
+    start_icat_flushing(settings, stop)
+    try:
+        deployments = [technique_deployment(technique, settings) for technique in chosen]
+        deployments.append(saved_flow_deployment(settings))
+        saved = {flow.name: flow for flow in SavedFlows(settings.catalogue_path).list()}
+        deployments += [saved_flow_deployment(settings, flow) for flow in saved.values()]
+        served = {name: flow.label for name, flow in saved.items()}
+        # All saved flows share the slots of one deployment: saving flows adds no load.
+        limit = sum(d.concurrency_limit or 1 for d in deployments[: len(chosen) + 1])
+        asyncio.run(_serve(deployments, settings, served, limit))
+    except KeyboardInterrupt:
+        logger.info("interrupted: serve stops (its deployments stay, for the next serve)")
+    finally:
+        stop.set()
+        if cluster is not None:
+            cluster.close()
+
+
+async def _serve(deployments: list, settings: CalypsoSettings, served: dict, limit: int) -> None:
+    from prefect.runner import Runner
+
+    # Deployments stay active when serve stops: runs triggered meanwhile wait for it.
+    runner = Runner(name="calypso", pause_on_shutdown=False, limit=limit)
+    for deployment in deployments:
+        await runner.aadd_deployment(deployment)
+    names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
+    print(f"calypso serve: serving {names}; Ctrl-C stops", flush=True)
+    following = asyncio.create_task(follow_saved_flows(runner, settings, served))
+    try:
+        await runner.start()
+    finally:
+        following.cancel()

@@ -1,0 +1,285 @@
+"""Planning a diffraction run: what to integrate, with which geometry, in which chunks.
+
+Everything here runs before any frame is integrated, without Prefect, so the
+command line can refuse bad input in a second, before starting a server or a
+cluster; the flow runs the same planning again as its first task.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from calypso.errors import ParameterError, RawDataError
+from calypso.settings import CalypsoSettings
+from calypso.tasks.plans.preflight import require_registrable
+from calypso.tasks.raw import bliss
+from calypso.tasks.raw.data_policy import RawDataset, output_folder
+from calypso.tasks.raw.frames import (
+    HDF5_SUFFIXES,
+    IMAGE_SUFFIXES,
+    FrameSource,
+    default_image_dataset,
+    hdf5_frame_source,
+    image_files_source,
+    read_image,
+)
+from calypso.techniques.diffraction import DiffractionParameters, Geometry
+
+TECHNIQUE = "diffraction"
+
+
+class ScanPlan(BaseModel):
+    """One scan (or image series) to integrate."""
+
+    model_config = ConfigDict(frozen=True)
+
+    number: int
+    title: str = ""
+    detector: str
+    source: FrameSource
+    start_time: str | None = None
+    end_time: str | None = None
+
+
+class Chunk(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    scan: ScanPlan
+    start: int
+    stop: int
+
+
+class IntegrationPlan(BaseModel):
+    """Everything the flow needs, checked before any frame is integrated."""
+
+    input: str
+    raw: RawDataset | None
+    raw_file: str | None
+    scans: list[ScanPlan]
+    geometry: Geometry
+    parameters: DiffractionParameters
+    output_dir: str
+    output_file: str
+    chunk_size: int
+
+    @property
+    def n_frames(self) -> int:
+        return sum(scan.source.n_frames for scan in self.scans)
+
+    def chunks(self) -> list[Chunk]:
+        return [
+            Chunk(scan=scan, start=start, stop=min(start + self.chunk_size, scan.source.n_frames))
+            for scan in self.scans
+            for start in range(0, scan.source.n_frames, self.chunk_size)
+        ]
+
+
+def load_geometry(parameters: DiffractionParameters) -> Geometry:
+    """The geometry from ``parameters.geometry`` or the PONI file it names."""
+    if parameters.geometry is not None:
+        return parameters.geometry
+    if parameters.poni is None:
+        raise ParameterError(
+            "no geometry: give the calibration as --set poni=FILE.poni (pyFAI PONI file)"
+        )
+    from pyFAI.io.ponifile import PoniFile
+
+    path = Path(parameters.poni)
+    if not path.is_file():
+        raise ParameterError(f"PONI file {path} does not exist")
+    try:
+        config = PoniFile(str(path)).as_dict()
+        config.pop("poni_version", None)
+        config["detector"] = config.get("detector") or "Detector"
+        return Geometry(**config)
+    except Exception as exc:
+        raise ParameterError(
+            f"PONI file {path} cannot be read ({exc}); it should be a pyFAI calibration "
+            "with Distance, Poni1, Poni2, Rot1-3 and Wavelength"
+        ) from None
+
+
+def _absolute(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if "::" in value:
+        file_name, dataset = value.split("::", 1)
+        return f"{Path(file_name).expanduser().absolute()}::{dataset}"
+    return str(Path(value).expanduser().absolute())
+
+
+def _default_chunk_size(n_frames: int, workers: int) -> int:
+    # Aim for >= 2 chunks a worker (load balance) but keep each chunk near a
+    # second or more of work so Prefect's per-task cost stays a few percent,
+    # and never more than ~1000 tasks in one run.
+    size = math.ceil(n_frames / (2 * max(workers, 1)))
+    return max(min(size, 64), 8, math.ceil(n_frames / 1000))
+
+
+def _bliss_scans(path: Path, wanted: list[int] | None, detector: str | None) -> list[ScanPlan]:
+    chosen = bliss.select_scans(path, wanted)
+    if not wanted:
+        chosen = [info for info in chosen if info.detectors]
+        if not chosen:
+            raise RawDataError(f"{path}: no scan has a 2D detector (instrument/<detector>/data)")
+    detector = bliss.choose_detector(path, chosen, detector)
+    plans = []
+    for info in chosen:
+        if detector not in info.detectors:
+            if wanted:
+                raise RawDataError(
+                    f"{path}: scan {info.number} has no detector {detector!r}; its detectors: "
+                    f"{', '.join(info.detectors) or 'none'}"
+                )
+            continue
+        if not info.complete:
+            raise RawDataError(
+                f"{path}: scan {info.number} has no end_time, so Bliss is still writing it; "
+                "run again once the scan has finished"
+            )
+        dataset = f"/{info.entry}/instrument/{detector}/data"
+        bliss.require_frames(path, dataset)
+        plans.append(
+            ScanPlan(
+                number=info.number,
+                title=info.title,
+                detector=detector,
+                source=hdf5_frame_source(path, dataset),
+                start_time=info.start_time,
+                end_time=info.end_time,
+            )
+        )
+    if not plans:
+        present = sorted({name for info in chosen for name in info.detectors})
+        raise RawDataError(
+            f"{path}: no scan has detector {detector!r}; its detectors: {', '.join(present)}"
+        )
+    return plans
+
+
+def _resolve_input(
+    path_text: str, scans: list[int] | None, detector: str | None
+) -> tuple[RawDataset | None, Path | None, list[ScanPlan], str]:
+    """What a user named: a policy dataset, a Bliss file, an HDF5 image file or images."""
+    dataset_path = None
+    if "::" in path_text:
+        path_text, dataset_path = path_text.split("::", 1)
+    path = Path(path_text).expanduser().absolute()
+    if not path.exists():
+        raise RawDataError(f"{path_text} does not exist")
+    raw: RawDataset | None = None
+    if path.is_dir():
+        images = sorted(p for p in path.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
+        try:
+            raw = RawDataset.from_path(path)
+        except Exception:
+            if not images:
+                raise
+        if raw is None:
+            source = image_files_source(images)
+            return None, None, [ScanPlan(number=1, detector="detector", source=source)], path.name
+        bliss_file = raw.raw_file
+        if not bliss_file.is_file():
+            raise RawDataError(
+                f"{path} is a raw dataset folder but holds no dataset file {bliss_file.name}"
+            )
+        path = bliss_file
+    suffix = path.name.lower()
+    if suffix.endswith(HDF5_SUFFIXES):
+        if dataset_path is None and _is_bliss(path):
+            if raw is None:
+                try:
+                    raw = RawDataset.from_path(path)
+                except Exception:
+                    raw = None
+            return raw, path, _bliss_scans(path, scans, detector), path.stem
+        dataset_path = dataset_path or default_image_dataset(path)
+        source = hdf5_frame_source(path, dataset_path)
+        name = dataset_path.strip("/").replace("/", "_")
+        return None, None, [ScanPlan(number=1, detector=name, source=source)], path.stem
+    if suffix.endswith(IMAGE_SUFFIXES):
+        source = image_files_source([path])
+        return (
+            None,
+            None,
+            [ScanPlan(number=1, detector="detector", source=source)],
+            path.stem.split(".")[0],
+        )
+    raise RawDataError(
+        f"{path} is neither a raw dataset folder, a Bliss/HDF5 file nor an image "
+        f"({', '.join(IMAGE_SUFFIXES)})"
+    )
+
+
+def _is_bliss(path: Path) -> bool:
+    with bliss.open_raw(path) as h5:
+        return any(bliss.SCAN_ENTRY.match(name) for name in h5)
+
+
+def make_integration_plan(
+    input_path: str,
+    parameters: DiffractionParameters,
+    scans: list[int] | None = None,
+    output_dir: str | None = None,
+    settings: CalypsoSettings | None = None,
+    workers: int = 1,
+) -> IntegrationPlan:
+    """Check the input and parameters and decide the work, before anything runs.
+
+    Raises
+    ------
+    CalypsoError
+        With a message naming the file or parameter at fault.
+    """
+    settings = settings or CalypsoSettings()
+    parameters = parameters.model_copy(
+        update={
+            name: _absolute(getattr(parameters, name)) for name in ("poni", "mask", "dark", "flat")
+        }
+    )
+    raw, raw_file, scan_plans, stem = _resolve_input(input_path, scans, parameters.detector)
+    geometry = load_geometry(parameters)
+    frame_shape = scan_plans[0].source.frame_shape
+    for name in ("mask", "dark", "flat"):
+        location = getattr(parameters, name)
+        if location is not None:
+            image = read_image(location, name)
+            if image.shape != frame_shape:
+                raise ParameterError(
+                    f"{name} {location} has shape {image.shape} but the detector frames are "
+                    f"{frame_shape}: use a {name} made for this detector"
+                )
+    if parameters.monitor is not None:
+        if raw_file is None:
+            raise ParameterError("'monitor' needs a Bliss scan; image files carry no counters")
+        for scan in scan_plans:
+            counts = bliss.counter_lengths(raw_file, scan.number)
+            if parameters.monitor not in counts:
+                raise ParameterError(
+                    f"{raw_file}: scan {scan.number} has no counter {parameters.monitor!r} for "
+                    f"'monitor'; its counters: {', '.join(sorted(counts))}"
+                )
+            if counts[parameters.monitor] < scan.source.n_frames:
+                raise RawDataError(
+                    f"{raw_file}: scan {scan.number} has {counts[parameters.monitor]} values of "
+                    f"{parameters.monitor} for {scan.source.n_frames} frames"
+                )
+    out = output_folder(input_path, raw, TECHNIQUE, output_dir, settings.processed_data)
+    if raw is not None and raw_file is not None:
+        raw = raw.model_copy(update={"sample_name": bliss.read_sample_name(raw_file)})
+    require_registrable(input_path, raw, str(raw_file) if raw_file else None, settings)
+    n_frames = sum(scan.source.n_frames for scan in scan_plans)
+    return IntegrationPlan(
+        input=input_path,
+        raw=raw,
+        raw_file=str(raw_file) if raw_file else None,
+        scans=scan_plans,
+        geometry=geometry,
+        parameters=parameters,
+        output_dir=str(out),
+        output_file=str(out / f"{stem}.h5"),
+        chunk_size=parameters.chunk_size or _default_chunk_size(n_frames, workers),
+    )

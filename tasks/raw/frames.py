@@ -1,0 +1,217 @@
+"""Where frames come from: a detector dataset in HDF5, or a series of image files.
+
+A :class:`FrameSource` is a small description (paths, dataset name, shape) that
+travels between tasks; each task reads only the frames of its own chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import fabio
+import h5py
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from calypso.errors import ParameterError, RawDataError
+from calypso.tasks.raw.bliss import open_raw
+
+IMAGE_SUFFIXES = (".edf", ".cbf", ".tif", ".tiff", ".img", ".mccd", ".gz", ".bz2", ".npy")
+HDF5_SUFFIXES = (".h5", ".hdf5", ".nxs", ".hdf")
+
+
+class FrameSource(BaseModel):
+    """A stack of frames: one HDF5 dataset, or image files read by fabio."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["hdf5", "images"]
+    files: tuple[str, ...]
+    dataset: str | None = None
+    frames_per_file: tuple[int, ...] = ()
+    shape: tuple[int, int, int]
+    dtype: str
+
+    @property
+    def n_frames(self) -> int:
+        return self.shape[0]
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        return self.shape[1], self.shape[2]
+
+    def describe(self) -> str:
+        if self.kind == "hdf5":
+            return f"{self.files[0]}::{self.dataset}"
+        return (
+            self.files[0] if len(self.files) == 1 else f"{self.files[0]} (+{len(self.files) - 1})"
+        )
+
+
+def hdf5_frame_source(path: str | Path, dataset: str) -> FrameSource:
+    """Describe a 3D (or single 2D) dataset of an HDF5 file as a frame stack."""
+    with open_raw(path) as h5:
+        if dataset not in h5 or not isinstance(h5[dataset], h5py.Dataset):
+            raise RawDataError(f"{path} has no dataset {dataset}")
+        dset = h5[dataset]
+        if dset.ndim == 2:
+            shape = (1, *dset.shape)
+        elif dset.ndim == 3:
+            shape = tuple(dset.shape)
+        else:
+            raise RawDataError(
+                f"{path}::{dataset} has shape {dset.shape}: expected frames (n, rows, columns)"
+            )
+        return FrameSource(
+            kind="hdf5", files=(str(path),), dataset=dataset, shape=shape, dtype=str(dset.dtype)
+        )
+
+
+def default_image_dataset(path: str | Path) -> str:
+    """The image dataset of a plain (non-Bliss) HDF5/NeXus file: its default NXdata signal."""
+    from silx.io.nxdata import get_default
+
+    with open_raw(path) as h5:
+        nxdata = get_default(h5)
+        if nxdata is not None and nxdata.signal is not None and nxdata.signal.ndim in (2, 3):
+            return nxdata.signal.name
+        found: list[str] = []
+
+        def visit(name: str, item: object) -> None:
+            if isinstance(item, h5py.Dataset) and item.ndim in (2, 3) and min(item.shape[-2:]) > 8:
+                found.append("/" + name)
+
+        h5.visititems(visit)
+    if len(found) == 1:
+        return found[0]
+    raise RawDataError(
+        f"{path}: cannot tell which dataset holds the images "
+        f"({'none found' if not found else 'candidates: ' + ', '.join(found)}); "
+        "name it as FILE::/path/to/data"
+    )
+
+
+def image_files_source(files: list[Path]) -> FrameSource:
+    """Describe image files (EDF, CBF, TIFF ...) as one frame stack, in the given order."""
+    counts: list[int] = []
+    shape: tuple[int, int] | None = None
+    dtype = ""
+    for path in files:
+        image = _open_image(path)
+        try:
+            frame_shape = tuple(image.shape[-2:])
+            if shape is not None and frame_shape != shape:
+                raise RawDataError(f"{path} has images of shape {frame_shape}, the others {shape}")
+            shape, dtype = frame_shape, str(image.data.dtype)
+            counts.append(max(1, image.nframes))
+        finally:
+            image.close()
+    assert shape is not None
+    return FrameSource(
+        kind="images",
+        files=tuple(str(p) for p in files),
+        frames_per_file=tuple(counts),
+        shape=(sum(counts), *shape),
+        dtype=dtype,
+    )
+
+
+def _open_image(path: Path):
+    if not path.exists():
+        raise RawDataError(f"{path} does not exist")
+    try:
+        return fabio.open(str(path))
+    except Exception as exc:
+        raise RawDataError(f"{path} cannot be read as an image by fabio: {exc}") from None
+
+
+@contextmanager
+def named_read_errors(what: str) -> Iterator[None]:
+    """Turn a failed read (corrupt compressed chunk, truncated file) into a
+    :class:`RawDataError` that names ``what`` was being read."""
+    try:
+        yield
+    except OSError as exc:
+        raise RawDataError(
+            f"{what} cannot be read ({exc}): a detector file is corrupt or truncated; check "
+            "it (h5dump, silx view) or copy it again"
+        ) from None
+
+
+def iter_frames(source: FrameSource, start: int, stop: int) -> Iterator[np.ndarray]:
+    """Frames ``start:stop`` of a source, one at a time (the file stays open meanwhile).
+
+    Reading frame by frame keeps a task's memory at one frame, and is faster
+    than one big read through an HDF5 virtual dataset.
+
+    Raises
+    ------
+    RawDataError
+        When a frame cannot be read, naming the source and the frames.
+    """
+    if not 0 <= start < stop <= source.n_frames:
+        raise ParameterError(
+            f"frames {start}:{stop} are outside {source.describe()} ({source.n_frames} frames)"
+        )
+    with named_read_errors(f"{source.describe()} frames {start}-{stop - 1}"):
+        yield from _frames(source, start, stop)
+
+
+def _frames(source: FrameSource, start: int, stop: int) -> Iterator[np.ndarray]:
+    if source.kind == "hdf5":
+        with open_raw(source.files[0]) as h5:
+            dset = h5[source.dataset]
+            if dset.ndim == 2:
+                yield dset[()]
+                return
+            for index in range(start, stop):
+                yield dset[index]
+        return
+    first = 0
+    for path, count in zip(source.files, source.frames_per_file, strict=True):
+        last = first + count
+        if last > start and first < stop:
+            image = _open_image(Path(path))
+            try:
+                for index in range(max(start, first) - first, min(stop, last) - first):
+                    yield image.data if count == 1 else image.get_frame(index).data
+            finally:
+                image.close()
+        first = last
+
+
+def read_frames(source: FrameSource, start: int, stop: int) -> np.ndarray:
+    """Frames ``start:stop`` of a source as one array (n, rows, columns)."""
+    return np.stack(list(iter_frames(source, start, stop)))
+
+
+def read_image(path: str | Path, what: str) -> np.ndarray:
+    """One 2D image (mask, dark, flat) from any fabio format, ``.npy`` or ``FILE.h5::/path``."""
+    text = str(path)
+    if "::" in text:
+        file_name, dataset = text.split("::", 1)
+        with open_raw(file_name) as h5:
+            if dataset not in h5:
+                raise ParameterError(f"{what} {file_name} has no dataset {dataset}")
+            data = h5[dataset][()]
+    elif text.endswith(".npy"):
+        try:
+            data = np.load(text)
+        except (OSError, ValueError) as exc:
+            raise ParameterError(f"{what} {text} cannot be read: {exc}") from None
+    else:
+        try:
+            image = _open_image(Path(text))
+        except RawDataError as exc:
+            raise ParameterError(f"{what}: {exc}") from None
+        try:
+            data = image.data
+        finally:
+            image.close()
+    data = np.asarray(data)
+    if data.ndim != 2:
+        raise ParameterError(f"{what} {text} has shape {data.shape}: expected one 2D image")
+    return data
