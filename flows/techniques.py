@@ -93,18 +93,22 @@ class Technique:
     def task_module(self) -> str:
         return self.preload
 
-    @property
-    def version(self) -> str:
-        """Calypso's version and a digest of every Calypso module a run of this technique
-        can import (flow, steps, planner, readers, science, writers): a new version
-        reprocesses what the previous one processed."""
-        import calypso
-
+    def modules(self) -> dict[str, Path]:
+        """Every Calypso module a run of this technique can import (flow, steps, planner,
+        readers, science, writers; lazy imports too), with its source file."""
         roots = {at.split(":")[0] for at in (self.flow_at, self.plan_at, self.parameters_at)}
         roots |= {step.run_at.split(":")[0] for step in self.steps}
         roots.add(self.preload)
+        return imported_modules(frozenset(roots))
+
+    @property
+    def version(self) -> str:
+        """Calypso's version and a digest of :meth:`modules` and of the specification: a
+        new version reprocesses what the previous one processed."""
+        import calypso
+
         digest = hashlib.sha256()
-        for module, path in sorted(imported_modules(frozenset(roots)).items()):
+        for module, path in sorted(self.modules().items()):
             digest.update(module.encode())
             digest.update(path.read_bytes())
         digest.update(self.specification.read_bytes())
@@ -153,9 +157,10 @@ def module_file(module: str) -> Path | None:
     return Path(origin) if origin and origin.endswith(".py") else None
 
 
-def _calypso_imports(module: str, path: Path) -> set[str]:
-    """Calypso modules ``module`` imports anywhere in its source (lazy imports too)."""
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+def imported_names(path: Path, package: str) -> set[str]:
+    """Every module name the source at ``path`` imports, anywhere in it (lazy imports
+    too), relative imports resolved against ``package``; for ``from m import n``, both
+    ``m`` and ``m.n`` (``n`` may be a module)."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_bytes())):
         if isinstance(node, ast.Import):
@@ -167,9 +172,15 @@ def _calypso_imports(module: str, path: Path) -> set[str]:
                 base = f"{parent}.{base}" if base else parent
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _calypso_imports(module: str, path: Path) -> set[str]:
+    """Calypso modules ``module`` imports anywhere in its source (lazy imports too)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     return {
         name
-        for name in found
+        for name in imported_names(path, package)
         if name.startswith("calypso")
         and not name.startswith(_NOT_RESULTS)
         and name not in _NOT_RESULTS_EXACT

@@ -17,7 +17,12 @@ from typing import Any
 
 import calypso
 from calypso.errors import CatalogueError, ConfigurationError
-from calypso.registry.catalogue import ExportRecord, ProcessedDataset, SQLiteCatalogue
+from calypso.registry.catalogue import (
+    ExportRecord,
+    OutboxEntry,
+    ProcessedDataset,
+    SQLiteCatalogue,
+)
 from calypso.settings import IcatSettings
 
 DESTINATION = "icat"
@@ -134,6 +139,10 @@ class IcatCatalogue:
 
     def find_by_processed_path(self, path: str) -> ProcessedDataset | None:
         return self.local.find_by_processed_path(path)
+
+    def outbox(self, state: str | None = None) -> list[OutboxEntry]:
+        """What is owed to ICAT (``pending``), delivered or given up."""
+        return self.local.outbox(state)
 
     def note(self, record_id: int, key: str, name: str, value: str) -> str | None:
         """Owe ICAT a metadata update of ``record_id``'s dataset (``name = value``), try to

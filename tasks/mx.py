@@ -14,6 +14,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -98,6 +99,13 @@ def detector_statics(scan: MXScan, parameters: mx.MXParameters) -> DetectorStati
     return _STATICS[key]
 
 
+def spot_finding_keywords(parameters: mx.MXParameters) -> dict[str, Any]:
+    """The parameters of :func:`~calypso.techniques.mx.find_spots`, by keyword."""
+    names = ("gain", "kernel_size", "sigma_background", "sigma_strong", "global_threshold")
+    names += ("min_local", "min_spot_size", "max_spot_size")
+    return {name: getattr(parameters, name) for name in names}
+
+
 @task(name="find_spots_chunk", **CHUNK_TASK)
 @worker_paths
 def find_spots_chunk(chunk: ImageChunk, scan: MXScan, parameters: mx.MXParameters,
@@ -114,18 +122,7 @@ def find_spots_chunk(chunk: ImageChunk, scan: MXScan, parameters: mx.MXParameter
         valid = statics.valid & (image >= 0)
         if scan.saturation is not None:
             valid &= image < scan.saturation
-        spots = mx.find_spots(
-            image,
-            valid,
-            gain=parameters.gain,
-            kernel_size=parameters.kernel_size,
-            sigma_background=parameters.sigma_background,
-            sigma_strong=parameters.sigma_strong,
-            global_threshold=parameters.global_threshold,
-            min_local=parameters.min_local,
-            min_spot_size=parameters.min_spot_size,
-            max_spot_size=parameters.max_spot_size,
-        )
+        spots = mx.find_spots(image, valid, **spot_finding_keywords(parameters))
         summary, d = mx.summarize_image(
             spots, scan.geometry, statics.d_range, ice_ring_ratio=parameters.ice_ring_ratio
         )

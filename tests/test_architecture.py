@@ -4,10 +4,11 @@ stay small enough to read."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+
+from calypso.flows.techniques import imported_names
 
 REPO = Path(__file__).resolve().parents[1]
 CODE = ("techniques", "tasks", "flows", "executors", "registry")
@@ -27,17 +28,7 @@ def modules(room: str) -> list[Path]:
 
 def imports(path: Path, root: Path = REPO) -> set[str]:
     package = ".".join(["calypso", *path.relative_to(root).with_suffix("").parts[:-1]])
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                base = f"{parent}.{base}" if base else parent
-            found.add(base)
-    return found
+    return imported_names(path, package)
 
 
 @pytest.mark.parametrize("room", sorted(FORBIDDEN))
@@ -82,3 +73,20 @@ def test_every_package_is_in_the_distribution():
     }
     assert found <= set(config["packages"]), sorted(found - set(config["packages"]))
     assert "*.yaml" in config["package-data"]["calypso.flows.builtin"]
+
+
+def test_the_flow_version_covers_what_a_run_imports():
+    """A fix in a reader, a writer or the science reprocesses; the CLI does not."""
+    from calypso.flows.techniques import TECHNIQUES
+
+    for technique in TECHNIQUES.values():
+        modules = set(technique.modules())
+        name = technique.name
+        assert {f"calypso.techniques.{name}", f"calypso.tasks.{name}"} <= modules, name
+        assert {f"calypso.tasks.plans.{name}", "calypso.tasks.writers.nexus"} <= modules, name
+        assert "calypso.tasks.raw.bliss" in modules, name
+        assert not any(
+            m.startswith(("calypso.flows.cli", "calypso.flows.samples")) for m in modules
+        )
+        others = {f"calypso.flows.builtin.{t}" for t in TECHNIQUES if t != name}
+        assert not modules & others, name  # another technique's change does not reprocess

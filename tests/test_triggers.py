@@ -188,6 +188,13 @@ class Facility:
         return wait_until(found, 60, f"the deployment {name}")
 
 
+def first_sample(facility: Facility) -> Path:
+    """The dataset the first test wrote into the watched tree (its session is the day the
+    sample was written)."""
+    [found] = facility.tree.glob("ih0001/id00/*/RAW_DATA/CeO2/CeO2_0001")
+    return found
+
+
 @pytest.fixture(scope="module")
 def facility(tmp_path_factory):
     site = Facility(tmp_path_factory.mktemp("facility"))
@@ -318,7 +325,7 @@ def test_a_restarted_or_second_watcher_announces_nothing_twice(facility):
 
 def test_fifty_datasets_at_once_each_processed_once_within_the_limit(facility, tmp_path):
     before = len(facility.runs())
-    template = facility.tree / "ih0001" / "id00" / "20261127" / "RAW_DATA" / "CeO2" / "CeO2_0001"
+    template = first_sample(facility)
     staging = tmp_path / "staging"
     staging.mkdir()
     names = [f"CeO2_{n:04d}" for n in range(101, 151)]
@@ -404,10 +411,7 @@ def test_bad_events_are_rejected_with_a_reason_and_the_watcher_goes_on(facility,
 
     # A beamline whose rules name an unknown technique: logged, and the watcher goes on.
     unknown = facility.tree / "ih0009" / "id99" / "20261127" / "RAW_DATA" / "CeO2"
-    shutil.copytree(
-        facility.tree / "ih0001" / "id00" / "20261127" / "RAW_DATA" / "CeO2" / "CeO2_0001",
-        unknown / "CeO2_0001",
-    )
+    shutil.copytree(first_sample(facility), unknown / "CeO2_0001")
     wait_until(
         lambda: "unknown technique 'holography'" in (facility.work / "watch.log").read_text(),
         60,

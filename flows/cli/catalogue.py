@@ -72,7 +72,7 @@ def command_catalogue_list(args: argparse.Namespace) -> int:
     from calypso.registry import open_catalogue
 
     if args.pending:
-        entries = _icat_catalogue().local.outbox("pending")
+        entries = _icat_catalogue().outbox("pending")
         if args.json:
             print(json.dumps([e.model_dump(mode="json") for e in entries], indent=2))
         for entry in [] if args.json else entries:
@@ -106,7 +106,7 @@ def command_catalogue_show(args: argparse.Namespace) -> int:
     catalogue = open_catalogue(load_settings())
     record = catalogue.get(args.id)
     # An ICAT catalogue keeps exports in its local SQLite mirror.
-    exports = getattr(catalogue, "local", catalogue).exports(record_id=args.id)
+    exports = catalogue.exports(record_id=args.id)
     shown = record.model_dump(mode="json") | {
         "exports": [e.model_dump(mode="json", exclude={"record_id"}) for e in exports]
     }

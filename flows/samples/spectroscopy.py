@@ -35,8 +35,11 @@ class ReferenceSpectrum:
 
 
 def shared_data_dir() -> Path:
-    here = Path(__file__).resolve().parents[1]
-    return Path(os.environ.get("CALYPSO_TEST_DATA", here.parent / "shared" / "data"))
+    """CALYPSO_TEST_DATA, else ``shared/data`` beside the repository (the package root)."""
+    import calypso
+
+    repository = Path(calypso.__file__).resolve().parent
+    return Path(os.environ.get("CALYPSO_TEST_DATA", repository.parent / "shared" / "data"))
 
 
 def _xdi_mu(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -1,16 +1,5 @@
-"""Sending a processed dataset to object storage, and checking what is there.
-
-Each file goes to ``<target>/<path relative to the dataset folder>``, large ones
-as multipart uploads (s3fs), several at once. Every object carries the SHA-256
-of its content (S3 user metadata ``sha256``), so an interrupted export, run
-again, skips the objects already there with the right checksum and sends only
-the rest. A manifest in ``sha256sum`` format (``MANIFEST.sha256``) goes last:
-its presence means the export is complete, and ``verify`` reads every object
-back and checks it against the manifest.
-
-Credentials never appear in a URI, a message, a log or the catalogue: they come
-from the settings, a Prefect Secret block or the standard AWS chain.
-"""
+"""Sending a processed dataset to object storage, and checking what is there (see the
+package's docstring for the protocol: per-object SHA-256, resumable, manifest last)."""
 
 from __future__ import annotations
 

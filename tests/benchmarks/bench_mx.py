@@ -36,7 +36,7 @@ _FRAMES = None  # (frames, scan, parameters), inherited by the forked pool worke
 
 
 def _find(indices: list[int]) -> int:
-    from calypso.tasks.mx import detector_statics
+    from calypso.tasks.mx import detector_statics, spot_finding_keywords
     from calypso.techniques import mx
 
     frames, scan, parameters = _FRAMES
@@ -45,18 +45,7 @@ def _find(indices: list[int]) -> int:
     for index in indices:
         image = frames[index]
         valid = statics.valid & (image < scan.saturation)
-        spots = mx.find_spots(
-            image,
-            valid,
-            gain=parameters.gain,
-            kernel_size=parameters.kernel_size,
-            sigma_background=parameters.sigma_background,
-            sigma_strong=parameters.sigma_strong,
-            global_threshold=parameters.global_threshold,
-            min_local=parameters.min_local,
-            min_spot_size=parameters.min_spot_size,
-            max_spot_size=parameters.max_spot_size,
-        )
+        spots = mx.find_spots(image, valid, **spot_finding_keywords(parameters))
         mx.summarize_image(
             spots, scan.geometry, statics.d_range, ice_ring_ratio=parameters.ice_ring_ratio
         )
