@@ -38,15 +38,21 @@ class StepContext:
     values: dict[str, Any] = field(default_factory=dict)  # key figures for the summary
     tasks: int = 0  # Dask tasks the steps ran
     busy: float = 0.0  # seconds spent inside them
+    warnings: list[str] = field(default_factory=list)  # doubts about the results
 
     @property
     def settings(self) -> CalypsoSettings:
         return self.run.settings
 
-    def report(self, *, tasks: int = 0, busy: float = 0.0, **values: Any) -> None:
-        """Count a step's tasks and busy seconds; keep its key figures for the summary."""
+    def report(
+        self, *, tasks: int = 0, busy: float = 0.0, warning: str | None = None, **values: Any
+    ) -> None:
+        """Count a step's tasks and busy seconds; keep its key figures, and what it found
+        doubtful (``warning``, the summary's ``warnings``), for the summary."""
         self.tasks += tasks
         self.busy += busy
+        if warning:
+            self.warnings.append(warning)
         self.values.update(values)
 
 
@@ -161,6 +167,7 @@ def run_specification(
         unit=technique.unit,
         tasks=ctx.tasks,
         timings=timings | {"busy_in_tasks": ctx.busy},
+        warnings=ctx.warnings,
         **ctx.values,
         **({"sweep": assignment} if assignment else {}),
     )

@@ -133,10 +133,12 @@ class FlowRun:
         unit: str,
         tasks: int,
         timings: dict[str, float],
+        warnings: list[str] | None = None,
         **extra: Any,
     ) -> dict[str, Any]:
         """What the flow returns (and the CLI prints): the same keys for every technique;
-        also shown in the Prefect UI as the run's table artifact."""
+        also shown in the Prefect UI as the run's table artifact. ``warnings``: what the
+        steps found doubtful in the results (the registration's warning follows)."""
         total = self.elapsed()
         summary = {
             "technique": self.technique,
@@ -150,7 +152,10 @@ class FlowRun:
             **extra,
             "catalogue_id": registration.catalogue_id,
             **({"export": self.exported} if self.exported else {}),
-            "warnings": [registration.warning] if registration.warning else [],
+            "warnings": [
+                *(warnings or []),
+                *([registration.warning] if registration.warning else []),
+            ],
             "timings_s": {"total": round(total, 3)}
             | {name: round(value, 3) for name, value in timings.items()},
             "per_s": round(self.count / max(total, 1e-9), 2),

@@ -9,6 +9,7 @@ part files into the NeXus result without holding more than one batch.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -92,6 +93,8 @@ def _write_part(path: Path, reduction: xas.Reduction, measured: np.ndarray, stac
             h5[name] = values
         h5["e0"] = norm.e0
         h5["edge_step"] = norm.edge_step
+        h5["edge_noise"] = norm.edge_noise
+        h5["e0_spread"] = norm.e0_spread
         h5["energy_shift"] = reduction.shift
         h5["pre_edge_coefficients"] = norm.pre_coefficients
         h5["post_edge_coefficients"] = norm.post_coefficients
@@ -319,6 +322,8 @@ def _copy_parts(process: h5py.Group, parts: list[BatchResult], n: int) -> dict:
     scalars = {
         "e0": ("eV", lead),
         "edge_step": ("", lead),
+        "edge_noise": ("", lead),
+        "e0_spread": ("eV", lead),
         "energy_shift": ("eV", lead),
         "pre_edge_coefficients": ("", (*lead, 2)),
         "post_edge_coefficients": ("", (*lead, n_post)),
@@ -328,6 +333,14 @@ def _copy_parts(process: h5py.Group, parts: list[BatchResult], n: int) -> dict:
         fits[name] = fit.create_dataset(name, shape=shape, dtype=np.float64)
         if units:
             fits[name].attrs["units"] = units
+    fit["edge_noise"].attrs["meaning"] = (
+        f"edge step / point-to-point noise of mu; below {xas.MIN_EDGE_NOISE_RATIO:g}, E0 and the "
+        "edge step are not trusted"
+    )
+    fit["e0_spread"].attrs["meaning"] = (
+        f"E0 found on the even minus on the odd points; over {xas.MAX_E0_SPREAD:g} eV, noise "
+        "decides E0"
+    )
     fit["pre_edge_coefficients"].attrs["meaning"] = "offset, slope (1/eV) of mu·E^nvict"
     fit["post_edge_coefficients"].attrs["meaning"] = "polynomial in (E - E0) of mu - pre_edge"
     for name, value in ranges.items():
@@ -336,7 +349,7 @@ def _copy_parts(process: h5py.Group, parts: list[BatchResult], n: int) -> dict:
             fit[name].attrs["units"] = "eV"
     if has_exafs:
         fit["nknots"] = nknots
-    e0_values, steps = [], []
+    e0_values, steps, noise_ratios, spreads = [], [], [], []
     for part in parts:
         rows = slice(part.start, part.stop) if stacked else Ellipsis
         with h5py.File(part.part_file, "r") as h5:
@@ -357,12 +370,37 @@ def _copy_parts(process: h5py.Group, parts: list[BatchResult], n: int) -> dict:
                 process["fit"]["merge_weights"] = h5["merge_weights"][()]
             e0_values.append(h5["e0"][()])
             steps.append(h5["edge_step"][()])
+            noise_ratios.append(h5["edge_noise"][()])
+            spreads.append(h5["e0_spread"][()])
     e0_all, step_all = np.concatenate(e0_values), np.concatenate(steps)
-    return {
+    noise_all, spread_all = np.concatenate(noise_ratios), np.concatenate(spreads)
+    figures = {
         "spectra": int(n),
         "e0_eV": round(float(np.median(e0_all)), 3),
         "edge_step": float(np.median(step_all)),
+        "edge_noise": round(float(np.median(noise_all)), 1),
+        "e0_spread_eV": round(float(np.median(spread_all)), 2),
     }
+    unsure = (noise_all < xas.MIN_EDGE_NOISE_RATIO) | (spread_all > xas.MAX_E0_SPREAD)
+    if np.any(unsure):
+        figures["warning"] = (
+            f"{int(np.count_nonzero(unsure))} of {n} spectra are too noisy to decide E0: an edge "
+            f"step under {xas.MIN_EDGE_NOISE_RATIO:g} times the noise (fit/edge_noise) or E0 "
+            f"moving over {xas.MAX_E0_SPREAD:g} eV between the even and odd points "
+            "(fit/e0_spread); merge repeats, choose other channels or give e0"
+        )
+        _warn(figures["warning"])
+    return figures
+
+
+def _warn(message: str) -> None:
+    """Log ``message`` as a warning of the running flow (or of Python, outside a flow)."""
+    try:
+        from prefect import get_run_logger
+
+        get_run_logger().warning(message)
+    except Exception:  # outside a flow or task run
+        logging.getLogger(__name__).warning(message)
 
 
 def _write_xdi(path: Path, part_file: str, plan: SpectroscopyPlan, label: str) -> None:

@@ -206,13 +206,17 @@ def test_bad_input_is_refused_naming_the_file(fe_columns, tmp_path, capsys, cata
     energy, i0, it = fe_columns
     bad = tmp_path / "bad"
     bad.mkdir()
+    # An energy column is also found by its values, and a falling energy is turned
+    # round: so "no energy" is a file without one, and a shuffled energy is refused.
+    shuffled = energy.copy()
+    shuffled[100], shuffled[101] = shuffled[101], shuffled[100]
     cases = {
         "no energy column": (
-            write_bad(bad, "a.dat", "time i0 it", np.column_stack([energy, i0, it])),
+            write_bad(bad, "a.dat", "time i0 it", np.column_stack([0 * energy + 1, i0, it])),
             "no energy column",
         ),
         "non-monotonic energy": (
-            write_bad(bad, "b.dat", "energy i0 it", np.column_stack([energy[::-1], i0, it[::-1]])),
+            write_bad(bad, "b.dat", "energy i0 it", np.column_stack([shuffled, i0, it])),
             "not strictly increasing",
         ),
         "edge not covered": (

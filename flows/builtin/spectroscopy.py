@@ -37,7 +37,9 @@ def write(ctx: Any, plan: Any, batches: list[Any]) -> list[str]:
     from calypso.tasks.spectroscopy import write_spectroscopy_nexus
 
     written = write_spectroscopy_nexus(plan, batches, ctx.provenance)
-    ctx.report(png=written["png"], key_figures=written["key_figures"])
+    figures = written["key_figures"]  # by scan; a scan's "warning" says what is doubtful
+    doubts = [f"{scan}: {f['warning']}" for scan, f in figures.items() if f.get("warning")]
+    ctx.report(png=written["png"], key_figures=figures, warning="; ".join(doubts) or None)
     return written["outputs"]
 
 

@@ -25,7 +25,7 @@ from calypso.tasks.raw.spectra import (
     absorption,
     bliss_sources,
     read_source,
-    text_source,
+    text_sources,
 )
 from calypso.techniques import spectroscopy as xas
 
@@ -109,7 +109,7 @@ def _resolve_sources(
                     f"{path} is neither a raw dataset folder of the data policy nor a folder of "
                     f"spectrum files ({', '.join(TEXT_SUFFIXES)} or .001, .002 ...)"
                 ) from None
-            return None, None, [text_source(p) for p in texts], path.name
+            return None, None, [s for p in texts for s in text_sources(p)], path.name
         path = raw.raw_file
         if not path.is_file():
             raise RawDataError(
@@ -125,7 +125,7 @@ def _resolve_sources(
         return raw, path, bliss_sources(path, scans, parameters), path.stem
     if scans:
         raise ParameterError(f"--scan applies to Bliss files; {path.name} is a text file")
-    return None, None, [text_source(path)], path.stem.split(".")[0] or path.name
+    return None, None, text_sources(path), path.stem.split(".")[0] or path.name
 
 
 def _numbered(path: Path) -> bool:

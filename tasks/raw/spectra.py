@@ -1,16 +1,19 @@
-"""Reading XAS counters: Bliss energy scans, XDI files and plain column files.
+"""Reading XAS counters: Bliss energy scans, XDI, beamline column files, Athena projects.
 
-A *spectrum source* is one Bliss scan or one text file. A Bliss scan holds one
-spectrum (1D counters) or many (2D counters, one row a spectrum: mapping and
-time-resolved scans). Columns are found by name, case-insensitively, from the
-parameters or from the usual names below; fluorescence channels may be glob
-patterns. Energies in keV are detected (all values below 200) and converted.
+A *spectrum source* is one Bliss scan, one text file, one scan of a SPEC file or
+one group of an Athena project (text and project files:
+:mod:`calypso.tasks.raw.spectrum_files`). A Bliss scan holds one spectrum (1D
+counters) or many (2D counters, one row a spectrum: mapping and time-resolved
+scans). Columns are found by name, case-insensitively, from the parameters or
+from the usual names below; fluorescence channels may be glob patterns. Energies
+in keV are detected (all values below 200) and converted; a file's energy column
+without a usual name is found by its values (monotonic, in eV or keV, or a mono
+angle with the header's d-spacing); a falling energy is turned round.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,18 +21,31 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from calypso.errors import ParameterError, RawDataError
-from calypso.tasks.raw import bliss
+from calypso.tasks.raw import bliss, spectrum_files
 from calypso.techniques.spectroscopy import SpectroscopyParameters, mono_energy
 
 #: Usual counter and column names, tried in order when a parameter is not set.
 COLUMN_NAMES: dict[str, tuple[str, ...]] = {
-    "energy": ("energy", "energy_enc", "energy_cor", "mono_energy", "energyc", "ene", "e"),
-    "i0": ("i0", "iodet", "mon", "i_0", "izero"),
+    "energy": (
+        "energy",
+        "energy_enc",
+        "energy_cor",
+        "mono_energy",
+        "energyc",
+        "ene",
+        "e",
+        "ebraggenergy",
+        "energyachieved",
+        "achieved_energy",
+        "e_kev",
+        "energy_kev",
+    ),
+    "i0": ("i0", "iodet", "mon", "i_0", "izero", "io"),
     "it": ("it", "itrans", "i1", "i_t", "idet"),
     "iref": ("iref", "i2", "irefer", "i_ref"),
     "mu_column": ("mu", "mutrans", "mu_trans", "xmu", "mufluor", "mu_fluo", "mu_fluor"),
 }
-TEXT_SUFFIXES = (".xdi", ".dat", ".txt", ".xmu", ".asc", ".csv")
+TEXT_SUFFIXES = (".xdi", ".dat", ".txt", ".xmu", ".asc", ".csv", ".prj", ".spec")
 
 
 class SpectrumSource(BaseModel):
@@ -39,6 +55,7 @@ class SpectrumSource(BaseModel):
 
     path: str
     scan: int | None = None
+    group: str | None = None  # an Athena project's group, or a scan of a SPEC file of several
     n_spectra: int = 1
     n_points: int
     title: str = ""
@@ -46,10 +63,17 @@ class SpectrumSource(BaseModel):
     end_time: str | None = None
 
     def describe(self) -> str:
+        if self.group is not None:
+            kind = "group" if self.path.lower().endswith(".prj") else "scan"
+            return f"{self.path} {kind} {self.group}"
         return f"{self.path} scan {self.scan}" if self.scan is not None else self.path
 
     @property
     def label(self) -> str:
+        if self.group is not None and self.path.lower().endswith(".prj"):
+            return self.group
+        if self.group is not None:
+            return f"{Path(self.path).stem}_{self.group}"
         return f"{self.scan}.1" if self.scan is not None else Path(self.path).stem
 
 
@@ -97,59 +121,43 @@ class ColumnTable:
 
 # -- text files -------------------------------------------------------------------
 
-_XDI_COLUMN = re.compile(r"^#\s*Column\.(\d+)\s*:\s*(\S+)", re.IGNORECASE)
-_XDI_FIELD = re.compile(r"^#\s*([A-Za-z_][\w]*\.[\w.]+)\s*:\s*(.*)$")
 
-
-def read_text_spectrum(path: str | Path) -> ColumnTable:
-    """Columns of an XDI file or a plain column file whose last comment line names them."""
+def read_text_spectrum(path: str | Path, group: str | None = None) -> ColumnTable:
+    """Columns of a text file (XDI, or any column file Larch reads) or an Athena project group."""
     path = Path(path)
     if not path.is_file():
         raise RawDataError(f"{path} does not exist")
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError as exc:
-        raise RawDataError(f"{path} cannot be read: {exc}") from None
-    comments = [line for line in lines if line.lstrip().startswith("#")]
-    metadata: dict[str, str] = {}
-    xdi_names: dict[int, str] = {}
-    for line in comments:
-        if m := _XDI_COLUMN.match(line):
-            xdi_names[int(m.group(1))] = m.group(2)
-        elif m := _XDI_FIELD.match(line):
-            metadata[m.group(1)] = m.group(2).strip()
-    try:
-        data = np.loadtxt(path, comments="#", ndmin=2, delimiter=None)
-    except ValueError as exc:
-        raise RawDataError(
-            f"{path}: not a column file of numbers ({exc}); expected XDI or whitespace-separated "
-            "columns under a '#' header"
-        ) from None
-    if data.size == 0 or data.shape[1] < 2:
-        raise RawDataError(f"{path}: no data columns found")
-    n_columns = data.shape[1]
-    names: list[str] = []
-    if xdi_names and max(xdi_names) <= n_columns:
-        names = [xdi_names.get(i + 1, f"col{i + 1}") for i in range(n_columns)]
-    else:
-        for line in reversed(comments):
-            words = line.lstrip("#").replace(",", " ").split()
-            if len(words) == n_columns:
-                names = words
-                break
-    if not names:
-        names = [f"col{i + 1}" for i in range(n_columns)]
-    return ColumnTable(
-        where=str(path),
-        columns={name: data[:, i] for i, name in enumerate(names)},
-        metadata=metadata,
-    )
+    if path.suffix.lower() == ".prj":
+        groups = spectrum_files.athena_groups(path)
+        name = group if group is not None else next(iter(groups))
+        if name not in groups:
+            raise RawDataError(f"{path}: no group {name!r}; its groups: {', '.join(groups)}")
+        return ColumnTable(where=f"{path} group {name}", columns=groups[name])
+    columns, metadata = spectrum_files.read_columns(path, group)
+    where = str(path) if group is None else f"{path} scan {group}"
+    return ColumnTable(where=where, columns=columns, metadata=metadata)
 
 
-def text_source(path: Path) -> SpectrumSource:
-    table = read_text_spectrum(path)
-    n_points = len(next(iter(table.columns.values())))
-    return SpectrumSource(path=str(path), n_points=n_points, title=path.name)
+def text_sources(path: Path) -> list[SpectrumSource]:
+    """The spectra of a text file (one), a SPEC file (one a scan) or an Athena project (one
+    a group)."""
+    if path.suffix.lower() == ".prj":
+        return [
+            SpectrumSource(
+                path=str(path),
+                group=name,
+                n_points=len(columns["energy"]),
+                title=f"{path.name} {name}",
+            )
+            for name, columns in spectrum_files.athena_groups(path).items()
+        ]
+    sources = []
+    for scan in spectrum_files.spec_scans(path) or [None]:
+        table = read_text_spectrum(path, scan)
+        n_points = len(next(iter(table.columns.values())))
+        title = path.name if scan is None else f"{path.name} scan {scan}"
+        sources.append(SpectrumSource(path=str(path), group=scan, n_points=n_points, title=title))
+    return sources
 
 
 # -- Bliss scans -------------------------------------------------------------------
@@ -245,7 +253,7 @@ def read_source(source: SpectrumSource, start: int = 0, stop: int | None = None)
     """The columns of one source; 2D counters sliced to spectra ``start:stop``."""
     if source.scan is not None:
         return read_bliss_counters(source.path, source.scan, start, stop)
-    return read_text_spectrum(source.path)
+    return read_text_spectrum(source.path, source.group)
 
 
 # -- from columns to mu(E) ------------------------------------------------------------
@@ -267,6 +275,55 @@ def _rows(values: np.ndarray, n: int) -> np.ndarray:
     return np.broadcast_to(values, (n, values.shape[-1])) if values.ndim == 1 else values
 
 
+#: Step (eV) put between repeated energies, as Larch does (``TINY_ENERGY``).
+REPEAT_STEP = 0.0005
+
+
+def separate_repeats(energy: np.ndarray) -> np.ndarray:
+    """The energy with repeated values (a scan that waits at its start) moved apart by
+    ``REPEAT_STEP`` each, as Larch's ``remove_dups`` does, so they stay points of the
+    spectrum; a scan that goes back in energy is still refused later."""
+    steps = np.diff(energy, axis=-1)
+    repeated = np.abs(steps) < REPEAT_STEP
+    if not np.any(repeated):
+        return energy
+    added = np.zeros(energy.shape)
+    for j in range(1, energy.shape[-1]):  # runs of repeats add up
+        added[..., j] = np.where(repeated[..., j - 1], added[..., j - 1] + REPEAT_STEP, 0.0)
+    direction = np.sign(energy[..., -1:] - energy[..., :1])
+    return energy + direction * added
+
+
+def _energy(table: ColumnTable, p: SpectroscopyParameters) -> np.ndarray:
+    """The energy (eV) of a source: the named column, else the one whose values are an energy."""
+    name = table.find(p.energy, "energy", required=False)
+    unit = p.energy_unit
+    d_spacing = p.d_spacing or float(table.metadata.get("Mono.d_spacing", 0) or 0) or None
+    if name is None:
+        found = spectrum_files.energy_by_content(
+            table.columns,
+            d_spacing,
+            prefer=table.metadata.get("Larch.energy_column"),
+            angle_hint=table.metadata.get("Larch.energy_units") == "deg",
+        )
+        if found is None:
+            raise RawDataError(
+                f"{table.where}: no energy column: none has a usual name (tried "
+                f"{', '.join(COLUMN_NAMES['energy'])}) and none holds a monotonic energy in eV "
+                f"or keV, or a mono angle with a d-spacing in the header; its columns: "
+                f"{', '.join(table.columns)}. Name it with --set energy=COLUMN, or give "
+                "mono_angle and d_spacing"
+            )
+        name, found_unit = found
+        if found_unit == "deg":
+            return mono_energy(table.columns[name], float(d_spacing or 0.0))
+        unit = found_unit if unit == "auto" else unit
+    energy = table.columns[name]
+    if unit == "keV" or (unit == "auto" and np.nanmax(energy) < 200):
+        energy = energy * 1000.0
+    return energy
+
+
 def absorption(table: ColumnTable, parameters: SpectroscopyParameters) -> Absorption:
     """Energy in eV and mu(E) from a source's columns, as the parameters ask.
 
@@ -281,10 +338,7 @@ def absorption(table: ColumnTable, parameters: SpectroscopyParameters) -> Absorp
         angle = table.columns[table.find(p.mono_angle, "mono_angle")]
         energy = mono_energy(angle, float(p.d_spacing or 0.0))
     else:
-        energy = table.columns[table.find(p.energy, "energy")]
-        keV = p.energy_unit == "keV" or (p.energy_unit == "auto" and np.nanmax(energy) < 200)
-        if keV:
-            energy = energy * 1000.0
+        energy = _energy(table, p)
     n = max((v.shape[0] for v in table.columns.values() if v.ndim == 2), default=1)
     mode = p.mode
     it_name = table.find(p.it, "it", required=False)
@@ -298,8 +352,9 @@ def absorption(table: ColumnTable, parameters: SpectroscopyParameters) -> Absorp
         else:
             raise RawDataError(
                 f"{where}: cannot make mu(E): no It column (tried {', '.join(COLUMN_NAMES['it'])}),"
-                " no fluorescence channels and no mu column; set mode and the columns, e.g. "
-                "--set it=COUNTER or --set fluorescence='[\"fx*\"]'"
+                " no fluorescence channels and no mu column; its columns: "
+                f"{', '.join(table.columns)}. Name them, e.g. --set i0=COLUMN --set it=COLUMN "
+                "or --set fluorescence='[\"fx*\"]'"
             )
     if mode in ("transmission", "fluorescence"):
         i0 = _rows(table.columns[table.find(p.i0, "i0")], n)
@@ -342,8 +397,13 @@ def absorption(table: ColumnTable, parameters: SpectroscopyParameters) -> Absorp
             )
         if not np.all(np.isfinite(mu_reference)):
             mu_reference = None  # a reference channel without signal cannot calibrate
+    energy = separate_repeats(np.asarray(energy, dtype=np.float64))
+    if energy.shape[-1] > 1 and np.all(energy[..., -1] < energy[..., 0]):
+        # Scans run down in energy too (a mono angle rising): turn them round.
+        energy, mu = energy[..., ::-1], mu[..., ::-1]
+        mu_reference = None if mu_reference is None else mu_reference[..., ::-1]
     return Absorption(
-        energy=np.asarray(energy, dtype=np.float64),
+        energy=np.ascontiguousarray(energy),
         mu=np.array(mu, dtype=np.float64),
         mu_reference=mu_reference,
         mode=mode,

@@ -110,5 +110,6 @@ def check_spectrum(energy: np.ndarray, mu: np.ndarray, where: str) -> None:
         fraction = bad.mean()
         raise RawDataError(
             f"{where}: mu(E) is not finite at {bad.sum()} points ({fraction:.0%}): "
-            "I0 or It is zero or negative there (beam lost? wrong counter?)"
+            "I0 or It is zero or negative there (beam lost? wrong counter? a sample so thick "
+            "that no beam gets through?)"
         )

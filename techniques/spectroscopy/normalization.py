@@ -22,6 +22,8 @@ E0_WINDOW = 20.0
 MIN_EDGE_CONTRAST = 2.5
 #: Below this edge step / noise, E0 is not trusted (see :func:`edge_noise_ratio`).
 MIN_EDGE_NOISE_RATIO = 10.0
+#: Above this spread (eV) of E0 between the even and the odd points, E0 is not decided.
+MAX_E0_SPREAD = 1.0
 
 
 def find_e0(energy: np.ndarray, mu: np.ndarray, smooth: float = 0.5) -> np.ndarray:
@@ -94,10 +96,37 @@ def edge_contrast(energy: np.ndarray, mu: np.ndarray, e0: np.ndarray) -> np.ndar
     slope = np.diff(coarse, axis=1) / base
     slope = np.abs(slope - np.median(slope, axis=1, keepdims=True))
     distance = np.abs(0.5 * (grid[1:] + grid[:-1]) - np.asarray(e0).reshape(-1, 1))
+    ends = np.zeros(slope.shape[1], dtype=bool)  # glitches at the scan's ends do not count
+    skip = max(2, int(0.03 * slope.shape[1]))
+    ends[:skip] = ends[-skip:] = True
     near = np.where(distance <= 5.0, slope, 0.0).max(axis=1)
-    far = np.where(distance >= 30.0, slope, 0.0).max(axis=1)
+    far = np.where((distance >= 30.0) & ~ends, slope, 0.0).max(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(far > 0, near / far, np.inf)
+
+
+def e0_spread(energy: np.ndarray, mu: np.ndarray, smooth: float = 0.5) -> np.ndarray:
+    """How far apart (eV) :func:`find_e0` puts E0 on the even and on the odd points.
+
+    The two halves carry independent noise: on a clean spectrum they agree within
+    a tenth of an eV; where noise decides between two derivative peaks of nearly
+    the same height (a pre-edge shoulder, a white line), they part by the distance
+    between the peaks, and so would any two algorithms (Larch's ``find_e0`` and
+    this one). Over ``MAX_E0_SPREAD``, E0 is not decided by the data.
+
+    Examples
+    --------
+    >>> energy = np.linspace(6900.0, 7400.0, 501)
+    >>> mu = 0.2 + 1.0 / (1 + np.exp(-(energy - 7112.0) / 2))
+    >>> bool(e0_spread(energy, mu)[0] < 0.1)
+    True
+    """
+    energy, mu = batch_rows(energy, mu)
+    if energy.shape[1] < 40:  # too few points to halve
+        return np.zeros(mu.shape[0])
+    even = find_e0(energy[:, ::2], mu[:, ::2], smooth)
+    odd = find_e0(energy[:, 1::2], mu[:, 1::2], smooth)
+    return np.abs(even - odd)
 
 
 def edge_noise_ratio(energy: np.ndarray, mu: np.ndarray, edge_step: np.ndarray) -> np.ndarray:
@@ -152,7 +181,7 @@ def edge_ranges(
     """The fit ranges: those given, else Larch's defaults for this data range.
 
     Defaults: the pre-edge line from the second point (rounded to 5 eV) to half
-    way to E0; the post-edge from min(25, norm2/15 rounded to 5) to the end of
+    way to E0; the post-edge from min(25, 5·round(norm2/15)) to the end of
     the data (rounded to 5 eV), a quadratic over 300 eV or more, a line over
     30 eV or more, a constant below.
 
@@ -188,7 +217,9 @@ def edge_ranges(
         norm2 = last - e0 - norm2
     norm2 = min(norm2, last - e0)
     if norm1 is None:
-        norm1 = min(25.0, _round_to(norm2 / 15.0, 5.0))
+        # Larch's 5.0*round(norm2/15.0): norm2/3 to 5 eV, not norm2/15 (which put norm1
+        # at 15 eV on XANES scans and moved their edge step by 2%).
+        norm1 = min(25.0, 5.0 * round(norm2 / 15.0))
     norm1, norm2 = min(norm1, norm2), max(norm1, norm2)
     norm1 = min(norm1, norm2 - 2)
     if nnorm is None:
@@ -249,6 +280,7 @@ class Normalization:
     post_coefficients: np.ndarray  # (n, nnorm + 1): polynomial in (E - E0) of mu - pre_edge
     ranges: EdgeRanges
     edge_noise: np.ndarray  # (n,) edge step / noise: below MIN_EDGE_NOISE_RATIO, E0 is unsure
+    e0_spread: np.ndarray  # (n,) eV, E0 on even vs odd points: over MAX_E0_SPREAD, undecided
 
 
 def normalize(
@@ -302,6 +334,7 @@ def normalize(
     """
     energy, mu = batch_rows(energy, mu)
     n = mu.shape[0]
+    found = e0 is None
     if e0 is None:
         e0 = find_e0(energy, mu, e0_smooth)
     elif np.ndim(e0) == 0:
@@ -315,11 +348,19 @@ def normalize(
     contrast = edge_contrast(energy, mu, e0)
     if np.any(contrast < MIN_EDGE_CONTRAST):
         row = int(np.argmin(contrast))
+        falling = find_e0(energy[row], -mu[row], e0_smooth)
+        if edge_contrast(energy[row], -mu[row], falling)[0] >= MIN_EDGE_CONTRAST:
+            raise RawDataError(
+                f"{where}: mu(E) falls across the edge at {falling[0]:.1f} eV instead of rising: "
+                "I0 and It are swapped, or these columns are not the sample's absorption; choose "
+                "them with --set i0=COLUMN --set it=COLUMN (or mu_column, fluorescence)"
+            )
         raise RawDataError(
             f"{where}: no absorption edge in the scanned range {energy[row, 0]:.1f}-"
             f"{energy[row, -1]:.1f} eV (the steepest point, {e0[row]:.1f} eV, is only "
             f"{contrast[row]:.1f} times steeper than the rest): the scan does not cover the edge; "
-            "measure across it or give e0"
+            "measure across it or give e0 (or, for a dilute sample, choose the channels where its "
+            "edge is: --set fluorescence=...)"
         )
     reference = int(np.argmin(np.abs(e0 - np.median(e0))))
     ranges = edge_ranges(
@@ -332,11 +373,17 @@ def normalize(
         nnorm=nnorm,
     )
     relative = energy - e0[:, None]
+    rows = np.arange(n)
+    nearest = np.argmin(np.abs(relative), axis=1)
     # Larch's index conventions, so the same ranges select the same points: a
     # range starts at the last point at or below its start and stops before the
-    # point nearest its end; the step is read at the point nearest E0.
-    pre_mask = _index_range(energy, e0 + ranges.pre1, e0 + ranges.pre2, minimum=2)
-    post_mask = _index_range(energy, e0 + ranges.norm1, e0 + ranges.norm2, minimum=2)
+    # point nearest its end; the step is read at the point nearest E0. Larch's
+    # own E0 is a measured point, so a found E0 counts the ranges from the
+    # measured point nearest it: else a range's end may fall either side of a
+    # point (on a 10 eV pre-edge grid, whether the first point is in the line).
+    anchor = energy[rows, nearest] if found else e0
+    pre_mask = _index_range(energy, anchor + ranges.pre1, anchor + ranges.pre2, minimum=2)
+    post_mask = _index_range(energy, anchor + ranges.norm1, anchor + ranges.norm2, minimum=2)
     n_pre, n_post = pre_mask.sum(axis=1).min(), post_mask.sum(axis=1).min()
     if n_pre < 2:
         raise RawDataError(
@@ -362,8 +409,6 @@ def normalize(
     post_coefficients = _masked_polyfit(post_x, mu - pre_edge, post_mask, ranges.nnorm)
     polynomial = _polyval(post_coefficients, post_x)
     post_edge = pre_edge + polynomial
-    rows = np.arange(n)
-    nearest = np.argmin(np.abs(relative), axis=1)
     step = polynomial[rows, nearest]  # post-edge minus pre-edge at the point nearest E0
     if np.any(~np.isfinite(step)) or np.any(np.abs(step) < 1e-12):
         raise RawDataError(f"{where}: no edge step (the spectrum is flat across E0)")
@@ -383,4 +428,5 @@ def normalize(
         post_coefficients=post_coefficients,
         ranges=ranges,
         edge_noise=edge_noise_ratio(energy, mu, step),
+        e0_spread=e0_spread(energy, mu, e0_smooth) if found else np.zeros(n),
     )

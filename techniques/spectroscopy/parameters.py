@@ -21,7 +21,11 @@ class SpectroscopySource(TechniqueParameters):
         description="How mu(E) is made: ln(I0/It), sum(fluorescence)/I0, or a mu column as is. "
         "'auto': transmission if It exists, else fluorescence, else a mu column.",
     )
-    energy: str | None = Field(None, description="Energy counter or column (eV or keV).")
+    energy: str | None = Field(
+        None,
+        description="Energy counter or column (eV or keV); default: a usual name, else (text "
+        "files) the column whose values are an energy or a mono angle.",
+    )
     energy_unit: Literal["auto", "eV", "keV"] = Field(
         "auto", description="Unit of the energy column; 'auto': keV when all values are < 200."
     )
@@ -29,7 +33,10 @@ class SpectroscopySource(TechniqueParameters):
         None, description="Monochromator Bragg angle counter (degrees), used when no energy."
     )
     d_spacing: float | None = Field(
-        None, gt=0, description="Monochromator d-spacing (Å), to convert mono_angle to energy."
+        None,
+        gt=0,
+        description="Monochromator d-spacing (Å), to convert mono_angle to energy; default: "
+        "the header's, for an angle column found by its values.",
     )
     i0: str | None = Field(None, description="Incident intensity counter.")
     it: str | None = Field(None, description="Transmitted intensity counter.")

@@ -1,0 +1,248 @@
+"""Beamline XAS files in their native formats: read, reduced, and compared with xraylarch.
+
+Each file of ``xas/beamlines`` is one family (SPEC, EPICS, MRCAT, LabVIEW, KEK-PF,
+SSRL, XDAC, CLS, ESRF, an Athena project). Those whose header names the columns
+reduce with no option; the others with only the choice Athena's column dialog asks
+for. E0 and the edge step are compared with Larch's ``pre_edge`` (defaults) on the
+same mu(E); the edge found is checked against the element's tabulated edge, which
+checks the energy column, its unit and the mono angle conversion independently.
+Most files go through the planner and the reduction directly (a second each); one
+CLI run reads a folder of the files that need no option.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calypso.errors import CalypsoError
+from calypso.flows.cli import main
+from calypso.tasks.plans.spectroscopy import make_spectroscopy_plan, normalization_keywords
+from calypso.tasks.raw.spectra import absorption, read_source
+from calypso.techniques import spectroscopy as xas
+
+larch = pytest.importorskip("larch", reason="xraylarch is the reference (test extra)")
+larch_xafs = pytest.importorskip("larch.xafs")
+xraydb = pytest.importorskip("xraydb")
+
+#: file -> (the options Athena's column dialog would ask for, the element of its K edge)
+READABLE: dict[str, tuple[dict, str]] = {
+    "APS10BM_2019.dat": ({}, "Mn"),  # MRCAT: energy, io, it, iref
+    "APS13ID_2008.dat": ({}, "Zn"),  # EPICS scan, ';' comments
+    "APS20BM_2001.dat": ({}, "Fe"),  # LabVIEW, 'Mono Energy *' column
+    "SSRL1_2006.dat": ({}, "Ag"),  # a clock column before the energy
+    "fe_athena.prj": ({}, "Fe"),  # three groups
+    # Columns named $(Detector1) ...: which is I0 and which It is the user's choice.
+    "CLSHXMA.dat": ({"i0": "detector1", "it": "detector2"}, "As"),
+    # I0/I1 of the first hutch show no edge: the sample's mu is the file's mu_ref.
+    "ESRF_BM08_LISA_2021.dat": ({"mode": "mu", "mu_column": "mu_ref"}, "Ge"),
+    # The header names 18 columns for 13; the counters sit in columns 3 and 4.
+    # Its 'i2' is no reference foil: no calibration.
+    "MoFoil.dat": ({"i0": "e_hdh_kev", "it": "i0", "calibrate": False}, "Mo"),
+    # A dilute trilayer: the edge is in the fluorescence channels.
+    "NSLS_XDAC_2011.dat": ({"fluorescence": ["ifch*"]}, "Fe"),
+    # Mono angle in column 1 (d-spacing in the header); the counters are unnamed.
+    "PF9A_2022.dat": ({"i0": "col4", "fluorescence": ["col5"]}, "Fe"),
+}
+#: file -> (options, what the refusal says)
+REFUSED: dict[str, tuple[dict, str]] = {
+    "APS12BM_2019.dat": ({}, "not finite"),  # It is zero above the edge: too thick
+    "ESRF_BM08_LISA_2021.dat": ({}, "falls across the edge"),
+    "CLSHXMA.dat": ({}, "cannot make mu(E)"),
+    "PF9A_2022.dat": ({}, "cannot make mu(E)"),
+}
+NO_OPTION = [name for name, (options, _) in READABLE.items() if not options]
+
+
+def larch_pre_edge(energy: np.ndarray, mu: np.ndarray) -> tuple[float, float]:
+    group = larch.Group(energy=np.asarray(energy, float), mu=np.asarray(mu, float))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        larch_xafs.pre_edge(group)
+    return float(group.e0), float(group.edge_step)
+
+
+def assert_agrees_with_larch(where: str, normalization: xas.Normalization, larch_e0, larch_step):
+    """Within 0.5 eV and 1% of Larch, or flagged as too noisy to decide."""
+    e0, step = float(normalization.e0[0]), float(normalization.edge_step[0])
+    unsure = (
+        normalization.edge_noise[0] < xas.MIN_EDGE_NOISE_RATIO
+        or normalization.e0_spread[0] > xas.MAX_E0_SPREAD
+    )
+    if unsure:
+        return
+    assert abs(e0 - larch_e0) <= 0.5, (where, e0, larch_e0)
+    assert abs(step / larch_step - 1) <= 0.01, (where, step, larch_step)
+
+
+@pytest.fixture(scope="module")
+def beamlines(test_data) -> Path:
+    return test_data / "xas" / "beamlines"
+
+
+@pytest.mark.parametrize("name", list(READABLE))
+def test_beamline_files_reduce_and_agree_with_larch(name, beamlines, tmp_path):
+    options, element = READABLE[name]
+    parameters = xas.SpectroscopyParameters(**options)
+    plan = make_spectroscopy_plan(str(beamlines / name), parameters, output_dir=str(tmp_path))
+    tabulated = xas.tabulated_edge(element, "K")
+    reference_e0 = plan.calibration.reference_e0 if plan.calibration else None
+    for source in plan.sources:
+        data = absorption(read_source(source), parameters)
+        reduction = xas.reduce_spectra(
+            data.energy,
+            data.mu,
+            mu_reference=data.mu_reference,
+            reference_e0=reference_e0,
+            **normalization_keywords(parameters),
+            exafs=False,
+            where=source.describe(),
+        )
+        # The energy column, its unit and the angle conversion: the edge is the element's
+        # (within chemical shifts and an uncalibrated monochromator).
+        e0 = float(reduction.normalization.e0[0])
+        assert abs(e0 - tabulated) < 50, (source.describe(), e0, tabulated)
+        # E0 and the step against Larch on the measured energies: Larch's E0 is a measured
+        # point, so a calibration shift moves it by up to a point more than it moves ours.
+        norm = xas.normalize(data.energy, data.mu, where=source.describe())
+        assert_agrees_with_larch(source.describe(), norm, *larch_pre_edge(data.energy, data.mu[0]))
+    if name.endswith(".prj"):
+        assert [s.group for s in plan.sources] == ["fe2o3_rt1_xmu", "fe3c_rt_xdi", "feo_rt1_xmu"]
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_files_that_cannot_be_reduced_say_why(name, beamlines, tmp_path):
+    options, message = REFUSED[name]
+    path = beamlines / name
+    with pytest.raises(CalypsoError) as refusal:
+        make_spectroscopy_plan(
+            str(path), xas.SpectroscopyParameters(**options), output_dir=str(tmp_path)
+        )
+    text = str(refusal.value)
+    assert str(path) in text and message in text and "\n" not in text, text
+
+
+def real_spectra(test_data: Path) -> list[Path]:
+    return sorted((test_data / "xas").glob("*.xdi")) + sorted(
+        (test_data / "xas" / "fexafs").glob("*")
+    )
+
+
+def test_every_real_spectrum_agrees_with_larch(test_data, tmp_path):
+    paths = real_spectra(test_data)
+    assert len(paths) >= 15
+    for path in paths:
+        # The Fe XANES repeats are a dilute sample: the edge is in the Fe Kα fluorescence.
+        dilute = path.parent.name == "fexafs"
+        parameters = xas.SpectroscopyParameters(fluorescence=["Sum_Fe_Ka"] if dilute else [])
+        plan = make_spectroscopy_plan(str(path), parameters, output_dir=str(tmp_path))
+        data = absorption(read_source(plan.sources[0]), parameters)
+        norm = xas.normalize(data.energy, data.mu, where=str(path))
+        assert_agrees_with_larch(str(path), norm, *larch_pre_edge(data.energy, data.mu[0]))
+        assert norm.edge_noise[0] > xas.MIN_EDGE_NOISE_RATIO, path  # none of them is unsure
+        assert norm.e0_spread[0] < xas.MAX_E0_SPREAD, path
+
+
+def test_noise_that_decides_e0_is_flagged_not_guessed(test_data, tmp_path):
+    """Fe metal's derivative has two peaks 9 eV apart: noise picks one, for Larch as for
+    Calypso. Where the two disagree, the E0 spread (even vs odd points) says so."""
+    path = test_data / "xas" / "fe_metal_rt.xdi"
+    parameters = xas.SpectroscopyParameters()
+    plan = make_spectroscopy_plan(str(path), parameters, output_dir=str(tmp_path))
+    data = absorption(read_source(plan.sources[0]), parameters)
+    energy, mu = np.asarray(data.energy), data.mu[0]
+    step = larch_pre_edge(energy, mu)[1]
+    disagreements = 0
+    for seed in range(6):
+        noisy = mu + np.random.default_rng(seed).normal(0, step / 100, mu.size)
+        norm = xas.normalize(energy, noisy)
+        larch_e0 = larch_pre_edge(energy, noisy)[0]
+        if abs(float(norm.e0[0]) - larch_e0) > 0.5:
+            disagreements += 1
+            assert norm.e0_spread[0] > xas.MAX_E0_SPREAD, (seed, norm.e0, larch_e0)
+    assert disagreements >= 2  # the case is a real one
+
+
+def test_cli_reads_a_folder_of_beamline_files(beamlines, tmp_path, capsys, catalogue):
+    """One CLI run over files of five families that need no option (merge and calibration off:
+    they are different samples and edges)."""
+    folder = tmp_path / "beamlines"
+    folder.mkdir()
+    for name in NO_OPTION:
+        shutil.copy(beamlines / name, folder / name)
+    out = tmp_path / "out"
+    code = main(
+        [
+            "run", "spectroscopy", str(folder), "--output", str(out), "--json",
+            "--set", "merge=false", "--set", "calibrate=false",
+        ]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
+    figures = summary["key_figures"]
+    parameters = xas.SpectroscopyParameters()
+    plan = make_spectroscopy_plan(str(folder), parameters, output_dir=str(tmp_path / "check"))
+    assert summary["count"] == len(plan.sources) == len(NO_OPTION) + 2  # the project: 3 groups
+    for source in plan.sources:
+        data = absorption(read_source(source), parameters)
+        larch_e0, larch_step = larch_pre_edge(data.energy, data.mu[0])
+        found = figures[source.label]
+        assert abs(found["e0_eV"] - larch_e0) <= 0.5, (source.label, found, larch_e0)
+        assert abs(found["edge_step"] / larch_step - 1) <= 0.01, (source.label, found)
+        assert found["edge_noise"] > xas.MIN_EDGE_NOISE_RATIO and "warning" not in found
+    assert summary["warnings"] == []
+
+
+def test_a_spectrum_too_noisy_to_decide_e0_says_so_in_the_summary(test_data, tmp_path, capsys):
+    """The doubt reaches the run's summary (the CLI's warnings, the UI's table), not only
+    the log: a noisy copy of Fe metal whose E0 moves between the even and odd points."""
+    table = np.loadtxt(test_data / "xas" / "fe_metal_rt.xdi", usecols=(0, 1))
+    energy, mu = table[:, 0], table[:, 1]
+    step = larch_pre_edge(energy, mu)[1]
+    for seed in range(20):
+        noisy = mu + np.random.default_rng(seed).normal(0, step / 100, mu.size)
+        if xas.normalize(energy, noisy).e0_spread[0] > xas.MAX_E0_SPREAD:
+            break
+    else:
+        pytest.fail("no noisy copy found")
+    path = tmp_path / "noisy_fe.dat"
+    np.savetxt(path, np.column_stack([energy, noisy]), header="energy mutrans")
+    code = main(["run", "spectroscopy", str(path), "--output", str(tmp_path / "out"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    [warning] = json.loads(captured.out)["warnings"]
+    assert "too noisy to decide E0" in warning and "e0_spread" in warning
+
+
+def test_a_spec_file_of_several_scans_is_one_spectrum_a_scan(test_data, tmp_path):
+    """SPEC files hold scan after scan (#S); each is a spectrum (and repeats merge)."""
+    parameters = xas.SpectroscopyParameters()
+    plan = make_spectroscopy_plan(
+        str(test_data / "xas" / "fe_metal_rt.xdi"), parameters, output_dir=str(tmp_path)
+    )
+    data = absorption(read_source(plan.sources[0]), parameters)
+    energy, mu = np.asarray(data.energy), data.mu[0]
+    i0 = np.full(energy.size, 1e5)
+    lines = ["#F fe.spec", "#E 1700000000", ""]
+    for number, keV in ((3, False), (4, True)):  # SPEC writers give keV too
+        lines += [f"#S {number} xafs_scan", "#N 3", "#L Energy  I0  I1"]
+        lines += [
+            f"{e / 1000 if keV else e:.6f} {a:.1f} {a * np.exp(-m):.4f}"
+            for e, a, m in zip(energy, i0, mu, strict=True)
+        ]
+        lines.append("")
+    path = tmp_path / "fe.spec"
+    path.write_text("\n".join(lines))
+    plan = make_spectroscopy_plan(str(path), parameters, output_dir=str(tmp_path / "out"))
+    assert [s.group for s in plan.sources] == ["3", "4"] and plan.merges
+    larch_e0, larch_step = larch_pre_edge(energy, mu)
+    for source in plan.sources:
+        scan = absorption(read_source(source), parameters)
+        norm = xas.normalize(scan.energy, scan.mu, where=source.describe())
+        assert_agrees_with_larch(source.describe(), norm, larch_e0, larch_step)
