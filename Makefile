@@ -23,7 +23,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=15
 
 bench: install
 	$(BIN)/python tests/benchmarks/bench_diffraction.py --frames 500 --half

@@ -21,30 +21,39 @@ TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture
-def toy_env(tmp_path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        CALYPSO_TECHNIQUES="toy_technique:FRAME_STATISTICS",
-        PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        CALYPSO_HOME=str(tmp_path / "home"),
-        CALYPSO_USER__NAME="alice",
-        CALYPSO_USER__PROPOSALS='["ih0001"]',
-        CALYPSO_EXECUTOR__N_WORKERS="1",
-    )
-    env.pop("CALYPSO_CATALOGUE__PATH", None)
-    return env
+def toy_env(tmp_path, monkeypatch, capsys):
+    """Calypso told of the toy technique, in this process (the CLI runs in it) and in the
+    processes it starts (Dask workers, `calypso serve`)."""
+    from calypso.flows.techniques import TECHNIQUES
+
+    env = {
+        "CALYPSO_TECHNIQUES": "toy_technique:FRAME_STATISTICS",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep
+        ),
+        "CALYPSO_HOME": str(tmp_path / "home"),
+        "CALYPSO_USER__NAME": "alice",
+        "CALYPSO_USER__PROPOSALS": '["ih0001"]',
+        "CALYPSO_EXECUTOR__N_WORKERS": "1",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("CALYPSO_CATALOGUE__PATH", raising=False)
+    monkeypatch.syspath_prepend(str(TESTS))
+    TECHNIQUES.reload()
+    yield dict(os.environ)
+    TECHNIQUES.reload()  # read again, without the toy, when next asked
 
 
-def calypso(env: dict[str, str], *arguments: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "calypso.flows.cli", *arguments],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+def calypso(capsys, *arguments: str) -> str:
+    """The `calypso` command, in this process (a process each would cost seconds)."""
+    from calypso.flows.cli import main
+
+    capsys.readouterr()
+    code = main(list(arguments))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    return captured.out
 
 
 def statistics(url: str) -> np.ndarray:
@@ -53,16 +62,16 @@ def statistics(url: str) -> np.ndarray:
         return h5[dataset][()]
 
 
-def test_a_technique_added_by_its_descriptor_runs_everywhere(tmp_path, toy_env):
+def test_a_technique_added_by_its_descriptor_runs_everywhere(tmp_path, toy_env, capsys):
     # The CLI knows it: its sample data, its parameters, `calypso run`.
-    printed = calypso(toy_env, "sample-data", "frame-statistics", str(tmp_path), "--frames", "9")
+    printed = calypso(capsys, "sample-data", "frame-statistics", str(tmp_path), "--frames", "9")
     session = tmp_path / "ih0001/id00/20261203"
     stack = session / "RAW_DATA/stack/stack_0001/stack_0001.h5"
     assert str(stack) in printed
-    assert "threshold" in calypso(toy_env, "parameters", "frame-statistics")
+    assert "threshold" in calypso(capsys, "parameters", "frame-statistics")
     summary = json.loads(
         calypso(
-            toy_env, "run", "frame-statistics", str(stack), "--output", str(tmp_path / "cli"),
+            capsys, "run", "frame-statistics", str(stack), "--output", str(tmp_path / "cli"),
             "--set", "threshold=4", "--json",
         )
     )  # fmt: skip
@@ -75,14 +84,14 @@ def test_a_technique_added_by_its_descriptor_runs_everywhere(tmp_path, toy_env):
     assert set(summary["timings_s"]) == {"total", "measure", "write", "busy_in_tasks"}
 
     # As a saved user flow: exported, saved, run; the same result, the same report.
-    spec = yaml.safe_load(calypso(toy_env, "flows", "export", "frame-statistics"))
+    spec = yaml.safe_load(calypso(capsys, "flows", "export", "frame-statistics"))
     spec["steps"]["plan"]["parameters"]["threshold"] = 4
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump(spec))
-    calypso(toy_env, "flows", "save", str(path), "--name", "my-statistics")
+    calypso(capsys, "flows", "save", str(path), "--name", "my-statistics")
     result = json.loads(
         calypso(
-            toy_env, "flows", "run", "my-statistics", str(stack), "--output",
+            capsys, "flows", "run", "my-statistics", str(stack), "--output",
             str(session / "PROCESSED_DATA/saved"), "--json",
         )
     )  # fmt: skip
