@@ -289,6 +289,28 @@ class UserSettings(BaseModel):
     proposals: list[str] = Field(default_factory=list)
 
 
+class UserFlowSettings(BaseModel):
+    """Bounds on user flow specifications, checked at ``flows check``, ``save`` and ``run``:
+    a mistyped sweep or a hostile file is refused with a message instead of taking the
+    memory of the machine that reads or runs it."""
+
+    max_variants: int = Field(
+        1000,
+        ge=1,
+        description="Variants a flow's sweeps may make at most (the product of every swept "
+        "parameter's number of values).",
+    )
+    max_document_bytes: int = Field(
+        256 * 1024, ge=1024, description="Size of a specification at most (bytes)."
+    )
+    max_list_items: int = Field(
+        10_000, ge=1, description="Items of any one list in a specification at most."
+    )
+    max_string_chars: int = Field(
+        4096, ge=1, description="Characters of any one string in a specification at most."
+    )
+
+
 class ServerSettings(BaseModel):
     """The local Prefect server started by ``calypso server``."""
 
@@ -328,6 +350,7 @@ class CalypsoSettings(BaseSettings):
     export: ExportSettings = Field(default_factory=ExportSettings)
     watch: WatchSettings = Field(default_factory=WatchSettings)
     user: UserSettings = Field(default_factory=UserSettings)
+    user_flows: UserFlowSettings = Field(default_factory=UserFlowSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     prefect_api_url: str | None = Field(
         None,

@@ -17,13 +17,20 @@ input of the wrong type, cycle ...) is reported at once, each with its place in 
 file. A parameter given as a list (or ``{start, stop, step}``) is a sweep: one
 variant a value (the product of several). The built-in flows are specifications in
 this format too (``flows/builtin/*.yaml``).
+
+A specification is bounded (:class:`calypso.settings.UserFlowSettings`): its size, any
+one list or string, how deep it nests, and the number of variants, which is counted
+(never enumerated) before any value is built. YAML anchors and aliases are refused as
+the document is composed: they are what lets a kilobyte expand into gigabytes.
 """
 
 from __future__ import annotations
 
 import difflib
 import itertools
+import math
 import re
+import reprlib
 from dataclasses import dataclass, field
 from graphlib import CycleError, TopologicalSorter
 from typing import Any
@@ -33,11 +40,16 @@ from pydantic import ValidationError
 
 from calypso.errors import ParameterError
 from calypso.flows.techniques import OUTPUTS, TECHNIQUES, all_steps
+from calypso.settings import UserFlowSettings, load_settings
 
 FORMAT = 1
 _TOP = {"calypso", "name", "description", "steps"}
 _STEP_KEYS = {"task", "inputs", "parameters", "description"}
 _STEP_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_SETTING = "CALYPSO_USER_FLOWS__"  # how to raise a limit, named in the problem
+# Composing YAML recurses once a level: a file of 100,000 "[" would overflow the stack.
+# A specification needs about six levels (steps.plan.parameters.rows.0).
+_MAX_DEPTH = 32
 
 
 class SpecificationError(ParameterError):
@@ -72,7 +84,85 @@ class FlowSpec:
 # -- reading and checking ---------------------------------------------------------
 
 
-def _line_numbers(text: str) -> dict[tuple[str, ...], int]:
+class _Refused(yaml.YAMLError):
+    """Something that stops composing at once (before it can expand or recurse)."""
+
+    def __init__(self, line: int, path: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.problem = f"line {line}, {'.'.join(path) or 'top'}: {message}"
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses anchors, aliases and deep nesting as each node is
+    composed, and notes lists and strings over the limits, so that nothing is built from
+    a document before it is known to be small."""
+
+    def __init__(self, text: str, limits: UserFlowSettings) -> None:
+        super().__init__(text)
+        self.limits = limits
+        self.paths: list[tuple[str, ...]] = [()]  # path of keys of each node being composed
+        self.problems: list[str] = []
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        path = self.paths[-1]
+        if isinstance(index, yaml.ScalarNode):  # a mapping's value, under its key
+            path = (*path, str(index.value))
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused(
+                line,
+                path,
+                "YAML anchors and aliases (&name, *name) are not allowed: a specification "
+                "has no use for them, and they let a small file expand without bound; "
+                "write each value out",
+            )
+        if len(self.paths) > _MAX_DEPTH:
+            raise _Refused(line, path, f"nested more than {_MAX_DEPTH} levels deep")
+        self.paths.append(path)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self.paths.pop()
+        where = f"line {line}, {'.'.join(path) or 'top'}"
+        limits = self.limits
+        if isinstance(node, yaml.SequenceNode) and len(node.value) > limits.max_list_items:
+            self.problems.append(
+                f"{where}: a list of {len(node.value):,} items: at most "
+                f"{limits.max_list_items:,} ({_SETTING}MAX_LIST_ITEMS)"
+            )
+        elif isinstance(node, yaml.ScalarNode) and len(node.value) > limits.max_string_chars:
+            self.problems.append(
+                f"{where}: a value of {len(node.value):,} characters: at most "
+                f"{limits.max_string_chars:,} ({_SETTING}MAX_STRING_CHARS)"
+            )
+        return node
+
+
+def _load(text: str, source: str, limits: UserFlowSettings) -> tuple[Any, yaml.Node | None]:
+    """The document's data and its node tree (for line numbers), read within the limits."""
+    limit = limits.max_document_bytes
+    # characters <= bytes: a text with too many characters is too big without encoding it
+    size = len(text) if len(text) > limit else len(text.encode())
+    if size > limit:
+        raise SpecificationError(
+            source,
+            [
+                f"line 1, top: more than {limit:,} bytes ({_SETTING}MAX_DOCUMENT_BYTES); "
+                "a specification is a few kilobytes"
+            ],
+        )
+    loader = _BoundedLoader(text, limits)
+    try:
+        root = loader.get_single_node()
+        if loader.problems:  # found in composing: build nothing from such a document
+            raise SpecificationError(source, loader.problems)
+        return (loader.construct_document(root) if root is not None else None), root
+    finally:
+        loader.dispose()
+
+
+def _line_numbers(root: yaml.Node | None) -> dict[tuple[str, ...], int]:
     """Line of every mapping key and value in the YAML, by its path of keys."""
     lines: dict[tuple[str, ...], int] = {}
 
@@ -84,36 +174,49 @@ def _line_numbers(text: str) -> dict[tuple[str, ...], int]:
                 lines[child] = key.start_mark.line + 1
                 walk(value, child)
 
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
     if root is not None:
         walk(root, ())
     return lines
 
 
-def _range(value: dict[str, Any]) -> list[float]:
+def _range(value: dict[str, Any], limit: int) -> list[float]:
+    """The values of ``{start, stop, step}``, counted by arithmetic before any is built: a
+    tiny step is refused for its count, not by running out of memory."""
     start, stop, step = value["start"], value["stop"], value.get("step", 1)
-    if not step or (stop - start) / step < 0:
+    if not all(math.isfinite(v) for v in (start, stop, step)):
+        raise ValueError("start, stop and step must be finite numbers")
+    if not step:
         raise ValueError("step must be non-zero and go from start towards stop")
-    count = round((stop - start) / step) + 1
-    if count > 1000:
-        raise ValueError(f"{count} values: at most 1000")
+    try:
+        span = (stop - start) / step
+    except OverflowError:  # integers so far apart that the count is not even a float
+        span = math.inf
+    if span < 0:
+        raise ValueError("step must be non-zero and go from start towards stop")
+    count = round(span) + 1 if math.isfinite(span) else math.inf
+    if count > limit:
+        shown = f"{count:,}" if math.isfinite(count) else "countless"
+        raise ValueError(f"{shown} values: at most {limit:,} variants ({_SETTING}MAX_VARIANTS)")
     return [round(start + i * step, 10) for i in range(count)]
 
 
-def check_specification(text: str, source: str = "specification") -> FlowSpec:
+def check_specification(
+    text: str, source: str = "specification", limits: UserFlowSettings | None = None
+) -> FlowSpec:
     """Parse and check a specification; raise :class:`SpecificationError` listing every
-    problem with its place (``line N, steps.center.inputs.plan``)."""
+    problem with its place (``line N, steps.center.inputs.plan``). ``limits`` default to
+    the settings' ``user_flows``."""
     registered = all_steps()
+    limits = limits or load_settings().user_flows
     try:
-        data = yaml.safe_load(text)
+        data, root = _load(text, source, limits)
+    except _Refused as exc:
+        raise SpecificationError(source, [exc.problem]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "?"
         raise SpecificationError(source, [f"{where}: not valid YAML ({exc})"]) from None
-    lines = _line_numbers(text)
+    lines = _line_numbers(root)
     problems: list[str] = []
 
     def problem(path: tuple[str, ...], message: str) -> None:
@@ -154,7 +257,7 @@ def check_specification(text: str, source: str = "specification") -> FlowSpec:
             continue
         outputs[name] = definition.output
         techniques.add(definition.technique)
-        sweep.update(_check_parameters(step.get("parameters"), definition, here, problem))
+        sweep.update(_check_parameters(step.get("parameters"), definition, here, problem, limits))
         inputs = step.get("inputs") or {}
         if not isinstance(inputs, dict):
             problem((*here, "inputs"), "expected a mapping of input name to step name")
@@ -181,6 +284,15 @@ def check_specification(text: str, source: str = "specification") -> FlowSpec:
                     f"{source_step!r} gives {outputs[source_step]}, but {port!r} takes "
                     f"{definition.inputs[port]}",
                 )
+    variants = math.prod(len(values) for values in sweep.values())  # counted, not built
+    if variants > limits.max_variants:
+        factors = " x ".join(f"{name} ({len(values)})" for name, values in sweep.items())
+        step_name, parameter = next(iter(sweep)).split(".", 1)
+        problem(
+            ("steps", step_name, "parameters", parameter),
+            f"the sweep makes {variants:,} variants ({factors}): at most "
+            f"{limits.max_variants:,} ({_SETTING}MAX_VARIANTS)",
+        )
     order: list[str] = []
     try:
         order = list(TopologicalSorter(graph).static_order())
@@ -205,7 +317,9 @@ def check_specification(text: str, source: str = "specification") -> FlowSpec:
     )
 
 
-def _check_parameters(parameters: Any, definition, here, problem) -> dict[str, list[Any]]:
+def _check_parameters(
+    parameters: Any, definition, here, problem, limits: UserFlowSettings
+) -> dict[str, list[Any]]:
     """Check a step's parameters against its model; return the swept ones' values."""
     model = definition.parameter_model()
     if parameters is None:
@@ -225,7 +339,7 @@ def _check_parameters(parameters: Any, definition, here, problem) -> dict[str, l
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problem(where, f"unknown {definition.technique} parameter{hint}")
             continue
-        values = _sweep_values(value, model, name)
+        values = _sweep_values(value, model, name, limits.max_variants)
         if isinstance(values, str):
             problem(where, values)
         elif values is not None:
@@ -240,13 +354,13 @@ def _check_parameters(parameters: Any, definition, here, problem) -> dict[str, l
     return sweep
 
 
-def _sweep_values(value: Any, model, name: str) -> list[Any] | str | None:
+def _sweep_values(value: Any, model, name: str, limit: int) -> list[Any] | str | None:
     """The values of a swept parameter, an error message, or None (not a sweep)."""
     if isinstance(value, dict) and {"start", "stop"} <= set(value):
         try:
-            return _range(value)
-        except (TypeError, ValueError, KeyError) as exc:
-            return f"bad range {value}: {exc}"
+            return _range(value, limit)
+        except (TypeError, ValueError, KeyError, OverflowError) as exc:
+            return f"bad range {reprlib.repr(value)}: {exc}"  # shortened: 4000-digit stop
     if isinstance(value, list):
         try:  # a list the parameter itself takes (rows: [10, 13]) is not a sweep
             model(**{name: value})
@@ -255,6 +369,8 @@ def _sweep_values(value: Any, model, name: str) -> list[Any] | str | None:
             pass
         if not value:
             return "an empty list sweeps nothing"
+        if len(value) > limit:
+            return f"a sweep of {len(value):,} values: at most {limit:,} ({_SETTING}MAX_VARIANTS)"
         return list(value)
     return None
 

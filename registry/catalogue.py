@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
-from calypso.errors import CalypsoError, CatalogueError
+from calypso.errors import CatalogueError
+from calypso.registry.sqlite import _statements, connect, create_database
 from calypso.settings import CalypsoSettings
 
 Status = Literal["completed", "failed"]
@@ -179,17 +178,8 @@ class ExportRecord(BaseModel):
 _JSON_FIELDS = ("outputs", "parameters", "software")
 
 
-@contextmanager
-def connect(path: Path) -> Iterator[sqlite3.Connection]:
-    """A connection to an SQLite file several processes share: one transaction, closed
-    at the end; rows readable by column name."""
-    db = sqlite3.connect(path, timeout=30)
-    db.row_factory = sqlite3.Row
-    try:
-        with db:
-            yield db
-    finally:
-        db.close()
+# Bump when _SCHEMA, _OUTBOX or _migrate change: files stamped lower are migrated once.
+CATALOGUE_SCHEMA_VERSION = 1
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -199,28 +189,8 @@ def _migrate(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE processed_datasets ADD COLUMN software TEXT NOT NULL DEFAULT '{}'")
     outbox_columns = {row["name"] for row in db.execute("PRAGMA table_info(outbox)")}
     if "key" not in outbox_columns:
-        db.executescript(_OUTBOX_WITH_KEYS)
-
-
-def create_database(
-    path: Path,
-    schema: str,
-    error: type[CalypsoError],
-    what: str,
-    advice: str,
-    migrate: Callable[[sqlite3.Connection], None] | None = None,
-) -> None:
-    """Create ``path`` (and its folder) with ``schema`` if needed, then ``migrate`` it; a
-    file that cannot be made or read raises ``error``: "cannot open <what> <path>: <why>;
-    <advice>"."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with connect(path) as db:
-            db.executescript(schema)
-            if migrate is not None:
-                migrate(db)
-    except (OSError, sqlite3.Error) as exc:
-        raise error(f"cannot open {what} {path}: {exc}; {advice}") from None
+        for statement in _statements(_OUTBOX_WITH_KEYS):
+            db.execute(statement)
 
 
 class SQLiteCatalogue:
@@ -236,6 +206,8 @@ class SQLiteCatalogue:
             "the catalogue",
             "set CALYPSO_CATALOGUE__PATH to a writable file",
             migrate=_migrate,
+            name="catalogue",
+            version=CATALOGUE_SCHEMA_VERSION,
         )
 
     def _connect(self):

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 import calypso
 from calypso.errors import CatalogueError, ConfigurationError
-from calypso.registry.catalogue import connect, create_database
+from calypso.registry.sqlite import connect, create_database
 
 # The deployment that runs any saved flow by name (`calypso serve`, prefect.yaml); each
 # saved flow also gets a deployment of its own name, so this one is not a flow name.
@@ -84,6 +84,7 @@ class SavedFlows:
             CatalogueError,
             "the flow registry",
             "it lives in the catalogue's file: set CALYPSO_CATALOGUE__PATH to a writable file",
+            name="saved flows",
         )
 
     def save(

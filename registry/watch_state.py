@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from calypso.errors import ConfigurationError
-from calypso.registry.catalogue import connect, create_database
+from calypso.registry.sqlite import connect, create_database
 
 
 def deployment_of(event: dict | None) -> str | None:
@@ -49,6 +49,8 @@ class WatchState:
             ConfigurationError,
             "the watcher's state",
             "set CALYPSO_WATCH__STATE_PATH to a writable file",
+            name="watch state",
+            setting="CALYPSO_WATCH__STATE_PATH",
         )
 
     def _connect(self):

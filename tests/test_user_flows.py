@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import h5py
@@ -296,3 +297,145 @@ def test_paths_that_leave_the_proposal_are_refused(tmp_path, capsys, user, diffr
     capsys.readouterr()
     assert main(["flows", "run", "mine", str(raw)]) == 3
     assert "steps.plan.parameters.mask /etc/passwd leads outside" in capsys.readouterr().err
+
+
+# -- limits: a specification is small before anything is built from it ---------------
+
+_TOMOGRAPHY = """\
+calypso: 1
+steps:
+  plan:
+    task: tomography.plan
+    parameters:
+{parameters}
+  center: {{task: tomography.center_of_rotation, inputs: {{plan: plan}}}}
+  slices: {{task: tomography.reconstruct, inputs: {{plan: plan, center: center}}}}
+  write: {{task: tomography.write, inputs: {{plan: plan, center: center, slices: slices}}}}
+"""
+# A kilobyte that PyYAML expands into 10^9 items: once measured at 3.5 GB and a hung run.
+_BILLION_LAUGHS = "      preview_cor_offsets: [&a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]" + "".join(
+    f", &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]" for i in range(8)
+)
+_BILLION_LAUGHS += "]"
+_SWEPT = ("center_of_rotation", "delta_beta", "cor_search")  # 1000 values each: 10^9
+
+
+def _tomography(*parameters: str) -> str:
+    return _TOMOGRAPHY.format(parameters="\n".join(f"      {p}" for p in parameters))
+
+
+def _refused(text: str, seconds: float = 2.0) -> str:
+    """The problems of a specification that must be refused quickly (timed: once these
+    were enumerated, a 10^9 sweep ended in a MemoryError)."""
+    started = time.perf_counter()
+    with pytest.raises(SpecificationError) as raised:
+        check_specification(text, "big.yaml")
+    assert time.perf_counter() - started < seconds
+    return "\n".join(raised.value.problems)
+
+
+def test_a_sweep_of_a_million_or_a_billion_variants_is_refused_by_counting():
+    limit = "at most 1,000 variants (CALYPSO_USER_FLOWS__MAX_VARIANTS)"
+    where = "line 6, steps.plan.parameters.center_of_rotation: bad range"
+    million = _refused(_tomography("center_of_rotation: {start: 0, stop: 999999, step: 1}"))
+    assert where in million and f"1,000,000 values: {limit}" in million
+    # a tiny step is counted, not built: 10^9 values, or more than a float can count
+    billion = _refused(_tomography("center_of_rotation: {start: 0, stop: 1, step: 1.0e-9}"))
+    assert where in billion and f"1,000,000,001 values: {limit}" in billion
+    countless = _refused(_tomography("center_of_rotation: {start: 0, stop: 1, step: 5.0e-324}"))
+    assert f"countless values: {limit}" in countless
+    # the product of several sweeps, each within the limit
+    product = _refused(_tomography(*(f"{name}: {{start: 1, stop: 1000}}" for name in _SWEPT)))
+    assert (
+        "line 6, steps.plan.parameters.center_of_rotation: the sweep makes 1,000,000,000 "
+        "variants (plan.center_of_rotation (1000) x plan.delta_beta (1000) x "
+        "plan.cor_search (1000)): at most 1,000 (CALYPSO_USER_FLOWS__MAX_VARIANTS)"
+    ) in product
+    two = _refused(_tomography(*(f"{name}: {{start: 1, stop: 1000}}" for name in _SWEPT[:2])))
+    assert "the sweep makes 1,000,000 variants" in two
+    values = ", ".join(str(n) for n in range(1001))
+    listed = _refused(_tomography(f"center_of_rotation: [{values}]"))
+    assert "a sweep of 1,001 values: at most 1,000" in listed
+
+
+def test_the_variant_limit_is_a_setting(monkeypatch):
+    five = _tomography("center_of_rotation: {start: 1, stop: 5}")
+    assert len(check_specification(five).variants()) == 5
+    monkeypatch.setenv("CALYPSO_USER_FLOWS__MAX_VARIANTS", "4")
+    assert "5 values: at most 4 variants" in _refused(five)
+    monkeypatch.setenv("CALYPSO_USER_FLOWS__MAX_VARIANTS", "2000")
+    wide = _tomography("center_of_rotation: {start: 1, stop: 1500}")
+    assert len(check_specification(wide).variants()) == 1500
+    # given by the caller, the limits need no settings
+    limits = load_settings().user_flows.model_copy(update={"max_variants": 2})
+    with pytest.raises(SpecificationError, match="5 values: at most 2 variants"):
+        check_specification(five, limits=limits)
+
+
+def test_anchors_and_aliases_are_refused_before_anything_expands():
+    import tracemalloc
+
+    assert len(_BILLION_LAUGHS) < 1024
+    tracemalloc.start()
+    try:
+        problems = _refused(_tomography(_BILLION_LAUGHS.strip()))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000, peak  # once 3.5 GB
+    assert (
+        "line 6, steps.plan.parameters.preview_cor_offsets: YAML anchors and aliases "
+        "(&name, *name) are not allowed: a specification has no use for them"
+    ) in problems
+    # anywhere, even harmless, and an alias alone (no anchor to find) too
+    for text in (
+        "calypso: &one 1\nsteps: {}\n",
+        _tomography("detector: *nowhere"),
+        _tomography("<<: *merged"),
+    ):
+        assert "anchors and aliases" in _refused(text)
+
+
+def test_oversized_documents_lists_strings_and_nesting_are_refused():
+    padded = _tomography("center_of_rotation: 3") + "# " + "x" * 256 * 1024 + "\n"
+    assert _refused(padded) == (
+        "line 1, top: more than 262,144 bytes (CALYPSO_USER_FLOWS__MAX_DOCUMENT_BYTES); "
+        "a specification is a few kilobytes"
+    )
+    offsets = ", ".join(["1"] * 10_001)
+    assert _refused(_tomography(f"preview_cor_offsets: [{offsets}]"), seconds=10) == (
+        "line 6, steps.plan.parameters.preview_cor_offsets: a list of 10,001 items: at most "
+        "10,000 (CALYPSO_USER_FLOWS__MAX_LIST_ITEMS)"
+    )
+    long = _refused(_tomography(f"detector: {'x' * 5000}", f"filter_name: {'y' * 4097}"))
+    assert long.splitlines() == [  # every one at once
+        "line 6, steps.plan.parameters.detector: a value of 5,000 characters: at most 4,096 "
+        "(CALYPSO_USER_FLOWS__MAX_STRING_CHARS)",
+        "line 7, steps.plan.parameters.filter_name: a value of 4,097 characters: at most "
+        "4,096 (CALYPSO_USER_FLOWS__MAX_STRING_CHARS)",
+    ]
+    # once a RecursionError traceback
+    deep = _refused(_tomography(f"detector: {'[' * 100_000}"), seconds=10)
+    assert deep == "line 6, steps.plan.parameters.detector: nested more than 32 levels deep"
+
+
+def test_cli_check_refuses_what_is_over_the_limits(tmp_path, capsys):
+    cases = {
+        "billion.yaml": (
+            _tomography(*(f"{name}: {{start: 1, stop: 1000}}" for name in _SWEPT)),
+            "the sweep makes 1,000,000,000 variants",
+        ),
+        "laughs.yaml": (_tomography(_BILLION_LAUGHS.strip()), "anchors and aliases"),
+        "huge.yaml": ("#" * 300_000, "more than 262,144 bytes"),
+        "list.yaml": (
+            _tomography(f"preview_cor_offsets: [{', '.join(['1'] * 10_001)}]"),
+            "a list of 10,001 items",
+        ),
+    }
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        assert main(["flows", "check", str(path)]) == 2, name
+        captured = capsys.readouterr()
+        assert f"{path}: 1 problem(s):" in captured.err and message in captured.err, name
+        assert "Traceback" not in captured.err and not captured.out

@@ -6,7 +6,6 @@ import argparse
 import difflib
 import json
 import sys
-from pathlib import Path
 
 from calypso.errors import ParameterError
 from calypso.flows.api import current_user, get_saved_flow, run_saved_flow, saved_flows
@@ -54,8 +53,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _read_specification(path: str) -> str:
+    """The file's text, read no further than one byte past the size limit (a huge file is
+    refused by the check without being read whole)."""
+    limit = load_settings().user_flows.max_document_bytes
     try:
-        return Path(path).read_text()
+        with open(path, "rb") as file:
+            return file.read(limit + 1).decode("utf-8", errors="replace")
     except OSError as exc:
         raise ParameterError(f"cannot read the flow specification {path}: {exc}") from None
 
