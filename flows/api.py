@@ -43,6 +43,7 @@ from calypso.settings import CalypsoSettings
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
+    from calypso.flows.techniques import Technique
     from calypso.registry.saved_flows import SavedFlow, SavedFlows, User
 
 __all__ = [
@@ -140,10 +141,31 @@ def run_technique(
 ) -> dict[str, Any]:
     """Check the input, then run the technique's flow on the configured Dask cluster."""
     began = time.perf_counter()
+    entry = TECHNIQUES[technique]
+    # Shown from the first second: what is happening before the first frame is counted.
+    bar = _Bar(0, entry.unit, stage=f"reading {Path(input_path).name}")
+    try:
+        return _run_technique(
+            entry, bar, began, input_path, parameters, scans, output, settings, export_to
+        )
+    finally:
+        bar.close()
+
+
+def _run_technique(
+    entry: Technique,
+    bar: _Bar,
+    began: float,
+    input_path: str,
+    parameters: BaseModel,
+    scans: list[int] | None,
+    output: str | None,
+    settings: CalypsoSettings,
+    export_to: str | None,
+) -> dict[str, Any]:
     from calypso.executors import local_worker_count
     from calypso.flows.engine import remember_plan
 
-    entry = TECHNIQUES[technique]
     if not settings.executor.preload:
         # Workers import this technique's code while they start, not another's.
         settings = settings.model_copy(
@@ -153,8 +175,9 @@ def run_technique(
     # second, with one message and nothing written. The run takes this plan.
     workers = local_worker_count(settings.executor)
     plan = entry.plan()(input_path, parameters, scans, output, settings, workers)
-    remember_plan(technique, input_path, parameters, scans, output, workers, plan)
+    remember_plan(entry.name, input_path, parameters, scans, output, workers, plan)
     total = getattr(plan, entry.count_attribute)
+    bar.update_to(0, total)
     technique_flow = entry.flow()
     if export_to:
         from calypso.tasks.export import check_target_uri
@@ -171,31 +194,48 @@ def run_technique(
             output_dir=output,
             export_to=export_to,
         ),
+        bar,
     )
     summary["wall_s"] = round(time.perf_counter() - began, 3)
     return summary
 
 
 def run_on_cluster(
-    settings: CalypsoSettings, total: int, unit: str, call: Callable[[Any], Any]
+    settings: CalypsoSettings,
+    total: int,
+    unit: str,
+    call: Callable[[Any], Any],
+    bar: _Bar | None = None,
 ) -> Any:
     """``call(task_runner)`` with a Prefect API up, on the Dask cluster the settings name
-    (a local one boots while Prefect starts), a progress bar counting ``unit``."""
+    (a local one boots while Prefect starts), a progress bar counting ``unit`` (``bar``, or
+    a new one) that says what is starting until the first result."""
+    import os
+
     from calypso.executors import boot_local_cluster, build_task_runner
     from calypso.flows.runtime import check_prefect_api, prefect_api
     from calypso.tasks.progress import listening
 
-    check_prefect_api()
-    booting = boot_local_cluster(settings.executor)
     with ExitStack() as stack:
+        if bar is None:
+            bar = stack.enter_context(closing(_Bar(total, unit)))
+        check_prefect_api()
+        booting = boot_local_cluster(settings.executor)
         if booting is not None:  # closed even if the Prefect API never comes up
             stack.callback(_close_cluster, booting)
+        bar.stage(
+            "connecting to Prefect"
+            if os.environ.get("PREFECT_API_URL")
+            else "starting a temporary Prefect server"
+            + (" and Dask workers" if booting is not None else "")
+        )
         stack.enter_context(prefect_api())
         if booting is not None:  # ... and normally before the API goes: workers flush logs to it
             stack.callback(_close_cluster, booting)
-        bar = stack.enter_context(closing(_Bar(total, unit)))
+            bar.stage("starting Dask workers")
         stack.enter_context(listening(bar.update_to))
         runner = build_task_runner(settings.executor, cluster=booting.result() if booting else None)
+        bar.stage("running", started=True)
         return call(runner)
 
 
@@ -206,10 +246,11 @@ def _close_cluster(booting: Future) -> None:
 class _Bar:
     """A tqdm bar on standard error, fed ``(done, total)`` by a progress listener."""
 
-    def __init__(self, total: int, unit: str, scale: bool = False) -> None:
+    def __init__(self, total: int, unit: str, scale: bool = False, stage: str = "") -> None:
         from tqdm import tqdm
 
         self._bar = tqdm(
+            desc=stage or None,
             total=total,
             unit=unit,
             unit_scale=scale,
@@ -219,7 +260,16 @@ class _Bar:
             leave=False,
         )
 
+    def stage(self, text: str, *, started: bool = False) -> None:
+        """Say what is being done before the first result arrives; ``started``: the work
+        itself starts now (the rate counts from here, not from the start-up)."""
+        if started:
+            self._bar.reset(total=self._bar.total)
+        self._bar.set_description_str(text or None, refresh=True)
+
     def update_to(self, done: int, total: int) -> None:
+        if done and self._bar.desc:
+            self._bar.set_description_str(None, refresh=False)
         self._bar.total = total
         self._bar.n = done
         self._bar.refresh()

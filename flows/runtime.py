@@ -23,6 +23,8 @@ def prepare_environment(settings: CalypsoSettings, verbose: bool = False) -> Non
     defaults = {
         # No telemetry from a beamline machine (and no noise when offline).
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # Prefect's client reads only this one (3.x prints a telemetry banner on first use).
+        "DO_NOT_TRACK": "1",
         # The terminal shows Calypso's own summary; the full logs go to the
         # Prefect API (UI) at INFO whatever the console shows.
         "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "INFO" if verbose else "CRITICAL",

@@ -232,6 +232,37 @@ def test_command_line_run_in_ephemeral_mode_is_quiet(diffraction_sample, tmp_pat
     )
     assert bad.returncode == 3
     assert bad.stderr == f"calypso: error: {tmp_path / 'no'} does not exist\n"
+    # Under --json the same error is JSON on standard output, for the scripts that asked.
+    bad_json = subprocess.run(
+        [sys.executable, "-m", "calypso.flows.cli", "run", "diffraction", str(tmp_path / "no")]
+        + ["--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad_json.returncode == 3 and bad_json.stderr == ""
+    assert json.loads(bad_json.stdout)["error"] == {
+        "type": "RawDataError",
+        "message": f"{tmp_path / 'no'} does not exist",
+        "exit_code": 3,
+    }
+
+
+def test_version_completion_and_usage_errors(capsys):
+    from calypso import __version__
+
+    with pytest.raises(SystemExit) as version:
+        main(["--version"])
+    assert version.value.code == 0 and capsys.readouterr().out == f"calypso {__version__}\n"
+    code, out, err = calypso(capsys, "completion", "bash")
+    assert code == 0 and "complete " in out and "calypso" in out
+    # Usage errors: argparse's usage and message as usual, or JSON when --json was asked.
+    code, out, err = calypso(capsys, "run", "nonsense", "x")
+    assert code == 2 and err.startswith("usage: calypso run") and "invalid choice" in err
+    code, out, err = calypso(capsys, "run", "nonsense", "x", "--json")
+    error = json.loads(out)["error"]
+    assert code == 2 and error["type"] == "UsageError" and "invalid choice" in error["message"]
 
 
 def test_sample_data_command(tmp_path, capsys):

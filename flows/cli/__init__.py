@@ -10,8 +10,11 @@ the CLI prints its message (no traceback) and exits non-zero.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from typing import NoReturn
 
+import calypso
 from calypso.errors import CalypsoError
 from calypso.flows.cli import (
     catalogue,
@@ -29,29 +32,79 @@ COMMAND_GROUPS = (run, export, parameters, sample_data, service, user_flows, clu
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Machine-readable errors too when the caller asked for machine-readable output.
+    as_json = "--json" in argv
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "handler", None):
-        parser.print_help()
-        return 2
     try:
+        import argcomplete  # completes words when the shell asks (`calypso completion`)
+
+        argcomplete.autocomplete(parser)
+        args = parser.parse_args(argv)
+        if not getattr(args, "handler", None):
+            parser.print_help()
+            return 2
         return int(args.handler(args) or 0)
     except CalypsoError as exc:
-        print(f"calypso: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _report(exc, as_json)
     except KeyboardInterrupt:
-        print("calypso: interrupted", file=sys.stderr)
-        return 130
+        return _report(Interrupted("interrupted"), as_json)
     except BrokenPipeError:  # output piped into `head` or a pager that quit
         sys.stderr.close()
         return 0
 
 
+class Interrupted(CalypsoError):
+    exit_code = 130
+
+
+class UsageError(CalypsoError):
+    """The command line itself is wrong (argparse's errors, exit status 2)."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, usage: str = "") -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+def _report(exc: CalypsoError, as_json: bool) -> int:
+    if as_json:
+        error = {"type": type(exc).__name__, "message": str(exc), "exit_code": exc.exit_code}
+        print(json.dumps({"error": error}, indent=2))
+    else:
+        print(getattr(exc, "usage", "") + f"calypso: error: {exc}", file=sys.stderr)
+    return exc.exit_code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors raised, so that ``--json`` can report them as JSON."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)", usage=self.format_usage())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="calypso", description="Synchrotron data reduction flows (Prefect + Dask)."
     )
+    parser.add_argument("--version", action="version", version=f"calypso {calypso.__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     for group in COMMAND_GROUPS:
         group.add_commands(commands)
+    completion = commands.add_parser(
+        "completion",
+        help="print the shell code that completes calypso's commands",
+        description='Completion for bash or zsh: add `eval "$(calypso completion bash)"` '
+        "to ~/.bashrc (or `... zsh` to ~/.zshrc).",
+    )
+    completion.add_argument("shell", choices=("bash", "zsh", "fish", "tcsh"))
+    completion.set_defaults(handler=_print_completion)
     return parser
+
+
+def _print_completion(args: argparse.Namespace) -> int:
+    from argcomplete import shellcode
+
+    print(shellcode(["calypso"], shell=args.shell))
+    return 0
