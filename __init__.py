@@ -7,3 +7,13 @@ and task runners) and ``registry`` (catalogues).
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``calypso.run`` and ``calypso.load`` for notebooks, imported on first use so that
+    # ``import calypso`` (and every worker process) stays light.
+    if name in ("run", "load"):
+        from calypso.flows import notebooks
+
+        return getattr(notebooks, name)
+    raise AttributeError(f"module 'calypso' has no attribute {name!r}")
