@@ -11,6 +11,7 @@ temporary Prefect server (or the configured one), the progress bar, the catalogu
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,14 +50,15 @@ def run(
     from calypso.settings import load_settings
     from calypso.tasks.results import from_record
 
-    values = dict(parameters)
-    model = parameters_from(technique, values, " given to calypso.run()")
     settings = (
         load_settings(executor={"kind": "local", "n_workers": workers})
         if workers
         else load_settings()
     )
-    prepare_environment(settings)
+    prepare_environment(settings)  # before the technique's modules import silx and pyFAI
+    # Paths are welcome as Path objects; the parameter models hold them as text.
+    values = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in parameters.items()}
+    model = parameters_from(technique, values, " given to calypso.run()")
     with _script_not_rerun():
         summary = run_technique(
             technique,

@@ -48,7 +48,8 @@ class Data:
             raise OutputError(f"{self.url} is not an NXdata group with a signal")
         return group
 
-    def _read(self, name: str | None) -> np.ndarray | None:
+    def read(self, name: str | None) -> np.ndarray | None:
+        """Any dataset of the group by name (None if it has none of that name)."""
         with h5py.File(self.file, "r") as h5:
             group = self._group(h5)
             return None if name is None or name not in group else group[name][()]
@@ -67,17 +68,17 @@ class Data:
     @property
     def signal(self) -> np.ndarray:
         """The plotted array (intensities, mu(E), a slice ...)."""
-        return self._read(self.signal_name)
+        return self.read(self.signal_name)
 
     @property
     def axes(self) -> dict[str, np.ndarray]:
         """Each axis the plot uses, by name, in the order of the signal's dimensions."""
-        return {name: self._read(name) for name in self.axis_names}
+        return {name: self.read(name) for name in self.axis_names}
 
     @property
     def errors(self) -> np.ndarray | None:
         """The signal's standard deviations, when the result has them."""
-        return self._read(f"{self.signal_name}_errors") if self.signal_name else None
+        return self.read(f"{self.signal_name}_errors") if self.signal_name else None
 
     @property
     def units(self) -> dict[str, str]:
@@ -90,6 +91,10 @@ class Data:
                 for n in names
                 if n in group and "units" in group[n].attrs
             }
+
+    def sibling(self, name: str) -> Data:
+        """Another NXdata of the same process (``result.data.sibling("chi")``)."""
+        return Data(f"{self.file}::{self.path.rsplit('/', 1)[0]}/{name}")
 
     def __repr__(self) -> str:
         return f"Data({self.url!r})"
