@@ -44,6 +44,8 @@ class Data:
             group = h5[self.path]
         except KeyError:
             raise OutputError(f"{self.file} has no group {self.path}") from None
+        if isinstance(group, h5py.Dataset):  # a URL naming the signal itself: its NXdata
+            group = group.parent
         if not isinstance(group, h5py.Group) or "signal" not in group.attrs:
             raise OutputError(f"{self.url} is not an NXdata group with a signal")
         return group

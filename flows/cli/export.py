@@ -25,7 +25,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--include",
         action="append",
         metavar="PATTERN",
-        help="only files matching this shell pattern (repeatable), e.g. '*.h5'",
+        help="only files matching this shell pattern (repeatable), e.g. --include=*.h5",
     )
     export.add_argument(
         "--verify", action="store_true", help="read every object back and check its SHA-256"
