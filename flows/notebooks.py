@@ -11,6 +11,7 @@ temporary Prefect server (or the configured one), the progress bar, the catalogu
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -59,7 +60,7 @@ def run(
     # Paths are welcome as Path objects; the parameter models hold them as text.
     values = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in parameters.items()}
     model = parameters_from(technique, values, " given to calypso.run()")
-    with _script_not_rerun():
+    with _script_not_rerun(), _prefect_logs_kept_to_prefect():
         summary = run_technique(
             technique,
             str(raw),
@@ -90,6 +91,18 @@ def _open_catalogue(settings: CalypsoSettings) -> Any:
     from calypso.registry.catalogue import open_catalogue
 
     return open_catalogue(settings)
+
+
+@contextmanager
+def _prefect_logs_kept_to_prefect() -> Iterator[None]:
+    """Prefect's INFO lines go to its API (the UI), not into the notebook: some libraries
+    (pyFAI) give the root logger a handler at import, and Prefect's loggers propagate."""
+    logger = logging.getLogger("prefect")
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield
+    finally:
+        logger.propagate = propagate
 
 
 @contextmanager
