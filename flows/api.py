@@ -82,6 +82,10 @@ def build_parameters(
     values: dict[str, Any] = {}
     if params_file:
         values.update(_read_params_file(Path(params_file)))
+        reader = TECHNIQUES[technique].parameter_file_reader()
+        translated = reader(values, str(params_file)) if reader else None
+        if translated is not None:  # another program's file (pyFAI's configuration)
+            values = translated
     for assignment in assignments:
         name, sep, text = assignment.partition("=")
         if not sep or not name.strip():

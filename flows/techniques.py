@@ -79,9 +79,15 @@ class Technique:
     sample_options: tuple[Option, ...] = ()
     concurrency: int = 2  # flow runs at once under `calypso serve` (settings may override)
     rate_name: str | None = None  # an extra summary key for ``per_s`` (``frames_per_s``)
+    # "module:function(values, source) -> parameters | None": reads another program's
+    # parameter file (pyFAI's integration JSON) given to --params; None: not one of those.
+    parameter_file_at: str | None = None
 
     def parameters(self) -> type[BaseModel]:
         return load(self.parameters_at)
+
+    def parameter_file_reader(self) -> Callable[..., dict[str, Any] | None] | None:
+        return load(self.parameter_file_at) if self.parameter_file_at else None
 
     def plan(self) -> Callable[..., Any]:
         return load(self.plan_at)

@@ -73,6 +73,7 @@ DIFFRACTION = Technique(
     unit="frames",
     parameters_at="calypso.techniques.diffraction:DiffractionParameters",
     plan_at="calypso.tasks.plans.diffraction:make_integration_plan",
+    parameter_file_at="calypso.tasks.raw.pyfai_config:read_pyfai_config",
     count_attribute="n_frames",
     steps=(
         planning_step("diffraction"),

@@ -1,0 +1,107 @@
+"""What pyFAI and ewoksxrpd users already have works as it is: a pyFAI integration
+configuration (the JSON pyFAI's Worker reads) given to ``--params``."""
+
+from __future__ import annotations
+
+import json
+
+import fabio
+import h5py
+import numpy as np
+import pytest
+
+from calypso.errors import ParameterError
+from calypso.flows.api import build_parameters
+from calypso.flows.cli import main
+
+
+@pytest.fixture(scope="module")
+def ceo2(test_data):
+    return test_data / "xrd" / "CeO2_Pilatus1M.tif", test_data / "xrd" / "CeO2_Pilatus1M.poni"
+
+
+def worker_configuration(poni, **options):
+    """The configuration pyFAI's own Worker saves (what pyFAI-integrate writes)."""
+    import pyFAI
+    from pyFAI.worker import Worker
+
+    worker = Worker(
+        azimuthalIntegrator=pyFAI.load(str(poni)),
+        shapeOut=(1, options.pop("npt", 1500)),
+        unit=options.pop("unit", "2th_deg"),
+    )
+    worker.method = ("bbox", "csr", "cython")
+    config = worker.get_config()
+    config.update(options)
+    return config
+
+
+def test_a_pyfai_worker_configuration_gives_pyfais_own_pattern(
+    ceo2, tmp_path, catalogue_path, capsys
+):
+    image, poni = ceo2
+    config = worker_configuration(poni, polarization_description=[0.99, 0], error_model="poisson")
+    path = tmp_path / "integration.json"
+    path.write_text(json.dumps(config))
+    output = tmp_path / "out"
+    # The PONI refers to the image flipped up-down (see SOURCES.md): Calypso's flip option.
+    options = ["--params", str(path), "--set", "flip=ud", "--output", str(output), "--json"]
+    code = main(["run", "diffraction", str(image), *options])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0
+    nexus_file, _, group = summary["outputs"][0].partition("::")
+    with h5py.File(nexus_file, "r") as h5:
+        data = h5[group]
+        calypso_pattern = data["intensity"][0]
+        two_theta = data[data.attrs["axes"][-1]][()]
+
+    # pyFAI's Worker with the same configuration on the same (flipped) image.
+    from pyFAI.worker import Worker
+
+    worker = Worker()
+    worker.set_config(config)
+    worker.output = "raw"
+    frame = np.flipud(fabio.open(str(image)).data).astype(np.float32)
+    reference = worker.process(frame)
+    np.testing.assert_allclose(two_theta, reference.radial, rtol=1e-6)
+    valid = np.isfinite(calypso_pattern) & (reference.intensity != 0)
+    assert valid.sum() > 0.9 * len(two_theta)
+    np.testing.assert_allclose(calypso_pattern[valid], reference.intensity[valid], rtol=1e-4)
+
+
+def test_configuration_keys_become_calypsos_parameters(ceo2, tmp_path):
+    _, poni = ceo2
+    config = worker_configuration(
+        poni,
+        npt=800,
+        unit="q_nm^-1",
+        mask_file="/data/mask.edf",
+        dark_current=["/data/dark.edf"],
+        radial_range=[1.0, 40.0],
+        val_dummy=-2,
+        delta_dummy=0.5,
+        polarization_description=[0.95, 0],
+        error_model="azimuthal",
+    )
+    path = tmp_path / "integration.json"
+    path.write_text(json.dumps(config))
+    parameters = build_parameters("diffraction", [], str(path))
+    assert parameters.npt == 800 and parameters.unit == "q_nm^-1"
+    assert parameters.mask == "/data/mask.edf" and parameters.dark == "/data/dark.edf"
+    assert parameters.radial_range == (1.0, 40.0) and parameters.error_model == "azimuthal"
+    assert parameters.dummy == -2 and parameters.delta_dummy == 0.5
+    assert parameters.polarization_factor == 0.95
+    assert parameters.geometry.dist == pytest.approx(0.208651380603)
+    assert parameters.method == ("bbox", "csr", "cython")
+    # A PONI named by path stays a path; --set still overrides the file.
+    path.write_text(json.dumps(config | {"poni": str(poni)}))
+    parameters = build_parameters("diffraction", ["npt=100"], str(path))
+    assert parameters.poni == str(poni) and parameters.geometry is None and parameters.npt == 100
+
+    # What Calypso would not do the same way is refused by name, never dropped.
+    path.write_text(json.dumps(config | {"dark_current": ["/a.edf", "/b.edf"]}))
+    with pytest.raises(ParameterError, match="dark_current names 2 files; Calypso takes one"):
+        build_parameters("diffraction", [], str(path))
+    path.write_text(json.dumps(config | {"normalization_factor": 3.0}))
+    with pytest.raises(ParameterError, match="normalization_factor=3.0 is not supported"):
+        build_parameters("diffraction", [], str(path))
