@@ -234,8 +234,15 @@ def test_command_line_run_in_ephemeral_mode_is_quiet(diffraction_sample, tmp_pat
     assert bad.stderr == f"calypso: error: {tmp_path / 'no'} does not exist\n"
     # Under --json the same error is JSON on standard output, for the scripts that asked.
     bad_json = subprocess.run(
-        [sys.executable, "-m", "calypso.flows.cli", "run", "diffraction", str(tmp_path / "no")]
-        + ["--json"],
+        [
+            sys.executable,
+            "-m",
+            "calypso.flows.cli",
+            "run",
+            "diffraction",
+            str(tmp_path / "no"),
+            "--json",
+        ],
         env=env,
         capture_output=True,
         text=True,
