@@ -161,7 +161,9 @@ def write_integrated_nexus(
                     if getattr(scan, name):
                         entry[name] = getattr(scan, name)
                 if plan.raw_file is not None:
-                    nexus.link_raw_groups(entry, Path(plan.raw_file), entry_name, output_dir)
+                    nexus.link_raw_groups(
+                        entry, Path(plan.raw_file), entry_name, output_dir, expand=("measurement",)
+                    )
                 process_name = f"{scan.detector}_integrate"
                 entry.attrs["default"] = f"{process_name}/integrated"
                 process = nexus.write_process(
@@ -181,6 +183,12 @@ def write_integrated_nexus(
                     process, chunks, scan.source.n_frames, radial_name, radial_units
                 )
                 urls.append(f"{output}::/{entry_name}/{process_name}/integrated")
+                # Where ewoksxrpd puts it, so that its users' scripts read Calypso's files.
+                measurement = entry.require_group("measurement")
+                nexus.set_nx_class(measurement, "NXcollection")
+                measurement[f"{scan.detector}_integrated"] = h5py.SoftLink(
+                    f"/{entry_name}/{process_name}/integrated/intensity"
+                )
                 if write_ascii:
                     _write_ascii(ascii_temps[index], average, plan, scan, radial_name)
                     curves.append((f"scan {scan.number}", average.radial, average.intensity))

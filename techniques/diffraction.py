@@ -255,9 +255,10 @@ class IntegratedFrames:
 
 
 def radial_axis_name(unit: str) -> tuple[str, str]:
-    """NeXus name and units of the radial axis for a pyFAI unit, e.g. ('q', 'nm^-1')."""
+    """NeXus name and units of the radial axis for a pyFAI unit, e.g. ('q', 'nm^-1'),
+    ('2th', 'deg'): pyFAI's own names, which pyFAI's and ewoksxrpd's readers look for."""
     name, _, units = str(pyfai_units.to_unit(unit)).partition("_")
-    return {"2th": "2theta", "chi": "chi"}.get(name, name), units or ""
+    return name, units or ""
 
 
 def integrate_frames(

@@ -105,3 +105,34 @@ def test_configuration_keys_become_calypsos_parameters(ceo2, tmp_path):
     path.write_text(json.dumps(config | {"normalization_factor": 3.0}))
     with pytest.raises(ParameterError, match="normalization_factor=3.0 is not supported"):
         build_parameters("diffraction", [], str(path))
+
+
+def test_ewoksxrpd_scripts_read_calypsos_output(diffraction_sample, tmp_path, catalogue_path):
+    """The paths an ewoksxrpd user's script reads: ``<scan>.1/<det>_integrate/integrated``
+    with pyFAI's axis names, ``measurement/<det>_integrated`` beside the raw counters."""
+    from silx.io.nxdata import NXdata
+
+    calibration = diffraction_sample.calibration
+    output = tmp_path / "out"
+    options = ["--set", f"poni={calibration['poni']}", "--set", "unit=2th_deg", "--scan", "1"]
+    code = main(
+        [
+            "run",
+            "diffraction",
+            str(diffraction_sample.raw_dataset_dir),
+            "--output",
+            str(output),
+            *options,
+        ]
+    )
+    assert code == 0
+    [nexus_file] = output.glob("*.h5")
+    with h5py.File(nexus_file, "r") as h5:
+        nxdata = NXdata(h5["1.1/pilatus1m_integrate/integrated"])
+        assert nxdata.is_valid and nxdata.axes_dataset_names == ["points", "2th"]
+        assert nxdata.axes[1].attrs["units"] == "deg"
+        integrated = h5["1.1/measurement/pilatus1m_integrated"]
+        np.testing.assert_array_equal(integrated[()], nxdata.signal[()])
+        assert integrated.shape[0] == len(h5["1.1/measurement/mon"])  # raw counters beside it
+        with h5py.File(diffraction_sample.dataset.raw_file, "r") as raw:
+            assert set(raw["1.1/measurement"]) < set(h5["1.1/measurement"])

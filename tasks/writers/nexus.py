@@ -104,19 +104,35 @@ def write_root_attributes(h5: h5py.File, default_entry: str) -> None:
     h5.attrs["default"] = default_entry
 
 
-def link_raw_groups(entry: h5py.Group, raw_file: Path, raw_entry: str, output_dir: Path) -> None:
+def link_raw_groups(
+    entry: h5py.Group,
+    raw_file: Path,
+    raw_entry: str,
+    output_dir: Path,
+    expand: tuple[str, ...] = (),
+) -> None:
     """External links from a processed entry to the raw ``instrument``, ``measurement``, ``sample``.
 
     The raw file is named relative to the output folder, so the links still
-    resolve when the whole proposal tree is mounted elsewhere.
+    resolve when the whole proposal tree is mounted elsewhere. Groups named in ``expand``
+    are made here (NXcollection) with one link per raw member, so that results can be
+    added beside the raw counters (``measurement/<detector>_integrated``, as ewoksxrpd).
     """
     relative = os.path.relpath(raw_file, output_dir)
     with h5py.File(raw_file, "r", locking=False) as raw:
-        present = [
-            name for name in ("instrument", "measurement", "sample") if name in raw[raw_entry]
-        ]
-    for name in present:
-        entry[name] = h5py.ExternalLink(relative, f"/{raw_entry}/{name}")
+        present = {
+            name: list(raw[raw_entry][name]) if name in expand else None
+            for name in ("instrument", "measurement", "sample")
+            if name in raw[raw_entry]
+        }
+    for name, members in present.items():
+        if members is None:
+            entry[name] = h5py.ExternalLink(relative, f"/{raw_entry}/{name}")
+            continue
+        group = entry.create_group(name)
+        set_nx_class(group, "NXcollection")
+        for member in members:
+            group[member] = h5py.ExternalLink(relative, f"/{raw_entry}/{name}/{member}")
 
 
 def write_process(
