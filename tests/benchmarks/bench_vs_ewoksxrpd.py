@@ -1,0 +1,151 @@
+"""Calypso against ewoksxrpd on the same scan, side by side in one run (issue #18's targets).
+
+The same data for both: a simulated CeO2 scan of Pilatus 1M frames in the Bliss layout
+(bitshuffle-LZ4 Lima files, as ``calypso sample-data diffraction`` writes), its PONI and
+mask, ``--npt`` bins in q (nm^-1), ``bbox,csr,cython``, Poisson errors. Alternated
+``--repeat`` times:
+
+* **ewoksxrpd** ``IntegrateBlissScan`` (read + integrate + save, one process, pyFAI's
+  OpenMP threads), the way blissoda runs it, in its own virtual environment
+  (``.venv-peer``, made on first use: ewoksxrpd pulls in Qt and OpenCL packages that
+  Calypso's environment should not carry);
+* ``calypso run diffraction`` cold (Prefect's temporary server, as a user's first run);
+* ``calypso run diffraction`` against a running ``calypso server``;
+* the bare pyFAI loop, frames in memory, one process per core (the kernel's own speed).
+
+Prints each wall time and the ratios to ewoksxrpd and to the bare loop. Never asserts.
+
+    python tests/benchmarks/bench_vs_ewoksxrpd.py --frames 600 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from statistics import median
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_diffraction import time_bare_loop
+from harness import REPO, isolated_environment, prefect_server
+from harness import time_command as run_command
+
+PEER = REPO / ".venv-peer"
+
+# ewoksxrpd run as blissoda's online processing runs it, on one scan.
+_PEER_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    import hdf5plugin  # noqa: F401  (bitshuffle-LZ4 Lima files)
+    import pyFAI
+    from ewoksxrpd.tasks.integrate import IntegrateBlissScan
+
+    raw, output, poni, mask, npt = sys.argv[1:6]
+    ai = pyFAI.load(poni)
+    geometry = {k: getattr(ai, k) for k in ("dist", "poni1", "poni2", "rot1", "rot2", "rot3")}
+    began = time.perf_counter()
+    task = IntegrateBlissScan(inputs={
+        "filename": raw, "scan": 1, "detector_name": "pilatus1m",
+        "output_filename": output, "geometry": geometry,
+        "energy": pyFAI.units.hc / (ai.wavelength * 1e10),
+        "detector": ai.detector.get_name(), "detector_config": ai.detector.get_config(),
+        "mask": mask,
+        "integration_options": {"nbpt_rad": int(npt), "unit": "q_nm^-1",
+                                "method": "bbox_csr_cython", "error_model": "poisson"},
+        "retry_timeout": 10,
+    })
+    task.execute()
+    print(json.dumps({"seconds": time.perf_counter() - began}))
+    """
+)
+
+
+def peer_python() -> Path:
+    """ewoksxrpd's interpreter, installed into .venv-peer on first use."""
+    python = PEER / "bin" / "python"
+    if not python.exists():
+        print("installing ewoksxrpd into .venv-peer (once) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(PEER)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", "ewoksxrpd", "hdf5plugin"],
+            check=True,
+        )
+    return python
+
+
+def time_peer(python: Path, sample, output: Path, npt: int) -> float:
+    """Whole-process wall time of ewoksxrpd on the scan (its start-up included)."""
+    script = output.parent / "ewoksxrpd_run.py"
+    script.write_text(_PEER_SCRIPT)
+    output.unlink(missing_ok=True)
+    began = time.perf_counter()
+    subprocess.run(
+        [str(python), str(script), str(sample.dataset.raw_file), str(output),
+         str(sample.calibration["poni"]), str(sample.calibration["mask"]), str(npt)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return time.perf_counter() - began
+
+
+def time_calypso(sample, npt: int, env: dict[str, str], output: Path) -> float:
+    command = [
+        sys.executable, "-m", "calypso.flows.cli", "run", "diffraction",
+        str(sample.raw_dataset_dir), "--set", f"poni={sample.calibration['poni']}",
+        "--set", f"mask={sample.calibration['mask']}", "--set", f"npt={npt}",
+        "--set", "unit=q_nm^-1", "--output", str(output), "--json",
+    ]  # fmt: skip
+    wall, _, _ = run_command(command, env)
+    return wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=600)
+    parser.add_argument("--npt", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3, help="alternated repeats")
+    parser.add_argument("--data", type=Path, help="reuse sample data written here before")
+    args = parser.parse_args()
+
+    from calypso.flows.samples.diffraction import write_diffraction_sample
+
+    python = peer_python()
+    work = Path(tempfile.mkdtemp(prefix="calypso-vs-ewoksxrpd-"))
+    root = args.data or work / "visitor"
+    sample = write_diffraction_sample(root, frames=args.frames, seed=1)
+    env = isolated_environment(work)
+    times: dict[str, list[float]] = {"ewoksxrpd": [], "cold": [], "served": []}
+    with prefect_server(env) as served_env:
+        for index in range(args.repeat):
+            times["ewoksxrpd"].append(
+                time_peer(python, sample, work / f"ewoksxrpd_{index}.h5", args.npt)
+            )
+            times["cold"].append(time_calypso(sample, args.npt, env, work / f"cold_{index}"))
+            times["served"].append(
+                time_calypso(sample, args.npt, served_env, work / f"served_{index}")
+            )
+            print(
+                f"run {index}: ewoksxrpd {times['ewoksxrpd'][-1]:.1f} s, calypso cold "
+                f"{times['cold'][-1]:.1f} s, against a server {times['served'][-1]:.1f} s",
+                flush=True,
+            )
+    bare = time_bare_loop(sample, args.frames, os.cpu_count() or 2)
+    peer = median(times["ewoksxrpd"])
+    print(f"\n{args.frames} frames, {args.npt} bins, {os.cpu_count()} cores (medians)")
+    print(f"bare pyFAI loop, frames in memory: {bare:.1f} frames/s")
+    for name, label in (("ewoksxrpd", "ewoksxrpd"), ("cold", "calypso run, cold"),
+                        ("served", "calypso run, server running")):  # fmt: skip
+        wall = median(times[name])
+        print(
+            f"{label:>28}: {wall:6.1f} s wall, {args.frames / wall:5.1f} frames/s, "
+            f"{wall / peer:.2f}x ewoksxrpd's time, {args.frames / wall / bare:.2f} of bare"
+        )
+
+
+if __name__ == "__main__":
+    main()
