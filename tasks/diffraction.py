@@ -7,6 +7,7 @@ no big array crosses the network and the flow process stays small.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +36,11 @@ from calypso.techniques.diffraction import (
     DiffractionParameters,
     Geometry,
     integrate_frames,
+    orient,
     radial_axis_name,
 )
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "TECHNIQUE",
@@ -147,6 +151,7 @@ def write_integrated_nexus(
     }
     urls = []
     curves = []
+    first_average: ScanAverage | None = None
     png = quick_look_path(plan)
     with nexus.atomic_outputs(*ascii_files, png, output) as temporaries:
         *ascii_temps, png_temp, h5_temp = temporaries
@@ -189,13 +194,17 @@ def write_integrated_nexus(
                 measurement[f"{scan.detector}_integrated"] = h5py.SoftLink(
                     f"/{entry_name}/{process_name}/integrated/intensity"
                 )
+                if index == 0:
+                    first_average = average
                 if write_ascii:
                     _write_ascii(ascii_temps[index], average, plan, scan, radial_name)
                     curves.append((f"scan {scan.number}", average.radial, average.intensity))
         if curves:
-            plots.plot_patterns(
-                png_temp, curves, f"{radial_name} ({radial_units})", f"{output.name}: mean patterns"
-            )
+            plots.plot_diffraction(
+                png_temp, curves, f"{radial_name} ({radial_units})",
+                f"{output.stem}: {plan.scans[0].title or f'scan {plan.scans[0].number}'}",
+                **_quick_look_of_first_scan(plan, first_average),
+            )  # fmt: skip
     if curves:
         plots.publish_image(png, f"Diffraction: mean pattern of {output.name}")
     return urls
@@ -214,6 +223,7 @@ class ScanAverage:
     azimuthal: np.ndarray | None
     intensity: np.ndarray
     errors: np.ndarray | None
+    frames_map: np.ndarray | None = None  # 1D: frames averaged into <= MAP_ROWS rows
 
 
 def _copy_parts(
@@ -245,11 +255,20 @@ def _copy_parts(
     _write_pattern_axes(data, radial, azimuthal, radial_name, radial_units)
     total = np.zeros(pattern_shape, dtype=np.float64)
     total_variance = np.zeros(pattern_shape, dtype=np.float64)
+    # The quick look's image of every frame, averaged into at most MAP_ROWS rows as the
+    # parts go by: its memory does not grow with the scan.
+    rows = min(n_frames, MAP_ROWS) if azimuthal is None else 0
+    map_sum = np.zeros((rows, *pattern_shape))
+    map_count = np.zeros(rows)
     for chunk in chunks:
         with h5py.File(chunk.part_file, "r") as part:
             block = part["intensity"][()]
             intensity[chunk.start : chunk.stop] = block
             total += np.nansum(block, axis=0)
+            if rows:
+                into = np.arange(chunk.start, chunk.stop) * rows // n_frames
+                np.add.at(map_sum, into, np.nan_to_num(block))
+                np.add.at(map_count, into, 1)
             if errors is not None:
                 block_errors = part["errors"][()]
                 errors[chunk.start : chunk.stop] = block_errors
@@ -259,6 +278,7 @@ def _copy_parts(
         azimuthal=azimuthal,
         intensity=total / n_frames,
         errors=np.sqrt(total_variance) / n_frames if has_errors else None,
+        frames_map=map_sum / np.maximum(map_count, 1)[:, None] if rows else None,
     )
     group = nexus.create_nxdata(process, "average", signal="intensity", axes=pattern_axes)
     group["intensity"] = average.intensity
@@ -298,3 +318,40 @@ def _write_ascii(
     if average.errors is not None:
         columns.append(average.errors)
     np.savetxt(path, np.column_stack(columns), header="\n".join(header), fmt="%.8g")
+
+
+MAP_ROWS = 400  # rows of the quick look's image of every frame
+RINGS = 6  # rings drawn over the quick look's frame: the strongest peaks of the mean pattern
+
+
+def _quick_look_of_first_scan(plan: IntegrationPlan, average: ScanAverage | None) -> dict:
+    """The quick look's image of every frame, and its middle frame as the integration saw
+    it (oriented), with the mask and the rings the geometry puts at the mean pattern's
+    strongest peaks. Best effort: a quick look never fails a run."""
+    if average is None or average.azimuthal is not None:
+        return {}
+    scan = plan.scans[0]
+    look: dict = {"frames_map": average.frames_map, "n_frames": scan.source.n_frames}
+    p = plan.parameters
+    try:
+        from scipy.signal import find_peaks
+
+        middle = scan.source.n_frames // 2
+        frame = orient(next(iter_frames(scan.source, middle, middle + 1)), p.flip, p.rotate)
+        mask = None
+        if p.mask is not None:
+            mask = orient(integrators.detector_image(p.mask, "mask"), p.flip, p.rotate)
+        integrator = integrators.WORKER_INTEGRATORS.get(plan.geometry)
+        radial_map = integrator.array_from_unit(shape=frame.shape, unit=p.unit, scale=True)
+        mean = np.nan_to_num(average.intensity)
+        peaks, found = find_peaks(mean, prominence=0.02 * (mean.max() - mean.min() or 1))
+        strongest = peaks[np.argsort(found["prominences"])[::-1][:RINGS]]
+        look |= {
+            "frame": np.asarray(frame, dtype=np.float32),
+            "mask": mask,
+            "radial_map": radial_map,
+            "rings": average.radial[strongest],
+        }
+    except Exception:  # the quick look is a convenience: the results are written anyway
+        logger.warning("quick look: the frame with its rings was left out", exc_info=True)
+    return look

@@ -273,8 +273,10 @@ def write_mx_nexus(
             report["scans"].append(scan_report)
             outputs.append(f"{output}::/{scan.name}/{entry.attrs['default']}")
             if index == 0:
-                plot_mx_scan(png_temp, table["n_spots"], heat, scan.description,
-                             scan_report.get("best_position"))  # fmt: skip
+                title = f"{output.stem}, {scan.name}" + (f": {scan.title}" if scan.title else "")
+                plot_mx_scan(png_temp, table["n_spots"], heat, title,
+                             scan_report.get("best_position"),
+                             _heat_map_axes(entry.get("grid")))  # fmt: skip
     publish_image(png, f"MX: spots per image of {output.name}")
     report["indexing"] = indexing.model_dump()
     return {"outputs": outputs, "png": str(png), "report": report}
@@ -315,13 +317,48 @@ def _write_grid(
     frame = row * columns + (columns - 1 - column if parameters.snake and row % 2 else column)
     best = {"row": row, "column": column, "frame": int(frame), "n_spots": int(heat[row, column])}
     best.update({name: values[frame] for name, values in scan.motors.items()})
-    data = nexus.create_nxdata(entry, "grid", signal="n_spots", axes=["row", "column"])
+    slow, fast = _grid_motors(scan, parameters.snake)
+    axes = [slow[0] if slow else "row", fast[0] if fast else "column"]
+    data = nexus.create_nxdata(entry, "grid", signal="n_spots", axes=axes)
     data["n_spots"] = heat
     data["n_spots"].attrs["interpretation"] = "image"
     data["row"] = np.arange(rows)
     data["column"] = np.arange(columns)
+    for motor in (slow, fast):  # the heat map on the sample's positions, where recorded
+        if motor:
+            data[motor[0]] = motor[1]
     centring = entry.create_group("centring")
     nexus.set_nx_class(centring, "NXcollection")
     for name, value in best.items():
         centring[name] = value
     return heat, best
+
+
+def _grid_motors(
+    scan: MXScan, snake: bool
+) -> tuple[tuple[str, np.ndarray] | None, tuple[str, np.ndarray] | None]:
+    """(name, position of each row) of the slow motor and (name, position of each column)
+    of the fast one, from the positions recorded at every image; None where the scan does
+    not record them (then the map stays on row and column numbers)."""
+    assert scan.grid is not None
+    rows, columns = scan.grid
+    slow = fast = None
+    for name, values in scan.motors.items():
+        positions = np.asarray(values, dtype=float)
+        if positions.shape != (rows * columns,) or not np.all(np.isfinite(positions)):
+            continue
+        grid = mx.grid_map(positions, scan.grid, snake)
+        along_rows, along_columns = np.ptp(grid, axis=0).max(), np.ptp(grid, axis=1).max()
+        if fast is None and along_columns > along_rows:
+            fast = (name, grid.mean(axis=0))
+        elif slow is None and along_rows > along_columns:
+            slow = (name, grid.mean(axis=1))
+    return slow, fast
+
+
+def _heat_map_axes(grid: h5py.Group | None) -> list[tuple[str, np.ndarray]] | None:
+    """The heat map's (name, positions) of rows then columns, as written in ``grid``."""
+    if grid is None:
+        return None
+    names = [a.decode() if isinstance(a, bytes) else str(a) for a in grid.attrs["axes"]]
+    return [(name, grid[name][()]) for name in names]

@@ -96,6 +96,11 @@ def test_centring_is_in_the_crystal_cell(grid):
         assert h5[f"{entry}/centring/sy"][()] == pytest.approx(
             h5[f"{entry}/measurement/sy"][best["frame"]]
         )
+        # the heat map on the sample's positions: sz down the rows, sy along the columns
+        assert list(heat.attrs["axes"]) == ["sz", "sy"]
+        sy = h5[f"{entry}/measurement/sy"][()]
+        assert heat["sy"][best["column"]] == pytest.approx(sy[best["frame"]])
+        assert heat["sy"].shape == (7,) and heat["sz"].shape == (5,)
 
 
 def test_ice_rings_and_hits(grid):

@@ -11,13 +11,25 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 
-def _pyplot():
-    import matplotlib
+class _Figures:
+    """pyplot's ``subplots`` and ``close`` on bare matplotlib Figures: no backend is chosen
+    for the process (a notebook running a flow keeps its inline plots), no figure is kept
+    in pyplot's registry, and it works in threads."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    @staticmethod
+    def subplots(*args, figsize=None, dpi=None, **kwargs):
+        from matplotlib.figure import Figure
 
-    return plt
+        figure = Figure(figsize=figsize, dpi=dpi)
+        return figure, figure.subplots(*args, **kwargs)
+
+    @staticmethod
+    def close(figure) -> None:  # nothing holds a bare Figure: garbage collection frees it
+        pass
+
+
+def _pyplot() -> type[_Figures]:
+    return _Figures
 
 
 def plot_spectra(
@@ -48,19 +60,56 @@ def plot_spectra(
     plt.close(figure)
 
 
-def plot_patterns(
-    path: Path, curves: list[tuple[str, np.ndarray, np.ndarray]], xlabel: str, title: str
+def plot_diffraction(
+    path: Path,
+    curves: list[tuple[str, np.ndarray, np.ndarray]],
+    xlabel: str,
+    title: str,
+    frames_map: np.ndarray | None = None,
+    n_frames: int = 0,
+    frame: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    radial_map: np.ndarray | None = None,
+    rings: np.ndarray | None = None,
 ) -> None:
-    """Azimuthally integrated patterns (one curve a scan), as a PNG."""
+    """The quick look of a diffraction scan, as a PNG: the mean patterns; the patterns of
+    every frame as an image (``frames_map``: frames down, radial across, frames averaged
+    into at most a few hundred rows); one frame as measured, its mask shaded and the
+    rings the geometry puts at the strongest peaks (``rings``, in the units of
+    ``radial_map``, the radial position of each pixel) drawn over it: rings off the
+    frame's own rings mean a wrong calibration."""
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(7, 4), dpi=90)
+    panels = 1 + (frames_map is not None) + (frame is not None)
+    figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), dpi=90, squeeze=False)
+    axis = axes[0, 0]
     for label, radial, intensity in curves:
         axis.plot(radial, intensity, label=label, lw=1)
-    axis.set_xlabel(xlabel)
-    axis.set_ylabel("mean intensity")
+    axis.set(xlabel=xlabel, ylabel="mean intensity", title="mean pattern")
     if 1 < len(curves) <= 8:
         axis.legend(fontsize=7)
-    axis.set_title(title, fontsize=9)
+    column = 1
+    if frames_map is not None:
+        radial = curves[0][1]
+        shown = axes[0, column].imshow(
+            frames_map, aspect="auto", origin="upper", cmap="viridis",
+            extent=(radial[0], radial[-1], n_frames, 0),
+            vmin=np.nanpercentile(frames_map, 1), vmax=np.nanpercentile(frames_map, 99.5),
+        )  # fmt: skip
+        figure.colorbar(shown, ax=axes[0, column], label="intensity")
+        axes[0, column].set(xlabel=xlabel, ylabel="frame", title="every frame")
+        column += 1
+    if frame is not None:
+        axis = axes[0, column]
+        finite = frame[np.isfinite(frame) & (frame > 0)]
+        high = np.percentile(finite, 99.5) if finite.size else 1.0
+        axis.imshow(np.log1p(np.clip(frame, 0, high)), cmap="gray", origin="upper")
+        if mask is not None and mask.shape == frame.shape:
+            shade = np.ma.masked_where(mask == 0, np.ones(mask.shape))
+            axis.imshow(shade, cmap="autumn", alpha=0.35, origin="upper")
+        if radial_map is not None and rings is not None and len(rings):
+            axis.contour(radial_map, levels=np.sort(rings), colors="cyan", linewidths=0.6)
+        axis.set(title="one frame, mask and rings", xticks=[], yticks=[])
+    figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -71,7 +120,10 @@ def publish_image(path: Path, description: str) -> None:
     try:
         from prefect.artifacts import create_markdown_artifact
 
-        encoded = base64.b64encode(Path(path).read_bytes()).decode()
+        from calypso.tasks.writers.publication import published_path
+
+        # in a flow run the PNG waits in its part folder until the run publishes
+        encoded = base64.b64encode(published_path(path).read_bytes()).decode()
         create_markdown_artifact(
             markdown=f"### {description}\n\n![{path.name}](data:image/png;base64,{encoded})\n\n"
             f"`{path}`",
@@ -79,6 +131,15 @@ def publish_image(path: Path, description: str) -> None:
         )
     except Exception:  # no Prefect API to report to: the result itself is written
         logger.debug("image artifact not created", exc_info=True)
+
+
+def _cell_edges(centres: np.ndarray) -> np.ndarray:
+    """Edges of the cells around ``centres`` (half way between neighbours), for pcolormesh."""
+    centres = np.asarray(centres, dtype=float)
+    if len(centres) == 1:
+        return np.array([centres[0] - 0.5, centres[0] + 0.5])
+    middle = (centres[1:] + centres[:-1]) / 2
+    return np.concatenate([[2 * centres[0] - middle[0]], middle, [2 * centres[-1] - middle[-1]]])
 
 
 def plot_slices(path: Path, panels: list[tuple[str, np.ndarray]], title: str) -> None:
@@ -108,8 +169,11 @@ def plot_mx_scan(
     heat: np.ndarray | None,
     title: str,
     best: dict | None = None,
+    axes_positions: list[tuple[str, np.ndarray]] | None = None,
 ) -> None:
-    """Spots per image against frame number, and the grid heat map with the centring cell."""
+    """Spots per image against frame number, and the grid heat map with the centring cell,
+    on the motors' positions when ``axes_positions`` gives them ((name, values) of the
+    rows, then of the columns), else on row and column numbers."""
     plt = _pyplot()
     columns = 2 if heat is not None else 1
     figure, axes = plt.subplots(1, columns, figsize=(5.5 * columns, 4), dpi=90, squeeze=False)
@@ -117,12 +181,20 @@ def plot_mx_scan(
     axes[0, 0].set_xlabel("frame")
     axes[0, 0].set_ylabel("spots")
     if heat is not None:
-        shown = axes[0, 1].imshow(heat, cmap="viridis", origin="upper")
+        (row_name, row_at), (column_name, column_at) = axes_positions or [
+            ("grid row", np.arange(heat.shape[0])),
+            ("grid column", np.arange(heat.shape[1])),
+        ]
+        shown = axes[0, 1].pcolormesh(
+            _cell_edges(column_at), _cell_edges(row_at), heat, cmap="viridis", shading="flat"
+        )
+        if len(row_at) < 2 or row_at[-1] > row_at[0]:
+            axes[0, 1].invert_yaxis()  # the first row on top, as the image shows it
         figure.colorbar(shown, ax=axes[0, 1], label="spots")
         if best is not None:
-            axes[0, 1].plot(best["column"], best["row"], "r+", ms=16, mew=2)
-        axes[0, 1].set_xlabel("grid column")
-        axes[0, 1].set_ylabel("grid row")
+            axes[0, 1].plot(column_at[best["column"]], row_at[best["row"]], "r+", ms=16, mew=2)
+        axes[0, 1].set_xlabel(column_name)
+        axes[0, 1].set_ylabel(row_name)
     figure.suptitle(title, fontsize=8)
     figure.tight_layout()
     figure.savefig(path)
