@@ -8,11 +8,12 @@ exists), then the embedded defaults, which run everything on one machine.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,6 +24,7 @@ from pydantic_settings import (
 from calypso.errors import ConfigurationError
 
 DEFAULT_CONFIG_FILE = Path("~/.config/calypso/config.toml").expanduser()
+MIN_WORKER_MEMORY = 256 * 2**20  # bytes: less, and a Dask worker is killed while it starts
 
 
 class ProcessedDataPolicy(BaseModel):
@@ -119,6 +121,33 @@ class ExecutorSettings(BaseModel):
     slurm: SlurmSettings = Field(default_factory=SlurmSettings)
     openstack: OpenStackSettings = Field(default_factory=OpenStackSettings)
 
+    @field_validator("memory_limit", mode="before")
+    @classmethod
+    def _dask_memory_limit(cls, value: object) -> str:
+        """What Dask accepts (checked here: Dask itself fails with a traceback while the
+        cluster starts): 'auto', a fraction of the machine's memory (0-1; 0: no limit), or
+        a size ('4GB', '3.5 GiB', bytes) of at least 256 MiB, below which a worker is
+        killed as soon as it has imported the science."""
+        text = str(value).strip()
+        if text.lower() == "auto":
+            return "auto"
+        try:
+            number = float(text)
+        except ValueError:
+            from dask.utils import parse_bytes
+
+            try:
+                number = float(parse_bytes(text))
+            except ValueError:
+                number = math.nan
+        if not math.isfinite(number) or number < 0 or 1 < number < MIN_WORKER_MEMORY:
+            raise ValueError(
+                f"{text!r} is not a worker memory limit: give 'auto', a fraction of the "
+                "machine's memory between 0 and 1 (0: no limit) or a size of at least 256 MiB "
+                "such as '4GB' or '3.5GiB'"
+            )
+        return text
+
 
 class IcatSettings(BaseModel):
     """The facility catalogue, reached through pyicat-plus (STOMP to ActiveMQ)."""
@@ -151,6 +180,13 @@ class CatalogueSettings(BaseModel):
     path: Path | None = Field(
         None,
         description="SQLite file of the embedded catalogue (default: <home>/catalogue.sqlite).",
+    )
+    lease_s: float = Field(
+        120.0,
+        gt=0,
+        description="A flow run holds its acquisition's processing claim and its reserved "
+        "record for this long, renewed every quarter of it while it runs: a run killed or "
+        "vanished releases them this long after its last heartbeat.",
     )
     icat: IcatSettings = Field(default_factory=IcatSettings)
 
@@ -281,12 +317,76 @@ class ServeSettings(BaseModel):
     )
 
 
-class UserSettings(BaseModel):
-    """Who runs Calypso, for saved flows: owner of what they save; members of these
-    proposals may change each other's flows (at a facility: from its user office)."""
+class LdapSettings(BaseModel):
+    """Sign-in through an LDAP directory (the portal, ``calypso whoami --ldap``): a simple bind
+    as the user, then their groups read from the directory."""
 
-    name: str | None = Field(None, description="Default: the login name.")
-    proposals: list[str] = Field(default_factory=list)
+    url: str | None = Field(None, description="e.g. ldaps://ldap.example.org or ldap://host:389")
+    start_tls: bool = Field(False, description="StartTLS on an ldap:// connection.")
+    ca_file: Path | None = Field(None, description="CA certificates for ldaps:// or StartTLS.")
+    user_dn: str | None = Field(
+        None,
+        description="DN of a user, '{username}' replaced: uid={username},ou=people,dc=example,"
+        "dc=org. Unset: the user is searched under user_base (with bind_dn when set).",
+    )
+    user_base: str | None = Field(None, description="Where users are searched.")
+    user_filter: str = Field("(uid={username})", description="Finds a user under user_base.")
+    bind_dn: str | None = Field(None, description="Service account for the search (optional).")
+    bind_password: SecretStr | None = None
+    group_base: str | None = Field(None, description="Where groups are searched.")
+    group_filter: str = Field(
+        "(|(&(objectClass=posixGroup)(memberUid={username}))"
+        "(&(objectClass=groupOfNames)(member={user_dn})))",
+        description="A user's groups: posixGroup memberUid or groupOfNames member.",
+    )
+    group_name_attribute: str = Field("cn", description="The attribute naming a group.")
+    timeout_s: float = Field(5.0, gt=0)
+
+
+class OidcSettings(BaseModel):
+    """Sign-in through OpenID Connect (authorization-code flow): the facility's broker
+    (Keycloak for UmbrellaID, eduGAIN ...); the ID token is verified with the issuer's keys."""
+
+    issuer: str | None = Field(None, description="e.g. https://auth.example.org/realms/users")
+    client_id: str | None = None
+    client_secret: SecretStr | None = Field(None, description="None: a public client (PKCE).")
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email"])
+    username_claim: str = Field("preferred_username", description="Claim naming the user.")
+    groups_claim: str = Field(
+        "groups", description="Claim listing the user's groups (mapped by proposal_groups)."
+    )
+    proposals_claim: str | None = Field(
+        None, description="Claim listing the user's proposals directly, when the broker has one."
+    )
+    timeout_s: float = Field(10.0, gt=0)
+    leeway_s: int = Field(60, ge=0, description="Clock skew allowed on the token's times.")
+
+
+class AccessSettings(BaseModel):
+    """Who may see and process which proposal (docs/security.md). Who someone is never
+    comes from a setting: the Unix account on the command line, a sign-in on the web."""
+
+    proposal_groups: list[str] = Field(
+        default_factory=list,
+        description="Group name patterns that make a member of a proposal, '{proposal}' "
+        "standing for its id: ['{proposal}'] when groups are named ma1234. Empty (one "
+        "machine): a Unix account's proposals are the proposal folders it owns.",
+    )
+    proposal_id: str = Field(
+        r"[A-Za-z]{1,8}-?[A-Za-z]{0,4}[0-9]{1,8}",
+        description="What a proposal id looks like (regular expression), so that groups "
+        "like 'users' are never taken for proposals.",
+    )
+    staff_groups: list[str] = Field(
+        default_factory=list, description="Members of these groups see every proposal."
+    )
+    shared_paths: list[Path] = Field(
+        default_factory=list,
+        description="Folders any run may read parameter files from, read-only (beamline "
+        "calibrations); outputs never go there.",
+    )
+    ldap: LdapSettings = Field(default_factory=LdapSettings)
+    oidc: OidcSettings = Field(default_factory=OidcSettings)
 
 
 class UserFlowSettings(BaseModel):
@@ -340,8 +440,9 @@ class CalypsoSettings(BaseSettings):
     )
     data_roots: list[Path] = Field(
         default_factory=list,
-        description="Mount points of the facility data (e.g. /data/visitor); used for watching "
-        "and confinement, not needed for a direct run.",
+        description="Mount points of the facility data (e.g. /data/visitor): every run stays "
+        "inside the proposals of who asked; serve and watch refuse to start without them. "
+        "Unset: one machine, the Unix account's own permissions decide (docs/security.md).",
     )
     processed_data: ProcessedDataPolicy = Field(default_factory=ProcessedDataPolicy)
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
@@ -349,7 +450,7 @@ class CalypsoSettings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
     watch: WatchSettings = Field(default_factory=WatchSettings)
-    user: UserSettings = Field(default_factory=UserSettings)
+    access: AccessSettings = Field(default_factory=AccessSettings)
     user_flows: UserFlowSettings = Field(default_factory=UserFlowSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     prefect_api_url: str | None = Field(
@@ -404,7 +505,11 @@ def config_file_path() -> Path | None:
 
 
 def load_settings(**overrides: object) -> CalypsoSettings:
-    """Read the settings, turning validation problems into one actionable message."""
+    """Read the settings, turning validation problems into one actionable message; unknown
+    ``CALYPSO_*`` variables and configuration keys are refused, naming the closest valid one."""
+    from calypso.setting_names import check_setting_names
+
+    check_setting_names(CalypsoSettings, config_file_path())
     try:
         return CalypsoSettings(**overrides)
     except ValidationError as exc:

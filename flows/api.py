@@ -25,7 +25,6 @@ From a notebook::
 from __future__ import annotations
 
 import difflib
-import getpass
 import json
 import sys
 import time
@@ -44,11 +43,13 @@ if TYPE_CHECKING:
     from concurrent.futures import Future
 
     from calypso.flows.techniques import Technique
-    from calypso.registry.saved_flows import SavedFlow, SavedFlows, User
+    from calypso.registry.access import Identity
+    from calypso.registry.saved_flows import SavedFlow, SavedFlows
 
 __all__ = [
     "build_parameters",
-    "current_user",
+    "confine_run",
+    "current_identity",
     "export_processed",
     "get_saved_flow",
     "parameter_model",
@@ -136,6 +137,42 @@ def _read_params_file(path: Path) -> dict[str, Any]:
     return data
 
 
+# -- who acts, and what they may touch ---------------------------------------------
+
+
+def current_identity(settings: CalypsoSettings) -> Identity:
+    """Who acts: the identity the caller set (:func:`calypso.registry.access.acting_as`:
+    the portal's signed-in user, a test's), else this process's Unix account."""
+    from calypso.registry.access import current_identity as identity
+
+    return identity(settings)
+
+
+def confine_run(
+    technique: str,
+    input_path: str,
+    parameters: BaseModel,
+    output: str | None,
+    settings: CalypsoSettings,
+    identity: Identity,
+    export_to: str | None = None,
+) -> None:
+    """The one confinement check for a run of a technique's flow (raises
+    :class:`~calypso.registry.access.AccessError`; nothing is read or written before)."""
+    from calypso.registry.access import Intent, confine
+    from calypso.techniques.fields import path_values
+
+    marked = path_values(type(parameters), parameters.model_dump())
+    intent = Intent(
+        f"{technique} run",
+        raw=input_path,
+        output=output,
+        parameters=[(f"parameters.{name}", kind, value) for name, kind, value in marked],
+        export_to=export_to,
+    )
+    confine(identity, intent, settings)
+
+
 # -- technique flows ----------------------------------------------------------
 
 
@@ -147,9 +184,14 @@ def run_technique(
     output: str | None,
     settings: CalypsoSettings,
     export_to: str | None = None,
+    identity: Identity | None = None,
 ) -> dict[str, Any]:
-    """Check the input, then run the technique's flow on the configured Dask cluster."""
+    """Check the input (inside the proposals of ``identity``, default the caller's:
+    :func:`current_identity`), then run the technique's flow on the configured Dask
+    cluster."""
     began = time.perf_counter()
+    identity = identity or current_identity(settings)
+    confine_run(technique, input_path, parameters, output, settings, identity, export_to)
     entry = TECHNIQUES[technique]
     # Shown from the first second: what is happening before the first frame is counted.
     bar = _Bar(0, entry.unit, stage=f"reading {Path(input_path).name}")
@@ -272,12 +314,14 @@ class _Bar:
     def stage(self, text: str, *, started: bool = False) -> None:
         """Say what is being done before the first result arrives; ``started``: the work
         itself starts now (the rate counts from here, not from the start-up)."""
+        if self._bar.disable:  # standard error is not a terminal: nothing is drawn
+            return
         if started:
             self._bar.reset(total=self._bar.total)
         self._bar.set_description_str(text or None, refresh=True)
 
     def update_to(self, done: int, total: int) -> None:
-        if done and self._bar.desc:
+        if done and getattr(self._bar, "desc", None):  # a disabled bar has no description
             self._bar.set_description_str(None, refresh=False)
         self._bar.total = total
         self._bar.n = done
@@ -296,11 +340,14 @@ def export_processed(
     target: str | None = None,
     include: list[str] | None = None,
     verify: bool = False,
+    identity: Identity | None = None,
 ) -> dict[str, Any]:
     """Copy a processed dataset (a folder or its catalogue id) to ``target``, resumably, and
     record the export in the catalogue. ``target`` defaults to the settings' export target
     plus the folder's name; ``include`` keeps only files matching these shell patterns;
-    ``verify`` reads every object back and checks its SHA-256."""
+    ``verify`` reads every object back and checks its SHA-256. The folder must be in a
+    proposal of ``identity`` (default: the caller's)."""
+    from calypso.registry.access import Intent, confine
     from calypso.tasks.export import (
         dataset_to_export,
         export_dataset,
@@ -310,6 +357,8 @@ def export_processed(
 
     folder, record_id = dataset_to_export(source, settings)
     target = target or f"{settings.export_target.rstrip('/')}/{folder.name}"
+    intent = Intent("export", export_source=str(folder), export_to=target)
+    confine(identity or current_identity(settings), intent, settings)
     bar = _Bar(0, "B", scale=True)
     try:
         report = export_dataset(folder, target, settings, include, verify, progress=bar.update_to)
@@ -329,13 +378,6 @@ def saved_flows(settings: CalypsoSettings) -> SavedFlows:
     return SavedFlows(settings.catalogue_path)
 
 
-def current_user(settings: CalypsoSettings) -> User:
-    """Who acts: the settings' user, else the login name, and their proposals."""
-    from calypso.registry.saved_flows import User
-
-    return User(name=settings.user.name or getpass.getuser(), proposals=settings.user.proposals)
-
-
 def get_saved_flow(reference: str, settings: CalypsoSettings) -> SavedFlow:
     """A saved flow by ``NAME`` (its latest version) or ``NAME@VERSION``."""
     from calypso.registry.saved_flows import parse_reference
@@ -349,16 +391,19 @@ def run_saved_flow(
     scans: list[int] | None,
     output: str | None,
     settings: CalypsoSettings,
+    identity: Identity | None = None,
 ) -> dict[str, Any]:
-    """Check a saved flow and its paths (confined to its proposal), then run every variant
-    of it on the configured Dask cluster."""
+    """Check a saved flow and its paths (confined to its dataset's proposal, the flow's
+    own and one of ``identity``'s, default the caller's), then run every variant of it on
+    the configured Dask cluster."""
     began = time.perf_counter()
     from calypso.flows.specification import check_specification
-    from calypso.flows.user_flows import confine, default_output, user_flow
+    from calypso.flows.user_flows import confine_saved_flow, default_output, user_flow
 
-    spec = check_specification(flow.specification, flow.label)
+    spec = check_specification(flow.checked().specification, flow.label)
     raw = str(Path(input_path).absolute())
-    confine(raw, output, spec, flow.proposal, settings.data_roots)
+    identity = identity or current_identity(settings)
+    confine_saved_flow(identity, flow, spec, raw, output, settings)
     output_dir = output or default_output(raw, spec.technique, flow.name, flow.version)
     # Workers import the code of the flow's technique while they start.
     modules = [TECHNIQUES[spec.technique].preload]
@@ -376,6 +421,7 @@ def run_saved_flow(
             raw=raw,
             scans=scans,
             output_dir=output_dir,
+            sha256=flow.sha256,
         ),
     )
     result["wall_s"] = round(time.perf_counter() - began, 3)

@@ -209,6 +209,19 @@ def technique_flow(technique: Technique, module: str) -> Flow:
         export_to: str | None = None,
         trigger: str | None = None,
     ) -> dict[str, Any]:
+        # Started by a deployment (an acquisition event, the Prefect UI, a worker): nobody
+        # checked it before, so the service confines it (the CLI checked its caller).
+        from calypso.registry.access import served_run, service_identity
+
+        if served_run():
+            from calypso.flows.api import confine_run
+            from calypso.settings import load_settings
+
+            settings = load_settings()
+            confine_run(
+                technique.name, raw, parameters or model(), output_dir, settings,
+                service_identity(settings), export_to,
+            )  # fmt: skip
         return run_specification(
             builtin_specification(technique.name),
             raw,

@@ -1,22 +1,34 @@
-"""A flow run as the catalogue and the user see it: claimed, worked in, registered,
-summarised (the summary the CLI prints and the Prefect UI shows as a table)."""
+"""A flow run as the catalogue and the user see it: claimed, worked in, published with its
+record, summarised (the summary the CLI prints and the Prefect UI shows as a table).
+
+A run started by an acquisition event claims the event's processing key, and every run
+reserves its record in the first free version of its output folder, both as leases its
+heartbeat keeps (:mod:`calypso.registry.claims`); its results are staged in its part
+folder and renamed into place only with their record (:meth:`FlowRun.completed`).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 
-from calypso.registry import open_catalogue
+from calypso.errors import CatalogueError, OutputError
+from calypso.registry import ProcessedDataset, claims, open_catalogue
+from calypso.registry.catalogue import embedded
+from calypso.registry.heartbeat import Heartbeat
 from calypso.settings import CalypsoSettings, load_settings
 from calypso.tasks.catalogue import Registration, processed_record, register_processed_dataset
 from calypso.tasks.writers.nexus import new_work_dir, now_iso, remove_work_dir
+from calypso.tasks.writers.publication import PARTIAL_PREFIX, Publication, preparing
 
 
 @dataclass
@@ -36,13 +48,15 @@ class FlowRun:
     exported: dict[str, Any] | None = None
     skipped_because: str | None = None
     settings: CalypsoSettings = field(default_factory=load_settings)  # read once a run
+    record: ProcessedDataset | None = None  # reserved when planned
+    heartbeat: Heartbeat | None = None  # keeps the claim and the reservation
+    work_dir: Path | None = None
+    publication: Publication | None = None  # the results staged in the work folder
+    _base: str = ""  # the output folder as planned, before versions
 
-    def __post_init__(self) -> None:
-        if self.trigger and self.raw:
-            # An event can name any path: only data under the configured roots is read.
-            from calypso.flows.online.acquisitions import require_inside_roots
-
-            require_inside_roots(self.raw, self.settings.data_roots)
+    # Confinement (issue #20): a run that an event or the Prefect UI started is checked
+    # before it gets here, by the one check (calypso.registry.access.confine) that the
+    # technique flow and the saved-flow flow call when a deployment started them.
 
     @property
     def workers(self) -> int:
@@ -52,19 +66,64 @@ class FlowRun:
         return local_worker_count(self.settings.executor)
 
     def planned(self, plan: Any, count: int) -> bool:
-        """Record the plan; False when the triggering acquisition (same data, technique,
-        flow version and parameters) was processed by another run already."""
+        """Record the plan, claim the triggering acquisition and reserve the run's record;
+        False when the acquisition (same data, technique, flow version and parameters) was
+        processed by another run already, or is being processed by a live one."""
         self.plan, self.count = plan, count
-        if not self.trigger:
+        if self.record is not None:  # another planning step of the same run
+            self._follow_version(plan)
             return True
-        holder = open_catalogue(self.settings).claim_processing(
-            self.trigger, self.run_id, self.technique
+        catalogue = embedded(open_catalogue(self.settings))
+        lease = self.settings.catalogue.lease_s
+        took_from = None
+        if self.trigger:
+            taken, before = claims.claim(
+                catalogue, self.trigger, self.run_id, self.technique, lease
+            )
+            if not taken and before.live() and run_is_over(before.flow_run_id):
+                taken, before = claims.claim(
+                    catalogue, self.trigger, self.run_id, self.technique, lease,
+                    take_from=before.flow_run_id,
+                )  # fmt: skip
+            if not taken:
+                self.skipped_because = (
+                    f"already processed by flow run {before.flow_run_id}"
+                    if before.state == "done"
+                    else f"being processed by flow run {before.flow_run_id} (alive: its lease "
+                    f"runs {before.expires - time.time():.0f} s more)"
+                )
+                get_run_logger().info("%s: %s; nothing to do", self.raw, self.skipped_because)
+                return False
+            if before is not None and before.flow_run_id != self.run_id:
+                took_from = before.flow_run_id
+                get_run_logger().warning(
+                    "%s: flow run %s stopped without finishing (%s); this run processes it again",
+                    self.raw, took_from,
+                    "it failed" if before.state == "failed" else "killed, crashed or vanished",
+                )  # fmt: skip
+        self._base = plan.output_dir
+        reservation = self._record([], "running", None).model_copy(
+            update={"processed_path": claims.canonical(plan.output_dir)}
         )
-        if holder is None:
-            return True
-        self.skipped_because = f"already processed by flow run {holder}"
-        get_run_logger().info("%s: %s; nothing to do", self.raw, self.skipped_because)
-        return False
+        self.record = claims.reserve(catalogue, reservation, lease, dead=took_from)
+        self._follow_version(plan)
+        if took_from:  # the part folder of the run that died there
+            remove_work_dir(Path(plan.output_dir) / f"{PARTIAL_PREFIX}{took_from}")
+        self.heartbeat = Heartbeat(
+            catalogue, self.run_id, self.trigger, self.record.id, lease
+        ).start()
+        return True
+
+    def _follow_version(self, plan: Any) -> None:
+        """Send a plan's results to the run's version of its folder (``<folder>_v<n>``)."""
+        if not self.record or (self.record.version or 1) == 1:
+            return
+        base = self._base
+        folder = claims.version_folder(base, self.record.version)
+        for name in ("output_dir", "output_file"):
+            value = getattr(plan, name, None)
+            if isinstance(value, str) and (value == base or value.startswith(base + os.sep)):
+                object.__setattr__(plan, name, folder + value[len(base) :])  # frozen ones too
 
     def skipped(self) -> dict[str, Any]:
         return {
@@ -75,7 +134,10 @@ class FlowRun:
             "skipped": self.skipped_because,
         }
 
-    def _register(self, outputs: list[str], status: str, message: str | None) -> Registration:
+    def _record(
+        self, outputs: list[str], status: str, message: str | None, **update: Any
+    ) -> ProcessedDataset:
+        """The run's catalogue record, its paths canonical (as keys are)."""
         record = processed_record(
             self.technique,
             self.plan,
@@ -87,14 +149,46 @@ class FlowRun:
             status=status,
             message=message,
         )
-        return register_processed_dataset(record)
+        output_file = getattr(self.plan, "output_file", None)
+        values = {
+            "raw_dataset": claims.canonical(record.raw_dataset),
+            "processed_path": claims.canonical(record.processed_path),
+            "outputs": [claims.canonical_url(url) for url in outputs],
+            "output_file": claims.canonical(output_file) if output_file else None,
+            "key": self.trigger,
+        }
+        if self.record is not None:
+            values |= {
+                "id": self.record.id,
+                "version": self.record.version,
+                "processed_path": self.record.processed_path,
+            }
+        return record.model_copy(update=values | update)
 
-    def failed(self, error: BaseException) -> Registration:
-        return self._register([], "failed", str(error))
+    def _stop_heartbeat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+
+    def failed(self, error: BaseException) -> Registration | None:
+        """Register the failure (the reservation failed, its claim free for another run);
+        a catalogue that cannot be written is logged, so that ``error`` is what is raised."""
+        self._stop_heartbeat()
+        try:
+            return register_processed_dataset(self._record([], "failed", str(error)))
+        except CatalogueError as exc:
+            logging.getLogger(__name__).warning(
+                "failure of %s not registered: %s", self.run_id, exc
+            )
+            return None
 
     def completed(self, outputs: list[str]) -> Registration:
-        """Register the results; then export them when the run was asked to."""
-        registration = self._register(outputs, "completed", None)
+        """Publish the results with their record, then export them when asked to."""
+        try:
+            registration = self._publish(outputs)
+        finally:
+            self._stop_heartbeat()
+        if self.work_dir is not None:
+            remove_work_dir(self.work_dir)
         if self.export_to:
             from calypso.tasks.export import flow_export_uri
             from calypso.tasks.export.step import export_processed_dataset
@@ -105,24 +199,77 @@ class FlowRun:
             )
         return registration
 
+    def _publish(self, outputs: list[str]) -> Registration:
+        """The record ``publishing`` (with the files' checksums), the staged results renamed
+        into place, the record completed (its claim done, in the same transaction). When
+        the catalogue refuses, nothing is published: the results stay staged."""
+        if self.record is None:  # not planned by this class (nothing reserved)
+            return register_processed_dataset(self._record(outputs, "completed", None))
+        publication = self.publication or Publication(Path(self.plan.output_dir))
+        checksums = publication.checksums(self.plan.output_dir)
+        catalogue = embedded(open_catalogue(self.settings))
+        lease = self.settings.catalogue.lease_s
+        try:
+            if self.heartbeat is not None and self.heartbeat.lost:
+                raise CatalogueError(
+                    f"flow run {self.run_id} lost its claim to {self.heartbeat.lost} (no "
+                    f"heartbeat within its {lease:g} s lease: it was thought dead)"
+                )
+            claims.publishing(
+                catalogue, self.record.id, self.run_id, self.trigger, lease, checksums
+            )
+        except CatalogueError as exc:
+            raise self._not_published(exc, publication) from None
+        try:
+            publication.apply()
+        except OSError as exc:
+            publication.undo()
+            error = OutputError(
+                f"cannot move the results into {self.plan.output_dir}: {exc}; they stay in "
+                f"{publication.staging}"
+            )
+            self.failed(error)
+            raise error from None
+        record = self._record(outputs, "completed", None, checksums=checksums)
+        try:
+            registration = register_processed_dataset(record)
+        except CatalogueError as exc:
+            publication.undo()
+            raise self._not_published(exc, publication) from None
+        publication.commit()
+        return registration
+
+    def _not_published(self, error: CatalogueError, publication: Publication) -> CatalogueError:
+        where = publication.staging if publication.moves else self.work_dir
+        message = (
+            f"{error}. The results of flow run {self.run_id or '(local)'} are complete but "
+            f"NOT published (no record, no file in {self.plan.output_dir}): they stay in "
+            f"{where}. Once the catalogue can be written, retry this flow run (Retry in the "
+            "Prefect UI reuses its finished chunks) or run it again"
+        )
+        self.failed(CatalogueError(message))
+        return CatalogueError(message)
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.clock
 
     @contextmanager
     def working(self) -> Iterator[str]:
         """A scratch folder in the output folder for the tasks' part files, named after the
-        flow run and removed once it completes. An error inside the block is registered
-        as a failed run, then raised; the folder stays, so a retry of the run (same flow
-        run id) finds the chunks that finished, whose task results are cached."""
+        flow run; the writers' results are staged in it until :meth:`completed` publishes
+        them, then it is removed. An error inside the block is registered as a failed run,
+        then raised; the folder stays, so a retry of the run (same flow run id) finds the
+        chunks that finished, whose task results are cached."""
         work_dir = new_work_dir(self.plan.output_dir, self.run_id or None)
+        self.work_dir = work_dir
         try:
-            yield str(work_dir)
+            with preparing(work_dir) as self.publication:
+                yield str(work_dir)
         except Exception as exc:
             self.failed(exc)
             if not self.run_id:
                 remove_work_dir(work_dir)
             raise
-        remove_work_dir(work_dir)
 
     def summary(
         self,
@@ -162,6 +309,21 @@ class FlowRun:
         }
         publish_results_table(summary)
         return summary
+
+
+def run_is_over(run_id: str) -> bool:
+    """Whether the Prefect API says flow run ``run_id`` is over (crashed, cancelled, failed,
+    or finished), though its claim is still held; False when it cannot tell."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(uuid.UUID(run_id)).state
+    except Exception:  # no API, or a run it does not know: the lease decides
+        return False
+    return state is not None and state.is_final()
 
 
 def key_figures(values: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:

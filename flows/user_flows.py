@@ -3,7 +3,8 @@ checked, then run by the same engine as the built-in flows.
 
 A parameter given as a list (or ``{start, stop, step}``) is a sweep: one variant a
 value, run in parallel, each written to its own folder. Paths a user flow reads or
-writes stay inside its proposal.
+writes stay inside its dataset's proposal, which must be the flow's own
+(:func:`confine_saved_flow`, the one check of :mod:`calypso.registry.access`).
 """
 
 from __future__ import annotations
@@ -11,59 +12,57 @@ from __future__ import annotations
 import contextvars
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow
 
-from calypso.errors import DataPolicyError
 from calypso.executors.dask import flow_task_runner
 from calypso.flows.engine import run_specification
 from calypso.flows.specification import FlowSpec, check_specification
 from calypso.flows.techniques import TECHNIQUES, all_steps
+from calypso.registry.access import Identity, Intent, confine
+
+if TYPE_CHECKING:
+    from calypso.registry.saved_flows import SavedFlow
+    from calypso.settings import CalypsoSettings
 
 # -- confinement -----------------------------------------------------------------
 
 
-def confine(raw: str, output: str | None, spec: FlowSpec, proposal: str | None, roots) -> None:
-    """Refuse paths that leave the proposal: the raw dataset (read-only), the output folder
-    and every path-like parameter; ``..``, absolute paths elsewhere, symlinks out."""
-    from calypso.tasks.raw.data_policy import RawDataset
+def spec_parameters(spec: FlowSpec) -> list[tuple[str, str, str]]:
+    """``(where, kind, value)`` of every path a specification's steps name (each value of a
+    sweep), as the parameter models mark them: what confinement checks."""
+    from calypso.techniques.fields import path_values
 
-    if ".." in Path(raw).parts:
-        raise DataPolicyError(f"refused: {raw}: '..' is not allowed in a user flow's paths")
-    problems = []
-    dataset = RawDataset.from_path(raw)
-    if proposal and dataset.proposal != proposal:
-        problems.append(f"{raw} belongs to proposal {dataset.proposal}, the flow to {proposal}")
-    proposal_dir = (dataset.root / dataset.proposal).resolve()
-    if roots and not any(proposal_dir.is_relative_to(Path(r).resolve()) for r in roots):
-        problems.append(f"{raw} is outside the data roots")
-
-    def inside(path: str, what: str) -> None:
-        if ".." in Path(path).parts:
-            problems.append(f"{what} {path}: '..' is not allowed in a user flow's paths")
-        elif not Path(path).resolve().is_relative_to(proposal_dir):
-            problems.append(f"{what} {path} leads outside proposal {dataset.proposal}")
-
-    inside(raw, "raw dataset")
-    if output:
-        inside(output, "output folder")
     steps = all_steps()
+    found = []
     for name, step in spec.steps.items():
         model = steps[step["task"]].parameter_model()
-        files = set(model.path_fields()) if model is not None else set()
-        patterns = set(model.glob_fields()) if model is not None else set()
-        for key, value in (step.get("parameters") or {}).items():
-            for item in value if isinstance(value, list) else [value]:
-                if not isinstance(item, str):
-                    continue
-                where = f"steps.{name}.parameters.{key}"
-                # A pattern is matched under the raw dataset's folder: only '..' or an
-                # absolute pattern can lead out of it.
-                if key in files or (key in patterns and (".." in item or item.startswith("/"))):
-                    inside(item, where)
-    if problems:
-        raise DataPolicyError("refused: " + "; ".join(problems))
+        for key, kind, value in path_values(model, step.get("parameters") or {}):
+            found.append((f"steps.{name}.parameters.{key}", kind, value))
+    return found
+
+
+def confine_saved_flow(
+    identity: Identity,
+    saved: SavedFlow,
+    spec: FlowSpec,
+    raw: str,
+    output: str | None,
+    settings: CalypsoSettings,
+) -> None:
+    """The one confinement check (:func:`calypso.registry.access.confine`) for a run of a
+    saved flow: its data, output and path parameters inside its dataset's proposal, which
+    must be the flow's own and one that ``identity`` may see."""
+    intent = Intent(
+        "saved flow run",
+        raw=raw,
+        output=output,
+        parameters=spec_parameters(spec),
+        saved_flow=saved.label,
+        flow_proposal=saved.proposal,
+    )
+    confine(identity, intent, settings)
 
 
 # -- running -------------------------------------------------------------------
@@ -146,11 +145,19 @@ def user_flow(
     scans: list[int] | None = None,
     output_dir: str | None = None,
     trigger: str | None = None,
+    sha256: str | None = None,
 ) -> dict[str, Any]:
     """Run a saved user flow (its specification, as saved) on a raw dataset."""
     spec = check_specification(specification, f"{name}@{version}")
     output = output_dir or default_output(raw, spec.technique, name, version)
-    provenance = {"user_flow": {"name": name, "version": version, "specification": specification}}
+    provenance = {
+        "user_flow": {
+            "name": name,
+            "version": version,
+            "sha256": sha256,
+            "specification": specification,
+        }
+    }
     variants = run_user_flow_variants(spec, raw, scans, output, provenance, trigger)
     return {"flow": f"{name}@{version}", "technique": spec.technique, "variants": variants}
 
@@ -168,13 +175,16 @@ def saved_flow(
     """Run a saved user flow (latest version unless ``version``) on a raw dataset inside
     its proposal: the form `calypso serve` offers in the Prefect UI, also started by
     acquisition events for rules ``technique = "flow:NAME"``."""
+    from calypso.registry.access import current_identity, served_run, service_identity
     from calypso.registry.saved_flows import SavedFlows
     from calypso.settings import load_settings
 
     settings = load_settings()
     saved = SavedFlows(settings.catalogue_path).get(name, version)
     spec = check_specification(saved.specification, saved.label)
-    confine(raw, output_dir, spec, saved.proposal, settings.data_roots)
+    # Started by a deployment (serve, an event, the Prefect UI): the service checks it.
+    identity = service_identity(settings) if served_run() else current_identity(settings)
+    confine_saved_flow(identity, saved, spec, raw, output_dir, settings)
     runner = flow_task_runner([TECHNIQUES[spec.technique].preload])
     return user_flow.with_options(task_runner=runner)(
         name=saved.name,
@@ -184,4 +194,5 @@ def saved_flow(
         scans=scans,
         output_dir=output_dir,
         trigger=trigger,
+        sha256=saved.sha256,
     )

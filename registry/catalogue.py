@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
 from calypso.errors import CatalogueError
+from calypso.registry import claims
+from calypso.registry.outbox import OutboxEntry, message_id, owe
 from calypso.registry.sqlite import _statements, connect, create_database
 from calypso.settings import CalypsoSettings
 
-Status = Literal["completed", "failed"]
+# running (reserved by a live flow run, registry/claims.py) -> publishing (its results being
+# renamed into place) -> completed or failed; pruned: its files removed (catalogue prune).
+Status = Literal["running", "publishing", "completed", "failed", "pruned"]
 
 
 class ProcessedDataset(BaseModel):
@@ -41,6 +46,12 @@ class ProcessedDataset(BaseModel):
     finished: str | None = None
     duration_s: float | None = None
     frames: int | None = None
+    version: int | None = Field(None, description="n of <folder>_v<n>; 1: the folder itself.")
+    output_file: str | None = Field(None, description="The main result file, as planned.")
+    key: str | None = Field(None, description="Processing key of the triggering acquisition.")
+    checksums: dict[str, str] = Field(
+        default_factory=dict, description="SHA-256 of each file published, by relative path."
+    )
 
 
 class Catalogue(Protocol):
@@ -74,6 +85,9 @@ class Catalogue(Protocol):
         ...
 
 
+# An entry is 'pending', 'sending' (leased: ``lease_owner`` may send it until ``lease_until``,
+# epoch seconds; a sender that died leaves a lease that runs out) or 'delivered' (the broker
+# confirmed it). ``message_id`` names the message on the wire, the same on every attempt.
 _OUTBOX = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -85,9 +99,14 @@ CREATE TABLE IF NOT EXISTS outbox (
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
     created TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
-    delivered TEXT
+    delivered TEXT,
+    message_id TEXT,
+    lease_owner TEXT,
+    lease_until REAL
 );
 """
+# Columns added to the outbox since its keys; a migration adds each one that is missing.
+_OUTBOX_ADDED = {"message_id": "TEXT", "lease_owner": "TEXT", "lease_until": "REAL"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS processed_datasets (
@@ -108,7 +127,12 @@ CREATE TABLE IF NOT EXISTS processed_datasets (
     finished TEXT,
     duration_s REAL,
     frames INTEGER,
-    registered TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+    registered TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+    version INTEGER,
+    output_file TEXT,
+    key TEXT,
+    checksums TEXT NOT NULL DEFAULT '{}',
+    lease_expires REAL
 );
 CREATE INDEX IF NOT EXISTS processed_by_raw ON processed_datasets (raw_dataset);
 CREATE TABLE IF NOT EXISTS exports (
@@ -128,7 +152,10 @@ CREATE TABLE IF NOT EXISTS claims (
     key TEXT PRIMARY KEY,
     flow_run_id TEXT NOT NULL,
     technique TEXT NOT NULL,
-    created TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+    created TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+    state TEXT NOT NULL DEFAULT 'running',
+    expires REAL NOT NULL DEFAULT 0,
+    record_id INTEGER
 );
 """
 
@@ -138,26 +165,13 @@ _OUTBOX_WITH_KEYS = (
     "ALTER TABLE outbox RENAME TO outbox_before_keys;"
     + _OUTBOX
     + """
-INSERT INTO outbox SELECT id, record_id, destination, destination || ':' || record_id,
+INSERT INTO outbox (id, record_id, destination, key, payload, state, attempts, last_error,
+    created, delivered)
+SELECT id, record_id, destination, destination || ':' || record_id,
     payload, state, attempts, last_error, created, delivered FROM outbox_before_keys;
 DROP TABLE outbox_before_keys;
 """
 )
-
-
-class OutboxEntry(BaseModel):
-    """A registration waiting for (or done with) delivery to an external catalogue."""
-
-    id: int
-    record_id: int
-    destination: str
-    key: str
-    payload: dict[str, Any]
-    state: Literal["pending", "sending", "delivered"]
-    attempts: int
-    last_error: str | None = None
-    created: str
-    delivered: str | None = None
 
 
 class ExportRecord(BaseModel):
@@ -175,11 +189,13 @@ class ExportRecord(BaseModel):
     finished: str | None = None
 
 
-_JSON_FIELDS = ("outputs", "parameters", "software")
+_JSON_FIELDS = ("outputs", "parameters", "software", "checksums")
 
 
 # Bump when _SCHEMA, _OUTBOX or _migrate change: files stamped lower are migrated once.
-CATALOGUE_SCHEMA_VERSION = 1
+# 2: the outbox's message id and lease. 3: leased claims, reserved and versioned records.
+# Each step below checks what the file has, not the stamp, so concurrent changes compose.
+CATALOGUE_SCHEMA_VERSION = 3
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -191,6 +207,11 @@ def _migrate(db: sqlite3.Connection) -> None:
     if "key" not in outbox_columns:
         for statement in _statements(_OUTBOX_WITH_KEYS):
             db.execute(statement)
+        outbox_columns = {row["name"] for row in db.execute("PRAGMA table_info(outbox)")}
+    for name, kind in _OUTBOX_ADDED.items():  # message ids are given when first claimed
+        if name not in outbox_columns:
+            db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {kind}")
+    claims.migrate(db)
 
 
 class SQLiteCatalogue:
@@ -199,22 +220,34 @@ class SQLiteCatalogue:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.last_warning: str | None = None
-        create_database(
-            self.path,
-            _SCHEMA + _OUTBOX,
-            CatalogueError,
-            "the catalogue",
-            "set CALYPSO_CATALOGUE__PATH to a writable file",
-            migrate=_migrate,
-            name="catalogue",
-            version=CATALOGUE_SCHEMA_VERSION,
-        )
+        try:
+            create_database(
+                self.path,
+                _SCHEMA + _OUTBOX,
+                CatalogueError,
+                "the catalogue",
+                "set CALYPSO_CATALOGUE__PATH to a writable file",
+                migrate=_migrate,
+                name="catalogue",
+                version=CATALOGUE_SCHEMA_VERSION,
+            )
+        except CatalogueError as exc:  # locked or full: that advice would be wrong
+            if not claims.busy_or_full(str(exc)):
+                raise
+            raise CatalogueError(claims.problem(self.path, exc)) from None
 
     def _connect(self):
         return connect(self.path)
 
-    def register(self, record: ProcessedDataset) -> int:
-        """Record a processed dataset; a retry of the same flow run returns the first record."""
+    def register(
+        self, record: ProcessedDataset, owed: list[tuple[str, dict[str, Any]]] = ()
+    ) -> int:
+        """Record a processed dataset; a retry of the same flow run returns the first record.
+        A record with an ``id`` completes (or fails) the flow run's reservation, and marks
+        its claim done (or failed), in one transaction with the entries ``owed``
+        ((destination, payload), e.g. its ICAT registration) put in the outbox."""
+        if record.id is not None:
+            return claims.complete(self, record, owed)
         if record.flow_run_id and record.status == "completed":
             with self._connect() as db:
                 row = db.execute(
@@ -236,7 +269,7 @@ class SQLiteCatalogue:
                 )
                 return int(cursor.lastrowid)
         except sqlite3.Error as exc:
-            raise CatalogueError(f"cannot register in the catalogue {self.path}: {exc}") from None
+            raise CatalogueError(claims.problem(self.path, exc)) from None
 
     def get(self, record_id: int) -> ProcessedDataset:
         with self._connect() as db:
@@ -264,84 +297,92 @@ class SQLiteCatalogue:
         self, record_id: int, destination: str, payload: dict[str, Any], key: str | None = None
     ) -> bool:
         """Owe ``payload`` to ``destination``; False if the same ``key`` (by default one per
-        record and destination) is already owed or sent."""
-        key = key or f"{destination}:{record_id}"
+        record and destination) is already owed or sent. The entry gets its message id,
+        random, so no other catalogue's message can carry it."""
         with self._connect() as db:
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO outbox (record_id, destination, key, payload) "
-                "VALUES (?, ?, ?, ?)",
-                (record_id, destination, key, json.dumps(payload, default=str)),
-            )
-            return cursor.rowcount == 1
+            return owe(db, record_id, destination, payload, key)
 
-    def claim(self, destination: str) -> OutboxEntry | None:
-        """Take the oldest pending entry for delivery; no other process can take it meanwhile."""
+    def claim(self, destination: str, owner: str, lease_s: float) -> OutboxEntry | None:
+        """Lease the oldest entry that is pending, or whose sender's lease ran out (it died),
+        to ``owner`` for ``lease_s`` seconds: one transaction, so no two senders get it."""
+        now = time.time()
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             row = db.execute(
-                "SELECT * FROM outbox WHERE destination = ? AND state = 'pending' "
+                "SELECT * FROM outbox WHERE destination = ? AND (state = 'pending' OR "
+                "(state = 'sending' AND (lease_until IS NULL OR lease_until < ?))) "
                 "ORDER BY id LIMIT 1",
-                (destination,),
+                (destination, now),
             ).fetchone()
             if row is None:
                 return None
+            leased = {
+                "state": "sending",
+                "attempts": row["attempts"] + 1,
+                "message_id": row["message_id"] or message_id(),  # made before message ids
+                "lease_owner": owner,
+                "lease_until": now + lease_s,
+            }
             db.execute(
-                "UPDATE outbox SET state = 'sending', attempts = attempts + 1 WHERE id = ?",
-                (row["id"],),
+                "UPDATE outbox SET state = :state, attempts = :attempts, "
+                "message_id = :message_id, lease_owner = :lease_owner, "
+                "lease_until = :lease_until WHERE id = :id",
+                {**leased, "id": row["id"]},
             )
-        return self._entry({**dict(row), "state": "sending", "attempts": row["attempts"] + 1})
+        return self._entry({**dict(row), **leased})
 
-    def settle(self, entry_id: int, error: str | None = None) -> None:
-        """Mark an entry delivered, or (with ``error``) pending again."""
+    def renew(self, entry_id: int, owner: str, lease_s: float) -> bool:
+        """Extend ``owner``'s lease by ``lease_s`` from now; False if it is no longer
+        ``owner``'s (its lease ran out and another sender took the entry): then do not send."""
+        with self._connect() as db:
+            cursor = db.execute(
+                "UPDATE outbox SET lease_until = ? "
+                "WHERE id = ? AND state = 'sending' AND lease_owner = ?",
+                (time.time() + lease_s, entry_id, owner),
+            )
+            return cursor.rowcount == 1
+
+    def settle(self, entry_id: int, error: str | None = None, owner: str | None = None) -> None:
+        """Mark an entry delivered (the broker confirmed it, whoever holds the lease), or
+        (with ``error``) pending again, if ``owner`` (when given) still holds it."""
         with self._connect() as db:
             if error is None:
                 db.execute(
                     "UPDATE outbox SET state = 'delivered', last_error = NULL, "
-                    "delivered = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE id = ?",
+                    "lease_owner = NULL, lease_until = NULL, "
+                    "delivered = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') "
+                    "WHERE id = ? AND state != 'delivered'",
                     (entry_id,),
                 )
             else:
                 db.execute(
-                    "UPDATE outbox SET state = 'pending', last_error = ? WHERE id = ?",
-                    (error, entry_id),
+                    "UPDATE outbox SET state = 'pending', last_error = ?, lease_owner = NULL, "
+                    "lease_until = NULL WHERE id = ? AND state = 'sending' "
+                    "AND (? IS NULL OR lease_owner = ?)",
+                    (error, entry_id, owner, owner),
                 )
 
     def release_stale(self, destination: str) -> int:
-        """Return entries left 'sending' by a process that died back to 'pending'."""
+        """Return entries whose sender's lease ran out (it died) to 'pending', so that they
+        show as pending; a live sender's entries are left alone. (Claims take them anyway.)"""
         with self._connect() as db:
             cursor = db.execute(
-                "UPDATE outbox SET state = 'pending' WHERE destination = ? AND state = 'sending'",
-                (destination,),
+                "UPDATE outbox SET state = 'pending', lease_owner = NULL, lease_until = NULL "
+                "WHERE destination = ? AND state = 'sending' "
+                "AND (lease_until IS NULL OR lease_until < ?)",
+                (destination, time.time()),
             )
             return cursor.rowcount
 
-    # -- processing claims: each acquisition processed once ----------------------
+    # -- processing claims: leases held by live flow runs (registry/claims.py) --------
 
-    def claim_processing(self, key: str, flow_run_id: str, technique: str) -> str | None:
+    def claim_processing(
+        self, key: str, flow_run_id: str, technique: str, lease_s: float = claims.LEASE_S
+    ) -> str | None:
         """Take the processing ``key`` for ``flow_run_id``; None if taken (or already ours),
-        else the flow run holding it. A key held by a run that failed is taken over."""
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            row = db.execute("SELECT flow_run_id FROM claims WHERE key = ?", (key,)).fetchone()
-            if row is None:
-                db.execute(
-                    "INSERT INTO claims (key, flow_run_id, technique) VALUES (?, ?, ?)",
-                    (key, flow_run_id, technique),
-                )
-                return None
-            holder = row["flow_run_id"]
-            if holder == flow_run_id:  # a retry of the same run
-                return None
-            statuses = {
-                r["status"]
-                for r in db.execute(
-                    "SELECT status FROM processed_datasets WHERE flow_run_id = ?", (holder,)
-                )
-            }
-            if statuses and "completed" not in statuses:  # the holder failed: take over
-                db.execute("UPDATE claims SET flow_run_id = ? WHERE key = ?", (flow_run_id, key))
-                return None
-            return holder
+        else the flow run holding it (done, or alive: its lease runs)."""
+        taken, before = claims.claim(self, key, flow_run_id, technique, lease_s)
+        return None if taken or before is None else before.flow_run_id
 
     def note(self, record_id: int, key: str, name: str, value: str) -> str | None:
         return None  # the embedded catalogue keeps the export record itself
@@ -370,18 +411,22 @@ class SQLiteCatalogue:
         return [ExportRecord(**dict(row)) for row in rows]
 
     def find_by_processed_path(self, path: str) -> ProcessedDataset | None:
-        """The latest completed record whose results are in ``path``."""
+        """The latest completed record whose results are in ``path`` (however spelled)."""
         with self._connect() as db:
             row = db.execute(
-                "SELECT * FROM processed_datasets WHERE processed_path = ? "
+                "SELECT * FROM processed_datasets WHERE processed_path IN (?, ?) "
                 "AND status = 'completed' ORDER BY id DESC LIMIT 1",
-                (path,),
+                (path, claims.canonical(path)),
             ).fetchone()
         return None if row is None else self._record(row)
 
     def outbox(self, state: str | None = None) -> list[OutboxEntry]:
+        """The outbox, oldest first: every entry, those in ``state``, or (``"owed"``) those
+        not delivered yet, pending or being sent."""
         query, arguments = "SELECT * FROM outbox", ()
-        if state:
+        if state == "owed":
+            query += " WHERE state != 'delivered'"
+        elif state:
             query, arguments = query + " WHERE state = ?", (state,)
         with self._connect() as db:
             rows = db.execute(query + " ORDER BY id", arguments).fetchall()
@@ -397,9 +442,15 @@ class SQLiteCatalogue:
     def _record(row: sqlite3.Row) -> ProcessedDataset:
         values = dict(row)
         values.pop("registered", None)
+        values.pop("lease_expires", None)
         for name in _JSON_FIELDS:
             values[name] = json.loads(values[name])
         return ProcessedDataset(**values)
+
+
+def embedded(catalogue: Catalogue) -> SQLiteCatalogue:
+    """The SQLite catalogue behind any backend: claims, reservations and versions live there."""
+    return getattr(catalogue, "local", catalogue)
 
 
 def open_catalogue(settings: CalypsoSettings) -> Catalogue:

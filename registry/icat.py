@@ -2,16 +2,26 @@
 
 Every registration is first recorded in the embedded SQLite catalogue, and a
 completed one is owed to ICAT in its outbox. Delivery is attempted at once;
-when the broker cannot be reached the registration stays pending (the flow
-run still succeeds, with a warning) until ``calypso catalogue flush`` sends
-it. An outbox entry is claimed by one sender at a time and marked delivered
-as soon as the broker has it, so each registration is sent once.
+when the broker cannot be reached or does not confirm, the registration stays
+pending (the flow run still succeeds, with a warning) until a later flush
+(``calypso catalogue flush``, or ``calypso serve``'s periodic one) sends it.
+
+Delivery is confirmed: each message goes with ``content-length``, a stable
+message id (``calypso_message_id``, the same on every attempt) and a STOMP
+``receipt``, and is marked delivered only when the broker's RECEIPT arrives.
+An entry is leased to one sender at a time (:meth:`SQLiteCatalogue.claim`);
+a sender that dies leaves a lease that runs out, and the entry is sent again,
+with the same message id, so an ingester can drop the copy.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import time
+import uuid
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +39,12 @@ DESTINATION = "icat"
 # Later notes on a registered dataset (e.g. where it was exported), sent after
 # every pending registration, so ICAT already knows the dataset.
 METADATA_DESTINATION = "icat-metadata"
+# The STOMP header naming a message: its outbox entry's message id, the same on every
+# attempt, so the copy a crash after sending (before the receipt) leads to is recognisable.
+MESSAGE_ID_HEADER = "calypso_message_id"
+# A sender holds an entry for the wait for its receipt (``timeout_s``) and this margin for
+# the SQLite writes around it; the lease is renewed just before sending.
+LEASE_MARGIN_S = 10.0
 
 
 @dataclass
@@ -104,14 +120,21 @@ class IcatCatalogue:
             )
         self.local = local
         self.settings = settings
+        self.lease_s = settings.timeout_s + LEASE_MARGIN_S
         self.last_warning: str | None = None
 
     def register(self, record: ProcessedDataset) -> int:
         """Record the dataset; if complete, owe it to ICAT and try to deliver it now."""
         self.last_warning = None
         payload = icat_payload(record, self.settings) if record.status == "completed" else None
-        record_id = self.local.register(record)
-        if payload is not None and self.local.enqueue(record_id, DESTINATION, payload):
+        if record.id is not None:  # a reserved record: completed with its outbox entry, at once
+            owed = [(DESTINATION, payload)] if payload is not None else []
+            record_id = self.local.register(record, owed=owed)
+            sent = bool(owed)
+        else:
+            record_id = self.local.register(record)
+            sent = payload is not None and self.local.enqueue(record_id, DESTINATION, payload)
+        if sent:
             report = self.flush()
             if record_id in report.pending:
                 self.last_warning = (
@@ -141,8 +164,9 @@ class IcatCatalogue:
         return self.local.find_by_processed_path(path)
 
     def outbox(self, state: str | None = None) -> list[OutboxEntry]:
-        """What is owed to ICAT (``pending``), delivered or given up."""
-        return self.local.outbox(state)
+        """What is owed to ICAT (``pending``: waiting, or being sent and not yet confirmed),
+        or ``delivered`` (confirmed by the broker), or everything."""
+        return self.local.outbox("owed" if state == "pending" else state)
 
     def note(self, record_id: int, key: str, name: str, value: str) -> str | None:
         """Owe ICAT a metadata update of ``record_id``'s dataset (``name = value``), try to
@@ -167,32 +191,49 @@ class IcatCatalogue:
         return None
 
     def flush(self, release_stale: bool = False) -> FlushReport:
-        """Deliver pending registrations, then pending notes, oldest first, until one fails."""
+        """Deliver what is owed, registrations then notes, oldest first, until one fails.
+
+        Each entry is leased to this call, sent once its lease is renewed, and marked
+        delivered on the broker's receipt; a refusal, a disconnection or no receipt within
+        ``timeout_s`` leaves it pending for a later flush. ``release_stale`` shows entries
+        whose sender died (lease run out) as pending again; a live sender's are left alone.
+        """
         if release_stale:
             self.local.release_stale(DESTINATION)
             self.local.release_stale(METADATA_DESTINATION)
         report = FlushReport()
-        client = None
+        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        messages: _Messages | None = None
+        sender: _ConfirmedSender | None = None
         try:
             for destination in (DESTINATION, METADATA_DESTINATION):
-                while report.error is None and (entry := self.local.claim(destination)):
+                while report.error is None and (
+                    entry := self.local.claim(destination, owner, self.lease_s)
+                ):
                     try:
-                        if client is None:
-                            client = self._client()
-                        if destination == DESTINATION:
-                            client.store_processed_data(**entry.payload)
-                        else:
-                            client.update_metadata(**entry.payload)
+                        if messages is None:
+                            messages = _Messages(self.settings)
+                        body = messages.build(destination, entry.payload)
+                        if sender is None:
+                            sender = _ConfirmedSender(self.settings)
+                        if not self.local.renew(entry.id, owner, self.lease_s):
+                            continue  # the lease ran out while connecting: someone else sends
+                        sender.send(
+                            messages.queue(destination),
+                            body,
+                            entry.message_id or "",
+                            receipt=f"{entry.message_id}-{entry.attempts}",
+                        )
                     except Exception as exc:
                         report.error = f"{type(exc).__name__}: {exc}"
-                        self.local.settle(entry.id, error=report.error)
+                        self.local.settle(entry.id, error=report.error, owner=owner)
                         break
                     self.local.settle(entry.id)
                     report.delivered.append(entry.record_id)
         finally:
-            if client is not None:
-                client.disconnect()
-        report.pending = [e.record_id for e in self.local.outbox("pending")]
+            if sender is not None:
+                sender.close()
+        report.pending = [e.record_id for e in self.local.outbox("owed")]
         return report
 
     def check(self) -> list[tuple[str, bool, str]]:
@@ -263,3 +304,126 @@ class IcatCatalogue:
             elogbook_timeout=self.settings.timeout_s,
             queue_timeout=self.settings.timeout_s,
         )
+
+
+class _Kept:
+    """Stands in for pyicat-plus' messaging client: keeps the bytes it is asked to send."""
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+
+    def send(self, data: bytes) -> None:
+        self.data = data
+
+    def reconnect(self) -> None:
+        pass
+
+    def disconnect(self) -> None:
+        pass
+
+
+class _Messages:
+    """ICAT's messages, built by pyicat-plus itself.
+
+    pyicat-plus' messaging client (stompest) sends without ``content-length`` and asks for
+    no receipt, and its API has no way to ask for one. So Calypso lets pyicat-plus' own
+    ``IcatClient.store_processed_data`` and ``update_metadata`` build each message (the XML
+    of a dataset, the JSON of a metadata update: nothing rewritten here), with their
+    messaging clients swapped for one that keeps the bytes, and sends those bytes itself
+    (:class:`_ConfirmedSender`) to the queue pyicat-plus would send them to.
+    """
+
+    def __init__(self, settings: IcatSettings) -> None:
+        from pyicat_plus.client import defaults
+        from pyicat_plus.client.main import IcatClient
+
+        self.kept = _Kept()
+        self.client = IcatClient(
+            metadata_urls=list(settings.metadata_urls),
+            metadata_queue=settings.metadata_queue,
+            update_metadata_urls=list(settings.metadata_urls),
+        )
+        for inner in (self.client._metadata_client, self.client._update_metadata_client):
+            inner._client = self.kept  # its own, never connected, is dropped
+        # IcatMessagingClient sends to "/queue/" + its queue name.
+        self.queues = {
+            DESTINATION: f"/queue/{settings.metadata_queue}",
+            METADATA_DESTINATION: f"/queue/{defaults.UPDATE_METADATA_QUEUE}",
+        }
+
+    def queue(self, destination: str) -> str:
+        return self.queues[destination]
+
+    def build(self, destination: str, payload: dict[str, Any]) -> bytes:
+        self.kept.data = None
+        if destination == DESTINATION:
+            self.client.store_processed_data(**payload)
+        else:
+            self.client.update_metadata(**payload)
+        if self.kept.data is None:
+            raise CatalogueError(f"pyicat-plus built no {destination} message from {payload}")
+        return self.kept.data
+
+
+class _ConfirmedSender:
+    """One STOMP connection (stompest, the STOMP library pyicat-plus sends with) on which
+    each message waits for the broker's RECEIPT before the next is sent."""
+
+    def __init__(self, settings: IcatSettings) -> None:
+        from pyicat_plus.utils.url import normalize_url
+        from stompest.config import StompConfig
+        from stompest.error import StompConnectionError
+        from stompest.protocol import StompSpec
+        from stompest.sync import Stomp
+
+        urls = [
+            normalize_url(url, default_scheme="tcp", default_port=61613)
+            for url in settings.metadata_urls
+        ]
+        # Each broker once, in random order (as pyicat-plus); the outbox retries later.
+        uri = (
+            f"failover:({','.join(urls)})?randomize=true,initialReconnectDelay=100,"
+            f"startupMaxReconnectAttempts={len(urls) - 1}"
+        )
+        self.timeout_s = settings.timeout_s
+        self.client = Stomp(StompConfig(uri, version=StompSpec.VERSION_1_1))
+        try:
+            self.client.connect(
+                versions=[StompSpec.VERSION_1_1],
+                connectTimeout=self.timeout_s,
+                connectedTimeout=self.timeout_s,
+            )
+        except StompConnectionError as exc:
+            raise ConnectionError(f"no broker answers at {', '.join(urls)} ({exc})") from None
+
+    def send(self, queue: str, body: bytes, message_id: str, receipt: str) -> None:
+        """Send ``body``; return when the broker confirms it, else raise."""
+        from stompest.protocol import StompSpec
+
+        headers = {
+            # Without it a broker must find the body's end by its NUL byte; coilmq (the test
+            # broker) then fails on a frame split across its reads and drops the connection.
+            StompSpec.CONTENT_LENGTH_HEADER: str(len(body)),
+            "persistent": "true",  # as pyicat-plus: ActiveMQ keeps it on disk
+            MESSAGE_ID_HEADER: message_id,
+        }
+        self.client.send(queue, body=body, headers=headers, receipt=receipt)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.client.canRead(left):
+                raise TimeoutError(f"the broker did not confirm within {self.timeout_s:g} s")
+            frame = self.client.receiveFrame()
+            if frame.command == StompSpec.ERROR:
+                raise ConnectionError(
+                    f"the broker refused the message: {frame.headers.get('message', frame.body)}"
+                )
+            if frame.command == StompSpec.RECEIPT and self.client.receipt(frame) == receipt:
+                return
+
+    def close(self) -> None:
+        try:
+            self.client.disconnect()
+        except Exception:  # the broker went: close our end
+            with suppress(Exception):
+                self.client.close(flush=True)

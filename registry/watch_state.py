@@ -1,5 +1,12 @@
 """The watcher's state (``calypso watch``): which acquisitions were announced to Prefect,
-when, under which event; shared by the watchers of one machine, kept across restarts."""
+when, under which event; shared by the watchers of one machine, kept across restarts.
+
+Each acquisition is one outbox entry: *claimed* with its event (one transaction), then
+*emitted* once the event is posted, then *confirmed* once a flow run processed it. A
+watcher killed between claiming and posting leaves the entry claimed, with its event:
+the next watcher to start (or any running one, a while later) posts it. An announcement
+is delayed by a crash, never lost.
+"""
 
 from __future__ import annotations
 
@@ -56,18 +63,25 @@ class WatchState:
     def _connect(self):
         return connect(self.path)
 
-    def claim(self, acquisition: Any, key: str, version: str, event_id: str) -> bool:
+    def claim(
+        self, acquisition: Any, key: str, version: str, event_id: str, event: dict | None = None
+    ) -> bool:
         """True if this watcher is the one to announce ``key`` (now or again after a
-        failed post); ``acquisition`` names the raw dataset, scans and technique."""
+        failed post); ``acquisition`` names the raw dataset, scans and technique. The
+        ``event`` is kept with the claim: whoever finds it unposted posts it."""
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
-            row = db.execute("SELECT state FROM acquisitions WHERE key = ?", (key,)).fetchone()
-            if row is not None and row[0] != "failed":
+            row = db.execute(
+                "SELECT state, event FROM acquisitions WHERE key = ?", (key,)
+            ).fetchone()
+            # claimed without its event: by a watcher older than the outbox, which died
+            orphan = row is not None and row[0] == "claimed" and row[1] is None
+            if row is not None and row[0] != "failed" and not orphan:
                 return False
             db.execute(
-                "INSERT OR REPLACE INTO acquisitions "
-                "(key, raw_dataset, scans, technique, flow_version, event_id) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO acquisitions (key, raw_dataset, scans, technique, "
+                "flow_version, event_id, event, deployment, posted) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     key,
                     acquisition.raw_dataset_dir,
@@ -75,9 +89,30 @@ class WatchState:
                     acquisition.technique,
                     version,
                     event_id,
+                    json.dumps(event) if event else None,
+                    deployment_of(event),
+                    time.time(),
                 ),
             )
             return True
+
+    def pending(self, stale_after_s: float) -> list[tuple[str, dict]]:
+        """(key, event) of announcements claimed but not posted: a post that failed, or a
+        claim older than ``stale_after_s`` (its watcher was killed before posting). Taken
+        by this watcher (their time renewed), so a running one does not post them too."""
+        now = time.time()
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            rows = db.execute(
+                "SELECT key, event FROM acquisitions WHERE event IS NOT NULL AND "
+                "(state = 'failed' OR (state = 'claimed' AND (posted IS NULL OR posted <= ?)))",
+                (now - stale_after_s,),
+            ).fetchall()
+            db.executemany(
+                "UPDATE acquisitions SET state = 'claimed', posted = ? WHERE key = ?",
+                [(now, row[0]) for row in rows],
+            )
+        return [(row[0], json.loads(row[1])) for row in rows]
 
     def settle(self, key: str, emitted: bool, event: dict | None = None) -> None:
         with self._connect() as db:
@@ -109,8 +144,16 @@ class WatchState:
         return [(r[0], json.loads(r[1]), r[2], r[3]) for r in rows]
 
     def mark(self, key: str, state: str) -> None:
+        """``confirmed`` (processed), ``processing-failed`` (its run failed: fix, rerun by
+        hand) or ``unconfirmed`` (no run after every attempt)."""
         with self._connect() as db:
             db.execute("UPDATE acquisitions SET state = ? WHERE key = ?", (state, key))
+
+    def states(self) -> dict[str, int]:
+        """How many announcements are in each state."""
+        with self._connect() as db:
+            rows = db.execute("SELECT state, count(*) FROM acquisitions GROUP BY state")
+            return {row[0]: row[1] for row in rows}
 
     def emitted(self) -> list[tuple[str, str, str]]:
         """(raw dataset, scans, technique) of every acquisition announced."""

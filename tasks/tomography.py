@@ -9,9 +9,7 @@ process and the writer's memory does not grow with it.
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from pathlib import Path
 
 # Imported here, not lazily in the technique, so that Dask workers, which
@@ -33,6 +31,7 @@ from calypso.tasks.plans.tomography import TECHNIQUE, TomographyPlan
 from calypso.tasks.raw.projections import flat_series_rows, mean_rows, read_projection_rows
 from calypso.tasks.writers import nexus
 from calypso.tasks.writers.plots import plot_slices, publish_image
+from calypso.tasks.writers.publication import move_into_place
 from calypso.techniques import tomography as tomo
 
 # Compile the back-projection kernel now (~0.5 s): workers preload this module
@@ -368,7 +367,8 @@ def write_volume_nexus(
             voxel = data.create_dataset("voxel_size", data=size or 1.0)
             voxel.attrs["units"] = "um" if size else "pixel"
             entry.attrs["default"] = "volume"
-        plot_slices(png_temp, panels, f"{TECHNIQUE}: {plan.scan.description}")
+        title = plan.scan.title or Path(plan.scan.description.partition("::")[0]).name
+        plot_slices(png_temp, panels, f"{Path(plan.output_file).stem}: {title}")
         _publish_folder(Path(work_dir), volume_dir)
     publish_image(png, f"Tomography: slices of {output.name}")
     return {
@@ -388,16 +388,12 @@ def _quicklook_slices(plan: TomographyPlan, slabs: list[SlabResult]) -> list:
 
 
 def _publish_folder(work_dir: Path, final: Path) -> None:
-    """Rename the work folder onto ``final``, replacing an older result only now."""
-    old = final.parent / f"{nexus.PARTIAL_PREFIX}old-{uuid.uuid4().hex[:8]}"
+    """Rename the work folder onto ``final``, replacing an older result only then: when
+    the flow run publishes its results with their record, or now outside a flow run."""
     try:
-        if final.exists():
-            os.replace(final, old)
-        os.replace(work_dir, final)
+        move_into_place(work_dir, final)
     except OSError as exc:
         raise OutputError(f"cannot move the slab files into {final}: {exc}") from None
-    finally:
-        nexus.remove_work_dir(old)
 
 
 @task(name="write_preview_nexus", cache_policy=NO_CACHE)

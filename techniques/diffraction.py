@@ -22,15 +22,17 @@ from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
 from calypso.errors import ParameterError
 from calypso.techniques.fields import TechniqueParameters
+from calypso.techniques.masks import DEFAULT_MIN_UNMASKED_FRACTION
 
 Flip = Literal["ud", "lr", "udlr"]
 ErrorModel = Literal["poisson", "azimuthal", "hybrid"]
 
 
 class Geometry(BaseModel):
-    """Experiment geometry in pyFAI's PONI convention (metres and radians)."""
+    """Experiment geometry in pyFAI's PONI convention (metres and radians); only a physical
+    one (positive distance and wavelength, every value finite) is accepted."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     dist: float = Field(..., gt=0, description="Sample-detector distance (m).")
     poni1: float = Field(..., description="Point of normal incidence, slow axis (m).")
@@ -70,6 +72,13 @@ class DiffractionSource(TechniqueParameters):
         None,
         description="Mask image (non-zero = masked), any fabio format.",
         json_schema_extra={"path": "file"},
+    )
+    min_unmasked_fraction: float = Field(
+        DEFAULT_MIN_UNMASKED_FRACTION,
+        ge=0,
+        le=1,
+        description="Refuse a mask that leaves fewer of the detector's pixels than this "
+        "fraction (0: any mask)",
     )
     dark: str | None = Field(
         None, description="Dark current image.", json_schema_extra={"path": "file"}

@@ -13,7 +13,8 @@ and clients see it too:
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -48,3 +49,29 @@ class TechniqueParameters(BaseModel):
             if isinstance(field.json_schema_extra, dict)
             and field.json_schema_extra.get("path") == kind
         ]
+
+
+def path_values(
+    model: type[BaseModel] | None, values: Mapping[str, Any]
+) -> list[tuple[str, PathKind, str]]:
+    """``(field, kind, value)`` for every value of ``values`` given to a field that ``model``
+    marks as a path (each item of a list: a swept path); what confinement checks.
+
+    Examples
+    --------
+    >>> from calypso.techniques.mx import MXParameters
+    >>> path_values(MXParameters, {"mask": "/data/m.edf", "images": "*.cbf", "d_min": 2})
+    [('mask', 'file', '/data/m.edf'), ('images', 'glob', '*.cbf')]
+    """
+    if model is None or not hasattr(model, "_marked"):
+        return []
+    kinds: dict[str, PathKind] = {name: "file" for name in model._marked("file")}
+    kinds |= {name: "glob" for name in model._marked("glob")}
+    found: list[tuple[str, PathKind, str]] = []
+    for name, value in values.items():
+        if name not in kinds:
+            continue
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(item, str) or hasattr(item, "__fspath__"):
+                found.append((name, kinds[name], str(item)))
+    return found

@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from calypso.techniques.fields import TechniqueParameters
+from calypso.techniques.masks import DEFAULT_MIN_UNMASKED_FRACTION
 
 # Ice Ih powder rings, d-spacings in Å (the strongest ones, hexagonal ice).
 ICE_RINGS_A = (3.897, 3.669, 3.441, 2.671, 2.249, 2.072, 1.948, 1.918, 1.883, 1.721)
@@ -47,6 +48,13 @@ class MXSource(TechniqueParameters):
         None,
         description="mask image (non-zero = bad pixel): EDF, TIFF, .npy, FILE.h5::/path",
         json_schema_extra={"path": "file"},
+    )
+    min_unmasked_fraction: float = Field(
+        DEFAULT_MIN_UNMASKED_FRACTION,
+        ge=0,
+        le=1,
+        description="refuse a mask that leaves fewer of the detector's pixels than this "
+        "fraction (0: any mask)",
     )
     grid: tuple[int, int] | None = Field(
         None,
@@ -113,15 +121,21 @@ class MXParameters(MXExecution, MXScience, MXSource):
 
 
 class DetectorGeometry(BaseModel):
-    """Flat detector perpendicular to the beam (the stills and centring case)."""
+    """Flat detector perpendicular to the beam (the stills and centring case).
 
-    model_config = ConfigDict(frozen=True)
+    Only a physical geometry is accepted: a wavelength, distance or pixel size that is
+    zero, negative or not finite gives resolutions of the wrong sign or none (a negative
+    wavelength made d_min -10.6 Å), so it raises ``ValueError`` (pydantic's
+    ``ValidationError``) instead. The beam centre may lie off the detector.
+    """
+
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     beam_x_px: float
     beam_y_px: float
-    distance_m: float
-    wavelength_a: float
-    pixel_size_um: float
+    distance_m: float = Field(gt=0)
+    wavelength_a: float = Field(gt=0)
+    pixel_size_um: float = Field(gt=0)
 
     def d_spacing(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Resolution (Å) at pixel positions ``x`` (column), ``y`` (row)."""

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.live_servers import valkey_url  # noqa: F401  (a blissdata server: docs/live.md)
+
 REPO = Path(__file__).resolve().parents[1]
 _server: subprocess.Popen | None = None
 _state_dir = Path(tempfile.mkdtemp(prefix="calypso-tests-"))

@@ -32,8 +32,6 @@ def toy_env(tmp_path, monkeypatch, capsys):
             os.pathsep
         ),
         "CALYPSO_HOME": str(tmp_path / "home"),
-        "CALYPSO_USER__NAME": "alice",
-        "CALYPSO_USER__PROPOSALS": '["ih0001"]',
         "CALYPSO_EXECUTOR__N_WORKERS": "1",
     }
     for name, value in env.items():
@@ -100,9 +98,11 @@ def test_a_technique_added_by_its_descriptor_runs_everywhere(tmp_path, toy_env, 
     assert set(variant) == set(summary) - {"wall_s"}
 
     # From a `calypso serve` deployment, as the Prefect UI or a trigger starts it.
+    # serve acts for everyone: it starts only with data roots, and confines each run to one
+    # proposal under them (outputs included).
     served = subprocess.Popen(
         [sys.executable, "-m", "calypso.flows.cli", "serve", "--technique", "frame-statistics"],
-        env=toy_env,
+        env=dict(toy_env, CALYPSO_DATA_ROOTS=json.dumps([str(tmp_path)])),
         stdout=open(tmp_path / "serve.log", "wb"),  # noqa: SIM115 (the process keeps it)
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -110,12 +110,12 @@ def test_a_technique_added_by_its_descriptor_runs_everywhere(tmp_path, toy_env, 
     try:
         run = _run_deployment(
             "frame-statistics/frame-statistics",
-            {"raw": str(stack), "output_dir": str(tmp_path / "served")},
+            {"raw": str(stack), "output_dir": str(session / "PROCESSED_DATA/served")},
             served,
             tmp_path / "serve.log",
         )
         assert run.state.is_completed(), run.state
-        served_output = tmp_path / "served" / "frame_statistics.h5"
+        served_output = session / "PROCESSED_DATA/served" / "frame_statistics.h5"
         np.testing.assert_array_equal(
             statistics(f"{served_output}::/statistics"), _default_statistics(frames)
         )

@@ -46,3 +46,38 @@ def test_bad_settings_say_what_to_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("CALYPSO_CONFIG", str(tmp_path / "missing.toml"))
     with pytest.raises(ConfigurationError, match="missing.toml"):
         load_settings()
+
+
+def test_an_unknown_setting_is_an_error_naming_the_closest_one(monkeypatch, tmp_path):
+    # Once ignored: `CALYPSO_DATA_ROOT` (singular) silently turned confinement off.
+    monkeypatch.setenv("CALYPSO_DATA_ROOT", "/data/visitor")
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings()
+    assert "unknown setting CALYPSO_DATA_ROOT: did you mean CALYPSO_DATA_ROOTS?" in str(
+        raised.value
+    )
+    monkeypatch.delenv("CALYPSO_DATA_ROOT")
+    # nested ones too, in any case, and the keys of a configuration file
+    monkeypatch.setenv("calypso_executor__n_worker", "2")
+    with pytest.raises(ConfigurationError, match="did you mean CALYPSO_EXECUTOR__N_WORKERS"):
+        load_settings()
+    monkeypatch.delenv("calypso_executor__n_worker")
+    config = tmp_path / "calypso.toml"
+    config.write_text('[access]\nstaff_group = ["staff"]\n[serve.concurrency]\ntomography = 1\n')
+    monkeypatch.setenv("CALYPSO_CONFIG", str(config))
+    with pytest.raises(
+        ConfigurationError, match=r"access.staff_group: did you mean access.staff_groups"
+    ):
+        load_settings()
+    # Mappings take any key; variables that are not settings are left alone.
+    config.write_text("[serve.concurrency]\ntomography = 1\n")
+    monkeypatch.setenv("CALYPSO_SERVE__CONCURRENCY__DIFFRACTION", "3")
+    monkeypatch.setenv("CALYPSO_TECHNIQUES", "")
+    settings = load_settings()
+    assert settings.serve.concurrency == {"tomography": 1, "diffraction": 3}
+
+
+def test_who_acts_is_not_a_setting(monkeypatch):
+    monkeypatch.setenv("CALYPSO_USER__NAME", "alice")
+    with pytest.raises(ConfigurationError, match="CALYPSO_USER__NAME is not a setting any more"):
+        load_settings()

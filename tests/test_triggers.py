@@ -83,6 +83,8 @@ class Facility:
         self.env.update(
             CALYPSO_HOME=str(self.home),
             CALYPSO_DATA_ROOTS=json.dumps([str(self.tree), str(self.elsewhere)]),
+            # the beamline's calibration files: read by any run, outside the proposals
+            CALYPSO_ACCESS__SHARED_PATHS=json.dumps([str(work / "calibration")]),
             CALYPSO_WATCH__BEAMLINES=json.dumps(
                 {
                     "id00": [
@@ -186,6 +188,13 @@ class Facility:
                     return None
 
         return wait_until(found, 60, f"the deployment {name}")
+
+
+def alice():
+    """A user signed in (as through the portal) with her proposals: saved flows are hers."""
+    from calypso.registry.access import Identity
+
+    return Identity("alice", "ldap", proposals={"ih0001", "ih0004"})
 
 
 def first_sample(facility: Facility) -> Path:
@@ -359,6 +368,7 @@ def test_an_event_the_server_lost_is_posted_again(facility, tmp_path):
     before = len(facility.runs())
     sample = write_diffraction_sample(facility.elsewhere, frames=1, dataset_number=11, seed=11)
     settings = load_settings(
+        data_roots=[facility.tree, facility.elsewhere],
         home=facility.home / "lost",
         watch={"confirm_s": 0.1, "beamlines": {"id00": [{"technique": "diffraction"}]}},
     )
@@ -459,6 +469,8 @@ def test_a_retry_after_a_killed_worker_recomputes_only_unfinished_chunks(facilit
         "raw": str(sample.raw_dataset_dir),
         "parameters": facility.parameters | {"chunk_size": 2},
     }
+    # Outputs stay inside the dataset's proposal (a served run is confined to it).
+    results = sample.dataset.session_dir / "PROCESSED_DATA"
 
     def start_run(output: Path):
         with get_client(sync_client=True) as client:
@@ -470,11 +482,11 @@ def test_a_retry_after_a_killed_worker_recomputes_only_unfinished_chunks(facilit
         with get_client(sync_client=True) as client:
             return client.read_flow_run(run.id).state
 
-    reference = start_run(tmp_path / "a")
+    reference = start_run(results / "a")
     wait_until(lambda: state_of(reference).is_final(), 240, "the uninterrupted run")
     assert state_of(reference).is_completed()
-    interrupted = start_run(tmp_path / "b")
-    parts = tmp_path / "b" / f".calypso-partial-{interrupted.id}"
+    interrupted = start_run(results / "b")
+    parts = results / "b" / f".calypso-partial-{interrupted.id}"
     wait_until(
         lambda: parts.is_dir() and len(list(parts.glob("*.h5"))) >= 6,
         240,
@@ -527,7 +539,7 @@ def test_a_retry_after_a_killed_worker_recomputes_only_unfinished_chunks(facilit
         with h5py.File(nexus, "r") as h5:
             return h5["1.1/pilatus1m_integrate/integrated/intensity"][()]
 
-    np.testing.assert_array_equal(intensities(tmp_path / "a"), intensities(tmp_path / "b"))
+    np.testing.assert_array_equal(intensities(results / "a"), intensities(results / "b"))
     assert not parts.exists()  # the part folder goes once the run completes
 
 
@@ -536,7 +548,7 @@ def test_a_saved_user_flow_runs_from_its_deployment(facility):
     from prefect.client.orchestration import get_client
 
     from calypso.flows.specification import export_specification
-    from calypso.registry.saved_flows import SavedFlows, User
+    from calypso.registry.saved_flows import SavedFlows
 
     sample = write_diffraction_sample(facility.elsewhere, frames=2, dataset_number=8, seed=8)
     spec = yaml.safe_load(export_specification("diffraction"))
@@ -544,7 +556,7 @@ def test_a_saved_user_flow_runs_from_its_deployment(facility):
         poni=str(sample.calibration["poni"]), mask=str(sample.calibration["mask"]), npt=120
     )
     SavedFlows(facility.home / "catalogue.sqlite").save(
-        "quick-look", yaml.safe_dump(spec), "diffraction", User(name="alice"), "ih0001", ""
+        "quick-look", yaml.safe_dump(spec), "diffraction", alice(), "ih0001", ""
     )
     # Saved while serve runs: its own deployment appears, the flow's name in its form.
     deployment = facility.deployment("saved-flow/quick-look")
@@ -570,15 +582,13 @@ def test_a_saved_user_flow_runs_from_its_deployment(facility):
 
     # A new version updates the deployment; deleting the flow pauses it.
     saved_flows = SavedFlows(facility.home / "catalogue.sqlite")
-    saved_flows.save(
-        "quick-look", yaml.safe_dump(spec), "diffraction", User(name="alice"), "ih0001", "v2"
-    )
+    saved_flows.save("quick-look", yaml.safe_dump(spec), "diffraction", alice(), "ih0001", "v2")
     wait_until(
         lambda: facility.deployment("saved-flow/quick-look").version.startswith("quick-look@2 "),
         60,
         "the deployment of version 2",
     )
-    saved_flows.delete("quick-look", User(name="alice"))
+    saved_flows.delete("quick-look", alice())
     wait_until(lambda: facility.deployment("saved-flow/quick-look").paused, 60, "the pause")
     # Any saved flow by name: the `saved-flow` deployment.
     assert facility.deployment("saved-flow/saved-flow").parameters == {}
@@ -590,7 +600,7 @@ def test_a_beamline_rule_runs_a_saved_flow_after_each_acquisition(facility, tmp_
     from prefect.client.schemas.filters import DeploymentFilter
 
     from calypso.flows.specification import export_specification
-    from calypso.registry.saved_flows import SavedFlows, User
+    from calypso.registry.saved_flows import SavedFlows
 
     if not facility.watchers:
         facility.watch()
@@ -608,7 +618,7 @@ def test_a_beamline_rule_runs_a_saved_flow_after_each_acquisition(facility, tmp_
         npt=90,
     )
     SavedFlows(facility.home / "catalogue.sqlite").save(
-        "auto-look", yaml.safe_dump(spec), "diffraction", User(name="alice"), "ih0004", ""
+        "auto-look", yaml.safe_dump(spec), "diffraction", alice(), "ih0004", ""
     )
     deployment = facility.deployment("saved-flow/auto-look")
 

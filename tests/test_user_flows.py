@@ -16,16 +16,21 @@ import yaml
 from calypso.flows.api import build_parameters, run_technique
 from calypso.flows.cli import main
 from calypso.flows.specification import SpecificationError, check_specification
+from calypso.registry.access import Identity, acting_as
 from calypso.settings import load_settings
 
 pytestmark = pytest.mark.slow
 
+# Signed-in users (tests/test_isolation.py signs them in through a real directory).
+ALICE = Identity("alice", "ldap", proposals={"ih0001"})
+MALLORY = Identity("mallory", "ldap", proposals={"ih0666"})
+BOB = Identity("bob", "ldap", proposals={"ih0001"})
+
 
 @pytest.fixture
-def user(monkeypatch, catalogue_path):
-    monkeypatch.setenv("CALYPSO_USER__NAME", "alice")
-    monkeypatch.setenv("CALYPSO_USER__PROPOSALS", '["ih0001"]')
-    return "alice"
+def user(catalogue_path):
+    """The Unix account of the tests, on one machine (no data roots): every proposal."""
+    return "unix"
 
 
 def test_a_specification_with_many_mistakes_reports_each_with_its_place():
@@ -87,7 +92,7 @@ steps:
         check_specification("calypso: 1\nsteps: []\n")
 
 
-def test_cli_check_export_save_show_diff_list_delete(tmp_path, capsys, user, monkeypatch):
+def test_cli_check_export_save_show_diff_list_delete(tmp_path, capsys, catalogue_path):
     assert main(["flows", "export", "diffraction"]) == 0
     exported = capsys.readouterr().out
     first = tmp_path / "d1.yaml"
@@ -96,25 +101,29 @@ def test_cli_check_export_save_show_diff_list_delete(tmp_path, capsys, user, mon
     assert "valid diffraction flow, steps plan -> integrate -> write" in capsys.readouterr().out
     second = tmp_path / "d2.yaml"
     second.write_text(exported.replace("npt: 1000", "npt: 2000"))
-    for spec in (first, second):
-        assert main(["flows", "save", str(spec), "--name", "rings", "--proposal", "ih0001"]) == 0
-    assert "saved rings@2" in capsys.readouterr().out
+    with acting_as(ALICE):
+        for spec in (first, second):
+            assert (
+                main(["flows", "save", str(spec), "--name", "rings", "--proposal", "ih0001"]) == 0
+            )
+        assert "saved rings@2" in capsys.readouterr().out
+        # Saving for a proposal needs membership of it.
+        assert main(["flows", "save", str(first), "--name", "theirs", "--proposal", "ih0002"]) == 7
+        assert "alice is not a member of proposal ih0002" in capsys.readouterr().err
     assert main(["flows", "show", "rings@1"]) == 0
     assert "npt: 1000" in capsys.readouterr().out
     assert main(["flows", "diff", "rings@1", "rings@2"]) == 0
     diff = capsys.readouterr().out
     assert "-      npt: 1000" in diff and "+      npt: 2000" in diff
     # Someone else may neither overwrite nor delete it; a member of the proposal may.
-    monkeypatch.setenv("CALYPSO_USER__NAME", "mallory")
-    monkeypatch.setenv("CALYPSO_USER__PROPOSALS", '["ih0666"]')
-    assert main(["flows", "save", str(first), "--name", "rings"]) == 5
-    assert main(["flows", "delete", "rings"]) == 5
-    assert "belongs to alice" in capsys.readouterr().err
-    monkeypatch.setenv("CALYPSO_USER__NAME", "bob")
-    monkeypatch.setenv("CALYPSO_USER__PROPOSALS", '["ih0001"]')
-    assert main(["flows", "list"]) == 0
-    assert "rings@2" in capsys.readouterr().out
-    assert main(["flows", "delete", "rings"]) == 0
+    with acting_as(MALLORY):
+        assert main(["flows", "save", str(first), "--name", "rings"]) == 7
+        assert main(["flows", "delete", "rings"]) == 7
+        assert "belongs to alice" in capsys.readouterr().err
+    with acting_as(BOB):
+        assert main(["flows", "list"]) == 0
+        assert "rings@2" in capsys.readouterr().out
+        assert main(["flows", "delete", "rings"]) == 0
     assert main(["flows", "show", "rings"]) == 5
     # Names become folder and deployment names.
     for name in ("../up", "a b", "saved-flow", ""):
@@ -124,6 +133,37 @@ def test_cli_check_export_save_show_diff_list_delete(tmp_path, capsys, user, mon
     bad.write_text("steps:\n  x: {task: os.system}\n")
     assert main(["flows", "save", str(bad), "--name", "evil"]) == 2
     assert "unknown task 'os.system'" in capsys.readouterr().err
+
+
+def test_the_owner_is_the_unix_account_and_an_altered_version_is_refused(
+    tmp_path, capsys, catalogue_path
+):
+    import getpass
+    import sqlite3
+
+    assert main(["flows", "export", "diffraction"]) == 0
+    spec = tmp_path / "d.yaml"
+    spec.write_text(capsys.readouterr().out)
+    assert main(["flows", "save", str(spec), "--name", "mine", "--proposal", "ih0001"]) == 0
+    saved = capsys.readouterr().out
+    assert f"owner {getpass.getuser()}" in saved and "sha256 " in saved
+    assert main(["flows", "save", str(spec), "--name", "mine"]) == 0  # version 2
+    capsys.readouterr()
+    # One SQL UPDATE changes version 1 in place: noticed on every load, refused.
+    with sqlite3.connect(catalogue_path) as db:
+        db.execute(
+            "UPDATE saved_flows SET specification = replace(specification, 'npt: 1000', "
+            "'npt: 9') WHERE name = 'mine' AND version = 1"
+        )
+    for command in (["flows", "show", "mine@1"], ["flows", "run", "mine@1", str(tmp_path)]):
+        assert main(command) == 5
+        assert "saved flow mine@1 was changed in the registry after it was saved" in (
+            capsys.readouterr().err
+        )
+    assert main(["flows", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "ALTERED" in listing.splitlines()[0] and "ALTERED" not in listing.splitlines()[1]
+    assert main(["flows", "show", "mine@2"]) == 0
 
 
 def _main_dataset(url: str) -> np.ndarray:
@@ -290,12 +330,12 @@ def test_paths_that_leave_the_proposal_are_refused(tmp_path, capsys, user, diffr
     for case, (arguments, message) in cases.items():
         code = main(["flows", "run", "mine", *arguments])
         err = capsys.readouterr().err
-        assert code == 3 and message in err, (case, err)
+        assert code == 7 and message in err, (case, err)
     spec["steps"]["plan"]["parameters"]["mask"] = "/etc/passwd"
     path.write_text(yaml.safe_dump(spec))
     assert main(["flows", "save", str(path), "--name", "mine"]) == 0
     capsys.readouterr()
-    assert main(["flows", "run", "mine", str(raw)]) == 3
+    assert main(["flows", "run", "mine", str(raw)]) == 7
     assert "steps.plan.parameters.mask /etc/passwd leads outside" in capsys.readouterr().err
 
 

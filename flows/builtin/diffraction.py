@@ -33,10 +33,11 @@ def integrate(ctx: Any, plan: Any) -> list[Any]:
 
 def write(ctx: Any, plan: Any, chunks: list[Any]) -> list[str]:
     from calypso.tasks.diffraction import quick_look_path, write_integrated_nexus
+    from calypso.tasks.writers.publication import will_exist
 
     outputs = write_integrated_nexus(plan, chunks, ctx.provenance)
     look = quick_look_path(plan)
-    ctx.report(png=str(look) if look.exists() else None)
+    ctx.report(png=str(look) if will_exist(look) else None)  # published with the record
     return outputs
 
 

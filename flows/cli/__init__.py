@@ -25,10 +25,13 @@ from calypso.flows.cli import (
     sample_data,
     service,
     user_flows,
+    whoami,
 )
 
 # In the order `calypso --help` lists the commands.
-COMMAND_GROUPS = (run, export, parameters, sample_data, service, user_flows, cluster, catalogue)
+COMMAND_GROUPS = (
+    *(run, export, parameters, sample_data, service, user_flows, cluster, catalogue, whoami),
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,25 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     show = catalogue_commands.add_parser("show", help="show one processed dataset")
     show.add_argument("id", type=int)
     show.set_defaults(handler=command_catalogue_show)
+    versions = catalogue_commands.add_parser(
+        "versions",
+        help="every version of a dataset's results, checked against the files it lists",
+    )
+    versions.add_argument("dataset", help="raw dataset folder (or a processed folder)")
+    versions.add_argument("--json", action="store_true")
+    versions.set_defaults(handler=command_catalogue_versions)
+    prune = catalogue_commands.add_parser(
+        "prune", help="remove the files of older versions of a dataset's results"
+    )
+    prune.add_argument("dataset", help="raw dataset folder (or a processed folder)")
+    prune.add_argument(
+        "--keep", type=int, default=1, help="latest completed versions kept (default 1)"
+    )
+    prune.add_argument("--technique", choices=technique_names())
+    prune.add_argument(
+        "--yes", action="store_true", help="remove them (without it: only say what would go)"
+    )
+    prune.set_defaults(handler=command_catalogue_prune)
 
 
 def _icat_catalogue() -> IcatCatalogue:
@@ -111,4 +130,97 @@ def command_catalogue_show(args: argparse.Namespace) -> int:
         "exports": [e.model_dump(mode="json", exclude={"record_id"}) for e in exports]
     }
     print(json.dumps(shown, indent=2))
+    return 0
+
+
+def _versions(dataset: str):
+    from calypso.registry import open_catalogue
+    from calypso.registry.catalogue import embedded
+    from calypso.registry.versions import families, records_of
+
+    catalogue = embedded(open_catalogue(load_settings()))
+    return catalogue, families(records_of(catalogue, dataset))
+
+
+def _changed(record, previous) -> str:
+    """The parameters that differ from the previous version's, briefly."""
+    if previous is None:
+        return ""
+    changed = [
+        f"{name}={record.parameters.get(name)!r}"
+        for name in sorted(set(record.parameters) | set(previous.parameters))
+        if record.parameters.get(name) != previous.parameters.get(name)
+    ]
+    return ("; " + ", ".join(changed))[:120] if changed else "; same parameters"
+
+
+def command_catalogue_versions(args: argparse.Namespace) -> int:
+    from calypso.registry.versions import verify
+
+    _, found = _versions(args.dataset)
+    if args.json:
+        shown = [
+            {
+                "technique": f.technique,
+                "folder": f.folder,
+                "file": f.file,
+                "versions": [
+                    r.model_dump(mode="json", exclude={"checksums"})
+                    | {
+                        "files": len(r.checksums),
+                        "problems": verify(r) if r.status == "completed" else [],
+                    }
+                    for r in f.records
+                ],
+            }
+            for f in found
+        ]
+        print(json.dumps(shown, indent=2))
+        return 0
+    if not found:
+        print(f"the catalogue has no results of {args.dataset}")
+        return 0
+    for family in found:
+        print(f"{family.technique} {family.file or ''} in {family.folder}[_vN]")
+        previous = None
+        for r in family.records:
+            state = r.status
+            if r.status == "completed":
+                problems = verify(r)
+                state += f", {len(r.checksums)} files " + (
+                    "ok" if not problems else "; ".join(problems)
+                )
+            print(
+                f"  v{r.version or 1:<3} id {r.id:<5} {r.finished or r.started or '':25} "
+                f"{state}{_changed(r, previous)}"
+            )
+            print(f"        {r.processed_path}")
+            previous = r if r.status in ("completed", "pruned") else previous
+    return 0
+
+
+def command_catalogue_prune(args: argparse.Namespace) -> int:
+    from calypso.registry.versions import prunable, prune
+
+    catalogue, found = _versions(args.dataset)
+    if args.keep < 1:
+        raise ConfigurationError("--keep must be at least 1: the latest version always stays")
+    chosen = [
+        record
+        for family in found
+        if args.technique in (None, family.technique)
+        for record in prunable(family, args.keep)
+    ]
+    if not chosen:
+        print(f"nothing to prune: at most {args.keep} completed version(s) of each result")
+        return 0
+    for record in chosen:
+        what = f"v{record.version or 1} (id {record.id}, {record.status}): {record.processed_path}"
+        if not args.yes:
+            print(f"would remove {len(record.checksums)} files of {what}")
+            continue
+        removed = prune(catalogue, record)
+        print(f"removed {len(removed)} files of {what}")
+    if not args.yes:
+        print("nothing removed: add --yes to remove them")
     return 0

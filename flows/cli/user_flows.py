@@ -8,7 +8,7 @@ import json
 import sys
 
 from calypso.errors import ParameterError
-from calypso.flows.api import current_user, get_saved_flow, run_saved_flow, saved_flows
+from calypso.flows.api import current_identity, get_saved_flow, run_saved_flow, saved_flows
 from calypso.flows.cli.common import load_settings_with_workers, technique_names
 from calypso.settings import load_settings
 
@@ -97,10 +97,11 @@ def command_flows_save(args: argparse.Namespace) -> int:
     spec = check_specification(text, args.file)
     settings = load_settings()
     saved = saved_flows(settings).save(
-        args.name, text, spec.technique, current_user(settings), args.proposal, args.description
+        args.name, text, spec.technique, current_identity(settings), args.proposal, args.description
     )
     print(
-        f"saved {saved.label} ({saved.technique}, owner {saved.owner}, proposal {saved.proposal})"
+        f"saved {saved.label} ({saved.technique}, owner {saved.owner}, proposal {saved.proposal}, "
+        f"sha256 {saved.sha256[:12]})"
     )
     return 0
 
@@ -110,9 +111,10 @@ def command_flows_list(args: argparse.Namespace) -> int:
     if not flows:
         print("no saved flows (`calypso flows save FILE --name NAME`)")
     for flow in flows:
+        sha = (flow.sha256 or "")[:12] if flow.intact else "ALTERED"
         print(
             f"{flow.label:24s} {flow.technique:12s} {flow.owner:10s} {flow.proposal or '-':8s} "
-            f"{flow.created}  {flow.description}"
+            f"{sha:12s} {flow.created}  {flow.description}"
         )
     return 0
 
@@ -121,7 +123,8 @@ def command_flows_show(args: argparse.Namespace) -> int:
     flow = get_saved_flow(args.reference, load_settings())
     print(
         f"# {flow.label}: {flow.technique}, owner {flow.owner}, proposal {flow.proposal}, "
-        f"saved {flow.created} with Calypso {flow.calypso_version}\n# {flow.description}"
+        f"saved {flow.created} with Calypso {flow.calypso_version}, sha256 {flow.sha256}\n"
+        f"# {flow.description}"
     )
     print(flow.specification, end="")
     return 0
@@ -143,7 +146,7 @@ def command_flows_diff(args: argparse.Namespace) -> int:
 
 def command_flows_delete(args: argparse.Namespace) -> int:
     settings = load_settings()
-    count = saved_flows(settings).delete(args.name, current_user(settings))
+    count = saved_flows(settings).delete(args.name, current_identity(settings))
     print(f"deleted {args.name} ({count} versions; kept for the provenance of results)")
     return 0
 

@@ -91,8 +91,10 @@ def processing_key(
     flow_version: str,
     parameters: dict[str, Any],
 ) -> str:
+    """The same for the same work, however its raw path is spelled (``..``, a symlinked
+    root): the path is canonical (real), as in the catalogue's records."""
     identity = {
-        "raw": str(Path(raw)),
+        "raw": os.path.realpath(raw),
         "scans": sorted(scans) if scans else None,
         "technique": technique,
         "flow_version": flow_version,
@@ -186,6 +188,7 @@ def finished_acquisitions(
     """The acquisitions of a dataset file that are ready for a flow, and why others must
     wait (unfinished scans, a dataset not yet quiet): the file is looked at again while
     something waits. Scans no rule matches are left alone and wait for nothing."""
+    bliss_file = Path(os.path.realpath(bliss_file))  # one spelling for every watcher
     raw = RawDataset.from_path(bliss_file)
     dataset_dir = bliss_file.parent
     quiet_now: list[bool] = []

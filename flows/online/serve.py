@@ -199,7 +199,9 @@ def start_icat_flushing(settings: CalypsoSettings, stop: threading.Event) -> Non
 def serve(settings: CalypsoSettings, techniques: list[str] | None = None) -> None:
     """Serve the deployments until interrupted (Ctrl-C or SIGTERM)."""
     from calypso.flows.runtime import check_prefect_api
+    from calypso.registry.access import require_data_roots
 
+    require_data_roots(settings, "calypso serve")  # fail closed (issue #20)
     if not os.environ.get("PREFECT_API_URL"):
         raise ConfigurationError(
             "calypso serve needs a Prefect server: start one (`calypso server`) and set "

@@ -5,12 +5,21 @@ clients' writes), decides the technique of each finished scan from the
 beamline's rules, and posts ``calypso.acquisition.completed`` to the Prefect
 server; the deployments of ``calypso serve`` are triggered by it.
 
-Exactly once: every acquisition has a processing key (dataset, scans, technique,
-flow version, parameters). The watcher claims the key in its SQLite state before
-posting (several watchers on one machine share it; a restarted watcher finds
-it), and the event id is derived from the key, so Prefect accepts a duplicate
-posted by a watcher elsewhere once. The flow run claims the key again in the
-catalogue: a duplicate that still gets through finds the work done.
+Exactly once: every acquisition has a processing key (canonical dataset path,
+scans, technique, flow version, parameters). The watcher claims the key in its
+SQLite state together with the event, then posts it, then confirms it: an outbox
+(several watchers on one machine share it; a watcher killed between claiming and
+posting leaves the event there, and the next watcher to start posts it). The
+event id is derived from the key, so Prefect accepts a duplicate posted by a
+watcher elsewhere once. The flow run claims the key again in the catalogue, as
+a lease its heartbeat keeps: a duplicate that still gets through finds the work
+done, or being done by a live run.
+
+Confirmed means processed: a run that completed with its record (the claim is
+``done``). A run still working with a live lease, or a run waiting to start, is
+looked at again later; a run that failed is reported (a second run would fail
+the same way); a run that crashed, was killed or vanished (its lease ran out)
+gets the acquisition announced again, and the next run takes the claim over.
 """
 
 from __future__ import annotations
@@ -32,14 +41,18 @@ from calypso.flows.online.acquisitions import (
     require_inside_roots,
 )
 from calypso.flows.techniques import TECHNIQUES
+from calypso.registry.claims import Claim, processing_claim
 from calypso.registry.watch_state import WatchState
 from calypso.settings import CalypsoSettings
 
 logger = logging.getLogger("calypso.watch")
 
 
-def flow_runs_with_key(api_url: str, deployment: str, key: str, timeout_s: float = 10.0) -> int:
-    """How many runs of ``deployment`` carry the processing ``key`` (``trigger``)."""
+def flow_runs_with_key(
+    api_url: str, deployment: str, key: str, timeout_s: float = 10.0
+) -> list[tuple[str, str]]:
+    """(flow run id, state type) of the runs of ``deployment`` that carry the processing
+    ``key`` (``trigger``), newest first."""
     request = urllib.request.Request(
         api_url.rstrip("/") + "/flow_runs/filter",
         data=json.dumps(
@@ -54,7 +67,38 @@ def flow_runs_with_key(api_url: str, deployment: str, key: str, timeout_s: float
     )
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
         runs = json.loads(response.read())
-    return sum(1 for run in runs if (run.get("parameters") or {}).get("trigger") == key)
+    return [
+        (run["id"], (run.get("state") or {}).get("type") or "PENDING")
+        for run in runs
+        if (run.get("parameters") or {}).get("trigger") == key
+    ]
+
+
+_FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def verdict(claim: Claim | None, runs: list[tuple[str, str]], now: float | None = None) -> str:
+    """What an announcement's flow runs (id, state type) and the catalogue's claim on its
+    key say: ``done`` (a run completed with its record), ``wait`` (a run works with a live
+    lease, or waits to start), ``failed`` (the run failed: not posted again, a second run
+    would fail the same way) or ``again`` (crashed, cancelled, killed or vanished, or no
+    run at all: post it again, the next run takes the claim over)."""
+    if claim is not None and claim.state == "done":
+        return "done"
+    states = dict(runs)
+    holder = states.get(claim.flow_run_id) if claim is not None else None
+    if claim is not None and claim.live(now) and holder not in _FINAL:
+        return "wait"
+    dead = claim.flow_run_id if claim is not None and claim.state == "running" else None
+    if any(state not in _FINAL for run, state in runs if run != dead):
+        return "wait"  # scheduled, pending, or starting (not claimed yet)
+    if claim is None:
+        if "COMPLETED" in states.values():
+            return "done"  # a catalogue this watcher does not see recorded it
+        return "failed" if "FAILED" in states.values() else "again"
+    if claim.state == "failed" or holder == "FAILED":
+        return "failed"
+    return "again"
 
 
 def post_event(api_url: str, event: dict, timeout_s: float = 10.0) -> None:
@@ -79,6 +123,9 @@ class Watcher:
     _unchanged: dict[Path, float] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
+        from calypso.registry.access import require_data_roots
+
+        require_data_roots(self.settings, "calypso watch", self.roots)  # fail closed (#20)
         self.state = WatchState(self.settings.watch_state_path)
         self.versions = {name: technique.version for name, technique in TECHNIQUES.items()}
 
@@ -147,19 +194,10 @@ class Watcher:
     def _announce(self, acquisition: Acquisition, version: str) -> bool:
         event = acquisition.event(version)
         key = event["payload"]["key"]
-        if not self.state.claim(acquisition, key, version, event["id"]):
+        if not self.state.claim(acquisition, key, version, event["id"], event):
             return False
-        try:
-            post_event(self.api_url, event)
-        except (OSError, urllib.error.URLError) as exc:
-            self.state.settle(key, emitted=False)
-            logger.warning(
-                "could not post the event for %s (%s): retried next poll",
-                acquisition.raw_dataset_dir,
-                exc,
-            )
+        if not self._post(key, event):
             return False
-        self.state.settle(key, emitted=True, event=event)
         scans = ",".join(map(str, acquisition.scans)) if acquisition.scans else "all scans"
         logger.info(
             "%s %s -> %s (event %s)",
@@ -170,26 +208,78 @@ class Watcher:
         )
         return True
 
+    def _post(self, key: str, event: dict) -> bool:
+        """Post a claimed announcement; its entry says emitted, or failed (posted again by
+        the next :meth:`post_pending`)."""
+        try:
+            post_event(self.api_url, event)
+        except (OSError, urllib.error.URLError) as exc:
+            self.state.settle(key, emitted=False)
+            logger.warning(
+                "could not post the event for %s (%s): retried next poll",
+                event["payload"]["raw"],
+                exc,
+            )
+            return False
+        self.state.settle(key, emitted=True, event=event)
+        return True
+
+    def post_pending(self, stale_after_s: float | None = None) -> int:
+        """Post the announcements claimed but never posted: failed posts, and claims of a
+        watcher killed before it posted (older than ``stale_after_s``; default: a few
+        polls, so that a live watcher sharing the state posts its own). How many posted."""
+        if stale_after_s is None:
+            stale_after_s = max(60.0, 3 * self.settings.watch.interval_s)
+        posted = 0
+        for key, event in self.state.pending(stale_after_s):
+            if self._post(key, event):
+                posted += 1
+                logger.info("%s: announced (it was claimed, not posted)", event["payload"]["raw"])
+        return posted
+
+    def _claim(self, key: str) -> Claim | None:
+        """The catalogue's claim on ``key`` (None: no claim, or no catalogue here)."""
+        from calypso.registry.catalogue import SQLiteCatalogue
+
+        if not self.settings.catalogue_path.exists():
+            return None
+        return processing_claim(SQLiteCatalogue(self.settings.catalogue_path), key)
+
     def confirm(self) -> None:
-        """Check that each announcement started a flow run; post again the ones that did
-        not (a server can lose an event under load): under a new event id, since Prefect
-        drops ids it has seen, and safely, since the run claims the key in the catalogue."""
+        """Check that each announcement was processed (:func:`verdict`): done, still being
+        processed (looked at again later), failed (said once), or to be announced again,
+        because its run crashed, was killed, vanished, or never started (a server can lose
+        an event under load): under a new event id, since Prefect drops ids it has seen,
+        and safely, since the run claims the key in the catalogue."""
         watch = self.settings.watch
         for key, event, deployment, attempts in self.state.unconfirmed(watch.confirm_s):
             try:
-                found = flow_runs_with_key(self.api_url, deployment, key)
-            except (OSError, ValueError) as exc:
+                runs = flow_runs_with_key(self.api_url, deployment, key)
+                claim = self._claim(key)
+            except (OSError, ValueError, CalypsoError) as exc:
                 logger.debug("cannot look for the runs of %s: %s", key, exc)
                 return
-            if found:
+            raw = event["payload"]["raw"]
+            found = verdict(claim, runs)
+            if found == "done":
                 self.state.mark(key, "confirmed")
+                continue
+            if found == "wait":
+                continue
+            if found == "failed":
+                self.state.mark(key, "processing-failed")
+                logger.error(
+                    "%s: its flow run failed (%s); look at the run's logs, then run it again",
+                    raw,
+                    claim.flow_run_id if claim else ", ".join(run for run, _ in runs),
+                )
                 continue
             if attempts >= watch.attempts:
                 self.state.mark(key, "unconfirmed")
                 logger.error(
-                    "no flow run started for %s after %d events: is `calypso serve` running "
-                    "and its %s deployment's trigger enabled?",
-                    event["payload"]["raw"],
+                    "%s not processed after %d events: is `calypso serve` running and its %s "
+                    "deployment's trigger enabled?",
+                    raw,
                     attempts,
                     deployment,
                 )
@@ -201,12 +291,15 @@ class Watcher:
                 logger.warning("could not post again the event for %s: %s", key, exc)
                 return
             self.state.settle(key, emitted=True, event=event)
-            logger.warning("no flow run yet for %s: event posted again", event["payload"]["raw"])
+            why = "no flow run yet" if not runs else f"its flow run {runs[0][0]} did not finish"
+            logger.warning("%s: %s: event posted again", raw, why)
 
     def run(self, once: bool = False) -> None:
+        self.post_pending(stale_after_s=0)  # what a watcher killed before posting left
         while True:
             began = time.monotonic()
             self.poll()
+            self.post_pending()
             self.confirm()
             if once:
                 return

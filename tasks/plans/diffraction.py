@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from calypso.errors import ParameterError, RawDataError
 from calypso.settings import CalypsoSettings
-from calypso.tasks.plans.preflight import require_registrable
+from calypso.tasks.plans.preflight import require_output_room, require_registrable
 from calypso.tasks.raw import bliss
 from calypso.tasks.raw.data_policy import RawDataset, output_folder
 from calypso.tasks.raw.frames import (
@@ -27,8 +27,10 @@ from calypso.tasks.raw.frames import (
     read_image,
 )
 from calypso.techniques.diffraction import DiffractionParameters, Geometry
+from calypso.techniques.masks import check_unmasked
 
 TECHNIQUE = "diffraction"
+PONI_KEYS = {"dist": "Distance", "wavelength": "Wavelength", "poni1": "Poni1", "poni2": "Poni2"}
 
 
 class ScanPlan(BaseModel):
@@ -95,6 +97,18 @@ def load_geometry(parameters: DiffractionParameters) -> Geometry:
         config.pop("poni_version", None)
         config["detector"] = config.get("detector") or "Detector"
         return Geometry(**config)
+    except ValidationError as exc:
+        # pyFAI reads a negative distance or wavelength without a word (and drops a zero
+        # wavelength): the geometry model refuses what is not physical.
+        problems = "; ".join(
+            f"{PONI_KEYS.get(str(e['loc'][0]), e['loc'][0])} "
+            + ("is missing or 0" if e["type"] == "missing" else f"= {e['input']}: {e['msg']}")
+            for e in exc.errors()
+        )
+        raise ParameterError(
+            f"PONI file {path}: {problems}; a distance and a wavelength must be positive: fix "
+            "the calibration (pyFAI-calib2) or give the right PONI file"
+        ) from None
     except Exception as exc:
         raise ParameterError(
             f"PONI file {path} cannot be read ({exc}); it should be a pyFAI calibration "
@@ -109,6 +123,13 @@ def _absolute(value: str | None) -> str | None:
         file_name, dataset = value.split("::", 1)
         return f"{Path(file_name).expanduser().absolute()}::{dataset}"
     return str(Path(value).expanduser().absolute())
+
+
+def output_bytes(n_frames: int, parameters: DiffractionParameters) -> int:
+    """About the disk space a run takes at its peak: the part files and the NeXus file
+    they are copied into, float32 intensities (and errors) for every frame."""
+    values = n_frames * parameters.npt * (parameters.npt_azim or 1)
+    return 2 * 4 * values * (2 if parameters.error_model else 1)
 
 
 def _default_chunk_size(n_frames: int, workers: int) -> int:
@@ -141,7 +162,6 @@ def _bliss_scans(path: Path, wanted: list[int] | None, detector: str | None) -> 
                 "run again once the scan has finished"
             )
         dataset = f"/{info.entry}/instrument/{detector}/data"
-        bliss.require_frames(path, dataset)
         plans.append(
             ScanPlan(
                 number=info.number,
@@ -252,6 +272,14 @@ def make_integration_plan(
                     f"{name} {location} has shape {image.shape} but the detector frames are "
                     f"{frame_shape}: use a {name} made for this detector"
                 )
+            if name == "mask":
+                try:
+                    check_unmasked(image, parameters.min_unmasked_fraction)
+                except ValueError as exc:
+                    raise ParameterError(
+                        f"mask {location}: {exc}; fix the mask, or lower min_unmasked_fraction "
+                        "if so little of the detector is meant to be used"
+                    ) from None
     if parameters.monitor is not None:
         if raw_file is None:
             raise ParameterError("'monitor' needs a Bliss scan; image files carry no counters")
@@ -272,6 +300,7 @@ def make_integration_plan(
         raw = raw.model_copy(update={"sample_name": bliss.read_sample_name(raw_file)})
     require_registrable(input_path, raw, str(raw_file) if raw_file else None, settings)
     n_frames = sum(scan.source.n_frames for scan in scan_plans)
+    require_output_room(out, output_bytes(n_frames, parameters))
     return IntegrationPlan(
         input=input_path,
         raw=raw,

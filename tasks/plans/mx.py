@@ -9,18 +9,21 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from calypso.errors import CalypsoError, ParameterError, RawDataError
 from calypso.settings import CalypsoSettings
-from calypso.tasks.plans.preflight import require_registrable
+from calypso.tasks.plans.preflight import require_output_room, require_registrable
 from calypso.tasks.raw import bliss
 from calypso.tasks.raw.data_policy import RawDataset, output_folder
 from calypso.tasks.raw.frames import read_image
 from calypso.tasks.raw.mx_images import MXScan, open_mx_scans
+from calypso.techniques.masks import check_unmasked
 from calypso.techniques.mx import MXParameters
 
 TECHNIQUE = "mx"
+BYTES_PER_IMAGE = 32 * 1024  # figures and spot list of an image in the report
 SECONDS_PER_PIXEL = 4.5e-8  # dispersion threshold, background, labels: ~0.2 s an Eiger 4M
 
 
@@ -72,6 +75,30 @@ def default_chunk_size(n_frames: int, pixels: int, workers: int) -> int:
     return max(1, min(100, max(enough, balanced), n_frames))
 
 
+def require_unmasked(scan: MXScan, parameters: MXParameters) -> None:
+    """Refuse a static mask (the detector's pixel mask and the user's) that leaves fewer
+    pixels than ``min_unmasked_fraction``: every image would have no spots at all."""
+    masks = [(parameters.mask, "mask")] if parameters.mask is not None else []
+    if scan.pixel_mask is not None:
+        masks.append((scan.pixel_mask, "pixel mask"))
+    if not masks:
+        return
+    masked = np.zeros(scan.frame_shape, dtype=bool)
+    for location, what in masks:
+        image = read_image(location, what)
+        if image.shape == masked.shape:  # a pixel mask of another size is not this one's
+            masked |= image != 0
+    try:
+        check_unmasked(masked, parameters.min_unmasked_fraction)
+    except ValueError as exc:
+        named = " and ".join(f"{what} {location}" for location, what in masks)
+        error = ParameterError if parameters.mask is not None else RawDataError
+        raise error(
+            f"{named}: {exc}; fix the mask, or lower min_unmasked_fraction if so little of "
+            "the detector is meant to be used"
+        ) from None
+
+
 def make_mx_plan(
     input_path: str,
     parameters: MXParameters,
@@ -109,6 +136,7 @@ def make_mx_plan(
                     f"mask {parameters.mask} has shape {mask.shape}, the images of "
                     f"{scan.description} {scan.frame_shape}"
                 )
+    require_unmasked(found[0], parameters)
     for scan in found:
         if scan.grid is not None and scan.grid[0] * scan.grid[1] != scan.n_frames:
             raise ParameterError(
@@ -122,6 +150,9 @@ def make_mx_plan(
         raw = raw.model_copy(update={"sample_name": bliss.read_sample_name(raw_file)})
     require_registrable(input_path, raw, raw_file, settings)
     n_frames = sum(scan.n_frames for scan in found)
+    # Per image, its row of figures and its spots (a few hundred on a good image), twice:
+    # part files, then the report; the images themselves are only linked.
+    require_output_room(out, 2 * BYTES_PER_IMAGE * n_frames)
     pixels = found[0].frame_shape[0] * found[0].frame_shape[1]
     stem = path.name.split(".")[0] if path.is_file() else path.name
     return MXPlan(

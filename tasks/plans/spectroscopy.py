@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from calypso.errors import CalypsoError, ParameterError, RawDataError
 from calypso.settings import CalypsoSettings
-from calypso.tasks.plans.preflight import require_registrable
+from calypso.tasks.plans.preflight import require_output_room, require_registrable
 from calypso.tasks.raw import bliss
 from calypso.tasks.raw.data_policy import RawDataset, output_folder
 from calypso.tasks.raw.spectra import (
@@ -251,6 +251,10 @@ def make_spectroscopy_plan(
         raw = raw.model_copy(update={"sample_name": bliss.read_sample_name(raw_file)})
     require_registrable(input_path, raw, str(raw_file) if raw_file else None, settings)
     n_spectra = sum(source.n_spectra for source in sources)
+    # mu, its normalised and flattened forms, chi(k) and chi(R) ... in float64, written twice
+    # (part files, then the NeXus file): about 16 arrays of a spectrum's points each time.
+    points = max(source.n_points for source in sources)
+    require_output_room(out, 2 * 16 * 8 * points * n_spectra)
     return SpectroscopyPlan(
         input=input_path,
         raw=raw,

@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel
 
 from calypso.errors import CalypsoError, ParameterError, RawDataError
 from calypso.settings import CalypsoSettings
-from calypso.tasks.plans.preflight import require_registrable
+from calypso.tasks.plans.preflight import require_output_room, require_registrable
 from calypso.tasks.raw import bliss
 from calypso.tasks.raw.data_policy import RawDataset, output_folder
 from calypso.tasks.raw.frames import HDF5_SUFFIXES
@@ -114,6 +115,17 @@ def default_chunk_rows(
     return max(1, math.ceil(n_rows / tasks))
 
 
+def output_bytes(scan: TomographyScan, parameters: tomo.TomographyParameters, n_rows: int) -> int:
+    """About the disk space of the results: the slices, written once (the slab files become
+    the volume the NeXus file links), twice with TIFF; a preview's few binned slices."""
+    width = scan.columns
+    if parameters.mode == "preview":
+        binning = parameters.preview_binning or max(1, width // 1024)
+        return 4 * (3 + len(parameters.preview_cor_offsets)) * (width // binning) ** 2
+    slices = n_rows * width * width * np.dtype(parameters.output_dtype).itemsize
+    return slices * (2 if parameters.tiff else 1)
+
+
 def read_margin(parameters: tomo.TomographyParameters) -> int:
     """Rows to read either side of a slab: the Paganin filter's reach, none without it."""
     if not parameters.paganin:
@@ -168,6 +180,15 @@ def make_tomography_plan(
     settings = settings or CalypsoSettings()
     raw, path = _resolve_input(input_path)
     scan = open_tomography_scan(path, parameters, scans)
+    try:
+        tomo.check_angular_sampling(
+            np.asarray(scan.angles_deg), scan.columns, parameters.min_projections
+        )
+    except ValueError as exc:
+        raise RawDataError(
+            f"{scan.description}: {exc}; acquire more projections, or set min_projections=N "
+            "to reconstruct from these anyway"
+        ) from None
     first, stop = parameters.rows if parameters.rows is not None else (0, scan.rows)
     if stop > scan.rows:
         raise ParameterError(
@@ -197,6 +218,7 @@ def make_tomography_plan(
     if raw is not None and raw_file is not None:
         raw = raw.model_copy(update={"sample_name": bliss.read_sample_name(raw_file)})
     require_registrable(input_path, raw, raw_file, settings)
+    require_output_room(out, output_bytes(scan, parameters, stop - first))
     stem = path.stem if path.is_file() else path.name
     n_rows = stop - first
     chunk = parameters.chunk_rows or default_chunk_rows(

@@ -184,15 +184,23 @@ def missing_frame_sources(path: str | Path, dataset: str) -> list[str]:
     An empty list means all frames are backed by data. Source file names are
     resolved like HDF5 does: relative to the folder of the file holding the VDS.
     """
+    return _source_problems(path, dataset)[0]
+
+
+def _source_problems(path: str | Path, dataset: str) -> tuple[list[str], list[str]]:
+    """What is wrong with the VDS sources of ``dataset``: (missing or short sources,
+    sources whose frames do not match the virtual layout)."""
     path = Path(path)
-    problems: list[str] = []
+    missing: list[str] = []
+    mismatched: list[str] = []
     with open_raw(path) as h5:
         if dataset not in h5:
             raise RawDataError(f"{path} has no dataset {dataset}")
         dset = h5[dataset]
         if not dset.is_virtual:
-            return problems
-        seen: dict[tuple[str, str], tuple[int, ...] | str] = {}
+            return missing, mismatched
+        layout_dtype = dset.dtype
+        seen: dict[tuple[str, str], tuple[tuple[int, ...], np.dtype] | str] = {}
         for source in dset.virtual_sources():
             file_name = source.file_name
             if file_name == ".":
@@ -203,36 +211,64 @@ def missing_frame_sources(path: str | Path, dataset: str) -> list[str]:
                     source_path = path.parent / source_path
             key = (str(source_path), source.dset_name)
             if key not in seen:
-                seen[key] = _source_shape(source_path, source.dset_name)
-            shape = seen[key]
-            if isinstance(shape, str):
-                problems.append(shape)
+                seen[key] = _source_dataset(source_path, source.dset_name)
+            found = seen[key]
+            if isinstance(found, str):
+                missing.append(found)
                 continue
-            needed = _selected_extent(source.src_space, source.vspace)
-            if any(s > n for s, n in zip(needed, shape, strict=False)):
-                problems.append(
-                    f"{source_path}::{source.dset_name} holds {shape[0]} frames but the scan "
-                    f"expects {needed[0]} (Lima file incomplete?)"
+            shape, dtype = found
+            where = f"{source_path}::{source.dset_name}"
+            first, extent = _selection(source.src_space, source.vspace)
+            # A frame is the last two axes: the mapping must take whole frames of the source,
+            # or HDF5 reads another region of each (larger frames) without any error.
+            frame, mapped = tuple(shape[-2:]), tuple(extent[-2:])
+            if len(shape) < 2 or frame != mapped or any(first[-2:]):
+                mismatched.append(
+                    f"{where} holds frames of {' x '.join(map(str, frame))} pixels but the "
+                    f"virtual dataset maps {' x '.join(map(str, mapped))}: every frame would "
+                    "be read wrongly (cut, shifted or padded)"
                 )
-    return sorted(set(problems))
+            elif any(
+                a + e > n for a, e, n in zip(first[:-2], extent[:-2], shape[:-2], strict=False)
+            ):
+                missing.append(
+                    f"{where} holds {shape[0]} frames but the scan expects "
+                    f"{first[0] + extent[0]} (Lima file incomplete?)"
+                )
+            if not np.can_cast(dtype, layout_dtype, casting="safe"):
+                loss = (
+                    "NaN and infinities would be read as wrong integers and fractions cut"
+                    if dtype.kind == "f" and layout_dtype.kind in "iu"
+                    else f"values {layout_dtype} cannot hold would be changed"
+                )
+                mismatched.append(
+                    f"{where} holds {dtype} values but the virtual dataset is {layout_dtype}: "
+                    f"HDF5 would convert them silently ({loss})"
+                )
+    return sorted(set(missing)), sorted(set(mismatched))
 
 
-def _selected_extent(source: h5py.h5s.SpaceID, virtual: h5py.h5s.SpaceID) -> tuple[int, ...]:
-    """How far into the source a VDS mapping reaches (one past the last index, per axis).
+def _selection(
+    source: h5py.h5s.SpaceID, virtual: h5py.h5s.SpaceID
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Where a VDS mapping starts in its source and how many elements it takes, per axis.
 
-    A mapping of a whole source ("all" selection) covers as many elements as
-    its block in the virtual dataset.
+    A mapping of a whole source ("all" selection) takes as many elements as its block
+    in the virtual dataset.
     """
     if source.get_select_type() == h5py.h5s.SEL_ALL:
         start, stop = virtual.get_select_bounds()
-        return tuple(int(b) - int(a) + 1 for a, b in zip(start, stop, strict=True))
-    _, stop = source.get_select_bounds()
-    return tuple(int(i) + 1 for i in stop)
+        extent = tuple(int(b) - int(a) + 1 for a, b in zip(start, stop, strict=True))
+        return (0,) * len(extent), extent
+    start, stop = source.get_select_bounds()
+    return tuple(int(a) for a in start), tuple(
+        int(b) - int(a) + 1 for a, b in zip(start, stop, strict=True)
+    )
 
 
-def _source_shape(path: Path, name: str) -> tuple[int, ...] | str:
-    """Shape of the source dataset, or what is wrong with it (following external links,
-    as Eiger masters chain a VDS to links to the data files)."""
+def _source_dataset(path: Path, name: str) -> tuple[tuple[int, ...], np.dtype] | str:
+    """Shape and type of the source dataset, or what is wrong with it (following external
+    links, as Eiger masters chain a VDS to links to the data files)."""
     if not path.exists():
         return f"{path} is missing"
     try:
@@ -241,26 +277,35 @@ def _source_shape(path: Path, name: str) -> tuple[int, ...] | str:
             if isinstance(link, h5py.ExternalLink):
                 target = Path(link.filename)
                 target = target if target.is_absolute() else path.parent / target
-                return _source_shape(target, link.path)
+                return _source_dataset(target, link.path)
             if name not in h5:
                 return f"{path} has no dataset {name}"
-            return tuple(h5[name].shape)
+            return tuple(h5[name].shape), h5[name].dtype
     except (OSError, KeyError) as exc:
         return f"{path}::{name} cannot be read ({exc})"
 
 
 def require_frames(path: str | Path, dataset: str) -> None:
-    """Raise :class:`RawDataError` unless every frame of ``dataset`` is backed by data."""
-    problems = missing_frame_sources(path, dataset)
-    if problems:
-        shown = "; ".join(problems[:5]) + (
-            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
-        )
+    """Raise :class:`RawDataError` unless every frame of ``dataset`` is backed by data of the
+    virtual dataset's own type and frame size."""
+    missing, mismatched = _source_problems(path, dataset)
+    if missing:
         raise RawDataError(
             f"{path}::{dataset} refers to detector files that are missing or incomplete: "
-            f"{shown}. Copy the Lima files next to the dataset file (or wait for the scan "
-            "to finish) and run again; missing frames are never read as zeros."
+            f"{_some(missing)}. Copy the Lima files next to the dataset file (or wait for the "
+            "scan to finish) and run again; missing frames are never read as zeros."
         )
+    if mismatched:
+        raise RawDataError(
+            f"{path}::{dataset} does not match its detector files: {_some(mismatched)}. "
+            "Check that these files belong to this scan, or rewrite the virtual dataset with "
+            "their type and frame size."
+        )
+
+
+def _some(problems: list[str], shown: int = 3) -> str:
+    more = len(problems) - shown
+    return "; ".join(problems[:shown]) + (f"; and {more} more" if more > 0 else "")
 
 
 def read_counter(path: str | Path, scan: int, name: str, start: int = 0, stop: int | None = None):

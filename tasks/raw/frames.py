@@ -17,7 +17,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from calypso.errors import ParameterError, RawDataError
-from calypso.tasks.raw.bliss import open_raw
+from calypso.tasks.raw.bliss import open_raw, require_frames
+from calypso.tasks.raw.cbf import check_cbf, is_cbf
 
 IMAGE_SUFFIXES = (".edf", ".cbf", ".tif", ".tiff", ".img", ".mccd", ".gz", ".bz2", ".npy")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".nxs", ".hdf")
@@ -57,6 +58,7 @@ def hdf5_frame_source(path: str | Path, dataset: str) -> FrameSource:
         if dataset not in h5 or not isinstance(h5[dataset], h5py.Dataset):
             raise RawDataError(f"{path} has no dataset {dataset}")
         dset = h5[dataset]
+        virtual = dset.is_virtual
         if dset.ndim == 2:
             shape = (1, *dset.shape)
         elif dset.ndim == 3:
@@ -65,9 +67,12 @@ def hdf5_frame_source(path: str | Path, dataset: str) -> FrameSource:
             raise RawDataError(
                 f"{path}::{dataset} has shape {dset.shape}: expected frames (n, rows, columns)"
             )
-        return FrameSource(
-            kind="hdf5", files=(str(path),), dataset=dataset, shape=shape, dtype=str(dset.dtype)
-        )
+        dtype = str(dset.dtype)
+    if virtual:
+        # HDF5 reads a missing source as zeros, and converts a source of another type or
+        # frame size without a word: every source is checked before a frame is read.
+        require_frames(path, dataset)
+    return FrameSource(kind="hdf5", files=(str(path),), dataset=dataset, shape=shape, dtype=dtype)
 
 
 def default_image_dataset(path: str | Path) -> str:
@@ -100,15 +105,23 @@ def image_files_source(files: list[Path]) -> FrameSource:
     shape: tuple[int, int] | None = None
     dtype = ""
     for path in files:
-        image = _open_image(path)
-        try:
-            frame_shape = tuple(image.shape[-2:])
-            if shape is not None and frame_shape != shape:
-                raise RawDataError(f"{path} has images of shape {frame_shape}, the others {shape}")
-            shape, dtype = frame_shape, str(image.data.dtype)
-            counts.append(max(1, image.nframes))
-        finally:
-            image.close()
+        if is_cbf(path):
+            # A CBF's header is compared with its binary first: fabio trusts the header.
+            if not path.exists():
+                raise RawDataError(f"{path} does not exist")
+            info = check_cbf(path)
+            frame_shape, frame_dtype, n = info.shape, info.dtype, 1
+        else:
+            image = _open_image(path)
+            try:
+                frame_shape = tuple(image.shape[-2:])
+                frame_dtype, n = str(image.data.dtype), max(1, image.nframes)
+            finally:
+                image.close()
+        if shape is not None and frame_shape != shape:
+            raise RawDataError(f"{path} has images of shape {frame_shape}, the others {shape}")
+        shape, dtype = frame_shape, frame_dtype
+        counts.append(n)
     assert shape is not None
     return FrameSource(
         kind="images",

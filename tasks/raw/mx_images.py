@@ -11,13 +11,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import fabio
 import h5py
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from calypso.errors import ParameterError, RawDataError
 from calypso.tasks.raw import bliss
+from calypso.tasks.raw.cbf import CBF_SUFFIXES, check_cbf
 from calypso.tasks.raw.frames import FrameSource, hdf5_frame_source, image_files_source
 from calypso.techniques.mx import DetectorGeometry, MXParameters
 
@@ -25,7 +25,6 @@ GEOMETRY_FIELDS = ("beam_x_px", "beam_y_px", "distance_m", "wavelength_a", "pixe
 MESH_TITLE = re.compile(
     r"^\s*[ad]mesh\s+\S+\s+\S+\s+\S+\s+(\d+)\s+\S+\s+\S+\s+\S+\s+(\d+)", re.IGNORECASE
 )
-CBF_SUFFIXES = (".cbf", ".cbf.gz", ".cbf.bz2")
 OMEGA = ("entry/sample/transformations/omega", "entry/data/omega", "entry/sample/goniometer/omega")
 
 
@@ -68,14 +67,28 @@ def resolve_geometry(
     found: dict[str, float | None], parameters: MXParameters, where: str
 ) -> DetectorGeometry:
     """The file's geometry with the parameters' overrides; refuse a missing value."""
-    values = {name: getattr(parameters, name) or found.get(name) for name in GEOMETRY_FIELDS}
+    values = {
+        name: value if (value := getattr(parameters, name)) is not None else found.get(name)
+        for name in GEOMETRY_FIELDS
+    }
     missing = [name for name, value in values.items() if value is None]
     if missing:
         raise RawDataError(
             f"{where}: no {', '.join(missing)} in the file's header; give "
             + " ".join(f"--set {name}=VALUE" for name in missing)
         )
-    return DetectorGeometry(**values)
+    try:
+        return DetectorGeometry(**values)
+    except ValidationError as exc:
+        # The parameters are checked when given: what is wrong came from the file.
+        wrong = [str(error["loc"][0]) for error in exc.errors()]
+        raise RawDataError(
+            f"{where}: the file gives "
+            + ", ".join(f"{name} = {values[name]}" for name in wrong)
+            + ", which is not physical (wavelength, distance and pixel size must be positive, "
+            "every value finite); fix the file or give "
+            + " ".join(f"--set {name}=VALUE" for name in wrong)
+        ) from None
 
 
 def _scalar(group: h5py.Group, *names: str) -> float | None:
@@ -115,13 +128,9 @@ def hdf5_geometry(instrument: h5py.Group, detector: str) -> dict[str, float | No
 
 
 def cbf_header(path: Path) -> dict[str, float | None]:
-    """Geometry, cut-off and angles from a Pilatus miniCBF header."""
-    try:
-        image = fabio.open(str(path))
-    except Exception as exc:
-        raise RawDataError(f"{path} cannot be read as a CBF image: {exc}") from None
-    text = image.header.get("_array_data.header_contents", "")
-    image.close()
+    """Geometry, cut-off and angles from a Pilatus miniCBF header (of a CBF whose header
+    and binary agree: :func:`~calypso.tasks.raw.cbf.check_cbf`)."""
+    text = check_cbf(path).header
 
     def number(pattern: str) -> float | None:
         match = re.search(pattern, text)
@@ -164,7 +173,6 @@ def bliss_scans(path: Path, parameters: MXParameters, wanted: list[int] | None) 
         if detector not in info.detectors:
             continue
         dataset = f"{info.entry}/instrument/{detector}/data"
-        bliss.require_frames(path, dataset)
         with bliss.open_raw(path) as h5:
             instrument = h5[f"{info.entry}/instrument"]
             found = hdf5_geometry(instrument, detector)
@@ -213,9 +221,13 @@ def nxmx_scan(path: Path, parameters: MXParameters) -> MXScan:
             hdf5_geometry(h5["entry/instrument"], "detector") if "entry/instrument" in h5 else {}
         )
         has_mask = "entry/instrument/detector/pixel_mask" in h5
-        omega = next(
-            (np.asarray(h5[name][()], dtype=np.float64).ravel() for name in OMEGA if name in h5),
-            None,
+        omega_name = next((name for name in OMEGA if name in h5), None)
+        omega = np.asarray(h5[omega_name][()], dtype=np.float64).ravel() if omega_name else None
+    if omega is not None and not np.all(np.isfinite(omega)):
+        bad = np.flatnonzero(~np.isfinite(omega))
+        raise RawDataError(
+            f"{path}: {omega_name}, the rotation angle of every image, is NaN or infinite at "
+            f"{len(bad)} of {len(omega)} images (first: image {bad[0]}); fix the master file"
         )
     sources = []
     for name in names:
@@ -230,7 +242,6 @@ def nxmx_scan(path: Path, parameters: MXParameters) -> MXScan:
                 )
             sources.append(hdf5_frame_source(target, link.path))
         else:
-            bliss.require_frames(path, f"entry/data/{name}")
             sources.append(hdf5_frame_source(path, f"entry/data/{name}"))
     if not sources:
         raise RawDataError(f"{path}: entry/data holds no image data (data or data_NNNNNN)")

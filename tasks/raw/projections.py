@@ -290,7 +290,6 @@ def bliss_scan(
                     f"{path}: scan {info.number} ({info.title}) has no end_time: it is still "
                     "running or was interrupted; wait for it or choose scans with --scan"
                 )
-            bliss.require_frames(path, dataset)
             block = FrameBlock(
                 source=hdf5_frame_source(path, dataset), start=0, stop=n_frames, position=position
             )

@@ -294,6 +294,22 @@ def separate_repeats(energy: np.ndarray) -> np.ndarray:
     return energy + direction * added
 
 
+def finite_axis(table: ColumnTable, name: str | None, role: str) -> np.ndarray:
+    """Column ``name``, the axis of a spectrum, refused when a value is NaN or infinite:
+    every later step (edge search, interpolation, merging) fails or goes wrong on one."""
+    assert name is not None
+    values = np.asarray(table.columns[name], dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if np.any(bad):
+        point = int(np.argwhere(bad)[0][-1])
+        raise RawDataError(
+            f"{table.where}: the {role} column {name!r} is NaN or infinite at "
+            f"{int(bad.sum())} of its {bad.size} values (first at point {point + 1}): a "
+            "spectrum's axis must be finite everywhere; fix or drop those points of the file"
+        )
+    return values
+
+
 def _energy(table: ColumnTable, p: SpectroscopyParameters) -> np.ndarray:
     """The energy (eV) of a source: the named column, else the one whose values are an energy."""
     name = table.find(p.energy, "energy", required=False)
@@ -307,18 +323,21 @@ def _energy(table: ColumnTable, p: SpectroscopyParameters) -> np.ndarray:
             angle_hint=table.metadata.get("Larch.energy_units") == "deg",
         )
         if found is None:
+            # A NaN makes a column fail the search: say so, it is likely the energy.
+            nan = [n for n, v in table.columns.items() if not np.all(np.isfinite(v))]
             raise RawDataError(
                 f"{table.where}: no energy column: none has a usual name (tried "
                 f"{', '.join(COLUMN_NAMES['energy'])}) and none holds a monotonic energy in eV "
                 f"or keV, or a mono angle with a d-spacing in the header; its columns: "
-                f"{', '.join(table.columns)}. Name it with --set energy=COLUMN, or give "
-                "mono_angle and d_spacing"
+                f"{', '.join(table.columns)}"
+                + (f" ({', '.join(nan)}: NaN or infinite values, never an axis)" if nan else "")
+                + ". Name it with --set energy=COLUMN, or give mono_angle and d_spacing"
             )
         name, found_unit = found
         if found_unit == "deg":
-            return mono_energy(table.columns[name], float(d_spacing or 0.0))
+            return mono_energy(finite_axis(table, name, "mono angle"), float(d_spacing or 0.0))
         unit = found_unit if unit == "auto" else unit
-    energy = table.columns[name]
+    energy = finite_axis(table, name, "energy")
     if unit == "keV" or (unit == "auto" and np.nanmax(energy) < 200):
         energy = energy * 1000.0
     return energy
@@ -335,7 +354,7 @@ def absorption(table: ColumnTable, parameters: SpectroscopyParameters) -> Absorp
     p = parameters
     where = table.where
     if p.energy is None and p.mono_angle is not None:
-        angle = table.columns[table.find(p.mono_angle, "mono_angle")]
+        angle = finite_axis(table, table.find(p.mono_angle, "mono_angle"), "mono angle")
         energy = mono_energy(angle, float(p.d_spacing or 0.0))
     else:
         energy = _energy(table, p)

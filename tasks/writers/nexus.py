@@ -1,8 +1,9 @@
 """Writing results as NeXus/HDF5, the way ESRF users already read them.
 
-Everything is written under a temporary name in the destination folder and
-renamed into place only when complete, so a failed run never leaves a file
-that looks finished.
+Everything is written under a temporary name and renamed into place only when
+complete, so a failed run never leaves a file that looks finished. Inside a flow
+run the finished files wait in the run's part folder and are renamed into place
+together with their catalogue record (:mod:`calypso.tasks.writers.publication`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ import h5py
 import numpy as np
 
 import calypso
-from calypso.errors import OutputError
-
-PARTIAL_PREFIX = ".calypso-partial-"
+from calypso.errors import OutputError, translating_write_errors
+from calypso.tasks.writers.publication import PARTIAL_PREFIX, active
 
 
 def now_iso() -> str:
@@ -32,12 +32,30 @@ def now_iso() -> str:
 
 
 @contextmanager
+@translating_write_errors  # a full disk or read-only folder: one OutputError
 def atomic_outputs(*finals: Path) -> Iterator[list[Path]]:
     """Temporary paths for ``finals``; renamed onto them only if the block succeeds.
 
     The files are renamed in the order given, so put the file that marks the
-    result as complete (the NeXus file) last.
+    result as complete (the NeXus file) last. In a flow run they are staged in its
+    part folder, and renamed when the run publishes its results with their record.
     """
+    publication = active()
+    if publication is not None:
+        try:
+            staged = [publication.stage(final) for final in finals]
+        except OSError as exc:
+            raise OutputError(f"cannot stage results in {publication.staging}: {exc}") from None
+        try:
+            yield staged
+        except BaseException:
+            for path in staged:
+                path.unlink(missing_ok=True)
+            raise
+        for path, final in zip(staged, finals, strict=True):
+            if path.exists():
+                publication.defer(path, final)
+        return
     temporaries = [
         final.parent / f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:8]}-{final.name}" for final in finals
     ]

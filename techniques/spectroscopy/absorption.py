@@ -98,6 +98,11 @@ def check_spectrum(energy: np.ndarray, mu: np.ndarray, where: str) -> None:
     steps = np.diff(energy, axis=-1)
     if energy.shape[-1] < 10:
         raise RawDataError(f"{where}: only {energy.shape[-1]} energy points; a spectrum needs more")
+    if not np.all(np.isfinite(energy)):  # a NaN passes the monotonic test below
+        raise RawDataError(
+            f"{where}: the energy is NaN or infinite at {int((~np.isfinite(energy)).sum())} "
+            "points; a spectrum's axis must be finite everywhere"
+        )
     if np.any(steps <= 0):
         row, column = np.argwhere(steps <= 0)[0]
         raise RawDataError(

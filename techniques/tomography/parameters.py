@@ -102,6 +102,13 @@ class TomographyScience(TechniqueParameters):
         description="fbp: filtered back-projection (algotom, numba); dfi: direct Fourier "
         "inversion (algotom); gridrec: tomopy's gridrec (needs tomopy installed)",
     )
+    min_projections: int | None = Field(
+        None,
+        ge=2,
+        description="refuse scans with fewer projections than this (default: neighbouring "
+        "projections at most 16 pixels apart at the edge of the field of view, e.g. 64 over "
+        "180 degrees for 640 columns); set it to reconstruct sparse-view scans",
+    )
     filter_name: str = Field(
         "hann",
         description="smoothing window of the ramp filter (hann, hamming, bartlett, blackman, "

@@ -1,0 +1,332 @@
+"""Frames of a scan in progress, as they become wholly available (docs/live.md).
+
+Two sources behind one small interface, :class:`LiveScan`:
+
+- :class:`BlissdataScan` follows a scan through Bliss's data streams (``blissdata`` on
+  its Redis/valkey server): scan info, counters and, for a Lima detector, which Lima
+  file holds each frame. A frame counts once Lima has closed the file holding it (the
+  rule blissdata itself uses to read from files), so it is never half-written.
+- :class:`LimaFiles` watches the Lima HDF5 files themselves, for setups without
+  blissdata: a frame counts once its chunk is stored in the file (HDF5's chunk index),
+  whatever the dataset's shape already says; files are re-opened at each look, with
+  file locking off, and read in SWMR mode where the writer uses it.
+
+Both hand out each frame exactly once, as ``(first, stop)`` ranges in scan order, and
+raise :class:`~calypso.errors.RawDataError` naming the file or stream when the writer
+stops without ending the scan (``stall_timeout``) or the stream vanishes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers bitshuffle, LZ4 ... with HDF5)
+import numpy as np
+
+from calypso.errors import ParameterError, RawDataError
+
+LIMA_DATASET = "/entry_0000/measurement/data"
+
+
+@dataclass(frozen=True)
+class LiveScanInfo:
+    """What is known of a scan in progress."""
+
+    number: int | None
+    name: str
+    npoints: int | None
+    detectors: tuple[str, ...] = ()
+    counters: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class LiveScan(Protocol):
+    """A scan in progress whose frames are handed out as they become wholly available."""
+
+    @property
+    def info(self) -> LiveScanInfo: ...
+
+    @property
+    def finished(self) -> bool:
+        """The end is known and every frame has been handed out by :meth:`ready`."""
+        ...
+
+    @property
+    def frames(self) -> int:
+        """How many frames :meth:`ready` has handed out (always a prefix of the scan)."""
+        ...
+
+    def ready(self) -> list[tuple[int, int]]:
+        """The frame ranges newly wholly available since the last call (never blocks)."""
+        ...
+
+    def read(self, first: int, stop: int) -> np.ndarray:
+        """Frames ``first`` to ``stop - 1``, all of them already handed out."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def follow(
+    scan: LiveScan, poll: float = 0.1, sleep: Callable[[float], None] = time.sleep
+) -> Iterator[tuple[int, int]]:
+    """Every frame range of ``scan`` as it becomes ready, until the scan's end."""
+    while True:
+        yield from scan.ready()
+        if scan.finished:
+            return
+        sleep(poll)
+
+
+# -- reading Lima HDF5 files without locking ---------------------------------------
+
+
+def open_lima(path: str | Path) -> h5py.File:
+    """Open a Lima file another process may still write: no file locking, SWMR read
+    where the file allows it. ``OSError`` when it cannot be opened (yet)."""
+    try:
+        return h5py.File(path, "r", locking=False, swmr=True)
+    except OSError:
+        return h5py.File(path, "r", locking=False)
+
+
+def read_lima(path: str | Path, dataset: str, first: int, stop: int) -> np.ndarray:
+    """Frames ``first`` to ``stop - 1`` of one Lima file, or a RawDataError naming it."""
+    try:
+        with open_lima(path) as h5:
+            data = h5[dataset]
+            if data.shape[0] < stop:
+                raise RawDataError(
+                    f"{path}::{dataset} holds {data.shape[0]} frames, frame {stop - 1} "
+                    "was announced: the Lima file was truncated or replaced"
+                )
+            return data[first:stop]
+    except (OSError, KeyError) as exc:
+        raise RawDataError(
+            f"frames {first}-{stop - 1} of Lima file {path}::{dataset} cannot be read "
+            f"({exc}); the file is announced as complete"
+        ) from None
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _stalled(what: str, waited: float, ended: bool = False) -> RawDataError:
+    state = "the scan ended without them" if ended else "the scan has not ended"
+    return RawDataError(
+        f"{what}, and nothing new came for {waited:.0f} s although {state}: the detector "
+        "or its writer stopped. Reduce what was handed out, or rerun offline once the "
+        "files are complete."
+    )
+
+
+# -- growing Lima files --------------------------------------------------------------
+
+
+def lima_template(raw_dataset_dir: str | Path, scan: int, detector: str) -> str:
+    """Where Bliss has Lima write a scan's files: ``<dataset>/scanNNNN/<detector>_%04d.h5``."""
+    return str(Path(raw_dataset_dir) / f"scan{scan:04d}" / f"{detector}_%04d.h5")
+
+
+def complete_frames(data: h5py.Dataset, final: bool) -> int:
+    """How many leading frames of ``data`` are wholly on disk.
+
+    A chunked dataset: a frame counts once the chunk holding it is stored (and inside
+    the dataset's current shape); a chunk of several frames only once the chunk after it
+    is stored or the file is ``final`` (a writer fills a chunk frame by frame). A
+    contiguous dataset says nothing of what is written: it counts only when final.
+    """
+    total = data.shape[0]
+    if data.chunks is None:
+        return total if final else 0
+    per_chunk = data.chunks[0]
+    rest = (0,) * (data.ndim - 1)
+
+    def stored(chunk: int) -> bool:
+        first = chunk * per_chunk
+        if first >= total:
+            return False
+        return data.id.get_chunk_info_by_coord((first, *rest)).byte_offset is not None
+
+    count = 0
+    chunk = 0
+    while count < total and stored(chunk):
+        if per_chunk > 1 and not final and not stored(chunk + 1):
+            break
+        count = min(total, (chunk + 1) * per_chunk)
+        chunk += 1
+    return count
+
+
+class LimaFiles:
+    """Frames of Lima HDF5 files (``template % k``: ``pilatus_0000.h5``, ...) as they are
+    written, for setups without blissdata.
+
+    The end of the scan is known from ``npoints`` (the frames the scan takes) or from
+    ``dataset_file`` (the Bliss dataset file: ``end_time`` in entry ``scan``.1 is written
+    last); without either, :attr:`finished` never becomes true. A file counts as final
+    once the next one exists or the scan has ended.
+    """
+
+    def __init__(
+        self,
+        template: str | Path,
+        dataset: str = LIMA_DATASET,
+        *,
+        first_file: int = 0,
+        npoints: int | None = None,
+        dataset_file: str | Path | None = None,
+        scan: int | None = None,
+        detector: str = "",
+        stall_timeout: float = 60.0,
+        skip: int = 0,
+    ) -> None:
+        if "%" not in str(template):
+            raise ParameterError(f"{template}: a Lima file template needs %d or %04d")
+        if dataset_file is not None and scan is None:
+            raise ParameterError(f"{dataset_file}: which scan? (scan=N reads entry N.1)")
+        self.template = str(template)
+        self.dataset = dataset
+        self.first_file = first_file
+        self.stall_timeout = stall_timeout
+        self.dataset_file = Path(dataset_file) if dataset_file is not None else None
+        self._info = LiveScanInfo(scan, "", npoints, (detector,) if detector else (), ())
+        self._npoints = npoints
+        self._skip = skip  # frames handed out before (by another source)
+        self._files: list[tuple[str, int]] = []  # final files: (path, frames)
+        self._current = 0  # frames of the current (not final) file handed out
+        self._handed = 0
+        self._end: int | None = None  # frames of the scan, once its end is seen
+        self._ended = False
+        self._progress = time.monotonic()
+
+    @property
+    def info(self) -> LiveScanInfo:
+        return self._info
+
+    @property
+    def frames(self) -> int:
+        return self._handed
+
+    @property
+    def finished(self) -> bool:
+        end = self._end if self._end is not None else self._npoints
+        return end is not None and self._handed >= end
+
+    @property
+    def partial(self) -> bool:
+        """Finished with fewer frames than ``npoints`` (an aborted scan)."""
+        return self.finished and self._npoints is not None and self._handed < self._npoints
+
+    def _path(self, index: int) -> str:
+        return self.template % (self.first_file + index)
+
+    def _look_for_end(self) -> None:
+        if self._npoints is not None and self._handed >= self._npoints:
+            self._end = self._npoints
+            self._ended = True
+        if self._ended or self.dataset_file is None or not self.dataset_file.exists():
+            return
+        entry = f"{self._info.number}.1"
+        detector = self._info.detectors[0] if self._info.detectors else None
+        try:
+            with h5py.File(self.dataset_file, "r", locking=False) as h5:
+                if entry not in h5 or "end_time" not in h5[entry]:
+                    return
+                title = h5[entry].get("title")
+                name = _text(title[()]) if isinstance(title, h5py.Dataset) else ""
+                recorded = h5.get(f"{entry}/instrument/{detector}/data") if detector else None
+                if isinstance(recorded, h5py.Dataset):
+                    self._end = recorded.shape[0]
+        except (OSError, KeyError, ValueError):
+            return  # the writer is between two flushes: look again next time
+        self._ended = True
+        self._info = LiveScanInfo(self._info.number, name, self._npoints, self._info.detectors)
+
+    def _probe(self, index: int) -> tuple[int, int, bool] | str:
+        """(complete frames, frames in the file, final) of file ``index``, or "missing" /
+        "unreadable" (not flushed yet, or caught between two metadata writes)."""
+        path = self._path(index)
+        if not os.path.exists(path):
+            return "missing"
+        final = self._ended or os.path.exists(self._path(index + 1))
+        try:
+            with open_lima(path) as h5:
+                data = h5.get(self.dataset)
+                if not isinstance(data, h5py.Dataset):
+                    return "unreadable"
+                if data.ndim < 2:
+                    raise RawDataError(
+                        f"{path}::{self.dataset} has shape {data.shape}: not a stack of frames"
+                    )
+                return complete_frames(data, final), data.shape[0], final
+        except (OSError, KeyError, ValueError):
+            return "unreadable"
+
+    def ready(self) -> list[tuple[int, int]]:
+        self._look_for_end()
+        start = self._handed
+        while not self.finished:
+            index = len(self._files)
+            probe = self._probe(index)
+            if isinstance(probe, str):
+                if probe == "missing" and self._ended and self._end is None:
+                    self._end = self._handed  # every file the scan wrote is read
+                break
+            count, total, final = probe
+            self._handed += count - self._current
+            self._current = count
+            if not final or (count < total and not self._ended):
+                break  # more to come in this file
+            self._files.append((self._path(index), count))
+            self._current = 0
+            if count < total:  # the scan ended inside this file
+                self._end = self._handed if self._end is None else self._end
+                break
+        if self._handed > start:
+            self._progress = time.monotonic()
+            first = max(start, self._skip)
+            return [(first, self._handed)] if self._handed > first else []
+        self._check_stall()
+        return []
+
+    def _check_stall(self) -> None:
+        if self.finished:
+            return
+        waited = time.monotonic() - self._progress
+        if waited <= self.stall_timeout:
+            return
+        path = self._path(len(self._files))
+        if not os.path.exists(path):
+            what = f"Lima file {path} did not appear ({self._handed} frames read before)"
+        else:
+            what = f"Lima file {path} has held {self._current} complete frames"
+        if self._end is not None:
+            what += f" ({self._handed} of the {self._end} frames the scan recorded)"
+        raise _stalled(what, waited, self._ended)
+
+    def read(self, first: int, stop: int) -> np.ndarray:
+        if not 0 <= first < stop <= self._handed:
+            raise ParameterError(
+                f"frames {first}-{stop - 1} of {self.template} are not all handed out yet "
+                f"({self._handed} are)"
+            )
+        parts = []
+        offset = 0
+        files = [*self._files, (self._path(len(self._files)), self._current)]
+        for path, count in files:
+            lo, hi = max(first, offset), min(stop, offset + count)
+            if lo < hi:
+                parts.append(read_lima(path, self.dataset, lo - offset, hi - offset))
+            offset += count
+        return np.concatenate(parts)
+
+    def close(self) -> None:
+        """Nothing stays open between two looks."""
