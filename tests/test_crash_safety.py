@@ -32,6 +32,7 @@ from calypso.registry.heartbeat import Heartbeat
 from calypso.registry.watch_state import WatchState
 from calypso.tasks.writers.nexus import atomic_outputs
 from calypso.tasks.writers.publication import preparing
+from tests.processes import stop, wait_until
 
 
 def reservation(folder: Path, run: str, output: str = "result.h5") -> ProcessedDataset:
@@ -350,26 +351,6 @@ def start(arguments: list[str], env: dict[str, str], log: Path) -> subprocess.Po
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-
-
-def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Plant:

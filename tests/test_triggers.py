@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from calypso.flows.online.watch import post_event
 from calypso.flows.samples.diffraction import write_diffraction_sample
 from calypso.flows.techniques import TECHNIQUES
 from calypso.tasks.raw.data_policy import RawDataset
+from tests.processes import stop, wait_until
 
 pytestmark = pytest.mark.slow
 CONCURRENCY = 3
@@ -41,26 +41,6 @@ def start(arguments: list[str], env: dict[str, str], log: Path) -> subprocess.Po
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Facility:

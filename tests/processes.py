@@ -1,0 +1,31 @@
+"""What tests that run Calypso's services as processes share: stopping them, waiting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+
+def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop a process started with ``start_new_session=True`` and its children; killed
+    after 30 s if ``sig`` did not end it."""
+    if process.poll() is None:
+        os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.5):
+    """``condition()``'s first true value, polled every ``interval`` s for ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
