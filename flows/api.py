@@ -60,6 +60,15 @@ __all__ = [
 ]
 
 
+def load_settings_with_workers(workers: int | None) -> CalypsoSettings:
+    """The settings, on a local cluster of ``workers`` processes when the caller asked for one."""
+    from calypso.settings import load_settings
+
+    if workers:
+        return load_settings(executor={"kind": "local", "n_workers": workers})
+    return load_settings()
+
+
 # -- parameters -------------------------------------------------------------
 
 

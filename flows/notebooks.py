@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from calypso.flows.api import parameters_from, run_technique
+from calypso.flows.api import load_settings_with_workers, parameters_from, run_technique
 from calypso.settings import CalypsoSettings
 
 if TYPE_CHECKING:
@@ -48,14 +48,9 @@ def run(
     >>> result.data.signal.shape   # (frames, npt)
     """
     from calypso.flows.runtime import prepare_environment
-    from calypso.settings import load_settings
     from calypso.tasks.results import from_record
 
-    settings = (
-        load_settings(executor={"kind": "local", "n_workers": workers})
-        if workers
-        else load_settings()
-    )
+    settings = load_settings_with_workers(workers)
     prepare_environment(settings)  # before the technique's modules import silx and pyFAI
     # Paths are welcome as Path objects; the parameter models hold them as text.
     values = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in parameters.items()}

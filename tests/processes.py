@@ -5,7 +5,20 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
+
+
+def start(arguments: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """``calypso ARGUMENTS`` as a process in its own session, its output appended to ``log``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "calypso.flows.cli", *arguments],
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:

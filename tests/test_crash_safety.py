@@ -15,7 +15,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from calypso.registry.heartbeat import Heartbeat
 from calypso.registry.watch_state import WatchState
 from calypso.tasks.writers.nexus import atomic_outputs
 from calypso.tasks.writers.publication import preparing
-from tests.processes import stop, wait_until
+from tests.processes import start, stop, wait_until
 
 
 def reservation(folder: Path, run: str, output: str = "result.h5") -> ProcessedDataset:
@@ -341,16 +340,6 @@ LEASE_S = 2  # leases of these tests' flow runs
 # The watcher looks at its announcements this often: longer than Prefect takes to turn an
 # event into a flow run on a busy machine, else it would post again events not lost.
 CONFIRM_S = 10
-
-
-def start(arguments: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "calypso.flows.cli", *arguments],
-        env=env,
-        stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
 
 
 class Plant:

@@ -13,7 +13,6 @@ import re
 import shutil
 import sqlite3
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -27,20 +26,10 @@ from calypso.flows.online.watch import post_event
 from calypso.flows.samples.diffraction import write_diffraction_sample
 from calypso.flows.techniques import TECHNIQUES
 from calypso.tasks.raw.data_policy import RawDataset
-from tests.processes import stop, wait_until
+from tests.processes import start, stop, wait_until
 
 pytestmark = pytest.mark.slow
 CONCURRENCY = 3
-
-
-def start(arguments: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "calypso.flows.cli", *arguments],
-        env=env,
-        stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
 
 
 class Facility:

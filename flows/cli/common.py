@@ -7,19 +7,11 @@ import sys
 from typing import Any
 
 from calypso.flows.techniques import TECHNIQUES
-from calypso.settings import CalypsoSettings, load_settings
 
 
 def technique_names() -> tuple[str, ...]:
     """The ``choices`` of every TECHNIQUE argument, read when the parser is built."""
     return tuple(TECHNIQUES)
-
-
-def load_settings_with_workers(workers: int | None) -> CalypsoSettings:
-    """The settings, on a local cluster of ``workers`` processes when the user asked for one."""
-    if workers:
-        return load_settings(executor={"kind": "local", "n_workers": workers})
-    return load_settings()
 
 
 def print_summary(summary: dict[str, Any]) -> None:

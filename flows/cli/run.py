@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from calypso.flows.api import build_parameters, run_technique
-from calypso.flows.cli.common import load_settings_with_workers, print_summary, technique_names
+from calypso.flows.api import build_parameters, load_settings_with_workers, run_technique
+from calypso.flows.cli.common import print_summary, technique_names
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:

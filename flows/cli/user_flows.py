@@ -8,8 +8,14 @@ import json
 import sys
 
 from calypso.errors import ParameterError
-from calypso.flows.api import current_identity, get_saved_flow, run_saved_flow, saved_flows
-from calypso.flows.cli.common import load_settings_with_workers, technique_names
+from calypso.flows.api import (
+    current_identity,
+    get_saved_flow,
+    load_settings_with_workers,
+    run_saved_flow,
+    saved_flows,
+)
+from calypso.flows.cli.common import technique_names
 from calypso.settings import load_settings
 
 

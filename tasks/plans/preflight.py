@@ -6,10 +6,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from calypso.errors import OUTPUT_ERRNOS, OutputError, ParameterError, RawDataError
+from calypso.errors import OutputError, ParameterError, RawDataError
 from calypso.registry import open_catalogue
 from calypso.settings import CalypsoSettings
 from calypso.tasks.raw.data_policy import RawDataset
+from calypso.tasks.writers.failures import OUTPUT_ERRNOS
 
 
 def require_registrable(
@@ -50,7 +51,7 @@ def require_output_room(output_dir: str | Path, needed_bytes: float) -> None:
     part files) and a little more. Nothing is left behind: the probe file has no name.
 
     A full disk met while writing is still reported clearly (the writers'
-    :func:`~calypso.errors.translating_write_errors`); this only spares the wait.
+    :func:`~calypso.tasks.writers.failures.translating_write_errors`); this only spares the wait.
     """
     out = Path(output_dir)
     existing = out

@@ -23,7 +23,8 @@ import h5py
 import numpy as np
 
 import calypso
-from calypso.errors import OutputError, translating_write_errors
+from calypso.errors import OutputError
+from calypso.tasks.writers.failures import translating_write_errors
 from calypso.tasks.writers.publication import PARTIAL_PREFIX, active
 
 
