@@ -9,9 +9,16 @@ from __future__ import annotations
 
 
 class CalypsoError(Exception):
-    """Base class of every error Calypso reports to a user."""
+    """Base class of every error Calypso reports to a user. Its message never holds a
+    credential Calypso knows: messages quote what failed underneath (a URL, a library's
+    error), which may carry one (docs/security.md, "Secrets")."""
 
     exit_code = 1
+
+    def __init__(self, *args: object) -> None:
+        from calypso.registry.access.secrets import redact_args
+
+        super().__init__(*redact_args(args))
 
 
 class ConfigurationError(CalypsoError):

@@ -11,9 +11,16 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +29,16 @@ from pydantic_settings import (
 )
 
 from calypso.errors import ConfigurationError
+from calypso.service_settings import (  # noqa: F401 (sections, imported from here)
+    AccessSettings,
+    LdapSettings,
+    OidcSettings,
+    ServerSettings,
+    ServeSettings,
+    UserFlowSettings,
+    WatchRule,
+    WatchSettings,
+)
 
 DEFAULT_CONFIG_FILE = Path("~/.config/calypso/config.toml").expanduser()
 MIN_WORKER_MEMORY = 256 * 2**20  # bytes: less, and a Dask worker is killed while it starts
@@ -40,6 +57,27 @@ class ProcessedDataPolicy(BaseModel):
         description="Write each technique's results in its own sub-folder of the processed "
         "dataset folder, so each is one ICAT processed dataset.",
     )
+    file_mode: str = Field(
+        "0640",
+        description="Mode of result files (octal), whatever the umask; never world-writable.",
+    )
+    folder_mode: str = Field(
+        "2750",
+        description="Mode of the result folders Calypso makes (octal; 2: set-group-id, so "
+        "what is added keeps the group); never world-writable.",
+    )
+    group: str | None = Field(
+        None,
+        description="Group of results (name or number). Unset: the group of the raw "
+        "dataset's proposal folder (<root>/<proposal>).",
+    )
+
+    @field_validator("file_mode", "folder_mode", mode="before")
+    @classmethod
+    def _mode(cls, value: object, info: ValidationInfo) -> str:
+        from calypso.tasks.writers.permissions import parse_mode
+
+        return parse_mode(value, "file" if info.field_name == "file_mode" else "folder")
 
 
 class SlurmSettings(BaseModel):
@@ -120,6 +158,12 @@ class ExecutorSettings(BaseModel):
     )
     slurm: SlurmSettings = Field(default_factory=SlurmSettings)
     openstack: OpenStackSettings = Field(default_factory=OpenStackSettings)
+    tls: bool = Field(
+        True,
+        description="Dask's traffic (client, scheduler, workers) over TLS with Calypso's "
+        "certificate (<home>/tls/dask.pem, made on first use): a process without it is "
+        "refused. False only to use an existing scheduler without TLS (kind 'address').",
+    )
 
     @field_validator("memory_limit", mode="before")
     @classmethod
@@ -160,9 +204,16 @@ class IcatSettings(BaseModel):
         None, description="ActiveMQ REST (Jolokia) port, to check that the queue is consumed."
     )
     icatplus_url: str | None = Field(
-        None, description="ICAT+ REST server: checks that the proposal has an investigation."
+        None,
+        description="ICAT+ REST server: checks that the proposal has an investigation, and "
+        "receives the e-logbook posts.",
     )
     icatplus_token: SecretStr | None = Field(None, description="ICAT+ data-acquisition API key.")
+    elogbook: bool = Field(
+        True,
+        description="Post each finished run's summary (and quick look) to its proposal's "
+        "e-logbook through ICAT+ (needs icatplus_url and icatplus_token).",
+    )
     timeout_s: float = Field(5.0, gt=0, description="Connection timeout.")
     portal_url: str | None = Field(
         None, description="Prefect UI base URL, to link each dataset to its flow run."
@@ -195,7 +246,8 @@ class ExportSettings(BaseModel):
     """Where ``calypso export`` (and a flow's ``export_to``) sends processed datasets.
 
     Credentials come, in this order, from ``credentials_block`` (a Prefect Secret
-    block holding ``{"access_key_id": ..., "secret_access_key": ...}``), from
+    block holding ``{"access_key_id": ..., "secret_access_key": ...}`` as JSON text,
+    which Prefect's API masks: docs/security.md), from
     ``access_key_id``/``secret_access_key`` here, or from the standard AWS chain
     (``AWS_ACCESS_KEY_ID``..., ``AWS_PROFILE``, ``~/.aws``) when neither is set.
     """
@@ -214,7 +266,7 @@ class ExportSettings(BaseModel):
     access_key_id: str | None = None
     secret_access_key: SecretStr | None = None
     credentials_block: str | None = Field(
-        None, description="Name of a Prefect Secret block holding the S3 key pair (JSON)."
+        None, description="Name of a Prefect Secret block holding the S3 key pair (JSON text)."
     )
     part_size_mb: int = Field(
         16,
@@ -233,189 +285,6 @@ class ExportSettings(BaseModel):
         "Notes_note_01",
         description="ICAT dataset parameter that receives the exported URIs (ICAT backend).",
     )
-
-
-class WatchRule(BaseModel):
-    """Which scans of a beamline a technique reduces, and with which default parameters.
-
-    A scan matches when every pattern given matches (shell patterns, case-insensitive):
-    ``detector`` against the names of its 2D detectors (any), ``title`` against its title.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    technique: str = Field(
-        ...,
-        description="A technique (its built-in flow), or 'flow:NAME' for a saved user flow "
-        "(its latest version).",
-    )
-    detector: str | None = Field(None, description="e.g. 'pilatus*', 'eiger*'")
-    title: str | None = Field(None, description="e.g. 'fscan*', '*xas*', 'tomo:*'")
-    unit: Literal["scan", "dataset"] = Field(
-        "scan",
-        description="'scan': each finished scan is reduced alone (diffraction, MX); "
-        "'dataset': the whole dataset once it is finished and quiet (tomography sequences, "
-        "repeated XAS scans to merge).",
-    )
-    parameters: dict[str, Any] = Field(
-        default_factory=dict, description="Defaults for this beamline, e.g. its PONI file."
-    )
-
-
-class WatchSettings(BaseModel):
-    """``calypso watch``: how RAW_DATA trees are followed and scans routed to flows."""
-
-    interval_s: float = Field(10.0, gt=0, description="Seconds between two polls of a tree.")
-    quiet_s: float = Field(
-        60.0,
-        ge=0,
-        description="A dataset whose files have not changed for this long is finished "
-        "(scans without end_time included: a crashed acquisition still gets reduced).",
-    )
-    beamlines: dict[str, list[WatchRule]] = Field(
-        default_factory=dict,
-        description="Rules per beamline name (as in the data path); '*' applies to any "
-        "beamline without rules of its own.",
-    )
-    state_path: Path | None = Field(
-        None, description="SQLite file of the watcher's state (default: <home>/watch.sqlite)."
-    )
-    confirm_s: float = Field(
-        300.0,
-        gt=0,
-        description="An announcement with no flow run after this long is posted again (the "
-        "server may be slow to turn a burst of events into runs: keep it generous).",
-    )
-    attempts: int = Field(5, ge=1, description="Posts of one announcement at most.")
-
-
-class ServeSettings(BaseModel):
-    """``calypso serve``: the deployments it serves."""
-
-    concurrency: dict[str, int] = Field(
-        default_factory=dict, description="Flow runs at once per technique (overrides default)."
-    )
-    default_concurrency: int | None = Field(
-        None,
-        ge=1,
-        description="Flow runs at once per technique and per saved flow (default: each "
-        "technique's own, from its descriptor: 1 for tomography, 2 for the others).",
-    )
-    icat_flush_interval_s: float = Field(
-        300.0, gt=0, description="How often pending ICAT registrations are retried."
-    )
-    result_storage: Path | None = Field(
-        None,
-        description="Where task results are kept so a retried run skips finished chunks "
-        "(default: <home>/results).",
-    )
-    saved_flow_poll_s: float = Field(
-        30.0,
-        gt=0,
-        description="How often serve looks for saved flows that are new, have a new version "
-        "or were deleted (each saved flow has its own deployment).",
-    )
-
-
-class LdapSettings(BaseModel):
-    """Sign-in through an LDAP directory (the portal, ``calypso whoami --ldap``): a simple bind
-    as the user, then their groups read from the directory."""
-
-    url: str | None = Field(None, description="e.g. ldaps://ldap.example.org or ldap://host:389")
-    start_tls: bool = Field(False, description="StartTLS on an ldap:// connection.")
-    ca_file: Path | None = Field(None, description="CA certificates for ldaps:// or StartTLS.")
-    user_dn: str | None = Field(
-        None,
-        description="DN of a user, '{username}' replaced: uid={username},ou=people,dc=example,"
-        "dc=org. Unset: the user is searched under user_base (with bind_dn when set).",
-    )
-    user_base: str | None = Field(None, description="Where users are searched.")
-    user_filter: str = Field("(uid={username})", description="Finds a user under user_base.")
-    bind_dn: str | None = Field(None, description="Service account for the search (optional).")
-    bind_password: SecretStr | None = None
-    group_base: str | None = Field(None, description="Where groups are searched.")
-    group_filter: str = Field(
-        "(|(&(objectClass=posixGroup)(memberUid={username}))"
-        "(&(objectClass=groupOfNames)(member={user_dn})))",
-        description="A user's groups: posixGroup memberUid or groupOfNames member.",
-    )
-    group_name_attribute: str = Field("cn", description="The attribute naming a group.")
-    timeout_s: float = Field(5.0, gt=0)
-
-
-class OidcSettings(BaseModel):
-    """Sign-in through OpenID Connect (authorization-code flow): the facility's broker
-    (Keycloak for UmbrellaID, eduGAIN ...); the ID token is verified with the issuer's keys."""
-
-    issuer: str | None = Field(None, description="e.g. https://auth.example.org/realms/users")
-    client_id: str | None = None
-    client_secret: SecretStr | None = Field(None, description="None: a public client (PKCE).")
-    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email"])
-    username_claim: str = Field("preferred_username", description="Claim naming the user.")
-    groups_claim: str = Field(
-        "groups", description="Claim listing the user's groups (mapped by proposal_groups)."
-    )
-    proposals_claim: str | None = Field(
-        None, description="Claim listing the user's proposals directly, when the broker has one."
-    )
-    timeout_s: float = Field(10.0, gt=0)
-    leeway_s: int = Field(60, ge=0, description="Clock skew allowed on the token's times.")
-
-
-class AccessSettings(BaseModel):
-    """Who may see and process which proposal (docs/security.md). Who someone is never
-    comes from a setting: the Unix account on the command line, a sign-in on the web."""
-
-    proposal_groups: list[str] = Field(
-        default_factory=list,
-        description="Group name patterns that make a member of a proposal, '{proposal}' "
-        "standing for its id: ['{proposal}'] when groups are named ma1234. Empty (one "
-        "machine): a Unix account's proposals are the proposal folders it owns.",
-    )
-    proposal_id: str = Field(
-        r"[A-Za-z]{1,8}-?[A-Za-z]{0,4}[0-9]{1,8}",
-        description="What a proposal id looks like (regular expression), so that groups "
-        "like 'users' are never taken for proposals.",
-    )
-    staff_groups: list[str] = Field(
-        default_factory=list, description="Members of these groups see every proposal."
-    )
-    shared_paths: list[Path] = Field(
-        default_factory=list,
-        description="Folders any run may read parameter files from, read-only (beamline "
-        "calibrations); outputs never go there.",
-    )
-    ldap: LdapSettings = Field(default_factory=LdapSettings)
-    oidc: OidcSettings = Field(default_factory=OidcSettings)
-
-
-class UserFlowSettings(BaseModel):
-    """Bounds on user flow specifications, checked at ``flows check``, ``save`` and ``run``:
-    a mistyped sweep or a hostile file is refused with a message instead of taking the
-    memory of the machine that reads or runs it."""
-
-    max_variants: int = Field(
-        1000,
-        ge=1,
-        description="Variants a flow's sweeps may make at most (the product of every swept "
-        "parameter's number of values).",
-    )
-    max_document_bytes: int = Field(
-        256 * 1024, ge=1024, description="Size of a specification at most (bytes)."
-    )
-    max_list_items: int = Field(
-        10_000, ge=1, description="Items of any one list in a specification at most."
-    )
-    max_string_chars: int = Field(
-        4096, ge=1, description="Characters of any one string in a specification at most."
-    )
-
-
-class ServerSettings(BaseModel):
-    """The local Prefect server started by ``calypso server``."""
-
-    host: str = "127.0.0.1"
-    port: int = Field(4200, ge=1, le=65535)
 
 
 class CalypsoSettings(BaseSettings):
@@ -507,11 +376,14 @@ def config_file_path() -> Path | None:
 def load_settings(**overrides: object) -> CalypsoSettings:
     """Read the settings, turning validation problems into one actionable message; unknown
     ``CALYPSO_*`` variables and configuration keys are refused, naming the closest valid one."""
+    from calypso.registry.access.secrets import guard
     from calypso.setting_names import check_setting_names
 
     check_setting_names(CalypsoSettings, config_file_path())
     try:
-        return CalypsoSettings(**overrides)
+        settings = CalypsoSettings(**overrides)
+        guard(settings)  # its credentials never reach a log, an error or a traceback
+        return settings
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()

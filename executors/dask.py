@@ -4,19 +4,30 @@
 single-threaded worker process per core for the duration of a flow run:
 pyFAI, h5py and most reduction code hold the GIL or use their own threads, so
 processes scale and threads do not. ``address`` uses an existing scheduler.
+
+Every cluster is closed to processes without Calypso's certificate (``executors/tls.py``:
+TLS between client, scheduler and workers) and its dashboard listens on loopback only.
 """
 
 from __future__ import annotations
 
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
 from distributed import LocalCluster
 
 from calypso.errors import ConfigurationError
+from calypso.executors.tls import calypso_security, cluster_security, require_tls_address
 from calypso.settings import ExecutorSettings
+
+if TYPE_CHECKING:
+    from distributed import Security
+
+# Any free port (a fixed one warns when another cluster holds it), on loopback: the
+# dashboard shows every task's arguments and takes no certificate. Reach it by SSH tunnel.
+DASHBOARD_ADDRESS = "127.0.0.1:0"
 
 
 def local_worker_count(executor: ExecutorSettings) -> int:
@@ -52,10 +63,20 @@ def worker_environment(threads_per_worker: int) -> dict[str, int]:
 
 
 def start_local_cluster(**kwargs: Any) -> LocalCluster:
-    """A LocalCluster whose worker processes get :func:`worker_environment`."""
+    """A LocalCluster whose worker processes get :func:`worker_environment`, with Calypso's
+    certificate when ``security`` is True (read here, as the cluster starts, not when the
+    options are made: a flow's options are made when its module is imported)."""
     environment = worker_environment(kwargs.get("threads_per_worker") or 1)
+    kwargs = with_certificate(kwargs)
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environment}):
         return LocalCluster(**kwargs)
+
+
+def with_certificate(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with ``security=True`` replaced by Calypso's certificate."""
+    if options.get("security") is True:
+        return options | {"security": calypso_security()}
+    return options
 
 
 def local_cluster_options(executor: ExecutorSettings) -> dict[str, Any]:
@@ -64,11 +85,17 @@ def local_cluster_options(executor: ExecutorSettings) -> dict[str, Any]:
         "threads_per_worker": executor.threads_per_worker,
         "processes": True,
         "memory_limit": executor.memory_limit,
-        # Any free port: a fixed one warns when another cluster already holds it.
-        "dashboard_address": ":0",
+        "dashboard_address": DASHBOARD_ADDRESS,
         # Workers import the reduction code while they start, not on their first task.
         "preload": list(executor.preload),
+        **tls_options(executor),
     }
+
+
+def tls_options(executor: ExecutorSettings) -> dict[str, Any]:
+    """A cluster's ``security`` (True: Calypso's certificate, read as it starts) and
+    ``protocol``, when the settings ask for TLS."""
+    return {"security": True, "protocol": "tls://"} if executor.tls else {}
 
 
 def boot_local_cluster(executor: ExecutorSettings) -> Future[LocalCluster] | None:
@@ -79,8 +106,11 @@ def boot_local_cluster(executor: ExecutorSettings) -> Future[LocalCluster] | Non
     """
     if executor.kind != "local":
         return None
+    # The certificate read (made, the first time) here: a problem is a message, not a
+    # traceback from the thread.
+    options = with_certificate(local_cluster_options(executor))
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calypso-cluster")
-    future = pool.submit(start_local_cluster, **local_cluster_options(executor))
+    future = pool.submit(start_local_cluster, **options)
     pool.shutdown(wait=False)
     return future
 
@@ -89,18 +119,23 @@ def build_task_runner(executor: ExecutorSettings, cluster: LocalCluster | None =
     """The Prefect task runner (a ``DaskTaskRunner``) for these executor settings.
 
     With ``cluster``, the runner uses that cluster and leaves closing it to the
-    caller; otherwise a local cluster lives as long as the flow run.
+    caller; otherwise a local cluster lives as long as the flow run. Its Dask client
+    presents the cluster's certificate.
     """
     from prefect_dask import DaskTaskRunner
 
     if cluster is not None:  # by address: Prefect copies task runners, and copies drop a cluster
-        return DaskTaskRunner(address=cluster.scheduler_address)
+        return DaskTaskRunner(
+            address=cluster.scheduler_address, client_kwargs=_client(cluster.security)
+        )
     if executor.kind == "address":
         if not executor.address:
             raise ConfigurationError(
-                "executor kind 'address' needs CALYPSO_EXECUTOR__ADDRESS=tcp://host:8786"
+                "executor kind 'address' needs CALYPSO_EXECUTOR__ADDRESS=tls://host:8786"
             )
-        return DaskTaskRunner(address=executor.address)
+        security = cluster_security(executor)
+        address = require_tls_address(executor.address, security)
+        return DaskTaskRunner(address=address, client_kwargs=_client(security))
     if executor.kind == "slurm":
         from calypso.executors.slurm import slurm_cluster_options, start_slurm_cluster
 
@@ -109,12 +144,20 @@ def build_task_runner(executor: ExecutorSettings, cluster: LocalCluster | None =
             cluster_class=start_slurm_cluster, cluster_kwargs=options, adapt_kwargs=bounds
         )
     if executor.kind == "openstack":
-        from calypso.executors.openstack import running_cluster_address
+        from calypso.executors.openstack import running_cluster_address, running_cluster_security
 
-        return DaskTaskRunner(address=running_cluster_address())
+        security = running_cluster_security() if executor.tls else None
+        address = require_tls_address(running_cluster_address(), security)
+        return DaskTaskRunner(address=address, client_kwargs=_client(security))
     return DaskTaskRunner(
         cluster_class=start_local_cluster, cluster_kwargs=local_cluster_options(executor)
     )
+
+
+def _client(security: Security | None) -> dict[str, Any]:
+    """The Dask client's keyword arguments: the certificate, when the cluster has one. A
+    client of a cluster object gets it from the cluster; by address, it must be given."""
+    return {"security": security} if security else {}
 
 
 def flow_task_runner(preload: list[str] | None = None):

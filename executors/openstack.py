@@ -12,6 +12,12 @@ non-default Dask configuration into every VM's cloud-init user data
 can see. Calypso therefore never puts the application credential into Dask's
 configuration: :class:`CalypsoOpenStackCluster` hands it to dask-cloudprovider's
 VM code directly.
+
+The cluster is closed with TLS like Calypso's others, but with a certificate of its own,
+made at each ``cluster up`` (``<home>/clusters/openstack-tls.pem``, 0600): the VMs can
+only get it through their user data, so whoever reads the project's instance metadata
+could join this cluster, and no other. Flow runs and ``cluster status`` present it; the
+scheduler's dashboard listens on the scheduler VM's loopback (an SSH tunnel reaches it).
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ def cluster_arguments(settings: CalypsoSettings, technique_modules: list[str]) -
         },
         "env_vars": environment,
         "bootstrap": True,
+        "scheduler_options": {"dashboard_address": "127.0.0.1:8787"},
     }
 
 
@@ -101,7 +108,8 @@ def _cluster_class():
 
 
 def make_cluster(settings: CalypsoSettings, technique_modules: list[str], **extra: Any):
-    """The cluster object (``asynchronous=True`` in ``extra`` builds it without starting)."""
+    """The cluster object (``asynchronous=True`` in ``extra`` builds it without starting),
+    with a new certificate of its own (TLS) unless ``executor.tls`` is off."""
     import dask
 
     openstack = settings.executor.openstack
@@ -117,13 +125,51 @@ def make_cluster(settings: CalypsoSettings, technique_modules: list[str], **extr
         raise ConfigurationError(f"an OpenStack cluster needs {', '.join(names)}")
     cls = _cluster_class()
     cls._calypso_secrets = secret_config(openstack)
+    security = new_cluster_security(settings) if settings.executor.tls else False
     # Only the public part is Dask configuration, so only it reaches the user data.
     with dask.config.set({"cloudprovider.openstack": public_config(openstack)}):
-        return cls(**cluster_arguments(settings, technique_modules), **extra)
+        return cls(**cluster_arguments(settings, technique_modules), security=security, **extra)
 
 
 def state_file(settings: CalypsoSettings) -> Path:
     return settings.home / "clusters" / "openstack.json"
+
+
+def certificate_file(settings: CalypsoSettings) -> Path:
+    return settings.home / "clusters" / "openstack-tls.pem"
+
+
+def new_cluster_security(settings: CalypsoSettings):
+    """A new certificate for the cluster about to start, kept for its clients, and the
+    ``Security`` that carries it inline: dask-cloudprovider copies it into the VMs' user
+    data, where a file name would mean nothing."""
+    from distributed import Security
+
+    from calypso.executors.tls import ROLES, new_certificate
+    from calypso.private_files import create_private_file
+
+    pem = new_certificate()
+    create_private_file(certificate_file(settings), pem, replace=True)
+    text = pem.decode()
+    return Security(
+        require_encryption=True,
+        tls_ca_file=text,
+        **{f"tls_{role}_{part}": text for role in ROLES for part in ("cert", "key")},
+    )
+
+
+def running_cluster_security(settings: CalypsoSettings | None = None):
+    """The ``Security`` a client of the running cluster presents (its certificate file)."""
+    from calypso.executors.tls import security_from_file
+    from calypso.settings import load_settings
+
+    path = certificate_file(settings or load_settings())
+    if not path.is_file():
+        raise ConfigurationError(
+            f"no certificate of the OpenStack cluster at {path}: restart it with "
+            "`calypso cluster up openstack` (which makes one)"
+        )
+    return security_from_file(path)
 
 
 def running_cluster_address(settings: CalypsoSettings | None = None) -> str:

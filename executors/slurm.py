@@ -5,6 +5,10 @@ each SLURM job runs ``processes`` Dask workers with the technique's code
 preloaded and the same per-worker environment as local workers. Workers retire
 ``lifetime`` after they start, before SLURM's walltime kills them, so no task
 dies with its job; the adaptive cluster submits replacements as needed.
+
+Closed like the local cluster: TLS with Calypso's certificate, which the job script
+names by path (``--tls-ca-file`` ...), so the nodes must read Calypso's home (a shared
+file system, as for the data); the dashboard listens on the submitting node's loopback.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from calypso.settings import ExecutorSettings
 
 def slurm_cluster_options(executor: ExecutorSettings) -> tuple[dict[str, Any], dict[str, int]]:
     """``SLURMCluster`` keyword arguments and the adaptive bounds, from the settings."""
-    from calypso.executors.dask import worker_environment
+    from calypso.executors.dask import DASHBOARD_ADDRESS, tls_options, worker_environment
 
     slurm = executor.slurm
     threads = max(1, slurm.cores // slurm.processes)
@@ -42,13 +46,17 @@ def slurm_cluster_options(executor: ExecutorSettings) -> tuple[dict[str, Any], d
         "interface": slurm.interface,
         "log_directory": str(slurm.log_directory) if slurm.log_directory else None,
         # Any free port: several flow runs may each hold a scheduler on one node.
-        "scheduler_options": {"dashboard_address": ":0"},
+        "scheduler_options": {"dashboard_address": DASHBOARD_ADDRESS},
+        **tls_options(executor),
     }
     bounds = {"minimum_jobs": slurm.minimum_jobs, "maximum_jobs": slurm.maximum_jobs}
     return {k: v for k, v in options.items() if v is not None}, bounds
 
 
 def start_slurm_cluster(**options: Any):
+    """The cluster, with Calypso's certificate read as it starts (``security=True``)."""
     from dask_jobqueue import SLURMCluster
 
-    return SLURMCluster(**options)
+    from calypso.executors.dask import with_certificate
+
+    return SLURMCluster(**with_certificate(options))

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack, closing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
@@ -89,6 +89,15 @@ def build_parameters(
     technique: str, assignments: list[str], params_file: str | None = None
 ) -> BaseModel:
     """The technique's parameter model from a file and ``NAME=VALUE`` assignments."""
+    values = parameter_values(technique, assignments, params_file)
+    return parameters_from(technique, values, f" in {params_file}" if params_file else "")
+
+
+def parameter_values(
+    technique: str, assignments: list[str], params_file: str | None = None
+) -> dict[str, Any]:
+    """The values a file and ``NAME=VALUE`` assignments give, not yet checked by the model
+    (what ``calypso run`` sends to a running service, which checks them)."""
     values: dict[str, Any] = {}
     if params_file:
         values.update(_read_params_file(Path(params_file)))
@@ -101,7 +110,7 @@ def build_parameters(
         if not sep or not name.strip():
             raise ParameterError(f"--set {assignment!r}: expected NAME=VALUE, e.g. --set npt=2000")
         values[name.strip()] = _parse_value(text.strip())
-    return parameters_from(technique, values, f" in {params_file}" if params_file else "")
+    return values
 
 
 def parameters_from(technique: str, values: dict[str, Any], source: str) -> BaseModel:
@@ -194,27 +203,31 @@ def run_technique(
     settings: CalypsoSettings,
     export_to: str | None = None,
     identity: Identity | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Check the input (inside the proposals of ``identity``, default the caller's:
     :func:`current_identity`), then run the technique's flow on the configured Dask
-    cluster."""
+    cluster, reporting to ``progress`` (default: a bar on the terminal)."""
     began = time.perf_counter()
     identity = identity or current_identity(settings)
     confine_run(technique, input_path, parameters, output, settings, identity, export_to)
     entry = TECHNIQUES[technique]
     # Shown from the first second: what is happening before the first frame is counted.
-    bar = _Bar(0, entry.unit, stage=f"reading {Path(input_path).name}")
+    stage = f"reading {Path(input_path).name}"
+    bar = progress or _Bar(0, entry.unit, stage=stage)
+    bar.stage(stage)
     try:
         return _run_technique(
             entry, bar, began, input_path, parameters, scans, output, settings, export_to
         )
     finally:
-        bar.close()
+        if progress is None:  # the caller closes its own
+            bar.close()
 
 
 def _run_technique(
     entry: Technique,
-    bar: _Bar,
+    bar: Progress,
     began: float,
     input_path: str,
     parameters: BaseModel,
@@ -265,7 +278,7 @@ def run_on_cluster(
     total: int,
     unit: str,
     call: Callable[[Any], Any],
-    bar: _Bar | None = None,
+    bar: Progress | None = None,
 ) -> Any:
     """``call(task_runner)`` with a Prefect API up, on the Dask cluster the settings name
     (a local one boots while Prefect starts), a progress bar counting ``unit`` (``bar``, or
@@ -301,6 +314,22 @@ def run_on_cluster(
 
 def _close_cluster(booting: Future) -> None:
     booting.result().close()  # closing twice is harmless
+
+
+class Progress(Protocol):
+    """What a run reports while it goes: a terminal bar, or a command connected to the
+    service (:mod:`calypso.flows.online.submissions`)."""
+
+    def stage(self, text: str, *, started: bool = False) -> None: ...
+
+    def update_to(self, done: int, total: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def progress_bar(unit: str, stage: str) -> Progress:
+    """A progress bar on the terminal (standard error) that first says ``stage``."""
+    return _Bar(0, unit, stage=stage)
 
 
 class _Bar:

@@ -23,11 +23,14 @@ from prefect.runtime import flow_run
 
 from calypso.errors import CatalogueError, OutputError
 from calypso.registry import ProcessedDataset, claims, open_catalogue
+from calypso.registry.access.secrets import redact
 from calypso.registry.catalogue import embedded
 from calypso.registry.heartbeat import Heartbeat
 from calypso.settings import CalypsoSettings, load_settings
+from calypso.tasks.caching import save_result_block
 from calypso.tasks.catalogue import Registration, processed_record, register_processed_dataset
 from calypso.tasks.writers.nexus import new_work_dir, now_iso, remove_work_dir
+from calypso.tasks.writers.permissions import output_permissions
 from calypso.tasks.writers.publication import PARTIAL_PREFIX, Publication, preparing
 
 
@@ -174,12 +177,16 @@ class FlowRun:
         a catalogue that cannot be written is logged, so that ``error`` is what is raised."""
         self._stop_heartbeat()
         try:
-            return register_processed_dataset(self._record([], "failed", str(error)))
+            # Not only Calypso's errors (redacted already) fail a run.
+            message = redact(str(error))
+            registration = register_processed_dataset(self._record([], "failed", message))
         except CatalogueError as exc:
             logging.getLogger(__name__).warning(
                 "failure of %s not registered: %s", self.run_id, exc
             )
             return None
+        self._post(registration.catalogue_id)
+        return registration
 
     def completed(self, outputs: list[str]) -> Registration:
         """Publish the results with their record, then export them when asked to."""
@@ -260,10 +267,13 @@ class FlowRun:
         them, then it is removed. An error inside the block is registered as a failed run,
         then raised; the folder stays, so a retry of the run (same flow run id) finds the
         chunks that finished, whose task results are cached."""
-        work_dir = new_work_dir(self.plan.output_dir, self.run_id or None)
+        save_result_block()  # where the chunk tasks keep their results, for a retry
+        # The results' group and mode (the proposal's), given before they are published.
+        permissions = output_permissions(self.plan, self.settings)
+        work_dir = new_work_dir(self.plan.output_dir, self.run_id or None, permissions)
         self.work_dir = work_dir
         try:
-            with preparing(work_dir) as self.publication:
+            with preparing(work_dir, permissions) as self.publication:
                 yield str(work_dir)
         except Exception as exc:
             self.failed(exc)
@@ -308,7 +318,33 @@ class FlowRun:
             "per_s": round(self.count / max(total, 1e-9), 2),
         }
         publish_results_table(summary)
+        if warning := self._post(registration.catalogue_id, summary):
+            summary["warnings"].append(warning)
         return summary
+
+    def _post(self, record_id: int, summary: dict[str, Any] | None = None) -> str | None:
+        """Post the finished run to its proposal's e-logbook (ICAT backend); a warning,
+        logged, when the post waits. Never raises: a post is no reason to fail a run."""
+        if self.settings.catalogue.backend != "icat":
+            return None
+        from calypso.registry.icat import IcatCatalogue
+
+        try:
+            catalogue = open_catalogue(self.settings)
+            figures = summary_figures(summary) if summary else []
+            warning = (
+                catalogue.post(record_id, summary, figures)
+                if isinstance(catalogue, IcatCatalogue)
+                else None
+            )
+        except Exception as exc:
+            warning = redact(f"e-logbook post of flow run {self.run_id} not made: {exc}")
+        if warning:
+            try:
+                get_run_logger().warning("%s", warning)
+            except Exception:  # no run context (a script): the summary has it
+                logging.getLogger(__name__).warning("%s", warning)
+        return warning
 
 
 def run_is_over(run_id: str) -> bool:
@@ -349,6 +385,11 @@ _NOT_FIGURES = (
 )
 
 
+def summary_figures(summary: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The key figures of a run's summary (frames, E0, hit rate ...), as (name, value)."""
+    return key_figures({k: v for k, v in summary.items() if k not in _NOT_FIGURES})
+
+
 def publish_results_table(summary: dict[str, Any]) -> None:
     """The run's outputs, key figures and catalogue id as a table artifact in the UI."""
     rows = [{"item": "output", "value": url} for url in summary["outputs"]]
@@ -357,8 +398,7 @@ def publish_results_table(summary: dict[str, Any]) -> None:
     rows.append(
         {"item": f"{summary['unit']} per s", "value": f"{summary['per_s']} ({summary['count']})"}
     )
-    figures = {k: v for k, v in summary.items() if k not in _NOT_FIGURES}
-    for name, value in key_figures(figures):
+    for name, value in summary_figures(summary):
         rows.append({"item": name, "value": value if value is not None else ""})
     if summary.get("export"):
         rows.append({"item": "exported to", "value": summary["export"]["uri"]})

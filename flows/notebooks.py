@@ -5,8 +5,9 @@
 >>> result.data.axes, result.data.signal       # arrays, read from the NeXus file when used
 >>> calypso.load(result.record.id)             # the same result later, by catalogue id
 
-These go through :func:`calypso.flows.api.run_technique`, as ``calypso run`` does: one
-temporary Prefect server (or the configured one), the progress bar, the catalogue.
+These go through :func:`calypso.flows.api.run_technique`, as ``calypso run`` does: sent
+to ``calypso serve`` when one is running (its warm workers), else one temporary Prefect
+server (or the configured one); the progress bar, the catalogue.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from calypso.tasks.results import Result
 
 __all__ = ["load", "run"]
+
+SOURCE = " given to calypso.run()"  # where the parameters came from, in error messages
 
 
 def run(
@@ -47,24 +50,28 @@ def run(
     >>> result = calypso.run("diffraction", raw, poni="ceo2.poni", npt=2000, output="out")
     >>> result.data.signal.shape   # (frames, npt)
     """
-    from calypso.flows.runtime import prepare_environment
     from calypso.tasks.results import from_record
 
     settings = load_settings_with_workers(workers)
-    prepare_environment(settings)  # before the technique's modules import silx and pyFAI
     # Paths are welcome as Path objects; the parameter models hold them as text.
     values = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in parameters.items()}
-    model = parameters_from(technique, values, " given to calypso.run()")
-    with _script_not_rerun(), _prefect_logs_kept_to_prefect():
-        summary = run_technique(
-            technique,
-            str(raw),
-            model,
-            scans,
-            str(output) if output is not None else None,
-            settings,
-            export_to=export_to,
+    where = str(output) if output is not None else None
+    summary = None
+    if not workers:
+        from calypso.flows.online.submissions import run_by_service
+
+        summary = run_by_service(
+            settings, technique, str(raw), lambda: values, scans, where, export_to, SOURCE
         )
+    if summary is None:
+        from calypso.flows.runtime import prepare_environment
+
+        prepare_environment(settings)  # before the technique's modules import silx and pyFAI
+        model = parameters_from(technique, values, SOURCE)
+        with _script_not_rerun(), _prefect_logs_kept_to_prefect():
+            summary = run_technique(
+                technique, str(raw), model, scans, where, settings, export_to=export_to
+            )
     record = _open_catalogue(settings).get(summary["catalogue_id"])
     return from_record(record, summary)
 

@@ -5,21 +5,68 @@ Defaults only (``os.environ.setdefault``): anything a user sets wins.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
+import secrets
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from importlib.util import find_spec
+from pathlib import Path
 
 from calypso.errors import ConfigurationError
+from calypso.private_files import create_private_file, read_private_file
 from calypso.settings import CalypsoSettings
+
+AUTH = "PREFECT_API_AUTH_STRING"  # what Prefect's clients send (HTTP basic)
+SERVER_AUTH = "PREFECT_SERVER_API_AUTH_STRING"  # what Prefect's server requires
+
+
+def prefect_auth_path(settings: CalypsoSettings) -> Path:
+    """The secret of the Prefect server ``calypso server`` starts (0600, in Calypso's home)."""
+    return settings.home / "prefect-auth"
+
+
+def prefect_auth_string(settings: CalypsoSettings) -> str:
+    """The server's secret (``user:password``, as Prefect's UI asks for it), made on first
+    use. Never printed: whoever needs it reads the file."""
+    path = prefect_auth_path(settings)
+    if not path.exists():
+        create_private_file(path, f"calypso:{secrets.token_urlsafe(32)}\n".encode())
+    secret = read_private_file(path).decode().strip()
+    if ":" not in secret:
+        raise ConfigurationError(f"{path} does not hold user:password: delete it to make one")
+    hide_prefect_secret(secret)
+    return secret
+
+
+def hide_prefect_secret(secret: str) -> None:
+    """Keep the secret out of this process's logs, errors and tracebacks (docs/security.md,
+    "Secrets"): as written, its password alone, and as the Authorization header has it."""
+    from calypso.registry.access.secrets import remember
+
+    remember(secret, secret.split(":", 1)[-1], base64.b64encode(secret.encode()).decode())
+
+
+def prefect_auth_headers() -> dict[str, str]:
+    """The header Prefect's own clients send, for Calypso's plain HTTP requests to the API."""
+    secret = os.environ.get(AUTH)
+    if not secret:
+        return {}
+    return {"Authorization": "Basic " + base64.b64encode(secret.encode()).decode()}
 
 
 def prepare_environment(settings: CalypsoSettings, verbose: bool = False) -> None:
     """Quiet, offline-friendly defaults for Prefect and Dask in this process and its children."""
     if settings.prefect_api_url:
         os.environ["PREFECT_API_URL"] = settings.prefect_api_url
+    path = prefect_auth_path(settings)
+    if os.environ.get("PREFECT_API_URL") and AUTH not in os.environ and path.exists():
+        # The secret of the server `calypso server` started with this home; a variable
+        # set by the user (another server's secret) wins.
+        os.environ[AUTH] = prefect_auth_string(settings)
     defaults = {
         # No telemetry from a beamline machine (and no noise when offline).
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -47,19 +94,39 @@ def prepare_environment(settings: CalypsoSettings, verbose: bool = False) -> Non
         # The STOMP client logs every failed connection attempt; an unreachable
         # broker is reported once, as a warning about the outbox.
         logging.getLogger("stompest").setLevel(logging.CRITICAL)
+    # Kept chunk results past their age go (serve's start, every run): they are pickles
+    # naming the proposal's files, kept for retries only.
+    from calypso.tasks.result_storage import prune_results
+
+    prune_results()
 
 
 def check_prefect_api(timeout_s: float = 10.0) -> None:
-    """Fail early, with a message, when PREFECT_API_URL names a server that does not answer."""
+    """Fail early, with a message, when PREFECT_API_URL names a server that does not answer
+    or refuses this process's credentials (its health check answers anyone: ask more)."""
     url = os.environ.get("PREFECT_API_URL")
     if not url:
         return
-    health = url.rstrip("/") + "/health"
+    version = urllib.request.Request(url.rstrip("/") + "/admin/version")
+    for name, value in prefect_auth_headers().items():
+        version.add_unredirected_header(name, value)
     try:
-        with urllib.request.urlopen(health, timeout=timeout_s) as response:
+        with urllib.request.urlopen(version, timeout=timeout_s) as response:
             if response.status == 200:
                 return
             problem = f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise ConfigurationError(
+                f"the Prefect API at {url} refused this process's credentials (HTTP 401): "
+                + (
+                    f"{AUTH} is not the server's secret"
+                    if AUTH in os.environ
+                    else f"set {AUTH}, or run Calypso with the home of the `calypso server` "
+                    "that started it (it reads <home>/prefect-auth)"
+                )
+            ) from None
+        problem = f"HTTP {exc.code}"
     except (OSError, ValueError) as exc:
         problem = str(getattr(exc, "reason", exc))
     raise ConfigurationError(
@@ -82,20 +149,41 @@ def prefect_api() -> Iterator[str]:
         yield url
         return
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_AUTH_STRING,
+        PREFECT_API_URL,
+        PREFECT_SERVER_API_AUTH_STRING,
+        temporary_settings,
+    )
 
+    # Closed too, with a secret of its own that lives as long as it: it listens on a
+    # loopback port that other accounts of the machine could reach.
+    secret = f"calypso:{secrets.token_urlsafe(32)}"
+    hide_prefect_secret(secret)
+    saved = {name: os.environ.get(name) for name in (AUTH, SERVER_AUTH)}
+    os.environ.update({AUTH: secret, SERVER_AUTH: secret})
     server = SubprocessASGIServer()
-    # A first start creates and migrates the SQLite database: allow more than
-    # Prefect's default 20 s on a busy two-core machine.
-    server.start(timeout=120)
-    os.environ["PREFECT_API_URL"] = server.api_url
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield server.api_url
+        with temporary_settings(
+            updates={PREFECT_API_AUTH_STRING: secret, PREFECT_SERVER_API_AUTH_STRING: secret}
+        ):
+            # A first start creates and migrates the SQLite database: allow more than
+            # Prefect's default 20 s on a busy two-core machine.
+            server.start(timeout=120)
+            os.environ["PREFECT_API_URL"] = server.api_url
+            try:
+                with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+                    yield server.api_url
+            finally:
+                drain_prefect_queues()
+                del os.environ["PREFECT_API_URL"]
+                server.stop()
     finally:
-        drain_prefect_queues()
-        del os.environ["PREFECT_API_URL"]
-        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def drain_prefect_queues() -> None:

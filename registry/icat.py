@@ -12,6 +12,9 @@ message id (``calypso_message_id``, the same on every attempt) and a STOMP
 An entry is leased to one sender at a time (:meth:`SQLiteCatalogue.claim`);
 a sender that dies leaves a lease that runs out, and the entry is sent again,
 with the same message id, so an ingester can drop the copy.
+
+The proposal's e-logbook (ICAT+) gets each finished run's summary through the same
+outbox (:mod:`calypso.registry.elogbook`), delivered by the same flushes.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 import calypso
 from calypso.errors import CatalogueError, ConfigurationError
+from calypso.registry import elogbook
 from calypso.registry.catalogue import (
     ExportRecord,
     OutboxEntry,
@@ -45,15 +50,21 @@ MESSAGE_ID_HEADER = "calypso_message_id"
 # A sender holds an entry for the wait for its receipt (``timeout_s``) and this margin for
 # the SQLite writes around it; the lease is renewed just before sending.
 LEASE_MARGIN_S = 10.0
+# What goes over STOMP: registrations, then notes (sent after them, so ICAT knows the
+# dataset); and everything a flush delivers, e-logbook posts (over ICAT+) last.
+BROKER_DESTINATIONS = (DESTINATION, METADATA_DESTINATION)
+ALL_DESTINATIONS = (*BROKER_DESTINATIONS, elogbook.DESTINATION)
 
 
 @dataclass
 class FlushReport:
-    """What one delivery round did."""
+    """What one delivery round did: records whose registration or note was delivered,
+    records whose e-logbook post was posted, records with something still owed."""
 
     delivered: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)
     error: str | None = None
+    posted: list[int] = field(default_factory=list)
 
 
 def icat_payload(record: ProcessedDataset, settings: IcatSettings) -> dict[str, Any]:
@@ -135,7 +146,7 @@ class IcatCatalogue:
             record_id = self.local.register(record)
             sent = payload is not None and self.local.enqueue(record_id, DESTINATION, payload)
         if sent:
-            report = self.flush()
+            report = self.flush(destinations=BROKER_DESTINATIONS)
             if record_id in report.pending:
                 self.last_warning = (
                     f"ICAT registration of {record.processed_path} is waiting in the outbox "
@@ -182,7 +193,7 @@ class IcatCatalogue:
         if not (record.proposal and record.beamline):
             return f"{record.processed_path} has no proposal or beamline: ICAT not told"
         if self.local.enqueue(record_id, METADATA_DESTINATION, payload, key=key):
-            report = self.flush()
+            report = self.flush(destinations=BROKER_DESTINATIONS)
             if report.error:
                 return (
                     f"ICAT note {name} of {record.processed_path} is waiting in the outbox "
@@ -190,23 +201,76 @@ class IcatCatalogue:
                 )
         return None
 
-    def flush(self, release_stale: bool = False) -> FlushReport:
-        """Deliver what is owed, registrations then notes, oldest first, until one fails.
+    def post(
+        self,
+        record_id: int,
+        summary: dict[str, Any] | None = None,
+        figures: Iterable[tuple[str, Any]] = (),
+    ) -> str | None:
+        """Owe the proposal's e-logbook the posts of a finished run (its record completed
+        or failed; ``summary`` and ``figures``, what the run reports), and try to post
+        them now; a warning when they are left waiting in the outbox."""
+        if not elogbook.enabled(self.settings):
+            return None
+        record = self.local.get(record_id)
+        portal = self.settings.portal_url or _prefect_ui_url()
+        run_url = (
+            f"{portal.rstrip('/')}/runs/flow-run/{record.flow_run_id}"
+            if portal and record.flow_run_id
+            else None
+        )
+        owed = False
+        for kind, payload in elogbook.run_posts(record, summary, figures, run_url):
+            # One post of each kind per record and outcome: a retry posts nothing again.
+            key = f"{elogbook.DESTINATION}:{record_id}:{record.status}:{kind}"
+            owed |= self.local.enqueue(record_id, elogbook.DESTINATION, payload, key=key)
+        if not owed:
+            return None
+        report = self.flush(destinations=(elogbook.DESTINATION,))
+        if record_id in report.pending:
+            return (
+                f"e-logbook post of {record.processed_path} is waiting in the outbox "
+                f"({report.error}); deliver it with `calypso catalogue flush`"
+            )
+        return None
+
+    def flush(
+        self, release_stale: bool = False, destinations: Iterable[str] = ALL_DESTINATIONS
+    ) -> FlushReport:
+        """Deliver what is owed to ``destinations``: registrations then notes, oldest
+        first, until one fails; then e-logbook posts (:func:`elogbook.deliver`), whatever
+        the broker did.
 
         Each entry is leased to this call, sent once its lease is renewed, and marked
         delivered on the broker's receipt; a refusal, a disconnection or no receipt within
         ``timeout_s`` leaves it pending for a later flush. ``release_stale`` shows entries
         whose sender died (lease run out) as pending again; a live sender's are left alone.
         """
+        destinations = tuple(destinations)
         if release_stale:
-            self.local.release_stale(DESTINATION)
-            self.local.release_stale(METADATA_DESTINATION)
+            for destination in destinations:
+                self.local.release_stale(destination)
         report = FlushReport()
         owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        broker = [d for d in BROKER_DESTINATIONS if d in destinations]
+        if broker:
+            self._send(broker, owner, report)
+        if elogbook.DESTINATION in destinations:
+            report.posted, error = elogbook.deliver(self.local, self.settings, owner, self.lease_s)
+            if error:
+                error = f"e-logbook: {error}"
+                report.error = f"{report.error}; {error}" if report.error else error
+        report.pending = [
+            e.record_id for e in self.local.outbox("owed") if e.destination in destinations
+        ]
+        return report
+
+    def _send(self, destinations: list[str], owner: str, report: FlushReport) -> None:
+        """Send what is owed to the broker, oldest first, until one fails."""
         messages: _Messages | None = None
         sender: _ConfirmedSender | None = None
         try:
-            for destination in (DESTINATION, METADATA_DESTINATION):
+            for destination in destinations:
                 while report.error is None and (
                     entry := self.local.claim(destination, owner, self.lease_s)
                 ):
@@ -233,8 +297,6 @@ class IcatCatalogue:
         finally:
             if sender is not None:
                 sender.close()
-        report.pending = [e.record_id for e in self.local.outbox("owed")]
-        return report
 
     def check(self) -> list[tuple[str, bool, str]]:
         """Whether the broker answers, the ingester consumes its queue, and ICAT+ answers."""

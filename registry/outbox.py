@@ -1,5 +1,6 @@
-"""The outbox: what Calypso owes an external catalogue (ICAT), kept in the catalogue's file
-until the receiver confirms it (see :mod:`calypso.registry.icat`)."""
+"""The outbox: what Calypso owes an external catalogue (ICAT, its e-logbook), kept in the
+catalogue's file until the receiver confirms it (see :mod:`calypso.registry.icat` and
+:mod:`calypso.registry.elogbook`)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,17 @@ def owe(
         ),
     )
     return cursor.rowcount == 1
+
+
+def replace_payload(
+    db: sqlite3.Connection, entry_id: int, payload: dict[str, Any], state: str
+) -> None:
+    """Replace the payload of an entry in ``state`` (a delivered post's image bytes go:
+    the catalogue need not keep what the receiver has)."""
+    db.execute(
+        "UPDATE outbox SET payload = ? WHERE id = ? AND state = ?",
+        (json.dumps(payload, default=str), entry_id, state),
+    )
 
 
 def message_id() -> str:

@@ -2,14 +2,17 @@
 whatever listeners the CLI installed (a terminal bar); results of submitted tasks
 collected as they finish.
 
-The listeners are a process-wide list, not a context variable: Prefect runs the
+The listeners belong to a thread, not to a context variable: Prefect runs the
 flow function in a context of its own, where the CLI's context variables are
-not set.
+not set, but in the thread that called the flow. Keyed by thread, flow runs that
+``calypso serve`` runs side by side for several commands each report to their
+own command.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -19,18 +22,21 @@ from prefect.futures import PrefectFuture, as_completed
 
 Listener = Callable[[int, int], None]
 Result = TypeVar("Result")
-_listeners: list[Listener] = []
+_listeners: dict[int, list[Listener]] = {}
 logger = logging.getLogger(__name__)
 
 
 @contextmanager
 def listening(listener: Listener) -> Iterator[None]:
     """Send progress reports of flows run inside this block to ``listener(done, total)``."""
-    _listeners.append(listener)
+    here = _listeners.setdefault(threading.get_ident(), [])
+    here.append(listener)
     try:
         yield
     finally:
-        _listeners.remove(listener)
+        here.remove(listener)
+        if not here:
+            _listeners.pop(threading.get_ident(), None)
 
 
 class RunProgress:
@@ -39,7 +45,9 @@ class RunProgress:
     def __init__(self, total: int, description: str, notify: bool = True) -> None:
         self.total = max(total, 1)
         self.done = 0
-        self._notifying = notify
+        # The listeners of the thread running the flow, even when work is reported later
+        # from another thread.
+        self._listeners = _listeners.get(threading.get_ident(), []) if notify else []
         self._artifact: Any = None
         try:
             self._artifact = create_progress_artifact(
@@ -59,7 +67,7 @@ class RunProgress:
         self._notify()
 
     def _notify(self) -> None:
-        for listener in list(_listeners) if self._notifying else []:
+        for listener in list(self._listeners):
             listener(self.done, self.total)
 
 

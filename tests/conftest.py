@@ -2,7 +2,8 @@
 
 A Prefect server (the one ``calypso server`` starts) runs for the whole test
 session on a free loopback port, with its own SQLite database; tests and the
-CLI processes they start talk to it through PREFECT_API_URL. It is started in
+CLI processes they start talk to it through PREFECT_API_URL, with the secret it asks
+for in PREFECT_API_AUTH_STRING. It is started in
 ``pytest_configure`` so the variable is set before any test module imports
 Prefect.
 """
@@ -78,6 +79,12 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     wait_for_http(f"http://127.0.0.1:{port}/api/health", timeout=120, process=_server)
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    # Its API asks for the secret `calypso server` keeps in Calypso's home: the tests and
+    # the commands they start (some with homes of their own) present it.
+    from calypso.flows.runtime import prefect_auth_string
+    from calypso.settings import load_settings
+
+    os.environ["PREFECT_API_AUTH_STRING"] = prefect_auth_string(load_settings())
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -178,6 +185,65 @@ def chromium(tmp_path_factory):
         )
         return result.stdout
 
+    def sign_in(ui: str, secret: str) -> None:
+        """Sign the profile in to a Prefect UI that asks for ``secret``, as its login form
+        does: the secret, base64-encoded, in the origin's localStorage (set through the
+        DevTools protocol, then kept by the profile for the later pages)."""
+        import base64
+        import json
+
+        from websockets.sync.client import connect
+
+        active = profile / "DevToolsActivePort"
+        active.unlink(missing_ok=True)
+        flags = [f for f in CHROMIUM_FLAGS if not f.startswith("--virtual-time-budget")]
+        browser = subprocess.Popen(
+            [binary, *flags, f"--user-data-dir={profile}", "--remote-debugging-port=0", ui],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not active.is_file() or not active.read_text().strip():
+                assert time.monotonic() < deadline, "Chromium's DevTools did not start"
+                time.sleep(0.2)
+            port, browser_path = active.read_text().split()[:2]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list") as response:
+                [page] = [t for t in json.load(response) if t["type"] == "page"]
+            token = base64.b64encode(secret.encode()).decode()
+            with connect(page["webSocketDebuggerUrl"], max_size=None) as page_socket:
+                for attempt in range(100):  # until the UI's page (its origin) has loaded
+                    page_socket.send(
+                        json.dumps(
+                            {
+                                "id": attempt,
+                                "method": "Runtime.evaluate",
+                                "params": {
+                                    "expression": f"location.origin === {json.dumps(ui)} && "
+                                    f"(localStorage.setItem('prefect-password', '{token}'), "
+                                    "true)",
+                                    "returnByValue": True,
+                                },
+                            }
+                        )
+                    )
+                    while (answer := json.loads(page_socket.recv())).get("id") != attempt:
+                        pass
+                    if answer.get("result", {}).get("result", {}).get("value") is True:
+                        break
+                    time.sleep(0.2)
+                else:
+                    raise AssertionError(f"Chromium never showed {ui}")
+            # A clean close writes the profile's localStorage to disk.
+            with connect(f"ws://127.0.0.1:{port}{browser_path}") as browser_socket:
+                browser_socket.send(json.dumps({"id": 1, "method": "Browser.close"}))
+            browser.wait(timeout=30)
+        finally:
+            if browser.poll() is None:
+                browser.kill()
+                browser.wait()
+
+    run.sign_in = sign_in  # type: ignore[attr-defined]
     return run
 
 
@@ -188,3 +254,26 @@ def test_artifacts() -> Path:
     folder = Path(os.environ.get("CALYPSO_TEST_ARTIFACTS", REPO / "test-artifacts"))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+@pytest.fixture(scope="session")
+def scheduler() -> Iterator[str]:
+    """One small Dask cluster (one worker, every technique's code preloaded) for the
+    session's in-process runs: a run that would boot a cluster of its own pays seconds."""
+    from calypso.executors.dask import local_cluster_options, start_local_cluster
+    from calypso.flows.techniques import TECHNIQUES
+    from calypso.settings import load_settings
+
+    preload = [technique.preload for technique in TECHNIQUES.values()]
+    executor = load_settings(executor={"n_workers": 1, "preload": preload}).executor
+    cluster = start_local_cluster(**local_cluster_options(executor))
+    yield cluster.scheduler_address
+    cluster.close()
+
+
+@pytest.fixture
+def on_shared_cluster(scheduler: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs this test starts in this process (the CLI's too) use the session's cluster."""
+    monkeypatch.setenv("CALYPSO_EXECUTOR__KIND", "address")
+    monkeypatch.setenv("CALYPSO_EXECUTOR__ADDRESS", scheduler)
+    return scheduler

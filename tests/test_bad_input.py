@@ -413,7 +413,9 @@ def test_a_disk_that_fills_during_the_nexus_write(tmp_path):
     )
 
 
-def test_a_file_size_limit_met_by_calypso_run(diffraction_sample, tmp_path, catalogue_path):
+def test_a_file_size_limit_met_by_calypso_run(
+    diffraction_sample, tmp_path, catalogue_path, scheduler
+):
     """``calypso run`` whose NeXus file outgrows the process's file size limit (EFBIG, as a
     full disk): the part files fit, the NeXus file does not."""
     raw, calibration = diffraction_sample.raw_dataset_dir, diffraction_sample.calibration
@@ -428,7 +430,7 @@ def test_a_file_size_limit_met_by_calypso_run(diffraction_sample, tmp_path, cata
         [
             *(sys.executable, "-m", "calypso.flows.cli", "run", "diffraction", str(raw)),
             *("--set", f"poni={calibration['poni']}", "--set", f"mask={calibration['mask']}"),
-            *("--set", "npt=20000", "--set", "chunk_size=4", "--workers", "1"),
+            *("--set", "npt=20000", "--set", "chunk_size=4"),
             *("--output", str(output)),
         ],
         capture_output=True,
@@ -438,6 +440,10 @@ def test_a_file_size_limit_met_by_calypso_run(diffraction_sample, tmp_path, cata
         env={
             **os.environ,
             "CALYPSO_CATALOGUE__PATH": str(catalogue_path),
+            # the part files are written by the session's worker (no limit), the NeXus
+            # file by the command (limited)
+            "CALYPSO_EXECUTOR__KIND": "address",
+            "CALYPSO_EXECUTOR__ADDRESS": scheduler,
             "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",  # the CLI's own default
         },
     )

@@ -131,7 +131,7 @@ def test_image_outside_the_policy_needs_an_output(test_data, tmp_path, capsys):
 
 
 def test_failure_inside_the_flow_leaves_nothing_that_looks_complete(
-    dataset, options, catalogue_path, capsys
+    dataset, options, catalogue_path, capsys, on_shared_cluster
 ):
     with h5py.File(dataset / f"{dataset.name}.h5", "a") as h5:
         h5["1.1/instrument/mon/data"][7] = 0.0  # a beam loss: cannot normalise frame 7
@@ -145,8 +145,6 @@ def test_failure_inside_the_flow_leaves_nothing_that_looks_complete(
         "monitor=mon",
         "--set",
         "chunk_size=4",
-        "--workers",
-        "1",
     )
     assert status == 2
     assert "monitor 'mon' is 0.0 at frame 3" in err

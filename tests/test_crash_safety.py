@@ -202,20 +202,6 @@ def test_a_claimed_announcement_is_posted_by_the_next_watcher(tmp_path):
 # -- publishing with the record, versions (in-process runs on a shared cluster) -------------
 
 
-@pytest.fixture(scope="module")
-def scheduler():
-    """One small Dask cluster for this module's in-process runs (no cluster boot a run)."""
-    from calypso.executors.dask import local_cluster_options, start_local_cluster
-    from calypso.settings import load_settings
-
-    executor = load_settings(
-        executor={"n_workers": 1, "preload": ["calypso.tasks.diffraction"]}
-    ).executor
-    cluster = start_local_cluster(**local_cluster_options(executor))
-    yield cluster.scheduler_address
-    cluster.close()
-
-
 @pytest.fixture
 def sample(tmp_path):
     from calypso.flows.samples.diffraction import write_diffraction_sample

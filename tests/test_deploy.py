@@ -53,7 +53,7 @@ def test_compose_pilot_wires_server_database_serve_watch_and_dask():
     serve = services["calypso-serve"]
     assert serve["command"] == ["serve"]
     assert serve["environment"]["CALYPSO_EXECUTOR__KIND"] == "address"
-    assert serve["environment"]["CALYPSO_EXECUTOR__ADDRESS"] == "tcp://dask-scheduler:8786"
+    assert serve["environment"]["CALYPSO_EXECUTOR__ADDRESS"] == "tls://dask-scheduler:8786"
     watch = services["calypso-watch"]
     assert watch["command"][0] == "watch" and any(v.endswith(":ro") for v in watch["volumes"])
     preloads = {a.split("=", 1)[1] for a in services["dask-worker"]["entrypoint"] if "preload" in a}
@@ -90,9 +90,10 @@ def test_cloud_init_is_cloud_config_without_credentials():
     config = yaml.safe_load(text)
     assert "docker.io" in config["packages"]
     command = " ".join(str(c) for c in config["runcmd"])
-    assert "worker tcp://" in command
+    assert "worker tls://" in command and "--tls-key=/etc/calypso/dask.pem" in command
     assert all(f"--preload={t.task_module}" in command for t in TECHNIQUES.values())
     assert not re.search(r"secret|password|AWS_|credential_id", command, re.I)
+    assert "PRIVATE KEY" not in text
 
 
 @pytest.mark.parametrize("script", ["slurm/single-node.sh"])

@@ -15,6 +15,7 @@ from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 from scipy.signal import find_peaks
 
 from calypso.flows.api import run_technique
+from calypso.flows.runtime import prefect_auth_headers
 from calypso.registry import SQLiteCatalogue
 from calypso.settings import load_settings
 from calypso.tasks.plans.diffraction import load_geometry
@@ -183,13 +184,14 @@ def test_runs_are_catalogued(runs, diffraction_sample):
 def test_runs_are_recorded_by_the_prefect_server(runs):
     api = os.environ["PREFECT_API_URL"]
     run_id = runs["small_chunks"]["flow_run_id"]
-    with urllib.request.urlopen(f"{api}/flow_runs/{run_id}") as response:
+    request = urllib.request.Request(f"{api}/flow_runs/{run_id}", headers=prefect_auth_headers())
+    with urllib.request.urlopen(request) as response:
         flow_run = json.load(response)
     assert flow_run["state"]["type"] == "COMPLETED"
     request = urllib.request.Request(
         f"{api}/task_runs/filter",
         data=json.dumps({"flow_runs": {"id": {"any_": [run_id]}}}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **prefect_auth_headers()},
     )
     with urllib.request.urlopen(request) as response:
         names = sorted(t["task_key"].split("-")[0] for t in json.load(response))
@@ -198,7 +200,7 @@ def test_runs_are_recorded_by_the_prefect_server(runs):
     request = urllib.request.Request(
         f"{api}/artifacts/filter",
         data=json.dumps({"artifacts": {"flow_run_id": {"any_": [run_id]}}}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **prefect_auth_headers()},
     )
     with urllib.request.urlopen(request) as response:
         artifacts = json.load(response)

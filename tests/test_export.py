@@ -280,7 +280,7 @@ def test_export_to_a_folder_resumes_by_checksum(tmp_path, catalogue_path):
 
 
 def test_a_flow_run_exports_its_results_with_export_to(
-    s3_env, diffraction_sample, monkeypatch, capsys
+    s3_env, diffraction_sample, monkeypatch, capsys, scheduler
 ):
     from calypso.flows.api import run_technique
     from calypso.techniques.diffraction import DiffractionParameters
@@ -291,7 +291,7 @@ def test_a_flow_run_exports_its_results_with_export_to(
         mask=str(diffraction_sample.calibration["mask"]),
         npt=200,
     )
-    settings = load_settings(executor={"kind": "local", "n_workers": 1})
+    settings = load_settings(executor={"kind": "address", "address": scheduler})
     summary = run_technique(
         "diffraction",
         str(diffraction_sample.raw_dataset_dir),

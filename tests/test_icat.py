@@ -1,4 +1,5 @@
-"""ICAT registration against the real test servers shipped with pyicat-plus[test].
+"""ICAT registration against the real test servers shipped with pyicat-plus[test]
+(tests/icat_servers.py).
 
 The STOMP broker (coilmq), the ICAT ingester emulator and the ICAT+ REST
 emulator run as processes on loopback; the broker is stopped and started on
@@ -10,7 +11,6 @@ holding back the broker's receipts stands for a broker slow to confirm.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import queue
@@ -21,150 +21,20 @@ import sys
 import threading
 import time
 from contextlib import suppress
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("pyicat_plus_pytest_plugin")
 
-from pyicat_plus.client import defaults
-from pyicat_plus.client.main import IcatClient
-from pyicat_plus_pytest_plugin import _mock_backend, proc, tcp
-
 from calypso.flows.api import run_technique
 from calypso.flows.cli import main
 from calypso.registry import ProcessedDataset, SQLiteCatalogue
-from calypso.registry.icat import DESTINATION, MESSAGE_ID_HEADER, IcatCatalogue, icat_payload
+from calypso.registry.icat import DESTINATION, IcatCatalogue, icat_payload
 from calypso.settings import IcatSettings, load_settings
 from calypso.techniques.diffraction import DiffractionParameters
+from tests.icat_servers import IcatServers, running_icat, use_icat, wait_for
 
 pytestmark = pytest.mark.slow
-QUEUE = "/queue/icatIngest"
-UPDATE_QUEUE = "/queue/icatUpdateDatasetMetadata"
-INGESTER = Path(__file__).with_name("icat_ingester.py")
-
-
-def start_ingester(broker_port: int, port_out: int, queue: str, data_dir: Path):
-    """The plugin's ingester, recognising message ids it already took."""
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-u",
-            str(INGESTER),
-            f"--port={broker_port}",
-            f"--port_out={port_out}",
-            f"--queue={queue}",
-            f"--icat_data_dir={data_dir}",
-            f"--id-header={MESSAGE_ID_HEADER}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def start_server(port: int, module: str, *arguments: str):
-    """One of the plugin's servers, waited for 60 s (the plugin waits 5: too short when the
-    machine is busy); stopped if it does not open its port."""
-    server = _mock_backend.spawn_server(module, *arguments, quiet=True)
-    try:
-        tcp.wait_tcp_online("localhost", port, timeout=60)
-    except BaseException:
-        proc.wait_terminate(server)
-        raise
-    return server
-
-
-class IcatServers:
-    """Broker, ingester, ICAT+ and queue monitor; the broker can be stopped and restarted."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.broker_port = tcp.get_open_port()
-        self.monitor_port = tcp.get_open_port()
-        self.icatplus_port = tcp.get_open_port()
-        self._sinks = []
-        self.broker = self.ingester = self.updater = self.icatplus = self.monitor = None
-        try:  # a server that does not start: stop the others (their sinks wait for them)
-            port = self.monitor_port
-            self.monitor = start_server(port, "activemq_rest_server", f"--port={port}")
-            self.start_broker()
-            sink = tcp.tcp_message_server("json", validate_all=False)
-            port, _ = sink.__enter__()
-            self._sinks.append(sink)
-            self.icatplus = start_server(
-                self.icatplus_port,
-                "icatplus_server",
-                f"--port={self.icatplus_port}",
-                f"--port_out={port}",
-                f"--icat_data_dir={data_dir}",
-            )
-        except BaseException:
-            self.close()
-            raise
-
-    def start_broker(self) -> None:
-        port = self.broker_port
-        self.broker = start_server(port, "coilmq", "-b", "127.0.0.1", "-p", str(port))
-        sink = tcp.tcp_message_server(validate_all=False)
-        port, messages = sink.__enter__()
-        self._sinks.append(sink)
-        self.ingester = start_ingester(self.broker_port, port, QUEUE, self.data_dir)
-        assert messages.get(timeout=60) == "LISTENING"  # imports take long on a busy machine
-        # Metadata updates of registered datasets (e.g. where they were exported).
-        sink = tcp.tcp_message_server(validate_all=False)
-        port, self.updates = sink.__enter__()
-        self._sinks.append(sink)
-        self.updater = start_ingester(self.broker_port, port, UPDATE_QUEUE, self.data_dir)
-        assert self.updates.get(timeout=60) == "LISTENING"
-
-    def stop_broker(self) -> None:
-        proc.wait_terminate(self.ingester)
-        proc.wait_terminate(self.updater)
-        self.broker.kill()
-        self.broker.wait()
-
-    def close(self) -> None:
-        for process in (self.ingester, self.updater, self.broker, self.icatplus, self.monitor):
-            if process is not None and process.poll() is None:
-                proc.wait_terminate(process)
-        for sink in self._sinks:
-            sink.__exit__(None, None, None)
-
-    def settings(self, **changes) -> IcatSettings:
-        values = {
-            "metadata_urls": [f"localhost:{self.broker_port}"],
-            "queue_monitor_port": self.monitor_port,
-            "icatplus_url": f"http://localhost:{self.icatplus_port}",
-            "icatplus_token": defaults.ELOGBOOK_TOKEN,
-            "timeout_s": 5,
-        }
-        return IcatSettings(**{**values, **changes})
-
-    def client(self) -> IcatClient:
-        s = self.settings()
-        return IcatClient(
-            metadata_urls=s.metadata_urls,
-            elogbook_url=s.icatplus_url,
-            elogbook_token=defaults.ELOGBOOK_TOKEN,
-            metadata_queue_monitor_port=s.queue_monitor_port,
-        )
-
-    def datasets(self) -> list[dict]:
-        """What the ingester stored (its files may be mid-write: read again then)."""
-        for _ in range(50):
-            try:
-                found = []
-                for path in sorted(self.data_dir.glob("datasets*.json")):
-                    found += json.loads(path.read_text())
-                return found
-            except json.JSONDecodeError:
-                time.sleep(0.1)
-        raise AssertionError(f"the ingester's files in {self.data_dir} stay unreadable")
-
-    def duplicates(self) -> list[str]:
-        """Message ids the ingester received again and dropped."""
-        path = self.data_dir / "duplicates.txt"
-        return path.read_text().split() if path.exists() else []
 
 
 class SlowReceipts:
@@ -208,51 +78,29 @@ class SlowReceipts:
 
 @pytest.fixture(scope="module")
 def icat(tmp_path_factory):
-    servers = IcatServers(tmp_path_factory.mktemp("icat"))
-    try:
-        client = servers.client()
-        start = datetime.datetime.now().astimezone() - datetime.timedelta(days=1)
-        for proposal in ("ih0001", "ih0002"):
-            client.start_investigation(beamline="id00", proposal=proposal, start_datetime=start)
-        client.disconnect()
+    with running_icat(tmp_path_factory.mktemp("icat")) as servers:
         yield servers
-    finally:
-        servers.close()
 
 
 @pytest.fixture
 def icat_env(icat, monkeypatch, tmp_path):
-    settings = icat.settings()
-    monkeypatch.setenv("CALYPSO_CATALOGUE__BACKEND", "icat")
-    monkeypatch.setenv("CALYPSO_CATALOGUE__PATH", str(tmp_path / "catalogue.sqlite"))
-    monkeypatch.setenv("CALYPSO_CATALOGUE__ICAT__METADATA_URLS", json.dumps(settings.metadata_urls))
-    monkeypatch.setenv("CALYPSO_CATALOGUE__ICAT__QUEUE_MONITOR_PORT", str(icat.monitor_port))
-    monkeypatch.setenv("CALYPSO_CATALOGUE__ICAT__ICATPLUS_URL", settings.icatplus_url)
-    monkeypatch.setenv("CALYPSO_CATALOGUE__ICAT__ICATPLUS_TOKEN", defaults.ELOGBOOK_TOKEN)
-    return tmp_path / "catalogue.sqlite"
+    return use_icat(icat, monkeypatch, tmp_path / "catalogue.sqlite")
 
 
-def reduce(sample, output=None):
+def reduce(sample, scheduler: str, output=None):
     parameters = DiffractionParameters(
         poni=str(sample.calibration["poni"]), mask=str(sample.calibration["mask"]), npt=200
     )
-    settings = load_settings(executor={"kind": "local", "n_workers": 1})
+    settings = load_settings(executor={"kind": "address", "address": scheduler})
     return run_technique(
         "diffraction", str(sample.raw_dataset_dir), parameters, None, output, settings
     )
 
 
-def wait_for(condition, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return False
-
-
-def test_flow_run_registers_the_processed_dataset_in_icat(icat, icat_env, diffraction_sample):
-    summary = reduce(diffraction_sample)
+def test_flow_run_registers_the_processed_dataset_in_icat(
+    icat, icat_env, diffraction_sample, scheduler
+):
+    summary = reduce(diffraction_sample, scheduler)
     assert summary["warnings"] == []
     processed = summary["processed_dataset_dir"]
     assert wait_for(lambda: any(d["location"] == processed for d in icat.datasets()))
@@ -270,14 +118,21 @@ def test_flow_run_registers_the_processed_dataset_in_icat(icat, icat_env, diffra
     record = SQLiteCatalogue(icat_env).get(summary["catalogue_id"])
     assert dataset["startDate"][:19] == record.started[:19].replace("+00:00", "")
     assert SQLiteCatalogue(icat_env).outbox("pending") == []
+    # ICAT+ answered: the run's e-logbook posts went at its end, at the first attempt
+    # (what they hold, and when ICAT+ does not answer: tests/test_elogbook.py).
+    posts = [e for e in SQLiteCatalogue(icat_env).outbox() if e.destination == "icat-elogbook"]
+    assert [(e.payload["kind"], e.state, e.attempts) for e in posts] == [
+        ("message", "delivered", 1),
+        ("image", "delivered", 1),
+    ]
 
 
 def test_broker_down_the_run_succeeds_and_flush_delivers_once(
-    icat, icat_env, diffraction_sample, tmp_path, capsys
+    icat, icat_env, diffraction_sample, tmp_path, capsys, scheduler
 ):
     icat.stop_broker()
     try:
-        summary = reduce(diffraction_sample, output=None)
+        summary = reduce(diffraction_sample, scheduler)
     finally:
         icat.start_broker()
     [warning] = summary["warnings"]
@@ -298,8 +153,10 @@ def test_broker_down_the_run_succeeds_and_flush_delivers_once(
     assert _count(icat, summary["flow_run_id"]) == 1
 
 
-def test_an_export_is_noted_on_the_icat_dataset(icat, icat_env, diffraction_sample, tmp_path):
-    summary = reduce(diffraction_sample)
+def test_an_export_is_noted_on_the_icat_dataset(
+    icat, icat_env, diffraction_sample, tmp_path, scheduler
+):
+    summary = reduce(diffraction_sample, scheduler)
     processed = summary["processed_dataset_dir"]
     target = tmp_path / "exported"
     for _ in range(2):  # the same export twice: ICAT is told once

@@ -72,6 +72,7 @@ def test_a_flow_run_is_recorded_by_a_prefect_server_on_postgresql(
         CALYPSO_HOME=str(tmp_path / "calypso"),
     )
     env.pop("PREFECT_API_URL", None)
+    env.pop("PREFECT_API_AUTH_STRING", None)  # its server's secret is in its own home
     command = [sys.executable, "-m", "calypso.flows.cli"]
     server = subprocess.Popen(
         [*command, "server", "--port", str(api_port)],

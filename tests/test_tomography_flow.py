@@ -334,7 +334,7 @@ def test_rows_outside_the_detector_are_refused(small_nxtomo, tmp_path, capsys, c
     assert not (tmp_path / "out").exists()
 
 
-def test_a_corrupt_raw_file_fails_the_run_cleanly(tmp_path, capsys, catalogue):
+def test_a_corrupt_raw_file_fails_the_run_cleanly(tmp_path, capsys, catalogue, on_shared_cluster):
     """A Lima file that is corrupt (not missing) passes the checks and fails mid-run."""
     sample = write_tomography_sample(tmp_path / "visitor", rows=8, columns=64, projections=90)
     lima = sample.raw_dataset_dir / "scan0003" / "pco_0000.h5"

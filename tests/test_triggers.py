@@ -242,6 +242,7 @@ def test_the_prefect_ui_shows_the_results_table_of_a_finished_run(
             )
         )
     ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
+    chromium.sign_in(ui, os.environ["PREFECT_API_AUTH_STRING"])  # the UI is closed too
     page = f"{ui}/artifacts/artifact/{table.id}"
     text = re.sub(r"<[^>]+>", " ", chromium(page, "--dump-dom"))
     assert "calypso-diffraction-results" in text and run.name in text

@@ -207,7 +207,7 @@ _WHERE_AND_WHEN = {
 
 
 def test_every_built_in_flow_exported_saved_and_run_gives_the_same_output(
-    tmp_path, capsys, user, diffraction_sample
+    tmp_path, capsys, user, diffraction_sample, on_shared_cluster
 ):
     from calypso.flows.samples.mx import write_mx_sample
     from calypso.flows.samples.spectroscopy import write_spectroscopy_sample
@@ -236,7 +236,7 @@ def test_every_built_in_flow_exported_saved_and_run_gives_the_same_output(
         ),
         "mx": (mx.raw_dataset_dir, {"mask": str(mx.mask)}),
     }
-    settings = load_settings(executor={"kind": "local", "n_workers": 1})
+    settings = load_settings()  # eight runs on one cluster
     for technique, (raw, parameters) in cases.items():
         base = Path(raw).parents[3]  # the session folder, inside the proposal
         built_in = run_technique(
@@ -271,7 +271,9 @@ def test_every_built_in_flow_exported_saved_and_run_gives_the_same_output(
     assert root.exists()
 
 
-def test_a_sweep_of_five_centres_on_three_slices_runs_in_parallel(tmp_path, capsys, user):
+def test_a_sweep_of_five_centres_on_three_slices_runs_in_parallel(
+    tmp_path, capsys, user, on_shared_cluster
+):
     from calypso.flows.samples.tomography import write_tomography_sample
 
     sample = write_tomography_sample(tmp_path / "visitor", rows=16, columns=96, projections=120)

@@ -168,7 +168,9 @@ def test_noise_that_decides_e0_is_flagged_not_guessed(test_data, tmp_path):
     assert disagreements >= 2  # the case is a real one
 
 
-def test_cli_reads_a_folder_of_beamline_files(beamlines, tmp_path, capsys, catalogue):
+def test_cli_reads_a_folder_of_beamline_files(
+    beamlines, tmp_path, capsys, catalogue, on_shared_cluster
+):
     """One CLI run over files of five families that need no option (merge and calibration off:
     they are different samples and edges)."""
     folder = tmp_path / "beamlines"
@@ -199,7 +201,9 @@ def test_cli_reads_a_folder_of_beamline_files(beamlines, tmp_path, capsys, catal
     assert summary["warnings"] == []
 
 
-def test_a_spectrum_too_noisy_to_decide_e0_says_so_in_the_summary(test_data, tmp_path, capsys):
+def test_a_spectrum_too_noisy_to_decide_e0_says_so_in_the_summary(
+    test_data, tmp_path, capsys, on_shared_cluster
+):
     """The doubt reaches the run's summary (the CLI's warnings, the UI's table), not only
     the log: a noisy copy of Fe metal whose E0 moves between the even and odd points."""
     table = np.loadtxt(test_data / "xas" / "fe_metal_rt.xdi", usecols=(0, 1))

@@ -17,6 +17,7 @@ from typing import NoReturn
 import calypso
 from calypso.errors import CalypsoError
 from calypso.flows.cli import (
+    automations,
     catalogue,
     cluster,
     export,
@@ -30,7 +31,8 @@ from calypso.flows.cli import (
 
 # In the order `calypso --help` lists the commands.
 COMMAND_GROUPS = (
-    *(run, export, parameters, sample_data, service, user_flows, cluster, catalogue, whoami),
+    *(run, export, parameters, sample_data, service, user_flows, cluster, catalogue),
+    *(automations, whoami),
 )
 
 

@@ -26,7 +26,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--pending", action="store_true", help="registrations waiting for delivery to ICAT"
     )
     listing.set_defaults(handler=command_catalogue_list)
-    flush = catalogue_commands.add_parser("flush", help="deliver pending ICAT registrations")
+    flush = catalogue_commands.add_parser(
+        "flush", help="deliver pending ICAT registrations and e-logbook posts"
+    )
     flush.set_defaults(handler=command_catalogue_flush)
     check = catalogue_commands.add_parser(
         "check", help="is the ICAT broker reachable, its queue consumed, ICAT+ up?"
@@ -74,6 +76,8 @@ def command_catalogue_flush(args: argparse.Namespace) -> int:
     print(
         f"delivered {len(report.delivered)} registration(s) to ICAT; {len(report.pending)} pending"
     )
+    if report.posted:
+        print(f"posted {len(report.posted)} message(s) and image(s) to the e-logbook")
     if report.error:
         print(f"calypso: error: delivery stopped: {report.error}", file=sys.stderr)
         return 5

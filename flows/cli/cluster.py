@@ -34,13 +34,15 @@ def command_cluster_up(args: argparse.Namespace) -> int:
 
 
 def command_cluster_status(args: argparse.Namespace) -> int:
-    from calypso.executors.openstack import running_cluster_address
-
-    address = running_cluster_address(load_settings())
     from distributed import Client
 
+    from calypso.executors.openstack import running_cluster_address, running_cluster_security
+
+    settings = load_settings()
+    address = running_cluster_address(settings)
+    security = running_cluster_security(settings) if settings.executor.tls else None
     try:
-        with Client(address, timeout=10) as client:
+        with Client(address, timeout=10, security=security) as client:
             workers = client.scheduler_info()["workers"]
     except OSError as exc:
         raise ConfigurationError(f"the cluster at {address} does not answer: {exc}") from None

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
-from calypso.flows.api import build_parameters, load_settings_with_workers, run_technique
+from calypso.flows.api import (
+    build_parameters,
+    load_settings_with_workers,
+    parameter_values,
+    run_technique,
+)
 from calypso.flows.cli.common import print_summary, technique_names
+from calypso.settings import CalypsoSettings
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -45,6 +52,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         metavar="URI",
         help="then export the results under this prefix (s3://bucket/prefix, a folder ...)",
     )
+    run.add_argument(
+        "--local",
+        action="store_true",
+        help="run in this command's own processes even when `calypso serve` is running",
+    )
     run.add_argument("--json", action="store_true", help="print a machine-readable summary")
     run.add_argument("-v", "--verbose", action="store_true", help="show Prefect and Dask logs")
     run.set_defaults(handler=command_run)
@@ -52,22 +64,40 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def command_run(args: argparse.Namespace) -> int:
     settings = load_settings_with_workers(args.workers)
-    # Imported here: Prefect's import is slow and `calypso --help` needs none of it.
-    from calypso.flows.runtime import prepare_environment
+    summary = None if args.local or args.workers else submitted(args, settings)
+    if summary is None:
+        # Imported here: Prefect's import is slow and `calypso --help` needs none of it.
+        from calypso.flows.runtime import prepare_environment
 
-    prepare_environment(settings, verbose=args.verbose)
-    parameters = build_parameters(args.technique, args.set, args.params)
-    summary = run_technique(
-        args.technique,
-        args.input,
-        parameters,
-        args.scans,
-        args.output,
-        settings,
-        export_to=args.export_to,
-    )
+        prepare_environment(settings, verbose=args.verbose)
+        parameters = build_parameters(args.technique, args.set, args.params)
+        summary = run_technique(
+            args.technique,
+            args.input,
+            parameters,
+            args.scans,
+            args.output,
+            settings,
+            export_to=args.export_to,
+        )
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print_summary(summary)
     return 0
+
+
+def submitted(args: argparse.Namespace, settings: CalypsoSettings) -> dict[str, Any] | None:
+    """The run done by the running service (``calypso serve``), or None when none runs."""
+    from calypso.flows.online.submissions import run_by_service
+
+    return run_by_service(
+        settings,
+        args.technique,
+        args.input,
+        lambda: parameter_values(args.technique, args.set, args.params),
+        args.scans,
+        args.output,
+        args.export_to,
+        f" in {args.params}" if args.params else "",
+    )

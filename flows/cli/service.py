@@ -18,6 +18,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     server = commands.add_parser("server", help="start a local Prefect server with its UI")
     server.add_argument("--host", help="address to listen on (default: settings, 127.0.0.1)")
     server.add_argument("--port", type=int, help="port (default: settings, 4200)")
+    server.add_argument(
+        "--init",
+        action="store_true",
+        help="only make the Prefect API's secret and Dask's certificate in Calypso's home, "
+        "then exit: for services that start separately (deploy/compose.yaml)",
+    )
     server.set_defaults(handler=command_server)
 
     serve = commands.add_parser(
@@ -52,10 +58,25 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def command_server(args: argparse.Namespace) -> int:
+    from calypso.executors.tls import certificate_path, ensure_certificate
+    from calypso.flows.runtime import AUTH, SERVER_AUTH, prefect_auth_path, prefect_auth_string
+
     settings = load_settings()
     host = args.host or settings.server.host
     port = args.port or settings.server.port
     env = dict(os.environ)
+    # The API and UI ask for this secret (HTTP basic): one the operator gives wins over
+    # the one Calypso keeps in its home (made on the first start).
+    secret = env.get(SERVER_AUTH) or prefect_auth_string(settings)
+    where = SERVER_AUTH if env.get(SERVER_AUTH) else prefect_auth_path(settings)
+    if args.init:
+        made = [f"Prefect API secret: {where}"]
+        if settings.executor.tls:
+            made.append(f"Dask certificate: {ensure_certificate(certificate_path(settings.home))}")
+        print("; ".join(made))
+        return 0
+    env[SERVER_AUTH] = secret
+    env[AUTH] = secret  # the server's own services call its API too
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.setdefault("PREFECT_UI_API_URL", f"http://{host}:{port}/api")
     # The `prefect` beside this interpreter: the one of Calypso's environment, even unactivated.
@@ -70,12 +91,30 @@ def command_server(args: argparse.Namespace) -> int:
         str(port),
     ]
     print(
-        f"Prefect server and UI on http://{host}:{port} (Ctrl-C stops it); point runs at it with\n"
-        f"  export PREFECT_API_URL=http://{host}:{port}/api",
+        f"Prefect server and UI on http://{host}:{port} (Ctrl-C stops it), closed: the UI and "
+        f"the API ask for the secret in {where}.\nCalypso's commands with this home send it; "
+        f"point them at the server with\n  export PREFECT_API_URL=http://{host}:{port}/api",
         flush=True,
     )
+    if not _loopback(host):
+        print(
+            f"Listening on {host}, beyond this machine: put a TLS reverse proxy in front, or the "
+            "secret crosses the network in clear (docs/security.md).",
+            flush=True,
+        )
     os.execvpe(command[0], command, env)
     return 0  # not reached
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def command_serve(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from typing import Any
 import calypso
 from calypso.errors import ConfigurationError
 from calypso.flows.online.acquisitions import EVENT
+from calypso.flows.online.submissions import stop_serving
 from calypso.flows.techniques import TECHNIQUES, Technique
 from calypso.registry.saved_flows import ANY_SAVED_FLOW, SavedFlow, SavedFlows
 from calypso.settings import CalypsoSettings
@@ -172,6 +173,21 @@ def start_shared_cluster(settings: CalypsoSettings):
     return cluster
 
 
+def start_submissions(settings: CalypsoSettings, cluster, techniques) -> Any:
+    """Take runs that commands submit (:mod:`calypso.flows.online.submissions`) on the
+    shared cluster, with the techniques' code imported now rather than by the first run."""
+    from calypso.flows.online.submissions import serve_submissions
+
+    for technique in techniques:
+        technique.flow(), technique.plan()
+    if cluster is not None:
+        executor = {"kind": "address", "address": cluster.scheduler_address}
+        settings = settings.model_copy(
+            update={"executor": settings.executor.model_copy(update=executor)}
+        )
+    return serve_submissions(settings)
+
+
 def start_icat_flushing(settings: CalypsoSettings, stop: threading.Event) -> None:
     """Retry pending ICAT registrations every ``serve.icat_flush_interval_s``."""
     if settings.catalogue.backend != "icat":
@@ -212,6 +228,7 @@ def serve(settings: CalypsoSettings, techniques: list[str] | None = None) -> Non
     cluster = start_shared_cluster(settings)
     stop = threading.Event()
     start_icat_flushing(settings, stop)
+    submissions = start_submissions(settings, cluster, chosen)
     try:
         deployments = [technique_deployment(technique, settings) for technique in chosen]
         deployments.append(saved_flow_deployment(settings))
@@ -225,6 +242,7 @@ def serve(settings: CalypsoSettings, techniques: list[str] | None = None) -> Non
         logger.info("interrupted: serve stops (its deployments stay, for the next serve)")
     finally:
         stop.set()
+        stop_serving(submissions, settings)
         if cluster is not None:
             cluster.close()
 

@@ -40,6 +40,7 @@ from calypso.flows.online.acquisitions import (
     finished_acquisitions,
     require_inside_roots,
 )
+from calypso.flows.runtime import prefect_auth_headers
 from calypso.flows.techniques import TECHNIQUES
 from calypso.registry.claims import Claim, processing_claim
 from calypso.registry.watch_state import WatchState
@@ -62,7 +63,7 @@ def flow_runs_with_key(
                 "limit": 200,
             }
         ).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **prefect_auth_headers()},
         method="POST",
     )
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -106,7 +107,7 @@ def post_event(api_url: str, event: dict, timeout_s: float = 10.0) -> None:
     request = urllib.request.Request(
         api_url.rstrip("/") + "/events",
         data=json.dumps([event]).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **prefect_auth_headers()},
         method="POST",
     )
     with urllib.request.urlopen(request, timeout=timeout_s) as response:

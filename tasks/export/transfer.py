@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 import os
 import threading
 import time
@@ -110,16 +109,9 @@ def check_target_uri(uri: str) -> str:
 
 def _s3_credentials(settings: ExportSettings) -> dict[str, str]:
     if settings.credentials_block:
-        from prefect.blocks.system import Secret
+        from calypso.registry.access.secrets import read_secret_block
 
-        try:
-            value = Secret.load(settings.credentials_block).get()
-        except Exception as exc:
-            raise ConfigurationError(
-                f"cannot load the Prefect Secret block {settings.credentials_block!r} "
-                f"(CALYPSO_EXPORT__CREDENTIALS_BLOCK): {type(exc).__name__}"
-            ) from None
-        pair = json.loads(value) if isinstance(value, str) else value
+        pair = read_secret_block(settings.credentials_block, "CALYPSO_EXPORT__CREDENTIALS_BLOCK")
         if not isinstance(pair, dict) or not {"access_key_id", "secret_access_key"} <= set(pair):
             raise ConfigurationError(
                 f"the Prefect Secret block {settings.credentials_block!r} must hold JSON "

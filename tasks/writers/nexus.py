@@ -13,7 +13,7 @@ import os
 import platform
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +25,7 @@ import numpy as np
 import calypso
 from calypso.errors import OutputError
 from calypso.tasks.writers.failures import translating_write_errors
+from calypso.tasks.writers.permissions import Permissions, default_permissions
 from calypso.tasks.writers.publication import PARTIAL_PREFIX, active
 
 
@@ -57,30 +58,42 @@ def atomic_outputs(*finals: Path) -> Iterator[list[Path]]:
             if path.exists():
                 publication.defer(path, final)
         return
-    temporaries = [
-        final.parent / f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:8]}-{final.name}" for final in finals
-    ]
-    for final in finals:
+    # Written in a private folder beside each result, so that nothing is visible before
+    # it has the results' group and mode.
+    permissions = default_permissions()
+    private = {f.parent: f.parent / f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:8]}" for f in finals}
+    for parent, folder in private.items():
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            permissions.make_work_dir(folder, exist_ok=False)
         except OSError as exc:
-            raise OutputError(f"cannot create the output folder {final.parent}: {exc}") from None
+            _remove_private(private.values())
+            raise OutputError(f"cannot create the output folder {parent}: {exc}") from None
+    temporaries = [private[final.parent] / final.name for final in finals]
     try:
         yield temporaries
         for temporary, final in zip(temporaries, finals, strict=True):
             if temporary.exists():
+                permissions.apply(temporary)
                 os.replace(temporary, final)
     finally:
-        for temporary in temporaries:
-            temporary.unlink(missing_ok=True)
+        _remove_private(private.values())
 
 
-def new_work_dir(output_dir: str | Path, name: str | None = None) -> Path:
+def _remove_private(folders: Iterable[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def new_work_dir(
+    output_dir: str | Path, name: str | None = None, permissions: Permissions | None = None
+) -> Path:
     """A hidden scratch folder in the output folder for the tasks' part files (``name``:
-    the same folder again, e.g. for a retry of the same flow run)."""
+    the same folder again, e.g. for a retry of the same flow run), the owner's only; the
+    output folders it needs are made with the results' group and mode (``permissions``,
+    default: the configured ones)."""
     work = Path(output_dir) / f"{PARTIAL_PREFIX}{name or uuid.uuid4().hex[:12]}"
     try:
-        work.mkdir(parents=True, exist_ok=name is not None)
+        (permissions or default_permissions()).make_work_dir(work, exist_ok=name is not None)
     except OSError as exc:
         raise OutputError(f"cannot create the output folder {output_dir}: {exc}") from None
     return work

@@ -8,6 +8,9 @@ files' checksums (:meth:`calypso.flows.flow_run.FlowRun.completed`): no result a
 without its record, and when the catalogue cannot be written the results stay staged.
 
 Outside a flow run (a writer called on its own) results are renamed into place at once.
+
+Each file and folder is given the results' group and mode (:mod:`.permissions`) just
+before it is renamed into place, and the folders made for them are made with both.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from calypso.tasks.writers.permissions import Permissions, default_permissions
+
 PARTIAL_PREFIX = ".calypso-partial-"
 STAGING = "results"  # the staging folder's name inside a run's part folder
 
@@ -31,6 +36,7 @@ class Publication:
     """The results of one run (or sweep variant): staged paths and where they go."""
 
     work_dir: Path
+    permissions: Permissions | None = None  # None: the configured ones (no proposal known)
     moves: list[tuple[Path, Path]] = field(default_factory=list)  # (staged, final)
     _done: list[tuple[Path, Path, Path | None]] = field(default_factory=list)  # + aside
 
@@ -82,11 +88,16 @@ class Publication:
     def apply(self) -> None:
         """Rename everything staged into place, contents before the folders holding them.
         A file or folder already there is moved aside (removed by :meth:`commit`, put
-        back by :meth:`undo`). Raises OSError, with what was done still undoable."""
+        back by :meth:`undo`). Each is given the results' group and mode first, so none is
+        ever visible with others. Raises OSError, with what was done still undoable."""
+        if not self.moves:
+            return
+        permissions = self.permissions = self.permissions or default_permissions()
         for staged, final in sorted(self.moves, key=lambda m: len(m[0].parts), reverse=True):
             if staged == self.work_dir:  # the part folder itself becomes a result (volumes)
                 _remove_empty_folders(self.staging)
-            final.parent.mkdir(parents=True, exist_ok=True)
+            permissions.make_folders(final.parent)
+            permissions.apply(staged)
             aside = None
             if final.exists() or final.is_symlink():
                 aside = final.parent / f"{PARTIAL_PREFIX}old-{uuid.uuid4().hex[:8]}-{final.name}"
@@ -148,9 +159,12 @@ def active() -> Publication | None:
 
 
 @contextmanager
-def preparing(work_dir: str | Path) -> Iterator[Publication]:
-    """Stage what writers finish in this context in ``work_dir`` until published."""
-    publication = Publication(Path(work_dir))
+def preparing(
+    work_dir: str | Path, permissions: Permissions | None = None
+) -> Iterator[Publication]:
+    """Stage what writers finish in this context in ``work_dir`` until published, then give
+    them ``permissions`` (default: the configured modes and group)."""
+    publication = Publication(Path(work_dir), permissions)
     _remove(publication.staging)  # left by an earlier attempt of the same run
     token = _active.set(publication)
     try:

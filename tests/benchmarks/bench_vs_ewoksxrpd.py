@@ -11,6 +11,9 @@ mask, ``--npt`` bins in q (nm^-1), ``bbox,csr,cython``, Poisson errors. Alternat
   Calypso's environment should not carry);
 * ``calypso run diffraction`` cold (Prefect's temporary server, as a user's first run);
 * ``calypso run diffraction`` against a running ``calypso server``;
+* ``calypso run diffraction`` submitted to a running ``calypso serve`` (the warm service:
+  its Dask workers, caches and Prefect client already up), on this scan and on a 5-frame
+  scan, whose time less 5 frames' worth is the fixed cost of a run;
 * the bare pyFAI loop, frames in memory, one process per core (the kernel's own speed).
 
 Prints each wall time and the ratios to ewoksxrpd and to the bare loop. Never asserts.
@@ -21,12 +24,15 @@ Prints each wall time and the ratios to ewoksxrpd and to the bare loop. Never as
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from statistics import median
 
@@ -37,6 +43,14 @@ from harness import REPO, isolated_environment, prefect_server
 from harness import time_command as run_command
 
 PEER = REPO / ".venv-peer"
+SMALL = 5  # frames of the scan that measures a run's fixed cost
+LABELS = [
+    ("ewoksxrpd", "ewoksxrpd"),
+    ("cold", "calypso run --local, cold"),
+    ("server", "calypso run --local, server up"),
+    ("service", "calypso run, sent to calypso serve"),
+    ("small", f"{SMALL} frames, sent to calypso serve"),
+]
 
 # ewoksxrpd run as blissoda's online processing runs it, on one scan.
 _PEER_SCRIPT = textwrap.dedent(
@@ -93,15 +107,39 @@ def time_peer(python: Path, sample, output: Path, npt: int) -> float:
     return time.perf_counter() - began
 
 
-def time_calypso(sample, npt: int, env: dict[str, str], output: Path) -> float:
+def time_calypso(sample, npt: int, env: dict[str, str], output: Path, served=False) -> float:
     command = [
         sys.executable, "-m", "calypso.flows.cli", "run", "diffraction",
         str(sample.raw_dataset_dir), "--set", f"poni={sample.calibration['poni']}",
         "--set", f"mask={sample.calibration['mask']}", "--set", f"npt={npt}",
         "--set", "unit=q_nm^-1", "--output", str(output), "--json",
     ]  # fmt: skip
-    wall, _, _ = run_command(command, env)
+    wall, summary, _ = run_command(command if served else [*command, "--local"], env)
+    if served != ("service" in summary):
+        raise SystemExit(f"expected the run {'in' if served else 'outside'} the service")
     return wall
+
+
+@contextmanager
+def warm_service(env: dict[str, str], root: Path, work: Path) -> Iterator[dict[str, str]]:
+    """`calypso serve --technique diffraction` on ``root``; yields the environment whose
+    `calypso run` submits to it."""
+    env = {**env, "CALYPSO_DATA_ROOTS": json.dumps([str(root)])}
+    env["CALYPSO_SERVE__SOCKET"] = str(Path(tempfile.mkdtemp(prefix="calypso-")) / "serve.sock")
+    log = work / "serve.log"
+    command = [sys.executable, "-m", "calypso.flows.cli", "serve", "--technique", "diffraction"]
+    with open(log, "wb") as output:
+        served = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while "runs can be submitted" not in log.read_text():
+            if served.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"calypso serve did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield env
+    finally:
+        served.terminate()
+        served.wait(timeout=60)
 
 
 def main() -> None:
@@ -118,33 +156,46 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="calypso-vs-ewoksxrpd-"))
     root = args.data or work / "visitor"
     sample = write_diffraction_sample(root, frames=args.frames, seed=1)
+    small = write_diffraction_sample(root, frames=SMALL, seed=2, dataset_number=2)
+    processed = sample.raw_dataset_dir.parents[1] / "PROCESSED_DATA"  # inside the proposal
     env = isolated_environment(work)
-    times: dict[str, list[float]] = {"ewoksxrpd": [], "cold": [], "served": []}
-    with prefect_server(env) as served_env:
+    times: dict[str, list[float]] = {name: [] for name, _ in LABELS}
+    with prefect_server(env) as served_env, warm_service(served_env, root, work) as warm_env:
         for index in range(args.repeat):
             times["ewoksxrpd"].append(
                 time_peer(python, sample, work / f"ewoksxrpd_{index}.h5", args.npt)
             )
             times["cold"].append(time_calypso(sample, args.npt, env, work / f"cold_{index}"))
-            times["served"].append(
-                time_calypso(sample, args.npt, served_env, work / f"served_{index}")
+            times["server"].append(
+                time_calypso(sample, args.npt, served_env, work / f"server_{index}")
+            )
+            times["service"].append(
+                time_calypso(sample, args.npt, warm_env, processed / f"warm_{index}", True)
+            )
+            times["small"].append(
+                time_calypso(small, args.npt, warm_env, processed / f"small_{index}", True)
             )
             print(
-                f"run {index}: ewoksxrpd {times['ewoksxrpd'][-1]:.1f} s, calypso cold "
-                f"{times['cold'][-1]:.1f} s, against a server {times['served'][-1]:.1f} s",
+                f"run {index}: "
+                + ", ".join(f"{name} {times[name][-1]:.1f} s" for name, _ in LABELS),
                 flush=True,
             )
     bare = time_bare_loop(sample, args.frames, os.cpu_count() or 2)
     peer = median(times["ewoksxrpd"])
     print(f"\n{args.frames} frames, {args.npt} bins, {os.cpu_count()} cores (medians)")
     print(f"bare pyFAI loop, frames in memory: {bare:.1f} frames/s")
-    for name, label in (("ewoksxrpd", "ewoksxrpd"), ("cold", "calypso run, cold"),
-                        ("served", "calypso run, server running")):  # fmt: skip
+    for name, label in LABELS[:-1]:
         wall = median(times[name])
         print(
-            f"{label:>28}: {wall:6.1f} s wall, {args.frames / wall:5.1f} frames/s, "
+            f"{label:>34}: {wall:6.1f} s wall, {args.frames / wall:5.1f} frames/s, "
             f"{wall / peer:.2f}x ewoksxrpd's time, {args.frames / wall / bare:.2f} of bare"
         )
+    per_frame = median(times["service"]) / args.frames
+    fixed = median(times["small"]) - SMALL * per_frame
+    print(
+        f"{LABELS[-1][1]:>34}: {median(times['small']):6.2f} s wall, fixed cost of a run "
+        f"{fixed:.2f} s (less {SMALL} frames at the {args.frames}-frame run's pace)"
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(1, str(REPO))  # conftest imports its neighbours as `tests.*`
 
 from conftest import free_port, wait_for_http  # noqa: E402
 
@@ -46,6 +47,7 @@ def isolated_environment(work: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(CALYPSO_HOME=str(work / "calypso"), PREFECT_HOME=str(work / "prefect"))
     env.pop("PREFECT_API_URL", None)
+    env.pop("PREFECT_API_AUTH_STRING", None)  # the server's secret is in the private home
     return env
 
 

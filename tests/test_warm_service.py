@@ -1,0 +1,182 @@
+"""Runs submitted to a running `calypso serve` (issue #18): the command and the service as
+real processes, the service's Dask workers kept warm, the submitter known by the kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from calypso.flows.samples.diffraction import write_diffraction_sample
+from tests.processes import start, stop, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def integrated(summary: dict) -> np.ndarray:
+    """The patterns: the signal of the run's first NXdata."""
+    path, group = summary["outputs"][0].split("::")
+    with h5py.File(path, "r") as h5:
+        return h5[group][h5[group].attrs["signal"]][()]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    """A data root with one proposal's diffraction dataset, and `calypso serve` on it with
+    its submission socket in a short, world-traversable folder (a Unix socket's path is
+    limited to 107 bytes; pytest's folders are private to their owner)."""
+    work = tmp_path_factory.mktemp("warm")
+    sample = write_diffraction_sample(work / "data", frames=8, frames_per_file=4)
+    sockets = Path(tempfile.mkdtemp(prefix="calypso-"))
+    sockets.chmod(0o755)
+    env = dict(os.environ)
+    env.update(
+        CALYPSO_HOME=str(work / "home"),
+        CALYPSO_DATA_ROOTS=json.dumps([str(work / "data")]),
+        CALYPSO_SERVE__SOCKET=str(sockets / "serve.sock"),
+        CALYPSO_EXECUTOR__N_WORKERS="1",
+    )
+    env.pop("CALYPSO_CATALOGUE__PATH", None)
+    log = work / "serve.log"
+    served = start(["serve", "--technique", "diffraction"], env, log)
+
+    def listening() -> bool:
+        assert served.poll() is None, log.read_text()[-3000:]
+        return "runs can be submitted" in log.read_text()
+
+    wait_until(listening, 180, "calypso serve's submission socket")
+    yield sample, env, sockets / "serve.sock", served, log
+    stop(served)
+    shutil.rmtree(sockets, ignore_errors=True)
+
+
+def calypso_run(env, *arguments, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "calypso.flows.cli", "run", "diffraction", *arguments, "--json"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_service_confines_a_submitted_run_to_the_submitters_proposals(service):
+    sample, env, sock, _, log = service
+    poni, mask = (str(sample.calibration[name]) for name in ("poni", "mask"))
+    base = [str(sample.raw_dataset_dir), "--set", f"poni={poni}", "--set", f"mask={mask}"]
+
+    # Bad parameters: the service's error, its kind and exit status, as if run here.
+    bad = calypso_run(env, *base, "--set", "npt=-3")
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert json.loads(bad.stdout)["error"]["type"] == "ParameterError"
+
+    # An output outside the proposal: refused before anything is written.
+    elsewhere = sample.raw_dataset_dir.parents[5] / "elsewhere"
+    refused = calypso_run(env, *base, "--output", str(elsewhere))
+    assert refused.returncode == 7, refused.stdout + refused.stderr
+    error = json.loads(refused.stdout)["error"]
+    assert error["type"] == "AccessError" and "outside proposal" in error["message"]
+    assert not elsewhere.exists()
+
+    # Another account, as the kernel tells the service: not in the proposal, refused.
+    if os.getuid() != 0:
+        return  # only root can be someone else
+    nobody = pwd.getpwnam("nobody")
+    [reply] = replies_as(nobody, sock, submission(sample, {"poni": poni, "mask": mask}))
+    assert reply["error"]["type"] == "AccessError" and reply["error"]["exit_code"] == 7
+    assert f"run submitted by uid {nobody.pw_uid}" in log.read_text()
+
+
+def test_a_run_sent_to_the_service_is_the_run_done_alone(service, scheduler):
+    sample, env, sock, served, log = service
+    scripts = sample.calibration["poni"].parent
+    # Relative files mean the command's folder, not the service's.
+    arguments = [str(sample.raw_dataset_dir), "--set", "npt=300", "--set", "monitor=mon"]
+    arguments += ["--set", f"poni={sample.calibration['poni'].name}"]
+    arguments += ["--set", f"mask={sample.calibration['mask'].name}"]
+    first = calypso_run(env, *arguments, cwd=scripts)
+    assert first.returncode == 0, first.stdout + first.stderr + log.read_text()[-3000:]
+    by_service = json.loads(first.stdout)
+    assert by_service["service"] == str(sock)
+    assert by_service["count"] == 8
+    assert f"run submitted by uid {os.getuid()}: diffraction" in log.read_text()
+
+    # The same run again, through the socket as any client speaks to it: the stages and
+    # progress come first, counting up to every frame, then the summary.
+    files = {name: str(path) for name, path in sample.calibration.items()}
+    answers = replies(sock, submission(sample, {"npt": 300, "monitor": "mon", **files}))
+    kinds = [next(iter(reply)) for reply in answers]
+    assert kinds[-1] == "summary" and "stage" in kinds and "error" not in kinds
+    progress = [reply["progress"] for reply in answers if "progress" in reply]
+    assert progress[-1] == [8, 8] and [done for done, _ in progress] == sorted(
+        done for done, _ in progress
+    )
+    np.testing.assert_array_equal(integrated(answers[-1]["summary"]), integrated(by_service))
+
+    # A service killed leaves its socket behind: the command then runs alone, and gets
+    # the same patterns.
+    stop(served, signal.SIGKILL)
+    assert sock.exists()
+    on_the_sessions_cluster = {"CALYPSO_EXECUTOR__KIND": "address"}
+    on_the_sessions_cluster["CALYPSO_EXECUTOR__ADDRESS"] = scheduler
+    alone = calypso_run(env | on_the_sessions_cluster, *arguments, cwd=scripts)
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    by_itself = json.loads(alone.stdout)
+    assert "service" not in by_itself
+    np.testing.assert_array_equal(integrated(by_itself), integrated(by_service))
+
+
+def submission(sample, values: dict) -> dict:
+    """A request as `calypso run` sends it."""
+    return {
+        "technique": "diffraction",
+        "input": str(sample.raw_dataset_dir),
+        "values": values,
+        "scans": None,
+        "output": None,
+        "export_to": None,
+        "cwd": "/",
+        "source": "",
+    }
+
+
+def replies(sock: Path, request: dict) -> list[dict]:
+    """What the service answers to ``request``, line by line."""
+    with socket.socket(socket.AF_UNIX) as connection:
+        connection.connect(str(sock))
+        connection.sendall(json.dumps(request).encode() + b"\n")
+        return [json.loads(line) for line in connection.makefile("rb")]
+
+
+def replies_as(account: pwd.struct_passwd, sock: Path, request: dict) -> list[dict]:
+    """:func:`replies` to a process of ``account`` (forked, then no longer root: Calypso's
+    interpreter is not one that account may start)."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: answers through the pipe, then goes
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(account.pw_gid)
+            os.setuid(account.pw_uid)
+            os.write(write, json.dumps(replies(sock, request)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer:
+        text = answer.read()
+    os.waitpid(child, 0)
+    return json.loads(text)
