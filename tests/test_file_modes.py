@@ -86,9 +86,11 @@ def modes_under(folder: Path) -> dict[str, tuple[str, int]]:
 
 
 def test_results_get_the_proposal_group_and_the_default_modes_whatever_the_umask(
-    proposal, options, group, catalogue_path, capsys
+    proposal, options, group, catalogue_path, capsys, tmp_path, monkeypatch
 ):
     session = processed(proposal).parents[2]  # <proposal>/<beamline>/<session>
+    # This run's own kept results (the session's folder holds other tests' runs).
+    monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(tmp_path / "results"))
     storage = result_storage()[0]
     expired = storage / "expired-result"
     expired.parent.mkdir(parents=True, exist_ok=True)

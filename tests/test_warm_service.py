@@ -100,7 +100,7 @@ def test_the_service_confines_a_submitted_run_to_the_submitters_proposals(servic
     assert f"run submitted by uid {nobody.pw_uid}" in log.read_text()
 
 
-def test_a_run_sent_to_the_service_is_the_run_done_alone(service, scheduler):
+def test_a_run_sent_to_the_service_is_the_run_done_alone(service):
     sample, env, sock, served, log = service
     scripts = sample.calibration["poni"].parent
     # Relative files mean the command's folder, not the service's.
@@ -130,9 +130,7 @@ def test_a_run_sent_to_the_service_is_the_run_done_alone(service, scheduler):
     # the same patterns.
     stop(served, signal.SIGKILL)
     assert sock.exists()
-    on_the_sessions_cluster = {"CALYPSO_EXECUTOR__KIND": "address"}
-    on_the_sessions_cluster["CALYPSO_EXECUTOR__ADDRESS"] = scheduler
-    alone = calypso_run(env | on_the_sessions_cluster, *arguments, cwd=scripts)
+    alone = calypso_run(env, *arguments, cwd=scripts)
     assert alone.returncode == 0, alone.stdout + alone.stderr
     by_itself = json.loads(alone.stdout)
     assert "service" not in by_itself
