@@ -179,7 +179,8 @@ def start_submissions(settings: CalypsoSettings, cluster, techniques) -> Any:
     from calypso.flows.online.submissions import serve_submissions
 
     for technique in techniques:
-        technique.flow(), technique.plan()
+        technique.flow()
+        technique.plan()
     if cluster is not None:
         executor = {"kind": "address", "address": cluster.scheduler_address}
         settings = settings.model_copy(

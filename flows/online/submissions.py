@@ -130,6 +130,7 @@ def submit(
 ) -> dict[str, Any]:
     """Send ``request`` to the service, report what it says to ``progress``, and return the
     run's summary (raising the run's error as the same kind of error, same exit code)."""
+    where = connection.getpeername()  # asked now: the socket is closed below
     with connection, connection.makefile("rwb") as stream:
         stream.write(json.dumps(request).encode() + b"\n")
         stream.flush()
@@ -144,7 +145,7 @@ def submit(
             elif "error" in reply:
                 raise _error_from(reply["error"])
     raise ServiceGone(
-        f"the Calypso service at {connection.getpeername() or 'its socket'} stopped during "
+        f"the Calypso service at {where or 'its socket'} stopped during "
         "the run: see its log; the run may be in the Prefect UI"
     )
 

@@ -60,16 +60,22 @@ def secret_values(model: BaseModel) -> Iterator[SecretStr]:
 
 
 def _secrets_in(value: Any) -> Iterator[SecretStr]:
-    if isinstance(value, SecretStr):
+    return _leaves(value, SecretStr)
+
+
+def _leaves(value: Any, kind: type) -> Iterator[Any]:
+    """Every ``kind`` inside ``value``: through models' fields, dicts' values, lists."""
+    if isinstance(value, kind):
         yield value
     elif isinstance(value, BaseModel):
-        yield from secret_values(value)
+        for name in type(value).model_fields:
+            yield from _leaves(getattr(value, name), kind)
     elif isinstance(value, dict):
         for item in value.values():
-            yield from _secrets_in(item)
+            yield from _leaves(item, kind)
     elif isinstance(value, list | tuple):
         for item in value:
-            yield from _secrets_in(item)
+            yield from _leaves(item, kind)
 
 
 def redact(text: str) -> str:
@@ -221,11 +227,4 @@ def _is_json(text: str) -> bool:
 
 
 def _strings_in(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings_in(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _strings_in(item)
+    return _leaves(value, str)
