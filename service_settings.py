@@ -108,6 +108,18 @@ class ServeSettings(BaseModel):
         description="`calypso run` and `calypso.run` send their run to the service when one "
         "listens on the socket (false: always run in the command's own processes).",
     )
+    poll_s: float = Field(
+        1.0,
+        gt=0,
+        description="How often serve asks the Prefect server for flow runs to start (a "
+        "triggered or launched run waits at most this long; Prefect's own default is 10 s).",
+    )
+    warm_starts: bool = Field(
+        True,
+        description="Start each served flow run from a fork server that has imported "
+        "Prefect and the techniques' code once (false: a fresh interpreter per run, "
+        "seconds of imports each).",
+    )
     saved_flow_poll_s: float = Field(
         30.0,
         gt=0,
@@ -186,6 +198,31 @@ class AccessSettings(BaseModel):
     )
     ldap: LdapSettings = Field(default_factory=LdapSettings)
     oidc: OidcSettings = Field(default_factory=OidcSettings)
+
+
+class PortalSettings(BaseModel):
+    """``calypso portal``: the web portal where visiting users sign in, browse and plot
+    their data and follow, launch and export their runs (docs/portal.md)."""
+
+    host: str = Field(
+        "127.0.0.1",
+        description="Address it listens on: loopback, behind a TLS reverse proxy "
+        "(0.0.0.0 only behind one: session cookies and passwords cross the network).",
+    )
+    port: int = Field(8400, ge=1, le=65535)
+    public_url: str | None = Field(
+        None,
+        description="The portal's address as browsers reach it (https://portal.example.org): "
+        "OpenID Connect's redirect address and links in run artifacts. Unset: "
+        "http://<host>:<port>.",
+    )
+    session_max_age_h: float = Field(
+        12.0, gt=0, description="A sign-in lasts this long, then the user signs in again."
+    )
+    secure_cookies: bool = Field(
+        False,
+        description="Send the session cookie over HTTPS only (set it behind a TLS proxy).",
+    )
 
 
 class UserFlowSettings(BaseModel):

@@ -200,6 +200,8 @@ def test_a_dataset_written_into_the_watched_tree_is_processed(facility):
     sample = write_diffraction_sample(facility.tree, frames=3, frames_per_file=2)
     [run] = wait_until(lambda: facility.finished(1), 240, "the triggered flow run")
     assert run.state.is_completed(), run.state
+    # forked from serve's fork server, not a fresh interpreter (flows/online/warm_starts.py)
+    assert "served runs start warm" in (facility.work / "serve.log").read_text()
     assert run.parameters["raw"] == str(sample.raw_dataset_dir)
     assert run.parameters["parameters"]["npt"] == 200 and run.parameters["scans"] == [1]
     processed = sample.dataset.processed_dataset_dir("diffraction") / "CeO2_0001.h5"
@@ -303,8 +305,7 @@ def test_a_restarted_or_second_watcher_announces_nothing_twice(facility):
 
 
 def test_twenty_datasets_at_once_each_processed_once_within_the_limit(facility, tmp_path):
-    # Twenty, not more: each served run is a fresh process (seconds of imports), and the
-    # limit of CONCURRENCY runs at once is what is tested.
+    # Twenty: the limit of CONCURRENCY runs at once is what is tested, in waves.
     before = len(facility.runs())
     template = first_sample(facility)
     staging = tmp_path / "staging"

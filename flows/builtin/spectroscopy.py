@@ -7,21 +7,27 @@ from typing import Any
 
 from calypso.flows.techniques import OUTPUTS, Option, Step, Technique, planning_step
 
+INLINE_SPECTRA = 16  # spectra reduced in the flow's own thread when they are one batch
+
 
 def reduce(ctx: Any, plan: Any) -> list[Any]:
     """Batches of spectra reduced on the task runner (vectorised inside a batch), then the
     repeated scans merged."""
-    from calypso.tasks.progress import collect
+    from calypso.tasks.progress import RunProgress, collect
     from calypso.tasks.spectroscopy import merge_repeated_scans, reduce_spectra_batch
 
     reference_e0 = plan.calibration.reference_e0 if plan.calibration else None
-    futures = [
-        reduce_spectra_batch.submit(batch, plan.parameters, reference_e0, ctx.work_dir)
-        for batch in plan.batches()
-    ]
-    batches = collect(
-        futures, plan.n_spectra, f"Reducing {plan.n_spectra} spectra", lambda r: r.stop - r.start
-    )
+    planned = list(plan.batches())
+    arguments = (plan.parameters, reference_e0, ctx.work_dir)
+    described = f"Reducing {plan.n_spectra} spectra"
+    if len(planned) == 1 and plan.n_spectra <= INLINE_SPECTRA:
+        # A few spectra are milliseconds of work: sending them to a Dask worker and back
+        # (scheduling, the task engine there, the result's return) costs far more.
+        batches = [reduce_spectra_batch(planned[0], *arguments)]
+        RunProgress(plan.n_spectra, described).advance(plan.n_spectra)
+    else:
+        futures = [reduce_spectra_batch.submit(batch, *arguments) for batch in planned]
+        batches = collect(futures, plan.n_spectra, described, lambda r: r.stop - r.start)
     if plan.merges:
         batches.append(merge_repeated_scans(plan, batches, ctx.work_dir))
     ctx.report(

@@ -28,6 +28,7 @@ import calypso
 from calypso.errors import ConfigurationError
 from calypso.flows.online.acquisitions import EVENT
 from calypso.flows.online.submissions import stop_serving
+from calypso.flows.online.warm_starts import preloaded_modules, start_warm
 from calypso.flows.techniques import TECHNIQUES, Technique
 from calypso.registry.saved_flows import ANY_SAVED_FLOW, SavedFlow, SavedFlows
 from calypso.settings import CalypsoSettings
@@ -35,6 +36,27 @@ from calypso.settings import CalypsoSettings
 logger = logging.getLogger("calypso.serve")
 
 SAVED_FLOW_CONCURRENCY = 2  # flow runs at once of the saved flows, unless the settings say
+
+
+class Served:
+    """A flow ``calypso serve`` runs, and its deployment's options (name, trigger, limit,
+    tags...): the runner holds the flow itself, so its runs start warm
+    (:mod:`calypso.flows.online.warm_starts`) instead of importing it again."""
+
+    def __init__(self, flow, **options: Any) -> None:
+        self.flow = flow
+        self.options = options
+
+    @property
+    def label(self) -> str:
+        return f"{self.flow.name}/{self.options['name']}"
+
+    @property
+    def concurrency_limit(self) -> int:
+        return self.options.get("concurrency_limit") or 1
+
+    async def add_to(self, runner) -> Any:
+        return await runner.aadd_flow(self.flow, **self.options)
 
 
 def _from_event(field: str) -> dict[str, Any]:
@@ -67,7 +89,8 @@ def technique_deployment(technique: Technique, settings: CalypsoSettings):
     limit = settings.serve.concurrency.get(
         technique.name, settings.serve.default_concurrency or technique.concurrency
     )
-    return technique.flow().to_deployment(
+    return Served(
+        technique.flow(),
         name=technique.name,
         triggers=[trigger],
         concurrency_limit=limit,
@@ -89,7 +112,8 @@ def saved_flow_deployment(settings: CalypsoSettings, saved: SavedFlow | None = N
     from calypso.flows.user_flows import saved_flow
 
     if saved is None:
-        return saved_flow.to_deployment(
+        return Served(
+            saved_flow,
             name=ANY_SAVED_FLOW,
             concurrency_limit=settings.serve.default_concurrency or SAVED_FLOW_CONCURRENCY,
             tags=["calypso", "user-flow"],
@@ -108,7 +132,8 @@ def saved_flow_deployment(settings: CalypsoSettings, saved: SavedFlow | None = N
             "trigger": _from_event("key"),
         },
     )
-    return saved_flow.to_deployment(
+    return Served(
+        saved_flow,
         name=saved.name,
         triggers=[trigger],
         parameters={"name": saved.name},
@@ -138,9 +163,7 @@ async def follow_saved_flows(runner, settings: CalypsoSettings, served: dict[str
             latest = {flow.name: flow for flow in registry.list()}  # versions ascending
             for name, flow in latest.items():
                 if served.get(name) != flow.label:
-                    # built in a thread: Prefect's to_deployment is a coroutine inside a loop
-                    deployment = await asyncio.to_thread(saved_flow_deployment, settings, flow)
-                    await runner.aadd_deployment(deployment)
+                    await saved_flow_deployment(settings, flow).add_to(runner)
                     served[name] = flow.label
                     logger.info("serving saved flow %s", flow.label)
             for name in [name for name in served if name not in latest]:
@@ -230,6 +253,8 @@ def serve(settings: CalypsoSettings, techniques: list[str] | None = None) -> Non
     stop = threading.Event()
     start_icat_flushing(settings, stop)
     submissions = start_submissions(settings, cluster, chosen)
+    if settings.serve.warm_starts:
+        start_warm(preloaded_modules(chosen))
     try:
         deployments = [technique_deployment(technique, settings) for technique in chosen]
         deployments.append(saved_flow_deployment(settings))
@@ -252,10 +277,12 @@ async def _serve(deployments: list, settings: CalypsoSettings, served: dict, lim
     from prefect.runner import Runner
 
     # Deployments stay active when serve stops: runs triggered meanwhile wait for it.
-    runner = Runner(name="calypso", pause_on_shutdown=False, limit=limit)
+    runner = Runner(
+        name="calypso", pause_on_shutdown=False, limit=limit, query_seconds=settings.serve.poll_s
+    )
     for deployment in deployments:
-        await runner.aadd_deployment(deployment)
-    names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
+        await deployment.add_to(runner)
+    names = ", ".join(deployment.label for deployment in deployments)
     print(f"calypso serve: serving {names}; Ctrl-C stops", flush=True)
     following = asyncio.create_task(follow_saved_flows(runner, settings, served))
     try:

@@ -32,6 +32,30 @@ def _pyplot() -> type[_Figures]:
     return _Figures
 
 
+def _fixed_margins(figure) -> None:
+    """Margins in inches for tick labels, axis labels and the title: matplotlib's
+    ``tight_layout`` measures every text first, half of a small run's quick look."""
+    width, height = figure.get_size_inches()
+    columns = max(
+        1,
+        len(
+            {
+                axis.get_subplotspec().colspan.start
+                for axis in figure.axes
+                if axis.get_subplotspec() is not None
+            }
+        ),
+    )
+    figure.subplots_adjust(
+        left=0.85 / width,
+        right=1 - 0.2 / width,
+        bottom=0.6 / height,
+        top=1 - 0.62 / height,
+        wspace=1.1 * columns / width,
+        hspace=0.6 / height,
+    )
+
+
 def plot_spectra(
     path: Path,
     curves: list[tuple[str, np.ndarray, np.ndarray]],
@@ -55,7 +79,7 @@ def plot_spectra(
         axes[0, 1].set_xlabel("k (1/Å)")
         axes[0, 1].set_ylabel(f"k^{kweight:g} chi(k) (1/Å^{kweight:g})")
     figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
+    _fixed_margins(figure)
     figure.savefig(path)
     plt.close(figure)
 
@@ -110,7 +134,7 @@ def plot_diffraction(
             axis.contour(radial_map, levels=np.sort(rings), colors="cyan", linewidths=0.6)
         axis.set(title="one frame, mask and rings", xticks=[], yticks=[])
     figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
+    _fixed_margins(figure)
     figure.savefig(path)
     plt.close(figure)
 
@@ -158,7 +182,7 @@ def plot_slices(path: Path, panels: list[tuple[str, np.ndarray]], title: str) ->
         axis.imshow(image, cmap="gray", vmin=low, vmax=high if high > low else low + 1)
         axis.set_title(label, fontsize=8)
     figure.suptitle(title, fontsize=8)
-    figure.tight_layout()
+    _fixed_margins(figure)
     figure.savefig(path)
     plt.close(figure)
 
@@ -196,6 +220,6 @@ def plot_mx_scan(
         axes[0, 1].set_xlabel(column_name)
         axes[0, 1].set_ylabel(row_name)
     figure.suptitle(title, fontsize=8)
-    figure.tight_layout()
+    _fixed_margins(figure)
     figure.savefig(path)
     plt.close(figure)

@@ -24,22 +24,19 @@ Prints each wall time and the ratios to ewoksxrpd and to the bare loop. Never as
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_diffraction import time_bare_loop
-from harness import REPO, isolated_environment, prefect_server
+from harness import REPO, isolated_environment, prefect_server, warm_service
 from harness import time_command as run_command
 
 PEER = REPO / ".venv-peer"
@@ -120,28 +117,6 @@ def time_calypso(sample, npt: int, env: dict[str, str], output: Path, served=Fal
     return wall
 
 
-@contextmanager
-def warm_service(env: dict[str, str], root: Path, work: Path) -> Iterator[dict[str, str]]:
-    """`calypso serve --technique diffraction` on ``root``; yields the environment whose
-    `calypso run` submits to it."""
-    env = {**env, "CALYPSO_DATA_ROOTS": json.dumps([str(root)])}
-    env["CALYPSO_SERVE__SOCKET"] = str(Path(tempfile.mkdtemp(prefix="calypso-")) / "serve.sock")
-    log = work / "serve.log"
-    command = [sys.executable, "-m", "calypso.flows.cli", "serve", "--technique", "diffraction"]
-    with open(log, "wb") as output:
-        served = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while "runs can be submitted" not in log.read_text():
-            if served.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"calypso serve did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield env
-    finally:
-        served.terminate()
-        served.wait(timeout=60)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=600)
@@ -160,7 +135,10 @@ def main() -> None:
     processed = sample.raw_dataset_dir.parents[1] / "PROCESSED_DATA"  # inside the proposal
     env = isolated_environment(work)
     times: dict[str, list[float]] = {name: [] for name, _ in LABELS}
-    with prefect_server(env) as served_env, warm_service(served_env, root, work) as warm_env:
+    with (
+        prefect_server(env) as served_env,
+        warm_service(served_env, root, work, "diffraction") as warm_env,
+    ):
         for index in range(args.repeat):
             times["ewoksxrpd"].append(
                 time_peer(python, sample, work / f"ewoksxrpd_{index}.h5", args.npt)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -79,3 +80,28 @@ def time_command(command: list[str], env: dict[str, str]) -> tuple[float, dict, 
     if process.returncode:
         raise SystemExit(f"{' '.join(command[2:5])} failed ({process.returncode}):\n{err.decode()}")
     return wall, json.loads(out), memory.peak
+
+
+@contextmanager
+def warm_service(
+    env: dict[str, str], root: Path, work: Path, technique: str
+) -> Iterator[dict[str, str]]:
+    """`calypso serve --technique TECHNIQUE` with data root ``root``; yields the
+    environment whose `calypso run` submits to it."""
+    env = {**env, "CALYPSO_DATA_ROOTS": json.dumps([str(root)])}
+    socket_dir = Path(tempfile.mkdtemp(prefix="calypso-"))  # a short path: sun_path limit
+    env["CALYPSO_SERVE__SOCKET"] = str(socket_dir / "serve.sock")
+    log = work / f"serve-{technique}.log"
+    command = [sys.executable, "-m", "calypso.flows.cli", "serve", "--technique", technique]
+    with open(log, "wb") as output:
+        served = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while "runs can be submitted" not in log.read_text():
+            if served.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"calypso serve did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield env
+    finally:
+        served.terminate()
+        served.wait(timeout=60)

@@ -1,0 +1,93 @@
+"""Flow runs that ``calypso serve`` starts begin warm: forked, not spawned (issue #18).
+
+Prefect's runner starts each flow run of a deployment in a fresh Python process, which
+imports Prefect, Dask, pyFAI and the technique's code before its first step: 4-5 s on
+this machine, twice that under load, for every triggered run, while the run itself of a
+small dataset takes a second or two. ``calypso serve`` therefore hands its runner the
+flows themselves (so it starts them with Prefect's in-memory starter) and has that
+starter create processes from a *fork server* that imported all of this once, at
+serve's start. Each run still gets a process of its own, created from a clean,
+single-threaded parent: a run that is killed or crashes is reported by the runner as
+before, and takes nothing else down.
+
+Prefect's in-memory starter (``prefect.runner._starter_direct``) is documented as the
+place to patch its process creation; Calypso wraps its ``run_flow_in_subprocess`` so
+that the multiprocessing context Prefect asks for is the fork server, and leaves the
+rest of Prefect's process set-up (environment, settings, signal handling) as it is.
+Where a Prefect version lays this out differently, serve logs a warning and its runs
+start cold, as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+import threading
+import types
+from collections.abc import Iterable
+from typing import Any
+
+logger = logging.getLogger("calypso.serve")
+
+# What every served flow run imports, whatever its technique: the engine and Prefect's.
+ALWAYS = ("prefect.flow_engine", "calypso.flows.engine", "calypso.flows.user_flows")
+
+
+def preloaded_modules(techniques: Iterable[Any]) -> list[str]:
+    """The modules the fork server imports: Prefect's engine, Calypso's, and every module a
+    run of ``techniques`` can import (flow, steps, planner, readers, writers)."""
+    modules = dict.fromkeys(ALWAYS)
+    for technique in techniques:
+        modules.update(dict.fromkeys(sorted(technique.modules())))
+    return list(modules)
+
+
+def start_warm(modules: list[str]) -> bool:
+    """Make the served flow runs start from a fork server that imported ``modules``; the
+    server is started now, in the background. False (and a warning) where this Prefect
+    does not start in-memory flows the way Calypso expects."""
+    try:
+        from prefect import flow_engine
+        from prefect.runner import _starter_direct
+    except ImportError as exc:
+        logger.warning("served runs start cold: %s", exc)
+        return False
+    cold = getattr(_starter_direct, "run_flow_in_subprocess", None)
+    if cold is None or getattr(flow_engine, "multiprocessing", None) is not multiprocessing:
+        logger.warning("served runs start cold: this Prefect starts flow runs differently")
+        return False
+    if getattr(cold, "calypso_warm", False):
+        return True
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(modules)
+    # Prefect asks its module-level `multiprocessing` for the "spawn" context: for the
+    # duration of the call, that name answers with the fork server. The runner calls
+    # this from its one event-loop thread, so the swap is never seen by anything else.
+    shim = types.SimpleNamespace(get_context=lambda method=None: context)
+    lock = threading.Lock()
+
+    @functools.wraps(cold)
+    def warm(*args: Any, **kwargs: Any):
+        with lock:
+            flow_engine.multiprocessing = shim
+            try:
+                return cold(*args, **kwargs)
+            finally:
+                flow_engine.multiprocessing = multiprocessing
+
+    warm.calypso_warm = True  # type: ignore[attr-defined]
+    _starter_direct.run_flow_in_subprocess = warm
+    # The fork server imports everything once; start it now rather than in the first run.
+    threading.Thread(target=_start_fork_server, args=(context,), daemon=True).start()
+    logger.info("served runs start warm: a fork server imports %d modules", len(modules))
+    return True
+
+
+def _start_fork_server(context) -> None:
+    try:
+        process = context.Process(target=int)
+        process.start()
+        process.join()
+    except Exception as exc:  # the first run starts it then, or says why
+        logger.warning("the fork server for served runs did not start: %s", exc)
