@@ -252,3 +252,10 @@ class ServerSettings(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(4200, ge=1, le=65535)
+    local_keep_s: float = Field(
+        1800.0,
+        ge=0,
+        description="With no Prefect server configured, the first `calypso run` starts one "
+        "on loopback and later commands with this home use it; it stops once unused for "
+        "this long (s). 0: a temporary server for each command instead.",
+    )

@@ -268,6 +268,7 @@ def _run_technique(
             export_to=export_to,
         ),
         bar,
+        in_process=bool(getattr(plan, "in_process", False)),
     )
     summary["wall_s"] = round(time.perf_counter() - began, 3)
     return summary
@@ -279,10 +280,12 @@ def run_on_cluster(
     unit: str,
     call: Callable[[Any], Any],
     bar: Progress | None = None,
+    in_process: bool = False,
 ) -> Any:
     """``call(task_runner)`` with a Prefect API up, on the Dask cluster the settings name
     (a local one boots while Prefect starts), a progress bar counting ``unit`` (``bar``, or
-    a new one) that says what is starting until the first result."""
+    a new one) that says what is starting until the first result. ``in_process``: the
+    plan's work is too small for a cluster; its tasks run in this process's threads."""
     import os
 
     from calypso.executors import boot_local_cluster, build_task_runner
@@ -293,21 +296,27 @@ def run_on_cluster(
         if bar is None:
             bar = stack.enter_context(closing(_Bar(total, unit)))
         check_prefect_api()
-        booting = boot_local_cluster(settings.executor)
+        booting = None if in_process else boot_local_cluster(settings.executor)
         if booting is not None:  # closed even if the Prefect API never comes up
             stack.callback(_close_cluster, booting)
-        bar.stage(
-            "connecting to Prefect"
-            if os.environ.get("PREFECT_API_URL")
-            else "starting a temporary Prefect server"
-            + (" and Dask workers" if booting is not None else "")
-        )
-        stack.enter_context(prefect_api())
+        if os.environ.get("PREFECT_API_URL"):
+            stage = "connecting to Prefect"
+        elif settings.server.local_keep_s == 0:
+            stage = "starting a temporary Prefect server"
+        else:
+            stage = "finding or starting the local Prefect server"
+        bar.stage(stage + (" and Dask workers" if booting is not None else ""))
+        stack.enter_context(prefect_api(settings))
         if booting is not None:  # ... and normally before the API goes: workers flush logs to it
             stack.callback(_close_cluster, booting)
             bar.stage("starting Dask workers")
         stack.enter_context(listening(bar.update_to))
-        runner = build_task_runner(settings.executor, cluster=booting.result() if booting else None)
+        if in_process:
+            from prefect.task_runners import ThreadPoolTaskRunner
+
+            runner = ThreadPoolTaskRunner(max_workers=1)
+        else:
+            runner = build_task_runner(settings.executor, booting.result() if booting else None)
         bar.stage("running", started=True)
         return call(runner)
 

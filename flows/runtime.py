@@ -18,7 +18,7 @@ from pathlib import Path
 
 from calypso.errors import ConfigurationError
 from calypso.private_files import create_private_file, read_private_file
-from calypso.settings import CalypsoSettings
+from calypso.settings import CalypsoSettings, load_settings
 
 AUTH = "PREFECT_API_AUTH_STRING"  # what Prefect's clients send (HTTP basic)
 SERVER_AUTH = "PREFECT_SERVER_API_AUTH_STRING"  # what Prefect's server requires
@@ -136,7 +136,29 @@ def check_prefect_api(timeout_s: float = 10.0) -> None:
 
 
 @contextmanager
-def prefect_api() -> Iterator[str]:
+def local_prefect_api(settings: CalypsoSettings) -> Iterator[str]:
+    """The home's local Prefect server (:mod:`calypso.flows.local_server`), started now
+    when none runs, for this process and its workers."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    from calypso.flows.local_server import ensure
+
+    url = ensure(settings.home, settings.server.local_keep_s)
+    secret = os.environ.get(AUTH) or prefect_auth_string(settings)
+    saved = os.environ.get(AUTH)
+    os.environ.update({AUTH: secret, "PREFECT_API_URL": url})
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_API_AUTH_STRING: secret}):
+            yield url
+    finally:
+        drain_prefect_queues()
+        del os.environ["PREFECT_API_URL"]
+        if saved is None:
+            os.environ.pop(AUTH, None)
+
+
+@contextmanager
+def prefect_api(settings: CalypsoSettings | None = None) -> Iterator[str]:
     """Make sure a Prefect API serves this process *and* its Dask workers.
 
     With ``PREFECT_API_URL`` set, that server is used. Otherwise this starts
@@ -147,6 +169,11 @@ def prefect_api() -> Iterator[str]:
     url = os.environ.get("PREFECT_API_URL")
     if url:
         yield url
+        return
+    settings = settings or load_settings()
+    if settings.server.local_keep_s > 0:
+        with local_prefect_api(settings) as url:
+            yield url
         return
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import (

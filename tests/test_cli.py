@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import h5py
@@ -179,8 +184,11 @@ def test_parameters_file_and_listing(dataset, options, tmp_path, capsys):
     assert status == 0 and "polarization_factor" in out and "monitor_reference" in out
 
 
-def test_command_line_run_in_ephemeral_mode_is_quiet(diffraction_sample, tmp_path):
-    """A real `calypso run` process with no Prefect server configured."""
+def test_without_a_server_the_first_run_starts_the_local_one_and_the_next_uses_it(
+    diffraction_sample, tmp_path
+):
+    """Real `calypso run` processes with no Prefect server configured: the first starts
+    the home's local server (calypso.flows.local_server), quietly; the next one uses it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
         PREFECT_HOME=str(tmp_path / "prefect"),
@@ -188,22 +196,23 @@ def test_command_line_run_in_ephemeral_mode_is_quiet(diffraction_sample, tmp_pat
     )
     output = tmp_path / "out"
     poni, mask = diffraction_sample.calibration["poni"], diffraction_sample.calibration["mask"]
+    command = [
+        sys.executable,
+        "-m",
+        "calypso.flows.cli",
+        "run",
+        "diffraction",
+        str(diffraction_sample.raw_dataset_dir),
+        "--set",
+        f"poni={poni}",
+        "--set",
+        f"mask={mask}",
+        "--output",
+        str(output),
+        "--json",
+    ]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "calypso.flows.cli",
-            "run",
-            "diffraction",
-            str(diffraction_sample.raw_dataset_dir),
-            "--set",
-            f"poni={poni}",
-            "--set",
-            f"mask={mask}",
-            "--output",
-            str(output),
-            "--json",
-        ],
+        command,
         env=env,
         capture_output=True,
         text=True,
@@ -213,45 +222,80 @@ def test_command_line_run_in_ephemeral_mode_is_quiet(diffraction_sample, tmp_pat
     assert result.stderr.strip() == ""  # no tracebacks, no shutdown noise
     summary = json.loads(result.stdout)
     assert summary["frames"] == 12 and Path(summary["outputs"][0].split("::")[0]).is_file()
-    status = subprocess.run(
-        [sys.executable, "-m", "calypso.flows.cli", "catalogue", "list"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert status.returncode == 0 and str(output) in status.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "calypso.flows.cli", "run", "diffraction", str(tmp_path / "no")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert bad.returncode == 3
-    assert bad.stderr == f"calypso: error: {tmp_path / 'no'} does not exist\n"
-    # Under --json the same error is JSON on standard output, for the scripts that asked.
-    bad_json = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "calypso.flows.cli",
-            "run",
-            "diffraction",
-            str(tmp_path / "no"),
-            "--json",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert bad_json.returncode == 3 and bad_json.stderr == ""
-    assert json.loads(bad_json.stdout)["error"] == {
-        "type": "RawDataError",
-        "message": f"{tmp_path / 'no'} does not exist",
-        "exit_code": 3,
-    }
+    address = tmp_path / "calypso" / "local-server.json"
+    local = json.loads(address.read_text())
+    assert oct(address.stat().st_mode & 0o777) == "0o600"
+    try:
+        again = subprocess.run(
+            [*command[:-3], "--output", str(tmp_path / "again"), "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert again.returncode == 0 and again.stderr.strip() == "", again.stderr
+        assert json.loads(address.read_text()) == local  # the same server, still running
+        # Both runs are on it, seen with the secret of the home (and not without).
+        secret = (tmp_path / "calypso" / "prefect-auth").read_text().strip()
+        runs = _post(f"{local['url']}/flow_runs/filter", {"limit": 10}, secret)
+        assert sorted(r["state_type"] for r in runs) == ["COMPLETED", "COMPLETED"]
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            _post(f"{local['url']}/flow_runs/filter", {"limit": 10}, None)
+        status = subprocess.run(
+            [sys.executable, "-m", "calypso.flows.cli", "catalogue", "list"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert status.returncode == 0 and str(output) in status.stdout
+        bad = subprocess.run(
+            [sys.executable, "-m", "calypso.flows.cli", "run", "diffraction", str(tmp_path / "no")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert bad.returncode == 3
+        assert bad.stderr == f"calypso: error: {tmp_path / 'no'} does not exist\n"
+        # Under --json the same error is JSON on standard output, for the scripts that asked.
+        bad_json = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "calypso.flows.cli",
+                "run",
+                "diffraction",
+                str(tmp_path / "no"),
+                "--json",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert bad_json.returncode == 3 and bad_json.stderr == ""
+        assert json.loads(bad_json.stdout)["error"] == {
+            "type": "RawDataError",
+            "message": f"{tmp_path / 'no'} does not exist",
+            "exit_code": 3,
+        }
+    finally:  # the keeper stops its server and takes its address away
+        os.kill(local["pid"], signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while address.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert not address.exists()
+
+
+def _post(url: str, body: dict, secret: str | None) -> list:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    request.add_header("Content-Type", "application/json")
+    if secret:
+        token = base64.b64encode(secret.encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
 
 
 def test_version_completion_and_usage_errors(capsys):

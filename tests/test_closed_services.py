@@ -145,10 +145,12 @@ print("PREFECT_API_AUTH_STRING" in os.environ)
 
 
 def test_the_temporary_prefect_server_of_a_run_is_closed_too(tmp_path):
-    """No server configured: `calypso run` starts Prefect's temporary one on a loopback
-    port, with a secret of its own for as long as it lives."""
+    """No server configured and none kept (``server.local_keep_s = 0``): `calypso run`
+    starts Prefect's temporary one on a loopback port, with a secret of its own for as
+    long as it lives."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env["CALYPSO_SERVER__LOCAL_KEEP_S"] = "0"  # one temporary server, not the kept local one
     done = subprocess.run(
         [sys.executable, "-c", TEMPORARY_SERVER],
         env=env,

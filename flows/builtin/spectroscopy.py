@@ -7,8 +7,6 @@ from typing import Any
 
 from calypso.flows.techniques import OUTPUTS, Option, Step, Technique, planning_step
 
-INLINE_SPECTRA = 16  # spectra reduced in the flow's own thread when they are one batch
-
 
 def reduce(ctx: Any, plan: Any) -> list[Any]:
     """Batches of spectra reduced on the task runner (vectorised inside a batch), then the
@@ -17,16 +15,16 @@ def reduce(ctx: Any, plan: Any) -> list[Any]:
     from calypso.tasks.spectroscopy import merge_repeated_scans, reduce_spectra_batch
 
     reference_e0 = plan.calibration.reference_e0 if plan.calibration else None
-    planned = list(plan.batches())
     arguments = (plan.parameters, reference_e0, ctx.work_dir)
     described = f"Reducing {plan.n_spectra} spectra"
-    if len(planned) == 1 and plan.n_spectra <= INLINE_SPECTRA:
-        # A few spectra are milliseconds of work: sending them to a Dask worker and back
-        # (scheduling, the task engine there, the result's return) costs far more.
-        batches = [reduce_spectra_batch(planned[0], *arguments)]
-        RunProgress(plan.n_spectra, described).advance(plan.n_spectra)
+    if plan.in_process:  # no Dask round trip for milliseconds of work
+        progress = RunProgress(plan.n_spectra, described)
+        batches = []
+        for batch in plan.batches():
+            batches.append(reduce_spectra_batch(batch, *arguments))
+            progress.advance(batch.stop - batch.start)
     else:
-        futures = [reduce_spectra_batch.submit(batch, *arguments) for batch in planned]
+        futures = [reduce_spectra_batch.submit(batch, *arguments) for batch in plan.batches()]
         batches = collect(futures, plan.n_spectra, described, lambda r: r.stop - r.start)
     if plan.merges:
         batches.append(merge_repeated_scans(plan, batches, ctx.work_dir))

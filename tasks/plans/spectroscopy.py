@@ -47,6 +47,9 @@ class Calibration(BaseModel):
     reference_e0: float
 
 
+IN_PROCESS_SPECTRA = 64  # up to this many, no cluster: see SpectroscopyPlan.in_process
+
+
 class SpectroscopyPlan(BaseModel):
     """Everything the flow needs, checked before any spectrum is reduced."""
 
@@ -65,6 +68,12 @@ class SpectroscopyPlan(BaseModel):
     @property
     def n_spectra(self) -> int:
         return sum(source.n_spectra for source in self.sources)
+
+    @property
+    def in_process(self) -> bool:
+        """A few spectra (a file, repeated scans) are milliseconds of work: they are
+        reduced in the flow's own process, with no Dask cluster started or round trip."""
+        return self.n_spectra <= IN_PROCESS_SPECTRA
 
     @property
     def repeats(self) -> list[SpectrumSource]:

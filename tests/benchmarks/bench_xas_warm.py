@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from statistics import median
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_spectroscopy import time_plain_loop
@@ -53,10 +55,10 @@ def time_larch(path: Path, repeat: int) -> float:
     for _ in range(repeat):
         group = read_ascii(str(path))
         energy = group.energy
-        mu = getattr(group, "mu", None)
+        mu = next(
+            (getattr(group, n) for n in ("mu", "mutrans", "mufluor") if hasattr(group, n)), None
+        )
         if mu is None:  # transmission from the detector columns, as Athena would
-            import numpy as np
-
             mu = np.log(group.i0 / group.itrans)
         pre_edge(energy, mu, group=group)
         autobk(energy, mu, group=group, rbkg=1.0)
