@@ -16,7 +16,23 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The portal's HDF5 viewer (h5web) is built with npm into flows/portal/static/viewer
+# (gitignored); without node >= 18 and npm it is skipped, and `calypso portal` says how
+# to build it (everything else works without it).
+PORTAL_FRONTEND := flows/portal/frontend
+VIEWER := flows/portal/static/viewer/viewer.js
+
 install: $(STAMP)
+	@if ! command -v npm >/dev/null 2>&1 || ! command -v node >/dev/null 2>&1; then \
+		echo "portal viewer: skipped (node >= 18 and npm not found): the portal works without it"; \
+	elif ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) < 18 ? 1 : 0)'; then \
+		echo "portal viewer: skipped (node $$(node --version) is older than 18)"; \
+	elif [ ! -f $(VIEWER) ] || [ -n "$$(find $(PORTAL_FRONTEND)/src $(PORTAL_FRONTEND)/package.json \
+			$(PORTAL_FRONTEND)/vite.config.js -newer $(VIEWER) 2>/dev/null)" ]; then \
+		echo "portal viewer: npm install and build ($(PORTAL_FRONTEND))"; \
+		(cd $(PORTAL_FRONTEND) && npm install --no-audit --no-fund --loglevel=error && npm run build --silent) \
+			|| { echo "portal viewer: the npm build failed (see above): the portal works without it"; }; \
+	fi
 
 demo: install
 	$(BIN)/calypso demo

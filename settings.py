@@ -33,6 +33,7 @@ from calypso.service_settings import (  # noqa: F401 (sections, imported from he
     AccessSettings,
     LdapSettings,
     OidcSettings,
+    PortalSettings,
     ServerSettings,
     ServeSettings,
     UserFlowSettings,
@@ -322,6 +323,7 @@ class CalypsoSettings(BaseSettings):
     access: AccessSettings = Field(default_factory=AccessSettings)
     user_flows: UserFlowSettings = Field(default_factory=UserFlowSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    portal: PortalSettings = Field(default_factory=PortalSettings)
     prefect_api_url: str | None = Field(
         None,
         description="Prefect server API; when unset, PREFECT_API_URL or Prefect's "

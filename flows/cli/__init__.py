@@ -22,6 +22,7 @@ from calypso.flows.cli import (
     cluster,
     export,
     parameters,
+    portal,
     run,
     sample_data,
     service,
@@ -32,7 +33,7 @@ from calypso.flows.cli import (
 # In the order `calypso --help` lists the commands.
 COMMAND_GROUPS = (
     *(run, export, parameters, sample_data, service, user_flows, cluster, catalogue),
-    *(automations, whoami),
+    *(automations, whoami, portal),
 )
 
 
