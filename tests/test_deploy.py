@@ -47,13 +47,17 @@ def test_compose_pilot_wires_server_database_serve_watch_and_dask():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
     assert {"postgres", "prefect-server", "dask-scheduler", "dask-worker"} <= set(services)
-    assert {"calypso-serve", "calypso-watch"} <= set(services)
+    assert {"calypso-serve", "calypso-watch", "calypso-portal"} <= set(services)
     server = services["prefect-server"]["environment"]
     assert server["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
     serve = services["calypso-serve"]
     assert serve["command"] == ["serve"]
     assert serve["environment"]["CALYPSO_EXECUTOR__KIND"] == "address"
     assert serve["environment"]["CALYPSO_EXECUTOR__ADDRESS"] == "tls://dask-scheduler:8786"
+    portal = services["calypso-portal"]
+    assert portal["command"][0] == "portal" and portal["ports"] == [
+        "${PUBLISH:-127.0.0.1}:8400:8400"
+    ]
     watch = services["calypso-watch"]
     assert watch["command"][0] == "watch" and any(v.endswith(":ro") for v in watch["volumes"])
     preloads = {a.split("=", 1)[1] for a in services["dask-worker"]["entrypoint"] if "preload" in a}
