@@ -317,7 +317,7 @@ class FlowRun:
             | {name: round(value, 3) for name, value in timings.items()},
             "per_s": round(self.count / max(total, 1e-9), 2),
         }
-        publish_results_table(summary)
+        publish_results_table(summary, portal_links(self.settings, self.run_id, summary))
         if warning := self._post(registration.catalogue_id, summary):
             summary["warnings"].append(warning)
         return summary
@@ -390,9 +390,33 @@ def summary_figures(summary: dict[str, Any]) -> list[tuple[str, Any]]:
     return key_figures({k: v for k, v in summary.items() if k not in _NOT_FIGURES})
 
 
-def publish_results_table(summary: dict[str, Any]) -> None:
+def portal_path(settings: CalypsoSettings, path: str) -> str | None:
+    """``<proposal>/<relative>`` of a path under the data roots: where the portal shows it."""
+    if not path:
+        return None
+    real = Path(path).absolute()
+    for root in settings.data_roots:
+        root = Path(root).absolute()
+        if real.is_relative_to(root) and real != root:
+            return str(real.relative_to(root))
+    return None
+
+
+def portal_links(settings: CalypsoSettings, run_id: str, summary: dict[str, Any]) -> list[dict]:
+    """Rows of the results table that open the run and its results in the portal (issue
+    #21), where one is announced (``portal.public_url``)."""
+    base = (settings.portal.public_url or "").rstrip("/")
+    if not base:
+        return []
+    rows = [{"item": "this run in the portal", "value": f"{base}/runs/{run_id}"}]
+    if folder := portal_path(settings, summary.get("processed_dataset_dir") or ""):
+        rows.append({"item": "its results in the portal", "value": f"{base}/folder/{folder}"})
+    return rows
+
+
+def publish_results_table(summary: dict[str, Any], links: list[dict] | None = None) -> None:
     """The run's outputs, key figures and catalogue id as a table artifact in the UI."""
-    rows = [{"item": "output", "value": url} for url in summary["outputs"]]
+    rows = [*(links or []), *({"item": "output", "value": url} for url in summary["outputs"])]
     rows.append({"item": "processed_dataset_dir", "value": summary["processed_dataset_dir"]})
     rows.append({"item": "catalogue_id", "value": summary["catalogue_id"]})
     rows.append(

@@ -73,6 +73,8 @@ class Facility:
             CALYPSO_WATCH__CONFIRM_S="120",
             CALYPSO_SERVE__DEFAULT_CONCURRENCY=str(CONCURRENCY),
             CALYPSO_SERVE__SAVED_FLOW_POLL_S="1",
+            # a portal is announced: each results table links the run's pages there
+            CALYPSO_PORTAL__PUBLIC_URL="https://portal.example.org",
             CALYPSO_EXECUTOR__N_WORKERS="2",
             PREFECT_RUNNER_POLL_FREQUENCY="1",
             # A task on a worker that dies fails at once (Dask would otherwise rerun it
@@ -222,6 +224,9 @@ def test_a_dataset_written_into_the_watched_tree_is_processed(facility):
     rows = json.loads(table) if isinstance(table, str) else table
     items = {row["item"]: row["value"] for row in rows}
     assert items["catalogue_id"] == 1 and items["output"].startswith(str(processed))
+    portal = "https://portal.example.org"
+    assert items["this run in the portal"] == f"{portal}/runs/{run.id}"
+    assert items["its results in the portal"].startswith(f"{portal}/folder/ih0001/id00/")
     assert "data:image/png;base64" in kinds["markdown"].data
 
 

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
+from calypso.flows.flow_run import portal_path
 from calypso.flows.portal.app import PortalError, page
 from calypso.flows.portal.auth import User
 from calypso.flows.portal.paths import visible_proposals
@@ -171,15 +172,3 @@ def _technique_of(run: Any) -> str | None:
 
     name = (run.name or "").split("/")[0]
     return next((t for t in TECHNIQUES if t in (run.tags or []) or t in name), None)
-
-
-def portal_path(settings: CalypsoSettings, path: str) -> str | None:
-    """``<proposal>/<relative>`` of a path under the data roots (links in pages)."""
-    if not path:
-        return None
-    real = Path(path).absolute()
-    for root in settings.data_roots:
-        root = Path(root).absolute()
-        if real.is_relative_to(root) and real != root:
-            return str(real.relative_to(root))
-    return None

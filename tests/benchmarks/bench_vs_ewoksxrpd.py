@@ -43,7 +43,7 @@ PEER = REPO / ".venv-peer"
 SMALL = 5  # frames of the scan that measures a run's fixed cost
 LABELS = [
     ("ewoksxrpd", "ewoksxrpd"),
-    ("cold", "calypso run --local, cold"),
+    ("cold", "calypso run --local, cold (temporary server)"),
     ("server", "calypso run --local, server up"),
     ("service", "calypso run, sent to calypso serve"),
     ("small", f"{SMALL} frames, sent to calypso serve"),

@@ -44,9 +44,11 @@ class PeakMemory(threading.Thread):
 
 
 def isolated_environment(work: Path) -> dict[str, str]:
-    """This process's environment with a private Calypso and Prefect home under ``work``."""
+    """This process's environment with a private Calypso and Prefect home under ``work``:
+    a command run in it is cold (a temporary Prefect server of its own, none kept)."""
     env = dict(os.environ)
     env.update(CALYPSO_HOME=str(work / "calypso"), PREFECT_HOME=str(work / "prefect"))
+    env["CALYPSO_SERVER__LOCAL_KEEP_S"] = "0"
     env.pop("PREFECT_API_URL", None)
     env.pop("PREFECT_API_AUTH_STRING", None)  # the server's secret is in the private home
     return env
@@ -105,3 +107,18 @@ def warm_service(
     finally:
         served.terminate()
         served.wait(timeout=60)
+
+
+@contextmanager
+def kept_local_server(env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """``env`` in which `calypso run` uses the home's kept local Prefect server (started
+    by the first command, as on a user's machine); stopped at the end."""
+    import signal
+
+    env = {**env, "CALYPSO_SERVER__LOCAL_KEEP_S": "600"}
+    address = Path(env["CALYPSO_HOME"]) / "local-server.json"
+    try:
+        yield env
+    finally:
+        if address.exists():
+            os.kill(json.loads(address.read_text())["pid"], signal.SIGTERM)
