@@ -49,6 +49,13 @@ class WatchSettings(BaseModel):
     """``calypso watch``: how RAW_DATA trees are followed and scans routed to flows."""
 
     interval_s: float = Field(10.0, gt=0, description="Seconds between two polls of a tree.")
+    inotify: bool = Field(
+        True,
+        description="Also listen for dataset files written on this machine (inotify): a "
+        "scan is announced within a second of its end instead of at the next poll. Other "
+        "NFS/GPFS clients' writes are seen by the polls only; turn it off on trees too "
+        "large for the kernel's inotify watch limit.",
+    )
     quiet_s: float = Field(
         60.0,
         ge=0,
