@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from calypso.executors.dask import flow_task_runner
 from calypso.flows.flow_run import FlowRun
 from calypso.flows.specification import FlowSpec, check_specification
-from calypso.flows.techniques import OUTPUTS, TECHNIQUES, Technique, all_steps
+from calypso.flows.techniques import OUTPUTS, TECHNIQUES, Step, Technique, all_steps
 from calypso.settings import CalypsoSettings
 
 
@@ -116,15 +116,17 @@ def run_specification(
     provenance: dict[str, Any] | None = None,
     export_to: str | None = None,
     trigger: str | None = None,
+    steps: dict[str, Step] | None = None,
 ) -> dict[str, Any]:
     """Run ``spec`` on ``raw``: plan, tasks on Dask, NeXus, catalogue, summary.
 
     ``parameters`` replaces the planning step's parameters (a built-in flow called
     with a parameter model); ``assignment`` (``{"step.parameter": value}``) sets swept
     values of one variant. With the ``trigger`` key of an acquisition event, an
-    acquisition processed already is skipped.
+    acquisition processed already is skipped. ``steps`` (default: every step) lets live
+    reduction run the same specification with steps fed by a scan in progress.
     """
-    steps = all_steps()
+    steps = steps or all_steps()
     technique = TECHNIQUES[spec.technique]
     assignment = assignment or {}
     run = FlowRun(technique.name, raw=raw, export_to=export_to, trigger=trigger)

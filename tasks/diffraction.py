@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,24 @@ def integrate_chunk(
         monitor = bliss.read_counter(
             raw_file, scan.number, parameters.monitor, chunk.start, chunk.stop
         )
+    return integrate_into_part(
+        frames, monitor, parameters, geometry, scan.number, chunk.start, chunk.stop, work_dir, began
+    )
+
+
+def integrate_into_part(
+    frames: Iterable[np.ndarray],
+    monitor: np.ndarray | None,
+    parameters: DiffractionParameters,
+    geometry: Geometry,
+    scan_number: int,
+    start: int,
+    stop: int,
+    work_dir: str,
+    began: float,
+) -> ChunkResult:
+    """Integrate frames ``start:stop`` of scan ``scan_number`` into their part file: the one
+    code path of the offline chunks and of live reduction (tasks/live_diffraction.py)."""
     images = {
         name: integrators.detector_image(getattr(parameters, name), name)
         for name in ("mask", "dark", "flat")
@@ -105,7 +124,7 @@ def integrate_chunk(
         monitor_name=p.monitor,
         **images,
     )
-    part = Path(work_dir) / f"scan{scan.number:04d}-{chunk.start:09d}.h5"
+    part = Path(work_dir) / f"scan{scan_number:04d}-{start:09d}.h5"
     with h5py.File(part, "w") as h5:
         h5["intensity"] = result.intensity
         if result.errors is not None:
@@ -114,9 +133,9 @@ def integrate_chunk(
         if result.azimuthal is not None:
             h5["azimuthal"] = result.azimuthal
     return ChunkResult(
-        scan=scan.number,
-        start=chunk.start,
-        stop=chunk.stop,
+        scan=scan_number,
+        start=start,
+        stop=stop,
         part_file=str(part),
         seconds=time.perf_counter() - began,
         worker=worker_identity(),
@@ -130,9 +149,13 @@ def ascii_path(plan: IntegrationPlan, scan: ScanPlan) -> Path:
 
 @task(name="write_integrated_nexus", cache_policy=NO_CACHE)
 def write_integrated_nexus(
-    plan: IntegrationPlan, results: list[ChunkResult], provenance: dict
+    plan: IntegrationPlan, results: list[ChunkResult], provenance: dict, partial: str | None = None
 ) -> list[str]:
     """Assemble the part files into the NeXus result (and one ASCII pattern a scan), atomically.
+
+    ``partial`` (live reduction of a scan that did not end well: why) marks the result
+    partial, at the root (``status``) and in each process (``status``); without it the
+    file is what it always was.
 
     Returns the NeXus URLs of the integrated data, one per scan.
     """
@@ -157,6 +180,8 @@ def write_integrated_nexus(
         *ascii_temps, png_temp, h5_temp = temporaries
         with h5py.File(h5_temp, "w") as h5:
             nexus.write_root_attributes(h5, f"{plan.scans[0].number}.1")
+            if partial:
+                h5.attrs["status"] = "partial"
             for index, scan in enumerate(plan.scans):
                 entry_name = f"{scan.number}.1"
                 entry = h5.create_group(entry_name)
@@ -178,6 +203,8 @@ def write_integrated_nexus(
                     provenance={**provenance, "source": scan.source.describe()},
                 )
                 process.attrs["default"] = "integrated"
+                if partial:
+                    process["status"] = f"partial: {partial}"
                 chunks = by_scan.get(scan.number, [])
                 covered = sum(c.stop - c.start for c in chunks)
                 if covered != scan.source.n_frames:

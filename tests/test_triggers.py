@@ -202,6 +202,8 @@ def test_a_dataset_written_into_the_watched_tree_is_processed(facility):
     sample = write_diffraction_sample(facility.tree, frames=3, frames_per_file=2)
     [run] = wait_until(lambda: facility.finished(1), 240, "the triggered flow run")
     assert run.state.is_completed(), run.state
+    ended = sample.dataset.raw_file.stat().st_mtime  # end_time, written last
+    print(f"scan end -> flow run started: {run.start_time.timestamp() - ended:.2f} s")
     # forked from serve's fork server, not a fresh interpreter (flows/online/warm_starts.py)
     assert "served runs start warm" in (facility.work / "serve.log").read_text()
     assert run.parameters["raw"] == str(sample.raw_dataset_dir)

@@ -57,6 +57,19 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="run in this command's own processes even when `calypso serve` is running",
     )
+    run.add_argument(
+        "--live",
+        metavar="SOURCE",
+        help="reduce the scan while it runs, following it on Bliss's data-stream server "
+        "(redis://host:port) or through its growing files ('files'): docs/live.md",
+    )
+    run.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="with --live: the writer stopped when no frame came for S seconds",
+    )
     run.add_argument("--json", action="store_true", help="print a machine-readable summary")
     run.add_argument("-v", "--verbose", action="store_true", help="show Prefect and Dask logs")
     run.set_defaults(handler=command_run)
@@ -64,7 +77,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def command_run(args: argparse.Namespace) -> int:
     settings = load_settings_with_workers(args.workers)
-    summary = None if args.local or args.workers else submitted(args, settings)
+    if args.live:
+        summary = live_run(args, settings)
+    else:
+        summary = None if args.local or args.workers else submitted(args, settings)
     if summary is None:
         # Imported here: Prefect's import is slow and `calypso --help` needs none of it.
         from calypso.flows.runtime import prepare_environment
@@ -85,6 +101,20 @@ def command_run(args: argparse.Namespace) -> int:
     else:
         print_summary(summary)
     return 0
+
+
+def live_run(args: argparse.Namespace, settings: CalypsoSettings) -> dict[str, Any]:
+    """The run following the scan as it is written (``--live``), in this command's processes."""
+    from calypso.flows.online.live import run_live
+    from calypso.flows.runtime import prepare_environment
+
+    prepare_environment(settings, verbose=args.verbose)
+    parameters = build_parameters(args.technique, args.set, args.params)
+    live = {"source": args.live, "stall_timeout": args.stall_timeout}
+    return run_live(
+        args.technique, args.input, parameters, args.scans, args.output, settings,
+        live=live, export_to=args.export_to,
+    )  # fmt: skip
 
 
 def submitted(args: argparse.Namespace, settings: CalypsoSettings) -> dict[str, Any] | None:

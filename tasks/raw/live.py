@@ -70,7 +70,24 @@ class LiveScan(Protocol):
         """Frames ``first`` to ``stop - 1``, all of them already handed out."""
         ...
 
+    def locations(self, first: int, stop: int) -> list[FileRun]:
+        """Where frames ``first`` to ``stop - 1`` (handed out) lie: ``(file, dataset, index,
+        stop index)`` runs, small enough to send to a task that reads them itself."""
+        ...
+
+    def read_counters(self, first: int, stop: int) -> dict[str, np.ndarray]:
+        """Points ``first`` to ``stop - 1`` of every counter that has them all so far."""
+        ...
+
     def close(self) -> None: ...
+
+
+FileRun = tuple[str, str, int, int]  # Lima file, dataset, first index, stop index
+
+
+def read_runs(runs: list[FileRun]) -> np.ndarray:
+    """The frames of :meth:`LiveScan.locations` runs, in order (in a task, on a worker)."""
+    return np.concatenate([read_lima(*run) for run in runs])
 
 
 def follow(
@@ -312,21 +329,41 @@ class LimaFiles:
             what += f" ({self._handed} of the {self._end} frames the scan recorded)"
         raise _stalled(what, waited, self._ended)
 
-    def read(self, first: int, stop: int) -> np.ndarray:
+    def locations(self, first: int, stop: int) -> list[FileRun]:
         if not 0 <= first < stop <= self._handed:
             raise ParameterError(
                 f"frames {first}-{stop - 1} of {self.template} are not all handed out yet "
                 f"({self._handed} are)"
             )
-        parts = []
+        runs = []
         offset = 0
         files = [*self._files, (self._path(len(self._files)), self._current)]
         for path, count in files:
             lo, hi = max(first, offset), min(stop, offset + count)
             if lo < hi:
-                parts.append(read_lima(path, self.dataset, lo - offset, hi - offset))
+                runs.append((path, self.dataset, lo - offset, hi - offset))
             offset += count
-        return np.concatenate(parts)
+        return runs
+
+    def read(self, first: int, stop: int) -> np.ndarray:
+        return read_runs(self.locations(first, stop))
+
+    def read_counters(self, first: int, stop: int) -> dict[str, np.ndarray]:
+        """Counters from the Bliss dataset file as it grows (``N.1/measurement/<name>``):
+        those with points up to ``stop``; none while the file is between two writes."""
+        if self.dataset_file is None or not self.dataset_file.exists():
+            return {}
+        counters = {}
+        try:
+            with open_lima(self.dataset_file) as h5:
+                measurement = h5.get(f"{self._info.number}.1/measurement")
+                for name in measurement or ():
+                    item = measurement.get(name)
+                    if isinstance(item, h5py.Dataset) and item.ndim == 1 and len(item) >= stop:
+                        counters[name] = np.asarray(item[first:stop], dtype=np.float64)
+        except (OSError, KeyError, ValueError, RuntimeError):
+            return {}  # caught between two metadata writes: look again next time
+        return counters
 
     def close(self) -> None:
         """Nothing stays open between two looks."""

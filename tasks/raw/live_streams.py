@@ -12,12 +12,19 @@ then read from those files (h5py, no file locking). blissdata is imported only h
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from calypso.errors import ParameterError, RawDataError
-from calypso.tasks.raw.live import LimaFiles, LiveScanInfo, _stalled, read_lima
+from calypso.tasks.raw.live import FileRun, LimaFiles, LiveScanInfo, _stalled, read_runs
+
+
+class StreamServerGone(RawDataError):
+    """The blissdata server stopped answering mid-scan: :meth:`BlissdataScan.as_files`
+    reads the rest from the Lima files."""
 
 
 def closed_frames(lima_info: dict[str, Any], last_saved: int, sealed: bool) -> int:
@@ -164,7 +171,7 @@ class BlissdataScan:
                 f"read ({self._handed} frames were handed out)"
             ) from None
         except redis.exceptions.RedisError as exc:
-            raise RawDataError(
+            raise StreamServerGone(
                 f"the blissdata server {self.url} went away while scan {self.key} was read "
                 f"({exc}); {self._handed} frames were handed out. as_files() reads the rest "
                 "from the Lima files"
@@ -250,25 +257,45 @@ class BlissdataScan:
                 f"frames {first}-{stop - 1} of scan {self.key} are not all handed out yet "
                 f"({self._handed} are)"
             )
-        refs = self._lima.get_references(slice(first, stop))
+        with self._server_gone_named():
+            refs = self._lima.get_references(slice(first, stop))
         return [(r.file_path, r.data_path, r.index) for r in refs]
 
-    def read(self, first: int, stop: int) -> np.ndarray:
+    def locations(self, first: int, stop: int) -> list[FileRun]:
         runs: list[list] = []  # [path, dataset, first index, stop index]
         for path, dataset, index in self.references(first, stop):
             if runs and runs[-1][:2] == [path, dataset] and runs[-1][3] == index:
                 runs[-1][3] += 1
             else:
                 runs.append([path, dataset, index, index + 1])
-        return np.concatenate([read_lima(*run) for run in runs])
+        return [(path, dataset, lo, hi) for path, dataset, lo, hi in runs]
+
+    def read(self, first: int, stop: int) -> np.ndarray:
+        return read_runs(self.locations(first, stop))
 
     def read_counters(self, first: int, stop: int) -> dict[str, np.ndarray]:
         """The points ``first`` to ``stop - 1`` of every counter that has them all."""
-        return {
-            name: np.asarray(stream[first:stop])
-            for name, stream in self._scan.streams.items()
-            if _is_counter(stream) and len(stream) >= stop
-        }
+        with self._server_gone_named():
+            return {
+                name: np.asarray(stream[first:stop], dtype=np.float64)
+                for name, stream in self._scan.streams.items()
+                if _is_counter(stream) and len(stream) >= stop
+            }
+
+    @contextmanager
+    def _server_gone_named(self) -> Iterator[None]:
+        """A server that stops answering while frames or counters are read is named as in
+        :meth:`ready` (the caller then reads the files: :meth:`as_files`)."""
+        import redis
+
+        try:
+            yield
+        except redis.exceptions.RedisError as exc:
+            raise StreamServerGone(
+                f"the blissdata server {self.url} went away while scan {self.key} was read "
+                f"({exc}); {self._handed} frames were handed out. as_files() reads the rest "
+                "from the Lima files"
+            ) from None
 
     def as_files(self) -> LimaFiles:
         """The same scan's remaining frames from its Lima files (the server went away):

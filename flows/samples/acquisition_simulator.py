@@ -1,0 +1,398 @@
+"""An acquisition simulator: a Bliss scan written frame by frame at a given rate, for the
+live-reduction tests, the demo and ``tests/benchmarks/bench_live.py`` (docs/live.md).
+
+It replays a recorded Bliss scan (``calypso sample-data diffraction`` writes one; real
+scans work too) into a new raw dataset, in a process of its own, as Bliss and Lima do:
+
+- Lima files ``scanNNNN/<detector>_%04d.h5`` of ``frames_per_file`` frames, one chunk a
+  frame, bitshuffle-LZ4 (the recorded chunks are copied as they are when they are
+  bitshuffle-LZ4 already: replaying costs no decompression), each frame flushed once
+  written, so that a reader of growing files sees it;
+- the dataset file's entry ``N.1`` (title, ``start_time``, sample, positioners) first,
+  then every counter point as its frame is written (SWMR: a reader never sees a point
+  half-written), then the detector's virtual dataset, ``end_reason`` and ``end_time``,
+  written last;
+- with ``blissdata_url``, the scan published on Bliss's data-stream server too: a Lima
+  stream with the files' names and Lima's ``last_index_saved``, one stream a counter,
+  ``end_reason``; the scan is closed only once the dataset file holds ``end_time``.
+
+``abort_after=K`` stops after K frames as an aborted scan does (``end_reason``
+``USER_ABORT``, ``end_time`` written); ``end=False`` then leaves the scan without an
+end, as a crashed writer would. ``timeline`` (a JSON file) gets the wall time each frame
+was wholly written, to measure the lag of a live reduction behind the detector.
+
+Run as ``python -m calypso.flows.samples.acquisition_simulator SOURCE TARGET_ROOT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import h5py
+import hdf5plugin
+import numpy as np
+
+from calypso.tasks.raw import bliss
+from calypso.tasks.raw.data_policy import RawDataset
+
+LIMA_DATASET = "/entry_0000/measurement/data"
+BITSHUFFLE = 32008  # HDF5's registered filter id of bitshuffle
+
+
+@dataclass(frozen=True)
+class RecordedScan:
+    """What is replayed: a scan of a Bliss dataset file and where its frames lie."""
+
+    raw: RawDataset
+    number: int
+    title: str
+    detector: str
+    frames: list[tuple[str, str, int]]  # (Lima file, dataset, index) of every frame
+    counters: dict[str, np.ndarray]
+    positioners: dict[str, Any]
+    sample_name: str | None
+
+
+def recorded_scan(source: str | Path, scan: int = 1, detector: str | None = None) -> RecordedScan:
+    """Read what a recorded scan holds (its frames are read one at a time when replayed)."""
+    path = Path(source)
+    raw = RawDataset.from_path(path)
+    info = bliss.select_scans(raw.raw_file, [scan])[0]
+    detector = bliss.choose_detector(raw.raw_file, [info], detector)
+    lengths = bliss.counter_lengths(raw.raw_file, scan)
+    with bliss.open_raw(raw.raw_file) as h5:
+        entry = h5[f"{scan}.1"]
+        data = entry[f"instrument/{detector}/data"]
+        frames = []
+        for source_map in data.virtual_sources():
+            lima = (raw.raw_file.parent / source_map.file_name).resolve()
+            first = source_map.vspace.get_select_bounds()[0][0]
+            last = source_map.vspace.get_select_bounds()[1][0]
+            inside = 0  # the whole source dataset (Bliss's layout), or a hyperslab of it
+            if source_map.src_space.get_select_type() == h5py.h5s.SEL_HYPERSLABS:
+                inside = source_map.src_space.get_select_bounds()[0][0]
+            frames += [
+                (str(lima), source_map.dset_name, inside + i) for i in range(last - first + 1)
+            ]
+        counters = {
+            name: np.asarray(entry[f"measurement/{name}"][()])
+            for name, length in lengths.items()
+            if length == len(frames) and name != detector
+        }
+        positioners = {
+            name: item[()]
+            for name, item in entry.get("instrument/positioners", {}).items()
+            if isinstance(item, h5py.Dataset)
+        }
+    return RecordedScan(
+        raw, scan, info.title, detector, frames, counters, positioners,
+        bliss.read_sample_name(raw.raw_file, scan),
+    )  # fmt: skip
+
+
+class _Frames:
+    """Copies recorded frames into new Lima files: raw chunks when they are bitshuffle-LZ4
+    frame chunks already, decoded and compressed again otherwise."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[str, str], tuple[h5py.File, h5py.Dataset]] = {}
+
+    def copy(self, where: tuple[str, str, int], target: h5py.Dataset, slot: int) -> None:
+        path, dataset, index = where
+        key = (path, dataset)
+        if key not in self._open:
+            for h5, _ in self._open.values():
+                h5.close()
+            h5 = h5py.File(path, "r")
+            self._open = {key: (h5, h5[dataset])}
+        source = self._open[key][1]
+        if source.chunks == target.chunks and _bitshuffle(source) and _bitshuffle(target):
+            mask, chunk = source.id.read_direct_chunk((index, 0, 0))
+            target.id.write_direct_chunk((slot, 0, 0), chunk, mask)
+        else:
+            target[slot] = source[index]
+
+    def close(self) -> None:
+        for h5, _ in self._open.values():
+            h5.close()
+
+
+def _bitshuffle(dataset: h5py.Dataset) -> bool:
+    plist = dataset.id.get_create_plist()
+    return [plist.get_filter(i)[0] for i in range(plist.get_nfilters())] == [BITSHUFFLE]
+
+
+def simulate_acquisition(
+    source: str | Path,
+    target_root: str | Path,
+    *,
+    scan: int = 1,
+    rate: float = 20.0,
+    frames_per_file: int = 10,
+    frames: int | None = None,
+    blissdata_url: str | None = None,
+    abort_after: int | None = None,
+    end: bool = True,
+    timeline: str | Path | None = None,
+    start_delay: float = 0.0,
+) -> Path:
+    """Replay scan ``scan`` of ``source`` (a raw dataset folder or its file) into the same
+    raw dataset under ``target_root``, ``rate`` frames a second; returns the new dataset
+    file. ``frames`` replays the first ones only (a scan of that many points)."""
+    recorded = recorded_scan(source, scan)
+    n_frames = min(frames or len(recorded.frames), len(recorded.frames))
+    written = n_frames if abort_after is None else min(abort_after, n_frames)
+    raw = recorded.raw.model_copy(update={"root": Path(target_root).absolute()})
+    raw.raw_dataset_dir.mkdir(parents=True, exist_ok=True)
+    lima_dir = raw.raw_dataset_dir / f"scan{scan:04d}"
+    lima_dir.mkdir(exist_ok=True)
+    template = str(lima_dir / f"{recorded.detector}_%04d.h5")
+    with h5py.File(recorded.frames[0][0], "r") as h5:
+        shape, dtype = h5[recorded.frames[0][1]].shape[1:], h5[recorded.frames[0][1]].dtype
+    time.sleep(start_delay)
+    publisher = None
+    if blissdata_url:
+        publisher = _Publisher(blissdata_url, recorded, raw, template, n_frames, frames_per_file)
+    counters = _start_entry(raw, recorded, n_frames)
+    copier = _Frames()
+    times: list[float] = []
+    began = time.monotonic()
+    lima = data = None
+    try:
+        for index in range(written):
+            number, slot = divmod(index, frames_per_file)
+            if slot == 0:
+                count = min(frames_per_file, n_frames - index)
+                lima, data = _lima_file(template % number, recorded.detector, count, shape, dtype)
+            pause = began + index / rate - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            copier.copy(recorded.frames[index], data, slot)
+            lima.flush()  # a reader of growing files sees the frame now
+            if slot == count - 1 or index == written - 1:
+                lima.close()  # as Lima does once a file is full (or the scan stops)
+            for name, values in recorded.counters.items():
+                counters[name].resize(index + 1, axis=0)
+                counters[name][index] = values[index]
+                counters[name].flush()
+            times.append(time.time())
+            if publisher is not None:
+                publisher.frame(index, {n: v[index] for n, v in recorded.counters.items()})
+    finally:
+        copier.close()
+        counters["__file__"].close()
+    if timeline is not None:
+        Path(timeline).write_text(json.dumps({"written": times}))
+    if not end:
+        return raw.raw_file  # a writer that died: no end_time, the stream never closed
+    reason = "SUCCESS" if written == n_frames else "USER_ABORT"
+    _end_entry(raw, recorded, template, written, frames_per_file, shape, dtype, reason)
+    if publisher is not None:
+        publisher.end(reason)
+    return raw.raw_file
+
+
+def _lima_file(path: str, detector: str, count: int, shape, dtype) -> tuple[h5py.File, Any]:
+    h5 = h5py.File(path, "w")
+    entry = h5.create_group("entry_0000")
+    entry.attrs["NX_class"] = "NXentry"
+    data = h5.create_dataset(
+        LIMA_DATASET,
+        shape=(count, *shape),
+        dtype=dtype,
+        chunks=(1, *shape),
+        **hdf5plugin.Bitshuffle(cname="lz4"),
+    )
+    det = entry.create_group(f"instrument/{detector}")
+    det.attrs["NX_class"] = "NXdetector"
+    det["data"] = h5py.SoftLink(LIMA_DATASET)
+    h5.flush()
+    return h5, data
+
+
+def _start_entry(raw: RawDataset, recorded: RecordedScan, n_frames: int) -> dict[str, Any]:
+    """Entry ``N.1`` without its end; the counters' datasets, growing under SWMR (the open
+    file is kept under ``__file__``)."""
+    h5 = h5py.File(raw.raw_file, "a", libver="latest")
+    h5.attrs["NX_class"] = "NXroot"
+    h5.attrs["creator"] = "Bliss (simulated by calypso's acquisition simulator)"
+    entry = h5.create_group(f"{recorded.number}.1")
+    entry.attrs["NX_class"] = "NXentry"
+    entry["title"] = recorded.title
+    entry["start_time"] = datetime.now(UTC).astimezone().isoformat()
+    instrument = entry.create_group("instrument")
+    instrument.attrs["NX_class"] = "NXinstrument"
+    measurement = entry.create_group("measurement")
+    measurement.attrs["NX_class"] = "NXcollection"
+    counters: dict[str, Any] = {"__file__": h5}
+    for name, values in recorded.counters.items():
+        group = instrument.create_group(name)
+        group.attrs["NX_class"] = "NXdetector"
+        counters[name] = group.create_dataset(
+            "data", shape=(0,), maxshape=(None,), chunks=(256,), dtype=values.dtype
+        )
+        measurement[name] = h5py.SoftLink(f"/{recorded.number}.1/instrument/{name}/data")
+    motors = instrument.create_group("positioners")
+    motors.attrs["NX_class"] = "NXcollection"
+    for name, value in recorded.positioners.items():
+        motors[name] = value
+    sample = entry.create_group("sample")
+    sample.attrs["NX_class"] = "NXsample"
+    sample["name"] = recorded.sample_name or raw.collection
+    h5.swmr_mode = True  # from here on, readers see each counter point whole
+    return counters
+
+
+def _end_entry(
+    raw: RawDataset,
+    recorded: RecordedScan,
+    template: str,
+    written: int,
+    per_file: int,
+    shape,
+    dtype,
+    reason: str,
+) -> None:
+    """The detector's virtual dataset over the Lima files, ``end_reason``, then ``end_time``."""
+    layout = h5py.VirtualLayout(shape=(written, *shape), dtype=dtype)
+    for number, first in enumerate(range(0, written, per_file)):
+        count = min(per_file, written - first)
+        name = Path(template % number)
+        source = h5py.VirtualSource(
+            f"{name.parent.name}/{name.name}", LIMA_DATASET, shape=(count, *shape)
+        )
+        layout[first : first + count] = source[:count]
+    with h5py.File(raw.raw_file, "a") as h5:
+        entry = h5[f"{recorded.number}.1"]
+        det = entry["instrument"].create_group(recorded.detector)
+        det.attrs["NX_class"] = "NXdetector"
+        det.create_virtual_dataset("data", layout, fillvalue=0)
+        det["data"].attrs["interpretation"] = "image"
+        det["type"] = "lima"
+        entry["measurement"][recorded.detector] = h5py.SoftLink(
+            f"/{recorded.number}.1/instrument/{recorded.detector}/data"
+        )
+        entry["end_reason"] = reason
+        entry["end_time"] = datetime.now(UTC).astimezone().isoformat()  # written last
+
+
+class _Publisher:
+    """The scan on Bliss's data-stream server, as Bliss publishes it."""
+
+    def __init__(
+        self,
+        url: str,
+        recorded: RecordedScan,
+        raw: RawDataset,
+        template: str,
+        n_frames: int,
+        per_file: int,
+    ) -> None:
+        from blissdata.redis_engine.store import DataStore
+        from blissdata.streams.default import Stream
+        from blissdata.streams.lima import LimaStream
+
+        self.store = DataStore(url)
+        identity = {
+            "name": recorded.title.split()[0] if recorded.title else "scan",
+            "number": recorded.number,
+            "data_policy": "ESRF",
+            "path": str(raw.raw_file),
+        }
+        info = {"npoints": n_frames, "filename": str(raw.raw_file), "title": recorded.title}
+        self.scan = self.store.create_scan(identity, info=info)
+        with h5py.File(recorded.frames[0][0], "r") as h5:
+            source = h5[recorded.frames[0][1]]
+            shape, dtype = source.shape[1:], source.dtype
+        saving = {
+            "file_path": template,
+            "data_path": LIMA_DATASET,
+            "file_format": "hdf5",
+            "file_offset": 0,
+            "frames_per_file": per_file,
+        }
+        image = LimaStream.make_definition(
+            f"{recorded.detector}:image", dtype, shape, f"id00/limaccds/{recorded.detector}",
+            10, n_frames, 0, saving,
+        )  # fmt: skip
+        self.lima = self.scan.create_stream(image)
+        self.counters = {
+            name: self.scan.create_stream(Stream.make_definition(f"simulator:{name}", "float64"))
+            for name in recorded.counters
+        }
+        self.scan.prepare()
+        self.scan.start()
+
+    gone = False  # the server stopped answering: the files go on being written
+
+    def frame(self, index: int, points: dict[str, float]) -> None:
+        def send() -> None:
+            # Counters first: a reader that waits for them then finds the frame's point.
+            for name, value in points.items():
+                self.counters[name].send(float(value))
+            self.lima.send({"last_index": index, "last_index_saved": index})
+
+        self._publish(send)
+
+    def end(self, reason: str) -> None:
+        def close() -> None:
+            self.scan.stop()
+            self.scan.info["end_reason"] = reason
+            self.scan.close()
+            self.store._redis.connection_pool.disconnect()
+
+        self._publish(close)
+
+    def _publish(self, action) -> None:
+        import redis
+
+        if self.gone:
+            return
+        try:
+            # blissdata sends from threads of its own, whose errors never come back here,
+            # and waits for them when the scan stops: ask the server first.
+            self.store._redis.ping()
+            action()
+        except redis.exceptions.RedisError as exc:
+            self.gone = True
+            print(f"blissdata server gone ({exc}): writing the files only", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="recorded raw dataset folder (or its .h5 file)")
+    parser.add_argument("target_root", help="root under which the scan is written again")
+    parser.add_argument("--scan", type=int, default=1)
+    parser.add_argument("--rate", type=float, default=20.0, help="frames a second")
+    parser.add_argument("--frames", type=int, help="replay only the first N frames")
+    parser.add_argument("--frames-per-file", type=int, default=10)
+    parser.add_argument("--blissdata", metavar="URL", help="publish through blissdata too")
+    parser.add_argument("--abort-after", type=int, metavar="K", help="abort after K frames")
+    parser.add_argument("--no-end", action="store_true", help="stop without end_time")
+    parser.add_argument("--timeline", help="JSON file: when each frame was written")
+    parser.add_argument("--start-delay", type=float, default=0.0, help="seconds before start")
+    args = parser.parse_args(argv)
+    path = simulate_acquisition(
+        args.source, args.target_root, scan=args.scan, rate=args.rate,
+        frames_per_file=args.frames_per_file, frames=args.frames,
+        blissdata_url=args.blissdata, abort_after=args.abort_after, end=not args.no_end,
+        timeline=args.timeline, start_delay=args.start_delay,
+    )  # fmt: skip
+    print(path, flush=True)
+    if args.blissdata:
+        # blissdata's sender threads never end once its server has gone away: leave
+        # without waiting for them (the files and the stream are written and closed).
+        os._exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""Tasks of live diffraction (docs/live.md): chunks of a scan in progress, and the partial
+NeXus file people can open while it runs.
+
+A live chunk travels as the Lima files that hold its frames (``(file, dataset, index,
+stop)`` runs from :meth:`~calypso.tasks.raw.live.LiveScan.locations`) and its monitor
+values (read by the flow from the stream or the growing dataset file): the dataset
+file's virtual dataset does not exist before the scan ends. It is integrated by the same
+code as an offline chunk (:func:`calypso.tasks.diffraction.integrate_into_part`), into
+the same part file, so the assembled result is the offline one bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from calypso.executors.paths import worker_paths
+from calypso.tasks.diffraction import ChunkResult, integrate_into_part
+from calypso.tasks.raw.live import FileRun, open_lima
+from calypso.tasks.writers import nexus
+from calypso.techniques.diffraction import DiffractionParameters, Geometry, radial_axis_name
+
+
+def _frames(runs: list[FileRun]) -> Iterator[np.ndarray]:
+    """One frame at a time (a task's memory stays at one frame), as offline chunks read."""
+    from calypso.tasks.raw.frames import named_read_errors
+
+    for path, dataset, first, stop in runs:
+        what = f"{path}::{dataset} frames {first}-{stop - 1}"
+        with named_read_errors(what), open_lima(path) as h5:
+            data = h5[dataset]
+            for index in range(first, stop):
+                yield data[index]
+
+
+# Not cached: a live chunk's frames are named by where they lie, not by what the scan
+# is, and a retried live run follows the scan again from its start.
+@task(name="integrate_live_chunk", cache_policy=NO_CACHE)
+@worker_paths
+def integrate_live_chunk(
+    scan: int,
+    start: int,
+    stop: int,
+    runs: list[FileRun],
+    monitor: list[float] | None,
+    parameters: DiffractionParameters,
+    geometry: Geometry,
+    work_dir: str,
+) -> ChunkResult:
+    """Frames ``start:stop`` of a scan in progress, integrated into their part file."""
+    began = time.perf_counter()
+    values = None if monitor is None else np.asarray(monitor, dtype=np.float64)
+    return integrate_into_part(
+        _frames(runs), values, parameters, geometry, scan, start, stop, work_dir, began
+    )
+
+
+def partial_path(output_file: str | Path) -> Path:
+    """Where the partial result of a live run is, next to the result to come:
+    ``<name>.partial.h5`` (removed once the result is published)."""
+    output = Path(output_file)
+    return output.with_name(f"{output.stem}.partial.h5")
+
+
+def write_partial(
+    path: Path,
+    scan: int,
+    detector: str,
+    expected: int,
+    chunks: list[ChunkResult],
+    parameters: DiffractionParameters,
+    state: str,
+) -> None:
+    """The patterns done so far, in the layout of the result (``N.1/<detector>_integrate/
+    integrated``), frames not done yet NaN, marked partial (root ``status``, process
+    ``status``: ``state``). Written aside and renamed: a reader opening it any time
+    (h5py, silx view) finds a whole file."""
+    if not chunks:
+        return
+    done = sorted(chunks, key=lambda c: c.start)
+    total = max(expected, max(c.stop for c in done))
+    with h5py.File(done[0].part_file, "r") as first:
+        radial = first["radial"][()]
+        pattern_shape = first["intensity"].shape[1:]
+        azimuthal = first["azimuthal"][()] if "azimuthal" in first else None
+    radial_name, radial_units = radial_axis_name(parameters.unit)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    with h5py.File(temporary, "w") as h5:
+        nexus.write_root_attributes(h5, f"{scan}.1")
+        h5.attrs["status"] = "partial"
+        entry = h5.create_group(f"{scan}.1")
+        nexus.set_nx_class(entry, "NXentry")
+        process = entry.create_group(f"{detector}_integrate")
+        nexus.set_nx_class(process, "NXprocess")
+        process["status"] = state
+        process["frames_done"] = sum(c.stop - c.start for c in done)
+        entry.attrs["default"] = f"{detector}_integrate/integrated"
+        axes = ["chi", radial_name] if azimuthal is not None else [radial_name]
+        data = nexus.create_nxdata(
+            process, "integrated", signal="intensity", axes=["points", *axes]
+        )
+        intensity = data.create_dataset(
+            "intensity", shape=(total, *pattern_shape), dtype="float32", fillvalue=np.nan
+        )
+        for chunk in done:
+            with h5py.File(chunk.part_file, "r") as part:
+                intensity[chunk.start : chunk.stop] = part["intensity"][()]
+        data["points"] = np.arange(total)
+        if azimuthal is not None:
+            nexus.write_axis(data, "chi", azimuthal, "deg")
+        nexus.write_axis(data, radial_name, radial, radial_units)
+    os.replace(temporary, path)
+
+
+@task(name="warm_up_integrator", cache_policy=NO_CACHE)
+@worker_paths
+def warm_up_integrator(parameters: DiffractionParameters, geometry: Geometry) -> float:
+    """Build this worker's integrator (pyFAI's sparse matrix for these parameters and mask)
+    on a blank frame while the scan has not begun, so that the first frames wait for
+    nothing; seconds spent. Nothing is kept but the integrator."""
+    import shutil
+    import tempfile
+
+    from calypso.tasks import integrators
+
+    began = time.perf_counter()
+    shape = integrators.WORKER_INTEGRATORS.get(geometry).detector.shape
+    if shape is None:  # a detector without a size: the first chunk builds it
+        return 0.0
+    monitor = None if parameters.monitor is None else np.ones(1)
+    folder = tempfile.mkdtemp(prefix="calypso-warm-up-")
+    try:
+        blank = np.zeros(shape, dtype=np.float32)
+        integrate_into_part([blank], monitor, parameters, geometry, 0, 0, 1, folder, began)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return time.perf_counter() - began
+
+
+def regroup_parts(
+    chunks: list[ChunkResult], wanted: list[tuple[int, int, int]], work_dir: str
+) -> list[ChunkResult]:
+    """The live chunks' patterns cut again into the offline plan's chunks (``(scan, start,
+    stop)``), copied row for row into new part files: the writer sums the mean pattern
+    chunk by chunk, so the same chunks give the same sums to the last bit."""
+    by_start = {(c.scan, c.start, c.stop): c for c in chunks}
+    folder = Path(work_dir) / "offline-chunks"
+    folder.mkdir(exist_ok=True)
+    ordered = sorted(chunks, key=lambda c: (c.scan, c.start))
+    regrouped = []
+    for scan, start, stop in wanted:
+        if (scan, start, stop) in by_start:
+            regrouped.append(by_start[(scan, start, stop)])
+            continue
+        sources = [c for c in ordered if c.scan == scan and c.start < stop and c.stop > start]
+        part = folder / f"scan{scan:04d}-{start:09d}.h5"
+        with h5py.File(part, "w") as out:
+            for name in ("intensity", "errors"):
+                blocks = []
+                for source in sources:
+                    with h5py.File(source.part_file, "r") as h5:
+                        if name not in h5:
+                            break
+                        lo, hi = max(start, source.start), min(stop, source.stop)
+                        blocks.append(h5[name][lo - source.start : hi - source.start])
+                if blocks:
+                    out[name] = np.concatenate(blocks)
+            with h5py.File(sources[0].part_file, "r") as h5:
+                for name in ("radial", "azimuthal"):
+                    if name in h5:
+                        out[name] = h5[name][()]
+        seconds = sum(c.seconds for c in sources)
+        regrouped.append(
+            ChunkResult(
+                scan=scan,
+                start=start,
+                stop=stop,
+                part_file=str(part),
+                seconds=seconds,
+                worker=sources[0].worker,
+            )
+        )
+    return regrouped

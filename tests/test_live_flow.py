@@ -1,0 +1,216 @@
+"""Live diffraction (flows/online/live.py, docs/live.md): the acquisition simulator, a real
+writer process, replays a recorded scan at a given frame rate while the live run follows
+it, from its growing files or through blissdata on a real valkey server; the result is
+the offline run's bit for bit, registered once; an aborted scan gives a result marked
+partial; a Lima file that never appears is named after the time-out."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from calypso.errors import RawDataError
+from calypso.flows.api import run_technique
+from calypso.flows.online import live
+from calypso.registry import SQLiteCatalogue
+from calypso.settings import load_settings
+from calypso.techniques.diffraction import DiffractionParameters
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def settings(scheduler):
+    """The session's one-worker cluster: booting one a run costs seconds."""
+    return load_settings(executor={"kind": "address", "address": scheduler})
+
+
+def parameters(sample) -> DiffractionParameters:
+    return DiffractionParameters(
+        poni=str(sample.calibration["poni"]),
+        mask=str(sample.calibration["mask"]),
+        monitor="mon",
+        monitor_reference=1e5,
+        npt=300,
+    )
+
+
+class Simulator(threading.Thread):
+    """The simulator in its own process, as a beamline's writer is, started once the live
+    run follows (its flow has begun): the scan then runs while the run watches."""
+
+    def __init__(self, source: Path, root: Path, *options: str) -> None:
+        super().__init__(daemon=True)
+        command = [sys.executable, "-m", "calypso.flows.samples.acquisition_simulator"]
+        self.command = [*command, str(source), str(root), *options]
+        self.process: subprocess.Popen | None = None
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 120
+        while not live._RUNS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.process = subprocess.Popen(self.command)
+
+    def wait(self, timeout: float) -> int:
+        self.join(timeout)
+        assert self.process is not None, "the live run never began"
+        return self.process.wait(timeout=timeout)
+
+
+def simulate(source: Path, root: Path, *options: str) -> Simulator:
+    simulator = Simulator(source, root, *options)
+    simulator.start()
+    return simulator
+
+
+def target(sample, root: Path) -> Path:
+    """Where the simulator writes the replayed raw dataset."""
+    raw = sample.dataset.model_copy(update={"root": root.absolute()})
+    return raw.raw_dataset_dir
+
+
+class PartialWatcher(threading.Thread):
+    """Opens the partial result (``*.partial.h5``) while the run goes, as a user would."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(daemon=True)
+        self.root, self.seen, self.done = root, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            for path in self.root.rglob("*.partial.h5"):
+                try:
+                    with h5py.File(path, "r", locking=False) as h5:
+                        process = h5["1.1/pilatus1m_integrate"]
+                        self.seen.append((h5.attrs["status"], int(process["frames_done"][()])))
+                except (OSError, KeyError):
+                    pass  # removed meanwhile: the result is there
+            time.sleep(0.1)
+
+
+def datasets(path: str) -> dict[str, bytes]:
+    """Every dataset of a NeXus result, as bytes, but for when and by whom it was written
+    (``date``, provenance: the flow run's id, the host)."""
+    found: dict[str, bytes] = {}
+
+    def visit(name: str, item) -> None:
+        if isinstance(item, h5py.Dataset) and "provenance" not in name and name[-4:] != "date":
+            found[name] = np.asarray(item[()]).tobytes()
+
+    with h5py.File(path, "r") as h5:
+        h5.visititems(visit)
+        found["/attrs"] = repr(sorted((k, str(v)) for k, v in h5.attrs.items() if k != "file_time"))
+    return found
+
+
+def test_growing_files_give_the_offline_result_while_the_scan_runs(
+    diffraction_sample, tmp_path, catalogue_path, settings
+):
+    root = tmp_path / "beamline"
+    writer = simulate(
+        diffraction_sample.raw_dataset_dir, root,
+        *("--rate", "3", "--frames-per-file", "4", "--start-delay", "3"),
+        *("--timeline", str(tmp_path / "written.json")),
+    )  # fmt: skip
+    watcher = PartialWatcher(root)
+    watcher.start()
+    raw_dir = target(diffraction_sample, root)
+    try:
+        summary = live.run_live(
+            "diffraction", str(raw_dir), parameters(diffraction_sample), None, None, settings,
+            live={"source": "files", "stall_timeout": 30, "poll": 0.05},
+        )  # fmt: skip
+    finally:
+        watcher.done.set()
+        assert writer.wait(timeout=60) == 0
+    import json
+
+    last_written = json.loads((tmp_path / "written.json").read_text())["written"][-1]
+    timeline = list(live.LAST_TIMELINE)
+    assert summary["frames"] == 12 and not summary["partial"] and not summary["warnings"]
+    assert sum(c["stop"] - c["start"] for c in timeline) == 12
+    during = [c for c in timeline if c["done"] < last_written]
+    assert during, f"nothing was integrated before the scan ended: {timeline}"
+    assert watcher.seen and all(status == "partial" for status, _ in watcher.seen)
+    assert not list(root.rglob("*.partial.h5")), "the partial file outlived the result"
+
+    offline = run_technique(
+        "diffraction", str(raw_dir), parameters(diffraction_sample), None,
+        str(tmp_path / "offline"), settings,
+    )  # fmt: skip
+    live_file, offline_file = (
+        summary["outputs"][0].split("::")[0],
+        offline["outputs"][0].split("::")[0],
+    )
+    assert datasets(live_file) == datasets(offline_file)
+    for xy in Path(live_file).parent.glob("*.xy"):
+        assert xy.read_bytes() == (Path(offline_file).parent / xy.name).read_bytes()
+    with h5py.File(live_file) as h5:
+        assert "status" not in h5.attrs and "status" not in h5["1.1/pilatus1m_integrate"]
+    records = [r for r in SQLiteCatalogue(catalogue_path).list() if r.outputs == summary["outputs"]]
+    assert len(records) == 1 and records[0].status == "completed"
+
+
+@pytest.fixture
+def blissdata_url(valkey_url):
+    import redis
+    from blissdata.redis_engine.store import DataStore
+
+    redis.Redis.from_url(valkey_url).flushall()
+    DataStore(valkey_url, init_db=True)._redis.connection_pool.disconnect()
+    return valkey_url
+
+
+def test_an_aborted_scan_on_blissdata_gives_a_result_marked_partial(
+    diffraction_sample, tmp_path, catalogue_path, blissdata_url, settings
+):
+    root = tmp_path / "beamline"
+    writer = simulate(
+        diffraction_sample.raw_dataset_dir, root,
+        *("--rate", "8", "--frames-per-file", "3", "--start-delay", "0.5"),
+        *("--blissdata", blissdata_url, "--abort-after", "7"),
+    )  # fmt: skip
+    try:
+        summary = live.run_live(
+            "diffraction", str(target(diffraction_sample, root)), parameters(diffraction_sample),
+            None, None, settings, live={"source": blissdata_url, "stall_timeout": 30},
+        )  # fmt: skip
+    finally:
+        assert writer.wait(timeout=60) == 0
+    assert summary["frames"] == 7 and "USER_ABORT" in summary["partial"]
+    assert any("marked partial" in w for w in summary["warnings"])
+    path = summary["outputs"][0].split("::")[0]
+    with h5py.File(path) as h5:
+        assert h5.attrs["status"] == "partial"
+        process = h5["1.1/pilatus1m_integrate"]
+        assert process["status"][()].decode().startswith("partial: ended early (USER_ABORT")
+        assert process["integrated/intensity"].shape == (7, 300)
+        assert np.isfinite(process["integrated/intensity"][()]).any(axis=1).all()
+
+
+def test_a_lima_file_that_never_appears_is_named(
+    diffraction_sample, tmp_path, catalogue_path, settings
+):
+    """The scan starts (its entry is written), its detector never writes a file."""
+    raw = diffraction_sample.dataset.model_copy(update={"root": tmp_path.absolute()})
+    raw.raw_dataset_dir.mkdir(parents=True)
+    with h5py.File(raw.raw_file, "w") as h5:
+        h5["1.1/title"] = "loopscan 12 0.1"
+        h5["1.1/start_time"] = "2026-01-01T00:00:00"
+    chosen = parameters(diffraction_sample).model_copy(update={"detector": "pilatus1m"})
+    began = time.monotonic()
+    with pytest.raises(
+        RawDataError, match=r"Lima file .*scan0001/pilatus1m_0000.h5 did not appear"
+    ):
+        live.run_live(
+            "diffraction", str(raw.raw_dataset_dir), chosen, None, None, settings,
+            live={"source": "files", "stall_timeout": 2},
+        )  # fmt: skip
+    assert time.monotonic() - began < 60
