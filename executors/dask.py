@@ -87,7 +87,7 @@ def local_cluster_options(executor: ExecutorSettings) -> dict[str, Any]:
         "memory_limit": executor.memory_limit,
         "dashboard_address": DASHBOARD_ADDRESS,
         # Workers import the reduction code while they start, not on their first task.
-        "preload": list(executor.preload),
+        "preload": [*executor.preload, "calypso.executors.worker_setup"],
         **tls_options(executor),
     }
 
