@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from calypso.errors import ConfigurationError
@@ -74,8 +74,14 @@ def find(home: Path) -> str | None:
         return None
     if not _running(int(known.get("pid", 0))) or not _healthy(known["url"]):
         return None
-    os.utime(path)  # used now: the keeper waits keep_s from here
+    used(home)
     return known["url"]
+
+
+def used(home: Path) -> None:
+    """Mark the home's local server as used now (the keeper counts idle time from here)."""
+    with suppress(OSError):  # stopped meanwhile: the next command starts another
+        os.utime(address_path(home))
 
 
 @contextmanager

@@ -141,7 +141,7 @@ def local_prefect_api(settings: CalypsoSettings) -> Iterator[str]:
     when none runs, for this process and its workers."""
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    from calypso.flows.local_server import ensure
+    from calypso.flows.local_server import ensure, used
 
     url = ensure(settings.home, settings.server.local_keep_s)
     secret = os.environ.get(AUTH) or prefect_auth_string(settings)
@@ -155,6 +155,7 @@ def local_prefect_api(settings: CalypsoSettings) -> Iterator[str]:
         del os.environ["PREFECT_API_URL"]
         if saved is None:
             os.environ.pop(AUTH, None)
+        used(settings.home)  # unused from now: the keeper counts from the end of the run
 
 
 @contextmanager
