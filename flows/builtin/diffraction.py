@@ -20,15 +20,20 @@ def integrate(ctx: Any, plan: Any) -> list[Any]:
     chunks = collect(
         futures, plan.n_frames, f"Integrating {plan.n_frames} frames", lambda r: r.stop - r.start
     )
-    ctx.report(
-        tasks=len(chunks),
-        busy=sum(c.seconds for c in chunks),
-        frames=plan.n_frames,
-        chunks=len(chunks),
-        chunk_size=plan.chunk_size,
-        workers=sorted({c.worker for c in chunks}),
-    )
+    ctx.report(**chunk_figures(plan, chunks))
     return chunks
+
+
+def chunk_figures(plan: Any, chunks: list[Any]) -> dict[str, Any]:
+    """What the integration step reports of its chunks (offline and live alike)."""
+    return {
+        "tasks": len(chunks),
+        "busy": sum(c.seconds for c in chunks),
+        "frames": plan.n_frames,
+        "chunks": len(chunks),
+        "chunk_size": plan.chunk_size,
+        "workers": sorted({c.worker for c in chunks}),
+    }
 
 
 def write(ctx: Any, plan: Any, chunks: list[Any]) -> list[str]:

@@ -28,6 +28,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from calypso.errors import CalypsoError, ParameterError, RawDataError
+from calypso.flows.builtin.diffraction import chunk_figures
 from calypso.flows.engine import StepContext, builtin_specification, run_specification
 from calypso.flows.techniques import Step, all_steps
 from calypso.settings import CalypsoSettings
@@ -229,12 +230,7 @@ def live_integrate(ctx: StepContext, plan: Any) -> list[Any]:
     ]  # fmt: skip
     lags = [t - live.handed[i] for a, b, t in live.timeline for i in range(a, b)]
     ctx.report(
-        tasks=len(chunks),
-        busy=sum(c.seconds for c in chunks),
-        frames=plan.n_frames,
-        chunks=len(chunks),
-        chunk_size=plan.chunk_size,
-        workers=sorted({c.worker for c in chunks}),
+        **chunk_figures(plan, chunks),
         live_lag_p50_s=round(float(np.percentile(lags, 50)), 3) if lags else None,
         live_lag_p95_s=round(float(np.percentile(lags, 95)), 3) if lags else None,
         partial=live.partial,
