@@ -84,6 +84,28 @@ def used(home: Path) -> None:
         os.utime(address_path(home))
 
 
+_held: list = []  # the use locks of this process, released when it exits
+
+
+def hold(home: Path) -> None:
+    """Hold the home's local server for this process's lifetime (a shared lock: a keeper
+    never stops a server a living command may still send logs and states to)."""
+    use = open(home / ".local-server.use", "a")  # noqa: SIM115 (held until exit)
+    fcntl.flock(use, fcntl.LOCK_SH)
+    _held.append(use)
+
+
+def _unused(home: Path) -> bool:
+    """No living command holds the server."""
+    with open(home / ".local-server.use", "a") as use:
+        try:
+            fcntl.flock(use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(use, fcntl.LOCK_UN)
+        return True
+
+
 @contextmanager
 def _starting_lock(home: Path):
     """One command at a time looks for, or starts, the home's server."""
@@ -192,7 +214,7 @@ def keep(home: Path, keep_s: float) -> int:
                 server.wait(timeout=min(LOOK_EVERY_S, max(keep_s / 2, 0.5)))
             except subprocess.TimeoutExpired:
                 idle = time.time() - path.stat().st_mtime
-                if idle > keep_s and not _active_flow_runs(url, secret):
+                if idle > keep_s and _unused(home) and not _active_flow_runs(url, secret):
                     print(f"unused for {idle:.0f} s: stopping", flush=True)
                     server.terminate()
         return 0

@@ -141,9 +141,10 @@ def local_prefect_api(settings: CalypsoSettings) -> Iterator[str]:
     when none runs, for this process and its workers."""
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    from calypso.flows.local_server import ensure, used
+    from calypso.flows.local_server import ensure, hold, used
 
     url = ensure(settings.home, settings.server.local_keep_s)
+    hold(settings.home)  # until this process exits: its last logs reach the server
     secret = os.environ.get(AUTH) or prefect_auth_string(settings)
     saved = os.environ.get(AUTH)
     os.environ.update({AUTH: secret, "PREFECT_API_URL": url})
