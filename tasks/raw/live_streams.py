@@ -153,7 +153,10 @@ class BlissdataScan:
     # -- following it ---------------------------------------------------------------
 
     def ready(self) -> list[tuple[int, int]]:
-        import redis
+        with self._server_gone_named():
+            return self._ready()
+
+    def _ready(self) -> list[tuple[int, int]]:
         from blissdata.exceptions import ScanNotFoundError
 
         try:
@@ -169,12 +172,6 @@ class BlissdataScan:
             raise RawDataError(
                 f"scan {self.key} vanished from the blissdata server {self.url} while being "
                 f"read ({self._handed} frames were handed out)"
-            ) from None
-        except redis.exceptions.RedisError as exc:
-            raise StreamServerGone(
-                f"the blissdata server {self.url} went away while scan {self.key} was read "
-                f"({exc}); {self._handed} frames were handed out. as_files() reads the rest "
-                "from the Lima files"
             ) from None
         if available > self._handed:
             first, self._handed = self._handed, available
