@@ -1,19 +1,15 @@
 """Tasks of live diffraction (docs/live.md): chunks of a scan in progress, and the partial
 NeXus file people can open while it runs.
 
-A live chunk travels as the Lima files that hold its frames (``(file, dataset, index,
-stop)`` runs from :meth:`~calypso.tasks.raw.live.LiveScan.locations`) and its monitor
-values (read by the flow from the stream or the growing dataset file): the dataset
-file's virtual dataset does not exist before the scan ends. It is integrated by the same
+A live chunk travels as the Lima files that hold its frames and its monitor values (read
+by the flow from the stream or the growing dataset file). It is integrated by the same
 code as an offline chunk (:func:`calypso.tasks.diffraction.integrate_into_part`), into
 the same part file, so the assembled result is the offline one bit for bit.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -23,21 +19,10 @@ from prefect.cache_policies import NO_CACHE
 
 from calypso.executors.paths import worker_paths
 from calypso.tasks.diffraction import ChunkResult, integrate_into_part
-from calypso.tasks.raw.live import FileRun, open_lima
+from calypso.tasks.live_common import frames_of, partial_file
+from calypso.tasks.raw.live import FileRun
 from calypso.tasks.writers import nexus
 from calypso.techniques.diffraction import DiffractionParameters, Geometry, radial_axis_name
-
-
-def _frames(runs: list[FileRun]) -> Iterator[np.ndarray]:
-    """One frame at a time (a task's memory stays at one frame), as offline chunks read."""
-    from calypso.tasks.raw.frames import named_read_errors
-
-    for path, dataset, first, stop in runs:
-        what = f"{path}::{dataset} frames {first}-{stop - 1}"
-        with named_read_errors(what), open_lima(path) as h5:
-            data = h5[dataset]
-            for index in range(first, stop):
-                yield data[index]
 
 
 # Not cached: a live chunk's frames are named by where they lie, not by what the scan
@@ -58,15 +43,8 @@ def integrate_live_chunk(
     began = time.perf_counter()
     values = None if monitor is None else np.asarray(monitor, dtype=np.float64)
     return integrate_into_part(
-        _frames(runs), values, parameters, geometry, scan, start, stop, work_dir, began
+        frames_of(runs), values, parameters, geometry, scan, start, stop, work_dir, began
     )
-
-
-def partial_path(output_file: str | Path) -> Path:
-    """Where the partial result of a live run is, next to the result to come:
-    ``<name>.partial.h5`` (removed once the result is published)."""
-    output = Path(output_file)
-    return output.with_name(f"{output.stem}.partial.h5")
 
 
 def write_partial(
@@ -80,8 +58,7 @@ def write_partial(
 ) -> None:
     """The patterns done so far, in the layout of the result (``N.1/<detector>_integrate/
     integrated``), frames not done yet NaN, marked partial (root ``status``, process
-    ``status``: ``state``). Written aside and renamed: a reader opening it any time
-    (h5py, silx view) finds a whole file."""
+    ``status``: ``state``), written aside and renamed (:func:`partial_file`)."""
     if not chunks:
         return
     done = sorted(chunks, key=lambda c: c.start)
@@ -91,10 +68,7 @@ def write_partial(
         pattern_shape = first["intensity"].shape[1:]
         azimuthal = first["azimuthal"][()] if "azimuthal" in first else None
     radial_name, radial_units = radial_axis_name(parameters.unit)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    with h5py.File(temporary, "w") as h5:
-        nexus.write_root_attributes(h5, f"{scan}.1")
-        h5.attrs["status"] = "partial"
+    with partial_file(path, f"{scan}.1") as h5:
         entry = h5.create_group(f"{scan}.1")
         nexus.set_nx_class(entry, "NXentry")
         process = entry.create_group(f"{detector}_integrate")
@@ -116,7 +90,6 @@ def write_partial(
         if azimuthal is not None:
             nexus.write_axis(data, "chi", azimuthal, "deg")
         nexus.write_axis(data, radial_name, radial, radial_units)
-    os.replace(temporary, path)
 
 
 @task(name="warm_up_integrator", cache_policy=NO_CACHE)

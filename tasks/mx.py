@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,10 @@ __all__ = [
     "IndexingReport",
     "MXPlan",
     "find_spots_chunk",
+    "find_spots_into_part",
+    "heat_map_axes",
     "run_indexing",
+    "write_grid",
     "write_mx_nexus",
 ]
 
@@ -112,13 +116,32 @@ def find_spots_chunk(chunk: ImageChunk, scan: MXScan, parameters: mx.MXParameter
                      work_dir: str) -> ChunkSpots:  # fmt: skip
     """Find the spots of frames ``start:stop`` and store per-image values and spots."""
     began = time.perf_counter()
-    statics = detector_statics(scan, parameters)
     source = scan.sources[chunk.source]
+    part = Path(work_dir) / f"scan{chunk.scan:03d}-{chunk.first_frame:09d}.h5"
+    frames = iter_frames(source, chunk.start, chunk.stop)
+    return find_spots_into_part(
+        frames, scan, parameters, chunk.scan, chunk.first_frame, part, began
+    )
+
+
+def find_spots_into_part(
+    frames: Iterable[np.ndarray],
+    scan: MXScan,
+    parameters: mx.MXParameters,
+    scan_index: int,
+    first_frame: int,
+    part: Path,
+    began: float,
+) -> ChunkSpots:
+    """The spots of ``frames`` (frame ``first_frame`` of the scan first) into part file
+    ``part``: the one code path of the offline chunks and of live reduction
+    (tasks/live_mx.py), so both give the same values to the last bit."""
+    statics = detector_statics(scan, parameters)
     table = {name: [] for name in ("n_spots", "total_intensity", "d_min", "ice_rings")}
     spots_columns: dict[str, list[np.ndarray]] = {
         name: [] for name in ("frame", "x", "y", "intensity", "size", "d")
     }
-    for offset, image in enumerate(iter_frames(source, chunk.start, chunk.stop)):
+    for offset, image in enumerate(frames):
         valid = statics.valid & (image >= 0)
         if scan.saturation is not None:
             valid &= image < scan.saturation
@@ -128,21 +151,20 @@ def find_spots_chunk(chunk: ImageChunk, scan: MXScan, parameters: mx.MXParameter
         )
         for name in table:
             table[name].append(getattr(summary, name))
-        frame = chunk.first_frame + offset
+        frame = first_frame + offset
         spots_columns["frame"].append(np.full(len(spots), frame))
         for name in ("x", "y", "intensity", "size"):
             spots_columns[name].append(getattr(spots, name))
         spots_columns["d"].append(d)
-    part = Path(work_dir) / f"scan{chunk.scan:03d}-{chunk.first_frame:09d}.h5"
     with h5py.File(part, "w") as h5:
         for name, values in table.items():
             h5[name] = np.asarray(values)
         for name, values in spots_columns.items():
             h5[f"spots/{name}"] = np.concatenate(values) if values else np.zeros(0)
     return ChunkSpots(
-        scan=chunk.scan,
-        first_frame=chunk.first_frame,
-        n_frames=chunk.stop - chunk.start,
+        scan=scan_index,
+        first_frame=first_frame,
+        n_frames=len(table["n_spots"]),
         part_file=str(part),
         seconds=time.perf_counter() - began,
     )
@@ -266,7 +288,7 @@ def write_mx_nexus(
             _write_spots(entry, spots, scan.n_frames)
             heat = None
             if scan.grid is not None:
-                heat, best = _write_grid(entry, scan, table, p)
+                heat, best = write_grid(entry, scan, table, p)
                 scan_report["grid"] = list(scan.grid)
                 scan_report["best_position"] = best
             entry.attrs["default"] = "grid" if heat is not None else "per_image"
@@ -276,7 +298,7 @@ def write_mx_nexus(
                 title = f"{output.stem}, {scan.name}" + (f": {scan.title}" if scan.title else "")
                 plot_mx_scan(png_temp, table["n_spots"], heat, title,
                              scan_report.get("best_position"),
-                             _heat_map_axes(entry.get("grid")))  # fmt: skip
+                             heat_map_axes(entry.get("grid")))  # fmt: skip
     publish_image(png, f"MX: spots per image of {output.name}")
     report["indexing"] = indexing.model_dump()
     return {"outputs": outputs, "png": str(png), "report": report}
@@ -307,9 +329,12 @@ def _write_spots(entry: h5py.Group, spots: dict, n_frames: int) -> None:
     group["first"] = np.searchsorted(frames, np.arange(n_frames + 1))  # spots of frame i
 
 
-def _write_grid(
+def write_grid(
     entry: h5py.Group, scan: MXScan, table: dict, parameters: mx.MXParameters
 ) -> tuple[np.ndarray, dict]:
+    """The heat map (``grid``) and the centring cell (``centring``) of a grid scan from
+    its per-image ``table["n_spots"]`` (NaN for an image not processed yet: the partial
+    results of live reduction); the map and the cell. ValueError: no spot anywhere."""
     assert scan.grid is not None
     heat = mx.grid_map(table["n_spots"], scan.grid, parameters.snake)
     row, column = mx.centring_position(heat)
@@ -356,7 +381,7 @@ def _grid_motors(
     return slow, fast
 
 
-def _heat_map_axes(grid: h5py.Group | None) -> list[tuple[str, np.ndarray]] | None:
+def heat_map_axes(grid: h5py.Group | None) -> list[tuple[str, np.ndarray]] | None:
     """The heat map's (name, positions) of rows then columns, as written in ``grid``."""
     if grid is None:
         return None

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.live_servers import valkey_url  # noqa: F401  (a blissdata server: docs/live.md)
+from tests.live_servers import blissdata_url, valkey_url  # noqa: F401  (docs/live.md)
 
 REPO = Path(__file__).resolve().parents[1]
 _server: subprocess.Popen | None = None
@@ -88,6 +88,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    from tests.clusters import close_clusters
+
+    close_clusters()
     if _server is not None:
         if "prefect" in sys.modules:  # deliver queued logs before the server goes
             from calypso.flows.runtime import drain_prefect_queues
@@ -257,23 +260,20 @@ def test_artifacts() -> Path:
 
 
 @pytest.fixture(scope="session")
-def scheduler() -> Iterator[str]:
-    """One small Dask cluster (one worker, every technique's code preloaded) for the
-    session's in-process runs: a run that would boot a cluster of its own pays seconds."""
-    from calypso.executors.dask import local_cluster_options, start_local_cluster
-    from calypso.flows.techniques import TECHNIQUES
-    from calypso.settings import load_settings
+def scheduler() -> str:
+    """The session's Dask cluster of one worker (tests/clusters.py) for in-process runs."""
+    from tests.clusters import shared_cluster
 
-    preload = [technique.preload for technique in TECHNIQUES.values()]
-    executor = load_settings(executor={"n_workers": 1, "preload": preload}).executor
-    cluster = start_local_cluster(**local_cluster_options(executor))
-    yield cluster.scheduler_address
-    cluster.close()
+    return shared_cluster(1)
 
 
 @pytest.fixture
-def on_shared_cluster(scheduler: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs this test starts in this process (the CLI's too) use the session's cluster."""
-    monkeypatch.setenv("CALYPSO_EXECUTOR__KIND", "address")
-    monkeypatch.setenv("CALYPSO_EXECUTOR__ADDRESS", scheduler)
-    return scheduler
+def on_shared_cluster(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs this test starts in this process (the CLI's too) use the session's cluster of
+    two workers (what a local cluster has on this machine); processes the test starts
+    inherit the setting too, so tests that kill workers start their own."""
+    from tests.clusters import on_cluster
+
+    for name, value in on_cluster(2).items():
+        monkeypatch.setenv(f"CALYPSO_EXECUTOR__{name.upper()}", str(value))
+    return on_cluster(2)["address"]

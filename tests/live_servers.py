@@ -97,3 +97,14 @@ def valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
     finally:
         stop_valkey(server)
+
+
+@pytest.fixture
+def blissdata_url(valkey_url: str) -> str:
+    """The session's valkey server, emptied and initialised for blissdata scans."""
+    import redis
+    from blissdata.redis_engine.store import DataStore
+
+    redis.Redis.from_url(valkey_url).flushall()
+    DataStore(valkey_url, init_db=True)._redis.connection_pool.disconnect()
+    return valkey_url

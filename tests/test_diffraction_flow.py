@@ -14,20 +14,18 @@ import pytest
 from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 from scipy.signal import find_peaks
 
-from calypso.flows.api import run_technique
 from calypso.flows.runtime import prefect_auth_headers
 from calypso.registry import SQLiteCatalogue
-from calypso.settings import load_settings
 from calypso.tasks.plans.diffraction import load_geometry
 from calypso.tasks.progress import listening
 from calypso.techniques.diffraction import DiffractionParameters
+from tests.clusters import run_flow as run_on_shared_cluster
 
 pytestmark = pytest.mark.slow
 
 
-def run_flow(input_path, parameters, workers, output=None):
-    settings = load_settings(executor={"kind": "local", "n_workers": workers})
-    return run_technique("diffraction", str(input_path), parameters, None, output, settings)
+def run_flow(input_path, parameters, workers=2, output=None):
+    return run_on_shared_cluster("diffraction", input_path, parameters, workers, output)
 
 
 def digest(folder: Path) -> dict[str, str]:

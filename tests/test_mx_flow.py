@@ -12,19 +12,18 @@ import h5py
 import numpy as np
 import pytest
 
-from calypso.flows.api import run_technique
 from calypso.flows.cli import main
 from calypso.flows.samples.mx import write_mx_sample
 from calypso.registry import SQLiteCatalogue
-from calypso.settings import load_settings
 from calypso.techniques.mx import MXParameters
+from tests.clusters import run_flow as run_on_shared_cluster
 
-pytestmark = pytest.mark.slow
+# In-process `calypso run` commands use the session's cluster (tests/clusters.py).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("on_shared_cluster")]
 
 
 def run_flow(input_path, parameters, workers=2, output=None):
-    settings = load_settings(executor={"kind": "local", "n_workers": workers})
-    return run_technique("mx", str(input_path), parameters, None, output, settings)
+    return run_on_shared_cluster("mx", input_path, parameters, workers, output)
 
 
 def nexus_entry(summary) -> tuple[Path, str]:

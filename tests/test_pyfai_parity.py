@@ -37,7 +37,7 @@ def worker_configuration(poni, **options):
 
 
 def test_a_pyfai_worker_configuration_gives_pyfais_own_pattern(
-    ceo2, tmp_path, catalogue_path, capsys
+    ceo2, tmp_path, catalogue_path, capsys, on_shared_cluster
 ):
     image, poni = ceo2
     config = worker_configuration(poni, polarization_description=[0.99, 0], error_model="poisson")
@@ -107,7 +107,9 @@ def test_configuration_keys_become_calypsos_parameters(ceo2, tmp_path):
         build_parameters("diffraction", [], str(path))
 
 
-def test_ewoksxrpd_scripts_read_calypsos_output(diffraction_sample, tmp_path, catalogue_path):
+def test_ewoksxrpd_scripts_read_calypsos_output(
+    diffraction_sample, tmp_path, catalogue_path, on_shared_cluster
+):
     """The paths an ewoksxrpd user's script reads: ``<scan>.1/<det>_integrate/integrated``
     with pyFAI's axis names, ``measurement/<det>_integrated`` beside the raw counters."""
     from silx.io.nxdata import NXdata

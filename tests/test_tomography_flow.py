@@ -12,19 +12,18 @@ import pytest
 from skimage.filters import threshold_otsu
 from skimage.metrics import structural_similarity
 
-from calypso.flows.api import run_technique
 from calypso.flows.cli import main
 from calypso.flows.samples.tomography import write_nxtomo_sample, write_tomography_sample
 from calypso.registry import SQLiteCatalogue
-from calypso.settings import load_settings
 from calypso.techniques.tomography import TomographyParameters
+from tests.clusters import run_flow as run_on_shared_cluster
 
-pytestmark = pytest.mark.slow
+# In-process `calypso run` commands use the session's cluster (tests/clusters.py).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("on_shared_cluster")]
 
 
 def run_flow(input_path, parameters, workers=2, output=None):
-    settings = load_settings(executor={"kind": "local", "n_workers": workers})
-    return run_technique("tomography", str(input_path), parameters, None, output, settings)
+    return run_on_shared_cluster("tomography", input_path, parameters, workers, output)
 
 
 def nexus_location(summary) -> tuple[Path, str]:

@@ -1,15 +1,20 @@
-"""Live reduction (issue #19, docs/live.md): the diffraction flow fed while the scan runs.
+"""Live reduction (issue #19, docs/live.md): a technique's flow fed while the scan runs.
 
-The built-in specification (``flows/builtin/diffraction.yaml``: plan, integrate, write)
-runs on the one engine with three of its steps fed by a scan in progress
-(:class:`~calypso.tasks.raw.live.LiveScan`: blissdata streams or growing Lima files):
+The technique's built-in specification (plan, one processing step, write) runs on the one
+engine with its three steps fed by a scan in progress
+(:class:`~calypso.tasks.raw.live.LiveScan`: blissdata streams or growing Lima files).
+What is the same for every technique is here; what a technique adds (its plan, its chunk
+task, its partial file, its writer) is a :class:`LiveTechnique` of its own module
+(``live_diffraction.py``, ``live_mx.py`` beside this one):
 
 - ``plan`` waits for the scan and its first frames, then plans as the offline planner
   does (geometry, output folder, checks) and claims the run (same exactly-once keys);
-- ``integrate`` submits chunks as frames become wholly available (a chunk is sent once
-  it is full, or once its first frame has waited ``latency`` seconds), rewrites the
-  partial file ``<result>.partial.h5`` as chunks finish, and once the scan has ended
-  plans again offline: the chunks then are the offline run's, part file for part file;
+- the processing step submits chunks as frames become wholly available (a chunk is sent
+  once it is full, or once its first frame has waited ``latency`` seconds), rewrites the
+  partial file ``<result>.partial.h5`` as chunks finish (at most every second, and once
+  more when the last chunk is in), reads the rest from the Lima files when the stream
+  server goes away, and once the scan has ended plans again offline: from there on the
+  plan and the chunks are the offline run's;
 - ``write`` is the offline writer, so the result is the offline one bit for bit and is
   registered once. A scan that was aborted, or stopped without ``end_time``, gives the
   frames it has, marked partial (``status`` attributes and a warning), never a result
@@ -21,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -28,49 +34,63 @@ import numpy as np
 from pydantic import BaseModel
 
 from calypso.errors import CalypsoError, ParameterError, RawDataError
-from calypso.flows.builtin.diffraction import chunk_figures
 from calypso.flows.engine import StepContext, builtin_specification, run_specification
-from calypso.flows.techniques import Step, all_steps
+from calypso.flows.online.live_base import (
+    WAIT,
+    FirstFrames,
+    LiveRun,
+    LiveTechnique,
+    MissingInputs,
+)
+from calypso.flows.techniques import OUTPUTS, TECHNIQUES, Step, all_steps
 from calypso.settings import CalypsoSettings
-from calypso.tasks.plans.live import entry_texts, make_live_plan, open_live_scan, wait
+from calypso.tasks.plans.live import entry_texts, open_live_scan, wait
 from calypso.tasks.raw import bliss
 from calypso.tasks.raw.live import LIMA_DATASET, LiveScan, open_lima
 
 logger = logging.getLogger(__name__)
-LIVE_CHUNK = 10  # frames: half a second of a 20 frames/s scan, ~1 s of work on one core
+# The techniques that can be fed live, and where their LiveTechnique is.
+LIVE_TECHNIQUES = {
+    "diffraction": "calypso.flows.online.live_diffraction:LiveDiffraction",
+    "mx": "calypso.flows.online.live_mx:LiveMX",
+}
 
 
 @dataclass
-class LiveRun:
-    """How one live run follows its scan, and what it saw (the steps of the run share it)."""
+class _Chunks:
+    """The chunks of one live run: out, finished, and where sending stopped for good."""
 
-    source: str = "files"  # "files", or the blissdata server's redis:// URL
-    key: str | None = None  # the blissdata scan key (default: the scan writing the input)
-    poll: float = 0.1
-    stall_timeout: float = 60.0  # no new frame for this long: the writer stopped
-    latency: float = 0.5  # the longest a ready frame waits for its chunk to fill
-    end_timeout: float = 10.0  # the stream closed: how long end_time may take to be written
-    scan: Any = None  # the LiveScan, once found
-    number: int = 0
-    detector: str = ""
-    dataset_file: str = ""
-    partial: str | None = None  # why the result is partial, when it is
-    handed: dict[int, float] = field(default_factory=dict)  # frame -> when it was ready
-    timeline: list[tuple[int, int, float]] = field(default_factory=list)  # chunk, done at
+    futures: list[Any] = field(default_factory=list)
+    done: list[Any] = field(default_factory=list)
+    submitted: int = 0  # frames sent
+    waited_since: float | None = None  # when the next chunk's first frame was ready
+    limit: int | None = None  # frames past this are never sent (their inputs never came)
+    error: CalypsoError | None = None  # why following stopped before the scan's end
 
 
 _RUNS: dict[str, LiveRun] = {}  # the live run of each input followed in this process
 LAST_TIMELINE: list[dict[str, Any]] = []  # the last run's (benchmarks read it)
 
 
+def live_technique(technique: str) -> LiveTechnique:
+    """A new :class:`LiveTechnique` of ``technique``, or a ParameterError naming those
+    that can be fed live."""
+    if technique not in LIVE_TECHNIQUES:
+        raise ParameterError(
+            f"live reduction of {technique}: only {', '.join(LIVE_TECHNIQUES)} so far; run "
+            f"it offline once the scan has ended (calypso run {technique} RAW)"
+        )
+    module, name = LIVE_TECHNIQUES[technique].split(":")
+    return getattr(import_module(module), name)()
+
+
 def live_steps(technique: str) -> dict[str, Step]:
-    """Every step, with the given technique's plan, integrate and write fed live."""
-    if technique != "diffraction":
-        raise ParameterError(f"live reduction of {technique}: only diffraction so far")
+    """Every step, with the given technique's plan, processing and write steps fed live."""
+    live_technique(technique)  # refuses the techniques not live yet
     steps = dict(all_steps())
-    for name in ("plan", "integrate", "write"):
-        step = steps[f"diffraction.{name}"]
-        steps[step.name] = replace(step, run_at=f"{__name__}:live_{name}")
+    for step in TECHNIQUES[technique].steps:
+        role = "plan" if step.takes_parameters else "write" if step.output == OUTPUTS else "process"
+        steps[step.name] = replace(step, run_at=f"{__name__}:live_{role}")
     return steps
 
 
@@ -79,16 +99,14 @@ def live_steps(technique: str) -> dict[str, Step]:
 
 def live_plan(ctx: StepContext, parameters: BaseModel) -> Any:
     """Wait for the scan and its first frames; plan it as offline; claim the run."""
-    from calypso.tasks.plans.diffraction import ScanPlan
     from calypso.tasks.raw.data_policy import RawDataset
-    from calypso.tasks.raw.frames import FrameSource
 
     live = _RUNS[ctx.raw]
     path = Path(ctx.raw).expanduser().absolute()
     is_file = path.suffix in (".h5", ".hdf5", ".nxs")
     raw_file = path if is_file else RawDataset.from_path(path).raw_file
     live.dataset_file = str(raw_file)
-    _warm_up(ctx, parameters)  # while the scan has not begun, or its first frames come
+    live.technique.warm_up(ctx, parameters)  # while the scan has not begun
     live.scan, live.number, live.detector = open_live_scan(
         live.source, raw_file, ctx.scans, getattr(parameters, "detector", None),
         key=live.key, stall_timeout=live.stall_timeout,
@@ -102,33 +120,16 @@ def live_plan(ctx: StepContext, parameters: BaseModel) -> Any:
     first_file, dataset, _, _ = scan.locations(0, 1)[0]
     with open_lima(first_file) as h5:
         frame_shape, dtype = h5[dataset].shape[1:], str(h5[dataset].dtype)
-    npoints = scan.info.npoints or scan.frames
     title, start_time = entry_texts(raw_file, live.number)
-    source = FrameSource(
-        kind="hdf5", files=(first_file,), dataset=dataset or LIMA_DATASET,
-        shape=(npoints, *frame_shape), dtype=dtype,
+    first = FirstFrames(
+        raw_file=raw_file, number=live.number, detector=live.detector, lima_file=first_file,
+        dataset=dataset or LIMA_DATASET, frame_shape=tuple(frame_shape), dtype=dtype,
+        npoints=scan.info.npoints, frames=scan.frames, title=title or scan.info.name,
+        start_time=start_time,
     )  # fmt: skip
-    scan_plan = ScanPlan(
-        number=live.number, title=title or scan.info.name, detector=live.detector,
-        source=source, start_time=start_time,
-    )  # fmt: skip
-    plan = make_live_plan(
-        ctx.raw, parameters, raw_file, scan_plan, ctx.output_dir, ctx.settings, LIVE_CHUNK
-    )
-    ctx.run.planned(plan, npoints)
+    plan = live.technique.plan(ctx, parameters, first)
+    ctx.run.planned(plan, plan.n_frames)
     return plan
-
-
-def _warm_up(ctx: StepContext, parameters: Any) -> None:
-    """Workers build their integrators while the scan has not begun (not waited for)."""
-    from calypso.tasks.live_diffraction import warm_up_integrator
-    from calypso.tasks.plans.diffraction import _absolute, load_geometry
-
-    names = ("poni", "mask", "dark", "flat")
-    absolute = parameters.model_copy(update={n: _absolute(getattr(parameters, n)) for n in names})
-    geometry = load_geometry(absolute)  # a bad PONI file is named before any frame comes
-    for _ in range(max(ctx.run.workers, 1)):
-        warm_up_integrator.submit(absolute, geometry)
 
 
 def _follow_ranges(live: LiveRun) -> int:
@@ -142,87 +143,48 @@ def _follow_ranges(live: LiveRun) -> int:
     return count
 
 
-def _monitor(scan: LiveScan, name: str, first: int, stop: int) -> np.ndarray | None:
-    """The monitor's points for frames ``first:stop``, None until all are there."""
-    for counter, values in scan.read_counters(first, stop).items():
-        if counter == name or counter.split(":")[-1] == name:
-            return values
-    return None
-
-
-def live_integrate(ctx: StepContext, plan: Any) -> list[Any]:
+def live_process(ctx: StepContext, plan: Any) -> list[Any]:
     """Chunks submitted as the scan's frames come; the offline plan once it has ended."""
-    from calypso.tasks.live_diffraction import integrate_live_chunk, partial_path, write_partial
+    from calypso.tasks.live_common import partial_path
     from calypso.tasks.progress import RunProgress
 
     live = _RUNS[ctx.raw]
-    scan: LiveScan = live.scan
-    parameters = plan.parameters
-    progress = RunProgress(plan.n_frames, f"Integrating scan {live.number} live")
-    partial_file = partial_path(plan.output_file)
-    futures: list[Any] = []
-    chunks: list[Any] = []
-    submitted, waited_since, written_at = 0, None, 0.0
-    error: CalypsoError | None = None
+    technique: LiveTechnique = live.technique
+    unit = TECHNIQUES[ctx.run.technique].unit
+    technique.prepare(ctx, live, plan)
+    progress = RunProgress(plan.n_frames, f"{technique.doing} scan {live.number} live")
+    partial = partial_path(plan.output_file)
+    sent = _Chunks()
+    written_at, shown = 0.0, 0
     while True:
         try:
-            if error is None:
+            if sent.error is None:
                 _follow_ranges(live)
-            ready = scan.frames
-            ended = scan.finished or error is not None
-            while submitted < ready:
-                stop = min(submitted + plan.chunk_size, ready)
-                waited_since = waited_since or live.handed[submitted]
-                young = time.time() - waited_since < live.latency
-                if stop - submitted < plan.chunk_size and not ended and young:
-                    break  # a short chunk waits a little for more frames
-                monitor = None
-                if parameters.monitor is not None:
-                    values = _monitor(scan, parameters.monitor, submitted, stop)
-                    if values is None:
-                        if ended:  # the counter never got its points: name it, reduce the rest
-                            error = error or RawDataError(
-                                f"scan {live.number} ended without {parameters.monitor} points for "
-                                f"frames {submitted}-{stop - 1}"
-                            )
-                            ready = submitted
-                        break
-                    monitor = values.tolist()
-                futures.append(
-                    integrate_live_chunk.submit(
-                        live.number,
-                        submitted,
-                        stop,
-                        scan.locations(submitted, stop),
-                        monitor,
-                        parameters,
-                        plan.geometry,
-                        ctx.work_dir,
-                    )
-                )
-                submitted, waited_since = stop, None
+            ended = live.scan.finished or sent.error is not None
+            _send_ready(ctx, live, plan, sent, ended)
         except RawDataError as exc:
-            if error is not None:
+            if sent.error is not None:
                 raise
             # The stream server went away: the Lima files from here on; any other error
             # (the writer stopped): what came is reduced, marked partial.
-            error = _fall_back(live, exc)
-            scan = live.scan
+            sent.error = _fall_back(live, exc)
             continue
-        futures = _harvest(futures, chunks, live, progress)
-        if chunks and time.monotonic() - written_at > 1.0:
-            write_partial(
-                partial_file, live.number, live.detector, plan.n_frames, chunks, parameters,
-                f"running: {sum(c.stop - c.start for c in chunks)} frames done",
-            )  # fmt: skip
-            written_at = time.monotonic()
-        if ended and submitted >= ready:
+        _harvest(sent, live, progress)
+        ready = live.scan.frames if sent.limit is None else sent.limit
+        sending_done = ended and sent.submitted >= ready
+        over = sending_done and not sent.futures
+        # The partial file at most every second, and once more when the last chunk is in
+        # (the beamline may wait for it: an MX grid's centring cell).
+        if len(sent.done) > shown and (over or time.monotonic() - written_at > 1.0):
+            frames = sum(b - a for a, b in map(technique.span, sent.done))
+            total = max(plan.n_frames, live.scan.frames)
+            state = f"running: {frames} of {total} {unit} done"
+            technique.write_partial(live, plan, sent.done, partial, state)
+            written_at, shown = time.monotonic(), len(sent.done)
+        if over:
             break
-        time.sleep(live.poll)
-    while futures:
-        futures = _harvest(futures, chunks, live, progress)
-        time.sleep(0.02)
-    written = _finish(ctx, plan, live, chunks, error, progress)
+        time.sleep(0.02 if sending_done else live.poll)
+    written = _finish(ctx, plan, live, sent.done, sent.error, progress)
     LAST_TIMELINE[:] = [
         {"start": a, "stop": b, "ready": live.handed[a], "ready_last": live.handed[b - 1],
          "done": t}
@@ -230,12 +192,35 @@ def live_integrate(ctx: StepContext, plan: Any) -> list[Any]:
     ]  # fmt: skip
     lags = [t - live.handed[i] for a, b, t in live.timeline for i in range(a, b)]
     ctx.report(
-        **chunk_figures(plan, chunks),
+        **technique.figures(plan, sent.done),
         live_lag_p50_s=round(float(np.percentile(lags, 50)), 3) if lags else None,
         live_lag_p95_s=round(float(np.percentile(lags, 95)), 3) if lags else None,
         partial=live.partial,
     )
     return written
+
+
+def _send_ready(ctx: StepContext, live: LiveRun, plan: Any, sent: _Chunks, ended: bool) -> None:
+    """Submit the chunks whose frames (and inputs) are all there: a full chunk, or a short
+    one once its first frame has waited ``latency`` s or the scan has ended."""
+    technique: LiveTechnique = live.technique
+    ready = live.scan.frames if sent.limit is None else sent.limit
+    while sent.submitted < ready:
+        first = sent.submitted
+        stop = min(first + plan.chunk_size, ready)
+        sent.waited_since = sent.waited_since or live.handed[first]
+        young = time.time() - sent.waited_since < live.latency
+        if stop - first < plan.chunk_size and not ended and young:
+            return  # a short chunk waits a little for more frames
+        try:
+            inputs = technique.chunk_inputs(live, plan, first, stop, ended)
+        except MissingInputs as exc:  # never: what came before it is reduced
+            sent.error, sent.limit = sent.error or exc, first
+            return
+        if inputs is WAIT:
+            return
+        sent.futures.append(technique.submit(ctx, live, plan, first, stop, inputs))
+        sent.submitted, sent.waited_since = stop, None
 
 
 def _fall_back(live: LiveRun, error: RawDataError) -> RawDataError | None:
@@ -250,91 +235,63 @@ def _fall_back(live: LiveRun, error: RawDataError) -> RawDataError | None:
     return None
 
 
-def _harvest(futures: list[Any], chunks: list[Any], live: LiveRun, progress: Any) -> list[Any]:
-    """The chunks finished since the last look (their time noted); the futures still out."""
+def _harvest(sent: _Chunks, live: LiveRun, progress: Any) -> None:
+    """The chunks finished since the last look, their time noted."""
     left = []
-    for future in futures:
+    for future in sent.futures:
         wrapped = getattr(future, "wrapped_future", None)
         done = wrapped.done() if wrapped is not None else future.state.is_final()
         if not done:
             left.append(future)
             continue
         result = future.result()  # a failed chunk fails the run, as offline
-        chunks.append(result)
-        live.timeline.append((result.start, result.stop, time.time()))
+        sent.done.append(result)
+        first, stop = live.technique.span(result)
+        live.timeline.append((first, stop, time.time()))
         # Growing files do not say how many frames the scan takes: the total grows.
         progress.total = max(progress.total, live.scan.frames)
-        progress.advance(result.stop - result.start)
-    return left
+        progress.advance(stop - first)
+    sent.futures = left
 
 
 def _finish(
-    ctx: StepContext, plan: Any, live: LiveRun, chunks: list[Any], error, progress
+    ctx: StepContext,
+    plan: Any,
+    live: LiveRun,
+    chunks: list[Any],
+    error: CalypsoError | None,
+    progress: Any,
 ) -> list[Any]:
-    """Once the scan has ended: its offline plan and the offline chunks (the live ones cut
-    again), or the frames it has, marked partial; the chunks to write."""
-    from calypso.tasks.diffraction import integrate_chunk
-    from calypso.tasks.live_diffraction import regroup_parts
-    from calypso.tasks.plans.diffraction import make_integration_plan
-    from calypso.tasks.progress import collect
-
-    frames = sum(c.stop - c.start for c in chunks)
+    """Once the scan has ended: its offline plan and the chunks as that plan has them, or
+    the frames it has, marked partial; the chunks to write."""
+    technique: LiveTechnique = live.technique
+    unit = TECHNIQUES[ctx.run.technique].unit
+    frames = sum(b - a for a, b in map(technique.span, chunks))
     reason = _end_reason(live, error)
     if reason is None:
-        final = make_integration_plan(
+        final = TECHNIQUES[ctx.run.technique].plan()(
             ctx.raw, plan.parameters, ctx.scans, ctx.output_dir, ctx.settings, ctx.run.workers
         )
-        numbers = [s.number for s in final.scans]
-        mine = final.scans[numbers.index(live.number)] if live.number in numbers else None
-        if mine is None or mine.source.n_frames != frames:
-            reason = (
-                f"the scan's file holds {mine.source.n_frames if mine else 0} frames, {frames} came"
-            )
+        recorded = technique.frames_in(final, live.number)
+        if recorded != frames:
+            reason = f"the scan's file holds {recorded or 0} {unit}, {frames} came"
     if reason is not None:
         if not chunks:
             raise error or RawDataError(f"scan {live.number} ended without a frame: {reason}")
         live.partial = reason
         ctx.report(
-            warning=f"scan {live.number} {reason}: the result holds its {frames} frames "
+            warning=f"scan {live.number} {reason}: the result holds its {frames} {unit} "
             "and is marked partial"
         )
-        scan_plan = plan.scans[0]
-        source = _recorded_source(live, frames) or scan_plan.source
-        source = source.model_copy(update={"shape": (frames, *scan_plan.source.frame_shape)})
-        plan.scans = [scan_plan.model_copy(update={"source": source})]
+        technique.as_partial(live, plan, frames)
         ctx.run.planned(plan, frames)  # the record counts the frames it holds
         progress.total = frames
         return chunks
-    # The scan ended well: from here on the plan is the offline run's. Other scans of the
-    # dataset it names (an offline run of the dataset takes them all) are integrated now.
+    # The scan ended well: from here on the plan is the offline run's.
     for name in type(plan).model_fields:
         setattr(plan, name, getattr(final, name))
     ctx.run.planned(plan, plan.n_frames)  # the run's record follows it (its version folder)
-    wanted = [(c.scan.number, c.start, c.stop) for c in plan.chunks()]
-    written = regroup_parts(chunks, [w for w in wanted if w[0] == live.number], ctx.work_dir)
-    others = [c for c in plan.chunks() if c.scan.number != live.number]
-    if others:
-        futures = [
-            integrate_chunk.submit(c, plan.parameters, plan.geometry, plan.raw_file, ctx.work_dir)
-            for c in others
-        ]
-        written += collect(
-            futures, plan.n_frames, "Integrating the other scans", lambda r: r.stop - r.start
-        )
-    return written
-
-
-def _recorded_source(live: LiveRun, frames: int) -> Any:
-    """The detector's dataset in the dataset file, when the scan wrote it (an aborted scan
-    does): the frames as offline reads them, for the quick look of a partial result."""
-    from calypso.tasks.raw.frames import hdf5_frame_source
-
-    try:
-        dataset = f"/{live.number}.1/instrument/{live.detector}/data"
-        source = hdf5_frame_source(live.dataset_file, dataset)
-    except CalypsoError:
-        return None
-    return source if source.n_frames >= frames else None
+    return technique.final_chunks(ctx, live, plan, chunks)
 
 
 def _end_reason(live: LiveRun, error: CalypsoError | None) -> str | None:
@@ -366,14 +323,10 @@ def _end_reason(live: LiveRun, error: CalypsoError | None) -> str | None:
 
 def live_write(ctx: StepContext, plan: Any, chunks: list[Any]) -> list[str]:
     """The offline writer; the partial file goes once the result is there."""
-    from calypso.tasks.diffraction import quick_look_path, write_integrated_nexus
-    from calypso.tasks.live_diffraction import partial_path
-    from calypso.tasks.writers.publication import will_exist
+    from calypso.tasks.live_common import partial_path
 
     live = _RUNS[ctx.raw]
-    outputs = write_integrated_nexus(plan, chunks, ctx.provenance, partial=live.partial)
-    look = quick_look_path(plan)
-    ctx.report(png=str(look) if will_exist(look) else None)
+    outputs = live.technique.write(ctx, live, plan, chunks)
     partial_path(plan.output_file).unlink(missing_ok=True)
     return outputs
 
@@ -382,6 +335,7 @@ def live_write(ctx: StepContext, plan: Any, chunks: list[Any]) -> list[str]:
 
 
 def follow_and_reduce(
+    technique: str,
     raw: str,
     parameters: BaseModel,
     scans: list[int] | None = None,
@@ -390,13 +344,13 @@ def follow_and_reduce(
     trigger: str | None = None,
     live: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The diffraction flow on a scan in progress (``live``: :class:`LiveRun`'s options)."""
-    _RUNS[raw] = LiveRun(**(live or {}))
+    """A technique's flow on a scan in progress (``live``: :class:`LiveRun`'s options)."""
+    _RUNS[raw] = LiveRun(**(live or {}), technique=live_technique(technique))
     try:
         return run_specification(
-            builtin_specification("diffraction"), raw, parameters=parameters, scans=scans,
+            builtin_specification(technique), raw, parameters=parameters, scans=scans,
             output_dir=output_dir, export_to=export_to, trigger=trigger,
-            steps=live_steps("diffraction"),
+            steps=live_steps(technique),
         )  # fmt: skip
     finally:
         scan = _RUNS.pop(raw).scan
@@ -404,17 +358,17 @@ def follow_and_reduce(
             scan.close()
 
 
-def live_flow():
-    """The Prefect flow ``diffraction-live`` (built when first used: Prefect loads slowly)."""
+def live_flow(technique: str):
+    """The Prefect flow ``<technique>-live`` (built when first used: Prefect loads slowly)."""
     from prefect import flow
 
     from calypso.executors.dask import flow_task_runner
 
     return flow(
-        name="diffraction-live",
+        name=f"{technique}-live",
         persist_result=False,
         log_prints=True,
-        task_runner=flow_task_runner(["calypso.tasks.diffraction"]),
+        task_runner=flow_task_runner([live_technique(technique).preload]),
     )(follow_and_reduce)
 
 
@@ -433,22 +387,23 @@ def run_live(
     it as it comes, on the configured Dask cluster; the summary of the run."""
     from calypso.flows.api import confine_run, current_identity, progress_bar, run_on_cluster
 
-    live_steps(technique)  # refuses the techniques not live yet
+    preload = live_technique(technique).preload  # refuses the techniques not live yet
     began = time.perf_counter()
     confine_run(
         technique, input_path, parameters, output, settings, current_identity(settings), export_to
     )
     if not settings.executor.preload:
-        executor = settings.executor.model_copy(update={"preload": ["calypso.tasks.diffraction"]})
+        executor = settings.executor.model_copy(update={"preload": [preload]})
         settings = settings.model_copy(update={"executor": executor})
-    bar = progress_bar("frames", f"waiting for the scan writing {Path(input_path).name}")
-    flow = live_flow()
+    unit = TECHNIQUES[technique].unit
+    bar = progress_bar(unit, f"waiting for the scan writing {Path(input_path).name}")
+    flow = live_flow(technique)
     try:
         summary = run_on_cluster(
-            settings, 0, "frames",
+            settings, 0, unit,
             lambda runner: flow.with_options(task_runner=runner)(
-                raw=input_path, parameters=parameters, scans=scans, output_dir=output,
-                export_to=export_to, live=live,
+                technique=technique, raw=input_path, parameters=parameters, scans=scans,
+                output_dir=output, export_to=export_to, live=live,
             ),
             bar,
         )  # fmt: skip

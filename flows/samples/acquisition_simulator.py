@@ -1,14 +1,16 @@
 """An acquisition simulator: a Bliss scan written frame by frame at a given rate, for the
 live-reduction tests, the demo and ``tests/benchmarks/bench_live.py`` (docs/live.md).
 
-It replays a recorded Bliss scan (``calypso sample-data diffraction`` writes one; real
-scans work too) into a new raw dataset, in a process of its own, as Bliss and Lima do:
+It replays a recorded Bliss scan (``calypso sample-data diffraction`` or ``calypso
+sample-data mx`` writes one; real scans work too) into a new raw dataset, in a process of
+its own, as Bliss and Lima do:
 
 - Lima files ``scanNNNN/<detector>_%04d.h5`` of ``frames_per_file`` frames, one chunk a
   frame, bitshuffle-LZ4 (the recorded chunks are copied as they are when they are
   bitshuffle-LZ4 already: replaying costs no decompression), each frame flushed once
   written, so that a reader of growing files sees it;
-- the dataset file's entry ``N.1`` (title, ``start_time``, sample, positioners) first,
+- the dataset file's entry ``N.1`` (title, ``start_time``, sample, positioners, the
+  instrument's metadata as recorded: the detector's geometry and pixel mask, the beam) first,
   then every counter point as its frame is written (SWMR: a reader never sees a point
   half-written), then the detector's virtual dataset, ``end_reason`` and ``end_time``,
   written last;
@@ -59,6 +61,9 @@ class RecordedScan:
     counters: dict[str, np.ndarray]
     positioners: dict[str, Any]
     sample_name: str | None
+    # Entry-relative paths of the instrument's metadata, copied when the scan starts: the
+    # detector's geometry and pixel mask, the beam (MX needs them before the first frame).
+    metadata: tuple[str, ...] = ()
 
 
 def recorded_scan(source: str | Path, scan: int = 1, detector: str | None = None) -> RecordedScan:
@@ -92,10 +97,26 @@ def recorded_scan(source: str | Path, scan: int = 1, detector: str | None = None
             for name, item in entry.get("instrument/positioners", {}).items()
             if isinstance(item, h5py.Dataset)
         }
+        metadata = _instrument_metadata(entry, detector, counters)
     return RecordedScan(
         raw, scan, info.title, detector, frames, counters, positioners,
-        bliss.read_sample_name(raw.raw_file, scan),
+        bliss.read_sample_name(raw.raw_file, scan), metadata,
     )  # fmt: skip
+
+
+def _instrument_metadata(entry: h5py.Group, detector: str, counters: dict) -> tuple[str, ...]:
+    """What the scan's instrument holds besides counters, positioners and the frames:
+    the detector's other fields (geometry, pixel mask, type) and other groups (beam,
+    monochromator), as paths relative to the entry."""
+    found = []
+    for name, item in entry.get("instrument", {}).items():
+        if name in counters or name == "positioners":
+            continue
+        if name == detector and isinstance(item, h5py.Group):
+            found += [f"instrument/{name}/{field}" for field in item if field != "data"]
+        else:
+            found.append(f"instrument/{name}")
+    return tuple(found)
 
 
 class _Frames:
@@ -161,7 +182,7 @@ def simulate_acquisition(
     publisher = None
     if blissdata_url:
         publisher = _Publisher(blissdata_url, recorded, raw, template, n_frames, frames_per_file)
-    counters = _start_entry(raw, recorded, n_frames)
+    counters = _start_entry(raw, recorded)
     copier = _Frames()
     times: list[float] = []
     began = time.monotonic()
@@ -218,9 +239,10 @@ def _lima_file(path: str, detector: str, count: int, shape, dtype) -> tuple[h5py
     return h5, data
 
 
-def _start_entry(raw: RawDataset, recorded: RecordedScan, n_frames: int) -> dict[str, Any]:
-    """Entry ``N.1`` without its end; the counters' datasets, growing under SWMR (the open
-    file is kept under ``__file__``)."""
+def _start_entry(raw: RawDataset, recorded: RecordedScan) -> dict[str, Any]:
+    """Entry ``N.1`` without its end, the instrument's metadata as recorded (as Bliss
+    writes it at the start); the counters' datasets, growing under SWMR (the open file is
+    kept under ``__file__``)."""
     h5 = h5py.File(raw.raw_file, "a", libver="latest")
     h5.attrs["NX_class"] = "NXroot"
     h5.attrs["creator"] = "Bliss (simulated by calypso's acquisition simulator)"
@@ -247,8 +269,23 @@ def _start_entry(raw: RawDataset, recorded: RecordedScan, n_frames: int) -> dict
     sample = entry.create_group("sample")
     sample.attrs["NX_class"] = "NXsample"
     sample["name"] = recorded.sample_name or raw.collection
+    _copy_metadata(recorded, entry)
     h5.swmr_mode = True  # from here on, readers see each counter point whole
     return counters
+
+
+def _copy_metadata(recorded: RecordedScan, entry: h5py.Group) -> None:
+    """The recorded instrument metadata into ``entry`` (groups with their NX_class)."""
+    if not recorded.metadata:
+        return
+    with bliss.open_raw(recorded.raw.raw_file) as source:
+        recorded_entry = source[f"{recorded.number}.1"]
+        for path in recorded.metadata:
+            parent_path, name = path.rsplit("/", 1)
+            parent = entry.require_group(parent_path)
+            for key, value in recorded_entry[parent_path].attrs.items():
+                parent.attrs.setdefault(key, value)
+            source.copy(recorded_entry[path], parent, name=name)
 
 
 def _end_entry(
@@ -272,11 +309,12 @@ def _end_entry(
         layout[first : first + count] = source[:count]
     with h5py.File(raw.raw_file, "a") as h5:
         entry = h5[f"{recorded.number}.1"]
-        det = entry["instrument"].create_group(recorded.detector)
+        det = entry["instrument"].require_group(recorded.detector)  # its metadata: there
         det.attrs["NX_class"] = "NXdetector"
         det.create_virtual_dataset("data", layout, fillvalue=0)
         det["data"].attrs["interpretation"] = "image"
-        det["type"] = "lima"
+        if "type" not in det:
+            det["type"] = "lima"
         entry["measurement"][recorded.detector] = h5py.SoftLink(
             f"/{recorded.number}.1/instrument/{recorded.detector}/data"
         )

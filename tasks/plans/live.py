@@ -1,5 +1,6 @@
 """Planning a live run (docs/live.md): finding the scan in progress that writes a raw
-dataset, and its plan made as the offline planner makes it, from the frames seen so far.
+dataset, and its plan made as the offline planner makes it, from the frames seen so far
+(diffraction: :func:`make_live_plan`; MX: :func:`make_live_mx_plan`).
 
 No Prefect here: the live flow (``flows/online/live.py``) calls these in its planning step.
 """
@@ -151,8 +152,6 @@ def make_live_plan(
         load_geometry,
         output_bytes,
     )
-    from calypso.tasks.plans.preflight import require_output_room, require_registrable
-    from calypso.tasks.raw.data_policy import RawDataset, output_folder
     from calypso.tasks.raw.frames import read_image
 
     names = ("poni", "mask", "dark", "flat")
@@ -167,15 +166,10 @@ def make_live_plan(
                 f"{name} {location} does not have the shape of the frames "
                 f"{scan.source.frame_shape}: use a {name} made for this detector"
             )
-    try:
-        raw = RawDataset.from_path(raw_file)
-    except CalypsoError:
-        raw = None
-    if raw is not None:  # the file is being written (and may be in SWMR mode): no open_raw
-        raw = raw.model_copy(update={"sample_name": _sample_name(raw_file, scan.number)})
-    out = output_folder(input_path, raw, TECHNIQUE, output_dir, settings.processed_data)
-    require_registrable(input_path, raw, str(raw_file), settings)
-    require_output_room(out, output_bytes(scan.source.n_frames, parameters))
+    raw, out = _live_output(
+        input_path, raw_file, scan.number, TECHNIQUE, output_dir, settings,
+        output_bytes(scan.source.n_frames, parameters),
+    )  # fmt: skip
     return IntegrationPlan(
         input=input_path,
         raw=raw,
@@ -189,9 +183,149 @@ def make_live_plan(
     )
 
 
+def _live_output(
+    input_path: str,
+    raw_file: Path,
+    number: int,
+    technique: str,
+    output_dir: str | None,
+    settings: CalypsoSettings,
+    output_size: int,
+) -> tuple[Any, Path]:
+    """The raw dataset being written (if under the data policy) and the run's output folder,
+    checked as the offline planners check them (registrable, room for ``output_size``)."""
+    from calypso.tasks.plans.preflight import require_output_room, require_registrable
+    from calypso.tasks.raw.data_policy import RawDataset, output_folder
+
+    try:
+        raw = RawDataset.from_path(raw_file)
+    except CalypsoError:
+        raw = None
+    if raw is not None:  # the file is being written (and may be in SWMR mode): no open_raw
+        raw = raw.model_copy(update={"sample_name": _sample_name(raw_file, number)})
+    out = output_folder(input_path, raw, technique, output_dir, settings.processed_data)
+    require_registrable(input_path, raw, str(raw_file), settings)
+    require_output_room(out, output_size)
+    return raw, out
+
+
 def _sample_name(raw_file: Path, number: int) -> str | None:
     try:
         with open_lima(raw_file) as h5:
             return bliss._optional_text(h5[f"{number}.1"], "sample/name")
     except (OSError, KeyError, ValueError):
         return None
+
+
+# -- MX ---------------------------------------------------------------------------------
+
+
+def live_pixel_mask(raw_file: Path, number: int, detector: str) -> Any:
+    """The detector's pixel mask the dataset file holds for scan ``number`` (an array; None
+    when it has none), read as the file is written (the writer may hold it in SWMR mode,
+    which the offline readers do not open)."""
+    try:
+        with open_lima(raw_file) as h5:
+            mask = h5.get(f"{number}.1/instrument/{detector}/pixel_mask")
+            return mask[()] if mask is not None else None
+    except (OSError, KeyError, ValueError) as exc:
+        raise RawDataError(
+            f"{raw_file}: the pixel mask of scan {number} cannot be read ({exc})"
+        ) from None
+
+
+def make_live_mx_plan(
+    input_path: str,
+    parameters: Any,
+    first: Any,
+    output_dir: str | None,
+    settings: CalypsoSettings,
+    chunk_size: int,
+) -> Any:
+    """The MX plan of a scan in progress (``first``: what its first frames and its dataset
+    file say, :class:`calypso.flows.online.live_base.FirstFrames`), made as the offline planner
+    makes it (geometry from the dataset file's detector group and the parameters, grid
+    from the title, the same checks, output folder and file) for the images the scan
+    takes: ``npoints``, else the grid's cells. Chunks are a grid row (``chunk_size``
+    without a grid), unless the parameters say."""
+    import tempfile
+
+    import numpy as np
+
+    from calypso.tasks.plans.mx import BYTES_PER_IMAGE, TECHNIQUE, MXPlan, require_unmasked
+    from calypso.tasks.raw import mx_images
+    from calypso.tasks.raw.frames import FrameSource, read_image
+
+    raw_file, number, detector = Path(first.raw_file), first.number, first.detector
+    entry = f"{number}.1"
+    try:
+        with open_lima(raw_file) as h5:
+            found = mx_images.hdf5_geometry(h5[f"{entry}/instrument"], detector)
+    except (OSError, KeyError, ValueError):
+        found = {}  # no instrument group yet: the parameters must give the geometry
+    where = f"{raw_file} scan {number} (live: the geometry must be there when the scan starts)"
+    geometry = mx_images.resolve_geometry(found, parameters, where)
+    grid = parameters.grid or mx_images.grid_from_title(first.title)
+    cells = grid[0] * grid[1] if grid else None
+    n_frames = first.npoints or cells or first.frames
+    if grid is not None and cells != n_frames:
+        raise ParameterError(
+            f"{raw_file} scan {number}: a {grid[0]}x{grid[1]} grid holds {cells} images, the "
+            f"scan takes {n_frames}; set grid=[ROWS,COLUMNS]"
+        )
+    dtype = np.dtype(first.dtype)
+    pixel_mask = live_pixel_mask(raw_file, number, detector)
+    dataset = f"{entry}/instrument/{detector}/data"
+    source = FrameSource(
+        kind="hdf5", files=(first.lima_file,), dataset=first.dataset,
+        shape=(n_frames, *first.frame_shape), dtype=first.dtype,
+    )  # fmt: skip
+    scan = mx_images.MXScan(
+        name=entry,
+        description=f"{raw_file}::/{dataset}",
+        sources=[source],
+        geometry=geometry,
+        pixel_mask=f"{raw_file}::/{entry}/instrument/{detector}/pixel_mask"
+        if pixel_mask is not None
+        else None,
+        saturation=float(np.iinfo(dtype).max) if dtype.kind == "u" else None,
+        grid=grid,
+        title=first.title,
+        start_time=first.start_time,
+    )
+    if parameters.mask is not None:
+        mask = read_image(parameters.mask, "mask")
+        if mask.shape != scan.frame_shape:
+            raise ParameterError(
+                f"mask {parameters.mask} has shape {mask.shape}, the images of "
+                f"{scan.description} {scan.frame_shape}"
+            )
+    # The offline check, on a copy of the pixel mask (the offline readers cannot open the
+    # file the writer holds), naming where the mask is.
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / "pixel_mask.npy"
+        if pixel_mask is not None:
+            np.save(copy, pixel_mask)
+        try:
+            require_unmasked(
+                scan.model_copy(
+                    update={"pixel_mask": str(copy) if pixel_mask is not None else None}
+                ),
+                parameters,
+            )
+        except CalypsoError as exc:
+            raise type(exc)(str(exc).replace(str(copy), str(scan.pixel_mask))) from None
+    raw, out = _live_output(
+        input_path, raw_file, number, TECHNIQUE, output_dir, settings,
+        2 * BYTES_PER_IMAGE * n_frames,
+    )  # fmt: skip
+    return MXPlan(
+        input=input_path,
+        raw=raw,
+        raw_file=str(raw_file),
+        scans=[scan],
+        parameters=parameters,
+        output_dir=str(out),
+        output_file=str(out / f"{raw_file.name.split('.')[0]}.h5"),
+        chunk_size=parameters.chunk_size or (grid[1] if grid else chunk_size),
+    )

@@ -1,0 +1,122 @@
+"""What a live run holds, and what a technique provides to be fed live (docs/live.md):
+the pieces :mod:`calypso.flows.online.live` runs and each technique's module
+(``live_diffraction.py``, ``live_mx.py``) fills in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from calypso.errors import RawDataError
+from calypso.flows.engine import StepContext
+
+LIVE_CHUNK = 10  # frames: half a second of a 20 frames/s scan, ~1 s of work on one core
+
+WAIT = object()  # what LiveTechnique.chunk_inputs says when a chunk's inputs are not all in
+
+
+class MissingInputs(RawDataError):
+    """A chunk can never be sent: the scan ended without what it needs (a counter's
+    points). What came before it is reduced, marked partial."""
+
+
+@dataclass(frozen=True)
+class FirstFrames:
+    """What the scan's first frames and its dataset file say, for a technique's live plan."""
+
+    raw_file: Path  # the Bliss dataset file being written
+    number: int  # the scan
+    detector: str
+    lima_file: str  # the first Lima file, and its frames' dataset
+    dataset: str
+    frame_shape: tuple[int, ...]
+    dtype: str
+    npoints: int | None  # the frames the scan announced (blissdata), None: not said
+    frames: int  # frames handed out so far
+    title: str
+    start_time: str | None
+
+
+class LiveTechnique:
+    """What one technique adds to the following of a scan (one instance a run: it may
+    keep what it needs between its steps). Its results are chunk results of its own."""
+
+    preload = ""  # the module its workers import (its live chunk task)
+    doing = "Reducing"  # what the progress says it does ("Integrating scan 3 live")
+
+    def warm_up(self, ctx: StepContext, parameters: Any) -> None:
+        """Before the scan has begun: what the workers may build meanwhile (not waited for)."""
+
+    def plan(self, ctx: StepContext, parameters: Any, first: FirstFrames) -> Any:
+        """The plan of the scan in progress, made as the offline planner makes it."""
+        raise NotImplementedError
+
+    def prepare(self, ctx: StepContext, live: LiveRun, plan: Any) -> None:
+        """Before the first chunk is sent (the run's work folder is there)."""
+
+    def chunk_inputs(self, live: LiveRun, plan: Any, first: int, stop: int, ended: bool) -> Any:
+        """What chunk ``first:stop`` needs besides its frames (read by the flow): WAIT while
+        it is not all there; :class:`MissingInputs` once the scan has ended without it."""
+        return None
+
+    def submit(
+        self, ctx: StepContext, live: LiveRun, plan: Any, first: int, stop: int, inputs: Any
+    ) -> Any:
+        """The future of chunk ``first:stop``'s task."""
+        raise NotImplementedError
+
+    def span(self, result: Any) -> tuple[int, int]:
+        """The frames ``(first, stop)`` of a chunk result."""
+        raise NotImplementedError
+
+    def write_partial(
+        self, live: LiveRun, plan: Any, chunks: list[Any], path: Path, state: str
+    ) -> None:
+        """The partial result at ``path`` (written aside, then renamed)."""
+        raise NotImplementedError
+
+    def frames_in(self, final: Any, number: int) -> int | None:
+        """Frames of scan ``number`` in the offline plan ``final`` (None: not in it)."""
+        raise NotImplementedError
+
+    def as_partial(self, live: LiveRun, plan: Any, frames: int) -> None:
+        """Make ``plan`` that of the ``frames`` first frames of the scan (it did not end
+        well): what the writer writes, marked partial."""
+        raise NotImplementedError
+
+    def final_chunks(
+        self, ctx: StepContext, live: LiveRun, plan: Any, chunks: list[Any]
+    ) -> list[Any]:
+        """The live chunks as the offline plan ``plan`` has them, with the other scans of
+        the dataset it names reduced as offline: what the writer takes."""
+        raise NotImplementedError
+
+    def figures(self, plan: Any, chunks: list[Any]) -> dict[str, Any]:
+        """What the processing step reports of its chunks (as the offline step does)."""
+        return {"tasks": len(chunks), "chunks": len(chunks)}
+
+    def write(self, ctx: StepContext, live: LiveRun, plan: Any, chunks: list[Any]) -> list[str]:
+        """The offline writer (``live.partial``: why the result is partial, when it is)."""
+        raise NotImplementedError
+
+
+@dataclass
+class LiveRun:
+    """How one live run follows its scan, and what it saw (the steps of the run share it)."""
+
+    source: str = "files"  # "files", or the blissdata server's redis:// URL
+    key: str | None = None  # the blissdata scan key (default: the scan writing the input)
+    poll: float = 0.1
+    stall_timeout: float = 60.0  # no new frame for this long: the writer stopped
+    latency: float = 0.5  # the longest a ready frame waits for its chunk to fill
+    end_timeout: float = 10.0  # the stream closed: how long end_time may take to be written
+    technique: Any = None  # the LiveTechnique of the run
+    scan: Any = None  # the LiveScan, once found
+    number: int = 0
+    detector: str = ""
+    dataset_file: str = ""
+    partial: str | None = None  # why the result is partial, when it is
+    handed: dict[int, float] = field(default_factory=dict)  # frame -> when it was ready
+    timeline: list[tuple[int, int, float]] = field(default_factory=list)  # chunk, done at
