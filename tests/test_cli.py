@@ -20,6 +20,7 @@ import pytest
 
 from calypso.flows.cli import main
 from calypso.registry import SQLiteCatalogue
+from tests.clusters import on_cluster
 
 
 def calypso(capsys, *args: str) -> tuple[int, str, str]:
@@ -189,16 +190,20 @@ KEEP_S = 30
 
 
 def test_without_a_server_the_first_run_starts_the_local_one_and_the_next_uses_it(
-    diffraction_sample, tmp_path
+    diffraction_sample, tmp_path, capsys, monkeypatch
 ):
     """Real `calypso run` processes with no Prefect server configured: the first starts
-    the home's local server (calypso.flows.local_server), quietly; the next one uses it."""
+    the home's local server (calypso.flows.local_server), quietly; the next one uses it.
+    Their chunks go to the session's Dask cluster: the server is what is tested here."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
         PREFECT_HOME=str(tmp_path / "prefect"),
         CALYPSO_HOME=str(tmp_path / "calypso"),
         CALYPSO_SERVER__LOCAL_KEEP_S=str(KEEP_S),
+        **{f"CALYPSO_EXECUTOR__{k.upper()}": str(v) for k, v in on_cluster(2).items()},
     )
+    # The cluster's certificate, as a site installs the same one in each of its homes.
+    shutil.copytree(Path(os.environ["CALYPSO_HOME"]) / "tls", tmp_path / "calypso" / "tls")
     output = tmp_path / "out"
     poni, mask = diffraction_sample.calibration["poni"], diffraction_sample.calibration["mask"]
     command = [
@@ -246,45 +251,10 @@ def test_without_a_server_the_first_run_starts_the_local_one_and_the_next_uses_i
         assert sorted(r["state_type"] for r in runs) == ["COMPLETED", "COMPLETED"]
         with pytest.raises(urllib.error.HTTPError, match="401"):
             _post(f"{local['url']}/flow_runs/filter", {"limit": 10}, None)
-        status = subprocess.run(
-            [sys.executable, "-m", "calypso.flows.cli", "catalogue", "list"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert status.returncode == 0 and str(output) in status.stdout
-        bad = subprocess.run(
-            [sys.executable, "-m", "calypso.flows.cli", "run", "diffraction", str(tmp_path / "no")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert bad.returncode == 3
-        assert bad.stderr == f"calypso: error: {tmp_path / 'no'} does not exist\n"
-        # Under --json the same error is JSON on standard output, for the scripts that asked.
-        bad_json = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "calypso.flows.cli",
-                "run",
-                "diffraction",
-                str(tmp_path / "no"),
-                "--json",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert bad_json.returncode == 3 and bad_json.stderr == ""
-        assert json.loads(bad_json.stdout)["error"] == {
-            "type": "RawDataError",
-            "message": f"{tmp_path / 'no'} does not exist",
-            "exit_code": 3,
-        }
+        monkeypatch.setenv("CALYPSO_HOME", env["CALYPSO_HOME"])  # the home's catalogue
+        monkeypatch.delenv("CALYPSO_CATALOGUE__PATH", raising=False)
+        status, out, _ = calypso(capsys, "catalogue", "list")
+        assert status == 0 and str(output) in out
         # Unused for KEEP_S and no flow run active: the keeper stops its server by itself
         # and takes its address away.
         deadline = time.monotonic() + 120
@@ -320,6 +290,20 @@ def test_version_completion_and_usage_errors(capsys):
     code, out, err = calypso(capsys, "run", "nonsense", "x", "--json")
     error = json.loads(out)["error"]
     assert code == 2 and error["type"] == "UsageError" and "invalid choice" in error["message"]
+
+
+def test_an_error_is_one_line_or_json_for_the_scripts_that_asked(tmp_path, capsys):
+    code, out, err = calypso(capsys, "run", "diffraction", tmp_path / "no")
+    assert code == 3 and out == ""
+    assert err == f"calypso: error: {tmp_path / 'no'} does not exist\n"
+    # Under --json the same error is JSON on standard output, standard error quiet.
+    code, out, err = calypso(capsys, "run", "diffraction", tmp_path / "no", "--json")
+    assert code == 3 and err == ""
+    assert json.loads(out)["error"] == {
+        "type": "RawDataError",
+        "message": f"{tmp_path / 'no'} does not exist",
+        "exit_code": 3,
+    }
 
 
 def test_sample_data_command(tmp_path, capsys):

@@ -22,7 +22,8 @@ from calypso.registry.icat import IcatCatalogue
 from calypso.settings import IcatSettings
 from tests.icat_servers import running_icat, use_icat
 
-pytestmark = pytest.mark.slow
+# In-process `calypso run` commands use the session's cluster (tests/clusters.py).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("on_shared_cluster")]
 TOKEN = "calypso-test-icatplus-token-7f3e9a"  # recognisable wherever it would leak
 
 

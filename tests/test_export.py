@@ -25,7 +25,8 @@ from calypso.tasks.export import MANIFEST_NAME, export_dataset, verify_export
 from calypso.tasks.writers.nexus import PARTIAL_PREFIX
 
 boto3 = pytest.importorskip("boto3")
-pytestmark = pytest.mark.slow
+# In-process `calypso run` commands use the session's cluster (tests/clusters.py).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("on_shared_cluster")]
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -34,7 +34,8 @@ from calypso.settings import IcatSettings, load_settings
 from calypso.techniques.diffraction import DiffractionParameters
 from tests.icat_servers import IcatServers, running_icat, use_icat, wait_for
 
-pytestmark = pytest.mark.slow
+# In-process `calypso run` commands use the session's cluster (tests/clusters.py).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("on_shared_cluster")]
 
 
 class SlowReceipts:

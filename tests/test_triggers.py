@@ -311,13 +311,14 @@ def test_a_restarted_or_second_watcher_announces_nothing_twice(facility):
     assert runs[-1].parameters["raw"] == str(sample.raw_dataset_dir)
 
 
-def test_twenty_datasets_at_once_each_processed_once_within_the_limit(facility, tmp_path):
-    # Twenty: the limit of CONCURRENCY runs at once is what is tested, in waves.
+def test_nine_datasets_at_once_each_processed_once_within_the_limit(facility, tmp_path):
+    # Three times the limit of CONCURRENCY runs at once: the limit is tested, in waves.
+    count = 3 * CONCURRENCY
     before = len(facility.runs())
     template = first_sample(facility)
     staging = tmp_path / "staging"
     staging.mkdir()
-    names = [f"CeO2_{n:04d}" for n in range(101, 121)]
+    names = [f"CeO2_{n:04d}" for n in range(101, 101 + count)]
     for name in names:
         shutil.copytree(template, staging / name)
         (staging / name / "CeO2_0001.h5").rename(staging / name / f"{name}.h5")
@@ -325,7 +326,7 @@ def test_twenty_datasets_at_once_each_processed_once_within_the_limit(facility, 
     collection.mkdir(parents=True)
     for name in names:  # each dataset appears complete, all within a second
         (staging / name).rename(collection / name)
-    runs = wait_until(lambda: facility.finished(before + 20), 600, "20 runs", interval=2)
+    runs = wait_until(lambda: facility.finished(before + count), 600, "the runs", interval=2)
     new = runs[before:]
     assert all(r.state.is_completed() for r in new), [r.state.name for r in new]
     assert sorted(Path(r.parameters["raw"]).name for r in new) == names
@@ -334,7 +335,7 @@ def test_twenty_datasets_at_once_each_processed_once_within_the_limit(facility, 
     overlaps = max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)
     assert overlaps <= CONCURRENCY, overlaps
     processed = [r for r in facility.records() if "/ih0002/" in r[0]]
-    assert len(processed) == 20 and len({r[0] for r in processed}) == 20
+    assert len(processed) == count and len({r[0] for r in processed}) == count
     output = collection.parent.parent / "PROCESSED_DATA" / "CeO2" / names[-1] / "diffraction"
     with h5py.File(output / f"{names[-1]}.h5", "r") as h5:
         assert np.isfinite(h5["1.1/pilatus1m_integrate/integrated/intensity"][()]).all()
@@ -444,7 +445,7 @@ def test_a_retry_after_a_killed_worker_recomputes_only_unfinished_chunks(facilit
     from prefect.client.orchestration import get_client
     from prefect.states import Scheduled
 
-    sample = write_diffraction_sample(facility.elsewhere, frames=60, dataset_number=7, seed=6)
+    sample = write_diffraction_sample(facility.elsewhere, frames=30, dataset_number=7, seed=6)
     parameters = {
         "raw": str(sample.raw_dataset_dir),
         "parameters": facility.parameters | {"chunk_size": 2},
@@ -468,7 +469,7 @@ def test_a_retry_after_a_killed_worker_recomputes_only_unfinished_chunks(facilit
     interrupted = start_run(results / "b")
     parts = results / "b" / f".calypso-partial-{interrupted.id}"
     wait_until(
-        lambda: parts.is_dir() and len(list(parts.glob("*.h5"))) >= 6,
+        lambda: parts.is_dir() and len(list(parts.glob("*.h5"))) >= 4,
         240,
         "some chunks",
         interval=0.01,
@@ -490,7 +491,7 @@ def test_a_retry_after_a_killed_worker_recomputes_only_unfinished_chunks(facilit
         return counts[0] if len(set(counts)) == 1 else None
 
     done_first = wait_until(steady_count, 90, "the chunk states to settle", interval=0)
-    assert 0 < done_first < 30
+    assert 0 < done_first < 15
 
     with get_client(sync_client=True) as client:  # what the UI's Retry does
         client.set_flow_run_state(interrupted.id, Scheduled(name="AwaitingRetry"), force=True)
@@ -499,7 +500,7 @@ def test_a_retry_after_a_killed_worker_recomputes_only_unfinished_chunks(facilit
 
     def retried_chunks() -> list | None:
         runs = [r for r in chunk_runs(interrupted.id) if r.flow_run_run_count == 2]
-        final = len(runs) == 30 and all(r.state and r.state.is_final() for r in runs)
+        final = len(runs) == 15 and all(r.state and r.state.is_final() for r in runs)
         return runs if final else None
 
     retried = wait_until(retried_chunks, 60, "the retried chunks' final states")
@@ -511,7 +512,7 @@ def test_a_retry_after_a_killed_worker_recomputes_only_unfinished_chunks(facilit
     # once. The one chunk in flight on the killed worker (one thread a worker) may have
     # died between persisting its result and reporting its state, or the other way
     # round: it counts on either side.
-    assert len(retried) == 30 and len(computed) == 30 - len(cached)
+    assert len(retried) == 15 and len(computed) == 15 - len(cached)
     assert done_first - 1 <= len(cached) <= done_first + 1
 
     def intensities(folder: Path) -> np.ndarray:

@@ -1,0 +1,212 @@
+"""Live runs started by the service at a scan's start (flows/online/scan_starts.py,
+docs/live.md "Started by the service"): `calypso serve` and `calypso watch --blissdata` as
+real processes, the session's Prefect server, and the acquisition simulator writing a scan
+into the watched tree while it publishes it through blissdata on a real valkey server.
+
+The live run starts while the scan runs, gives the offline result bit for bit, is
+registered once under the key the scan's end would have, and the end of the scan starts
+nothing more; two watchers (two states, as on two machines) give one run; a live run
+killed mid-scan is processed again once, by the run the scan's end starts. Run with -s to
+see the latencies."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from calypso.flows.online.scan_starts import created_at
+from calypso.flows.samples.diffraction import write_diffraction_sample
+from calypso.tasks.raw.data_policy import RawDataset
+from tests.processes import start, wait_until
+from tests.test_crash_safety import Plant, flow_run_process
+from tests.test_live_flow import datasets, target
+
+pytestmark = pytest.mark.slow
+LIVE = "diffraction-live/diffraction-live"
+
+
+@pytest.fixture(scope="module")
+def plant(tmp_path_factory):
+    """`calypso serve --technique diffraction` (its live deployment too), short leases."""
+    site = Plant(tmp_path_factory.mktemp("live-plant"))
+    deployment = wait_until(lambda: live_deployment(site), 120, "the live deployment")
+    yield site
+    site.close()
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # leave the shared server clean
+        client.delete_deployment(deployment.id)
+
+
+def live_deployment(plant: Plant):
+    from prefect.client.orchestration import get_client
+
+    assert plant.serve.poll() is None, (plant.work / "serve.log").read_text()[-3000:]
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_deployment_by_name(LIVE)
+        except Exception:
+            return None
+
+
+def live_runs(plant: Plant, raw: Path) -> list:
+    """The live flow runs of the dataset ``raw``, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    deployment = live_deployment(plant)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+            sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+            limit=200,
+        )
+    return [r for r in runs if r.parameters.get("raw") == os.path.realpath(raw)]
+
+
+def watch_live(plant: Plant, url: str, state: str) -> None:
+    """`calypso watch --blissdata URL` on the plant's tree, with its own state file, once
+    it follows the server."""
+    env = plant.env | {"CALYPSO_WATCH__STATE_PATH": str(plant.home / state)}
+    log = plant.work / f"{state}.log"
+    plant.watchers.append(start(["watch", str(plant.tree), "--blissdata", url], env, log))
+    wait_until(
+        lambda: log.exists() and "following scan starts" in log.read_text(), 120, "the watcher"
+    )
+
+
+def simulate(recorded, plant: Plant, url: str, timeline: Path, rate: float) -> subprocess.Popen:
+    """The scan replayed into the watched tree, published through blissdata."""
+    command = [sys.executable, "-m", "calypso.flows.samples.acquisition_simulator"]
+    return subprocess.Popen(
+        [
+            *(*command, str(recorded.raw_dataset_dir), str(plant.tree)),
+            *("--rate", str(rate), "--frames-per-file", "2", "--blissdata", url),
+            *("--timeline", str(timeline)),
+        ]
+    )
+
+
+def scan_created(url: str) -> float:
+    """When the last scan was created on the blissdata server (epoch s)."""
+    from blissdata.redis_engine.store import DataStore
+
+    store = DataStore(url)
+    try:
+        return created_at(store.get_last_scan()[0])
+    finally:
+        store._redis.connection_pool.disconnect()
+
+
+def state_of(run_id):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id).state
+
+
+def test_a_scan_start_starts_one_live_run_and_the_scan_end_nothing_more(
+    plant, blissdata_url, tmp_path
+):
+    recorded = write_diffraction_sample(tmp_path / "recorded", frames=10, dataset_number=5, seed=5)
+    raw = target(recorded, plant.tree)
+    watch_live(plant, blissdata_url, "one.sqlite")
+    watch_live(plant, blissdata_url, "two.sqlite")  # another state: a watcher elsewhere
+    timeline = tmp_path / "written.json"
+    writer = simulate(recorded, plant, blissdata_url, timeline, rate=2)
+    [run] = wait_until(lambda: live_runs(plant, raw), 60, "the live run", 0.1)
+    wait_until(lambda: live_runs(plant, raw)[0].start_time, 60, "it to run", 0.05)
+    running = live_runs(plant, raw)[0].start_time.timestamp()
+    created = scan_created(blissdata_url)
+    scan_running = writer.poll() is None
+    assert writer.wait(timeout=60) == 0
+    last_frame = json.loads(timeline.read_text())["written"][-1]
+    assert scan_running and running < last_frame, "the live run began after the scan"
+
+    def registered():
+        return [r for r in plant.records(raw) if r.status == "completed"]
+
+    [record] = wait_until(registered, 120, "the live result registered", 0.05)
+    registered_at = time.time()
+    print(f"\nscan created -> live flow run running: {running - created:.2f} s")
+    print(f"last frame -> result registered: {registered_at - last_frame:.2f} s")
+    wait_until(lambda: state_of(run.id).is_final(), 60, "the live run's end")
+    assert state_of(run.id).is_completed(), state_of(run.id)
+    assert record.flow_run_id == str(run.id) and record.key == run.parameters["trigger"]
+    assert record.frames == 10
+
+    # The scan's end finds its key processed live: confirmed, nothing posted (each state).
+    for state in ("one.sqlite", "two.sqlite"):
+        wait_until(
+            lambda s=state: plant.announcements(raw, s) == [("confirmed", 1)], 60, "confirmed"
+        )
+    time.sleep(3)  # the polls of both watchers after the scan's end
+    assert plant.runs(raw) == [], "the end of the scan started a run"
+    assert len(live_runs(plant, raw)) == 1, "two watchers started two live runs"
+    assert len(plant.records(raw)) == 1
+    logs = (plant.work / "one.sqlite.log").read_text() + (plant.work / "two.sqlite.log").read_text()
+    assert "processed live" in logs and blissdata_url.split("//")[1] in logs
+
+    # The offline run of the same data (by hand, beside it): the same result, bit for bit.
+    from prefect.client.orchestration import get_client
+
+    offline_dir = RawDataset.from_path(raw).session_dir / "PROCESSED_DATA" / "offline"
+    with get_client(sync_client=True) as client:
+        offline = client.create_flow_run_from_deployment(
+            plant.deployment_id,
+            parameters={
+                "raw": str(raw),
+                "parameters": run.parameters["parameters"],
+                "scans": [1],
+                "output_dir": str(offline_dir),
+            },
+        )
+    wait_until(lambda: state_of(offline.id).is_final(), 120, "the offline run")
+    assert state_of(offline.id).is_completed()
+    [offline_file] = offline_dir.glob("*.h5")
+    live_file = record.outputs[0].split("::")[0]
+    assert datasets(live_file) == datasets(str(offline_file))
+    plant.stop_watchers()
+
+
+def test_a_live_run_killed_mid_scan_is_processed_again_once_at_its_end(
+    plant, blissdata_url, tmp_path
+):
+    recorded = write_diffraction_sample(tmp_path / "recorded", frames=12, dataset_number=6, seed=6)
+    raw = target(recorded, plant.tree)
+    watch_live(plant, blissdata_url, "one.sqlite")
+    writer = simulate(recorded, plant, blissdata_url, tmp_path / "written.json", rate=2)
+    [live] = wait_until(lambda: live_runs(plant, raw), 60, "the live run", 0.1)
+    # Killed once it has claimed the scan and reserved its record (its first frames came).
+    wait_until(
+        lambda: any(r.flow_run_id == str(live.id) for r in plant.records(raw)),
+        60,
+        "the live run's claim",
+        0.05,
+    )
+    process = wait_until(lambda: flow_run_process(plant.serve, live.id), 30, "its process")
+    process.kill()  # SIGKILL: no state, no record, no finally
+    scan_running = writer.poll() is None
+    assert writer.wait(timeout=60) == 0
+
+    [after] = wait_until(lambda: plant.settled(raw, 1), 180, "the end-of-scan run")
+    print(f"\nkilled {'during' if scan_running else 'after'} the scan; the end-of-scan run: ")
+    print(after.state.name)
+    assert after.state.is_completed()
+    wait_until(lambda: state_of(live.id).is_final(), 60, "the killed run's state")
+    assert state_of(live.id).type.value == "CRASHED"
+    assert len(live_runs(plant, raw)) == 1
+    completed = [r for r in plant.records(raw) if r.status == "completed"]
+    assert [r.flow_run_id for r in completed] == [str(after.id)]  # processed once
+    assert completed[0].key == live.parameters["trigger"] and completed[0].frames == 12
+    dead = next(r for r in plant.records(raw) if r.flow_run_id == str(live.id))
+    assert dead.status == "failed" and "stopped before publishing" in dead.message
+    wait_until(lambda: plant.announcements(raw, "one.sqlite") == [("confirmed", 2)], 60, "ok")
+    plant.stop_watchers()
