@@ -20,9 +20,12 @@ from pydantic import BaseModel
 
 from calypso.executors.dask import flow_task_runner
 from calypso.flows.flow_run import FlowRun
+from calypso.flows.heartbeats import end_heartbeats_with_the_run
 from calypso.flows.specification import FlowSpec, check_specification
 from calypso.flows.techniques import OUTPUTS, TECHNIQUES, Step, Technique, all_steps
 from calypso.settings import CalypsoSettings
+
+end_heartbeats_with_the_run()  # every process that runs Calypso's flows imports this module
 
 
 @dataclass
