@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
+    field_validator,
 )
 
 
@@ -77,6 +79,25 @@ class WatchSettings(BaseModel):
         "server may be slow to turn a burst of events into runs: keep it generous).",
     )
     attempts: int = Field(5, ge=1, description="Posts of one announcement at most.")
+    blissdata_url: str | None = Field(
+        None,
+        description="Bliss's data-stream server (redis://host:port; `calypso watch "
+        "--blissdata URL` too): the watcher follows scan starts there, and a scan whose rule "
+        "names a live technique (diffraction, MX) starts its live run in `calypso serve` at "
+        "once (docs/live.md). A password in it is a secret (never logged); events carry the "
+        "URL without it, and served live runs take it from this setting.",
+    )
+
+    @field_validator("blissdata_url")
+    @classmethod
+    def _hide_password(cls, url: str | None) -> str | None:
+        # The password alone is hidden, so that logs still say which server (the whole
+        # URL, as a SecretStr, would be blanked out of every message naming it).
+        from calypso.registry.access.secrets import remember
+
+        if url:
+            remember(urlsplit(url).password)
+        return url
 
 
 class ServeSettings(BaseModel):

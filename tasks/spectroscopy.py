@@ -28,7 +28,7 @@ from calypso.tasks.plans.spectroscopy import (
     SpectroscopyPlan,
     reduction_keywords,
 )
-from calypso.tasks.raw.spectra import SpectrumSource, absorption, read_source
+from calypso.tasks.raw.spectra import ColumnTable, SpectrumSource, absorption, read_source
 from calypso.tasks.writers import nexus, plots
 from calypso.techniques import spectroscopy as xas
 
@@ -37,6 +37,7 @@ __all__ = [
     "BatchResult",
     "SpectroscopyPlan",
     "merge_repeated_scans",
+    "reduce_into_part",
     "reduce_spectra_batch",
     "write_spectroscopy_nexus",
 ]
@@ -118,10 +119,27 @@ def reduce_spectra_batch(
     """Read spectra ``start:stop`` of one source, reduce them, store the arrays in a part file."""
     began = time.perf_counter()
     source = batch.source
-    where = source.describe() + (
-        f" spectra {batch.start}-{batch.stop - 1}" if source.n_spectra > 1 else ""
+    table = read_source(source, batch.start, batch.stop)
+    part = Path(work_dir) / f"{source.label}-{batch.start:09d}.h5"
+    return reduce_into_part(
+        table, batch, parameters, reference_e0, part, source.n_spectra > 1, began
     )
-    data = absorption(read_source(source, batch.start, batch.stop), parameters)
+
+
+def reduce_into_part(
+    table: ColumnTable,
+    batch: SpectraBatch,
+    parameters: xas.SpectroscopyParameters,
+    reference_e0: float | None,
+    part: Path,
+    stacked: bool,
+    began: float,
+) -> BatchResult:
+    """Reduce the counters ``table`` of spectra ``batch.start:stop`` into ``part``: a batch's
+    work once its counters are read (offline batches, and live ones: docs/live.md)."""
+    source = batch.source
+    where = source.describe() + (f" spectra {batch.start}-{batch.stop - 1}" if stacked else "")
+    data = absorption(table, parameters)
     reduction = xas.reduce_spectra(
         data.energy,
         data.mu,
@@ -130,8 +148,7 @@ def reduce_spectra_batch(
         **reduction_keywords(parameters),
         where=where,
     )
-    part = Path(work_dir) / f"{source.label}-{batch.start:09d}.h5"
-    _write_part(part, reduction, data.energy, stacked=source.n_spectra > 1)
+    _write_part(part, reduction, data.energy, stacked=stacked)
     return BatchResult(
         label=source.label,
         start=batch.start,

@@ -23,7 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.live_servers import blissdata_url, valkey_url  # noqa: F401  (docs/live.md)
+from tests.live_servers import (  # noqa: F401  (fixtures of live runs: docs/live.md)
+    blissdata_url,
+    live_settings,
+    valkey_url,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 _server: subprocess.Popen | None = None

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,3 +110,45 @@ def blissdata_url(valkey_url: str) -> str:
     redis.Redis.from_url(valkey_url).flushall()
     DataStore(valkey_url, init_db=True)._redis.connection_pool.disconnect()
     return valkey_url
+
+
+@pytest.fixture
+def live_settings(scheduler: str):
+    """Live runs on the session's one-worker cluster: booting one a run costs seconds."""
+    from calypso.settings import load_settings
+
+    return load_settings(executor={"kind": "address", "address": scheduler})
+
+
+def replayed(sample, root: Path) -> Path:
+    """Where the acquisition simulator writes ``sample``'s raw dataset (a sample object
+    or its RawDataset) replayed under ``root``."""
+    dataset = getattr(sample, "dataset", sample)
+    return dataset.model_copy(update={"root": root.absolute()}).raw_dataset_dir
+
+
+class PartialWatcher(threading.Thread):
+    """Opens the partial results (``*.partial.h5``) under ``root`` while a live run goes,
+    as a user would; what ``read(file)`` takes of each goes to ``seen``."""
+
+    def __init__(self, root: Path, read: Callable[[Any], Any], interval: float = 0.05):
+        super().__init__(daemon=True)
+        self.root, self.read, self.interval = root, read, interval
+        self.seen: list[Any] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        import h5py
+
+        while not self.done.is_set():
+            try:
+                found = list(self.root.rglob("*.partial.h5"))
+            except OSError:  # a run's work folder went while the tree was walked
+                found = []
+            for path in found:
+                try:
+                    with h5py.File(path, "r", locking=False) as h5:
+                        self.seen.append(self.read(h5))
+                except (OSError, KeyError):
+                    pass  # removed meanwhile: the result is there
+            time.sleep(self.interval)

@@ -14,8 +14,8 @@ import pytest
 from calypso.flows.api import run_technique
 from calypso.flows.online import live
 from calypso.settings import load_settings
-from tests.live_servers import start_valkey, stop_valkey
-from tests.test_live_flow import datasets, parameters, target
+from tests.live_servers import replayed, start_valkey, stop_valkey
+from tests.test_live_flow import datasets, parameters
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +28,9 @@ def test_the_lima_files_give_the_rest_when_the_stream_server_goes_away(
     (tmp_path / "valkey").mkdir()
     server, url = start_valkey(tmp_path / "valkey")
     DataStore(url, init_db=True)._redis.connection_pool.disconnect()
-    settings = load_settings(executor={"kind": "address", "address": scheduler})
+    live_settings = load_settings(executor={"kind": "address", "address": scheduler})
     root = tmp_path / "beamline"
-    raw_dir = target(diffraction_sample, root)
+    raw_dir = replayed(diffraction_sample, root)
     command = [
         sys.executable, "-m", "calypso.flows.samples.acquisition_simulator",
         str(diffraction_sample.raw_dataset_dir), str(root), "--rate", "4",
@@ -54,7 +54,7 @@ def test_the_lima_files_give_the_rest_when_the_stream_server_goes_away(
     thread.start()
     try:
         summary = live.run_live(
-            "diffraction", str(raw_dir), parameters(diffraction_sample), None, None, settings,
+            "diffraction", str(raw_dir), parameters(diffraction_sample), None, None, live_settings,
             live={"source": url, "stall_timeout": 30, "poll": 0.05},
         )  # fmt: skip
     finally:
@@ -67,7 +67,7 @@ def test_the_lima_files_give_the_rest_when_the_stream_server_goes_away(
     assert not summary["warnings"], summary["warnings"]
     offline = run_technique(
         "diffraction", str(raw_dir), parameters(diffraction_sample), None,
-        str(tmp_path / "offline"), settings,
+        str(tmp_path / "offline"), live_settings,
     )  # fmt: skip
     live_file, offline_file = (
         summary["outputs"][0].split("::")[0],

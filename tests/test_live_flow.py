@@ -20,16 +20,10 @@ from calypso.errors import RawDataError
 from calypso.flows.api import run_technique
 from calypso.flows.online import live
 from calypso.registry import SQLiteCatalogue
-from calypso.settings import load_settings
 from calypso.techniques.diffraction import DiffractionParameters
+from tests.live_servers import PartialWatcher, replayed
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def settings(scheduler):
-    """The session's one-worker cluster: booting one a run costs seconds."""
-    return load_settings(executor={"kind": "address", "address": scheduler})
 
 
 def parameters(sample) -> DiffractionParameters:
@@ -70,33 +64,9 @@ def simulate(source: Path, root: Path, *options: str) -> Simulator:
     return simulator
 
 
-def target(sample, root: Path) -> Path:
-    """Where the simulator writes the replayed raw dataset."""
-    raw = sample.dataset.model_copy(update={"root": root.absolute()})
-    return raw.raw_dataset_dir
-
-
-class PartialWatcher(threading.Thread):
-    """Opens the partial result (``*.partial.h5``) while the run goes, as a user would."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(daemon=True)
-        self.root, self.seen, self.done = root, [], threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            try:
-                found = list(self.root.rglob("*.partial.h5"))
-            except FileNotFoundError:  # a work folder went while the tree was walked
-                found = []
-            for path in found:
-                try:
-                    with h5py.File(path, "r", locking=False) as h5:
-                        process = h5["1.1/pilatus1m_integrate"]
-                        self.seen.append((h5.attrs["status"], int(process["frames_done"][()])))
-                except (OSError, KeyError):
-                    pass  # removed meanwhile: the result is there
-            time.sleep(0.1)
+def frames_done(h5) -> tuple[str, int]:
+    """What a user opening the partial file sees: its status and the frames done."""
+    return h5.attrs["status"], int(h5["1.1/pilatus1m_integrate/frames_done"][()])
 
 
 def datasets(path: str) -> dict[str, bytes]:
@@ -115,7 +85,7 @@ def datasets(path: str) -> dict[str, bytes]:
 
 
 def test_growing_files_give_the_offline_result_while_the_scan_runs(
-    diffraction_sample, tmp_path, catalogue_path, settings
+    diffraction_sample, tmp_path, catalogue_path, live_settings
 ):
     root = tmp_path / "beamline"
     writer = simulate(
@@ -123,12 +93,12 @@ def test_growing_files_give_the_offline_result_while_the_scan_runs(
         *("--rate", "3", "--frames-per-file", "4", "--start-delay", "3"),
         *("--timeline", str(tmp_path / "written.json")),
     )  # fmt: skip
-    watcher = PartialWatcher(root)
+    watcher = PartialWatcher(root, frames_done, interval=0.1)
     watcher.start()
-    raw_dir = target(diffraction_sample, root)
+    raw_dir = replayed(diffraction_sample, root)
     try:
         summary = live.run_live(
-            "diffraction", str(raw_dir), parameters(diffraction_sample), None, None, settings,
+            "diffraction", str(raw_dir), parameters(diffraction_sample), None, None, live_settings,
             live={"source": "files", "stall_timeout": 30, "poll": 0.05},
         )  # fmt: skip
     finally:
@@ -147,7 +117,7 @@ def test_growing_files_give_the_offline_result_while_the_scan_runs(
 
     offline = run_technique(
         "diffraction", str(raw_dir), parameters(diffraction_sample), None,
-        str(tmp_path / "offline"), settings,
+        str(tmp_path / "offline"), live_settings,
     )  # fmt: skip
     live_file, offline_file = (
         summary["outputs"][0].split("::")[0],
@@ -163,7 +133,7 @@ def test_growing_files_give_the_offline_result_while_the_scan_runs(
 
 
 def test_an_aborted_scan_on_blissdata_gives_a_result_marked_partial(
-    diffraction_sample, tmp_path, catalogue_path, blissdata_url, settings
+    diffraction_sample, tmp_path, catalogue_path, blissdata_url, live_settings
 ):
     root = tmp_path / "beamline"
     writer = simulate(
@@ -173,8 +143,8 @@ def test_an_aborted_scan_on_blissdata_gives_a_result_marked_partial(
     )  # fmt: skip
     try:
         summary = live.run_live(
-            "diffraction", str(target(diffraction_sample, root)), parameters(diffraction_sample),
-            None, None, settings, live={"source": blissdata_url, "stall_timeout": 30},
+            "diffraction", str(replayed(diffraction_sample, root)), parameters(diffraction_sample),
+            None, None, live_settings, live={"source": blissdata_url, "stall_timeout": 30},
         )  # fmt: skip
     finally:
         assert writer.wait(timeout=60) == 0
@@ -190,7 +160,7 @@ def test_an_aborted_scan_on_blissdata_gives_a_result_marked_partial(
 
 
 def test_a_lima_file_that_never_appears_is_named(
-    diffraction_sample, tmp_path, catalogue_path, settings
+    diffraction_sample, tmp_path, catalogue_path, live_settings
 ):
     """The scan starts (its entry is written), its detector never writes a file."""
     raw = diffraction_sample.dataset.model_copy(update={"root": tmp_path.absolute()})
@@ -204,7 +174,7 @@ def test_a_lima_file_that_never_appears_is_named(
         RawDataError, match=r"Lima file .*scan0001/pilatus1m_0000.h5 did not appear"
     ):
         live.run_live(
-            "diffraction", str(raw.raw_dataset_dir), chosen, None, None, settings,
+            "diffraction", str(raw.raw_dataset_dir), chosen, None, None, live_settings,
             live={"source": "files", "stall_timeout": 2},
         )  # fmt: skip
     assert time.monotonic() - began < 60

@@ -9,8 +9,6 @@ leaves the cells never imaged NaN."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 
 import h5py
@@ -21,8 +19,8 @@ from calypso.flows.api import run_technique
 from calypso.flows.online import live
 from calypso.flows.samples.mx import write_mx_sample
 from calypso.registry import SQLiteCatalogue
-from calypso.settings import load_settings
 from calypso.techniques.mx import MXParameters
+from tests.live_servers import PartialWatcher, replayed
 from tests.test_live_flow import datasets, simulate
 
 pytestmark = pytest.mark.slow
@@ -42,67 +40,36 @@ def grid_sample(tmp_path_factory):
     return sample
 
 
-@pytest.fixture
-def settings(scheduler):
-    """The session's one-worker cluster: booting one a run costs seconds."""
-    return load_settings(executor={"kind": "address", "address": scheduler})
+def heat_map(h5) -> dict:
+    """What a beamline's centring reads of the partial file: its status, images done,
+    heat map and best cell."""
+    entry = h5["1.1"]
+    centring = entry.get("centring")
+    return {
+        "status": h5.attrs["status"],
+        "done": int(entry["spotfinder/images_done"][()]),
+        "heat": entry["grid/n_spots"][()],
+        "best": (int(centring["row"][()]), int(centring["column"][()]))
+        if centring is not None else None,
+    }  # fmt: skip
 
 
-def target(sample, root: Path) -> Path:
-    """Where the simulator writes the replayed raw dataset."""
-    return sample.dataset.model_copy(update={"root": root.absolute()}).raw_dataset_dir
-
-
-def partial_files(root: Path) -> list[Path]:
-    """The partial files under ``root`` now (none while a folder vanishes under the walk:
-    a run's work folder goes once its results are published)."""
-    try:
-        return list(root.rglob("*.partial.h5"))
-    except OSError:
-        return []
-
-
-class HeatMapWatcher(threading.Thread):
-    """Opens the partial result (``*.partial.h5``) while the run goes, as a beamline's
-    centring would: its status, images done, heat map and best cell."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(daemon=True)
-        self.root, self.seen, self.done = root, [], threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            for path in partial_files(self.root):
-                try:
-                    with h5py.File(path, "r", locking=False) as h5:
-                        entry = h5["1.1"]
-                        centring = entry.get("centring")
-                        self.seen.append({
-                            "status": h5.attrs["status"],
-                            "done": int(entry["spotfinder/images_done"][()]),
-                            "heat": entry["grid/n_spots"][()],
-                            "best": (int(centring["row"][()]), int(centring["column"][()]))
-                            if centring is not None else None,
-                        })  # fmt: skip
-                except (OSError, KeyError):
-                    pass  # removed meanwhile: the result is there
-            time.sleep(0.05)
-
-
-def test_the_grid_is_centred_while_it_is_scanned(grid_sample, tmp_path, catalogue_path, settings):
+def test_the_grid_is_centred_while_it_is_scanned(
+    grid_sample, tmp_path, catalogue_path, live_settings
+):
     root = tmp_path / "beamline"
     writer = simulate(
         grid_sample.raw_dataset_dir, root,
         *("--rate", "4", "--frames-per-file", "5", "--start-delay", "0.5"),
         *("--timeline", str(tmp_path / "written.json")),
     )  # fmt: skip
-    watcher = HeatMapWatcher(root)
+    watcher = PartialWatcher(root, heat_map)
     watcher.start()
-    raw_dir = target(grid_sample, root)
+    raw_dir = replayed(grid_sample, root)
     parameters = MXParameters(mask=str(grid_sample.mask))
     try:
         summary = live.run_live(
-            "mx", str(raw_dir), parameters, None, None, settings,
+            "mx", str(raw_dir), parameters, None, None, live_settings,
             live={"source": "files", "stall_timeout": 30, "poll": 0.05},
         )  # fmt: skip
     finally:
@@ -131,7 +98,7 @@ def test_the_grid_is_centred_while_it_is_scanned(grid_sample, tmp_path, catalogu
     assert not list(root.rglob("*.partial.h5")), "the partial file outlived the result"
 
     offline = run_technique(
-        "mx", str(raw_dir), parameters, None, str(tmp_path / "offline"), settings
+        "mx", str(raw_dir), parameters, None, str(tmp_path / "offline"), live_settings
     )
     live_file, offline_file = (s["outputs"][0].split("::")[0] for s in (summary, offline))
     assert datasets(live_file) == datasets(offline_file)
@@ -144,7 +111,7 @@ def test_the_grid_is_centred_while_it_is_scanned(grid_sample, tmp_path, catalogu
 
 
 def test_an_aborted_grid_scan_gives_a_heat_map_marked_partial(
-    grid_sample, tmp_path, catalogue_path, blissdata_url, settings
+    grid_sample, tmp_path, catalogue_path, blissdata_url, live_settings
 ):
     root = tmp_path / "beamline"
     writer = simulate(
@@ -154,8 +121,8 @@ def test_an_aborted_grid_scan_gives_a_heat_map_marked_partial(
     )  # fmt: skip
     try:
         summary = live.run_live(
-            "mx", str(target(grid_sample, root)), MXParameters(mask=str(grid_sample.mask)),
-            None, None, settings, live={"source": blissdata_url, "stall_timeout": 30},
+            "mx", str(replayed(grid_sample, root)), MXParameters(mask=str(grid_sample.mask)),
+            None, None, live_settings, live={"source": blissdata_url, "stall_timeout": 30},
         )  # fmt: skip
     finally:
         assert writer.wait(timeout=60) == 0

@@ -23,12 +23,14 @@ import pytest
 from calypso.flows.online.scan_starts import created_at
 from calypso.flows.samples.diffraction import write_diffraction_sample
 from calypso.tasks.raw.data_policy import RawDataset
+from tests.live_servers import replayed
 from tests.processes import start, wait_until
 from tests.test_crash_safety import Plant, flow_run_process
-from tests.test_live_flow import datasets, target
+from tests.test_live_flow import datasets
 
 pytestmark = pytest.mark.slow
 LIVE = "diffraction-live/diffraction-live"
+STATES = ("one.sqlite", "two.sqlite")  # the two watchers' states
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,9 @@ def plant(tmp_path_factory):
     """`calypso serve --technique diffraction` (its live deployment too), short leases."""
     site = Plant(tmp_path_factory.mktemp("live-plant"))
     deployment = wait_until(lambda: live_deployment(site), 120, "the live deployment")
+    # A run started before serve's fork server has imported everything waits for it.
+    log = site.work / "serve.log"
+    wait_until(lambda: "fork server for served runs is ready" in log.read_text(), 120, "forks")
     yield site
     site.close()
     from prefect.client.orchestration import get_client
@@ -71,15 +76,30 @@ def live_runs(plant: Plant, raw: Path) -> list:
     return [r for r in runs if r.parameters.get("raw") == os.path.realpath(raw)]
 
 
-def watch_live(plant: Plant, url: str, state: str) -> None:
-    """`calypso watch --blissdata URL` on the plant's tree, with its own state file, once
-    it follows the server."""
-    env = plant.env | {"CALYPSO_WATCH__STATE_PATH": str(plant.home / state)}
-    log = plant.work / f"{state}.log"
-    plant.watchers.append(start(["watch", str(plant.tree), "--blissdata", url], env, log))
-    wait_until(
-        lambda: log.exists() and "following scan starts" in log.read_text(), 120, "the watcher"
-    )
+@pytest.fixture(scope="module")
+def bliss(plant, valkey_url):
+    """The session's valkey server, emptied for blissdata, and two `calypso watch
+    --blissdata` on the plant's tree following it, each with its own state file (as two
+    services on two machines): the module's tests share them."""
+    import redis
+    from blissdata.redis_engine.store import DataStore
+
+    redis.Redis.from_url(valkey_url).flushall()
+    DataStore(valkey_url, init_db=True)._redis.connection_pool.disconnect()
+    logs = []
+    for state in STATES:
+        env = plant.env | {"CALYPSO_WATCH__STATE_PATH": str(plant.home / state)}
+        logs.append(plant.work / f"{state}.log")
+        command = ["watch", str(plant.tree), "--blissdata", valkey_url]
+        plant.watchers.append(start(command, env, logs[-1]))
+    for log in logs:
+        wait_until(
+            lambda log=log: log.exists() and "following scan starts" in log.read_text(),
+            120,
+            "the watcher",
+        )
+    yield valkey_url
+    plant.stop_watchers()
 
 
 def simulate(recorded, plant: Plant, url: str, timeline: Path, rate: float) -> subprocess.Popen:
@@ -112,49 +132,47 @@ def state_of(run_id):
         return client.read_flow_run(run_id).state
 
 
-def test_a_scan_start_starts_one_live_run_and_the_scan_end_nothing_more(
-    plant, blissdata_url, tmp_path
-):
+def phases(run, last_frame: float) -> str:
+    """When the live run's tasks began and ended, in s after the last frame was written."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+        )
+    spans = sorted(
+        (t.start_time.timestamp() - last_frame, t.end_time.timestamp() - last_frame, t.name)
+        for t in tasks
+        if t.start_time and t.end_time
+    )
+    return "; ".join(f"{name.rsplit('-', 1)[0]} {a:+.2f}..{b:+.2f}" for a, b, name in spans)
+
+
+def test_a_scan_start_starts_one_live_run_and_the_scan_end_nothing_more(plant, bliss, tmp_path):
     recorded = write_diffraction_sample(tmp_path / "recorded", frames=10, dataset_number=5, seed=5)
-    raw = target(recorded, plant.tree)
-    watch_live(plant, blissdata_url, "one.sqlite")
-    watch_live(plant, blissdata_url, "two.sqlite")  # another state: a watcher elsewhere
+    raw = replayed(recorded, plant.tree)
     timeline = tmp_path / "written.json"
-    writer = simulate(recorded, plant, blissdata_url, timeline, rate=2)
+    writer = simulate(recorded, plant, bliss, timeline, rate=1.5)  # a 6.7 s scan
     [run] = wait_until(lambda: live_runs(plant, raw), 60, "the live run", 0.1)
     wait_until(lambda: live_runs(plant, raw)[0].start_time, 60, "it to run", 0.05)
-    running = live_runs(plant, raw)[0].start_time.timestamp()
-    created = scan_created(blissdata_url)
+    run = live_runs(plant, raw)[0]
+    running, made = run.start_time.timestamp(), run.created.timestamp()
+    created = scan_created(bliss)
     scan_running = writer.poll() is None
     assert writer.wait(timeout=60) == 0
     last_frame = json.loads(timeline.read_text())["written"][-1]
-    assert scan_running and running < last_frame, "the live run began after the scan"
+    assert scan_running and running < last_frame, (
+        f"the live run began {running - created:.2f} s after the scan was created (Prefect "
+        f"made it after {made - created:.2f} s), {running - last_frame:.2f} s after its end"
+    )
 
     def registered():
         return [r for r in plant.records(raw) if r.status == "completed"]
 
     [record] = wait_until(registered, 120, "the live result registered", 0.05)
     registered_at = time.time()
-    print(f"\nscan created -> live flow run running: {running - created:.2f} s")
-    print(f"last frame -> result registered: {registered_at - last_frame:.2f} s")
-    wait_until(lambda: state_of(run.id).is_final(), 60, "the live run's end")
-    assert state_of(run.id).is_completed(), state_of(run.id)
-    assert record.flow_run_id == str(run.id) and record.key == run.parameters["trigger"]
-    assert record.frames == 10
-
-    # The scan's end finds its key processed live: confirmed, nothing posted (each state).
-    for state in ("one.sqlite", "two.sqlite"):
-        wait_until(
-            lambda s=state: plant.announcements(raw, s) == [("confirmed", 1)], 60, "confirmed"
-        )
-    time.sleep(3)  # the polls of both watchers after the scan's end
-    assert plant.runs(raw) == [], "the end of the scan started a run"
-    assert len(live_runs(plant, raw)) == 1, "two watchers started two live runs"
-    assert len(plant.records(raw)) == 1
-    logs = (plant.work / "one.sqlite.log").read_text() + (plant.work / "two.sqlite.log").read_text()
-    assert "processed live" in logs and blissdata_url.split("//")[1] in logs
-
-    # The offline run of the same data (by hand, beside it): the same result, bit for bit.
+    # The offline run of the same data, by hand (no key), beside it: compared below.
     from prefect.client.orchestration import get_client
 
     offline_dir = RawDataset.from_path(raw).session_dir / "PROCESSED_DATA" / "offline"
@@ -168,21 +186,40 @@ def test_a_scan_start_starts_one_live_run_and_the_scan_end_nothing_more(
                 "output_dir": str(offline_dir),
             },
         )
+    wait_until(lambda: state_of(run.id).is_final(), 60, "the live run's end")
+    assert state_of(run.id).is_completed(), state_of(run.id)
+    print(f"\nscan created -> live flow run running: {running - created:.2f} s (the run ", end="")
+    print(f"created by Prefect after {made - created:.2f} s)")
+    print(f"last frame -> result registered: {registered_at - last_frame:.2f} s")
+    print(f"the live run's tasks, from the last frame: {phases(run, last_frame)}")
+    assert record.flow_run_id == str(run.id) and record.key == run.parameters["trigger"]
+    assert record.frames == 10
+
+    # The scan's end finds its key processed live: confirmed, nothing posted (each state).
+    for state in STATES:
+        wait_until(
+            lambda s=state: plant.announcements(raw, s) == [("confirmed", 1)], 60, "confirmed"
+        )
+    time.sleep(3)  # more polls of both watchers after the scan's end
+    triggered = [r for r in plant.runs(raw) if r.parameters.get("trigger")]
+    assert triggered == [], "the end of the scan started a run"
+    assert len(live_runs(plant, raw)) == 1, "two watchers started two live runs"
+    assert len([r for r in plant.records(raw) if r.key]) == 1
+    logs = "".join((plant.work / f"{state}.log").read_text() for state in STATES)
+    assert "processed live" in logs and bliss.split("//")[1] in logs
+
     wait_until(lambda: state_of(offline.id).is_final(), 120, "the offline run")
     assert state_of(offline.id).is_completed()
     [offline_file] = offline_dir.glob("*.h5")
     live_file = record.outputs[0].split("::")[0]
-    assert datasets(live_file) == datasets(str(offline_file))
-    plant.stop_watchers()
+    assert datasets(live_file) == datasets(str(offline_file))  # the same, bit for bit
 
 
-def test_a_live_run_killed_mid_scan_is_processed_again_once_at_its_end(
-    plant, blissdata_url, tmp_path
-):
+def test_a_live_run_killed_mid_scan_is_processed_again_once_at_its_end(plant, bliss, tmp_path):
     recorded = write_diffraction_sample(tmp_path / "recorded", frames=12, dataset_number=6, seed=6)
-    raw = target(recorded, plant.tree)
-    watch_live(plant, blissdata_url, "one.sqlite")
-    writer = simulate(recorded, plant, blissdata_url, tmp_path / "written.json", rate=2)
+    raw = replayed(recorded, plant.tree)
+    timeline = tmp_path / "written.json"
+    writer = simulate(recorded, plant, bliss, timeline, rate=2)
     [live] = wait_until(lambda: live_runs(plant, raw), 60, "the live run", 0.1)
     # Killed once it has claimed the scan and reserved its record (its first frames came).
     wait_until(
@@ -197,8 +234,9 @@ def test_a_live_run_killed_mid_scan_is_processed_again_once_at_its_end(
     assert writer.wait(timeout=60) == 0
 
     [after] = wait_until(lambda: plant.settled(raw, 1), 180, "the end-of-scan run")
-    print(f"\nkilled {'during' if scan_running else 'after'} the scan; the end-of-scan run: ")
-    print(after.state.name)
+    last_frame = json.loads(timeline.read_text())["written"][-1]
+    print(f"\nkilled {'during' if scan_running else 'after'} the scan; last frame -> the ", end="")
+    print(f"end-of-scan run running: {after.start_time.timestamp() - last_frame:.2f} s")
     assert after.state.is_completed()
     wait_until(lambda: state_of(live.id).is_final(), 60, "the killed run's state")
     assert state_of(live.id).type.value == "CRASHED"
@@ -208,5 +246,7 @@ def test_a_live_run_killed_mid_scan_is_processed_again_once_at_its_end(
     assert completed[0].key == live.parameters["trigger"] and completed[0].frames == 12
     dead = next(r for r in plant.records(raw) if r.flow_run_id == str(live.id))
     assert dead.status == "failed" and "stopped before publishing" in dead.message
-    wait_until(lambda: plant.announcements(raw, "one.sqlite") == [("confirmed", 2)], 60, "ok")
-    plant.stop_watchers()
+    # Posted twice: at the scan's start (live), then at its end (the live run crashed).
+    # (a watcher that looked after the end-of-scan run completed confirms it instead)
+    announced = {state: plant.announcements(raw, state) for state in STATES}
+    assert [("emitted", 2)] in announced.values(), announced

@@ -45,6 +45,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     watch.add_argument("roots", nargs="+", metavar="ROOT", help="e.g. /data/visitor")
     watch.add_argument("--once", action="store_true", help="one pass, then exit")
     watch.add_argument("--interval", type=float, metavar="S", help="seconds between polls")
+    watch.add_argument(
+        "--blissdata",
+        metavar="URL",
+        help="also follow scan starts on Bliss's data-stream server (redis://host:port): a "
+        "scan a rule gives to diffraction or MX starts its live run in `calypso serve` at "
+        "once (default: settings, watch.blissdata_url; a password is better kept there)",
+    )
     watch.set_defaults(handler=command_watch)
 
     deployments = commands.add_parser(
@@ -143,6 +150,14 @@ def command_watch(args: argparse.Namespace) -> int:
         settings = settings.model_copy(
             update={"watch": settings.watch.model_copy(update={"interval_s": args.interval})}
         )
+    if args.blissdata:
+        from calypso.settings import WatchSettings
+
+        if not args.blissdata.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigurationError("--blissdata takes a Redis URL: redis://host:port")
+        # validated as the setting is: a password in it is never logged
+        watch = settings.watch.model_dump() | {"blissdata_url": args.blissdata}
+        settings = settings.model_copy(update={"watch": WatchSettings.model_validate(watch)})
     prepare_environment(settings)
     api = os.environ.get("PREFECT_API_URL")
     if not api:

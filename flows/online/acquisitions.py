@@ -28,6 +28,9 @@ from calypso.tasks.raw.bliss import list_scans, missing_frame_sources
 from calypso.tasks.raw.data_policy import RawDataset
 
 EVENT = "calypso.acquisition.completed"
+# A scan has started and a live flow follows it (flows/online/scan_starts.py): the same
+# processing key as its completed event, so that one run processes the scan.
+LIVE_EVENT = "calypso.acquisition.started"
 # Event ids are derived from the processing key: the same acquisition, technique,
 # flow version and parameters always give the same event, which Prefect accepts once.
 _EVENT_NAMESPACE = uuid.UUID("5b0b8a8e-6d1c-4a43-9a55-3a7c2f1c0c11")
@@ -82,6 +85,30 @@ class Acquisition:
             },
             "related": [],
         }
+
+    def live_event(self, flow_version: str, source: str, scan_key: str) -> dict[str, Any]:
+        """The event that starts the live run following the scan in progress: its payload
+        says where the scan is followed (``source``: the blissdata server, no password;
+        ``scan_key``: the scan there). Its id differs from the completed event's (both
+        derive from the key), or Prefect would drop the completed event a crashed live run
+        needs."""
+        event = self.event(flow_version)
+        key = event["payload"]["key"]
+        return event | {
+            "id": str(uuid.uuid5(_EVENT_NAMESPACE, f"live:{key}")),
+            "event": LIVE_EVENT,
+            "payload": event["payload"] | {"source": source, "scan_key": scan_key},
+        }
+
+
+def live_deployment(technique: str) -> str:
+    """The name of the flow and deployment of ``technique``'s live runs under serve."""
+    return f"{technique}-live"
+
+
+def is_live(event: dict[str, Any] | None) -> bool:
+    """Whether an announcement's event starts a live run (rather than a finished scan's)."""
+    return bool(event) and event.get("event") == LIVE_EVENT
 
 
 def processing_key(
@@ -221,6 +248,33 @@ def finished_acquisitions(
         else:
             waiting.append(f"{dataset_dir}: {rule.technique} waits for the dataset to finish")
     return ready, waiting
+
+
+def started_acquisition(
+    filename: str | None,
+    number: int,
+    title: str,
+    detectors: tuple[str, ...],
+    roots: list[Path],
+    settings: WatchSettings,
+) -> Acquisition | None:
+    """The live work of a scan that has just started (what Bliss's data-stream server says
+    of it: its dataset file, number, title and 2D detectors), by the rules finished scans
+    follow; None when no rule gives it to a technique fed live with ``unit = "scan"`` (a
+    rule taking the whole dataset, a technique not live yet: reduced at the end, as today).
+    A DataPolicyError for a dataset file outside ``roots`` or the data policy's layout."""
+    from calypso.flows.online.live_base import LIVE_TECHNIQUES
+
+    if not filename:
+        return None  # a scan that saves no dataset file
+    bliss_file = Path(os.path.realpath(filename))  # the spelling finished scans get
+    require_inside_roots(bliss_file, roots)
+    raw = RawDataset.from_path(bliss_file)
+    scan = ScanState(number, title, detectors, finished=False)
+    rule = matching_rule(scan, rules_for(raw.beamline, settings))
+    if rule is None or rule.unit != "scan" or rule.technique not in LIVE_TECHNIQUES:
+        return None
+    return _acquisition(raw, bliss_file.parent, rule, (number,))
 
 
 def _acquisition(

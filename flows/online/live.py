@@ -36,6 +36,7 @@ from pydantic import BaseModel
 from calypso.errors import CalypsoError, ParameterError, RawDataError
 from calypso.flows.engine import StepContext, builtin_specification, run_specification
 from calypso.flows.online.live_base import (
+    LIVE_TECHNIQUES,
     WAIT,
     FirstFrames,
     LiveRun,
@@ -44,16 +45,11 @@ from calypso.flows.online.live_base import (
 )
 from calypso.flows.techniques import OUTPUTS, TECHNIQUES, Step, all_steps
 from calypso.settings import CalypsoSettings
-from calypso.tasks.plans.live import entry_texts, open_live_scan, wait
+from calypso.tasks.plans.live import entry_texts, wait
 from calypso.tasks.raw import bliss
 from calypso.tasks.raw.live import LIMA_DATASET, LiveScan, open_lima
 
 logger = logging.getLogger(__name__)
-# The techniques that can be fed live, and where their LiveTechnique is.
-LIVE_TECHNIQUES = {
-    "diffraction": "calypso.flows.online.live_diffraction:LiveDiffraction",
-    "mx": "calypso.flows.online.live_mx:LiveMX",
-}
 
 
 @dataclass
@@ -107,10 +103,9 @@ def live_plan(ctx: StepContext, parameters: BaseModel) -> Any:
     raw_file = path if is_file else RawDataset.from_path(path).raw_file
     live.dataset_file = str(raw_file)
     live.technique.warm_up(ctx, parameters)  # while the scan has not begun
-    live.scan, live.number, live.detector = open_live_scan(
-        live.source, raw_file, ctx.scans, getattr(parameters, "detector", None),
-        key=live.key, stall_timeout=live.stall_timeout,
-    )  # fmt: skip
+    live.scan, live.number, live.detector = live.technique.open_scan(
+        live, raw_file, ctx.scans, parameters
+    )
     scan: LiveScan = live.scan
     # The first frames say the frames' shape and type; the stall time-out names a Lima
     # file that never appears.
@@ -321,11 +316,14 @@ def _end_reason(live: LiveRun, error: CalypsoError | None) -> str | None:
     return None if file_reason == "SUCCESS" else f"ended early ({file_reason})"
 
 
-def live_write(ctx: StepContext, plan: Any, chunks: list[Any]) -> list[str]:
-    """The offline writer; the partial file goes once the result is there."""
+def live_write(ctx: StepContext, plan: Any, **processed: list[Any]) -> list[str]:
+    """The offline writer; the partial file goes once the result is there. ``processed``:
+    the processing step's results, under the name the technique's writer gives them
+    (``chunks``, ``batches``)."""
     from calypso.tasks.live_common import partial_path
 
     live = _RUNS[ctx.raw]
+    (chunks,) = processed.values()
     outputs = live.technique.write(ctx, live, plan, chunks)
     partial_path(plan.output_file).unlink(missing_ok=True)
     return outputs

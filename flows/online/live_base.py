@@ -7,11 +7,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from calypso.errors import RawDataError
-from calypso.flows.engine import StepContext
 
+if TYPE_CHECKING:  # not imported: the watcher reads LIVE_TECHNIQUES without Prefect
+    from calypso.flows.engine import StepContext
+
+# The techniques that can be fed live, and where their LiveTechnique is.
+LIVE_TECHNIQUES = {
+    "diffraction": "calypso.flows.online.live_diffraction:LiveDiffraction",
+    "mx": "calypso.flows.online.live_mx:LiveMX",
+    "spectroscopy": "calypso.flows.online.live_spectroscopy:LiveSpectroscopy",
+}
 LIVE_CHUNK = 10  # frames: half a second of a 20 frames/s scan, ~1 s of work on one core
 
 WAIT = object()  # what LiveTechnique.chunk_inputs says when a chunk's inputs are not all in
@@ -48,6 +56,18 @@ class LiveTechnique:
 
     def warm_up(self, ctx: StepContext, parameters: Any) -> None:
         """Before the scan has begun: what the workers may build meanwhile (not waited for)."""
+
+    def open_scan(
+        self, live: LiveRun, raw_file: Path, scans: list[int] | None, parameters: Any
+    ) -> tuple[Any, int, str]:
+        """The scan in progress writing ``raw_file`` (a LiveScan), its number and detector:
+        by default its Lima frames, from the stream server or the growing files."""
+        from calypso.tasks.plans.live import open_live_scan
+
+        return open_live_scan(
+            live.source, raw_file, scans, getattr(parameters, "detector", None),
+            key=live.key, stall_timeout=live.stall_timeout,
+        )  # fmt: skip
 
     def plan(self, ctx: StepContext, parameters: Any, first: FirstFrames) -> Any:
         """The plan of the scan in progress, made as the offline planner makes it."""

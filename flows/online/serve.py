@@ -11,6 +11,11 @@ deployment named after the saved flow, triggered by events of watch rules
 appears within ``serve.saved_flow_poll_s``. The ``saved-flow/saved-flow``
 deployment runs any saved flow by name.
 
+A technique fed live (diffraction, MX) has a second deployment, ``<technique>-live``,
+triggered by ``calypso.acquisition.started``: a live run that follows the scan from its
+start (:mod:`calypso.flows.online.live_served`; ``calypso watch --blissdata`` posts the
+event).
+
 The flow runs share one Dask cluster that ``calypso serve`` keeps for its
 lifetime (a local one by default), instead of starting one per run. Pending ICAT
 registrations are retried periodically.
@@ -26,7 +31,8 @@ from typing import Any
 
 import calypso
 from calypso.errors import ConfigurationError
-from calypso.flows.online.acquisitions import EVENT
+from calypso.flows.online.acquisitions import EVENT, LIVE_EVENT, live_deployment
+from calypso.flows.online.live_base import LIVE_TECHNIQUES
 from calypso.flows.online.submissions import stop_serving
 from calypso.flows.online.warm_starts import preloaded_modules, start_warm
 from calypso.flows.techniques import TECHNIQUES, Technique
@@ -98,6 +104,45 @@ def technique_deployment(technique: Technique, settings: CalypsoSettings):
         tags=["calypso", technique.name],
         description=f"{technique.description} Runs after each acquisition event ({EVENT}) "
         f"for {technique.name}, or by hand from this form.",
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def technique_live_deployment(technique: Technique, settings: CalypsoSettings):
+    """The deployment of a technique's live flow, started by a scan's start event: its
+    run follows the scan the event names (``source``, ``scan_key``) and claims the key
+    the scan's completed event has."""
+    from prefect.deployments.runner import EntrypointType
+    from prefect.events import DeploymentEventTrigger
+
+    from calypso.flows.techniques import load
+
+    name = live_deployment(technique.name)
+    trigger = DeploymentEventTrigger(
+        name=f"{technique.name} live from each scan's start",
+        expect={LIVE_EVENT},
+        match={"calypso.technique": technique.name},
+        parameters={
+            "raw": _from_event("raw"),
+            "scans": _from_event("scans"),
+            "parameters": _from_event("parameters"),
+            "trigger": _from_event("key"),
+            "source": _from_event("source"),
+            "scan_key": _from_event("scan_key"),
+        },
+    )
+    limit = settings.serve.concurrency.get(
+        technique.name, settings.serve.default_concurrency or technique.concurrency
+    )
+    return Served(
+        load(f"calypso.flows.online.live_served:{technique.name}_live"),
+        name=name,
+        triggers=[trigger],
+        concurrency_limit=limit,
+        version=technique.version,
+        tags=["calypso", technique.name, "live"],
+        description=f"{technique.description} Live: runs at each scan's start ({LIVE_EVENT}) "
+        f"for {technique.name}, follows the scan as it is written and gives the offline result.",
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
 
@@ -253,16 +298,20 @@ def serve(settings: CalypsoSettings, techniques: list[str] | None = None) -> Non
     stop = threading.Event()
     start_icat_flushing(settings, stop)
     submissions = start_submissions(settings, cluster, chosen)
+    live = [technique for technique in chosen if technique.name in LIVE_TECHNIQUES]
     if settings.serve.warm_starts:
-        start_warm(preloaded_modules(chosen))
+        from calypso.flows.online.live_served import live_modules
+
+        start_warm(preloaded_modules(chosen) + live_modules([t.name for t in live]))
     try:
         deployments = [technique_deployment(technique, settings) for technique in chosen]
+        deployments += [technique_live_deployment(technique, settings) for technique in live]
         deployments.append(saved_flow_deployment(settings))
         saved = {flow.name: flow for flow in SavedFlows(settings.catalogue_path).list()}
         deployments += [saved_flow_deployment(settings, flow) for flow in saved.values()]
         served = {name: flow.label for name, flow in saved.items()}
         # All saved flows share the slots of one deployment: saving flows adds no load.
-        limit = sum(d.concurrency_limit or 1 for d in deployments[: len(chosen) + 1])
+        limit = sum(d.concurrency_limit or 1 for d in deployments[: len(chosen) + len(live) + 1])
         asyncio.run(_serve(deployments, settings, served, limit))
     except KeyboardInterrupt:
         logger.info("interrupted: serve stops (its deployments stay, for the next serve)")

@@ -24,14 +24,23 @@ import functools
 import logging
 import multiprocessing
 import threading
+import time
 import types
 from collections.abc import Iterable
 from typing import Any
 
 logger = logging.getLogger("calypso.serve")
 
-# What every served flow run imports, whatever its technique: the engine and Prefect's.
-ALWAYS = ("prefect.flow_engine", "calypso.flows.engine", "calypso.flows.user_flows")
+# What every served flow run imports, whatever its technique: the engine and Prefect's,
+# and the quick look's drawing code (matplotlib: ~2 s to import on a loaded machine, paid
+# after the last frame by every run that writes a quick look, live runs included).
+ALWAYS = (
+    "prefect.flow_engine",
+    "calypso.flows.engine",
+    "calypso.flows.user_flows",
+    "matplotlib.figure",
+    "matplotlib.backends.backend_agg",
+)
 
 
 def preloaded_modules(techniques: Iterable[Any]) -> list[str]:
@@ -85,9 +94,13 @@ def start_warm(modules: list[str]) -> bool:
 
 
 def _start_fork_server(context) -> None:
+    began = time.monotonic()
     try:
         process = context.Process(target=int)
         process.start()
         process.join()
     except Exception as exc:  # the first run starts it then, or says why
         logger.warning("the fork server for served runs did not start: %s", exc)
+        return
+    # Runs triggered before this wait for it: said, so that a slow first run is explained.
+    logger.info("the fork server for served runs is ready (%.1f s)", time.monotonic() - began)

@@ -20,6 +20,11 @@ Confirmed means processed: a run that completed with its record (the claim is
 looked at again later; a run that failed is reported (a second run would fail
 the same way); a run that crashed, was killed or vanished (its lease ran out)
 gets the acquisition announced again, and the next run takes the claim over.
+
+With a blissdata server (``--blissdata``), a scan is also announced when it starts, to a
+live run (:mod:`calypso.flows.online.scan_starts`), under the same key: at its end it is
+confirmed if the live run processed it, and announced as finished only if that run
+crashed, failed or never started.
 """
 
 from __future__ import annotations
@@ -40,27 +45,39 @@ from calypso.flows.online.acquisitions import (
     Acquisition,
     bliss_files,
     finished_acquisitions,
+    is_live,
+    live_deployment,
     require_inside_roots,
 )
+from calypso.flows.online.live_base import LIVE_TECHNIQUES
 from calypso.flows.runtime import prefect_auth_headers
 from calypso.flows.techniques import TECHNIQUES
 from calypso.registry.claims import Claim, processing_claim
+from calypso.registry.sqlite import connect
 from calypso.registry.watch_state import WatchState
 from calypso.settings import CalypsoSettings
 
 logger = logging.getLogger("calypso.watch")
 
 
+def deployments_for(deployment: str) -> list[str]:
+    """The deployments whose runs may process an announcement of ``deployment``: a
+    technique fed live has its live deployment too (the run started at the scan's start)."""
+    return (
+        [deployment, live_deployment(deployment)] if deployment in LIVE_TECHNIQUES else [deployment]
+    )
+
+
 def flow_runs_with_key(
-    api_url: str, deployment: str, key: str, timeout_s: float = 10.0
+    api_url: str, deployments: list[str], key: str, timeout_s: float = 10.0
 ) -> list[tuple[str, str]]:
-    """(flow run id, state type) of the runs of ``deployment`` that carry the processing
+    """(flow run id, state type) of the runs of ``deployments`` that carry the processing
     ``key`` (``trigger``), newest first."""
     request = urllib.request.Request(
         api_url.rstrip("/") + "/flow_runs/filter",
         data=json.dumps(
             {
-                "deployments": {"name": {"any_": [deployment]}},
+                "deployments": {"name": {"any_": deployments}},
                 "sort": "EXPECTED_START_TIME_DESC",
                 "limit": 200,
             }
@@ -78,6 +95,10 @@ def flow_runs_with_key(
 
 
 _FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+# A live announcement with no flow run this long after it was posted: none will come (no
+# serve serves the live deployment, or the server lost the event); the scan's end is
+# announced instead. Prefect makes a run of an event within a second or two, unless loaded.
+LIVE_START_GRACE_S = 30.0
 
 
 def verdict(claim: Claim | None, runs: list[tuple[str, str]], now: float | None = None) -> str:
@@ -178,7 +199,10 @@ class Watcher:
                     ", ".join(TECHNIQUES),
                 )
                 continue
-            if self._announce(acquisition, self.versions[acquisition.technique]):
+            done = self._announce(acquisition, self.versions[acquisition.technique])
+            if done is None:  # its live run is finishing it: looked at again next poll
+                waiting.append(f"{bliss_file}: its live run is still working")
+            elif done:
                 announced.append(acquisition)
         if not waiting:
             self._unchanged[bliss_file] = changed
@@ -194,11 +218,13 @@ class Watcher:
         except CatalogueError:
             return None
 
-    def _announce(self, acquisition: Acquisition, version: str) -> bool:
+    def _announce(self, acquisition: Acquisition, version: str) -> bool | None:
+        """Announce a finished acquisition: whether it was (now, by this watcher); None
+        while the live run started at its start still works on it."""
         event = acquisition.event(version)
         key = event["payload"]["key"]
         if not self.state.claim(acquisition, key, version, event["id"], event):
-            return False
+            return self.settle_live(key, event)
         if not self._post(key, event):
             return False
         scans = ",".join(map(str, acquisition.scans)) if acquisition.scans else "all scans"
@@ -210,6 +236,73 @@ class Watcher:
             event["id"],
         )
         return True
+
+    def announce_live(
+        self, acquisition: Acquisition, source: str, scan_key: str, created: float
+    ) -> bool:
+        """Announce a scan that has just started (created at epoch ``created`` on the
+        blissdata server ``source``) to the live run that follows it, under the key its
+        completed event has: one announcement of the two, whichever comes first, and one
+        among the watchers sharing this state. Whether it was announced now."""
+        version = self.versions[acquisition.technique]
+        event = acquisition.live_event(version, source, scan_key)
+        key = event["payload"]["key"]
+        if not self.state.claim(acquisition, key, version, event["id"], event):
+            return False
+        if not self._post(key, event):
+            return False
+        logger.info(
+            "%s scan %s started -> %s live (event %s, %.2f s after the scan was created)",
+            acquisition.raw_dataset_dir, ",".join(map(str, acquisition.scans or ())),
+            acquisition.technique, event["id"], time.time() - created,
+        )  # fmt: skip
+        return True
+
+    def _stored_event(self, key: str) -> tuple[dict | None, float]:
+        """The event of the announcement of ``key`` in this watcher's state, and when it
+        was last posted (epoch s); None for one settled already (confirmed, failed)."""
+        with connect(self.state.path) as db:
+            row = db.execute(
+                "SELECT event, posted, state FROM acquisitions WHERE key = ?", (key,)
+            ).fetchone()
+        if row is None or not row["event"] or row["state"] not in ("claimed", "emitted"):
+            return None, 0.0
+        return json.loads(row["event"]), float(row["posted"] or 0)
+
+    def settle_live(self, key: str, event: dict) -> bool | None:
+        """A finished scan whose key was announced already. When that announcement started
+        a live run: confirmed if the live run processed the scan; None while it still works
+        (or waits to start); and if it crashed, failed or never started, the scan is
+        announced as finished now (``event``): that run takes the claim over, once. Whether
+        ``event`` was posted."""
+        stored, posted = self._stored_event(key)
+        if not is_live(stored):
+            return False  # announced as finished already: confirm() follows it
+        deployment = event["resource"]["calypso.technique"]
+        try:
+            runs = flow_runs_with_key(self.api_url, deployments_for(deployment), key)
+            claim = self._claim(key)
+        except (OSError, ValueError, CalypsoError) as exc:
+            logger.debug("cannot look for the live run of %s: %s", key, exc)
+            return None
+        found = verdict(claim, runs)
+        raw = event["payload"]["raw"]
+        if found == "done":
+            self.state.mark(key, "confirmed")
+            logger.info(
+                "%s: processed live (flow run %s)", raw, claim.flow_run_id if claim else "?"
+            )
+            return False
+        if found == "wait":
+            return None
+        grace = min(self.settings.watch.confirm_s, LIVE_START_GRACE_S)
+        if found == "again" and not runs and time.time() - posted < grace:
+            return None  # a short scan: its live run may not be created yet
+        why = {"failed": "failed", "again": "crashed, was killed or never started"}[found]
+        logger.warning(
+            "%s: its live run %s: announced as finished (event %s)", raw, why, event["id"]
+        )
+        return self._post(key, event)
 
     def _post(self, key: str, event: dict) -> bool:
         """Post a claimed announcement; its entry says emitted, or failed (posted again by
@@ -257,7 +350,7 @@ class Watcher:
         watch = self.settings.watch
         for key, event, deployment, attempts in self.state.unconfirmed(watch.confirm_s):
             try:
-                runs = flow_runs_with_key(self.api_url, deployment, key)
+                runs = flow_runs_with_key(self.api_url, deployments_for(deployment), key)
                 claim = self._claim(key)
             except (OSError, ValueError, CalypsoError) as exc:
                 logger.debug("cannot look for the runs of %s: %s", key, exc)
@@ -267,8 +360,8 @@ class Watcher:
             if found == "done":
                 self.state.mark(key, "confirmed")
                 continue
-            if found == "wait":
-                continue
+            if found == "wait" or is_live(event):
+                continue  # a live run that did not process its scan: settle_live, at its end
             if found == "failed":
                 self.state.mark(key, "processing-failed")
                 logger.error(
@@ -301,6 +394,12 @@ class Watcher:
         self.post_pending(stale_after_s=0)  # what a watcher killed before posting left
         wake = threading.Event()
         listening = None if once or not self.settings.watch.inotify else listen(self.roots, wake)
+        blissdata = self.settings.watch.blissdata_url
+        following = None
+        if blissdata is not None and not once:
+            from calypso.flows.online.scan_starts import ScanStarts
+
+            following = ScanStarts(self, blissdata).start()
         try:
             while True:
                 began = time.monotonic()
@@ -312,8 +411,9 @@ class Watcher:
                 wake.wait(max(0.0, self.settings.watch.interval_s - (time.monotonic() - began)))
                 wake.clear()
         finally:
-            if listening is not None:
-                listening.set()
+            for stop in (listening, following):
+                if stop is not None:
+                    stop.set()
 
 
 def is_dataset_file(change: object, path: str) -> bool:

@@ -18,6 +18,11 @@ its own, as Bliss and Lima do:
   stream with the files' names and Lima's ``last_index_saved``, one stream a counter,
   ``end_reason``; the scan is closed only once the dataset file holds ``end_time``.
 
+A scan without detector frames (an XAS map: rows of 2D counters, one spectrum a point)
+is replayed point by point the same way: no Lima file, each point's counter values (a row
+of each 2D counter) written as its turn comes, the counters of another length (a map's
+energy axis) whole at the start, ``end_reason`` and ``end_time`` last.
+
 ``abort_after=K`` stops after K frames as an aborted scan does (``end_reason``
 ``USER_ABORT``, ``end_time`` written); ``end=False`` then leaves the scan without an
 end, as a crashed writer would. ``timeline`` (a JSON file) gets the wall time each frame
@@ -31,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,6 +46,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 
+from calypso.errors import ParameterError
 from calypso.tasks.raw import bliss
 from calypso.tasks.raw.data_policy import RawDataset
 
@@ -58,12 +63,22 @@ class RecordedScan:
     title: str
     detector: str
     frames: list[tuple[str, str, int]]  # (Lima file, dataset, index) of every frame
-    counters: dict[str, np.ndarray]
+    counters: dict[str, np.ndarray]  # a value (or a row: 2D counters) a point
     positioners: dict[str, Any]
     sample_name: str | None
     # Entry-relative paths of the instrument's metadata, copied when the scan starts: the
     # detector's geometry and pixel mask, the beam (MX needs them before the first frame).
     metadata: tuple[str, ...] = ()
+    # Counters of another length than the scan's points (a map's energy axis): written
+    # whole when the scan starts.
+    static: dict[str, np.ndarray] | None = None
+
+    @property
+    def points(self) -> int:
+        """The scan's points: its frames, or (no detector) its counters' first axis."""
+        if self.detector:
+            return len(self.frames)
+        return max((len(v) for v in self.counters.values()), default=0)
 
 
 def recorded_scan(source: str | Path, scan: int = 1, detector: str | None = None) -> RecordedScan:
@@ -71,6 +86,8 @@ def recorded_scan(source: str | Path, scan: int = 1, detector: str | None = None
     path = Path(source)
     raw = RawDataset.from_path(path)
     info = bliss.select_scans(raw.raw_file, [scan])[0]
+    if detector is None and not info.detectors:
+        return _recorded_counter_scan(raw, scan, info.title)
     detector = bliss.choose_detector(raw.raw_file, [info], detector)
     lengths = bliss.counter_lengths(raw.raw_file, scan)
     with bliss.open_raw(raw.raw_file) as h5:
@@ -101,6 +118,34 @@ def recorded_scan(source: str | Path, scan: int = 1, detector: str | None = None
     return RecordedScan(
         raw, scan, info.title, detector, frames, counters, positioners,
         bliss.read_sample_name(raw.raw_file, scan), metadata,
+    )  # fmt: skip
+
+
+def _recorded_counter_scan(raw: RawDataset, scan: int, title: str) -> RecordedScan:
+    """A scan without detector frames: its points are the first axis of its 2D counters
+    (an XAS map: a spectrum a point), else of its longest 1D counters."""
+    with bliss.open_raw(raw.raw_file) as h5:
+        entry = h5[f"{scan}.1"]
+        found = {}
+        for name in entry.get("measurement", {}):
+            item = entry["measurement"].get(name)
+            if isinstance(item, h5py.Dataset) and item.ndim in (1, 2):
+                found[name] = np.asarray(item[()])
+        rows = [len(v) for v in found.values() if v.ndim == 2]
+        points = max(rows or [len(v) for v in found.values()] or [0])
+        per_point = {
+            n: v for n, v in found.items() if len(v) == points and (v.ndim == 2 or not rows)
+        }
+        static = {n: v for n, v in found.items() if n not in per_point}
+        positioners = {
+            name: item[()]
+            for name, item in entry.get("instrument/positioners", {}).items()
+            if isinstance(item, h5py.Dataset)
+        }
+        metadata = _instrument_metadata(entry, "", found)
+    return RecordedScan(
+        raw, scan, title, "", [], per_point, positioners,
+        bliss.read_sample_name(raw.raw_file, scan), metadata, static,
     )  # fmt: skip
 
 
@@ -169,19 +214,30 @@ def simulate_acquisition(
     raw dataset under ``target_root``, ``rate`` frames a second; returns the new dataset
     file. ``frames`` replays the first ones only (a scan of that many points)."""
     recorded = recorded_scan(source, scan)
-    n_frames = min(frames or len(recorded.frames), len(recorded.frames))
+    if blissdata_url and not recorded.detector:
+        raise ParameterError(
+            f"{recorded.raw.raw_file} scan {scan} has no detector frames: publishing it "
+            "through blissdata is not done yet (replay its files only)"
+        )
+    n_frames = min(frames or recorded.points, recorded.points)
     written = n_frames if abort_after is None else min(abort_after, n_frames)
     raw = recorded.raw.model_copy(update={"root": Path(target_root).absolute()})
     raw.raw_dataset_dir.mkdir(parents=True, exist_ok=True)
     lima_dir = raw.raw_dataset_dir / f"scan{scan:04d}"
     lima_dir.mkdir(exist_ok=True)
     template = str(lima_dir / f"{recorded.detector}_%04d.h5")
-    with h5py.File(recorded.frames[0][0], "r") as h5:
-        shape, dtype = h5[recorded.frames[0][1]].shape[1:], h5[recorded.frames[0][1]].dtype
+    shape, dtype = (), np.dtype("uint16")
+    if recorded.detector:
+        with h5py.File(recorded.frames[0][0], "r") as h5:
+            shape, dtype = h5[recorded.frames[0][1]].shape[1:], h5[recorded.frames[0][1]].dtype
     time.sleep(start_delay)
     publisher = None
     if blissdata_url:
-        publisher = _Publisher(blissdata_url, recorded, raw, template, n_frames, frames_per_file)
+        from calypso.flows.samples.bliss_publisher import BlissPublisher
+
+        publisher = BlissPublisher(
+            blissdata_url, recorded, raw, template, n_frames, frames_per_file
+        )
     counters = _start_entry(raw, recorded)
     copier = _Frames()
     times: list[float] = []
@@ -190,16 +246,17 @@ def simulate_acquisition(
     try:
         for index in range(written):
             number, slot = divmod(index, frames_per_file)
-            if slot == 0:
+            if slot == 0 and recorded.detector:
                 count = min(frames_per_file, n_frames - index)
                 lima, data = _lima_file(template % number, recorded.detector, count, shape, dtype)
             pause = began + index / rate - time.monotonic()
             if pause > 0:
                 time.sleep(pause)
-            copier.copy(recorded.frames[index], data, slot)
-            lima.flush()  # a reader of growing files sees the frame now
-            if slot == count - 1 or index == written - 1:
-                lima.close()  # as Lima does once a file is full (or the scan stops)
+            if recorded.detector:
+                copier.copy(recorded.frames[index], data, slot)
+                lima.flush()  # a reader of growing files sees the frame now
+                if slot == count - 1 or index == written - 1:
+                    lima.close()  # as Lima does once a file is full (or the scan stops)
             for name, values in recorded.counters.items():
                 counters[name].resize(index + 1, axis=0)
                 counters[name][index] = values[index]
@@ -258,9 +315,16 @@ def _start_entry(raw: RawDataset, recorded: RecordedScan) -> dict[str, Any]:
     for name, values in recorded.counters.items():
         group = instrument.create_group(name)
         group.attrs["NX_class"] = "NXdetector"
+        row = values.shape[1:]  # a 2D counter grows a row (a spectrum) a point
         counters[name] = group.create_dataset(
-            "data", shape=(0,), maxshape=(None,), chunks=(256,), dtype=values.dtype
-        )
+            "data", shape=(0, *row), maxshape=(None, *row), chunks=(1, *row) if row else (256,),
+            dtype=values.dtype,
+        )  # fmt: skip
+        measurement[name] = h5py.SoftLink(f"/{recorded.number}.1/instrument/{name}/data")
+    for name, values in (recorded.static or {}).items():  # a map's energy axis: whole, first
+        group = instrument.create_group(name)
+        group.attrs["NX_class"] = "NXdetector"
+        group["data"] = values
         measurement[name] = h5py.SoftLink(f"/{recorded.number}.1/instrument/{name}/data")
     motors = instrument.create_group("positioners")
     motors.attrs["NX_class"] = "NXcollection"
@@ -298,7 +362,26 @@ def _end_entry(
     dtype,
     reason: str,
 ) -> None:
-    """The detector's virtual dataset over the Lima files, ``end_reason``, then ``end_time``."""
+    """The detector's virtual dataset over the Lima files (a scan with a detector),
+    ``end_reason``, then ``end_time``."""
+    with h5py.File(raw.raw_file, "a") as h5:
+        entry = h5[f"{recorded.number}.1"]
+        if recorded.detector:
+            _detector_dataset(entry, recorded, template, written, per_file, shape, dtype)
+        entry["end_reason"] = reason
+        entry["end_time"] = datetime.now(UTC).astimezone().isoformat()  # written last
+
+
+def _detector_dataset(
+    entry: h5py.Group,
+    recorded: RecordedScan,
+    template: str,
+    written: int,
+    per_file: int,
+    shape,
+    dtype,
+) -> None:
+    """The detector's virtual dataset over the Lima files, as Bliss writes it at the end."""
     layout = h5py.VirtualLayout(shape=(written, *shape), dtype=dtype)
     for number, first in enumerate(range(0, written, per_file)):
         count = min(per_file, written - first)
@@ -307,101 +390,15 @@ def _end_entry(
             f"{name.parent.name}/{name.name}", LIMA_DATASET, shape=(count, *shape)
         )
         layout[first : first + count] = source[:count]
-    with h5py.File(raw.raw_file, "a") as h5:
-        entry = h5[f"{recorded.number}.1"]
-        det = entry["instrument"].require_group(recorded.detector)  # its metadata: there
-        det.attrs["NX_class"] = "NXdetector"
-        det.create_virtual_dataset("data", layout, fillvalue=0)
-        det["data"].attrs["interpretation"] = "image"
-        if "type" not in det:
-            det["type"] = "lima"
-        entry["measurement"][recorded.detector] = h5py.SoftLink(
-            f"/{recorded.number}.1/instrument/{recorded.detector}/data"
-        )
-        entry["end_reason"] = reason
-        entry["end_time"] = datetime.now(UTC).astimezone().isoformat()  # written last
-
-
-class _Publisher:
-    """The scan on Bliss's data-stream server, as Bliss publishes it."""
-
-    def __init__(
-        self,
-        url: str,
-        recorded: RecordedScan,
-        raw: RawDataset,
-        template: str,
-        n_frames: int,
-        per_file: int,
-    ) -> None:
-        from blissdata.redis_engine.store import DataStore
-        from blissdata.streams.default import Stream
-        from blissdata.streams.lima import LimaStream
-
-        self.store = DataStore(url)
-        identity = {
-            "name": recorded.title.split()[0] if recorded.title else "scan",
-            "number": recorded.number,
-            "data_policy": "ESRF",
-            "path": str(raw.raw_file),
-        }
-        info = {"npoints": n_frames, "filename": str(raw.raw_file), "title": recorded.title}
-        self.scan = self.store.create_scan(identity, info=info)
-        with h5py.File(recorded.frames[0][0], "r") as h5:
-            source = h5[recorded.frames[0][1]]
-            shape, dtype = source.shape[1:], source.dtype
-        saving = {
-            "file_path": template,
-            "data_path": LIMA_DATASET,
-            "file_format": "hdf5",
-            "file_offset": 0,
-            "frames_per_file": per_file,
-        }
-        image = LimaStream.make_definition(
-            f"{recorded.detector}:image", dtype, shape, f"id00/limaccds/{recorded.detector}",
-            10, n_frames, 0, saving,
-        )  # fmt: skip
-        self.lima = self.scan.create_stream(image)
-        self.counters = {
-            name: self.scan.create_stream(Stream.make_definition(f"simulator:{name}", "float64"))
-            for name in recorded.counters
-        }
-        self.scan.prepare()
-        self.scan.start()
-
-    gone = False  # the server stopped answering: the files go on being written
-
-    def frame(self, index: int, points: dict[str, float]) -> None:
-        def send() -> None:
-            # Counters first: a reader that waits for them then finds the frame's point.
-            for name, value in points.items():
-                self.counters[name].send(float(value))
-            self.lima.send({"last_index": index, "last_index_saved": index})
-
-        self._publish(send)
-
-    def end(self, reason: str) -> None:
-        def close() -> None:
-            self.scan.stop()
-            self.scan.info["end_reason"] = reason
-            self.scan.close()
-            self.store._redis.connection_pool.disconnect()
-
-        self._publish(close)
-
-    def _publish(self, action) -> None:
-        import redis
-
-        if self.gone:
-            return
-        try:
-            # blissdata sends from threads of its own, whose errors never come back here,
-            # and waits for them when the scan stops: ask the server first.
-            self.store._redis.ping()
-            action()
-        except redis.exceptions.RedisError as exc:
-            self.gone = True
-            print(f"blissdata server gone ({exc}): writing the files only", file=sys.stderr)
+    det = entry["instrument"].require_group(recorded.detector)  # its metadata: there
+    det.attrs["NX_class"] = "NXdetector"
+    det.create_virtual_dataset("data", layout, fillvalue=0)
+    det["data"].attrs["interpretation"] = "image"
+    if "type" not in det:
+        det["type"] = "lima"
+    entry["measurement"][recorded.detector] = h5py.SoftLink(
+        f"/{recorded.number}.1/instrument/{recorded.detector}/data"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,8 @@ centring behind a grid scan (issue #19).
     python tests/benchmarks/bench_live.py [--frames 60] [--rate 20] [--fast-rate 200]
                                           [--workers 2] [--source files|blissdata]
     python tests/benchmarks/bench_live.py --technique mx [--rate 10] [--workers 2]
+    python tests/benchmarks/bench_live.py --technique spectroscopy [--spectra 1000] [--rate 50]
+                                          [--batch-size N]
 
 1. Writes a recorded scan of ``--frames`` simulated Pilatus 1M frames of CeO2
    (bitshuffle-LZ4 Lima files, as ``calypso sample-data diffraction`` does).
@@ -32,6 +34,13 @@ watcher saw it), to the result published with its record (seen by the watcher) a
 run's return; the cell seen, the result's and the sample's; each chunk's images, and when
 its last image was seen whole and when it was done (s after that image was written).
 Target: centring cell known <= 2 s after the last image.
+
+``--technique spectroscopy``: a map of ``--spectra`` XAS spectra (``calypso sample-data
+spectroscopy --spectra N``: 2D counters, no detector frames) replayed at ``--rate``
+spectra/s (default 50) while a live run follows the growing dataset file. Prints the lag of
+each spectrum (its row written -> normalised), the live chunks kept as batches of the
+result (all with ``--batch-size``; none by default: the result's batches are reduced again)
+and the time from the last spectrum written to the run's return (result published).
 """
 
 from __future__ import annotations
@@ -234,9 +243,47 @@ def mx_run(
     }
 
 
+def xas_run(sample, work: Path, rate: float, settings, batch_size: int | None) -> dict:
+    """One live run behind the XAS map replayed at ``rate`` spectra/s."""
+    from calypso.flows.online import live
+    from calypso.techniques.spectroscopy import SpectroscopyParameters
+
+    root, timeline = work / "map", work / "map.json"
+    thread, started = simulator(sample.raw_dataset_dir, root, rate, timeline, None)
+    raw_dir = sample.model_copy(update={"root": root}).raw_dataset_dir
+    summary = live.run_live(
+        "spectroscopy", str(raw_dir), SpectroscopyParameters(batch_size=batch_size), None,
+        None, settings, live={"source": "files", "stall_timeout": 60, "poll": 0.05},
+    )  # fmt: skip
+    returned = time.time()
+    thread.join()
+    started[0].wait(timeout=60)
+    written = np.array(json.loads(timeline.read_text())["written"])
+    done = np.zeros(len(written))
+    for chunk in live.LAST_TIMELINE:
+        done[chunk["start"] : chunk["stop"]] = chunk["done"]
+    lag = done - written
+    return {
+        "run": f"map of {len(written)} spectra ({rate:g} spectra/s, batch_size {batch_size})",
+        "spectra": summary["count"],
+        "complete": summary["count"] == len(written) and not summary["partial"],
+        "lag_p50_s": round(float(np.percentile(lag, 50)), 2),
+        "lag_p95_s": round(float(np.percentile(lag, 95)), 2),
+        "lag_max_s": round(float(lag.max()), 2),
+        "live_chunks": len(live.LAST_TIMELINE),
+        "live_chunks_kept": summary["live_chunks_kept"],
+        "last_spectrum_to_run_returned_s": round(returned - written[-1], 2),
+        "scan_s": round(written[-1] - written[0], 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--technique", choices=("diffraction", "mx"), default="diffraction")
+    parser.add_argument(
+        "--technique", choices=("diffraction", "mx", "spectroscopy"), default="diffraction"
+    )
+    parser.add_argument("--spectra", type=int, default=1000, help="spectroscopy: the map's")
+    parser.add_argument("--batch-size", type=int, help="spectroscopy: spectra a batch")
     parser.add_argument("--frames", type=int, default=60, help="diffraction: frames")
     parser.add_argument("--rate", type=float, help="frames (images) a second: 20 (mx: 10)")
     parser.add_argument("--fast-rate", type=float, default=200.0, help="diffraction's second run")
@@ -244,14 +291,19 @@ def main() -> None:
     parser.add_argument("--source", choices=("files", "blissdata"), default="files")
     parser.add_argument("--chunk-size", type=int, help="mx: images a live chunk (default: a row)")
     args = parser.parse_args()
-    mx = args.technique == "mx"
-    rate = args.rate or (10.0 if mx else 20.0)
+    mx, xas = args.technique == "mx", args.technique == "spectroscopy"
+    rate = args.rate or (10.0 if mx else 50.0 if xas else 20.0)
     work = Path(tempfile.mkdtemp(prefix="calypso-bench-live-"))
     env = isolated_environment(work)
     env["CALYPSO_CATALOGUE__PATH"] = str(work / "catalogue.sqlite")
     os.environ.update(env)  # before Prefect is imported: it reads its home then
     began = time.perf_counter()
-    if mx:
+    if xas:
+        from calypso.flows.samples.spectroscopy import write_spectroscopy_map_sample
+
+        sample = write_spectroscopy_map_sample(work / "recorded", args.spectra)
+        what = f"map of {args.spectra} XAS spectra"
+    elif mx:
         from calypso.flows.samples.mx import write_mx_sample
 
         sample = write_mx_sample(work / "recorded")
@@ -270,7 +322,7 @@ def main() -> None:
         from calypso.flows.runtime import prepare_environment
         from calypso.settings import load_settings
 
-        preload = "calypso.tasks.mx" if mx else "calypso.tasks.diffraction"
+        preload = f"calypso.tasks.{'live_spectroscopy' if xas else args.technique}"
         executor = {"n_workers": args.workers, "preload": [preload]}
         cluster = start_local_cluster(
             **local_cluster_options(load_settings(executor=executor).executor)
@@ -288,7 +340,9 @@ def main() -> None:
             DataStore(url, init_db=True)
         catalogue = work / "catalogue.sqlite"
         try:
-            if mx:
+            if xas:
+                rows = [xas_run(sample, work, rate, settings, args.batch_size)]
+            elif mx:
                 rows = [mx_run(sample, work, rate, settings, catalogue, url, args.chunk_size)]
             else:
                 rows = [

@@ -1,0 +1,154 @@
+"""Live XAS maps (docs/live.md): what spectroscopy adds to the following of a scan in
+progress (:mod:`calypso.flows.online.live`), for a map scan whose points are spectra.
+
+The scan is followed through its growing dataset file
+(:class:`~calypso.tasks.live_spectroscopy.CounterRows`: a spectrum is there once every 2D
+counter holds its row). Chunks of spectra are normalised (and their EXAFS extracted) with
+the offline batch's code as they come; the partial file holds the spectra and the map so
+far, those not done NaN. Once the scan has ended, the plan is the offline run's, and so
+are the batches: a live chunk that is one of them (the same spectra, the same
+calibration: ``--set batch_size=N`` makes the live chunks the result's batches) is kept,
+the others are reduced again (about half a millisecond a spectrum), because the EXAFS
+extraction of a batch depends on its spectra (its k grid): the result is the offline one,
+bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from calypso.errors import ParameterError
+from calypso.flows.engine import StepContext
+from calypso.flows.online.live_base import WAIT, FirstFrames, LiveRun, LiveTechnique
+
+
+class LiveSpectroscopy(LiveTechnique):
+    """A map scan's spectra reduced as they come (``flows/builtin/spectroscopy.yaml``)."""
+
+    preload = "calypso.tasks.live_spectroscopy"
+    doing = "Reducing the spectra of"
+
+    def __init__(self) -> None:
+        self.reference_e0: float | None = None  # the live chunks' calibration
+        self.reused = 0  # live chunks that are batches of the result
+
+    def warm_up(self, ctx: StepContext, parameters: Any) -> None:
+        """While the scan has not begun: each worker reduces a model spectrum once (its
+        first task and the reduction's imports cost seconds)."""
+        from calypso.tasks.live_spectroscopy import warm_up_spectra_reduction
+
+        for _ in range(max(ctx.run.workers, 1)):
+            warm_up_spectra_reduction.submit(parameters)
+
+    def open_scan(
+        self, live: LiveRun, raw_file: Path, scans: list[int] | None, parameters: Any
+    ) -> tuple[Any, int, str]:
+        """The map being written, followed through its dataset file: its rows of counters."""
+        from calypso.tasks.live_spectroscopy import CounterRows
+        from calypso.tasks.plans.live import running_entry, wait
+
+        if live.source != "files":
+            raise ParameterError(
+                f"live spectroscopy of {raw_file}: XAS maps are followed through their "
+                "growing dataset file only so far: use --live files"
+            )
+        what = f"no scan started writing {raw_file}"
+        number = wait(lambda: running_entry(raw_file, scans), live.stall_timeout, what)
+        return CounterRows(raw_file, number, live.stall_timeout), number, ""
+
+    def plan(self, ctx: StepContext, parameters: Any, first: FirstFrames) -> Any:
+        from calypso.tasks.live_spectroscopy import make_live_spectroscopy_plan
+
+        plan = make_live_spectroscopy_plan(ctx.raw, parameters, first, ctx.output_dir, ctx.settings)
+        self.reference_e0 = plan.calibration.reference_e0 if plan.calibration else None
+        return plan
+
+    def chunk_inputs(self, live: LiveRun, plan: Any, first: int, stop: int, ended: bool) -> Any:
+        # With batch_size set, the live chunks are to be the result's batches: a short one
+        # waits for its spectra (or the scan's end) rather than going early.
+        if plan.parameters.batch_size and stop - first < plan.chunk_size and not ended:
+            return WAIT
+        return None
+
+    def submit(
+        self, ctx: StepContext, live: LiveRun, plan: Any, first: int, stop: int, inputs: Any
+    ) -> Any:
+        from calypso.tasks.live_spectroscopy import reduce_live_spectra
+        from calypso.tasks.plans.spectroscopy import SpectraBatch
+
+        batch = SpectraBatch(source=plan.sources[0], start=first, stop=stop)
+        return reduce_live_spectra.submit(batch, plan.parameters, self.reference_e0, ctx.work_dir)
+
+    def span(self, result: Any) -> tuple[int, int]:
+        return result.start, result.stop
+
+    def write_partial(
+        self, live: LiveRun, plan: Any, chunks: list[Any], path: Path, state: str
+    ) -> None:
+        from calypso.tasks.live_spectroscopy import write_partial
+
+        write_partial(path, f"{live.number}.1", chunks, live.scan.frames, state)
+
+    def frames_in(self, final: Any, number: int) -> int | None:
+        mine = [s for s in final.sources if s.scan == number]
+        return mine[0].n_spectra if mine else None
+
+    def as_partial(self, live: LiveRun, plan: Any, frames: int) -> None:
+        plan.sources = [plan.sources[0].model_copy(update={"n_spectra": frames})]
+
+    def final_chunks(
+        self, ctx: StepContext, live: LiveRun, plan: Any, chunks: list[Any]
+    ) -> list[Any]:
+        """The offline plan's batches: the live chunks that are batches of it (same spectra,
+        same calibration and parameters), the others reduced as offline."""
+        from calypso.tasks.progress import collect
+        from calypso.tasks.spectroscopy import merge_repeated_scans, reduce_spectra_batch
+
+        reference_e0 = plan.calibration.reference_e0 if plan.calibration else None
+        same = reference_e0 == self.reference_e0
+        live_label = f"{live.number}.1"
+        kept = {(c.start, c.stop): c for c in chunks} if same else {}
+        batches, again = [], []
+        for batch in plan.batches():
+            mine = batch.source.scan == live.number and batch.source.label == live_label
+            found = kept.get((batch.start, batch.stop)) if mine else None
+            if found is not None:
+                batches.append(found)
+            else:
+                again.append(batch)
+        self.reused = len(batches)
+        arguments = (plan.parameters, reference_e0, ctx.work_dir)
+        if plan.in_process:  # as offline: no Dask round trip for milliseconds of work
+            batches += [reduce_spectra_batch(batch, *arguments) for batch in again]
+        elif again:
+            futures = [reduce_spectra_batch.submit(batch, *arguments) for batch in again]
+            batches += collect(
+                futures, sum(b.stop - b.start for b in again), "Reducing spectra again",
+                lambda r: r.stop - r.start,
+            )  # fmt: skip
+        if plan.merges:
+            batches.append(merge_repeated_scans(plan, batches, ctx.work_dir))
+        return batches
+
+    def figures(self, plan: Any, chunks: list[Any]) -> dict[str, Any]:
+        return {
+            "tasks": len(chunks),
+            "busy": sum(c.seconds for c in chunks),
+            "live_chunks_kept": self.reused,
+            "merged": plan.merges,
+            "calibration": plan.calibration.model_dump() if plan.calibration else None,
+        }
+
+    def write(self, ctx: StepContext, live: LiveRun, plan: Any, chunks: list[Any]) -> list[str]:
+        from calypso.flows.builtin import spectroscopy
+        from calypso.tasks.live_spectroscopy import mark_partial_result
+
+        outputs = spectroscopy.write(ctx, plan, chunks)  # the offline step itself
+        if live.partial is not None:  # still staged: marked before it is published
+            output = Path(plan.output_file)
+            publication = ctx.run.publication
+            if publication is not None:
+                output = publication.staged_for(output) or output
+            mark_partial_result(output, f"{live.number}.1", live.partial)
+        return outputs
