@@ -123,7 +123,9 @@ def live_settings(scheduler: str):
 def replayed(sample, root: Path) -> Path:
     """Where the acquisition simulator writes ``sample``'s raw dataset (a sample object
     or its RawDataset) replayed under ``root``."""
-    dataset = getattr(sample, "dataset", sample)
+    from calypso.tasks.raw.data_policy import RawDataset
+
+    dataset = sample if isinstance(sample, RawDataset) else sample.dataset
     return dataset.model_copy(update={"root": root.absolute()}).raw_dataset_dir
 
 

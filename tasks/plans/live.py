@@ -224,13 +224,22 @@ def live_pixel_mask(raw_file: Path, number: int, detector: str) -> Any:
     """The detector's pixel mask the dataset file holds for scan ``number`` (an array; None
     when it has none), read as the file is written (the writer may hold it in SWMR mode,
     which the offline readers do not open)."""
+    failures: list[Exception] = []
+
+    def read() -> tuple[Any] | None:
+        try:
+            with open_lima(raw_file) as h5:
+                mask = h5.get(f"{number}.1/instrument/{detector}/pixel_mask")
+                return (mask[()] if mask is not None else None,)
+        except (OSError, KeyError, ValueError) as exc:
+            failures.append(exc)
+            return None  # caught mid-write (before the writer's SWMR mode): look again
+
     try:
-        with open_lima(raw_file) as h5:
-            mask = h5.get(f"{number}.1/instrument/{detector}/pixel_mask")
-            return mask[()] if mask is not None else None
-    except (OSError, KeyError, ValueError) as exc:
+        return wait(read, 5.0, "unreadable")[0]
+    except RawDataError:
         raise RawDataError(
-            f"{raw_file}: the pixel mask of scan {number} cannot be read ({exc})"
+            f"{raw_file}: the pixel mask of scan {number} cannot be read ({failures[-1]})"
         ) from None
 
 
@@ -258,11 +267,20 @@ def make_live_mx_plan(
 
     raw_file, number, detector = Path(first.raw_file), first.number, first.detector
     entry = f"{number}.1"
+
+    def header() -> dict | None:
+        try:
+            with open_lima(raw_file) as h5:
+                return mx_images.hdf5_geometry(h5[f"{entry}/instrument"], detector)
+        except (OSError, KeyError, ValueError):
+            return None  # caught between two of the writer's flushes, or not written yet
+
+    # The writer puts the detector's geometry in the dataset file as the scan starts; a
+    # reader may catch the file mid-write: look again for a few seconds.
     try:
-        with open_lima(raw_file) as h5:
-            found = mx_images.hdf5_geometry(h5[f"{entry}/instrument"], detector)
-    except (OSError, KeyError, ValueError):
-        found = {}  # no instrument group yet: the parameters must give the geometry
+        found = wait(header, 5.0, "no instrument group", poll=0.1)
+    except RawDataError:
+        found = {}  # none: the parameters must give the geometry
     where = f"{raw_file} scan {number} (live: the geometry must be there when the scan starts)"
     geometry = mx_images.resolve_geometry(found, parameters, where)
     grid = parameters.grid or mx_images.grid_from_title(first.title)

@@ -188,14 +188,19 @@ class BlissdataScan:
             changed = True
         if self._lima is None and self._scan.state >= ScanState.PREPARED:
             self._lima = self._pick_detector()
-            from blissdata.streams.default import Stream
+            if self._lima is not None:
+                from blissdata.streams.default import Stream
 
-            self._status = Stream(self._lima.event_stream).cursor()
+                self._status = Stream(self._lima.event_stream).cursor()
         return changed
 
     def _pick_detector(self):
+        from blissdata.redis_engine.scan import ScanState
+
         streams = self._scan.streams
         lima = {n: s for n, s in streams.items() if s.plugin == "lima"}
+        if not lima and self._scan.state < ScanState.STARTED:
+            return None  # its streams not seen yet (just prepared): looked for again next time
         wanted = self._detector
         chosen = [n for n in lima if wanted is None or n == wanted or n.split(":")[0] == wanted]
         if len(chosen) != 1:
