@@ -294,8 +294,7 @@ def make_live_spectroscopy_plan(
     planner makes it: its first spectrum read, normalised and checked, the edge and the
     reference foil's calibration decided, the same output folder, file and checks."""
     from calypso.tasks.plans.live import _live_output
-    from calypso.tasks.plans.spectroscopy import TECHNIQUE, normalization_keywords
-    from calypso.techniques import spectroscopy as xas
+    from calypso.tasks.plans.spectroscopy import TECHNIQUE, check_first_spectrum
 
     raw_file, number = Path(first.raw_file), first.number
     table = read_live_counters(raw_file, number, 0, 1)
@@ -305,17 +304,9 @@ def make_live_spectroscopy_plan(
         n_points=data.energy.shape[-1], title=first.title, start_time=first.start_time,
     )  # fmt: skip
     where = source.describe()
-    xas.check_spectrum(data.energy, data.mu[:1], where)
-    normalization = xas.normalize(
-        data.energy, data.mu[:1], **normalization_keywords(parameters), where=where
-    )
-    reference_e0 = None
-    if data.mu_reference is not None:
-        reference_e0 = float(
-            xas.find_e0(data.energy, data.mu_reference[:1], parameters.e0_smooth)[0]
-        )
+    e0, reference_e0, metadata = check_first_spectrum(table, where, parameters)
     element, edge, calibration = _edge_and_calibration(
-        parameters, table.metadata, float(normalization.e0[0]), reference_e0, where
+        parameters, metadata, e0, reference_e0, where
     )
     raw, out = _live_output(
         input_path, raw_file, number, TECHNIQUE, output_dir, settings,

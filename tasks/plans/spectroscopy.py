@@ -190,9 +190,15 @@ def check_source(
     source: SpectrumSource, parameters: xas.SpectroscopyParameters
 ) -> tuple[float, float | None, dict[str, str]]:
     """Read and normalise the first spectrum of ``source``: its E0, reference E0 and metadata."""
-    table = read_source(source, 0, 1)
+    return check_first_spectrum(read_source(source, 0, 1), source.describe(), parameters)
+
+
+def check_first_spectrum(
+    table: Any, where: str, parameters: xas.SpectroscopyParameters
+) -> tuple[float, float | None, dict[str, str]]:
+    """Normalise the first spectrum of ``table`` (read offline, or from a growing file by a
+    live run): its E0, reference E0 and metadata; errors name ``where``."""
     data = absorption(table, parameters)
-    where = source.describe()
     xas.check_spectrum(data.energy, data.mu[:1], where)
     normalization = xas.normalize(
         data.energy, data.mu[:1], **normalization_keywords(parameters), where=where
