@@ -32,6 +32,26 @@ def wait(condition: Callable[[], T], timeout: float, what: str, poll: float = 0.
         time.sleep(poll)
 
 
+def read_while_written(raw_file: Path, read: Callable[[Any], T], timeout: float = 5.0) -> T:
+    """``read(h5)`` on the dataset file being written. A reader may catch the file between
+    two of the writer's flushes (before its SWMR mode): it looks again for ``timeout`` s,
+    then raises a RawDataError naming the last failure."""
+    failures: list[Exception] = []
+
+    def attempt() -> tuple[T] | None:
+        try:
+            with open_lima(raw_file) as h5:
+                return (read(h5),)
+        except (OSError, KeyError, ValueError) as exc:
+            failures.append(exc)
+            return None
+
+    try:
+        return wait(attempt, timeout, "unreadable")[0]
+    except RawDataError as exc:
+        raise RawDataError(str(failures[-1]) if failures else str(exc)) from None
+
+
 def running_entry(raw_file: Path, scans: list[int] | None) -> int | None:
     """The scan being written: the one asked for, else the last entry without end_time,
     else the last one (ended already: it is reduced all the same)."""
@@ -224,22 +244,16 @@ def live_pixel_mask(raw_file: Path, number: int, detector: str) -> Any:
     """The detector's pixel mask the dataset file holds for scan ``number`` (an array; None
     when it has none), read as the file is written (the writer may hold it in SWMR mode,
     which the offline readers do not open)."""
-    failures: list[Exception] = []
 
-    def read() -> tuple[Any] | None:
-        try:
-            with open_lima(raw_file) as h5:
-                mask = h5.get(f"{number}.1/instrument/{detector}/pixel_mask")
-                return (mask[()] if mask is not None else None,)
-        except (OSError, KeyError, ValueError) as exc:
-            failures.append(exc)
-            return None  # caught mid-write (before the writer's SWMR mode): look again
+    def mask(h5) -> Any:
+        found = h5.get(f"{number}.1/instrument/{detector}/pixel_mask")
+        return found[()] if found is not None else None
 
     try:
-        return wait(read, 5.0, "unreadable")[0]
-    except RawDataError:
+        return read_while_written(raw_file, mask)
+    except RawDataError as exc:
         raise RawDataError(
-            f"{raw_file}: the pixel mask of scan {number} cannot be read ({failures[-1]})"
+            f"{raw_file}: the pixel mask of scan {number} cannot be read ({exc})"
         ) from None
 
 
@@ -268,17 +282,15 @@ def make_live_mx_plan(
     raw_file, number, detector = Path(first.raw_file), first.number, first.detector
     entry = f"{number}.1"
 
-    def header() -> dict | None:
-        try:
-            with open_lima(raw_file) as h5:
-                return mx_images.hdf5_geometry(h5[f"{entry}/instrument"], detector)
-        except (OSError, KeyError, ValueError):
-            return None  # caught between two of the writer's flushes, or not written yet
+    def geometry(h5) -> dict:
+        found = mx_images.hdf5_geometry(h5[f"{entry}/instrument"], detector)
+        if not found:
+            raise KeyError("no detector geometry yet")
+        return found
 
-    # The writer puts the detector's geometry in the dataset file as the scan starts; a
-    # reader may catch the file mid-write: look again for a few seconds.
+    # The writer puts the detector's geometry in the dataset file as the scan starts.
     try:
-        found = wait(header, 5.0, "no instrument group", poll=0.1)
+        found = read_while_written(raw_file, geometry)
     except RawDataError:
         found = {}  # none: the parameters must give the geometry
     where = f"{raw_file} scan {number} (live: the geometry must be there when the scan starts)"
