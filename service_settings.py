@@ -87,6 +87,14 @@ class WatchSettings(BaseModel):
         "once (docs/live.md). A password in it is a secret (never logged); events carry the "
         "URL without it, and served live runs take it from this setting.",
     )
+    live_from_files: bool = Field(
+        False,
+        description="A dataset file seen while one of its scans is still being written (no "
+        "end_time, files changed within quiet_s), whose rule names a live technique, starts "
+        "the live run in `calypso serve` following the growing files, without blissdata "
+        "(docs/live.md). Off by default: on NFS/GPFS a watcher sees other clients' writes "
+        "only at its polls.",
+    )
 
     @field_validator("blissdata_url")
     @classmethod

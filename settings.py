@@ -151,6 +151,14 @@ class ExecutorSettings(BaseModel):
     )
     threads_per_worker: int = Field(1, ge=1)
     memory_limit: str = Field("auto", description="Memory limit per local worker (Dask syntax).")
+    local_keep_s: float = Field(
+        600.0,
+        ge=0,
+        description="A local cluster is started by the first `calypso run` in the background "
+        "and used by the next commands that would start the same one (same home, options, "
+        "environment, code and Prefect server); it stops once unused for this long (s). "
+        "0: a cluster for each command, closed as it ends.",
+    )
     address: str | None = Field(None, description="Scheduler address when kind = 'address'.")
     preload: list[str] = Field(
         default_factory=list,

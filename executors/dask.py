@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dask
@@ -113,6 +114,28 @@ def boot_local_cluster(executor: ExecutorSettings) -> Future[LocalCluster] | Non
     future = pool.submit(start_local_cluster, **options)
     pool.shutdown(wait=False)
     return future
+
+
+def keeps_cluster(executor: ExecutorSettings, api_is_kept: bool) -> bool:
+    """Whether a command's local cluster is the kept one (:mod:`calypso.executors.kept`):
+    only for a Prefect API that outlives the command, which its workers' logs go to."""
+    return executor.kind == "local" and executor.local_keep_s > 0 and api_is_kept
+
+
+def kept_task_runner(executor: ExecutorSettings, home: Path, api_url: str):
+    """The task runner on the home's kept local cluster for these settings (started now
+    when none runs), and what to call when the command is done with it."""
+    from prefect_dask import DaskTaskRunner
+
+    from calypso.executors.kept import cluster_key, kept_cluster, release
+
+    options = local_cluster_options(executor)
+    key = cluster_key(options, api_url)
+    address = kept_cluster(home, key, options, executor.local_keep_s)
+    runner = DaskTaskRunner(
+        address=address, client_kwargs=_client(cluster_security(executor, home))
+    )
+    return runner, lambda: release(home, key)
 
 
 def build_task_runner(executor: ExecutorSettings, cluster: LocalCluster | None = None):

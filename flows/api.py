@@ -289,6 +289,7 @@ def run_on_cluster(
     import os
 
     from calypso.executors import boot_local_cluster, build_task_runner
+    from calypso.executors.dask import keeps_cluster, kept_task_runner
     from calypso.flows.runtime import check_prefect_api, prefect_api
     from calypso.tasks.progress import listening
 
@@ -296,7 +297,11 @@ def run_on_cluster(
         if bar is None:
             bar = stack.enter_context(closing(_Bar(total, unit)))
         check_prefect_api()
-        booting = None if in_process else boot_local_cluster(settings.executor)
+        kept = not in_process and keeps_cluster(
+            settings.executor,
+            bool(os.environ.get("PREFECT_API_URL")) or settings.server.local_keep_s > 0,
+        )
+        booting = None if in_process or kept else boot_local_cluster(settings.executor)
         if booting is not None:  # closed even if the Prefect API never comes up
             stack.callback(_close_cluster, booting)
         if os.environ.get("PREFECT_API_URL"):
@@ -306,7 +311,7 @@ def run_on_cluster(
         else:
             stage = "finding or starting the local Prefect server"
         bar.stage(stage + (" and Dask workers" if booting is not None else ""))
-        stack.enter_context(prefect_api(settings))
+        api_url = stack.enter_context(prefect_api(settings))
         if booting is not None:  # ... and normally before the API goes: workers flush logs to it
             stack.callback(_close_cluster, booting)
             bar.stage("starting Dask workers")
@@ -315,6 +320,10 @@ def run_on_cluster(
             from prefect.task_runners import ThreadPoolTaskRunner
 
             runner = ThreadPoolTaskRunner(max_workers=1)
+        elif kept:
+            bar.stage("finding or starting the local Dask cluster")
+            runner, release = kept_task_runner(settings.executor, settings.home, api_url)
+            stack.callback(release)
         else:
             runner = build_task_runner(settings.executor, booting.result() if booting else None)
         bar.stage("running", started=True)

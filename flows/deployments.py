@@ -1,5 +1,6 @@
 """``deploy/prefect.yaml``, written from the technique descriptors: one deployment per
-technique (its entry point, concurrency, tags and acquisition trigger), and the
+technique (its entry point, concurrency, tags and acquisition trigger), one per technique
+fed live (``<technique>-live``, started at a scan's start: docs/live.md), and the
 ``saved-flow`` deployment. ``calypso deployments --write`` renews the file; a test
 checks it is current."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from calypso.flows.online.acquisitions import LIVE_EVENT, live_deployment
 from calypso.flows.techniques import TECHNIQUES, Technique
 
 FILE = Path(__file__).resolve().parents[1] / "deploy" / "prefect.yaml"
@@ -14,7 +16,10 @@ FILE = Path(__file__).resolve().parents[1] / "deploy" / "prefect.yaml"
 _HEADER = """\
 # Calypso's deployments for a Prefect work pool (an alternative to `calypso serve`,
 # for facilities that run Prefect workers): one deployment per technique, each
-# triggered by the acquisition events `calypso watch` posts.
+# triggered by the acquisition events `calypso watch` posts, and a live one for each
+# technique reduced while its scan runs (`<technique>-live`, triggered at scan start by
+# `calypso watch --blissdata`; give the workers CALYPSO_WATCH__BLISSDATA_URL when the
+# Bliss data server asks for a password).
 #
 #   prefect work-pool create calypso --type process
 #   cd /opt/calypso && prefect --no-prompt deploy --all --prefect-file deploy/prefect.yaml
@@ -49,6 +54,10 @@ definitions:
         __prefect_kind: jinja
         template: "{{ event.payload.parameters | tojson }}"
     trigger: "{{ event.payload.key }}"
+  from_live_event: &from_live_event
+    <<: *from_event
+    source: "{{ event.payload.source }}"
+    scan_key: "{{ event.payload.scan_key }}"
 
 deployments:
 """
@@ -105,9 +114,32 @@ def _deployment(technique: Technique) -> str:
 """
 
 
+def _live_deployment(technique: Technique) -> str:
+    """The deployment of ``technique``'s live flow (:mod:`calypso.flows.online.live_served`)."""
+    return f"""\
+  - name: {live_deployment(technique.name)}
+    entrypoint: flows/online/live_served.py:{technique.name}_live
+    tags: [calypso, {technique.name}, live]
+    concurrency_limit: {technique.concurrency}
+    work_pool: *pool
+    triggers:
+      - type: event
+        enabled: true
+        expect: [{LIVE_EVENT}]
+        match: {{calypso.technique: {technique.name}}}
+        parameters: *from_live_event
+
+"""
+
+
 def prefect_yaml() -> str:
     """The text of ``deploy/prefect.yaml`` for the techniques Calypso knows."""
+    from calypso.flows.online.live_base import LIVE_TECHNIQUES
     from calypso.flows.online.serve import SAVED_FLOW_CONCURRENCY
 
-    body = "".join(_deployment(technique) for technique in TECHNIQUES.values())
+    body = "".join(
+        _deployment(technique)
+        + (_live_deployment(technique) if technique.name in LIVE_TECHNIQUES else "")
+        for technique in TECHNIQUES.values()
+    )
     return _HEADER + body + _SAVED_FLOW.format(concurrency=SAVED_FLOW_CONCURRENCY)

@@ -18,7 +18,6 @@ watches. A command marks its use by touching the address file.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -26,15 +25,15 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from calypso.errors import ConfigurationError
-from calypso.private_files import create_private_file, private_folder
+from calypso.executors import kept
+from calypso.executors.kept import read_address
+from calypso.private_files import create_private_file
 
 ADDRESS = "local-server.json"
+USE = ".local-server.use"
 START_TIMEOUT_S = 120.0  # a first start creates and migrates the database
-LOOK_EVERY_S = 30.0  # how often the keeper asks whether the server is still used
 
 
 def address_path(home: Path) -> Path:
@@ -54,25 +53,11 @@ def _healthy(url: str, auth: str | None = None, timeout: float = 2.0) -> bool:
         return False
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another account's process: not ours to use
-        return False
-    return True
-
-
 def find(home: Path) -> str | None:
     """The API address of this home's local server when it runs and answers, else None.
     Finding it counts as using it."""
-    path = address_path(home)
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not _running(int(known.get("pid", 0))) or not _healthy(known["url"]):
+    known = read_address(address_path(home))
+    if known is None or not _healthy(known["url"]):
         return None
     used(home)
     return known["url"]
@@ -80,73 +65,24 @@ def find(home: Path) -> str | None:
 
 def used(home: Path) -> None:
     """Mark the home's local server as used now (the keeper counts idle time from here)."""
-    with suppress(OSError):  # stopped meanwhile: the next command starts another
-        os.utime(address_path(home))
-
-
-_held: list = []  # the use locks of this process, released when it exits
+    kept.used(address_path(home))
 
 
 def hold(home: Path) -> None:
-    """Hold the home's local server for this process's lifetime (a shared lock: a keeper
-    never stops a server a living command may still send logs and states to)."""
-    use = open(home / ".local-server.use", "a")  # noqa: SIM115 (held until exit)
-    fcntl.flock(use, fcntl.LOCK_SH)
-    _held.append(use)
-
-
-def _unused(home: Path) -> bool:
-    """No living command holds the server."""
-    with open(home / ".local-server.use", "a") as use:
-        try:
-            fcntl.flock(use, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        fcntl.flock(use, fcntl.LOCK_UN)
-        return True
-
-
-@contextmanager
-def _starting_lock(home: Path):
-    """One command at a time looks for, or starts, the home's server."""
-    private_folder(home)
-    with open(home / ".local-server.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """Hold the home's local server for this process's lifetime: a keeper never stops a
+    server a living command may still send logs and states to."""
+    kept.hold(home / USE)
 
 
 def ensure(home: Path, keep_s: float) -> str:
     """The API address of this home's local server, started now if none runs."""
-    with _starting_lock(home):
+    with kept.starting_lock(home / ".local-server.lock"):
         url = find(home)
         if url:
             return url
-        log = home / "local-server.log"
-        with open(log, "ab") as output:
-            keeper = subprocess.Popen(
-                [sys.executable, "-m", "calypso.flows.local_server", str(home), str(keep_s)],
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # not the command's: Ctrl-C there leaves it running
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            url = find(home)
-            if url:
-                return url
-            if keeper.poll() is not None:
-                break
-            time.sleep(0.2)
-        keeper.kill()
-        tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
-        raise ConfigurationError(
-            f"the local Prefect server did not start within {START_TIMEOUT_S:.0f} s (its log: "
-            f"{log}); start one with `calypso server`, or set CALYPSO_SERVER__LOCAL_KEEP_S=0 "
-            f"for a temporary server per command\n{tail}"
+        arguments = ["calypso.flows.local_server", str(home), str(keep_s)]
+        return kept.start_keeper(
+            arguments, home / "local-server.log", lambda: find(home), "local Prefect server"
         )
 
 
@@ -211,19 +147,15 @@ def keep(home: Path, keep_s: float) -> int:
         print(f"local Prefect server on {url} (UI http://127.0.0.1:{port})", flush=True)
         while server.poll() is None:
             try:
-                server.wait(timeout=min(LOOK_EVERY_S, max(keep_s / 2, 0.5)))
+                server.wait(timeout=min(kept.LOOK_EVERY_S, max(keep_s / 2, 0.5)))
             except subprocess.TimeoutExpired:
-                idle = time.time() - path.stat().st_mtime
-                if idle > keep_s and _unused(home) and not _active_flow_runs(url, secret):
+                idle = kept.idle_s(path)
+                if idle > keep_s and kept.unused(home / USE) and not _active_flow_runs(url, secret):
                     print(f"unused for {idle:.0f} s: stopping", flush=True)
                     server.terminate()
         return 0
     finally:
-        try:
-            if json.loads(path.read_text()).get("pid") == os.getpid():
-                path.unlink()
-        except (OSError, ValueError):
-            pass
+        kept.forget_address(path)
         if server.poll() is None:
             server.terminate()
             try:

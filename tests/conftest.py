@@ -64,6 +64,9 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "ERROR")
     os.environ.pop("CALYPSO_CONFIG", None)
+    # No local cluster outlives the command that started it (tests/test_cli.py tests the
+    # kept ones): the homes of the tests' commands are removed with the session.
+    os.environ["CALYPSO_EXECUTOR__LOCAL_KEEP_S"] = "0"
     # Every local Dask cluster a test starts in this process has its nanny write
     # the workers' environment (NUMBA_NUM_THREADS=1 ...) into this process's own;
     # numba refuses a thread count that changes once its threads have started,

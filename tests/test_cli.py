@@ -20,7 +20,6 @@ import pytest
 
 from calypso.flows.cli import main
 from calypso.registry import SQLiteCatalogue
-from tests.clusters import on_cluster
 
 
 def calypso(capsys, *args: str) -> tuple[int, str, str]:
@@ -185,25 +184,25 @@ def test_parameters_file_and_listing(dataset, options, tmp_path, capsys):
     assert status == 0 and "polarization_factor" in out and "monitor_reference" in out
 
 
-# The local server's life once unused: longer than a loaded machine takes between commands.
-KEEP_S = 30
+# The local services' life once unused (the test holds them between its two commands,
+# as a living command does, so a loaded machine's slow start does not matter).
+KEEP_S = 6
 
 
 def test_without_a_server_the_first_run_starts_the_local_one_and_the_next_uses_it(
     diffraction_sample, tmp_path, capsys, monkeypatch
 ):
     """Real `calypso run` processes with no Prefect server configured: the first starts
-    the home's local server (calypso.flows.local_server), quietly; the next one uses it.
-    Their chunks go to the session's Dask cluster: the server is what is tested here."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    the home's local server (calypso.flows.local_server) and local Dask cluster
+    (calypso.executors.kept), quietly; the next one uses both. Unused, both stop."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CALYPSO_"))}
     env.update(
         PREFECT_HOME=str(tmp_path / "prefect"),
         CALYPSO_HOME=str(tmp_path / "calypso"),
         CALYPSO_SERVER__LOCAL_KEEP_S=str(KEEP_S),
-        **{f"CALYPSO_EXECUTOR__{k.upper()}": str(v) for k, v in on_cluster(2).items()},
+        CALYPSO_EXECUTOR__LOCAL_KEEP_S=str(KEEP_S),
+        CALYPSO_EXECUTOR__N_WORKERS="1",
     )
-    # The cluster's certificate, as a site installs the same one in each of its homes.
-    shutil.copytree(Path(os.environ["CALYPSO_HOME"]) / "tls", tmp_path / "calypso" / "tls")
     output = tmp_path / "out"
     poni, mask = diffraction_sample.calibration["poni"], diffraction_sample.calibration["mask"]
     command = [
@@ -235,6 +234,11 @@ def test_without_a_server_the_first_run_starts_the_local_one_and_the_next_uses_i
     address = tmp_path / "calypso" / "local-server.json"
     local = json.loads(address.read_text())
     assert oct(address.stat().st_mode & 0o777) == "0o600"
+    [cluster] = (tmp_path / "calypso" / "clusters").glob("*.json")
+    kept = json.loads(cluster.read_text())
+    assert kept["address"].startswith("tls://127.0.0.1:")
+    assert oct(cluster.parent.stat().st_mode & 0o777) == "0o700"
+    held = [_hold(tmp_path / "calypso" / ".local-server.use"), _hold(cluster.with_suffix(".use"))]
     try:
         again = subprocess.run(
             [*command[:-3], "--output", str(tmp_path / "again"), "--json"],
@@ -244,7 +248,11 @@ def test_without_a_server_the_first_run_starts_the_local_one_and_the_next_uses_i
             timeout=300,
         )
         assert again.returncode == 0 and again.stderr.strip() == "", again.stderr
+        for use in held:
+            use.close()
         assert json.loads(address.read_text()) == local  # the same server, still running
+        assert list(cluster.parent.glob("*.json")) == [cluster]  # and the same cluster
+        assert json.loads(cluster.read_text()) == kept
         # Both runs are on it, seen with the secret of the home (and not without).
         secret = (tmp_path / "calypso" / "prefect-auth").read_text().strip()
         runs = _post(f"{local['url']}/flow_runs/filter", {"limit": 10}, secret)
@@ -255,15 +263,25 @@ def test_without_a_server_the_first_run_starts_the_local_one_and_the_next_uses_i
         monkeypatch.delenv("CALYPSO_CATALOGUE__PATH", raising=False)
         status, out, _ = calypso(capsys, "catalogue", "list")
         assert status == 0 and str(output) in out
-        # Unused for KEEP_S and no flow run active: the keeper stops its server by itself
-        # and takes its address away.
+        # Unused for KEEP_S and no flow run active: the keepers stop their server and
+        # cluster by themselves and take their addresses away.
         deadline = time.monotonic() + 120
-        while address.exists() and time.monotonic() < deadline:
+        while (address.exists() or cluster.exists()) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not address.exists()
+        assert not address.exists() and not cluster.exists()
     finally:
-        if address.exists():
-            os.kill(local["pid"], signal.SIGTERM)
+        for path, pid in ((address, local["pid"]), (cluster, kept["pid"])):
+            if path.exists():
+                os.kill(pid, signal.SIGTERM)
+
+
+def _hold(use: Path):
+    """The shared lock a living command holds on a kept service (executors/kept.py)."""
+    import fcntl
+
+    file = open(use, "a")  # noqa: SIM115 (closed by the test)
+    fcntl.flock(file, fcntl.LOCK_SH)
+    return file
 
 
 def _post(url: str, body: dict, secret: str | None) -> list:

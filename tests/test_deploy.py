@@ -22,21 +22,32 @@ REPO = DEPLOY.parent
 
 def test_prefect_yaml_has_one_triggered_deployment_per_technique():
     from prefect.events import DeploymentEventTrigger
+    from prefect.flows import load_flow_from_entrypoint
+
+    from calypso.flows.online.live_base import LIVE_TECHNIQUES
 
     config = yaml.safe_load((DEPLOY / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in config["deployments"]}
-    assert set(deployments) == {*TECHNIQUES, "saved-flow"}
+    live = {f"{name}-live": name for name in LIVE_TECHNIQUES}
+    assert set(deployments) == {*TECHNIQUES, *live, "saved-flow"}
     for name, deployment in deployments.items():
         path, function = deployment["entrypoint"].split(":")
         assert (REPO / path).is_file(), path
         flow = getattr(import_module(f"calypso.{path[:-3].replace('/', '.')}"), function)
         assert flow.name == name
+        if name in live:  # made on first use: loaded by its path, as `prefect deploy` does
+            assert load_flow_from_entrypoint(str(REPO / deployment["entrypoint"])).name == name
         [trigger] = deployment["triggers"]
         model = DeploymentEventTrigger(**{k: v for k, v in trigger.items() if k != "type"})
-        assert model.expect == {"calypso.acquisition.completed"}
-        assert model.match.model_dump() == {"calypso.technique": name}
+        expected = (
+            "calypso.acquisition.started" if name in live else "calypso.acquisition.completed"
+        )
+        assert model.expect == {expected}
+        assert model.match.model_dump() == {"calypso.technique": live.get(name, name)}
         if name == "saved-flow":
             assert "name" in trigger["parameters"]
+        if name in live:  # the scan followed, where
+            assert {"source", "scan_key", "trigger"} <= set(trigger["parameters"])
         # Every parameter the trigger fills is one of the flow's.
         assert set(trigger["parameters"]) <= set(inspect.signature(flow.fn).parameters)
         assert deployment["work_pool"]["name"] == "calypso"

@@ -102,14 +102,16 @@ def bliss(plant, valkey_url):
     plant.stop_watchers()
 
 
-def simulate(recorded, plant: Plant, url: str, timeline: Path, rate: float) -> subprocess.Popen:
-    """The scan replayed into the watched tree, published through blissdata."""
+def simulate(
+    recorded, plant: Plant, url: str | None, timeline: Path, rate: float
+) -> subprocess.Popen:
+    """The scan replayed into the watched tree, published through blissdata (``url``)."""
     command = [sys.executable, "-m", "calypso.flows.samples.acquisition_simulator"]
     return subprocess.Popen(
         [
             *(*command, str(recorded.raw_dataset_dir), str(plant.tree)),
-            *("--rate", str(rate), "--frames-per-file", "2", "--blissdata", url),
-            *("--timeline", str(timeline)),
+            *("--rate", str(rate), "--frames-per-file", "2", "--timeline", str(timeline)),
+            *(("--blissdata", url) if url else ()),
         ]
     )
 
@@ -147,6 +149,50 @@ def phases(run, last_frame: float) -> str:
         if t.start_time and t.end_time
     )
     return "; ".join(f"{name.rsplit('-', 1)[0]} {a:+.2f}..{b:+.2f}" for a, b, name in spans)
+
+
+def test_a_scan_seen_being_written_starts_its_live_run_without_blissdata(plant, tmp_path):
+    """`calypso watch` with `live_from_files` (no blissdata): the dataset file of a scan
+    being written starts the live run following the growing files; at the scan's end the
+    key is found processed live and nothing more is posted. (First in the module: the
+    blissdata watchers of the tests below watch the same tree.)"""
+    state = "files.sqlite"
+    log = plant.work / f"{state}.log"
+    env = plant.env | {
+        "CALYPSO_WATCH__STATE_PATH": str(plant.home / state),
+        "CALYPSO_WATCH__LIVE_FROM_FILES": "true",
+    }
+    plant.watchers.append(start(["watch", str(plant.tree)], env, log))
+    try:
+        wait_until(lambda: log.exists() and "watching" in log.read_text(), 120, "the watcher")
+        recorded = write_diffraction_sample(tmp_path / "rec", frames=10, dataset_number=7, seed=7)
+        raw = replayed(recorded, plant.tree)
+        timeline = tmp_path / "written.json"
+        began = time.time()
+        writer = simulate(recorded, plant, None, timeline, rate=1.5)  # a 6.7 s scan
+        [run] = wait_until(lambda: live_runs(plant, raw), 60, "the live run", 0.1)
+        assert run.parameters["source"] == "files"
+        wait_until(lambda: live_runs(plant, raw)[0].start_time, 60, "it to run", 0.05)
+        running = live_runs(plant, raw)[0].start_time.timestamp()
+        scan_running = writer.poll() is None
+        assert writer.wait(timeout=60) == 0
+        last_frame = json.loads(timeline.read_text())["written"][-1]
+        assert scan_running and running < last_frame, (
+            f"the live run began {running - began:.2f} s after the scan began, "
+            f"{running - last_frame:.2f} s after its end"
+        )
+        print(f"\nscan begun -> live run (files) running: {running - began:.2f} s")
+        [record] = wait_until(
+            lambda: [r for r in plant.records(raw) if r.status == "completed"], 120, "the result"
+        )
+        assert record.flow_run_id == str(run.id) and record.key == run.parameters["trigger"]
+        assert record.frames == 10
+        wait_until(lambda: plant.announcements(raw, state) == [("confirmed", 1)], 60, "confirmed")
+        assert [r for r in plant.runs(raw) if r.parameters.get("trigger")] == []
+        assert len(live_runs(plant, raw)) == 1
+        assert "processed live" in log.read_text()
+    finally:
+        plant.stop_watchers()
 
 
 def test_a_scan_start_starts_one_live_run_and_the_scan_end_nothing_more(plant, bliss, tmp_path):

@@ -26,6 +26,7 @@ from calypso.errors import DataPolicyError
 from calypso.settings import WatchRule, WatchSettings
 from calypso.tasks.raw.bliss import list_scans, missing_frame_sources
 from calypso.tasks.raw.data_policy import RawDataset
+from calypso.tasks.raw.live import lima_detectors
 
 EVENT = "calypso.acquisition.completed"
 # A scan has started and a live flow follows it (flows/online/scan_starts.py): the same
@@ -180,6 +181,7 @@ def scan_states(bliss_file: Path, quiet: Callable[[], bool]) -> list[ScanState]:
     files, so it is asked only about scans without ``end_time``."""
     states = []
     for info in list_scans(bliss_file):
+        detectors = tuple(info.detectors)
         if info.complete:
             finished = all(
                 not missing_frame_sources(bliss_file, f"{info.entry}/instrument/{name}/data")
@@ -187,7 +189,10 @@ def scan_states(bliss_file: Path, quiet: Callable[[], bool]) -> list[ScanState]:
             )
         else:
             finished = quiet()
-        states.append(ScanState(info.number, info.title, tuple(info.detectors), finished))
+            # While a scan is written, its detectors' datasets may not be in the dataset
+            # file yet: their first Lima files in the scan's folder name them.
+            detectors = detectors or lima_detectors(bliss_file.parent, info.number)
+        states.append(ScanState(info.number, info.title, detectors, finished))
     return states
 
 
@@ -211,10 +216,14 @@ def rules_for(beamline: str, settings: WatchSettings) -> list[WatchRule]:
 
 def finished_acquisitions(
     bliss_file: Path, settings: WatchSettings, now: float | None = None
-) -> tuple[list[Acquisition], list[str]]:
-    """The acquisitions of a dataset file that are ready for a flow, and why others must
-    wait (unfinished scans, a dataset not yet quiet): the file is looked at again while
-    something waits. Scans no rule matches are left alone and wait for nothing."""
+) -> tuple[list[Acquisition], list[str], list[Acquisition]]:
+    """The acquisitions of a dataset file that are ready for a flow, why others must wait
+    (unfinished scans, a dataset not yet quiet): the file is looked at again while
+    something waits, and, with ``settings.live_from_files``, the live work of the scans
+    being written (as :func:`started_acquisition` for blissdata's scan starts). Scans no
+    rule matches are left alone and wait for nothing."""
+    from calypso.flows.online.live_base import LIVE_TECHNIQUES
+
     bliss_file = Path(os.path.realpath(bliss_file))  # one spelling for every watcher
     raw = RawDataset.from_path(bliss_file)
     dataset_dir = bliss_file.parent
@@ -230,6 +239,7 @@ def finished_acquisitions(
     rules = rules_for(raw.beamline, settings)
     ready: list[Acquisition] = []
     waiting: list[str] = []
+    started: list[Acquisition] = []
     whole: dict[str, WatchRule] = {}  # technique -> rule, for rules that take the dataset
     for scan in scans:
         rule = matching_rule(scan, rules)
@@ -240,6 +250,8 @@ def finished_acquisitions(
             continue
         if not scan.finished:
             waiting.append(f"{bliss_file} scan {scan.number}: not finished yet")
+            if settings.live_from_files and rule.technique in LIVE_TECHNIQUES:
+                started.append(_acquisition(raw, dataset_dir, rule, (scan.number,)))
             continue
         ready.append(_acquisition(raw, dataset_dir, rule, (scan.number,)))
     for rule in whole.values():
@@ -247,7 +259,7 @@ def finished_acquisitions(
             ready.append(_acquisition(raw, dataset_dir, rule, None))
         else:
             waiting.append(f"{dataset_dir}: {rule.technique} waits for the dataset to finish")
-    return ready, waiting
+    return ready, waiting, started
 
 
 def started_acquisition(

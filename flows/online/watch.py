@@ -173,7 +173,9 @@ class Watcher:
         if self._unchanged.get(bliss_file) == changed:
             return []  # fully announced and not touched since
         require_inside_roots(bliss_file, self.roots)
-        ready, waiting = finished_acquisitions(bliss_file, self.settings.watch)
+        ready, waiting, started = finished_acquisitions(bliss_file, self.settings.watch)
+        for acquisition in started:  # scans being written: their live runs (live_from_files)
+            self.announce_live(acquisition, "files", "")
         announced = []
         for acquisition in ready:
             if acquisition.saved_flow:
@@ -238,12 +240,13 @@ class Watcher:
         return True
 
     def announce_live(
-        self, acquisition: Acquisition, source: str, scan_key: str, created: float
+        self, acquisition: Acquisition, source: str, scan_key: str, created: float | None = None
     ) -> bool:
         """Announce a scan that has just started (created at epoch ``created`` on the
-        blissdata server ``source``) to the live run that follows it, under the key its
-        completed event has: one announcement of the two, whichever comes first, and one
-        among the watchers sharing this state. Whether it was announced now."""
+        blissdata server ``source``, or seen being written: ``source="files"``) to the live
+        run that follows it, under the key its completed event has: one announcement of the
+        two, whichever comes first, and one among the watchers sharing this state. Whether
+        it was announced now."""
         version = self.versions[acquisition.technique]
         event = acquisition.live_event(version, source, scan_key)
         key = event["payload"]["key"]
@@ -251,10 +254,15 @@ class Watcher:
             return False
         if not self._post(key, event):
             return False
+        when = (
+            "seen being written"
+            if created is None
+            else f"{time.time() - created:.2f} s after the scan was created"
+        )
         logger.info(
-            "%s scan %s started -> %s live (event %s, %.2f s after the scan was created)",
+            "%s scan %s started -> %s live (event %s, %s)",
             acquisition.raw_dataset_dir, ",".join(map(str, acquisition.scans or ())),
-            acquisition.technique, event["id"], time.time() - created,
+            acquisition.technique, event["id"], when,
         )  # fmt: skip
         return True
 
@@ -400,6 +408,14 @@ class Watcher:
             from calypso.flows.online.scan_starts import ScanStarts
 
             following = ScanStarts(self, blissdata).start()
+        if not once:
+            logger.info(
+                "watching %s (polls every %g s%s%s)",
+                ", ".join(map(str, self.roots)),
+                self.settings.watch.interval_s,
+                ", inotify" if listening is not None else "",
+                ", live runs from growing files" if self.settings.watch.live_from_files else "",
+            )
         try:
             while True:
                 began = time.monotonic()

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from calypso.errors import CalypsoError, ParameterError, RawDataError
 from calypso.settings import CalypsoSettings
 from calypso.tasks.raw import bliss
-from calypso.tasks.raw.live import LimaFiles, LiveScan, lima_template, open_lima
+from calypso.tasks.raw.live import LimaFiles, LiveScan, lima_detectors, lima_template, open_lima
 
 T = TypeVar("T")
 
@@ -70,8 +70,7 @@ def lima_detector(raw_dir: Path, number: int, wanted: str | None) -> str | None:
     """The detector whose first Lima file is in the scan's folder (the one asked for)."""
     if wanted:
         return wanted
-    files = (raw_dir / f"scan{number:04d}").glob("*_0000.h5")
-    names = sorted(p.name[: -len("_0000.h5")] for p in files)
+    names = lima_detectors(raw_dir, number)
     if len(names) > 1:
         raise ParameterError(
             f"scan {number} has Lima files of {', '.join(names)}: name one with --set detector="

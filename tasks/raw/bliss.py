@@ -25,16 +25,20 @@ SCAN_ENTRY = re.compile(r"^(\d+)\.1$")
 
 @contextmanager
 def open_raw(path: str | Path) -> Iterator[h5py.File]:
-    """Open an HDF5 file read-only with file locking off (Bliss may hold it)."""
+    """Open an HDF5 file read-only with file locking off (Bliss may hold it); a file still
+    open for writing in SWMR mode (a scan being written) is opened as its SWMR reader."""
     path = Path(path)
     if not path.exists():
         raise RawDataError(f"{path} does not exist")
     try:
         handle = h5py.File(path, "r", locking=False)
     except OSError as exc:
-        raise RawDataError(
-            f"{path} cannot be opened as HDF5 ({exc}); is it a Bliss dataset file?"
-        ) from None
+        try:
+            handle = h5py.File(path, "r", locking=False, swmr=True)
+        except OSError:
+            raise RawDataError(
+                f"{path} cannot be opened as HDF5 ({exc}); is it a Bliss dataset file?"
+            ) from None
     try:
         yield handle
     finally:

@@ -104,6 +104,13 @@ def follow(
 # -- reading Lima HDF5 files without locking ---------------------------------------
 
 
+def lima_detectors(dataset_dir: Path, number: int) -> tuple[str, ...]:
+    """The detectors with a first Lima file (``<name>_0000.h5``) in scan ``number``'s
+    folder: what names them while the dataset file may not say so yet."""
+    first = (dataset_dir / f"scan{number:04d}").glob("*_0000.h5")
+    return tuple(sorted(path.name.removesuffix("_0000.h5") for path in first))
+
+
 def open_lima(path: str | Path) -> h5py.File:
     """Open a Lima file another process may still write: no file locking, SWMR read
     where the file allows it. ``OSError`` when it cannot be opened (yet)."""

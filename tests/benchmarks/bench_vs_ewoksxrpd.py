@@ -9,8 +9,11 @@ mask, ``--npt`` bins in q (nm^-1), ``bbox,csr,cython``, Poisson errors. Alternat
   OpenMP threads), the way blissoda runs it, in its own virtual environment
   (``.venv-peer``, made on first use: ewoksxrpd pulls in Qt and OpenCL packages that
   Calypso's environment should not carry);
-* ``calypso run diffraction`` cold (Prefect's temporary server, as a user's first run);
-* ``calypso run diffraction`` against a running ``calypso server``;
+* ``calypso run diffraction`` cold (Prefect's temporary server and a Dask cluster of its
+  own, nothing kept: a user's very first run);
+* ``calypso run diffraction`` with no configuration after the first command (the local
+  Prefect server and Dask cluster that command left, as on a user's machine);
+* ``calypso run diffraction`` against a running ``calypso server`` (a cluster per command);
 * ``calypso run diffraction`` submitted to a running ``calypso serve`` (the warm service:
   its Dask workers, caches and Prefect client already up), on this scan and on a 5-frame
   scan, whose time less 5 frames' worth is the fixed cost of a run;
@@ -36,7 +39,7 @@ from statistics import median
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_diffraction import time_bare_loop
-from harness import REPO, isolated_environment, prefect_server, warm_service
+from harness import REPO, isolated_environment, kept_local_server, prefect_server, warm_service
 from harness import time_command as run_command
 
 PEER = REPO / ".venv-peer"
@@ -44,6 +47,7 @@ SMALL = 5  # frames of the scan that measures a run's fixed cost
 LABELS = [
     ("ewoksxrpd", "ewoksxrpd"),
     ("cold", "calypso run --local, cold (temporary server)"),
+    ("kept", "calypso run --local, local server+cluster kept"),
     ("server", "calypso run --local, server up"),
     ("service", "calypso run, sent to calypso serve"),
     ("small", f"{SMALL} frames, sent to calypso serve"),
@@ -136,14 +140,18 @@ def main() -> None:
     env = isolated_environment(work)
     times: dict[str, list[float]] = {name: [] for name, _ in LABELS}
     with (
+        kept_local_server(env) as kept_env,
         prefect_server(env) as served_env,
         warm_service(served_env, root, work, "diffraction") as warm_env,
     ):
+        # The first command starts the kept server and cluster (that is the cold run).
+        time_calypso(small, args.npt, kept_env, work / "kept_first")
         for index in range(args.repeat):
             times["ewoksxrpd"].append(
                 time_peer(python, sample, work / f"ewoksxrpd_{index}.h5", args.npt)
             )
             times["cold"].append(time_calypso(sample, args.npt, env, work / f"cold_{index}"))
+            times["kept"].append(time_calypso(sample, args.npt, kept_env, work / f"kept_{index}"))
             times["server"].append(
                 time_calypso(sample, args.npt, served_env, work / f"server_{index}")
             )

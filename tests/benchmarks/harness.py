@@ -45,10 +45,12 @@ class PeakMemory(threading.Thread):
 
 def isolated_environment(work: Path) -> dict[str, str]:
     """This process's environment with a private Calypso and Prefect home under ``work``:
-    a command run in it is cold (a temporary Prefect server of its own, none kept)."""
+    a command run in it is cold (a temporary Prefect server and a Dask cluster of its own,
+    none kept)."""
     env = dict(os.environ)
     env.update(CALYPSO_HOME=str(work / "calypso"), PREFECT_HOME=str(work / "prefect"))
     env["CALYPSO_SERVER__LOCAL_KEEP_S"] = "0"
+    env["CALYPSO_EXECUTOR__LOCAL_KEEP_S"] = "0"
     env.pop("PREFECT_API_URL", None)
     env.pop("PREFECT_API_AUTH_STRING", None)  # the server's secret is in the private home
     return env
@@ -111,14 +113,16 @@ def warm_service(
 
 @contextmanager
 def kept_local_server(env: dict[str, str]) -> Iterator[dict[str, str]]:
-    """``env`` in which `calypso run` uses the home's kept local Prefect server (started
-    by the first command, as on a user's machine); stopped at the end."""
+    """``env`` in which `calypso run` uses the home's kept local Prefect server and Dask
+    cluster (started by the first command, as on a user's machine, with no
+    configuration); both stopped at the end."""
     import signal
 
-    env = {**env, "CALYPSO_SERVER__LOCAL_KEEP_S": "600"}
-    address = Path(env["CALYPSO_HOME"]) / "local-server.json"
+    env = {**env, "CALYPSO_SERVER__LOCAL_KEEP_S": "600", "CALYPSO_EXECUTOR__LOCAL_KEEP_S": "600"}
+    home = Path(env["CALYPSO_HOME"])
     try:
         yield env
     finally:
-        if address.exists():
-            os.kill(json.loads(address.read_text())["pid"], signal.SIGTERM)
+        for address in [*home.glob("clusters/*.json"), home / "local-server.json"]:
+            if address.exists():
+                os.kill(json.loads(address.read_text())["pid"], signal.SIGTERM)
