@@ -122,19 +122,31 @@ def keeps_cluster(executor: ExecutorSettings, api_is_kept: bool) -> bool:
     return executor.kind == "local" and executor.local_keep_s > 0 and api_is_kept
 
 
-def kept_task_runner(executor: ExecutorSettings, home: Path, api_url: str):
-    """The task runner on the home's kept local cluster for these settings (started now
-    when none runs), and what to call when the command is done with it."""
-    from prefect_dask import DaskTaskRunner
-
-    from calypso.executors.kept import cluster_key, kept_cluster, release
+def boot_kept_cluster(executor: ExecutorSettings, home: Path, api_url: str) -> Future:
+    """Find, or start, the home's kept local cluster for these settings and this Prefect
+    API (:mod:`calypso.executors.kept`) in a background thread; the future gives
+    :func:`kept_task_runner`'s arguments."""
+    from calypso.executors.kept import cluster_key, kept_cluster
 
     options = local_cluster_options(executor)
     key = cluster_key(options, api_url)
-    address = kept_cluster(home, key, options, executor.local_keep_s)
-    runner = DaskTaskRunner(
-        address=address, client_kwargs=_client(cluster_security(executor, home))
-    )
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calypso-cluster")
+    keep_s = executor.local_keep_s
+    future = pool.submit(lambda: (kept_cluster(home, key, options, keep_s, api_url), key))
+    pool.shutdown(wait=False)
+    return future
+
+
+def kept_task_runner(executor: ExecutorSettings, home: Path, booted: Future):
+    """The task runner on the kept cluster ``booted`` (:func:`boot_kept_cluster`), and
+    what to call when the command is done with it."""
+    from prefect_dask import DaskTaskRunner
+
+    from calypso.executors.kept import release
+
+    address, key = booted.result()
+    security = cluster_security(executor, home)
+    runner = DaskTaskRunner(address=address, client_kwargs=_client(security))
     return runner, lambda: release(home, key)
 
 

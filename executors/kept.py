@@ -68,6 +68,7 @@ _ENVIRONMENT_PREFIXES = (
     "SSL_",
 )
 _ENVIRONMENT_NAMES = ("PATH", "HOME", "TMPDIR", "DO_NOT_TRACK")
+_API_VARIABLES = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING")  # the key has the API apart
 
 
 # -- what the local Prefect server and the kept clusters share ------------------------------
@@ -191,7 +192,8 @@ def cluster_key(options: dict[str, Any], api_url: str | None) -> str:
     environment = {
         name: value
         for name, value in os.environ.items()
-        if name.startswith(_ENVIRONMENT_PREFIXES) or name in _ENVIRONMENT_NAMES
+        if (name.startswith(_ENVIRONMENT_PREFIXES) or name in _ENVIRONMENT_NAMES)
+        and name not in _API_VARIABLES  # set or not as the local server is found or started
     }
     identity = {
         "options": options,
@@ -250,15 +252,16 @@ def find_cluster(home: Path, key: str) -> str | None:
     return known["address"]
 
 
-def kept_cluster(home: Path, key: str, options: dict[str, Any], keep_s: float) -> str:
-    """The scheduler address of the kept cluster ``key``, started now if none runs; this
-    process holds it until it exits (see :func:`release`)."""
+def kept_cluster(home: Path, key: str, options: dict[str, Any], keep_s: float, api_url: str) -> str:
+    """The scheduler address of the kept cluster ``key`` (for the Prefect API at
+    ``api_url``), started now if none runs; this process holds it until it exits (see
+    :func:`release`)."""
     _, lock, use, log = _paths(home, key)
     with starting_lock(lock):
         address = find_cluster(home, key)
         if address is None:
             arguments = ["calypso.executors.kept", str(home), key, str(keep_s)]
-            stdin = json.dumps(options).encode()
+            stdin = json.dumps({"options": options, "api_url": api_url}).encode()
             address = start_keeper(
                 arguments, log, lambda: find_cluster(home, key), "local Dask cluster", stdin
             )
@@ -271,9 +274,7 @@ def release(home: Path, key: str) -> None:
     used(_paths(home, key)[0])
 
 
-def _api_answers(url: str | None) -> bool:
-    if not url:
-        return True
+def _api_answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as response:
             return response.status == 200
@@ -285,9 +286,17 @@ def keep(home: Path, key: str, keep_s: float) -> int:
     """The keeper: run the cluster until unused for ``keep_s`` or its Prefect API goes."""
     from calypso.executors.dask import start_local_cluster
 
-    options = json.loads(sys.stdin.read())
-    api_url = os.environ.get("PREFECT_API_URL")
-    path, _, use, _ = _paths(home, key)
+    given = json.loads(sys.stdin.read())
+    options, api_url = given["options"], given["api_url"]
+    if not os.environ.get("PREFECT_API_URL"):
+        # The home's local server, which the command may still be starting: its workers
+        # are pointed at it from the start (they inherit this environment).
+        from calypso.flows.runtime import AUTH, prefect_auth_string
+        from calypso.settings import load_settings
+
+        secret = prefect_auth_string(load_settings().model_copy(update={"home": home}))
+        os.environ.update({"PREFECT_API_URL": api_url, AUTH: secret})
+    path, lock, use, _ = _paths(home, key)
     cluster = start_local_cluster(**options)
     for number in (signal.SIGTERM, signal.SIGINT):  # close the workers, then go
         signal.signal(number, lambda *_: sys.exit(0))
@@ -296,18 +305,24 @@ def keep(home: Path, key: str, keep_s: float) -> int:
         create_private_file(path, json.dumps(record).encode(), True)
         print(f"local Dask cluster {cluster.scheduler_address} ({key})", flush=True)
         look = min(LOOK_EVERY_S, max(keep_s / 2, 0.5))
+        answered = False  # a local server may still be starting: gone once it has answered
+        began = time.monotonic()
         while True:
             time.sleep(look)
-            if idle_s(path) > keep_s and unused(use):
-                print(f"unused for {idle_s(path):.0f} s: stopping", flush=True)
-                break
-            if not _api_answers(api_url):
+            with starting_lock(lock):  # no command finds it while it decides to stop
+                if idle_s(path) > keep_s and unused(use):
+                    print(f"unused for {idle_s(path):.0f} s: stopping", flush=True)
+                    forget_address(path)
+                    break
+            if _api_answers(api_url):
+                answered = True
+            elif answered or time.monotonic() - began > START_TIMEOUT_S:
                 print(f"its Prefect API {api_url} has gone: stopping", flush=True)
                 break
         return 0
     finally:
+        forget_address(path)
         cluster.close()
-        forget_address(path)  # last: an address on disk means the workers may still run
 
 
 if __name__ == "__main__":

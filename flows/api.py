@@ -289,7 +289,7 @@ def run_on_cluster(
     import os
 
     from calypso.executors import boot_local_cluster, build_task_runner
-    from calypso.executors.dask import keeps_cluster, kept_task_runner
+    from calypso.executors.dask import boot_kept_cluster, keeps_cluster, kept_task_runner
     from calypso.flows.runtime import check_prefect_api, prefect_api
     from calypso.tasks.progress import listening
 
@@ -302,6 +302,13 @@ def run_on_cluster(
             bool(os.environ.get("PREFECT_API_URL")) or settings.server.local_keep_s > 0,
         )
         booting = None if in_process or kept else boot_local_cluster(settings.executor)
+        kept_booting: list[Future] = []
+
+        def boot_kept(api_url: str) -> None:  # as soon as the Prefect API's address is known
+            kept_booting.append(boot_kept_cluster(settings.executor, settings.home, api_url))
+
+        if kept and os.environ.get("PREFECT_API_URL"):
+            boot_kept(os.environ["PREFECT_API_URL"])
         if booting is not None:  # closed even if the Prefect API never comes up
             stack.callback(_close_cluster, booting)
         if os.environ.get("PREFECT_API_URL"):
@@ -311,7 +318,7 @@ def run_on_cluster(
         else:
             stage = "finding or starting the local Prefect server"
         bar.stage(stage + (" and Dask workers" if booting is not None else ""))
-        api_url = stack.enter_context(prefect_api(settings))
+        api_url = stack.enter_context(prefect_api(settings, boot_kept if kept else None))
         if booting is not None:  # ... and normally before the API goes: workers flush logs to it
             stack.callback(_close_cluster, booting)
             bar.stage("starting Dask workers")
@@ -322,7 +329,9 @@ def run_on_cluster(
             runner = ThreadPoolTaskRunner(max_workers=1)
         elif kept:
             bar.stage("finding or starting the local Dask cluster")
-            runner, release = kept_task_runner(settings.executor, settings.home, api_url)
+            if not kept_booting:  # the local server was found running
+                boot_kept(api_url)
+            runner, release = kept_task_runner(settings.executor, settings.home, kept_booting[0])
             stack.callback(release)
         else:
             runner = build_task_runner(settings.executor, booting.result() if booting else None)

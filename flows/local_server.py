@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from calypso.executors import kept
@@ -74,16 +75,25 @@ def hold(home: Path) -> None:
     kept.hold(home / USE)
 
 
-def ensure(home: Path, keep_s: float) -> str:
-    """The API address of this home's local server, started now if none runs."""
+def ensure(home: Path, keep_s: float, starting: Callable[[str], None] | None = None) -> str:
+    """The API address of this home's local server, started now if none runs; then
+    ``starting(address)`` is called as soon as the address is chosen, before the server
+    answers (what depends on the address, such as the kept Dask cluster, starts meanwhile)."""
     with kept.starting_lock(home / ".local-server.lock"):
         url = find(home)
         if url:
             return url
-        arguments = ["calypso.flows.local_server", str(home), str(keep_s)]
+        port = _free_port()
+        arguments = ["calypso.flows.local_server", str(home), str(keep_s), str(port)]
+        if starting is not None:
+            starting(_url(port))
         return kept.start_keeper(
             arguments, home / "local-server.log", lambda: find(home), "local Prefect server"
         )
+
+
+def _url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/api"
 
 
 def _free_port() -> int:
@@ -114,15 +124,14 @@ def _active_flow_runs(url: str, auth: str) -> bool:
         return True  # cannot tell: keep it
 
 
-def keep(home: Path, keep_s: float) -> int:
-    """The keeper: run the server until it has been unused for ``keep_s``."""
+def keep(home: Path, keep_s: float, port: int) -> int:
+    """The keeper: run the server on ``port`` until it has been unused for ``keep_s``."""
     from calypso.flows.runtime import AUTH, SERVER_AUTH, prefect_auth_string
     from calypso.settings import load_settings
 
     settings = load_settings().model_copy(update={"home": home})
     secret = prefect_auth_string(settings)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
+    url = _url(port)
     env = dict(os.environ, **{AUTH: secret, SERVER_AUTH: secret})
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.setdefault("PREFECT_UI_API_URL", url)
@@ -165,4 +174,4 @@ def keep(home: Path, keep_s: float) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(keep(Path(sys.argv[1]), float(sys.argv[2])))
+    sys.exit(keep(Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])))

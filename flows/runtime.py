@@ -11,7 +11,7 @@ import os
 import secrets
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from importlib.util import find_spec
 from pathlib import Path
@@ -136,14 +136,17 @@ def check_prefect_api(timeout_s: float = 10.0) -> None:
 
 
 @contextmanager
-def local_prefect_api(settings: CalypsoSettings) -> Iterator[str]:
+def local_prefect_api(
+    settings: CalypsoSettings, starting: Callable[[str], None] | None = None
+) -> Iterator[str]:
     """The home's local Prefect server (:mod:`calypso.flows.local_server`), started now
-    when none runs, for this process and its workers."""
+    when none runs (``starting(address)`` is called once its address is chosen), for this
+    process and its workers."""
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     from calypso.flows.local_server import ensure, hold, used
 
-    url = ensure(settings.home, settings.server.local_keep_s)
+    url = ensure(settings.home, settings.server.local_keep_s, starting)
     hold(settings.home)  # until this process exits: its last logs reach the server
     secret = os.environ.get(AUTH) or prefect_auth_string(settings)
     saved = os.environ.get(AUTH)
@@ -160,13 +163,16 @@ def local_prefect_api(settings: CalypsoSettings) -> Iterator[str]:
 
 
 @contextmanager
-def prefect_api(settings: CalypsoSettings | None = None) -> Iterator[str]:
+def prefect_api(
+    settings: CalypsoSettings | None = None, starting: Callable[[str], None] | None = None
+) -> Iterator[str]:
     """Make sure a Prefect API serves this process *and* its Dask workers.
 
     With ``PREFECT_API_URL`` set, that server is used. Otherwise this starts
     Prefect's ephemeral (temporary, SQLite) server once and points this process
     and every worker it spawns at it; left alone, each Dask worker process
-    would start a temporary server of its own.
+    would start a temporary server of its own. ``starting(address)``: called when the
+    home's local server is started, as soon as its address is chosen.
     """
     url = os.environ.get("PREFECT_API_URL")
     if url:
@@ -174,7 +180,7 @@ def prefect_api(settings: CalypsoSettings | None = None) -> Iterator[str]:
         return
     settings = settings or load_settings()
     if settings.server.local_keep_s > 0:
-        with local_prefect_api(settings) as url:
+        with local_prefect_api(settings, starting) as url:
             yield url
         return
     from prefect.server.api.server import SubprocessASGIServer
