@@ -302,6 +302,12 @@ def run_on_cluster(
             bool(os.environ.get("PREFECT_API_URL")) or settings.server.local_keep_s > 0,
         )
         booting = None if in_process or kept else boot_local_cluster(settings.executor)
+        if kept:  # one kept cluster for every technique: its workers import them all
+            from calypso.flows.techniques import TECHNIQUES
+
+            modules = [*settings.executor.preload, *(t.preload for t in TECHNIQUES.values())]
+            executor = settings.executor.model_copy(update={"preload": sorted(set(modules))})
+            settings = settings.model_copy(update={"executor": executor})
         kept_booting: list[Future] = []
 
         def boot_kept(api_url: str) -> None:  # as soon as the Prefect API's address is known

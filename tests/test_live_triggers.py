@@ -151,6 +151,22 @@ def phases(run, last_frame: float) -> str:
     return "; ".join(f"{name.rsplit('-', 1)[0]} {a:+.2f}..{b:+.2f}" for a, b, name in spans)
 
 
+def running_during_the_scan(plant: Plant, raw: Path, writer: subprocess.Popen, timeline: Path):
+    """The scan's one live run once running, checked to have begun before the scan's last
+    frame; with when it began and when the last frame was written (epoch s)."""
+    wait_until(lambda: live_runs(plant, raw), 60, "the live run", 0.1)
+    [run] = wait_until(lambda: [r for r in live_runs(plant, raw) if r.start_time], 60, "it", 0.05)
+    running = run.start_time.timestamp()
+    scan_running = writer.poll() is None
+    assert writer.wait(timeout=60) == 0
+    last_frame = json.loads(timeline.read_text())["written"][-1]
+    assert scan_running and running < last_frame, (
+        f"the live run began {running - last_frame:.2f} s after the scan's last frame "
+        f"(Prefect made it {run.created.timestamp() - last_frame:.2f} s after)"
+    )
+    return run, running, last_frame
+
+
 def test_a_scan_seen_being_written_starts_its_live_run_without_blissdata(plant, tmp_path):
     """`calypso watch` with `live_from_files` (no blissdata): the dataset file of a scan
     being written starts the live run following the growing files; at the scan's end the
@@ -170,17 +186,8 @@ def test_a_scan_seen_being_written_starts_its_live_run_without_blissdata(plant, 
         timeline = tmp_path / "written.json"
         began = time.time()
         writer = simulate(recorded, plant, None, timeline, rate=1.5)  # a 6.7 s scan
-        [run] = wait_until(lambda: live_runs(plant, raw), 60, "the live run", 0.1)
+        run, running, _ = running_during_the_scan(plant, raw, writer, timeline)
         assert run.parameters["source"] == "files"
-        wait_until(lambda: live_runs(plant, raw)[0].start_time, 60, "it to run", 0.05)
-        running = live_runs(plant, raw)[0].start_time.timestamp()
-        scan_running = writer.poll() is None
-        assert writer.wait(timeout=60) == 0
-        last_frame = json.loads(timeline.read_text())["written"][-1]
-        assert scan_running and running < last_frame, (
-            f"the live run began {running - began:.2f} s after the scan began, "
-            f"{running - last_frame:.2f} s after its end"
-        )
         print(f"\nscan begun -> live run (files) running: {running - began:.2f} s")
         [record] = wait_until(
             lambda: [r for r in plant.records(raw) if r.status == "completed"], 120, "the result"
@@ -200,18 +207,8 @@ def test_a_scan_start_starts_one_live_run_and_the_scan_end_nothing_more(plant, b
     raw = replayed(recorded, plant.tree)
     timeline = tmp_path / "written.json"
     writer = simulate(recorded, plant, bliss, timeline, rate=1.5)  # a 6.7 s scan
-    [run] = wait_until(lambda: live_runs(plant, raw), 60, "the live run", 0.1)
-    wait_until(lambda: live_runs(plant, raw)[0].start_time, 60, "it to run", 0.05)
-    run = live_runs(plant, raw)[0]
-    running, made = run.start_time.timestamp(), run.created.timestamp()
-    created = scan_created(bliss)
-    scan_running = writer.poll() is None
-    assert writer.wait(timeout=60) == 0
-    last_frame = json.loads(timeline.read_text())["written"][-1]
-    assert scan_running and running < last_frame, (
-        f"the live run began {running - created:.2f} s after the scan was created (Prefect "
-        f"made it after {made - created:.2f} s), {running - last_frame:.2f} s after its end"
-    )
+    run, running, last_frame = running_during_the_scan(plant, raw, writer, timeline)
+    made, created = run.created.timestamp(), scan_created(bliss)
 
     def registered():
         return [r for r in plant.records(raw) if r.status == "completed"]
