@@ -274,6 +274,16 @@ def release(home: Path, key: str) -> None:
     used(_paths(home, key)[0])
 
 
+def kept_clusters(home: Path) -> list[dict[str, Any]]:
+    """This home's kept clusters that run: address, keeper pid, seconds since last used."""
+    found = []
+    for path in sorted((home / FOLDER).glob("*.json")):
+        known = read_address(path)
+        if known is not None:
+            found.append(known | {"key": path.stem, "idle_s": round(idle_s(path))})
+    return found
+
+
 def _api_answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as response:

@@ -263,12 +263,15 @@ def test_without_a_server_the_first_run_starts_the_local_one_and_the_next_uses_i
         monkeypatch.delenv("CALYPSO_CATALOGUE__PATH", raising=False)
         status, out, _ = calypso(capsys, "catalogue", "list")
         assert status == 0 and str(output) in out
+        status, out, _ = calypso(capsys, "cluster", "kept")  # what the home keeps
+        assert status == 0 and local["url"] in out and kept["address"] in out
         # Unused for KEEP_S and no flow run active: the keepers stop their server and
         # cluster by themselves and take their addresses away.
         deadline = time.monotonic() + 120
         while (address.exists() or cluster.exists()) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not address.exists() and not cluster.exists()
+        assert calypso(capsys, "cluster", "kept")[1].startswith("none kept in ")
     finally:
         for path, pid in ((address, local["pid"]), (cluster, kept["pid"])):
             if path.exists():

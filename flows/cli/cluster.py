@@ -22,6 +22,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     status.set_defaults(handler=command_cluster_status)
     down = cluster_commands.add_parser("down", help="stop it and its VMs")
     down.set_defaults(handler=command_cluster_down)
+    kept = cluster_commands.add_parser(
+        "kept",
+        help="the local Prefect server and Dask clusters `calypso run` keeps for the next "
+        "commands (this home's), or --stop them",
+    )
+    kept.add_argument("--stop", action="store_true", help="stop them now (they stop when unused)")
+    kept.set_defaults(handler=command_cluster_kept)
 
 
 def command_cluster_up(args: argparse.Namespace) -> int:
@@ -56,4 +63,30 @@ def command_cluster_down(args: argparse.Namespace) -> int:
     from calypso.executors.openstack import cluster_down
 
     print(cluster_down(load_settings()))
+    return 0
+
+
+def command_cluster_kept(args: argparse.Namespace) -> int:
+    """The home's kept local services (executors/kept.py, flows/local_server.py)."""
+    import os
+    import signal
+
+    from calypso.executors.kept import kept_clusters, read_address
+    from calypso.flows.local_server import address_path
+
+    home = load_settings().home
+    server = read_address(address_path(home))
+    services = [("local Prefect server", server["url"], server)] if server else []
+    services += [("local Dask cluster", c["address"], c) for c in kept_clusters(home)]
+    if not services:
+        print(f"none kept in {home}")
+    for what, address, known in services:
+        if args.stop:
+            os.kill(int(known["pid"]), signal.SIGTERM)  # its keeper closes it, then goes
+            print(f"stopping the {what} at {address}")
+        else:
+            idle = f", unused for {known['idle_s']} s" if "idle_s" in known else ""
+            print(f"{what} at {address} (keeper pid {known['pid']}{idle})")
+    if services and not args.stop:
+        print(f"(in {home}: `calypso cluster kept --stop` stops them now)")
     return 0
