@@ -110,8 +110,13 @@ def boot_local_cluster(executor: ExecutorSettings) -> Future[LocalCluster] | Non
     # The certificate read (made, the first time) here: a problem is a message, not a
     # traceback from the thread.
     options = with_certificate(local_cluster_options(executor))
+    return _in_background(lambda: start_local_cluster(**options))
+
+
+def _in_background(call: Any) -> Future:
+    """``call()`` in a thread of its own, as a future (the caller goes on meanwhile)."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calypso-cluster")
-    future = pool.submit(start_local_cluster, **options)
+    future = pool.submit(call)
     pool.shutdown(wait=False)
     return future
 
@@ -122,19 +127,18 @@ def keeps_cluster(executor: ExecutorSettings, api_is_kept: bool) -> bool:
     return executor.kind == "local" and executor.local_keep_s > 0 and api_is_kept
 
 
-def boot_kept_cluster(executor: ExecutorSettings, home: Path, api_url: str) -> Future:
-    """Find, or start, the home's kept local cluster for these settings and this Prefect
-    API (:mod:`calypso.executors.kept`) in a background thread; the future gives
-    :func:`kept_task_runner`'s arguments."""
+def boot_kept_cluster(
+    executor: ExecutorSettings, home: Path, api_url: str, api_secret: str | None
+) -> Future:
+    """Find, or start, the home's kept local cluster for these settings and the Prefect
+    API at ``api_url`` (:mod:`calypso.executors.kept`) in a background thread; the future
+    gives what :func:`kept_task_runner` takes."""
     from calypso.executors.kept import cluster_key, kept_cluster
 
     options = local_cluster_options(executor)
     key = cluster_key(options, api_url)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calypso-cluster")
-    keep_s = executor.local_keep_s
-    future = pool.submit(lambda: (kept_cluster(home, key, options, keep_s, api_url), key))
-    pool.shutdown(wait=False)
-    return future
+    api, keep_s = (api_url, api_secret), executor.local_keep_s
+    return _in_background(lambda: (kept_cluster(home, key, options, keep_s, api), key))
 
 
 def kept_task_runner(executor: ExecutorSettings, home: Path, booted: Future):

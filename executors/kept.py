@@ -25,6 +25,7 @@ while it runs. ``executor.local_keep_s = 0``: a cluster of its own for each comm
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import hashlib
 import json
@@ -120,10 +121,16 @@ def starting_lock(lock: Path) -> Iterator[None]:
 
 
 def start_keeper(
-    arguments: list[str], log: Path, find: Callable[[], str | None], what: str, stdin: bytes = b""
+    arguments: list[str],
+    log: Path,
+    find: Callable[[], str | None],
+    what: str,
+    setting: str,
+    stdin: bytes = b"",
 ) -> str:
     """Start ``python -m <arguments>`` in a session of its own (Ctrl-C in the command leaves
-    it running), logging to ``log``, and wait until ``find()`` gives its address."""
+    it running), logging to ``log``, and wait until ``find()`` gives its address. ``what``
+    it starts, and the ``setting`` that keeps it, name it in the error."""
     with open(log, "ab") as output:
         keeper = subprocess.Popen(
             [sys.executable, "-m", *arguments],
@@ -146,14 +153,22 @@ def start_keeper(
     tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
     raise ConfigurationError(
         f"the {what} did not start within {START_TIMEOUT_S:.0f} s (its log: {log}); "
-        f"set {_KEEP_SETTING[what]}=0 to start one in each command instead\n{tail}"
+        f"set {setting}=0 to start one in each command instead\n{tail}"
     )
 
 
-_KEEP_SETTING = {
-    "local Prefect server": "CALYPSO_SERVER__LOCAL_KEEP_S",
-    "local Dask cluster": "CALYPSO_EXECUTOR__LOCAL_KEEP_S",
-}
+def prefect_answers(url: str, auth: str | None = None, timeout: float = 2.0) -> bool:
+    """Whether the Prefect API at ``url`` answers its health check (with ``auth``, the
+    server's ``user:password``, where it asks for one)."""
+    request = urllib.request.Request(f"{url.rstrip('/')}/health")
+    if auth:
+        token = base64.b64encode(auth.encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def running(pid: int) -> bool:
@@ -252,19 +267,22 @@ def find_cluster(home: Path, key: str) -> str | None:
     return known["address"]
 
 
-def kept_cluster(home: Path, key: str, options: dict[str, Any], keep_s: float, api_url: str) -> str:
-    """The scheduler address of the kept cluster ``key`` (for the Prefect API at
-    ``api_url``), started now if none runs; this process holds it until it exits (see
-    :func:`release`)."""
+def kept_cluster(
+    home: Path, key: str, options: dict[str, Any], keep_s: float, api: tuple[str, str | None]
+) -> str:
+    """The scheduler address of the kept cluster ``key`` for the Prefect API ``api`` (its
+    address and secret), started now if none runs; this process holds it until it exits
+    (see :func:`release`)."""
     _, lock, use, log = _paths(home, key)
     with starting_lock(lock):
         address = find_cluster(home, key)
         if address is None:
             arguments = ["calypso.executors.kept", str(home), key, str(keep_s)]
-            stdin = json.dumps({"options": options, "api_url": api_url}).encode()
-            address = start_keeper(
-                arguments, log, lambda: find_cluster(home, key), "local Dask cluster", stdin
-            )
+            # on its standard input: a secret never shows in a process list
+            stdin = json.dumps({"options": options, "api": api}).encode()
+            find = lambda: find_cluster(home, key)  # noqa: E731
+            setting = "CALYPSO_EXECUTOR__LOCAL_KEEP_S"
+            address = start_keeper(arguments, log, find, "local Dask cluster", setting, stdin)
         hold(use)
     return address
 
@@ -284,28 +302,17 @@ def kept_clusters(home: Path) -> list[dict[str, Any]]:
     return found
 
 
-def _api_answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def keep(home: Path, key: str, keep_s: float) -> int:
     """The keeper: run the cluster until unused for ``keep_s`` or its Prefect API goes."""
     from calypso.executors.dask import start_local_cluster
 
     given = json.loads(sys.stdin.read())
-    options, api_url = given["options"], given["api_url"]
-    if not os.environ.get("PREFECT_API_URL"):
-        # The home's local server, which the command may still be starting: its workers
-        # are pointed at it from the start (they inherit this environment).
-        from calypso.flows.runtime import AUTH, prefect_auth_string
-        from calypso.settings import load_settings
-
-        secret = prefect_auth_string(load_settings().model_copy(update={"home": home}))
-        os.environ.update({"PREFECT_API_URL": api_url, AUTH: secret})
+    options, (api_url, secret) = given["options"], given["api"]
+    # Its workers inherit this environment: pointed at the API from the start (the home's
+    # local server may still be starting, and the command has not set it yet).
+    os.environ["PREFECT_API_URL"] = api_url
+    if secret:
+        os.environ["PREFECT_API_AUTH_STRING"] = secret
     path, lock, use, _ = _paths(home, key)
     cluster = start_local_cluster(**options)
     for number in (signal.SIGTERM, signal.SIGINT):  # close the workers, then go
@@ -324,7 +331,7 @@ def keep(home: Path, key: str, keep_s: float) -> int:
                     print(f"unused for {idle_s(path):.0f} s: stopping", flush=True)
                     forget_address(path)
                     break
-            if _api_answers(api_url):
+            if prefect_answers(api_url, secret, timeout=5.0):
                 answered = True
             elif answered or time.monotonic() - began > START_TIMEOUT_S:
                 print(f"its Prefect API {api_url} has gone: stopping", flush=True)

@@ -290,7 +290,7 @@ def run_on_cluster(
 
     from calypso.executors import boot_local_cluster, build_task_runner
     from calypso.executors.dask import boot_kept_cluster, keeps_cluster, kept_task_runner
-    from calypso.flows.runtime import check_prefect_api, prefect_api
+    from calypso.flows.runtime import check_prefect_api, prefect_api, prefect_api_secret
     from calypso.tasks.progress import listening
 
     with ExitStack() as stack:
@@ -311,7 +311,10 @@ def run_on_cluster(
         kept_booting: list[Future] = []
 
         def boot_kept(api_url: str) -> None:  # as soon as the Prefect API's address is known
-            kept_booting.append(boot_kept_cluster(settings.executor, settings.home, api_url))
+            secret = prefect_api_secret(settings)
+            kept_booting.append(
+                boot_kept_cluster(settings.executor, settings.home, api_url, secret)
+            )
 
         if kept and os.environ.get("PREFECT_API_URL"):
             boot_kept(os.environ["PREFECT_API_URL"])

@@ -41,24 +41,11 @@ def address_path(home: Path) -> Path:
     return home / ADDRESS
 
 
-def _healthy(url: str, auth: str | None = None, timeout: float = 2.0) -> bool:
-    request = urllib.request.Request(f"{url}/health")
-    if auth:
-        import base64
-
-        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def find(home: Path) -> str | None:
     """The API address of this home's local server when it runs and answers, else None.
     Finding it counts as using it."""
     known = read_address(address_path(home))
-    if known is None or not _healthy(known["url"]):
+    if known is None or not kept.prefect_answers(known["url"]):
         return None
     used(home)
     return known["url"]
@@ -88,7 +75,11 @@ def ensure(home: Path, keep_s: float, starting: Callable[[str], None] | None = N
         if starting is not None:
             starting(_url(port))
         return kept.start_keeper(
-            arguments, home / "local-server.log", lambda: find(home), "local Prefect server"
+            arguments,
+            home / "local-server.log",
+            lambda: find(home),
+            "local Prefect server",
+            "CALYPSO_SERVER__LOCAL_KEEP_S",
         )
 
 
@@ -148,7 +139,7 @@ def keep(home: Path, keep_s: float, port: int) -> int:
     signal.signal(signal.SIGINT, stop)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not _healthy(url, secret):
+        while not kept.prefect_answers(url, secret):
             if server.poll() is not None or time.monotonic() > deadline:
                 return 1
             time.sleep(0.2)

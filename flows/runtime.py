@@ -135,6 +135,14 @@ def check_prefect_api(timeout_s: float = 10.0) -> None:
     )
 
 
+def prefect_api_secret(settings: CalypsoSettings) -> str | None:
+    """The secret this process presents to its Prefect API: the variable's, else, for the
+    home's local server (no ``PREFECT_API_URL`` given), the home's own."""
+    if os.environ.get(AUTH) or os.environ.get("PREFECT_API_URL"):
+        return os.environ.get(AUTH)
+    return prefect_auth_string(settings)
+
+
 @contextmanager
 def local_prefect_api(
     settings: CalypsoSettings, starting: Callable[[str], None] | None = None
@@ -148,7 +156,7 @@ def local_prefect_api(
 
     url = ensure(settings.home, settings.server.local_keep_s, starting)
     hold(settings.home)  # until this process exits: its last logs reach the server
-    secret = os.environ.get(AUTH) or prefect_auth_string(settings)
+    secret = prefect_api_secret(settings)
     saved = os.environ.get(AUTH)
     os.environ.update({AUTH: secret, "PREFECT_API_URL": url})
     try:

@@ -33,8 +33,10 @@ def open_raw(path: str | Path) -> Iterator[h5py.File]:
     try:
         handle = h5py.File(path, "r", locking=False)
     except OSError as exc:
+        from calypso.tasks.raw.live import open_lima
+
         try:
-            handle = h5py.File(path, "r", locking=False, swmr=True)
+            handle = open_lima(path)  # SWMR read, where the writer allows it
         except OSError:
             raise RawDataError(
                 f"{path} cannot be opened as HDF5 ({exc}); is it a Bliss dataset file?"
