@@ -291,6 +291,7 @@ def run_on_cluster(
     from calypso.executors import boot_local_cluster, build_task_runner
     from calypso.executors.dask import boot_kept_cluster, keeps_cluster, kept_task_runner
     from calypso.flows.runtime import check_prefect_api, prefect_api, prefect_api_secret
+    from calypso.flows.techniques import preloading_every_technique
     from calypso.tasks.progress import listening
 
     with ExitStack() as stack:
@@ -303,11 +304,7 @@ def run_on_cluster(
         )
         booting = None if in_process or kept else boot_local_cluster(settings.executor)
         if kept:  # one kept cluster for every technique: its workers import them all
-            from calypso.flows.techniques import TECHNIQUES
-
-            modules = [*settings.executor.preload, *(t.preload for t in TECHNIQUES.values())]
-            executor = settings.executor.model_copy(update={"preload": sorted(set(modules))})
-            settings = settings.model_copy(update={"executor": executor})
+            settings = preloading_every_technique(settings)
         kept_booting: list[Future] = []
 
         def boot_kept(api_url: str) -> None:  # as soon as the Prefect API's address is known

@@ -267,3 +267,11 @@ def planning_step(technique: str) -> Step:
         f"check the raw data and plan the {technique} work (the technique's parameters)",
         takes_parameters=True,
     )
+
+
+def preloading_every_technique(settings: Any) -> Any:
+    """``settings`` whose local workers import every technique's chunk tasks as they start
+    (besides the modules named already): a cluster that serves them all."""
+    modules = {*settings.executor.preload, *(t.preload for t in TECHNIQUES.values())}
+    executor = settings.executor.model_copy(update={"preload": sorted(modules)})
+    return settings.model_copy(update={"executor": executor})
