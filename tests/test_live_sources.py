@@ -242,7 +242,9 @@ class BlissScan(threading.Thread):
         Path(self.template).parent.mkdir(parents=True)
         self.store = DataStore(url)
         identity = {"name": "loopscan", "number": 7, "data_policy": "no_policy"}
-        self.scan = self.store.create_scan(identity, info={"npoints": frames})
+        self.scan = self.store.create_scan(
+            identity, info={"npoints": frames, "title": f"loopscan {frames} 0.01"}
+        )
         self.error: BaseException | None = None
         self.stopped = threading.Event()  # published the scan's end
         self.server_gone = threading.Event()
@@ -320,7 +322,7 @@ def test_a_blissdata_scan_hands_out_closed_lima_files_as_it_runs(blissdata_url, 
     assert sum(during) >= 2, f"frames came only at the end: {ranges}"
     assert live.finished and not live.partial and live.end_reason == "SUCCESS"
     info = live.info
-    assert (info.number, info.name, info.npoints) == (7, "loopscan", 32)
+    assert (info.number, info.name, info.npoints) == (7, "loopscan 32 0.01", 32)  # the title
     assert info.detectors == ("pilatus:image",) and "diode:diode" in info.counters
     np.testing.assert_array_equal(live.read_counters(3, 9)["diode:diode"], np.arange(3, 9) * 0.5)
     path, dataset, index = live.references(12, 13)[0]

@@ -39,7 +39,7 @@ class LiveScanInfo:
     """What is known of a scan in progress."""
 
     number: int | None
-    name: str
+    name: str  # the scan's title (``amesh sy 0 1 4 sz 0 1 2 0.1``), else its name
     npoints: int | None
     detectors: tuple[str, ...] = ()
     counters: tuple[str, ...] = ()

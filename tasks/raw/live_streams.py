@@ -119,7 +119,9 @@ class BlissdataScan:
         streams = self._scan.streams
         return LiveScanInfo(
             number=self._scan.number,
-            name=self._scan.name,
+            # Bliss's title says the grid (``amesh sy 0 1 4 ...``): the dataset file may
+            # not hold it yet when the first frames come.
+            name=self._scan.info.get("title") or self._scan.name,
             npoints=self._scan.info.get("npoints"),
             detectors=tuple(n for n, s in streams.items() if s.plugin == "lima"),
             counters=tuple(n for n, s in streams.items() if _is_counter(s)),
