@@ -154,3 +154,37 @@ class PartialWatcher(threading.Thread):
                 except (OSError, KeyError):
                     pass  # removed meanwhile: the result is there
             time.sleep(self.interval)
+
+
+class LookWatcher(threading.Thread):
+    """Looks at the live quick looks in the Prefect UI while a live run goes, as staff
+    would: the markdown artifacts made after it started, through the server's API;
+    ``seen``: (when, description, markdown) of each new state."""
+
+    def __init__(self, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.seen: list[tuple[float, str, str]] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        from datetime import UTC, datetime
+
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+        from prefect.client.schemas.sorting import ArtifactSort
+
+        since = datetime.now(UTC)
+        markdown = ArtifactFilter(type=ArtifactFilterType(any_=["markdown"]))
+        with get_client(sync_client=True) as client:
+            while not self.done.wait(self.interval):
+                newest = client.read_artifacts(
+                    artifact_filter=markdown, sort=ArtifactSort.UPDATED_DESC, limit=20
+                )
+                for artifact in newest:
+                    state = (str(artifact.description), str(artifact.data))
+                    if artifact.created >= since and not any(s[1:] == state for s in self.seen):
+                        self.seen.append((time.time(), *state))
+
+    def looks(self) -> list[tuple[float, str, str]]:
+        return [s for s in self.seen if s[1].startswith("Live quick look")]

@@ -430,11 +430,16 @@ class Plant:
         path = self.home / state
         if not path.exists():
             return []
-        with sqlite3.connect(path) as db:
-            return db.execute(
-                "SELECT state, attempts FROM acquisitions WHERE raw_dataset = ?",
-                (os.path.realpath(raw),),
-            ).fetchall()
+        try:
+            with sqlite3.connect(path) as db:
+                return db.execute(
+                    "SELECT state, attempts FROM acquisitions WHERE raw_dataset = ?",
+                    (os.path.realpath(raw),),
+                ).fetchall()
+        except sqlite3.OperationalError as exc:  # the file is there, its table not yet
+            if "no such table" not in str(exc):
+                raise
+            return []
 
     def stop_watchers(self, sig: int = signal.SIGTERM) -> None:
         for watcher in self.watchers:

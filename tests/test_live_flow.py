@@ -6,6 +6,7 @@ partial; a Lima file that never appears is named after the time-out."""
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ from calypso.flows.api import run_technique
 from calypso.flows.online import live
 from calypso.registry import SQLiteCatalogue
 from calypso.techniques.diffraction import DiffractionParameters
-from tests.live_servers import PartialWatcher, replayed
+from tests.live_servers import LookWatcher, PartialWatcher, replayed
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +96,8 @@ def test_growing_files_give_the_offline_result_while_the_scan_runs(
     )  # fmt: skip
     watcher = PartialWatcher(root, frames_done, interval=0.1)
     watcher.start()
+    looks = LookWatcher()
+    looks.start()
     raw_dir = replayed(diffraction_sample, root)
     try:
         summary = live.run_live(
@@ -104,6 +107,9 @@ def test_growing_files_give_the_offline_result_while_the_scan_runs(
     finally:
         watcher.done.set()
         assert writer.wait(timeout=60) == 0
+    time.sleep(1)  # the look's last word: posted once the drawing under way is done
+    looks.done.set()
+    looks.join()
     import json
 
     last_written = json.loads((tmp_path / "written.json").read_text())["written"][-1]
@@ -114,6 +120,13 @@ def test_growing_files_give_the_offline_result_while_the_scan_runs(
     assert during, f"nothing was integrated before the scan ended: {timeline}"
     assert watcher.seen and all(status == "partial" for status, _ in watcher.seen)
     assert not list(root.rglob("*.partial.h5")), "the partial file outlived the result"
+    # The Prefect UI showed the partial result as an image while the scan ran; once the
+    # scan was reduced, the image gave way to a note (the result's quick look follows).
+    drawn = [s for s in looks.looks() if "data:image/png;base64," in s[2]]
+    assert drawn and drawn[0][0] < last_written, f"no live quick look during the scan: {looks.seen}"
+    png = base64.b64decode(drawn[0][2].split("base64,")[1].split(")")[0])
+    assert png.startswith(b"\x89PNG") and "running: " in drawn[0][2]
+    assert "The scan has ended" in looks.looks()[-1][2]
 
     offline = run_technique(
         "diffraction", str(raw_dir), parameters(diffraction_sample), None,

@@ -142,6 +142,7 @@ def live_process(ctx: StepContext, plan: Any) -> list[Any]:
     """Chunks submitted as the scan's frames come; the offline plan once it has ended."""
     from calypso.tasks.live_common import partial_path
     from calypso.tasks.progress import RunProgress
+    from calypso.tasks.writers.live_look import LiveLook
 
     live = _RUNS[ctx.raw]
     technique: LiveTechnique = live.technique
@@ -149,6 +150,7 @@ def live_process(ctx: StepContext, plan: Any) -> list[Any]:
     technique.prepare(ctx, live, plan)
     progress = RunProgress(plan.n_frames, f"{technique.doing} scan {live.number} live")
     partial = partial_path(plan.output_file)
+    look = LiveLook(f"scan {live.number} {live.detector}")
     sent = _Chunks()
     written_at, shown = 0.0, 0
     while True:
@@ -176,9 +178,13 @@ def live_process(ctx: StepContext, plan: Any) -> list[Any]:
             state = f"running: {frames} of {total} {unit} done"
             technique.write_partial(live, plan, sent.done, partial, state)
             written_at, shown = time.monotonic(), len(sent.done)
+            if not over:  # the result's own quick look comes next
+                look.show(partial, state)
         if over:
             break
         time.sleep(0.02 if sending_done else live.poll)
+    look.close(f"The scan has ended ({unit} reduced as they came): the result's quick look "
+               "is among this run's artifacts.")  # fmt: skip
     written = _finish(ctx, plan, live, sent.done, sent.error, progress)
     LAST_TIMELINE[:] = [
         {"start": a, "stop": b, "ready": live.handed[a], "ready_last": live.handed[b - 1],
