@@ -9,7 +9,6 @@ the file written last, in a thread of its own, so following the scan never waits
 
 from __future__ import annotations
 
-import base64
 import io
 import logging
 import threading
@@ -20,7 +19,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from calypso.tasks.writers.plots import _fixed_margins, _pyplot
+from calypso.tasks.writers.plots import _fixed_margins, _pyplot, image_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +111,6 @@ class LiveLook:
         self.name = name
         self.every_s = every_s
         self.artifact_id: Any = None
-        self.drawn = 0
         self._lock = threading.Lock()
         self._drawing = False
         self._note: str | None = None
@@ -147,12 +145,8 @@ class LiveLook:
 
     def _draw(self, partial: Path, state: str) -> None:
         try:
-            png = base64.b64encode(plot_default_nxdata(partial, f"{self.name}: {state}"))
-            self._post(
-                self._as_markdown(state)
-                + f"\n![{partial.name}](data:image/png;base64,{png.decode()})\n\n`{partial}`"
-            )
-            self.drawn += 1
+            png = plot_default_nxdata(partial, f"{self.name}: {state}")
+            self._post(image_markdown(f"{DESCRIPTION}: {self.name}", state, png, partial))
         except FileNotFoundError:  # the result was published meanwhile
             pass
         except Exception:  # a quick look never stops the reduction

@@ -139,6 +139,13 @@ def plot_diffraction(
     plt.close(figure)
 
 
+def image_markdown(title: str, text: str, png: bytes, path: Path) -> str:
+    """A PNG inline in a markdown artifact, under ``title`` and ``text``, with its file."""
+    encoded = base64.b64encode(png).decode()
+    text = f"{text}\n\n" if text else ""
+    return f"### {title}\n\n{text}![{path.name}](data:image/png;base64,{encoded})\n\n`{path}`"
+
+
 def publish_image(path: Path, description: str) -> None:
     """Show a PNG in the run's Prefect artifacts (a markdown artifact with the image inline)."""
     try:
@@ -147,11 +154,9 @@ def publish_image(path: Path, description: str) -> None:
         from calypso.tasks.writers.publication import published_path
 
         # in a flow run the PNG waits in its part folder until the run publishes
-        encoded = base64.b64encode(published_path(path).read_bytes()).decode()
+        png = published_path(path).read_bytes()
         create_markdown_artifact(
-            markdown=f"### {description}\n\n![{path.name}](data:image/png;base64,{encoded})\n\n"
-            f"`{path}`",
-            description=description,
+            markdown=image_markdown(description, "", png, path), description=description
         )
     except Exception:  # no Prefect API to report to: the result itself is written
         logger.debug("image artifact not created", exc_info=True)
