@@ -259,6 +259,8 @@ def _value_scale(plan: TomographyPlan) -> float:
 def _entry_name(plan: TomographyPlan) -> str:
     """The projection scan's name (``N.1``) for Bliss input, as the raw file names it."""
     if plan.raw_file is not None:
+        if plan.scan.entry:
+            return plan.scan.entry
         return (plan.scan.projections[0].source.dataset or "entry").strip("/").split("/")[0]
     return "entry"
 

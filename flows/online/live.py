@@ -81,13 +81,28 @@ def live_technique(technique: str) -> LiveTechnique:
 
 
 def live_steps(technique: str) -> dict[str, Step]:
-    """Every step, with the given technique's plan, processing and write steps fed live."""
+    """Every step, with the given technique's plan, first processing step and write step
+    fed live; the steps between them run as offline, once the scan has ended."""
     live_technique(technique)  # refuses the techniques not live yet
     steps = dict(all_steps())
+    processing = False
     for step in TECHNIQUES[technique].steps:
-        role = "plan" if step.takes_parameters else "write" if step.output == OUTPUTS else "process"
-        steps[step.name] = replace(step, run_at=f"{__name__}:live_{role}")
+        role = "plan" if step.takes_parameters else "write" if step.output == OUTPUTS else None
+        if role is None and not processing:
+            role, processing = "process", True
+        if role is not None:
+            steps[step.name] = replace(step, run_at=f"{__name__}:live_{role}")
     return steps
+
+
+def _count(ctx: StepContext, plan: Any) -> int:
+    """The units the run's record counts in ``plan`` (frames, spectra, slices)."""
+    return getattr(plan, TECHNIQUES[ctx.run.technique].count_attribute)
+
+
+def _unit(ctx: StepContext, technique: LiveTechnique) -> str:
+    """What the frames followed are called (projections, frames, spectra)."""
+    return technique.unit or TECHNIQUES[ctx.run.technique].unit
 
 
 # -- the steps ------------------------------------------------------------------------
@@ -123,7 +138,7 @@ def live_plan(ctx: StepContext, parameters: BaseModel) -> Any:
         start_time=start_time,
     )  # fmt: skip
     plan = live.technique.plan(ctx, parameters, first)
-    ctx.run.planned(plan, plan.n_frames)
+    ctx.run.planned(plan, _count(ctx, plan))
     return plan
 
 
@@ -146,7 +161,7 @@ def live_process(ctx: StepContext, plan: Any) -> list[Any]:
 
     live = _RUNS[ctx.raw]
     technique: LiveTechnique = live.technique
-    unit = TECHNIQUES[ctx.run.technique].unit
+    unit = _unit(ctx, technique)
     technique.prepare(ctx, live, plan)
     progress = RunProgress(plan.n_frames, f"{technique.doing} scan {live.number} live")
     partial = partial_path(plan.output_file)
@@ -266,10 +281,11 @@ def _finish(
     """Once the scan has ended: its offline plan and the chunks as that plan has them, or
     the frames it has, marked partial; the chunks to write."""
     technique: LiveTechnique = live.technique
-    unit = TECHNIQUES[ctx.run.technique].unit
+    unit = _unit(ctx, technique)
     frames = sum(b - a for a, b in map(technique.span, chunks))
     reason = _end_reason(live, error)
     if reason is None:
+        technique.after_scan(ctx, live)
         final = TECHNIQUES[ctx.run.technique].plan()(
             ctx.raw, plan.parameters, ctx.scans, ctx.output_dir, ctx.settings, ctx.run.workers
         )
@@ -285,13 +301,13 @@ def _finish(
             "and is marked partial"
         )
         technique.as_partial(live, plan, frames)
-        ctx.run.planned(plan, frames)  # the record counts the frames it holds
+        ctx.run.planned(plan, _count(ctx, plan))  # the record counts what it holds
         progress.total = frames
-        return chunks
+        return technique.partial_chunks(ctx, live, plan, chunks)
     # The scan ended well: from here on the plan is the offline run's.
-    for name in type(plan).model_fields:
+    for name in type(final).model_fields:
         setattr(plan, name, getattr(final, name))
-    ctx.run.planned(plan, plan.n_frames)  # the run's record follows it (its version folder)
+    ctx.run.planned(plan, _count(ctx, plan))  # the run's record follows it (its version folder)
     return technique.final_chunks(ctx, live, plan, chunks)
 
 
@@ -329,8 +345,7 @@ def live_write(ctx: StepContext, plan: Any, **processed: list[Any]) -> list[str]
     from calypso.tasks.live_common import partial_path
 
     live = _RUNS[ctx.raw]
-    (chunks,) = processed.values()
-    outputs = live.technique.write(ctx, live, plan, chunks)
+    outputs = live.technique.write(ctx, live, plan, *processed.values())
     partial_path(plan.output_file).unlink(missing_ok=True)
     return outputs
 

@@ -19,6 +19,7 @@ LIVE_TECHNIQUES = {
     "diffraction": "calypso.flows.online.live_diffraction:LiveDiffraction",
     "mx": "calypso.flows.online.live_mx:LiveMX",
     "spectroscopy": "calypso.flows.online.live_spectroscopy:LiveSpectroscopy",
+    "tomography": "calypso.flows.online.live_tomography:LiveTomography",
 }
 LIVE_CHUNK = 10  # frames: half a second of a 20 frames/s scan, ~1 s of work on one core
 
@@ -53,6 +54,7 @@ class LiveTechnique:
 
     preload = ""  # the module its workers import (its live chunk task)
     doing = "Reducing"  # what the progress says it does ("Integrating scan 3 live")
+    unit: str | None = None  # what its frames are, when not the technique's unit
 
     def warm_up(self, ctx: StepContext, parameters: Any) -> None:
         """Before the scan has begun: what the workers may build meanwhile (not waited for)."""
@@ -101,10 +103,19 @@ class LiveTechnique:
         """Frames of scan ``number`` in the offline plan ``final`` (None: not in it)."""
         raise NotImplementedError
 
+    def after_scan(self, ctx: StepContext, live: LiveRun) -> None:
+        """Once the scan followed has ended well, before the offline plan is made: what
+        else the result waits for (a tomography dataset's flats after its projections)."""
+
     def as_partial(self, live: LiveRun, plan: Any, frames: int) -> None:
         """Make ``plan`` that of the ``frames`` first frames of the scan (it did not end
         well): what the writer writes, marked partial."""
         raise NotImplementedError
+
+    def partial_chunks(self, ctx: StepContext, live: LiveRun, plan: Any, chunks: list[Any]) -> Any:
+        """What the processing step gives when the scan did not end well (``plan`` made
+        that of the frames that came by :meth:`as_partial`): by default its chunks."""
+        return chunks
 
     def final_chunks(
         self, ctx: StepContext, live: LiveRun, plan: Any, chunks: list[Any]
@@ -117,8 +128,9 @@ class LiveTechnique:
         """What the processing step reports of its chunks (as the offline step does)."""
         return {"tasks": len(chunks), "chunks": len(chunks)}
 
-    def write(self, ctx: StepContext, live: LiveRun, plan: Any, chunks: list[Any]) -> list[str]:
-        """The offline writer (``live.partial``: why the result is partial, when it is)."""
+    def write(self, ctx: StepContext, live: LiveRun, plan: Any, *processed: Any) -> list[str]:
+        """The offline writer, given what the steps before it gave (``live.partial``: why
+        the result is partial, when it is)."""
         raise NotImplementedError
 
 

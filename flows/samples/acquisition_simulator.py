@@ -405,7 +405,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="recorded raw dataset folder (or its .h5 file)")
     parser.add_argument("target_root", help="root under which the scan is written again")
-    parser.add_argument("--scan", type=int, default=1)
+    parser.add_argument(
+        "--scan", type=int, action="append",
+        help="scan to replay (repeat for a sequence, replayed in turn; default 1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gap", type=float, default=0.0, help="seconds between the scans of a sequence"
+    )
     parser.add_argument("--rate", type=float, default=20.0, help="frames a second")
     parser.add_argument("--frames", type=int, help="replay only the first N frames")
     parser.add_argument("--frames-per-file", type=int, default=10)
@@ -415,12 +421,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeline", help="JSON file: when each frame was written")
     parser.add_argument("--start-delay", type=float, default=0.0, help="seconds before start")
     args = parser.parse_args(argv)
-    path = simulate_acquisition(
-        args.source, args.target_root, scan=args.scan, rate=args.rate,
-        frames_per_file=args.frames_per_file, frames=args.frames,
-        blissdata_url=args.blissdata, abort_after=args.abort_after, end=not args.no_end,
-        timeline=args.timeline, start_delay=args.start_delay,
-    )  # fmt: skip
+    scans = args.scan or [1]
+    for index, scan in enumerate(scans):
+        # Options about how a scan ends apply to the last one of a sequence.
+        last = index == len(scans) - 1
+        path = simulate_acquisition(
+            args.source, args.target_root, scan=scan, rate=args.rate,
+            frames_per_file=args.frames_per_file, frames=args.frames,
+            blissdata_url=args.blissdata, abort_after=args.abort_after if last else None,
+            end=not args.no_end or not last, timeline=args.timeline if last else None,
+            start_delay=args.start_delay if index == 0 else args.gap,
+        )  # fmt: skip
     print(path, flush=True)
     if args.blissdata:
         # blissdata's sender threads never end once its server has gone away: leave

@@ -150,8 +150,10 @@ def write_tomography_sample(
     projection_scans: int = 1,
     seed: int = 0,
     dataset_number: int = 1,
+    turn_deg: float = 180.0,
 ) -> TomographySample:
-    """Write a Bliss tomography dataset (darks, flats, projections over 180°, flats).
+    """Write a Bliss tomography dataset (darks, flats, projections over ``turn_deg``
+    degrees, 180 by default, flats).
 
     The projections are one scan, or ``projection_scans`` consecutive scans
     (as a sequence split into parts writes them); the frames are the same.
@@ -170,7 +172,7 @@ def write_tomography_sample(
     """
     rng = np.random.default_rng(seed)
     geometry = PhantomGeometry.off_axis(rows, columns, axis_offset)
-    angles_deg = np.arange(projections) * (180.0 / projections)
+    angles_deg = np.arange(projections) * (turn_deg / projections)
     dark_level = 100.0 + rng.normal(0.0, 4.0, (rows, columns))
     gain = np.ones((rows, columns))
     for _ in range(defects):
@@ -247,7 +249,7 @@ def write_tomography_sample(
         n_frames=n_flats,
         make_frame=lambda i: noisy(flats_after, 5000 + i),
         counters={},
-        positioners={ROTATION_MOTOR: 180.0, "sx": 2.5},
+        positioners={ROTATION_MOTOR: turn_deg, "sx": 2.5},
         **common,
     )
     truth = Path(root).absolute() / "tomography_ground_truth.h5"

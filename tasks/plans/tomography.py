@@ -177,13 +177,32 @@ def make_tomography_plan(
     CalypsoError
         With a message naming the file, scan or parameter at fault.
     """
-    settings = settings or CalypsoSettings()
     raw, path = _resolve_input(input_path)
     scan = open_tomography_scan(path, parameters, scans)
+    return plan_for_scan(input_path, raw, path, scan, parameters, output_dir, settings, workers)
+
+
+def plan_for_scan(
+    input_path: str,
+    raw: RawDataset | None,
+    path: Path,
+    scan: TomographyScan,
+    parameters: tomo.TomographyParameters,
+    output_dir: str | None = None,
+    settings: CalypsoSettings | None = None,
+    workers: int = 1,
+    *,
+    check_sampling: bool = True,
+) -> TomographyPlan:
+    """The plan of a scan already described (``path``: its file or folder): the checks of
+    :func:`make_tomography_plan` past the reading of the scan (``check_sampling=False``:
+    all but the angular sampling, for the first projections of a live scan)."""
+    settings = settings or CalypsoSettings()
     try:
-        tomo.check_angular_sampling(
-            np.asarray(scan.angles_deg), scan.columns, parameters.min_projections
-        )
+        if check_sampling:
+            tomo.check_angular_sampling(
+                np.asarray(scan.angles_deg), scan.columns, parameters.min_projections
+            )
     except ValueError as exc:
         raise RawDataError(
             f"{scan.description}: {exc}; acquire more projections, or set min_projections=N "

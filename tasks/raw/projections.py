@@ -21,6 +21,7 @@ task; tasks then read only the detector rows they reconstruct.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -77,6 +78,8 @@ class TomographyScan(BaseModel):
     title: str = ""
     start_time: str | None = None
     end_time: str | None = None
+    entry: str | None = None  # the projections' Bliss entry (N.1) when their frames are
+    # read from elsewhere (a live scan's Lima files); else the first one's dataset says it
 
     @property
     def rows(self) -> int:
@@ -258,32 +261,44 @@ def _role_from_key(entry: h5py.Group) -> str | None:
     return {value: name for name, value in IMAGE_KEY.items()}.get(int(keys[0]), "skip")
 
 
-def bliss_scan(
-    path: Path, parameters: TomographyParameters, wanted: list[int] | None
-) -> TomographyScan:
-    """The tomography scan made of the scans of a Bliss dataset file."""
-    infos = bliss.select_scans(path, wanted)
-    detector = bliss.choose_detector(path, infos, parameters.detector)
-    darks: list[FrameBlock] = []
-    flats: list[FrameBlock] = []
-    projections: list[FrameBlock] = []
-    angles: list[float] = []
-    position = 0.0
-    used: list[int] = []
-    first_info = None
+@dataclass
+class BlissSeries:
+    """The darks, flats and projections of some scans of a Bliss dataset file, in
+    acquisition order (``position``: frames counted so far, skipped scans included)."""
+
+    darks: list[FrameBlock] = field(default_factory=list)
+    flats: list[FrameBlock] = field(default_factory=list)
+    projections: list[FrameBlock] = field(default_factory=list)
+    angles: list[float] = field(default_factory=list)
+    used: list[int] = field(default_factory=list)
+    first_projections: bliss.ScanInfo | None = None
+    position: float = 0.0
+
+
+def scan_role(entry: h5py.Group, title: str) -> str | None:
+    """What a Bliss scan entry holds: dark, flat, projection, skip (another image key),
+    None (alignment frames), unknown (a projection scan if it has a rotation channel)."""
+    return _role_from_key(entry) or _role_from_title(title)
+
+
+def bliss_series(
+    path: Path, infos: list[bliss.ScanInfo], detector: str, parameters: TomographyParameters
+) -> BlissSeries:
+    """The series of the scans ``infos`` (each must have ended) with ``detector``."""
+    series = BlissSeries()
     with bliss.open_raw(path) as h5:
         for info in infos:
             if detector not in info.detectors:
                 continue
             entry = h5[info.entry]
-            role = _role_from_key(entry) or _role_from_title(info.title)
+            role = scan_role(entry, info.title)
             motor = _rotation_channel(entry, parameters.rotation_motor, info.detectors[detector])
             if role == "unknown":
                 role = "projection" if motor is not None else None
             dataset = f"{info.entry}/instrument/{detector}/data"
             n_frames = info.detectors[detector][0]
             if role is None or role == "skip":
-                position += n_frames
+                series.position += n_frames
                 continue
             if not info.complete:
                 raise RawDataError(
@@ -291,17 +306,20 @@ def bliss_scan(
                     "running or was interrupted; wait for it or choose scans with --scan"
                 )
             block = FrameBlock(
-                source=hdf5_frame_source(path, dataset), start=0, stop=n_frames, position=position
+                source=hdf5_frame_source(path, dataset),
+                start=0,
+                stop=n_frames,
+                position=series.position,
             )
-            position += n_frames
-            used.append(info.number)
+            series.position += n_frames
+            series.used.append(info.number)
             if role == "dark":
-                darks.append(block)
+                series.darks.append(block)
             elif role == "flat":
-                flats.append(block)
+                series.flats.append(block)
             else:
-                first_info = first_info or info
-                projections.append(block)
+                series.first_projections = series.first_projections or info
+                series.projections.append(block)
                 if motor is None:
                     raise RawDataError(
                         f"{path}: scan {info.number} ({info.title}) has no rotation angle for "
@@ -309,25 +327,37 @@ def bliss_scan(
                         f"{parameters.rotation_motor or '{' + ','.join(ROTATION_MOTORS) + '}'}"
                         "); set rotation_motor=NAME or give --set angles=[FIRST,LAST]"
                     )
-                angles.extend(np.asarray(entry[motor][()], dtype=np.float64).ravel().tolist())
-    if not projections:
+                angles = np.asarray(entry[motor][()], dtype=np.float64).ravel()
+                series.angles.extend(angles.tolist())
+    return series
+
+
+def bliss_scan(
+    path: Path, parameters: TomographyParameters, wanted: list[int] | None
+) -> TomographyScan:
+    """The tomography scan made of the scans of a Bliss dataset file."""
+    infos = bliss.select_scans(path, wanted)
+    detector = bliss.choose_detector(path, infos, parameters.detector)
+    series = bliss_series(path, infos, detector, parameters)
+    if not series.projections:
         raise RawDataError(
             f"{path}: no projection scan with detector {detector} (titles with 'projections' "
             "or 'tomo', or a rotation channel per frame)"
         )
-    assert first_info is not None
+    first = series.first_projections
+    assert first is not None
     return TomographyScan(
         layout="bliss",
-        description=f"{path} (scans {', '.join(map(str, used))})",
-        darks=darks,
-        flats=flats,
-        projections=projections,
-        angles_deg=angles,
-        bliss_scans=used,
+        description=f"{path} (scans {', '.join(map(str, series.used))})",
+        darks=series.darks,
+        flats=series.flats,
+        projections=series.projections,
+        angles_deg=series.angles,
+        bliss_scans=series.used,
         detector=detector,
-        title=first_info.title,
-        start_time=first_info.start_time,
-        end_time=first_info.end_time,
+        title=first.title,
+        start_time=first.start_time,
+        end_time=first.end_time,
     )
 
 
