@@ -26,17 +26,10 @@ from calypso.settings import CalypsoSettings
 from calypso.tasks.live_common import partial_file
 from calypso.tasks.plans.tomography import TomographyPlan, plan_for_scan
 from calypso.tasks.raw import bliss
+from calypso.tasks.raw.bliss_projections import BlissSeries, bliss_series, scan_role
 from calypso.tasks.raw.frames import FrameSource
 from calypso.tasks.raw.live import FileRun, open_lima
-from calypso.tasks.raw.projections import (
-    ROTATION_MOTORS,
-    BlissSeries,
-    FrameBlock,
-    TomographyScan,
-    bliss_series,
-    check_scan,
-    scan_role,
-)
+from calypso.tasks.raw.projections import ROTATION_MOTORS, FrameBlock, TomographyScan, check_scan
 from calypso.tasks.tomography import (
     CenterResult,
     PreviewResult,
@@ -217,6 +210,21 @@ def make_live_tomography_plan(
         check_sampling=checked,
     )  # fmt: skip
     return LiveTomographyPlan(**dict(plan))
+
+
+@task(name="warm_up_reconstruction", cache_policy=NO_CACHE)
+def warm_up_reconstruction(parameters: tomo.TomographyParameters) -> float:
+    """A tiny sinogram reconstructed once, while the scan has not begun: the first
+    reconstruction in a worker compiles its numba kernels (seconds), which the preview
+    would otherwise wait for. Its time, in seconds."""
+    began = time.perf_counter()
+    algorithm = "dfi" if parameters.algorithm == "dfi" else "fbp"
+    angles = np.linspace(0.0, np.pi, 16, endpoint=False)
+    tomo.reconstruct(
+        np.ones((16, 1, 32), np.float32), angles, 15.5, algorithm=algorithm,
+        filter_name=parameters.smoothing_window, circle_mask=parameters.circle_mask,
+    )  # fmt: skip
+    return time.perf_counter() - began
 
 
 @task(name="preview_live_projections", cache_policy=NO_CACHE)

@@ -76,6 +76,8 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["SILX_OPENCL"] = "0"
     if os.environ.get("PREFECT_API_URL"):
         return
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # pytest-xdist's controller runs no test: each worker starts its own server
     port = free_port()
     log = open(_state_dir / "prefect-server.log", "wb")  # noqa: SIM115 (kept open for the session)
     _server = subprocess.Popen(

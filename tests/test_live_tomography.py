@@ -50,7 +50,7 @@ def test_the_preview_comes_before_the_dataset_ends_and_the_result_is_offline(
 
     writer = simulate(
         phantom.raw_dataset_dir, root,
-        *SEQUENCE, "--rate", "60", "--frames-per-file", "50", "--gap", "1.5",
+        *SEQUENCE, "--rate", "60", "--frames-per-file", "50", "--gap", "3",
         "--start-delay", "1",
     )  # fmt: skip
     watcher = PartialWatcher(root, look, interval=0.1)

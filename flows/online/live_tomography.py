@@ -38,6 +38,13 @@ class LiveTomography(LiveTechnique):
         self.previewed = 0  # projections in the last preview sent
         self.ctx: StepContext | None = None  # the plan step's (the run's folders, settings)
 
+    def warm_up(self, ctx: StepContext, parameters: Any) -> None:
+        """While the scan has not begun: each worker compiles its reconstruction kernels."""
+        from calypso.tasks.live_tomography import warm_up_reconstruction
+
+        for _ in range(max(ctx.run.workers, 1)):
+            warm_up_reconstruction.submit(parameters)
+
     def open_scan(
         self, live: LiveRun, raw_file: Path, scans: list[int] | None, parameters: Any
     ) -> tuple[Any, int, str]:
@@ -175,7 +182,7 @@ class LiveTomography(LiveTechnique):
     def _is_flat(raw_file: Path, number: int) -> bool:
         from calypso.tasks.plans.live import read_while_written
         from calypso.tasks.raw import bliss
-        from calypso.tasks.raw.projections import scan_role
+        from calypso.tasks.raw.bliss_projections import scan_role
 
         def read(h5: Any) -> bool:
             entry = h5[f"{number}.1"]
