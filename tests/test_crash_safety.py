@@ -331,7 +331,8 @@ CONFIRM_S = 10
 class Plant:
     """`calypso serve` (diffraction) with short leases, its data trees, and watchers."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, tomography: bool = False) -> None:
+        """``tomography``: served too, with a rule giving it whole datasets of ``pco``."""
         import shutil
 
         from calypso.flows.samples.diffraction import write_diffraction_sample
@@ -355,13 +356,18 @@ class Plant:
                 "chunk_size": 2,  # many small tasks: a run lasts long enough to be killed
             },
         }
+        tomography_rules = (
+            [{"technique": "tomography", "detector": "pco*", "unit": "dataset"}]
+            if tomography
+            else []
+        )
         self.home = work / "home"
         self.env = dict(os.environ)
         self.env.pop("CALYPSO_CATALOGUE__PATH", None)
         self.env.update(
             CALYPSO_HOME=str(self.home),
             CALYPSO_DATA_ROOTS=json.dumps([str(self.tree)]),
-            CALYPSO_WATCH__BEAMLINES=json.dumps({"id00": [rule]}),
+            CALYPSO_WATCH__BEAMLINES=json.dumps({"id00": [rule, *tomography_rules]}),
             CALYPSO_WATCH__INTERVAL_S="1",
             CALYPSO_WATCH__QUIET_S="30",
             CALYPSO_WATCH__CONFIRM_S=str(CONFIRM_S),
@@ -370,7 +376,10 @@ class Plant:
             CALYPSO_EXECUTOR__N_WORKERS="1",
             PREFECT_RUNNER_POLL_FREQUENCY="1",
         )
-        self.serve = start(["serve", "--technique", "diffraction"], self.env, work / "serve.log")
+        techniques = ["--technique", "diffraction"] + (
+            ["--technique", "tomography"] if tomography else []
+        )
+        self.serve = start(["serve", *techniques], self.env, work / "serve.log")
         self.watchers: list[subprocess.Popen] = []
         self.deployment_id = wait_until(self._deployment_id, 180, "the deployment", 1)
 

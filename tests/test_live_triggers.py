@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import pytest
 
 from calypso.flows.online.scan_starts import created_at
@@ -30,14 +31,17 @@ from tests.test_live_flow import datasets
 
 pytestmark = pytest.mark.slow
 LIVE = "diffraction-live/diffraction-live"
+TOMOGRAPHY_LIVE = "tomography-live/tomography-live"
 STATES = ("one.sqlite", "two.sqlite")  # the two watchers' states
 
 
 @pytest.fixture(scope="module")
 def plant(tmp_path_factory):
-    """`calypso serve --technique diffraction` (its live deployment too), short leases."""
-    site = Plant(tmp_path_factory.mktemp("live-plant"))
+    """`calypso serve` of diffraction and tomography (their live deployments too), short
+    leases."""
+    site = Plant(tmp_path_factory.mktemp("live-plant"), tomography=True)
     deployment = wait_until(lambda: live_deployment(site), 120, "the live deployment")
+    tomography = wait_until(lambda: live_deployment(site, TOMOGRAPHY_LIVE), 120, "tomography's")
     # A run started before serve's fork server has imported everything waits for it.
     log = site.work / "serve.log"
     wait_until(lambda: "fork server for served runs is ready" in log.read_text(), 120, "forks")
@@ -47,26 +51,27 @@ def plant(tmp_path_factory):
 
     with get_client(sync_client=True) as client:  # leave the shared server clean
         client.delete_deployment(deployment.id)
+        client.delete_deployment(tomography.id)
 
 
-def live_deployment(plant: Plant):
+def live_deployment(plant: Plant, name: str = LIVE):
     from prefect.client.orchestration import get_client
 
     assert plant.serve.poll() is None, (plant.work / "serve.log").read_text()[-3000:]
     with get_client(sync_client=True) as client:
         try:
-            return client.read_deployment_by_name(LIVE)
+            return client.read_deployment_by_name(name)
         except Exception:
             return None
 
 
-def live_runs(plant: Plant, raw: Path) -> list:
-    """The live flow runs of the dataset ``raw``, oldest first."""
+def live_runs(plant: Plant, raw: Path, name: str = LIVE) -> list:
+    """The live flow runs of the dataset ``raw`` (deployment ``name``), oldest first."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.client.schemas.sorting import FlowRunSort
 
-    deployment = live_deployment(plant)
+    deployment = live_deployment(plant, name)
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
@@ -295,3 +300,36 @@ def test_a_live_run_killed_mid_scan_is_processed_again_once_at_its_end(plant, bl
     announced = {state: plant.announcements(raw, state) for state in STATES}
     twice = [[("emitted", 2)], [("confirmed", 2)]]
     assert any(seen in twice for seen in announced.values()), announced
+
+
+def test_a_tomography_dataset_gets_one_live_run_from_its_first_scan(plant, bliss, tmp_path):
+    """A rule taking whole datasets (tomography): the first scan's start (the darks)
+    starts the dataset's one live run (its other scans share its key); it follows the
+    projections and gives the result, registered once, before the dataset's end is seen."""
+    from calypso.flows.samples.tomography import write_tomography_sample
+
+    recorded = write_tomography_sample(
+        tmp_path / "rec", rows=8, columns=96, projections=180, dataset_number=9
+    )
+    raw = replayed(recorded, plant.tree)
+    command = [sys.executable, "-m", "calypso.flows.samples.acquisition_simulator"]
+    began = time.time()
+    writer = subprocess.Popen(
+        [
+            *(*command, str(recorded.raw_dataset_dir), str(plant.tree)),
+            *("--scan", "1", "--scan", "2", "--scan", "3", "--scan", "4"),
+            *("--rate", "60", "--frames-per-file", "50", "--gap", "1", "--blissdata", bliss),
+        ]
+    )
+    [run] = wait_until(lambda: live_runs(plant, raw, TOMOGRAPHY_LIVE), 60, "the live run", 0.1)
+    started = run.created.timestamp() - began
+    assert writer.wait(timeout=60) == 0
+    [record] = wait_until(
+        lambda: [r for r in plant.records(raw) if r.status == "completed"], 120, "the result"
+    )
+    print(f"\nfirst scan begun -> tomography live run created: {started:.2f} s")
+    assert record.flow_run_id == str(run.id) and record.key == run.parameters["trigger"]
+    assert run.parameters["scans"] is None and len(live_runs(plant, raw, TOMOGRAPHY_LIVE)) == 1
+    assert state_of(run.id).is_completed()
+    with h5py.File(record.outputs[0].split("::")[0]) as h5:
+        assert "status" not in h5.attrs  # complete, not partial

@@ -257,8 +257,11 @@ def finished_acquisitions(
     for rule in whole.values():
         if all(s.finished for s in scans) and quiet():
             ready.append(_acquisition(raw, dataset_dir, rule, None))
-        else:
-            waiting.append(f"{dataset_dir}: {rule.technique} waits for the dataset to finish")
+            continue
+        waiting.append(f"{dataset_dir}: {rule.technique} waits for the dataset to finish")
+        running = any(not s.finished for s in scans)
+        if running and settings.live_from_files and rule.technique in LIVE_TECHNIQUES:
+            started.append(_acquisition(raw, dataset_dir, rule, None))  # the dataset's live run
     return ready, waiting, started
 
 
@@ -272,9 +275,10 @@ def started_acquisition(
 ) -> Acquisition | None:
     """The live work of a scan that has just started (what Bliss's data-stream server says
     of it: its dataset file, number, title and 2D detectors), by the rules finished scans
-    follow; None when no rule gives it to a technique fed live with ``unit = "scan"`` (a
-    rule taking the whole dataset, a technique not live yet: reduced at the end, as today).
-    A DataPolicyError for a dataset file outside ``roots`` or the data policy's layout."""
+    follow: that scan, or its whole dataset for a rule with ``unit = "dataset"`` (its
+    scans share one key: the first to start starts the dataset's live run); None when no
+    rule gives it to a technique fed live (reduced at the end, as before). A
+    DataPolicyError for a dataset file outside ``roots`` or the data policy's layout."""
     from calypso.flows.online.live_base import LIVE_TECHNIQUES
 
     if not filename:
@@ -284,9 +288,9 @@ def started_acquisition(
     raw = RawDataset.from_path(bliss_file)
     scan = ScanState(number, title, detectors, finished=False)
     rule = matching_rule(scan, rules_for(raw.beamline, settings))
-    if rule is None or rule.unit != "scan" or rule.technique not in LIVE_TECHNIQUES:
+    if rule is None or rule.technique not in LIVE_TECHNIQUES:
         return None
-    return _acquisition(raw, bliss_file.parent, rule, (number,))
+    return _acquisition(raw, bliss_file.parent, rule, (number,) if rule.unit == "scan" else None)
 
 
 def _acquisition(

@@ -48,16 +48,29 @@ class LiveTomography(LiveTechnique):
     def open_scan(
         self, live: LiveRun, raw_file: Path, scans: list[int] | None, parameters: Any
     ) -> tuple[Any, int, str]:
-        """The dataset's projection scan, once it has started (its darks and flats first)."""
+        """The dataset's projection scan, once it has started: its darks and flats come
+        first, for as long as they take (an error once nothing in the dataset has changed
+        for ``stall_timeout`` s). A live run the service started at the dataset's first
+        scan was given that scan's stream: the projection scan's is looked up by number."""
+        from calypso.flows.online.acquisitions import last_change
         from calypso.tasks.live_tomography import projection_scan
         from calypso.tasks.plans.live import open_live_scan, wait
 
         self.live = live
-        what = f"no projection scan started in {raw_file}"
-        number = wait(lambda: projection_scan(raw_file, scans), live.stall_timeout, what)
+        what = f"no projection scan started in {raw_file}, and nothing in its dataset changed"
+        began = time.time()
+
+        def stalled() -> bool:
+            changed = last_change(raw_file.parent) if raw_file.parent.is_dir() else 0.0
+            return time.time() - max(began, changed) > live.stall_timeout
+
+        wait(lambda: projection_scan(raw_file, scans) or stalled(), 1e9, what, poll=0.2)
+        number = projection_scan(raw_file, scans)
+        if number is None:
+            raise RawDataError(f"{what} for {live.stall_timeout:.0f} s")
         return open_live_scan(
             live.source, raw_file, [number], getattr(parameters, "detector", None),
-            key=live.key, stall_timeout=live.stall_timeout,
+            stall_timeout=live.stall_timeout,
         )  # fmt: skip
 
     def plan(self, ctx: StepContext, parameters: Any, first: FirstFrames) -> Any:
