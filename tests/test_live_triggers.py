@@ -333,3 +333,28 @@ def test_a_tomography_dataset_gets_one_live_run_from_its_first_scan(plant, bliss
     assert state_of(run.id).is_completed()
     with h5py.File(record.outputs[0].split("::")[0]) as h5:
         assert "status" not in h5.attrs  # complete, not partial
+
+
+def test_which_scan_starts_start_a_live_run_and_of_what(tmp_path):
+    """A scan rule: that scan. A dataset rule: the whole dataset, for a technique whose
+    live run follows a dataset (tomography); for one that follows a single scan
+    (diffraction), nothing: a live run of its first scan would claim the dataset's key."""
+    from calypso.flows.online.acquisitions import started_acquisition
+    from calypso.settings import WatchSettings
+
+    dataset = tmp_path / "ih0001" / "id00" / "20261204" / "RAW_DATA" / "s" / "s_0001"
+    dataset.mkdir(parents=True)
+    (dataset / "s_0001.h5").touch()
+
+    def started(*rules: dict):
+        settings = WatchSettings(beamlines={"id00": list(rules)})
+        found = started_acquisition(
+            str(dataset / "s_0001.h5"), 2, "dark images", ("pco",), [tmp_path], settings
+        )
+        return found and (found.technique, found.scans)
+
+    assert started({"technique": "diffraction", "detector": "pco"}) == ("diffraction", (2,))
+    assert started({"technique": "diffraction", "detector": "pco", "unit": "dataset"}) is None
+    tomography = {"technique": "tomography", "detector": "pco*", "unit": "dataset"}
+    assert started(tomography) == ("tomography", None)
+    assert started({"technique": "tomography", "detector": "eiger*", "unit": "dataset"}) is None

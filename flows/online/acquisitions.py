@@ -222,7 +222,7 @@ def finished_acquisitions(
     something waits, and, with ``settings.live_from_files``, the live work of the scans
     being written (as :func:`started_acquisition` for blissdata's scan starts). Scans no
     rule matches are left alone and wait for nothing."""
-    from calypso.flows.online.live_base import LIVE_TECHNIQUES
+    from calypso.flows.online.live_base import LIVE_DATASETS, LIVE_TECHNIQUES
 
     bliss_file = Path(os.path.realpath(bliss_file))  # one spelling for every watcher
     raw = RawDataset.from_path(bliss_file)
@@ -260,7 +260,7 @@ def finished_acquisitions(
             continue
         waiting.append(f"{dataset_dir}: {rule.technique} waits for the dataset to finish")
         running = any(not s.finished for s in scans)
-        if running and settings.live_from_files and rule.technique in LIVE_TECHNIQUES:
+        if running and settings.live_from_files and rule.technique in LIVE_DATASETS:
             started.append(_acquisition(raw, dataset_dir, rule, None))  # the dataset's live run
     return ready, waiting, started
 
@@ -279,7 +279,7 @@ def started_acquisition(
     scans share one key: the first to start starts the dataset's live run); None when no
     rule gives it to a technique fed live (reduced at the end, as before). A
     DataPolicyError for a dataset file outside ``roots`` or the data policy's layout."""
-    from calypso.flows.online.live_base import LIVE_TECHNIQUES
+    from calypso.flows.online.live_base import LIVE_DATASETS, LIVE_TECHNIQUES
 
     if not filename:
         return None  # a scan that saves no dataset file
@@ -290,6 +290,8 @@ def started_acquisition(
     rule = matching_rule(scan, rules_for(raw.beamline, settings))
     if rule is None or rule.technique not in LIVE_TECHNIQUES:
         return None
+    if rule.unit == "dataset" and rule.technique not in LIVE_DATASETS:
+        return None  # its live run would follow one scan, not the dataset: at the end
     return _acquisition(raw, bliss_file.parent, rule, (number,) if rule.unit == "scan" else None)
 
 

@@ -21,6 +21,10 @@ LIVE_TECHNIQUES = {
     "spectroscopy": "calypso.flows.online.live_spectroscopy:LiveSpectroscopy",
     "tomography": "calypso.flows.online.live_tomography:LiveTomography",
 }
+# The techniques whose live run follows a whole dataset (its scans one after the other,
+# the result once the dataset has ended): a rule with unit = "dataset" starts one at the
+# dataset's first scan. The others follow one scan, so their dataset rules wait for the end.
+LIVE_DATASETS = frozenset({"tomography"})
 LIVE_CHUNK = 10  # frames: half a second of a 20 frames/s scan, ~1 s of work on one core
 
 WAIT = object()  # what LiveTechnique.chunk_inputs says when a chunk's inputs are not all in
