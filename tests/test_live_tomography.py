@@ -137,3 +137,25 @@ def test_a_full_turn_gets_its_preview_half_way_and_an_abort_past_it_a_partial_vo
         assert h5[h5.attrs["default"]]["status"][()].decode().startswith("partial: ended early")
         volume = h5[volume_path][()]
     assert volume.shape == (8, 96, 96) and np.isfinite(volume).all()
+
+
+def test_a_run_started_after_the_projections_on_blissdata_reads_their_files(
+    phantom, tmp_path, catalogue_path, blissdata_url, live_settings
+):
+    """A live run the service starts may come late: once another scan has followed the
+    projection scan, the stream server no longer hands it out; its files are whole."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "beamline"
+    command = [sys.executable, "-m", "calypso.flows.samples.acquisition_simulator"]
+    subprocess.run(
+        [*command, str(phantom.raw_dataset_dir), str(root), *SEQUENCE, "--rate", "500",
+         "--frames-per-file", "50", "--blissdata", blissdata_url],
+        check=True, timeout=60,
+    )  # fmt: skip
+    summary = live.run_live(
+        "tomography", str(replayed(phantom, root)), TomographyParameters(), None, None,
+        live_settings, live={"source": blissdata_url, "stall_timeout": 30, "poll": 0.05},
+    )  # fmt: skip
+    assert summary["count"] == 8 and not summary["partial"] and not summary["warnings"]

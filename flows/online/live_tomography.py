@@ -68,10 +68,20 @@ class LiveTomography(LiveTechnique):
         number = projection_scan(raw_file, scans)
         if number is None:
             raise RawDataError(f"{what} for {live.stall_timeout:.0f} s")
+        # A stream server hands out its last scan and the next: a projection scan another
+        # has followed already (a run started late) is read from its files, which are whole.
+        source = live.source if self._is_last(raw_file, number) else "files"
         return open_live_scan(
-            live.source, raw_file, [number], getattr(parameters, "detector", None),
+            source, raw_file, [number], getattr(parameters, "detector", None),
             stall_timeout=live.stall_timeout,
         )  # fmt: skip
+
+    @staticmethod
+    def _is_last(raw_file: Path, number: int) -> bool:
+        from calypso.tasks.live_tomography import ended_scan_numbers
+
+        done, running = ended_scan_numbers(raw_file)
+        return number == max([*done, *running])
 
     def plan(self, ctx: StepContext, parameters: Any, first: FirstFrames) -> Any:
         self.ctx, self.first, self.parameters = ctx, first, parameters
