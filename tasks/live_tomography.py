@@ -28,7 +28,7 @@ from calypso.tasks.plans.tomography import TomographyPlan, plan_for_scan
 from calypso.tasks.raw import bliss
 from calypso.tasks.raw.bliss_projections import BlissSeries, bliss_series, scan_role
 from calypso.tasks.raw.frames import FrameSource
-from calypso.tasks.raw.live import FileRun, open_lima
+from calypso.tasks.raw.live import FileRun, counter_named, open_lima
 from calypso.tasks.raw.projections import ROTATION_MOTORS, FrameBlock, TomographyScan, check_scan
 from calypso.tasks.tomography import (
     CenterResult,
@@ -40,7 +40,6 @@ from calypso.tasks.writers import nexus
 from calypso.techniques import tomography as tomo
 
 READ_AGAIN_S = 10.0  # how long a dataset file held by its writer is tried again
-HALF_TURN_DEG = 179.0  # what check_scan asks of a reconstruction: a half turn, one step short
 REFRESH_DEG = 90.0  # the preview is made again at the scan's end for this much more rotation
 
 
@@ -88,20 +87,12 @@ def projection_scan(raw_file: Path, scans: list[int] | None) -> int | None:
 
 
 def rotation_angles(counters: dict[str, np.ndarray], motor: str | None) -> np.ndarray | None:
-    """The projections' angles among a live scan's counters (degrees), None if not there.
-    Streams are named by their controller too (``axis:srot``): the last part counts."""
-    by_name = {**{name.rsplit(":", 1)[-1]: v for name, v in counters.items()}, **counters}
+    """The projections' angles among a live scan's counters (degrees), None if not there."""
     for name in [motor] if motor else ROTATION_MOTORS:
-        if name in by_name:
-            return np.asarray(by_name[name], dtype=np.float64).ravel()
+        values = counter_named(counters, name)
+        if values is not None:
+            return np.asarray(values, dtype=np.float64).ravel()
     return None
-
-
-def covered_deg(angles: np.ndarray) -> float:
-    """The rotation that projections at ``angles`` cover, as check_scan counts it."""
-    if len(angles) < 2:
-        return 0.0
-    return float(abs(angles[-1] - angles[0]) + np.abs(np.diff(angles)).mean())
 
 
 def live_tomography_scan(

@@ -27,15 +27,12 @@ from calypso.flows.online.live_base import (
     LiveTechnique,
     MissingInputs,
 )
-from calypso.tasks.raw.live import LiveScan
+from calypso.tasks.raw.live import LiveScan, counter_named
 
 
 def _monitor(scan: LiveScan, name: str, first: int, stop: int) -> np.ndarray | None:
     """The monitor's points for frames ``first:stop``, None until all are there."""
-    for counter, values in scan.read_counters(first, stop).items():
-        if counter == name or counter.split(":")[-1] == name:
-            return values
-    return None
+    return counter_named(scan.read_counters(first, stop), name)
 
 
 class LiveDiffraction(LiveTechnique):

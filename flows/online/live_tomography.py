@@ -36,6 +36,8 @@ class LiveTomography(LiveTechnique):
         self.first: FirstFrames | None = None
         self.parameters: Any = None
         self.previewed = 0  # projections in the last preview sent
+        self.looked_at = 0  # projections whose angles were last looked at
+        self.flats: dict[int, bool] = {}  # scan -> whether it is a flat series
         self.ctx: StepContext | None = None  # the plan step's (the run's folders, settings)
 
     def warm_up(self, ctx: StepContext, parameters: Any) -> None:
@@ -131,11 +133,17 @@ class LiveTomography(LiveTechnique):
     def chunk_inputs(self, live: LiveRun, plan: Any, first: int, stop: int, ended: bool) -> Any:
         """Nothing until the projections cover a half turn (or the scan has ended); then
         the plan of the projections so far (None: they never covered one)."""
-        from calypso.tasks.live_tomography import HALF_TURN_DEG, REFRESH_DEG, covered_deg
+        from calypso.tasks.live_tomography import REFRESH_DEG
+        from calypso.tasks.raw.projections import HALF_TURN_DEG, covered_deg
 
+        # Polled every ~0.1 s: the counters are read only when their answer may change.
+        if not ended and (self.previewed or stop == self.looked_at):
+            return WAIT
         angles = self._angles(live, stop, patient=ended)
+        if angles is not None:  # unreadable now (between two writes): looked at again
+            self.looked_at = stop
         covered = covered_deg(angles) if angles is not None else 0.0
-        if not ended and (self.previewed or covered < HALF_TURN_DEG):
+        if not ended and covered < HALF_TURN_DEG:
             return WAIT
         # At the scan's end, a second preview only for a quarter turn more (a full turn).
         more = covered - (covered_deg(angles[: self.previewed]) if self.previewed else 0.0)
@@ -188,7 +196,10 @@ class LiveTomography(LiveTechnique):
         while True:
             done, running = ended_scan_numbers(raw_file)
             after = [n for n in done if n > live.number]
-            if not running and any(self._is_flat(raw_file, n) for n in after):
+            for number in after:
+                if number not in self.flats:
+                    self.flats[number] = self._is_flat(raw_file, number)
+            if not running and any(self.flats[n] for n in after):
                 return
             if (done, running) != seen:
                 quiet_since, seen = time.monotonic(), (done, running)

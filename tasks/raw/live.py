@@ -85,6 +85,15 @@ class LiveScan(Protocol):
 FileRun = tuple[str, str, int, int]  # Lima file, dataset, first index, stop index
 
 
+def counter_named(counters: dict[str, np.ndarray], name: str) -> np.ndarray | None:
+    """Counter ``name`` among a live scan's counters: streams are named by their
+    controller too (``axis:srot``, ``simulator:mon``), files by the counter alone."""
+    for counter, values in counters.items():
+        if counter == name or counter.split(":")[-1] == name:
+            return values
+    return None
+
+
 def read_runs(runs: list[FileRun]) -> np.ndarray:
     """The frames of :meth:`LiveScan.locations` runs, in order (in a task, on a worker)."""
     return np.concatenate([read_lima(*run) for run in runs])

@@ -194,6 +194,17 @@ def open_tomography_scan(
     return scan
 
 
+HALF_TURN_DEG = 179.0  # what a reconstruction needs: a half turn, one step short at most
+
+
+def covered_deg(angles: np.ndarray) -> float:
+    """The rotation projections at ``angles`` (degrees) cover: first to last, plus a step."""
+    angles = np.asarray(angles, dtype=np.float64)
+    if len(angles) < 2:
+        return 0.0
+    return float(abs(angles[-1] - angles[0]) + np.abs(np.diff(angles)).mean())
+
+
 def check_scan(scan: TomographyScan, parameters: TomographyParameters) -> None:
     """Refuse a scan that cannot be reconstructed, with a message that says why."""
     where = scan.description
@@ -224,8 +235,8 @@ def check_scan(scan: TomographyScan, parameters: TomographyParameters) -> None:
             f"{steps[np.argmin(np.abs(steps))]:.3g} deg at projection "
             f"{int(np.argmin(np.abs(steps)))}); check the rotation motor channel"
         )
-    span = abs(angles[-1] - angles[0]) + (abs(steps).mean() if len(steps) else 0)
-    if span < 179.0:
+    span = covered_deg(angles)
+    if span < HALF_TURN_DEG:
         raise RawDataError(
             f"{where}: the projections cover {span:.1f} degrees; a reconstruction needs 180"
         )
