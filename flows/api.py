@@ -237,7 +237,7 @@ def _run_technique(
     export_to: str | None,
 ) -> dict[str, Any]:
     from calypso.executors import local_worker_count
-    from calypso.flows.engine import remember_plan
+    from calypso.flows.engine import remember_plan, with_task_runner
 
     if not settings.executor.preload:
         # Workers import this technique's code while they start, not another's.
@@ -260,7 +260,7 @@ def _run_technique(
         settings,
         total,
         entry.unit,
-        lambda runner: technique_flow.with_options(task_runner=runner)(
+        lambda runner: with_task_runner(technique_flow, runner)(
             raw=input_path,
             parameters=parameters,
             scans=scans,
@@ -468,6 +468,7 @@ def run_saved_flow(
     own and one of ``identity``'s, default the caller's), then run every variant of it on
     the configured Dask cluster."""
     began = time.perf_counter()
+    from calypso.flows.engine import with_task_runner
     from calypso.flows.specification import check_specification
     from calypso.flows.user_flows import confine_saved_flow, default_output, user_flow
 
@@ -485,7 +486,7 @@ def run_saved_flow(
         settings,
         len(spec.variants()),
         "variants",
-        lambda runner: user_flow.with_options(task_runner=runner)(
+        lambda runner: with_task_runner(user_flow, runner)(
             name=flow.name,
             version=flow.version,
             specification=flow.specification,

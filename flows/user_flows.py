@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from prefect import flow
 
 from calypso.executors.dask import flow_task_runner
-from calypso.flows.engine import run_specification
+from calypso.flows.engine import run_specification, with_task_runner
 from calypso.flows.specification import FlowSpec, check_specification
 from calypso.flows.techniques import TECHNIQUES, all_steps
 from calypso.registry.access import Identity, Intent, confine
@@ -186,7 +186,7 @@ def saved_flow(
     identity = service_identity(settings) if served_run() else current_identity(settings)
     confine_saved_flow(identity, saved, spec, raw, output_dir, settings)
     runner = flow_task_runner([TECHNIQUES[spec.technique].preload])
-    return user_flow.with_options(task_runner=runner)(
+    return with_task_runner(user_flow, runner)(
         name=saved.name,
         version=saved.version,
         specification=saved.specification,

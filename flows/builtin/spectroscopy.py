@@ -18,9 +18,10 @@ def reduce(ctx: Any, plan: Any) -> list[Any]:
     arguments = (plan.parameters, reference_e0, ctx.work_dir)
     described = f"Reducing {plan.n_spectra} spectra"
     if plan.in_process:  # no Dask round trip for milliseconds of work
-        progress = RunProgress(plan.n_spectra, described)
+        parts = plan.batches()
+        progress = RunProgress(plan.n_spectra, described, artifact=len(parts) > 1)
         batches = []
-        for batch in plan.batches():
+        for batch in parts:
             batches.append(reduce_spectra_batch(batch, *arguments))
             progress.advance(batch.stop - batch.start)
     else:

@@ -34,7 +34,12 @@ import numpy as np
 from pydantic import BaseModel
 
 from calypso.errors import CalypsoError, ParameterError, RawDataError
-from calypso.flows.engine import StepContext, builtin_specification, run_specification
+from calypso.flows.engine import (
+    StepContext,
+    builtin_specification,
+    run_specification,
+    with_task_runner,
+)
 from calypso.flows.online.live_base import (
     LIVE_TECHNIQUES,
     WAIT,
@@ -420,7 +425,7 @@ def run_live(
     try:
         summary = run_on_cluster(
             settings, 0, unit,
-            lambda runner: flow.with_options(task_runner=runner)(
+            lambda runner: with_task_runner(flow, runner)(
                 technique=technique, raw=input_path, parameters=parameters, scans=scans,
                 output_dir=output, export_to=export_to, live=live,
             ),
