@@ -1,17 +1,9 @@
 """Live XAS maps (docs/live.md): the spectra of a map scan reduced while it is written.
 
-A Bliss XAS map has no detector frames: its points are spectra, the rows of its 2D
-counters (``N.1/measurement/i0``, ``it``, ...: spectrum x energy point), its energy axis a
-1D counter written when the scan starts. :class:`CounterRows` is the
-:class:`~calypso.tasks.raw.live.LiveScan` of such a scan, read from the growing dataset
-file: **a point is available once every 2D counter of the entry holds its row** (the
-writer grows each counter a whole row at a time and flushes it, under SWMR), and the
-energy axis is there. The scan's end is ``end_time`` in entry ``N.1`` (written last).
-
-A live chunk reads its rows from the dataset file as it is written (the offline readers do
-not open a file its writer holds in SWMR mode) and reduces them with the offline batch's
-code (:func:`calypso.tasks.spectroscopy.reduce_into_part`). The partial file has the
-result's layout, spectra not done yet NaN.
+The flow reads a live chunk's spectra (:mod:`calypso.tasks.raw.live_rows`: from the
+growing dataset file or from Bliss's data streams) and its task reduces them with the
+offline batch's code (:func:`calypso.tasks.spectroscopy.reduce_into_part`). The partial
+file has the result's layout, spectra not done yet NaN.
 """
 
 from __future__ import annotations
@@ -26,13 +18,11 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from calypso.errors import ParameterError, RawDataError
+from calypso.errors import ParameterError
 from calypso.executors.paths import worker_paths
 from calypso.settings import CalypsoSettings
 from calypso.tasks.live_common import partial_file
 from calypso.tasks.plans.spectroscopy import Calibration, SpectraBatch, SpectroscopyPlan
-from calypso.tasks.raw import bliss
-from calypso.tasks.raw.live import FileRun, LiveScanInfo, _stalled, open_lima
 from calypso.tasks.raw.spectra import ColumnTable, SpectrumSource, absorption
 from calypso.tasks.spectroscopy import BatchResult, reduce_into_part
 from calypso.tasks.writers import nexus
@@ -41,153 +31,21 @@ from calypso.techniques.spectroscopy import SpectroscopyParameters
 PROCESS = "xas"  # the result's NXprocess, whose status a partial result sets
 
 
-class CounterRows:
-    """The spectra of a map scan in progress (rows of its 2D counters), from the Bliss
-    dataset file as it grows: a :class:`~calypso.tasks.raw.live.LiveScan`."""
-
-    def __init__(self, dataset_file: str | Path, scan: int, stall_timeout: float = 60.0) -> None:
-        self.dataset_file = Path(dataset_file)
-        self.entry = f"{scan}.1"
-        self.stall_timeout = stall_timeout
-        self._info = LiveScanInfo(scan, "", None)
-        self._handed = 0
-        self._ended = False
-        self._progress = time.monotonic()
-
-    @property
-    def info(self) -> LiveScanInfo:
-        return self._info
-
-    @property
-    def frames(self) -> int:
-        return self._handed
-
-    @property
-    def finished(self) -> bool:
-        return self._ended
-
-    partial = False  # the end reason is read from the file (live._end_reason)
-
-    def _look(self) -> tuple[int, bool] | None:
-        """(rows every 2D counter holds, end_time written), None while the file or the
-        entry cannot be read (not there yet, caught between two metadata writes)."""
-        try:
-            with open_lima(self.dataset_file) as h5:
-                entry = h5.get(self.entry)
-                if entry is None:
-                    return None
-                ended = "end_time" in entry  # read first: the rows then hold all there is
-                measurement = entry.get("measurement")
-                rows, counters, axis = [], [], 0
-                for name in measurement or ():
-                    item = measurement.get(name)
-                    if isinstance(item, h5py.Dataset) and item.ndim == 2:
-                        rows.append(item.shape[0])
-                        counters.append(name)
-                        axis = item.shape[1]
-                if counters and not self._info.counters:
-                    self._info = LiveScanInfo(
-                        self._info.number, bliss._optional_text(entry, "title") or "", None,
-                        (counters[0],), tuple(counters),
-                    )  # fmt: skip
-                # The energy axis (a 1D counter of the rows' length) must be there too.
-                axes = [
-                    n for n in measurement or ()
-                    if isinstance(measurement.get(n), h5py.Dataset)
-                    and measurement[n].ndim == 1 and measurement[n].shape[0] == axis
-                ]  # fmt: skip
-                return (min(rows) if rows and axes else 0), ended
-        except (OSError, KeyError, ValueError, RuntimeError):
-            return None
-
-    def ready(self) -> list[tuple[int, int]]:
-        look = self._look()
-        if look is None:
-            self._check_stall()
-            return []
-        rows, ended = look
-        start = self._handed
-        self._handed = max(self._handed, rows)
-        self._ended = ended
-        if self._handed > start:
-            self._progress = time.monotonic()
-            return [(start, self._handed)]
-        self._check_stall()
-        return []
-
-    def _check_stall(self) -> None:
-        waited = time.monotonic() - self._progress
-        if self._ended or waited <= self.stall_timeout:
-            return
-        counters = ", ".join(self._info.counters) or "its 2D counters"
-        what = (
-            f"{self.dataset_file} scan {self._info.number}: {counters} held {self._handed} spectra"
-        )
-        raise _stalled(what, waited)
-
-    def locations(self, first: int, stop: int) -> list[FileRun]:
-        """The rows of the first 2D counter (the frame shape: a spectrum's points)."""
-        if not 0 <= first < stop <= self._handed:
-            raise RawDataError(
-                f"spectra {first}-{stop - 1} of {self.dataset_file} scan {self._info.number} "
-                f"are not all handed out yet ({self._handed} are)"
-            )
-        counter = self._info.counters[0]
-        return [(str(self.dataset_file), f"/{self.entry}/measurement/{counter}", first, stop)]
-
-    def read(self, first: int, stop: int) -> np.ndarray:
-        with open_lima(self.dataset_file) as h5:
-            return h5[self.locations(first, stop)[0][1]][first:stop]
-
-    def read_counters(self, first: int, stop: int) -> dict[str, np.ndarray]:
-        table = read_live_counters(self.dataset_file, self._info.number or 0, first, stop)
-        return {n: v for n, v in table.columns.items() if v.ndim == 2}
-
-    def close(self) -> None:
-        """Nothing stays open between two looks."""
-
-
-def read_live_counters(path: str | Path, scan: int, start: int, stop: int) -> ColumnTable:
-    """The counters of spectra ``start:stop`` (rows of the 2D counters; 1D counters whole)
-    and the edge metadata, as :func:`calypso.tasks.raw.spectra.read_bliss_counters` reads
-    them offline, from a dataset file its writer may still hold (SWMR, no locking)."""
-    entry = f"{scan}.1"
-    try:
-        with open_lima(path) as h5:
-            measurement = h5[f"{entry}/measurement"]
-            columns: dict[str, np.ndarray] = {}
-            for name in measurement:
-                item = measurement.get(name)
-                if getattr(item, "ndim", 0) == 1:
-                    columns[name] = np.asarray(item[()], dtype=np.float64)
-                elif getattr(item, "ndim", 0) == 2:
-                    columns[name] = np.asarray(item[start:stop], dtype=np.float64)
-            metadata = {}
-            for name, key in (("element", "Element.symbol"), ("edge", "Element.edge")):
-                if f"{entry}/instrument/xas/{name}" in h5:
-                    metadata[key] = bliss._text(h5[f"{entry}/instrument/xas/{name}"][()])
-    except (OSError, KeyError, ValueError) as exc:
-        raise RawDataError(
-            f"{path} scan {scan}: the counters of spectra {start}-{stop - 1} cannot be read ({exc})"
-        ) from None
-    return ColumnTable(where=f"{path} scan {scan}", columns=columns, metadata=metadata)
-
-
-# Not cached: a live chunk's rows are read from a file still being written, and a retried
-# live run follows the scan again from its start.
+# Not cached: a live chunk's rows come from a file still being written (or a stream), and a
+# retried live run follows the scan again from its start.
 @task(name="reduce_live_spectra", cache_policy=NO_CACHE)
 @worker_paths
 def reduce_live_spectra(
     batch: SpectraBatch,
+    table: ColumnTable,
     parameters: SpectroscopyParameters,
     reference_e0: float | None,
     work_dir: str,
 ) -> BatchResult:
-    """Spectra ``batch.start:stop`` of a map in progress reduced into their part file."""
+    """Spectra ``batch.start:stop`` of a map in progress (their counters ``table``, read by
+    the flow from the file or the streams) reduced into their part file."""
     began = time.perf_counter()
     source = batch.source
-    assert source.scan is not None
-    table = read_live_counters(source.path, source.scan, batch.start, batch.stop)
     part = Path(work_dir) / f"live-{source.label}-{batch.start:09d}.h5"
     return reduce_into_part(table, batch, parameters, reference_e0, part, True, began)
 
@@ -286,18 +144,19 @@ def make_live_spectroscopy_plan(
     input_path: str,
     parameters: SpectroscopyParameters,
     first: Any,
+    table: ColumnTable,
     output_dir: str | None,
     settings: CalypsoSettings,
 ) -> LiveSpectroscopyPlan:
     """The plan of a map in progress (``first``: what its first spectra and its dataset
-    file say, :class:`calypso.flows.online.live_base.FirstFrames`), made as the offline
+    file say, :class:`calypso.flows.online.live_base.FirstFrames`; ``table``: the counters
+    of its first spectrum, from the file or the streams), made as the offline
     planner makes it: its first spectrum read, normalised and checked, the edge and the
     reference foil's calibration decided, the same output folder, file and checks."""
     from calypso.tasks.plans.live import _live_output
     from calypso.tasks.plans.spectroscopy import TECHNIQUE, check_first_spectrum
 
     raw_file, number = Path(first.raw_file), first.number
-    table = read_live_counters(raw_file, number, 0, 1)
     data = absorption(table, parameters)
     source = SpectrumSource(
         path=str(raw_file), scan=number, n_spectra=max(first.npoints or first.frames, 1),

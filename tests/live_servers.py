@@ -90,6 +90,40 @@ def stop_valkey(server: subprocess.Popen) -> None:
             server.wait()
 
 
+class ServerStopper(threading.Thread):
+    """A beamline whose stream server dies mid-scan: once a live run follows (in this
+    process), start the acquisition ``command``; once the run has had ``after`` frames,
+    stop the valkey ``server``."""
+
+    def __init__(self, server: subprocess.Popen, command: list[str], after: int) -> None:
+        super().__init__(daemon=True)
+        self.server, self.command, self.after = server, command, after
+        self.writer: subprocess.Popen | None = None
+        self.stopped_after: int | None = None
+
+    def run(self) -> None:
+        from calypso.flows.online import live
+
+        while not live._RUNS:
+            time.sleep(0.02)
+        self.writer = subprocess.Popen(self.command)
+        run = next(iter(live._RUNS.values()))
+        while run.scan is None or run.scan.frames < self.after:
+            time.sleep(0.02)
+        self.stopped_after = run.scan.frames
+        stop_valkey(self.server)
+
+
+def fresh_valkey(folder: Path) -> tuple[subprocess.Popen, str]:
+    """A valkey server of a test's own (one it may stop), initialised for blissdata."""
+    from blissdata.redis_engine.store import DataStore
+
+    folder.mkdir()
+    server, url = start_valkey(folder)
+    DataStore(url, init_db=True)._redis.connection_pool.disconnect()
+    return server, url
+
+
 @pytest.fixture(scope="session")
 def valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``redis://127.0.0.1:PORT`` of a valkey-server with RedisJSON and RediSearch (what

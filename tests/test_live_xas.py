@@ -4,7 +4,8 @@ spectroscopy --spectra N``: 2D counters, no detector frames) at 15 spectra a sec
 while the live run follows the growing dataset file: spectra are normalised while the map
 is scanned, the partial file holds the spectra and the map so far (those not done NaN),
 and the result is the offline run's bit for bit, registered once. An aborted map gives a
-result of the spectra that came, marked partial."""
+result of the spectra that came, marked partial. Through blissdata (a real valkey
+server), the spectra are read from the streams while the dataset file lags them."""
 
 from __future__ import annotations
 
@@ -127,3 +128,45 @@ def test_an_aborted_map_gives_a_result_marked_partial(
         assert np.isfinite(xas["fit/e0"][()]).all()
     records = [r for r in SQLiteCatalogue(catalogue_path).list() if r.outputs == summary["outputs"]]
     assert len(records) == 1 and records[0].frames == ABORTED_AFTER
+
+
+FILE_LAG = 40  # points the dataset file's counters trail the streams by
+
+
+def test_a_map_on_blissdata_is_reduced_from_the_streams_the_file_lags(
+    map_sample, tmp_path, catalogue_path, blissdata_url, live_settings
+):
+    root = tmp_path / "beamline"
+    timeline = tmp_path / "written.json"
+    writer = simulate(
+        map_sample.raw_dataset_dir, root,
+        *("--rate", "20", "--start-delay", "0.5", "--timeline", str(timeline)),
+        *("--blissdata", blissdata_url, "--file-lag", str(FILE_LAG)),
+    )  # fmt: skip
+    raw_dir = replayed(map_sample, root)
+    parameters = SpectroscopyParameters(batch_size=BATCH)
+    try:
+        summary = live.run_live(
+            "spectroscopy", str(raw_dir), parameters, None, None, live_settings,
+            live={"source": blissdata_url, "stall_timeout": 30, "poll": 0.05},
+        )  # fmt: skip
+    finally:
+        assert writer.wait(timeout=60) == 0
+    in_file = json.loads(timeline.read_text())["written"]  # when the file got each spectrum
+    chunks = list(live.LAST_TIMELINE)
+    assert summary["count"] == SPECTRA and not summary["partial"], summary
+    assert summary["live_chunks_kept"] == SPECTRA // BATCH  # every spectrum reduced once, live
+    # Reduced from the streams: a chunk done before the file held its last spectrum.
+    ahead = [c for c in chunks if c["done"] < in_file[c["stop"] - 1]]
+    assert ahead, f"no chunk ahead of the file: {chunks}"
+
+    offline = run_technique(
+        "spectroscopy", str(raw_dir), parameters, None, str(tmp_path / "offline"), live_settings
+    )
+    live_file, offline_file = (s["outputs"][0].split("::")[0] for s in (summary, offline))
+    live_sets, offline_sets = datasets(live_file), datasets(offline_file)
+    assert live_sets.keys() == offline_sets.keys()
+    for name in live_sets:
+        assert live_sets[name] == offline_sets[name], name
+    records = [r for r in SQLiteCatalogue(catalogue_path).list() if r.outputs == summary["outputs"]]
+    assert len(records) == 1 and records[0].frames == SPECTRA

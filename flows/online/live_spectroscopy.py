@@ -2,23 +2,23 @@
 progress (:mod:`calypso.flows.online.live`), for a map scan whose points are spectra.
 
 The scan is followed through its growing dataset file
-(:class:`~calypso.tasks.live_spectroscopy.CounterRows`: a spectrum is there once every 2D
-counter holds its row). Chunks of spectra are normalised (and their EXAFS extracted) with
-the offline batch's code as they come; the partial file holds the spectra and the map so
-far, those not done NaN. Once the scan has ended, the plan is the offline run's, and so
-are the batches: a live chunk that is one of them (the same spectra, the same
-calibration: ``--set batch_size=N`` makes the live chunks the result's batches) is kept,
-the others are reduced again (about half a millisecond a spectrum), because the EXAFS
-extraction of a batch depends on its spectra (its k grid): the result is the offline one,
-bit for bit.
-"""
+(:class:`~calypso.tasks.raw.live_rows.CounterRows`: a spectrum is there once every
+2D counter holds its row) or through Bliss's data streams
+(:class:`~calypso.tasks.raw.live_rows.StreamRows`: once every 2D counter's stream
+has it; the rows are read from the streams, which the file may lag). Chunks of spectra
+are normalised (and their EXAFS extracted) with the offline batch's code as they come;
+the partial file holds the spectra and the map so far, those not done NaN. Once the scan
+has ended, the plan is the offline run's, and so are the batches: a live chunk that is
+one of them (the same spectra, the same calibration: ``--set batch_size=N`` makes the
+live chunks the result's batches) is kept, the others are reduced again (about half a
+millisecond a spectrum), because the EXAFS extraction of a batch depends on its spectra
+(its k grid): the result is the offline one, bit for bit."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from calypso.errors import ParameterError
 from calypso.flows.engine import StepContext
 from calypso.flows.online.live_base import WAIT, FirstFrames, LiveRun, LiveTechnique
 
@@ -32,6 +32,7 @@ class LiveSpectroscopy(LiveTechnique):
     def __init__(self) -> None:
         self.reference_e0: float | None = None  # the live chunks' calibration
         self.reused = 0  # live chunks that are batches of the result
+        self.scan: Any = None  # what open_scan found (the plan reads its first spectrum)
 
     def warm_up(self, ctx: StepContext, parameters: Any) -> None:
         """While the scan has not begun: each worker reduces a model spectrum once (its
@@ -44,23 +45,27 @@ class LiveSpectroscopy(LiveTechnique):
     def open_scan(
         self, live: LiveRun, raw_file: Path, scans: list[int] | None, parameters: Any
     ) -> tuple[Any, int, str]:
-        """The map being written, followed through its dataset file: its rows of counters."""
-        from calypso.tasks.live_spectroscopy import CounterRows
-        from calypso.tasks.plans.live import running_entry, wait
+        """The map being written: the rows of its 2D counters, from its dataset file as it
+        grows, or from Bliss's data streams (a redis:// source)."""
+        from calypso.tasks.plans.live import find_stream_scan, running_entry, wait
+        from calypso.tasks.raw.live_rows import CounterRows, StreamRows
 
-        if live.source != "files":
-            raise ParameterError(
-                f"live spectroscopy of {raw_file}: XAS maps are followed through their "
-                "growing dataset file only so far: use --live files"
-            )
-        what = f"no scan started writing {raw_file}"
-        number = wait(lambda: running_entry(raw_file, scans), live.stall_timeout, what)
-        return CounterRows(raw_file, number, live.stall_timeout), number, ""
+        if live.source == "files":
+            what = f"no scan started writing {raw_file}"
+            number = wait(lambda: running_entry(raw_file, scans), live.stall_timeout, what)
+            self.scan = CounterRows(raw_file, number, live.stall_timeout)
+            return self.scan, number, ""
+        key = find_stream_scan(live.source, raw_file, scans, live.stall_timeout)
+        self.scan = StreamRows(live.source, key, raw_file, live.stall_timeout)
+        return self.scan, self.scan.info.number, ""
 
     def plan(self, ctx: StepContext, parameters: Any, first: FirstFrames) -> Any:
         from calypso.tasks.live_spectroscopy import make_live_spectroscopy_plan
 
-        plan = make_live_spectroscopy_plan(ctx.raw, parameters, first, ctx.output_dir, ctx.settings)
+        first_spectrum = self.scan.table(0, 1)
+        plan = make_live_spectroscopy_plan(
+            ctx.raw, parameters, first, first_spectrum, ctx.output_dir, ctx.settings
+        )
         self.reference_e0 = plan.calibration.reference_e0 if plan.calibration else None
         return plan
 
@@ -78,7 +83,10 @@ class LiveSpectroscopy(LiveTechnique):
         from calypso.tasks.plans.spectroscopy import SpectraBatch
 
         batch = SpectraBatch(source=plan.sources[0], start=first, stop=stop)
-        return reduce_live_spectra.submit(batch, plan.parameters, self.reference_e0, ctx.work_dir)
+        table = live.scan.table(first, stop)  # from the streams: the file may lag them
+        return reduce_live_spectra.submit(
+            batch, table, plan.parameters, self.reference_e0, ctx.work_dir
+        )
 
     def span(self, result: Any) -> tuple[int, int]:
         return result.start, result.stop

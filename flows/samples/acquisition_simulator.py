@@ -15,13 +15,18 @@ its own, as Bliss and Lima do:
   half-written), then the detector's virtual dataset, ``end_reason`` and ``end_time``,
   written last;
 - with ``blissdata_url``, the scan published on Bliss's data-stream server too: a Lima
-  stream with the files' names and Lima's ``last_index_saved``, one stream a counter,
-  ``end_reason``; the scan is closed only once the dataset file holds ``end_time``.
+  stream with the files' names and Lima's ``last_index_saved``, one stream a counter (a
+  row a point for a map's 2D counters), ``end_reason``; the scan is closed only once the
+  dataset file holds ``end_time``.
 
 A scan without detector frames (an XAS map: rows of 2D counters, one spectrum a point)
 is replayed point by point the same way: no Lima file, each point's counter values (a row
 of each 2D counter) written as its turn comes, the counters of another length (a map's
 energy axis) whole at the start, ``end_reason`` and ``end_time`` last.
+
+With blissdata, ``file_lag=N`` writes the dataset file's counter points N points behind the
+stream (Bliss's writer can lag Redis), to show that a reader of the stream does not wait
+for the file.
 
 ``abort_after=K`` stops after K frames as an aborted scan does (``end_reason``
 ``USER_ABORT``, ``end_time`` written); ``end=False`` then leaves the scan without an
@@ -46,7 +51,6 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from calypso.errors import ParameterError
 from calypso.tasks.raw import bliss
 from calypso.tasks.raw.data_policy import RawDataset
 
@@ -209,16 +213,15 @@ def simulate_acquisition(
     end: bool = True,
     timeline: str | Path | None = None,
     start_delay: float = 0.0,
+    file_lag: int = 0,
 ) -> Path:
     """Replay scan ``scan`` of ``source`` (a raw dataset folder or its file) into the same
     raw dataset under ``target_root``, ``rate`` frames a second; returns the new dataset
-    file. ``frames`` replays the first ones only (a scan of that many points)."""
+    file. ``frames`` replays the first ones only (a scan of that many points).
+    ``file_lag`` (with ``blissdata_url``): the dataset file gets each point's counters
+    that many points after the stream, as Bliss's writer may lag its data streams; it
+    catches up when the scan stops."""
     recorded = recorded_scan(source, scan)
-    if blissdata_url and not recorded.detector:
-        raise ParameterError(
-            f"{recorded.raw.raw_file} scan {scan} has no detector frames: publishing it "
-            "through blissdata is not done yet (replay its files only)"
-        )
     n_frames = min(frames or recorded.points, recorded.points)
     written = n_frames if abort_after is None else min(abort_after, n_frames)
     raw = recorded.raw.model_copy(update={"root": Path(target_root).absolute()})
@@ -240,7 +243,8 @@ def simulate_acquisition(
         )
     counters = _start_entry(raw, recorded)
     copier = _Frames()
-    times: list[float] = []
+    times: list[float] = []  # each point wholly in the files
+    published: list[float] = []  # ... and on the stream
     began = time.monotonic()
     lima = data = None
     try:
@@ -257,18 +261,23 @@ def simulate_acquisition(
                 lima.flush()  # a reader of growing files sees the frame now
                 if slot == count - 1 or index == written - 1:
                     lima.close()  # as Lima does once a file is full (or the scan stops)
-            for name, values in recorded.counters.items():
-                counters[name].resize(index + 1, axis=0)
-                counters[name][index] = values[index]
-                counters[name].flush()
-            times.append(time.time())
-            if publisher is not None:
+            if publisher is not None and file_lag:  # the stream first, the file behind it
                 publisher.frame(index, {n: v[index] for n, v in recorded.counters.items()})
+                published.append(time.time())
+            while len(times) <= index - file_lag:
+                _write_point(counters, recorded, len(times))
+                times.append(time.time())
+            if publisher is not None and not file_lag:
+                publisher.frame(index, {n: v[index] for n, v in recorded.counters.items()})
+                published.append(time.time())
+        while len(times) < written:  # the file catches up once the scan has stopped
+            _write_point(counters, recorded, len(times))
+            times.append(time.time())
     finally:
         copier.close()
         counters["__file__"].close()
     if timeline is not None:
-        Path(timeline).write_text(json.dumps({"written": times}))
+        Path(timeline).write_text(json.dumps({"written": times, "published": published}))
     if not end:
         return raw.raw_file  # a writer that died: no end_time, the stream never closed
     reason = "SUCCESS" if written == n_frames else "USER_ABORT"
@@ -276,6 +285,15 @@ def simulate_acquisition(
     if publisher is not None:
         publisher.end(reason)
     return raw.raw_file
+
+
+def _write_point(counters: dict[str, Any], recorded: RecordedScan, index: int) -> None:
+    """Point ``index`` of every counter into the dataset file, flushed (SWMR readers see
+    it whole)."""
+    for name, values in recorded.counters.items():
+        counters[name].resize(index + 1, axis=0)
+        counters[name][index] = values[index]
+        counters[name].flush()
 
 
 def _lima_file(path: str, detector: str, count: int, shape, dtype) -> tuple[h5py.File, Any]:
@@ -420,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-end", action="store_true", help="stop without end_time")
     parser.add_argument("--timeline", help="JSON file: when each frame was written")
     parser.add_argument("--start-delay", type=float, default=0.0, help="seconds before start")
+    parser.add_argument(
+        "--file-lag", type=int, default=0, metavar="N",
+        help="with --blissdata: the dataset file's counters N points behind the stream",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     scans = args.scan or [1]
     for index, scan in enumerate(scans):
@@ -431,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             blissdata_url=args.blissdata, abort_after=args.abort_after if last else None,
             end=not args.no_end or not last, timeline=args.timeline if last else None,
             start_delay=args.start_delay if index == 0 else args.gap,
+            file_lag=args.file_lag if args.blissdata else 0,
         )  # fmt: skip
     print(path, flush=True)
     if args.blissdata:

@@ -1,7 +1,9 @@
 """A replayed scan published on Bliss's data-stream server (blissdata), as Bliss publishes
-it: the scan's info, one Lima stream with the files' names and ``last_index_saved``, one
-stream a counter, ``end_reason``. Used by the acquisition simulator
-(:mod:`calypso.flows.samples.acquisition_simulator`) beside the files it writes.
+it: the scan's info, one Lima stream with the files' names and ``last_index_saved`` (a
+scan with a detector), one stream a counter (a number a point; a row a point for a
+map's 2D counters, as Bliss's 1D detectors: MCAs, spectra), ``end_reason``. Used by the
+acquisition simulator (:mod:`calypso.flows.samples.acquisition_simulator`) beside the files
+it writes.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import sys
 from typing import TYPE_CHECKING
 
 import h5py
+import numpy as np
 
 from calypso.tasks.raw.data_policy import RawDataset
 from calypso.tasks.raw.live import LIMA_DATASET
@@ -43,36 +46,41 @@ class BlissPublisher:
         }
         info = {"npoints": n_frames, "filename": str(raw.raw_file), "title": recorded.title}
         self.scan = self.store.create_scan(identity, info=info)
-        with h5py.File(recorded.frames[0][0], "r") as h5:
-            source = h5[recorded.frames[0][1]]
-            shape, dtype = source.shape[1:], source.dtype
-        saving = {
-            "file_path": template,
-            "data_path": LIMA_DATASET,
-            "file_format": "hdf5",
-            "file_offset": 0,
-            "frames_per_file": per_file,
-        }
-        image = LimaStream.make_definition(
-            f"{recorded.detector}:image", dtype, shape, f"id00/limaccds/{recorded.detector}",
-            10, n_frames, 0, saving,
-        )  # fmt: skip
-        self.lima = self.scan.create_stream(image)
+        self.lima = None
+        if recorded.detector:
+            with h5py.File(recorded.frames[0][0], "r") as h5:
+                source = h5[recorded.frames[0][1]]
+                shape, dtype = source.shape[1:], source.dtype
+            saving = {
+                "file_path": template,
+                "data_path": LIMA_DATASET,
+                "file_format": "hdf5",
+                "file_offset": 0,
+                "frames_per_file": per_file,
+            }
+            image = LimaStream.make_definition(
+                f"{recorded.detector}:image", dtype, shape, f"id00/limaccds/{recorded.detector}",
+                10, n_frames, 0, saving,
+            )  # fmt: skip
+            self.lima = self.scan.create_stream(image)
         self.counters = {
-            name: self.scan.create_stream(Stream.make_definition(f"simulator:{name}", "float64"))
-            for name in recorded.counters
+            name: self.scan.create_stream(
+                Stream.make_definition(f"simulator:{name}", "float64", values.shape[1:])
+            )
+            for name, values in recorded.counters.items()
         }
         self.scan.prepare()
         self.scan.start()
 
     gone = False  # the server stopped answering: the files go on being written
 
-    def frame(self, index: int, points: dict[str, float]) -> None:
+    def frame(self, index: int, points: dict[str, np.ndarray]) -> None:
         def send() -> None:
             # Counters first: a reader that waits for them then finds the frame's point.
             for name, value in points.items():
-                self.counters[name].send(float(value))
-            self.lima.send({"last_index": index, "last_index_saved": index})
+                self.counters[name].send(np.asarray(value, dtype=np.float64))
+            if self.lima is not None:
+                self.lima.send({"last_index": index, "last_index_saved": index})
 
         self._publish(send)
 

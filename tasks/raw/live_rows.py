@@ -1,0 +1,297 @@
+"""The spectra of an XAS map in progress, as a live run follows them (docs/live.md).
+
+A Bliss XAS map has no detector frames: its points are spectra, the rows of its 2D
+counters (``N.1/measurement/i0``, ``it``, ...: spectrum x energy point), its energy axis a
+1D counter written when the scan starts. :class:`CounterRows` is the
+:class:`~calypso.tasks.raw.live.LiveScan` of such a scan, read from the growing dataset
+file: **a point is available once every 2D counter of the entry holds its row** (the
+writer grows each counter a whole row at a time and flushes it, under SWMR), and the
+energy axis is there. The scan's end is ``end_time`` in entry ``N.1`` (written last).
+
+:class:`StreamRows` follows the same scan through Bliss's data streams (blissdata): a
+row a point of each 2D counter's stream, read from the streams, which the file may lag.
+Either gives a live chunk's counters as the offline reader would
+(:meth:`CounterRows.table`); the offline readers do not open a file its writer holds in
+SWMR mode.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from calypso.errors import RawDataError
+from calypso.tasks.raw import bliss
+from calypso.tasks.raw.live import FileRun, LiveScanInfo, _stalled, open_lima
+from calypso.tasks.raw.live_streams import BlissdataScan
+from calypso.tasks.raw.spectra import ColumnTable
+
+
+class CounterRows:
+    """The spectra of a map scan in progress (rows of its 2D counters), from the Bliss
+    dataset file as it grows: a :class:`~calypso.tasks.raw.live.LiveScan`."""
+
+    def __init__(
+        self, dataset_file: str | Path, scan: int, stall_timeout: float = 60.0, skip: int = 0
+    ) -> None:
+        self.dataset_file = Path(dataset_file)
+        self.entry = f"{scan}.1"
+        self.stall_timeout = stall_timeout
+        self._info = LiveScanInfo(scan, "", None)
+        self._handed = skip  # handed out already (by the stream this follows on from)
+        self._ended = False
+        self._progress = time.monotonic()
+
+    @property
+    def info(self) -> LiveScanInfo:
+        return self._info
+
+    @property
+    def frames(self) -> int:
+        return self._handed
+
+    @property
+    def finished(self) -> bool:
+        return self._ended
+
+    partial = False  # the end reason is read from the file (live._end_reason)
+
+    def _look(self) -> tuple[int, bool] | None:
+        """(rows every 2D counter holds, end_time written), None while the file or the
+        entry cannot be read (not there yet, caught between two metadata writes)."""
+        try:
+            with open_lima(self.dataset_file) as h5:
+                entry = h5.get(self.entry)
+                if entry is None:
+                    return None
+                ended = "end_time" in entry  # read first: the rows then hold all there is
+                measurement = entry.get("measurement")
+                rows, counters, axis = [], [], 0
+                for name in measurement or ():
+                    item = measurement.get(name)
+                    if isinstance(item, h5py.Dataset) and item.ndim == 2:
+                        rows.append(item.shape[0])
+                        counters.append(name)
+                        axis = item.shape[1]
+                if counters and not self._info.counters:
+                    self._info = LiveScanInfo(
+                        self._info.number, bliss._optional_text(entry, "title") or "", None,
+                        (counters[0],), tuple(counters),
+                    )  # fmt: skip
+                # The energy axis (a 1D counter of the rows' length) must be there too.
+                axes = [
+                    n for n in measurement or ()
+                    if isinstance(measurement.get(n), h5py.Dataset)
+                    and measurement[n].ndim == 1 and measurement[n].shape[0] == axis
+                ]  # fmt: skip
+                return (min(rows) if rows and axes else 0), ended
+        except (OSError, KeyError, ValueError, RuntimeError):
+            return None
+
+    def ready(self) -> list[tuple[int, int]]:
+        look = self._look()
+        if look is None:
+            self._check_stall()
+            return []
+        rows, ended = look
+        start = self._handed
+        self._handed = max(self._handed, rows)
+        self._ended = ended
+        if self._handed > start:
+            self._progress = time.monotonic()
+            return [(start, self._handed)]
+        self._check_stall()
+        return []
+
+    def _check_stall(self) -> None:
+        waited = time.monotonic() - self._progress
+        if self._ended or waited <= self.stall_timeout:
+            return
+        counters = ", ".join(self._info.counters) or "its 2D counters"
+        what = (
+            f"{self.dataset_file} scan {self._info.number}: {counters} held {self._handed} spectra"
+        )
+        raise _stalled(what, waited)
+
+    def locations(self, first: int, stop: int) -> list[FileRun]:
+        """The rows of the first 2D counter (the frame shape: a spectrum's points)."""
+        if not 0 <= first < stop <= self._handed:
+            raise RawDataError(
+                f"spectra {first}-{stop - 1} of {self.dataset_file} scan {self._info.number} "
+                f"are not all handed out yet ({self._handed} are)"
+            )
+        counter = self._info.counters[0]
+        return [(str(self.dataset_file), f"/{self.entry}/measurement/{counter}", first, stop)]
+
+    def read(self, first: int, stop: int) -> np.ndarray:
+        with open_lima(self.dataset_file) as h5:
+            return h5[self.locations(first, stop)[0][1]][first:stop]
+
+    def read_counters(self, first: int, stop: int) -> dict[str, np.ndarray]:
+        return {n: v for n, v in self.table(first, stop).columns.items() if v.ndim == 2}
+
+    def table(self, first: int, stop: int) -> ColumnTable:
+        """What a live chunk reduces: spectra ``first:stop`` and the energy axis. Spectra
+        handed out by the stream this follows on from (``skip``) may not be in the file
+        yet: waited for, up to the stall time-out."""
+        began = time.monotonic()
+        while (self._look() or (0, False))[0] < stop:
+            if time.monotonic() - began > self.stall_timeout:
+                what = f"{self.dataset_file} scan {self._info.number}: spectrum {stop - 1}"
+                raise _stalled(what, time.monotonic() - began)
+            time.sleep(0.05)
+        return read_live_counters(self.dataset_file, self._info.number or 0, first, stop)
+
+    def close(self) -> None:
+        """Nothing stays open between two looks."""
+
+
+class StreamRows(BlissdataScan):
+    """The spectra of a map scan in progress from Bliss's data streams (blissdata): one
+    stream a 2D counter of the file, a row (a spectrum) a point, as Bliss publishes its 1D
+    detectors. A spectrum is handed out once every such stream has it, and read from the
+    streams: the dataset file may lag them. The energy axis and the edge's metadata, written
+    when the scan starts, are read from the file, which must hold the counters' datasets
+    before the first spectrum is handed out. The server gone: :meth:`as_files`."""
+
+    def __init__(
+        self, url: str, key: str, dataset_file: str | Path, stall_timeout: float = 60.0
+    ) -> None:
+        super().__init__(url, key, stall_timeout=stall_timeout)
+        self.dataset_file = Path(dataset_file)
+        self._file_ready = False
+
+    def _rows(self) -> dict[str, Any]:
+        """The counters' streams whose points are rows, by the file's counter name (Bliss
+        names a stream ``controller:counter``)."""
+        return {
+            name.split(":")[-1]: stream
+            for name, stream in self._scan.streams.items()
+            if stream.plugin is None and stream.kind == "array" and len(stream.shape) == 1
+        }
+
+    @property
+    def info(self) -> LiveScanInfo:
+        rows = tuple(self._rows())
+        return LiveScanInfo(
+            self._scan.number, self._scan.info.get("title") or self._scan.name,
+            self._scan.info.get("npoints"), rows[:1], rows,
+        )  # fmt: skip
+
+    @property
+    def finished(self) -> bool:
+        from blissdata.redis_engine.scan import ScanState
+
+        closed = self._scan.state >= ScanState.CLOSED
+        return closed and self._handed >= min(map(len, self._rows().values()), default=0)
+
+    def _ready(self) -> list[tuple[int, int]]:
+        from blissdata.exceptions import ScanNotFoundError
+
+        try:
+            changed = False
+            while self._scan.update(block=False):
+                changed = True
+            rows = self._rows()
+            available = min(map(len, rows.values()), default=0)
+            if available and not self._file_ready:
+                self._file_ready = self._file_holds(rows)
+                available = available if self._file_ready else 0
+        except ScanNotFoundError:
+            raise RawDataError(
+                f"scan {self.key} vanished from the blissdata server {self.url} while being "
+                f"read ({self._handed} spectra were handed out)"
+            ) from None
+        if available > self._handed:
+            first, self._handed = self._handed, available
+            self._progress = time.monotonic()
+            return [(first, available)]
+        self._check_stall(changed)
+        return []
+
+    def _file_holds(self, rows: dict[str, Any]) -> bool:
+        """The dataset file has the entry, a dataset for every streamed counter and the
+        energy axis (a 1D counter of a row's length)."""
+        try:
+            with open_lima(self.dataset_file) as h5:
+                measurement = h5.get(f"{self._scan.number}.1/measurement")
+                if measurement is None or any(name not in measurement for name in rows):
+                    return False
+                length = next(iter(rows.values())).shape[0]
+                return any(
+                    getattr(measurement.get(n), "shape", None) == (length,) for n in measurement
+                )
+        except (OSError, KeyError, ValueError, RuntimeError):
+            return False
+
+    def locations(self, first: int, stop: int) -> list[FileRun]:
+        """Where the file keeps the first streamed counter (its rows: the frame shape)."""
+        counter = self.info.counters[0]
+        return [
+            (str(self.dataset_file), f"/{self._scan.number}.1/measurement/{counter}", first, stop)
+        ]
+
+    def read(self, first: int, stop: int) -> np.ndarray:
+        return self.read_counters(first, stop)[self.info.counters[0]]
+
+    def read_counters(self, first: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows ``first:stop`` of every streamed 2D counter."""
+        with self._server_gone_named():
+            return {
+                name: np.asarray(stream[first:stop], dtype=np.float64)
+                for name, stream in self._rows().items()
+            }
+
+    def table(self, first: int, stop: int) -> ColumnTable:
+        """Spectra ``first:stop`` from the streams, the energy axis and the edge from the
+        file: the table the file gives once it has caught up."""
+        header = read_live_counters(self.dataset_file, self._scan.number, 0, 0)
+        rows = self.read_counters(first, stop)
+        missing = [n for n, v in header.columns.items() if v.ndim == 2 and n not in rows]
+        if missing:
+            raise RawDataError(
+                f"{self.dataset_file} scan {self._scan.number}: the 2D counters "
+                f"{', '.join(missing)} have no stream on {self.url}: read the files instead "
+                "(--live files)"
+            )
+        columns = {n: rows.get(n, v) for n, v in header.columns.items()}
+        return ColumnTable(where=header.where, columns=columns, metadata=header.metadata)
+
+    def as_files(self) -> CounterRows:
+        """The same map's remaining spectra from its dataset file (the server went away):
+        those handed out already are not handed out again."""
+        return CounterRows(
+            self.dataset_file, self._scan.number, self.stall_timeout, skip=self._handed
+        )
+
+
+def read_live_counters(path: str | Path, scan: int, start: int, stop: int) -> ColumnTable:
+    """The counters of spectra ``start:stop`` (rows of the 2D counters; 1D counters whole)
+    and the edge metadata, as :func:`calypso.tasks.raw.spectra.read_bliss_counters` reads
+    them offline, from a dataset file its writer may still hold (SWMR, no locking)."""
+    entry = f"{scan}.1"
+    try:
+        with open_lima(path) as h5:
+            measurement = h5[f"{entry}/measurement"]
+            columns: dict[str, np.ndarray] = {}
+            for name in measurement:
+                item = measurement.get(name)
+                if getattr(item, "ndim", 0) == 1:
+                    columns[name] = np.asarray(item[()], dtype=np.float64)
+                elif getattr(item, "ndim", 0) == 2:
+                    if item.shape[0] < stop:  # never fewer spectra than asked for
+                        raise KeyError(f"{name} holds {item.shape[0]} spectra")
+                    columns[name] = np.asarray(item[start:stop], dtype=np.float64)
+            metadata = {}
+            for name, key in (("element", "Element.symbol"), ("edge", "Element.edge")):
+                if f"{entry}/instrument/xas/{name}" in h5:
+                    metadata[key] = bliss._text(h5[f"{entry}/instrument/xas/{name}"][()])
+    except (OSError, KeyError, ValueError) as exc:
+        raise RawDataError(
+            f"{path} scan {scan}: the counters of spectra {start}-{stop - 1} cannot be read ({exc})"
+        ) from None
+    return ColumnTable(where=f"{path} scan {scan}", columns=columns, metadata=metadata)
