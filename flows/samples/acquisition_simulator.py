@@ -284,7 +284,15 @@ def simulate_acquisition(
     _end_entry(raw, recorded, template, written, frames_per_file, shape, dtype, reason)
     if publisher is not None:
         publisher.end(reason)
+        if publisher.gone:  # its streams, collected, would wait for the server forever
+            _UNREACHABLE.append(publisher)
     return raw.raw_file
+
+
+# Publishers whose server went away, kept from the garbage collector until the process
+# leaves (``main`` ends with ``os._exit``): a blissdata stream collected waits for its
+# server to take what it holds, which it never will.
+_UNREACHABLE: list[Any] = []
 
 
 def _write_point(counters: dict[str, Any], recorded: RecordedScan, index: int) -> None:

@@ -195,8 +195,11 @@ def write_diffraction_sample(
     seed: int = 0,
     dataset_number: int = 1,
     frames_per_file: int = 100,
+    reuse: bool = False,
 ) -> SampleDataset:
     """A powder diffraction dataset: CeO2 rings on a Pilatus 1M, with its PONI and mask.
+    ``reuse``: the dataset written under ``root`` by an earlier call is taken as it is
+    (benchmarks' ``--data``).
 
     The rings are pyFAI's CeO2 calibrant simulated for the geometry written to
     the PONI file; each frame gets Poisson noise at an intensity that follows
@@ -208,6 +211,10 @@ def write_diffraction_sample(
     from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
     dataset = sample_dataset(root, "CeO2", dataset_number)
+    calibration = dataset.session_dir / "SCRIPTS" / "calibration"
+    poni, mask = calibration / "pilatus1m_CeO2.poni", calibration / "pilatus1m_mask.edf"
+    if reuse and dataset.raw_file.exists() and poni.exists() and mask.exists():
+        return SampleDataset(dataset=dataset, calibration={"poni": poni, "mask": mask})
     detector = detector_factory("Pilatus1M")
     integrator = AzimuthalIntegrator(
         dist=0.25,
@@ -252,11 +259,8 @@ def write_diffraction_sample(
         positioners={"sx": 0.0, "sy": 1.25, "energy": 17.712},
         frames_per_file=frames_per_file,
     )
-    calibration = dataset.session_dir / "SCRIPTS" / "calibration"
     calibration.mkdir(parents=True, exist_ok=True)
-    poni = calibration / "pilatus1m_CeO2.poni"
     poni.unlink(missing_ok=True)  # pyFAI appends to an existing PONI file
     integrator.save(str(poni))
-    mask = calibration / "pilatus1m_mask.edf"
     fabio.edfimage.EdfImage(data=gaps.astype(np.int8)).write(str(mask))
     return SampleDataset(dataset=dataset, calibration={"poni": poni, "mask": mask})

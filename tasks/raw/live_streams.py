@@ -6,7 +6,8 @@ its creation to its end. A Lima detector's stream carries no pixels, only Lima's
 (``last_index``, ``last_index_saved``) and where its files are; a frame is handed out
 once Lima has closed the file holding it (it went on to the next file, or the stream is
 sealed), the rule blissdata itself follows, so it is never read half-written. Frames are
-then read from those files (h5py, no file locking). blissdata is imported only here.
+then read from those files (h5py, no file locking). blissdata is imported only here and
+in its subclass for XAS maps (:class:`calypso.tasks.raw.live_rows.StreamRows`).
 """
 
 from __future__ import annotations

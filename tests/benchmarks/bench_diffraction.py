@@ -109,7 +109,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="calypso-bench-"))
     data_root = args.data or work / "visitor"
     began = time.perf_counter()
-    sample = write_diffraction_sample(data_root, frames=args.frames, frames_per_file=100)
+    sample = write_diffraction_sample(
+        data_root, frames=args.frames, frames_per_file=100, reuse=bool(args.data)
+    )
     print(f"sample data: {args.frames} Pilatus 1M frames in {time.perf_counter() - began:.0f} s")
 
     env = isolated_environment(work)

@@ -134,8 +134,10 @@ def main() -> None:
     python = peer_python()
     work = Path(tempfile.mkdtemp(prefix="calypso-vs-ewoksxrpd-"))
     root = args.data or work / "visitor"
-    sample = write_diffraction_sample(root, frames=args.frames, seed=1)
-    small = write_diffraction_sample(root, frames=SMALL, seed=2, dataset_number=2)
+    sample = write_diffraction_sample(root, frames=args.frames, seed=1, reuse=bool(args.data))
+    small = write_diffraction_sample(
+        root, frames=SMALL, seed=2, dataset_number=2, reuse=bool(args.data)
+    )
     processed = sample.raw_dataset_dir.parents[1] / "PROCESSED_DATA"  # inside the proposal
     env = isolated_environment(work)
     times: dict[str, list[float]] = {name: [] for name, _ in LABELS}
