@@ -213,7 +213,8 @@ def test_a_dataset_written_into_the_watched_tree_is_processed(facility):
         assert h5["1.1/pilatus1m_integrate/integrated/intensity"].shape == (3, 200)
     [record] = facility.records()
     assert record[:3] == (str(sample.raw_dataset_dir), "completed", str(run.id))
-    # What the UI shows for the run: the results table, the quick look, the progress.
+    # What the UI shows for the run: the results table and the quick look (its one chunk
+    # has no progress bar: tests/test_diffraction_flow.py has a run of several).
     with get_client(sync_client=True) as client:
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -221,7 +222,7 @@ def test_a_dataset_written_into_the_watched_tree_is_processed(facility):
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
         )
     kinds = {a.type: a for a in artifacts}
-    assert {"table", "markdown", "progress"} <= set(kinds)
+    assert {"table", "markdown"} <= set(kinds) and "progress" not in kinds
     table = kinds["table"].data
     rows = json.loads(table) if isinstance(table, str) else table
     items = {row["item"]: row["value"] for row in rows}
