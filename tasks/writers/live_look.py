@@ -97,6 +97,17 @@ def plot_default_nxdata(path: Path, title: str) -> bytes:
     return buffer.getvalue()
 
 
+def _import_drawing() -> None:
+    """Import what a drawing needs while the scan begins: the first look is then not late
+    by matplotlib's import."""
+    try:
+        import matplotlib.backends.backend_agg
+        import matplotlib.figure  # noqa: F401
+        import silx.io.nxdata  # noqa: F401
+    except ImportError:  # the drawing says what is missing, if it is ever asked for
+        pass
+
+
 class LiveLook:
     """The live quick look of one run: one markdown artifact of the flow run, created at the
     first drawing and updated in place after (the Prefect UI and the portal show the latest),
@@ -115,6 +126,8 @@ class LiveLook:
         self._drawing = False
         self._note: str | None = None
         self._at = float("-inf")
+        if self.flow_run_id is not None:  # the drawing's imports (~0.6 s, more on busy cores)
+            threading.Thread(target=_import_drawing, name="live-look-imports", daemon=True).start()
 
     def show(self, partial: Path, state: str) -> None:
         """Redraw from the partial file ``partial`` (``state``: what it holds), unless the
