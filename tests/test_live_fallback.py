@@ -29,7 +29,7 @@ def test_the_lima_files_give_the_rest_when_the_stream_server_goes_away(
     raw_dir = replayed(diffraction_sample, root)
     command = [
         sys.executable, "-m", "calypso.flows.samples.acquisition_simulator",
-        str(diffraction_sample.raw_dataset_dir), str(root), "--rate", "4",
+        str(diffraction_sample.raw_dataset_dir), str(root), "--rate", "2",
         "--frames-per-file", "3", "--start-delay", "2", "--blissdata", url,
     ]  # fmt: skip
     beamline = ServerStopper(server, command, after=4)

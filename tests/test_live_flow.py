@@ -91,7 +91,7 @@ def test_growing_files_give_the_offline_result_while_the_scan_runs(
     root = tmp_path / "beamline"
     writer = simulate(
         diffraction_sample.raw_dataset_dir, root,
-        *("--rate", "3", "--frames-per-file", "4", "--start-delay", "3"),
+        *("--rate", "2", "--frames-per-file", "4", "--start-delay", "3"),
         *("--timeline", str(tmp_path / "written.json")),
     )  # fmt: skip
     watcher = PartialWatcher(root, frames_done, interval=0.1)
