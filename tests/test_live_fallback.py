@@ -9,13 +9,12 @@ import sys
 
 import pytest
 
-from calypso.flows.api import run_technique
 from calypso.flows.online import live
 from calypso.flows.samples.spectroscopy import write_spectroscopy_map_sample
 from calypso.settings import load_settings
 from calypso.techniques.spectroscopy import SpectroscopyParameters
 from tests.live_servers import ServerStopper, fresh_valkey, replayed, stop_valkey
-from tests.test_live_flow import datasets, parameters
+from tests.test_live_flow import assert_as_offline, parameters
 
 pytestmark = pytest.mark.slow
 
@@ -47,15 +46,10 @@ def test_the_lima_files_give_the_rest_when_the_stream_server_goes_away(
     assert beamline.stopped_after is not None and beamline.stopped_after < 12
     assert summary["frames"] == 12 and not summary["partial"], summary
     assert not summary["warnings"], summary["warnings"]
-    offline = run_technique(
-        "diffraction", str(raw_dir), parameters(diffraction_sample), None,
-        str(tmp_path / "offline"), live_settings,
+    assert_as_offline(
+        summary, "diffraction", raw_dir, parameters(diffraction_sample), tmp_path / "offline",
+        live_settings,
     )  # fmt: skip
-    live_file, offline_file = (
-        summary["outputs"][0].split("::")[0],
-        offline["outputs"][0].split("::")[0],
-    )
-    assert datasets(live_file) == datasets(offline_file)
 
 
 def test_an_xas_map_reads_the_rest_from_its_file_when_the_stream_server_goes_away(
@@ -87,8 +81,6 @@ def test_an_xas_map_reads_the_rest_from_its_file_when_the_stream_server_goes_awa
     assert beamline.stopped_after is not None and beamline.stopped_after < spectra
     assert summary["count"] == spectra and not summary["partial"], summary
     assert summary["live_chunks_kept"] == spectra // 15  # none lost, none reduced twice
-    offline = run_technique(
-        "spectroscopy", str(raw_dir), parameters, None, str(tmp_path / "offline"), live_settings
+    assert_as_offline(
+        summary, "spectroscopy", raw_dir, parameters, tmp_path / "offline", live_settings
     )
-    live_file, offline_file = (s["outputs"][0].split("::")[0] for s in (summary, offline))
-    assert datasets(live_file) == datasets(offline_file)

@@ -85,6 +85,17 @@ def datasets(path: str) -> dict[str, bytes]:
     return found
 
 
+def assert_as_offline(summary: dict, technique: str, raw_dir, parameters, folder, settings) -> dict:
+    """Run the same scan offline into ``folder`` and check that the live result equals it,
+    dataset by dataset; the offline run's summary."""
+    offline = run_technique(technique, str(raw_dir), parameters, None, str(folder), settings)
+    live_sets, offline_sets = (datasets(s["outputs"][0].split("::")[0]) for s in (summary, offline))
+    assert live_sets.keys() == offline_sets.keys()
+    for name in live_sets:
+        assert live_sets[name] == offline_sets[name], name
+    return offline
+
+
 def test_growing_files_give_the_offline_result_while_the_scan_runs(
     diffraction_sample, tmp_path, catalogue_path, live_settings
 ):

@@ -16,13 +16,12 @@ import h5py
 import numpy as np
 import pytest
 
-from calypso.flows.api import run_technique
 from calypso.flows.online import live
 from calypso.flows.samples.spectroscopy import write_spectroscopy_map_sample
 from calypso.registry import SQLiteCatalogue
 from calypso.techniques.spectroscopy import SpectroscopyParameters
 from tests.live_servers import PartialWatcher, replayed
-from tests.test_live_flow import datasets, simulate
+from tests.test_live_flow import assert_as_offline, simulate
 
 pytestmark = pytest.mark.slow
 
@@ -87,14 +86,10 @@ def test_a_map_is_reduced_while_it_is_scanned(map_sample, tmp_path, catalogue_pa
         assert np.isnan(snapshot["norm"][~done]).all() and np.isfinite(snapshot["norm"][done]).all()
     assert not list(root.rglob("*.partial.h5")), "the partial file outlived the result"
 
-    offline = run_technique(
-        "spectroscopy", str(raw_dir), parameters, None, str(tmp_path / "offline"), live_settings
+    offline = assert_as_offline(
+        summary, "spectroscopy", raw_dir, parameters, tmp_path / "offline", live_settings
     )
-    live_file, offline_file = (s["outputs"][0].split("::")[0] for s in (summary, offline))
-    live_sets, offline_sets = datasets(live_file), datasets(offline_file)
-    assert live_sets.keys() == offline_sets.keys()
-    for name in live_sets:
-        assert live_sets[name] == offline_sets[name], name
+    live_file = summary["outputs"][0].split("::")[0]
     assert Path(summary["png"]).read_bytes() == Path(offline["png"]).read_bytes()
     with h5py.File(live_file) as h5:
         assert "status" not in h5.attrs and "status" not in h5["1.1/xas"]
@@ -160,13 +155,8 @@ def test_a_map_on_blissdata_is_reduced_from_the_streams_the_file_lags(
     ahead = [c for c in chunks if c["done"] < in_file[c["stop"] - 1]]
     assert ahead, f"no chunk ahead of the file: {chunks}"
 
-    offline = run_technique(
-        "spectroscopy", str(raw_dir), parameters, None, str(tmp_path / "offline"), live_settings
+    assert_as_offline(
+        summary, "spectroscopy", raw_dir, parameters, tmp_path / "offline", live_settings
     )
-    live_file, offline_file = (s["outputs"][0].split("::")[0] for s in (summary, offline))
-    live_sets, offline_sets = datasets(live_file), datasets(offline_file)
-    assert live_sets.keys() == offline_sets.keys()
-    for name in live_sets:
-        assert live_sets[name] == offline_sets[name], name
     records = [r for r in SQLiteCatalogue(catalogue_path).list() if r.outputs == summary["outputs"]]
     assert len(records) == 1 and records[0].frames == SPECTRA

@@ -189,29 +189,18 @@ class StreamRows(BlissdataScan):
         closed = self._scan.state >= ScanState.CLOSED
         return closed and self._handed >= min(map(len, self._rows().values()), default=0)
 
-    def _ready(self) -> list[tuple[int, int]]:
-        from blissdata.exceptions import ScanNotFoundError
+    points = "spectra"
 
-        try:
-            changed = False
-            while self._scan.update(block=False):
-                changed = True
-            rows = self._rows()
-            available = min(map(len, rows.values()), default=0)
-            if available and not self._file_ready:
-                self._file_ready = self._file_holds(rows)
-                available = available if self._file_ready else 0
-        except ScanNotFoundError:
-            raise RawDataError(
-                f"scan {self.key} vanished from the blissdata server {self.url} while being "
-                f"read ({self._handed} spectra were handed out)"
-            ) from None
-        if available > self._handed:
-            first, self._handed = self._handed, available
-            self._progress = time.monotonic()
-            return [(first, available)]
-        self._check_stall(changed)
-        return []
+    def _available(self) -> tuple[int, bool]:
+        """Spectra every row stream has, once the file holds the counters and the axis."""
+        changed = False
+        while self._scan.update(block=False):
+            changed = True
+        rows = self._rows()
+        available = min(map(len, rows.values()), default=0)
+        if available and not self._file_ready:
+            self._file_ready = self._file_holds(rows)
+        return (available if self._file_ready else 0), changed
 
     def _file_holds(self, rows: dict[str, Any]) -> bool:
         """The dataset file has the entry, a dataset for every streamed counter and the

@@ -163,18 +163,11 @@ class BlissdataScan:
         from blissdata.exceptions import ScanNotFoundError
 
         try:
-            changed = self._update_state()
-            if self._lima is None:
-                self._check_stall(changed)
-                return []
-            changed = self._update_status() or changed
-            available = closed_frames(self._lima.info["lima_info"], self._saved, self._sealed)
-            for name in self._required:
-                available = min(available, len(self._scan.streams[name]))
+            available, changed = self._available()
         except ScanNotFoundError:
             raise RawDataError(
                 f"scan {self.key} vanished from the blissdata server {self.url} while being "
-                f"read ({self._handed} frames were handed out)"
+                f"read ({self._handed} {self.points} were handed out)"
             ) from None
         if available > self._handed:
             first, self._handed = self._handed, available
@@ -182,6 +175,20 @@ class BlissdataScan:
             return [(first, available)]
         self._check_stall(changed)
         return []
+
+    points = "frames"  # what is handed out, in messages
+
+    def _available(self) -> tuple[int, bool]:
+        """How many frames can be handed out now, and whether anything changed since the
+        last look (the stall time-out counts from the last change)."""
+        changed = self._update_state()
+        if self._lima is None:
+            return 0, changed
+        changed = self._update_status() or changed
+        available = closed_frames(self._lima.info["lima_info"], self._saved, self._sealed)
+        for name in self._required:
+            available = min(available, len(self._scan.streams[name]))
+        return available, changed
 
     def _update_state(self) -> bool:
         from blissdata.redis_engine.scan import ScanState
