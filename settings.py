@@ -9,7 +9,6 @@ exists), then the embedded defaults, which run everything on one machine.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +27,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from calypso.config_file import DEFAULT_HOME, config_file_path
 from calypso.errors import ConfigurationError
 from calypso.service_settings import (  # noqa: F401 (sections, imported from here)
     AccessSettings,
@@ -41,7 +41,6 @@ from calypso.service_settings import (  # noqa: F401 (sections, imported from he
     WatchSettings,
 )
 
-DEFAULT_CONFIG_FILE = Path("~/.config/calypso/config.toml").expanduser()
 MIN_WORKER_MEMORY = 256 * 2**20  # bytes: less, and a Dask worker is killed while it starts
 
 
@@ -307,7 +306,7 @@ class CalypsoSettings(BaseSettings):
     )
 
     home: Path = Field(
-        Path("~/.calypso").expanduser(),
+        DEFAULT_HOME,
         description="Folder for Calypso's own state (catalogue, logs).",
     )
     path_map: dict[str, str] = Field(
@@ -368,19 +367,6 @@ class CalypsoSettings(BaseSettings):
     @property
     def export_target(self) -> str:
         return self.export.default_target or str(self.home / "export")
-
-
-def config_file_path() -> Path | None:
-    """The TOML configuration file in use, or None."""
-    named = os.environ.get("CALYPSO_CONFIG")
-    if named:
-        path = Path(named).expanduser()
-        if not path.is_file():
-            raise ConfigurationError(
-                f"CALYPSO_CONFIG names {path}, which is not a file: create it or unset the variable"
-            )
-        return path
-    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
 
 
 def load_settings(**overrides: object) -> CalypsoSettings:

@@ -33,18 +33,18 @@ from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pydantic import BaseModel, ValidationError
-
 from calypso.errors import ParameterError
 from calypso.flows.techniques import TECHNIQUES
-from calypso.settings import CalypsoSettings
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
+    from pydantic import BaseModel
+
     from calypso.flows.techniques import Technique
     from calypso.registry.access import Identity
     from calypso.registry.saved_flows import SavedFlow, SavedFlows
+    from calypso.settings import CalypsoSettings
 
 __all__ = [
     "build_parameters",
@@ -116,6 +116,8 @@ def parameter_values(
 def parameters_from(technique: str, values: dict[str, Any], source: str) -> BaseModel:
     """The technique's parameter model from ``values``; unknown names and bad values are
     one :class:`ParameterError` naming all of them (``source`` says where they came from)."""
+    from pydantic import ValidationError
+
     model = parameter_model(technique)
     unknown = [name for name in values if name not in model.model_fields]
     if unknown:

@@ -58,10 +58,17 @@ def run(
     where = str(output) if output is not None else None
     summary = None
     if not workers:
-        from calypso.flows.online.submissions import run_by_service
+        from calypso.flows.online.submissions import run_by_service, service_socket
 
         summary = run_by_service(
-            settings, technique, str(raw), lambda: values, scans, where, export_to, SOURCE
+            service_socket(settings),
+            technique,
+            str(raw),
+            lambda: values,
+            scans,
+            where,
+            export_to,
+            SOURCE,
         )
     if summary is None:
         from calypso.flows.runtime import prepare_environment

@@ -190,7 +190,7 @@ def test_a_scan_seen_being_written_starts_its_live_run_without_blissdata(plant, 
         raw = replayed(recorded, plant.tree)
         timeline = tmp_path / "written.json"
         began = time.time()
-        writer = simulate(recorded, plant, None, timeline, rate=1.5)  # a 6.7 s scan
+        writer = simulate(recorded, plant, None, timeline, rate=1)  # a 10 s scan
         run, running, _ = running_during_the_scan(plant, raw, writer, timeline)
         assert run.parameters["source"] == "files"
         print(f"\nscan begun -> live run (files) running: {running - began:.2f} s")
@@ -211,7 +211,7 @@ def test_a_scan_start_starts_one_live_run_and_the_scan_end_nothing_more(plant, b
     recorded = write_diffraction_sample(tmp_path / "recorded", frames=10, dataset_number=5, seed=5)
     raw = replayed(recorded, plant.tree)
     timeline = tmp_path / "written.json"
-    writer = simulate(recorded, plant, bliss, timeline, rate=1.5)  # a 6.7 s scan
+    writer = simulate(recorded, plant, bliss, timeline, rate=1)  # a 10 s scan
     run, running, last_frame = running_during_the_scan(plant, raw, writer, timeline)
     made, created = run.created.timestamp(), scan_created(bliss)
 

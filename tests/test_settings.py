@@ -81,3 +81,46 @@ def test_who_acts_is_not_a_setting(monkeypatch):
     monkeypatch.setenv("CALYPSO_USER__NAME", "alice")
     with pytest.raises(ConfigurationError, match="CALYPSO_USER__NAME is not a setting any more"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("environment", "config"),
+    [
+        ({}, ""),
+        ({"CALYPSO_SERVE__SOCKET": "/run/calypso/serve.sock"}, ""),
+        ({}, 'home = "/srv/calypso"\n'),
+        ({"CALYPSO_HOME": "/srv/env-home"}, 'home = "/srv/calypso"\n'),
+        ({}, '[serve]\nsocket = "/run/from-file.sock"\n'),
+        ({"calypso_serve__socket": "/run/env.sock"}, '[serve]\nsocket = "/run/file.sock"\n'),
+        ({"CALYPSO_SERVE__SUBMIT_RUNS": "off"}, ""),
+        ({"CALYPSO_SERVE__SUBMIT_RUNS": "Yes"}, "[serve]\nsubmit_runs = false\n"),
+        ({}, "[serve]\nsubmit_runs = false\n"),
+    ],
+)
+def test_the_command_finds_the_service_as_the_settings_name_it(
+    monkeypatch, tmp_path, environment, config
+):
+    """`calypso run` looks for the service before reading its settings (issue #18): the
+    socket it finds from the variables and the file alone is the one the settings name."""
+    from calypso.flows.online.submissions import configured_socket, service_socket
+
+    monkeypatch.delenv("CALYPSO_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # the default home, and no ~/.config file
+    if config:
+        (tmp_path / "calypso.toml").write_text(config)
+        monkeypatch.setenv("CALYPSO_CONFIG", str(tmp_path / "calypso.toml"))
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert configured_socket() == service_socket(load_settings())
+
+
+def test_what_the_command_cannot_tell_alone_is_left_to_the_settings(monkeypatch):
+    from calypso.flows.online.submissions import configured_socket
+
+    monkeypatch.setenv("CALYPSO_SERVE__SUBMIT_RUNS", "sometimes")
+    assert configured_socket() is None
+    with pytest.raises(ConfigurationError, match="submit_runs"):
+        load_settings()  # which says what is wrong
+    monkeypatch.delenv("CALYPSO_SERVE__SUBMIT_RUNS")
+    monkeypatch.setenv("CALYPSO_SERVE", '{"socket": "/run/json.sock"}')
+    assert configured_socket() is None

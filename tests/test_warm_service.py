@@ -107,10 +107,14 @@ def test_a_run_sent_to_the_service_is_the_run_done_alone(service):
     arguments = [str(sample.raw_dataset_dir), "--set", "npt=300", "--set", "monitor=mon"]
     arguments += ["--set", f"poni={sample.calibration['poni'].name}"]
     arguments += ["--set", f"mask={sample.calibration['mask'].name}"]
-    first = calypso_run(env, *arguments, cwd=scripts)
+    first = calypso_run({**env, "PYTHONPROFILEIMPORTTIME": "1"}, *arguments, cwd=scripts)
     assert first.returncode == 0, first.stdout + first.stderr + log.read_text()[-3000:]
     by_service = json.loads(first.stdout)
     assert by_service["service"] == str(sock)
+    # Handed over before the command reads settings of its own (the service's decide).
+    imported = {line.split("|")[-1].strip() for line in first.stderr.splitlines()}
+    assert "calypso.flows.online.submissions" in imported
+    assert "pydantic_settings" not in imported
     assert by_service["count"] == 8
     assert f"run submitted by uid {os.getuid()}: diffraction" in log.read_text()
 

@@ -12,28 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib import import_module
 from typing import NoReturn
 
 import calypso
 from calypso.errors import CalypsoError
-from calypso.flows.cli import (
-    automations,
-    catalogue,
-    cluster,
-    export,
-    parameters,
-    portal,
-    run,
-    sample_data,
-    service,
-    user_flows,
-    whoami,
-)
 
-# In the order `calypso --help` lists the commands.
+# In the order `calypso --help` lists the commands (modules of this package).
 COMMAND_GROUPS = (
-    *(run, export, parameters, sample_data, service, user_flows, cluster, catalogue),
-    *(automations, whoami, portal),
+    *("run", "export", "parameters", "sample_data", "service", "user_flows", "cluster"),
+    *("catalogue", "automations", "whoami", "portal"),
 )
 
 
@@ -41,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Machine-readable errors too when the caller asked for machine-readable output.
     as_json = "--json" in argv
-    parser = build_parser()
+    # `calypso run` alone imports only its own group: a run handed to `calypso serve`
+    # starts without the other groups' imports (the settings' among them).
+    parser = build_parser(("run",) if argv[:1] == ["run"] else COMMAND_GROUPS)
     try:
         import argcomplete  # completes words when the shell asks (`calypso completion`)
 
@@ -90,14 +80,14 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)", usage=self.format_usage())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(groups: tuple[str, ...] = COMMAND_GROUPS) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="calypso", description="Synchrotron data reduction flows (Prefect + Dask)."
     )
     parser.add_argument("--version", action="version", version=f"calypso {calypso.__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for group in COMMAND_GROUPS:
-        group.add_commands(commands)
+    for group in groups:
+        import_module(f"{__name__}.{group}").add_commands(commands)
     completion = commands.add_parser(
         "completion",
         help="print the shell code that completes calypso's commands",

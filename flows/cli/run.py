@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from calypso.flows.api import (
     build_parameters,
@@ -13,7 +14,10 @@ from calypso.flows.api import (
     run_technique,
 )
 from calypso.flows.cli.common import print_summary, technique_names
-from calypso.settings import CalypsoSettings
+from calypso.flows.online.submissions import configured_socket, run_by_service, service_socket
+
+if TYPE_CHECKING:
+    from calypso.settings import CalypsoSettings
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -76,11 +80,17 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    # Handed to a running service first, before this command reads (and imports) its own
+    # settings: the service's decide how a submitted run is done.
+    submit = not (args.live or args.local or args.workers)
+    summary = submitted(args, configured_socket()) if submit else None
+    if summary is not None:
+        return _report(args, summary)
     settings = load_settings_with_workers(args.workers)
     if args.live:
         summary = live_run(args, settings)
-    else:
-        summary = None if args.local or args.workers else submitted(args, settings)
+    elif submit:
+        summary = submitted(args, service_socket(settings))
     if summary is None:
         # Imported here: Prefect's import is slow and `calypso --help` needs none of it.
         from calypso.flows.runtime import prepare_environment
@@ -96,6 +106,10 @@ def command_run(args: argparse.Namespace) -> int:
             settings,
             export_to=args.export_to,
         )
+    return _report(args, summary)
+
+
+def _report(args: argparse.Namespace, summary: dict[str, Any]) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -117,12 +131,10 @@ def live_run(args: argparse.Namespace, settings: CalypsoSettings) -> dict[str, A
     )  # fmt: skip
 
 
-def submitted(args: argparse.Namespace, settings: CalypsoSettings) -> dict[str, Any] | None:
-    """The run done by the running service (``calypso serve``), or None when none runs."""
-    from calypso.flows.online.submissions import run_by_service
-
+def submitted(args: argparse.Namespace, where: Path | None) -> dict[str, Any] | None:
+    """The run done by the service listening on ``where``, or None when none listens."""
     return run_by_service(
-        settings,
+        where,
         args.technique,
         args.input,
         lambda: parameter_values(args.technique, args.set, args.params),
