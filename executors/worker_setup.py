@@ -4,6 +4,8 @@ A worker that is closing can still be sending its heartbeat: when the cluster cl
 the connection goes from under it and distributed logs the failure with a traceback on
 the user's terminal after a run that went well. Such a record, from a worker already
 closing, says nothing: it is dropped. The same failure from a running worker is kept.
+Its Prefect clients share one TLS context (:func:`calypso.flows.runtime.
+share_prefect_tls_context`).
 """
 
 from __future__ import annotations
@@ -30,4 +32,7 @@ class ClosingWorkerHeartbeat(logging.Filter):
 
 
 def dask_setup(worker: Any) -> None:
+    from calypso.flows.runtime import share_prefect_tls_context
+
     logging.getLogger("distributed.worker").addFilter(ClosingWorkerHeartbeat(worker))
+    share_prefect_tls_context()  # each task run's engine makes a Prefect client

@@ -9,12 +9,14 @@ import base64
 import logging
 import os
 import secrets
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 from calypso.errors import ConfigurationError
 from calypso.private_files import create_private_file, read_private_file
@@ -99,6 +101,45 @@ def prepare_environment(settings: CalypsoSettings, verbose: bool = False) -> Non
     from calypso.tasks.result_storage import prune_results
 
     prune_results()
+
+
+class _OneContextPerFile:
+    """Prefect's client module's ``ssl``, but a verifying context made once per CA file.
+
+    Prefect 3 makes a new SSL context for every client it creates, parsing certifi's
+    whole CA bundle (~20 ms of CPU) even for a plain ``http://`` server; the flow engine
+    and each task run's engine create their own, which is ~0.1 s of a small run's second
+    (measured with py-spy on ``calypso serve``; Prefect PR #19106 would let callers pass
+    one). A context verifying against the same, unchanged file is the same context, and
+    Prefect never changes a verifying one after making it. The unverified one (no file
+    named) is made fresh each time: Prefect changes it after making it.
+    """
+
+    def __init__(self, ssl_module: Any) -> None:
+        self._ssl = ssl_module
+        self._made: dict[tuple[str, int], Any] = {}
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ssl, name)
+
+    def create_default_context(self, *args: Any, cafile: str | None = None, **kw: Any) -> Any:
+        if args or kw or cafile is None:
+            return self._ssl.create_default_context(*args, cafile=cafile, **kw)
+        key = (cafile, os.stat(cafile).st_mtime_ns)
+        with self._lock:
+            if key not in self._made:
+                self._made[key] = self._ssl.create_default_context(cafile=cafile)
+            return self._made[key]
+
+
+def share_prefect_tls_context() -> None:
+    """Prefect's clients in this process verify TLS with one context per CA file
+    (:class:`_OneContextPerFile`); called where Prefect runs flows and tasks."""
+    import prefect.client.orchestration as clients
+
+    if not isinstance(clients.ssl, _OneContextPerFile):
+        clients.ssl = _OneContextPerFile(clients.ssl)
 
 
 def check_prefect_api(timeout_s: float = 10.0) -> None:
