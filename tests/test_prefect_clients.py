@@ -29,4 +29,3 @@ def test_clients_verify_with_one_context_and_the_insecure_one_stays_apart(monkey
     assert insecure is not shared and insecure.verify_mode == ssl.CERT_NONE
     assert transport_context(SyncPrefectClient("https://prefect.example/api")) is shared
     assert shared.verify_mode == ssl.CERT_REQUIRED
-
