@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import difflib
 import json
-import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack, closing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from calypso.errors import ParameterError
+from calypso.flows.progress_bar import Progress, TerminalBar
 from calypso.flows.techniques import TECHNIQUES
 
 if TYPE_CHECKING:
@@ -216,7 +216,7 @@ def run_technique(
     entry = TECHNIQUES[technique]
     # Shown from the first second: what is happening before the first frame is counted.
     stage = f"reading {Path(input_path).name}"
-    bar = progress or _Bar(0, entry.unit, stage=stage)
+    bar = progress or TerminalBar(0, entry.unit, stage=stage)
     bar.stage(stage)
     try:
         return _run_technique(
@@ -298,7 +298,7 @@ def run_on_cluster(
 
     with ExitStack() as stack:
         if bar is None:
-            bar = stack.enter_context(closing(_Bar(total, unit)))
+            bar = stack.enter_context(closing(TerminalBar(total, unit)))
         check_prefect_api()
         kept = not in_process and keeps_cluster(
             settings.executor,
@@ -351,59 +351,6 @@ def _close_cluster(booting: Future) -> None:
     booting.result().close()  # closing twice is harmless
 
 
-class Progress(Protocol):
-    """What a run reports while it goes: a terminal bar, or a command connected to the
-    service (:mod:`calypso.flows.online.submissions`)."""
-
-    def stage(self, text: str, *, started: bool = False) -> None: ...
-
-    def update_to(self, done: int, total: int) -> None: ...
-
-    def close(self) -> None: ...
-
-
-def progress_bar(unit: str, stage: str) -> Progress:
-    """A progress bar on the terminal (standard error) that first says ``stage``."""
-    return _Bar(0, unit, stage=stage)
-
-
-class _Bar:
-    """A tqdm bar on standard error, fed ``(done, total)`` by a progress listener."""
-
-    def __init__(self, total: int, unit: str, scale: bool = False, stage: str = "") -> None:
-        from tqdm import tqdm
-
-        self._bar = tqdm(
-            desc=stage or None,
-            total=total,
-            unit=unit,
-            unit_scale=scale,
-            unit_divisor=1024 if scale else 1000,
-            file=sys.stderr,
-            disable=None,  # none when standard error is not a terminal (logs, pipes)
-            leave=False,
-        )
-
-    def stage(self, text: str, *, started: bool = False) -> None:
-        """Say what is being done before the first result arrives; ``started``: the work
-        itself starts now (the rate counts from here, not from the start-up)."""
-        if self._bar.disable:  # standard error is not a terminal: nothing is drawn
-            return
-        if started:
-            self._bar.reset(total=self._bar.total)
-        self._bar.set_description_str(text or None, refresh=True)
-
-    def update_to(self, done: int, total: int) -> None:
-        if done and getattr(self._bar, "desc", None):  # a disabled bar has no description
-            self._bar.set_description_str(None, refresh=False)
-        self._bar.total = total
-        self._bar.n = done
-        self._bar.refresh()
-
-    def close(self) -> None:
-        self._bar.close()
-
-
 # -- exports --------------------------------------------------------------------
 
 
@@ -432,7 +379,7 @@ def export_processed(
     target = target or f"{settings.export_target.rstrip('/')}/{folder.name}"
     intent = Intent("export", export_source=str(folder), export_to=target)
     confine(identity or current_identity(settings), intent, settings)
-    bar = _Bar(0, "B", scale=True)
+    bar = TerminalBar(0, "B", scale=True)
     try:
         report = export_dataset(folder, target, settings, include, verify, progress=bar.update_to)
     finally:

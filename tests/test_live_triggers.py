@@ -335,6 +335,51 @@ def test_a_tomography_dataset_gets_one_live_run_from_its_first_scan(plant, bliss
         assert "status" not in h5.attrs  # complete, not partial
 
 
+def test_a_scan_end_on_blissdata_is_announced_at_once_not_at_the_next_poll(plant, bliss, tmp_path):
+    """A scan reduced at its end (a saved flow's rule: not fed live) is announced when
+    blissdata says the scan ended: the watcher looks at its dataset file then, not at its
+    next poll (60 s here, inotify off: as on NFS or GPFS). Last in the module: the
+    module's watchers are stopped, this one alone sees the scan."""
+    import yaml
+
+    from calypso.flows.specification import export_specification
+    from calypso.registry.saved_flows import SavedFlows
+    from tests.test_triggers import alice
+
+    plant.stop_watchers()
+    spec = yaml.safe_load(export_specification("diffraction"))
+    spec["steps"]["plan"]["parameters"].update(npt=90)
+    SavedFlows(plant.home / "catalogue.sqlite").save(
+        "at-scan-end", yaml.safe_dump(spec), "diffraction", alice(), "ih0001", ""
+    )
+    state, log = "ends.sqlite", plant.work / "ends.sqlite.log"
+    # Only this scan matches: a 7-frame loopscan (the module's others have 10 or 12).
+    rule = {"technique": "flow:at-scan-end", "detector": "pilatus*", "title": "loopscan 7 *"}
+    env = plant.env | {
+        "CALYPSO_WATCH__STATE_PATH": str(plant.home / state),
+        "CALYPSO_WATCH__INTERVAL_S": "60",
+        "CALYPSO_WATCH__INOTIFY": "false",
+        "CALYPSO_WATCH__BEAMLINES": json.dumps({"id00": [rule]}),
+    }
+    plant.watchers.append(start(["watch", str(plant.tree), "--blissdata", bliss], env, log))
+    try:
+        wait_until(lambda: log.exists() and "following scan starts" in log.read_text(), 120, "it")
+        time.sleep(1)  # its first poll done: the next is 60 s away
+        recorded = write_diffraction_sample(tmp_path / "rec", frames=7, dataset_number=8, seed=8)
+        raw = replayed(recorded, plant.tree)
+        timeline = tmp_path / "written.json"
+        writer = simulate(recorded, plant, bliss, timeline, rate=4)
+        assert writer.wait(timeout=60) == 0
+        last_frame = json.loads(timeline.read_text())["written"][-1]
+        wait_until(lambda: plant.announcements(raw, state), 30, "the announcement", 0.05)
+        announced = time.time() - last_frame
+        print(f"\nlast frame -> scan end announced (polls every 60 s): {announced:.2f} s")
+        assert announced < 10, log.read_text()[-3000:]  # not the poll's 60 s
+        assert plant.announcements(raw, state)[0][0] in ("emitted", "confirmed")
+    finally:
+        plant.stop_watchers()
+
+
 def test_which_scan_starts_start_a_live_run_and_of_what(tmp_path):
     """A scan rule: that scan. A dataset rule: the whole dataset, for a technique whose
     live run follows a dataset (tomography); for one that follows a single scan

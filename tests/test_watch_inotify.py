@@ -9,7 +9,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from calypso.flows.online.watch import is_dataset_file
+from calypso.flows.online.file_changes import is_dataset_file
 from calypso.flows.samples.diffraction import write_diffraction_sample
 from tests.processes import start, stop, wait_until
 

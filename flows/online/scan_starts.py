@@ -14,13 +14,20 @@ settle_live>`), and the live run claims that same key in the catalogue.
 
 Only blissdata is followed for starts: a dataset file seen by the polls or inotify starts
 its run at the scan's end, as before.
+
+It also tells the watcher when each scan under the roots ends, so that the scan's dataset
+file is looked at then, not at the next poll: the end of a scan reduced at its end (a
+saved flow's rule, a live run that crashed) is announced within a second on NFS and GPFS
+too, where inotify sees nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -34,6 +41,9 @@ logger = logging.getLogger("calypso.watch")
 
 PREPARE_S = 10.0  # how long a new scan may take to say its streams (detectors)
 RETRY_S = 5.0  # between two attempts to reach a blissdata server that does not answer
+# When the dataset file is looked at after a scan's end (s): Bliss's writer may write
+# its end_time a moment after the scan ended on the server. Later, the polls.
+END_LOOKS_S = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def public_url(url: str) -> str:
@@ -58,10 +68,11 @@ class ScanStarts:
         self.watcher = watcher
         self.url = url
         self.source = public_url(url)
+        self._stop = threading.Event()  # ends following, scan ends included
 
     def start(self) -> threading.Event:
         """Follow in the background; returns the event that stops following."""
-        stop = threading.Event()
+        stop = self._stop
         threading.Thread(
             target=self._follow, args=(stop,), name="watch-blissdata", daemon=True
         ).start()
@@ -137,14 +148,38 @@ class ScanStarts:
         streams = scan.streams
         detectors = tuple(n.split(":")[0] for n, s in streams.items() if s.plugin == "lima")
         info = scan.info
+        filename = info.get("filename")
         try:
             acquisition = started_acquisition(
-                info.get("filename"), scan.number, str(info.get("title") or scan.name),
+                filename, scan.number, str(info.get("title") or scan.name),
                 detectors, self.watcher.roots, self.watcher.settings.watch,
             )  # fmt: skip
         except CalypsoError as exc:  # outside the roots or the data policy: not ours
-            logger.info("scan %s (%s) left alone: %s", key, info.get("filename"), exc)
+            logger.info("scan %s (%s) left alone: %s", key, filename, exc)
             return False
+        if filename:
+            threading.Thread(
+                target=self._tell_end, args=(scan, Path(os.path.realpath(filename))),
+                name="watch-scan-end", daemon=True,
+            ).start()  # fmt: skip
         if acquisition is None:
             return False
         return self.watcher.announce_live(acquisition, self.source, key, created)
+
+    def _tell_end(self, scan: Any, bliss_file: Path) -> None:
+        """Once ``scan`` has ended on the server, have the watcher look at its dataset
+        file (at each of :data:`END_LOOKS_S`)."""
+        from blissdata.redis_engine.scan import ScanState
+
+        stop = self._stop
+        try:
+            while scan.state < ScanState.STOPPED and not stop.is_set():
+                scan.update(block=True, timeout=1.0)
+        except Exception as exc:  # the server went away: the polls see the end
+            logger.debug("scan %s: not followed to its end (%s)", scan.key, exc)
+            return
+        ended = time.monotonic()
+        for delay in END_LOOKS_S:
+            if stop.wait(max(0.0, ended + delay - time.monotonic())):
+                return
+            self.watcher.scan_ended(bliss_file)

@@ -43,7 +43,7 @@ from calypso.errors import CalypsoError, ConfigurationError
 if TYPE_CHECKING:
     import socketserver
 
-    from calypso.flows.api import Progress
+    from calypso.flows.progress_bar import Progress
     from calypso.settings import CalypsoSettings
 
 logger = logging.getLogger("calypso.serve")
@@ -138,7 +138,7 @@ def run_by_service(
     a progress bar here; None when no service listens on ``where`` (see
     :func:`service_socket`). ``values()`` gives the parameters' values (a relative file
     among them means this process's folder)."""
-    from calypso.flows.api import progress_bar
+    from calypso.flows.progress_bar import progress_bar
     from calypso.flows.techniques import TECHNIQUES
 
     connection = connect(where)

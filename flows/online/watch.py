@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import queue
 import threading
 import time
 import urllib.error
@@ -49,6 +49,7 @@ from calypso.flows.online.acquisitions import (
     live_deployment,
     require_inside_roots,
 )
+from calypso.flows.online.file_changes import listen
 from calypso.flows.online.live_base import LIVE_TECHNIQUES
 from calypso.flows.runtime import prefect_auth_headers
 from calypso.flows.techniques import TECHNIQUES
@@ -145,6 +146,10 @@ class Watcher:
     api_url: str
     state: WatchState = field(init=False)
     _unchanged: dict[Path, float] = field(default_factory=dict, init=False)
+    # Wakes the loop before its next poll: inotify (a full poll), or a scan's end that
+    # blissdata told (its dataset file alone, put in _ended).
+    _wake: threading.Event = field(default_factory=threading.Event, init=False)
+    _ended: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, init=False)
 
     def __post_init__(self) -> None:
         from calypso.registry.access import require_data_roots
@@ -158,15 +163,26 @@ class Watcher:
         announced = []
         for root in self.roots:
             for bliss_file in bliss_files(root):
-                try:
-                    announced += self._look_at(bliss_file)
-                except CalypsoError as exc:  # said once, until the file changes
-                    if bliss_file not in self._unchanged:
-                        logger.warning("rejected %s: %s", bliss_file, exc)
-                    self._unchanged[bliss_file] = bliss_file.stat().st_mtime
-                except Exception as exc:  # a file being written, a vanished folder ...
-                    logger.debug("%s not readable yet: %s", bliss_file, exc)
+                announced += self.look_at(bliss_file)
         return announced
+
+    def look_at(self, bliss_file: Path) -> list[Acquisition]:
+        """Announce what one dataset file has ready; what it announced."""
+        try:
+            return self._look_at(bliss_file)
+        except CalypsoError as exc:  # said once, until the file changes
+            if bliss_file not in self._unchanged:
+                logger.warning("rejected %s: %s", bliss_file, exc)
+            self._unchanged[bliss_file] = bliss_file.stat().st_mtime
+        except Exception as exc:  # a file being written, a vanished folder ...
+            logger.debug("%s not readable yet: %s", bliss_file, exc)
+        return []
+
+    def scan_ended(self, bliss_file: Path) -> None:
+        """Look at ``bliss_file`` now, not at the next poll: blissdata says a scan of it
+        ended (called from another thread; the loop looks)."""
+        self._ended.put(bliss_file)
+        self._wake.set()
 
     def _look_at(self, bliss_file: Path) -> list[Acquisition]:
         changed = bliss_file.stat().st_mtime
@@ -400,7 +416,7 @@ class Watcher:
 
     def run(self, once: bool = False) -> None:
         self.post_pending(stale_after_s=0)  # what a watcher killed before posting left
-        wake = threading.Event()
+        wake = self._wake
         listening = None if once or not self.settings.watch.inotify else listen(self.roots, wake)
         blissdata = self.settings.watch.blissdata_url
         following = None
@@ -424,45 +440,26 @@ class Watcher:
                 self.confirm()
                 if once:
                     return
-                wake.wait(max(0.0, self.settings.watch.interval_s - (time.monotonic() - began)))
-                wake.clear()
+                self._until_next_poll(began)
         finally:
             for stop in (listening, following):
                 if stop is not None:
                     stop.set()
 
-
-def is_dataset_file(change: object, path: str) -> bool:
-    """A Bliss dataset file (``<dataset>/<dataset>.h5``): Bliss writes ``end_time`` there
-    last. The Lima files beside it change with every frame and wake nobody."""
-    name = os.path.basename(path)
-    return name.endswith(".h5") and name[:-3] == os.path.basename(os.path.dirname(path))
-
-
-def listen(roots: list[Path], wake: threading.Event) -> threading.Event | None:
-    """Set ``wake`` as soon as a dataset file changes under ``roots`` (inotify, through
-    ``watchfiles``), so a finished scan is announced within a second instead of at the
-    next poll. Only this machine's writes are seen (NFS and GPFS do not tell inotify of
-    other clients'): the polls go on. Returns the event that stops listening."""
-    try:
-        from watchfiles import watch
-    except ImportError:  # polling alone
-        return None
-    stop = threading.Event()
-
-    def follow() -> None:
-        try:
-            for _ in watch(
-                *roots,
-                watch_filter=is_dataset_file,
-                stop_event=stop,
-                debounce=200,  # ms: one wake for the burst of writes that ends a scan
-                step=20,
-                raise_interrupt=False,
-            ):
-                wake.set()
-        except Exception as exc:  # e.g. inotify's watch limit on a huge tree: poll only
-            logger.warning("not listening for changes (%s): polling only", exc)
-
-    threading.Thread(target=follow, name="watch-inotify", daemon=True).start()
-    return stop
+    def _until_next_poll(self, began: float) -> None:
+        """Wait for the next poll: the interval's end, or inotify's word that a dataset
+        file changed. Meanwhile, the dataset files of scans blissdata says ended are
+        looked at alone, as soon as it says so (on NFS and GPFS inotify sees nothing)."""
+        while True:
+            left = self.settings.watch.interval_s - (time.monotonic() - began)
+            if left <= 0 or not self._wake.wait(left):
+                return
+            self._wake.clear()
+            ended = set()
+            while not self._ended.empty():
+                ended.add(self._ended.get())
+            if not ended:
+                return  # inotify: a poll now
+            for bliss_file in sorted(ended):
+                self.look_at(bliss_file)
+            self.post_pending()
