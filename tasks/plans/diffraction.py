@@ -136,8 +136,16 @@ def _default_chunk_size(n_frames: int, workers: int) -> int:
     # Aim for >= 2 chunks a worker (load balance) but keep each chunk near a
     # second or more of work so Prefect's per-task cost stays a few percent,
     # and never more than ~1000 tasks in one run.
-    size = math.ceil(n_frames / (2 * max(workers, 1)))
-    return max(min(size, 64), 8, math.ceil(n_frames / 1000))
+    workers = max(workers, 1)
+    size = max(min(math.ceil(n_frames / (2 * workers)), 64), 8, math.ceil(n_frames / 1000))
+    # Then as many chunks as fill every worker in each round, of equal size: 300 frames
+    # in 64-frame chunks on 2 workers made 5 (3 rounds against 2), capping the speed-up
+    # from 1 to 2 workers at 1.67 before anything else; 6 of 50 do not.
+    chunks = math.ceil(n_frames / size)
+    if chunks <= 1:
+        return size  # one piece of work: one task
+    rounds = math.ceil(chunks / workers)
+    return math.ceil(n_frames / (rounds * workers))
 
 
 def _bliss_scans(path: Path, wanted: list[int] | None, detector: str | None) -> list[ScanPlan]:
