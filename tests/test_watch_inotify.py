@@ -20,6 +20,7 @@ def test_only_dataset_files_wake_the_watcher():
     assert is_dataset_file(None, "/d/RAW_DATA/CeO2/CeO2_0001/CeO2_0001.h5")
     assert not is_dataset_file(None, "/d/RAW_DATA/CeO2/CeO2_0001/scan0001/pilatus_0000.h5")
     assert not is_dataset_file(None, "/d/RAW_DATA/CeO2/CeO2_0001/CeO2_0001.h5.tmp")
+    assert not is_dataset_file(None, "/d/PROCESSED_DATA/CeO2/CeO2_0001/CeO2_0001.h5")  # results
 
 
 def test_a_scan_that_ends_is_announced_within_seconds_not_at_the_next_poll(tmp_path):

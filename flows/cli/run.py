@@ -81,15 +81,17 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def command_run(args: argparse.Namespace) -> int:
     # Handed to a running service first, before this command reads (and imports) its own
-    # settings: the service's decide how a submitted run is done.
+    # settings: the service's decide how a submitted run is done. The settings are asked
+    # where the service listens only when the variables and the file do not say plainly.
     submit = not (args.live or args.local or args.workers)
-    summary = submitted(args, configured_socket()) if submit else None
+    where = configured_socket() if submit else None
+    summary = submitted(args, where) if where is not None else None
     if summary is not None:
         return _report(args, summary)
     settings = load_settings_with_workers(args.workers)
     if args.live:
         summary = live_run(args, settings)
-    elif submit:
+    elif submit and where is None:
         summary = submitted(args, service_socket(settings))
     if summary is None:
         # Imported here: Prefect's import is slow and `calypso --help` needs none of it.

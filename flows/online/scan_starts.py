@@ -182,4 +182,4 @@ class ScanStarts:
         for delay in END_LOOKS_S:
             if stop.wait(max(0.0, ended + delay - time.monotonic())):
                 return
-            self.watcher.scan_ended(bliss_file)
+            self.watcher.look_soon(bliss_file)

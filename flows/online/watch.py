@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -146,10 +145,9 @@ class Watcher:
     api_url: str
     state: WatchState = field(init=False)
     _unchanged: dict[Path, float] = field(default_factory=dict, init=False)
-    # Wakes the loop before its next poll: inotify (a full poll), or a scan's end that
-    # blissdata told (its dataset file alone, put in _ended).
-    _wake: threading.Event = field(default_factory=threading.Event, init=False)
-    _ended: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, init=False)
+    # Dataset files to look at before the next poll (from other threads: the ones inotify
+    # saw change, those of scans blissdata says ended).
+    _soon: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, init=False)
 
     def __post_init__(self) -> None:
         from calypso.registry.access import require_data_roots
@@ -178,11 +176,10 @@ class Watcher:
             logger.debug("%s not readable yet: %s", bliss_file, exc)
         return []
 
-    def scan_ended(self, bliss_file: Path) -> None:
-        """Look at ``bliss_file`` now, not at the next poll: blissdata says a scan of it
-        ended (called from another thread; the loop looks)."""
-        self._ended.put(bliss_file)
-        self._wake.set()
+    def look_soon(self, bliss_file: Path) -> None:
+        """Look at ``bliss_file`` now, not at the next poll (called from another thread:
+        inotify saw it change, or blissdata says a scan of it ended; the loop looks)."""
+        self._soon.put(bliss_file)
 
     def _look_at(self, bliss_file: Path) -> list[Acquisition]:
         changed = bliss_file.stat().st_mtime
@@ -416,8 +413,8 @@ class Watcher:
 
     def run(self, once: bool = False) -> None:
         self.post_pending(stale_after_s=0)  # what a watcher killed before posting left
-        wake = self._wake
-        listening = None if once or not self.settings.watch.inotify else listen(self.roots, wake)
+        inotify = self.settings.watch.inotify and not once
+        listening = listen(self.roots, self.look_soon) if inotify else None
         blissdata = self.settings.watch.blissdata_url
         following = None
         if blissdata is not None and not once:
@@ -447,19 +444,15 @@ class Watcher:
                     stop.set()
 
     def _until_next_poll(self, began: float) -> None:
-        """Wait for the next poll: the interval's end, or inotify's word that a dataset
-        file changed. Meanwhile, the dataset files of scans blissdata says ended are
-        looked at alone, as soon as it says so (on NFS and GPFS inotify sees nothing)."""
-        while True:
-            left = self.settings.watch.interval_s - (time.monotonic() - began)
-            if left <= 0 or not self._wake.wait(left):
+        """Wait for the next poll, looking meanwhile at the dataset files handed to
+        :meth:`look_soon` as they come."""
+        while (left := self.settings.watch.interval_s - (time.monotonic() - began)) > 0:
+            try:
+                files = {self._soon.get(timeout=left)}
+            except queue.Empty:
                 return
-            self._wake.clear()
-            ended = set()
-            while not self._ended.empty():
-                ended.add(self._ended.get())
-            if not ended:
-                return  # inotify: a poll now
-            for bliss_file in sorted(ended):
+            while not self._soon.empty():
+                files.add(self._soon.get())
+            for bliss_file in sorted(files):
                 self.look_at(bliss_file)
             self.post_pending()
