@@ -131,6 +131,12 @@ def start_keeper(
     """Start ``python -m <arguments>`` in a session of its own (Ctrl-C in the command leaves
     it running), logging to ``log``, and wait until ``find()`` gives its address. ``what``
     it starts, and the ``setting`` that keeps it, name it in the error."""
+    keeper = spawn_keeper(arguments, log, stdin)
+    return wait_for_keeper(keeper, log, find, what, setting)
+
+
+def spawn_keeper(arguments: list[str], log: Path, stdin: bytes = b"") -> subprocess.Popen:
+    """``python -m <arguments>`` in a session of its own, logging to ``log``; not waited for."""
     with open(log, "ab") as output:
         keeper = subprocess.Popen(
             [sys.executable, "-m", *arguments],
@@ -141,6 +147,18 @@ def start_keeper(
         )
     keeper.stdin.write(stdin)  # type: ignore[union-attr]
     keeper.stdin.close()  # type: ignore[union-attr]
+    return keeper
+
+
+def wait_for_keeper(
+    keeper: subprocess.Popen,
+    log: Path,
+    find: Callable[[], str | None],
+    what: str,
+    setting: str,
+) -> str:
+    """Wait until ``find()`` gives the address of what ``keeper`` starts (see
+    :func:`start_keeper`); a keeper that ends or times out first is an error."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         found = find()

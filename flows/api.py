@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
     from pydantic import BaseModel
 
+    from calypso.flows.prefect_api import ServerStart
     from calypso.flows.techniques import Technique
     from calypso.registry.access import Identity
     from calypso.registry.saved_flows import SavedFlow, SavedFlows
@@ -240,38 +241,42 @@ def _run_technique(
 ) -> dict[str, Any]:
     from calypso.executors import local_worker_count
     from calypso.flows.engine import remember_plan, with_task_runner
+    from calypso.flows.prefect_api import begin_prefect_api
 
     if not settings.executor.preload:
         # Workers import this technique's code while they start, not another's.
         settings = settings.model_copy(
             update={"executor": settings.executor.model_copy(update={"preload": [entry.preload]})}
         )
-    # Check everything before Prefect or Dask start: bad input fails in a
-    # second, with one message and nothing written. The run takes this plan.
-    workers = local_worker_count(settings.executor)
-    plan = entry.plan()(input_path, parameters, scans, output, settings, workers)
-    remember_plan(entry.name, input_path, parameters, scans, output, workers, plan)
-    total = getattr(plan, entry.count_attribute)
-    bar.update_to(0, total)
-    technique_flow = entry.flow()
-    if export_to:
-        from calypso.tasks.export import check_target_uri
+    # Check everything before the run: bad input fails in a second, with one message and
+    # nothing written. The run takes this plan. Prefect's server (a process of its own)
+    # starts meanwhile, and is stopped if the input is refused.
+    with begin_prefect_api(settings) as api:
+        workers = local_worker_count(settings.executor)
+        plan = entry.plan()(input_path, parameters, scans, output, settings, workers)
+        remember_plan(entry.name, input_path, parameters, scans, output, workers, plan)
+        total = getattr(plan, entry.count_attribute)
+        bar.update_to(0, total)
+        technique_flow = entry.flow()
+        if export_to:
+            from calypso.tasks.export import check_target_uri
 
-        check_target_uri(export_to)
-    summary = run_on_cluster(
-        settings,
-        total,
-        entry.unit,
-        lambda runner: with_task_runner(technique_flow, runner)(
-            raw=input_path,
-            parameters=parameters,
-            scans=scans,
-            output_dir=output,
-            export_to=export_to,
-        ),
-        bar,
-        in_process=bool(getattr(plan, "in_process", False)),
-    )
+            check_target_uri(export_to)
+        summary = run_on_cluster(
+            settings,
+            total,
+            entry.unit,
+            lambda runner: with_task_runner(technique_flow, runner)(
+                raw=input_path,
+                parameters=parameters,
+                scans=scans,
+                output_dir=output,
+                export_to=export_to,
+            ),
+            bar,
+            in_process=bool(getattr(plan, "in_process", False)),
+            api=api,
+        )
     summary["wall_s"] = round(time.perf_counter() - began, 3)
     return summary
 
@@ -283,16 +288,19 @@ def run_on_cluster(
     call: Callable[[Any], Any],
     bar: Progress | None = None,
     in_process: bool = False,
+    api: ServerStart | None = None,
 ) -> Any:
-    """``call(task_runner)`` with a Prefect API up, on the Dask cluster the settings name
-    (a local one boots while Prefect starts), a progress bar counting ``unit`` (``bar``, or
-    a new one) that says what is starting until the first result. ``in_process``: the
-    plan's work is too small for a cluster; its tasks run in this process's threads."""
+    """``call(task_runner)`` with a Prefect API up (the one ``api`` began, else the
+    configured one or one started now), on the Dask cluster the settings name (a local
+    one boots while Prefect starts), a progress bar counting ``unit`` (``bar``, or a new
+    one) that says what is starting until the first result. ``in_process``: the plan's
+    work is too small for a cluster; its tasks run in this process's threads."""
     import os
 
     from calypso.executors import boot_local_cluster, build_task_runner
     from calypso.executors.dask import boot_kept_cluster, keeps_cluster, kept_task_runner
-    from calypso.flows.runtime import check_prefect_api, prefect_api, prefect_api_secret
+    from calypso.flows.prefect_api import prefect_api
+    from calypso.flows.runtime import check_prefect_api, prefect_api_secret
     from calypso.flows.techniques import preloading_every_technique
     from calypso.tasks.progress import listening
 
@@ -326,7 +334,7 @@ def run_on_cluster(
         else:
             stage = "finding or starting the local Prefect server"
         bar.stage(stage + (" and Dask workers" if booting is not None else ""))
-        api_url = stack.enter_context(prefect_api(settings, boot_kept if kept else None))
+        api_url = stack.enter_context(prefect_api(settings, boot_kept if kept else None, api))
         if booting is not None:  # ... and normally before the API goes: workers flush logs to it
             stack.callback(_close_cluster, booting)
             bar.stage("starting Dask workers")

@@ -11,9 +11,9 @@ the Prefect UI at its address shows them all. It stops by itself once no command
 used it and no flow run has been active for ``server.local_keep_s`` (30 min);
 ``server.local_keep_s = 0`` goes back to one temporary server per command.
 
-The keeper is ``python -m calypso.flows.local_server HOME``: it starts ``prefect server
-start`` on a free loopback port, writes the address once the server answers, and
-watches. A command marks its use by touching the address file.
+The keeper is ``python -m calypso.flows.local_server HOME``: it starts Prefect's server
+(what ``prefect server start`` runs) on a free loopback port, writes the address once the
+server answers, and watches. A command marks its use by touching the address file.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from contextlib import ExitStack, suppress
 from pathlib import Path
 
 from calypso.executors import kept
@@ -62,32 +62,60 @@ def hold(home: Path) -> None:
     kept.hold(home / USE)
 
 
-def ensure(home: Path, keep_s: float, starting: Callable[[str], None] | None = None) -> str:
-    """The API address of this home's local server, started now if none runs; then
-    ``starting(address)`` is called as soon as the address is chosen, before the server
-    answers (what depends on the address, such as the kept Dask cluster, starts meanwhile)."""
-    with kept.starting_lock(home / ".local-server.lock"):
-        url = find(home)
-        if url:
-            return url
-        port = _free_port()
+class LocalServerStart:
+    """This home's local server, found running or being started by this command.
+
+    Begun before the command reads its input, so the server starts while the plan is
+    made; :meth:`ready` waits for it. One command at a time looks for or starts it (the
+    home's start lock is held until the server answers), and a command that stops before
+    the server was ready (bad input, Ctrl-C) stops the keeper it started (:meth:`abandon`):
+    a server is kept only for a command that used it.
+    """
+
+    def __init__(self, home: Path, keep_s: float) -> None:
+        self.home = home
+        self._lock = ExitStack()
+        self._lock.enter_context(kept.starting_lock(home / ".local-server.lock"))
+        self._keeper: subprocess.Popen | None = None
+        self.url = find(home)
+        if self.url:
+            self._lock.close()
+            return
+        port = free_port()
+        self.url = _url(port)
         arguments = ["calypso.flows.local_server", str(home), str(keep_s), str(port)]
-        if starting is not None:
-            starting(_url(port))
-        return kept.start_keeper(
-            arguments,
-            home / "local-server.log",
-            lambda: find(home),
-            "local Prefect server",
-            "CALYPSO_SERVER__LOCAL_KEEP_S",
-        )
+        self._keeper = kept.spawn_keeper(arguments, home / "local-server.log")
+
+    def ready(self) -> str:
+        """The server's API address, once it answers."""
+        if self._keeper is not None:
+            try:
+                kept.wait_for_keeper(
+                    self._keeper,
+                    self.home / "local-server.log",
+                    lambda: find(self.home),
+                    "local Prefect server",
+                    "CALYPSO_SERVER__LOCAL_KEEP_S",
+                )
+            finally:
+                self._keeper = None
+                self._lock.close()
+        return self.url
+
+    def abandon(self) -> None:
+        """Stop the keeper this command started, unless the server already served it."""
+        if self._keeper is not None:
+            with suppress(ProcessLookupError):  # the keeper and its server: its session
+                os.killpg(self._keeper.pid, signal.SIGTERM)
+            self._keeper = None
+        self._lock.close()
 
 
 def _url(port: int) -> str:
     return f"http://127.0.0.1:{port}/api"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as probe:
@@ -127,9 +155,12 @@ def keep(home: Path, keep_s: float, port: int) -> int:
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.setdefault("PREFECT_UI_API_URL", url)
     env.setdefault("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", "2")
-    prefect = Path(sys.executable).with_name("prefect")
-    command = [str(prefect) if prefect.exists() else "prefect", "server", "start"]
-    server = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)], env=env)
+    env["PREFECT__SERVER_FINAL"] = "1"  # the whole server: API, UI and its services
+    # What `prefect server start` runs, without its command line's ~1 s of imports.
+    command = [sys.executable, "-m", "uvicorn", "--factory"]
+    command += ["prefect.server.api.server:create_app", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--log-level", "error", "--lifespan", "on"]
+    server = subprocess.Popen(command, env=env)
     path = address_path(home)
 
     def stop(*_):

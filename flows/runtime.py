@@ -12,15 +12,13 @@ import secrets
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 from calypso.errors import ConfigurationError
 from calypso.private_files import create_private_file, read_private_file
-from calypso.settings import CalypsoSettings, load_settings
+from calypso.settings import CalypsoSettings
 
 AUTH = "PREFECT_API_AUTH_STRING"  # what Prefect's clients send (HTTP basic)
 SERVER_AUTH = "PREFECT_SERVER_API_AUTH_STRING"  # what Prefect's server requires
@@ -182,103 +180,3 @@ def prefect_api_secret(settings: CalypsoSettings) -> str | None:
     if os.environ.get(AUTH) or os.environ.get("PREFECT_API_URL"):
         return os.environ.get(AUTH)
     return prefect_auth_string(settings)
-
-
-@contextmanager
-def local_prefect_api(
-    settings: CalypsoSettings, starting: Callable[[str], None] | None = None
-) -> Iterator[str]:
-    """The home's local Prefect server (:mod:`calypso.flows.local_server`), started now
-    when none runs (``starting(address)`` is called once its address is chosen), for this
-    process and its workers."""
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
-
-    from calypso.flows.local_server import ensure, hold, used
-
-    url = ensure(settings.home, settings.server.local_keep_s, starting)
-    hold(settings.home)  # until this process exits: its last logs reach the server
-    secret = prefect_api_secret(settings)
-    saved = os.environ.get(AUTH)
-    os.environ.update({AUTH: secret, "PREFECT_API_URL": url})
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_API_AUTH_STRING: secret}):
-            yield url
-    finally:
-        drain_prefect_queues()
-        del os.environ["PREFECT_API_URL"]
-        if saved is None:
-            os.environ.pop(AUTH, None)
-        used(settings.home)  # unused from now: the keeper counts from the end of the run
-
-
-@contextmanager
-def prefect_api(
-    settings: CalypsoSettings | None = None, starting: Callable[[str], None] | None = None
-) -> Iterator[str]:
-    """Make sure a Prefect API serves this process *and* its Dask workers.
-
-    With ``PREFECT_API_URL`` set, that server is used. Otherwise this starts
-    Prefect's ephemeral (temporary, SQLite) server once and points this process
-    and every worker it spawns at it; left alone, each Dask worker process
-    would start a temporary server of its own. ``starting(address)``: called when the
-    home's local server is started, as soon as its address is chosen.
-    """
-    url = os.environ.get("PREFECT_API_URL")
-    if url:
-        yield url
-        return
-    settings = settings or load_settings()
-    if settings.server.local_keep_s > 0:
-        with local_prefect_api(settings, starting) as url:
-            yield url
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import (
-        PREFECT_API_AUTH_STRING,
-        PREFECT_API_URL,
-        PREFECT_SERVER_API_AUTH_STRING,
-        temporary_settings,
-    )
-
-    # Closed too, with a secret of its own that lives as long as it: it listens on a
-    # loopback port that other accounts of the machine could reach.
-    secret = f"calypso:{secrets.token_urlsafe(32)}"
-    hide_prefect_secret(secret)
-    saved = {name: os.environ.get(name) for name in (AUTH, SERVER_AUTH)}
-    os.environ.update({AUTH: secret, SERVER_AUTH: secret})
-    server = SubprocessASGIServer()
-    try:
-        with temporary_settings(
-            updates={PREFECT_API_AUTH_STRING: secret, PREFECT_SERVER_API_AUTH_STRING: secret}
-        ):
-            # A first start creates and migrates the SQLite database: allow more than
-            # Prefect's default 20 s on a busy two-core machine.
-            server.start(timeout=120)
-            os.environ["PREFECT_API_URL"] = server.api_url
-            try:
-                with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-                    yield server.api_url
-            finally:
-                drain_prefect_queues()
-                del os.environ["PREFECT_API_URL"]
-                server.stop()
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def drain_prefect_queues() -> None:
-    """Send queued logs and events before the temporary server goes away.
-
-    Otherwise Prefect tries to deliver them at interpreter exit to a server
-    that no longer exists, printing errors and retrying for a minute.
-    """
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    for service in (APILogWorker, EventsWorker):
-        with suppress(Exception):  # best effort: the results are already written
-            service.drain_all(timeout=10, at_exit=False)

@@ -102,7 +102,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     close_clusters()
     if _server is not None:
         if "prefect" in sys.modules:  # deliver queued logs before the server goes
-            from calypso.flows.runtime import drain_prefect_queues
+            from calypso.flows.prefect_api import drain_prefect_queues
 
             drain_prefect_queues()
         _server.terminate()

@@ -278,6 +278,50 @@ def test_without_a_server_the_first_run_starts_the_local_one_and_the_next_uses_i
                 os.kill(pid, signal.SIGTERM)
 
 
+@pytest.mark.parametrize("keep_s", [0, 60], ids=["temporary", "local"])
+def test_input_refused_before_the_run_leaves_no_prefect_server_behind(keep_s, tmp_path):
+    """With no server configured, `calypso run` starts Prefect's server (temporary or the
+    home's local one) while it reads its input; when the input is refused, that server
+    goes with the command: nothing that would live on in the background."""
+    bad = tmp_path / "bad.xdi"
+    bad.write_text("# XDI/1.0\n# Column.1: energy eV\n# Column.2: i0\n#----\n1 2\nfoo bar\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CALYPSO_"))}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        CALYPSO_HOME=str(tmp_path / "calypso"),
+        CALYPSO_SERVER__LOCAL_KEEP_S=str(keep_s),
+    )
+    command = [sys.executable, "-m", "calypso.flows.cli", "run", "spectroscopy", str(bad)]
+    result = subprocess.run(
+        [*command, "--output", str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 3 and "bad.xdi: not a column file" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    if keep_s:  # the keeper was started, and stopped
+        assert (tmp_path / "calypso" / "local-server.log").exists()
+        assert not (tmp_path / "calypso" / "local-server.json").exists()
+    deadline = time.monotonic() + 10
+    while _processes_with(f"PREFECT_HOME={tmp_path / 'prefect'}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_with(f"PREFECT_HOME={tmp_path / 'prefect'}") == []
+
+
+def _processes_with(variable: str) -> list[int]:
+    """This account's processes whose environment holds ``variable`` (NAME=VALUE)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if variable.encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # gone, or another account's
+            continue
+    return found
+
+
 def _hold(use: Path):
     """The shared lock a living command holds on a kept service (executors/kept.py)."""
     import fcntl

@@ -128,7 +128,8 @@ def test_calypso_commands_present_the_secret_of_their_home(tmp_path, monkeypatch
 
 TEMPORARY_SERVER = """
 import os, urllib.error, urllib.request
-from calypso.flows.runtime import prefect_api, prefect_auth_headers
+from calypso.flows.prefect_api import prefect_api
+from calypso.flows.runtime import prefect_auth_headers
 
 def status(url, headers):
     try:

@@ -1,0 +1,192 @@
+"""The Prefect API a command's run reports to, begun before the command reads its input.
+
+With ``PREFECT_API_URL`` set, that server. Otherwise the home's local server
+(:mod:`calypso.flows.local_server`, kept for the next commands), or, with
+``server.local_keep_s = 0``, a temporary server of this command's own.
+
+Starting a server is the slowest part of a command's start on a small machine: Prefect's
+server imports ~3.5 s of Python before it answers. :func:`begin_prefect_api` therefore
+starts it as a process of its own *before* the command reads and checks its input, and
+:func:`prefect_api` waits for it only when the run needs it: the two overlap. Neither
+imports Prefect's server in the command itself (Prefect's own ``SubprocessASGIServer``
+does, ~3 s of the command's CPU for a class that runs ``uvicorn`` in a subprocess).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Protocol
+
+from calypso.errors import ConfigurationError
+from calypso.executors.kept import prefect_answers
+from calypso.flows.runtime import AUTH, SERVER_AUTH, hide_prefect_secret, prefect_api_secret
+from calypso.settings import CalypsoSettings, load_settings
+
+START_TIMEOUT_S = 120.0  # a first start creates and migrates the SQLite database
+PORT_TAKEN = 3  # uvicorn's exit status when its port was taken meanwhile
+
+
+class ServerStart(Protocol):
+    url: str
+
+    def ready(self) -> str: ...
+
+    def abandon(self) -> None: ...
+
+
+class TemporaryServer:
+    """Prefect's temporary server for one command: ``uvicorn`` serving Prefect's API
+    (no UI) on a free loopback port, its SQLite database in ``PREFECT_HOME``, closed with a
+    secret that lives as long as it (other accounts of the machine reach loopback ports).
+    The same server Prefect's ephemeral mode starts, without importing it here."""
+
+    def __init__(self) -> None:
+        self.secret = f"calypso:{secrets.token_urlsafe(32)}"
+        hide_prefect_secret(self.secret)
+        self._process: subprocess.Popen | None = None
+        self._start()
+
+    def _start(self) -> None:
+        from calypso.flows.local_server import free_port
+
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}/api"
+        environment = dict(
+            os.environ,
+            PREFECT_UI_ENABLED="0",
+            PREFECT__SERVER_EPHEMERAL="1",
+            PREFECT__SERVER_FINAL="1",
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            **{SERVER_AUTH: self.secret, AUTH: self.secret},
+        )
+        command = [sys.executable, "-m", "uvicorn", "--factory"]
+        command += ["prefect.server.api.server:create_app", "--host", "127.0.0.1"]
+        command += ["--port", str(port), "--log-level", "error", "--lifespan", "on"]
+        self._process = subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL)
+
+    def ready(self) -> str:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not prefect_answers(self.url, self.secret, timeout=1.0):
+            status = self._process.poll() if self._process else -1
+            if status == PORT_TAKEN:  # another process took the free port first
+                self._start()
+            elif status is not None or time.monotonic() > deadline:
+                self.abandon()
+                raise ConfigurationError(
+                    f"Prefect's temporary server did not start (exit status {status}; its "
+                    "errors are above): set PREFECT_API_URL to a running server "
+                    "(`calypso server`), or leave server.local_keep_s at its default to "
+                    "keep a local one"
+                )
+            time.sleep(0.05)
+        return self.url
+
+    def abandon(self) -> None:
+        """Stop the server (also once the run is over: it is this command's alone)."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def begin_prefect_api(settings: CalypsoSettings) -> Iterator[ServerStart | None]:
+    """Begin starting this command's Prefect API (None: ``PREFECT_API_URL`` names one);
+    what was started and never served a run is stopped on the way out."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield None
+        return
+    saved = os.environ.get(AUTH)
+    if settings.server.local_keep_s > 0:
+        from calypso.flows.local_server import LocalServerStart
+
+        start: ServerStart = LocalServerStart(settings.home, settings.server.local_keep_s)
+    else:
+        start = TemporaryServer()
+        os.environ[AUTH] = start.secret  # what this process and its workers present
+    try:
+        yield start
+    finally:
+        start.abandon()  # a kept server that answered stays: only its start is abandoned
+        if saved is None:
+            os.environ.pop(AUTH, None)
+        else:
+            os.environ[AUTH] = saved
+
+
+@contextmanager
+def prefect_api(
+    settings: CalypsoSettings | None = None,
+    starting: Callable[[str], None] | None = None,
+    begun: ServerStart | None = None,
+) -> Iterator[str]:
+    """Make sure a Prefect API serves this process *and* its Dask workers: the one
+    ``PREFECT_API_URL`` names, else the one ``begun`` (:func:`begin_prefect_api`), else one
+    begun now. ``starting(address)`` is called as soon as a local server's address is
+    known, before it answers (what depends on the address, such as the kept Dask
+    cluster, starts meanwhile). Left alone, each Dask worker process would start a
+    temporary server of its own."""
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        yield url
+        return
+    settings = settings or load_settings()
+    if begun is None:
+        with begin_prefect_api(settings) as start, prefect_api(settings, starting, start) as url:
+            yield url
+        return
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    if starting is not None and not isinstance(begun, TemporaryServer):
+        starting(begun.url)
+    url = begun.ready()
+    if isinstance(begun, TemporaryServer):
+        secret = begun.secret
+    else:
+        from calypso.flows.local_server import hold
+
+        hold(settings.home)  # until this process exits: its last logs reach the server
+        secret = prefect_api_secret(settings)
+    saved = os.environ.get(AUTH)
+    os.environ.update({AUTH: secret, "PREFECT_API_URL": url})
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_API_AUTH_STRING: secret}):
+            yield url
+    finally:
+        drain_prefect_queues()
+        del os.environ["PREFECT_API_URL"]
+        if saved is None:
+            os.environ.pop(AUTH, None)
+        else:
+            os.environ[AUTH] = saved
+        if isinstance(begun, TemporaryServer):
+            begun.abandon()
+        else:
+            from calypso.flows.local_server import used
+
+            used(settings.home)  # unused from now: the keeper counts from the end of the run
+
+
+def drain_prefect_queues() -> None:
+    """Send queued logs and events before the temporary server goes away.
+
+    Otherwise Prefect tries to deliver them at interpreter exit to a server
+    that no longer exists, printing errors and retrying for a minute.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        with suppress(Exception):  # best effort: the results are already written
+            service.drain_all(timeout=10, at_exit=False)
