@@ -310,6 +310,38 @@ def test_input_refused_before_the_run_leaves_no_prefect_server_behind(keep_s, tm
     assert _processes_with(f"PREFECT_HOME={tmp_path / 'prefect'}") == []
 
 
+def test_a_killed_command_takes_its_temporary_prefect_server_with_it(test_data, tmp_path):
+    """SIGKILL leaves a command no time to stop what it started: its temporary Prefect
+    server notices that the command has gone and stops by itself (Dask's workers do too)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CALYPSO_"))}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        CALYPSO_HOME=str(tmp_path / "calypso"),
+        CALYPSO_SERVER__LOCAL_KEEP_S="0",
+    )
+    spectrum = test_data / "xas" / "fe_metal_rt.xdi"
+    command = [sys.executable, "-m", "calypso.flows.cli", "run", "spectroscopy", str(spectrum)]
+    process = subprocess.Popen(
+        [*command, "--output", str(tmp_path / "out")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ours = f"PREFECT_HOME={tmp_path / 'prefect'}"
+    try:
+        deadline = time.monotonic() + 60
+        while not [pid for pid in _processes_with(ours) if pid != process.pid]:
+            assert process.poll() is None and time.monotonic() < deadline, "no server started"
+            time.sleep(0.05)
+    finally:
+        process.kill()
+        process.wait()
+    deadline = time.monotonic() + 15
+    while _processes_with(ours) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_with(ours) == []
+
+
 def _processes_with(variable: str) -> list[int]:
     """This account's processes whose environment holds ``variable`` (NAME=VALUE)."""
     found = []

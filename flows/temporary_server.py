@@ -1,0 +1,36 @@
+"""Prefect's temporary server for one command, gone with the command however it ends.
+
+``python -m calypso.flows.temporary_server UVICORN-ARGUMENTS``: ``uvicorn`` with the same
+arguments, plus a thread that stops the server (as SIGTERM does) once the process that
+started it has gone. A command killed with SIGKILL cannot stop its server itself; left
+alone, the server (and Prefect's own ephemeral one, which has the same flaw) would run
+until the machine restarts. Kept free of Calypso's other modules: it starts in a second
+less than the server it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+LOOK_EVERY_S = 0.5
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(LOOK_EVERY_S)
+    os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own graceful shutdown
+
+
+def main() -> None:
+    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    from uvicorn.main import main as uvicorn
+
+    uvicorn(sys.argv[1:], prog_name="uvicorn")
+
+
+if __name__ == "__main__":
+    main()
