@@ -156,8 +156,9 @@ def keep(home: Path, keep_s: float, port: int) -> int:
     env.setdefault("PREFECT_UI_API_URL", url)
     env.setdefault("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", "2")
     env["PREFECT__SERVER_FINAL"] = "1"  # the whole server: API, UI and its services
-    # What `prefect server start` runs, without its command line's ~1 s of imports.
-    command = [sys.executable, "-m", "uvicorn", "--factory"]
+    # What `prefect server start` runs, without its command line's ~1 s of imports, and
+    # gone with this keeper even if it is killed.
+    command = [sys.executable, "-m", "calypso.flows.prefect_server", "--factory"]
     command += ["prefect.server.api.server:create_app", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--log-level", "error", "--lifespan", "on"]
     server = subprocess.Popen(command, env=env)

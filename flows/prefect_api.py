@@ -45,7 +45,7 @@ class TemporaryServer:
     (no UI) on a free loopback port, its SQLite database in ``PREFECT_HOME``, closed with a
     secret that lives as long as it (other accounts of the machine reach loopback ports).
     The same server Prefect's ephemeral mode starts, without importing it here, and one
-    that stops by itself if the command is killed (:mod:`calypso.flows.temporary_server`)."""
+    that stops by itself if the command is killed (:mod:`calypso.flows.prefect_server`)."""
 
     def __init__(self) -> None:
         self.secret = f"calypso:{secrets.token_urlsafe(32)}"
@@ -66,7 +66,7 @@ class TemporaryServer:
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             **{SERVER_AUTH: self.secret, AUTH: self.secret},
         )
-        command = [sys.executable, "-m", "calypso.flows.temporary_server", "--factory"]
+        command = [sys.executable, "-m", "calypso.flows.prefect_server", "--factory"]
         command += ["prefect.server.api.server:create_app", "--host", "127.0.0.1"]
         command += ["--port", str(port), "--log-level", "error", "--lifespan", "on"]
         self._process = subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL)

@@ -1,11 +1,12 @@
-"""Prefect's temporary server for one command, gone with the command however it ends.
+"""Prefect's server as the child of a Calypso process, gone with that process however it ends.
 
-``python -m calypso.flows.temporary_server UVICORN-ARGUMENTS``: ``uvicorn`` with the same
+``python -m calypso.flows.prefect_server UVICORN-ARGUMENTS``: ``uvicorn`` with the same
 arguments, plus a thread that stops the server (as SIGTERM does) once the process that
-started it has gone. A command killed with SIGKILL cannot stop its server itself; left
-alone, the server (and Prefect's own ephemeral one, which has the same flaw) would run
-until the machine restarts. Kept free of Calypso's other modules: it starts in a second
-less than the server it runs.
+started it has gone. A command's temporary server and the local server's keeper
+(:mod:`calypso.flows.local_server`) start it this way: a process killed with SIGKILL
+cannot stop its server itself, and left alone the server (Prefect's own ephemeral one has
+the same flaw) would run until the machine restarts. Kept free of Calypso's other
+modules: it starts no slower than ``uvicorn`` itself.
 """
 
 from __future__ import annotations
