@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ from tests.test_live_flow import datasets
 pytestmark = pytest.mark.slow
 LIVE = "diffraction-live/diffraction-live"
 TOMOGRAPHY_LIVE = "tomography-live/tomography-live"
+SCAN_END = "saved-flow/at-scan-end"  # the saved flow a scan's end starts
 STATES = ("one.sqlite", "two.sqlite")  # the two watchers' states
 
 
@@ -347,8 +349,18 @@ def test_a_scan_end_on_blissdata_is_announced_at_once_not_at_the_next_poll(plant
     from tests.test_triggers import alice
 
     plant.stop_watchers()
+    recorded = write_diffraction_sample(tmp_path / "rec", frames=7, dataset_number=8, seed=8)
+    raw = replayed(recorded, plant.tree)
+    scripts = raw.parents[2] / "SCRIPTS"  # the calibration where the session keeps it
+    scripts.mkdir(parents=True, exist_ok=True)
+    for path in recorded.calibration.values():
+        shutil.copy(path, scripts / path.name)
     spec = yaml.safe_load(export_specification("diffraction"))
-    spec["steps"]["plan"]["parameters"].update(npt=90)
+    spec["steps"]["plan"]["parameters"].update(
+        poni=str(scripts / recorded.calibration["poni"].name),
+        mask=str(scripts / recorded.calibration["mask"].name),
+        npt=90,
+    )
     SavedFlows(plant.home / "catalogue.sqlite").save(
         "at-scan-end", yaml.safe_dump(spec), "diffraction", alice(), "ih0001", ""
     )
@@ -363,10 +375,10 @@ def test_a_scan_end_on_blissdata_is_announced_at_once_not_at_the_next_poll(plant
     }
     plant.watchers.append(start(["watch", str(plant.tree), "--blissdata", bliss], env, log))
     try:
+        # Serve deploys the saved flow, with its trigger, before the scan.
+        wait_until(lambda: live_deployment(plant, SCAN_END), 120, "the saved flow's deployment")
         wait_until(lambda: log.exists() and "following scan starts" in log.read_text(), 120, "it")
         time.sleep(1)  # its first poll done: the next is 60 s away
-        recorded = write_diffraction_sample(tmp_path / "rec", frames=7, dataset_number=8, seed=8)
-        raw = replayed(recorded, plant.tree)
         timeline = tmp_path / "written.json"
         writer = simulate(recorded, plant, bliss, timeline, rate=4)
         assert writer.wait(timeout=60) == 0
@@ -381,6 +393,17 @@ def test_a_scan_end_on_blissdata_is_announced_at_once_not_at_the_next_poll(plant
         print(f"\nlast frame -> scan end's event posted (polls every 60 s): {announced:.2f} s")
         assert announced < 10, log.read_text()[-3000:]  # not the poll's 60 s
         assert plant.announcements(raw, state)[0][0] in ("emitted", "confirmed")
+
+        # The saved flow's trigger starts its run on serve, which runs it to the end.
+        def started():
+            return [r for r in live_runs(plant, raw, SCAN_END) if r.start_time]
+
+        [run] = wait_until(started, 60, "the saved flow's run started", 0.05)
+        print(
+            f"last frame -> its flow run running: {run.start_time.timestamp() - last_frame:.2f} s"
+        )
+        wait_until(lambda: state_of(run.id).is_final(), 120, "the saved flow's run ended")
+        assert state_of(run.id).is_completed(), state_of(run.id)
     finally:
         plant.stop_watchers()
 
