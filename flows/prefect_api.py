@@ -29,7 +29,7 @@ from calypso.flows.runtime import AUTH, SERVER_AUTH, hide_prefect_secret, prefec
 from calypso.settings import CalypsoSettings, load_settings
 
 START_TIMEOUT_S = 120.0  # a first start creates and migrates the SQLite database
-PORT_TAKEN = 3  # uvicorn's exit status when its port was taken meanwhile
+STARTUP_FAILED = 3  # uvicorn's exit status when it did not start (its port taken, ...)
 
 
 class ServerStart(Protocol):
@@ -73,9 +73,11 @@ class TemporaryServer:
 
     def ready(self) -> str:
         deadline = time.monotonic() + START_TIMEOUT_S
+        ports = 3  # a start that fails again on another port is not about the port
         while not prefect_answers(self.url, self.secret, timeout=1.0):
             status = self._process.poll() if self._process else -1
-            if status == PORT_TAKEN:  # another process took the free port first
+            if status == STARTUP_FAILED and ports > 1:  # maybe another process took the port
+                ports -= 1
                 self._start()
             elif status is not None or time.monotonic() > deadline:
                 self.abandon()
