@@ -116,7 +116,7 @@ def main() -> None:
 
     env = isolated_environment(work)
     with prefect_server(env) as served:
-        command_fps, flow_fps, bare_fps, busy, peak = [], [], [], [], 0
+        command_fps, flow_fps, step_fps, bare_fps, busy, peak = [], [], [], [], [], 0
         for repeat in range(args.repeat):  # interleaved, so both sides share the noise
             wall, summary, peak_run = time_command(
                 sample.raw_dataset_dir, sample, args.workers, served, work / f"out{repeat}"
@@ -125,19 +125,23 @@ def main() -> None:
             command_fps.append(args.frames / wall)
             flow_fps.append(summary["frames_per_s"])
             timings = summary["timings_s"]
+            step_fps.append(args.frames / timings["integrate"])
             busy.append(timings["busy_in_tasks"] / (timings["total"] * args.workers))
             bare_fps.append(time_bare_loop(sample, args.frames, args.workers))
         command, flow, bare = median(command_fps), median(flow_fps), median(bare_fps)
+        step = median(step_fps)
         print(f"{args.frames} frames, {args.workers} workers, chunk size "
               f"{summary['chunk_size']} ({summary['chunks']} chunks), "
               f"{args.repeat} interleaved repeats, medians:")  # fmt: skip
         print(f"calypso run (command, server running): {command:7.1f} frames/s  "
               f"{_each(command_fps)}")  # fmt: skip
         print(f"  inside the flow run:                 {flow:7.1f} frames/s  {_each(flow_fps)}")
+        print(f"  its integration step alone:          {step:7.1f} frames/s  {_each(step_fps)}")
         print(f"  share of flow time spent in chunk tasks: {median(busy):.2f}")
         print(f"bare pyFAI loop, frames in memory:     {bare:7.1f} frames/s  {_each(bare_fps)}")
         print(f"ratio command / bare:  {command / bare:.2f}")
         print(f"ratio flow run / bare: {flow / bare:.2f}")
+        print(f"ratio integration step / bare (frames/s inside a run): {step / bare:.2f}")
         print(f"peak RSS of the command and its workers: {peak / 2**30:.2f} GiB")
         if args.half:
             half = write_diffraction_sample(
@@ -160,6 +164,11 @@ def main() -> None:
                   f"({per_frame * chunk / 1000:.1f} s a {chunk}-frame chunk)")  # fmt: skip
             print(f"bare loop, 1 process: {bare_one:.1f} frames/s; speed-up with "
                   f"{args.workers} processes: {bare / bare_one:.2f}")  # fmt: skip
+            one_step = args.frames / one["timings_s"]["integrate"]
+            gained, kernel = flow / one["frames_per_s"], bare / bare_one
+            print(f"speed-up 1 -> {args.workers} workers of the kernel's: whole flow "
+                  f"{gained / kernel:.2f}, integration step {step / one_step / kernel:.2f} "
+                  f"(its own speed-up {step / one_step:.2f})")  # fmt: skip
         if args.ephemeral:
             wall, _, _ = time_command(
                 sample.raw_dataset_dir, sample, args.workers, env, work / "out-ephemeral"
