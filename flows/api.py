@@ -207,10 +207,13 @@ def run_technique(
     export_to: str | None = None,
     identity: Identity | None = None,
     progress: Progress | None = None,
+    api: ServerStart | None = None,
 ) -> dict[str, Any]:
     """Check the input (inside the proposals of ``identity``, default the caller's:
     :func:`current_identity`), then run the technique's flow on the configured Dask
-    cluster, reporting to ``progress`` (default: a bar on the terminal)."""
+    cluster, reporting to ``progress`` (default: a bar on the terminal). ``api``: the
+    Prefect server the caller began (:func:`calypso.flows.prefect_api.begin_prefect_api`),
+    else one is begun here."""
     began = time.perf_counter()
     identity = identity or current_identity(settings)
     confine_run(technique, input_path, parameters, output, settings, identity, export_to)
@@ -221,7 +224,7 @@ def run_technique(
     bar.stage(stage)
     try:
         return _run_technique(
-            entry, bar, began, input_path, parameters, scans, output, settings, export_to
+            entry, bar, began, input_path, parameters, scans, output, settings, export_to, api
         )
     finally:
         if progress is None:  # the caller closes its own
@@ -238,20 +241,24 @@ def _run_technique(
     output: str | None,
     settings: CalypsoSettings,
     export_to: str | None,
+    api: ServerStart | None,
 ) -> dict[str, Any]:
-    from calypso.executors import local_worker_count
-    from calypso.flows.engine import remember_plan, with_task_runner
     from calypso.flows.prefect_api import begin_prefect_api
 
-    if not settings.executor.preload:
-        # Workers import this technique's code while they start, not another's.
-        settings = settings.model_copy(
-            update={"executor": settings.executor.model_copy(update={"preload": [entry.preload]})}
-        )
-    # Check everything before the run: bad input fails in a second, with one message and
-    # nothing written. The run takes this plan. Prefect's server (a process of its own)
-    # starts meanwhile, and is stopped if the input is refused.
-    with begin_prefect_api(settings) as api:
+    with ExitStack() as stack:
+        # Prefect's server (a process of its own) starts while Prefect and Dask are
+        # imported and the plan is made below, and is stopped if the input is refused.
+        if api is None:
+            api = stack.enter_context(begin_prefect_api(settings))
+        from calypso.executors import local_worker_count
+        from calypso.flows.engine import remember_plan, with_task_runner
+
+        if not settings.executor.preload:
+            # Workers import this technique's code while they start, not another's.
+            executor = settings.executor.model_copy(update={"preload": [entry.preload]})
+            settings = settings.model_copy(update={"executor": executor})
+        # Check everything before the run: bad input fails in a second, with one message
+        # and nothing written. The run takes this plan.
         workers = local_worker_count(settings.executor)
         plan = entry.plan()(input_path, parameters, scans, output, settings, workers)
         remember_plan(entry.name, input_path, parameters, scans, output, workers, plan)

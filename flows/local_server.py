@@ -156,6 +156,7 @@ def keep(home: Path, keep_s: float, port: int) -> int:
     env.setdefault("PREFECT_UI_API_URL", url)
     env.setdefault("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", "2")
     env["PREFECT__SERVER_FINAL"] = "1"  # the whole server: API, UI and its services
+    env["CALYPSO_SERVER_PARENT"] = str(os.getpid())  # it stops when this keeper goes
     # What `prefect server start` runs, without its command line's ~1 s of imports, and
     # gone with this keeper even if it is killed.
     command = [sys.executable, "-m", "calypso.flows.prefect_server", "--factory"]

@@ -6,7 +6,8 @@ With ``PREFECT_API_URL`` set, that server. Otherwise the home's local server
 
 Starting a server is the slowest part of a command's start on a small machine: Prefect's
 server imports ~3.5 s of Python before it answers. :func:`begin_prefect_api` therefore
-starts it as a process of its own *before* the command reads and checks its input, and
+starts it as a process of its own as soon as the command has its settings, *before* it
+imports Prefect and Dask and reads and checks its input, and
 :func:`prefect_api` waits for it only when the run needs it: the two overlap. Neither
 imports Prefect's server in the command itself (Prefect's own ``SubprocessASGIServer``
 does, ~3 s of the command's CPU for a class that runs ``uvicorn`` in a subprocess).
@@ -64,6 +65,7 @@ class TemporaryServer:
             PREFECT__SERVER_EPHEMERAL="1",
             PREFECT__SERVER_FINAL="1",
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            CALYPSO_SERVER_PARENT=str(os.getpid()),  # it stops when this process goes
             **{SERVER_AUTH: self.secret, AUTH: self.secret},
         )
         command = [sys.executable, "-m", "calypso.flows.prefect_server", "--factory"]

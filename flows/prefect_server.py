@@ -18,6 +18,7 @@ import threading
 import time
 
 LOOK_EVERY_S = 0.5
+PARENT = "CALYPSO_SERVER_PARENT"  # the pid of the process that starts the server
 
 
 def _stop_when_orphaned(parent: int) -> None:
@@ -27,7 +28,10 @@ def _stop_when_orphaned(parent: int) -> None:
 
 
 def main() -> None:
-    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    # The starter says who it is: one killed before this line runs has already left this
+    # process to another parent (init, or a subreaper), which must not pass for it.
+    parent = int(os.environ.pop(PARENT, os.getppid()))
+    threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
     from uvicorn.main import main as uvicorn
 
     uvicorn(sys.argv[1:], prog_name="uvicorn")

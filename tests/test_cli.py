@@ -310,9 +310,11 @@ def test_input_refused_before_the_run_leaves_no_prefect_server_behind(keep_s, tm
     assert _processes_with(f"PREFECT_HOME={tmp_path / 'prefect'}") == []
 
 
-def test_a_killed_command_takes_its_temporary_prefect_server_with_it(test_data, tmp_path):
+@pytest.mark.parametrize("after_s", [0, 3], ids=["as-it-starts", "started"])
+def test_a_killed_command_takes_its_temporary_prefect_server_with_it(test_data, tmp_path, after_s):
     """SIGKILL leaves a command no time to stop what it started: its temporary Prefect
-    server notices that the command has gone and stops by itself (Dask's workers do too)."""
+    server notices that the command has gone and stops by itself (Dask's workers do too),
+    whether it was still starting or already serving."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CALYPSO_"))}
     env.update(
         PREFECT_HOME=str(tmp_path / "prefect"),
@@ -333,6 +335,7 @@ def test_a_killed_command_takes_its_temporary_prefect_server_with_it(test_data, 
         while not [pid for pid in _processes_with(ours) if pid != process.pid]:
             assert process.poll() is None and time.monotonic() < deadline, "no server started"
             time.sleep(0.05)
+        time.sleep(after_s)
     finally:
         process.kill()
         process.wait()

@@ -95,19 +95,24 @@ def command_run(args: argparse.Namespace) -> int:
         summary = submitted(args, service_socket(settings))
     if summary is None:
         # Imported here: Prefect's import is slow and `calypso --help` needs none of it.
+        from calypso.flows.prefect_api import begin_prefect_api
         from calypso.flows.runtime import prepare_environment
 
         prepare_environment(settings, verbose=args.verbose)
-        parameters = build_parameters(args.technique, args.set, args.params)
-        summary = run_technique(
-            args.technique,
-            args.input,
-            parameters,
-            args.scans,
-            args.output,
-            settings,
-            export_to=args.export_to,
-        )
+        # Prefect's server, when this command starts one, starts while the command checks
+        # its parameters and input, imports Prefect and Dask and makes its plan.
+        with begin_prefect_api(settings) as api:
+            parameters = build_parameters(args.technique, args.set, args.params)
+            summary = run_technique(
+                args.technique,
+                args.input,
+                parameters,
+                args.scans,
+                args.output,
+                settings,
+                export_to=args.export_to,
+                api=api,
+            )
     return _report(args, summary)
 
 
