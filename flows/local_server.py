@@ -23,8 +23,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, suppress
 from pathlib import Path
 
@@ -65,11 +67,12 @@ def hold(home: Path) -> None:
 class LocalServerStart:
     """This home's local server, found running or being started by this command.
 
-    Begun before the command reads its input, so the server starts while the plan is
-    made; :meth:`ready` waits for it. One command at a time looks for or starts it (the
-    home's start lock is held until the server answers), and a command that stops before
-    the server was ready (bad input, Ctrl-C) stops the keeper it started (:meth:`abandon`):
-    a server is kept only for a command that used it.
+    Begun before the command imports Prefect and reads its input, so the server starts
+    while the plan is made; :meth:`ready` waits for it. One command at a time looks for or
+    starts it: the home's start lock is held until the server answers (by a thread, not
+    for the whole plan). A command that stops before its server answered (bad input,
+    Ctrl-C) stops the keeper it started (:meth:`abandon`); one that answered stays, as
+    another command may already use it, and its keeper stops it once unused.
     """
 
     def __init__(self, home: Path, keep_s: float) -> None:
@@ -77,38 +80,48 @@ class LocalServerStart:
         self._lock = ExitStack()
         self._lock.enter_context(kept.starting_lock(home / ".local-server.lock"))
         self._keeper: subprocess.Popen | None = None
+        self._answered = False
+        self._guard = threading.Lock()  # between answering and being abandoned
         self.url = find(home)
         if self.url:
             self._lock.close()
+            self._waiting = None
             return
         port = free_port()
         self.url = _url(port)
         arguments = ["calypso.flows.local_server", str(home), str(keep_s), str(port)]
         self._keeper = kept.spawn_keeper(arguments, home / "local-server.log")
+        pool = ThreadPoolExecutor(1, "calypso-local-server")
+        self._waiting = pool.submit(self._wait)
+        pool.shutdown(wait=False)
+
+    def _wait(self) -> None:
+        try:
+            kept.wait_for_keeper(
+                self._keeper,
+                self.home / "local-server.log",
+                lambda: find(self.home),
+                "local Prefect server",
+                "CALYPSO_SERVER__LOCAL_KEEP_S",
+            )
+            with self._guard:
+                self._answered = True
+        finally:
+            self._lock.close()  # other commands may look for it (and find it) now
 
     def ready(self) -> str:
         """The server's API address, once it answers."""
-        if self._keeper is not None:
-            try:
-                kept.wait_for_keeper(
-                    self._keeper,
-                    self.home / "local-server.log",
-                    lambda: find(self.home),
-                    "local Prefect server",
-                    "CALYPSO_SERVER__LOCAL_KEEP_S",
-                )
-            finally:
-                self._keeper = None
-                self._lock.close()
+        if self._waiting is not None:
+            self._waiting.result()
         return self.url
 
     def abandon(self) -> None:
-        """Stop the keeper this command started, unless the server already served it."""
-        if self._keeper is not None:
-            with suppress(ProcessLookupError):  # the keeper and its server: its session
-                os.killpg(self._keeper.pid, signal.SIGTERM)
+        """Stop the keeper this command started, unless its server already answered."""
+        with self._guard:
+            if self._keeper is not None and not self._answered:
+                with suppress(ProcessLookupError):  # the keeper and its server: its session
+                    os.killpg(self._keeper.pid, signal.SIGTERM)
             self._keeper = None
-        self._lock.close()
 
 
 def _url(port: int) -> str:
