@@ -109,6 +109,9 @@ class LocalServerStart:
         finally:
             self._lock.close()  # other commands may look for it (and find it) now
 
+    def starting(self) -> bool:
+        return self._waiting is not None and not self._waiting.done()
+
     def ready(self) -> str:
         """The server's API address, once it answers."""
         if self._waiting is not None:

@@ -36,6 +36,10 @@ STARTUP_FAILED = 3  # uvicorn's exit status when it did not start (its port take
 class ServerStart(Protocol):
     url: str
 
+    def starting(self) -> bool:
+        """Whether this command started the server and has not yet seen it answer."""
+        ...
+
     def ready(self) -> str: ...
 
     def abandon(self) -> None: ...
@@ -52,7 +56,11 @@ class TemporaryServer:
         self.secret = f"calypso:{secrets.token_urlsafe(32)}"
         hide_prefect_secret(self.secret)
         self._process: subprocess.Popen | None = None
+        self._answered = False
         self._start()
+
+    def starting(self) -> bool:
+        return not self._answered
 
     def _start(self) -> None:
         from calypso.flows.local_server import free_port
@@ -90,6 +98,7 @@ class TemporaryServer:
                     "keep a local one"
                 )
             time.sleep(0.05)
+        self._answered = True
         return self.url
 
     def abandon(self) -> None:

@@ -36,6 +36,10 @@ logger = logging.getLogger("calypso.serve")
 # after the last frame by every run that writes a quick look, live runs included).
 ALWAYS = (
     "prefect.flow_engine",
+    # What Prefect imports inside a flow's call (its parameters' validation, and a check
+    # for a graph being drawn): ~0.25 s.
+    "fastapi.encoders",
+    "prefect.utilities.visualization",
     "calypso.flows.engine",
     "calypso.flows.user_flows",
     "matplotlib.figure",
@@ -50,6 +54,18 @@ def preloaded_modules(techniques: Iterable[Any]) -> list[str]:
     for technique in techniques:
         modules.update(dict.fromkeys(sorted(technique.modules())))
     return list(modules)
+
+
+def import_modules(modules: Iterable[str]) -> None:
+    """Import ``modules`` now (a command waiting for its Prefect server). One that fails
+    is skipped, as the fork server's preload skips it: the run that needs it says why."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # an optional backend missing, say
+            logger.debug("not imported ahead: %s (%s)", module, exc)
 
 
 def start_warm(modules: list[str]) -> bool:
