@@ -30,6 +30,10 @@ extensions = [
 os.environ.setdefault("CALYPSO_TEST_DATA", str(REPO.parent / "shared" / "data"))
 os.environ["CALYPSO_HOME"] = str(BUILD / "calypso-home")
 os.environ["PREFECT_HOME"] = str(BUILD / "prefect-home")
+# The tutorials' commands share the local Prefect server and Dask cluster the first one
+# starts; both stop a minute after the build, not 30 and 10 minutes after it.
+os.environ["CALYPSO_SERVER__LOCAL_KEEP_S"] = "60"
+os.environ["CALYPSO_EXECUTOR__LOCAL_KEEP_S"] = "60"
 os.environ.pop("CALYPSO_CONFIG", None)
 os.environ.pop("CALYPSO_CATALOGUE__PATH", None)
 
