@@ -265,7 +265,7 @@ def _run_technique(
         total = getattr(plan, entry.count_attribute)
         bar.update_to(0, total)
         technique_flow = entry.flow()
-        if api is not None and api.starting():
+        if api is not None and api.pending():
             # What the run will import (Prefect's engine, the writers, matplotlib: ~1 s),
             # imported while this command's server starts rather than once it answers.
             from calypso.flows.online.warm_starts import import_modules, preloaded_modules

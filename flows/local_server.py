@@ -32,6 +32,7 @@ from pathlib import Path
 
 from calypso.executors import kept
 from calypso.executors.kept import read_address
+from calypso.flows import prefect_server
 from calypso.private_files import create_private_file
 
 ADDRESS = "local-server.json"
@@ -71,12 +72,13 @@ class LocalServerStart:
     while the plan is made; :meth:`ready` waits for it. One command at a time looks for or
     starts it: the home's start lock is held until the server answers (by a thread, not
     for the whole plan). A command that stops before its server answered (bad input,
-    Ctrl-C) stops the keeper it started (:meth:`abandon`); one that answered stays, as
-    another command may already use it, and its keeper stops it once unused.
+    Ctrl-C) stops the keeper it started (:meth:`close`); one that answered stays, as
+    another command may already use it, and its keeper stops it once unused. ``secret``:
+    what this command presents to it.
     """
 
-    def __init__(self, home: Path, keep_s: float) -> None:
-        self.home = home
+    def __init__(self, home: Path, keep_s: float, secret: str) -> None:
+        self.home, self.secret = home, secret
         self._lock = ExitStack()
         self._lock.enter_context(kept.starting_lock(home / ".local-server.lock"))
         self._keeper: subprocess.Popen | None = None
@@ -87,8 +89,8 @@ class LocalServerStart:
             self._lock.close()
             self._waiting = None
             return
-        port = free_port()
-        self.url = _url(port)
+        port = prefect_server.free_port()
+        self.url = prefect_server.api_url(port)
         arguments = ["calypso.flows.local_server", str(home), str(keep_s), str(port)]
         self._keeper = kept.spawn_keeper(arguments, home / "local-server.log")
         pool = ThreadPoolExecutor(1, "calypso-local-server")
@@ -109,34 +111,27 @@ class LocalServerStart:
         finally:
             self._lock.close()  # other commands may look for it (and find it) now
 
-    def starting(self) -> bool:
+    def pending(self) -> bool:
         return self._waiting is not None and not self._waiting.done()
 
     def ready(self) -> str:
-        """The server's API address, once it answers."""
+        """The server's API address, once it answers; held for this process's lifetime
+        from then on (its last logs reach the server)."""
         if self._waiting is not None:
             self._waiting.result()
+        hold(self.home)
         return self.url
 
-    def abandon(self) -> None:
-        """Stop the keeper this command started, unless its server already answered."""
+    def close(self) -> None:
+        """Stop the keeper this command started if its server never answered; else mark
+        the server used now (its keeper counts idle time from here)."""
         with self._guard:
             if self._keeper is not None and not self._answered:
                 with suppress(ProcessLookupError):  # the keeper and its server: its session
                     os.killpg(self._keeper.pid, signal.SIGTERM)
+            else:
+                used(self.home)
             self._keeper = None
-
-
-def _url(port: int) -> str:
-    return f"http://127.0.0.1:{port}/api"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _active_flow_runs(url: str, auth: str) -> bool:
@@ -166,19 +161,13 @@ def keep(home: Path, keep_s: float, port: int) -> int:
 
     settings = load_settings().model_copy(update={"home": home})
     secret = prefect_auth_string(settings)
-    url = _url(port)
+    url = prefect_server.api_url(port)
     env = dict(os.environ, **{AUTH: secret, SERVER_AUTH: secret})
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.setdefault("PREFECT_UI_API_URL", url)
     env.setdefault("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", "2")
     env["PREFECT__SERVER_FINAL"] = "1"  # the whole server: API, UI and its services
-    env["CALYPSO_SERVER_PARENT"] = str(os.getpid())  # it stops when this keeper goes
-    # What `prefect server start` runs, without its command line's ~1 s of imports, and
-    # gone with this keeper even if it is killed.
-    command = [sys.executable, "-m", "calypso.flows.prefect_server", "--factory"]
-    command += ["prefect.server.api.server:create_app", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--log-level", "error", "--lifespan", "on"]
-    server = subprocess.Popen(command, env=env)
+    server = prefect_server.start(port, env)  # gone with this keeper, even killed
     path = address_path(home)
 
     def stop(*_):
@@ -205,12 +194,7 @@ def keep(home: Path, keep_s: float, port: int) -> int:
         return 0
     finally:
         kept.forget_address(path)
-        if server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        prefect_server.stop(server, 30)
 
 
 if __name__ == "__main__":

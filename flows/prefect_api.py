@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -26,6 +25,7 @@ from typing import Protocol
 
 from calypso.errors import ConfigurationError
 from calypso.executors.kept import prefect_answers
+from calypso.flows import prefect_server
 from calypso.flows.runtime import AUTH, SERVER_AUTH, hide_prefect_secret, prefect_api_secret
 from calypso.settings import CalypsoSettings, load_settings
 
@@ -35,14 +35,17 @@ STARTUP_FAILED = 3  # uvicorn's exit status when it did not start (its port take
 
 class ServerStart(Protocol):
     url: str
+    secret: str  # what this process presents to the server
 
-    def starting(self) -> bool:
+    def pending(self) -> bool:
         """Whether this command started the server and has not yet seen it answer."""
         ...
 
     def ready(self) -> str: ...
 
-    def abandon(self) -> None: ...
+    def close(self) -> None:
+        """The command is done with the server (or never used it)."""
+        ...
 
 
 class TemporaryServer:
@@ -59,27 +62,21 @@ class TemporaryServer:
         self._answered = False
         self._start()
 
-    def starting(self) -> bool:
-        return not self._answered
-
     def _start(self) -> None:
-        from calypso.flows.local_server import free_port
-
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}/api"
+        port = prefect_server.free_port()
+        self.url = prefect_server.api_url(port)
         environment = dict(
             os.environ,
             PREFECT_UI_ENABLED="0",
             PREFECT__SERVER_EPHEMERAL="1",
             PREFECT__SERVER_FINAL="1",
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
-            CALYPSO_SERVER_PARENT=str(os.getpid()),  # it stops when this process goes
             **{SERVER_AUTH: self.secret, AUTH: self.secret},
         )
-        command = [sys.executable, "-m", "calypso.flows.prefect_server", "--factory"]
-        command += ["prefect.server.api.server:create_app", "--host", "127.0.0.1"]
-        command += ["--port", str(port), "--log-level", "error", "--lifespan", "on"]
-        self._process = subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL)
+        self._process = prefect_server.start(port, environment)
+
+    def pending(self) -> bool:
+        return not self._answered
 
     def ready(self) -> str:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -90,7 +87,7 @@ class TemporaryServer:
                 ports -= 1
                 self._start()
             elif status is not None or time.monotonic() > deadline:
-                self.abandon()
+                self.close()
                 raise ConfigurationError(
                     f"Prefect's temporary server did not start (exit status {status}; its "
                     "errors are above): set PREFECT_API_URL to a running server "
@@ -101,38 +98,33 @@ class TemporaryServer:
         self._answered = True
         return self.url
 
-    def abandon(self) -> None:
-        """Stop the server (also once the run is over: it is this command's alone)."""
+    def close(self) -> None:
+        """Stop the server: it is this command's alone."""
         process, self._process = self._process, None
-        if process is None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            prefect_server.stop(process, 5)
 
 
 @contextmanager
 def begin_prefect_api(settings: CalypsoSettings) -> Iterator[ServerStart | None]:
-    """Begin starting this command's Prefect API (None: ``PREFECT_API_URL`` names one);
-    what was started and never served a run is stopped on the way out."""
+    """Begin starting this command's Prefect API (None: ``PREFECT_API_URL`` names one),
+    closed on the way out (see :meth:`ServerStart.close`)."""
     if os.environ.get("PREFECT_API_URL"):
         yield None
         return
-    saved = os.environ.get(AUTH)
     if settings.server.local_keep_s > 0:
         from calypso.flows.local_server import LocalServerStart
 
-        start: ServerStart = LocalServerStart(settings.home, settings.server.local_keep_s)
+        secret = prefect_api_secret(settings)
+        start: ServerStart = LocalServerStart(settings.home, settings.server.local_keep_s, secret)
     else:
         start = TemporaryServer()
-        os.environ[AUTH] = start.secret  # what this process and its workers present
+    saved = os.environ.get(AUTH)
+    os.environ[AUTH] = start.secret  # what this process and the workers it starts present
     try:
         yield start
     finally:
-        start.abandon()  # a kept server that answered stays: only its start is abandoned
+        start.close()
         if saved is None:
             os.environ.pop(AUTH, None)
         else:
@@ -147,49 +139,32 @@ def prefect_api(
 ) -> Iterator[str]:
     """Make sure a Prefect API serves this process *and* its Dask workers: the one
     ``PREFECT_API_URL`` names, else the one ``begun`` (:func:`begin_prefect_api`), else one
-    begun now. ``starting(address)`` is called as soon as a local server's address is
-    known, before it answers (what depends on the address, such as the kept Dask
-    cluster, starts meanwhile). Left alone, each Dask worker process would start a
-    temporary server of its own."""
+    begun now. ``starting(address)`` is called as soon as the address is known, before
+    the server answers (what depends on the address, such as the kept Dask cluster,
+    starts meanwhile). Left alone, each Dask worker process would start a temporary
+    server of its own."""
     url = os.environ.get("PREFECT_API_URL")
     if url:
         yield url
         return
-    settings = settings or load_settings()
     if begun is None:
+        settings = settings or load_settings()
         with begin_prefect_api(settings) as start, prefect_api(settings, starting, start) as url:
             yield url
         return
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    if starting is not None and not isinstance(begun, TemporaryServer):
+    if starting is not None:
         starting(begun.url)
     url = begun.ready()
-    if isinstance(begun, TemporaryServer):
-        secret = begun.secret
-    else:
-        from calypso.flows.local_server import hold
-
-        hold(settings.home)  # until this process exits: its last logs reach the server
-        secret = prefect_api_secret(settings)
-    saved = os.environ.get(AUTH)
-    os.environ.update({AUTH: secret, "PREFECT_API_URL": url})
+    os.environ["PREFECT_API_URL"] = url
     try:
-        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_API_AUTH_STRING: secret}):
+        updates = {PREFECT_API_URL: url, PREFECT_API_AUTH_STRING: begun.secret}
+        with temporary_settings(updates=updates):
             yield url
     finally:
         drain_prefect_queues()
         del os.environ["PREFECT_API_URL"]
-        if saved is None:
-            os.environ.pop(AUTH, None)
-        else:
-            os.environ[AUTH] = saved
-        if isinstance(begun, TemporaryServer):
-            begun.abandon()
-        else:
-            from calypso.flows.local_server import used
-
-            used(settings.home)  # unused from now: the keeper counts from the end of the run
 
 
 def drain_prefect_queues() -> None:

@@ -13,12 +13,49 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 
 LOOK_EVERY_S = 0.5
 PARENT = "CALYPSO_SERVER_PARENT"  # the pid of the process that starts the server
+
+
+def free_port() -> int:
+    """A loopback port free now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def api_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/api"
+
+
+def start(port: int, environment: dict[str, str]) -> subprocess.Popen:
+    """Prefect's server on loopback ``port`` (what ``prefect server start`` runs, without
+    its command line's ~1 s of imports), in ``environment``, stopping when this process
+    goes."""
+    command = [sys.executable, "-m", "calypso.flows.prefect_server", "--factory"]
+    command += ["prefect.server.api.server:create_app", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--log-level", "error", "--lifespan", "on"]
+    environment = {**environment, PARENT: str(os.getpid())}
+    return subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL)
+
+
+def stop(server: subprocess.Popen, grace_s: float) -> None:
+    """Stop ``server`` (SIGTERM, then SIGKILL after ``grace_s``) and reap it."""
+    if server.poll() is not None:
+        return
+    server.terminate()
+    try:
+        server.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 def _stop_when_orphaned(parent: int) -> None:
