@@ -322,7 +322,7 @@ def kept_clusters(home: Path) -> list[dict[str, Any]]:
 
 def keep(home: Path, key: str, keep_s: float) -> int:
     """The keeper: run the cluster until unused for ``keep_s`` or its Prefect API goes."""
-    from calypso.executors.dask import start_local_cluster
+    from calypso.executors.dask import fork_workers, start_local_cluster
 
     given = json.loads(sys.stdin.read())
     options, (api_url, secret) = given["options"], given["api"]
@@ -332,7 +332,7 @@ def keep(home: Path, key: str, keep_s: float) -> int:
     if secret:
         os.environ["PREFECT_API_AUTH_STRING"] = secret
     path, lock, use, _ = _paths(home, key)
-    cluster = start_local_cluster(**options)
+    cluster = start_local_cluster(forked=fork_workers(options), **options)
     for number in (signal.SIGTERM, signal.SIGINT):  # close the workers, then go
         signal.signal(number, lambda *_: sys.exit(0))
     try:

@@ -84,8 +84,12 @@ def start_warm(modules: list[str]) -> bool:
         return False
     if getattr(cold, "calypso_warm", False):
         return True
+    from calypso.executors.fork_server import fork_server_for
+
+    if not fork_server_for(modules):
+        logger.warning("served runs start cold: this process's fork server is another's")
+        return False
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(modules)
     # Prefect asks its module-level `multiprocessing` for the "spawn" context: for the
     # duration of the call, that name answers with the fork server. The runner calls
     # this from its one event-loop thread, so the swap is never seen by anything else.

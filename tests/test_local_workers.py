@@ -1,0 +1,71 @@
+"""A command's local Dask workers are forked from one process that imported their code once
+(executors/fork_server.py), with the environment they need as they start; where that
+process is another's, they start afresh as before."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+# Run in a process of its own: a process has one fork server, given to its first user.
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    from distributed import Client
+    from calypso.executors.dask import boot_local_cluster
+    from calypso.settings import ExecutorSettings
+
+    def probe():
+        return {
+            "parent": os.getppid(),
+            "omp": os.environ.get("OMP_NUM_THREADS"),
+            "malloc": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+            "other": os.environ.get("CALYPSO_TEST_OTHER"),
+            "imported": "calypso.tasks.diffraction" in sys.modules,
+        }
+
+    def workers(executor):
+        cluster = boot_local_cluster(executor).result()
+        try:
+            with Client(cluster) as client:
+                return list(client.run(probe).values())
+        finally:
+            cluster.close()
+
+    if __name__ == "__main__":
+        executor = ExecutorSettings(n_workers=2, preload=["calypso.tasks.diffraction"])
+        first = workers(executor)
+        again = workers(executor)  # the same settings: the same fork server
+        os.environ["CALYPSO_TEST_OTHER"] = "1"  # other settings in the same process
+        other = workers(executor)
+        print(json.dumps({"pid": os.getpid(), "first": first, "again": again, "other": other}))
+    """
+)
+
+
+def test_local_workers_are_forked_from_one_process_unless_it_is_anothers(tmp_path):
+    script = tmp_path / "workers.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    pid = seen["pid"]
+    for name in ("first", "again", "other"):
+        assert len(seen[name]) == 2
+        for worker in seen[name]:  # what a worker needs from its first instruction on
+            assert worker["omp"] == "1" and worker["malloc"] == str(1 << 30), worker
+            assert worker["imported"], worker
+    fork_servers = {worker["parent"] for worker in seen["first"] + seen["again"]}
+    assert len(fork_servers) == 1 and pid not in fork_servers  # one fork server, not the caller
+    # A fork server has the environment it started with: other settings start afresh.
+    assert {worker["parent"] for worker in seen["other"]} == {pid}
+    assert all(worker["other"] == "1" for worker in seen["other"])
