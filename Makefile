@@ -22,7 +22,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 PORTAL_FRONTEND := flows/portal/frontend
 VIEWER := flows/portal/static/viewer/viewer.js
 
+# Calypso's own modules byte-compiled, as pip does for what it installs (an editable
+# install is not): every process that imports them skips ~0.15 s of compiling where
+# nothing writes Python's cache (PYTHONDONTWRITEBYTECODE, a read-only checkout). Only
+# modules changed since are compiled again.
 install: $(STAMP)
+	@$(BIN)/python -m compileall -q -x '/(node_modules|static|_build)/' $(wildcard *.py) executors flows registry tasks techniques >/dev/null
 	@if ! command -v npm >/dev/null 2>&1 || ! command -v node >/dev/null 2>&1; then \
 		echo "portal viewer: skipped (node >= 18 and npm not found): the portal works without it"; \
 	elif ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) < 18 ? 1 : 0)'; then \
