@@ -132,12 +132,25 @@ def output_bytes(n_frames: int, parameters: DiffractionParameters) -> int:
     return 2 * 4 * values * (2 if parameters.error_model else 1)
 
 
-def _default_chunk_size(n_frames: int, workers: int) -> int:
-    # Aim for >= 2 chunks a worker (load balance) but keep each chunk near a
-    # second or more of work so Prefect's per-task cost stays a few percent,
-    # and never more than ~1000 tasks in one run.
+# Frames of a chunk at most: a few seconds of work for a Pilatus 1M frame (~35 ms).
+# Prefect's cost per task run is ~0.1 CPU-s between the flow's process, its server and
+# the worker: 600 frames in 6 chunks of 100 took 0.5 CPU-s less of serve and the server
+# than in 10 of 60, and ~4% less wall time (docs/performance.md).
+MAX_CHUNK_FRAMES = 128
+# What a chunk task holds of its patterns before it writes its part file (2D cakes are
+# large: 2000 x 360 bins with errors, 5.8 MB a frame).
+MAX_CHUNK_RESULT_BYTES = 256 * 2**20
+
+
+def _default_chunk_size(n_frames: int, workers: int, frame_result_bytes: int = 0) -> int:
+    # Aim for >= 2 chunks a worker (load balance) but keep each chunk several seconds of
+    # work so Prefect's per-task cost stays a few percent, its patterns within
+    # MAX_CHUNK_RESULT_BYTES, and never more than ~1000 tasks in one run.
     workers = max(workers, 1)
-    size = max(min(math.ceil(n_frames / (2 * workers)), 64), 8, math.ceil(n_frames / 1000))
+    cap = MAX_CHUNK_FRAMES
+    if frame_result_bytes:
+        cap = min(cap, MAX_CHUNK_RESULT_BYTES // frame_result_bytes)
+    size = max(min(math.ceil(n_frames / (2 * workers)), cap), 8, math.ceil(n_frames / 1000))
     # Then as many chunks as fill every worker in each round, of equal size: 300 frames
     # in 64-frame chunks on 2 workers made 5 (3 rounds against 2), capping the speed-up
     # from 1 to 2 workers at 1.67 before anything else; 6 of 50 do not.
@@ -318,5 +331,6 @@ def make_integration_plan(
         parameters=parameters,
         output_dir=str(out),
         output_file=str(out / f"{stem}.h5"),
-        chunk_size=parameters.chunk_size or _default_chunk_size(n_frames, workers),
+        chunk_size=parameters.chunk_size
+        or _default_chunk_size(n_frames, workers, output_bytes(1, parameters) // 2),
     )
