@@ -29,7 +29,9 @@ _started_for: str | None = None  # what this process's fork server imports, and 
 _DASK_OWN = ("PYTHONHASHSEED", "__DASK_PARENT_PID")
 
 
-def fork_server_for(modules: Iterable[str], environment: Mapping[str, object] = {}) -> bool:
+def fork_server_for(
+    modules: Iterable[str], environment: Mapping[str, object] | None = None
+) -> bool:
     """Whether new processes that import ``modules``, in this process's environment plus
     ``environment``, can be forked from this process's fork server: True for the first
     caller (the fork server will import ``modules`` as it starts) and for the same again."""
@@ -40,7 +42,7 @@ def fork_server_for(modules: Iterable[str], environment: Mapping[str, object] = 
             "modules": modules,
             "environment": {
                 **{k: v for k, v in os.environ.items() if k not in _DASK_OWN},
-                **{k: str(v) for k, v in environment.items()},
+                **{k: str(v) for k, v in (environment or {}).items()},
             },
             "path": sys.path,
             "folder": os.getcwd(),
