@@ -158,6 +158,12 @@ class ExecutorSettings(BaseModel):
         "environment, code and Prefect server); it stops once unused for this long (s). "
         "0: a cluster for each command, closed as it ends.",
     )
+    local_threads: bool = Field(
+        True,
+        description="A command's own local cluster (none kept), for a technique whose chunk "
+        "tasks release the GIL (diffraction): one worker of as many threads in the command, "
+        "with no worker process to start. False: worker processes, as for the others.",
+    )
     address: str | None = Field(None, description="Scheduler address when kind = 'address'.")
     preload: list[str] = Field(
         default_factory=list,

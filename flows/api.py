@@ -289,6 +289,7 @@ def _run_technique(
             bar,
             in_process=bool(getattr(plan, "in_process", False)),
             api=api,
+            threaded=entry.threaded_chunks,
         )
     summary["wall_s"] = round(time.perf_counter() - began, 3)
     return summary
@@ -302,12 +303,15 @@ def run_on_cluster(
     bar: Progress | None = None,
     in_process: bool = False,
     api: ServerStart | None = None,
+    threaded: bool = False,
 ) -> Any:
     """``call(task_runner)`` with a Prefect API up (the one ``api`` began, else the
     configured one or one started now), on the Dask cluster the settings name (a local
     one boots while Prefect starts), a progress bar counting ``unit`` (``bar``, or a new
     one) that says what is starting until the first result. ``in_process``: the plan's
-    work is too small for a cluster; its tasks run in this process's threads."""
+    work is too small for a cluster; its tasks run in this process's threads.
+    ``threaded``: a cluster of this command's own is one worker of threads in this
+    process (the technique's ``threaded_chunks``); a kept cluster is not."""
     import os
 
     from calypso.executors import boot_local_cluster, build_task_runner
@@ -325,7 +329,10 @@ def run_on_cluster(
             settings.executor,
             bool(os.environ.get("PREFECT_API_URL")) or settings.server.local_keep_s > 0,
         )
-        booting = None if in_process or kept else boot_local_cluster(settings.executor)
+        booting = None
+        if not (in_process or kept):
+            threaded = threaded and settings.executor.local_threads
+            booting = boot_local_cluster(settings.executor, threaded)
         if kept:  # one kept cluster for every technique: its workers import them all
             settings = preloading_every_technique(settings)
         kept_booting: list[Future] = []
@@ -465,6 +472,7 @@ def run_saved_flow(
             output_dir=output_dir,
             sha256=flow.sha256,
         ),
+        threaded=TECHNIQUES[spec.technique].threaded_chunks,
     )
     result["wall_s"] = round(time.perf_counter() - began, 3)
     return result

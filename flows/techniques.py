@@ -79,6 +79,10 @@ class Technique:
     sample_at: str | None = None  # "module:function(directory, **options) -> text to print"
     sample_options: tuple[Option, ...] = ()
     concurrency: int = 2  # flow runs at once under `calypso serve` (settings may override)
+    # Its chunk tasks release the GIL while they work and borrow their caches per thread:
+    # a command's own local cluster runs them in threads of the command, not in worker
+    # processes it would have to start (calypso.executors.dask.local_cluster_options).
+    threaded_chunks: bool = False
     rate_name: str | None = None  # an extra summary key for ``per_s`` (``frames_per_s``)
     # "module:function(values, source) -> parameters | None": reads another program's
     # parameter file (pyFAI's integration JSON) given to --params; None: not one of those.

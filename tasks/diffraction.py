@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from calypso.errors import RawDataError
 from calypso.executors.dask import worker_identity
 from calypso.executors.paths import worker_paths
+from calypso.executors.worker_setup import openmp_threads_for_this_task
 from calypso.tasks import integrators
 from calypso.tasks.caching import CHUNK_TASK
 from calypso.tasks.plans.diffraction import (
@@ -34,6 +35,7 @@ from calypso.tasks.raw import bliss
 from calypso.tasks.raw.frames import iter_frames
 from calypso.tasks.writers import nexus, plots
 from calypso.techniques.diffraction import (
+    SETUP_LOCK,
     DiffractionParameters,
     Geometry,
     integrate_frames,
@@ -103,27 +105,29 @@ def integrate_into_part(
         if getattr(parameters, name) is not None
     }
     p = parameters
-    result = integrate_frames(
-        frames,
-        integrators.WORKER_INTEGRATORS.get(geometry),
-        npt=p.npt,
-        npt_azim=p.npt_azim,
-        unit=p.unit,
-        method=p.method,
-        error_model=p.error_model,
-        polarization_factor=p.polarization_factor,
-        correct_solid_angle=p.correct_solid_angle,
-        radial_range=p.radial_range,
-        azimuth_range=p.azimuth_range,
-        dummy=p.dummy,
-        delta_dummy=p.delta_dummy,
-        flip=p.flip,
-        rotate=p.rotate,
-        monitor=monitor,
-        monitor_reference=p.monitor_reference,
-        monitor_name=p.monitor,
-        **images,
-    )
+    openmp_threads_for_this_task()
+    with integrators.WORKER_INTEGRATORS.borrow(geometry) as integrator:
+        result = integrate_frames(
+            frames,
+            integrator,
+            npt=p.npt,
+            npt_azim=p.npt_azim,
+            unit=p.unit,
+            method=p.method,
+            error_model=p.error_model,
+            polarization_factor=p.polarization_factor,
+            correct_solid_angle=p.correct_solid_angle,
+            radial_range=p.radial_range,
+            azimuth_range=p.azimuth_range,
+            dummy=p.dummy,
+            delta_dummy=p.delta_dummy,
+            flip=p.flip,
+            rotate=p.rotate,
+            monitor=monitor,
+            monitor_reference=p.monitor_reference,
+            monitor_name=p.monitor,
+            **images,
+        )
     part = Path(work_dir) / f"scan{scan_number:04d}-{start:09d}.h5"
     with h5py.File(part, "w") as h5:
         h5["intensity"] = result.intensity
@@ -368,8 +372,8 @@ def _quick_look_of_first_scan(plan: IntegrationPlan, average: ScanAverage | None
         mask = None
         if p.mask is not None:
             mask = orient(integrators.detector_image(p.mask, "mask"), p.flip, p.rotate)
-        integrator = integrators.WORKER_INTEGRATORS.get(plan.geometry)
-        radial_map = integrator.array_from_unit(shape=frame.shape, unit=p.unit, scale=True)
+        with integrators.WORKER_INTEGRATORS.borrow(plan.geometry) as integrator, SETUP_LOCK:
+            radial_map = integrator.array_from_unit(shape=frame.shape, unit=p.unit, scale=True)
         mean = np.nan_to_num(average.intensity)
         peaks, found = find_peaks(mean, prominence=0.02 * (mean.max() - mean.min() or 1))
         strongest = peaks[np.argsort(found["prominences"])[::-1][:RINGS]]

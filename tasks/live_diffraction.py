@@ -104,7 +104,8 @@ def warm_up_integrator(parameters: DiffractionParameters, geometry: Geometry) ->
     from calypso.tasks import integrators
 
     began = time.perf_counter()
-    shape = integrators.WORKER_INTEGRATORS.get(geometry).detector.shape
+    with integrators.WORKER_INTEGRATORS.borrow(geometry) as integrator:
+        shape = integrator.detector.shape
     if shape is None:  # a detector without a size: the first chunk builds it
         return 0.0
     monitor = None if parameters.monitor is None else np.ones(1)

@@ -4,14 +4,16 @@ Arrays in, arrays out. Parameters carry pyFAI's own names (``npt``, ``unit``,
 ``method``, ``error_model``, ``polarization_factor``, ``npt_azim`` ...) so a
 pyFAI user recognises them. The expensive object, the azimuthal integrator with
 its sparse matrix, is cached explicitly by :class:`IntegratorCache`, keyed by
-the geometry.
+the geometry and lent to one thread at a time.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -222,30 +224,68 @@ def make_integrator(geometry: Geometry) -> AzimuthalIntegrator:
         raise ParameterError(f"pyFAI rejects the geometry {geometry.model_dump()}: {exc}") from exc
 
 
+# pyFAI computes pixel positions with numexpr programs compiled once per unit and shared by
+# every integrator of the process; one program run by two threads at once corrupts the heap
+# (numexpr 2.14 running serially: OMP_NUM_THREADS=1, or small arrays), even with an
+# integrator each. So one thread at a time sets an integrator up, or asks it for positions:
+# integrate_frames holds this lock for its first frame, and callers of
+# ``array_from_unit`` and the like hold it too. Integrating the later frames needs no lock.
+SETUP_LOCK = threading.RLock()
+
+
 class IntegratorCache:
-    """Integrators kept by geometry, so each worker builds pyFAI's sparse matrix once.
+    """Integrators kept by geometry, so a worker builds pyFAI's sparse matrix once.
+
+    An integrator is lent to one thread at a time (:meth:`borrow`): pyFAI's integrators
+    are not safe to share between threads (and their set-up not safe in two threads at
+    once: see ``SETUP_LOCK``). Two threads integrating with one
+    ``AzimuthalIntegrator`` at once gave wrong patterns, and once a crash in ``free``
+    (pyFAI 2026.9, ``bbox,csr,cython``); with one integrator each, their patterns are
+    the serial ones, and pyFAI's kernels release the GIL, so threads scale. A thread that
+    finds every integrator of its geometry lent builds one more.
 
     Parameters
     ----------
     size : int
         Number of geometries kept; the least recently used is dropped first.
+
+    Examples
+    --------
+    >>> cache = IntegratorCache()
+    >>> with cache.borrow(geometry) as integrator:  # doctest: +SKIP
+    ...     result = integrate_frames(frames, integrator, npt=1000)
     """
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
-        self._integrators: OrderedDict[str, AzimuthalIntegrator] = OrderedDict()
+        self._idle: OrderedDict[str, list[AzimuthalIntegrator]] = OrderedDict()
+        self._lock = threading.Lock()
         self.built = 0
 
-    def get(self, geometry: Geometry) -> AzimuthalIntegrator:
+    @contextmanager
+    def borrow(self, geometry: Geometry) -> Iterator[AzimuthalIntegrator]:
+        """An integrator for ``geometry``, this thread's alone until the block ends."""
         key = geometry.key()
-        integrator = self._integrators.pop(key, None)
+        with self._lock:
+            idle = self._idle.pop(key, [])
+            integrator = idle.pop() if idle else None
+            self._idle[key] = idle  # the most recently used geometry last
+            self._trim()
         if integrator is None:
             integrator = make_integrator(geometry)
-            self.built += 1
-        self._integrators[key] = integrator
-        while len(self._integrators) > self.size:
-            self._integrators.popitem(last=False)
-        return integrator
+            with self._lock:
+                self.built += 1
+        try:
+            yield integrator
+        finally:
+            with self._lock:
+                self._idle.setdefault(key, []).append(integrator)
+                self._idle.move_to_end(key)
+                self._trim()
+
+    def _trim(self) -> None:
+        while len(self._idle) > self.size:
+            self._idle.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -305,7 +345,7 @@ def integrate_frames(
         Raw frames in the detector's orientation. An iterable is consumed one
         frame at a time, so frames can be streamed from a file.
     integrator : AzimuthalIntegrator
-        Reused across calls (see :class:`IntegratorCache`).
+        Reused across calls, by one thread at a time (see :class:`IntegratorCache`).
     npt : int
         Radial bins.
     npt_azim : int, optional
@@ -390,12 +430,15 @@ def integrate_frames(
                     f"monitor '{monitor_name}' is {float(monitor[index])} at frame {index}: "
                     "cannot normalise; choose another counter or drop 'monitor'"
                 )
-        if npt_azim is None:
-            result = integrator.integrate1d(image, npt, normalization_factor=norm, **common)
-        else:
-            result = integrator.integrate2d_ng(
-                image, npt, npt_azim, normalization_factor=norm, **common
-            )
+        # The first frame sets the integrator up for these options (pixel positions, the
+        # sparse matrix): one thread at a time (see SETUP_LOCK).
+        with SETUP_LOCK if index == 0 else nullcontext():
+            if npt_azim is None:
+                result = integrator.integrate1d(image, npt, normalization_factor=norm, **common)
+            else:
+                result = integrator.integrate2d_ng(
+                    image, npt, npt_azim, normalization_factor=norm, **common
+                )
         intensities.append(result.intensity)
         errors.append(result.sigma)
     if result is None:

@@ -14,8 +14,11 @@ import pytest
 from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 from scipy.signal import find_peaks
 
+from calypso.executors.dask import worker_identity
+from calypso.flows.api import run_technique
 from calypso.flows.runtime import prefect_auth_headers
 from calypso.registry import SQLiteCatalogue
+from calypso.settings import load_settings
 from calypso.tasks.plans.diffraction import load_geometry
 from calypso.tasks.progress import listening
 from calypso.techniques.diffraction import DiffractionParameters
@@ -38,7 +41,9 @@ def digest(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def runs(diffraction_sample, tmp_path_factory):
-    """The same dataset reduced twice: 1 worker with 5-frame chunks, 2 workers with defaults."""
+    """The same dataset reduced three times: 1 worker with 5-frame chunks, 2 workers with
+    defaults, and in 4-frame chunks on a cluster of the run's own, whose worker is two
+    threads of this process (diffraction's ``threaded_chunks``)."""
     catalogue = tmp_path_factory.mktemp("catalogue") / "catalogue.sqlite"
     os.environ["CALYPSO_CATALOGUE__PATH"] = str(catalogue)
     raw_before = digest(diffraction_sample.raw_dataset_dir)
@@ -58,7 +63,16 @@ def runs(diffraction_sample, tmp_path_factory):
     progress: list[tuple[int, int]] = []
     with listening(lambda done, total: progress.append((done, total))):
         default = run_flow(diffraction_sample.raw_dataset_dir, base, workers=2)
+    threads = run_technique(
+        "diffraction",
+        str(diffraction_sample.raw_dataset_dir),
+        base.model_copy(update={"chunk_size": 4}),
+        None,
+        str(tmp_path_factory.mktemp("threads")),
+        load_settings(executor={"n_workers": 2}),  # kind local, none kept (conftest.py)
+    )
     yield {
+        "threads": threads,
         "small_chunks": small_chunks,
         "default": default,
         "parameters": base,
@@ -80,9 +94,17 @@ def test_results_do_not_depend_on_chunks_or_workers(runs):
     assert runs["small_chunks"]["chunks"] == 3 and runs["small_chunks"]["chunk_size"] == 5
     assert runs["default"]["chunk_size"] != 5
     a = read_integrated(runs["small_chunks"]["outputs"][0])
-    b = read_integrated(runs["default"]["outputs"][0])
-    for x, y in zip(a, b, strict=True):
-        np.testing.assert_array_equal(x, y)
+    for other in ("default", "threads"):
+        b = read_integrated(runs[other]["outputs"][0])
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_a_cluster_of_the_runs_own_integrates_in_its_threads(runs):
+    # Its one worker is this process: no worker processes started; its chunks ran there.
+    assert runs["threads"]["workers"] == [worker_identity()]
+    assert runs["threads"]["chunks"] == 3
+    assert worker_identity() not in runs["default"]["workers"]
 
 
 def test_flow_equals_a_direct_pyfai_integration(runs, diffraction_sample):
@@ -166,10 +188,11 @@ def test_raw_data_is_left_untouched(runs, diffraction_sample):
 def test_runs_are_catalogued(runs, diffraction_sample):
     records = SQLiteCatalogue(runs["catalogue"]).list()
     assert [r.id for r in records] == [
+        runs["threads"]["catalogue_id"],
         runs["default"]["catalogue_id"],
         runs["small_chunks"]["catalogue_id"],
     ]
-    record = records[0]
+    record = records[1]
     assert record.status == "completed" and record.technique == "diffraction"
     assert record.raw_dataset == str(diffraction_sample.raw_dataset_dir)
     assert (record.proposal, record.beamline, record.sample_name) == ("ih0001", "id00", "CeO2")

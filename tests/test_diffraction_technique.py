@@ -1,6 +1,8 @@
 """The science of the diffraction technique, without Prefect or files."""
 
 import inspect
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from calypso.techniques.diffraction import (
     Geometry,
     IntegratorCache,
     integrate_frames,
+    make_integrator,
     orient,
     oriented_shape,
 )
@@ -57,7 +60,7 @@ def test_equals_a_direct_pyfai_integration():
     monitor = np.array([1.0e5, 0.9e5, 1.1e5])
     ours = integrate_frames(
         frames,
-        IntegratorCache().get(GEOMETRY),
+        make_integrator(GEOMETRY),
         npt=300,
         unit="2th_deg",
         flip="ud",
@@ -87,7 +90,7 @@ def test_equals_a_direct_pyfai_integration():
 
 def test_frames_may_be_streamed_one_at_a_time():
     frames = rings(frames=2)
-    integrator = IntegratorCache().get(GEOMETRY)
+    integrator = make_integrator(GEOMETRY)
     whole = integrate_frames(frames, integrator, npt=100)
     streamed = integrate_frames(iter(list(frames)), integrator, npt=100)
     np.testing.assert_array_equal(whole.intensity, streamed.intensity)
@@ -95,7 +98,7 @@ def test_frames_may_be_streamed_one_at_a_time():
 
 def test_cake_integration_has_azimuthal_axis():
     result = integrate_frames(
-        rings(frames=1), IntegratorCache().get(GEOMETRY), npt=100, npt_azim=36, error_model=None
+        rings(frames=1), make_integrator(GEOMETRY), npt=100, npt_azim=36, error_model=None
     )
     assert result.intensity.shape == (1, 36, 100)
     assert result.azimuthal.shape == (36,) and result.errors is None
@@ -103,11 +106,59 @@ def test_cake_integration_has_azimuthal_axis():
 
 def test_integrator_is_built_once_per_geometry():
     cache = IntegratorCache(size=2)
-    first = cache.get(GEOMETRY)
-    assert cache.get(Geometry(**GEOMETRY.model_dump())) is first
+    with cache.borrow(GEOMETRY) as first:
+        pass
+    with cache.borrow(Geometry(**GEOMETRY.model_dump())) as again:
+        assert again is first
     other = GEOMETRY.model_copy(update={"dist": 0.2})
-    assert cache.get(other) is not first
+    with cache.borrow(other) as second:
+        assert second is not first
     assert cache.built == 2
+    for dist in (0.3, 0.4):  # two more geometries: the least recently used goes
+        with cache.borrow(GEOMETRY.model_copy(update={"dist": dist})):
+            pass
+    with cache.borrow(GEOMETRY) as rebuilt:
+        assert rebuilt is not first and cache.built == 5
+
+
+def test_threads_integrate_with_integrators_of_their_own():
+    # pyFAI's integrators are not safe to share: two threads integrating with one at once
+    # gave wrong patterns. A borrowed integrator is one thread's until it is returned. And
+    # their set-up runs numexpr programs shared by the process, which two threads running
+    # at once corrupt the heap with when numexpr runs serially (as with OMP_NUM_THREADS=1):
+    # one thread at a time sets up (SETUP_LOCK).
+    import numexpr
+
+    cache = IntegratorCache()
+    shape = (600, 640)
+    geometry = GEOMETRY.model_copy(
+        update={"detector_config": {"pixel1": 1e-4, "pixel2": 1e-4, "max_shape": list(shape)}}
+    )
+    frames = rings(shape=shape, frames=3)
+    units = ["q_nm^-1", "2th_deg", "q_A^-1", "r_mm", "2th_rad"]  # a set-up for each
+    alone = make_integrator(geometry)
+    serial = {u: integrate_frames(frames, alone, npt=500, unit=u) for u in units}
+    start = threading.Barrier(2)
+
+    def integrate(_: int):
+        with cache.borrow(geometry) as integrator:
+            start.wait()  # both threads hold an integrator at once
+            results = {u: integrate_frames(frames, integrator, npt=500, unit=u) for u in units}
+            return integrator, results
+
+    threads = numexpr.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            (first, ours), (second, theirs) = pool.map(integrate, range(2))
+    finally:
+        numexpr.set_num_threads(threads)
+    assert first is not second and cache.built == 2
+    for results in (ours, theirs):
+        for unit, result in results.items():
+            np.testing.assert_array_equal(result.intensity, serial[unit].intensity)
+            np.testing.assert_array_equal(result.errors, serial[unit].errors)
+    with cache.borrow(geometry) as again:  # returned: kept for the next task
+        assert again in (first, second) and cache.built == 2
 
 
 def test_parameters_are_checked():
@@ -122,11 +173,11 @@ def test_parameters_are_checked():
         "cython",
     )
     with pytest.raises(ParameterError, match="mask has shape"):
-        integrate_frames(rings(frames=1), IntegratorCache().get(GEOMETRY), mask=np.zeros((10, 10)))
+        integrate_frames(rings(frames=1), make_integrator(GEOMETRY), mask=np.zeros((10, 10)))
     with pytest.raises(ParameterError, match="monitor 'mon' is 0.0"):
         integrate_frames(
             rings(frames=1),
-            IntegratorCache().get(GEOMETRY),
+            make_integrator(GEOMETRY),
             monitor=np.zeros(1),
             monitor_name="mon",
         )

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 # Run in a process of its own: a process has one fork server, given to its first user.
 SCRIPT = textwrap.dedent(
@@ -69,3 +70,28 @@ def test_local_workers_are_forked_from_one_process_unless_it_is_anothers(tmp_pat
     # A fork server has the environment it started with: other settings start afresh.
     assert {worker["parent"] for worker in seen["other"]} == {pid}
     assert all(worker["other"] == "1" for worker in seen["other"])
+
+
+def test_a_task_thread_runs_openmp_kernels_on_its_own_core(monkeypatch):
+    """Threads of a command's own cluster share the command's OpenMP runtime, started with
+    one thread a core: each task thread sets its own count, once (OMP_NUM_THREADS, or 1)."""
+    import pyFAI.ext.splitBBoxCSR  # noqa: F401  (pyFAI's OpenMP runtime, loaded)
+    from threadpoolctl import ThreadpoolController
+
+    from calypso.executors.worker_setup import openmp_threads_for_this_task
+
+    def openmp_threads(setting: str | None) -> list[int]:
+        if setting is None:
+            monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("OMP_NUM_THREADS", setting)
+        openmp_threads_for_this_task()
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # read once: a later change is not seen
+        openmp_threads_for_this_task()
+        return [info["num_threads"] for info in ThreadpoolController().info()
+                if info["user_api"] == "openmp"]  # fmt: skip
+
+    with ThreadPoolExecutor(1) as pool:
+        assert set(pool.submit(openmp_threads, None).result()) == {1}
+    with ThreadPoolExecutor(1) as pool:
+        assert set(pool.submit(openmp_threads, "2").result()) == {2}

@@ -34,7 +34,9 @@ def test_workers_read_the_files_where_they_mount_them(diffraction_sample, tmp_pa
         error_model=None,
     )
     raw = str(diffraction_sample.raw_dataset_dir)
-    settings = load_settings(executor={"kind": "local", "n_workers": 1})
+    # Worker processes, started for each run: a worker of threads in this process would
+    # read this process's map.
+    settings = load_settings(executor={"kind": "local", "n_workers": 1, "local_threads": False})
 
     def intensity(output: str) -> np.ndarray:
         summary = run_technique("diffraction", raw, parameters, None, output, settings)

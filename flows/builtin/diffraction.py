@@ -101,6 +101,7 @@ DIFFRACTION = Technique(
     specification=Path(__file__).with_name("diffraction.yaml"),
     flow_at="calypso.flows.diffraction:diffraction",
     preload="calypso.tasks.diffraction",
+    threaded_chunks=True,  # pyFAI's kernels release the GIL; integrators lent per thread
     sample_at=f"{__name__}:write_sample",
     sample_options=(
         Option(("--frames",), {"type": int, "default": 100, "help": "frames in the scan"}),

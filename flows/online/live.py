@@ -431,6 +431,7 @@ def run_live(
                 output_dir=output, export_to=export_to, live=live,
             ),
             bar,
+            threaded=TECHNIQUES[technique].threaded_chunks,
         )  # fmt: skip
     finally:
         bar.close()
