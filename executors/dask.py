@@ -128,22 +128,7 @@ def local_cluster_options(executor: ExecutorSettings, threaded: bool = False) ->
     22.5-26.6 s against ~30 s with two worker processes).
     """
     workers = local_worker_count(executor)
-    if threaded:
-        # The setting is per worker process; the one worker has all their memory.
-        threads = workers * executor.threads_per_worker
-        each = parse_memory_limit(
-            executor.memory_limit, executor.threads_per_worker, threads, logger=logger
-        )
-        return {
-            "n_workers": 1,
-            "threads_per_worker": threads,
-            "processes": False,
-            "memory_limit": 0 if each is None else each * workers,
-            "dashboard_address": DASHBOARD_ADDRESS,
-            "preload": [*executor.preload, "calypso.executors.worker_setup"],
-            **tls_options(executor),
-        }
-    return {
+    options = {
         "n_workers": workers,
         "threads_per_worker": executor.threads_per_worker,
         "processes": True,
@@ -153,6 +138,16 @@ def local_cluster_options(executor: ExecutorSettings, threaded: bool = False) ->
         "preload": [*executor.preload, "calypso.executors.worker_setup"],
         **tls_options(executor),
     }
+    if threaded:
+        # The setting is per worker process; the one worker has all their memory.
+        threads = workers * executor.threads_per_worker
+        each = parse_memory_limit(
+            executor.memory_limit, executor.threads_per_worker, threads, logger=logger
+        )
+        memory = 0 if each is None else each * workers
+        options |= {"n_workers": 1, "threads_per_worker": threads, "processes": False}
+        options["memory_limit"] = memory
+    return options
 
 
 def tls_options(executor: ExecutorSettings) -> dict[str, Any]:
