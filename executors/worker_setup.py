@@ -39,8 +39,17 @@ class ClosingWorkerHeartbeat(logging.Filter):
 def dask_setup(worker: Any) -> None:
     from calypso.flows.runtime import share_prefect_tls_context
 
-    logging.getLogger("distributed.worker").addFilter(ClosingWorkerHeartbeat(worker))
+    worker._calypso_heartbeat_filter = ClosingWorkerHeartbeat(worker)
+    logging.getLogger("distributed.worker").addFilter(worker._calypso_heartbeat_filter)
     share_prefect_tls_context()  # each task run's engine makes a Prefect client
+
+
+def dask_teardown(worker: Any) -> None:
+    # A worker of threads lives in a process that outlives it (a notebook's runs, each
+    # with a cluster of its own): its filter goes with it.
+    kept = getattr(worker, "_calypso_heartbeat_filter", None)
+    if kept is not None:
+        logging.getLogger("distributed.worker").removeFilter(kept)
 
 
 _thread = threading.local()
