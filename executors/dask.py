@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import dask
 from distributed import LocalCluster
+from distributed.system import MEMORY_LIMIT
 from distributed.worker_memory import parse_memory_limit
 
 from calypso.errors import ConfigurationError
@@ -139,12 +140,11 @@ def local_cluster_options(executor: ExecutorSettings, threaded: bool = False) ->
         **tls_options(executor),
     }
     if threaded:
-        # The setting is per worker process; the one worker has all their memory.
+        # The setting is per worker process (as Dask reads it); the one worker has all of
+        # their memory, within the machine's.
+        each = parse_memory_limit(executor.memory_limit, executor.threads_per_worker, logger=logger)
+        memory = 0 if each is None else min(each * workers, MEMORY_LIMIT)
         threads = workers * executor.threads_per_worker
-        each = parse_memory_limit(
-            executor.memory_limit, executor.threads_per_worker, threads, logger=logger
-        )
-        memory = 0 if each is None else each * workers
         options |= {"n_workers": 1, "threads_per_worker": threads, "processes": False}
         options["memory_limit"] = memory
     return options
@@ -160,7 +160,8 @@ def boot_local_cluster(
     executor: ExecutorSettings, threaded: bool = False
 ) -> Future[LocalCluster] | None:
     """Start the local cluster in a background thread (None unless kind is 'local'):
-    ``threaded``, one worker of threads in this process (see :func:`local_cluster_options`).
+    ``threaded`` (the technique's chunks can, and ``executor.local_threads``), one worker
+    of threads in this process (see :func:`local_cluster_options`).
 
     The workers start and import the reduction code while the caller imports
     Prefect and prepares the run, instead of after it.
@@ -169,6 +170,7 @@ def boot_local_cluster(
         return None
     # The certificate read (made, the first time) here: a problem is a message, not a
     # traceback from the thread.
+    threaded = threaded and executor.local_threads
     options = with_certificate(local_cluster_options(executor, threaded))
     if threaded:
         return _in_background(lambda: start_local_cluster(**options))

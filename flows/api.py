@@ -329,10 +329,7 @@ def run_on_cluster(
             settings.executor,
             bool(os.environ.get("PREFECT_API_URL")) or settings.server.local_keep_s > 0,
         )
-        booting = None
-        if not (in_process or kept):
-            threaded = threaded and settings.executor.local_threads
-            booting = boot_local_cluster(settings.executor, threaded)
+        booting = None if in_process or kept else boot_local_cluster(settings.executor, threaded)
         if kept:  # one kept cluster for every technique: its workers import them all
             settings = preloading_every_technique(settings)
         kept_booting: list[Future] = []

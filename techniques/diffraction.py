@@ -230,7 +230,7 @@ def make_integrator(geometry: Geometry) -> AzimuthalIntegrator:
 # integrator each. So one thread at a time sets an integrator up, or asks it for positions:
 # integrate_frames holds this lock for its first frame, and callers of
 # ``array_from_unit`` and the like hold it too. Integrating the later frames needs no lock.
-SETUP_LOCK = threading.RLock()
+SETUP_LOCK = threading.Lock()
 
 
 class IntegratorCache:
@@ -267,10 +267,8 @@ class IntegratorCache:
         """An integrator for ``geometry``, this thread's alone until the block ends."""
         key = geometry.key()
         with self._lock:
-            idle = self._idle.pop(key, [])
+            idle = self._idle.get(key)
             integrator = idle.pop() if idle else None
-            self._idle[key] = idle  # the most recently used geometry last
-            self._trim()
         if integrator is None:
             integrator = make_integrator(geometry)
             with self._lock:
@@ -278,14 +276,11 @@ class IntegratorCache:
         try:
             yield integrator
         finally:
-            with self._lock:
+            with self._lock:  # the most recently used geometry last
                 self._idle.setdefault(key, []).append(integrator)
                 self._idle.move_to_end(key)
-                self._trim()
-
-    def _trim(self) -> None:
-        while len(self._idle) > self.size:
-            self._idle.popitem(last=False)
+                while len(self._idle) > self.size:
+                    self._idle.popitem(last=False)
 
 
 @dataclass(frozen=True)
