@@ -22,14 +22,16 @@ from pydantic import BaseModel
 from calypso.executors.dask import flow_task_runner
 from calypso.flows.flow_run import FlowRun
 from calypso.flows.heartbeats import end_heartbeats_with_the_run
-from calypso.flows.runtime import share_prefect_tls_context
+from calypso.flows.runtime import send_prefect_settings_as_objects, share_prefect_tls_context
 from calypso.flows.specification import FlowSpec, check_specification
 from calypso.flows.techniques import OUTPUTS, TECHNIQUES, Step, Technique, all_steps
 from calypso.settings import CalypsoSettings
 
 # Every process that runs a Calypso flow imports this module: the flow's Prefect clients
-# there share one TLS context (the workers' do too: executors/worker_setup.py).
+# there share one TLS context (the workers' do too: executors/worker_setup.py), and the
+# task runs it submits carry its Prefect settings as objects.
 share_prefect_tls_context()
+send_prefect_settings_as_objects()
 
 end_heartbeats_with_the_run()  # every process that runs Calypso's flows imports this module
 
