@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
@@ -92,11 +92,44 @@ def collect(
     size: Callable[[Result], int],
 ) -> list[Result]:
     """Results of submitted tasks as they finish, reporting ``size(result)`` units each."""
-    futures = list(futures)
-    progress = RunProgress(total, description, artifact=len(futures) > 1)
-    results = []
-    for future in as_completed(futures):
-        result = future.result()
-        results.append(result)
-        progress.advance(size(result))
-    return results
+    return list(AsTheyFinish(futures, total, description, size))
+
+
+class AsTheyFinish(Generic[Result]):
+    """Results of submitted tasks, given as they finish, each reported as
+    ``size(result)`` units of progress: a step that takes them one by one (the writer
+    assembling a map of spectra) works on the first while the others are computed.
+
+    Iterated again, it gives those that finished, then waits for the rest.
+    ``finished(results)`` is called once, after the last has been given. A plain class, not
+    a collection: Prefect passes it to a task as it is, without waiting for its futures.
+    """
+
+    def __init__(
+        self,
+        futures: Iterable[PrefectFuture[Result]],
+        total: int,
+        description: str,
+        size: Callable[[Result], int],
+        finished: Callable[[list[Result]], None] | None = None,
+    ) -> None:
+        self._waiting = list(futures)
+        self._size = size
+        self._finished = finished
+        self.results: list[Result] = []
+        self._progress = RunProgress(total, description, artifact=len(self._waiting) > 1)
+
+    def __len__(self) -> int:
+        return len(self.results) + len(self._waiting)
+
+    def __iter__(self) -> Iterator[Result]:
+        yield from list(self.results)
+        for future in as_completed(list(self._waiting)):
+            result = future.result()
+            self._waiting.remove(future)
+            self.results.append(result)
+            self._progress.advance(self._size(result))
+            yield result
+        if self._finished is not None:
+            finished, self._finished = self._finished, None
+            finished(self.results)

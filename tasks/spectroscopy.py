@@ -3,14 +3,15 @@
 A batch travels as (source, first spectrum, last spectrum); each task reads its
 own counters, reduces them with the technique functions (vectorised over the
 batch) and writes the arrays to a small part file. The writer assembles the
-part files into the NeXus result without holding more than one batch.
+part files into the NeXus result as they finish, holding one batch at a time
+(:mod:`calypso.tasks.writers.spectra_nexus`).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import h5py
@@ -30,6 +31,7 @@ from calypso.tasks.plans.spectroscopy import (
 )
 from calypso.tasks.raw.spectra import ColumnTable, SpectrumSource, absorption, read_source
 from calypso.tasks.writers import nexus, plots
+from calypso.tasks.writers.spectra_nexus import SpectraAssembly
 from calypso.techniques import spectroscopy as xas
 
 __all__ = [
@@ -43,15 +45,6 @@ __all__ = [
 ]
 
 MERGED = "merged"
-#: Arrays of a part file and the NeXus group (or auxiliary signal) they go to.
-PART_TO_NEXUS = {
-    "mu": "mu",
-    "norm": "normalized",
-    "flat": "flattened",
-    "pre_edge": "pre_edge",
-    "post_edge": "post_edge",
-    "background": "background",
-}
 
 
 class BatchResult(BaseModel):
@@ -201,17 +194,16 @@ def merge_repeated_scans(
 
 @task(name="write_spectroscopy_nexus", cache_policy=NO_CACHE)
 def write_spectroscopy_nexus(
-    plan: SpectroscopyPlan, results: list[BatchResult], provenance: dict
+    plan: SpectroscopyPlan, results: Iterable[BatchResult], provenance: dict
 ) -> dict:
     """Assemble the part files into the NeXus result, XDI files and a quick-look PNG, atomically.
 
-    Returns the NeXus URLs of the normalised spectra and the figures' summary.
+    ``results`` may still be coming (:class:`calypso.tasks.progress.AsTheyFinish`): each
+    batch is copied into the result as it finishes. Returns the NeXus URLs of the
+    normalised spectra and the figures' summary.
     """
-    by_label: dict[str, list[BatchResult]] = {}
-    for result in sorted(results, key=lambda r: (r.label, r.start)):
-        by_label.setdefault(result.label, []).append(result)
     entries: list[tuple[str, SpectrumSource | None]] = [(s.label, s) for s in plan.sources]
-    if MERGED in by_label:
+    if plan.merges:
         entries.append((MERGED, None))
     output = Path(plan.output_file)
     stem = output.stem
@@ -226,47 +218,29 @@ def write_spectroscopy_nexus(
     }
     urls, key_figures = [], {}
     curves, chi_curves = [], []
-    default_entry = MERGED if MERGED in by_label else entries[0][0]
+    default_entry = MERGED if plan.merges else entries[0][0]
     with nexus.atomic_outputs(*xdi_files, png, output) as temporaries:
         *xdi_temps, png_temp, h5_temp = temporaries
         xdi_for = dict(zip(single, xdi_temps, strict=True))
         with h5py.File(h5_temp, "w") as h5:
             nexus.write_root_attributes(h5, default_entry)
-            for label, source in entries:
-                parts = by_label.get(label, [])
-                expected = source.n_spectra if source is not None else 1
-                if sum(p.stop - p.start for p in parts) != expected:
+            assemblies = {
+                label: SpectraAssembly(
+                    _write_entry(h5, label, source, plan, configuration, provenance, output),
+                    source.n_spectra if source is not None else 1,
+                )
+                for label, source in entries
+            }
+            for result in results:  # as each batch finishes
+                if result.label not in assemblies:
+                    raise RawDataError(f"{result.label}: reduced, but not a scan of this run")
+                assemblies[result.label].add(result)
+            for label, assembly in assemblies.items():
+                if assembly.count != assembly.n:
                     raise RawDataError(f"{label}: not every spectrum was reduced")
-                entry = h5.create_group(label)
-                nexus.set_nx_class(entry, "NXentry")
-                title = source.title if source is not None else ""
-                entry["title"] = title or (
-                    f"merge of {len(plan.repeats)} scans" if source is None else source.describe()
-                )
-                if source is not None:
-                    for name in ("start_time", "end_time"):
-                        if getattr(source, name):
-                            entry[name] = getattr(source, name)
-                    if source.scan is not None:
-                        nexus.link_raw_groups(
-                            entry, Path(source.path), f"{source.scan}.1", output.parent
-                        )
-                entry.attrs["default"] = "xas/normalized"
-                process = nexus.write_process(
-                    entry,
-                    "xas",
-                    parameters=configuration,
-                    provenance={
-                        **provenance,
-                        "source": source.describe() if source is not None else "merge",
-                        "merged": [s.describe() for s in plan.repeats] if source is None else None,
-                    },
-                )
-                process.attrs["default"] = "normalized"
-                summary = _copy_parts(process, parts, expected)
+                key_figures[label] = assembly.finish()
                 urls.append(f"{output}::/{label}/xas/normalized")
-                key_figures[label] = summary
-                first = parts[0].part_file
+                first = assembly.first.part_file
                 with h5py.File(first, "r") as part:
                     curves.append((label, part["energy"][()], part["flat"][0]))
                     if "chi" in part:
@@ -285,139 +259,45 @@ def write_spectroscopy_nexus(
     return {"outputs": urls, "png": str(png), "key_figures": key_figures}
 
 
+def _write_entry(
+    h5: h5py.File,
+    label: str,
+    source: SpectrumSource | None,
+    plan: SpectroscopyPlan,
+    configuration: dict,
+    provenance: dict,
+    output: Path,
+) -> h5py.Group:
+    """A scan's NXentry (the merge's, for ``source`` None) and its ``xas`` process group."""
+    entry = h5.create_group(label)
+    nexus.set_nx_class(entry, "NXentry")
+    title = source.title if source is not None else ""
+    entry["title"] = title or (
+        f"merge of {len(plan.repeats)} scans" if source is None else source.describe()
+    )
+    if source is not None:
+        for name in ("start_time", "end_time"):
+            if getattr(source, name):
+                entry[name] = getattr(source, name)
+        if source.scan is not None:
+            nexus.link_raw_groups(entry, Path(source.path), f"{source.scan}.1", output.parent)
+    entry.attrs["default"] = "xas/normalized"
+    process = nexus.write_process(
+        entry,
+        "xas",
+        parameters=configuration,
+        provenance={
+            **provenance,
+            "source": source.describe() if source is not None else "merge",
+            "merged": [s.describe() for s in plan.repeats] if source is None else None,
+        },
+    )
+    process.attrs["default"] = "normalized"
+    return process
+
+
 def _safe(label: str) -> str:
     return label.replace(".", "_")
-
-
-def _copy_parts(process: h5py.Group, parts: list[BatchResult], n: int) -> dict:
-    """Copy part files into NXdata groups: mu, normalized, flattened, chi, chir; the fit values."""
-    with h5py.File(parts[0].part_file, "r") as first:
-        energy = first["energy"][()]
-        ranges = json.loads(first.attrs["ranges"])
-        nknots = int(first.attrs.get("nknots", 0))
-        has_exafs = "chi" in first
-        r = first["r"][()] if has_exafs else None
-        n_post = first["post_edge_coefficients"].shape[1]
-    k_length = 0
-    k = None
-    if has_exafs:
-        for part in parts:
-            with h5py.File(part.part_file, "r") as h5:
-                if h5["k"].shape[0] > k_length:
-                    k_length, k = h5["k"].shape[0], h5["k"][()]
-    stacked = n > 1
-    lead = (n,) if stacked else ()
-    spectrum_axes = ["spectrum"] if stacked else []
-    groups: dict[str, h5py.Dataset] = {}
-
-    def nxdata(name: str, signal: str, axis: str, values: np.ndarray, units: str, shape: tuple):
-        group = nexus.create_nxdata(process, name, signal=signal, axes=[*spectrum_axes, axis])
-        if stacked:
-            group["spectrum"] = np.arange(n)
-        nexus.write_axis(group, axis, values, units)
-        if stacked and axis == "energy":
-            group[axis].attrs["long_name"] = "measured energy (eV); calibrated: + fit/energy_shift"
-        dataset = group.create_dataset(signal, shape=(*lead, *shape), dtype=np.float64)
-        dataset.attrs["interpretation"] = "spectrum"
-        groups[name] = dataset
-        return group
-
-    mu_group = nxdata("mu", "mu", "energy", energy, "eV", energy.shape)
-    mu_group.attrs["auxiliary_signals"] = ["pre_edge", "post_edge"] + (
-        ["background"] if has_exafs else []
-    )
-    for name in ("pre_edge", "post_edge", *(["background"] if has_exafs else [])):
-        groups[name] = mu_group.create_dataset(name, shape=(*lead, energy.size), dtype=np.float64)
-    nxdata("normalized", "norm", "energy", energy, "eV", energy.shape)
-    nxdata("flattened", "flat", "energy", energy, "eV", energy.shape)
-    if has_exafs:
-        chi_group = nxdata("chi", "chi", "k", k, "1/angstrom", (k_length,))
-        chi_group["chi"].attrs["long_name"] = "chi(k) (edge-step units)"
-        nxdata("chir", "chir_magnitude", "r", r, "angstrom", r.shape)
-    fit = process.create_group("fit")
-    nexus.set_nx_class(fit, "NXcollection")
-    scalars = {
-        "e0": ("eV", lead),
-        "edge_step": ("", lead),
-        "edge_noise": ("", lead),
-        "e0_spread": ("eV", lead),
-        "energy_shift": ("eV", lead),
-        "pre_edge_coefficients": ("", (*lead, 2)),
-        "post_edge_coefficients": ("", (*lead, n_post)),
-    }
-    fits = {}
-    for name, (units, shape) in scalars.items():
-        fits[name] = fit.create_dataset(name, shape=shape, dtype=np.float64)
-        if units:
-            fits[name].attrs["units"] = units
-    fit["edge_noise"].attrs["meaning"] = (
-        f"edge step / point-to-point noise of mu; below {xas.MIN_EDGE_NOISE_RATIO:g}, E0 and the "
-        "edge step are not trusted"
-    )
-    fit["e0_spread"].attrs["meaning"] = (
-        f"E0 found on the even minus on the odd points; over {xas.MAX_E0_SPREAD:g} eV, noise "
-        "decides E0"
-    )
-    fit["pre_edge_coefficients"].attrs["meaning"] = "offset, slope (1/eV) of mu·E^nvict"
-    fit["post_edge_coefficients"].attrs["meaning"] = "polynomial in (E - E0) of mu - pre_edge"
-    for name, value in ranges.items():
-        fit[name] = value
-        if name != "nnorm":
-            fit[name].attrs["units"] = "eV"
-    if has_exafs:
-        fit["nknots"] = nknots
-    e0_values, steps, noise_ratios, spreads = [], [], [], []
-    for part in parts:
-        rows = slice(part.start, part.stop) if stacked else Ellipsis
-        with h5py.File(part.part_file, "r") as h5:
-            for name, key in PART_TO_NEXUS.items():
-                if key in groups:
-                    groups[key][rows] = h5[name][()] if stacked else h5[name][0]
-            if has_exafs:
-                chi = np.full((part.stop - part.start, k_length), np.nan)
-                chi[:, : h5["chi"].shape[1]] = h5["chi"][()]
-                groups["chi"][rows] = chi if stacked else chi[0]
-                chir = h5["chir_magnitude"][()]
-                groups["chir"][rows] = chir if stacked else chir[0]
-            for name in scalars:
-                fits[name][rows] = h5[name][()] if stacked else h5[name][0]
-            if "mu_errors" in h5:
-                mu_errors = process["mu"].create_dataset("mu_errors", data=h5["mu_errors"][0])
-                mu_errors.attrs["meaning"] = "weighted standard error of the merged spectra"
-                process["fit"]["merge_weights"] = h5["merge_weights"][()]
-            e0_values.append(h5["e0"][()])
-            steps.append(h5["edge_step"][()])
-            noise_ratios.append(h5["edge_noise"][()])
-            spreads.append(h5["e0_spread"][()])
-    e0_all, step_all = np.concatenate(e0_values), np.concatenate(steps)
-    noise_all, spread_all = np.concatenate(noise_ratios), np.concatenate(spreads)
-    figures = {
-        "spectra": int(n),
-        "e0_eV": round(float(np.median(e0_all)), 3),
-        "edge_step": float(np.median(step_all)),
-        "edge_noise": round(float(np.median(noise_all)), 1),
-        "e0_spread_eV": round(float(np.median(spread_all)), 2),
-    }
-    unsure = (noise_all < xas.MIN_EDGE_NOISE_RATIO) | (spread_all > xas.MAX_E0_SPREAD)
-    if np.any(unsure):
-        figures["warning"] = (
-            f"{int(np.count_nonzero(unsure))} of {n} spectra are too noisy to decide E0: an edge "
-            f"step under {xas.MIN_EDGE_NOISE_RATIO:g} times the noise (fit/edge_noise) or E0 "
-            f"moving over {xas.MAX_E0_SPREAD:g} eV between the even and odd points "
-            "(fit/e0_spread); merge repeats, choose other channels or give e0"
-        )
-        _warn(figures["warning"])
-    return figures
-
-
-def _warn(message: str) -> None:
-    """Log ``message`` as a warning of the running flow (or of Python, outside a flow)."""
-    try:
-        from prefect import get_run_logger
-
-        get_run_logger().warning(message)
-    except Exception:  # outside a flow or task run
-        logging.getLogger(__name__).warning(message)
 
 
 def _write_xdi(path: Path, part_file: str, plan: SpectroscopyPlan, label: str) -> None:

@@ -8,15 +8,24 @@ from typing import Any
 from calypso.flows.techniques import OUTPUTS, Option, Step, Technique, planning_step
 
 
-def reduce(ctx: Any, plan: Any) -> list[Any]:
+def reduce(ctx: Any, plan: Any) -> Any:
     """Batches of spectra reduced on the task runner (vectorised inside a batch), then the
-    repeated scans merged."""
-    from calypso.tasks.progress import RunProgress, collect
+    repeated scans merged. Without repeats to merge, the batches go to the writer as they
+    finish, which assembles each while the others are reduced."""
+    from calypso.tasks.progress import AsTheyFinish, RunProgress
     from calypso.tasks.spectroscopy import merge_repeated_scans, reduce_spectra_batch
 
     reference_e0 = plan.calibration.reference_e0 if plan.calibration else None
     arguments = (plan.parameters, reference_e0, ctx.work_dir)
     described = f"Reducing {plan.n_spectra} spectra"
+    ctx.report(
+        merged=plan.merges,
+        calibration=plan.calibration.model_dump() if plan.calibration else None,
+    )
+
+    def finished(batches: list[Any]) -> None:
+        ctx.report(tasks=len(batches), busy=sum(b.seconds for b in batches))
+
     if plan.in_process:  # no Dask round trip for milliseconds of work
         parts = plan.batches()
         progress = RunProgress(plan.n_spectra, described, artifact=len(parts) > 1)
@@ -26,15 +35,16 @@ def reduce(ctx: Any, plan: Any) -> list[Any]:
             progress.advance(batch.stop - batch.start)
     else:
         futures = [reduce_spectra_batch.submit(batch, *arguments) for batch in plan.batches()]
-        batches = collect(futures, plan.n_spectra, described, lambda r: r.stop - r.start)
+        stream = AsTheyFinish(
+            futures, plan.n_spectra, described, lambda r: r.stop - r.start,
+            finished=None if plan.merges else finished,
+        )  # fmt: skip
+        if not plan.merges:
+            return stream
+        batches = list(stream)
     if plan.merges:
         batches.append(merge_repeated_scans(plan, batches, ctx.work_dir))
-    ctx.report(
-        tasks=len(batches),
-        busy=sum(b.seconds for b in batches),
-        merged=plan.merges,
-        calibration=plan.calibration.model_dump() if plan.calibration else None,
-    )
+    finished(batches)
     return batches
 
 

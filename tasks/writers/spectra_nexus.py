@@ -1,0 +1,225 @@
+"""The NeXus groups of one scan's reduced spectra, assembled from its part files as they
+finish.
+
+A map's batches are reduced on the workers while the writer copies the ones that have
+finished into the result (:class:`SpectraAssembly`): the copy, ~250 MB for 10^4 spectra,
+overlaps the reduction instead of following it. The layout comes from the scan's first
+batch (its energy axis, fit ranges, EXAFS or not); batches finishing before it wait for
+it. chi(k) is written last: its k axis is the longest of all batches'.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import h5py
+import numpy as np
+
+from calypso.tasks.writers import nexus
+from calypso.techniques import spectroscopy as xas
+
+#: Arrays of a part file and the NeXus group (or auxiliary signal) they go to.
+PART_TO_NEXUS = {
+    "mu": "mu",
+    "norm": "normalized",
+    "flat": "flattened",
+    "pre_edge": "pre_edge",
+    "post_edge": "post_edge",
+    "background": "background",
+}
+#: The fit's values a spectrum (or a row of coefficients): their units.
+FIT_UNITS = {
+    "e0": "eV",
+    "edge_step": "",
+    "edge_noise": "",
+    "e0_spread": "eV",
+    "energy_shift": "eV",
+    "pre_edge_coefficients": "",
+    "post_edge_coefficients": "",
+}
+
+
+class SpectraAssembly:
+    """The NXdata groups (mu, normalized, flattened, chi, chir) and the fit values of the
+    ``n`` spectra of one scan, in ``process``, filled batch by batch (:meth:`add`, any
+    order) and completed by :meth:`finish`, which returns the scan's key figures."""
+
+    def __init__(self, process: h5py.Group, n: int) -> None:
+        self.process = process
+        self.n = n
+        self.stacked = n > 1
+        self.parts: list[Any] = []  # the batches added (BatchResult), as they came
+        self._waiting: list[Any] = []  # added before the first batch
+        self._data: dict[str, h5py.Dataset] = {}
+        self._fits: dict[str, h5py.Dataset] = {}
+        self._figures: dict[str, list[np.ndarray]] = {}
+        self._has_exafs = False  # told by the first batch
+
+    @property
+    def count(self) -> int:
+        """Spectra added so far."""
+        return sum(p.stop - p.start for p in self.parts)
+
+    @property
+    def first(self) -> Any:
+        return min(self.parts, key=lambda p: p.start)
+
+    def add(self, part: Any) -> None:
+        """Copy one reduced batch into its rows (chi(k) waits for :meth:`finish`)."""
+        self.parts.append(part)
+        if not self._data:
+            if part.start != 0:  # the layout is the first batch's: keep this one for then
+                self._waiting.append(part)
+                return
+            self._lay_out(part.part_file)
+        for waiting in [*self._waiting, part]:
+            self._copy(waiting)
+        self._waiting.clear()
+
+    def finish(self) -> dict[str, Any]:
+        """chi(k) on the longest k axis, and the key figures; call once every batch is in."""
+        if not self._data:
+            self._lay_out(self.first.part_file)
+        for waiting in self._waiting:
+            self._copy(waiting)
+        self._waiting.clear()
+        parts = sorted(self.parts, key=lambda p: p.start)
+        if self._has_exafs:
+            self._write_chi(parts)
+        return self._key_figures()
+
+    def _lay_out(self, first_part: str) -> None:
+        with h5py.File(first_part, "r") as first:
+            energy = first["energy"][()]
+            ranges = json.loads(first.attrs["ranges"])
+            nknots = int(first.attrs.get("nknots", 0))
+            self._has_exafs = "chi" in first
+            r = first["r"][()] if self._has_exafs else None
+            n_post = first["post_edge_coefficients"].shape[1]
+        lead = (self.n,) if self.stacked else ()
+        mu_group = self._nxdata("mu", "mu", "energy", energy, "eV", energy.shape)
+        mu_group.attrs["auxiliary_signals"] = ["pre_edge", "post_edge"] + (
+            ["background"] if self._has_exafs else []
+        )
+        for name in ("pre_edge", "post_edge", *(["background"] if self._has_exafs else [])):
+            self._data[name] = mu_group.create_dataset(
+                name, shape=(*lead, energy.size), dtype=np.float64
+            )
+        self._nxdata("normalized", "norm", "energy", energy, "eV", energy.shape)
+        self._nxdata("flattened", "flat", "energy", energy, "eV", energy.shape)
+        if self._has_exafs:
+            self._nxdata("chir", "chir_magnitude", "r", r, "angstrom", r.shape)
+        fit = self.process.create_group("fit")
+        nexus.set_nx_class(fit, "NXcollection")
+        for name, units in FIT_UNITS.items():
+            shape = {"pre_edge_coefficients": (2,), "post_edge_coefficients": (n_post,)}
+            self._fits[name] = fit.create_dataset(
+                name, shape=(*lead, *shape.get(name, ())), dtype=np.float64
+            )
+            if units:
+                self._fits[name].attrs["units"] = units
+        fit["edge_noise"].attrs["meaning"] = (
+            f"edge step / point-to-point noise of mu; below {xas.MIN_EDGE_NOISE_RATIO:g}, E0 "
+            "and the edge step are not trusted"
+        )
+        fit["e0_spread"].attrs["meaning"] = (
+            f"E0 found on the even minus on the odd points; over {xas.MAX_E0_SPREAD:g} eV, "
+            "noise decides E0"
+        )
+        fit["pre_edge_coefficients"].attrs["meaning"] = "offset, slope (1/eV) of mu·E^nvict"
+        fit["post_edge_coefficients"].attrs["meaning"] = "polynomial in (E - E0) of mu - pre_edge"
+        for name, value in ranges.items():
+            fit[name] = value
+            if name != "nnorm":
+                fit[name].attrs["units"] = "eV"
+        if self._has_exafs:
+            fit["nknots"] = nknots
+
+    def _nxdata(
+        self, name: str, signal: str, axis: str, values: np.ndarray, units: str, shape: tuple
+    ) -> h5py.Group:
+        spectrum_axes = ["spectrum"] if self.stacked else []
+        group = nexus.create_nxdata(self.process, name, signal=signal, axes=[*spectrum_axes, axis])
+        if self.stacked:
+            group["spectrum"] = np.arange(self.n)
+        nexus.write_axis(group, axis, values, units)
+        if self.stacked and axis == "energy":
+            group[axis].attrs["long_name"] = "measured energy (eV); calibrated: + fit/energy_shift"
+        lead = (self.n,) if self.stacked else ()
+        dataset = group.create_dataset(signal, shape=(*lead, *shape), dtype=np.float64)
+        dataset.attrs["interpretation"] = "spectrum"
+        self._data[name] = dataset
+        return group
+
+    def _rows(self, part: Any) -> Any:
+        return slice(part.start, part.stop) if self.stacked else Ellipsis
+
+    def _values(self, dataset: h5py.Dataset) -> np.ndarray:
+        return dataset[()] if self.stacked else dataset[0]
+
+    def _copy(self, part: Any) -> None:
+        rows = self._rows(part)
+        with h5py.File(part.part_file, "r") as h5:
+            for name, key in PART_TO_NEXUS.items():
+                if key in self._data:
+                    self._data[key][rows] = self._values(h5[name])
+            if "chir" in self._data:
+                self._data["chir"][rows] = self._values(h5["chir_magnitude"])
+            for name in FIT_UNITS:
+                self._fits[name][rows] = self._values(h5[name])
+            if "mu_errors" in h5:
+                mu_errors = self.process["mu"].create_dataset("mu_errors", data=h5["mu_errors"][0])
+                mu_errors.attrs["meaning"] = "weighted standard error of the merged spectra"
+                self.process["fit"]["merge_weights"] = h5["merge_weights"][()]
+            for name in ("e0", "edge_step", "edge_noise", "e0_spread"):
+                self._figures.setdefault(name, []).append(h5[name][()])
+
+    def _write_chi(self, parts: list[Any]) -> None:
+        k_length, k = 0, None
+        for part in parts:
+            with h5py.File(part.part_file, "r") as h5:
+                if h5["k"].shape[0] > k_length:
+                    k_length, k = h5["k"].shape[0], h5["k"][()]
+        chi_group = self._nxdata("chi", "chi", "k", k, "1/angstrom", (k_length,))
+        chi_group["chi"].attrs["long_name"] = "chi(k) (edge-step units)"
+        for part in parts:
+            with h5py.File(part.part_file, "r") as h5:
+                chi = np.full((part.stop - part.start, k_length), np.nan)
+                chi[:, : h5["chi"].shape[1]] = h5["chi"][()]
+                self._data["chi"][self._rows(part)] = chi if self.stacked else chi[0]
+
+    def _key_figures(self) -> dict[str, Any]:
+        e0_all, step_all, noise_all, spread_all = (
+            np.concatenate(self._figures[name])
+            for name in ("e0", "edge_step", "edge_noise", "e0_spread")
+        )
+        n = self.n
+        figures: dict[str, Any] = {
+            "spectra": int(n),
+            "e0_eV": round(float(np.median(e0_all)), 3),
+            "edge_step": float(np.median(step_all)),
+            "edge_noise": round(float(np.median(noise_all)), 1),
+            "e0_spread_eV": round(float(np.median(spread_all)), 2),
+        }
+        unsure = (noise_all < xas.MIN_EDGE_NOISE_RATIO) | (spread_all > xas.MAX_E0_SPREAD)
+        if np.any(unsure):
+            figures["warning"] = (
+                f"{int(np.count_nonzero(unsure))} of {n} spectra are too noisy to decide E0: an "
+                f"edge step under {xas.MIN_EDGE_NOISE_RATIO:g} times the noise (fit/edge_noise) "
+                f"or E0 moving over {xas.MAX_E0_SPREAD:g} eV between the even and odd points "
+                "(fit/e0_spread); merge repeats, choose other channels or give e0"
+            )
+            _warn(figures["warning"])
+        return figures
+
+
+def _warn(message: str) -> None:
+    """Log ``message`` as a warning of the running flow (or of Python, outside a flow)."""
+    try:
+        from prefect import get_run_logger
+
+        get_run_logger().warning(message)
+    except Exception:  # outside a flow or task run
+        logging.getLogger("calypso.tasks.spectroscopy").warning(message)
