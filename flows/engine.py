@@ -26,6 +26,7 @@ from calypso.flows.runtime import send_prefect_settings_as_objects, share_prefec
 from calypso.flows.specification import FlowSpec, check_specification
 from calypso.flows.techniques import OUTPUTS, TECHNIQUES, Step, Technique, all_steps
 from calypso.settings import CalypsoSettings
+from calypso.tasks.progress import AsTheyFinish
 
 # Every process that runs a Calypso flow imports this module: the flow's Prefect clients
 # there share one TLS context (the workers' do too: executors/worker_setup.py), and the
@@ -181,6 +182,9 @@ def run_specification(
             timings[name] = time.perf_counter() - began
             if steps[spec.steps[name]["task"]].output == OUTPUTS:
                 outputs = results[name]
+        for result in results.values():  # results no step took: their tasks end with the run
+            if isinstance(result, AsTheyFinish):
+                list(result)
     registration = run.completed(outputs)
     summary = run.summary(
         raw,

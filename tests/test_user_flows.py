@@ -481,3 +481,28 @@ def test_cli_check_refuses_what_is_over_the_limits(tmp_path, capsys):
         captured = capsys.readouterr()
         assert f"{path}: 1 problem(s):" in captured.err and message in captured.err, name
         assert "Traceback" not in captured.err and not captured.out
+
+
+def test_batches_no_step_takes_are_finished_before_the_run_ends(
+    tmp_path, capsys, user, on_shared_cluster
+):
+    """A map's reduce step hands its batches on as they finish; a second reduce step whose
+    batches no step takes still has them all finished (their part files written) before
+    the run publishes and removes its part folder."""
+    from calypso.flows.samples.spectroscopy import write_spectroscopy_map_sample
+
+    raw = write_spectroscopy_map_sample(tmp_path / "xasmap", 200, seed=3).raw_dataset_dir
+    spec = yaml.safe_load(_exported("spectroscopy", capsys))
+    spec["steps"]["plan"]["parameters"]["batch_size"] = 40
+    spec["steps"]["again"] = {"task": "spectroscopy.reduce", "inputs": {"plan": "plan"}}
+    path = tmp_path / "twice.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert main(["flows", "save", str(path), "--name", "reduced-twice"]) == 0
+    capsys.readouterr()
+    output = Path(raw).parents[1] / "PROCESSED_DATA" / "twice"
+    code = main(["flows", "run", "reduced-twice", str(raw), "--output", str(output), "--json"])
+    [variant] = json.loads(capsys.readouterr().out)["variants"]
+    assert code == 0
+    assert variant["tasks"] == 10  # 5 batches taken by the writer, 5 finished unused
+    assert variant["count"] == 200
+    assert not list(output.glob(".calypso-partial-*"))  # nothing left writing in it
