@@ -81,7 +81,7 @@ def projection_scan(raw_file: Path, scans: list[int] | None) -> int | None:
                 motors = [f"measurement/{name}" for name in ROTATION_MOTORS]
                 if role == "projection" or (role == "unknown" and any(m in entry for m in motors)):
                     return number
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, RuntimeError):
         return None  # not there yet, or caught between two writes
     return None
 

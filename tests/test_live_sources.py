@@ -95,6 +95,30 @@ def test_a_file_that_never_appears_is_named(tmp_path):
         scan.ready()
 
 
+def test_a_lima_file_caught_with_its_header_half_written_is_read_once_whole(tmp_path):
+    """HDF5 reports a structure caught half written with a version number it does not
+    know as a RuntimeError, not an OSError (seen in CI: "bad object header version
+    number" while the simulator created a Lima file): it is not ready yet, not a failure."""
+    template = lima_template(tmp_path, 1, "pilatus")
+    path = Path(template % 0)
+    path.parent.mkdir(parents=True)
+    with h5py.File(path, "w", libver="latest") as h5:
+        h5.create_dataset(
+            LIMA_DATASET, data=np.stack([frame(0), frame(1)]), chunks=(1, *SHAPE)
+        )  # a chunk a frame, as Lima writes
+    whole = path.read_bytes()
+    half = bytearray(whole)
+    half[8] ^= 0x5A  # the superblock's version: what a reader may meet mid-write
+    path.write_bytes(bytes(half))
+    with pytest.raises(RuntimeError):  # as the SWMR read that is tried first meets it
+        h5py.File(path, "r", locking=False, swmr=True)
+    scan = LimaFiles(template, npoints=2, stall_timeout=30)
+    assert scan.ready() == []
+    path.write_bytes(whole)
+    assert scan.ready() == [(0, 2)]
+    assert scan.finished
+
+
 def test_a_scan_that_ends_early_is_finished_and_partial(tmp_path):
     """end_time in the dataset file after 7 of 20 frames: the 7 are handed out, then the
     end; the result is marked partial, never complete."""

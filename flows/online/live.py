@@ -333,7 +333,7 @@ def _end_reason(live: LiveRun, error: CalypsoError | None) -> str | None:
                 if entry is None or "end_time" not in entry:
                     return False
                 return bliss._optional_text(entry, "end_reason") or "SUCCESS"
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, RuntimeError):  # caught between two writes
             return False
 
     try:

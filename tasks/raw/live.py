@@ -122,11 +122,15 @@ def lima_detectors(dataset_dir: Path, number: int) -> tuple[str, ...]:
 
 def open_lima(path: str | Path) -> h5py.File:
     """Open a Lima file another process may still write: no file locking, SWMR read
-    where the file allows it. ``OSError`` when it cannot be opened (yet)."""
+    where the file allows it. ``OSError`` when it cannot be opened (yet): HDF5 reports a
+    header caught half written as a RuntimeError ("bad object header version number")."""
     try:
         return h5py.File(path, "r", locking=False, swmr=True)
-    except OSError:
-        return h5py.File(path, "r", locking=False)
+    except (OSError, RuntimeError):
+        try:
+            return h5py.File(path, "r", locking=False)
+        except RuntimeError as exc:
+            raise OSError(f"{path} cannot be opened (yet): {exc}") from None
 
 
 def read_lima(path: str | Path, dataset: str, first: int, stop: int) -> np.ndarray:
@@ -278,7 +282,7 @@ class LimaFiles:
                 recorded = h5.get(f"{entry}/instrument/{detector}/data") if detector else None
                 if isinstance(recorded, h5py.Dataset):
                     self._end = recorded.shape[0]
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, RuntimeError):
             return  # the writer is between two flushes: look again next time
         self._ended = True
         self._info = LiveScanInfo(self._info.number, name, self._npoints, self._info.detectors)
@@ -300,7 +304,7 @@ class LimaFiles:
                         f"{path}::{self.dataset} has shape {data.shape}: not a stack of frames"
                     )
                 return complete_frames(data, final), data.shape[0], final
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, RuntimeError):
             return "unreadable"
 
     def ready(self) -> list[tuple[int, int]]:
