@@ -12,7 +12,7 @@ def reduce(ctx: Any, plan: Any) -> Any:
     """Batches of spectra reduced on the task runner (vectorised inside a batch), then the
     repeated scans merged. Without repeats to merge, the batches go to the writer as they
     finish, which assembles each while the others are reduced."""
-    from calypso.tasks.progress import AsTheyFinish, RunProgress
+    from calypso.tasks.progress import AsTheyFinish, RunProgress, collect
     from calypso.tasks.spectroscopy import merge_repeated_scans, reduce_spectra_batch
 
     reference_e0 = plan.calibration.reference_e0 if plan.calibration else None
@@ -35,13 +35,11 @@ def reduce(ctx: Any, plan: Any) -> Any:
             progress.advance(batch.stop - batch.start)
     else:
         futures = [reduce_spectra_batch.submit(batch, *arguments) for batch in plan.batches()]
-        stream = AsTheyFinish(
-            futures, plan.n_spectra, described, lambda r: r.stop - r.start,
-            finished=None if plan.merges else finished,
-        )  # fmt: skip
-        if not plan.merges:
-            return stream
-        batches = list(stream)
+        if not plan.merges:  # the writer takes them as they finish
+            return AsTheyFinish(
+                futures, plan.n_spectra, described, lambda r: r.stop - r.start, finished
+            )
+        batches = collect(futures, plan.n_spectra, described, lambda r: r.stop - r.start)
     if plan.merges:
         batches.append(merge_repeated_scans(plan, batches, ctx.work_dir))
     finished(batches)

@@ -56,6 +56,7 @@ class SpectraAssembly:
         self._fits: dict[str, h5py.Dataset] = {}
         self._figures: dict[str, list[np.ndarray]] = {}
         self._has_exafs = False  # told by the first batch
+        self._k: np.ndarray | None = None  # the longest k axis of the batches copied
 
     @property
     def count(self) -> int:
@@ -175,13 +176,12 @@ class SpectraAssembly:
                 self.process["fit"]["merge_weights"] = h5["merge_weights"][()]
             for name in ("e0", "edge_step", "edge_noise", "e0_spread"):
                 self._figures.setdefault(name, []).append(h5[name][()])
+            if "k" in h5 and (self._k is None or h5["k"].shape[0] > self._k.size):
+                self._k = h5["k"][()]
 
     def _write_chi(self, parts: list[Any]) -> None:
-        k_length, k = 0, None
-        for part in parts:
-            with h5py.File(part.part_file, "r") as h5:
-                if h5["k"].shape[0] > k_length:
-                    k_length, k = h5["k"].shape[0], h5["k"][()]
+        k = self._k
+        k_length = k.size
         chi_group = self._nxdata("chi", "chi", "k", k, "1/angstrom", (k_length,))
         chi_group["chi"].attrs["long_name"] = "chi(k) (edge-step units)"
         for part in parts:
