@@ -20,17 +20,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import dask
-from distributed import LocalCluster
-from distributed.system import MEMORY_LIMIT
-from distributed.worker_memory import parse_memory_limit
-
 from calypso.errors import ConfigurationError
 from calypso.executors.tls import calypso_security, cluster_security, require_tls_address
 from calypso.settings import ExecutorSettings
 
 if TYPE_CHECKING:
-    from distributed import Security
+    from distributed import LocalCluster, Security
 
 # Any free port (a fixed one warns when another cluster holds it), on loopback: the
 # dashboard shows every task's arguments and takes no certificate. Reach it by SSH tunnel.
@@ -79,6 +74,9 @@ def start_local_cluster(*, forked: bool = False, **kwargs: Any) -> LocalCluster:
     ``forked``: its workers are forked from this process's fork server (given to them by
     :func:`fork_workers`); else each starts afresh and imports their code.
     """
+    import dask
+    from distributed import LocalCluster
+
     environment = worker_environment(kwargs.get("threads_per_worker") or 1)
     kwargs = with_certificate(kwargs)
     config: dict[str, Any] = {"distributed.nanny.pre-spawn-environ": environment}
@@ -140,6 +138,9 @@ def local_cluster_options(executor: ExecutorSettings, threaded: bool = False) ->
         **tls_options(executor),
     }
     if threaded:
+        from distributed.system import MEMORY_LIMIT
+        from distributed.worker_memory import parse_memory_limit
+
         # The setting is per worker process (as Dask reads it); the one worker has all of
         # their memory, within the machine's.
         each = parse_memory_limit(executor.memory_limit, executor.threads_per_worker, logger=logger)
@@ -262,23 +263,6 @@ def _client(security: Security | None) -> dict[str, Any]:
     """The Dask client's keyword arguments: the certificate, when the cluster has one. A
     client of a cluster object gets it from the cluster; by address, it must be given."""
     return {"security": security} if security else {}
-
-
-def flow_task_runner(preload: list[str] | None = None):
-    """The task runner a flow gets when no caller chooses one: runs started by a
-    deployment (``calypso serve``), where Prefect loads the flow itself. Local workers
-    import ``preload`` (the technique's chunk tasks) as they start, unless the settings
-    name modules of their own.
-
-    Read from the settings when the flow is made: ``calypso serve`` points its flow runs
-    at the cluster it keeps (``CALYPSO_EXECUTOR__KIND=address``).
-    """
-    from calypso.settings import ExecutorSettings, load_settings
-
-    executor = load_settings().executor
-    if preload and executor.preload == ExecutorSettings().preload:
-        executor = executor.model_copy(update={"preload": preload})
-    return build_task_runner(executor)
 
 
 def worker_identity() -> str:

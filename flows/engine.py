@@ -19,7 +19,7 @@ from prefect import Flow, flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from calypso.executors.dask import flow_task_runner
+from calypso.executors.flow_runner import flow_task_runner
 from calypso.flows.flow_run import FlowRun
 from calypso.flows.heartbeats import end_heartbeats_with_the_run
 from calypso.flows.runtime import send_prefect_settings_as_objects, share_prefect_tls_context

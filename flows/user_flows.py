@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from prefect import flow
 
-from calypso.executors.dask import flow_task_runner
+from calypso.executors.flow_runner import flow_task_runner
 from calypso.flows.engine import run_specification, with_task_runner
 from calypso.flows.specification import FlowSpec, check_specification
 from calypso.flows.techniques import TECHNIQUES, all_steps

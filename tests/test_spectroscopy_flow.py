@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -183,6 +186,29 @@ def test_real_repeats_from_text_files_merge(test_data, tmp_path, capsys, catalog
         }
         assert "chi" not in h5["merged/xas"]
         assert 7110 < h5["merged/xas/fit/e0"][()] < 7125
+
+
+def test_one_spectrum_runs_without_importing_dask(test_data, tmp_path, catalogue):
+    """A few spectra run in the command's own threads: the command imports neither Dask's
+    ``distributed`` nor ``prefect_dask`` (the flows' default task runner is built when a
+    run uses it, and the result storage block is loaded by its own class, not after
+    Prefect imports every installed collection): ~0.45 s of a one-spectrum command."""
+    script = (
+        "import sys\n"
+        "from calypso.flows.cli import main\n"
+        "code = main(['run', 'spectroscopy', sys.argv[1], '--output', sys.argv[2], '--json'])\n"
+        "loaded = [m for m in ('distributed', 'prefect_dask') if m in sys.modules]\n"
+        "print('loaded:', *loaded, file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    spectrum = str(test_data / "xas" / "fe_metal_rt.xdi")
+    command = [sys.executable, "-c", script, spectrum, str(tmp_path / "out")]
+    ran = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    summary = json.loads(ran.stdout)
+    assert summary["count"] == 1 and summary["tasks"] == 1
+    assert (tmp_path / "out" / "fe_metal_rt.h5").is_file()
+    assert ran.stderr.splitlines()[-1] == "loaded:", ran.stderr[-3000:]
 
 
 def write_bad(folder: Path, name: str, header: str, rows: np.ndarray) -> Path:

@@ -386,7 +386,7 @@ def live_flow(technique: str):
     """The Prefect flow ``<technique>-live`` (built when first used: Prefect loads slowly)."""
     from prefect import flow
 
-    from calypso.executors.dask import flow_task_runner
+    from calypso.executors.flow_runner import flow_task_runner
 
     return flow(
         name=f"{technique}-live",

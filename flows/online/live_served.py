@@ -40,7 +40,7 @@ def served_live_flow(technique: str, module: str) -> Any:
     """The Prefect flow ``<technique>-live`` of a deployment, in ``module``."""
     from prefect import flow
 
-    from calypso.executors.dask import flow_task_runner
+    from calypso.executors.flow_runner import flow_task_runner
     from calypso.flows.online.live import live_technique
     from calypso.flows.techniques import TECHNIQUES
 

@@ -29,6 +29,8 @@ ETOK = 2 * constants.m_e * constants.e / constants.hbar**2 * 1e-20
 #: Points of the zero-padded Fourier transform and the k step of the uniform k grid.
 NFFT = 2048
 KSTEP = 0.05
+#: Spectra Fourier transformed at once (:func:`xftf`): ~8 MB of padded transform.
+FT_ROWS = 256
 
 Window = Literal["hanning", "sine", "welch"]
 
@@ -68,14 +70,35 @@ def xftf(
     kmax: float,
     dk: float,
     window: Window = "hanning",
+    rmax: float | None = None,
 ) -> np.ndarray:
     """Complex chi(R) of chi(k) on the uniform grid ``k`` (``KSTEP`` apart), row by row.
 
     chi(R) = KSTEP/sqrt(pi) · FFT[chi(k) k^kweight W(k)] zero-padded to ``NFFT``
-    points; R steps by pi / (KSTEP · NFFT). Keep the first ``len(r_grid(rmax))``.
+    points; R steps by pi / (KSTEP · NFFT): ``r_grid(rmax)``, up to ``rmax`` (Å; default
+    all ``NFFT // 2`` points).
+
+    Rows are transformed ``FT_ROWS`` at a time: the padded transform of a whole batch
+    would hold ~50 kB a spectrum at once (more than the batch's results), for the few
+    hundred R points kept.
+
+    Examples
+    --------
+    >>> k = k_grid(14.0)
+    >>> chi = np.sin(2 * 2.5 * k) * np.exp(-0.01 * k**2)  # one shell at R = 2.5 Å
+    >>> chir = xftf(k, chi, kweight=2, kmin=2.0, kmax=12.0, dk=1.0, rmax=6.0)
+    >>> chir.shape, float(r_grid(6.0)[np.argmax(np.abs(chir[0]))]).__round__(1)
+    ((1, 196), 2.5)
     """
-    weighted = np.atleast_2d(chi) * (k**kweight * ft_window(k, kmin, kmax, dk, window))
-    return KSTEP / np.sqrt(np.pi) * np.fft.rfft(weighted, n=NFFT, axis=-1)[:, : NFFT // 2]
+    weight = k**kweight * ft_window(k, kmin, kmax, dk, window)
+    chi = np.atleast_2d(chi)
+    n_r = NFFT // 2 if rmax is None else r_grid(rmax).size
+    chir = np.empty((chi.shape[0], n_r), dtype=np.complex128)
+    for start in range(0, chi.shape[0], FT_ROWS):
+        block = chi[start : start + FT_ROWS] * weight
+        chir[start : start + FT_ROWS] = np.fft.rfft(block, n=NFFT, axis=-1)[:, :n_r]
+    chir *= KSTEP / np.sqrt(np.pi)
+    return chir
 
 
 def spectrum_on_k(
@@ -246,14 +269,14 @@ def autobk(
         values = np.interp(k_row, k, background_k[row], right=np.nan)
         background[row, above] = values * step[row] + normalization.pre_edge[row, above]
     ft_kmax = min(kmax or k_end, k_end)
-    chir = xftf(k, chi, kweight, kmin, ft_kmax, dk, window)
+    chir = xftf(k, chi, kweight, kmin, ft_kmax, dk, window, rmax=rmax_out)
     r = r_grid(rmax_out)
     return Exafs(
         k=k,
         chi=chi,
         background=background,
         r=r,
-        chir_magnitude=np.abs(chir[:, : r.size]),
+        chir_magnitude=np.abs(chir),
         kmax=k_end,
         nknots=basis.shape[1],
     )

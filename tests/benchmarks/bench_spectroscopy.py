@@ -27,6 +27,7 @@ from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import harness
 from harness import isolated_environment, prefect_server
 from harness import time_command as run_command
 
@@ -63,18 +64,27 @@ def time_plain_loop(raw_dir: Path, batch_size: int) -> float:
     return source.n_spectra / (time.perf_counter() - began)
 
 
+def _each() -> str:
+    """The last command's peak RSS, process by process (the command first)."""
+    return ", ".join(f"{rss / 2**30:.2f}" for rss in harness.LAST_PEAKS) + " GiB"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spectra", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--repeat", type=int, default=2, help="interleaved repeats")
     parser.add_argument("--half", action="store_true", help="also run half the spectra (memory)")
+    parser.add_argument(
+        "--also", type=int, metavar="N", help="also run N spectra first (peak memory from N up)"
+    )
     args = parser.parse_args()
 
     from calypso.flows.samples.spectroscopy import write_spectroscopy_map_sample
 
     work = Path(tempfile.mkdtemp(prefix="calypso-bench-"))
-    counts = [args.spectra // 2, args.spectra] if args.half else [args.spectra]
+    smaller = args.also or (args.spectra // 2 if args.half else None)
+    counts = [smaller, args.spectra] if smaller else [args.spectra]
     datasets = {}
     for count in counts:
         began = time.perf_counter()
@@ -82,11 +92,12 @@ def main() -> None:
         print(f"sample data: {count} spectra in {time.perf_counter() - began:.1f} s")
     env = isolated_environment(work)
     with prefect_server(env) as served:
-        if args.half:
+        if smaller:
             _, _, peak = time_command(
                 datasets[counts[0]].raw_dataset_dir, args.workers, served, work / "half"
             )
             print(f"peak RSS (command + workers), {counts[0]} spectra: {peak / 2**30:.2f} GiB")
+            print(f"  each process: {_each()}")
         raw_dir = datasets[args.spectra].raw_dataset_dir
         command_rate, flow_rate, loop_rate, busy, peak = [], [], [], [], 0
         for repeat in range(args.repeat):  # interleaved, so both sides share the noise
@@ -94,6 +105,8 @@ def main() -> None:
                 raw_dir, args.workers, served, work / f"{repeat}"
             )
             peak = max(peak, peak_run)
+            print(f"peak RSS, {args.spectra} spectra, repeat {repeat}: {peak_run / 2**30:.2f} GiB")
+            print(f"  each process: {_each()}")
             command_rate.append(args.spectra / wall)
             flow_rate.append(summary["per_s"])
             timings = summary["timings_s"]

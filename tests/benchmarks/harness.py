@@ -23,11 +23,13 @@ from conftest import free_port, wait_for_http  # noqa: E402
 
 
 class PeakMemory(threading.Thread):
-    """Largest summed RSS of a process and its children, sampled every 0.1 s."""
+    """Largest summed RSS of a process and its children, sampled every 0.1 s; ``each``:
+    the largest RSS of each of them (the command, the processes it started)."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self.pid, self.peak, self.running = pid, 0, True
+        self.each: dict[int, int] = {}
 
     def run(self) -> None:
         try:
@@ -37,7 +39,10 @@ class PeakMemory(threading.Thread):
         while self.running:
             try:
                 procs = [root, *root.children(recursive=True)]
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+                rss = {p.pid: p.memory_info().rss for p in procs}
+                self.peak = max(self.peak, sum(rss.values()))
+                for pid, each in rss.items():
+                    self.each[pid] = max(self.each.get(pid, 0), each)
             except psutil.Error:
                 pass
             time.sleep(0.1)
@@ -72,8 +77,13 @@ def prefect_server(env: dict[str, str]) -> Iterator[dict[str, str]]:
         server.wait(timeout=30)
 
 
+#: The largest RSS (bytes) of each process of the last :func:`time_command`, the command first.
+LAST_PEAKS: list[int] = []
+
+
 def time_command(command: list[str], env: dict[str, str]) -> tuple[float, dict, int]:
-    """Run a `calypso ... --json` command: its wall time, JSON summary and peak RSS (bytes)."""
+    """Run a `calypso ... --json` command: its wall time, JSON summary and peak RSS (bytes)
+    (each process's: :data:`LAST_PEAKS`)."""
     began = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     memory = PeakMemory(process.pid)
@@ -81,6 +91,7 @@ def time_command(command: list[str], env: dict[str, str]) -> tuple[float, dict, 
     out, err = process.communicate()
     wall = time.perf_counter() - began
     memory.running = False
+    LAST_PEAKS[:] = [memory.each.pop(process.pid, 0), *sorted(memory.each.values(), reverse=True)]
     if process.returncode:
         raise SystemExit(f"{' '.join(command[2:5])} failed ({process.returncode}):\n{err.decode()}")
     return wall, json.loads(out), memory.peak
