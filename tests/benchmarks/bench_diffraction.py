@@ -49,7 +49,7 @@ def time_command(raw_dir: Path, sample, workers: int, env: dict[str, str], outpu
 
 
 def _bare_worker(args) -> tuple[float, int]:
-    poni, mask_file, frames_slice, raw_file, barrier = args
+    poni, mask_file, frames_slice, raw_file, barrier, npt, monitor = args
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import fabio
     import h5py
@@ -58,28 +58,34 @@ def _bare_worker(args) -> tuple[float, int]:
 
     with h5py.File(raw_file, "r", locking=False) as h5:
         frames = h5["1.1/measurement/pilatus1m"][frames_slice]
-        monitor = h5["1.1/measurement/mon"][frames_slice]
+        counts = h5["1.1/measurement/mon"][frames_slice]
     mask = fabio.open(mask_file).data
     barrier.wait()
     began = time.perf_counter()
     integrator = pyFAI.load(poni)
-    for frame, mon in zip(frames, monitor, strict=True):
+    for frame, count in zip(frames, counts, strict=True):
         integrator.integrate1d(
-            frame, 1000, unit="q_nm^-1", mask=mask, error_model="poisson",
-            method=("bbox", "csr", "cython"), normalization_factor=mon / 1e5,
+            frame, npt, unit="q_nm^-1", mask=mask, error_model="poisson",
+            method=("bbox", "csr", "cython"),
+            normalization_factor=count / 1e5 if monitor else 1.0,
         )  # fmt: skip
     return time.perf_counter() - began, len(frames)
 
 
-def time_bare_loop(sample, n_frames: int, processes: int) -> float:
-    """Frames/s of plain pyFAI over frames in memory, one process per core."""
+def time_bare_loop(
+    sample, n_frames: int, processes: int, npt: int = 1000, monitor: bool = True
+) -> float:
+    """Frames/s of plain pyFAI over frames in memory, one process per core, with the
+    options the runs it is compared with use: ``npt`` bins in q (nm^-1), Poisson errors,
+    ``bbox,csr,cython``, normalised by the ``mon`` counter (``monitor``) or not."""
     bounds = [round(i * n_frames / processes) for i in range(processes + 1)]
     context = mp.get_context("spawn")
     with context.Manager() as manager:
         barrier = manager.Barrier(processes)
         jobs = [
             (str(sample.calibration["poni"]), str(sample.calibration["mask"]),
-             slice(bounds[i], bounds[i + 1]), str(sample.dataset.raw_file), barrier)
+             slice(bounds[i], bounds[i + 1]), str(sample.dataset.raw_file), barrier, npt,
+             monitor)
             for i in range(processes)
         ]  # fmt: skip
         with context.Pool(processes) as pool:

@@ -168,7 +168,8 @@ def main() -> None:
                 + ", ".join(f"{name} {times[name][-1]:.1f} s" for name, _ in LABELS),
                 flush=True,
             )
-    bare = time_bare_loop(sample, args.frames, os.cpu_count() or 2)
+    # The runs' own options: --npt bins, no monitor (the bare loop's default is 1000 bins).
+    bare = time_bare_loop(sample, args.frames, os.cpu_count() or 2, args.npt, monitor=False)
     peer = median(times["ewoksxrpd"])
     print(f"\n{args.frames} frames, {args.npt} bins, {os.cpu_count()} cores (medians)")
     print(f"bare pyFAI loop, frames in memory: {bare:.1f} frames/s")
