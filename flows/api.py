@@ -265,12 +265,6 @@ def _run_technique(
         total = getattr(plan, entry.count_attribute)
         bar.update_to(0, total)
         technique_flow = entry.flow()
-        if api is not None and api.pending():
-            # What the run will import (Prefect's engine, the writers, matplotlib: ~1 s),
-            # imported while this command's server starts rather than once it answers.
-            from calypso.flows.online.warm_starts import import_modules, preloaded_modules
-
-            import_modules(preloaded_modules([entry]))
         if export_to:
             from calypso.tasks.export import check_target_uri
 
@@ -290,9 +284,19 @@ def _run_technique(
             in_process=bool(getattr(plan, "in_process", False)),
             api=api,
             threaded=entry.threaded_chunks,
+            head_start=lambda: entry.head_start(plan),
+            meanwhile=lambda: _import_what_the_run_imports(entry),
         )
     summary["wall_s"] = round(time.perf_counter() - began, 3)
     return summary
+
+
+def _import_what_the_run_imports(entry: Technique) -> None:
+    """What the run will import (Prefect's engine, the writers, matplotlib: ~1 s), imported
+    while this command's server starts rather than once it answers."""
+    from calypso.flows.online.warm_starts import import_modules, preloaded_modules
+
+    import_modules(preloaded_modules([entry]))
 
 
 def run_on_cluster(
@@ -304,6 +308,8 @@ def run_on_cluster(
     in_process: bool = False,
     api: ServerStart | None = None,
     threaded: bool = False,
+    head_start: Callable[[], Any] | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> Any:
     """``call(task_runner)`` with a Prefect API up (the one ``api`` began, else the
     configured one or one started now), on the Dask cluster the settings name (a local
@@ -311,7 +317,10 @@ def run_on_cluster(
     one) that says what is starting until the first result. ``in_process``: the plan's
     work is too small for a cluster; its tasks run in this process's threads.
     ``threaded``: a cluster of this command's own is one worker of threads in this
-    process (the technique's ``threaded_chunks``); a kept cluster is not."""
+    process (the technique's ``threaded_chunks``); a kept cluster is not. While the Prefect
+    server this command began starts, ``head_start()`` (a context manager, or None) begins
+    the run's chunks in a thread when they are to run in this process's threads
+    (:mod:`calypso.tasks.head_start`), and ``meanwhile()`` runs."""
     import os
 
     from calypso.executors import boot_local_cluster, build_task_runner
@@ -344,6 +353,14 @@ def run_on_cluster(
             boot_kept(os.environ["PREFECT_API_URL"])
         if booting is not None:  # closed even if the Prefect API never comes up
             stack.callback(_close_cluster, booting)
+        starting = api is not None and api.pending()
+        own_threads = threaded and settings.executor.local_threads and booting is not None
+        if starting and own_threads and head_start is not None:
+            begun = head_start()  # the chunk tasks run in this process: they can take them
+            if begun is not None:
+                stack.enter_context(begun)
+        if starting and meanwhile is not None:
+            meanwhile()
         if os.environ.get("PREFECT_API_URL"):
             stage = "connecting to Prefect"
         elif settings.server.local_keep_s == 0:

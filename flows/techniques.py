@@ -87,12 +87,19 @@ class Technique:
     # "module:function(values, source) -> parameters | None": reads another program's
     # parameter file (pyFAI's integration JSON) given to --params; None: not one of those.
     parameter_file_at: str | None = None
+    # "module:function(plan) -> context manager": its first chunks done in a thread of a
+    # command waiting for the Prefect server it started (calypso.tasks.head_start).
+    head_start_at: str | None = None
 
     def parameters(self) -> type[BaseModel]:
         return load(self.parameters_at)
 
     def parameter_file_reader(self) -> Callable[..., dict[str, Any] | None] | None:
         return load(self.parameter_file_at) if self.parameter_file_at else None
+
+    def head_start(self, plan: Any) -> Any:
+        """What begins the plan's work while Prefect's server starts (None: nothing)."""
+        return load(self.head_start_at)(plan) if self.head_start_at else None
 
     def plan(self) -> Callable[..., Any]:
         return load(self.plan_at)

@@ -23,7 +23,7 @@ from calypso.errors import RawDataError
 from calypso.executors.dask import worker_identity
 from calypso.executors.paths import worker_paths
 from calypso.executors.worker_setup import openmp_threads_for_this_task
-from calypso.tasks import integrators
+from calypso.tasks import head_start, integrators
 from calypso.tasks.caching import CHUNK_TASK
 from calypso.tasks.plans.diffraction import (
     TECHNIQUE,
@@ -61,6 +61,7 @@ class ChunkResult(BaseModel):
     part_file: str
     seconds: float
     worker: str = ""  # where it ran: a SLURM job, or host:pid
+    head_start: bool = False  # done by the command while Prefect's server started
 
 
 @task(name="integrate_chunk", **CHUNK_TASK)
@@ -73,7 +74,19 @@ def integrate_chunk(
     work_dir: str,
 ) -> ChunkResult:
     """Read frames ``start:stop`` of one scan, integrate them, store the patterns in a part file."""
+    inputs = (parameters, geometry, raw_file)
+    taken = head_start.take(chunk, inputs, work_dir)
+    if taken is not None:
+        return taken  # type: ignore[return-value]  # a ChunkResult of this chunk
+    return _integrate_chunk(chunk, inputs, work_dir)
+
+
+ChunkInputs = tuple[DiffractionParameters, Geometry, str | None]  # a chunk task's, but its chunk
+
+
+def _integrate_chunk(chunk: Chunk, inputs: ChunkInputs, work_dir: str) -> ChunkResult:
     began = time.perf_counter()
+    parameters, geometry, raw_file = inputs
     scan = chunk.scan
     frames = iter_frames(scan.source, chunk.start, chunk.stop)
     monitor = None
@@ -143,6 +156,18 @@ def integrate_into_part(
         part_file=str(part),
         seconds=time.perf_counter() - began,
         worker=worker_identity(),
+    )
+
+
+def plan_head_start(plan: IntegrationPlan) -> head_start.HeadStart:
+    """The plan's chunks integrated in one thread of the command while Prefect's server
+    starts (:mod:`calypso.tasks.head_start`)."""
+    inputs: ChunkInputs = (plan.parameters, plan.geometry, plan.raw_file)
+    return head_start.HeadStart(
+        lambda chunk, folder: _integrate_chunk(chunk, inputs, folder),
+        plan.chunks(),
+        key=lambda chunk: chunk.model_dump_json(),
+        inputs=inputs,
     )
 
 

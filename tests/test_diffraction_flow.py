@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -105,6 +107,39 @@ def test_a_cluster_of_the_runs_own_integrates_in_its_threads(runs):
     assert runs["threads"]["workers"] == [worker_identity()]
     assert runs["threads"]["chunks"] == 3
     assert worker_identity() not in runs["default"]["workers"]
+
+
+def test_a_cold_command_integrates_its_first_chunks_while_prefects_server_starts(
+    runs, diffraction_sample, tmp_path
+):
+    """With no Prefect server to use, `calypso run` starts one and waits for it; its own
+    cluster's chunks run in its threads, so it integrates the first chunks meanwhile
+    (calypso.tasks.head_start) and the run's chunk tasks take them: the patterns are the
+    other runs' bit for bit."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CALYPSO_"))}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        CALYPSO_HOME=str(tmp_path / "calypso"),
+        CALYPSO_SERVER__LOCAL_KEEP_S="0",
+        CALYPSO_CATALOGUE__PATH=str(tmp_path / "catalogue.sqlite"),
+        TMPDIR=str(tmp_path / "tmp"),  # where the head start stages its chunks
+    )
+    (tmp_path / "tmp").mkdir()
+    p = runs["parameters"]
+    settings = [f"poni={p.poni}", f"mask={p.mask}", "monitor=mon", "monitor_reference=1e5"]
+    settings += ["npt=500", "chunk_size=4"]
+    command = [sys.executable, "-m", "calypso.flows.cli", "run", "diffraction"]
+    command += [str(diffraction_sample.raw_dataset_dir), "--output", str(tmp_path / "out")]
+    command += [arg for value in settings for arg in ("--set", value)] + ["--json"]
+    ran = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    summary = json.loads(ran.stdout)
+    assert summary["chunks"] == 3 and summary["head_start_chunks"] >= 1, summary
+    a = read_integrated(runs["small_chunks"]["outputs"][0])
+    b = read_integrated(summary["outputs"][0])
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert not list((tmp_path / "tmp").glob("calypso-head-start-*")), "its staging folder left"
 
 
 def test_flow_equals_a_direct_pyfai_integration(runs, diffraction_sample):

@@ -33,6 +33,8 @@ def chunk_figures(plan: Any, chunks: list[Any]) -> dict[str, Any]:
         "chunks": len(chunks),
         "chunk_size": plan.chunk_size,
         "workers": sorted({c.worker for c in chunks}),
+        # Chunks the command did while Prefect's server started (calypso.tasks.head_start).
+        "head_start_chunks": sum(getattr(c, "head_start", False) for c in chunks),
     }
 
 
@@ -102,6 +104,7 @@ DIFFRACTION = Technique(
     flow_at="calypso.flows.diffraction:diffraction",
     preload="calypso.tasks.diffraction",
     threaded_chunks=True,  # pyFAI's kernels release the GIL; integrators lent per thread
+    head_start_at="calypso.tasks.diffraction:plan_head_start",
     sample_at=f"{__name__}:write_sample",
     sample_options=(
         Option(("--frames",), {"type": int, "default": 100, "help": "frames in the scan"}),
