@@ -416,3 +416,36 @@ def test_sample_data_command(tmp_path, capsys):
         lima = h5["1.1/instrument/pilatus1m/data"].virtual_sources()[0].file_name
     with h5py.File(bliss_file.parent / lima) as h5:
         assert "32008" in h5["/entry_0000/measurement/data"]._filters  # bitshuffle-LZ4
+
+
+@pytest.mark.parametrize(
+    ("arguments", "status"),
+    [(["parameters", "spectroscopy"], 0), (["run", "spectroscopy", "/no/such/file.xdi"], 3)],
+    ids=["done", "refused"],
+)
+def test_the_command_ends_at_once_with_what_an_exit_owes_done(arguments, status, tmp_path):
+    """`calypso` ends its process without tearing its modules down (~0.5 s), but only once
+    Python's own exit work is done: its status, its threads joined, its `atexit` handlers
+    run (Prefect's workers drain there), its output flushed."""
+    script = (  # a thread that finishes its work only once the command's main has returned
+        "import atexit, sys, threading, time\n"
+        "atexit.register(lambda: print('atexit ran', file=sys.stderr))\n"
+        "def later():\n"
+        "    while threading.main_thread().is_alive():\n"
+        "        time.sleep(0.01)\n"
+        "    time.sleep(0.2)\n"
+        "    print('thread done')\n"
+        "threading.Thread(target=later).start()\n"
+        "from calypso.flows.cli.__main__ import *\n"
+    )
+    env = {**os.environ, "CALYPSO_HOME": str(tmp_path / "home")}
+    ran = subprocess.run(
+        [sys.executable, "-c", script, *arguments],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert ran.returncode == status, ran.stderr
+    assert ran.stderr.rstrip().endswith("atexit ran"), ran.stderr
+    assert ran.stdout.rstrip().endswith("thread done"), ran.stdout[-500:]

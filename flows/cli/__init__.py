@@ -50,6 +50,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def command() -> NoReturn:
+    """The ``calypso`` command: :func:`main`, then :func:`exit_now`."""
+    exit_now(main())
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with status ``code`` once what an exit owes is done, as Python does
+    it: the threads that are not daemons joined, the ``atexit`` handlers run (Prefect's log
+    and event workers drain there, logging flushes), the output flushed. Then the process
+    ends without tearing its modules down one by one: after Prefect, Dask, scipy and
+    matplotlib are imported that alone takes 0.4-0.8 s (one spectrum with the kept local
+    server: 2.41 s against 2.93 s). Files are closed by then (every writer closes its
+    own); what is skipped is freeing memory the process is about to give back anyway."""
+    import atexit
+    import os
+    import threading
+    from contextlib import suppress
+
+    threading._shutdown()  # type: ignore[attr-defined]  # the interpreter's first step at exit
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(OSError, ValueError):  # closed, or a pipe whose reader has gone
+            stream.flush()
+    os._exit(code)
+
+
 class Interrupted(CalypsoError):
     exit_code = 130
 
