@@ -171,12 +171,18 @@ def boot_local_cluster(
         return None
     # The certificate read (made, the first time) here: a problem is a message, not a
     # traceback from the thread.
-    threaded = threaded and executor.local_threads
+    threaded = in_threads(executor, threaded)
     options = with_certificate(local_cluster_options(executor, threaded))
     if threaded:
         return _in_background(lambda: start_local_cluster(**options))
     forked = fork_workers(options)  # in the caller's thread: its environment, as it is now
     return _in_background(lambda: start_local_cluster(forked=forked, **options))
+
+
+def in_threads(executor: ExecutorSettings, threaded: bool) -> bool:
+    """Whether a command's own local cluster, for a technique whose chunks can run in
+    threads (``threaded``), is one worker of threads in the command's process."""
+    return threaded and executor.local_threads
 
 
 def _in_background(call: Any) -> Future:

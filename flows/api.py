@@ -324,7 +324,12 @@ def run_on_cluster(
     import os
 
     from calypso.executors import boot_local_cluster, build_task_runner
-    from calypso.executors.dask import boot_kept_cluster, keeps_cluster, kept_task_runner
+    from calypso.executors.dask import (
+        boot_kept_cluster,
+        in_threads,
+        keeps_cluster,
+        kept_task_runner,
+    )
     from calypso.flows.prefect_api import prefect_api
     from calypso.flows.runtime import check_prefect_api, prefect_api_secret
     from calypso.flows.techniques import preloading_every_technique
@@ -354,7 +359,7 @@ def run_on_cluster(
         if booting is not None:  # closed even if the Prefect API never comes up
             stack.callback(_close_cluster, booting)
         starting = api is not None and api.pending()
-        own_threads = threaded and settings.executor.local_threads and booting is not None
+        own_threads = booting is not None and in_threads(settings.executor, threaded)
         if starting and own_threads and head_start is not None:
             begun = head_start()  # the chunk tasks run in this process: they can take them
             if begun is not None:

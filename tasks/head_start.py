@@ -50,8 +50,7 @@ class HeadStart:
         self._work, self._chunks, self._key, self.inputs = work, list(chunks), key, inputs
         self._lock = threading.Lock()
         self._begun: dict[Hashable, Future] = {}
-        self._asked: set[Hashable] = set()  # chunks a task does itself
-        self._stopped = False
+        self._stopped = False  # a task has asked: no chunk is begun any more
         self._staging = Path(tempfile.mkdtemp(prefix="calypso-head-start-"))
         self._thread = threading.Thread(target=self._run, name="calypso-head-start", daemon=True)
 
@@ -84,8 +83,6 @@ class HeadStart:
             with self._lock:
                 if self._stopped:
                     return
-                if key in self._asked:
-                    continue
                 done: Future = Future()
                 self._begun[key] = done
             try:
@@ -100,9 +97,8 @@ class HeadStart:
         with self._lock:
             self._stopped = True
             done = self._begun.get(key)
-            if done is None or inputs != self.inputs:
-                self._asked.add(key)
-                return None
+        if done is None or inputs != self.inputs:
+            return None
         try:
             result = done.result()
         except Exception as exc:
