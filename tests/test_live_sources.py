@@ -354,6 +354,44 @@ def test_a_blissdata_scan_hands_out_closed_lima_files_as_it_runs(blissdata_url, 
     live.close()
 
 
+def test_a_scan_prepared_and_started_while_it_is_loaded_comes_with_its_streams(
+    blissdata_url, tmp_path
+):
+    """blissdata loads a scan's model, then its state: Bliss preparing and starting the
+    scan between the two reads (the writer's thread is made to do so) gives, from
+    blissdata, a STARTED scan without streams; Calypso's scan has them at once."""
+    from blissdata.redis_engine.scan import ScanState
+    from blissdata.redis_engine.store import DataStore
+
+    from calypso.tasks.raw.live_streams import load_scan
+
+    def loaded_while_started(load):
+        writer = BlissScan(blissdata_url, tmp_path / writer_folders.pop(), frames=4)
+        reader = DataStore(blissdata_url)
+        state_read = reader._redis.xrevrange
+
+        def state_after_the_writer_started(*args, **kwargs):
+            if not writer.is_alive():
+                writer.start()  # prepares and starts the scan, then sends its frames
+            while int(state_read(*args, **kwargs)[0][1][b"state"]) < ScanState.STARTED:
+                time.sleep(0.001)  # the server's state, as the reader is to read it
+            return state_read(*args, **kwargs)
+
+        reader._redis.xrevrange = state_after_the_writer_started
+        scan = load(reader, writer.scan.key)
+        writer.join(timeout=10)
+        assert writer.error is None, writer.error
+        return scan
+
+    writer_folders = ["a", "b"]
+    scan = loaded_while_started(lambda store, key: store.load_scan(key))
+    assert scan.state == ScanState.STARTED and scan.streams == {}  # the race, reproduced
+
+    scan = loaded_while_started(load_scan)
+    assert scan.state >= ScanState.STARTED
+    assert {"pilatus:image", "diode:diode"} <= set(scan.streams)
+
+
 def test_a_silent_blissdata_scan_and_a_deleted_one_are_named(blissdata_url, tmp_path):
     from calypso.tasks.raw.live_streams import BlissdataScan
 

@@ -132,8 +132,10 @@ class ScanStarts:
         from blissdata.exceptions import ScanLoadError, ScanNotFoundError
         from blissdata.redis_engine.scan import ScanState
 
+        from calypso.tasks.raw.live_streams import load_scan
+
         try:
-            scan = store.load_scan(key)
+            scan = load_scan(store, key)
             deadline = time.monotonic() + PREPARE_S
             while scan.state < ScanState.PREPARED and time.monotonic() < deadline:
                 scan.update(block=True, timeout=0.2)  # its streams come with PREPARED

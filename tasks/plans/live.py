@@ -82,12 +82,12 @@ def find_stream_scan(url: str, raw_file: Path, scans: list[int] | None, timeout:
     """The key of the blissdata scan writing ``raw_file``: the last one, or the next."""
     from blissdata.exceptions import NoScanAvailable
 
-    from calypso.tasks.raw.live_streams import _connect
+    from calypso.tasks.raw.live_streams import _connect, load_scan
 
     store = _connect(url)
 
     def matches(key: str) -> bool:
-        scan = store.load_scan(key)
+        scan = load_scan(store, key)
         same = Path(str(scan.info.get("filename", ""))).resolve() == raw_file.resolve()
         return same and (not scans or scan.number == scans[0])
 

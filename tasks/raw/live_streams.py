@@ -59,6 +59,23 @@ def wait_for_scan(url: str, since: str | None = None, timeout: float = 10.0) -> 
         ) from None
 
 
+def load_scan(store: Any, key: str) -> Any:
+    """blissdata's scan ``key`` from ``store`` (a DataStore), with every stream it has.
+
+    blissdata's ``load_scan`` reads the scan's model (which holds its streams) before its
+    state: a scan prepared and started between the two reads comes as STARTED without its
+    streams, and no update brings them until its next state, at its end (seen under load:
+    a map's spectra all handed out when it stopped). The model is saved with the PREPARED
+    state in one transaction, so a scan known prepared is loaded again, whole.
+    """
+    from blissdata.redis_engine.scan import ScanState
+
+    scan = store.load_scan(key)
+    if scan.state >= ScanState.PREPARED:
+        scan = store.load_scan(key)
+    return scan
+
+
 def _connect(url: str):
     import redis
     from blissdata.redis_engine.store import DataStore
@@ -98,7 +115,7 @@ class BlissdataScan:
         self._required = tuple(counters)
         self._store = _connect(url)
         try:
-            self._scan = self._store.load_scan(key)
+            self._scan = load_scan(self._store, key)
         except ScanLoadError as exc:
             raise RawDataError(f"scan {key} cannot be loaded from {url}: {exc}") from None
         self._lima = None  # the Lima stream, once the scan is prepared
@@ -210,9 +227,8 @@ class BlissdataScan:
         streams = self._scan.streams
         lima = {n: s for n, s in streams.items() if s.plugin == "lima"}
         if not lima and self._scan.state < ScanState.STOPPED:
-            # Its streams not seen yet: looked for again at its next state. Seen once, under
-            # load, at STARTED (tests/test_live_fallback.py, cause not found); the stall
-            # time-out still bounds the wait.
+            # Its streams not seen yet (a scan not yet prepared): looked for again at its
+            # next state; the stall time-out still bounds the wait.
             return None
         wanted = self._detector
         chosen = [n for n in lima if wanted is None or n == wanted or n.split(":")[0] == wanted]
