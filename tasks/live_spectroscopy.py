@@ -126,7 +126,11 @@ def mark_partial_result(output: Path, entry_name: str, reason: str) -> None:
 
 class LiveSpectroscopyPlan(SpectroscopyPlan):
     """A spectroscopy plan the live flow follows a map with: spectra are its frames, a live
-    chunk ``chunk_size`` spectra (``batch_size`` when it is set: the result's batches)."""
+    chunk ``chunk_size`` spectra (``batch_size`` when it is set: the result's batches). A
+    map scanned an energy at a time (``whole_at_end``: every spectrum comes at its end) is
+    chunked as the offline run batches it, so that each chunk is a batch of the result."""
+
+    whole_at_end: bool = False
 
     @property
     def n_frames(self) -> int:
@@ -134,6 +138,8 @@ class LiveSpectroscopyPlan(SpectroscopyPlan):
 
     @property
     def chunk_size(self) -> int:
+        if self.whole_at_end:
+            return self.batch_size
         return self.parameters.batch_size or LIVE_SPECTRA
 
 
@@ -147,6 +153,9 @@ def make_live_spectroscopy_plan(
     table: ColumnTable,
     output_dir: str | None,
     settings: CalypsoSettings,
+    *,
+    whole_at_end: bool = False,
+    workers: int = 1,
 ) -> LiveSpectroscopyPlan:
     """The plan of a map in progress (``first``: what its first spectra and its dataset
     file say, :class:`calypso.flows.online.live_base.FirstFrames`; ``table``: the counters
@@ -154,13 +163,19 @@ def make_live_spectroscopy_plan(
     planner makes it: its first spectrum read, normalised and checked, the edge and the
     reference foil's calibration decided, the same output folder, file and checks."""
     from calypso.tasks.plans.live import _live_output
-    from calypso.tasks.plans.spectroscopy import TECHNIQUE, check_first_spectrum
+    from calypso.tasks.plans.spectroscopy import (
+        TECHNIQUE,
+        check_first_spectrum,
+        default_batch_size,
+    )
 
     raw_file, number = Path(first.raw_file), first.number
     data = absorption(table, parameters)
+    # An energy point a row: npoints counts the energies, and every spectrum has come.
+    n_spectra = first.frames if whole_at_end else max(first.npoints or first.frames, 1)
     source = SpectrumSource(
-        path=str(raw_file), scan=number, n_spectra=max(first.npoints or first.frames, 1),
-        n_points=data.energy.shape[-1], title=first.title, start_time=first.start_time,
+        path=str(raw_file), scan=number, n_spectra=n_spectra, n_points=data.energy.shape[-1],
+        energy_rows=whole_at_end, title=first.title, start_time=first.start_time,
     )  # fmt: skip
     where = source.describe()
     e0, reference_e0, metadata = check_first_spectrum(table, where, parameters)
@@ -182,7 +197,9 @@ def make_live_spectroscopy_plan(
         edge=edge,
         output_dir=str(out),
         output_file=str(out / f"{raw_file.stem}.h5"),
-        batch_size=parameters.batch_size or LIVE_SPECTRA,
+        batch_size=parameters.batch_size
+        or (default_batch_size(n_spectra, workers) if whole_at_end else LIVE_SPECTRA),
+        whole_at_end=whole_at_end,
     )
 
 

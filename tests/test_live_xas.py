@@ -5,7 +5,9 @@ while the live run follows the growing dataset file: spectra are normalised whil
 is scanned, the partial file holds the spectra and the map so far (those not done NaN),
 and the result is the offline run's bit for bit, registered once. An aborted map gives a
 result of the spectra that came, marked partial. Through blissdata (a real valkey
-server), the spectra are read from the streams while the dataset file lags them."""
+server), the spectra are read from the streams while the dataset file lags them. A map
+scanned an energy at a time (every spectrum growing together) is reduced at its end,
+each batch once; aborted, over the energies scanned, marked partial."""
 
 from __future__ import annotations
 
@@ -158,5 +160,82 @@ def test_a_map_on_blissdata_is_reduced_from_the_streams_the_file_lags(
     assert_as_offline(
         summary, "spectroscopy", raw_dir, parameters, tmp_path / "offline", live_settings
     )
+    records = [r for r in SQLiteCatalogue(catalogue_path).list() if r.outputs == summary["outputs"]]
+    assert len(records) == 1 and records[0].frames == SPECTRA
+
+
+@pytest.fixture(scope="module")
+def energy_map_sample(tmp_path_factory):
+    """The same map scanned an energy at a time (2D counters: energy point x spectrum),
+    as `calypso sample-data spectroscopy --spectra 120 --energy-rows` writes it."""
+    folder = tmp_path_factory.mktemp("visitor")
+    return write_spectroscopy_map_sample(folder, SPECTRA, seed=4, energy_rows=True)
+
+
+@pytest.mark.parametrize("source", ["files", "blissdata"])
+def test_a_map_scanned_an_energy_at_a_time_is_reduced_at_its_end(
+    energy_map_sample, source, request, tmp_path, catalogue_path, live_settings
+):
+    """Every spectrum grows an energy point at a time: none is whole before the scan ends.
+    The live run follows the energy points (no stall while they come), reduces the map once
+    it has ended, in the offline run's batches (each reduced once), and gives the offline
+    result; through blissdata too, where the file is followed."""
+    root = tmp_path / "beamline"
+    timeline = tmp_path / "written.json"
+    url = request.getfixturevalue("blissdata_url") if source == "blissdata" else None
+    writer = simulate(
+        energy_map_sample.raw_dataset_dir, root,
+        *("--rate", "100", "--start-delay", "0.5", "--timeline", str(timeline)),
+        *(("--blissdata", url) if url else ()),
+    )  # fmt: skip
+    raw_dir = replayed(energy_map_sample, root)
+    parameters = SpectroscopyParameters()
+    try:
+        summary = live.run_live(
+            "spectroscopy", str(raw_dir), parameters, None, None, live_settings,
+            live={"source": url or "files", "stall_timeout": 3, "poll": 0.05},
+        )  # fmt: skip
+    finally:
+        assert writer.wait(timeout=60) == 0
+    written = json.loads(timeline.read_text())["written"]
+    assert len(written) == 415  # the energy points, 4 s at 100 a second: over the stall time-out
+    chunks = list(live.LAST_TIMELINE)
+    assert summary["count"] == SPECTRA and not summary["partial"], summary
+    assert chunks and min(c["ready"] for c in chunks) >= written[-1]  # whole at the end only
+    assert summary["live_chunks_kept"] == len(chunks) == summary["tasks"]  # each reduced once
+
+    assert_as_offline(
+        summary, "spectroscopy", raw_dir, parameters, tmp_path / "offline", live_settings
+    )
+    records = [r for r in SQLiteCatalogue(catalogue_path).list() if r.outputs == summary["outputs"]]
+    assert len(records) == 1 and records[0].frames == SPECTRA
+
+
+def test_an_aborted_map_scanned_an_energy_at_a_time_is_marked_partial(
+    energy_map_sample, tmp_path, catalogue_path, live_settings
+):
+    """Aborted after 300 of its 415 energies: every spectrum stops there; the result holds
+    them over the energies scanned, marked partial."""
+    root = tmp_path / "beamline"
+    writer = simulate(
+        energy_map_sample.raw_dataset_dir, root,
+        *("--rate", "200", "--start-delay", "0.5", "--abort-after", "300"),
+    )  # fmt: skip
+    try:
+        summary = live.run_live(
+            "spectroscopy", str(replayed(energy_map_sample, root)), SpectroscopyParameters(),
+            None, None, live_settings, live={"source": "files", "stall_timeout": 30, "poll": 0.05},
+        )  # fmt: skip
+    finally:
+        assert writer.wait(timeout=60) == 0
+    assert summary["count"] == SPECTRA and "USER_ABORT" in summary["partial"]
+    assert any("marked partial" in w for w in summary["warnings"])
+    path = summary["outputs"][0].split("::")[0]
+    with h5py.File(path) as h5:
+        assert h5.attrs["status"] == "partial"
+        xas = h5["1.1/xas"]
+        assert xas["status"][()].decode().startswith("partial: ended early (USER_ABORT)")
+        assert xas["normalized/norm"].shape == (SPECTRA, 300)  # the energies scanned
+        assert np.isfinite(xas["fit/e0"][()]).all()
     records = [r for r in SQLiteCatalogue(catalogue_path).list() if r.outputs == summary["outputs"]]
     assert len(records) == 1 and records[0].frames == SPECTRA

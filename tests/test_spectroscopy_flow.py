@@ -146,6 +146,26 @@ def test_the_map_shows_the_mixture(mapping):
     assert np.all((e0 > 7105) & (e0 < 7135))
 
 
+def test_a_map_scanned_an_energy_at_a_time_gives_the_same_result(mapping, tmp_path_factory):
+    """The same map written an energy point a row (2D counters energy x spectrum, as a map
+    scanned one energy at a time records it): read transposed, every number is the same."""
+    from tests.test_live_flow import datasets
+
+    _, _, default = mapping
+    root = tmp_path_factory.mktemp("visitor")
+    dataset = write_spectroscopy_map_sample(root, 600, seed=4, energy_rows=True)
+    with h5py.File(dataset.raw_file, "r") as h5:
+        assert h5["1.1/measurement/it"].shape == (415, 600)  # an energy point a row
+    summary = run_flow(dataset.raw_dataset_dir, SpectroscopyParameters(), workers=2)
+    assert summary["count"] == 600 and summary["tasks"] == default["tasks"]
+    transposed = datasets(str(nexus_file(summary)))
+    spectra_rows = datasets(str(nexus_file(default)))
+    assert transposed.keys() == spectra_rows.keys()
+    different = [name for name in transposed if transposed[name] != spectra_rows[name]]
+    assert sorted(different) == ["1.1/end_time", "1.1/start_time"]  # when each was scanned
+    assert any("/xas/normalized/norm" in name for name in transposed)
+
+
 def test_runs_are_in_the_catalogue(repeats, catalogue):
     _, summary = repeats
     record = SQLiteCatalogue(catalogue).get(summary["catalogue_id"])

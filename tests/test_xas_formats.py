@@ -250,3 +250,29 @@ def test_a_spec_file_of_several_scans_is_one_spectrum_a_scan(test_data, tmp_path
         scan = absorption(read_source(source), parameters)
         norm = xas.normalize(scan.energy, scan.mu, where=source.describe())
         assert_agrees_with_larch(source.describe(), norm, larch_e0, larch_step)
+
+
+def test_the_energy_counter_tells_a_maps_layout(tmp_path):
+    """2D counters hold a spectrum a row, or an energy point a row (a map scanned an energy
+    at a time): told by the dimension as long as the energy axis; a square map is a
+    spectrum a row; a scan with counters of both layouts is refused, naming them."""
+    import h5py
+
+    from calypso.flows.samples.spectroscopy import write_spectroscopy_map_sample
+    from calypso.tasks.raw.spectra import energy_point_rows
+
+    assert energy_point_rows(415, 600, 415) is False and energy_point_rows(415, 415, 600)
+    assert energy_point_rows(415, 415, 415) is False  # square: a spectrum a row
+    assert energy_point_rows(300, 300, 300, final=False) is None  # told by the next point
+    assert energy_point_rows(16, 415, 600) is None  # an MCA's channels: not spectra
+
+    dataset = write_spectroscopy_map_sample(tmp_path / "visitor", 70, seed=1, energy_rows=True)
+    plan = make_spectroscopy_plan(str(dataset.raw_dataset_dir), xas.SpectroscopyParameters())
+    assert [(s.n_spectra, s.n_points, s.energy_rows) for s in plan.sources] == [(70, 415, True)]
+    with h5py.File(dataset.raw_file, "a") as h5:  # one counter a spectrum a row
+        iref = h5["1.1/instrument/iref/data"]
+        rows = iref[()].T
+        del h5["1.1/instrument/iref/data"]
+        h5["1.1/instrument/iref/data"] = rows
+    with pytest.raises(CalypsoError, match=r"counters iref hold a spectrum of 415 .* i0, it"):
+        make_spectroscopy_plan(str(dataset.raw_dataset_dir), xas.SpectroscopyParameters())

@@ -56,8 +56,11 @@ def write(ctx: Any, plan: Any, batches: list[Any]) -> list[str]:
     return written["outputs"]
 
 
-def write_sample(directory: Path, seed: int = 0, repeats: int = 3, spectra: int = 0) -> str:
-    """Repeated XAS scans of an Fe foil (or a map of ``spectra`` spectra); what to run next."""
+def write_sample(
+    directory: Path, seed: int = 0, repeats: int = 3, spectra: int = 0, energy_rows: bool = False
+) -> str:
+    """Repeated XAS scans of an Fe foil (or a map of ``spectra`` spectra, scanned an energy
+    at a time with ``energy_rows``); what to run next."""
     from calypso.errors import ParameterError
     from calypso.flows.samples.spectroscopy import (
         reference_spectrum,
@@ -68,7 +71,9 @@ def write_sample(directory: Path, seed: int = 0, repeats: int = 3, spectra: int 
     if spectra < 0 or repeats < 1:
         raise ParameterError("--spectra must be >= 0 and --repeats >= 1")
     if spectra:
-        dataset = write_spectroscopy_map_sample(directory, spectra, seed=seed)
+        dataset = write_spectroscopy_map_sample(
+            directory, spectra, seed=seed, energy_rows=energy_rows
+        )
     else:
         dataset = write_spectroscopy_sample(directory, repeats, seed=seed)
     return (
@@ -111,6 +116,13 @@ SPECTROSCOPY = Technique(
         Option(
             ("--spectra",),
             {"type": int, "default": 0, "help": "a mapping scan of N spectra instead of repeats"},
+        ),
+        Option(
+            ("--energy-rows",),
+            {
+                "action": "store_true",
+                "help": "the map scanned an energy at a time (2D counters: energy x spectrum)",
+            },
         ),
     ),
 )

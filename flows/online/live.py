@@ -128,8 +128,15 @@ def live_plan(ctx: StepContext, parameters: BaseModel) -> Any:
     )
     scan: LiveScan = live.scan
     # The first frames say the frames' shape and type; the stall time-out names a Lima
-    # file that never appears.
-    wait(lambda: _follow_ranges(live) or scan.frames, live.stall_timeout + 1, "no frame came")
+    # file that never appears. A map scanned an energy at a time has its first spectra at
+    # its end: its own stall time-out (no energy point for that long) bounds the wait.
+    deadline = time.monotonic() + live.stall_timeout + 1
+    while not (_follow_ranges(live) or scan.frames):
+        if getattr(scan, "whole_at_end", False):
+            deadline = time.monotonic() + live.stall_timeout + 1
+        if time.monotonic() > deadline:
+            raise RawDataError(f"no frame came within {live.stall_timeout + 1:.0f} s")
+        time.sleep(0.1)
     if not live.detector:
         live.detector = scan.info.detectors[0].split(":")[0]
     first_file, dataset, _, _ = scan.locations(0, 1)[0]

@@ -53,10 +53,12 @@ class LiveSpectroscopy(LiveTechnique):
         if live.source == "files":
             what = f"no scan started writing {raw_file}"
             number = wait(lambda: running_entry(raw_file, scans), live.stall_timeout, what)
-            self.scan = CounterRows(raw_file, number, live.stall_timeout)
+            self.scan = CounterRows(raw_file, number, live.stall_timeout, energy=parameters.energy)
             return self.scan, number, ""
         key = find_stream_scan(live.source, raw_file, scans, live.stall_timeout)
-        self.scan = StreamRows(live.source, key, raw_file, live.stall_timeout)
+        self.scan = StreamRows(
+            live.source, key, raw_file, live.stall_timeout, energy=parameters.energy
+        )
         return self.scan, self.scan.info.number, ""
 
     def plan(self, ctx: StepContext, parameters: Any, first: FirstFrames) -> Any:
@@ -64,8 +66,9 @@ class LiveSpectroscopy(LiveTechnique):
 
         first_spectrum = self.scan.table(0, 1)
         plan = make_live_spectroscopy_plan(
-            ctx.raw, parameters, first, first_spectrum, ctx.output_dir, ctx.settings
-        )
+            ctx.raw, parameters, first, first_spectrum, ctx.output_dir, ctx.settings,
+            whole_at_end=self.scan.whole_at_end, workers=ctx.run.workers,
+        )  # fmt: skip
         self.reference_e0 = plan.calibration.reference_e0 if plan.calibration else None
         return plan
 

@@ -127,7 +127,9 @@ def recorded_scan(source: str | Path, scan: int = 1, detector: str | None = None
 
 def _recorded_counter_scan(raw: RawDataset, scan: int, title: str) -> RecordedScan:
     """A scan without detector frames: its points are the first axis of its 2D counters
-    (an XAS map: a spectrum a point), else of its longest 1D counters."""
+    (an XAS map: a spectrum a point, or an energy point a point when it was scanned an
+    energy at a time), else of its longest 1D counters. A 1D counter as long as the 2D
+    counters' rows is an axis written whole when the scan starts (a map's energies)."""
     with bliss.open_raw(raw.raw_file) as h5:
         entry = h5[f"{scan}.1"]
         found = {}
@@ -137,9 +139,11 @@ def _recorded_counter_scan(raw: RawDataset, scan: int, title: str) -> RecordedSc
                 found[name] = np.asarray(item[()])
         rows = [len(v) for v in found.values() if v.ndim == 2]
         points = max(rows or [len(v) for v in found.values()] or [0])
+        row_lengths = {v.shape[1] for v in found.values() if v.ndim == 2}
         per_point = {
-            n: v for n, v in found.items() if len(v) == points and (v.ndim == 2 or not rows)
-        }
+            n: v for n, v in found.items()
+            if len(v) == points and (v.ndim == 2 or not rows or len(v) not in row_lengths)
+        }  # fmt: skip
         static = {n: v for n, v in found.items() if n not in per_point}
         positioners = {
             name: item[()]

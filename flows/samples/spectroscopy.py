@@ -118,13 +118,20 @@ def write_spectroscopy_sample(root: Path, repeats: int = 3, *, seed: int = 0) ->
 
 
 def write_spectroscopy_map_sample(
-    root: Path, spectra: int = 10_000, *, seed: int = 0, block: int = 1000
+    root: Path,
+    spectra: int = 10_000,
+    *,
+    seed: int = 0,
+    block: int = 1000,
+    energy_rows: bool = False,
 ) -> RawDataset:
     """One mapping scan of ``spectra`` spectra (2D counters: spectrum × energy point).
 
     Each position holds a different mixture of Fe metal and Fe2O3 (when the
     oxide spectrum is available) and a different thickness. Written block by
     block, so memory stays flat however many spectra are asked for.
+    ``energy_rows``: the map scanned an energy at a time, as a full-field or line
+    detector records it (2D counters: energy point × spectrum, the same numbers).
     """
     import h5py
 
@@ -152,11 +159,13 @@ def write_spectroscopy_map_sample(
         for name in ("i0", "it", "iref"):
             group = instrument.create_group(name)
             group.attrs["NX_class"] = "NXdetector"
+            shape = (spectra, truth.size)
+            chunks = (min(64, spectra), truth.size)
             targets[name] = group.create_dataset(
                 "data",
-                shape=(spectra, truth.size),
+                shape=shape[::-1] if energy_rows else shape,
                 dtype="float32",
-                chunks=(min(64, spectra), truth.size),
+                chunks=(1, min(spectra, 4096)) if energy_rows else chunks,
             )
             measurement[name] = h5py.SoftLink(f"/1.1/instrument/{name}/data")
         for first in range(0, spectra, block):
@@ -167,6 +176,9 @@ def write_spectroscopy_map_sample(
             mu = thickness * (fraction * metal + (1 - fraction) * oxide)
             counters = _counters(truth, reference, mu, rng, flux=5e5)
             for name, values in counters.items():
-                targets[name][first : first + count] = values
+                if energy_rows:
+                    targets[name][:, first : first + count] = values.T
+                else:
+                    targets[name][first : first + count] = values
         h5["1.1/end_time"] = end_time
     return dataset

@@ -93,7 +93,7 @@ class SpectroscopyPlan(BaseModel):
         return batches
 
 
-def _default_batch_size(n_spectra: int, workers: int) -> int:
+def default_batch_size(n_spectra: int, workers: int) -> int:
     # ~0.1 ms a spectrum: 5000 spectra are ~0.5 s of work, enough to hide
     # Prefect's ~60 ms a task; still at least two batches a worker.
     size = math.ceil(n_spectra / (2 * max(workers, 1)))
@@ -281,5 +281,5 @@ def make_spectroscopy_plan(
         edge=edge,
         output_dir=str(out),
         output_file=str(out / f"{stem}.h5"),
-        batch_size=parameters.batch_size or _default_batch_size(n_spectra, workers),
+        batch_size=parameters.batch_size or default_batch_size(n_spectra, workers),
     )

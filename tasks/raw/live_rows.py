@@ -13,6 +13,11 @@ row a point of each 2D counter's stream, read from the streams, which the file m
 Either gives a live chunk's counters as the offline reader would
 (:meth:`CounterRows.table`); the offline readers do not open a file its writer holds in
 SWMR mode.
+
+A map scanned an energy at a time (its 2D counters an energy point a row, the energy a
+per-point counter: every spectrum grows together) has no whole spectrum before its end:
+its energy points are followed (the stall time-out counts from the last one) and every
+spectrum is handed out once ``end_time`` is written (:attr:`CounterRows.whole_at_end`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from calypso.errors import RawDataError
 from calypso.tasks.raw import bliss
 from calypso.tasks.raw.live import FileRun, LiveScanInfo, _stalled, open_lima
 from calypso.tasks.raw.live_streams import BlissdataScan
-from calypso.tasks.raw.spectra import ColumnTable
+from calypso.tasks.raw.spectra import ColumnTable, counter_spectra, energy_point_rows
 
 
 class CounterRows:
@@ -36,15 +41,28 @@ class CounterRows:
     dataset file as it grows: a :class:`~calypso.tasks.raw.live.LiveScan`."""
 
     def __init__(
-        self, dataset_file: str | Path, scan: int, stall_timeout: float = 60.0, skip: int = 0
+        self,
+        dataset_file: str | Path,
+        scan: int,
+        stall_timeout: float = 60.0,
+        skip: int = 0,
+        energy: str | None = None,
     ) -> None:
         self.dataset_file = Path(dataset_file)
         self.entry = f"{scan}.1"
         self.stall_timeout = stall_timeout
+        self.energy = energy  # the energy counter asked for (None: the usual names)
         self._info = LiveScanInfo(scan, "", None)
         self._handed = skip  # handed out already (by the stream this follows on from)
         self._ended = False
         self._progress = time.monotonic()
+        self.energy_rows: bool | None = None  # the layout, once the file tells it
+        self._points = 0  # energy points written, when an energy point is a row
+
+    @property
+    def whole_at_end(self) -> bool:
+        """A map scanned an energy at a time: its spectra are handed out at its end."""
+        return bool(self.energy_rows)
 
     @property
     def info(self) -> LiveScanInfo:
@@ -82,6 +100,11 @@ class CounterRows:
                         self._info.number, bliss._optional_text(entry, "title") or "", None,
                         (counters[0],), tuple(counters),
                     )  # fmt: skip
+                if rows and min(rows) and self.energy_rows is None:  # told by a point
+                    self.energy_rows = self._layout(measurement, min(rows), axis, ended)
+                if self.energy_rows:  # every spectrum whole at the end only
+                    self._points = min(rows)
+                    return (axis if ended else 0), ended
                 # The energy axis (a 1D counter of the rows' length) must be there too.
                 axes = [
                     n for n in measurement or ()
@@ -92,8 +115,24 @@ class CounterRows:
         except (OSError, KeyError, ValueError, RuntimeError):
             return None
 
+    def _layout(self, measurement: h5py.Group, rows: int, axis: int, ended: bool) -> bool | None:
+        """An energy point a row (True), a spectrum a row (False, also without an energy
+        counter to tell), or None until the file tells."""
+        names = [n for n in measurement if getattr(measurement.get(n), "ndim", 0) == 1]
+        table = ColumnTable(where=str(self.dataset_file), columns=dict.fromkeys(names))
+        try:
+            energy = table.find(self.energy, "energy", required=False)
+        except RawDataError:  # not written yet
+            return None
+        if energy is None:
+            return False
+        return energy_point_rows(measurement[energy].shape[0], rows, axis, final=ended)
+
     def ready(self) -> list[tuple[int, int]]:
+        points = self._points
         look = self._look()
+        if self._points > points:  # a map scanned an energy at a time goes on
+            self._progress = time.monotonic()
         if look is None:
             self._check_stall()
             return []
@@ -112,9 +151,8 @@ class CounterRows:
         if self._ended or waited <= self.stall_timeout:
             return
         counters = ", ".join(self._info.counters) or "its 2D counters"
-        what = (
-            f"{self.dataset_file} scan {self._info.number}: {counters} held {self._handed} spectra"
-        )
+        held = f"{self._points} energy points" if self.energy_rows else f"{self._handed} spectra"
+        what = f"{self.dataset_file} scan {self._info.number}: {counters} held {held}"
         raise _stalled(what, waited)
 
     def locations(self, first: int, stop: int) -> list[FileRun]:
@@ -144,7 +182,9 @@ class CounterRows:
                 what = f"{self.dataset_file} scan {self._info.number}: spectrum {stop - 1}"
                 raise _stalled(what, time.monotonic() - began)
             time.sleep(0.05)
-        return read_live_counters(self.dataset_file, self._info.number or 0, first, stop)
+        return read_live_counters(
+            self.dataset_file, self._info.number or 0, first, stop, bool(self.energy_rows)
+        )
 
     def close(self) -> None:
         """Nothing stays open between two looks."""
@@ -156,14 +196,44 @@ class StreamRows(BlissdataScan):
     detectors. A spectrum is handed out once every such stream has it, and read from the
     streams: the dataset file may lag them. The energy axis and the edge's metadata, written
     when the scan starts, are read from the file, which must hold the counters' datasets
-    before the first spectrum is handed out. The server gone: :meth:`as_files`."""
+    before the first spectrum is handed out. The server gone: :meth:`as_files`. A map
+    scanned an energy at a time is followed in its file (:class:`CounterRows`): its
+    spectra are whole only at its end, when the file has them all."""
 
     def __init__(
-        self, url: str, key: str, dataset_file: str | Path, stall_timeout: float = 60.0
+        self,
+        url: str,
+        key: str,
+        dataset_file: str | Path,
+        stall_timeout: float = 60.0,
+        energy: str | None = None,
     ) -> None:
         super().__init__(url, key, stall_timeout=stall_timeout)
         self.dataset_file = Path(dataset_file)
         self._file_ready = False
+        self._layout = CounterRows(dataset_file, self._scan.number, stall_timeout, energy=energy)
+        self._files: CounterRows | None = None  # an energy point a row: the file followed
+
+    @property
+    def whole_at_end(self) -> bool:
+        return self._files is not None
+
+    def ready(self) -> list[tuple[int, int]]:
+        if self._files is None and self._layout.energy_rows is None:
+            self._layout._look()  # the file tells the layout at its first point
+            if self._layout.energy_rows:
+                self._files = self._layout
+        if self._files is not None:
+            return self._files.ready()
+        return super().ready()
+
+    @property
+    def frames(self) -> int:
+        return self._handed if self._files is None else self._files.frames
+
+    @property
+    def partial(self) -> bool:
+        return super().partial if self._files is None else self._files.partial
 
     def _rows(self) -> dict[str, Any]:
         """The counters' streams whose points are rows, by the file's counter name (Bliss
@@ -176,6 +246,8 @@ class StreamRows(BlissdataScan):
 
     @property
     def info(self) -> LiveScanInfo:
+        if self._files is not None:  # its file's 2D counters (no stream need be loaded)
+            return self._files.info
         rows = tuple(self._rows())
         return LiveScanInfo(
             self._scan.number, self._scan.info.get("title") or self._scan.name,
@@ -186,6 +258,8 @@ class StreamRows(BlissdataScan):
     def finished(self) -> bool:
         from blissdata.redis_engine.scan import ScanState
 
+        if self._files is not None:
+            return self._files.finished
         closed = self._scan.state >= ScanState.CLOSED
         return closed and self._handed >= min(map(len, self._rows().values()), default=0)
 
@@ -219,6 +293,8 @@ class StreamRows(BlissdataScan):
 
     def locations(self, first: int, stop: int) -> list[FileRun]:
         """Where the file keeps the first streamed counter (its rows: the frame shape)."""
+        if self._files is not None:
+            return self._files.locations(first, stop)
         counter = self.info.counters[0]
         return [
             (str(self.dataset_file), f"/{self._scan.number}.1/measurement/{counter}", first, stop)
@@ -229,6 +305,8 @@ class StreamRows(BlissdataScan):
 
     def read_counters(self, first: int, stop: int) -> dict[str, np.ndarray]:
         """Rows ``first:stop`` of every streamed 2D counter."""
+        if self._files is not None:
+            return self._files.read_counters(first, stop)
         with self._server_gone_named():
             return {
                 name: np.asarray(stream[first:stop], dtype=np.float64)
@@ -238,6 +316,8 @@ class StreamRows(BlissdataScan):
     def table(self, first: int, stop: int) -> ColumnTable:
         """Spectra ``first:stop`` from the streams, the energy axis and the edge from the
         file: the table the file gives once it has caught up."""
+        if self._files is not None:
+            return self._files.table(first, stop)
         header = read_live_counters(self.dataset_file, self._scan.number, 0, 0)
         rows = self.read_counters(first, stop)
         missing = [n for n, v in header.columns.items() if v.ndim == 2 and n not in rows]
@@ -253,15 +333,21 @@ class StreamRows(BlissdataScan):
     def as_files(self) -> CounterRows:
         """The same map's remaining spectra from its dataset file (the server went away):
         those handed out already are not handed out again."""
+        if self._files is not None:
+            return self._files
         return CounterRows(
-            self.dataset_file, self._scan.number, self.stall_timeout, skip=self._handed
-        )
+            self.dataset_file, self._scan.number, self.stall_timeout, self._handed,
+            self._layout.energy,
+        )  # fmt: skip
 
 
-def read_live_counters(path: str | Path, scan: int, start: int, stop: int) -> ColumnTable:
-    """The counters of spectra ``start:stop`` (rows of the 2D counters; 1D counters whole)
-    and the edge metadata, as :func:`calypso.tasks.raw.spectra.read_bliss_counters` reads
-    them offline, from a dataset file its writer may still hold (SWMR, no locking)."""
+def read_live_counters(
+    path: str | Path, scan: int, start: int, stop: int, energy_rows: bool = False
+) -> ColumnTable:
+    """The counters of spectra ``start:stop`` (rows of the 2D counters, or their columns
+    with ``energy_rows``; 1D counters whole) and the edge metadata, as
+    :func:`calypso.tasks.raw.spectra.read_bliss_counters` reads them offline, from a
+    dataset file its writer may still hold (SWMR, no locking)."""
     entry = f"{scan}.1"
     try:
         with open_lima(path) as h5:
@@ -272,9 +358,9 @@ def read_live_counters(path: str | Path, scan: int, start: int, stop: int) -> Co
                 if getattr(item, "ndim", 0) == 1:
                     columns[name] = np.asarray(item[()], dtype=np.float64)
                 elif getattr(item, "ndim", 0) == 2:
-                    if item.shape[0] < stop:  # never fewer spectra than asked for
-                        raise KeyError(f"{name} holds {item.shape[0]} spectra")
-                    columns[name] = np.asarray(item[start:stop], dtype=np.float64)
+                    if item.shape[int(energy_rows)] < stop:  # never fewer spectra than asked
+                        raise KeyError(f"{name} holds {item.shape[int(energy_rows)]} spectra")
+                    columns[name] = counter_spectra(item, start, stop, energy_rows)
             metadata = {}
             for name, key in (("element", "Element.symbol"), ("edge", "Element.edge")):
                 if f"{entry}/instrument/xas/{name}" in h5:

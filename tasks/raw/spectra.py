@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -58,6 +59,9 @@ class SpectrumSource(BaseModel):
     group: str | None = None  # an Athena project's group, or a scan of a SPEC file of several
     n_spectra: int = 1
     n_points: int
+    # A Bliss map scanned an energy at a time: its 2D counters hold an energy point a row
+    # (every spectrum growing together), read transposed.
+    energy_rows: bool = False
     title: str = ""
     start_time: str | None = None
     end_time: str | None = None
@@ -164,9 +168,14 @@ def text_sources(path: Path) -> list[SpectrumSource]:
 
 
 def read_bliss_counters(
-    path: str | Path, scan: int, start: int = 0, stop: int | None = None
+    path: str | Path,
+    scan: int,
+    start: int = 0,
+    stop: int | None = None,
+    energy_rows: bool = False,
 ) -> ColumnTable:
-    """The 1D and 2D counters of scan ``scan``; 2D counters sliced to spectra ``start:stop``."""
+    """The 1D and 2D counters of scan ``scan``; 2D counters sliced to spectra ``start:stop``
+    (their rows, or with ``energy_rows`` their columns, as rows)."""
     with bliss.open_raw(path) as h5:
         entry = f"{scan}.1"
         if entry not in h5:
@@ -182,7 +191,7 @@ def read_bliss_counters(
                 if getattr(item, "ndim", 0) == 1:
                     columns[name] = np.asarray(item[()], dtype=np.float64)
                 elif getattr(item, "ndim", 0) == 2:
-                    columns[name] = np.asarray(item[start:stop], dtype=np.float64)
+                    columns[name] = counter_spectra(item, start, stop, energy_rows)
         metadata = {}
         for name in ("element", "edge"):
             location = f"{entry}/instrument/xas/{name}"
@@ -219,22 +228,22 @@ def bliss_sources(
                 "run again once the scan has finished"
             )
         with bliss.open_raw(path) as h5:
-            shape = h5[f"{number}.1/measurement/{name}"].shape
-            n_spectra = 1
-            counters_2d = [
-                h5[f"{number}.1/measurement/{c}"].shape
-                for c in h5[f"{number}.1/measurement"]
-                if getattr(h5[f"{number}.1/measurement"].get(c), "ndim", 0) == 2
-            ]
-        if counters_2d:
-            n_spectra = counters_2d[0][0]
+            measurement = h5[f"{number}.1/measurement"]
+            shape = measurement[name].shape
+            counters_2d = {
+                c: measurement[c].shape
+                for c in measurement
+                if getattr(measurement.get(c), "ndim", 0) == 2
+            }
         n_points = shape[-1]
+        n_spectra, energy_rows = _spectra_layout(path, number, name, shape, counters_2d)
         sources.append(
             SpectrumSource(
                 path=str(path),
                 scan=number,
                 n_spectra=n_spectra,
                 n_points=n_points,
+                energy_rows=energy_rows,
                 title=info.title,
                 start_time=info.start_time,
                 end_time=info.end_time,
@@ -249,10 +258,58 @@ def bliss_sources(
     return sources
 
 
+def counter_spectra(item: Any, start: int, stop: int | None, energy_rows: bool) -> np.ndarray:
+    """Spectra ``start:stop`` of a 2D counter (an h5py dataset): its rows, or with
+    ``energy_rows`` its columns, as rows."""
+    if energy_rows:
+        return np.ascontiguousarray(np.asarray(item[:, start:stop], dtype=np.float64).T)
+    return np.asarray(item[start:stop], dtype=np.float64)
+
+
+def energy_point_rows(
+    energy_length: int, rows: int, row_length: int, *, final: bool = True
+) -> bool | None:
+    """Whether 2D counters of ``rows`` x ``row_length`` hold an energy point a row (a map
+    scanned an energy at a time: True) or a spectrum a row (False), told by which of their
+    dimensions has the energy axis's length; None when neither has. A square layout is a
+    spectrum a row, as Bliss writes a 1D detector's spectra; while a scan is written
+    (``final`` false) the next point tells instead."""
+    by_spectrum, by_energy = energy_length == row_length, energy_length == rows
+    if by_spectrum and by_energy and not final:
+        return None
+    if by_spectrum:
+        return False
+    return True if by_energy else None
+
+
+def _spectra_layout(
+    path: Path, scan: int, energy: str, energy_shape: tuple, counters_2d: dict[str, tuple]
+) -> tuple[int, bool]:
+    """How many spectra a Bliss scan holds, and whether its 2D counters hold an energy
+    point a row (:func:`energy_point_rows`). 2D counters with no dimension of the energy
+    axis's length (an MCA's channels) are not spectra and tell nothing."""
+    if not counters_2d:
+        return 1, False
+    if len(energy_shape) == 2:  # an energy axis a spectrum: a spectrum a row
+        return energy_shape[0], False
+    layouts = {n: energy_point_rows(energy_shape[0], *shape) for n, shape in counters_2d.items()}
+    by_rows = sorted(n for n, layout in layouts.items() if layout is False)
+    by_columns = sorted(n for n, layout in layouts.items() if layout is True)
+    if by_rows and by_columns:
+        raise RawDataError(
+            f"{path} scan {scan}: counters {', '.join(by_rows)} hold a spectrum of "
+            f"{energy_shape[0]} energies ({energy}) a row, {', '.join(by_columns)} an energy a "
+            "row; name the counters of one layout (--set i0=... it=...)"
+        )
+    if by_columns:
+        return counters_2d[by_columns[0]][1], True
+    return counters_2d[by_rows[0] if by_rows else next(iter(counters_2d))][0], False
+
+
 def read_source(source: SpectrumSource, start: int = 0, stop: int | None = None) -> ColumnTable:
     """The columns of one source; 2D counters sliced to spectra ``start:stop``."""
     if source.scan is not None:
-        return read_bliss_counters(source.path, source.scan, start, stop)
+        return read_bliss_counters(source.path, source.scan, start, stop, source.energy_rows)
     return read_text_spectrum(source.path, source.group)
 
 
