@@ -174,7 +174,7 @@ def energy_map_sample(tmp_path_factory):
 
 @pytest.mark.parametrize("source", ["files", "blissdata"])
 def test_a_map_scanned_an_energy_at_a_time_is_reduced_at_its_end(
-    energy_map_sample, source, request, tmp_path, catalogue_path, live_settings
+    energy_map_sample, source, request, tmp_path, catalogue_path, live_settings, caplog
 ):
     """Every spectrum grows an energy point at a time: none is whole before the scan ends.
     The live run follows the energy points (no stall while they come), reduces the map once
@@ -203,6 +203,8 @@ def test_a_map_scanned_an_energy_at_a_time_is_reduced_at_its_end(
     assert summary["count"] == SPECTRA and not summary["partial"], summary
     assert chunks and min(c["ready"] for c in chunks) >= written[-1]  # whole at the end only
     assert summary["live_chunks_kept"] == len(chunks) == summary["tasks"]  # each reduced once
+    said = "scan 1 is scanned an energy at a time: every spectrum is whole only at its end"
+    assert any(said in record.getMessage() for record in caplog.records)  # the run's log says
 
     assert_as_offline(
         summary, "spectroscopy", raw_dir, parameters, tmp_path / "offline", live_settings

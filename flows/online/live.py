@@ -130,10 +130,18 @@ def live_plan(ctx: StepContext, parameters: BaseModel) -> Any:
     # The first frames say the frames' shape and type; the stall time-out names a Lima
     # file that never appears. A map scanned an energy at a time has its first spectra at
     # its end: its own stall time-out (no energy point for that long) bounds the wait.
-    deadline = time.monotonic() + live.stall_timeout + 1
+    deadline, announced = time.monotonic() + live.stall_timeout + 1, False
     while not (_follow_ranges(live) or scan.frames):
         if getattr(scan, "whole_at_end", False):
             deadline = time.monotonic() + live.stall_timeout + 1
+            if not announced:  # in the run's log: why nothing comes before the end
+                from prefect import get_run_logger
+
+                get_run_logger().info(
+                    "scan %s is scanned an energy at a time: every spectrum is whole only at "
+                    "its end, when it is reduced", live.number
+                )  # fmt: skip
+                announced = True
         if time.monotonic() > deadline:
             raise RawDataError(f"no frame came within {live.stall_timeout + 1:.0f} s")
         time.sleep(0.1)
