@@ -128,6 +128,11 @@ CASES: tuple[Case, ...] = (
     ),
     Case("spectroscopy-sample-repeats", "spectroscopy", sample=("--repeats", "3")),
     Case("spectroscopy-sample-map", "spectroscopy", sample=("--spectra", "200")),
+    Case(
+        "spectroscopy-sample-map-energy-rows",
+        "spectroscopy",
+        sample=("--spectra", "200", "--energy-rows"),
+    ),
     Case("spectroscopy-fe-metal-xdi", "spectroscopy", real="xas/fe_metal_rt.xdi"),
     Case("spectroscopy-cu-metal-xdi", "spectroscopy", real="xas/cu_metal_rt.xdi"),
     Case(
