@@ -50,15 +50,15 @@ class LiveSpectroscopy(LiveTechnique):
         from calypso.tasks.plans.live import find_stream_scan, running_entry, wait
         from calypso.tasks.raw.live_rows import CounterRows, StreamRows
 
+        # The energy axis the layout is told by: as the offline reader takes it.
+        axis = parameters.mono_angle if parameters.energy is None else parameters.energy
         if live.source == "files":
             what = f"no scan started writing {raw_file}"
             number = wait(lambda: running_entry(raw_file, scans), live.stall_timeout, what)
-            self.scan = CounterRows(raw_file, number, live.stall_timeout, energy=parameters.energy)
+            self.scan = CounterRows(raw_file, number, live.stall_timeout, energy=axis)
             return self.scan, number, ""
         key = find_stream_scan(live.source, raw_file, scans, live.stall_timeout)
-        self.scan = StreamRows(
-            live.source, key, raw_file, live.stall_timeout, energy=parameters.energy
-        )
+        self.scan = StreamRows(live.source, key, raw_file, live.stall_timeout, energy=axis)
         return self.scan, self.scan.info.number, ""
 
     def plan(self, ctx: StepContext, parameters: Any, first: FirstFrames) -> Any:
