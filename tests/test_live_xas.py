@@ -99,32 +99,46 @@ def test_a_map_is_reduced_while_it_is_scanned(map_sample, tmp_path, catalogue_pa
     assert len(records) == 1 and records[0].status == "completed" and records[0].frames == SPECTRA
 
 
+@pytest.mark.parametrize(
+    ("sample", "rate", "aborted_after", "spectra", "energies"),
+    [
+        ("map_sample", 60, ABORTED_AFTER, ABORTED_AFTER, None),
+        # scanned an energy at a time: every spectrum stops at 300 of its 415 energies
+        ("energy_map_sample", 200, 300, SPECTRA, 300),
+    ],
+    ids=["a_spectrum_a_point", "an_energy_a_point"],
+)
 def test_an_aborted_map_gives_a_result_marked_partial(
-    map_sample, tmp_path, catalogue_path, live_settings
-):
+    sample, rate, aborted_after, spectra, energies, request, tmp_path, catalogue_path,
+    live_settings,
+):  # fmt: skip
+    """A map aborted mid-scan: the spectra that came (or, scanned an energy at a time,
+    every spectrum over the energies scanned), marked partial."""
+    recorded = request.getfixturevalue(sample)
     root = tmp_path / "beamline"
     writer = simulate(
-        map_sample.raw_dataset_dir, root,
-        *("--rate", "60", "--start-delay", "0.5", "--abort-after", str(ABORTED_AFTER)),
+        recorded.raw_dataset_dir, root,
+        *("--rate", str(rate), "--start-delay", "0.5", "--abort-after", str(aborted_after)),
     )  # fmt: skip
     try:
         summary = live.run_live(
-            "spectroscopy", str(replayed(map_sample, root)), SpectroscopyParameters(), None,
+            "spectroscopy", str(replayed(recorded, root)), SpectroscopyParameters(), None,
             None, live_settings, live={"source": "files", "stall_timeout": 30, "poll": 0.05},
         )  # fmt: skip
     finally:
         assert writer.wait(timeout=60) == 0
-    assert summary["count"] == ABORTED_AFTER and "USER_ABORT" in summary["partial"]
+    assert summary["count"] == spectra and "USER_ABORT" in summary["partial"]
     assert any("marked partial" in w for w in summary["warnings"])
     path = summary["outputs"][0].split("::")[0]
     with h5py.File(path) as h5:
         assert h5.attrs["status"] == "partial"
         xas = h5["1.1/xas"]
         assert xas["status"][()].decode().startswith("partial: ended early (USER_ABORT)")
-        assert xas["normalized/norm"].shape[0] == ABORTED_AFTER
+        norm = xas["normalized/norm"]
+        assert norm.shape[0] == spectra and energies in (None, norm.shape[1])
         assert np.isfinite(xas["fit/e0"][()]).all()
     records = [r for r in SQLiteCatalogue(catalogue_path).list() if r.outputs == summary["outputs"]]
-    assert len(records) == 1 and records[0].frames == ABORTED_AFTER
+    assert len(records) == 1 and records[0].frames == spectra
 
 
 FILE_LAG = 40  # points the dataset file's counters trail the streams by
@@ -209,35 +223,5 @@ def test_a_map_scanned_an_energy_at_a_time_is_reduced_at_its_end(
     assert_as_offline(
         summary, "spectroscopy", raw_dir, parameters, tmp_path / "offline", live_settings
     )
-    records = [r for r in SQLiteCatalogue(catalogue_path).list() if r.outputs == summary["outputs"]]
-    assert len(records) == 1 and records[0].frames == SPECTRA
-
-
-def test_an_aborted_map_scanned_an_energy_at_a_time_is_marked_partial(
-    energy_map_sample, tmp_path, catalogue_path, live_settings
-):
-    """Aborted after 300 of its 415 energies: every spectrum stops there; the result holds
-    them over the energies scanned, marked partial."""
-    root = tmp_path / "beamline"
-    writer = simulate(
-        energy_map_sample.raw_dataset_dir, root,
-        *("--rate", "200", "--start-delay", "0.5", "--abort-after", "300"),
-    )  # fmt: skip
-    try:
-        summary = live.run_live(
-            "spectroscopy", str(replayed(energy_map_sample, root)), SpectroscopyParameters(),
-            None, None, live_settings, live={"source": "files", "stall_timeout": 30, "poll": 0.05},
-        )  # fmt: skip
-    finally:
-        assert writer.wait(timeout=60) == 0
-    assert summary["count"] == SPECTRA and "USER_ABORT" in summary["partial"]
-    assert any("marked partial" in w for w in summary["warnings"])
-    path = summary["outputs"][0].split("::")[0]
-    with h5py.File(path) as h5:
-        assert h5.attrs["status"] == "partial"
-        xas = h5["1.1/xas"]
-        assert xas["status"][()].decode().startswith("partial: ended early (USER_ABORT)")
-        assert xas["normalized/norm"].shape == (SPECTRA, 300)  # the energies scanned
-        assert np.isfinite(xas["fit/e0"][()]).all()
     records = [r for r in SQLiteCatalogue(catalogue_path).list() if r.outputs == summary["outputs"]]
     assert len(records) == 1 and records[0].frames == SPECTRA
