@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,39 @@ def write_partial(
         edge_map["edge_step"] = fits["edge_step"]
         edge_map["e0"] = fits["e0"]
         edge_map.attrs["auxiliary_signals"] = ["e0"]
+
+
+def write_energy_points_partial(
+    path: Path, entry_name: str, table: ColumnTable, parameters: SpectroscopyParameters, state: str
+) -> int:
+    """What is known of a map scanned an energy at a time before its end, when none of its
+    spectra is whole: the mean absorption of its spectra (``table``: all of them, or an even
+    sample of a large map) over the energy points scanned so far,
+    ``N.1/xas/scanned/mu_mean`` (the default NXdata; ``mu_std`` their spread) against the
+    measured ``energy``; marked partial (root ``status``; ``N.1/xas/status``: ``state``,
+    ``energy_points_done``, ``spectra_in_mean``). Written aside and renamed. The energy
+    points scanned."""
+    data = absorption(table, parameters)
+    energy = np.atleast_2d(data.energy)[0]
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an energy of no finite mu: NaN
+        finite = np.where(np.isfinite(data.mu), data.mu, np.nan)
+        mean, spread = np.nanmean(finite, axis=0), np.nanstd(finite, axis=0)
+    with partial_file(path, entry_name) as h5:
+        entry = h5.create_group(entry_name)
+        nexus.set_nx_class(entry, "NXentry")
+        entry.attrs["default"] = f"{PROCESS}/scanned"
+        process = entry.create_group(PROCESS)
+        nexus.set_nx_class(process, "NXprocess")
+        process["status"] = state
+        process["energy_points_done"] = energy.size
+        process["spectra_in_mean"] = data.mu.shape[0]
+        scanned = nexus.create_nxdata(process, "scanned", signal="mu_mean", axes=["energy"])
+        nexus.write_axis(scanned, "energy", energy, "eV")
+        scanned["mu_mean"] = mean
+        scanned["mu_std"] = spread
+        scanned.attrs["auxiliary_signals"] = ["mu_std"]
+    return energy.size
 
 
 def mark_partial_result(output: Path, entry_name: str, reason: str) -> None:

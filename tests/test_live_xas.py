@@ -12,17 +12,21 @@ each batch once; aborted, over the energies scanned, marked partial."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
+from calypso.errors import RawDataError
 from calypso.flows.online import live
 from calypso.flows.samples.spectroscopy import write_spectroscopy_map_sample
 from calypso.registry import SQLiteCatalogue
+from calypso.tasks.raw.live_rows import read_energy_points, read_live_counters
+from calypso.tasks.raw.spectra import absorption
 from calypso.techniques.spectroscopy import SpectroscopyParameters
-from tests.live_servers import PartialWatcher, replayed
+from tests.live_servers import LookWatcher, PartialWatcher, replayed
 from tests.test_live_flow import assert_as_offline, simulate
 
 pytestmark = pytest.mark.slow
@@ -37,6 +41,28 @@ def map_sample(tmp_path_factory):
     """A map of 120 spectra (Fe metal and Fe2O3 mixtures) as `calypso sample-data
     spectroscopy --spectra 120` writes it."""
     return write_spectroscopy_map_sample(tmp_path_factory.mktemp("visitor"), SPECTRA, seed=4)
+
+
+def scanned_so_far(h5) -> dict | None:
+    """What a user reads of the partial file of a map scanned an energy at a time before
+    its end (None once it holds spectra): the mean absorption over the energies so far."""
+    xas = h5["1.1/xas"]
+    if "scanned" not in xas:
+        return None
+    return {
+        "at": time.time(),
+        "status": h5.attrs["status"],
+        "points": int(xas["energy_points_done"][()]),
+        "spectra": int(xas["spectra_in_mean"][()]),
+        "energy": xas["scanned/energy"][()],
+        "mu_mean": xas["scanned/mu_mean"][()],
+    }
+
+
+def energy_file(raw_dir: Path) -> Path:
+    from calypso.tasks.raw.data_policy import RawDataset
+
+    return RawDataset.from_path(raw_dir).raw_file
 
 
 def xas_map(h5) -> dict:
@@ -191,9 +217,11 @@ def test_a_map_scanned_an_energy_at_a_time_is_reduced_at_its_end(
     energy_map_sample, source, request, tmp_path, catalogue_path, live_settings, caplog
 ):
     """Every spectrum grows an energy point at a time: none is whole before the scan ends.
-    The live run follows the energy points (no stall while they come), reduces the map once
-    it has ended, in the offline run's batches (each reduced once), and gives the offline
-    result; through blissdata too, where the file is followed."""
+    The live run follows the energy points (no stall while they come): meanwhile the
+    partial file holds the mean absorption of the map's spectra over the energies scanned
+    so far, drawn in the Prefect UI. It reduces the map once it has ended, in the offline
+    run's batches (each reduced once), and gives the offline result; through blissdata
+    too, where the file is followed."""
     root = tmp_path / "beamline"
     timeline = tmp_path / "written.json"
     url = request.getfixturevalue("blissdata_url") if source == "blissdata" else None
@@ -202,6 +230,10 @@ def test_a_map_scanned_an_energy_at_a_time_is_reduced_at_its_end(
         *("--rate", "100", "--start-delay", "0.5", "--timeline", str(timeline)),
         *(("--blissdata", url) if url else ()),
     )  # fmt: skip
+    watcher = PartialWatcher(root, scanned_so_far)
+    watcher.start()
+    looks = LookWatcher()
+    looks.start()
     raw_dir = replayed(energy_map_sample, root)
     parameters = SpectroscopyParameters()
     try:
@@ -210,6 +242,8 @@ def test_a_map_scanned_an_energy_at_a_time_is_reduced_at_its_end(
             live={"source": url or "files", "stall_timeout": 3, "poll": 0.05},
         )  # fmt: skip
     finally:
+        watcher.done.set()
+        looks.done.set()
         assert writer.wait(timeout=60) == 0
     written = json.loads(timeline.read_text())["written"]
     assert len(written) == 415  # the energy points, 4 s at 100 a second: over the stall time-out
@@ -220,8 +254,38 @@ def test_a_map_scanned_an_energy_at_a_time_is_reduced_at_its_end(
     said = "scan 1 is scanned an energy at a time: every spectrum is whole only at its end"
     assert any(said in record.getMessage() for record in caplog.records)  # the run's log says
 
+    # While the energies were scanned: the map's mean absorption over those scanned so far,
+    # as the offline reader's counters give it, marked partial; drawn in the Prefect UI.
+    during = [s for s in watcher.seen if s and s["at"] < written[-1]]
+    assert len(during) >= 2 and all(s["status"] == "partial" for s in during), watcher.seen
+    assert len({s["points"] for s in during}) >= 2 and max(s["points"] for s in during) < 415
+    counters = read_live_counters(energy_file(raw_dir), 1, 0, SPECTRA, True)
+    whole = absorption(counters, parameters)
+    for snapshot in during:
+        points = snapshot["points"]
+        assert snapshot["spectra"] == SPECTRA
+        assert np.array_equal(snapshot["energy"], whole.energy[:points])
+        assert np.allclose(snapshot["mu_mean"], whole.mu[:, :points].mean(axis=0), rtol=1e-12)
+    assert not list(root.rglob("*.partial.h5")), "the partial file outlived the result"
+    drawn = [s for s in looks.looks() if "data:image/png;base64," in s[2] and s[0] < written[-1]]
+    assert drawn and "energy points scanned" in drawn[0][2], looks.seen
+
     assert_as_offline(
         summary, "spectroscopy", raw_dir, parameters, tmp_path / "offline", live_settings
     )
     records = [r for r in SQLiteCatalogue(catalogue_path).list() if r.outputs == summary["outputs"]]
     assert len(records) == 1 and records[0].frames == SPECTRA
+
+
+def test_a_look_at_a_large_map_averages_an_even_sample_of_its_spectra(energy_map_sample):
+    """What the look at a map scanned an energy at a time reads, whatever the map's size:
+    the energy points so far of at most the asked number of spectra, one in every few."""
+    path = energy_file(energy_map_sample.raw_dataset_dir)
+    whole = read_live_counters(path, 1, 0, SPECTRA, True)
+    sample = read_energy_points(path, 1, 100, 30)  # 120 spectra: one in 4
+    assert np.array_equal(sample.columns["energy"], whole.columns["energy"][:100])
+    for name in ("i0", "it"):
+        assert np.array_equal(sample.columns[name], whole.columns[name][::4, :100])
+    assert read_energy_points(path, 1, 415, 2000).columns["it"].shape == (SPECTRA, 415)
+    with pytest.raises(RawDataError, match="first 416 energy points cannot be read"):
+        read_energy_points(path, 1, 416, 2000)

@@ -142,6 +142,7 @@ def live_plan(ctx: StepContext, parameters: BaseModel) -> Any:
                     "its end, when it is reduced", live.number
                 )  # fmt: skip
                 announced = True
+            live.technique.meanwhile(ctx, live, parameters)
         if time.monotonic() > deadline:
             raise RawDataError(f"no frame came within {live.stall_timeout + 1:.0f} s")
         time.sleep(0.1)
@@ -185,7 +186,7 @@ def live_process(ctx: StepContext, plan: Any) -> list[Any]:
     technique.prepare(ctx, live, plan)
     progress = RunProgress(plan.n_frames, f"{technique.doing} scan {live.number} live")
     partial = partial_path(plan.output_file)
-    look = LiveLook(f"scan {live.number} {live.detector}")
+    look = live.look or LiveLook(f"scan {live.number} {live.detector}")
     sent = _Chunks()
     written_at, shown = 0.0, 0
     while True:

@@ -79,6 +79,10 @@ class LiveTechnique:
         """The plan of the scan in progress, made as the offline planner makes it."""
         raise NotImplementedError
 
+    def meanwhile(self, ctx: StepContext, live: LiveRun, parameters: Any) -> None:
+        """Called as the run waits for the scan's first frames, when none can come before
+        its end (an XAS map scanned an energy at a time): what can be shown already."""
+
     def prepare(self, ctx: StepContext, live: LiveRun, plan: Any) -> None:
         """Before the first chunk is sent (the run's work folder is there)."""
 
@@ -154,5 +158,6 @@ class LiveRun:
     detector: str = ""
     dataset_file: str = ""
     partial: str | None = None  # why the result is partial, when it is
+    look: Any = None  # the live quick look, when it began before the plan (LiveLook)
     handed: dict[int, float] = field(default_factory=dict)  # frame -> when it was ready
     timeline: list[tuple[int, int, float]] = field(default_factory=list)  # chunk, done at

@@ -16,11 +16,14 @@ millisecond a spectrum), because the EXAFS extraction of a batch depends on its 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 from calypso.flows.engine import StepContext
 from calypso.flows.online.live_base import WAIT, FirstFrames, LiveRun, LiveTechnique
+
+LOOK_SPECTRA = 2000  # of a map scanned an energy at a time, averaged in its look meanwhile
 
 
 class LiveSpectroscopy(LiveTechnique):
@@ -33,6 +36,7 @@ class LiveSpectroscopy(LiveTechnique):
         self.reference_e0: float | None = None  # the live chunks' calibration
         self.reused = 0  # live chunks that are batches of the result
         self.scan: Any = None  # what open_scan found (the plan reads its first spectrum)
+        self._scanned: tuple[Path | None, float, int] | None = None  # file, when, points
 
     def warm_up(self, ctx: StepContext, parameters: Any) -> None:
         """While the scan has not begun: each worker reduces a model spectrum once (its
@@ -71,6 +75,53 @@ class LiveSpectroscopy(LiveTechnique):
         )  # fmt: skip
         self.reference_e0 = plan.calibration.reference_e0 if plan.calibration else None
         return plan
+
+    def meanwhile(self, ctx: StepContext, live: LiveRun, parameters: Any) -> None:
+        """A map scanned an energy at a time has no whole spectrum before its end: at most
+        every second, as energy points come, the partial file holds the mean absorption
+        of its spectra over the energies scanned so far (of at most ``LOOK_SPECTRA`` of
+        them, spread over the map), drawn as the live quick look. Best effort: a look
+        that cannot be made now is tried again at the next energy points."""
+        import logging
+
+        from calypso.tasks.live_spectroscopy import write_energy_points_partial
+        from calypso.tasks.writers.live_look import LiveLook
+
+        path, at, shown = self._scanned or (None, 0.0, 0)
+        points = self.scan.energy_points
+        if points < 2 or points == shown or time.monotonic() - at < 1.0:
+            return
+        path = path or self._partial_path(ctx, live)
+        self._scanned = (path, at, shown)
+        state = f"running: {points} energy points scanned (spectra reduced at the map's end)"
+        try:
+            table = self.scan.energy_points_table(LOOK_SPECTRA)
+            points = write_energy_points_partial(path, f"{live.number}.1", table, parameters, state)
+        except Exception:  # a counter a point behind the others, a file being extended
+            logging.getLogger(__name__).debug("energy points not shown", exc_info=True)
+            return
+        self._scanned = (path, time.monotonic(), points)
+        if live.look is None:
+            counters = self.scan.info.detectors
+            live.look = LiveLook(f"scan {live.number} {counters[0] if counters else ''}")
+        live.look.show(path, state)
+
+    def _partial_path(self, ctx: StepContext, live: LiveRun) -> Path:
+        """The partial file of the result to come, its folder made as the run will make
+        it (before the plan, which needs a whole spectrum)."""
+        from types import SimpleNamespace
+
+        from calypso.tasks.live_common import partial_path
+        from calypso.tasks.plans.live import _live_output
+        from calypso.tasks.plans.spectroscopy import TECHNIQUE
+        from calypso.tasks.writers.permissions import output_permissions
+
+        raw_file = Path(live.dataset_file)
+        raw, out = _live_output(
+            ctx.raw, raw_file, live.number, TECHNIQUE, ctx.output_dir, ctx.settings, 0
+        )
+        output_permissions(SimpleNamespace(raw=raw, input=ctx.raw), ctx.settings).make_folders(out)
+        return partial_path(out / f"{raw_file.stem}.h5")
 
     def chunk_inputs(self, live: LiveRun, plan: Any, first: int, stop: int, ended: bool) -> Any:
         # With batch_size set, the live chunks are to be the result's batches: a short one

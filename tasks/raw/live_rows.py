@@ -58,11 +58,25 @@ class CounterRows:
         self._progress = time.monotonic()
         self.energy_rows: bool | None = None  # the layout, once the file tells it
         self._points = 0  # energy points written, when an energy point is a row
+        self._energy_name: str | None = None  # the energy counter, once the layout is told
 
     @property
     def whole_at_end(self) -> bool:
         """A map scanned an energy at a time: its spectra are handed out at its end."""
         return bool(self.energy_rows)
+
+    @property
+    def energy_points(self) -> int:
+        """The energy points written so far of a map scanned an energy at a time."""
+        return self._points
+
+    def energy_points_table(self, most_spectra: int) -> ColumnTable:
+        """The counters of the energy points written so far of a map scanned an energy at a
+        time, of at most ``most_spectra`` of its spectra spread evenly over it: what a look
+        at the map in progress shows (:func:`read_energy_points`)."""
+        return read_energy_points(
+            self.dataset_file, self._info.number or 0, self._points, most_spectra
+        )
 
     @property
     def info(self) -> LiveScanInfo:
@@ -103,7 +117,8 @@ class CounterRows:
                 if rows and min(rows) and self.energy_rows is None:  # told by a point
                     self.energy_rows = self._layout(measurement, min(rows), axis, ended)
                 if self.energy_rows:  # every spectrum whole at the end only
-                    self._points = min(rows)
+                    energy = measurement.get(self._energy_name or "")
+                    self._points = min(min(rows), getattr(energy, "shape", (0,))[0])
                     return (axis if ended else 0), ended
                 # The energy axis (a 1D counter of the rows' length) must be there too.
                 axes = [
@@ -126,6 +141,7 @@ class CounterRows:
             return None
         if energy is None:
             return False
+        self._energy_name = energy
         return energy_point_rows(measurement[energy].shape[0], rows, axis, final=ended)
 
     def ready(self) -> list[tuple[int, int]]:
@@ -217,6 +233,15 @@ class StreamRows(BlissdataScan):
     @property
     def whole_at_end(self) -> bool:
         return self._files is not None
+
+    @property
+    def energy_points(self) -> int:
+        return 0 if self._files is None else self._files.energy_points
+
+    def energy_points_table(self, most_spectra: int) -> ColumnTable:
+        if self._files is None:
+            raise RawDataError(f"{self.dataset_file}: not a map scanned an energy at a time")
+        return self._files.energy_points_table(most_spectra)
 
     def ready(self) -> list[tuple[int, int]]:
         if self._files is None and self._layout.energy_rows is None:
@@ -361,12 +386,54 @@ def read_live_counters(
                     if item.shape[int(energy_rows)] < stop:  # never fewer spectra than asked
                         raise KeyError(f"{name} holds {item.shape[int(energy_rows)]} spectra")
                     columns[name] = counter_spectra(item, start, stop, energy_rows)
-            metadata = {}
-            for name, key in (("element", "Element.symbol"), ("edge", "Element.edge")):
-                if f"{entry}/instrument/xas/{name}" in h5:
-                    metadata[key] = bliss._text(h5[f"{entry}/instrument/xas/{name}"][()])
+            metadata = _edge_metadata(h5, entry)
     except (OSError, KeyError, ValueError) as exc:
         raise RawDataError(
             f"{path} scan {scan}: the counters of spectra {start}-{stop - 1} cannot be read ({exc})"
         ) from None
     return ColumnTable(where=f"{path} scan {scan}", columns=columns, metadata=metadata)
+
+
+def read_energy_points(path: str | Path, scan: int, points: int, most_spectra: int) -> ColumnTable:
+    """The counters of a map scanned an energy at a time over its first ``points`` energy
+    points, of at most ``most_spectra`` spectra spread evenly over the map (the 2D
+    counters' columns, as spectra; the 1D counters cut to ``points``), and the edge metadata:
+    a look at the map while it is scanned, whatever its size, from its dataset file as it
+    grows (SWMR, no locking)."""
+    entry = f"{scan}.1"
+    try:
+        with open_lima(path) as h5:
+            measurement = h5[f"{entry}/measurement"]
+            columns: dict[str, np.ndarray] = {}
+            for name in measurement:
+                item = measurement.get(name)
+                if getattr(item, "ndim", 0) == 2:
+                    if item.shape[0] < points:
+                        raise KeyError(f"{name} holds {item.shape[0]} energy points")
+                    every = -(-item.shape[1] // max(most_spectra, 1))  # ceiling
+                    # Whole rows a block at a time, then one spectrum in ``every``: 3x
+                    # faster than h5py's strided selection (10^4 spectra, 415 points).
+                    blocks = [
+                        item[row : min(row + 64, points)][:, ::every]
+                        for row in range(0, points, 64)
+                    ]  # fmt: skip
+                    rows = np.concatenate(blocks).astype(np.float64)
+                    columns[name] = np.ascontiguousarray(rows.T)
+                elif getattr(item, "ndim", 0) == 1:
+                    columns[name] = np.asarray(item[: min(points, item.shape[0])], np.float64)
+            metadata = _edge_metadata(h5, entry)
+    except (OSError, KeyError, ValueError) as exc:
+        raise RawDataError(
+            f"{path} scan {scan}: the counters of its first {points} energy points cannot be "
+            f"read ({exc})"
+        ) from None
+    return ColumnTable(where=f"{path} scan {scan}", columns=columns, metadata=metadata)
+
+
+def _edge_metadata(h5: h5py.File, entry: str) -> dict[str, str]:
+    """The edge a Bliss XAS scan names (``instrument/xas/{element,edge}``), as XDI keys."""
+    metadata = {}
+    for name, key in (("element", "Element.symbol"), ("edge", "Element.edge")):
+        if f"{entry}/instrument/xas/{name}" in h5:
+            metadata[key] = bliss._text(h5[f"{entry}/instrument/xas/{name}"][()])
+    return metadata
