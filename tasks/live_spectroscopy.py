@@ -85,6 +85,8 @@ def write_partial(
     fits = {name: np.full(total, np.nan) for name in ("e0", "edge_step", "energy_shift")}
     for chunk in chunks:
         with h5py.File(chunk.part_file, "r") as part:
+            if "norm" not in part:  # a chunk none of whose spectra could be reduced: NaN
+                continue
             norm[chunk.start : chunk.stop] = part["norm"][()]
             for name, values in fits.items():
                 values[chunk.start : chunk.stop] = part[name][()]

@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -99,6 +100,31 @@ def _write_part(path: Path, reduction: xas.Reduction, measured: np.ndarray, stac
             h5["r"] = reduction.exafs.r
             h5["chir_magnitude"] = reduction.exafs.chir_magnitude
             h5.attrs["nknots"] = reduction.exafs.nknots
+        if reduction.skipped is not None:  # spectra of a map that could not be reduced
+            h5["skipped"] = reduction.skipped
+            h5.attrs["skip_reasons"] = json.dumps(reduction.skip_reasons)
+
+
+def _all_unusable(data: Any, keywords: dict[str, Any]) -> dict[str, int] | None:
+    """How many spectra of ``data`` cannot be reduced, by reason, when none can (else None)."""
+    masks = xas.unusable_spectra(
+        data.energy, data.mu, e0=keywords.get("e0"), e0_smooth=keywords["e0_smooth"],
+        exafs=keywords["exafs"],
+    )  # fmt: skip
+    if not np.logical_or.reduce(list(masks.values())).all():
+        return None
+    return {reason: int(mask.sum()) for reason, mask in masks.items() if mask.any()}
+
+
+def _write_skipped_part(
+    path: Path, measured: np.ndarray, mu: np.ndarray, reasons: dict[str, int]
+) -> None:
+    """A batch of a map left out whole: its measured energy and mu, every spectrum skipped."""
+    with h5py.File(path, "w") as h5:
+        h5["energy"] = np.atleast_2d(measured)[0]
+        h5["mu"] = mu
+        h5["skipped"] = np.ones(mu.shape[0], dtype=bool)
+        h5.attrs["skip_reasons"] = json.dumps(reasons)
 
 
 @task(name="reduce_spectra_batch", **CHUNK_TASK)
@@ -133,15 +159,26 @@ def reduce_into_part(
     source = batch.source
     where = source.describe() + (f" spectra {batch.start}-{batch.stop - 1}" if stacked else "")
     data = absorption(table, parameters)
-    reduction = xas.reduce_spectra(
-        data.energy,
-        data.mu,
-        mu_reference=data.mu_reference,
-        reference_e0=reference_e0,
-        **reduction_keywords(parameters),
-        where=where,
-    )
-    _write_part(part, reduction, data.energy, stacked=stacked)
+    keywords = reduction_keywords(parameters)
+    try:
+        reduction = xas.reduce_spectra(
+            data.energy,
+            data.mu,
+            mu_reference=data.mu_reference,
+            reference_e0=reference_e0,
+            **keywords,
+            where=where,
+            skip_unusable=stacked,
+        )
+    except RawDataError:
+        # A batch of a map none of whose spectra can be reduced (a raster's lines off the
+        # sample): left out, its results NaN; the map's other batches decide.
+        reasons = _all_unusable(data, keywords) if stacked else None
+        if reasons is None:
+            raise
+        _write_skipped_part(part, data.energy, data.mu, reasons)
+    else:
+        _write_part(part, reduction, data.energy, stacked=stacked)
     return BatchResult(
         label=source.label,
         start=batch.start,
@@ -240,11 +277,12 @@ def write_spectroscopy_nexus(
                     raise RawDataError(f"{label}: not every spectrum was reduced")
                 key_figures[label] = assembly.finish()
                 urls.append(f"{output}::/{label}/xas/normalized")
-                first = assembly.first.part_file
+                first = assembly.first_reduced.part_file
                 with h5py.File(first, "r") as part:
-                    curves.append((label, part["energy"][()], part["flat"][0]))
+                    row = _first_reduced_row(part)
+                    curves.append((label, part["energy"][()], part["flat"][row]))
                     if "chi" in part:
-                        chi_curves.append((label, part["k"][()], part["chi"][0]))
+                        chi_curves.append((label, part["k"][()], part["chi"][row]))
                 if label in xdi_for:
                     _write_xdi(xdi_for[label], first, plan, label)
         plots.plot_spectra(
@@ -257,6 +295,13 @@ def write_spectroscopy_nexus(
         )
     plots.publish_image(png, f"{stem}: normalised mu(E) and chi(k)")
     return {"outputs": urls, "png": str(png), "key_figures": key_figures}
+
+
+def _first_reduced_row(part: h5py.File) -> int:
+    """The first spectrum of a part file that was reduced (a map's may be left out)."""
+    if "skipped" not in part:
+        return 0
+    return int(np.argmin(part["skipped"][()]))
 
 
 def _write_entry(

@@ -300,3 +300,52 @@ def test_a_bliss_scan_without_energy_is_refused(tmp_path, capsys, catalogue, tes
     _, err = capsys.readouterr()
     assert code == 3 and "no scan has an energy counter" in err and str(target) in err
     assert raw.read_bytes() == before
+
+
+def test_a_maps_spectra_off_the_sample_are_left_out_not_fatal(tmp_path_factory):
+    """A map's pixels off the sample (no edge: its first ones, and a whole batch of them)
+    and one where the beam was lost (I0 zero at a point) are left out, their results NaN
+    and flagged; the run says how many and why, and every other spectrum is reduced as it
+    would be without them: bit for bit in the batches without such pixels."""
+    from calypso.tasks.raw.spectra import absorption, read_bliss_counters
+    from calypso.techniques import spectroscopy as xas
+
+    clean = write_spectroscopy_map_sample(tmp_path_factory.mktemp("visitor"), 120, seed=4)
+    spotted = write_spectroscopy_map_sample(tmp_path_factory.mktemp("visitor"), 120, seed=4)
+    off_sample, beam_lost = [0, 3, *range(40, 60)], 77  # batches of 20: 40-59 all off
+    with h5py.File(spotted.raw_file, "a") as h5:
+        counters = h5["1.1/measurement"]
+        i0, it = counters["i0"][()], counters["it"][()]
+        noise = np.random.default_rng(0).normal(1.0, 0.002, it[off_sample].shape)
+        it[off_sample] = i0[off_sample] * 0.9 * noise  # air: no edge
+        i0[beam_lost, 200] = 0.0
+        counters["it"][...], counters["i0"][...] = it, i0
+    parameters = SpectroscopyParameters(batch_size=20)
+    summary = run_flow(spotted.raw_dataset_dir, parameters, workers=2)
+    reference = run_flow(clean.raw_dataset_dir, parameters, workers=2)
+
+    assert summary["count"] == 120 and summary["tasks"] == 6
+    said = summary["key_figures"]["1.1"]["warning"]
+    assert "23 of 120 spectra could not be reduced" in said, said
+    assert "22 no absorption edge" in said and "1 mu(E) not finite" in said, said
+    left_out = np.zeros(120, dtype=bool)
+    left_out[[*off_sample, beam_lost]] = True
+    with h5py.File(nexus_file(summary)) as a, h5py.File(nexus_file(reference)) as b:
+        xas_a, xas_b = a["1.1/xas"], b["1.1/xas"]
+        assert np.array_equal(xas_a["fit/skipped"][()], left_out)
+        for name in ("normalized/norm", "chi/chi", "chir/chir_magnitude", "fit/e0", "mu/pre_edge"):
+            assert np.isnan(xas_a[name][()][left_out]).all(), name
+        assert np.isfinite(xas_a["mu/mu"][()][off_sample]).all()  # as measured
+        untouched = np.r_[20:40, 80:120]  # batches without such pixels: as before
+        for name in ("normalized/norm", "flattened/flat", "chi/chi", "fit/e0", "fit/edge_step"):
+            same = np.array_equal(xas_a[name][()][untouched], xas_b[name][()][untouched], True)
+            assert same, name  # (chi(k) NaN beyond a batch's reach)
+        # A batch with pixels left out: the others reduced as a batch of them alone.
+        kept = [row for row in range(20) if row not in off_sample]
+        data = absorption(read_bliss_counters(spotted.raw_file, 1, 0, 20), parameters)
+        alone = xas.reduce_spectra(
+            data.energy, data.mu[kept], mu_reference=data.mu_reference[kept],
+            reference_e0=summary["calibration"]["reference_e0"],
+        )  # fmt: skip
+        assert np.array_equal(xas_a["fit/e0"][kept], alone.normalization.e0)
+        assert np.array_equal(xas_a["normalized/norm"][kept], alone.normalization.norm)

@@ -67,8 +67,11 @@ class LiveSpectroscopy(LiveTechnique):
 
     def plan(self, ctx: StepContext, parameters: Any, first: FirstFrames) -> Any:
         from calypso.tasks.live_spectroscopy import make_live_spectroscopy_plan
+        from calypso.tasks.plans.spectroscopy import MAP_SPECTRA_TRIED
 
-        first_spectrum = self.scan.table(0, 1)
+        # The first spectrum that can be reduced of those there (a map's first pixels may
+        # be off the sample).
+        first_spectrum = self.scan.table(0, max(min(self.scan.frames, MAP_SPECTRA_TRIED), 1))
         plan = make_live_spectroscopy_plan(
             ctx.raw, parameters, first, first_spectrum, ctx.output_dir, ctx.settings,
             whole_at_end=self.scan.whole_at_end, workers=ctx.run.workers,

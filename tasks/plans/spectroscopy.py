@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel
 
 from calypso.errors import CalypsoError, ParameterError, RawDataError
@@ -186,30 +187,66 @@ def reduction_keywords(parameters: xas.SpectroscopyParameters) -> dict[str, Any]
     }
 
 
+#: Spectra of a map tried, spread over it, when its first cannot be reduced.
+MAP_SPECTRA_TRIED = 64
+
+
 def check_source(
     source: SpectrumSource, parameters: xas.SpectroscopyParameters
 ) -> tuple[float, float | None, dict[str, str]]:
-    """Read and normalise the first spectrum of ``source``: its E0, reference E0 and metadata."""
-    return check_first_spectrum(read_source(source, 0, 1), source.describe(), parameters)
+    """Read and normalise the first spectrum of ``source``: its E0, reference E0 and metadata.
+    A map's first pixel may be off the sample (its spectrum has no edge): then the first of
+    :data:`MAP_SPECTRA_TRIED` spectra spread over the map that can be reduced; none of them,
+    the first one's error."""
+    where = source.describe()
+    try:
+        return check_first_spectrum(read_source(source, 0, 1), where, parameters)
+    except RawDataError as first_error:
+        if source.n_spectra < 2:
+            raise
+        tried = np.unique(np.linspace(1, source.n_spectra - 1, MAP_SPECTRA_TRIED - 1).astype(int))
+        for index in tried:
+            table = read_source(source, index, index + 1)
+            try:
+                return check_first_spectrum(table, where, parameters)
+            except RawDataError:
+                continue
+        raise RawDataError(
+            f"{first_error} (and so have {tried.size} other spectra spread over the map)"
+        ) from None
 
 
 def check_first_spectrum(
     table: Any, where: str, parameters: xas.SpectroscopyParameters
 ) -> tuple[float, float | None, dict[str, str]]:
     """Normalise the first spectrum of ``table`` (read offline, or from a growing file by a
-    live run): its E0, reference E0 and metadata; errors name ``where``."""
+    live run) that can be reduced: its E0, reference E0 and metadata. None can: the first
+    one's error, naming ``where``."""
     data = absorption(table, parameters)
-    xas.check_spectrum(data.energy, data.mu[:1], where)
-    normalization = xas.normalize(
-        data.energy, data.mu[:1], **normalization_keywords(parameters), where=where
-    )
+    first_error: RawDataError | None = None
+    for row in range(data.mu.shape[0]):
+        try:
+            return _check_spectrum_row(data, row, where, parameters)
+        except RawDataError as exc:
+            first_error = first_error or exc
+    assert first_error is not None  # a table holds a spectrum at least
+    raise first_error
+
+
+def _check_spectrum_row(
+    data: Any, row: int, where: str, parameters: xas.SpectroscopyParameters
+) -> tuple[float, float | None, dict[str, str]]:
+    energy = np.atleast_2d(data.energy)
+    energy = energy[row : row + 1] if energy.shape[0] > 1 else energy
+    mu = data.mu[row : row + 1]
+    xas.check_spectrum(energy, mu, where)
+    normalization = xas.normalize(energy, mu, **normalization_keywords(parameters), where=where)
     reference_e0 = None
     if data.mu_reference is not None:
-        reference_e0 = float(
-            xas.find_e0(data.energy, data.mu_reference[:1], parameters.e0_smooth)[0]
-        )
+        reference = data.mu_reference[row : row + 1]
+        reference_e0 = float(xas.find_e0(energy, reference, parameters.e0_smooth)[0])
     if parameters.exafs:
-        xas.autobk(data.energy, data.mu[:1], normalization, **exafs_keywords(parameters))
+        xas.autobk(energy, mu, normalization, **exafs_keywords(parameters))
     return float(normalization.e0[0]), reference_e0, data.metadata
 
 

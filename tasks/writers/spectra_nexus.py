@@ -17,6 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from calypso.errors import RawDataError
 from calypso.tasks.writers import nexus
 from calypso.techniques import spectroscopy as xas
 
@@ -57,6 +58,7 @@ class SpectraAssembly:
         self._figures: dict[str, list[np.ndarray]] = {}
         self._has_exafs = False  # told by the first batch
         self._k: np.ndarray | None = None  # the longest k axis of the batches copied
+        self._skipped: dict[str, int] = {}  # spectra left out (a map's), by reason
 
     @property
     def count(self) -> int:
@@ -70,19 +72,26 @@ class SpectraAssembly:
     def add(self, part: Any) -> None:
         """Copy one reduced batch into its rows (chi(k) waits for :meth:`finish`)."""
         self.parts.append(part)
+        self._waiting.append(part)
         if not self._data:
-            if part.start != 0:  # the layout is the first batch's: keep this one for then
-                self._waiting.append(part)
+            first = self._first_reduced()
+            if first is None:  # the layout is the first reduced batch's: kept for then
                 return
-            self._lay_out(part.part_file)
-        for waiting in [*self._waiting, part]:
+            self._lay_out(first.part_file)
+        for waiting in self._waiting:
             self._copy(waiting)
         self._waiting.clear()
 
     def finish(self) -> dict[str, Any]:
         """chi(k) on the longest k axis, and the key figures; call once every batch is in."""
         if not self._data:
-            self._lay_out(self.first.part_file)
+            first = self._first_reduced()
+            if first is None:
+                raise RawDataError(
+                    f"no spectrum of the {self.n} could be reduced ({self._reasons()}): is the "
+                    "map's edge in the scanned range, and are these the sample's counters?"
+                )
+            self._lay_out(first.part_file)
         for waiting in self._waiting:
             self._copy(waiting)
         self._waiting.clear()
@@ -90,6 +99,30 @@ class SpectraAssembly:
         if self._has_exafs:
             self._write_chi(parts)
         return self._key_figures()
+
+    @property
+    def first_reduced(self) -> Any:
+        """The first batch with spectra reduced (a map's first batches may have none)."""
+        return self._first_reduced() or self.first
+
+    def _first_reduced(self) -> Any:
+        """The first batch, in the scan's order, with a spectrum reduced, once every batch
+        before it has come; None until then."""
+        expected = 0
+        for part in sorted(self.parts, key=lambda p: p.start):
+            if part.start != expected:
+                return None
+            if not _left_out(part.part_file):
+                return part
+            expected = part.stop
+        return None
+
+    def _reasons(self) -> str:
+        for part in self.parts:
+            with h5py.File(part.part_file, "r") as h5:
+                for reason, count in json.loads(h5.attrs.get("skip_reasons", "{}")).items():
+                    self._skipped[reason] = self._skipped.get(reason, 0) + count
+        return "; ".join(f"{reason}: {count}" for reason, count in self._skipped.items())
 
     def _lay_out(self, first_part: str) -> None:
         with h5py.File(first_part, "r") as first:
@@ -163,6 +196,18 @@ class SpectraAssembly:
     def _copy(self, part: Any) -> None:
         rows = self._rows(part)
         with h5py.File(part.part_file, "r") as h5:
+            if "skipped" in h5:
+                self._copy_skipped(h5, rows)
+            if "norm" not in h5:  # a batch left out whole: its measured mu, NaN results
+                self._data["mu"][rows] = self._values(h5["mu"])
+                for name, dataset in [*self._data.items(), *self._fits.items()]:
+                    if name not in ("mu", "chi", "skipped"):
+                        dataset[rows] = np.nan
+                for name in ("e0", "edge_step", "edge_noise", "e0_spread"):
+                    self._figures.setdefault(name, []).append(
+                        np.full(part.stop - part.start, np.nan)
+                    )
+                return
             for name, key in PART_TO_NEXUS.items():
                 if key in self._data:
                     self._data[key][rows] = self._values(h5[name])
@@ -179,6 +224,20 @@ class SpectraAssembly:
             if "k" in h5 and (self._k is None or h5["k"].shape[0] > self._k.size):
                 self._k = h5["k"][()]
 
+    def _copy_skipped(self, h5: h5py.File, rows: Any) -> None:
+        """A map's spectra left out (their results NaN), in ``fit/skipped``."""
+        if "skipped" not in self._fits:
+            skipped = self._fits["skipped"] = self.process["fit"].create_dataset(
+                "skipped", shape=(self.n,), dtype=bool
+            )
+            skipped.attrs["meaning"] = (
+                "spectra left out, their results NaN: no absorption edge (off the sample), "
+                "mu(E) not finite (beam lost) or too short above E0 for the EXAFS"
+            )
+        self._fits["skipped"][rows] = h5["skipped"][()]
+        for reason, count in json.loads(h5.attrs["skip_reasons"]).items():
+            self._skipped[reason] = self._skipped.get(reason, 0) + count
+
     def _write_chi(self, parts: list[Any]) -> None:
         k = self._k
         k_length = k.size
@@ -187,7 +246,8 @@ class SpectraAssembly:
         for part in parts:
             with h5py.File(part.part_file, "r") as h5:
                 chi = np.full((part.stop - part.start, k_length), np.nan)
-                chi[:, : h5["chi"].shape[1]] = h5["chi"][()]
+                if "chi" in h5:  # else a batch left out whole
+                    chi[:, : h5["chi"].shape[1]] = h5["chi"][()]
                 self._data["chi"][self._rows(part)] = chi if self.stacked else chi[0]
 
     def _key_figures(self) -> dict[str, Any]:
@@ -196,23 +256,45 @@ class SpectraAssembly:
             for name in ("e0", "edge_step", "edge_noise", "e0_spread")
         )
         n = self.n
+        # Medians of the spectra reduced (those left out are NaN).
         figures: dict[str, Any] = {
             "spectra": int(n),
-            "e0_eV": round(float(np.median(e0_all)), 3),
-            "edge_step": float(np.median(step_all)),
-            "edge_noise": round(float(np.median(noise_all)), 1),
-            "e0_spread_eV": round(float(np.median(spread_all)), 2),
+            "e0_eV": round(float(np.nanmedian(e0_all)), 3),
+            "edge_step": float(np.nanmedian(step_all)),
+            "edge_noise": round(float(np.nanmedian(noise_all)), 1),
+            "e0_spread_eV": round(float(np.nanmedian(spread_all)), 2),
         }
+        warnings = []
+        if self._skipped:
+            left_out = sum(self._skipped.values())
+            figures["spectra_skipped"] = left_out
+            warnings.append(
+                f"{left_out} of {n} spectra could not be reduced and are left out, their "
+                f"results NaN (fit/skipped): {self._reasons_text()}; pixels off the sample or "
+                "where the beam was lost"
+            )
         unsure = (noise_all < xas.MIN_EDGE_NOISE_RATIO) | (spread_all > xas.MAX_E0_SPREAD)
         if np.any(unsure):
-            figures["warning"] = (
+            warnings.append(
                 f"{int(np.count_nonzero(unsure))} of {n} spectra are too noisy to decide E0: an "
                 f"edge step under {xas.MIN_EDGE_NOISE_RATIO:g} times the noise (fit/edge_noise) "
                 f"or E0 moving over {xas.MAX_E0_SPREAD:g} eV between the even and odd points "
                 "(fit/e0_spread); merge repeats, choose other channels or give e0"
             )
-            _warn(figures["warning"])
+        if warnings:
+            figures["warning"] = "; ".join(warnings)
+            for warning in warnings:
+                _warn(warning)
         return figures
+
+    def _reasons_text(self) -> str:
+        return ", ".join(f"{count} {reason}" for reason, count in self._skipped.items())
+
+
+def _left_out(part_file: str) -> bool:
+    """Whether a part file is that of a batch left out whole (none of its spectra reduced)."""
+    with h5py.File(part_file, "r") as h5:
+        return "norm" not in h5
 
 
 def _warn(message: str) -> None:

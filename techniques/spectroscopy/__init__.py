@@ -14,7 +14,7 @@ One module per stage of the reduction:
 - :mod:`.exafs`: AUTOBK background, chi(k), chi(R);
 - :mod:`.calibration`: tabulated edges, the reference foil's energy shift;
 - :mod:`.merging`: weighted merge of repeated scans, noise estimates;
-- :mod:`.reduction`: all of it for a batch;
+- :mod:`.reduction`: all of it for a batch (a map's unusable spectra left out);
 - :mod:`.parameters`: the flow's parameter model.
 
 Examples
@@ -79,7 +79,7 @@ from calypso.techniques.spectroscopy.parameters import (
     SpectroscopyScience,
     SpectroscopySource,
 )
-from calypso.techniques.spectroscopy.reduction import Reduction, reduce_spectra
+from calypso.techniques.spectroscopy.reduction import Reduction, reduce_spectra, unusable_spectra
 
 __all__ = [
     "E0_WINDOW",
@@ -123,5 +123,6 @@ __all__ = [
     "spectrum_on_k",
     "tabulated_edge",
     "transmission_mu",
+    "unusable_spectra",
     "xftf",
 ]

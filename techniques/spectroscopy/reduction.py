@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from calypso.techniques.spectroscopy.absorption import batch_rows, check_spectrum
 from calypso.techniques.spectroscopy.calibration import calibration_shift
-from calypso.techniques.spectroscopy.exafs import Exafs, Window, autobk
-from calypso.techniques.spectroscopy.normalization import Normalization, normalize
+from calypso.techniques.spectroscopy.exafs import ETOK, Exafs, Window, autobk
+from calypso.techniques.spectroscopy.normalization import (
+    MIN_EDGE_CONTRAST,
+    Normalization,
+    edge_contrast,
+    find_e0,
+    normalize,
+)
 
 
 @dataclass(frozen=True)
@@ -21,6 +27,65 @@ class Reduction:
     shift: np.ndarray  # (n,) eV added to the energy by the calibration
     normalization: Normalization
     exafs: Exafs | None
+    #: Spectra of a map left out (``skip_unusable``), their results NaN; None: none was.
+    skipped: np.ndarray | None = None
+    #: How many were left out, by reason (see :func:`unusable_spectra`).
+    skip_reasons: dict[str, int] = field(default_factory=dict)
+
+
+#: Why a spectrum of a map cannot be reduced (:func:`unusable_spectra`).
+NOT_FINITE = "mu(E) not finite (I0 or It zero or negative)"
+NO_EDGE = "no absorption edge in the scanned range"
+TOO_SHORT = "too short above E0 for EXAFS (k < 3 1/Å)"
+
+
+def unusable_spectra(
+    energy: np.ndarray,
+    mu: np.ndarray,
+    *,
+    e0: float | np.ndarray | None = None,
+    e0_smooth: float = 0.5,
+    exafs: bool = True,
+) -> dict[str, np.ndarray]:
+    """The spectra of a batch that cannot be reduced, by reason: mu(E) not finite, no
+    absorption edge (E0 outside the scan, or no point :data:`MIN_EDGE_CONTRAST` times
+    steeper than the rest), too short above E0 for the EXAFS. The pixels of a map off
+    the sample, or where the beam was lost, are such spectra.
+
+    Returns
+    -------
+    dict
+        Reason -> (n,) boolean mask; a spectrum is in one reason only, the first found.
+
+    Examples
+    --------
+    >>> energy = np.linspace(6900.0, 7900.0, 501)
+    >>> edge = 0.2 + 1.5 / (1 + np.exp(-(energy - 7112.0) / 2))
+    >>> flat = np.random.default_rng(0).normal(1.0, 0.01, energy.size)
+    >>> masks = unusable_spectra(energy, np.stack([edge, flat]), exafs=False)
+    >>> {reason: mask.tolist() for reason, mask in masks.items() if mask.any()}
+    {'no absorption edge in the scanned range': [False, True]}
+    """
+    energy, mu = batch_rows(energy, mu)
+    n = mu.shape[0]
+    not_finite = ~np.isfinite(mu).all(axis=1)
+    no_edge, too_short = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    rows = np.flatnonzero(~not_finite)
+    if rows.size:
+        e, m = energy[rows], mu[rows]
+        if e0 is None:
+            edges = find_e0(e, m, e0_smooth)
+        else:
+            edges = np.broadcast_to(np.asarray(e0, dtype=np.float64), (n,))[rows]
+        inside = (edges > e[:, 0]) & (edges < e[:, -1])
+        contrast = np.zeros(rows.size)
+        if inside.any():
+            contrast[inside] = edge_contrast(e[inside], m[inside], edges[inside])
+        no_edge[rows] = ~inside | (contrast < MIN_EDGE_CONTRAST)
+        if exafs:
+            reach = np.sqrt(ETOK * np.maximum(e[:, -1] - edges, 0.0))
+            too_short[rows] = ~no_edge[rows] & (reach < 3.0)
+    return {NOT_FINITE: not_finite, NO_EDGE: no_edge, TOO_SHORT: too_short}
 
 
 def reduce_spectra(
@@ -53,6 +118,7 @@ def reduce_spectra(
     window: Window = "hanning",
     rmax_out: float = 10.0,
     where: str = "spectrum",
+    skip_unusable: bool = False,
 ) -> Reduction:
     """Calibrate, normalise and (if ``exafs``) extract chi(k) for a batch.
 
@@ -76,6 +142,11 @@ def reduce_spectra(
         Of the Fourier transform: see :func:`autobk`.
     where : str
         Names the data in error messages.
+    skip_unusable : bool
+        For the spectra of a map: those that cannot be reduced
+        (:func:`unusable_spectra`: off the sample, beam lost) are left out, their
+        results NaN (``skipped``, ``skip_reasons``); the others are reduced as a batch of
+        them alone. Without it (or when none is usable) such a spectrum is an error.
 
     Examples
     --------
@@ -86,6 +157,30 @@ def reduce_spectra(
     (array([7112.]), None)
     """
     energy, mu = batch_rows(energy, mu)
+    keywords = {
+        "e0_smooth": e0_smooth, "pre1": pre1, "pre2": pre2, "norm1": norm1, "norm2": norm2,
+        "nnorm": nnorm, "nvict": nvict, "exafs": exafs, "rbkg": rbkg, "nknots": nknots,
+        "bkg_kmin": bkg_kmin, "bkg_kmax": bkg_kmax, "bkg_kweight": bkg_kweight,
+        "bkg_dk": bkg_dk, "clamp_lo": clamp_lo, "clamp_hi": clamp_hi, "kweight": kweight,
+        "kmin": kmin, "kmax": kmax, "dk": dk, "window": window, "rmax_out": rmax_out,
+    }  # fmt: skip
+    if skip_unusable and mu.shape[0] > 1:
+        masks = unusable_spectra(energy, mu, e0=e0, e0_smooth=e0_smooth, exafs=exafs)
+        skipped = np.logical_or.reduce(list(masks.values()))
+        # None usable: reduced as they are, for the batch's own error message.
+        if skipped.any() and not skipped.all():
+            keep = ~skipped
+            kept = reduce_spectra(
+                energy[keep],
+                mu[keep],
+                mu_reference=None if mu_reference is None else mu_reference[keep],
+                reference_e0=reference_e0,
+                e0=e0[keep] if np.ndim(e0) == 1 else e0,
+                where=where,
+                **keywords,
+            )
+            reasons = {reason: int(mask.sum()) for reason, mask in masks.items() if mask.any()}
+            return _with_skipped(kept, keep, energy, mu, reasons)
     check_spectrum(energy, mu, where)
     shift = np.zeros(mu.shape[0])
     if mu_reference is not None and reference_e0 is not None:
@@ -126,3 +221,41 @@ def reduce_spectra(
             rmax_out=rmax_out,
         )
     return Reduction(energy=calibrated, mu=mu, shift=shift, normalization=normalization, exafs=chi)
+
+
+def _with_skipped(
+    kept: Reduction, keep: np.ndarray, energy: np.ndarray, mu: np.ndarray, reasons: dict
+) -> Reduction:
+    """``kept``, the reduction of the rows ``keep``, as that of the whole batch: the rows
+    left out NaN (their measured energy and mu as they are)."""
+
+    def rows(values: np.ndarray) -> np.ndarray:
+        whole = np.full((keep.size, *values.shape[1:]), np.nan)
+        whole[keep] = values
+        return whole
+
+    calibrated = np.array(energy, dtype=np.float64)
+    calibrated[keep] = kept.energy
+    norm = kept.normalization
+    normalization = replace(
+        norm,
+        **{
+            name: rows(getattr(norm, name))
+            for name in (
+                "e0", "edge_step", "pre_edge", "post_edge", "norm", "flat",
+                "pre_coefficients", "post_coefficients", "edge_noise", "e0_spread",
+            )
+        },
+    )  # fmt: skip
+    chi = kept.exafs
+    if chi is not None:
+        chi = replace(
+            chi,
+            chi=rows(chi.chi),
+            background=rows(chi.background),
+            chir_magnitude=rows(chi.chir_magnitude),
+        )
+    return Reduction(
+        energy=calibrated, mu=mu, shift=rows(kept.shift), normalization=normalization,
+        exafs=chi, skipped=~keep, skip_reasons=reasons,
+    )  # fmt: skip
