@@ -90,7 +90,7 @@ def write_partial(
             norm[chunk.start : chunk.stop] = part["norm"][()]
             for name, values in fits.items():
                 values[chunk.start : chunk.stop] = part[name][()]
-    done = int(np.isfinite(fits["e0"]).sum())
+    done = sum(chunk.stop - chunk.start for chunk in chunks)  # those left out included
     with partial_file(path, entry_name) as h5:
         entry = h5.create_group(entry_name)
         nexus.set_nx_class(entry, "NXentry")
