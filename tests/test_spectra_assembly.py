@@ -8,6 +8,7 @@ import time
 
 import h5py
 import numpy as np
+import pytest
 from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -34,8 +35,17 @@ def contents(path) -> dict[str, tuple]:
     return found
 
 
-def test_batches_finishing_in_any_order_give_the_same_result(tmp_path, catalogue):
+@pytest.mark.parametrize("off_sample", [(), (*range(50), 120)], ids=["all_on", "first_batch_off"])
+def test_batches_finishing_in_any_order_give_the_same_result(off_sample, tmp_path, catalogue):
+    """Also when the first batch is off the sample whole (its results NaN): the result is
+    laid out from the first batch with spectra reduced, once every batch before it came."""
     dataset = write_spectroscopy_map_sample(tmp_path / "visitor", 230, seed=6)
+    if off_sample:
+        with h5py.File(dataset.raw_file, "a") as h5:
+            counters = h5["1.1/measurement"]
+            it = counters["it"][()]
+            it[list(off_sample)] = counters["i0"][list(off_sample)] * 0.9  # air: no edge
+            counters["it"][...] = it
     parameters = SpectroscopyParameters(batch_size=50)
     written = {}
     for order in ("submitted", "shuffled", "first last"):
@@ -58,6 +68,11 @@ def test_batches_finishing_in_any_order_give_the_same_result(tmp_path, catalogue
         written[order] = contents(summary["outputs"][0].split("::")[0])
     reference = written["submitted"]
     assert reference["1.1/xas/normalized/norm"][0].shape == (230, 415)
+    left_out = np.isin(np.arange(230), off_sample)
+    assert np.isnan(reference["1.1/xas/normalized/norm"][0][left_out]).all()
+    assert np.isfinite(reference["1.1/xas/normalized/norm"][0][~left_out]).all()
+    if off_sample:
+        assert np.array_equal(reference["1.1/xas/fit/skipped"][0], left_out)
     assert reference["1.1/xas/chi/chi"][0].shape[0] == 230
     for order in ("shuffled", "first last"):
         assert written[order].keys() == reference.keys(), order

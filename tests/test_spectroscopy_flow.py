@@ -318,7 +318,7 @@ def test_a_maps_spectra_off_the_sample_are_left_out_not_fatal(tmp_path_factory):
         i0, it = counters["i0"][()], counters["it"][()]
         noise = np.random.default_rng(0).normal(1.0, 0.002, it[off_sample].shape)
         it[off_sample] = i0[off_sample] * 0.9 * noise  # air: no edge
-        i0[beam_lost, 200] = 0.0
+        i0[beam_lost, 200] = it[beam_lost, 201] = 0.0  # the reference foil's signal too
         counters["it"][...], counters["i0"][...] = it, i0
     parameters = SpectroscopyParameters(batch_size=20)
     summary = run_flow(spotted.raw_dataset_dir, parameters, workers=2)
@@ -340,6 +340,11 @@ def test_a_maps_spectra_off_the_sample_are_left_out_not_fatal(tmp_path_factory):
         for name in ("normalized/norm", "flattened/flat", "chi/chi", "fit/e0", "fit/edge_step"):
             same = np.array_equal(xas_a[name][()][untouched], xas_b[name][()][untouched], True)
             assert same, name  # (chi(k) NaN beyond a batch's reach)
+        # The others of the beam-lost pixel's batch are calibrated on their foil as before.
+        batch = [row for row in range(60, 80) if row != beam_lost]
+        shift = xas_a["fit/energy_shift"][()]
+        assert np.array_equal(shift[batch], xas_b["fit/energy_shift"][()][batch])
+        assert np.all(shift[batch] != 0)
         # A batch with pixels left out: the others reduced as a batch of them alone.
         kept = [row for row in range(20) if row not in off_sample]
         data = absorption(read_bliss_counters(spotted.raw_file, 1, 0, 20), parameters)

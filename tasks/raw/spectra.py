@@ -471,8 +471,11 @@ def absorption(table: ColumnTable, parameters: SpectroscopyParameters) -> Absorp
             mu_reference = np.log(
                 _rows(table.columns[it_name], n) / _rows(table.columns[iref_name], n)
             )
-        if not np.all(np.isfinite(mu_reference)):
-            mu_reference = None  # a reference channel without signal cannot calibrate
+        # A reference channel without signal cannot calibrate; but where mu(E) itself is not
+        # finite (a map's pixel where the beam was lost, left out) it need not.
+        unusable = ~np.isfinite(mu_reference).all(axis=-1) & np.isfinite(mu).all(axis=-1)
+        if np.any(unusable):
+            mu_reference = None
     energy = separate_repeats(np.asarray(energy, dtype=np.float64))
     if energy.shape[-1] > 1 and np.all(energy[..., -1] < energy[..., 0]):
         # Scans run down in energy too (a mono angle rising): turn them round.
