@@ -289,3 +289,32 @@ def test_a_look_at_a_large_map_averages_an_even_sample_of_its_spectra(energy_map
     assert read_energy_points(path, 1, 415, 2000).columns["it"].shape == (SPECTRA, 415)
     with pytest.raises(RawDataError, match="first 416 energy points cannot be read"):
         read_energy_points(path, 1, 416, 2000)
+
+
+def test_a_map_whose_first_pixels_are_off_the_sample_is_followed(tmp_path_factory, tmp_path,
+                                                                  live_settings):  # fmt: skip
+    """The map's first spectra have no edge (off the sample): the live run waits for one
+    it can plan on instead of failing, leaves those out as offline, and gives the offline
+    result."""
+    sample = write_spectroscopy_map_sample(tmp_path_factory.mktemp("visitor"), 60, seed=4)
+    with h5py.File(sample.raw_file, "a") as h5:
+        counters = h5["1.1/measurement"]
+        it = counters["it"][()]
+        it[:6] = counters["i0"][:6] * 0.9  # air: no edge
+        counters["it"][...] = it
+    root = tmp_path / "beamline"
+    writer = simulate(sample.raw_dataset_dir, root, "--rate", "20", "--start-delay", "0.5")
+    raw_dir = replayed(sample, root)
+    parameters = SpectroscopyParameters(batch_size=BATCH)
+    try:
+        summary = live.run_live(
+            "spectroscopy", str(raw_dir), parameters, None, None, live_settings,
+            live={"source": "files", "stall_timeout": 30, "poll": 0.05},
+        )  # fmt: skip
+    finally:
+        assert writer.wait(timeout=60) == 0
+    assert summary["count"] == 60 and not summary["partial"], summary
+    assert summary["key_figures"]["1.1"]["spectra_skipped"] == 6
+    assert_as_offline(
+        summary, "spectroscopy", raw_dir, parameters, tmp_path / "offline", live_settings
+    )

@@ -47,6 +47,7 @@ from calypso.flows.online.live_base import (
     LiveRun,
     LiveTechnique,
     MissingInputs,
+    PlanWaits,
 )
 from calypso.flows.techniques import OUTPUTS, TECHNIQUES, Step, all_steps
 from calypso.settings import CalypsoSettings
@@ -158,7 +159,15 @@ def live_plan(ctx: StepContext, parameters: BaseModel) -> Any:
         npoints=scan.info.npoints, frames=scan.frames, title=title or scan.info.name,
         start_time=start_time,
     )  # fmt: skip
-    plan = live.technique.plan(ctx, parameters, first)
+    while True:
+        try:
+            plan = live.technique.plan(ctx, parameters, first)
+            break
+        except PlanWaits:  # until more frames have come (a stalled scan raises)
+            frames = scan.frames
+            while scan.frames == frames and not scan.finished:
+                _follow_ranges(live)
+                time.sleep(0.1)
     ctx.run.planned(plan, _count(ctx, plan))
     return plan
 

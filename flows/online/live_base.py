@@ -35,6 +35,11 @@ class MissingInputs(RawDataError):
     points). What came before it is reduced, marked partial."""
 
 
+class PlanWaits(Exception):
+    """A technique's plan needs more of the scan's frames than have come (a map whose first
+    pixels are off the sample): the run follows the scan until more come, then plans again."""
+
+
 @dataclass(frozen=True)
 class FirstFrames:
     """What the scan's first frames and its dataset file say, for a technique's live plan."""
@@ -76,7 +81,8 @@ class LiveTechnique:
         )  # fmt: skip
 
     def plan(self, ctx: StepContext, parameters: Any, first: FirstFrames) -> Any:
-        """The plan of the scan in progress, made as the offline planner makes it."""
+        """The plan of the scan in progress, made as the offline planner makes it; raises
+        :class:`PlanWaits` when it needs more frames."""
         raise NotImplementedError
 
     def meanwhile(self, ctx: StepContext, live: LiveRun, parameters: Any) -> None:

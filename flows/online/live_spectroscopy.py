@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from calypso.errors import RawDataError
 from calypso.flows.engine import StepContext
-from calypso.flows.online.live_base import WAIT, FirstFrames, LiveRun, LiveTechnique
+from calypso.flows.online.live_base import WAIT, FirstFrames, LiveRun, LiveTechnique, PlanWaits
 
 LOOK_SPECTRA = 2000  # of a map scanned an energy at a time, averaged in its look meanwhile
 
@@ -69,13 +70,18 @@ class LiveSpectroscopy(LiveTechnique):
         from calypso.tasks.live_spectroscopy import make_live_spectroscopy_plan
         from calypso.tasks.plans.spectroscopy import MAP_SPECTRA_TRIED
 
-        # The first spectrum that can be reduced of those there (a map's first pixels may
-        # be off the sample).
-        first_spectrum = self.scan.table(0, max(min(self.scan.frames, MAP_SPECTRA_TRIED), 1))
-        plan = make_live_spectroscopy_plan(
-            ctx.raw, parameters, first, first_spectrum, ctx.output_dir, ctx.settings,
-            whole_at_end=self.scan.whole_at_end, workers=ctx.run.workers,
-        )  # fmt: skip
+        # The first spectrum that can be reduced of those there: a map's first pixels may
+        # be off the sample, when the plan waits for more (up to MAP_SPECTRA_TRIED).
+        there = max(min(self.scan.frames, MAP_SPECTRA_TRIED), 1)
+        try:
+            plan = make_live_spectroscopy_plan(
+                ctx.raw, parameters, first, self.scan.table(0, there), ctx.output_dir,
+                ctx.settings, whole_at_end=self.scan.whole_at_end, workers=ctx.run.workers,
+            )  # fmt: skip
+        except RawDataError as exc:
+            if there < MAP_SPECTRA_TRIED and not self.scan.finished:
+                raise PlanWaits from exc
+            raise
         self.reference_e0 = plan.calibration.reference_e0 if plan.calibration else None
         return plan
 
