@@ -418,6 +418,27 @@ def test_sample_data_command(tmp_path, capsys):
         assert "32008" in h5["/entry_0000/measurement/data"]._filters  # bitshuffle-LZ4
 
 
+def test_sample_data_writes_a_map_starting_off_the_sample(tmp_path, capsys):
+    """``--off-sample N``: the map's first N positions have no edge (air); the others are
+    the numbers of the same map without them."""
+    for folder, extra in (("on", ()), ("off", ("--off-sample", "5"))):
+        status, _, _ = calypso(
+            capsys, "sample-data", "spectroscopy", tmp_path / folder, "--spectra", "30", *extra
+        )
+        assert status == 0
+    files = [next((tmp_path / f).rglob("Fe_map_0001.h5")) for f in ("on", "off")]
+    with h5py.File(files[0]) as on, h5py.File(files[1]) as off:
+        i0, it = off["1.1/measurement/i0"][()], off["1.1/measurement/it"][()]
+        assert np.array_equal(it[5:], on["1.1/measurement/it"][5:])
+        transmission = it[:5] / i0[:5]  # air: flat, 0.9 but for counting noise
+        assert np.allclose(transmission, 0.9, atol=0.01)
+    status, _, err = calypso(
+        capsys, "sample-data", "spectroscopy", tmp_path / "bad", "--spectra", "3",
+        "--off-sample", "4",
+    )  # fmt: skip
+    assert status == 2 and "--off-sample 0 to --spectra" in err
+
+
 @pytest.mark.parametrize(
     ("arguments", "status"),
     [(["parameters", "spectroscopy"], 0), (["run", "spectroscopy", "/no/such/file.xdi"], 3)],

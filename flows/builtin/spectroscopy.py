@@ -57,10 +57,16 @@ def write(ctx: Any, plan: Any, batches: list[Any]) -> list[str]:
 
 
 def write_sample(
-    directory: Path, seed: int = 0, repeats: int = 3, spectra: int = 0, energy_rows: bool = False
+    directory: Path,
+    seed: int = 0,
+    repeats: int = 3,
+    spectra: int = 0,
+    energy_rows: bool = False,
+    off_sample: int = 0,
 ) -> str:
     """Repeated XAS scans of an Fe foil (or a map of ``spectra`` spectra, scanned an energy
-    at a time with ``energy_rows``); what to run next."""
+    at a time with ``energy_rows``, its first ``off_sample`` positions off the sample); what
+    to run next."""
     from calypso.errors import ParameterError
     from calypso.flows.samples.spectroscopy import (
         reference_spectrum,
@@ -68,11 +74,11 @@ def write_sample(
         write_spectroscopy_sample,
     )
 
-    if spectra < 0 or repeats < 1:
-        raise ParameterError("--spectra must be >= 0 and --repeats >= 1")
+    if spectra < 0 or repeats < 1 or not 0 <= off_sample <= spectra:
+        raise ParameterError("--spectra must be >= 0, --repeats >= 1, --off-sample 0 to --spectra")
     if spectra:
         dataset = write_spectroscopy_map_sample(
-            directory, spectra, seed=seed, energy_rows=energy_rows
+            directory, spectra, seed=seed, energy_rows=energy_rows, off_sample=off_sample
         )
     else:
         dataset = write_spectroscopy_sample(directory, repeats, seed=seed)
@@ -122,6 +128,14 @@ SPECTROSCOPY = Technique(
             {
                 "action": "store_true",
                 "help": "the map scanned an energy at a time (2D counters: energy x spectrum)",
+            },
+        ),
+        Option(
+            ("--off-sample",),
+            {
+                "type": int,
+                "default": 0,
+                "help": "the map's first N positions off the sample (no edge: left out)",
             },
         ),
     ),

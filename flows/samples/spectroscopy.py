@@ -89,9 +89,15 @@ def _counters(
     i0_expected = flux * drift * (1.0 + 0.01 * rng.standard_normal(shape))
     i0 = rng.poisson(i0_expected).astype(np.float64)
     it = rng.poisson(i0 * 0.9 * np.exp(-sample_mu)).astype(np.float64)
+    return {"i0": i0, "it": it, "iref": _reference_counts(it, truth, reference, rng)}
+
+
+def _reference_counts(
+    it: np.ndarray, truth: np.ndarray, reference: ReferenceSpectrum, rng: np.random.Generator
+) -> np.ndarray:
+    """Iref counts behind the reference foil, for the beam ``it`` leaving the sample."""
     foil = np.interp(truth, reference.energy, reference.mu)
-    iref = rng.poisson(it * 0.9 * np.exp(-0.6 * foil)).astype(np.float64)
-    return {"i0": i0, "it": it, "iref": iref}
+    return rng.poisson(it * 0.9 * np.exp(-0.6 * foil)).astype(np.float64)
 
 
 def write_spectroscopy_sample(root: Path, repeats: int = 3, *, seed: int = 0) -> RawDataset:
@@ -124,6 +130,7 @@ def write_spectroscopy_map_sample(
     seed: int = 0,
     block: int = 1000,
     energy_rows: bool = False,
+    off_sample: int = 0,
 ) -> RawDataset:
     """One mapping scan of ``spectra`` spectra (2D counters: spectrum × energy point).
 
@@ -132,6 +139,8 @@ def write_spectroscopy_map_sample(
     block, so memory stays flat however many spectra are asked for.
     ``energy_rows``: the map scanned an energy at a time, as a full-field or line
     detector records it (2D counters: energy point × spectrum, the same numbers).
+    ``off_sample``: the first positions are off the sample (air: no edge), as a raster
+    that starts beside it; the others are the same numbers.
     """
     import h5py
 
@@ -175,6 +184,12 @@ def write_spectroscopy_map_sample(
             thickness = rng.uniform(0.7, 1.3, (count, 1))
             mu = thickness * (fraction * metal + (1 - fraction) * oxide)
             counters = _counters(truth, reference, mu, rng, flux=5e5)
+            off = min(max(off_sample - first, 0), count)
+            if off:  # air, drawn apart: the other positions' numbers stay the same
+                air = np.random.default_rng((seed, first, 1))
+                it = air.poisson(counters["i0"][:off] * 0.9).astype(np.float64)
+                counters["it"][:off] = it
+                counters["iref"][:off] = _reference_counts(it, truth, reference, air)
             for name, values in counters.items():
                 if energy_rows:
                     targets[name][:, first : first + count] = values.T
