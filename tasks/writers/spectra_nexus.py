@@ -105,6 +105,10 @@ class SpectraAssembly:
         """The first batch with spectra reduced (a map's first batches may have none)."""
         return self._first_reduced() or self.first
 
+    def first_reduced_known(self) -> Any:
+        """:attr:`first_reduced` once the batches that came tell it, else None."""
+        return self._first_reduced()
+
     def _first_reduced(self) -> Any:
         """The first batch, in the scan's order, with a spectrum reduced, once every batch
         before it has come; None until then."""
