@@ -437,6 +437,13 @@ def test_sample_data_writes_a_map_starting_off_the_sample(tmp_path, capsys):
         "--off-sample", "4",
     )  # fmt: skip
     assert status == 2 and "--off-sample 0 to --spectra" in err
+    # A map wholly off the sample: refused before anything runs, saying so.
+    calypso(capsys, "sample-data", "spectroscopy", tmp_path / "air", "--spectra", "80",
+            "--off-sample", "80")  # fmt: skip
+    [raw] = {p.parent for p in (tmp_path / "air").rglob("Fe_map_0001.h5")}
+    status, _, err = calypso(capsys, "run", "spectroscopy", raw, "--local")
+    assert status == 3, err
+    assert "no absorption edge" in err and "63 other spectra spread over the map" in err, err
 
 
 @pytest.mark.parametrize(

@@ -212,7 +212,8 @@ def check_source(
             except RawDataError:
                 continue
         raise RawDataError(
-            f"{first_error} (and so have {tried.size} other spectra spread over the map)"
+            f"{first_error} ({tried.size} other spectra spread over the map cannot be reduced "
+            "either)"
         ) from None
 
 
