@@ -92,12 +92,7 @@ def write_partial(
                 values[chunk.start : chunk.stop] = part[name][()]
     done = sum(chunk.stop - chunk.start for chunk in chunks)  # those left out included
     with partial_file(path, entry_name) as h5:
-        entry = h5.create_group(entry_name)
-        nexus.set_nx_class(entry, "NXentry")
-        entry.attrs["default"] = f"{PROCESS}/map"
-        process = entry.create_group(PROCESS)
-        nexus.set_nx_class(process, "NXprocess")
-        process["status"] = state
+        process = _partial_process(h5, entry_name, "map", state)
         process["spectra_done"] = done
         normalized = nexus.create_nxdata(
             process, "normalized", signal="norm", axes=["spectrum", "energy"]
@@ -133,12 +128,7 @@ def write_energy_points_partial(
         finite = np.where(np.isfinite(data.mu), data.mu, np.nan)
         mean, spread = np.nanmean(finite, axis=0), np.nanstd(finite, axis=0)
     with partial_file(path, entry_name) as h5:
-        entry = h5.create_group(entry_name)
-        nexus.set_nx_class(entry, "NXentry")
-        entry.attrs["default"] = f"{PROCESS}/scanned"
-        process = entry.create_group(PROCESS)
-        nexus.set_nx_class(process, "NXprocess")
-        process["status"] = state
+        process = _partial_process(h5, entry_name, "scanned", state)
         process["energy_points_done"] = energy.size
         process["spectra_in_mean"] = data.mu.shape[0]
         scanned = nexus.create_nxdata(process, "scanned", signal="mu_mean", axes=["energy"])
@@ -147,6 +137,18 @@ def write_energy_points_partial(
         scanned["mu_std"] = spread
         scanned.attrs["auxiliary_signals"] = ["mu_std"]
     return energy.size
+
+
+def _partial_process(h5: h5py.File, entry_name: str, default: str, state: str) -> h5py.Group:
+    """A partial file's entry and its ``xas`` process, saying ``state``; its NXdata
+    ``default`` is what a viewer (and the live quick look) shows."""
+    entry = h5.create_group(entry_name)
+    nexus.set_nx_class(entry, "NXentry")
+    entry.attrs["default"] = f"{PROCESS}/{default}"
+    process = entry.create_group(PROCESS)
+    nexus.set_nx_class(process, "NXprocess")
+    process["status"] = state
+    return process
 
 
 def mark_partial_result(output: Path, entry_name: str, reason: str) -> None:

@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
@@ -106,17 +105,6 @@ def _write_part(path: Path, reduction: xas.Reduction, measured: np.ndarray, stac
             h5.attrs["skip_reasons"] = json.dumps(reduction.skip_reasons)
 
 
-def _all_unusable(data: Any, keywords: dict[str, Any]) -> dict[str, int] | None:
-    """How many spectra of ``data`` cannot be reduced, by reason, when none can (else None)."""
-    masks = xas.unusable_spectra(
-        data.energy, data.mu, e0=keywords.get("e0"), e0_smooth=keywords["e0_smooth"],
-        exafs=keywords["exafs"],
-    )  # fmt: skip
-    if not np.logical_or.reduce(list(masks.values())).all():
-        return None
-    return {reason: int(mask.sum()) for reason, mask in masks.items() if mask.any()}
-
-
 def _write_skipped_part(
     path: Path, measured: np.ndarray, mu: np.ndarray, reasons: dict[str, int]
 ) -> None:
@@ -160,24 +148,20 @@ def reduce_into_part(
     source = batch.source
     where = source.describe() + (f" spectra {batch.start}-{batch.stop - 1}" if stacked else "")
     data = absorption(table, parameters)
-    keywords = reduction_keywords(parameters)
     try:
         reduction = xas.reduce_spectra(
             data.energy,
             data.mu,
             mu_reference=data.mu_reference,
             reference_e0=reference_e0,
-            **keywords,
+            **reduction_keywords(parameters),
             where=where,
             skip_unusable=stacked,
         )
-    except RawDataError:
+    except xas.NoSpectrumReducible as nothing:
         # A batch of a map none of whose spectra can be reduced (a raster's lines off the
         # sample): left out, its results NaN; the map's other batches decide.
-        reasons = _all_unusable(data, keywords) if stacked else None
-        if reasons is None:
-            raise
-        _write_skipped_part(part, data.energy, data.mu, reasons)
+        _write_skipped_part(part, data.energy, data.mu, nothing.reasons)
     else:
         _write_part(part, reduction, data.energy, stacked=stacked)
     return BatchResult(

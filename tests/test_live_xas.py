@@ -43,6 +43,20 @@ def map_sample(tmp_path_factory):
     return write_spectroscopy_map_sample(tmp_path_factory.mktemp("visitor"), SPECTRA, seed=4)
 
 
+def follow_map(raw_dir, parameters, live_settings, writer, *watchers, source="files", stall=30):
+    """The live run of the map ``writer`` replays into ``raw_dir``: its summary, once the
+    writer has ended (and ``watchers`` are told the run is over)."""
+    try:
+        return live.run_live(
+            "spectroscopy", str(raw_dir), parameters, None, None, live_settings,
+            live={"source": source, "stall_timeout": stall, "poll": 0.05},
+        )  # fmt: skip
+    finally:
+        for watcher in watchers:
+            watcher.done.set()
+        assert writer.wait(timeout=60) == 0
+
+
 def scanned_so_far(h5) -> dict | None:
     """What a user reads of the partial file of a map scanned an energy at a time before
     its end (None once it holds spectra): the mean absorption over the energies so far."""
@@ -87,14 +101,7 @@ def test_a_map_is_reduced_while_it_is_scanned(map_sample, tmp_path, catalogue_pa
     watcher.start()
     raw_dir = replayed(map_sample, root)
     parameters = SpectroscopyParameters(batch_size=BATCH)
-    try:
-        summary = live.run_live(
-            "spectroscopy", str(raw_dir), parameters, None, None, live_settings,
-            live={"source": "files", "stall_timeout": 30, "poll": 0.05},
-        )  # fmt: skip
-    finally:
-        watcher.done.set()
-        assert writer.wait(timeout=60) == 0
+    summary = follow_map(raw_dir, parameters, live_settings, writer, watcher)
     last_written = json.loads((tmp_path / "written.json").read_text())["written"][-1]
     timeline = list(live.LAST_TIMELINE)
     assert summary["count"] == SPECTRA and not summary["partial"], summary
@@ -146,13 +153,8 @@ def test_an_aborted_map_gives_a_result_marked_partial(
         recorded.raw_dataset_dir, root,
         *("--rate", str(rate), "--start-delay", "0.5", "--abort-after", str(aborted_after)),
     )  # fmt: skip
-    try:
-        summary = live.run_live(
-            "spectroscopy", str(replayed(recorded, root)), SpectroscopyParameters(), None,
-            None, live_settings, live={"source": "files", "stall_timeout": 30, "poll": 0.05},
-        )  # fmt: skip
-    finally:
-        assert writer.wait(timeout=60) == 0
+    raw_dir = replayed(recorded, root)
+    summary = follow_map(raw_dir, SpectroscopyParameters(), live_settings, writer)
     assert summary["count"] == spectra and "USER_ABORT" in summary["partial"]
     assert any("marked partial" in w for w in summary["warnings"])
     path = summary["outputs"][0].split("::")[0]
@@ -182,13 +184,7 @@ def test_a_map_on_blissdata_is_reduced_from_the_streams_the_file_lags(
     )  # fmt: skip
     raw_dir = replayed(map_sample, root)
     parameters = SpectroscopyParameters(batch_size=BATCH)
-    try:
-        summary = live.run_live(
-            "spectroscopy", str(raw_dir), parameters, None, None, live_settings,
-            live={"source": blissdata_url, "stall_timeout": 30, "poll": 0.05},
-        )  # fmt: skip
-    finally:
-        assert writer.wait(timeout=60) == 0
+    summary = follow_map(raw_dir, parameters, live_settings, writer, source=blissdata_url)
     in_file = json.loads(timeline.read_text())["written"]  # when the file got each spectrum
     chunks = list(live.LAST_TIMELINE)
     assert summary["count"] == SPECTRA and not summary["partial"], summary
@@ -236,15 +232,9 @@ def test_a_map_scanned_an_energy_at_a_time_is_reduced_at_its_end(
     looks.start()
     raw_dir = replayed(energy_map_sample, root)
     parameters = SpectroscopyParameters()
-    try:
-        summary = live.run_live(
-            "spectroscopy", str(raw_dir), parameters, None, None, live_settings,
-            live={"source": url or "files", "stall_timeout": 3, "poll": 0.05},
-        )  # fmt: skip
-    finally:
-        watcher.done.set()
-        looks.done.set()
-        assert writer.wait(timeout=60) == 0
+    summary = follow_map(
+        raw_dir, parameters, live_settings, writer, watcher, looks, source=url or "files", stall=3
+    )
     written = json.loads(timeline.read_text())["written"]
     assert len(written) == 415  # the energy points, 4 s at 100 a second: over the stall time-out
     chunks = list(live.LAST_TIMELINE)
@@ -296,23 +286,13 @@ def test_a_map_whose_first_pixels_are_off_the_sample_is_followed(tmp_path_factor
     """The map's first spectra have no edge (off the sample): the live run waits for one
     it can plan on instead of failing, leaves those out as offline, and gives the offline
     result."""
-    sample = write_spectroscopy_map_sample(tmp_path_factory.mktemp("visitor"), 60, seed=4)
-    with h5py.File(sample.raw_file, "a") as h5:
-        counters = h5["1.1/measurement"]
-        it = counters["it"][()]
-        it[:6] = counters["i0"][:6] * 0.9  # air: no edge
-        counters["it"][...] = it
+    visitor = tmp_path_factory.mktemp("visitor")
+    sample = write_spectroscopy_map_sample(visitor, 60, seed=4, off_sample=6)  # air: no edge
     root = tmp_path / "beamline"
     writer = simulate(sample.raw_dataset_dir, root, "--rate", "20", "--start-delay", "0.5")
     raw_dir = replayed(sample, root)
     parameters = SpectroscopyParameters(batch_size=BATCH)
-    try:
-        summary = live.run_live(
-            "spectroscopy", str(raw_dir), parameters, None, None, live_settings,
-            live={"source": "files", "stall_timeout": 30, "poll": 0.05},
-        )  # fmt: skip
-    finally:
-        assert writer.wait(timeout=60) == 0
+    summary = follow_map(raw_dir, parameters, live_settings, writer)
     assert summary["count"] == 60 and not summary["partial"], summary
     assert summary["key_figures"]["1.1"]["spectra_skipped"] == 6
     assert_as_offline(

@@ -23,6 +23,7 @@ spectrum is handed out once ``end_time`` is written (:attr:`CounterRows.whole_at
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -373,25 +374,17 @@ def read_live_counters(
     with ``energy_rows``; 1D counters whole) and the edge metadata, as
     :func:`calypso.tasks.raw.spectra.read_bliss_counters` reads them offline, from a
     dataset file its writer may still hold (SWMR, no locking)."""
-    entry = f"{scan}.1"
-    try:
-        with open_lima(path) as h5:
-            measurement = h5[f"{entry}/measurement"]
-            columns: dict[str, np.ndarray] = {}
-            for name in measurement:
-                item = measurement.get(name)
-                if getattr(item, "ndim", 0) == 1:
-                    columns[name] = np.asarray(item[()], dtype=np.float64)
-                elif getattr(item, "ndim", 0) == 2:
-                    if item.shape[int(energy_rows)] < stop:  # never fewer spectra than asked
-                        raise KeyError(f"{name} holds {item.shape[int(energy_rows)]} spectra")
-                    columns[name] = counter_spectra(item, start, stop, energy_rows)
-            metadata = _edge_metadata(h5, entry)
-    except (OSError, KeyError, ValueError) as exc:
-        raise RawDataError(
-            f"{path} scan {scan}: the counters of spectra {start}-{stop - 1} cannot be read ({exc})"
-        ) from None
-    return ColumnTable(where=f"{path} scan {scan}", columns=columns, metadata=metadata)
+
+    def take(name: str, item: Any) -> np.ndarray | None:
+        if getattr(item, "ndim", 0) == 1:
+            return np.asarray(item[()], dtype=np.float64)
+        if getattr(item, "ndim", 0) != 2:
+            return None
+        if item.shape[int(energy_rows)] < stop:  # never fewer spectra than asked
+            raise KeyError(f"{name} holds {item.shape[int(energy_rows)]} spectra")
+        return counter_spectra(item, start, stop, energy_rows)
+
+    return _read_counters(path, scan, f"the counters of spectra {start}-{stop - 1}", take)
 
 
 def read_energy_points(path: str | Path, scan: int, points: int, most_spectra: int) -> ColumnTable:
@@ -400,33 +393,41 @@ def read_energy_points(path: str | Path, scan: int, points: int, most_spectra: i
     counters' columns, as spectra; the 1D counters cut to ``points``), and the edge metadata:
     a look at the map while it is scanned, whatever its size, from its dataset file as it
     grows (SWMR, no locking)."""
+
+    def take(name: str, item: Any) -> np.ndarray | None:
+        if getattr(item, "ndim", 0) == 1:
+            return np.asarray(item[: min(points, item.shape[0])], np.float64)
+        if getattr(item, "ndim", 0) != 2:
+            return None
+        if item.shape[0] < points:
+            raise KeyError(f"{name} holds {item.shape[0]} energy points")
+        every = -(-item.shape[1] // max(most_spectra, 1))  # ceiling
+        # Whole rows a block at a time, then one spectrum in ``every``: 3x faster than
+        # h5py's strided selection (10^4 spectra, 415 points).
+        blocks = [item[row : min(row + 64, points)][:, ::every] for row in range(0, points, 64)]
+        return np.ascontiguousarray(np.concatenate(blocks).astype(np.float64).T)
+
+    return _read_counters(path, scan, f"the counters of its first {points} energy points", take)
+
+
+def _read_counters(
+    path: str | Path, scan: int, what: str, take: Callable[[str, Any], np.ndarray | None]
+) -> ColumnTable:
+    """Scan ``scan``'s counters as ``take(name, dataset)`` reads each (None: left out) and
+    its edge metadata, from a dataset file its writer may still hold; a failure names
+    ``what``."""
     entry = f"{scan}.1"
     try:
         with open_lima(path) as h5:
             measurement = h5[f"{entry}/measurement"]
             columns: dict[str, np.ndarray] = {}
             for name in measurement:
-                item = measurement.get(name)
-                if getattr(item, "ndim", 0) == 2:
-                    if item.shape[0] < points:
-                        raise KeyError(f"{name} holds {item.shape[0]} energy points")
-                    every = -(-item.shape[1] // max(most_spectra, 1))  # ceiling
-                    # Whole rows a block at a time, then one spectrum in ``every``: 3x
-                    # faster than h5py's strided selection (10^4 spectra, 415 points).
-                    blocks = [
-                        item[row : min(row + 64, points)][:, ::every]
-                        for row in range(0, points, 64)
-                    ]  # fmt: skip
-                    rows = np.concatenate(blocks).astype(np.float64)
-                    columns[name] = np.ascontiguousarray(rows.T)
-                elif getattr(item, "ndim", 0) == 1:
-                    columns[name] = np.asarray(item[: min(points, item.shape[0])], np.float64)
+                values = take(name, measurement.get(name))
+                if values is not None:
+                    columns[name] = values
             metadata = _edge_metadata(h5, entry)
     except (OSError, KeyError, ValueError) as exc:
-        raise RawDataError(
-            f"{path} scan {scan}: the counters of its first {points} energy points cannot be "
-            f"read ({exc})"
-        ) from None
+        raise RawDataError(f"{path} scan {scan}: {what} cannot be read ({exc})") from None
     return ColumnTable(where=f"{path} scan {scan}", columns=columns, metadata=metadata)
 
 

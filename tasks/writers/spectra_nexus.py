@@ -59,6 +59,7 @@ class SpectraAssembly:
         self._has_exafs = False  # told by the first batch
         self._k: np.ndarray | None = None  # the longest k axis of the batches copied
         self._skipped: dict[str, int] = {}  # spectra left out (a map's), by reason
+        self._laid_out_by: Any = None  # the first batch with spectra reduced, once known
 
     @property
     def count(self) -> int:
@@ -77,7 +78,7 @@ class SpectraAssembly:
             first = self._first_reduced()
             if first is None:  # the layout is the first reduced batch's: kept for then
                 return
-            self._lay_out(first.part_file)
+            self._lay_out(first)
         for waiting in self._waiting:
             self._copy(waiting)
         self._waiting.clear()
@@ -91,7 +92,7 @@ class SpectraAssembly:
                     f"no spectrum of the {self.n} could be reduced ({self._reasons()}): is the "
                     "map's edge in the scanned range, and are these the sample's counters?"
                 )
-            self._lay_out(first.part_file)
+            self._lay_out(first)
         for waiting in self._waiting:
             self._copy(waiting)
         self._waiting.clear()
@@ -112,6 +113,8 @@ class SpectraAssembly:
     def _first_reduced(self) -> Any:
         """The first batch, in the scan's order, with a spectrum reduced, once every batch
         before it has come; None until then."""
+        if self._laid_out_by is not None:
+            return self._laid_out_by
         expected = 0
         for part in sorted(self.parts, key=lambda p: p.start):
             if part.start != expected:
@@ -128,8 +131,9 @@ class SpectraAssembly:
                     self._skipped[reason] = self._skipped.get(reason, 0) + count
         return "; ".join(f"{reason}: {count}" for reason, count in self._skipped.items())
 
-    def _lay_out(self, first_part: str) -> None:
-        with h5py.File(first_part, "r") as first:
+    def _lay_out(self, part: Any) -> None:
+        self._laid_out_by = part
+        with h5py.File(part.part_file, "r") as first:
             energy = first["energy"][()]
             ranges = json.loads(first.attrs["ranges"])
             nknots = int(first.attrs.get("nknots", 0))

@@ -79,7 +79,12 @@ from calypso.techniques.spectroscopy.parameters import (
     SpectroscopyScience,
     SpectroscopySource,
 )
-from calypso.techniques.spectroscopy.reduction import Reduction, reduce_spectra, unusable_spectra
+from calypso.techniques.spectroscopy.reduction import (
+    NoSpectrumReducible,
+    Reduction,
+    reduce_spectra,
+    unusable_spectra,
+)
 
 __all__ = [
     "E0_WINDOW",
@@ -93,6 +98,7 @@ __all__ = [
     "EdgeRanges",
     "Exafs",
     "MergedSpectrum",
+    "NoSpectrumReducible",
     "Normalization",
     "Reduction",
     "SpectroscopyExecution",

@@ -34,6 +34,15 @@ class Reduction:
     skip_reasons: dict[str, int] = field(default_factory=dict)
 
 
+class NoSpectrumReducible(RawDataError):
+    """None of a batch's spectra can be reduced (:func:`reduce_spectra` with
+    ``skip_unusable``): the first one's error; ``reasons``, how many by reason."""
+
+    def __init__(self, message: str, reasons: dict[str, int]) -> None:
+        super().__init__(message)
+        self.reasons = reasons
+
+
 #: Why a spectrum of a map cannot be reduced (:func:`unusable_spectra`).
 NOT_FINITE = "mu(E) not finite (I0 or It zero or negative)"
 NO_EDGE = "no absorption edge in the scanned range"
@@ -147,8 +156,8 @@ def reduce_spectra(
         For the spectra of a map: when the batch cannot be reduced whole, those that
         cannot be reduced (:func:`unusable_spectra`: off the sample, beam lost) are left
         out, their results NaN (``skipped``, ``skip_reasons``), and the others are reduced
-        as a batch of them alone. Without it (or when none is usable) such a spectrum is
-        an error.
+        as a batch of them alone; none can: :class:`NoSpectrumReducible`. Without it
+        such a spectrum is an error.
 
     Examples
     --------
@@ -159,24 +168,27 @@ def reduce_spectra(
     (array([7112.]), None)
     """
     energy, mu = batch_rows(energy, mu)
-    keywords = {
-        "e0_smooth": e0_smooth, "pre1": pre1, "pre2": pre2, "norm1": norm1, "norm2": norm2,
-        "nnorm": nnorm, "nvict": nvict, "exafs": exafs, "rbkg": rbkg, "nknots": nknots,
-        "bkg_kmin": bkg_kmin, "bkg_kmax": bkg_kmax, "bkg_kweight": bkg_kweight,
-        "bkg_dk": bkg_dk, "clamp_lo": clamp_lo, "clamp_hi": clamp_hi, "kweight": kweight,
-        "kmin": kmin, "kmax": kmax, "dk": dk, "window": window, "rmax_out": rmax_out,
-    }  # fmt: skip
     if skip_unusable and mu.shape[0] > 1:
+        keywords = {
+            "e0_smooth": e0_smooth, "pre1": pre1, "pre2": pre2, "norm1": norm1, "norm2": norm2,
+            "nnorm": nnorm, "nvict": nvict, "exafs": exafs, "rbkg": rbkg, "nknots": nknots,
+            "bkg_kmin": bkg_kmin, "bkg_kmax": bkg_kmax, "bkg_kweight": bkg_kweight,
+            "bkg_dk": bkg_dk, "clamp_lo": clamp_lo, "clamp_hi": clamp_hi, "kweight": kweight,
+            "kmin": kmin, "kmax": kmax, "dk": dk, "window": window, "rmax_out": rmax_out,
+        }  # fmt: skip
         # Looked for only when the batch cannot be reduced whole: a batch that can is
         # reduced exactly as without the option, at no extra cost.
         arguments = {"mu_reference": mu_reference, "reference_e0": reference_e0, "e0": e0}
         try:
             return reduce_spectra(energy, mu, **arguments, where=where, **keywords)
-        except RawDataError:
+        except RawDataError as error:
             masks = unusable_spectra(energy, mu, e0=e0, e0_smooth=e0_smooth, exafs=exafs)
             keep = ~np.logical_or.reduce(list(masks.values()))
-            if keep.all() or not keep.any():  # none to leave out, or none left: the error
+            reasons = {reason: int(mask.sum()) for reason, mask in masks.items() if mask.any()}
+            if keep.all():  # none to leave out: the batch's own error
                 raise
+            if not keep.any():
+                raise NoSpectrumReducible(str(error), reasons) from None
         kept = reduce_spectra(
             energy[keep],
             mu[keep],
@@ -186,7 +198,6 @@ def reduce_spectra(
             where=where,
             **keywords,
         )
-        reasons = {reason: int(mask.sum()) for reason, mask in masks.items() if mask.any()}
         return _with_skipped(kept, keep, energy, mu, reasons)
     check_spectrum(energy, mu, where)
     shift = np.zeros(mu.shape[0])
