@@ -56,53 +56,74 @@ class BatchResult(BaseModel):
     seconds: float
 
 
-def _write_part(path: Path, reduction: xas.Reduction, measured: np.ndarray, stacked: bool) -> None:
-    """Store a reduced batch.
+def _write_part(path: Path, batch: xas.BatchReduction, measured: np.ndarray, stacked: bool) -> None:
+    """Store a reduced batch, reduced and written a block of spectra at a time.
 
     A single spectrum keeps its calibrated energies. Many spectra (a map) share
     one axis, the measured energies of their source, and each spectrum's
     calibration is its ``energy_shift``: no interpolation, so nothing is smoothed.
     """
-    norm = reduction.normalization
-    arrays = {
-        "mu": reduction.mu,
-        "norm": norm.norm,
-        "flat": norm.flat,
-        "pre_edge": norm.pre_edge,
-        "post_edge": norm.post_edge,
-    }
-    if reduction.exafs is not None:
-        arrays["background"] = reduction.exafs.background
-    measured = np.broadcast_to(measured, reduction.mu.shape)
-    axis = measured[0] if stacked else reduction.energy[0]
+    n, m = batch.mu.shape
+    measured = np.broadcast_to(measured, (n, m))
     with h5py.File(path, "w") as h5:
-        h5["energy"] = axis
-        differs = [
-            row for row in range(measured.shape[0]) if not np.array_equal(measured[row], axis)
-        ]
-        for name, values in arrays.items():
-            if stacked and differs:  # rows measured on other grids go onto the first's
-                values = values.copy()
-                for row in differs:
-                    values[row] = np.interp(axis, measured[row], values[row])
-            h5[name] = values
-        h5["e0"] = norm.e0
-        h5["edge_step"] = norm.edge_step
-        h5["edge_noise"] = norm.edge_noise
-        h5["e0_spread"] = norm.e0_spread
-        h5["energy_shift"] = reduction.shift
-        h5["pre_edge_coefficients"] = norm.pre_coefficients
-        h5["post_edge_coefficients"] = norm.post_coefficients
-        h5.attrs["ranges"] = json.dumps(norm.ranges.__dict__)
-        if reduction.exafs is not None:
-            h5["k"] = reduction.exafs.k
-            h5["chi"] = reduction.exafs.chi
-            h5["r"] = reduction.exafs.r
-            h5["chir_magnitude"] = reduction.exafs.chir_magnitude
-            h5.attrs["nknots"] = reduction.exafs.nknots
-        if reduction.skipped is not None:  # spectra of a map that could not be reduced
-            h5["skipped"] = reduction.skipped
-            h5.attrs["skip_reasons"] = json.dumps(reduction.skip_reasons)
+        for rows, reduction in batch.normalized():
+            norm = reduction.normalization
+            if rows.start == 0:
+                axis = measured[0] if stacked else reduction.energy[0]
+                h5["energy"] = axis
+                for name in ("mu", "norm", "flat", "pre_edge", "post_edge"):
+                    h5.create_dataset(name, (n, m), dtype=np.float64)
+                for name in ("e0", "edge_step", "edge_noise", "e0_spread", "energy_shift"):
+                    h5.create_dataset(name, (n,), dtype=np.float64)
+                for name, values in (
+                    ("pre_edge_coefficients", norm.pre_coefficients),
+                    ("post_edge_coefficients", norm.post_coefficients),
+                ):
+                    h5.create_dataset(name, (n, values.shape[1]), dtype=np.float64)
+                h5.attrs["ranges"] = json.dumps(norm.ranges.__dict__)
+            on_axis = _on_axis(axis, measured[rows], stacked)
+            h5["mu"][rows] = on_axis(reduction.mu)
+            h5["norm"][rows] = on_axis(norm.norm)
+            h5["flat"][rows] = on_axis(norm.flat)
+            h5["pre_edge"][rows] = on_axis(norm.pre_edge)
+            h5["post_edge"][rows] = on_axis(norm.post_edge)
+            h5["e0"][rows] = norm.e0
+            h5["edge_step"][rows] = norm.edge_step
+            h5["edge_noise"][rows] = norm.edge_noise
+            h5["e0_spread"][rows] = norm.e0_spread
+            h5["energy_shift"][rows] = reduction.shift
+            h5["pre_edge_coefficients"][rows] = norm.pre_coefficients
+            h5["post_edge_coefficients"][rows] = norm.post_coefficients
+        if batch.design is not None:
+            for rows, exafs in batch.exafs():
+                if rows.start == 0:
+                    h5["k"], h5["r"] = exafs.k, exafs.r
+                    h5.create_dataset("background", (n, m), dtype=np.float64)
+                    h5.create_dataset("chi", (n, exafs.k.size), dtype=np.float64)
+                    h5.create_dataset("chir_magnitude", (n, exafs.r.size), dtype=np.float64)
+                    h5.attrs["nknots"] = exafs.nknots
+                h5["background"][rows] = _on_axis(axis, measured[rows], stacked)(exafs.background)
+                h5["chi"][rows] = exafs.chi
+                h5["chir_magnitude"][rows] = exafs.chir_magnitude
+        if batch.keep is not None:  # spectra of a map that could not be reduced
+            h5["skipped"] = ~batch.keep
+            h5.attrs["skip_reasons"] = json.dumps(batch.skip_reasons)
+
+
+def _on_axis(axis: np.ndarray, measured: np.ndarray, stacked: bool):
+    """Rows of a map's spectra onto its one energy ``axis``: those ``measured`` on
+    another grid are interpolated onto it (a copy), the others as they are."""
+    differs = [row for row in range(measured.shape[0]) if not np.array_equal(measured[row], axis)]
+
+    def onto(values: np.ndarray) -> np.ndarray:
+        if not (stacked and differs):
+            return values
+        values = values.copy()
+        for row in differs:
+            values[row] = np.interp(axis, measured[row], values[row])
+        return values
+
+    return onto
 
 
 def _write_skipped_part(
@@ -127,10 +148,17 @@ def reduce_spectra_batch(
     """Read spectra ``start:stop`` of one source, reduce them, store the arrays in a part file."""
     began = time.perf_counter()
     source = batch.source
-    table = read_source(source, batch.start, batch.stop)
     part = Path(work_dir) / f"{source.label}-{batch.start:09d}.h5"
+    # The counters are handed over, not kept here: reduce_into_part lets them go once it
+    # has mu(E) (~10 kB a spectrum, a third of what a batch holds while it is reduced).
     return reduce_into_part(
-        table, batch, parameters, reference_e0, part, source.n_spectra > 1, began
+        read_source(source, batch.start, batch.stop),
+        batch,
+        parameters,
+        reference_e0,
+        part,
+        source.n_spectra > 1,
+        began,
     )
 
 
@@ -148,10 +176,12 @@ def reduce_into_part(
     source = batch.source
     where = source.describe() + (f" spectra {batch.start}-{batch.stop - 1}" if stacked else "")
     data = absorption(table, parameters)
+    del table  # the raw counters: freed while the batch is reduced, where the caller let go
+    energy, mu = data.energy, data.mu
     try:
-        reduction = xas.reduce_spectra(
-            data.energy,
-            data.mu,
+        reduction = xas.BatchReduction(
+            energy,
+            mu,
             mu_reference=data.mu_reference,
             reference_e0=reference_e0,
             **reduction_keywords(parameters),
@@ -161,9 +191,10 @@ def reduce_into_part(
     except xas.NoSpectrumReducible as nothing:
         # A batch of a map none of whose spectra can be reduced (a raster's lines off the
         # sample): left out, its results NaN; the map's other batches decide.
-        _write_skipped_part(part, data.energy, data.mu, nothing.reasons)
+        _write_skipped_part(part, energy, mu, nothing.reasons)
     else:
-        _write_part(part, reduction, data.energy, stacked=stacked)
+        del data  # with it the reference foil's mu(E), needed for the calibration only
+        _write_part(part, reduction, energy, stacked=stacked)
     return BatchResult(
         label=source.label,
         start=batch.start,
@@ -193,14 +224,14 @@ def merge_repeated_scans(
                 spectra.append(norm)
                 noise.append(xas.spectrum_noise(energy, norm, float(part["e0"][0])))
     merged = xas.merge_spectra(energies, spectra, np.array(noise))
-    reduction = xas.reduce_spectra(
+    reduction = xas.BatchReduction(
         merged.energy,
         merged.values,
         **reduction_keywords(plan.parameters),
         where=f"merge of {len(spectra)} scans",
     )
     part_file = Path(work_dir) / f"{MERGED}.h5"
-    _write_part(part_file, reduction, reduction.energy, stacked=False)
+    _write_part(part_file, reduction, merged.energy, stacked=False)
     with h5py.File(part_file, "a") as h5:
         h5["mu_errors"] = merged.error[None, :]
         h5["merge_weights"] = merged.weights

@@ -142,6 +142,69 @@ def test_a_batchs_fourier_transform_holds_little_more_than_its_results(test_data
     assert np.array_equal(np.abs(whole[:, : exafs.r.size]), exafs.chir_magnitude)
 
 
+def a_map_batch(test_data, n: int, off_sample: slice | None = None):
+    """``n`` spectra of the Fe foil as a map's batch: each scaled, noisy and measured with its
+    own monochromator offset (calibrated on the foil itself); ``off_sample`` rows are noise."""
+    energy, mu, _ = load(test_data / "xas" / "fe_metal_rt.xdi")
+    rng = np.random.default_rng(7)
+    energies = energy + rng.normal(0, 0.3, (n, 1))
+    batch = mu * rng.uniform(0.5, 2.0, (n, 1)) + rng.normal(0, 1e-3, (n, mu.size))
+    if off_sample is not None:
+        batch[off_sample] = rng.normal(1.0, 0.01, batch[off_sample].shape)
+    foil = float(xas.find_e0(energy, mu)[0])
+    return energies, batch, {"mu_reference": np.broadcast_to(mu, batch.shape), "reference_e0": foil}
+
+
+@pytest.mark.parametrize("rows", [7, 512])
+def test_a_batch_reduced_a_block_at_a_time_gives_the_whole_batchs_numbers(test_data, rows):
+    """Blocks of spectra, the batch's shared grids and fit decided first: bit for bit the
+    batch reduced at once, spectra left out included (one run of them longer than a block)."""
+    energies, batch, calibration = a_map_batch(test_data, 1500, off_sample=slice(600, 1200))
+    batch[3] = np.random.default_rng(8).normal(1.0, 0.01, batch.shape[1])
+    whole = xas.reduce_spectra(energies, batch, **calibration, skip_unusable=True)
+    assert whole.skipped[600:1200].all() and whole.skipped[3] and not whole.skipped.all()
+    blocks = xas.BatchReduction(energies, batch, **calibration, skip_unusable=True)
+    normalized = list(blocks.normalized(rows))
+    exafs = list(blocks.exafs(rows))
+    assert [r.start for r, _ in normalized] == list(range(0, 1500, rows))
+
+    def joined(parts, name):
+        return np.concatenate([getattr(part, name) for _, part in parts])
+
+    norms = [(r, part.normalization) for r, part in normalized]
+    for name in ("energy", "mu", "shift", "skipped"):
+        assert np.array_equal(joined(normalized, name), getattr(whole, name), equal_nan=True)
+    for name in ("e0", "edge_step", "norm", "flat", "pre_edge", "post_edge", "e0_spread"):
+        expected = getattr(whole.normalization, name)
+        assert np.array_equal(joined(norms, name), expected, equal_nan=True), name
+    for name in ("chi", "background", "chir_magnitude"):
+        assert np.array_equal(joined(exafs, name), getattr(whole.exafs, name), equal_nan=True)
+    assert all(part.normalization.ranges == whole.normalization.ranges for _, part in normalized)
+
+
+def test_a_batch_reduced_a_block_at_a_time_holds_little_more_than_its_inputs(test_data):
+    """What a batch's reduction holds grows by ~15 kB a spectrum (its inputs, mu(k) and the
+    background fit) when reduced a block at a time, against ~40 kB at once: the memory of a
+    map's worker stays flat whatever the batch's size (docs/performance.md)."""
+
+    def peak(n: int, rows: int | None) -> int:
+        energies, batch, calibration = a_map_batch(test_data, n)
+        tracemalloc.start()
+        try:
+            blocks = xas.BatchReduction(energies, batch, **calibration)
+            for _ in blocks.normalized(rows or n):
+                pass
+            for _ in blocks.exafs(rows or n):
+                pass
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    per_spectrum = (peak(3000, xas.BLOCK_ROWS) - peak(1000, xas.BLOCK_ROWS)) / 2000
+    at_once = (peak(3000, None) - peak(1000, None)) / 2000
+    assert per_spectrum < 20e3 < at_once, (per_spectrum, at_once)
+
+
 def test_calibration_recovers_a_known_monochromator_offset(test_data):
     energy, mu, _ = load(test_data / "xas" / "fe_metal_rt.xdi")
     measured = energy + 2.5  # a monochromator reading 2.5 eV high

@@ -442,7 +442,8 @@ def absorption(table: ColumnTable, parameters: SpectroscopyParameters) -> Absorp
     if mode == "transmission":
         it = _rows(table.columns[table.find(p.it, "it")], n)
         with np.errstate(divide="ignore", invalid="ignore"):
-            mu = np.log(i0 / it)
+            mu = np.divide(i0, it)
+            np.log(mu, out=mu)  # in place: one batch-sized array, not two
     elif mode == "fluorescence":
         if not p.fluorescence:
             raise ParameterError("mode 'fluorescence' needs the channels: --set fluorescence=[...]")
@@ -468,9 +469,10 @@ def absorption(table: ColumnTable, parameters: SpectroscopyParameters) -> Absorp
     iref_name = table.find(p.iref, "iref", required=False)
     if iref_name is not None and it_name is not None:
         with np.errstate(divide="ignore", invalid="ignore"):
-            mu_reference = np.log(
-                _rows(table.columns[it_name], n) / _rows(table.columns[iref_name], n)
+            mu_reference = np.divide(
+                _rows(table.columns[it_name], n), _rows(table.columns[iref_name], n)
             )
+            np.log(mu_reference, out=mu_reference)
         # A reference channel without signal cannot calibrate; but where mu(E) itself is not
         # finite (a map's pixel where the beam was lost, left out) it need not.
         unusable = ~np.isfinite(mu_reference).all(axis=-1) & np.isfinite(mu).all(axis=-1)
@@ -483,7 +485,8 @@ def absorption(table: ColumnTable, parameters: SpectroscopyParameters) -> Absorp
         mu_reference = None if mu_reference is None else mu_reference[..., ::-1]
     return Absorption(
         energy=np.ascontiguousarray(energy),
-        mu=np.array(mu, dtype=np.float64),
+        # A copy only where mu is not already an array of its own (a column, a view).
+        mu=np.require(mu, np.float64, ["C_CONTIGUOUS", "OWNDATA"]),
         mu_reference=mu_reference,
         mode=mode,
         metadata=table.metadata,

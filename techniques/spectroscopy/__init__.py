@@ -28,16 +28,28 @@ array([1.5])
 """
 
 from calypso.techniques.spectroscopy.absorption import (
+    BLOCK_ROWS,
     batch_rows,
     check_spectrum,
     fluorescence_mu,
     mono_energy,
+    row_blocks,
     transmission_mu,
 )
 from calypso.techniques.spectroscopy.calibration import (
     calibration_shift,
     guess_edge,
     tabulated_edge,
+)
+from calypso.techniques.spectroscopy.edge import (
+    E0_WINDOW,
+    MAX_E0_SPREAD,
+    MIN_EDGE_CONTRAST,
+    MIN_EDGE_NOISE_RATIO,
+    e0_spread,
+    edge_contrast,
+    edge_noise_ratio,
+    find_e0,
 )
 from calypso.techniques.spectroscopy.exafs import (
     ETOK,
@@ -59,18 +71,10 @@ from calypso.techniques.spectroscopy.merging import (
     spectrum_noise,
 )
 from calypso.techniques.spectroscopy.normalization import (
-    E0_WINDOW,
-    MAX_E0_SPREAD,
     MAX_NNORM,
-    MIN_EDGE_CONTRAST,
-    MIN_EDGE_NOISE_RATIO,
     EdgeRanges,
     Normalization,
-    e0_spread,
-    edge_contrast,
-    edge_noise_ratio,
     edge_ranges,
-    find_e0,
     normalize,
 )
 from calypso.techniques.spectroscopy.parameters import (
@@ -80,6 +84,7 @@ from calypso.techniques.spectroscopy.parameters import (
     SpectroscopySource,
 )
 from calypso.techniques.spectroscopy.reduction import (
+    BatchReduction,
     NoSpectrumReducible,
     Reduction,
     reduce_spectra,
@@ -87,6 +92,7 @@ from calypso.techniques.spectroscopy.reduction import (
 )
 
 __all__ = [
+    "BLOCK_ROWS",
     "E0_WINDOW",
     "ETOK",
     "KSTEP",
@@ -95,6 +101,7 @@ __all__ = [
     "MIN_EDGE_CONTRAST",
     "MIN_EDGE_NOISE_RATIO",
     "NFFT",
+    "BatchReduction",
     "EdgeRanges",
     "Exafs",
     "MergedSpectrum",
@@ -125,6 +132,7 @@ __all__ = [
     "normalize",
     "r_grid",
     "reduce_spectra",
+    "row_blocks",
     "spectrum_noise",
     "spectrum_on_k",
     "tabulated_edge",

@@ -12,6 +12,10 @@ from scipy import constants
 
 from calypso.errors import RawDataError
 
+#: Spectra worked on at once where a batch's temporaries would grow with the batch
+#: (:func:`row_blocks`): ~64 kB of arrays each, ~33 MB a block.
+BLOCK_ROWS = 512
+
 
 def batch_rows(energy: np.ndarray, mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``energy`` and ``mu`` as float64 rows ``(n, m)``, a shared energy grid broadcast.
@@ -25,6 +29,22 @@ def batch_rows(energy: np.ndarray, mu: np.ndarray) -> tuple[np.ndarray, np.ndarr
     mu = np.atleast_2d(np.asarray(mu, dtype=np.float64))
     energy = np.broadcast_to(np.asarray(energy, dtype=np.float64), mu.shape)
     return energy, mu
+
+
+def row_blocks(n: int, rows: int = BLOCK_ROWS) -> list[slice]:
+    """Slices of ``rows`` spectra (the last one shorter) covering ``n``.
+
+    The per-spectrum arithmetic of this package gives the same numbers whatever rows
+    it is done with (interpolation, smoothing, medians, FFTs and stacked solves are row by
+    row), so a batch may be worked on a block at a time; matrix products over the batch
+    (BLAS) are not, and are done on the whole batch.
+
+    Examples
+    --------
+    >>> row_blocks(5, rows=2)
+    [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)]
+    """
+    return [slice(start, min(start + rows, n)) for start in range(0, n, max(rows, 1))]
 
 
 def mono_energy(angle_deg: np.ndarray, d_spacing: float) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from calypso.errors import ParameterError
-from calypso.techniques.spectroscopy.normalization import find_e0
+from calypso.techniques.spectroscopy.edge import find_e0
 
 
 def tabulated_edge(element: str, edge: str = "K") -> float:

@@ -1,4 +1,4 @@
-"""Edge energy and normalisation: E0, the pre-edge line and the post-edge step, as Athena does.
+"""Normalisation: the pre-edge line and the post-edge step, as Athena does (E0: :mod:`.edge`).
 
 Relative energies (``pre1`` ... ``norm2``) are in eV from E0, with Larch's
 meaning and defaults; energies in eV.
@@ -9,148 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy.ndimage import gaussian_filter1d
 
 from calypso.errors import RawDataError
-from calypso.techniques.spectroscopy.absorption import batch_rows
+from calypso.techniques.spectroscopy.absorption import batch_rows, row_blocks
+from calypso.techniques.spectroscopy.edge import (
+    MIN_EDGE_CONTRAST,
+    e0_spread,
+    edge_contrast,
+    edge_noise_ratio,
+    find_e0,
+)
 
 #: Highest degree of the post-edge polynomial.
 MAX_NNORM = 3
-#: Half width (eV) of the window around the steepest point where E0 is refined.
-E0_WINDOW = 20.0
-#: An edge must be this many times steeper than mu(E) 30 eV and more away from it.
-MIN_EDGE_CONTRAST = 2.5
-#: Below this edge step / noise, E0 is not trusted (see :func:`edge_noise_ratio`).
-MIN_EDGE_NOISE_RATIO = 10.0
-#: Above this spread (eV) of E0 between the even and the odd points, E0 is not decided.
-MAX_E0_SPREAD = 1.0
-
-
-def find_e0(energy: np.ndarray, mu: np.ndarray, smooth: float = 0.5) -> np.ndarray:
-    """Edge energy of each spectrum: the maximum of the smoothed derivative dmu/dE.
-
-    A first guess is the steepest step on the measured grid (the ends of the
-    scan, 2% of the points each side, are ignored: glitches live there). Around
-    it (±``E0_WINDOW`` eV) the spectrum is put on a uniform grid (the smallest
-    energy step, at least 0.05 eV), differentiated and smoothed by a Gaussian of
-    ``smooth`` eV; the maximum is refined between grid points by a parabola.
-
-    Returns
-    -------
-    numpy.ndarray
-        E0 in eV, one per spectrum.
-    """
-    energy, mu = batch_rows(energy, mu)
-    n, m = mu.shape
-    rows = np.arange(n)
-    slope = np.diff(mu, axis=1) / np.diff(energy, axis=1)
-    slope = (slope[:, :-2] + slope[:, 1:-1] + slope[:, 2:]) / 3.0  # centred on points 1..m-2
-    skip = max(3, int(0.02 * m))
-    guess = energy[rows, 1 + skip + np.argmax(slope[:, skip:-skip], axis=1)]
-    step = max(float(np.min(np.diff(energy, axis=1))), 0.05)
-    half = max(E0_WINDOW, 10 * smooth)
-    grid = guess[:, None] + step * np.arange(-int(half / step), int(half / step) + 1)
-    uniform = np.empty(grid.shape)
-    for row in range(n):
-        uniform[row] = np.interp(grid[row], energy[row], mu[row])
-    derivative = np.gradient(uniform, step, axis=1)
-    if smooth > 0:
-        derivative = gaussian_filter1d(derivative, smooth / step, axis=1, mode="nearest")
-    edge = max(1, int(smooth / step))  # the smoothing is not trusted at the window's ends
-    inner = derivative[:, edge:-edge]
-    peak = np.argmax(inner, axis=1)
-    left = inner[rows, np.maximum(peak - 1, 0)]
-    centre = inner[rows, peak]
-    right = inner[rows, np.minimum(peak + 1, inner.shape[1] - 1)]
-    curvature = left - 2 * centre + right
-    with np.errstate(divide="ignore", invalid="ignore"):
-        offset = np.where(curvature < 0, 0.5 * (left - right) / curvature, 0.0)
-    return grid[rows, edge + peak] + np.clip(offset, -0.5, 0.5) * step
-
-
-def edge_contrast(energy: np.ndarray, mu: np.ndarray, e0: np.ndarray) -> np.ndarray:
-    """How much steeper mu(E) is at E0 than anywhere 30 eV or more away from it.
-
-    Slopes are measured against the spectrum's background trend (the median
-    slope), so a small edge on a steep background (a dilute sample in
-    transmission, a fluorescence channel with scatter) counts by its own
-    height. Measured on the real spectra of the test data: 2.8 to 44 across an
-    edge; 0.2 to 2.3 for the same scans cut 90 eV above it (E0 then lands on an
-    EXAFS wiggle). Slopes are taken over 2.5 eV, so counting noise does not count.
-
-    Examples
-    --------
-    >>> energy = np.linspace(6900.0, 7400.0, 251)
-    >>> mu = 1.0 - 1e-3 * (energy - 6900) + 0.3 / (1 + np.exp(-(energy - 7112.0) / 2))
-    >>> bool(edge_contrast(energy, mu, np.array([7112.0]))[0] > 10)
-    True
-    """
-    energy, mu = batch_rows(energy, mu)
-    # Slopes over 2.5 eV, not point to point: fine edge steps must not turn
-    # counting noise into steep slopes.
-    base = 2.5
-    grid = np.arange(float(energy[:, 0].max()), float(energy[:, -1].min()), base)
-    if grid.size < 3:
-        return np.full(mu.shape[0], np.inf)
-    coarse = np.stack([np.interp(grid, e, m) for e, m in zip(energy, mu, strict=True)])
-    slope = np.diff(coarse, axis=1) / base
-    slope = np.abs(slope - np.median(slope, axis=1, keepdims=True))
-    distance = np.abs(0.5 * (grid[1:] + grid[:-1]) - np.asarray(e0).reshape(-1, 1))
-    ends = np.zeros(slope.shape[1], dtype=bool)  # glitches at the scan's ends do not count
-    skip = max(2, int(0.03 * slope.shape[1]))
-    ends[:skip] = ends[-skip:] = True
-    near = np.where(distance <= 5.0, slope, 0.0).max(axis=1)
-    far = np.where((distance >= 30.0) & ~ends, slope, 0.0).max(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(far > 0, near / far, np.inf)
-
-
-def e0_spread(energy: np.ndarray, mu: np.ndarray, smooth: float = 0.5) -> np.ndarray:
-    """How far apart (eV) :func:`find_e0` puts E0 on the even and on the odd points.
-
-    The two halves carry independent noise: on a clean spectrum they agree within
-    a tenth of an eV; where noise decides between two derivative peaks of nearly
-    the same height (a pre-edge shoulder, a white line), they part by the distance
-    between the peaks, and so would any two algorithms (Larch's ``find_e0`` and
-    this one). Over ``MAX_E0_SPREAD``, E0 is not decided by the data.
-
-    Examples
-    --------
-    >>> energy = np.linspace(6900.0, 7400.0, 501)
-    >>> mu = 0.2 + 1.0 / (1 + np.exp(-(energy - 7112.0) / 2))
-    >>> bool(e0_spread(energy, mu)[0] < 0.1)
-    True
-    """
-    energy, mu = batch_rows(energy, mu)
-    if energy.shape[1] < 40:  # too few points to halve
-        return np.zeros(mu.shape[0])
-    even = find_e0(energy[:, ::2], mu[:, ::2], smooth)
-    odd = find_e0(energy[:, 1::2], mu[:, 1::2], smooth)
-    return np.abs(even - odd)
-
-
-def edge_noise_ratio(energy: np.ndarray, mu: np.ndarray, edge_step: np.ndarray) -> np.ndarray:
-    """The edge step in units of mu(E)'s point-to-point noise: a figure of merit of E0.
-
-    The noise is the robust spread (median absolute deviation) of second
-    differences, which for white noise is sqrt(6) times the noise of a point;
-    real structure on a coarse grid only adds to it, so the figure errs low.
-    Larch and Calypso agree on E0 within 0.5 eV above ``MIN_EDGE_NOISE_RATIO``.
-
-    Examples
-    --------
-    >>> energy = np.linspace(6900.0, 7400.0, 501)
-    >>> mu = 0.2 + 1.0 / (1 + np.exp(-(energy - 7112.0) / 2))
-    >>> noisy = mu + np.random.default_rng(0).normal(0, 0.01, 501)
-    >>> bool(70 < edge_noise_ratio(energy, noisy, np.array([1.0]))[0] < 130)
-    True
-    """
-    energy, mu = batch_rows(energy, mu)
-    second = mu[:, 2:] - 2 * mu[:, 1:-1] + mu[:, :-2]
-    spread = 1.4826 * np.median(np.abs(second - np.median(second, axis=1, keepdims=True)), axis=1)
-    noise = spread / np.sqrt(6.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(noise > 0, np.abs(edge_step) / noise, np.inf)
 
 
 @dataclass(frozen=True)
@@ -283,7 +154,22 @@ class Normalization:
     e0_spread: np.ndarray  # (n,) eV, E0 on even vs odd points: over MAX_E0_SPREAD, undecided
 
 
-def normalize(
+@dataclass(frozen=True)
+class EdgeFrame:
+    """What the normalisation of a batch decides over all its spectra, before any is
+    normalised (:func:`edge_frame`): each one's E0 and the fit ranges they share."""
+
+    e0: np.ndarray  # (n,) eV
+    found: bool  # E0 found by :func:`find_e0` (else given)
+    ranges: EdgeRanges
+    e0_spread: np.ndarray  # (n,) eV; zeros where E0 was given
+
+    def rows(self, rows: slice) -> EdgeFrame:
+        """The frame of some of the batch's spectra: theirs, reduced as part of the batch."""
+        return replace(self, e0=self.e0[rows], e0_spread=self.e0_spread[rows])
+
+
+def edge_frame(
     energy: np.ndarray,
     mu: np.ndarray,
     *,
@@ -294,43 +180,13 @@ def normalize(
     norm1: float | None = None,
     norm2: float | None = None,
     nnorm: int | None = None,
-    nvict: float = 0.0,
     where: str = "spectrum",
-) -> Normalization:
-    """Subtract a pre-edge line and divide by the edge step, as Athena does.
+) -> EdgeFrame:
+    """E0 of each spectrum, checked, and the batch's fit ranges: :func:`normalize`'s first
+    half, done a block of spectra at a time (parameters and errors as :func:`normalize`'s).
 
-    Parameters
-    ----------
-    energy : (m,) or (n, m) array
-        Photon energy in eV, strictly increasing.
-    mu : (n, m) or (m,) array
-        Absorption.
-    e0 : float or (n,) array, optional
-        Edge energy (eV): one for every spectrum or one each; default: found
-        by :func:`find_e0`.
-    e0_smooth : float
-        Gaussian width (eV) of the derivative smoothing of :func:`find_e0`.
-    pre1, pre2, norm1, norm2 : float, optional
-        Fit ranges, eV from E0; default: Larch's (see :func:`edge_ranges`).
-    nnorm : int, optional
-        Degree of the post-edge polynomial; default: from the post-edge range.
-    nvict : float
-        Energy exponent of the pre-edge fit (Victoreen): the line fits mu·E^nvict.
-    where : str
-        Names the data in error messages.
-
-    Raises
-    ------
-    RawDataError
-        When the energy range does not cover the edge and the fit ranges.
-
-    Examples
-    --------
-    >>> energy = np.linspace(6900.0, 7900.0, 501)
-    >>> mu = 0.2 + 1e-5 * (energy - 6900) + 1.5 / (1 + np.exp(-(energy - 7112.0) / 2))
-    >>> normalization = normalize(energy, mu)
-    >>> normalization.e0.round(1), normalization.edge_step.round(2)
-    (array([7112.]), array([1.5]))
+    The ranges are those of the spectrum whose E0 is nearest the batch's median, with
+    the post-edge polynomial's degree lowered where a spectrum has too few points for it.
     """
     energy, mu = batch_rows(energy, mu)
     n = mu.shape[0]
@@ -372,19 +228,11 @@ def normalize(
         norm2=norm2,
         nnorm=nnorm,
     )
-    relative = energy - e0[:, None]
-    rows = np.arange(n)
-    nearest = np.argmin(np.abs(relative), axis=1)
-    # Larch's index conventions, so the same ranges select the same points: a
-    # range starts at the last point at or below its start and stops before the
-    # point nearest its end; the step is read at the point nearest E0. Larch's
-    # own E0 is a measured point, so a found E0 counts the ranges from the
-    # measured point nearest it: else a range's end may fall either side of a
-    # point (on a 10 eV pre-edge grid, whether the first point is in the line).
-    anchor = energy[rows, nearest] if found else e0
-    pre_mask = _index_range(energy, anchor + ranges.pre1, anchor + ranges.pre2, minimum=2)
-    post_mask = _index_range(energy, anchor + ranges.norm1, anchor + ranges.norm2, minimum=2)
-    n_pre, n_post = pre_mask.sum(axis=1).min(), post_mask.sum(axis=1).min()
+    n_pre = n_post = mu.shape[1]
+    for rows in row_blocks(n):
+        pre_mask, post_mask, _ = _fit_masks(energy[rows], e0[rows], found, ranges)
+        n_pre = min(n_pre, pre_mask.sum(axis=1).min())
+        n_post = min(n_post, post_mask.sum(axis=1).min())
     if n_pre < 2:
         raise RawDataError(
             f"{where}: only {n_pre} point(s) between E0{ranges.pre1:+.0f} and "
@@ -401,6 +249,101 @@ def normalize(
         )
     if n_post < 5 and ranges.nnorm > 1:  # as Larch: few points bear a line at most
         ranges = replace(ranges, nnorm=1 if n_post > 2 else 0)
+    spread = e0_spread(energy, mu, e0_smooth) if found else np.zeros(n)
+    return EdgeFrame(e0=e0, found=found, ranges=ranges, e0_spread=spread)
+
+
+def _fit_masks(
+    energy: np.ndarray, e0: np.ndarray, found: bool, ranges: EdgeRanges
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The points of the pre-edge and post-edge fits, and the point nearest E0, row by row.
+
+    Larch's index conventions, so the same ranges select the same points: a range
+    starts at the last point at or below its start and stops before the point nearest
+    its end; the step is read at the point nearest E0. Larch's own E0 is a measured
+    point, so a found E0 counts the ranges from the measured point nearest it: else a
+    range's end may fall either side of a point (on a 10 eV pre-edge grid, whether the
+    first point is in the line).
+    """
+    nearest = np.argmin(np.abs(energy - e0[:, None]), axis=1)
+    anchor = energy[np.arange(energy.shape[0]), nearest] if found else e0
+    pre_mask = _index_range(energy, anchor + ranges.pre1, anchor + ranges.pre2, minimum=2)
+    post_mask = _index_range(energy, anchor + ranges.norm1, anchor + ranges.norm2, minimum=2)
+    return pre_mask, post_mask, nearest
+
+
+def normalize(
+    energy: np.ndarray,
+    mu: np.ndarray,
+    *,
+    e0: float | np.ndarray | None = None,
+    e0_smooth: float = 0.5,
+    pre1: float | None = None,
+    pre2: float | None = None,
+    norm1: float | None = None,
+    norm2: float | None = None,
+    nnorm: int | None = None,
+    nvict: float = 0.0,
+    where: str = "spectrum",
+    frame: EdgeFrame | None = None,
+) -> Normalization:
+    """Subtract a pre-edge line and divide by the edge step, as Athena does.
+
+    Parameters
+    ----------
+    energy : (m,) or (n, m) array
+        Photon energy in eV, strictly increasing.
+    mu : (n, m) or (m,) array
+        Absorption.
+    e0 : float or (n,) array, optional
+        Edge energy (eV): one for every spectrum or one each; default: found
+        by :func:`find_e0`.
+    e0_smooth : float
+        Gaussian width (eV) of the derivative smoothing of :func:`find_e0`.
+    pre1, pre2, norm1, norm2 : float, optional
+        Fit ranges, eV from E0; default: Larch's (see :func:`edge_ranges`).
+    nnorm : int, optional
+        Degree of the post-edge polynomial; default: from the post-edge range.
+    nvict : float
+        Energy exponent of the pre-edge fit (Victoreen): the line fits mu·E^nvict.
+    where : str
+        Names the data in error messages.
+    frame : EdgeFrame, optional
+        These spectra's E0s and fit ranges, decided over the batch they belong to
+        (``edge_frame(...).rows(...)``); then ``e0`` ... ``nnorm`` are not used.
+        Default: :func:`edge_frame` of these spectra.
+
+    Raises
+    ------
+    RawDataError
+        When the energy range does not cover the edge and the fit ranges.
+
+    Examples
+    --------
+    >>> energy = np.linspace(6900.0, 7900.0, 501)
+    >>> mu = 0.2 + 1e-5 * (energy - 6900) + 1.5 / (1 + np.exp(-(energy - 7112.0) / 2))
+    >>> normalization = normalize(energy, mu)
+    >>> normalization.e0.round(1), normalization.edge_step.round(2)
+    (array([7112.]), array([1.5]))
+    """
+    energy, mu = batch_rows(energy, mu)
+    if frame is None:
+        frame = edge_frame(
+            energy,
+            mu,
+            e0=e0,
+            e0_smooth=e0_smooth,
+            pre1=pre1,
+            pre2=pre2,
+            norm1=norm1,
+            norm2=norm2,
+            nnorm=nnorm,
+            where=where,
+        )
+    e0, ranges = frame.e0, frame.ranges
+    pre_mask, post_mask, nearest = _fit_masks(energy, e0, frame.found, ranges)
+    relative = energy - e0[:, None]
+    rows = np.arange(mu.shape[0])
     victoreen = energy**nvict
     pre_coefficients = _masked_polyfit(energy / 1e3, mu * victoreen, pre_mask, 1)
     pre_edge = _polyval(pre_coefficients, energy / 1e3) / victoreen
@@ -428,5 +371,5 @@ def normalize(
         post_coefficients=post_coefficients,
         ranges=ranges,
         edge_noise=edge_noise_ratio(energy, mu, step),
-        e0_spread=e0_spread(energy, mu, e0_smooth) if found else np.zeros(n),
+        e0_spread=frame.e0_spread,
     )

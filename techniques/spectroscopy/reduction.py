@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from calypso.errors import RawDataError
-from calypso.techniques.spectroscopy.absorption import batch_rows, check_spectrum
-from calypso.techniques.spectroscopy.calibration import calibration_shift
-from calypso.techniques.spectroscopy.exafs import ETOK, Exafs, Window, autobk
-from calypso.techniques.spectroscopy.normalization import (
-    MIN_EDGE_CONTRAST,
-    Normalization,
-    edge_contrast,
-    find_e0,
-    normalize,
+from calypso.techniques.spectroscopy.absorption import (
+    BLOCK_ROWS,
+    batch_rows,
+    check_spectrum,
+    row_blocks,
 )
+from calypso.techniques.spectroscopy.calibration import calibration_shift
+from calypso.techniques.spectroscopy.edge import MIN_EDGE_CONTRAST, edge_contrast, find_e0
+from calypso.techniques.spectroscopy.exafs import (
+    ETOK,
+    Exafs,
+    Window,
+    background_design,
+    exafs_k_end,
+)
+from calypso.techniques.spectroscopy.normalization import Normalization, edge_frame, normalize
 
 
 @dataclass(frozen=True)
@@ -167,113 +174,263 @@ def reduce_spectra(
     >>> reduction.normalization.e0.round(1), reduction.exafs
     (array([7112.]), None)
     """
-    energy, mu = batch_rows(energy, mu)
-    if skip_unusable and mu.shape[0] > 1:
-        keywords = {
-            "e0_smooth": e0_smooth, "pre1": pre1, "pre2": pre2, "norm1": norm1, "norm2": norm2,
-            "nnorm": nnorm, "nvict": nvict, "exafs": exafs, "rbkg": rbkg, "nknots": nknots,
-            "bkg_kmin": bkg_kmin, "bkg_kmax": bkg_kmax, "bkg_kweight": bkg_kweight,
-            "bkg_dk": bkg_dk, "clamp_lo": clamp_lo, "clamp_hi": clamp_hi, "kweight": kweight,
-            "kmin": kmin, "kmax": kmax, "dk": dk, "window": window, "rmax_out": rmax_out,
-        }  # fmt: skip
-        # Looked for only when the batch cannot be reduced whole: a batch that can is
-        # reduced exactly as without the option, at no extra cost.
-        arguments = {"mu_reference": mu_reference, "reference_e0": reference_e0, "e0": e0}
-        try:
-            return reduce_spectra(energy, mu, **arguments, where=where, **keywords)
-        except RawDataError as error:
-            masks = unusable_spectra(energy, mu, e0=e0, e0_smooth=e0_smooth, exafs=exafs)
-            keep = ~np.logical_or.reduce(list(masks.values()))
-            reasons = {reason: int(mask.sum()) for reason, mask in masks.items() if mask.any()}
-            if keep.all():  # none to leave out: the batch's own error
-                raise
-            if not keep.any():
-                raise NoSpectrumReducible(str(error), reasons) from None
-        kept = reduce_spectra(
-            energy[keep],
-            mu[keep],
-            mu_reference=None if mu_reference is None else mu_reference[keep],
-            reference_e0=reference_e0,
-            e0=e0[keep] if np.ndim(e0) == 1 else e0,
-            where=where,
-            **keywords,
-        )
-        return _with_skipped(kept, keep, energy, mu, reasons)
-    check_spectrum(energy, mu, where)
-    shift = np.zeros(mu.shape[0])
-    if mu_reference is not None and reference_e0 is not None:
-        shift = calibration_shift(energy, mu_reference, reference_e0, e0_smooth)
-    calibrated = energy + shift[:, None]
-    normalization = normalize(
-        calibrated,
+    batch = BatchReduction(
+        energy,
         mu,
+        mu_reference=mu_reference,
+        reference_e0=reference_e0,
         e0=e0,
         e0_smooth=e0_smooth,
+        exafs=exafs,
+        where=where,
+        skip_unusable=skip_unusable,
         pre1=pre1,
         pre2=pre2,
         norm1=norm1,
         norm2=norm2,
         nnorm=nnorm,
         nvict=nvict,
-        where=where,
+        rbkg=rbkg,
+        nknots=nknots,
+        bkg_kmin=bkg_kmin,
+        bkg_kmax=bkg_kmax,
+        bkg_kweight=bkg_kweight,
+        bkg_dk=bkg_dk,
+        clamp_lo=clamp_lo,
+        clamp_hi=clamp_hi,
+        kweight=kweight,
+        kmin=kmin,
+        kmax=kmax,
+        dk=dk,
+        window=window,
+        rmax_out=rmax_out,
     )
-    chi = None
-    if exafs:
-        chi = autobk(
+    return batch.whole()
+
+
+_FRAME = ("pre1", "pre2", "norm1", "norm2", "nnorm")
+_DESIGN = ("rbkg", "nknots", "bkg_kmin", "bkg_kweight", "bkg_dk", "window", "clamp_lo", "clamp_hi")
+_TRANSFORM = ("kweight", "kmin", "kmax", "dk", "window", "rmax_out")
+
+
+class BatchReduction:
+    """The reduction of a batch of spectra (:func:`reduce_spectra`), a block at a time.
+
+    What the batch's spectra share is decided over all of them when it is made, as
+    :func:`reduce_spectra` decides it: the checks, each one's calibration and E0, the fit
+    ranges (of the spectrum nearest the median E0), the k grid (up to the smallest k
+    every spectrum reaches) and, with ``skip_unusable``, the spectra left out (raising
+    what :func:`reduce_spectra` raises). Then :meth:`normalized` gives the normalisation
+    of ``rows`` spectra at a time and, after it, :meth:`exafs` their EXAFS. Besides the
+    inputs, what is held is a block's arrays and the batch's mu(k), its pre-edge lines
+    and their background fit (one matrix product for the whole batch, as its rounding
+    depends on how many spectra it is given): ~20 kB a spectrum instead of ~64. The
+    numbers are :func:`reduce_spectra`'s, bit for bit: the rest of the arithmetic is row
+    by row (:func:`~calypso.techniques.spectroscopy.absorption.row_blocks`).
+
+    Parameters
+    ----------
+    energy, mu, mu_reference, reference_e0, e0, e0_smooth, exafs, where, skip_unusable
+        As :func:`reduce_spectra`'s.
+    **options
+        The other keywords of :func:`reduce_spectra` (``pre1`` ... ``rmax_out``).
+
+    Examples
+    --------
+    >>> energy = np.linspace(6900.0, 7900.0, 501)
+    >>> mu = 0.2 + 1.5 / (1 + np.exp(-(energy - np.array([[7111.0], [7112.0], [7113.0]])) / 2))
+    >>> batch = BatchReduction(energy, mu, exafs=False)
+    >>> [(rows.start, block.normalization.e0.round(1)) for rows, block in batch.normalized(2)]
+    [(0, array([7111., 7112.])), (2, array([7113.]))]
+    """
+
+    def __init__(
+        self,
+        energy: np.ndarray,
+        mu: np.ndarray,
+        *,
+        mu_reference: np.ndarray | None = None,
+        reference_e0: float | None = None,
+        e0: float | np.ndarray | None = None,
+        e0_smooth: float = 0.5,
+        exafs: bool = True,
+        where: str = "spectrum",
+        skip_unusable: bool = False,
+        **options,
+    ) -> None:
+        unknown = set(options) - {*_FRAME, *_DESIGN, *_TRANSFORM, "nvict", "bkg_kmax"}
+        if unknown:
+            raise TypeError(f"BatchReduction: unknown keywords {sorted(unknown)}")
+        self.energy, self.mu = batch_rows(energy, mu)
+        self.where = where
+        self.e0_smooth = e0_smooth
+        self.options = options
+        #: The spectra reduced (``skip_unusable``); None: all of them.
+        self.keep: np.ndarray | None = None
+        self.skip_reasons: dict[str, int] = {}
+        self._mu_k: np.ndarray | None = None
+        arguments = (mu_reference, reference_e0, e0, exafs)
+        if not (skip_unusable and self.mu.shape[0] > 1):
+            self._decide(None, *arguments)
+            return
+        try:
+            self._decide(None, *arguments)
+        except RawDataError as error:
+            masks = unusable_spectra(self.energy, self.mu, e0=e0, e0_smooth=e0_smooth, exafs=exafs)
+            keep = ~np.logical_or.reduce(list(masks.values()))
+            reasons = {reason: int(mask.sum()) for reason, mask in masks.items() if mask.any()}
+            if keep.all():  # none to leave out: the batch's own error
+                raise
+            if not keep.any():
+                raise NoSpectrumReducible(str(error), reasons) from None
+            self.keep, self.skip_reasons = keep, reasons
+            self._decide(keep, *arguments)
+
+    def _decide(
+        self,
+        keep: np.ndarray | None,
+        mu_reference: np.ndarray | None,
+        reference_e0: float | None,
+        e0: float | np.ndarray | None,
+        exafs: bool,
+    ) -> None:
+        """What the spectra ``keep`` (None: all) share; raises where they cannot be reduced."""
+        energy, mu = self._kept(slice(None), keep)
+        check_spectrum(energy, mu, self.where)
+        self.shift = np.zeros(mu.shape[0])
+        if mu_reference is not None and reference_e0 is not None:
+            reference = mu_reference if keep is None else mu_reference[keep]
+            self.shift = calibration_shift(energy, reference, reference_e0, self.e0_smooth)
+        calibrated = energy + self.shift[:, None]
+        frame = {name: self.options[name] for name in _FRAME if name in self.options}
+        self.edges = edge_frame(
             calibrated,
             mu,
-            normalization,
-            rbkg=rbkg,
-            nknots=nknots,
-            bkg_kmin=bkg_kmin,
-            bkg_kmax=bkg_kmax,
-            bkg_kweight=bkg_kweight,
-            bkg_dk=bkg_dk,
-            clamp_lo=clamp_lo,
-            clamp_hi=clamp_hi,
-            kweight=kweight,
-            kmin=kmin,
-            kmax=kmax,
-            dk=dk,
-            window=window,
-            rmax_out=rmax_out,
+            e0=e0[keep] if keep is not None and np.ndim(e0) == 1 else e0,
+            e0_smooth=self.e0_smooth,
+            where=self.where,
+            **frame,
         )
-    return Reduction(energy=calibrated, mu=mu, shift=shift, normalization=normalization, exafs=chi)
+        self.design = None
+        if exafs:
+            design = {name: self.options[name] for name in _DESIGN if name in self.options}
+            k_end = exafs_k_end(calibrated[:, -1], self.edges.e0, self.options.get("bkg_kmax"))
+            self.design = background_design(k_end, **design)
+        # Where each block's spectra are among those reduced.
+        counted = np.ones(self.mu.shape[0], dtype=bool) if keep is None else keep
+        self._position = np.concatenate([[0], np.cumsum(counted)])
 
+    def _kept(self, rows: slice, keep: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        if keep is None:
+            return self.energy[rows], self.mu[rows]
+        inside = keep[rows]
+        return self.energy[rows][inside], self.mu[rows][inside]
 
-def _with_skipped(
-    kept: Reduction, keep: np.ndarray, energy: np.ndarray, mu: np.ndarray, reasons: dict
-) -> Reduction:
-    """``kept``, the reduction of the rows ``keep``, as that of the whole batch: the rows
-    left out NaN (their measured energy and mu as they are)."""
+    def _reduced(self, rows: slice) -> slice:
+        """Where the batch's ``rows`` are among the spectra reduced."""
+        return slice(int(self._position[rows.start]), int(self._position[rows.stop]))
 
-    def rows(values: np.ndarray) -> np.ndarray:
-        whole = np.full((keep.size, *values.shape[1:]), np.nan)
-        whole[keep] = values
-        return whole
-
-    calibrated = np.array(energy, dtype=np.float64)
-    calibrated[keep] = kept.energy
-    norm = kept.normalization
-    normalization = replace(
-        norm,
-        **{
-            name: rows(getattr(norm, name))
-            for name in (
-                "e0", "edge_step", "pre_edge", "post_edge", "norm", "flat",
-                "pre_coefficients", "post_coefficients", "edge_noise", "e0_spread",
+    def normalized(self, rows: int = BLOCK_ROWS) -> Iterator[tuple[slice, Reduction]]:
+        """The batch normalised ``rows`` spectra at a time: (their rows in the batch, their
+        reduction without the EXAFS; those left out NaN)."""
+        n, m = self.mu.shape
+        reduced = int(self._position[-1])
+        if self.design is not None:
+            self._mu_k = np.empty((reduced, self.design.k.size))
+            self._edge_step = np.empty(reduced)
+            self._pre_edge = np.empty((reduced, m))
+        nvict = self.options.get("nvict", 0.0)
+        for block in row_blocks(n, rows):
+            inside = self._reduced(block)
+            energy, mu = self._kept(block, self.keep)
+            calibrated = energy + self.shift[inside, None]
+            normalization = normalize(
+                calibrated, mu, nvict=nvict, where=self.where, frame=self.edges.rows(inside)
             )
-        },
-    )  # fmt: skip
-    chi = kept.exafs
-    if chi is not None:
-        chi = replace(
-            chi,
-            chi=rows(chi.chi),
-            background=rows(chi.background),
-            chir_magnitude=rows(chi.chir_magnitude),
+            if self._mu_k is not None:
+                self._mu_k[inside] = self.design.on_k(calibrated, mu, normalization)
+                self._edge_step[inside] = normalization.edge_step
+                self._pre_edge[inside] = normalization.pre_edge
+            reduction = Reduction(
+                energy=calibrated,
+                mu=mu,
+                shift=self.shift[inside],
+                normalization=normalization,
+                exafs=None,
+                skip_reasons=self.skip_reasons,
+            )
+            yield block, self._in_batch_rows(block, reduction)
+
+    def exafs(self, rows: int = BLOCK_ROWS) -> Iterator[tuple[slice, Exafs]]:
+        """The batch's EXAFS ``rows`` spectra at a time, once :meth:`normalized` has gone
+        through it: (their rows in the batch, their EXAFS; those left out NaN)."""
+        if self.design is None or self._mu_k is None:
+            raise RuntimeError("BatchReduction.exafs: normalized() first, and with exafs=True")
+        background_k = self.design.fit(self._mu_k)
+        transform = {name: self.options[name] for name in _TRANSFORM if name in self.options}
+        for block in row_blocks(self.mu.shape[0], rows):
+            inside = self._reduced(block)
+            energy, _ = self._kept(block, self.keep)
+            exafs = self.design.exafs(
+                energy + self.shift[inside, None],
+                self.edges.e0[inside],
+                self._edge_step[inside],
+                self._pre_edge[inside],
+                self._mu_k[inside],
+                background_k[inside],
+                **transform,
+            )
+            if self.keep is not None:
+                keep = self.keep[block]
+                exafs = replace(
+                    exafs,
+                    chi=_in_rows(keep, exafs.chi),
+                    background=_in_rows(keep, exafs.background),
+                    chir_magnitude=_in_rows(keep, exafs.chir_magnitude),
+                )
+            yield block, exafs
+        self._mu_k = self._edge_step = self._pre_edge = None
+
+    def whole(self) -> Reduction:
+        """The batch reduced in one block: :func:`reduce_spectra`'s result."""
+        n = self.mu.shape[0]
+        ((_, reduction),) = self.normalized(rows=n)
+        if self.design is not None:
+            ((_, exafs),) = self.exafs(rows=n)
+            reduction = replace(reduction, exafs=exafs)
+        return reduction
+
+    def _in_batch_rows(self, block: slice, reduction: Reduction) -> Reduction:
+        """A block's reduction with the rows left out (``skip_unusable``) put back, NaN; their
+        measured energy and mu as they are."""
+        if self.keep is None:
+            return reduction
+        keep = self.keep[block]
+        calibrated = np.array(self.energy[block], dtype=np.float64)
+        calibrated[keep] = reduction.energy
+        norm = reduction.normalization
+        normalization = replace(
+            norm,
+            **{
+                name: _in_rows(keep, getattr(norm, name))
+                for name in (
+                    "e0", "edge_step", "pre_edge", "post_edge", "norm", "flat",
+                    "pre_coefficients", "post_coefficients", "edge_noise", "e0_spread",
+                )
+            },
+        )  # fmt: skip
+        return replace(
+            reduction,
+            energy=calibrated,
+            mu=self.mu[block],
+            shift=_in_rows(keep, reduction.shift),
+            normalization=normalization,
+            skipped=~keep,
         )
-    return Reduction(
-        energy=calibrated, mu=mu, shift=rows(kept.shift), normalization=normalization,
-        exafs=chi, skipped=~keep, skip_reasons=reasons,
-    )  # fmt: skip
+
+
+def _in_rows(keep: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``values`` of the rows ``keep`` in rows of all, the others NaN."""
+    whole = np.full((keep.size, *values.shape[1:]), np.nan)
+    whole[keep] = values
+    return whole

@@ -1,0 +1,179 @@
+"""The absorption edge: E0 and how far it can be trusted (the edge's contrast, noise and
+the spread of E0 between halves of the points).
+
+Energies in eV; arrays of a batch are rows (:func:`~calypso.techniques.spectroscopy.
+absorption.batch_rows`), worked on a block of spectra at a time where the temporaries
+would grow with the batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.ndimage import gaussian_filter1d
+
+from calypso.techniques.spectroscopy.absorption import batch_rows, row_blocks
+
+#: Half width (eV) of the window around the steepest point where E0 is refined.
+E0_WINDOW = 20.0
+#: An edge must be this many times steeper than mu(E) 30 eV and more away from it.
+MIN_EDGE_CONTRAST = 2.5
+#: Below this edge step / noise, E0 is not trusted (see :func:`edge_noise_ratio`).
+MIN_EDGE_NOISE_RATIO = 10.0
+#: Above this spread (eV) of E0 between the even and the odd points, E0 is not decided.
+MAX_E0_SPREAD = 1.0
+
+
+def find_e0(energy: np.ndarray, mu: np.ndarray, smooth: float = 0.5) -> np.ndarray:
+    """Edge energy of each spectrum: the maximum of the smoothed derivative dmu/dE.
+
+    A first guess is the steepest step on the measured grid (the ends of the
+    scan, 2% of the points each side, are ignored: glitches live there). Around
+    it (±``E0_WINDOW`` eV) the spectrum is put on a uniform grid (the smallest
+    energy step, at least 0.05 eV), differentiated and smoothed by a Gaussian of
+    ``smooth`` eV; the maximum is refined between grid points by a parabola.
+
+    The grid step is the batch's smallest energy step: the same for every spectrum of
+    the batch, whichever rows it is worked on with (a block at a time, so the
+    temporaries stay small whatever the batch's size).
+
+    Returns
+    -------
+    numpy.ndarray
+        E0 in eV, one per spectrum.
+    """
+    energy, mu = batch_rows(energy, mu)
+    step = _grid_step(energy)
+    e0 = np.empty(mu.shape[0])
+    for rows in row_blocks(mu.shape[0]):
+        e0[rows] = _steepest_point(energy[rows], mu[rows], smooth, step)
+    return e0
+
+
+def _grid_step(energy: np.ndarray) -> float:
+    """The smallest energy step of a batch (rows), at least 0.05 eV."""
+    smallest = [np.min(np.diff(energy[rows], axis=1)) for rows in row_blocks(energy.shape[0])]
+    return max(float(np.min(smallest)), 0.05)
+
+
+def _steepest_point(energy: np.ndarray, mu: np.ndarray, smooth: float, step: float) -> np.ndarray:
+    """:func:`find_e0` of rows, on a grid of ``step`` eV."""
+    n, m = mu.shape
+    rows = np.arange(n)
+    slope = np.diff(mu, axis=1) / np.diff(energy, axis=1)
+    slope = (slope[:, :-2] + slope[:, 1:-1] + slope[:, 2:]) / 3.0  # centred on points 1..m-2
+    skip = max(3, int(0.02 * m))
+    guess = energy[rows, 1 + skip + np.argmax(slope[:, skip:-skip], axis=1)]
+    half = max(E0_WINDOW, 10 * smooth)
+    grid = guess[:, None] + step * np.arange(-int(half / step), int(half / step) + 1)
+    uniform = np.empty(grid.shape)
+    for row in range(n):
+        uniform[row] = np.interp(grid[row], energy[row], mu[row])
+    derivative = np.gradient(uniform, step, axis=1)
+    if smooth > 0:
+        derivative = gaussian_filter1d(derivative, smooth / step, axis=1, mode="nearest")
+    edge = max(1, int(smooth / step))  # the smoothing is not trusted at the window's ends
+    inner = derivative[:, edge:-edge]
+    peak = np.argmax(inner, axis=1)
+    left = inner[rows, np.maximum(peak - 1, 0)]
+    centre = inner[rows, peak]
+    right = inner[rows, np.minimum(peak + 1, inner.shape[1] - 1)]
+    curvature = left - 2 * centre + right
+    with np.errstate(divide="ignore", invalid="ignore"):
+        offset = np.where(curvature < 0, 0.5 * (left - right) / curvature, 0.0)
+    return grid[rows, edge + peak] + np.clip(offset, -0.5, 0.5) * step
+
+
+def edge_contrast(energy: np.ndarray, mu: np.ndarray, e0: np.ndarray) -> np.ndarray:
+    """How much steeper mu(E) is at E0 than anywhere 30 eV or more away from it.
+
+    Slopes are measured against the spectrum's background trend (the median
+    slope), so a small edge on a steep background (a dilute sample in
+    transmission, a fluorescence channel with scatter) counts by its own
+    height. Measured on the real spectra of the test data: 2.8 to 44 across an
+    edge; 0.2 to 2.3 for the same scans cut 90 eV above it (E0 then lands on an
+    EXAFS wiggle). Slopes are taken over 2.5 eV, so counting noise does not count.
+
+    Examples
+    --------
+    >>> energy = np.linspace(6900.0, 7400.0, 251)
+    >>> mu = 1.0 - 1e-3 * (energy - 6900) + 0.3 / (1 + np.exp(-(energy - 7112.0) / 2))
+    >>> bool(edge_contrast(energy, mu, np.array([7112.0]))[0] > 10)
+    True
+    """
+    energy, mu = batch_rows(energy, mu)
+    # Slopes over 2.5 eV, not point to point: fine edge steps must not turn
+    # counting noise into steep slopes. One grid for the batch, where all its spectra are.
+    base = 2.5
+    grid = np.arange(float(energy[:, 0].max()), float(energy[:, -1].min()), base)
+    if grid.size < 3:
+        return np.full(mu.shape[0], np.inf)
+    e0 = np.broadcast_to(np.asarray(e0, dtype=np.float64).reshape(-1), (mu.shape[0],))
+    contrast = np.empty(mu.shape[0])
+    for rows in row_blocks(mu.shape[0]):
+        contrast[rows] = _contrast(grid, base, energy[rows], mu[rows], e0[rows])
+    return contrast
+
+
+def _contrast(
+    grid: np.ndarray, base: float, energy: np.ndarray, mu: np.ndarray, e0: np.ndarray
+) -> np.ndarray:
+    """:func:`edge_contrast` of rows, their slopes over ``base`` eV on ``grid``."""
+    coarse = np.stack([np.interp(grid, e, m) for e, m in zip(energy, mu, strict=True)])
+    slope = np.diff(coarse, axis=1) / base
+    slope = np.abs(slope - np.median(slope, axis=1, keepdims=True))
+    distance = np.abs(0.5 * (grid[1:] + grid[:-1]) - e0.reshape(-1, 1))
+    ends = np.zeros(slope.shape[1], dtype=bool)  # glitches at the scan's ends do not count
+    skip = max(2, int(0.03 * slope.shape[1]))
+    ends[:skip] = ends[-skip:] = True
+    near = np.where(distance <= 5.0, slope, 0.0).max(axis=1)
+    far = np.where((distance >= 30.0) & ~ends, slope, 0.0).max(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(far > 0, near / far, np.inf)
+
+
+def e0_spread(energy: np.ndarray, mu: np.ndarray, smooth: float = 0.5) -> np.ndarray:
+    """How far apart (eV) :func:`find_e0` puts E0 on the even and on the odd points.
+
+    The two halves carry independent noise: on a clean spectrum they agree within
+    a tenth of an eV; where noise decides between two derivative peaks of nearly
+    the same height (a pre-edge shoulder, a white line), they part by the distance
+    between the peaks, and so would any two algorithms (Larch's ``find_e0`` and
+    this one). Over ``MAX_E0_SPREAD``, E0 is not decided by the data.
+
+    Examples
+    --------
+    >>> energy = np.linspace(6900.0, 7400.0, 501)
+    >>> mu = 0.2 + 1.0 / (1 + np.exp(-(energy - 7112.0) / 2))
+    >>> bool(e0_spread(energy, mu)[0] < 0.1)
+    True
+    """
+    energy, mu = batch_rows(energy, mu)
+    if energy.shape[1] < 40:  # too few points to halve
+        return np.zeros(mu.shape[0])
+    even = find_e0(energy[:, ::2], mu[:, ::2], smooth)
+    odd = find_e0(energy[:, 1::2], mu[:, 1::2], smooth)
+    return np.abs(even - odd)
+
+
+def edge_noise_ratio(energy: np.ndarray, mu: np.ndarray, edge_step: np.ndarray) -> np.ndarray:
+    """The edge step in units of mu(E)'s point-to-point noise: a figure of merit of E0.
+
+    The noise is the robust spread (median absolute deviation) of second
+    differences, which for white noise is sqrt(6) times the noise of a point;
+    real structure on a coarse grid only adds to it, so the figure errs low.
+    Larch and Calypso agree on E0 within 0.5 eV above ``MIN_EDGE_NOISE_RATIO``.
+
+    Examples
+    --------
+    >>> energy = np.linspace(6900.0, 7400.0, 501)
+    >>> mu = 0.2 + 1.0 / (1 + np.exp(-(energy - 7112.0) / 2))
+    >>> noisy = mu + np.random.default_rng(0).normal(0, 0.01, 501)
+    >>> bool(70 < edge_noise_ratio(energy, noisy, np.array([1.0]))[0] < 130)
+    True
+    """
+    energy, mu = batch_rows(energy, mu)
+    second = mu[:, 2:] - 2 * mu[:, 1:-1] + mu[:, :-2]
+    spread = 1.4826 * np.median(np.abs(second - np.median(second, axis=1, keepdims=True)), axis=1)
+    noise = spread / np.sqrt(6.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(noise > 0, np.abs(edge_step) / noise, np.inf)
