@@ -183,9 +183,9 @@ def test_a_batch_reduced_a_block_at_a_time_gives_the_whole_batchs_numbers(test_d
 
 
 def test_a_batch_reduced_a_block_at_a_time_holds_little_more_than_its_inputs(test_data):
-    """What a batch's reduction holds grows by ~15 kB a spectrum (its inputs, mu(k) and the
-    background fit) when reduced a block at a time, against ~40 kB at once: the memory of a
-    map's worker stays flat whatever the batch's size (docs/performance.md)."""
+    """Beyond its inputs, what a batch's reduction holds grows by ~6 kB a spectrum (its mu(k),
+    pre-edge lines and background fit) when reduced a block at a time, against ~40 kB at
+    once: a map's workers need little more memory for larger batches (docs/performance.md)."""
 
     def peak(n: int, rows: int | None) -> int:
         energies, batch, calibration = a_map_batch(test_data, n)
