@@ -269,7 +269,7 @@ def test_bad_input_is_refused_naming_the_file(fe_columns, tmp_path, capsys, cata
                 bad,
                 "c.dat",
                 "energy i0 it",
-                np.column_stack([energy, i0, it])[energy > 7200],
+                np.column_stack([energy, i0, it])[energy > 7260],
             ),
             "does not cover the edge",
         ),
