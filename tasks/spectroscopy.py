@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -110,7 +110,9 @@ def _write_part(path: Path, batch: xas.BatchReduction, measured: np.ndarray, sta
             h5.attrs["skip_reasons"] = json.dumps(batch.skip_reasons)
 
 
-def _on_axis(axis: np.ndarray, measured: np.ndarray, stacked: bool):
+def _on_axis(
+    axis: np.ndarray, measured: np.ndarray, stacked: bool
+) -> Callable[[np.ndarray], np.ndarray]:
     """Rows of a map's spectra onto its one energy ``axis``: those ``measured`` on
     another grid are interpolated onto it (a copy), the others as they are."""
     differs = [row for row in range(measured.shape[0]) if not np.array_equal(measured[row], axis)]

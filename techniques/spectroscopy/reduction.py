@@ -273,6 +273,8 @@ class BatchReduction:
         if not (skip_unusable and self.mu.shape[0] > 1):
             self._decide(None, *arguments)
             return
+        # Looked for only when the batch cannot be reduced whole: a batch that can is
+        # reduced exactly as without the option, at no extra cost.
         try:
             self._decide(None, *arguments)
         except RawDataError as error:
