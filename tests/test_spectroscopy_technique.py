@@ -251,6 +251,21 @@ def test_where_the_slope_lattice_falls_does_not_decide_the_edge(test_data):
     assert min(contrasts) > 2.9 and max(contrasts) - min(contrasts) < 0.2, contrasts
 
 
+def test_a_glitch_far_from_the_edge_does_not_refuse_the_spectrum(test_data):
+    """One point 20% of the edge step off, 150 eV above an Fe foil's edge (a monochromator
+    glitch): its edge contrast fell to 1.0 and the spectrum was refused as having no edge."""
+    energy, mu, _ = load(test_data / "xas" / "fe_metal_rt.xdi")
+    clean = xas.reduce_spectra(energy, mu)
+    glitched = mu.copy()
+    glitched[np.searchsorted(energy, clean.normalization.e0[0] + 150.0)] += (
+        0.2 * clean.normalization.edge_step[0]
+    )
+    e0 = clean.normalization.e0
+    assert xas.edge_contrast(energy, glitched, e0)[0] == xas.edge_contrast(energy, mu, e0)[0]
+    reduced = xas.reduce_spectra(energy, glitched)
+    assert reduced.normalization.e0[0] == pytest.approx(e0[0], abs=0.1)
+
+
 def test_bad_spectra_are_refused_with_the_reason(test_data):
     energy, mu, _ = load(test_data / "xas" / "fe_metal_rt.xdi")
     backwards = energy.copy()
