@@ -56,7 +56,13 @@ class BatchResult(BaseModel):
     seconds: float
 
 
-def _write_part(path: Path, batch: xas.BatchReduction, measured: np.ndarray, stacked: bool) -> None:
+def _write_part(
+    path: Path,
+    batch: xas.BatchReduction,
+    measured: np.ndarray,
+    stacked: bool,
+    points_left_out: tuple[float, ...] = (),
+) -> None:
     """Store a reduced batch, reduced and written a block of spectra at a time.
 
     A single spectrum keeps its calibrated energies. Many spectra (a map) share
@@ -108,6 +114,8 @@ def _write_part(path: Path, batch: xas.BatchReduction, measured: np.ndarray, sta
         if batch.keep is not None:  # spectra of a map that could not be reduced
             h5["skipped"] = ~batch.keep
             h5.attrs["skip_reasons"] = json.dumps(batch.skip_reasons)
+        if points_left_out:  # a single spectrum's dropouts (tasks/raw/spectra.py)
+            h5["points_left_out"] = np.array(points_left_out)
 
 
 def _on_axis(
@@ -179,7 +187,7 @@ def reduce_into_part(
     where = source.describe() + (f" spectra {batch.start}-{batch.stop - 1}" if stacked else "")
     data = absorption(table, parameters)
     del table  # the raw counters: freed while the batch is reduced, where the caller let go
-    energy, mu = data.energy, data.mu
+    energy, mu, points_left_out = data.energy, data.mu, data.points_left_out
     try:
         reduction = xas.BatchReduction(
             energy,
@@ -196,7 +204,7 @@ def reduce_into_part(
         _write_skipped_part(part, energy, mu, nothing.reasons)
     else:
         del data  # with it the reference foil's mu(E), needed for the calibration only
-        _write_part(part, reduction, energy, stacked=stacked)
+        _write_part(part, reduction, energy, stacked, points_left_out)
     return BatchResult(
         label=source.label,
         start=batch.start,

@@ -287,6 +287,44 @@ def test_bad_input_is_refused_naming_the_file(fe_columns, tmp_path, capsys, cata
         assert not out_dir.exists() or not any(out_dir.iterdir()), case
 
 
+def test_a_spectrums_few_dropouts_are_left_out_as_larch_does(
+    fe_columns, tmp_path, capsys, catalogue
+):
+    """It read zero at two points of 348 (a detector dropout): mu(E) is not finite there.
+    Larch's pre_edge drops such points; so does the run, saying so, and the rest is reduced
+    as the spectrum without them. Many such points (a sample no beam gets through) are
+    still refused (tests/test_xas_formats.py: APS12BM)."""
+    energy, i0, it = fe_columns
+    dropped = it.copy()
+    dropped[[150, 260]] = 0.0
+    path = write_bad(
+        tmp_path, "dropouts.dat", "energy i0 it", np.column_stack([energy, i0, dropped])
+    )
+    clean = write_bad(tmp_path, "clean.dat", "energy i0 it", np.column_stack([energy, i0, it]))
+    keep = np.ones(energy.size, dtype=bool)
+    keep[[150, 260]] = False
+    without = write_bad(
+        tmp_path, "without.dat", "energy i0 it", np.column_stack([energy, i0, it])[keep]
+    )
+    results = {}
+    for source in (path, without, clean):
+        out = tmp_path / f"out-{source.stem}"
+        code = main(["run", "spectroscopy", str(source), "--output", str(out), "--json"])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        results[source.stem] = (json.loads(captured.out), next(out.glob("*.h5")))
+    summary, result = results["dropouts"]
+    figures = summary["key_figures"]["dropouts"]
+    assert figures["points_left_out"] == 2 and "dropout" in figures["warning"], figures
+    with h5py.File(result) as h5, h5py.File(results["without"][1]) as alone:
+        process = next(h5[entry]["xas"] for entry in h5 if "xas" in h5[entry])
+        reference = next(alone[entry]["xas"] for entry in alone if "xas" in alone[entry])
+        assert np.allclose(process["fit/points_left_out"][()], energy[[150, 260]])
+        for name in ("mu/mu", "normalized/norm", "chi/chi"):
+            assert np.array_equal(process[name][()], reference[name][()]), name
+    assert "points_left_out" not in json.dumps(results["clean"][0])
+
+
 def test_a_bliss_scan_without_energy_is_refused(tmp_path, capsys, catalogue, test_data):
     dataset = write_spectroscopy_sample(tmp_path, repeats=1)
     raw = dataset.raw_file

@@ -325,12 +325,18 @@ class Absorption:
     mu_reference: np.ndarray | None  # (n, m) ln(It / Iref)
     mode: str
     metadata: dict[str, str]
+    #: A single spectrum's points left out, where mu(E) is not finite (eV; a dropout).
+    points_left_out: tuple[float, ...] = ()
 
 
 def _rows(values: np.ndarray, n: int) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     return np.broadcast_to(values, (n, values.shape[-1])) if values.ndim == 1 else values
 
+
+#: At most this fraction of a single spectrum's points, where mu(E) is not finite, are left
+#: out as dropouts (:func:`_without_dropouts`); more: the spectrum is refused.
+MAX_DROPOUTS = 0.01
 
 #: Step (eV) put between repeated energies, as Larch does (``TINY_ENERGY``).
 REPEAT_STEP = 0.0005
@@ -473,6 +479,10 @@ def absorption(table: ColumnTable, parameters: SpectroscopyParameters) -> Absorp
                 _rows(table.columns[it_name], n), _rows(table.columns[iref_name], n)
             )
             np.log(mu_reference, out=mu_reference)
+    points_left_out: tuple[float, ...] = ()
+    if mu.shape[0] == 1:
+        energy, mu, mu_reference, points_left_out = _without_dropouts(energy, mu, mu_reference)
+    if mu_reference is not None:
         # A reference channel without signal cannot calibrate; but where mu(E) itself is not
         # finite (a map's pixel where the beam was lost, left out) it need not.
         unusable = ~np.isfinite(mu_reference).all(axis=-1) & np.isfinite(mu).all(axis=-1)
@@ -490,4 +500,23 @@ def absorption(table: ColumnTable, parameters: SpectroscopyParameters) -> Absorp
         mu_reference=mu_reference,
         mode=mode,
         metadata=table.metadata,
+        points_left_out=points_left_out,
     )
+
+
+def _without_dropouts(
+    energy: np.ndarray, mu: np.ndarray, mu_reference: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, tuple[float, ...]]:
+    """A single spectrum without the few points where mu(E) is not finite (I0 or It read
+    zero there: a dropout), as Larch's ``pre_edge`` drops them, and their energies. More
+    than ``MAX_DROPOUTS`` of its points are kept, and refused by the reduction: a sample
+    no beam gets through, or the beam lost, is not a dropout."""
+    bad = ~np.isfinite(mu[0])
+    count = int(np.count_nonzero(bad))
+    if count == 0 or count > MAX_DROPOUTS * bad.size:
+        return energy, mu, mu_reference, ()
+    keep = ~bad
+    energy = np.asarray(energy)
+    dropped = tuple(float(e) for e in np.broadcast_to(energy, mu.shape)[0][bad])
+    reference = None if mu_reference is None else mu_reference[:, keep]
+    return energy[..., keep], mu[:, keep], reference, dropped

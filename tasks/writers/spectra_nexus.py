@@ -59,6 +59,7 @@ class SpectraAssembly:
         self._has_exafs = False  # told by the first batch
         self._k: np.ndarray | None = None  # the longest k axis of the batches copied
         self._skipped: dict[str, int] = {}  # spectra left out (a map's), by reason
+        self._points_left_out = 0  # a single spectrum's dropouts
         self._laid_out_by: Any = None  # the first batch with spectra reduced, once known
 
     @property
@@ -227,6 +228,13 @@ class SpectraAssembly:
                 mu_errors = self.process["mu"].create_dataset("mu_errors", data=h5["mu_errors"][0])
                 mu_errors.attrs["meaning"] = "weighted standard error of the merged spectra"
                 self.process["fit"]["merge_weights"] = h5["merge_weights"][()]
+            if "points_left_out" in h5:  # a single spectrum's dropouts
+                dropped = self.process["fit"].create_dataset(
+                    "points_left_out", data=h5["points_left_out"][()]
+                )
+                dropped.attrs["units"] = "eV"
+                dropped.attrs["meaning"] = "points left out: mu(E) not finite (I0 or It zero)"
+                self._points_left_out += dropped.size
             for name in ("e0", "edge_step", "edge_noise", "e0_spread"):
                 self._figures.setdefault(name, []).append(h5[name][()])
             if "k" in h5 and (self._k is None or h5["k"].shape[0] > self._k.size):
@@ -280,6 +288,12 @@ class SpectraAssembly:
                 f"{left_out} of {n} spectra could not be reduced and are left out, their "
                 f"results NaN (fit/skipped): {self._reasons_text()}; pixels off the sample or "
                 "where the beam was lost"
+            )
+        if self._points_left_out:
+            figures["points_left_out"] = self._points_left_out
+            warnings.append(
+                f"mu(E) is not finite at {self._points_left_out} point(s) (I0 or It read zero "
+                "or negative there: a dropout): left out, as Larch does (fit/points_left_out)"
             )
         unsure = (noise_all < xas.MIN_EDGE_NOISE_RATIO) | (spread_all > xas.MAX_E0_SPREAD)
         if np.any(unsure):
