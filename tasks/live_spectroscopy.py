@@ -24,7 +24,8 @@ from calypso.executors.paths import worker_paths
 from calypso.settings import CalypsoSettings
 from calypso.tasks.live_common import partial_file
 from calypso.tasks.plans.spectroscopy import Calibration, SpectraBatch, SpectroscopyPlan
-from calypso.tasks.raw.spectra import ColumnTable, SpectrumSource, absorption
+from calypso.tasks.raw.absorption import absorption
+from calypso.tasks.raw.spectra import ColumnTable, SpectrumSource
 from calypso.tasks.spectroscopy import BatchResult, reduce_into_part
 from calypso.tasks.writers import nexus
 from calypso.techniques.spectroscopy import SpectroscopyParameters

@@ -30,7 +30,8 @@ from calypso.tasks.plans.spectroscopy import (
     SpectroscopyPlan,
     reduction_keywords,
 )
-from calypso.tasks.raw.spectra import ColumnTable, SpectrumSource, absorption, read_source
+from calypso.tasks.raw.absorption import absorption
+from calypso.tasks.raw.spectra import ColumnTable, SpectrumSource, read_source
 from calypso.tasks.writers import nexus, plots
 from calypso.tasks.writers.spectra_nexus import SpectraAssembly
 from calypso.techniques import spectroscopy as xas
@@ -114,7 +115,7 @@ def _write_part(
         if batch.keep is not None:  # spectra of a map that could not be reduced
             h5["skipped"] = ~batch.keep
             h5.attrs["skip_reasons"] = json.dumps(batch.skip_reasons)
-        if points_left_out:  # a single spectrum's dropouts (tasks/raw/spectra.py)
+        if points_left_out:  # a single spectrum's dropouts (tasks/raw/absorption.py)
             h5["points_left_out"] = np.array(points_left_out)
 
 

@@ -23,8 +23,8 @@ from calypso.errors import RawDataError
 from calypso.flows.online import live
 from calypso.flows.samples.spectroscopy import write_spectroscopy_map_sample
 from calypso.registry import SQLiteCatalogue
+from calypso.tasks.raw.absorption import absorption
 from calypso.tasks.raw.live_rows import read_energy_points, read_live_counters
-from calypso.tasks.raw.spectra import absorption
 from calypso.techniques.spectroscopy import SpectroscopyParameters
 from tests.live_servers import LookWatcher, PartialWatcher, replayed
 from tests.test_live_flow import assert_as_offline, simulate

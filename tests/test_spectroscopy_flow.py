@@ -345,7 +345,8 @@ def test_a_maps_spectra_off_the_sample_are_left_out_not_fatal(tmp_path_factory):
     and one where the beam was lost (I0 zero at a point) are left out, their results NaN
     and flagged; the run says how many and why, and every other spectrum is reduced as it
     would be without them: bit for bit in the batches without such pixels."""
-    from calypso.tasks.raw.spectra import absorption, read_bliss_counters
+    from calypso.tasks.raw.absorption import absorption
+    from calypso.tasks.raw.spectra import read_bliss_counters
     from calypso.techniques import spectroscopy as xas
 
     clean = write_spectroscopy_map_sample(tmp_path_factory.mktemp("visitor"), 120, seed=4)

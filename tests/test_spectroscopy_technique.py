@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from calypso.errors import RawDataError
-from calypso.tasks.raw.spectra import absorption, read_text_spectrum
+from calypso.tasks.raw.absorption import absorption
+from calypso.tasks.raw.spectra import read_text_spectrum
 from calypso.techniques import spectroscopy as xas
 
 larch_xafs = pytest.importorskip("larch.xafs", reason="xraylarch is the reference (test extra)")

@@ -23,7 +23,8 @@ import pytest
 from calypso.errors import CalypsoError
 from calypso.flows.cli import main
 from calypso.tasks.plans.spectroscopy import make_spectroscopy_plan, normalization_keywords
-from calypso.tasks.raw.spectra import absorption, read_source
+from calypso.tasks.raw.absorption import absorption
+from calypso.tasks.raw.spectra import read_source
 from calypso.techniques import spectroscopy as xas
 
 larch = pytest.importorskip("larch", reason="xraylarch is the reference (test extra)")

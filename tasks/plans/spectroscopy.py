@@ -19,11 +19,11 @@ from calypso.errors import CalypsoError, ParameterError, RawDataError
 from calypso.settings import CalypsoSettings
 from calypso.tasks.plans.preflight import require_output_room, require_registrable
 from calypso.tasks.raw import bliss
+from calypso.tasks.raw.absorption import absorption
 from calypso.tasks.raw.data_policy import RawDataset, output_folder
 from calypso.tasks.raw.spectra import (
     TEXT_SUFFIXES,
     SpectrumSource,
-    absorption,
     bliss_sources,
     read_source,
     text_sources,

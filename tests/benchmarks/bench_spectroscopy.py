@@ -43,7 +43,8 @@ def time_command(raw_dir: Path, workers: int, env: dict[str, str], output: Path)
 def time_plain_loop(raw_dir: Path, batch_size: int) -> float:
     """Spectra/s of the same reduction, vectorised, in this one process (reading included)."""
     from calypso.tasks.plans.spectroscopy import make_spectroscopy_plan, reduction_keywords
-    from calypso.tasks.raw.spectra import absorption, read_bliss_counters
+    from calypso.tasks.raw.absorption import absorption
+    from calypso.tasks.raw.spectra import read_bliss_counters
     from calypso.techniques.spectroscopy import SpectroscopyParameters, reduce_spectra
 
     parameters = SpectroscopyParameters()

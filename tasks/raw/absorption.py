@@ -1,0 +1,225 @@
+"""mu(E) from a spectrum source's columns (:mod:`calypso.tasks.raw.spectra` reads them).
+
+The energy column is the one named, else found by its values (monotonic, in eV or keV,
+or a mono angle with the header's d-spacing); energies in keV are detected (all values
+below 200) and converted, and a falling energy is turned round. mu(E) is transmission,
+fluorescence or a mu column, with the reference foil's channel when there is one; a
+single spectrum's few dropouts are left out, as Larch does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from calypso.errors import ParameterError, RawDataError
+from calypso.tasks.raw import spectrum_files
+from calypso.tasks.raw.spectra import COLUMN_NAMES, ColumnTable
+from calypso.techniques.spectroscopy import SpectroscopyParameters, mono_energy
+
+
+@dataclass
+class Absorption:
+    """Energy (eV) and mu(E) of a batch, and the reference channel when there is one."""
+
+    energy: np.ndarray  # (m,) or (n, m)
+    mu: np.ndarray  # (n, m)
+    mu_reference: np.ndarray | None  # (n, m) ln(It / Iref)
+    mode: str
+    metadata: dict[str, str]
+    #: A single spectrum's points left out, where mu(E) is not finite (eV; a dropout).
+    points_left_out: tuple[float, ...] = ()
+
+
+def _rows(values: np.ndarray, n: int) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    return np.broadcast_to(values, (n, values.shape[-1])) if values.ndim == 1 else values
+
+
+#: At most this fraction of a single spectrum's points, where mu(E) is not finite, are left
+#: out as dropouts (:func:`_without_dropouts`); more: the spectrum is refused.
+MAX_DROPOUTS = 0.01
+
+#: Step (eV) put between repeated energies, as Larch does (``TINY_ENERGY``).
+REPEAT_STEP = 0.0005
+
+
+def separate_repeats(energy: np.ndarray) -> np.ndarray:
+    """The energy with repeated values (a scan that waits at its start) moved apart by
+    ``REPEAT_STEP`` each, as Larch's ``remove_dups`` does, so they stay points of the
+    spectrum; a scan that goes back in energy is still refused later."""
+    steps = np.diff(energy, axis=-1)
+    repeated = np.abs(steps) < REPEAT_STEP
+    if not np.any(repeated):
+        return energy
+    added = np.zeros(energy.shape)
+    for j in range(1, energy.shape[-1]):  # runs of repeats add up
+        added[..., j] = np.where(repeated[..., j - 1], added[..., j - 1] + REPEAT_STEP, 0.0)
+    direction = np.sign(energy[..., -1:] - energy[..., :1])
+    return energy + direction * added
+
+
+def finite_axis(table: ColumnTable, name: str | None, role: str) -> np.ndarray:
+    """Column ``name``, the axis of a spectrum, refused when a value is NaN or infinite:
+    every later step (edge search, interpolation, merging) fails or goes wrong on one."""
+    assert name is not None
+    values = np.asarray(table.columns[name], dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if np.any(bad):
+        point = int(np.argwhere(bad)[0][-1])
+        raise RawDataError(
+            f"{table.where}: the {role} column {name!r} is NaN or infinite at "
+            f"{int(bad.sum())} of its {bad.size} values (first at point {point + 1}): a "
+            "spectrum's axis must be finite everywhere; fix or drop those points of the file"
+        )
+    return values
+
+
+def _energy(table: ColumnTable, p: SpectroscopyParameters) -> np.ndarray:
+    """The energy (eV) of a source: the named column, else the one whose values are an energy."""
+    name = table.find(p.energy, "energy", required=False)
+    unit = p.energy_unit
+    d_spacing = p.d_spacing or float(table.metadata.get("Mono.d_spacing", 0) or 0) or None
+    if name is None:
+        found = spectrum_files.energy_by_content(
+            table.columns,
+            d_spacing,
+            prefer=table.metadata.get("Larch.energy_column"),
+            angle_hint=table.metadata.get("Larch.energy_units") == "deg",
+        )
+        if found is None:
+            # A NaN makes a column fail the search: say so, it is likely the energy.
+            nan = [n for n, v in table.columns.items() if not np.all(np.isfinite(v))]
+            raise RawDataError(
+                f"{table.where}: no energy column: none has a usual name (tried "
+                f"{', '.join(COLUMN_NAMES['energy'])}) and none holds a monotonic energy in eV "
+                f"or keV, or a mono angle with a d-spacing in the header; its columns: "
+                f"{', '.join(table.columns)}"
+                + (f" ({', '.join(nan)}: NaN or infinite values, never an axis)" if nan else "")
+                + ". Name it with --set energy=COLUMN, or give mono_angle and d_spacing"
+            )
+        name, found_unit = found
+        if found_unit == "deg":
+            return mono_energy(finite_axis(table, name, "mono angle"), float(d_spacing or 0.0))
+        unit = found_unit if unit == "auto" else unit
+    energy = finite_axis(table, name, "energy")
+    if unit == "keV" or (unit == "auto" and np.nanmax(energy) < 200):
+        energy = energy * 1000.0
+    return energy
+
+
+def absorption(table: ColumnTable, parameters: SpectroscopyParameters) -> Absorption:
+    """Energy in eV and mu(E) from a source's columns, as the parameters ask.
+
+    Raises
+    ------
+    RawDataError
+        Naming the source and column: no energy, all-zero I0, missing channels.
+    """
+    p = parameters
+    where = table.where
+    if p.energy is None and p.mono_angle is not None:
+        angle = finite_axis(table, table.find(p.mono_angle, "mono_angle"), "mono angle")
+        energy = mono_energy(angle, float(p.d_spacing or 0.0))
+    else:
+        energy = _energy(table, p)
+    n = max((v.shape[0] for v in table.columns.values() if v.ndim == 2), default=1)
+    mode = p.mode
+    it_name = table.find(p.it, "it", required=False)
+    if mode == "auto":
+        if p.fluorescence:
+            mode = "fluorescence"
+        elif it_name is not None:
+            mode = "transmission"
+        elif table.find(p.mu_column, "mu_column", required=False):
+            mode = "mu"
+        else:
+            raise RawDataError(
+                f"{where}: cannot make mu(E): no It column (tried {', '.join(COLUMN_NAMES['it'])}),"
+                " no fluorescence channels and no mu column; its columns: "
+                f"{', '.join(table.columns)}. Name them, e.g. --set i0=COLUMN --set it=COLUMN "
+                "or --set fluorescence='[\"fx*\"]'"
+            )
+    if mode in ("transmission", "fluorescence"):
+        i0 = _rows(table.columns[table.find(p.i0, "i0")], n)
+        if not np.any(i0 != 0):
+            raise RawDataError(
+                f"{where}: I0 ({table.find(p.i0, 'i0')}) is zero everywhere: no beam, or the "
+                "wrong counter; name the incident intensity with --set i0=COUNTER"
+            )
+    if mode == "transmission":
+        it = _rows(table.columns[table.find(p.it, "it")], n)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mu = np.divide(i0, it)
+            np.log(mu, out=mu)  # in place: one batch-sized array, not two
+    elif mode == "fluorescence":
+        if not p.fluorescence:
+            raise ParameterError("mode 'fluorescence' needs the channels: --set fluorescence=[...]")
+        channels = table.match(p.fluorescence, "fluorescence")
+        icr = table.match(p.icr, "icr") if p.icr else []
+        ocr = table.match(p.ocr, "ocr") if p.ocr else []
+        if icr and not (len(icr) == len(ocr) == len(channels)):
+            raise RawDataError(
+                f"{where}: {len(channels)} fluorescence channels but {len(icr)} ICR and "
+                f"{len(ocr)} OCR columns: give one of each per channel"
+            )
+        from calypso.techniques.spectroscopy import fluorescence_mu
+
+        mu = fluorescence_mu(
+            [_rows(table.columns[c], n) for c in channels],
+            i0,
+            [_rows(table.columns[c], n) for c in icr] or None,
+            [_rows(table.columns[c], n) for c in ocr] or None,
+        )
+    else:
+        mu = _rows(table.columns[table.find(p.mu_column, "mu_column")], n)
+    mu_reference = None
+    iref_name = table.find(p.iref, "iref", required=False)
+    if iref_name is not None and it_name is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mu_reference = np.divide(
+                _rows(table.columns[it_name], n), _rows(table.columns[iref_name], n)
+            )
+            np.log(mu_reference, out=mu_reference)
+    points_left_out: tuple[float, ...] = ()
+    if mu.shape[0] == 1:
+        energy, mu, mu_reference, points_left_out = _without_dropouts(energy, mu, mu_reference)
+    if mu_reference is not None:
+        # A reference channel without signal cannot calibrate; but where mu(E) itself is not
+        # finite (a map's pixel where the beam was lost, left out) it need not.
+        unusable = ~np.isfinite(mu_reference).all(axis=-1) & np.isfinite(mu).all(axis=-1)
+        if np.any(unusable):
+            mu_reference = None
+    energy = separate_repeats(np.asarray(energy, dtype=np.float64))
+    if energy.shape[-1] > 1 and np.all(energy[..., -1] < energy[..., 0]):
+        # Scans run down in energy too (a mono angle rising): turn them round.
+        energy, mu = energy[..., ::-1], mu[..., ::-1]
+        mu_reference = None if mu_reference is None else mu_reference[..., ::-1]
+    return Absorption(
+        energy=np.ascontiguousarray(energy),
+        # A copy only where mu is not already an array of its own (a column, a view).
+        mu=np.require(mu, np.float64, ["C_CONTIGUOUS", "OWNDATA"]),
+        mu_reference=mu_reference,
+        mode=mode,
+        metadata=table.metadata,
+        points_left_out=points_left_out,
+    )
+
+
+def _without_dropouts(
+    energy: np.ndarray, mu: np.ndarray, mu_reference: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, tuple[float, ...]]:
+    """A single spectrum without the few points where mu(E) is not finite (I0 or It read
+    zero there: a dropout), as Larch's ``pre_edge`` drops them, and their energies. More
+    than ``MAX_DROPOUTS`` of its points are kept, and refused by the reduction: a sample
+    no beam gets through, or the beam lost, is not a dropout."""
+    bad = ~np.isfinite(mu[0])
+    count = int(np.count_nonzero(bad))
+    if count == 0 or count > MAX_DROPOUTS * bad.size:
+        return energy, mu, mu_reference, ()
+    keep = ~bad
+    energy = np.asarray(energy)
+    dropped = tuple(float(e) for e in np.broadcast_to(energy, mu.shape)[0][bad])
+    reference = None if mu_reference is None else mu_reference[:, keep]
+    return energy[..., keep], mu[:, keep], reference, dropped
