@@ -266,6 +266,18 @@ def test_a_glitch_far_from_the_edge_does_not_refuse_the_spectrum(test_data):
     assert reduced.normalization.e0[0] == e0[0]
 
 
+def test_pure_noise_does_not_pass_for_an_edge(test_data):
+    """20,000 spectra of white noise on an Fe foil's energies (a map's pixels in air):
+    none passes the edge test. Taking glitches out with a median of three everywhere let
+    8 through (it smoothed the noise); only points far beyond the noise are taken out."""
+    energy, _, _ = load(test_data / "xas" / "fe_metal_rt.xdi")
+    noise = np.random.default_rng(0).normal(1.0, 0.01, (20_000, energy.size))
+    from calypso.techniques.spectroscopy.reduction import NO_EDGE
+
+    masks = xas.unusable_spectra(energy, noise, exafs=False)
+    assert masks[NO_EDGE].all()
+
+
 def test_a_glitch_steeper_than_the_edge_is_refused_not_taken_for_it(test_data):
     """One point an edge step off, 40 eV above an Fe foil's edge, is steeper than the edge:
     E0 lands on it, and the edge test (on mu(E) without glitches) finds no edge there. A
