@@ -141,9 +141,9 @@ def _without_glitches(mu: np.ndarray) -> np.ndarray:
     monotonic rise (an edge) is its own median."""
     left, centre, right = mu[:, :-2], mu[:, 1:-1], mu[:, 2:]
     median = np.maximum(np.minimum(left, centre), np.minimum(np.maximum(left, centre), right))
-    second = right - 2 * centre + left
-    spread = np.median(np.abs(second - np.median(second, axis=1, keepdims=True)), axis=1)
-    noise = 1.4826 * spread[:, None] / np.sqrt(6.0)
+    # Every other second difference: the spread is as robust and costs a quarter.
+    second = right[:, ::2] - 2 * centre[:, ::2] + left[:, ::2]
+    noise = 1.4826 * np.median(np.abs(second), axis=1)[:, None] / np.sqrt(6.0)
     glitch = np.abs(centre - median) > GLITCH_NOISE * noise
     if not glitch.any():
         return mu
