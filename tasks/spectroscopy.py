@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -72,12 +72,25 @@ def _write_part(
     """
     n, m = batch.mu.shape
     measured = np.broadcast_to(measured, (n, m))
+    axis = measured[0]
+    # A map's rows measured on another grid than its first (a per-spectrum energy) are
+    # interpolated onto it; a single spectrum keeps its own.
+    differs = np.flatnonzero((measured != axis).any(axis=1)) if stacked else np.empty(0, int)
+
+    def onto_axis(values: np.ndarray, rows: slice) -> np.ndarray:
+        inside = differs[(differs >= rows.start) & (differs < rows.stop)]
+        if not inside.size:
+            return values
+        values = values.copy()
+        for row in inside:
+            values[row - rows.start] = np.interp(axis, measured[row], values[row - rows.start])
+        return values
+
     with h5py.File(path, "w") as h5:
         for rows, reduction in batch.normalized():
             norm = reduction.normalization
             if rows.start == 0:
-                axis = measured[0] if stacked else reduction.energy[0]
-                h5["energy"] = axis
+                h5["energy"] = axis if stacked else reduction.energy[0]
                 for name in ("mu", "norm", "flat", "pre_edge", "post_edge"):
                     h5.create_dataset(name, (n, m), dtype=np.float64)
                 for name in ("e0", "edge_step", "edge_noise", "e0_spread", "energy_shift"):
@@ -88,12 +101,11 @@ def _write_part(
                 ):
                     h5.create_dataset(name, (n, values.shape[1]), dtype=np.float64)
                 h5.attrs["ranges"] = json.dumps(norm.ranges.__dict__)
-            on_axis = _on_axis(axis, measured[rows], stacked)
-            h5["mu"][rows] = on_axis(reduction.mu)
-            h5["norm"][rows] = on_axis(norm.norm)
-            h5["flat"][rows] = on_axis(norm.flat)
-            h5["pre_edge"][rows] = on_axis(norm.pre_edge)
-            h5["post_edge"][rows] = on_axis(norm.post_edge)
+            h5["mu"][rows] = onto_axis(reduction.mu, rows)
+            h5["norm"][rows] = onto_axis(norm.norm, rows)
+            h5["flat"][rows] = onto_axis(norm.flat, rows)
+            h5["pre_edge"][rows] = onto_axis(norm.pre_edge, rows)
+            h5["post_edge"][rows] = onto_axis(norm.post_edge, rows)
             h5["e0"][rows] = norm.e0
             h5["edge_step"][rows] = norm.edge_step
             h5["edge_noise"][rows] = norm.edge_noise
@@ -109,7 +121,7 @@ def _write_part(
                     h5.create_dataset("chi", (n, exafs.k.size), dtype=np.float64)
                     h5.create_dataset("chir_magnitude", (n, exafs.r.size), dtype=np.float64)
                     h5.attrs["nknots"] = exafs.nknots
-                h5["background"][rows] = _on_axis(axis, measured[rows], stacked)(exafs.background)
+                h5["background"][rows] = onto_axis(exafs.background, rows)
                 h5["chi"][rows] = exafs.chi
                 h5["chir_magnitude"][rows] = exafs.chir_magnitude
         if batch.keep is not None:  # spectra of a map that could not be reduced
@@ -117,24 +129,6 @@ def _write_part(
             h5.attrs["skip_reasons"] = json.dumps(batch.skip_reasons)
         if points_left_out:  # a single spectrum's dropouts (tasks/raw/absorption.py)
             h5["points_left_out"] = np.array(points_left_out)
-
-
-def _on_axis(
-    axis: np.ndarray, measured: np.ndarray, stacked: bool
-) -> Callable[[np.ndarray], np.ndarray]:
-    """Rows of a map's spectra onto its one energy ``axis``: those ``measured`` on
-    another grid are interpolated onto it (a copy), the others as they are."""
-    differs = [row for row in range(measured.shape[0]) if not np.array_equal(measured[row], axis)]
-
-    def onto(values: np.ndarray) -> np.ndarray:
-        if not (stacked and differs):
-            return values
-        values = values.copy()
-        for row in differs:
-            values[row] = np.interp(axis, measured[row], values[row])
-        return values
-
-    return onto
 
 
 def _write_skipped_part(

@@ -130,7 +130,7 @@ class SpectraAssembly:
             with h5py.File(part.part_file, "r") as h5:
                 for reason, count in json.loads(h5.attrs.get("skip_reasons", "{}")).items():
                     self._skipped[reason] = self._skipped.get(reason, 0) + count
-        return "; ".join(f"{reason}: {count}" for reason, count in self._skipped.items())
+        return self._reasons_text()
 
     def _lay_out(self, part: Any) -> None:
         self._laid_out_by = part

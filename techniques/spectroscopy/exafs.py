@@ -126,20 +126,87 @@ class Exafs:
     nknots: int
 
 
-def _background_design(
-    k: np.ndarray,
+@dataclass(frozen=True)
+class BackgroundDesign:
+    """The AUTOBK problem of a batch on its k grid, set up once: :func:`autobk` in steps, so
+    a batch can be reduced a block of spectra at a time. Only the least-squares fit
+    (:meth:`fit`, a matrix product whose rounding depends on how many spectra it is
+    given) is made for the whole batch at once."""
+
+    k: np.ndarray  # (nk,) 1/Å
+    k_end: float
+    basis: np.ndarray  # (nk, nknots) the spline basis on k
+    operator: np.ndarray  # mu(k) -> the residual AUTOBK minimises
+    solve: np.ndarray  # pseudo-inverse of operator @ basis
+
+    def on_k(self, energy: np.ndarray, mu: np.ndarray, normalization: Normalization) -> np.ndarray:
+        """mu(E) of rows minus their pre-edge line, in edge steps, on the k grid: (n, nk)."""
+        energy, mu = batch_rows(energy, mu)
+        scaled = (mu - normalization.pre_edge) / normalization.edge_step[:, None]
+        return spectrum_on_k(energy, scaled, normalization.e0, self.k)
+
+    def fit(self, mu_k: np.ndarray) -> np.ndarray:
+        """The background on the k grid of every spectrum of the batch (``mu_k``, all rows)."""
+        coefficients = self.solve @ (self.operator @ mu_k.T)  # (nknots, n)
+        return (self.basis @ coefficients).T
+
+    def exafs(
+        self,
+        energy: np.ndarray,
+        e0: np.ndarray,
+        edge_step: np.ndarray,
+        pre_edge: np.ndarray,
+        mu_k: np.ndarray,
+        background_k: np.ndarray,
+        *,
+        kweight: float = 2.0,
+        kmin: float = 2.0,
+        kmax: float | None = None,
+        dk: float = 1.0,
+        window: Window = "hanning",
+        rmax_out: float = 10.0,
+    ) -> Exafs:
+        """chi(k), the background on the energy grid and |chi(R)| of rows (their E0, edge
+        step and pre-edge line as normalised), from their ``mu_k`` and the batch's fit
+        ``background_k`` (those rows of it)."""
+        energy = np.broadcast_to(energy, pre_edge.shape)
+        k = self.k
+        chi = mu_k - background_k
+        background = np.full(energy.shape, np.nan)
+        relative = energy - e0[:, None]
+        for row in range(energy.shape[0]):
+            above = relative[row] >= 0
+            k_row = np.sqrt(ETOK * relative[row, above])
+            values = np.interp(k_row, k, background_k[row], right=np.nan)
+            background[row, above] = values * edge_step[row] + pre_edge[row, above]
+        ft_kmax = min(kmax or self.k_end, self.k_end)
+        chir = xftf(k, chi, kweight, kmin, ft_kmax, dk, window, rmax=rmax_out)
+        return Exafs(
+            k=k,
+            chi=chi,
+            background=background,
+            r=r_grid(rmax_out),
+            chir_magnitude=np.abs(chir),
+            kmax=self.k_end,
+            nknots=self.basis.shape[1],
+        )
+
+
+def background_design(
     kmax: float,
     *,
-    rbkg: float,
-    nknots: int | None,
-    bkg_kmin: float,
-    bkg_kweight: float,
-    bkg_dk: float,
-    window: Window,
-    clamp_lo: float,
-    clamp_hi: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The spline basis on ``k`` and the linear map from mu(k) to the residual AUTOBK minimises."""
+    rbkg: float = 1.0,
+    nknots: int | None = None,
+    bkg_kmin: float = 0.0,
+    bkg_kweight: float = 1.0,
+    bkg_dk: float = 0.1,
+    window: Window = "hanning",
+    clamp_lo: float = 0.0,
+    clamp_hi: float = 1.0,
+) -> BackgroundDesign:
+    """The AUTOBK problem on the k grid up to ``kmax`` (parameters as :func:`autobk`'s): the
+    spline basis on k and the linear map from mu(k) to the residual AUTOBK minimises."""
+    k = k_grid(kmax)
     kmin = bkg_kmin
     rstep = np.pi / (KSTEP * NFFT)
     rbkg = max(rbkg, 2 * rstep)
@@ -165,7 +232,9 @@ def _background_design(
             clamp[np.arange(nclamp), index] = 0.1 * strength
             rows.append(clamp)
     operator = np.vstack(rows)  # residual = operator @ (mu(k) - basis @ c)
-    return basis, operator
+    return BackgroundDesign(
+        k=k, k_end=kmax, basis=basis, operator=operator, solve=np.linalg.pinv(operator @ basis)
+    )
 
 
 def autobk(
@@ -280,100 +349,3 @@ def exafs_k_end(energy_end: np.ndarray, e0: np.ndarray, bkg_kmax: float | None =
             "set exafs=false for a XANES scan"
         )
     return k_end
-
-
-@dataclass(frozen=True)
-class BackgroundDesign:
-    """The AUTOBK problem of a batch on its k grid, set up once: :func:`autobk` in steps, so
-    a batch can be reduced a block of spectra at a time. Only the least-squares fit
-    (:meth:`fit`, a matrix product whose rounding depends on how many spectra it is
-    given) is made for the whole batch at once."""
-
-    k: np.ndarray  # (nk,) 1/Å
-    k_end: float
-    basis: np.ndarray  # (nk, nknots) the spline basis on k
-    operator: np.ndarray  # mu(k) -> the residual AUTOBK minimises
-    solve: np.ndarray  # pseudo-inverse of operator @ basis
-
-    def on_k(self, energy: np.ndarray, mu: np.ndarray, normalization: Normalization) -> np.ndarray:
-        """mu(E) of rows minus their pre-edge line, in edge steps, on the k grid: (n, nk)."""
-        energy, mu = batch_rows(energy, mu)
-        scaled = (mu - normalization.pre_edge) / normalization.edge_step[:, None]
-        return spectrum_on_k(energy, scaled, normalization.e0, self.k)
-
-    def fit(self, mu_k: np.ndarray) -> np.ndarray:
-        """The background on the k grid of every spectrum of the batch (``mu_k``, all rows)."""
-        coefficients = self.solve @ (self.operator @ mu_k.T)  # (nknots, n)
-        return (self.basis @ coefficients).T
-
-    def exafs(
-        self,
-        energy: np.ndarray,
-        e0: np.ndarray,
-        edge_step: np.ndarray,
-        pre_edge: np.ndarray,
-        mu_k: np.ndarray,
-        background_k: np.ndarray,
-        *,
-        kweight: float = 2.0,
-        kmin: float = 2.0,
-        kmax: float | None = None,
-        dk: float = 1.0,
-        window: Window = "hanning",
-        rmax_out: float = 10.0,
-    ) -> Exafs:
-        """chi(k), the background on the energy grid and |chi(R)| of rows (their E0, edge
-        step and pre-edge line as normalised), from their ``mu_k`` and the batch's fit
-        ``background_k`` (those rows of it)."""
-        energy = np.broadcast_to(energy, pre_edge.shape)
-        k = self.k
-        chi = mu_k - background_k
-        background = np.full(energy.shape, np.nan)
-        relative = energy - e0[:, None]
-        for row in range(energy.shape[0]):
-            above = relative[row] >= 0
-            k_row = np.sqrt(ETOK * relative[row, above])
-            values = np.interp(k_row, k, background_k[row], right=np.nan)
-            background[row, above] = values * edge_step[row] + pre_edge[row, above]
-        ft_kmax = min(kmax or self.k_end, self.k_end)
-        chir = xftf(k, chi, kweight, kmin, ft_kmax, dk, window, rmax=rmax_out)
-        return Exafs(
-            k=k,
-            chi=chi,
-            background=background,
-            r=r_grid(rmax_out),
-            chir_magnitude=np.abs(chir),
-            kmax=self.k_end,
-            nknots=self.basis.shape[1],
-        )
-
-
-def background_design(
-    k_end: float,
-    *,
-    rbkg: float = 1.0,
-    nknots: int | None = None,
-    bkg_kmin: float = 0.0,
-    bkg_kweight: float = 1.0,
-    bkg_dk: float = 0.1,
-    window: Window = "hanning",
-    clamp_lo: float = 0.0,
-    clamp_hi: float = 1.0,
-) -> BackgroundDesign:
-    """The AUTOBK problem on the k grid up to ``k_end`` (parameters as :func:`autobk`'s)."""
-    k = k_grid(k_end)
-    basis, operator = _background_design(
-        k,
-        k_end,
-        rbkg=rbkg,
-        nknots=nknots,
-        bkg_kmin=bkg_kmin,
-        bkg_kweight=bkg_kweight,
-        bkg_dk=bkg_dk,
-        window=window,
-        clamp_lo=clamp_lo,
-        clamp_hi=clamp_hi,
-    )
-    return BackgroundDesign(
-        k=k, k_end=k_end, basis=basis, operator=operator, solve=np.linalg.pinv(operator @ basis)
-    )
