@@ -19,12 +19,11 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from calypso.errors import ParameterError
 from calypso.executors.paths import worker_paths
 from calypso.settings import CalypsoSettings
 from calypso.tasks.live_common import partial_file
-from calypso.tasks.plans.spectroscopy import Calibration, SpectraBatch, SpectroscopyPlan
-from calypso.tasks.raw.absorption import absorption
+from calypso.tasks.plans.spectroscopy import SpectraBatch, SpectroscopyPlan
+from calypso.tasks.raw.absorption import absorption, transmission_or_mu_column
 from calypso.tasks.raw.spectra import ColumnTable, SpectrumSource
 from calypso.tasks.spectroscopy import BatchResult, reduce_into_part
 from calypso.tasks.writers import nexus
@@ -204,11 +203,14 @@ def make_live_spectroscopy_plan(
     from calypso.tasks.plans.live import _live_output
     from calypso.tasks.plans.spectroscopy import (
         TECHNIQUE,
+        as_checked,
         check_first_spectrum,
         default_batch_size,
+        edge_and_calibration,
     )
 
     raw_file, number = Path(first.raw_file), first.number
+    parameters, mode_note = transmission_or_mu_column(table, parameters)
     data = absorption(table, parameters)
     # An energy point a row: npoints counts the energies, and every spectrum has come.
     n_spectra = first.frames if whole_at_end else max(first.npoints or first.frames, 1)
@@ -217,10 +219,9 @@ def make_live_spectroscopy_plan(
         energy_rows=whole_at_end, title=first.title, start_time=first.start_time,
     )  # fmt: skip
     where = source.describe()
-    e0, reference_e0, metadata = check_first_spectrum(table, where, parameters)
-    element, edge, calibration = _edge_and_calibration(
-        parameters, metadata, e0, reference_e0, where
-    )
+    checked = check_first_spectrum(table, where, parameters)
+    parameters = as_checked(parameters, checked)
+    element, edge, calibration, notes = edge_and_calibration(parameters, checked, where)
     raw, out = _live_output(
         input_path, raw_file, number, TECHNIQUE, output_dir, settings,
         2 * 16 * 8 * source.n_points * source.n_spectra,
@@ -239,39 +240,5 @@ def make_live_spectroscopy_plan(
         batch_size=parameters.batch_size
         or (default_batch_size(n_spectra, workers) if whole_at_end else LIVE_SPECTRA),
         whole_at_end=whole_at_end,
-    )
-
-
-def _edge_and_calibration(
-    parameters: SpectroscopyParameters,
-    metadata: dict[str, str],
-    e0: float,
-    reference_e0: float | None,
-    where: str,
-) -> tuple[str | None, str | None, Calibration | None]:
-    """The edge and the foil's calibration as the offline planner decides them
-    (``make_spectroscopy_plan``, which reads the scan only once it has ended)."""
-    from calypso.techniques import spectroscopy as xas
-
-    element = parameters.element or metadata.get("Element.symbol")
-    edge = parameters.edge if parameters.element else metadata.get("Element.edge", parameters.edge)
-    if element is None:
-        element, edge = xas.guess_edge(e0)
-    if not parameters.calibrate or reference_e0 is None:
-        return element, edge, None
-    foil_element, foil_edge = element, edge
-    if parameters.reference_e0 is not None:
-        tabulated = parameters.reference_e0
-    else:
-        tabulated = xas.tabulated_edge(foil_element, foil_edge or "K")
-    if abs(tabulated - reference_e0) > 50:
-        raise ParameterError(
-            f"{where}: the reference channel's edge is at {reference_e0:.1f} eV, "
-            f"{tabulated - reference_e0:+.1f} eV from the tabulated {foil_element} {foil_edge} "
-            f"edge ({tabulated:.1f} eV): set element/edge or calibrate=false"
-        )
-    return (
-        element,
-        edge,
-        Calibration(element=foil_element or "", edge=foil_edge or "K", reference_e0=tabulated),
+        notes=[*([mode_note] if mode_note else []), *notes],
     )

@@ -21,6 +21,7 @@ def reduce(ctx: Any, plan: Any) -> Any:
     ctx.report(
         merged=plan.merges,
         calibration=plan.calibration.model_dump() if plan.calibration else None,
+        warning="; ".join(plan.notes) or None,
     )
 
     def finished(batches: list[Any]) -> None:

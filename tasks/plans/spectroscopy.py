@@ -9,6 +9,7 @@ misses the edge before any work is submitted.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from calypso.errors import CalypsoError, ParameterError, RawDataError
 from calypso.settings import CalypsoSettings
 from calypso.tasks.plans.preflight import require_output_room, require_registrable
 from calypso.tasks.raw import bliss
-from calypso.tasks.raw.absorption import absorption
+from calypso.tasks.raw.absorption import absorption, transmission_or_mu_column
 from calypso.tasks.raw.data_policy import RawDataset, output_folder
 from calypso.tasks.raw.spectra import (
     TEXT_SUFFIXES,
@@ -48,6 +49,20 @@ class Calibration(BaseModel):
     reference_e0: float
 
 
+@dataclass(frozen=True)
+class FirstSpectrum:
+    """What the planner learns from a source's first spectrum that can be reduced."""
+
+    e0: float
+    #: E0 of the reference channel; None without one, or where it shows no edge.
+    reference_e0: float | None
+    metadata: dict[str, str]
+    #: What the user should know about the choices made (a summary warning).
+    notes: tuple[str, ...] = field(default=())
+    #: Too short above E0 for EXAFS, which was not asked for by name: a XANES scan.
+    xanes_only: bool = False
+
+
 IN_PROCESS_SPECTRA = 64  # up to this many, no cluster: see SpectroscopyPlan.in_process
 
 
@@ -65,6 +80,8 @@ class SpectroscopyPlan(BaseModel):
     output_dir: str
     output_file: str
     batch_size: int
+    #: What the plan decided that the results should carry as a warning.
+    notes: list[str] = []
 
     @property
     def n_spectra(self) -> int:
@@ -191,9 +208,7 @@ def reduction_keywords(parameters: xas.SpectroscopyParameters) -> dict[str, Any]
 MAP_SPECTRA_TRIED = 64
 
 
-def check_source(
-    source: SpectrumSource, parameters: xas.SpectroscopyParameters
-) -> tuple[float, float | None, dict[str, str]]:
+def check_source(source: SpectrumSource, parameters: xas.SpectroscopyParameters) -> FirstSpectrum:
     """Read and normalise the first spectrum of ``source``: its E0, reference E0 and metadata.
     A map's first pixel may be off the sample (its spectrum has no edge): then the first of
     :data:`MAP_SPECTRA_TRIED` spectra spread over the map that can be reduced; none of them,
@@ -219,7 +234,7 @@ def check_source(
 
 def check_first_spectrum(
     table: Any, where: str, parameters: xas.SpectroscopyParameters
-) -> tuple[float, float | None, dict[str, str]]:
+) -> FirstSpectrum:
     """Normalise the first spectrum of ``table`` (read offline, or from a growing file by a
     live run) that can be reduced: its E0, reference E0 and metadata. None can: the first
     one's error, naming ``where``."""
@@ -236,19 +251,97 @@ def check_first_spectrum(
 
 def _check_spectrum_row(
     data: Any, row: int, where: str, parameters: xas.SpectroscopyParameters
-) -> tuple[float, float | None, dict[str, str]]:
+) -> FirstSpectrum:
     energy = np.atleast_2d(data.energy)
     energy = energy[row : row + 1] if energy.shape[0] > 1 else energy
     mu = data.mu[row : row + 1]
     xas.check_spectrum(energy, mu, where)
     normalization = xas.normalize(energy, mu, **normalization_keywords(parameters), where=where)
-    reference_e0 = None
-    if data.mu_reference is not None:
+    reference_e0, notes = None, data.notes
+    if data.mu_reference is not None and parameters.calibrate:
         reference = data.mu_reference[row : row + 1]
-        reference_e0 = float(xas.find_e0(energy, reference, parameters.e0_smooth)[0])
-    if parameters.exafs:
-        xas.autobk(energy, mu, normalization, **exafs_keywords(parameters))
-    return float(normalization.e0[0]), reference_e0, data.metadata
+        found = xas.find_e0(energy, reference, parameters.e0_smooth)
+        # Many scans have a reference chamber and no foil in it: no edge, no calibration.
+        if xas.edge_contrast(energy, reference, found)[0] >= xas.MIN_EDGE_CONTRAST:
+            reference_e0 = float(found[0])
+        else:
+            notes = (
+                *notes,
+                "the reference channel shows no absorption edge (no foil?): the energy is not "
+                "calibrated; name the reference counter with --set iref=COUNTER, or calibrate "
+                "later",
+            )
+    e0 = float(normalization.e0[0])
+    reach = float(np.sqrt(xas.ETOK * max(float(energy[0, -1]) - e0, 0.0)))
+    xanes_only = reach < xas.MIN_EXAFS_K and "exafs" not in parameters.model_fields_set
+    if xanes_only and parameters.exafs:
+        notes = (
+            *notes,
+            f"{where}: the scan reaches only k = {reach:.1f} 1/Å above E0: a XANES scan, "
+            "reduced without EXAFS",
+        )
+    elif parameters.exafs:
+        xas.autobk(energy, mu, normalization, **exafs_keywords(parameters), where=where)
+    return FirstSpectrum(e0, reference_e0, data.metadata, notes, xanes_only and parameters.exafs)
+
+
+def as_checked(parameters: xas.SpectroscopyParameters, first: FirstSpectrum):
+    """The parameters a run goes on with: without EXAFS for a XANES scan (not asked for)."""
+    return parameters.model_copy(update={"exafs": False}) if first.xanes_only else parameters
+
+
+#: A reference channel's edge further than this (eV) from the sample's is another
+#: element's foil (chemical shifts and E0 on a white line stay well within it).
+FOIL_FROM_SAMPLE_EV = 25.0
+
+
+def edge_and_calibration(
+    parameters: xas.SpectroscopyParameters, first: FirstSpectrum, where: str
+) -> tuple[str, str, Calibration | None, list[str]]:
+    """The absorption edge (as given, in the file's metadata, or guessed from E0), the
+    reference foil's calibration, from a source's first spectrum, and the notes on them.
+
+    The foil is taken to be of the sample's element unless ``element`` or ``reference_e0``
+    says otherwise; a reference edge ``FOIL_FROM_SAMPLE_EV`` away from the sample's is
+    another element's (an Au foil beside an As sample): not calibrated, with a note.
+
+    Raises
+    ------
+    ParameterError
+        The reference channel's edge is over 50 eV from the foil's tabulated edge.
+    """
+    metadata, notes = first.metadata, list(first.notes)
+    element = parameters.element or metadata.get("Element.symbol")
+    edge = parameters.edge if parameters.element else metadata.get("Element.edge", parameters.edge)
+    if element is None:
+        element, edge = xas.guess_edge(first.e0)
+    if not parameters.calibrate or first.reference_e0 is None:
+        return element, edge, None, notes
+    apart = first.reference_e0 - first.e0
+    if (
+        parameters.element is None
+        and parameters.reference_e0 is None
+        and (abs(apart) > FOIL_FROM_SAMPLE_EV)
+    ):
+        notes.append(
+            f"the reference channel's edge ({first.reference_e0:.1f} eV) is {apart:+.0f} eV "
+            f"from the sample's ({first.e0:.1f} eV): a foil of another element, the energy is "
+            "not calibrated; give its tabulated E0 with --set reference_e0=EV to calibrate"
+        )
+        return element, edge, None, notes
+    if parameters.reference_e0 is not None:
+        tabulated = parameters.reference_e0
+    else:
+        tabulated = xas.tabulated_edge(element, edge or "K")
+    if abs(tabulated - first.reference_e0) > 50:
+        raise ParameterError(
+            f"{where}: the reference channel's edge is at {first.reference_e0:.1f} eV, "
+            f"{tabulated - first.reference_e0:+.1f} eV from the tabulated {element} {edge} edge "
+            f"({tabulated:.1f} eV): wrong element, or no foil in the reference channel; set "
+            "element/edge or calibrate=false"
+        )
+    calibration = Calibration(element=element, edge=edge or "K", reference_e0=tabulated)
+    return element, edge, calibration, notes
 
 
 def make_spectroscopy_plan(
@@ -268,37 +361,19 @@ def make_spectroscopy_plan(
     """
     settings = settings or CalypsoSettings()
     raw, raw_file, sources, stem = _resolve_sources(input_path, scans, parameters)
-    e0 = reference_e0 = None
-    metadata: dict[str, str] = {}
-    for index, source in enumerate(sources):
-        # Text files are small: check each. Bliss scans share their layout: check the first.
-        if index == 0 or source.scan is None:
-            found_e0, found_reference, found_metadata = check_source(source, parameters)
-            if index == 0:
-                e0, reference_e0, metadata = found_e0, found_reference, found_metadata
-    element = parameters.element or metadata.get("Element.symbol")
-    edge = parameters.edge if parameters.element else metadata.get("Element.edge", parameters.edge)
-    if element is None and e0 is not None:
-        element, edge = xas.guess_edge(e0)
-    calibration = None
-    if parameters.calibrate and reference_e0 is not None:
-        foil_element, foil_edge = element, edge
-        if parameters.reference_e0 is not None:
-            tabulated = parameters.reference_e0
-        else:
-            if foil_element is None:
-                foil_element, foil_edge = xas.guess_edge(reference_e0)
-            tabulated = xas.tabulated_edge(foil_element, foil_edge or "K")
-        if abs(tabulated - reference_e0) > 50:
-            raise ParameterError(
-                f"{sources[0].describe()}: the reference channel's edge is at "
-                f"{reference_e0:.1f} eV, {tabulated - reference_e0:+.1f} eV from the tabulated "
-                f"{foil_element} {foil_edge} edge ({tabulated:.1f} eV): wrong element, or no "
-                "foil in the reference channel; set element/edge or calibrate=false"
-            )
-        calibration = Calibration(
-            element=foil_element or "", edge=foil_edge or "K", reference_e0=tabulated
-        )
+    mode_note = None
+    if parameters.mode == "auto":
+        parameters, mode_note = transmission_or_mu_column(read_source(sources[0], 0, 1), parameters)
+    first = check_source(sources[0], parameters)
+    parameters = as_checked(parameters, first)
+    others: list[str] = []
+    for source in sources[1:]:
+        # Text files are small: check each. Bliss scans share their layout: the first only.
+        if source.scan is None:
+            others.extend(check_source(source, parameters).notes)
+    element, edge, calibration, notes = edge_and_calibration(
+        parameters, first, sources[0].describe()
+    )
     out = output_folder(input_path, raw, TECHNIQUE, output_dir, settings.processed_data)
     if raw is not None and raw_file is not None:
         raw = raw.model_copy(update={"sample_name": bliss.read_sample_name(raw_file)})
@@ -320,4 +395,5 @@ def make_spectroscopy_plan(
         output_dir=str(out),
         output_file=str(out / f"{stem}.h5"),
         batch_size=parameters.batch_size or default_batch_size(n_spectra, workers),
+        notes=[*([mode_note] if mode_note else []), *notes, *others],
     )

@@ -30,6 +30,8 @@ class Absorption:
     metadata: dict[str, str]
     #: A single spectrum's points left out, where mu(E) is not finite (eV; a dropout).
     points_left_out: tuple[float, ...] = ()
+    #: What was done to the columns that the run's summary should say.
+    notes: tuple[str, ...] = ()
 
 
 def _rows(values: np.ndarray, n: int) -> np.ndarray:
@@ -80,7 +82,7 @@ def _energy(table: ColumnTable, p: SpectroscopyParameters) -> np.ndarray:
     """The energy (eV) of a source: the named column, else the one whose values are an energy."""
     name = table.find(p.energy, "energy", required=False)
     unit = p.energy_unit
-    d_spacing = p.d_spacing or float(table.metadata.get("Mono.d_spacing", 0) or 0) or None
+    d_spacing = p.d_spacing or spectrum_files.header_number(table.metadata.get("Mono.d_spacing"))
     if name is None:
         found = spectrum_files.energy_by_content(
             table.columns,
@@ -150,6 +152,13 @@ def absorption(table: ColumnTable, parameters: SpectroscopyParameters) -> Absorp
             )
     if mode == "transmission":
         it = _rows(table.columns[table.find(p.it, "it")], n)
+        if not np.any(it != 0):
+            raise RawDataError(
+                f"{where}: It ({table.find(p.it, 'it')}) is zero everywhere: this scan was not "
+                "measured in transmission, or that is the wrong counter; name the fluorescence "
+                "channels with --set fluorescence='[\"COLUMN\"]', or It with --set it=COLUMN; "
+                f"its columns: {', '.join(table.columns)}"
+            )
         with np.errstate(divide="ignore", invalid="ignore"):
             mu = np.divide(i0, it)
             np.log(mu, out=mu)  # in place: one batch-sized array, not two
@@ -183,8 +192,20 @@ def absorption(table: ColumnTable, parameters: SpectroscopyParameters) -> Absorp
             )
             np.log(mu_reference, out=mu_reference)
     points_left_out: tuple[float, ...] = ()
+    notes: tuple[str, ...] = ()
     if mu.shape[0] == 1:
         energy, mu, mu_reference, points_left_out = _without_dropouts(energy, mu, mu_reference)
+        axis = np.asarray(energy, dtype=np.float64).reshape(-1)
+        if back := spectrum_files.jitter_steps(axis):
+            # Each point keeps its mu: it was measured at the energy read back.
+            order = np.argsort(axis * np.sign(axis[-1] - axis[0]), kind="stable")
+            notes = (
+                f"{where}: the energy steps back at {back} point(s) by less than half a step "
+                "(the monochromator's readback): those points are put in energy order, as "
+                "Larch does",
+            )
+            energy, mu = np.asarray(energy)[..., order], mu[:, order]
+            mu_reference = None if mu_reference is None else mu_reference[:, order]
     if mu_reference is not None:
         # A reference channel without signal cannot calibrate; but where mu(E) itself is not
         # finite (a map's pixel where the beam was lost, left out) it need not.
@@ -204,7 +225,37 @@ def absorption(table: ColumnTable, parameters: SpectroscopyParameters) -> Absorp
         mode=mode,
         metadata=table.metadata,
         points_left_out=points_left_out,
+        notes=notes,
     )
+
+
+def transmission_or_mu_column(
+    table: ColumnTable, parameters: SpectroscopyParameters
+) -> tuple[SpectroscopyParameters, str | None]:
+    """'auto' mode's choice for a file with It and a mu column of its own: transmission,
+    unless It is zero or negative at more than ``MAX_DROPOUTS`` of the first spectrum's
+    points (a fluorescence measurement on a sample no beam crosses, the file's mu column
+    its fluorescence): then that column, and a note saying so. Decided once for a run."""
+    p = parameters
+    if p.mode != "auto" or p.fluorescence or p.it is not None:
+        return p, None
+    i0_name = table.find(p.i0, "i0", required=False)
+    it_name = table.find(None, "it", required=False)
+    mu_name = table.find(p.mu_column, "mu_column", required=False)
+    if i0_name is None or it_name is None or mu_name is None:
+        return p, None
+    i0, it = (_rows(table.columns[name], 1)[0] for name in (i0_name, it_name))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        usable = np.isfinite(i0 / it) & (i0 / it > 0)
+    unusable = int(usable.size - np.count_nonzero(usable))
+    if unusable <= MAX_DROPOUTS * usable.size:
+        return p, None
+    note = (
+        f"It ({it_name}) is zero or negative at {unusable} of its {usable.size} points: mu(E) "
+        f"is the file's own {mu_name!r} column, not transmission (--set mode=transmission to "
+        "insist)"
+    )
+    return p.model_copy(update={"mode": "mu", "mu_column": mu_name}), note
 
 
 def _without_dropouts(

@@ -12,6 +12,7 @@ from the columns by :mod:`calypso.tasks.raw.absorption`.
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ COLUMN_NAMES: dict[str, tuple[str, ...]] = {
     ),
     "i0": ("i0", "iodet", "mon", "i_0", "izero", "io"),
     "it": ("it", "itrans", "i1", "i_t", "idet"),
-    "iref": ("iref", "i2", "irefer", "i_ref"),
+    "iref": ("iref", "i2", "irefer", "i_ref", "ir"),
     "mu_column": ("mu", "mutrans", "mu_trans", "xmu", "mufluor", "mu_fluo", "mu_fluor"),
 }
 TEXT_SUFFIXES = (".xdi", ".dat", ".txt", ".xmu", ".asc", ".csv", ".prj", ".spec")
@@ -100,6 +101,14 @@ class ColumnTable:
         for candidate in COLUMN_NAMES.get(role, ()):
             if candidate in lower:
                 return lower[candidate]
+        if role != "energy":  # the energy is found by its values when not by its name
+            # A counter named with its scaler channel or amplifier ('I0-32', 'it_2'): the
+            # usual name and a number, when one column alone has that name.
+            for candidate in COLUMN_NAMES.get(role, ()):
+                numbered = re.compile(rf"{re.escape(candidate)}[_\-. ]?\d+")
+                hits = [name for key, name in lower.items() if numbered.fullmatch(key)]
+                if len(hits) == 1:
+                    return hits[0]
         if required:
             raise RawDataError(
                 f"{self.where}: no {role} column (tried {', '.join(COLUMN_NAMES.get(role, ()))}); "

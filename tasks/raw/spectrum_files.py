@@ -30,11 +30,18 @@ ENERGY_RANGE_EV = (100.0, 200_000.0)
 ANGLE_RANGE_DEG = (2.0, 85.0)
 #: Smallest span (eV) of a scan across an edge.
 MIN_SPAN_EV = 20.0
+#: A spectrum's energy read back from the monochromator may step back at a few points (at
+#: most ``MAX_JITTER`` of them) by up to ``JITTER_STEP`` of its steps there: its jitter.
+#: Those points are put in energy order, as Larch's ``pre_edge`` does; a longer step back
+#: (two points swapped, a second sweep) is refused.
+JITTER_STEP = 0.5
+MAX_JITTER = 0.01
 #: Words in a column name that make it a candidate for the energy before the others.
 _ENERGY_WORDS = ("energ", "kev", "mono", "bragg", "angle", "theta")
 
 _XDI_COLUMN = re.compile(r"^#\s*Column\.(\d+)\s*:\s*(\S+)", re.IGNORECASE)
 _XDI_FIELD = re.compile(r"^#\s*([A-Za-z_][\w]*\.[\w.]+)\s*:\s*(.*)$")
+_LEADING_NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _D_SPACING = re.compile(r"\bd[\s_-]*(?:spacing)?\s*[=:]?\s*(\d+\.\d+)\s*(?:A\b|Å|angstr)", re.I)
 
 
@@ -70,6 +77,17 @@ def read_xdi(path: Path, lines: list[str]) -> tuple[dict[str, np.ndarray], dict[
     if not names:
         names = [f"col{i + 1}" for i in range(n_columns)]
     return {name: data[:, i] for i, name in enumerate(names)}, metadata
+
+
+def header_number(value: str | None) -> float | None:
+    """The positive number a header field starts with, its unit after it ('3.1356 Å' -> 3.1356);
+    None when it holds none.
+
+    >>> header_number("3.1356369 Å"), header_number("n/a"), header_number(None)
+    (3.1356369, None, None)
+    """
+    match = _LEADING_NUMBER.match(value or "")
+    return float(match.group(0)) if match and float(match.group(0)) > 0 else None
 
 
 def _larch_io(path: Path) -> ModuleType:
@@ -188,13 +206,33 @@ def read_columns(
     return read_with_larch(path)
 
 
+def jitter_steps(axis: np.ndarray) -> int | None:
+    """How many steps of a scan's axis go against its direction by its readback's jitter:
+    0 for a monotonic axis; None where it goes back further (more than ``JITTER_STEP`` of
+    the median of the steps around) or more often (over ``MAX_JITTER`` of its points).
+    Repeated values are no steps back (``absorption.separate_repeats``).
+
+    >>> jitter_steps(np.array([1.0, 2, 3, 2.98, 5])), jitter_steps(np.array([1.0, 2, 3, 2, 4]))
+    (1, None)
+    """
+    steps = np.diff(axis) * np.sign(axis[-1] - axis[0])
+    back = steps < 0
+    if not back.any():
+        return 0
+    if back.sum() > max(1, MAX_JITTER * axis.size):
+        return None
+    for index in np.flatnonzero(back):  # against the steps around it: scans change step
+        around = np.abs(steps[max(0, index - 5) : index + 6])
+        if -steps[index] > JITTER_STEP * np.median(around):
+            return None
+    return int(back.sum())
+
+
 def _monotonic(values: np.ndarray) -> bool:
-    steps = np.diff(values)
-    return bool(
-        values.size > 10
-        and np.all(np.isfinite(values))
-        and (np.all(steps > 0) or np.all(steps < 0))
-    )
+    """An axis: finite, never standing still, going one way but for its jitter."""
+    if values.size <= 10 or not np.all(np.isfinite(values)) or np.any(np.diff(values) == 0):
+        return False
+    return jitter_steps(values) is not None
 
 
 def energy_by_content(

@@ -27,6 +27,9 @@ SLOPE_PHASES = 3
 GLITCH_NOISE = 6.0
 #: Below this edge step / noise, E0 is not trusted (see :func:`edge_noise_ratio`).
 MIN_EDGE_NOISE_RATIO = 10.0
+#: A scan must go on this far (eV) above E0: closer to its end, it stops on the edge,
+#: with no post-edge to normalise against (the edge itself rises over several eV).
+MIN_POST_EDGE_EV = 10.0
 #: Above this spread (eV) of E0 between the even and the odd points, E0 is not decided.
 MAX_E0_SPREAD = 1.0
 

@@ -256,6 +256,7 @@ def autobk(
     dk: float = 1.0,
     window: Window = "hanning",
     rmax_out: float = 10.0,
+    where: str = "spectrum",
 ) -> Exafs:
     """Remove the EXAFS background and Fourier transform chi(k), for a batch at once.
 
@@ -287,6 +288,8 @@ def autobk(
         Window shape, of the background fit and the Fourier transform.
     rmax_out : float
         Largest R (Å) kept in ``chir_magnitude``.
+    where : str
+        The spectra's source, for errors.
 
     Raises
     ------
@@ -305,7 +308,7 @@ def autobk(
     """
     energy, mu = batch_rows(energy, mu)
     design = background_design(
-        exafs_k_end(energy[:, -1], normalization.e0, bkg_kmax),
+        exafs_k_end(energy[:, -1], normalization.e0, bkg_kmax, where),
         rbkg=rbkg,
         nknots=nknots,
         bkg_kmin=bkg_kmin,
@@ -332,7 +335,13 @@ def autobk(
     )
 
 
-def exafs_k_end(energy_end: np.ndarray, e0: np.ndarray, bkg_kmax: float | None = None) -> float:
+#: A spectrum must reach this k (1/Å) above E0 for its EXAFS: below, it is a XANES scan.
+MIN_EXAFS_K = 3.0
+
+
+def exafs_k_end(
+    energy_end: np.ndarray, e0: np.ndarray, bkg_kmax: float | None = None, where: str = "spectrum"
+) -> float:
     """The end (1/Å) of a batch's k grid: the smallest k every spectrum reaches, or
     ``bkg_kmax``; ``energy_end`` is each spectrum's last energy (eV).
 
@@ -343,9 +352,10 @@ def exafs_k_end(energy_end: np.ndarray, e0: np.ndarray, bkg_kmax: float | None =
     """
     data_kmax = float(np.min(np.sqrt(ETOK * np.maximum(energy_end - e0, 0.0))))
     k_end = min(data_kmax, bkg_kmax or data_kmax)
-    if k_end < 3.0:
+    if k_end < MIN_EXAFS_K:
         raise RawDataError(
-            f"the spectrum reaches only k = {k_end:.1f} 1/Å above E0: too short for EXAFS; "
+            f"{where}: the spectrum reaches only k = {k_end:.1f} 1/Å above E0: too short for "
+            "EXAFS; "
             "set exafs=false for a XANES scan"
         )
     return k_end

@@ -14,6 +14,7 @@ from calypso.errors import RawDataError
 from calypso.techniques.spectroscopy.absorption import batch_rows, row_blocks
 from calypso.techniques.spectroscopy.edge import (
     MIN_EDGE_CONTRAST,
+    MIN_POST_EDGE_EV,
     e0_spread,
     edge_contrast,
     edge_noise_ratio,
@@ -200,6 +201,13 @@ def edge_frame(
         raise RawDataError(
             f"{where}: E0 {float(np.median(e0)):.1f} eV is outside the scanned range "
             f"{energy[0, 0]:.1f}-{energy[0, -1]:.1f} eV: the scan does not cover the edge"
+        )
+    if np.any(e0 > energy[:, -1] - MIN_POST_EDGE_EV):
+        row = int(np.argmax(e0 - energy[:, -1]))
+        raise RawDataError(
+            f"{where}: the scan ends {energy[row, -1] - e0[row]:.1f} eV above E0 "
+            f"({e0[row]:.1f} eV): it stops on the edge, with no post-edge to normalise "
+            f"against; measure at least {MIN_POST_EDGE_EV:.0f} eV above the edge"
         )
     contrast = edge_contrast(energy, mu, e0)
     if np.any(contrast < MIN_EDGE_CONTRAST):

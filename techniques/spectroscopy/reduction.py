@@ -15,9 +15,15 @@ from calypso.techniques.spectroscopy.absorption import (
     row_blocks,
 )
 from calypso.techniques.spectroscopy.calibration import calibration_shift
-from calypso.techniques.spectroscopy.edge import MIN_EDGE_CONTRAST, edge_contrast, find_e0
+from calypso.techniques.spectroscopy.edge import (
+    MIN_EDGE_CONTRAST,
+    MIN_POST_EDGE_EV,
+    edge_contrast,
+    find_e0,
+)
 from calypso.techniques.spectroscopy.exafs import (
     ETOK,
+    MIN_EXAFS_K,
     Exafs,
     Window,
     background_design,
@@ -94,14 +100,14 @@ def unusable_spectra(
             edges = find_e0(e, m, e0_smooth)
         else:
             edges = np.broadcast_to(np.asarray(e0, dtype=np.float64), (n,))[rows]
-        inside = (edges > e[:, 0]) & (edges < e[:, -1])
+        inside = (edges > e[:, 0]) & (edges < e[:, -1] - MIN_POST_EDGE_EV)
         contrast = np.zeros(rows.size)
         if inside.any():
             contrast[inside] = edge_contrast(e[inside], m[inside], edges[inside])
         no_edge[rows] = ~inside | (contrast < MIN_EDGE_CONTRAST)
         if exafs:
             reach = np.sqrt(ETOK * np.maximum(e[:, -1] - edges, 0.0))
-            too_short[rows] = ~no_edge[rows] & (reach < 3.0)
+            too_short[rows] = ~no_edge[rows] & (reach < MIN_EXAFS_K)
     return {NOT_FINITE: not_finite, NO_EDGE: no_edge, TOO_SHORT: too_short}
 
 
@@ -316,7 +322,9 @@ class BatchReduction:
         self.design = None
         if exafs:
             design = {name: self.options[name] for name in _DESIGN if name in self.options}
-            k_end = exafs_k_end(calibrated[:, -1], self.edges.e0, self.options.get("bkg_kmax"))
+            k_end = exafs_k_end(
+                calibrated[:, -1], self.edges.e0, self.options.get("bkg_kmax"), self.where
+            )
             self.design = background_design(k_end, **design)
         # Where each block's spectra are among those reduced.
         counted = np.ones(self.mu.shape[0], dtype=bool) if keep is None else keep

@@ -1,0 +1,236 @@
+"""Habits of other beamlines' files, each met in a real file from a beamline the shared
+data does not cover (Larch's examples: NSLS-II BMM and ISS, APS 9-BM and 13-ID, SSRL),
+and rebuilt here from the shared real spectra.
+
+- BMM's XDI header gives the d-spacing with its unit (``Mono.d_spacing: 3.1356369 Å``).
+- APS 9-BM names its counters with their scaler channel (``I0-32``, ``It-32``, ``Iref-32``),
+  and leaves the reference chamber without a foil.
+- BMM measures fluorescence on a mesh no beam crosses: It reads zero or negative, and the
+  file's own ``xmu`` column is the fluorescence; SSRL and 9-BM leave I1 at zero.
+- ISS puts another element's foil (Au L3, 11919 eV) behind an As sample (11867 eV).
+- 13-ID's file of a scan stopped at the edge (it ends 0.4 eV above E0).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calypso.errors import CalypsoError
+from calypso.flows.cli import main
+from calypso.tasks.plans.spectroscopy import make_spectroscopy_plan
+from calypso.tasks.raw.absorption import absorption
+from calypso.tasks.raw.spectra import read_source, read_text_spectrum
+from calypso.techniques import spectroscopy as xas
+
+
+@pytest.fixture(scope="module")
+def foil(test_data) -> tuple[np.ndarray, np.ndarray]:
+    """Energy (eV) and mu(E) of the Fe foil (APS 13-BM-D): sample and reference foil."""
+    table = read_text_spectrum(test_data / "xas" / "fe_metal_rt.xdi")
+    return table.columns["energy"], table.columns["mutrans"]
+
+
+def write_columns(path: Path, names: str, columns: list[np.ndarray]) -> Path:
+    np.savetxt(path, np.column_stack(columns), header=names, fmt="%.8g")
+    return path
+
+
+def plan_of(path: Path, tmp_path: Path, **options):
+    return make_spectroscopy_plan(
+        str(path), xas.SpectroscopyParameters(**options), output_dir=str(tmp_path / "out")
+    )
+
+
+def test_a_d_spacing_given_with_its_unit_is_read(test_data, tmp_path):
+    original = test_data / "xas" / "cu_metal_rt.xdi"
+    text = original.read_text()
+    assert "# Mono.d_spacing: 3.13553\n" in text
+    with_unit = tmp_path / "cu_bmm_header.xdi"
+    with_unit.write_text(
+        text.replace("# Mono.d_spacing: 3.13553\n", "# Mono.d_spacing: 3.13553 Å\n")
+    )
+    plan = plan_of(with_unit, tmp_path)
+    table = read_source(plan.sources[0])
+    assert table.metadata["Mono.d_spacing"] == "3.13553 Å"
+    data, reference = (
+        absorption(read_source(p.sources[0]), p.parameters)
+        for p in (plan, plan_of(original, tmp_path))
+    )
+    assert np.array_equal(data.mu, reference.mu)
+
+
+def test_counters_named_with_their_scaler_channel_are_found(foil, tmp_path):
+    energy, mu = foil
+    i0 = np.full(energy.size, 5.7e6)
+    path = write_columns(
+        tmp_path / "aps9bm.dat", "Mono_Energy I0-32 It-32", [energy, i0, i0 * np.exp(-mu)]
+    )
+    plan = plan_of(path, tmp_path)
+    data = absorption(read_source(plan.sources[0]), plan.parameters)
+    assert data.mode == "transmission"
+    assert np.allclose(data.mu[0], mu, atol=1e-6)
+
+
+def test_two_counters_of_one_name_are_not_guessed_between(foil, tmp_path):
+    energy, mu = foil
+    i0 = np.full(energy.size, 1e6)
+    path = write_columns(
+        tmp_path / "two.dat", "energy i0 it_1 it_2", [energy, i0, i0 * np.exp(-mu), i0 / 2]
+    )
+    with pytest.raises(CalypsoError, match="no It column"):
+        plan_of(path, tmp_path)
+
+
+def test_it_at_zero_is_named_not_taken_for_a_lost_beam(foil, tmp_path):
+    energy, mu = foil
+    i0 = np.full(energy.size, 1e6)
+    lytle = 2e3 * (1 - np.exp(-mu))
+    path = write_columns(tmp_path / "ssrl.dat", "energy i0 i1 lytle", [energy, i0, 0 * i0, lytle])
+    with pytest.raises(CalypsoError) as refusal:
+        plan_of(path, tmp_path)
+    message = str(refusal.value)
+    assert str(path) in message and "It (i1) is zero everywhere" in message
+    assert "--set fluorescence=" in message and "lytle" in message
+    plan = plan_of(path, tmp_path, fluorescence=["lytle"])  # as the message says
+    assert absorption(read_source(plan.sources[0]), plan.parameters).mode == "fluorescence"
+
+
+def test_fluorescence_through_a_mesh_takes_the_files_own_mu(foil, tmp_path, capsys, catalogue):
+    """It reads zero or negative at 8% of the points (BMM, a slurry on a mesh): transmission
+    cannot be made, and the file's ``xmu`` (its fluorescence) is the spectrum, saying so."""
+    energy, mu = foil
+    rng = np.random.default_rng(0)
+    i0 = np.full(energy.size, 26.0)
+    it = np.abs(rng.normal(5e-4, 3e-4, energy.size))
+    it[::12] = -1e-4
+    xmu = 800 * (1 - np.exp(-mu)) / 0.9
+    path = write_columns(tmp_path / "bmm.dat", "energy xmu I0 It", [energy, xmu, i0, it])
+    plan = plan_of(path, tmp_path)
+    assert plan.parameters.mode == "mu" and plan.parameters.mu_column == "xmu"
+    assert "file's own 'xmu' column" in plan.notes[0], plan.notes
+    # A user who asks for transmission gets what was asked, and its refusal.
+    with pytest.raises(CalypsoError, match="not finite"):
+        plan_of(path, tmp_path, mode="transmission")
+    out = tmp_path / "run"
+    code = main(["run", "spectroscopy", str(path), "--output", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
+    assert any("file's own 'xmu' column" in w for w in summary["warnings"]), summary
+    larch_like = xas.normalize(energy, xmu[None, :])
+    assert summary["key_figures"]["bmm"]["e0_eV"] == pytest.approx(larch_like.e0[0], abs=0.01)
+
+
+def reference_run(foil, tmp_path: Path, mu_reference: np.ndarray, name: str):
+    energy, mu = foil
+    i0 = np.full(energy.size, 1e6)
+    it = i0 * np.exp(-mu)
+    path = write_columns(
+        tmp_path / f"{name}.dat",
+        "energy i0 it iref",
+        [energy, i0, it, it * np.exp(-mu_reference)],
+    )
+    return path, plan_of(path, tmp_path)
+
+
+def test_a_reference_chamber_without_a_foil_leaves_the_energy_uncalibrated(foil, tmp_path):
+    """APS 9-BM: Iref read through air, no foil: its log ratio to It falls smoothly, with no
+    edge. Its steepest point is no foil's edge: no calibration, and the run says so."""
+    energy, _ = foil
+    air = 0.3 * (7000.0 / energy) ** 3
+    _, plan = reference_run(foil, tmp_path, air, "no_foil")
+    assert plan.calibration is None
+    assert "reference channel shows no absorption edge" in plan.notes[0], plan.notes
+    # The same file with the Fe foil in it (the mono 2 eV off) is calibrated, as before.
+    _, calibrated = reference_run(foil, tmp_path, np.interp(energy + 2.0, *foil), "fe_foil")
+    assert calibrated.calibration is not None and calibrated.calibration.element == "Fe"
+    assert calibrated.notes == []
+
+
+def test_a_foil_of_another_element_is_not_taken_for_the_samples(foil, tmp_path):
+    """ISS: an Au foil (L3, 11919 eV) behind an As sample (K, 11867 eV). Taken for an As foil,
+    it would shift the energy by 40 eV; the edges 40 eV apart say it is another element's."""
+    energy, _ = foil
+    other = np.interp(energy - 40.0, *foil)  # the foil's edge 40 eV above the sample's
+    _, plan = reference_run(foil, tmp_path, other, "other_foil")
+    assert plan.calibration is None
+    assert "a foil of another element" in plan.notes[0], plan.notes
+    # Told the foil's tabulated edge, the run calibrates against it.
+    edge = xas.tabulated_edge("Fe", "K") + 40.0
+    told = make_spectroscopy_plan(
+        str(tmp_path / "other_foil.dat"),
+        xas.SpectroscopyParameters(reference_e0=edge),
+        output_dir=str(tmp_path / "told"),
+    )
+    assert told.calibration is not None and told.calibration.reference_e0 == edge
+
+
+def test_a_scan_stopped_on_the_edge_is_refused(foil, tmp_path):
+    """13-ID: the file of a scan stopped 0.4 eV above E0. Its 'post-edge' would be the edge's
+    own rise: refused, for a XANES reduction as for EXAFS."""
+    energy, mu = foil
+    e0 = float(xas.normalize(energy, mu[None, :]).e0[0])
+    cut = energy <= e0 + 0.4
+    i0 = np.full(energy.size, 1e6)
+    path = write_columns(
+        tmp_path / "stopped.dat", "energy i0 it", [energy[cut], i0[cut], (i0 * np.exp(-mu))[cut]]
+    )
+    for options in ({}, {"exafs": False}):
+        with pytest.raises(CalypsoError) as refusal:
+            plan_of(path, tmp_path, **options)
+        assert str(path) in str(refusal.value) and "stops on the edge" in str(refusal.value)
+    # 30 eV further, a XANES scan, is reduced.
+    longer = energy <= e0 + 30.0
+    path = write_columns(
+        tmp_path / "xanes.dat",
+        "energy i0 it",
+        [energy[longer], i0[longer], (i0 * np.exp(-mu))[longer]],
+    )
+    assert plan_of(path, tmp_path, exafs=False).sources
+
+
+def test_an_energy_read_back_with_jitter_is_put_in_order_as_larch_does(foil, tmp_path):
+    """SLS PHOENIX: the energy read back steps back 0.02 eV at one point (steps of 0.2 eV).
+    Each point keeps the mu(E) measured at its energy; Larch's pre_edge sorts them, and so
+    does the run, saying so. Two points swapped (a whole step back) are still refused."""
+    energy, mu = foil
+    i0 = np.full(energy.size, 1e6)
+    it = i0 * np.exp(-mu)
+    jittered = energy.copy()
+    point = int(np.searchsorted(energy, 7150.0))
+    jittered[point] = energy[point - 1] - 0.1 * (energy[point] - energy[point - 1])
+    path = write_columns(tmp_path / "sls.dat", "Energy_c1 i0 it", [jittered, i0, it])
+    plan = plan_of(path, tmp_path)
+    assert "steps back at 1 point" in plan.notes[0], plan.notes
+    data = absorption(read_source(plan.sources[0]), plan.parameters)
+    order = np.argsort(jittered)
+    assert np.array_equal(data.energy, jittered[order])
+    assert np.allclose(data.mu[0], mu[order], atol=1e-6)
+    swapped = energy.copy()
+    swapped[[point, point + 1]] = swapped[[point + 1, point]]
+    path = write_columns(tmp_path / "swapped.dat", "energy i0 it", [swapped, i0, it])
+    with pytest.raises(CalypsoError, match="not strictly increasing"):
+        plan_of(path, tmp_path)
+
+
+def test_a_xanes_scan_is_reduced_without_exafs_saying_so(foil, tmp_path):
+    """APS 9-BM's S K-edge scan ends 28 eV above E0 (k = 2.9 1/Å): a XANES scan. Unless
+    EXAFS is asked for by name, the run reduces it without, and says so; asked for, it is
+    refused naming the file."""
+    energy, mu = foil
+    e0 = float(xas.normalize(energy, mu[None, :]).e0[0])
+    keep = energy <= e0 + 28.0
+    i0 = np.full(keep.sum(), 1e6)
+    path = write_columns(
+        tmp_path / "xanes.dat", "energy i0 it", [energy[keep], i0, i0 * np.exp(-mu[keep])]
+    )
+    plan = plan_of(path, tmp_path)
+    assert plan.parameters.exafs is False
+    assert any("a XANES scan, reduced without EXAFS" in note for note in plan.notes), plan.notes
+    with pytest.raises(CalypsoError) as refusal:
+        plan_of(path, tmp_path, exafs=True)
+    assert str(path) in str(refusal.value) and "too short for EXAFS" in str(refusal.value)
