@@ -234,3 +234,74 @@ def test_a_xanes_scan_is_reduced_without_exafs_saying_so(foil, tmp_path):
     with pytest.raises(CalypsoError) as refusal:
         plan_of(path, tmp_path, exafs=True)
     assert str(path) in str(refusal.value) and "too short for EXAFS" in str(refusal.value)
+
+
+def test_an_aps_labview_files_column_list_names_every_column(foil, tmp_path):
+    """APS 20-ID 2022: the LabVIEW file's readable list of column headings has a name with a
+    parenthesis in it ("Mono Energy (alt) *"). Larch splits that list at every ')': it
+    loses a name and gives each later column the name of the one after it. The run names
+    the columns from the list, so a channel asked for by name is that channel's counts."""
+    energy, mu = foil
+    n = energy.size
+    i0 = np.full(n, 6.4e4)
+    channels = {  # number: (name in the list, values)
+        1: ("Mono Energy (alt) *", energy),
+        2: ("Scaler preset time *", np.full(n, 0.5)),
+        3: ("ID Gap *", 13 + energy / 1e4),
+        4: ("Timer", np.zeros(n)),
+        5: ("Preslit", np.full(n, 2e5)),
+        6: ("Pre_KB", np.full(n, 4.7e4)),
+        7: ("I0", i0),
+        8: ("It", np.full(n, 27.0)),
+        9: ("Iref", np.full(n, 2.5e3)),
+        10: ("XSP3:DT Corr I0", np.zeros(n)),
+        11: ("XSP3:FeKa_Sum", 3e5 * (1 - np.exp(-mu))),
+        12: ("EigerROI1", np.full(n, 2e3)),
+        13: ("XSP3:Total_Sum", np.full(n, 1e6)),
+    }
+    half = (len(channels) + 1) // 2
+    legend = [
+        "#  "
+        + "".join(
+            f"{k:>2}) {channels[k][0]:<21}" for k in (row, row + half) if k in channels
+        ).rstrip()
+        for row in range(1, half + 1)
+    ]
+    header = [
+        "# 1-D Scan File created by LabVIEW Control Panel  7/9/2022  1:00:29 PM",
+        "# Beamline 20-ID",
+        "# Here is a readable list of column headings:",
+        *legend,
+        "#",
+        "# Column Headings:",
+        "#" + "".join(f"{name:<21}" for name, _ in channels.values()),
+    ]
+    rows = np.column_stack([values for _, values in channels.values()])
+    path = tmp_path / "aps20id.dat"
+    path.write_text(
+        "\n".join(header) + "\n" + "\n".join(" ".join(f"{v:.8g}" for v in r) for r in rows) + "\n"
+    )
+    plan = plan_of(path, tmp_path, fluorescence=["xsp3_feka_sum"], i0="i0")
+    table = read_source(plan.sources[0])
+    assert list(table.columns)[10:13] == ["xsp3_feka_sum", "eigerroi1", "xsp3_total_sum"]
+    data = absorption(table, plan.parameters)
+    assert np.allclose(data.mu[0], channels[11][1] / i0)
+
+
+def test_an_e0_given_is_taken_where_the_edge_test_doubts(foil, tmp_path):
+    """APS 20-ID 2022: a Pb L3 edge 10 eV wide, and a diffraction bump 50 eV above it that
+    rises as steeply over 2.5 eV. The edge test refuses it and says to give E0; given,
+    E0 is the user's word and the spectrum is reduced."""
+    energy, mu = foil
+    e0 = float(xas.normalize(energy, mu[None, :]).e0[0])
+    step = float(xas.normalize(energy, mu[None, :]).edge_step[0])
+    bump = 0.3 * step * np.exp(-0.5 * ((energy - e0 - 60.0) / 1.0) ** 2)
+    i0 = np.full(energy.size, 1e6)
+    path = write_columns(
+        tmp_path / "bump.dat", "energy i0 it", [energy, i0, i0 * np.exp(-(mu + bump))]
+    )
+    with pytest.raises(CalypsoError, match="no absorption edge.*give e0"):
+        plan_of(path, tmp_path)
+    plan = plan_of(path, tmp_path, e0=e0)
+    data = absorption(read_source(plan.sources[0]), plan.parameters)
+    assert xas.normalize(data.energy, data.mu, e0=e0).edge_step[0] > 0

@@ -267,9 +267,9 @@ def _check_spectrum_row(
         else:
             notes = (
                 *notes,
-                "the reference channel shows no absorption edge (no foil?): the energy is not "
-                "calibrated; name the reference counter with --set iref=COUNTER, or calibrate "
-                "later",
+                f"{where}: the reference channel shows no absorption edge (no foil?): the energy "
+                "is not calibrated; name the reference counter with --set iref=COUNTER, or "
+                "calibrate later",
             )
     e0 = float(normalization.e0[0])
     reach = float(np.sqrt(xas.ETOK * max(float(energy[0, -1]) - e0, 0.0)))
@@ -285,7 +285,9 @@ def _check_spectrum_row(
     return FirstSpectrum(e0, reference_e0, data.metadata, notes, xanes_only and parameters.exafs)
 
 
-def as_checked(parameters: xas.SpectroscopyParameters, first: FirstSpectrum):
+def as_checked(
+    parameters: xas.SpectroscopyParameters, first: FirstSpectrum
+) -> xas.SpectroscopyParameters:
     """The parameters a run goes on with: without EXAFS for a XANES scan (not asked for)."""
     return parameters.model_copy(update={"exafs": False}) if first.xanes_only else parameters
 
@@ -324,9 +326,10 @@ def edge_and_calibration(
         and (abs(apart) > FOIL_FROM_SAMPLE_EV)
     ):
         notes.append(
-            f"the reference channel's edge ({first.reference_e0:.1f} eV) is {apart:+.0f} eV "
-            f"from the sample's ({first.e0:.1f} eV): a foil of another element, the energy is "
-            "not calibrated; give its tabulated E0 with --set reference_e0=EV to calibrate"
+            f"{where}: the reference channel's edge ({first.reference_e0:.1f} eV) is "
+            f"{apart:+.0f} eV from the sample's ({first.e0:.1f} eV): a foil of another element, "
+            "the energy is not calibrated; give its tabulated E0 with --set reference_e0=EV to "
+            "calibrate"
         )
         return element, edge, None, notes
     if parameters.reference_e0 is not None:

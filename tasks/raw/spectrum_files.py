@@ -42,6 +42,9 @@ _ENERGY_WORDS = ("energ", "kev", "mono", "bragg", "angle", "theta")
 _XDI_COLUMN = re.compile(r"^#\s*Column\.(\d+)\s*:\s*(\S+)", re.IGNORECASE)
 _XDI_FIELD = re.compile(r"^#\s*([A-Za-z_][\w]*\.[\w.]+)\s*:\s*(.*)$")
 _LEADING_NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+#: One entry of a LabVIEW file's "readable list of column headings" ("11) XSP3:PbLa_Sum"):
+#: a name runs to the next number and parenthesis after a space ("Mono Energy (alt) *").
+_LEGEND_ENTRY = re.compile(r"(?:^|\s)(\d{1,3})\)\s+(.*?)(?=\s+\d{1,3}\)\s|\s*$)")
 _D_SPACING = re.compile(r"\bd[\s_-]*(?:spacing)?\s*[=:]?\s*(\d+\.\d+)\s*(?:A\b|Å|angstr)", re.I)
 
 
@@ -132,7 +135,37 @@ def read_with_larch(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if (units := str(getattr(group, "energy_units", "") or "")) in ("keV", "eV", "deg"):
         metadata["Larch.energy_units"] = units
     names = labels if len(labels) == data.shape[0] else [f"col{i + 1}" for i in range(len(data))]
+    names = _legend_names(getattr(group, "header", []), len(data)) or names
     return {name: data[i] for i, name in enumerate(names)}, metadata
+
+
+def _legend_names(header: list[str], n_columns: int) -> list[str] | None:
+    """The column names of an APS LabVIEW scan file (20-BM, 9-BM, 20-ID) from its
+    "readable list of column headings", named as Larch names columns; None for a file
+    without one, or whose list does not number every column.
+
+    Larch reads that list too, but splits it at every ')': a name with one in it
+    ("Mono Energy (alt) *", APS 20-ID 2022) shifts every name after it by a column, and
+    loses one, so its labels put a channel's name on another's counts.
+    """
+    from pyshortcuts import fix_varname  # Larch's own, installed with it
+
+    lines = [str(line).lstrip("#").strip() for line in header]
+    starts = [i for i, line in enumerate(lines) if "readable list of column" in line]
+    if not starts:
+        return None
+    found: dict[int, str] = {}
+    for line in lines[starts[0] + 1 :]:
+        entries = _LEGEND_ENTRY.findall(line)
+        if not entries:
+            break
+        for number, name in entries:
+            found[int(number)] = fix_varname(name.strip().rstrip("*").strip().lower())
+    if sorted(found) != list(range(1, n_columns + 1)):
+        return None
+    names = [found[i + 1] for i in range(n_columns)]
+    # Two columns of one name: the second one keeps its number, as Larch does.
+    return [name if name not in names[:i] else f"{name}_col{i + 1}" for i, name in enumerate(names)]
 
 
 def athena_groups(path: Path) -> dict[str, dict[str, np.ndarray]]:

@@ -209,7 +209,9 @@ def edge_frame(
             f"({e0[row]:.1f} eV): it stops on the edge, with no post-edge to normalise "
             f"against; measure at least {MIN_POST_EDGE_EV:.0f} eV above the edge"
         )
-    contrast = edge_contrast(energy, mu, e0)
+    # E0 given is the user's word for where the edge is (the refusal below says to give it):
+    # only an edge found is checked.
+    contrast = edge_contrast(energy, mu, e0) if found else np.full(n, np.inf)
     if np.any(contrast < MIN_EDGE_CONTRAST):
         row = int(np.argmin(contrast))
         falling = find_e0(energy[row], -mu[row], e0_smooth)
