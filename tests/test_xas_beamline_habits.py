@@ -305,3 +305,25 @@ def test_an_e0_given_is_taken_where_the_edge_test_doubts(foil, tmp_path):
     plan = plan_of(path, tmp_path, e0=e0)
     data = absorption(read_source(plan.sources[0]), plan.parameters)
     assert xas.normalize(data.energy, data.mu, e0=e0).edge_step[0] > 0
+
+
+def test_noise_on_a_short_xanes_scan_is_not_an_edge(foil, tmp_path):
+    """APS 9-BM 2006: a 40 eV S K-edge scan whose 'lytle' channel is noise. The edge test
+    compares the edge's slope with slopes 30 eV away, and such a scan has none: noise
+    passed for an edge half the time, its 'edge step' up to 3.4 times mu(E)'s range. On
+    the same 40 eV grid, the Fe foil's XANES is reduced and white noise never is."""
+    energy, mu = foil
+    e0 = float(xas.normalize(energy, mu[None, :]).e0[0])
+    grid = energy[(energy >= e0 - 10.0) & (energy <= e0 + 30.0)]
+    i0 = np.full(grid.size, 1e5)
+    xanes = 90 * (1 - np.exp(-np.interp(grid, energy, mu)))
+    path = write_columns(tmp_path / "xanes.dat", "energy i0 lytle", [grid, i0, xanes])
+    assert plan_of(path, tmp_path, fluorescence=["lytle"]).sources
+    for seed in range(20):
+        noise = np.random.default_rng(seed).uniform(0, 90, grid.size)
+        path = write_columns(tmp_path / f"noise{seed}.dat", "energy i0 lytle", [grid, i0, noise])
+        with pytest.raises(CalypsoError) as refusal:
+            plan_of(path, tmp_path, fluorescence=["lytle"])
+        assert any(
+            words in str(refusal.value) for words in ("no absorption edge", "stops on the edge")
+        ), (seed, str(refusal.value))

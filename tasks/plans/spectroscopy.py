@@ -257,6 +257,8 @@ def _check_spectrum_row(
     mu = data.mu[row : row + 1]
     xas.check_spectrum(energy, mu, where)
     normalization = xas.normalize(energy, mu, **normalization_keywords(parameters), where=where)
+    if parameters.e0 is None:
+        require_an_edge(energy, mu, normalization, where)
     reference_e0, notes = None, data.notes
     if data.mu_reference is not None and parameters.calibrate:
         reference = data.mu_reference[row : row + 1]
@@ -283,6 +285,33 @@ def _check_spectrum_row(
     elif parameters.exafs:
         xas.autobk(energy, mu, normalization, **exafs_keywords(parameters), where=where)
     return FirstSpectrum(e0, reference_e0, data.metadata, notes, xanes_only and parameters.exafs)
+
+
+def require_an_edge(
+    energy: np.ndarray, mu: np.ndarray, normalization: xas.Normalization, where: str
+) -> None:
+    """Refuse a spectrum whose edge only its fits make: where the edge test has nothing
+    to judge by (a short XANES scan reaches no point 30 eV from E0) and its step is within
+    the noise (400 spectra of white noise on a 40 eV scan: 212 passed the edge test, all
+    under 8 times their noise; an Fe foil's XANES on it, 974), or where the step is an
+    extrapolation beyond mu(E)'s whole range (``xas.MAX_STEP_TO_RANGE``)."""
+    ratio = float(xas.step_to_range(mu, normalization.edge_step)[0])
+    if not ratio <= xas.MAX_STEP_TO_RANGE:
+        raise RawDataError(
+            f"{where}: no absorption edge: the edge step the pre- and post-edge lines give "
+            f"({float(normalization.edge_step[0]):.3g}) is {ratio:.1f} times mu(E)'s whole range"
+            " (noise, or not the sample's channel); choose the channels (--set "
+            "fluorescence=..., --set it=...), or give e0"
+        )
+    noise = float(normalization.edge_noise[0])
+    unjudged = np.isinf(xas.edge_contrast(energy, mu, normalization.e0)[0])
+    if unjudged and noise < xas.MIN_EDGE_NOISE_RATIO:
+        raise RawDataError(
+            f"{where}: no absorption edge the scan can show: it reaches no point 30 eV from E0 "
+            f"({float(normalization.e0[0]):.1f} eV) to compare the edge's slope with, and its "
+            f"edge step is only {noise:.1f} times its noise; merge repeats, choose the channels "
+            "(--set fluorescence=..., --set it=...), or give e0"
+        )
 
 
 def as_checked(

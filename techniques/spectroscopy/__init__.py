@@ -44,6 +44,7 @@ from calypso.techniques.spectroscopy.calibration import (
 from calypso.techniques.spectroscopy.edge import (
     E0_WINDOW,
     MAX_E0_SPREAD,
+    MAX_STEP_TO_RANGE,
     MIN_EDGE_CONTRAST,
     MIN_EDGE_NOISE_RATIO,
     MIN_POST_EDGE_EV,
@@ -51,6 +52,7 @@ from calypso.techniques.spectroscopy.edge import (
     edge_contrast,
     edge_noise_ratio,
     find_e0,
+    step_to_range,
 )
 from calypso.techniques.spectroscopy.exafs import (
     ETOK,
@@ -100,6 +102,7 @@ __all__ = [
     "KSTEP",
     "MAX_E0_SPREAD",
     "MAX_NNORM",
+    "MAX_STEP_TO_RANGE",
     "MIN_EDGE_CONTRAST",
     "MIN_EDGE_NOISE_RATIO",
     "MIN_EXAFS_K",
@@ -139,6 +142,7 @@ __all__ = [
     "row_blocks",
     "spectrum_noise",
     "spectrum_on_k",
+    "step_to_range",
     "tabulated_edge",
     "transmission_mu",
     "unusable_spectra",
