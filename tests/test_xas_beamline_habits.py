@@ -327,3 +327,20 @@ def test_noise_on_a_short_xanes_scan_is_not_an_edge(foil, tmp_path):
         assert any(
             words in str(refusal.value) for words in ("no absorption edge", "stops on the edge")
         ), (seed, str(refusal.value))
+
+
+def test_a_xanes_maps_pixels_of_noise_are_left_out(foil):
+    """The same rule for a XANES map's pixels: on a 40 eV scan, pixels of white noise (off
+    the sample) are left out as 'no absorption edge', the Fe foil's XANES is reduced."""
+    from calypso.techniques.spectroscopy.reduction import NO_EDGE, unusable_spectra
+
+    energy, mu = foil
+    e0 = float(xas.normalize(energy, mu[None, :]).e0[0])
+    grid = energy[(energy >= e0 - 10.0) & (energy <= e0 + 30.0)]
+    xanes = np.interp(grid, energy, mu)
+    rng = np.random.default_rng(0)
+    noise = rng.uniform(0, 1, (50, grid.size))
+    scaled = xanes * rng.uniform(0.5, 2.0, (50, 1)) + rng.normal(0, 1e-3, (50, grid.size))
+    masks = unusable_spectra(grid, np.vstack([scaled, noise]), exafs=False)
+    assert not masks[NO_EDGE][:50].any()
+    assert masks[NO_EDGE][50:].all()

@@ -290,11 +290,11 @@ def _check_spectrum_row(
 def require_an_edge(
     energy: np.ndarray, mu: np.ndarray, normalization: xas.Normalization, where: str
 ) -> None:
-    """Refuse a spectrum whose edge only its fits make: where the edge test has nothing
-    to judge by (a short XANES scan reaches no point 30 eV from E0) and its step is within
-    the noise (400 spectra of white noise on a 40 eV scan: 212 passed the edge test, all
-    under 8 times their noise; an Fe foil's XANES on it, 974), or where the step is an
-    extrapolation beyond mu(E)'s whole range (``xas.MAX_STEP_TO_RANGE``)."""
+    """Refuse a spectrum whose edge only its fits make: where the step is an extrapolation
+    beyond mu(E)'s whole range (``xas.MAX_STEP_TO_RANGE``), or where the edge test has
+    little or nothing to judge by (``xas.slopes_cannot_judge``: white noise on a 40 eV scan
+    passed it 212 times in 400) and mu(E) rises across E0 less than
+    ``xas.MIN_EDGE_NOISE_RATIO`` times its noise (``xas.edge_rise``)."""
     ratio = float(xas.step_to_range(mu, normalization.edge_step)[0])
     if not ratio <= xas.MAX_STEP_TO_RANGE:
         raise RawDataError(
@@ -303,15 +303,16 @@ def require_an_edge(
             " (noise, or not the sample's channel); choose the channels (--set "
             "fluorescence=..., --set it=...), or give e0"
         )
-    noise = float(normalization.edge_noise[0])
-    unjudged = np.isinf(xas.edge_contrast(energy, mu, normalization.e0)[0])
-    if unjudged and noise < xas.MIN_EDGE_NOISE_RATIO:
-        raise RawDataError(
-            f"{where}: no absorption edge the scan can show: it reaches no point 30 eV from E0 "
-            f"({float(normalization.e0[0]):.1f} eV) to compare the edge's slope with, and its "
-            f"edge step is only {noise:.1f} times its noise; merge repeats, choose the channels "
-            "(--set fluorescence=..., --set it=...), or give e0"
-        )
+    e0 = normalization.e0
+    if xas.slopes_cannot_judge(energy, e0, xas.edge_contrast(energy, mu, e0))[0]:
+        rise = float(xas.edge_noise_ratio(energy, mu, xas.edge_rise(energy, mu, e0))[0])
+        if rise < xas.MIN_EDGE_NOISE_RATIO:  # as a map's pixels: reduction.unusable_spectra
+            raise RawDataError(
+                f"{where}: no absorption edge the scan can show: it has few points or none 30 eV "
+                f"from E0 ({float(e0[0]):.1f} eV) to compare the edge's slope with, and mu(E) "
+                f"rises across it only {rise:.1f} times its noise; merge repeats, choose the "
+                "channels (--set fluorescence=..., --set it=...), or give e0"
+            )
 
 
 def as_checked(

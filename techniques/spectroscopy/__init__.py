@@ -51,7 +51,9 @@ from calypso.techniques.spectroscopy.edge import (
     e0_spread,
     edge_contrast,
     edge_noise_ratio,
+    edge_rise,
     find_e0,
+    slopes_cannot_judge,
     step_to_range,
 )
 from calypso.techniques.spectroscopy.exafs import (
@@ -128,6 +130,7 @@ __all__ = [
     "edge_contrast",
     "edge_noise_ratio",
     "edge_ranges",
+    "edge_rise",
     "find_e0",
     "fluorescence_mu",
     "ft_window",
@@ -140,6 +143,7 @@ __all__ = [
     "r_grid",
     "reduce_spectra",
     "row_blocks",
+    "slopes_cannot_judge",
     "spectrum_noise",
     "spectrum_on_k",
     "step_to_range",
