@@ -288,23 +288,38 @@ def test_an_aps_labview_files_column_list_names_every_column(foil, tmp_path):
     assert np.allclose(data.mu[0], channels[11][1] / i0)
 
 
-def test_an_e0_given_is_taken_where_the_edge_test_doubts(foil, tmp_path):
-    """APS 20-ID 2022: a Pb L3 edge 10 eV wide, and a diffraction bump 50 eV above it that
-    rises as steeply over 2.5 eV. The edge test refuses it and says to give E0; given,
-    E0 is the user's word and the spectrum is reduced."""
+def test_a_broad_edge_beside_a_sharp_peak_is_found(foil, tmp_path):
+    """APS 20-ID 2022: a Pb L3 edge 10 eV wide, and a diffraction peak 50 eV above it that
+    rises as steeply over 2.5 eV: the slopes alone refused it ("no absorption edge"). Its
+    rise across E0, over 15 eV on each side, is what no narrow peak has."""
     energy, mu = foil
-    e0 = float(xas.normalize(energy, mu[None, :]).e0[0])
-    step = float(xas.normalize(energy, mu[None, :]).edge_step[0])
-    bump = 0.3 * step * np.exp(-0.5 * ((energy - e0 - 60.0) / 1.0) ** 2)
+    normalization = xas.normalize(energy, mu[None, :])
+    e0, step = float(normalization.e0[0]), float(normalization.edge_step[0])
+    peak = 0.3 * step * np.exp(-0.5 * ((energy - e0 - 60.0) / 1.0) ** 2)
+    with_peak = mu + peak
+    assert xas.edge_contrast(energy, with_peak[None, :], [e0])[0] < xas.MIN_EDGE_CONTRAST
+    assert xas.rise_contrast(energy, with_peak[None, :], [e0])[0] >= xas.MIN_RISE_CONTRAST
     i0 = np.full(energy.size, 1e6)
     path = write_columns(
-        tmp_path / "bump.dat", "energy i0 it", [energy, i0, i0 * np.exp(-(mu + bump))]
+        tmp_path / "peak.dat", "energy i0 it", [energy, i0, i0 * np.exp(-with_peak)]
+    )
+    plan = plan_of(path, tmp_path)
+    data = absorption(read_source(plan.sources[0]), plan.parameters)
+    assert xas.normalize(data.energy, data.mu).e0[0] == pytest.approx(e0, abs=0.5)
+
+
+def test_an_e0_given_is_not_checked_by_the_edge_test(foil, tmp_path):
+    """The refusal "no absorption edge" says to give E0: given, it is the user's word."""
+    energy, mu = foil
+    e0 = float(xas.normalize(energy, mu[None, :]).e0[0])
+    cut = energy > e0 + 150.0  # EXAFS only: no edge in the scan
+    i0 = np.full(cut.sum(), 1e6)
+    path = write_columns(
+        tmp_path / "cut.dat", "energy i0 it", [energy[cut], i0, i0 * np.exp(-mu[cut])]
     )
     with pytest.raises(CalypsoError, match="no absorption edge.*give e0"):
         plan_of(path, tmp_path)
-    plan = plan_of(path, tmp_path, e0=e0)
-    data = absorption(read_source(plan.sources[0]), plan.parameters)
-    assert xas.normalize(data.energy, data.mu, e0=e0).edge_step[0] > 0
+    assert plan_of(path, tmp_path, e0=float(energy[cut][20]), exafs=False).sources
 
 
 def test_noise_on_a_short_xanes_scan_is_not_an_edge(foil, tmp_path):

@@ -141,6 +141,78 @@ def edge_contrast(energy: np.ndarray, mu: np.ndarray, e0: np.ndarray) -> np.ndar
     return contrast
 
 
+#: A spectrum the slopes refuse still has an edge where mu(E) rises across E0 this many
+#: times more than across any point 30 eV or more from it (:func:`rise_contrast`).
+MIN_RISE_CONTRAST = 3.5
+#: ... judged against at least this many points (1 eV apart) 30 eV or more from E0.
+MIN_RISES_AWAY = 60
+
+
+def rise_contrast(energy: np.ndarray, mu: np.ndarray, e0: np.ndarray) -> np.ndarray:
+    """How much more mu(E) rises across E0 than across any point 30 eV or more away.
+
+    A rise is :func:`edge_rise`'s (the median over 5-20 eV above a point less the median
+    over 20-5 eV below), on a 1 eV grid, against the spectrum's trend (the median rise).
+    Medians over 15 eV pass over what is narrow (a glitch, a diffraction peak in a
+    fluorescence channel) and see what is wide: an L edge of a heavy element, ~10 eV wide,
+    that :func:`edge_contrast`'s 2.5 eV slopes find no steeper than such a peak (APS 20-ID's
+    Pb L3 beside a diffraction peak: slopes 1.1, rises 4.1). Measured: 3.1 to 17.9 on the
+    test data's and three more real spectra across their edge; at most 2.9 for them cut 30
+    to 150 eV above it; white noise at most 1.2 (99th percentile of 2,000), a random walk
+    1.7. 0 where fewer than ``MIN_RISES_AWAY`` points are 30 eV away (noise on a 120 eV
+    scan passed 0.85% of the time with 40).
+
+    Examples
+    --------
+    >>> energy = np.linspace(12900.0, 13300.0, 401)
+    >>> mu = 1.0 / (1 + np.exp(-(energy - 13035.0) / 4))
+    >>> bool(rise_contrast(energy, mu, np.array([13035.0]))[0] > 10)
+    True
+    """
+    energy, mu = batch_rows(energy, mu)
+    grid = np.arange(float(energy[:, 0].max()), float(energy[:, -1].min()), 1.0)
+    width, gap = 16, 5  # points of a 15 eV window, and its gap (eV) from the point
+    centres = np.arange(gap + width - 1, grid.size - gap - width + 1)
+    e0 = np.broadcast_to(np.asarray(e0, dtype=np.float64).reshape(-1), (mu.shape[0],))
+    contrast = np.zeros(mu.shape[0])
+    if centres.size == 0:
+        return contrast
+    distance = np.abs(grid[centres][None, :] - e0[:, None])
+    for rows in row_blocks(mu.shape[0], 256):
+        on_grid = np.stack(
+            [np.interp(grid, e, m) for e, m in zip(energy[rows], mu[rows], strict=True)]
+        )
+        window = np.median(np.lib.stride_tricks.sliding_window_view(on_grid, width, axis=1), -1)
+        rise = window[:, centres + gap] - window[:, centres - gap - width + 1]
+        rise = rise - np.median(rise, axis=1, keepdims=True)
+        near = np.where(distance[rows] <= 5.0, rise, 0.0).max(axis=1)  # up: an edge rises
+        away = distance[rows] >= 30.0
+        far = np.where(away, np.abs(rise), 0.0).max(axis=1)
+        # A few points away judge nothing (noise on an 80 eV scan passed 3% of the time).
+        judged = (far > 0) & (away.sum(axis=1) >= MIN_RISES_AWAY)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            contrast[rows] = np.where(judged, near / far, 0.0)
+    return contrast
+
+
+def has_edge(
+    energy: np.ndarray, mu: np.ndarray, e0: np.ndarray, contrast: np.ndarray | None = None
+) -> np.ndarray:
+    """The spectra with an absorption edge at ``e0``: steeper there than 30 eV away
+    (:func:`edge_contrast` at least ``MIN_EDGE_CONTRAST``), or, where not, rising across
+    it more than anywhere 30 eV away (:func:`rise_contrast` at least ``MIN_RISE_CONTRAST``).
+    ``contrast``: the edge contrast, when already measured."""
+    energy, mu = batch_rows(energy, mu)
+    contrast = edge_contrast(energy, mu, e0) if contrast is None else contrast
+    passed = np.asarray(contrast) >= MIN_EDGE_CONTRAST
+    if not passed.all():
+        refused = np.flatnonzero(~passed)
+        e0 = np.broadcast_to(np.asarray(e0, dtype=np.float64).reshape(-1), (mu.shape[0],))
+        rises = rise_contrast(energy[refused], mu[refused], e0[refused])
+        passed[refused] = rises >= MIN_RISE_CONTRAST
+    return passed
+
+
 def _without_glitches(mu: np.ndarray) -> np.ndarray:
     """Rows of ``mu`` with their glitches taken out: a point further than ``GLITCH_NOISE``
     times the row's noise from the median of itself and its neighbours is that median.

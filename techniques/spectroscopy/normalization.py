@@ -19,6 +19,7 @@ from calypso.techniques.spectroscopy.edge import (
     edge_contrast,
     edge_noise_ratio,
     find_e0,
+    has_edge,
 )
 
 #: Highest degree of the post-edge polynomial.
@@ -212,8 +213,9 @@ def edge_frame(
     # E0 given is the user's word for where the edge is (the refusal below says to give it):
     # only an edge found is checked.
     contrast = edge_contrast(energy, mu, e0) if found else np.full(n, np.inf)
-    if np.any(contrast < MIN_EDGE_CONTRAST):
-        row = int(np.argmin(contrast))
+    edge = has_edge(energy, mu, e0, contrast)  # steep enough there, or rising most there
+    if not edge.all():
+        row = int(np.argmin(np.where(edge, np.inf, contrast)))
         falling = find_e0(energy[row], -mu[row], e0_smooth)
         if edge_contrast(energy[row], -mu[row], falling)[0] >= MIN_EDGE_CONTRAST:
             raise RawDataError(
