@@ -251,9 +251,9 @@ def transmission_or_mu_column(
     if unusable <= MAX_DROPOUTS * usable.size:
         return p, None
     note = (
-        f"It ({it_name}) is zero or negative at {unusable} of its {usable.size} points: mu(E) "
-        f"is the file's own {mu_name!r} column, not transmission (--set mode=transmission to "
-        "insist)"
+        f"{table.where}: It ({it_name}) is zero or negative at {unusable} of its {usable.size} "
+        f"points: mu(E) is the file's own {mu_name!r} column, not transmission (--set "
+        "mode=transmission to insist)"
     )
     return p.model_copy(update={"mode": "mu", "mu_column": mu_name}), note
 
