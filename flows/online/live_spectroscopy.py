@@ -209,6 +209,7 @@ class LiveSpectroscopy(LiveTechnique):
             "live_chunks_kept": self.reused,
             "merged": plan.merges,
             "calibration": plan.calibration.model_dump() if plan.calibration else None,
+            "warning": "; ".join(plan.notes) or None,  # what the plan chose, as offline
         }
 
     def write(self, ctx: StepContext, live: LiveRun, plan: Any, chunks: list[Any]) -> list[str]:
