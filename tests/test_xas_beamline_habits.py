@@ -218,9 +218,9 @@ def test_an_energy_read_back_with_jitter_is_put_in_order_as_larch_does(foil, tmp
 
 
 def test_a_xanes_scan_is_reduced_without_exafs_saying_so(foil, tmp_path):
-    """APS 9-BM's S K-edge scan ends 28 eV above E0 (k = 2.9 1/Å): a XANES scan. Unless
-    EXAFS is asked for by name, the run reduces it without, and says so; asked for, it is
-    refused naming the file."""
+    """APS 9-BM's S K-edge scan ends 28 eV above E0 (k = 2.9 1/Å): a XANES scan. The run
+    reduces it without EXAFS, and says so, whether EXAFS was asked for or not (a served
+    run's parameters come through JSON, every field set: the data decides)."""
     energy, mu = foil
     e0 = float(xas.normalize(energy, mu[None, :]).e0[0])
     keep = energy <= e0 + 28.0
@@ -228,12 +228,16 @@ def test_a_xanes_scan_is_reduced_without_exafs_saying_so(foil, tmp_path):
     path = write_columns(
         tmp_path / "xanes.dat", "energy i0 it", [energy[keep], i0, i0 * np.exp(-mu[keep])]
     )
-    plan = plan_of(path, tmp_path)
+    for options in ({}, {"exafs": True}):
+        plan = plan_of(path, tmp_path, **options)
+        assert plan.parameters.exafs is False
+        notes = plan.notes
+        assert any(f"{path}: the scan reaches only k = 2." in note for note in notes), notes
+    served = xas.SpectroscopyParameters.model_validate_json(
+        xas.SpectroscopyParameters().model_dump_json()
+    )
+    plan = make_spectroscopy_plan(str(path), served, output_dir=str(tmp_path / "served"))
     assert plan.parameters.exafs is False
-    assert any("a XANES scan, reduced without EXAFS" in note for note in plan.notes), plan.notes
-    with pytest.raises(CalypsoError) as refusal:
-        plan_of(path, tmp_path, exafs=True)
-    assert str(path) in str(refusal.value) and "too short for EXAFS" in str(refusal.value)
 
 
 def test_an_aps_labview_files_column_list_names_every_column(foil, tmp_path):

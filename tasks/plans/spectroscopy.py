@@ -59,7 +59,7 @@ class FirstSpectrum:
     metadata: dict[str, str]
     #: What the user should know about the choices made (a summary warning).
     notes: tuple[str, ...] = field(default=())
-    #: Too short above E0 for EXAFS, which was not asked for by name: a XANES scan.
+    #: Too short above E0 for EXAFS (a XANES scan): reduced without it.
     xanes_only: bool = False
 
 
@@ -275,7 +275,9 @@ def _check_spectrum_row(
             )
     e0 = float(normalization.e0[0])
     reach = float(np.sqrt(xas.ETOK * max(float(energy[0, -1]) - e0, 0.0)))
-    xanes_only = reach < xas.MIN_EXAFS_K and "exafs" not in parameters.model_fields_set
+    # Decided by the data, not by whether EXAFS was asked for by name: parameters reach a
+    # served or deployed run through JSON, which sets every field.
+    xanes_only = reach < xas.MIN_EXAFS_K
     if xanes_only and parameters.exafs:
         notes = (
             *notes,
@@ -318,7 +320,7 @@ def require_an_edge(
 def as_checked(
     parameters: xas.SpectroscopyParameters, first: FirstSpectrum
 ) -> xas.SpectroscopyParameters:
-    """The parameters a run goes on with: without EXAFS for a XANES scan (not asked for)."""
+    """The parameters a run goes on with: without EXAFS for a XANES scan."""
     return parameters.model_copy(update={"exafs": False}) if first.xanes_only else parameters
 
 
