@@ -23,7 +23,7 @@ from calypso.executors.paths import worker_paths
 from calypso.settings import CalypsoSettings
 from calypso.tasks.live_common import partial_file
 from calypso.tasks.plans.spectroscopy import SpectraBatch, SpectroscopyPlan
-from calypso.tasks.raw.absorption import absorption, transmission_or_mu_column
+from calypso.tasks.raw.absorption import absorption
 from calypso.tasks.raw.spectra import ColumnTable, SpectrumSource
 from calypso.tasks.spectroscopy import BatchResult, reduce_into_part
 from calypso.tasks.writers import nexus
@@ -210,7 +210,6 @@ def make_live_spectroscopy_plan(
     )
 
     raw_file, number = Path(first.raw_file), first.number
-    parameters, mode_note = transmission_or_mu_column(table, parameters)
     data = absorption(table, parameters)
     # An energy point a row: npoints counts the energies, and every spectrum has come.
     n_spectra = first.frames if whole_at_end else max(first.npoints or first.frames, 1)
@@ -240,5 +239,5 @@ def make_live_spectroscopy_plan(
         batch_size=parameters.batch_size
         or (default_batch_size(n_spectra, workers) if whole_at_end else LIVE_SPECTRA),
         whole_at_end=whole_at_end,
-        notes=[*([mode_note] if mode_note else []), *notes],
+        notes=notes,
     )

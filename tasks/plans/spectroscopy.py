@@ -9,7 +9,7 @@ misses the edge before any work is submitted.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,8 @@ class FirstSpectrum:
     metadata: dict[str, str]
     #: What the user should know about the choices made (a summary warning).
     notes: tuple[str, ...] = field(default=())
+    #: The file's own mu column, taken where It cannot make mu(E) ('auto' mode).
+    mu_column: str | None = None
     #: Too short above E0 for EXAFS (a XANES scan): reduced without it.
     xanes_only: bool = False
 
@@ -236,15 +238,20 @@ def check_first_spectrum(
     table: Any, where: str, parameters: xas.SpectroscopyParameters
 ) -> FirstSpectrum:
     """Normalise the first spectrum of ``table`` (read offline, or from a growing file by a
-    live run) that can be reduced: its E0, reference E0 and metadata. None can: the first
-    one's error, naming ``where``."""
-    data = absorption(table, parameters)
+    live run) that can be reduced: its E0, reference E0, metadata and what 'auto' chose
+    (:func:`as_checked` applies it). None can: the first one's error, naming ``where``."""
+    chosen, mode_note = transmission_or_mu_column(table, parameters)
+    data = absorption(table, chosen)
     first_error: RawDataError | None = None
     for row in range(data.mu.shape[0]):
         try:
-            return _check_spectrum_row(data, row, where, parameters)
+            first = _check_spectrum_row(data, row, where, chosen)
         except RawDataError as exc:
             first_error = first_error or exc
+            continue
+        if mode_note is None:
+            return first
+        return replace(first, notes=(mode_note, *first.notes), mu_column=chosen.mu_column)
     assert first_error is not None  # a table holds a spectrum at least
     raise first_error
 
@@ -258,7 +265,15 @@ def _check_spectrum_row(
     xas.check_spectrum(energy, mu, where)
     normalization = xas.normalize(energy, mu, **normalization_keywords(parameters), where=where)
     if parameters.e0 is None:
-        require_an_edge(energy, mu, normalization, where)
+        # An edge only the fits make: a step extrapolated beyond mu(E)'s whole range.
+        ratio = float(xas.step_to_range(mu, normalization.edge_step)[0])
+        if not ratio <= xas.MAX_STEP_TO_RANGE:
+            raise RawDataError(
+                f"{where}: no absorption edge: the edge step the pre- and post-edge lines give "
+                f"({float(normalization.edge_step[0]):.3g}) is {ratio:.1f} times mu(E)'s whole "
+                "range (noise, or not the sample's channel); choose the channels (--set "
+                "fluorescence=..., --set it=...), or give e0"
+            )
     reference_e0, notes = None, data.notes
     if data.mu_reference is not None and parameters.calibrate:
         reference = data.mu_reference[row : row + 1]
@@ -286,42 +301,20 @@ def _check_spectrum_row(
         )
     elif parameters.exafs:
         xas.autobk(energy, mu, normalization, **exafs_keywords(parameters), where=where)
-    return FirstSpectrum(e0, reference_e0, data.metadata, notes, xanes_only and parameters.exafs)
-
-
-def require_an_edge(
-    energy: np.ndarray, mu: np.ndarray, normalization: xas.Normalization, where: str
-) -> None:
-    """Refuse a spectrum whose edge only its fits make: where the step is an extrapolation
-    beyond mu(E)'s whole range (``xas.MAX_STEP_TO_RANGE``), or where the edge test has
-    little or nothing to judge by (``xas.slopes_cannot_judge``: white noise on a 40 eV scan
-    passed it 212 times in 400) and mu(E) rises across E0 less than
-    ``xas.MIN_EDGE_NOISE_RATIO`` times its noise (``xas.edge_rise``)."""
-    ratio = float(xas.step_to_range(mu, normalization.edge_step)[0])
-    if not ratio <= xas.MAX_STEP_TO_RANGE:
-        raise RawDataError(
-            f"{where}: no absorption edge: the edge step the pre- and post-edge lines give "
-            f"({float(normalization.edge_step[0]):.3g}) is {ratio:.1f} times mu(E)'s whole range"
-            " (noise, or not the sample's channel); choose the channels (--set "
-            "fluorescence=..., --set it=...), or give e0"
-        )
-    e0 = normalization.e0
-    if xas.slopes_cannot_judge(energy, e0, xas.edge_contrast(energy, mu, e0))[0]:
-        rise = float(xas.edge_noise_ratio(energy, mu, xas.edge_rise(energy, mu, e0))[0])
-        if rise < xas.MIN_EDGE_NOISE_RATIO:  # as a map's pixels: reduction.unusable_spectra
-            raise RawDataError(
-                f"{where}: no absorption edge the scan can show: it has few points or none 30 eV "
-                f"from E0 ({float(e0[0]):.1f} eV) to compare the edge's slope with, and mu(E) "
-                f"rises across it only {rise:.1f} times its noise; merge repeats, choose the "
-                "channels (--set fluorescence=..., --set it=...), or give e0"
-            )
+    return FirstSpectrum(
+        e0, reference_e0, data.metadata, notes, xanes_only=xanes_only and parameters.exafs
+    )
 
 
 def as_checked(
     parameters: xas.SpectroscopyParameters, first: FirstSpectrum
 ) -> xas.SpectroscopyParameters:
-    """The parameters a run goes on with: without EXAFS for a XANES scan."""
-    return parameters.model_copy(update={"exafs": False}) if first.xanes_only else parameters
+    """The parameters a run goes on with, as its first spectrum decided them: the file's own
+    mu column where It cannot make mu(E), no EXAFS for a XANES scan."""
+    update: dict[str, Any] = {"exafs": False} if first.xanes_only else {}
+    if first.mu_column is not None:
+        update |= {"mode": "mu", "mu_column": first.mu_column}
+    return parameters.model_copy(update=update) if update else parameters
 
 
 #: A reference channel's edge further than this (eV) from the sample's is another
@@ -396,9 +389,6 @@ def make_spectroscopy_plan(
     """
     settings = settings or CalypsoSettings()
     raw, raw_file, sources, stem = _resolve_sources(input_path, scans, parameters)
-    mode_note = None
-    if parameters.mode == "auto":
-        parameters, mode_note = transmission_or_mu_column(read_source(sources[0], 0, 1), parameters)
     first = check_source(sources[0], parameters)
     parameters = as_checked(parameters, first)
     others: list[str] = []
@@ -430,5 +420,5 @@ def make_spectroscopy_plan(
         output_dir=str(out),
         output_file=str(out / f"{stem}.h5"),
         batch_size=parameters.batch_size or default_batch_size(n_spectra, workers),
-        notes=[*([mode_note] if mode_note else []), *notes, *others],
+        notes=[*notes, *others],
     )

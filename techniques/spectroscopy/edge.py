@@ -200,16 +200,23 @@ def has_edge(
 ) -> np.ndarray:
     """The spectra with an absorption edge at ``e0``: steeper there than 30 eV away
     (:func:`edge_contrast` at least ``MIN_EDGE_CONTRAST``), or, where not, rising across
-    it more than anywhere 30 eV away (:func:`rise_contrast` at least ``MIN_RISE_CONTRAST``).
-    ``contrast``: the edge contrast, when already measured."""
+    it more than anywhere 30 eV away (:func:`rise_contrast` at least ``MIN_RISE_CONTRAST``);
+    and, where the slopes have little or nothing to judge by (:func:`slopes_cannot_judge`:
+    a short XANES scan), rising across it ``MIN_EDGE_NOISE_RATIO`` times its noise
+    (:func:`edge_rise`). ``contrast``: the edge contrast, when already measured."""
     energy, mu = batch_rows(energy, mu)
-    contrast = edge_contrast(energy, mu, e0) if contrast is None else contrast
-    passed = np.asarray(contrast) >= MIN_EDGE_CONTRAST
+    contrast = edge_contrast(energy, mu, e0) if contrast is None else np.asarray(contrast)
+    e0 = np.broadcast_to(np.asarray(e0, dtype=np.float64).reshape(-1), (mu.shape[0],))
+    passed = contrast >= MIN_EDGE_CONTRAST
     if not passed.all():
         refused = np.flatnonzero(~passed)
-        e0 = np.broadcast_to(np.asarray(e0, dtype=np.float64).reshape(-1), (mu.shape[0],))
         rises = rise_contrast(energy[refused], mu[refused], e0[refused])
         passed[refused] = rises >= MIN_RISE_CONTRAST
+    unjudged = np.flatnonzero(passed & slopes_cannot_judge(energy, e0, contrast))
+    if unjudged.size:  # white noise on such a scan rises at most ~2 times its noise
+        e, m = energy[unjudged], mu[unjudged]
+        rise = edge_noise_ratio(e, m, edge_rise(e, m, e0[unjudged]))
+        passed[unjudged] = rise >= MIN_EDGE_NOISE_RATIO
     return passed
 
 

@@ -18,6 +18,7 @@ from calypso.techniques.spectroscopy.edge import (
     e0_spread,
     edge_contrast,
     edge_noise_ratio,
+    edge_rise,
     find_e0,
     has_edge,
 )
@@ -213,9 +214,17 @@ def edge_frame(
     # E0 given is the user's word for where the edge is (the refusal below says to give it):
     # only an edge found is checked.
     contrast = edge_contrast(energy, mu, e0) if found else np.full(n, np.inf)
-    edge = has_edge(energy, mu, e0, contrast)  # steep enough there, or rising most there
+    edge = has_edge(energy, mu, e0, contrast) if found else np.ones(n, dtype=bool)
     if not edge.all():
         row = int(np.argmin(np.where(edge, np.inf, contrast)))
+        if contrast[row] >= MIN_EDGE_CONTRAST:  # steep enough: the slopes had little to see
+            rise = edge_noise_ratio(energy[row], mu[row], edge_rise(energy[row], mu[row], e0[row]))
+            raise RawDataError(
+                f"{where}: no absorption edge the scan can show: it has few points or none 30 "
+                f"eV from E0 ({e0[row]:.1f} eV) to compare the edge's slope with, and mu(E) "
+                f"rises across it only {rise[0]:.1f} times its noise; merge repeats, choose the "
+                "channels (--set fluorescence=..., --set it=...), or give e0"
+            )
         falling = find_e0(energy[row], -mu[row], e0_smooth)
         if edge_contrast(energy[row], -mu[row], falling)[0] >= MIN_EDGE_CONTRAST:
             raise RawDataError(

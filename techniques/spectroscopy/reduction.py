@@ -16,14 +16,10 @@ from calypso.techniques.spectroscopy.absorption import (
 )
 from calypso.techniques.spectroscopy.calibration import calibration_shift
 from calypso.techniques.spectroscopy.edge import (
-    MIN_EDGE_NOISE_RATIO,
     MIN_POST_EDGE_EV,
     edge_contrast,
-    edge_noise_ratio,
-    edge_rise,
     find_e0,
     has_edge,
-    slopes_cannot_judge,
 )
 from calypso.techniques.spectroscopy.exafs import (
     ETOK,
@@ -111,13 +107,6 @@ def unusable_spectra(
         edge = np.zeros(rows.size, dtype=bool)
         if inside.any():
             edge[inside] = has_edge(e[inside], m[inside], edges[inside], contrast[inside])
-        # Where the edge test has few slopes to judge by, or none (a short XANES scan), an
-        # edge must also rise well above the noise (white noise: at most ~2 times).
-        unjudged = edge & slopes_cannot_judge(e, edges, contrast)
-        if unjudged.any():
-            e_u, m_u = e[unjudged], m[unjudged]
-            rise = edge_noise_ratio(e_u, m_u, edge_rise(e_u, m_u, edges[unjudged]))
-            edge[unjudged] = rise >= MIN_EDGE_NOISE_RATIO
         no_edge[rows] = ~edge
         if exafs:
             reach = np.sqrt(ETOK * np.maximum(e[:, -1] - edges, 0.0))
