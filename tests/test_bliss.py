@@ -94,3 +94,60 @@ def test_single_images_through_fabio_and_h5py(test_data):
         195,
         487,
     )
+
+
+HOLD_FOR_WRITE = """
+import sys, time, h5py
+h5 = h5py.File(sys.argv[1], "a", libver="latest")  # as a writer between two scans: no SWMR
+h5.attrs["writer"] = "between two scans"
+h5.flush()
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+h5.close()
+"""
+
+
+def _held(path, seconds):
+    import subprocess
+    import sys
+
+    writer = subprocess.Popen(
+        [sys.executable, "-c", HOLD_FOR_WRITE, str(path), str(seconds)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert writer.stdout.readline().strip() == "held"
+    return writer
+
+
+def _dataset_file(folder):
+    """A dataset file as Bliss and the acquisition simulator write it (HDF5's latest
+    format, whose superblock marks a file open for writing)."""
+    path = folder / "sample_0001.h5"
+    with h5py.File(path, "w", libver="latest") as h5:
+        h5["1.1/title"] = "ct 0.1"
+        h5["1.1/sample/name"] = "CeO2"
+    return path
+
+
+def test_a_file_its_writer_holds_between_scans_is_read_once_released(tmp_path):
+    """HDF5 refuses any reader of a file open for writing outside SWMR mode (CI saw a live
+    tomography preview lost to it): the reader waits for the writer, within a bound."""
+    path = _dataset_file(tmp_path)
+    writer = _held(path, 1.0)
+    try:
+        with pytest.raises(OSError, match="already open for write"):
+            h5py.File(path, "r", locking=False)  # what HDF5 itself does
+        assert bliss.read_sample_name(path) == "CeO2"
+    finally:
+        assert writer.wait(timeout=30) == 0
+
+
+def test_a_file_held_for_writing_too_long_is_refused_with_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(bliss, "WRITER_HOLD_S", 0.5)
+    path = _dataset_file(tmp_path)
+    writer = _held(path, 3.0)
+    try:
+        with pytest.raises(RawDataError, match=r"held open for writing for 0.5 s.*h5clear -s"):
+            bliss.read_sample_name(path)
+    finally:
+        assert writer.wait(timeout=30) == 0

@@ -9,6 +9,7 @@ are read every source is checked: a missing or short Lima file is an error.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,21 +24,35 @@ from calypso.errors import ParameterError, RawDataError
 SCAN_ENTRY = re.compile(r"^(\d+)\.1$")
 
 
+WRITER_HOLD_S = 10.0  # how long a file its writer holds (not in SWMR mode) is tried again
+
+
 @contextmanager
 def open_raw(path: str | Path) -> Iterator[h5py.File]:
     """Open an HDF5 file read-only with file locking off (Bliss may hold it); a file still
-    open for writing in SWMR mode (a scan being written) is opened as its SWMR reader."""
+    open for writing in SWMR mode (a scan being written) is opened as its SWMR reader.
+
+    A file its writer holds outside SWMR mode (between two scans, say) cannot be opened at
+    all while it does: it is tried again for ``WRITER_HOLD_S`` before giving up."""
     path = Path(path)
     if not path.exists():
         raise RawDataError(f"{path} does not exist")
-    try:
-        handle = h5py.File(path, "r", locking=False)
-    except OSError as exc:
-        from calypso.tasks.raw.live import open_lima
-
+    deadline = time.monotonic() + WRITER_HOLD_S
+    while True:
         try:
-            handle = open_lima(path)  # SWMR read, where the writer allows it
-        except OSError:
+            handle = _open_read_only(path)
+            break
+        except OSError as exc:
+            held = "already open for write" in str(exc)
+            if held and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            if held:  # a writer that died leaves the flags set; clearing them is a write
+                raise RawDataError(
+                    f"{path} has been held open for writing for {WRITER_HOLD_S:g} s ({exc}); "
+                    "if no process writes it any more, ask its owner to clear its flags "
+                    f"with 'h5clear -s {path}'"
+                ) from None
             raise RawDataError(
                 f"{path} cannot be opened as HDF5 ({exc}); is it a Bliss dataset file?"
             ) from None
@@ -45,6 +60,15 @@ def open_raw(path: str | Path) -> Iterator[h5py.File]:
         yield handle
     finally:
         handle.close()
+
+
+def _open_read_only(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError:
+        from calypso.tasks.raw.live import open_lima
+
+        return open_lima(path)  # SWMR read, where the writer allows it
 
 
 @dataclass(frozen=True)
