@@ -136,6 +136,17 @@ def test_results_do_not_depend_on_batches_or_workers(mapping):
         assert a["1.1/xas/normalized/norm"].shape == (600, a["1.1/xas/normalized/energy"].size)
 
 
+def test_a_batch_does_not_grow_with_the_map():
+    """A worker holds ~20 kB a spectrum of its batch while reducing it: batches of a fixed
+    size keep its memory the same for a map of 10^4 spectra and one of 10^6."""
+    from calypso.tasks.plans.spectroscopy import MAX_BATCH, default_batch_size
+
+    for workers in (1, 2, 8):
+        sizes = {default_batch_size(n, workers) for n in (4 * workers * MAX_BATCH, 10**5, 10**6)}
+        assert sizes == {MAX_BATCH}, workers
+    assert default_batch_size(600, 2) == 200  # small maps: at least two batches a worker
+
+
 def test_the_map_shows_the_mixture(mapping):
     """Each map point mixes Fe metal and Fe2O3: E0 moves between the two compounds' edges."""
     _, _, default = mapping

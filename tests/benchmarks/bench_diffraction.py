@@ -21,14 +21,13 @@ import argparse
 import multiprocessing as mp
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import isolated_environment, prefect_server
+from harness import isolated_environment, prefect_server, scratch_folder
 from harness import time_command as run_command
 
 
@@ -112,7 +111,7 @@ def main() -> None:
 
     from calypso.flows.samples.diffraction import write_diffraction_sample
 
-    work = Path(tempfile.mkdtemp(prefix="calypso-bench-"))
+    work = scratch_folder("calypso-bench-")
     data_root = args.data or work / "visitor"
     began = time.perf_counter()
     sample = write_diffraction_sample(

@@ -24,7 +24,6 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from statistics import median
@@ -33,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import free_port, isolated_environment, time_command, wait_for_http
+from harness import free_port, isolated_environment, scratch_folder, time_command, wait_for_http
 
 BUCKET = "benchmark"
 
@@ -99,7 +98,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="calypso-bench-export-"))
+    work = scratch_folder("calypso-bench-export-")
     source = work / "PROCESSED_DATA" / "sample" / "sample_0001" / "tomography"
     size = write_results(source, args.gigabytes)
     files = sum(1 for p in source.rglob("*") if p.is_file())

@@ -50,7 +50,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from datetime import datetime
@@ -60,7 +59,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import isolated_environment, prefect_server
+from harness import isolated_environment, prefect_server, scratch_folder
 
 
 def simulator(
@@ -293,7 +292,7 @@ def main() -> None:
     args = parser.parse_args()
     mx, xas = args.technique == "mx", args.technique == "spectroscopy"
     rate = args.rate or (10.0 if mx else 50.0 if xas else 20.0)
-    work = Path(tempfile.mkdtemp(prefix="calypso-bench-live-"))
+    work = scratch_folder("calypso-bench-live-")
     env = isolated_environment(work)
     env["CALYPSO_CATALOGUE__PATH"] = str(work / "catalogue.sqlite")
     os.environ.update(env)  # before Prefect is imported: it reads its home then

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import isolated_environment, prefect_server
+from harness import isolated_environment, prefect_server, scratch_folder
 from harness import time_command as run_command
 
 _FRAMES = None  # (frames, scan, parameters), inherited by the forked pool workers
@@ -61,7 +60,7 @@ def time_spot_finder(raw_dir: Path, mask: Path, workers: int, chunk: int) -> flo
     from calypso.techniques.mx import MXParameters
 
     parameters = MXParameters(mask=str(mask))
-    plan = make_mx_plan(str(raw_dir), parameters, output_dir=tempfile.mkdtemp())
+    plan = make_mx_plan(str(raw_dir), parameters, output_dir=str(scratch_folder()))
     scan = plan.scans[0]
     frames = read_frames(scan.sources[0], 0, scan.n_frames)
     _FRAMES = (frames, scan, parameters)
@@ -87,7 +86,7 @@ def main() -> None:
 
     columns = 20
     rows = -(-args.frames // columns)
-    work = Path(tempfile.mkdtemp(prefix="calypso-bench-mx-"))
+    work = scratch_folder("calypso-bench-mx-")
     env = isolated_environment(work)
     began = time.perf_counter()
     sample = write_mx_sample(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from statistics import median
@@ -48,7 +47,9 @@ def time_plain_loop(raw_dir: Path, batch_size: int) -> float:
     from calypso.techniques.spectroscopy import SpectroscopyParameters, reduce_spectra
 
     parameters = SpectroscopyParameters()
-    plan = make_spectroscopy_plan(str(raw_dir), parameters, output_dir=tempfile.mkdtemp())
+    plan = make_spectroscopy_plan(
+        str(raw_dir), parameters, output_dir=str(harness.scratch_folder())
+    )
     reference = plan.calibration.reference_e0 if plan.calibration else None
     source = plan.sources[0]
     began = time.perf_counter()
@@ -83,7 +84,7 @@ def main() -> None:
 
     from calypso.flows.samples.spectroscopy import write_spectroscopy_map_sample
 
-    work = Path(tempfile.mkdtemp(prefix="calypso-bench-"))
+    work = harness.scratch_folder("calypso-bench-")
     smaller = args.also or (args.spectra // 2 if args.half else None)
     counts = [smaller, args.spectra] if smaller else [args.spectra]
     datasets = {}

@@ -25,7 +25,6 @@ import argparse
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import isolated_environment, prefect_server
+from harness import isolated_environment, prefect_server, scratch_folder
 from harness import time_command as run_command
 
 _SINOGRAMS = None  # (sinograms, angles) in each pool process, loaded by _load
@@ -72,7 +71,7 @@ def time_backend(raw_dir: Path, center: float, workers: int) -> float:
     from calypso.tasks.tomography import prepared_sinograms
     from calypso.techniques.tomography import TomographyParameters
 
-    work = Path(tempfile.mkdtemp())
+    work = scratch_folder()
     plan = make_tomography_plan(str(raw_dir), TomographyParameters(), output_dir=str(work))
     np.save(work / "sinograms.npy", prepared_sinograms(plan, 0, plan.scan.rows))
     np.save(work / "angles.npy", plan.scan.angles_rad)
@@ -104,7 +103,7 @@ def main() -> None:
 
     from calypso.flows.samples.tomography import write_tomography_sample
 
-    work = Path(tempfile.mkdtemp(prefix="calypso-bench-tomo-"))
+    work = scratch_folder("calypso-bench-tomo-")
     env = isolated_environment(work)
     samples = {}
     for rows in (args.rows, 2 * args.rows):

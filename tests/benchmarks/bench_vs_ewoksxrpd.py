@@ -30,7 +30,6 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -39,7 +38,14 @@ from statistics import median
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_diffraction import time_bare_loop
-from harness import REPO, isolated_environment, kept_local_server, prefect_server, warm_service
+from harness import (
+    REPO,
+    isolated_environment,
+    kept_local_server,
+    prefect_server,
+    scratch_folder,
+    warm_service,
+)
 from harness import time_command as run_command
 
 PEER = REPO / ".venv-peer"
@@ -132,7 +138,7 @@ def main() -> None:
     from calypso.flows.samples.diffraction import write_diffraction_sample
 
     python = peer_python()
-    work = Path(tempfile.mkdtemp(prefix="calypso-vs-ewoksxrpd-"))
+    work = scratch_folder("calypso-vs-ewoksxrpd-")
     root = args.data or work / "visitor"
     sample = write_diffraction_sample(root, frames=args.frames, seed=1, reuse=bool(args.data))
     small = write_diffraction_sample(

@@ -23,7 +23,6 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from statistics import median
@@ -33,7 +32,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_spectroscopy import time_plain_loop
-from harness import REPO, isolated_environment, kept_local_server, prefect_server, warm_service
+from harness import (
+    REPO,
+    isolated_environment,
+    kept_local_server,
+    prefect_server,
+    scratch_folder,
+    warm_service,
+)
 from harness import time_command as run_command
 
 
@@ -77,7 +83,7 @@ def main() -> None:
 
     from calypso.flows.samples.spectroscopy import write_spectroscopy_map_sample
 
-    work = Path(tempfile.mkdtemp(prefix="calypso-xas-warm-"))
+    work = scratch_folder("calypso-xas-warm-")
     root = work / "visitor"
     spectrum = root / "standards" / args.file.name  # a copy: runs read inside the roots
     spectrum.parent.mkdir(parents=True)

@@ -1,9 +1,12 @@
-"""What every benchmark needs: a real Prefect server and the peak memory of a command."""
+"""What every benchmark needs: a real Prefect server, the peak memory of a command and a
+scratch folder that goes when the benchmark ends."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,6 +23,16 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(1, str(REPO))  # conftest imports its neighbours as `tests.*`
 
 from conftest import free_port, wait_for_http  # noqa: E402
+
+
+def scratch_folder(prefix: str = "calypso-bench-") -> Path:
+    """A new temporary folder, removed when the benchmark exits (a benchmark's data and
+    results are gigabytes: left behind, a few runs fill the disk and later runs are refused
+    for room); kept when ``CALYPSO_BENCH_KEEP`` is set, to look at the results."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    if not os.environ.get("CALYPSO_BENCH_KEEP"):
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 class PeakMemory(threading.Thread):
@@ -93,7 +106,9 @@ def time_command(command: list[str], env: dict[str, str]) -> tuple[float, dict, 
     memory.running = False
     LAST_PEAKS[:] = [memory.each.pop(process.pid, 0), *sorted(memory.each.values(), reverse=True)]
     if process.returncode:
-        raise SystemExit(f"{' '.join(command[2:5])} failed ({process.returncode}):\n{err.decode()}")
+        raise SystemExit(
+            f"{' '.join(command[2:5])} failed ({process.returncode}):\n{err.decode()}{out.decode()}"
+        )
     return wall, json.loads(out), memory.peak
 
 
