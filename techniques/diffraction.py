@@ -32,7 +32,8 @@ ErrorModel = Literal["poisson", "azimuthal", "hybrid"]
 
 class Geometry(BaseModel):
     """Experiment geometry in pyFAI's PONI convention (metres and radians); only a physical
-    one (positive distance and wavelength, every value finite) is accepted."""
+    one (positive distance and wavelength, every value finite) is accepted. Old PONI files
+    carry no wavelength: such a geometry integrates in 2θ or r, not in q or d."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -42,7 +43,11 @@ class Geometry(BaseModel):
     rot1: float = Field(0.0, description="Rotation 1 (rad).")
     rot2: float = Field(0.0, description="Rotation 2 (rad).")
     rot3: float = Field(0.0, description="Rotation 3 (rad).")
-    wavelength: float = Field(..., gt=0, description="X-ray wavelength (m).")
+    wavelength: float | None = Field(
+        None,
+        gt=0,
+        description="X-ray wavelength (m); None: only for units without it (2th_deg, r_mm).",
+    )
     detector: str = Field("Detector", description="pyFAI detector name.")
     detector_config: dict[str, Any] = Field(
         default_factory=dict, description="pyFAI detector configuration (e.g. pixel1, pixel2)."
@@ -214,6 +219,33 @@ def oriented_shape(shape: tuple[int, ...], rotate: int) -> tuple[int, ...]:
     if rotate in (90, 270):
         return (*shape[:-2], shape[-1], shape[-2])
     return tuple(shape)
+
+
+def needs_wavelength(unit: str) -> bool:
+    """Whether pyFAI's radial ``unit`` is computed from the wavelength (q, d), or not
+    (2θ, r).
+
+    Examples
+    --------
+    >>> needs_wavelength("q_nm^-1"), needs_wavelength("2th_deg")
+    (True, False)
+    """
+    return "λ" in (pyfai_units.to_unit(unit).formula or "")
+
+
+def detector_shape(geometry: Geometry) -> tuple[int, int] | None:
+    """The shape of the frames ``geometry``'s detector gives, in pixels (None: a
+    generic detector of any size)."""
+    from pyFAI.detectors import detector_factory
+
+    try:
+        detector = detector_factory(geometry.detector, geometry.detector_config or None)
+    except Exception as exc:
+        raise ParameterError(
+            f"pyFAI does not know the detector {geometry.detector}: {exc}"
+        ) from None
+    shape = detector.shape or detector.max_shape
+    return (int(shape[0]), int(shape[1])) if shape is not None else None
 
 
 def make_integrator(geometry: Geometry) -> AzimuthalIntegrator:

@@ -172,6 +172,25 @@ def test_a_mask_that_leaves_too_few_pixels(inverted, diffraction_sample, tmp_pat
     )
 
 
+def test_a_calibration_of_another_detector(test_data, tmp_path, refused):
+    """pyFAI itself stops on it with "Mask shape matches" (a traceback before this check)."""
+    poni = tmp_path / "pilatus6m.poni"
+    poni.write_text(
+        "poni_version: 2\nDetector: Pilatus6M\nDetector_config: {}\nDistance: 0.3\n"
+        "Poni1: 0.2\nPoni2: 0.2\nRot1: 0\nRot2: 0\nRot3: 0\nWavelength: 1e-10\n"
+    )
+    image = tmp_path / "CeO2_Pilatus1M.tif"
+    shutil.copyfile(test_data / "xrd" / "CeO2_Pilatus1M.tif", image)
+    refused(
+        "diffraction", image, "--set", f"poni={poni}", "--set", "rotate=90",
+        status=2,
+        fragments=(
+            f"PONI file {poni} is for a Pilatus6M of 2527 x 2463 pixels, but the frames of",
+            "are 981 x 1043 after rotate=90: give the calibration made for this detector",
+        ),
+    )  # fmt: skip
+
+
 def test_masks_in_use_pass_and_the_threshold_is_a_parameter(diffraction_sample, tmp_path):
     import fabio
 

@@ -284,3 +284,88 @@ def test_real_ceo2_pilatus_image_matches_the_reference(test_data, tmp_path):
     offsets = strongest_peaks(pattern[:, 1]) - strongest_peaks(reference[:, 1])
     assert np.abs(offsets).max() <= 1
     assert summary["frames"] == 1
+
+
+CCD_PONI = """# Nota: C-Order, 1 refers to the Y axis, 2 to the X axis
+PixelSize1: 0.0001
+PixelSize2: 0.0001
+Distance: 0.1
+Poni1: 0.0512
+Poni2: 0.0498
+Rot1: 0.01
+Rot2: -0.005
+Rot3: 0.0
+SplineFile: {spline}
+"""
+
+
+@pytest.fixture(scope="module")
+def ccd_calibration(tmp_path_factory):
+    """A CCD with distortion, as pyFAI-calib left its calibration (a FReLoN's, say): a
+    version 1 PONI file with pixel sizes, the distortion spline beside it named by its
+    file name alone, and no wavelength; and a CeO2 image at 0.5 Å that the distortion
+    moves by up to 3 pixels. Returns the PONI file, the image and CeO2's 2θ (deg)."""
+    import fabio
+    from pyFAI.calibrant import get_calibrant
+    from pyFAI.detectors import Detector
+    from pyFAI.spline import Spline
+
+    folder = tmp_path_factory.mktemp("ccd")
+    spline = Spline()
+    spline.zeros(xmin=0.0, ymin=0.0, xmax=1024.0, ymax=1024.0, pixSize=100.0)
+    spline.grid, spline.pixelSize = 2500.0, (100.0, 100.0)
+    rows, columns = np.indices(spline.xDispArray.shape)
+    spline.xDispArray = (3.0 * np.sin(columns / 1024 * np.pi)).astype(np.float32)
+    spline.yDispArray = (-2.0 * np.cos(rows / 1024 * np.pi)).astype(np.float32)
+    spline.array2spline(smoothing=1000)
+    spline.write(str(folder / "ccd.spline"))
+    (folder / "ccd.poni").write_text(CCD_PONI.format(spline="ccd.spline"))
+    (folder / "ccd_flat.poni").write_text(CCD_PONI.format(spline="None"))
+
+    integrator = AzimuthalIntegrator(
+        dist=0.1, poni1=0.0512, poni2=0.0498, rot1=0.01, rot2=-0.005, wavelength=0.5e-10,
+        detector=Detector(splinefile=str(folder / "ccd.spline")),
+    )  # fmt: skip
+    calibrant = get_calibrant("CeO2")
+    calibrant.wavelength = integrator.wavelength
+    rings = calibrant.fake_calibration_image(integrator, Imax=1.0, Imin=0.0, resolution=0.02)
+    image = folder / "ccd_CeO2.edf"
+    fabio.edfimage.EdfImage(data=(50 + 1000 * rings).astype(np.float32)).write(str(image))
+    return folder / "ccd.poni", image, np.degrees(calibrant.get_2th()[:4])
+
+
+def ring_offsets(two_theta: np.ndarray, intensity: np.ndarray, rings: np.ndarray) -> np.ndarray:
+    """How far (deg) the pattern's peak nearest each of ``rings`` lies from it."""
+    peaks, _ = find_peaks(np.nan_to_num(intensity), prominence=np.nanmax(intensity) * 0.05)
+    found = two_theta[peaks]
+    return np.array([found[np.argmin(np.abs(found - ring))] - ring for ring in rings])
+
+
+def test_an_old_poni_file_with_its_distortion_spline_beside_it(ccd_calibration, tmp_path):
+    """The spline is found beside the PONI file (pyFAI looks in the working folder, which
+    is not the run's) and applied: the rings land on CeO2's angles, which the same
+    geometry without the spline misses by ~0.1 deg. With no wavelength the run goes in
+    2θ; in q it is refused, naming what to add."""
+    import fabio
+
+    from calypso.errors import ParameterError
+    from calypso.tasks.plans.diffraction import make_integration_plan
+
+    poni, image, rings = ccd_calibration
+    parameters = DiffractionParameters(poni=str(poni), unit="2th_deg", npt=2000)
+    summary = run_flow(image, parameters, workers=1, output=str(tmp_path))
+    path, group = summary["outputs"][0].split("::")
+    with h5py.File(path) as h5:
+        pattern = h5[group]
+        two_theta, intensity = pattern[pattern.attrs["axes"][-1]][()], pattern["intensity"][()]
+    assert np.abs(ring_offsets(two_theta, intensity.ravel(), rings)).max() < 0.02
+
+    flat = load_geometry(DiffractionParameters(poni=str(poni.with_name("ccd_flat.poni"))))
+    integrator = AzimuthalIntegrator().set_config(flat.as_pyfai_config())
+    without = integrator.integrate1d(fabio.open(str(image)).data, 2000, unit="2th_deg")
+    assert np.abs(ring_offsets(without.radial, without.intensity, rings)).max() > 0.08
+
+    with pytest.raises(ParameterError, match=r"has no wavelength, and unit q_nm\^-1 .*2th_deg"):
+        make_integration_plan(
+            str(image), DiffractionParameters(poni=str(poni)), None, str(tmp_path)
+        )

@@ -7,6 +7,7 @@ cluster; the flow runs the same planning again as its first task.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -26,7 +27,13 @@ from calypso.tasks.raw.frames import (
     image_files_source,
     read_image,
 )
-from calypso.techniques.diffraction import DiffractionParameters, Geometry
+from calypso.techniques.diffraction import (
+    DiffractionParameters,
+    Geometry,
+    detector_shape,
+    needs_wavelength,
+    oriented_shape,
+)
 from calypso.techniques.masks import check_unmasked
 
 TECHNIQUE = "diffraction"
@@ -93,10 +100,12 @@ def load_geometry(parameters: DiffractionParameters) -> Geometry:
     if not path.is_file():
         raise ParameterError(f"PONI file {path} does not exist")
     try:
-        config = PoniFile(str(path)).as_dict()
+        config = PoniFile(_poni_entries(path)).as_dict()
         config.pop("poni_version", None)
         config["detector"] = config.get("detector") or "Detector"
         return Geometry(**config)
+    except ParameterError:
+        raise
     except ValidationError as exc:
         # pyFAI reads a negative distance or wavelength without a word (and drops a zero
         # wavelength): the geometry model refuses what is not physical.
@@ -114,6 +123,63 @@ def load_geometry(parameters: DiffractionParameters) -> Geometry:
             f"PONI file {path} cannot be read ({exc}); it should be a pyFAI calibration "
             "with Distance, Poni1, Poni2, Rot1-3 and Wavelength"
         ) from None
+
+
+def _poni_entries(path: Path) -> dict[str, object]:
+    """A PONI file's entries as pyFAI reads them (``key: value`` lines, keys lower case,
+    ``#`` comments), with a distortion spline file named relative to the PONI file's
+    folder, where pyFAI-calib keeps it: pyFAI would look in the process's working
+    folder, which a served run's is not."""
+    entries: dict[str, object] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        if ":" in line and not line.startswith("#"):
+            key, value = line.split(":", 1)
+            entries[key.strip().lower()] = value.strip()
+    spline = entries.get("splinefile")
+    if isinstance(spline, str) and spline not in ("", "None"):
+        entries["splinefile"] = _spline_file(path, spline)
+    config = entries.get("detector_config")
+    if isinstance(config, str) and "splinefile" in config.lower():
+        detector = json.loads(config)
+        for key in [k for k in detector if k.lower() == "splinefile" and detector[k]]:
+            detector[key] = _spline_file(path, detector[key])
+        entries["detector_config"] = json.dumps(detector)
+    return entries
+
+
+def _spline_file(poni: Path, name: str) -> str:
+    spline = (poni.parent / Path(name).expanduser()).absolute()
+    if not spline.is_file():
+        raise ParameterError(
+            f"PONI file {poni}: its distortion spline file {name} is not at {spline}: put it "
+            "beside the PONI file, or write its absolute path in the PONI file's SplineFile"
+        )
+    return str(spline)
+
+
+def check_geometry(
+    geometry: Geometry, parameters: DiffractionParameters, frame_shape: tuple[int, ...], what: str
+) -> None:
+    """Refuse a geometry that cannot integrate these frames in this unit: its detector of
+    another shape than the frames (after ``flip``/``rotate``), or no wavelength for a unit
+    computed from it."""
+    where = f"PONI file {parameters.poni}" if parameters.poni else "the geometry"
+    if geometry.wavelength is None and needs_wavelength(parameters.unit):
+        raise ParameterError(
+            f"{where} has no wavelength, and unit {parameters.unit} is computed from it: add "
+            "'Wavelength: <metres>' to the calibration, or integrate in 2th_deg or r_mm "
+            "(--set unit=2th_deg)"
+        )
+    expected = detector_shape(geometry)
+    frames = oriented_shape(tuple(frame_shape[-2:]), parameters.rotate)
+    if expected is not None and tuple(expected) != tuple(frames):
+        rotated = f" after rotate={parameters.rotate}" if parameters.rotate else ""
+        raise ParameterError(
+            f"{where} is for a {geometry.detector} of {expected[0]} x {expected[1]} pixels, "
+            f"but the frames of {what} are {frames[0]} x {frames[1]}{rotated}: give the "
+            "calibration made for this detector (binned frames need the binning in its "
+            "Detector_config)"
+        )
 
 
 def _absolute(value: str | None) -> str | None:
@@ -284,6 +350,7 @@ def make_integration_plan(
     raw, raw_file, scan_plans, stem = _resolve_input(input_path, scans, parameters.detector)
     geometry = load_geometry(parameters)
     frame_shape = scan_plans[0].source.frame_shape
+    check_geometry(geometry, parameters, frame_shape, input_path)
     for name in ("mask", "dark", "flat"):
         location = getattr(parameters, name)
         if location is not None:
