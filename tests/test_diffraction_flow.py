@@ -369,3 +369,34 @@ def test_an_old_poni_file_with_its_distortion_spline_beside_it(ccd_calibration, 
         make_integration_plan(
             str(image), DiffractionParameters(poni=str(poni)), None, str(tmp_path)
         )
+
+
+def test_an_eigers_gap_and_defective_pixels_are_left_out(test_data, tmp_path):
+    """An Eiger writes 2^32 - 1 (its type's largest value) in its gaps and defective
+    pixels: 6.6% of this real BioCAT Eiger2 9M vacuum frame. Counted, they made every bin
+    ~10^8; left out as pyFAI's dummy, the run gives a direct pyFAI integration with
+    those pixels masked."""
+    import hdf5plugin  # noqa: F401
+
+    data = test_data / "xrd" / "biocat_eiger" / "vac_007_data_000001.h5"
+    poni = tmp_path / "eiger.poni"
+    poni.write_text(
+        "PixelSize1: 7.5e-5\nPixelSize2: 7.5e-5\nDistance: 3.66869\nPoni1: 0.1828\n"
+        "Poni2: 0.1837\nRot1: 0\nRot2: 0\nRot3: 0\nWavelength: 1.0332e-10\n"
+    )  # the geometry of its settings file (RAW's beam centre, in metres)
+    summary = run_flow(data, DiffractionParameters(poni=str(poni)), workers=1, output=str(tmp_path))
+    path, group = summary["outputs"][0].split("::")
+    with h5py.File(path) as h5:
+        intensity = h5[group]["intensity"][()]
+    with h5py.File(data) as h5:
+        frame = h5["entry/data/data"][0]
+    invalid = frame == np.iinfo(np.uint32).max
+    assert 0.05 < invalid.mean() < 0.08
+    integrator = AzimuthalIntegrator().set_config(load_geometry(
+        DiffractionParameters(poni=str(poni))
+    ).as_pyfai_config())  # fmt: skip
+    direct = integrator.integrate1d(
+        frame, 1000, unit="q_nm^-1", mask=invalid, error_model="poisson"
+    )
+    np.testing.assert_allclose(intensity[0], direct.intensity, rtol=1e-4)
+    assert np.nanmax(intensity) < 1  # a vacuum frame: a few hundredths of a count a pixel

@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from calypso.errors import ParameterError, RawDataError
@@ -182,6 +183,49 @@ def check_geometry(
         )
 
 
+def checked_setup(
+    parameters: DiffractionParameters, frames: FrameSource, what: str
+) -> tuple[DiffractionParameters, Geometry]:
+    """The parameters as a run uses them and their geometry, checked against the frames
+    of ``what`` (offline and live alike): files named by absolute paths; the geometry
+    (:func:`check_geometry`); mask, dark and flat of the frames' shape, the mask leaving
+    enough pixels; and, for frames of unsigned integers with no ``dummy`` given, their
+    type's largest value left out as pyFAI's ``dummy``: the value an Eiger writes in its
+    gaps and defective pixels, and where any counter saturates (counted, a 9M Eiger's
+    gaps made a vacuum frame's pattern 10^8 counts a bin)."""
+    names = ("poni", "mask", "dark", "flat")
+    parameters = parameters.model_copy(
+        update={name: _absolute(getattr(parameters, name)) for name in names}
+    )
+    geometry = load_geometry(parameters)
+    frame_shape = frames.frame_shape
+    check_geometry(geometry, parameters, frame_shape, what)
+    for name in names[1:]:
+        location = getattr(parameters, name)
+        if location is None:
+            continue
+        image = read_image(location, name)
+        if image.shape != frame_shape:
+            raise ParameterError(
+                f"{name} {location} has shape {image.shape} but the detector frames are "
+                f"{frame_shape}: use a {name} made for this detector"
+            )
+        if name == "mask":
+            try:
+                check_unmasked(image, parameters.min_unmasked_fraction)
+            except ValueError as exc:
+                raise ParameterError(
+                    f"mask {location}: {exc}; fix the mask, or lower min_unmasked_fraction "
+                    "if so little of the detector is meant to be used"
+                ) from None
+    dtype = np.dtype(frames.dtype)
+    if dtype.kind == "u" and parameters.dummy is None:
+        parameters = parameters.model_copy(
+            update={"dummy": float(np.iinfo(dtype).max), "delta_dummy": 0.5}
+        )
+    return parameters, geometry
+
+
 def _absolute(value: str | None) -> str | None:
     if value is None:
         return None
@@ -342,32 +386,8 @@ def make_integration_plan(
         With a message naming the file or parameter at fault.
     """
     settings = settings or CalypsoSettings()
-    parameters = parameters.model_copy(
-        update={
-            name: _absolute(getattr(parameters, name)) for name in ("poni", "mask", "dark", "flat")
-        }
-    )
     raw, raw_file, scan_plans, stem = _resolve_input(input_path, scans, parameters.detector)
-    geometry = load_geometry(parameters)
-    frame_shape = scan_plans[0].source.frame_shape
-    check_geometry(geometry, parameters, frame_shape, input_path)
-    for name in ("mask", "dark", "flat"):
-        location = getattr(parameters, name)
-        if location is not None:
-            image = read_image(location, name)
-            if image.shape != frame_shape:
-                raise ParameterError(
-                    f"{name} {location} has shape {image.shape} but the detector frames are "
-                    f"{frame_shape}: use a {name} made for this detector"
-                )
-            if name == "mask":
-                try:
-                    check_unmasked(image, parameters.min_unmasked_fraction)
-                except ValueError as exc:
-                    raise ParameterError(
-                        f"mask {location}: {exc}; fix the mask, or lower min_unmasked_fraction "
-                        "if so little of the detector is meant to be used"
-                    ) from None
+    parameters, geometry = checked_setup(parameters, scan_plans[0].source, input_path)
     if parameters.monitor is not None:
         if raw_file is None:
             raise ParameterError("'monitor' needs a Bliss scan; image files carry no counters")

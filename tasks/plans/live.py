@@ -167,24 +167,11 @@ def make_live_plan(
     from calypso.tasks.plans.diffraction import (
         TECHNIQUE,
         IntegrationPlan,
-        _absolute,
-        load_geometry,
+        checked_setup,
         output_bytes,
     )
-    from calypso.tasks.raw.frames import read_image
 
-    names = ("poni", "mask", "dark", "flat")
-    parameters = parameters.model_copy(
-        update={name: _absolute(getattr(parameters, name)) for name in names}
-    )
-    geometry = load_geometry(parameters)
-    for name in names[1:]:
-        location = getattr(parameters, name)
-        if location is not None and read_image(location, name).shape != scan.source.frame_shape:
-            raise ParameterError(
-                f"{name} {location} does not have the shape of the frames "
-                f"{scan.source.frame_shape}: use a {name} made for this detector"
-            )
+    parameters, geometry = checked_setup(parameters, scan.source, str(raw_file))
     raw, out = _live_output(
         input_path, raw_file, scan.number, TECHNIQUE, output_dir, settings,
         output_bytes(scan.source.n_frames, parameters),
