@@ -143,12 +143,12 @@ def open_live_scan(
 
 def entry_texts(raw_file: Path, number: int) -> tuple[str, str | None]:
     """Title and start time of entry ``N.1`` so far ("" and None while it is not there)."""
-    try:
-        with open_lima(raw_file) as h5:
+    try:  # open_raw: waits while the writer holds the file between two scans
+        with bliss.open_raw(raw_file) as h5:
             entry = h5[f"{number}.1"]
             texts = [bliss._optional_text(entry, n) for n in ("title", "start_time")]
             return texts[0] or "", texts[1]
-    except (OSError, KeyError, ValueError):
+    except (RawDataError, OSError, KeyError, ValueError):
         return "", None
 
 
@@ -207,7 +207,7 @@ def _live_output(
         raw = RawDataset.from_path(raw_file)
     except CalypsoError:
         raw = None
-    if raw is not None:  # the file is being written (and may be in SWMR mode): no open_raw
+    if raw is not None:
         raw = raw.model_copy(update={"sample_name": _sample_name(raw_file, number)})
     out = output_folder(input_path, raw, technique, output_dir, settings.processed_data)
     require_registrable(input_path, raw, str(raw_file), settings)
@@ -216,10 +216,9 @@ def _live_output(
 
 
 def _sample_name(raw_file: Path, number: int) -> str | None:
-    try:
-        with open_lima(raw_file) as h5:
-            return bliss._optional_text(h5[f"{number}.1"], "sample/name")
-    except (OSError, KeyError, ValueError):
+    try:  # as the offline planners read it, waiting while the writer holds the file
+        return bliss.read_sample_name(raw_file, number)
+    except (RawDataError, OSError, KeyError, ValueError):
         return None
 
 
