@@ -365,7 +365,9 @@ def _write_ascii(
         f"source: {scan.source.describe()}",
         f"scan: {scan.number}  detector: {scan.detector}",
         f"geometry: dist={g.dist} m poni1={g.poni1} m poni2={g.poni2} m rot1={g.rot1} "
-        f"rot2={g.rot2} rot3={g.rot3} rad wavelength={g.wavelength} m detector={g.detector}",
+        f"rot2={g.rot2} rot3={g.rot3} rad "
+        + (f"wavelength={g.wavelength} m " if g.wavelength else "wavelength unknown ")
+        + f"detector={g.detector}",
         f"unit: {p.unit}  method: {'_'.join(p.method)}",
         f"monitor: {p.monitor or 'none'}  reference: {p.monitor_reference}",
         f"columns: {radial_name} intensity" + (" sigma" if average.errors is not None else ""),
