@@ -9,6 +9,8 @@ and rebuilt here from the shared real spectra.
   file's own ``xmu`` column is the fluorescence; SSRL and 9-BM leave I1 at zero.
 - ISS puts another element's foil (Au L3, 11919 eV) behind an As sample (11867 eV).
 - 13-ID's file of a scan stopped at the edge (it ends 0.4 eV above E0).
+- 13-ID-E's XANES of a dilute sample: no edge in transmission (I1), its fluorescence in
+  the sums of a 7-element detector's regions (``Sum_Fe_Ka``, ``Fe_Ka_mca1`` ...).
 """
 
 from __future__ import annotations
@@ -91,12 +93,16 @@ def test_it_at_zero_is_named_not_taken_for_a_lost_beam(foil, tmp_path):
     lytle = 2e3 * (1 - np.exp(-mu))
     path = write_columns(tmp_path / "ssrl.dat", "energy i0 i1 lytle", [energy, i0, 0 * i0, lytle])
     with pytest.raises(CalypsoError) as refusal:
-        plan_of(path, tmp_path)
+        plan_of(path, tmp_path, mode="transmission")
     message = str(refusal.value)
     assert str(path) in message and "It (i1) is zero everywhere" in message
     assert "--set fluorescence=" in message and "lytle" in message
     plan = plan_of(path, tmp_path, fluorescence=["lytle"])  # as the message says
     assert absorption(read_source(plan.sources[0]), plan.parameters).mode == "fluorescence"
+    # With no option, the Lytle chamber (a fluorescence chamber's usual name) is taken.
+    chosen = plan_of(path, tmp_path)
+    assert chosen.parameters.fluorescence == ["lytle"]
+    assert "It (i1) is zero everywhere" in chosen.notes[0], chosen.notes
 
 
 def test_fluorescence_through_a_mesh_takes_the_files_own_mu(foil, tmp_path, capsys, catalogue):
@@ -363,3 +369,48 @@ def test_a_xanes_maps_pixels_of_noise_are_left_out(foil):
     masks = unusable_spectra(grid, np.vstack([scaled, noise]), exafs=False)
     assert not masks[NO_EDGE][:50].any()
     assert masks[NO_EDGE][50:].all()
+
+
+def test_a_dilute_samples_edge_is_taken_from_its_fluorescence_channels(test_data, tmp_path):
+    """13-ID-E's real Fe XANES (shared data): no edge in I1/I0. With no option the planner
+    takes the Fe Kα sum (Fe's K edge is inside the scan; Ca Kα's is not), saying so; the
+    spectrum is the one a user who names the channels gets. Where the file has no sum,
+    the line's seven channels are summed; a user who asks for transmission gets its
+    refusal."""
+    scan = test_data / "xas" / "fexafs" / "fexanes_a.001"
+    plan = plan_of(scan, tmp_path)
+    assert plan.parameters.mode == "fluorescence"
+    assert plan.parameters.fluorescence == ["Sum_Fe_Ka"]
+    assert "mu(E) is the fluorescence of Sum_Fe_Ka over I0" in plan.notes[0], plan.notes
+    named = plan_of(scan, tmp_path, mode="fluorescence", fluorescence=["Sum_Fe_Ka"])
+    ours, theirs = (absorption(read_source(p.sources[0]), p.parameters) for p in (plan, named))
+    assert np.array_equal(ours.mu, theirs.mu)
+    with pytest.raises(CalypsoError, match="no absorption edge"):
+        plan_of(scan, tmp_path, mode="transmission")
+
+    table = read_text_spectrum(scan)
+    names = [n for n in table.columns if n != "Sum_Fe_Ka"]
+    without_sum = write_columns(
+        tmp_path / "fexanes_channels.dat", " ".join(names), [table.columns[n] for n in names]
+    )
+    plan = plan_of(without_sum, tmp_path)
+    channels = [f"Fe_Ka_mca{i}" for i in range(1, 8)]
+    found = plan.parameters.fluorescence
+    assert [c.lower() for c in found] == [c.lower() for c in channels], found
+    summed = absorption(read_source(plan.sources[0]), plan.parameters)
+    i0 = table.columns["I0"]
+    expected = sum(table.columns[c] for c in channels) / i0
+    assert np.allclose(summed.mu[0], expected[np.isfinite(expected)], rtol=1e-9)
+
+
+def test_transmission_with_an_edge_is_kept_whatever_channels_the_file_has(foil, tmp_path):
+    energy, mu = foil
+    i0 = np.full(energy.size, 1e6)
+    fe_ka = 3e3 * (1 - np.exp(-mu))  # a fluorescence sum beside a good transmission
+    path = write_columns(
+        tmp_path / "both.dat", "energy I0 It Sum_Fe_Ka", [energy, i0, i0 * np.exp(-mu), fe_ka]
+    )
+    plan = plan_of(path, tmp_path)
+    assert plan.parameters.mode == "auto" and not plan.notes
+    data = absorption(read_source(plan.sources[0]), plan.parameters)
+    assert data.mode == "transmission"

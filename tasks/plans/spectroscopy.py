@@ -59,8 +59,9 @@ class FirstSpectrum:
     metadata: dict[str, str]
     #: What the user should know about the choices made (a summary warning).
     notes: tuple[str, ...] = field(default=())
-    #: The file's own mu column, taken where It cannot make mu(E) ('auto' mode).
-    mu_column: str | None = None
+    #: What 'auto' mode chose where transmission cannot make mu(E): the file's own mu
+    #: column, or the fluorescence channels where the edge is (parameters' names).
+    chosen: dict[str, Any] = field(default_factory=dict)
     #: Too short above E0 for EXAFS (a XANES scan): reduced without it.
     xanes_only: bool = False
 
@@ -246,19 +247,63 @@ def check_first_spectrum(
     live run) that can be reduced: its E0, reference E0, metadata and what 'auto' chose
     (:func:`as_checked` applies it). None can: the first one's error, naming ``where``."""
     chosen, mode_note = transmission_or_mu_column(table, parameters)
-    data = absorption(table, chosen)
+    try:
+        first = _first_reducible(table, where, chosen)
+    except RawDataError as refused:
+        found = _in_fluorescence(table, where, parameters, refused)
+        if found is None:
+            raise
+        first, chosen, mode_note = found
+    if mode_note is None:
+        return first
+    choice = {name: getattr(chosen, name) for name in ("mode", "mu_column", "fluorescence")}
+    return replace(first, notes=(mode_note, *first.notes), chosen=choice)
+
+
+def _first_reducible(
+    table: Any, where: str, parameters: xas.SpectroscopyParameters
+) -> FirstSpectrum:
+    data = absorption(table, parameters)
     first_error: RawDataError | None = None
     for row in range(data.mu.shape[0]):
         try:
-            first = _check_spectrum_row(data, row, where, chosen)
+            return _check_spectrum_row(data, row, where, parameters)
         except RawDataError as exc:
             first_error = first_error or exc
-            continue
-        if mode_note is None:
-            return first
-        return replace(first, notes=(mode_note, *first.notes), mu_column=chosen.mu_column)
     assert first_error is not None  # a table holds a spectrum at least
     raise first_error
+
+
+def _in_fluorescence(
+    table: Any, where: str, parameters: xas.SpectroscopyParameters, refused: RawDataError
+) -> tuple[FirstSpectrum, xas.SpectroscopyParameters, str] | None:
+    """'auto' mode where transmission shows no edge (a dilute sample): the first of the
+    scan's fluorescence channels, found by name, whose mu(E) does; None: none does."""
+    p = parameters
+    if p.mode != "auto" or p.fluorescence or p.it is not None or p.mu_column is not None:
+        return None
+    from calypso.tasks.raw.absorption import energy_axis
+    from calypso.tasks.raw.fluorescence_channels import fluorescence_candidates
+
+    try:
+        energy = energy_axis(table, p)
+    except RawDataError:
+        return None
+    for channels in fluorescence_candidates(table, energy):
+        trial = p.model_copy(update={"mode": "fluorescence", "fluorescence": channels})
+        try:
+            first = _first_reducible(table, where, trial)
+        except RawDataError:
+            continue
+        reason = str(refused).split(": ")[1 if ": " in str(refused) else 0]
+        note = (
+            f"{where}: transmission gives no mu(E) with an edge ({reason}); mu(E) is the "
+            f"fluorescence of {', '.join(channels)} over I0, its edge at "
+            f"{first.e0:.1f} eV (--set fluorescence='[...]' to choose the channels, --set "
+            "mode=transmission to insist)"
+        )
+        return first, trial, note
+    return None
 
 
 def _check_spectrum_row(
@@ -315,10 +360,10 @@ def as_checked(
     parameters: xas.SpectroscopyParameters, first: FirstSpectrum
 ) -> xas.SpectroscopyParameters:
     """The parameters a run goes on with, as its first spectrum decided them: the file's own
-    mu column where It cannot make mu(E), no EXAFS for a XANES scan."""
+    mu column or its fluorescence channels where It cannot make mu(E), no EXAFS for a XANES
+    scan."""
     update: dict[str, Any] = {"exafs": False} if first.xanes_only else {}
-    if first.mu_column is not None:
-        update |= {"mode": "mu", "mu_column": first.mu_column}
+    update |= first.chosen
     return parameters.model_copy(update=update) if update else parameters
 
 

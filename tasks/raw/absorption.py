@@ -111,6 +111,15 @@ def _energy(table: ColumnTable, p: SpectroscopyParameters) -> np.ndarray:
     return energy
 
 
+def energy_axis(table: ColumnTable, parameters: SpectroscopyParameters) -> np.ndarray:
+    """The energies (eV) of ``table``'s points: the energy column, or the mono angle's."""
+    p = parameters
+    if p.energy is None and p.mono_angle is not None:
+        angle = finite_axis(table, table.find(p.mono_angle, "mono_angle"), "mono angle")
+        return mono_energy(angle, float(p.d_spacing or 0.0))
+    return _energy(table, p)
+
+
 def absorption(table: ColumnTable, parameters: SpectroscopyParameters) -> Absorption:
     """Energy in eV and mu(E) from a source's columns, as the parameters ask.
 
@@ -121,11 +130,7 @@ def absorption(table: ColumnTable, parameters: SpectroscopyParameters) -> Absorp
     """
     p = parameters
     where = table.where
-    if p.energy is None and p.mono_angle is not None:
-        angle = finite_axis(table, table.find(p.mono_angle, "mono_angle"), "mono angle")
-        energy = mono_energy(angle, float(p.d_spacing or 0.0))
-    else:
-        energy = _energy(table, p)
+    energy = energy_axis(table, p)
     n = max((v.shape[0] for v in table.columns.values() if v.ndim == 2), default=1)
     mode = p.mode
     it_name = table.find(p.it, "it", required=False)

@@ -1,0 +1,75 @@
+"""A scan's fluorescence channels, found by their names when nobody named them.
+
+'auto' mode makes mu(E) in transmission. A dilute sample's edge shows only in its
+fluorescence, which beamlines record as the sums of a detector's regions of interest,
+named for the element and its line (``Sum_Fe_Ka``, ``Fe_Ka_mca1`` ... ``Fe_Ka_mca7``,
+``xmap4_mnka_sum``), or as a fluorescence ion chamber (``iff``, ``ifluor``, ``pips``).
+Where transmission shows no edge, the planner tries these (:func:`fluorescence_candidates`)
+as Athena's user would: a line's channels only when its element's edge lies inside the
+scanned energies; a line's sum where the file has one, else its channels summed; and keeps
+the first whose mu(E) has an edge.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+
+import numpy as np
+
+from calypso.tasks.raw.spectra import ColumnTable
+
+#: A fluorescence ion chamber or diode, by its usual names.
+CHAMBER_NAMES = ("iff", "if", "ifluor", "ifluo", "ifl", "fluo", "fluor", "fl", "lytle", "pips")
+#: Emission lines as ROIs are named, and the edge that excites each.
+LINE_EDGES = {"k": ("K",), "l": ("L3", "L2", "L1"), "m": ("M5", "M4")}
+_LINE = re.compile(r"^(k|l|m)(?:a|b|alpha|beta)\d?$")
+_ELEMENT_AND_LINE = re.compile(r"^([a-z]{1,2})((?:k|l|m)(?:a|b|alpha|beta)\d?)$")
+_SUMS = ("sum", "total", "tot")
+
+
+@cache
+def _symbols() -> frozenset[str]:
+    import xraydb
+
+    return frozenset(xraydb.atomic_symbol(z).lower() for z in range(3, 99))
+
+
+def _element_line(name: str) -> tuple[str, str] | None:
+    """(element, line family) a column's name gives: 'Sum_Fe_Ka' -> ('Fe', 'k')."""
+    tokens = [t for t in re.split(r"[^a-z0-9]+", name.lower()) if t]
+    for i, token in enumerate(tokens):
+        joined = _ELEMENT_AND_LINE.match(token)
+        if joined and joined.group(1) in _symbols():
+            return joined.group(1).capitalize(), joined.group(2)[0]
+        if i + 1 < len(tokens) and token in _symbols() and _LINE.match(tokens[i + 1]):
+            return token.capitalize(), tokens[i + 1][0]
+    return None
+
+
+def _edge_inside(element: str, family: str, low: float, high: float) -> bool:
+    import xraydb
+
+    edges = xraydb.xray_edges(element)
+    return any(low < edges[e].energy < high for e in LINE_EDGES[family] if e in edges)
+
+
+def fluorescence_candidates(table: ColumnTable, energy: np.ndarray) -> list[list[str]]:
+    """The channel sets that may hold the sample's fluorescence, most likely first: each
+    element line whose edge lies inside ``energy``'s range (its sum column, else all its
+    channels), then a fluorescence chamber."""
+    low, high = float(np.nanmin(energy)), float(np.nanmax(energy))
+    lines: dict[tuple[str, str], list[str]] = {}
+    for name in table.columns:
+        found = _element_line(name)
+        if found is not None:
+            lines.setdefault(found, []).append(name)
+    candidates = []
+    for (element, family), names in lines.items():
+        if not _edge_inside(element, family, low, high):
+            continue
+        sums = [n for n in names if set(re.split(r"[^a-z]+", n.lower())) & set(_SUMS)]
+        candidates.append(sums[:1] or names)
+    lower = {name.lower(): name for name in table.columns}
+    candidates.extend([lower[n]] for n in CHAMBER_NAMES if n in lower)
+    return candidates
