@@ -414,3 +414,28 @@ def test_transmission_with_an_edge_is_kept_whatever_channels_the_file_has(foil, 
     assert plan.parameters.mode == "auto" and not plan.notes
     data = absorption(read_source(plan.sources[0]), plan.parameters)
     assert data.mode == "transmission"
+
+
+def test_a_noisy_transmission_gives_way_to_a_clean_fluorescence_chamber(foil, tmp_path):
+    """NSLS-II ISS: a dilute As sample whose transmission edge is a fraction of its noise
+    (E0 undecided: its even and odd points put it 11.7 eV apart), and whose fluorescence
+    chamber ``iff`` shows the edge clearly. 'auto' takes ``iff``, saying why; a clean
+    transmission is kept (the test above)."""
+    energy, mu = foil
+    rng = np.random.default_rng(3)
+    i0 = np.full(energy.size, 2e-5)
+    step = (mu - mu.min()) / (mu.max() - mu.min())
+    it = i0 * np.exp(-(1.0 + 0.05 * step + rng.normal(0, 0.002, energy.size)))
+    iff = i0 * 0.05 * (0.1 + step)
+    path = write_columns(tmp_path / "iss.dat", "energy i0 it iff", [energy, i0, it, iff])
+    transmission = plan_of(path, tmp_path, mode="transmission")
+    data = absorption(read_source(transmission.sources[0]), transmission.parameters)
+    noisy = xas.normalize(data.energy, data.mu)
+    assert xas.e0_undecided(noisy.edge_noise, noisy.e0_spread)[0]
+    plan = plan_of(path, tmp_path)
+    assert plan.parameters.mode == "fluorescence" and plan.parameters.fluorescence == ["iff"]
+    assert "transmission's E0 is not decided by the data" in plan.notes[0], plan.notes
+    clean = absorption(read_source(plan.sources[0]), plan.parameters)
+    found = xas.normalize(clean.energy, clean.mu)
+    assert not xas.e0_undecided(found.edge_noise, found.e0_spread)[0]
+    assert found.e0[0] == pytest.approx(xas.normalize(energy, mu[None, :]).e0[0], abs=0.01)

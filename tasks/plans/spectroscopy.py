@@ -64,6 +64,8 @@ class FirstSpectrum:
     chosen: dict[str, Any] = field(default_factory=dict)
     #: Too short above E0 for EXAFS (a XANES scan): reduced without it.
     xanes_only: bool = False
+    #: Whether the data decide E0 (:func:`~calypso.techniques.spectroscopy.e0_undecided`).
+    e0_decided: bool = True
 
 
 IN_PROCESS_SPECTRA = 64  # up to this many, no cluster: see SpectroscopyPlan.in_process
@@ -250,10 +252,15 @@ def check_first_spectrum(
     try:
         first = _first_reducible(table, where, chosen)
     except RawDataError as refused:
-        found = _in_fluorescence(table, where, parameters, refused)
+        found = _in_fluorescence(table, where, parameters, str(refused))
         if found is None:
             raise
         first, chosen, mode_note = found
+    else:
+        if not first.e0_decided and mode_note is None:
+            found = _in_fluorescence(table, where, parameters, None)
+            if found is not None:
+                first, chosen, mode_note = found
     if mode_note is None:
         return first
     choice = {name: getattr(chosen, name) for name in ("mode", "mu_column", "fluorescence")}
@@ -275,10 +282,12 @@ def _first_reducible(
 
 
 def _in_fluorescence(
-    table: Any, where: str, parameters: xas.SpectroscopyParameters, refused: RawDataError
+    table: Any, where: str, parameters: xas.SpectroscopyParameters, refused: str | None
 ) -> tuple[FirstSpectrum, xas.SpectroscopyParameters, str] | None:
-    """'auto' mode where transmission shows no edge (a dilute sample): the first of the
-    scan's fluorescence channels, found by name, whose mu(E) does; None: none does."""
+    """'auto' mode where transmission shows no edge (``refused``: why), or one whose E0 the
+    data do not decide (``refused`` None; a dilute sample): the first of the scan's
+    fluorescence channels, found by name, whose mu(E) does (and decides E0, in the second
+    case); None: none does."""
     p = parameters
     if p.mode != "auto" or p.fluorescence or p.it is not None or p.mu_column is not None:
         return None
@@ -295,9 +304,15 @@ def _in_fluorescence(
             first = _first_reducible(table, where, trial)
         except RawDataError:
             continue
-        reason = str(refused).split(": ")[1 if ": " in str(refused) else 0]
+        if refused is not None:
+            reason = refused.split(": ")[1 if ": " in refused else 0]
+            why = f"transmission gives no mu(E) with an edge ({reason})"
+        elif first.e0_decided:
+            why = "transmission's E0 is not decided by the data (too noisy)"
+        else:
+            continue
         note = (
-            f"{where}: transmission gives no mu(E) with an edge ({reason}); mu(E) is the "
+            f"{where}: {why}; mu(E) is the "
             f"fluorescence of {', '.join(channels)} over I0, its edge at "
             f"{first.e0:.1f} eV (--set fluorescence='[...]' to choose the channels, --set "
             "mode=transmission to insist)"
@@ -351,9 +366,11 @@ def _check_spectrum_row(
         )
     elif parameters.exafs:
         xas.autobk(energy, mu, normalization, **exafs_keywords(parameters), where=where)
+    undecided = xas.e0_undecided(normalization.edge_noise, normalization.e0_spread)
     return FirstSpectrum(
-        e0, reference_e0, data.metadata, notes, xanes_only=xanes_only and parameters.exafs
-    )
+        e0, reference_e0, data.metadata, notes, xanes_only=xanes_only and parameters.exafs,
+        e0_decided=not bool(undecided[0]),
+    )  # fmt: skip
 
 
 def as_checked(

@@ -295,7 +295,7 @@ class SpectraAssembly:
                 f"mu(E) is not finite at {self._points_left_out} point(s) (I0 or It read zero "
                 "or negative there: a dropout): left out, as Larch does (fit/points_left_out)"
             )
-        unsure = (noise_all < xas.MIN_EDGE_NOISE_RATIO) | (spread_all > xas.MAX_E0_SPREAD)
+        unsure = xas.e0_undecided(noise_all, spread_all)
         if np.any(unsure):
             warnings.append(
                 f"{int(np.count_nonzero(unsure))} of {n} spectra are too noisy to decide E0: an "

@@ -302,6 +302,19 @@ def e0_spread(energy: np.ndarray, mu: np.ndarray, smooth: float = 0.5) -> np.nda
     return np.abs(even - odd)
 
 
+def e0_undecided(edge_noise: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """The spectra whose E0 the data do not decide: an edge step under
+    ``MIN_EDGE_NOISE_RATIO`` times the noise, or E0 moving over ``MAX_E0_SPREAD`` eV
+    between the even and the odd points (:func:`edge_noise_ratio`, :func:`e0_spread`).
+
+    Examples
+    --------
+    >>> e0_undecided(np.array([58.0, 1639.0, 4.0]), np.array([11.7, 0.05, 0.1])).tolist()
+    [True, False, True]
+    """
+    return (np.asarray(edge_noise) < MIN_EDGE_NOISE_RATIO) | (np.asarray(spread) > MAX_E0_SPREAD)
+
+
 #: A scan within this many eV of E0 on both sides gives the edge test few slopes 30 eV
 #: away, or none: its edge is judged by its rise over the noise too (:func:`edge_rise`).
 SHORT_SCAN_EV = 40.0
