@@ -77,6 +77,25 @@ def test_counters_named_with_their_scaler_channel_are_found(foil, tmp_path):
     assert np.allclose(data.mu[0], mu, atol=1e-6)
 
 
+def test_counters_named_with_their_amplifier_are_found(foil, tmp_path):
+    """SLS PHOENIX: 'I0_KEITHLEY1_c4', 'I1_KEITHLEY2_c6', beside the amplifiers' gains."""
+    energy, mu = foil
+    i0, gain = np.full(energy.size, 0.14), np.full(energy.size, 7.0)
+    path = write_columns(
+        tmp_path / "phoenix.dat", "Energy_c1 I0_KEITHLEY1_c4 KEITHLEY1_GAIN_c5 I1_KEITHLEY2_c6",
+        [energy, i0, gain, i0 * np.exp(-mu)],
+    )  # fmt: skip
+    plan = plan_of(path, tmp_path)
+    data = absorption(read_source(plan.sources[0]), plan.parameters)
+    assert data.mode == "transmission" and np.allclose(data.mu[0], mu, atol=1e-6)
+    twice = write_columns(
+        tmp_path / "twice.dat", "energy I0_V I0_cts I1_cts",
+        [energy, i0, i0, i0 * np.exp(-mu)],
+    )  # fmt: skip
+    with pytest.raises(CalypsoError, match="no i0 column"):
+        plan_of(twice, tmp_path)
+
+
 def test_two_counters_of_one_name_are_not_guessed_between(foil, tmp_path):
     energy, mu = foil
     i0 = np.full(energy.size, 1e6)

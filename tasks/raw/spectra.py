@@ -80,6 +80,10 @@ class SpectrumSource(BaseModel):
         return f"{self.scan}.1" if self.scan is not None else Path(self.path).stem
 
 
+def _first_word(name: str) -> str:
+    return re.split(r"[_\-. ]", name, maxsplit=1)[0]
+
+
 @dataclass
 class ColumnTable:
     """Named columns of one source; 1D (points) or 2D (spectra × points) arrays."""
@@ -102,11 +106,16 @@ class ColumnTable:
             if candidate in lower:
                 return lower[candidate]
         if role != "energy":  # the energy is found by its values when not by its name
-            # A counter named with its scaler channel or amplifier ('I0-32', 'it_2'): the
-            # usual name and a number, when one column alone has that name.
+            # A counter named with its scaler channel or amplifier ('I0-32', 'it_2',
+            # SLS's 'I0_KEITHLEY1_c4'): the usual name and a number, or the usual name
+            # first and then what reads it, when one column alone is so named.
             for candidate in COLUMN_NAMES.get(role, ()):
                 numbered = re.compile(rf"{re.escape(candidate)}[_\-. ]?\d+")
                 hits = [name for key, name in lower.items() if numbered.fullmatch(key)]
+                if len(hits) == 1:
+                    return hits[0]
+            for candidate in COLUMN_NAMES.get(role, ()):
+                hits = [name for key, name in lower.items() if _first_word(key) == candidate]
                 if len(hits) == 1:
                     return hits[0]
         if required:
