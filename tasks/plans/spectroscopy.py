@@ -257,7 +257,10 @@ def check_first_spectrum(
             raise
         first, chosen, mode_note = found
     else:
-        if not first.e0_decided and mode_note is None:
+        # A single spectrum's: a map's first pixels that reduce may be the sample's edge
+        # (weak, noisy), which does not make fluorescence the better channel for all.
+        one = all(column.ndim == 1 or column.shape[0] == 1 for column in table.columns.values())
+        if not first.e0_decided and mode_note is None and one:
             found = _in_fluorescence(table, where, parameters, None)
             if found is not None:
                 first, chosen, mode_note = found
