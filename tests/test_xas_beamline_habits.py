@@ -458,3 +458,28 @@ def test_a_noisy_transmission_gives_way_to_a_clean_fluorescence_chamber(foil, tm
     found = xas.normalize(clean.energy, clean.mu)
     assert not xas.e0_undecided(found.edge_noise, found.e0_spread)[0]
     assert found.e0[0] == pytest.approx(xas.normalize(energy, mu[None, :]).e0[0], abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("names", "scanned", "expected"),
+    [
+        # 13-ID-E: the sum of the line whose edge is scanned (Fe K at 7112 eV, not Ca K).
+        ("energy I0 I1 Sum_Ca_Ka Sum_Fe_Ka Fe_Ka_mca1 Fe_Ka_mca2", (7032, 7356), [["Sum_Fe_Ka"]]),
+        # No sum: each element's channel once, its dead-time corrected one (SLS PHOENIX).
+        (
+            "Energy_c1 MgKa_sum_cps_c2 D1_AlKa_corr_c13 D2_AlKa_corr_c15 D1_AlKa_c22 iff",
+            (1480, 1840),
+            [["D1_AlKa_corr_c13", "D2_AlKa_corr_c15"], ["iff"]],
+        ),
+        # APS 20-ID: the line within the name ('xsp3_pbla_sum'), L lines by the L3 edge.
+        ("energy I0 It xsp3_pbla_sum xsp3_asKa_sum", (12935, 13135), [["xsp3_pbla_sum"]]),
+        # Nothing named for fluorescence: nothing guessed.
+        ("energy I0 It Iref time", (7000, 8000), []),
+    ],
+)
+def test_fluorescence_channels_are_found_by_their_names(names, scanned, expected):
+    from calypso.tasks.raw.fluorescence_channels import fluorescence_candidates
+    from calypso.tasks.raw.spectra import ColumnTable
+
+    table = ColumnTable("file", {name: np.zeros(3) for name in names.split()})
+    assert fluorescence_candidates(table, np.array(scanned, dtype=float)) == expected

@@ -6,8 +6,9 @@ named for the element and its line (``Sum_Fe_Ka``, ``Fe_Ka_mca1`` ... ``Fe_Ka_mc
 ``xmap4_mnka_sum``), or as a fluorescence ion chamber (``iff``, ``ifluor``, ``pips``).
 Where transmission shows no edge, the planner tries these (:func:`fluorescence_candidates`)
 as Athena's user would: a line's channels only when its element's edge lies inside the
-scanned energies; a line's sum where the file has one, else its channels summed; and keeps
-the first whose mu(E) has an edge.
+scanned energies; a line's sum where the file has one, else its channels summed (the
+dead-time corrected ones where there are both); and keeps the first whose mu(E) has an
+edge.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ CHAMBER_NAMES = ("iff", "if", "ifluor", "ifluo", "ifl", "fluo", "fluor", "fl", "
 LINE_EDGES = {"k": ("K",), "l": ("L3", "L2", "L1"), "m": ("M5", "M4")}
 _LINE = re.compile(r"^(k|l|m)(?:a|b|alpha|beta)\d?$")
 _ELEMENT_AND_LINE = re.compile(r"^([a-z]{1,2})((?:k|l|m)(?:a|b|alpha|beta)\d?)$")
-_SUMS = ("sum", "total", "tot")
+_SUMS = frozenset({"sum", "total", "tot"})
+_CORRECTED = frozenset({"corr", "corrected", "dtc", "dtcorr"})
+
+
+def _words(name: str) -> set[str]:
+    return set(re.split(r"[^a-z]+", name.lower()))
 
 
 @cache
@@ -68,8 +74,11 @@ def fluorescence_candidates(table: ColumnTable, energy: np.ndarray) -> list[list
     for (element, family), names in lines.items():
         if not _edge_inside(element, family, low, high):
             continue
-        sums = [n for n in names if set(re.split(r"[^a-z]+", n.lower())) & set(_SUMS)]
-        candidates.append(sums[:1] or names)
+        sums = [n for n in names if _words(n) & _SUMS]
+        # Without a sum, each detector element's channel once: its dead-time corrected
+        # one where the file has both (SLS: 'D1_AlKa_corr' beside 'D1_AlKa').
+        corrected = [n for n in names if _words(n) & _CORRECTED]
+        candidates.append(sums[:1] or corrected or names)
     lower = {name.lower(): name for name in table.columns}
     candidates.extend([lower[n]] for n in CHAMBER_NAMES if n in lower)
     return candidates
