@@ -257,8 +257,8 @@ def check_first_spectrum(
             raise
         first, chosen, mode_note = found
     else:
-        # A single spectrum's: a map's first pixels that reduce may be the sample's edge
-        # (weak, noisy), which does not make fluorescence the better channel for all.
+        # A single spectrum only: in a map, the first pixel that reduces may just be a weak
+        # one, which does not make fluorescence the better channel for every pixel.
         one = all(column.ndim == 1 or column.shape[0] == 1 for column in table.columns.values())
         if not first.e0_decided and mode_note is None and one:
             found = _in_fluorescence(table, where, parameters, None)
