@@ -56,6 +56,9 @@ REFUSED: dict[str, tuple[dict, str]] = {
     "ESRF_BM08_LISA_2021.dat": ({}, "falls across the edge"),
     "CLSHXMA.dat": ({}, "cannot make mu(E)"),
     "PF9A_2022.dat": ({}, "cannot make mu(E)"),
+    # Its header's names land one column off: 'fluo' on the point counter, which
+    # 'auto' must not take for a fluorescence channel (it rises with every point).
+    "MoFoil.dat": ({}, "falls across the edge"),
 }
 NO_OPTION = [name for name, (options, _) in READABLE.items() if not options]
 

@@ -81,4 +81,14 @@ def fluorescence_candidates(table: ColumnTable, energy: np.ndarray) -> list[list
         candidates.append(sums[:1] or corrected or names)
     lower = {name.lower(): name for name in table.columns}
     candidates.extend([lower[n]] for n in CHAMBER_NAMES if n in lower)
-    return candidates
+    return [c for c in candidates if not any(_counts_points(table.columns[n]) for n in c)]
+
+
+def _counts_points(values: np.ndarray) -> bool:
+    """Whether a column only ever rises (or only falls): an index, a clock or an axis that
+    a header's names misplaced (ESRF BM29's 'fluo' label lands on its point counter), not
+    a detector's counts, whose noise goes both ways."""
+    row = np.asarray(values, dtype=np.float64)
+    row = row[0] if row.ndim == 2 else row
+    steps = np.diff(row[np.isfinite(row)])
+    return steps.size > 0 and (bool(np.all(steps > 0)) or bool(np.all(steps < 0)))
