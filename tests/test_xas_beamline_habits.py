@@ -483,3 +483,14 @@ def test_fluorescence_channels_are_found_by_their_names(names, scanned, expected
 
     table = ColumnTable("file", {name: np.zeros(3) for name in names.split()})
     assert fluorescence_candidates(table, np.array(scanned, dtype=float)) == expected
+
+
+def test_numbered_fluorescence_channels_are_summed(test_data, tmp_path):
+    """NSLS X23A2 (shared data): a 4-element Vortex's channels 'Ifch1' ... 'Ifch4', no
+    edge in transmission. With no option they are summed, as with --set fluorescence=ifch*."""
+    scan = test_data / "xas" / "beamlines" / "NSLS_XDAC_2011.dat"
+    plan = plan_of(scan, tmp_path)
+    assert [c.lower() for c in plan.parameters.fluorescence] == [f"ifch{i}" for i in range(1, 5)]
+    named = plan_of(scan, tmp_path, fluorescence=["ifch*"])
+    ours, theirs = (absorption(read_source(p.sources[0]), p.parameters) for p in (plan, named))
+    assert np.array_equal(ours.mu, theirs.mu)

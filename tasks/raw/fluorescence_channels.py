@@ -20,8 +20,11 @@ import numpy as np
 
 from calypso.tasks.raw.spectra import ColumnTable
 
-#: A fluorescence ion chamber or diode, by its usual names.
-CHAMBER_NAMES = ("iff", "if", "ifluor", "ifluo", "ifl", "fluo", "fluor", "fl", "lytle", "pips")
+#: A fluorescence ion chamber, diode or detector element, by its usual names; numbered
+#: ones ('Ifch1' ... 'Ifch4', NSLS X23A2's Vortex) are summed.
+CHAMBER_NAMES = (
+    "iff", "if", "ifluor", "ifluo", "ifl", "ifch", "fluo", "fluor", "fl", "lytle", "pips"
+)  # fmt: skip
 #: Emission lines as ROIs are named, and the edge that excites each.
 LINE_EDGES = {"k": ("K",), "l": ("L3", "L2", "L1"), "m": ("M5", "M4")}
 _LINE = re.compile(r"^(k|l|m)(?:a|b|alpha|beta)\d?$")
@@ -79,8 +82,11 @@ def fluorescence_candidates(table: ColumnTable, energy: np.ndarray) -> list[list
         # one where the file has both (SLS: 'D1_AlKa_corr' beside 'D1_AlKa').
         corrected = [n for n in names if _words(n) & _CORRECTED]
         candidates.append(sums[:1] or corrected or names)
-    lower = {name.lower(): name for name in table.columns}
-    candidates.extend([lower[n]] for n in CHAMBER_NAMES if n in lower)
+    for chamber in CHAMBER_NAMES:
+        numbered = re.compile(rf"{chamber}[_\-. ]?\d*")
+        found = [name for name in table.columns if numbered.fullmatch(name.lower())]
+        if found:
+            candidates.append(found)
     return [c for c in candidates if not any(_counts_points(table.columns[n]) for n in c)]
 
 
