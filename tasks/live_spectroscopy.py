@@ -218,7 +218,7 @@ def make_live_spectroscopy_plan(
         energy_rows=whole_at_end, title=first.title, start_time=first.start_time,
     )  # fmt: skip
     where = source.describe()
-    checked = check_first_spectrum(table, where, parameters)
+    checked = check_first_spectrum(table, where, parameters, single=n_spectra == 1)
     parameters = as_checked(parameters, checked)
     element, edge, calibration, notes = edge_and_calibration(parameters, checked, where)
     raw, out = _live_output(

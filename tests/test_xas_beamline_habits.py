@@ -458,6 +458,12 @@ def test_a_noisy_transmission_gives_way_to_a_clean_fluorescence_chamber(foil, tm
     found = xas.normalize(clean.energy, clean.mu)
     assert not xas.e0_undecided(found.edge_noise, found.e0_spread)[0]
     assert found.e0[0] == pytest.approx(xas.normalize(energy, mu[None, :]).e0[0], abs=0.01)
+    # A map's pixels are checked one at a time: a weak first pixel keeps transmission.
+    from calypso.tasks.plans.spectroscopy import check_first_spectrum
+
+    table = read_source(plan.sources[0])
+    pixel = check_first_spectrum(table, "map", xas.SpectroscopyParameters(), single=False)
+    assert not pixel.chosen and not pixel.e0_decided
 
 
 @pytest.mark.parametrize(

@@ -223,9 +223,9 @@ def check_source(source: SpectrumSource, parameters: xas.SpectroscopyParameters)
     A map's first pixel may be off the sample (its spectrum has no edge): then the first of
     :data:`MAP_SPECTRA_TRIED` spectra spread over the map that can be reduced; none of them,
     the first one's error."""
-    where = source.describe()
+    where, single = source.describe(), source.n_spectra == 1
     try:
-        return check_first_spectrum(read_source(source, 0, 1), where, parameters)
+        return check_first_spectrum(read_source(source, 0, 1), where, parameters, single=single)
     except RawDataError as first_error:
         if source.n_spectra < 2:
             raise
@@ -233,7 +233,7 @@ def check_source(source: SpectrumSource, parameters: xas.SpectroscopyParameters)
         for index in tried:
             table = read_source(source, index, index + 1)
             try:
-                return check_first_spectrum(table, where, parameters)
+                return check_first_spectrum(table, where, parameters, single=False)
             except RawDataError:
                 continue
         raise RawDataError(
@@ -243,11 +243,13 @@ def check_source(source: SpectrumSource, parameters: xas.SpectroscopyParameters)
 
 
 def check_first_spectrum(
-    table: Any, where: str, parameters: xas.SpectroscopyParameters
+    table: Any, where: str, parameters: xas.SpectroscopyParameters, *, single: bool
 ) -> FirstSpectrum:
     """Normalise the first spectrum of ``table`` (read offline, or from a growing file by a
     live run) that can be reduced: its E0, reference E0, metadata and what 'auto' chose
-    (:func:`as_checked` applies it). None can: the first one's error, naming ``where``."""
+    (:func:`as_checked` applies it). None can: the first one's error, naming ``where``.
+    ``single``: the source is one spectrum, not a map (whose pixels are checked one by
+    one: a weak first pixel does not make fluorescence the better channel for all)."""
     chosen, mode_note = transmission_or_mu_column(table, parameters)
     try:
         first = _first_reducible(table, where, chosen)
@@ -257,10 +259,7 @@ def check_first_spectrum(
             raise
         first, chosen, mode_note = found
     else:
-        # A single spectrum only: in a map, the first pixel that reduces may just be a weak
-        # one, which does not make fluorescence the better channel for every pixel.
-        one = all(column.ndim == 1 or column.shape[0] == 1 for column in table.columns.values())
-        if not first.e0_decided and mode_note is None and one:
+        if not first.e0_decided and mode_note is None and single:
             found = _in_fluorescence(table, where, parameters, None)
             if found is not None:
                 first, chosen, mode_note = found
