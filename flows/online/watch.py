@@ -309,10 +309,7 @@ class Watcher:
         found = verdict(claim, runs)
         raw = event["payload"]["raw"]
         if found == "done":
-            self.state.mark(key, "confirmed")
-            logger.info(
-                "%s: processed live (flow run %s)", raw, claim.flow_run_id if claim else "?"
-            )
+            self._confirmed(key, raw, claim, live=True)
             return False
         if found == "wait":
             return None
@@ -324,6 +321,16 @@ class Watcher:
             "%s: its live run %s: announced as finished (event %s)", raw, why, event["id"]
         )
         return self._post(key, event)
+
+    def _confirmed(self, key: str, raw: str, claim: Claim | None, live: bool) -> None:
+        """Mark ``key`` processed. A scan processed live is said so in the log, whichever
+        check saw it first: the scan's end, or the periodic confirmation (which can come
+        first when the scan's end is seen late, on a loaded machine)."""
+        self.state.mark(key, "confirmed")
+        if live:
+            logger.info(
+                "%s: processed live (flow run %s)", raw, claim.flow_run_id if claim else "?"
+            )
 
     def _post(self, key: str, event: dict) -> bool:
         """Post a claimed announcement; its entry says emitted, or failed (posted again by
@@ -379,7 +386,7 @@ class Watcher:
             raw = event["payload"]["raw"]
             found = verdict(claim, runs)
             if found == "done":
-                self.state.mark(key, "confirmed")
+                self._confirmed(key, raw, claim, live=is_live(event))
                 continue
             if found == "wait" or is_live(event):
                 continue  # a live run that did not process its scan: settle_live, at its end
