@@ -174,6 +174,9 @@ def boot_local_cluster(
     threaded = in_threads(executor, threaded)
     options = with_certificate(local_cluster_options(executor, threaded))
     if threaded:
+        from calypso.executors.worker_setup import share_cores
+
+        share_cores(options["threads_per_worker"])
         return _in_background(lambda: start_local_cluster(**options))
     forked = fork_workers(options)  # in the caller's thread: its environment, as it is now
     return _in_background(lambda: start_local_cluster(forked=forked, **options))

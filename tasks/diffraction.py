@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from calypso.errors import RawDataError
 from calypso.executors.dask import worker_identity
 from calypso.executors.paths import worker_paths
-from calypso.executors.worker_setup import openmp_threads_for_this_task
+from calypso.executors.worker_setup import openmp_share
 from calypso.tasks import head_start, integrators
 from calypso.tasks.caching import CHUNK_TASK
 from calypso.tasks.plans.diffraction import (
@@ -118,10 +118,12 @@ def integrate_into_part(
         if getattr(parameters, name) is not None
     }
     p = parameters
-    openmp_threads_for_this_task()
-    with integrators.WORKER_INTEGRATORS.borrow(geometry) as integrator:
+    with (
+        openmp_share(fixed=head_start.in_this_thread()) as pace,
+        integrators.WORKER_INTEGRATORS.borrow(geometry) as integrator,
+    ):
         result = integrate_frames(
-            frames,
+            _paced(frames, pace),
             integrator,
             npt=p.npt,
             npt_azim=p.npt_azim,
@@ -157,6 +159,13 @@ def integrate_into_part(
         seconds=time.perf_counter() - began,
         worker=worker_identity(),
     )
+
+
+def _paced(frames: Iterable[np.ndarray], pace: Callable[[], None]) -> Iterator[np.ndarray]:
+    """``frames``, each read and integrated with this thread's share of the cores then."""
+    for frame in frames:
+        pace()
+        yield frame
 
 
 def plan_head_start(plan: IntegrationPlan) -> head_start.HeadStart:

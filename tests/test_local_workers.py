@@ -11,6 +11,8 @@ import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 # Run in a process of its own: a process has one fork server, given to its first user.
 SCRIPT = textwrap.dedent(
     """
@@ -95,3 +97,93 @@ def test_a_task_thread_runs_openmp_kernels_on_its_own_core(monkeypatch):
         assert set(pool.submit(openmp_threads, None).result()) == {1}
     with ThreadPoolExecutor(1) as pool:
         assert set(pool.submit(openmp_threads, "2").result()) == {2}
+
+
+def test_the_last_chunk_tasks_get_the_cores_the_others_left(monkeypatch):
+    """In a command's own cluster of threads, a chunk task's OpenMP kernels get the cores
+    over the chunk tasks running, frame by frame: one each while both threads integrate,
+    both to the one left once the other is done (a run's last chunk no longer runs on one
+    core with the other idle). The head start keeps one but counts."""
+    import threading
+    import time
+
+    import pyFAI.ext.splitBBoxCSR  # noqa: F401  (pyFAI's OpenMP runtime, loaded)
+    from threadpoolctl import ThreadpoolController
+
+    from calypso.executors import worker_setup
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(worker_setup, "_shared", 0)
+    worker_setup.share_cores(2)
+
+    def threads_now() -> int:
+        [count] = {
+            i["num_threads"] for i in ThreadpoolController().info() if i["user_api"] == "openmp"
+        }
+        return count
+
+    step = [threading.Event() for _ in range(6)]
+    seen: dict[str, int] = {}
+
+    def last_task():
+        with worker_setup.openmp_share() as pace:
+            seen["alone"] = threads_now()
+            step[0].set()
+            step[1].wait(10)  # the other task has begun
+            pace()
+            seen["beside another"] = threads_now()
+            step[2].set()
+            step[3].wait(10)  # the other task is done
+            pace()
+            seen["left alone"] = threads_now()
+            step[4].set()
+            step[5].wait(10)  # the head start has begun
+            pace()
+            seen["beside the head start"] = threads_now()
+
+    def other_task():
+        step[0].wait(10)
+        with worker_setup.openmp_share():
+            seen["other"] = threads_now()
+            step[1].set()
+            step[2].wait(10)
+        step[3].set()
+
+    def head_start():
+        step[4].wait(10)
+        with worker_setup.openmp_share(fixed=True):
+            seen["head start"] = threads_now()
+            step[5].set()
+            time.sleep(0.5)
+
+    with ThreadPoolExecutor(3) as pool:
+        for future in [pool.submit(f) for f in (last_task, other_task, head_start)]:
+            future.result(timeout=30)
+    assert seen == {
+        "alone": 2,
+        "other": 1,
+        "beside another": 1,
+        "left alone": 2,
+        "head start": 1,
+        "beside the head start": 1,
+    }
+    assert worker_setup._running == 0
+
+
+def test_pyfai_gives_the_same_patterns_with_any_openmp_thread_count():
+    """What sharing the cores out frame by frame relies on: a frame's pattern does not
+    depend on how many OpenMP threads integrate it (each bin is summed by one thread)."""
+    from threadpoolctl import threadpool_limits
+
+    from calypso.techniques.diffraction import integrate_frames, make_integrator
+    from tests.test_diffraction_technique import GEOMETRY, rings
+
+    frames = rings(frames=3)
+    integrator = make_integrator(GEOMETRY)
+    results = {}
+    for threads in (1, 2, 1, 2):
+        with threadpool_limits(limits=threads, user_api="openmp"):
+            results[threads] = integrate_frames(frames, integrator, npt=800, error_model="poisson")
+        if threads == 2:
+            np.testing.assert_array_equal(results[2].intensity, results[1].intensity)
+            np.testing.assert_array_equal(results[2].errors, results[1].errors)
