@@ -185,6 +185,13 @@ def main() -> None:
             f"{label:>34}: {wall:6.1f} s wall, {args.frames / wall:5.1f} frames/s, "
             f"{wall / peer:.2f}x ewoksxrpd's time, {args.frames / wall / bare:.2f} of bare"
         )
+    # Each row against ewoksxrpd's time in the same repeat: a repeat shares the machine's
+    # moment (its load moves both), which the ratio of medians does not.
+    print("repeat by repeat, x the same repeat's ewoksxrpd time:")
+    for name, label in LABELS[1:-1]:
+        ratios = [ours / peer for ours, peer in zip(times[name], times["ewoksxrpd"], strict=True)]
+        listed = ", ".join(f"{r:.2f}" for r in ratios)
+        print(f"{label:>34}: {listed} (median {median(ratios):.2f})")
     per_frame = median(times["service"]) / args.frames
     fixed = median(times["small"]) - SMALL * per_frame
     print(
