@@ -60,7 +60,6 @@ _thread = threading.local()
 _shared = 0
 _running = 0  # chunk tasks now integrating in this process's threads
 _running_lock = threading.Lock()
-_openmp = None  # threadpoolctl's controller of the loaded OpenMP runtimes, made once
 
 
 def share_cores(threads: int) -> None:
@@ -71,16 +70,15 @@ def share_cores(threads: int) -> None:
 
 
 def _set_openmp_threads(threads: int) -> None:
-    global _openmp
     if getattr(_thread, "openmp", None) == threads:
         return
-    if _openmp is None or not _openmp.lib_controllers:
-        from threadpoolctl import ThreadpoolController
+    from threadpoolctl import ThreadpoolController
 
-        _openmp = ThreadpoolController().select(user_api="openmp")
-        if not _openmp.lib_controllers:
-            return  # no OpenMP runtime loaded yet: set once the kernels have loaded one
-    _openmp.limit(limits=threads)
+    # Every OpenMP runtime loaded now (a library may load its own later): a few per run.
+    openmp = ThreadpoolController().select(user_api="openmp")
+    if not openmp.lib_controllers:
+        return  # no OpenMP runtime loaded yet: set once the kernels have loaded one
+    openmp.limit(limits=threads)
     _thread.openmp = threads
 
 
@@ -99,8 +97,15 @@ def openmp_threads_for_this_task() -> None:
         _set_openmp_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
 
 
+def keep_one_share() -> None:
+    """This thread keeps one share of the cores, whatever runs beside it, but counts as
+    running (:func:`openmp_share`): a cold command's head start, which integrates beside
+    Prefect's server as it starts."""
+    _thread.fixed = True
+
+
 @contextmanager
-def openmp_share(fixed: bool = False) -> Iterator[Callable[[], None]]:
+def openmp_share() -> Iterator[Callable[[], None]]:
     """While this thread runs a chunk task: a function to call before each frame, which
     gives the thread's OpenMP kernels its share of the cores now.
 
@@ -109,9 +114,9 @@ def openmp_share(fixed: bool = False) -> Iterator[Callable[[], None]]:
     all of them to the last chunk once the others are done. Without it, a run's last
     chunk ran on one core with the other idle (a cold 600-frame run: ~2 s of its ~15 s).
     pyFAI's kernels give the same numbers bit for bit with any thread count (each bin is
-    summed by one thread). ``fixed``: this thread keeps one share (the head start, which
-    runs beside Prefect's server as it starts) but counts as running. Elsewhere (a worker
-    process, one task a core) the count is :func:`openmp_threads_for_this_task`'s."""
+    summed by one thread). A thread that keeps one share (:func:`keep_one_share`) counts
+    as running. Elsewhere (a worker process, one task a core) the count is
+    :func:`openmp_threads_for_this_task`'s."""
     global _running
     if not _shared:
         openmp_threads_for_this_task()
@@ -124,7 +129,7 @@ def openmp_share(fixed: bool = False) -> Iterator[Callable[[], None]]:
     with _running_lock:
         _running += 1
     try:
-        if fixed:
+        if getattr(_thread, "fixed", False):
             openmp_threads_for_this_task()
             yield lambda: None
         else:

@@ -119,7 +119,7 @@ def integrate_into_part(
     }
     p = parameters
     with (
-        openmp_share(fixed=head_start.in_this_thread()) as pace,
+        openmp_share() as pace,
         integrators.WORKER_INTEGRATORS.borrow(geometry) as integrator,
     ):
         result = integrate_frames(

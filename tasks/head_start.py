@@ -28,11 +28,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from calypso.executors.worker_setup import keep_one_share
+
 logger = logging.getLogger(__name__)
 
 _active: HeadStart | None = None  # the command's head start, while it runs
 _active_lock = threading.Lock()
-_thread = threading.local()  # ``working`` in the head start's own thread
 
 
 class HeadStart:
@@ -79,7 +80,7 @@ class HeadStart:
         shutil.rmtree(self._staging, ignore_errors=True)
 
     def _run(self) -> None:
-        _thread.working = True
+        keep_one_share()  # beside Prefect's server as it starts: one core's worth
         for chunk in self._chunks:
             key = self._key(chunk)
             with self._lock:
@@ -109,12 +110,6 @@ class HeadStart:
         part = Path(work_dir) / Path(result.part_file).name
         shutil.move(result.part_file, part)
         return result.model_copy(update={"part_file": str(part), "head_start": True})
-
-
-def in_this_thread() -> bool:
-    """Whether the calling thread is a head start's (it shares the cores with Prefect's
-    server as it starts)."""
-    return getattr(_thread, "working", False)
 
 
 def take(chunk: Any, inputs: tuple[Any, ...], work_dir: str) -> BaseModel | None:

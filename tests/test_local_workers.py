@@ -74,11 +74,25 @@ def test_local_workers_are_forked_from_one_process_unless_it_is_anothers(tmp_pat
     assert all(worker["other"] == "1" for worker in seen["other"])
 
 
+def pyfai_openmp_threads() -> list[int]:
+    """The calling thread's thread count of pyFAI's OpenMP runtime, GCC's libgomp (the copy
+    of whichever wheel loaded it first: scikit-learn's and pyFAI's are one library). Only
+    that one: another runtime may be loaded in this process too (Intel's, with MKL through
+    Larch, starts lazily and reads OMP_NUM_THREADS as it does), and pyFAI's kernels are
+    what the count is for."""
+    from threadpoolctl import ThreadpoolController
+
+    return [
+        info["num_threads"]
+        for info in ThreadpoolController().info()
+        if info["user_api"] == "openmp" and info["prefix"] == "libgomp"
+    ]
+
+
 def test_a_task_thread_runs_openmp_kernels_on_its_own_core(monkeypatch):
     """Threads of a command's own cluster share the command's OpenMP runtime, started with
     one thread a core: each task thread sets its own count, once (OMP_NUM_THREADS, or 1)."""
     import pyFAI.ext.splitBBoxCSR  # noqa: F401  (pyFAI's OpenMP runtime, loaded)
-    from threadpoolctl import ThreadpoolController
 
     from calypso.executors.worker_setup import openmp_threads_for_this_task
 
@@ -90,8 +104,7 @@ def test_a_task_thread_runs_openmp_kernels_on_its_own_core(monkeypatch):
         openmp_threads_for_this_task()
         monkeypatch.setenv("OMP_NUM_THREADS", "3")  # read once: a later change is not seen
         openmp_threads_for_this_task()
-        return [info["num_threads"] for info in ThreadpoolController().info()
-                if info["user_api"] == "openmp"]  # fmt: skip
+        return pyfai_openmp_threads()
 
     with ThreadPoolExecutor(1) as pool:
         assert set(pool.submit(openmp_threads, None).result()) == {1}
@@ -108,7 +121,6 @@ def test_the_last_chunk_tasks_get_the_cores_the_others_left(monkeypatch):
     import time
 
     import pyFAI.ext.splitBBoxCSR  # noqa: F401  (pyFAI's OpenMP runtime, loaded)
-    from threadpoolctl import ThreadpoolController
 
     from calypso.executors import worker_setup
 
@@ -117,9 +129,7 @@ def test_the_last_chunk_tasks_get_the_cores_the_others_left(monkeypatch):
     worker_setup.share_cores(2)
 
     def threads_now() -> int:
-        [count] = {
-            i["num_threads"] for i in ThreadpoolController().info() if i["user_api"] == "openmp"
-        }
+        [count] = pyfai_openmp_threads()
         return count
 
     step = [threading.Event() for _ in range(6)]
@@ -151,7 +161,8 @@ def test_the_last_chunk_tasks_get_the_cores_the_others_left(monkeypatch):
 
     def head_start():
         step[4].wait(10)
-        with worker_setup.openmp_share(fixed=True):
+        worker_setup.keep_one_share()
+        with worker_setup.openmp_share():
             seen["head start"] = threads_now()
             step[5].set()
             time.sleep(0.5)

@@ -18,7 +18,7 @@ from functools import cache
 
 import numpy as np
 
-from calypso.tasks.raw.spectra import ColumnTable
+from calypso.tasks.raw.spectra import ColumnTable, numbered
 
 #: A fluorescence ion chamber, diode or detector element, by its usual names; numbered
 #: ones ('Ifch1' ... 'Ifch4', NSLS X23A2's Vortex) are summed.
@@ -83,8 +83,7 @@ def fluorescence_candidates(table: ColumnTable, energy: np.ndarray) -> list[list
         corrected = [n for n in names if _words(n) & _CORRECTED]
         candidates.append(sums[:1] or corrected or names)
     for chamber in CHAMBER_NAMES:
-        numbered = re.compile(rf"{chamber}[_\-. ]?\d*")
-        found = [name for name in table.columns if numbered.fullmatch(name.lower())]
+        found = [name for name in table.columns if numbered(name.lower(), chamber, bare=True)]
         if found:
             candidates.append(found)
     return [c for c in candidates if not any(_counts_points(table.columns[n]) for n in c)]

@@ -84,6 +84,13 @@ def _first_word(name: str) -> str:
     return re.split(r"[_\-. ]", name, maxsplit=1)[0]
 
 
+def numbered(key: str, name: str, *, bare: bool = False) -> bool:
+    """Whether column ``key`` (lower case) is the usual ``name`` with a channel or amplifier
+    number ('i0-32', 'it_2', 'ifch1'); ``bare``: or ``name`` itself."""
+    digits = r"\d*" if bare else r"\d+"
+    return re.fullmatch(rf"{re.escape(name)}[_\-. ]?{digits}", key) is not None
+
+
 @dataclass
 class ColumnTable:
     """Named columns of one source; 1D (points) or 2D (spectra × points) arrays."""
@@ -110,8 +117,7 @@ class ColumnTable:
             # SLS's 'I0_KEITHLEY1_c4'): the usual name and a number, or the usual name
             # first and then what reads it, when one column alone is so named.
             for candidate in COLUMN_NAMES.get(role, ()):
-                numbered = re.compile(rf"{re.escape(candidate)}[_\-. ]?\d+")
-                hits = [name for key, name in lower.items() if numbered.fullmatch(key)]
+                hits = [name for key, name in lower.items() if numbered(key, candidate)]
                 if len(hits) == 1:
                     return hits[0]
             for candidate in COLUMN_NAMES.get(role, ()):
