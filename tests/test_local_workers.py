@@ -74,19 +74,18 @@ def test_local_workers_are_forked_from_one_process_unless_it_is_anothers(tmp_pat
     assert all(worker["other"] == "1" for worker in seen["other"])
 
 
-def pyfai_openmp_threads() -> list[int]:
-    """The calling thread's thread count of pyFAI's OpenMP runtime, GCC's libgomp (the copy
-    of whichever wheel loaded it first: scikit-learn's and pyFAI's are one library). Only
-    that one: another runtime may be loaded in this process too (Intel's, with MKL through
-    Larch, starts lazily and reads OMP_NUM_THREADS as it does), and pyFAI's kernels are
-    what the count is for."""
+def pyfai_openmp_threads() -> set[int]:
+    """The calling thread's thread counts of GCC's libgomp, pyFAI's OpenMP runtime (one copy
+    or several: wheels bring their own). Only that one: another runtime may be loaded in
+    this process too (Intel's, with MKL through Larch, starts lazily and reads
+    OMP_NUM_THREADS as it does), and pyFAI's kernels are what the count is for."""
     from threadpoolctl import ThreadpoolController
 
-    return [
+    return {
         info["num_threads"]
         for info in ThreadpoolController().info()
         if info["user_api"] == "openmp" and info["prefix"] == "libgomp"
-    ]
+    }
 
 
 def test_a_task_thread_runs_openmp_kernels_on_its_own_core(monkeypatch):
@@ -96,7 +95,7 @@ def test_a_task_thread_runs_openmp_kernels_on_its_own_core(monkeypatch):
 
     from calypso.executors.worker_setup import openmp_threads_for_this_task
 
-    def openmp_threads(setting: str | None) -> list[int]:
+    def openmp_threads(setting: str | None) -> set[int]:
         if setting is None:
             monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         else:
