@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from calypso.errors import ParameterError
 from calypso.flows.progress_bar import Progress, TerminalBar
+from calypso.flows.startup import collect_from_now_on
 from calypso.flows.techniques import TECHNIQUES
 
 if TYPE_CHECKING:
@@ -391,6 +392,7 @@ def run_on_cluster(
         else:
             runner = build_task_runner(settings.executor, booting.result() if booting else None)
         bar.stage("running", started=True)
+        collect_from_now_on()  # the command's start-up is done: :mod:`calypso.flows.startup`
         return call(runner)
 
 

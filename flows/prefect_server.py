@@ -2,11 +2,13 @@
 
 ``python -m calypso.flows.prefect_server UVICORN-ARGUMENTS``: ``uvicorn`` with the same
 arguments, plus a thread that stops the server (as SIGTERM does) once the process that
-started it has gone. A command's temporary server and the local server's keeper
-(:mod:`calypso.flows.local_server`) start it this way: a process killed with SIGKILL
-cannot stop its server itself, and left alone the server (Prefect's own ephemeral one has
-the same flaw) would run until the machine restarts. Kept free of Calypso's other
-modules: it starts no slower than ``uvicorn`` itself.
+started it has gone, and Python's cyclic garbage collector off until the server has
+started (:mod:`calypso.flows.startup`: ~0.5 s of its ~3 s start). A command's temporary
+server and the local server's keeper (:mod:`calypso.flows.local_server`) start it this
+way: a process killed with SIGKILL cannot stop its server itself, and left alone the
+server (Prefect's own ephemeral one has the same flaw) would run until the machine
+restarts. Kept free of Calypso's other
+modules (but :mod:`calypso.flows.startup`): it starts no slower than ``uvicorn`` itself.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
+
+from calypso.flows.startup import collect_from_now_on, collect_later
 
 LOOK_EVERY_S = 0.5
 PARENT = "CALYPSO_SERVER_PARENT"  # the pid of the process that starts the server
@@ -40,7 +45,7 @@ def start(port: int, environment: dict[str, str]) -> subprocess.Popen:
     its command line's ~1 s of imports), in ``environment``, stopping when this process
     goes."""
     command = [sys.executable, "-m", "calypso.flows.prefect_server", "--factory"]
-    command += ["prefect.server.api.server:create_app", "--host", "127.0.0.1"]
+    command += ["calypso.flows.prefect_server:create_app", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--log-level", "error", "--lifespan", "on"]
     environment = {**environment, PARENT: str(os.getpid())}
     return subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL)
@@ -58,6 +63,32 @@ def stop(server: subprocess.Popen, grace_s: float) -> None:
         server.wait()
 
 
+def create_app() -> _CollectOnceStarted:
+    """Prefect's server application (what ``prefect server start`` serves)."""
+    from prefect.server.api.server import create_app as prefect_app
+
+    return _CollectOnceStarted(prefect_app())
+
+
+class _CollectOnceStarted:
+    """An ASGI application that turns the garbage collector back on when its start-up
+    (its lifespan's start: Prefect's database, services) is complete."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+
+        async def started(message: dict) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                collect_from_now_on()
+            await send(message)
+
+        await self.app(scope, receive, started)
+
+
 def _stop_when_orphaned(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(LOOK_EVERY_S)
@@ -65,6 +96,7 @@ def _stop_when_orphaned(parent: int) -> None:
 
 
 def main() -> None:
+    collect_later()  # back on once the server has started (_CollectOnceStarted)
     # The starter says who it is: one killed before this line runs has already left this
     # process to another parent (init, or a subreaper), which must not pass for it.
     parent = int(os.environ.pop(PARENT, os.getppid()))

@@ -17,6 +17,7 @@ from typing import NoReturn
 
 import calypso
 from calypso.errors import CalypsoError
+from calypso.flows.startup import collect_later
 
 # In the order `calypso --help` lists the commands (modules of this package).
 COMMAND_GROUPS = (
@@ -51,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def command() -> NoReturn:
-    """The ``calypso`` command: :func:`main`, then :func:`exit_now`."""
+    """The ``calypso`` command: :func:`main`, then :func:`exit_now`. Python's garbage
+    collector is off while the command imports (:mod:`calypso.flows.startup`)."""
+    collect_later()
     exit_now(main())
 
 

@@ -1,0 +1,136 @@
+"""A process's start (flows/startup.py): the cyclic garbage collector off while it
+imports, on again once it has started, or after a time limit if it never says so; and
+the Prefect server Calypso starts (flows/prefect_server.py) has it on once it serves."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import urllib.request
+from pathlib import Path
+
+from calypso.flows import prefect_server
+from tests.processes import wait_until
+
+
+def run_python(code: str) -> dict:
+    """What ``code`` prints as JSON, run in a fresh interpreter (its collector untouched)."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
+def test_the_collector_is_off_until_the_process_has_started():
+    seen = run_python(
+        """
+        import gc, json
+        from calypso.flows.startup import collect_from_now_on, collect_later
+
+        collect_later()
+        off = not gc.isenabled()
+        import prefect  # what a start imports
+        garbage = [[]]
+        garbage[0].append(garbage)  # a cycle made while starting: frozen with the rest
+        del garbage
+        collect_from_now_on()
+        on, frozen = gc.isenabled(), gc.get_freeze_count()
+        collect_from_now_on()  # a second call changes nothing
+        cycle = [[]]
+        cycle[0].append(cycle)
+        del cycle
+        print(json.dumps({"off": off, "on": on, "frozen": frozen, "again": gc.isenabled(),
+                          "collected": gc.collect()}))
+        """
+    )
+    assert seen["off"] and seen["on"] and seen["again"]
+    assert seen["frozen"] > 10_000  # Prefect's modules, never scanned again
+    assert seen["collected"] >= 2  # a cycle made after the start is collected as before
+
+
+def test_a_process_that_never_says_it_started_gets_the_collector_back():
+    seen = run_python(
+        """
+        import gc, json, time
+        from calypso.flows.startup import collect_later
+
+        collect_later(limit_s=0.3)
+        off = not gc.isenabled()
+        time.sleep(1.0)
+        print(json.dumps({"off": off, "back": gc.isenabled()}))
+        """
+    )
+    assert seen == {"off": True, "back": True}
+
+
+def test_a_collector_turned_off_by_someone_else_stays_theirs():
+    seen = run_python(
+        """
+        import gc, json
+        from calypso.flows.startup import collect_from_now_on, collect_later
+
+        gc.disable()
+        collect_later()
+        collect_from_now_on()
+        print(json.dumps({"enabled": gc.isenabled()}))
+        """
+    )
+    assert seen == {"enabled": False}
+
+
+APPLICATION = '''
+import gc
+
+from calypso.flows.prefect_server import _CollectOnceStarted
+
+
+async def application(scope, receive, send):
+    """A minimal ASGI application with a lifespan: it tells whether the collector is on."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            # Still starting: were the collector on, the start fails and the server ends.
+            assert not gc.isenabled()
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    body = f'{{"enabled": {str(gc.isenabled()).lower()}}}'.encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app():
+    return _CollectOnceStarted(application)
+'''
+
+
+def test_the_prefect_server_process_collects_once_it_has_started(tmp_path: Path):
+    """The process Calypso runs Prefect's server in (the same ``main``, another
+    application), as ``prefect_server.start`` runs it: the collector is off while the
+    application starts and on once it serves."""
+    (tmp_path / "started_app.py").write_text(APPLICATION)
+    port = prefect_server.free_port()
+    command = [sys.executable, "-m", "calypso.flows.prefect_server", "--factory"]
+    command += ["started_app:create_app", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--log-level", "error", "--lifespan", "on"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    server = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+    try:
+
+        def answer() -> dict | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as reply:
+                    return json.loads(reply.read())
+            except OSError:
+                assert server.poll() is None, "the server process ended"
+                return None
+
+        assert wait_until(answer, 60, "the server's answer", interval=0.1) == {"enabled": True}
+    finally:
+        prefect_server.stop(server, 10)
