@@ -147,8 +147,10 @@ class ServeSettings(BaseModel):
     poll_s: float = Field(
         1.0,
         gt=0,
-        description="How often serve asks the Prefect server for flow runs to start (a "
-        "triggered or launched run waits at most this long; Prefect's own default is 10 s).",
+        description="How often serve asks the Prefect server for flow runs to start, besides "
+        "when the server's event stream says one was scheduled (then at once); without that "
+        "stream a triggered or launched run waits at most this long (Prefect's own default "
+        "is 10 s).",
     )
     warm_starts: bool = Field(
         True,

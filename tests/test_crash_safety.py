@@ -331,8 +331,9 @@ CONFIRM_S = 10
 class Plant:
     """`calypso serve` (diffraction) with short leases, its data trees, and watchers."""
 
-    def __init__(self, work: Path, tomography: bool = False) -> None:
-        """``tomography``: served too, with a rule giving it whole datasets of ``pco``."""
+    def __init__(self, work: Path, tomography: bool = False, poll_s: float = 1.0) -> None:
+        """``tomography``: served too, with a rule giving it whole datasets of ``pco``.
+        ``poll_s``: how often serve asks for runs to start (besides when told)."""
         import shutil
 
         from calypso.flows.samples.diffraction import write_diffraction_sample
@@ -374,7 +375,7 @@ class Plant:
             CALYPSO_CATALOGUE__LEASE_S=str(LEASE_S),
             CALYPSO_SERVE__DEFAULT_CONCURRENCY="2",
             CALYPSO_EXECUTOR__N_WORKERS="1",
-            PREFECT_RUNNER_POLL_FREQUENCY="1",
+            CALYPSO_SERVE__POLL_S=str(poll_s),
         )
         techniques = ["--technique", "diffraction"] + (
             ["--technique", "tomography"] if tomography else []

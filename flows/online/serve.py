@@ -334,7 +334,64 @@ async def _serve(deployments: list, settings: CalypsoSettings, served: dict, lim
     names = ", ".join(deployment.label for deployment in deployments)
     print(f"calypso serve: serving {names}; Ctrl-C stops", flush=True)
     following = asyncio.create_task(follow_saved_flows(runner, settings, served))
+    prompted = asyncio.create_task(start_runs_once_scheduled(runner))
     try:
         await runner.start()
     finally:
         following.cancel()
+        prompted.cancel()
+
+
+# The names of the events of a flow run put in a Scheduled-type state (Prefect names them
+# after the state: a new run, a run to be retried).
+SCHEDULED_EVENTS = ["prefect.flow-run.Scheduled", "prefect.flow-run.AwaitingRetry"]
+STREAM_RETRY_S = 10.0  # after the server's event stream failed: the polls go on meanwhile
+
+
+async def start_runs_once_scheduled(runner) -> None:
+    """Look for flow runs to start as soon as the Prefect server says that one was
+    scheduled, not only at the runner's next poll (every ``serve.poll_s``; half of it on
+    average): a triggered or launched run starts that much sooner. The server's event
+    stream says it; a burst of runs is looked for once; the runner's own bookkeeping
+    (runs being submitted, its limit) makes a run found twice start once. Without the
+    stream (a server that refuses it, a proxy without websockets), the polls alone."""
+    from prefect.events.clients import get_events_subscriber
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    look = getattr(runner, "_get_and_submit_flow_runs", None)
+    if look is None:  # another Prefect: its polls alone
+        logger.info("runs start at serve's polls: this Prefect's runner has no look-up to call")
+        return
+    scheduled = asyncio.Event()
+
+    async def look_when_told() -> None:
+        while True:
+            await scheduled.wait()
+            scheduled.clear()  # what is scheduled from now on prompts another look
+            if runner.started and not runner.stopping:
+                try:
+                    await look()
+                except Exception as exc:  # the next poll tries again
+                    logger.debug("looking for scheduled runs: %s", exc)
+
+    looking = asyncio.create_task(look_when_told())
+    said = ""
+    try:
+        while True:
+            try:
+                names = EventFilter(event=EventNameFilter(name=SCHEDULED_EVENTS))
+                async with get_events_subscriber(filter=names) as events:
+                    said = ""
+                    async for _ in events:
+                        scheduled.set()
+            except Exception as exc:  # say why once, not at every retry
+                if str(exc) != said:
+                    logger.warning(
+                        "runs start at serve's polls: the Prefect server's event stream "
+                        "is not available (%s)",
+                        exc,
+                    )
+                said = str(exc)
+            await asyncio.sleep(STREAM_RETRY_S)
+    finally:
+        looking.cancel()
