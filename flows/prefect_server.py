@@ -7,8 +7,8 @@ started (:mod:`calypso.flows.startup`: ~0.5 s of its ~3 s start). A command's te
 server and the local server's keeper (:mod:`calypso.flows.local_server`) start it this
 way: a process killed with SIGKILL cannot stop its server itself, and left alone the
 server (Prefect's own ephemeral one has the same flaw) would run until the machine
-restarts. Kept free of Calypso's other
-modules (but :mod:`calypso.flows.startup`): it starts no slower than ``uvicorn`` itself.
+restarts. Kept free of Calypso's other modules (but :mod:`calypso.flows.startup`): it
+starts no slower than ``uvicorn`` itself.
 """
 
 from __future__ import annotations

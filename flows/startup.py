@@ -3,7 +3,8 @@
 Importing Prefect (and, in its server, Prefect's API: ~430,000 objects) makes the cyclic
 collector run again and again over a heap that only grows: measured here, 0.5-0.6 s of the
 2.5-3 s that ``import prefect.server.api.server`` takes, and a like share of a command's
-own imports. Almost nothing it would find is garbage (about 1.5%, a few MB once).
+own imports. What it would have freed meanwhile stays (frozen with the rest): the
+server's resident memory is 173 MB against 162 MB with the collector on.
 
 So a process that starts turns it off (:func:`collect_later`), and turns it back on once
 its start-up is done (:func:`collect_from_now_on`): what exists then is frozen (never
