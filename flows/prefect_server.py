@@ -24,6 +24,7 @@ from typing import Any
 from calypso.flows.startup import collect_from_now_on, collect_later
 
 LOOK_EVERY_S = 0.5
+ORPHAN_GRACE_S = 10.0  # an orphaned server's graceful shutdown, at most
 PARENT = "CALYPSO_SERVER_PARENT"  # the pid of the process that starts the server
 
 
@@ -51,11 +52,21 @@ def start(port: int, environment: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL)
 
 
-def stop(server: subprocess.Popen, grace_s: float) -> None:
-    """Stop ``server`` (SIGTERM, then SIGKILL after ``grace_s``) and reap it."""
+def stop(server: subprocess.Popen, grace_s: float, wait: bool = True) -> None:
+    """Stop ``server`` (SIGTERM, then SIGKILL after ``grace_s``) and reap it. ``wait``
+    False: return at once, reaped by a thread of this process, or, if this process ends
+    first, by whoever inherits it (the server then ends itself, :func:`_stop_when_orphaned`).
+    """
     if server.poll() is not None:
         return
     server.terminate()
+    if not wait:
+        threading.Thread(target=_reap, args=(server, grace_s), daemon=True).start()
+        return
+    _reap(server, grace_s)
+
+
+def _reap(server: subprocess.Popen, grace_s: float) -> None:
     try:
         server.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
@@ -93,6 +104,8 @@ def _stop_when_orphaned(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(LOOK_EVERY_S)
     os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own graceful shutdown
+    time.sleep(ORPHAN_GRACE_S)  # and if that hangs, nobody is left to end it but itself
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main() -> None:

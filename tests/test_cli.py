@@ -345,6 +345,45 @@ def test_a_killed_command_takes_its_temporary_prefect_server_with_it(test_data, 
     assert _processes_with(ours) == []
 
 
+def test_a_cold_command_leaves_its_run_recorded_and_its_server_gone(test_data, tmp_path):
+    """A command does not wait for its temporary server's shutdown (~0.2 s of ``uvicorn``
+    looking for it): the server ends by itself soon after, and what the command sent it
+    is in its database, the run completed with its task run."""
+    import sqlite3
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CALYPSO_"))}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        CALYPSO_HOME=str(tmp_path / "calypso"),
+        CALYPSO_SERVER__LOCAL_KEEP_S="0",
+    )
+    spectrum = test_data / "xas" / "fe_metal_rt.xdi"
+    command = [sys.executable, "-m", "calypso.flows.cli", "run", "spectroscopy", str(spectrum)]
+    result = subprocess.run(
+        [*command, "--output", str(tmp_path / "out"), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    run_id = json.loads(result.stdout)["flow_run_id"]
+    ours = f"PREFECT_HOME={tmp_path / 'prefect'}"
+    deadline = time.monotonic() + 15
+    while _processes_with(ours) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_with(ours) == []
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+        [(state,)] = db.execute(
+            "SELECT state_type FROM flow_run WHERE id = ?", (run_id,)
+        ).fetchall()
+        tasks = db.execute(
+            "SELECT state_type FROM task_run WHERE flow_run_id = ?", (run_id,)
+        ).fetchall()
+    assert state == "COMPLETED"
+    assert tasks and {task for (task,) in tasks} == {"COMPLETED"}
+
+
 def _processes_with(variable: str) -> list[int]:
     """This account's processes whose environment holds ``variable`` (NAME=VALUE)."""
     found = []
