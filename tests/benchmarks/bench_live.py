@@ -355,6 +355,10 @@ def main() -> None:
             cluster.close()
             if server is not None:
                 stop_valkey(server)
+            from calypso.flows.prefect_api import drain_prefect_queues
+
+            # Sent while the server is there: at exit it is not ("Error logging to API").
+            drain_prefect_queues()
     print(f"{what}, {args.workers} workers, source {args.source}, {os.cpu_count()} cores")
     for row in rows:
         print(json.dumps(row))
