@@ -97,7 +97,7 @@ class TemporaryServer:
                 self.close()
                 raise ConfigurationError(
                     f"Prefect's temporary server did not start (exit status {status}; its "
-                    "errors are above): set PREFECT_API_URL to a running server "
+                    "errors are above, with -v): set PREFECT_API_URL to a running server "
                     "(`calypso server`), or leave server.local_keep_s at its default to "
                     "keep a local one"
                 )

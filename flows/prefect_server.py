@@ -19,12 +19,15 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import suppress
 from typing import Any
 
 from calypso.flows.startup import collect_from_now_on, collect_later
 
 LOOK_EVERY_S = 0.5
 ORPHAN_GRACE_S = 10.0  # an orphaned server's graceful shutdown, at most
+RELAY_S = 2.0  # to pass on what a server that ended by itself said last
+_RELAYS: dict[int, threading.Thread] = {}  # by server pid: what passes its errors on
 PARENT = "CALYPSO_SERVER_PARENT"  # the pid of the process that starts the server
 
 
@@ -44,12 +47,31 @@ def api_url(port: int) -> str:
 def start(port: int, environment: dict[str, str]) -> subprocess.Popen:
     """Prefect's server on loopback ``port`` (what ``prefect server start`` runs, without
     its command line's ~1 s of imports), in ``environment``, stopping when this process
-    goes."""
+    goes. What it says (its errors) appears on this process's error output, relayed: the
+    server does not hold this process's own output open, so a pipeline or a program
+    reading it ends with this process, not with the server's shutdown after it."""
     command = [sys.executable, "-m", "calypso.flows.prefect_server", "--factory"]
     command += ["calypso.flows.prefect_server:create_app", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--log-level", "error", "--lifespan", "on"]
     environment = {**environment, PARENT: str(os.getpid())}
-    return subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        command,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,  # uvicorn's access log (off at this level)
+        stderr=subprocess.PIPE,
+    )
+    relay = threading.Thread(target=_relay, args=(server.stderr,), daemon=True)
+    relay.start()
+    _RELAYS[server.pid] = relay
+    return server
+
+
+def _relay(errors: Any) -> None:
+    for line in iter(errors.readline, b""):
+        with suppress(OSError, ValueError):  # this process's output closed: dropped
+            sys.stderr.write(line.decode(errors="replace"))
+            sys.stderr.flush()
 
 
 def stop(server: subprocess.Popen, grace_s: float, wait: bool = True) -> None:
@@ -57,8 +79,12 @@ def stop(server: subprocess.Popen, grace_s: float, wait: bool = True) -> None:
     False: return at once, reaped by a thread of this process, or, if this process ends
     first, by whoever inherits it (the server then ends itself, :func:`_stop_when_orphaned`).
     """
-    if server.poll() is not None:
+    if server.poll() is not None:  # it ended by itself: its last words out first
+        relay = _RELAYS.pop(server.pid, None)
+        if relay is not None:
+            relay.join(timeout=RELAY_S)
         return
+    _RELAYS.pop(server.pid, None)
     server.terminate()
     if not wait:
         threading.Thread(target=_reap, args=(server, grace_s), daemon=True).start()

@@ -134,3 +134,24 @@ def test_the_prefect_server_process_collects_once_it_has_started(tmp_path: Path)
         assert wait_until(answer, 60, "the server's answer", interval=0.1) == {"enabled": True}
     finally:
         prefect_server.stop(server, 10)
+
+
+def test_a_prefect_server_says_why_it_failed_without_holding_the_callers_output(
+    tmp_path: Path, capsys
+):
+    """The server Calypso starts writes on a pipe of its own, relayed to the caller's
+    error output: a server that cannot start says why there, and a running one holds
+    neither the caller's output nor its error output open (a pipeline or a program reading
+    them ends with the caller, not after the server's shutdown)."""
+    env = dict(os.environ, PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="ERROR")
+    env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{tmp_path}/no/such.db"
+    server = prefect_server.start(prefect_server.free_port(), env)
+    ours = os.readlink("/proc/self/fd/2")  # this process's error output
+    try:
+        held = {fd: os.readlink(f"/proc/{server.pid}/fd/{fd}") for fd in (1, 2)}
+        assert held[1] == "/dev/null"
+        assert held[2].startswith("pipe:") and held[2] != ours
+        assert server.wait(timeout=120) != 0
+    finally:
+        prefect_server.stop(server, 5, wait=False)  # ended by itself: its last words out
+    assert "unable to open database file" in capsys.readouterr().err
