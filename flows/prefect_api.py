@@ -92,6 +92,7 @@ class TemporaryServer:
             status = self._process.poll() if self._process else -1
             if status == STARTUP_FAILED and ports > 1:  # maybe another process took the port
                 ports -= 1
+                self.close()  # reaped, what it said passed on
                 self._start()
             elif status is not None or time.monotonic() > deadline:
                 self.close()

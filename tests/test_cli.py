@@ -285,12 +285,7 @@ def test_input_refused_before_the_run_leaves_no_prefect_server_behind(keep_s, tm
     goes with the command: nothing that would live on in the background."""
     bad = tmp_path / "bad.xdi"
     bad.write_text("# XDI/1.0\n# Column.1: energy eV\n# Column.2: i0\n#----\n1 2\nfoo bar\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CALYPSO_"))}
-    env.update(
-        PREFECT_HOME=str(tmp_path / "prefect"),
-        CALYPSO_HOME=str(tmp_path / "calypso"),
-        CALYPSO_SERVER__LOCAL_KEEP_S=str(keep_s),
-    )
+    env = _without_server(tmp_path, keep_s)
     command = [sys.executable, "-m", "calypso.flows.cli", "run", "spectroscopy", str(bad)]
     result = subprocess.run(
         [*command, "--output", str(tmp_path / "out")],
@@ -304,10 +299,7 @@ def test_input_refused_before_the_run_leaves_no_prefect_server_behind(keep_s, tm
     if keep_s:  # the keeper was started, and stopped
         assert (tmp_path / "calypso" / "local-server.log").exists()
         assert not (tmp_path / "calypso" / "local-server.json").exists()
-    deadline = time.monotonic() + 10
-    while _processes_with(f"PREFECT_HOME={tmp_path / 'prefect'}") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _processes_with(f"PREFECT_HOME={tmp_path / 'prefect'}") == []
+    assert _left_after(f"PREFECT_HOME={tmp_path / 'prefect'}", 10) == []
 
 
 @pytest.mark.parametrize("after_s", [0, 3], ids=["as-it-starts", "started"])
@@ -315,12 +307,7 @@ def test_a_killed_command_takes_its_temporary_prefect_server_with_it(test_data, 
     """SIGKILL leaves a command no time to stop what it started: its temporary Prefect
     server notices that the command has gone and stops by itself (Dask's workers do too),
     whether it was still starting or already serving."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CALYPSO_"))}
-    env.update(
-        PREFECT_HOME=str(tmp_path / "prefect"),
-        CALYPSO_HOME=str(tmp_path / "calypso"),
-        CALYPSO_SERVER__LOCAL_KEEP_S="0",
-    )
+    env = _without_server(tmp_path)
     spectrum = test_data / "xas" / "fe_metal_rt.xdi"
     command = [sys.executable, "-m", "calypso.flows.cli", "run", "spectroscopy", str(spectrum)]
     process = subprocess.Popen(
@@ -339,10 +326,7 @@ def test_a_killed_command_takes_its_temporary_prefect_server_with_it(test_data, 
     finally:
         process.kill()
         process.wait()
-    deadline = time.monotonic() + 15
-    while _processes_with(ours) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _processes_with(ours) == []
+    assert _left_after(ours, 15) == []
 
 
 def test_a_cold_command_leaves_its_run_recorded_and_its_server_gone(test_data, tmp_path):
@@ -351,12 +335,7 @@ def test_a_cold_command_leaves_its_run_recorded_and_its_server_gone(test_data, t
     is in its database, the run completed with its task run."""
     import sqlite3
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CALYPSO_"))}
-    env.update(
-        PREFECT_HOME=str(tmp_path / "prefect"),
-        CALYPSO_HOME=str(tmp_path / "calypso"),
-        CALYPSO_SERVER__LOCAL_KEEP_S="0",
-    )
+    env = _without_server(tmp_path)
     spectrum = test_data / "xas" / "fe_metal_rt.xdi"
     command = [sys.executable, "-m", "calypso.flows.cli", "run", "spectroscopy", str(spectrum)]
     result = subprocess.run(
@@ -368,11 +347,7 @@ def test_a_cold_command_leaves_its_run_recorded_and_its_server_gone(test_data, t
     )
     assert result.returncode == 0, result.stderr
     run_id = json.loads(result.stdout)["flow_run_id"]
-    ours = f"PREFECT_HOME={tmp_path / 'prefect'}"
-    deadline = time.monotonic() + 15
-    while _processes_with(ours) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _processes_with(ours) == []
+    assert _left_after(f"PREFECT_HOME={tmp_path / 'prefect'}", 15) == []
     with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
         [(state,)] = db.execute(
             "SELECT state_type FROM flow_run WHERE id = ?", (run_id,)
@@ -382,6 +357,27 @@ def test_a_cold_command_leaves_its_run_recorded_and_its_server_gone(test_data, t
         ).fetchall()
     assert state == "COMPLETED"
     assert tasks and {task for (task,) in tasks} == {"COMPLETED"}
+
+
+def _without_server(tmp_path: Path, keep_s: float = 0) -> dict[str, str]:
+    """This environment without Prefect's and Calypso's settings, homes under ``tmp_path``:
+    a command run in it starts a Prefect server of its own (kept ``keep_s``; 0: temporary)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CALYPSO_"))}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        CALYPSO_HOME=str(tmp_path / "calypso"),
+        CALYPSO_SERVER__LOCAL_KEEP_S=str(keep_s),
+    )
+    return env
+
+
+def _left_after(variable: str, timeout_s: float) -> list[int]:
+    """The processes with ``variable`` still there once they are gone or ``timeout_s`` has
+    passed."""
+    deadline = time.monotonic() + timeout_s
+    while _processes_with(variable) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _processes_with(variable)
 
 
 def _processes_with(variable: str) -> list[int]:
