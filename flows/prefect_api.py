@@ -69,7 +69,10 @@ class TemporaryServer:
             os.environ,
             PREFECT_UI_ENABLED="0",
             PREFECT__SERVER_EPHEMERAL="1",
-            PREFECT__SERVER_FINAL="1",
+            # Not PREFECT__SERVER_FINAL: with FastAPI >= 0.137 all it does is a full garbage
+            # collection after the routes are built, ~0.3 s while the command waits; the
+            # collector is off until the server has started (calypso.flows.startup), and
+            # this server lives as long as one command.
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             # No UI, so nobody picks a block type from its catalogue: registering Prefect's
             # (and importing its collections for them, prefect-dask's Dask) cost ~0.35 s of

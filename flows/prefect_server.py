@@ -100,11 +100,48 @@ def _reap(server: subprocess.Popen, grace_s: float) -> None:
         server.wait()
 
 
-def create_app() -> _CollectOnceStarted:
-    """Prefect's server application (what ``prefect server start`` serves)."""
-    from prefect.server.api.server import create_app as prefect_app
+# The first segments of the API paths a flow run uses, in the order it first asks them
+# (its client's version check, the CSRF token, the flow and its run, the result storage's
+# block, logs, artifacts, the events' websocket).
+RUN_PATHS = (
+    *("admin", "csrf-token", "flows", "flow_runs"),
+    *("block_types", "logs", "artifacts", "events"),
+)
 
-    return _CollectOnceStarted(prefect_app())
+
+def create_app() -> _CollectOnceStarted:
+    """Prefect's server application (what ``prefect server start`` serves), its API's
+    routers that a flow run uses first (:func:`runs_routers_first`)."""
+    import prefect.server.api.server as prefect_server
+
+    routers = getattr(prefect_server, "API_ROUTERS", None)
+    if isinstance(routers, tuple):
+        prefect_server.API_ROUTERS = runs_routers_first(routers)
+    return _CollectOnceStarted(prefect_server.create_app())
+
+
+def runs_routers_first(routers: tuple) -> tuple:
+    """``routers`` with those serving :data:`RUN_PATHS` first, the others after in the
+    same order. FastAPI builds the state of an included router's routes when a request
+    first reaches it, trying the routers in order: Prefect's version check, its second
+    to last, built them all (~0.2 s, ~0.4 s with the command's start beside it) while
+    the command waited for its first answer. Only a router whose paths no other router
+    shares moves, so each request still reaches the same route."""
+    segments = [{route.path.strip("/").split("/")[0] for route in r.routes} for r in routers]
+    seen: dict[str, int] = {}
+    for own in segments:
+        for segment in own:
+            seen[segment] = seen.get(segment, 0) + 1
+    rank = {path: i for i, path in enumerate(RUN_PATHS)}
+    first: list[tuple[int, Any]] = []
+    after = []
+    for router, own in zip(routers, segments, strict=True):
+        (segment,) = own if len(own) == 1 else (None,)
+        if segment in rank and seen[segment] == 1:
+            first.append((rank[segment], router))
+        else:
+            after.append(router)
+    return (*(router for _, router in sorted(first, key=lambda ranked: ranked[0])), *after)
 
 
 class _CollectOnceStarted:
@@ -140,6 +177,10 @@ def main() -> None:
     # process to another parent (init, or a subreaper), which must not pass for it.
     parent = int(os.environ.pop(PARENT, os.getppid()))
     threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
+    # Prefect's server imports py-key-value (through docket), whose modules beartype
+    # instruments as they are imported, for checks that only ever warn: ~0.05 s of the
+    # start. The library's own switch turns them off.
+    os.environ.setdefault("PY_KEY_VALUE_DISABLE_BEARTYPE", "true")
     from uvicorn.main import main as uvicorn
 
     uvicorn(sys.argv[1:], prog_name="uvicorn")

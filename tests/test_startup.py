@@ -155,3 +155,61 @@ def test_a_prefect_server_says_why_it_failed_without_holding_the_callers_output(
     finally:
         prefect_server.stop(server, 5, wait=False)  # ended by itself: its last words out
     assert "unable to open database file" in capsys.readouterr().err
+
+
+def _first_route(routers: tuple, method: str, path: str):
+    """The route that serves ``method path`` when ``routers`` are tried in order, as
+    Starlette does: the first whose path pattern and methods both match."""
+    from starlette.routing import compile_path
+
+    for router in routers:
+        for route in router.routes:
+            pattern, _, _ = compile_path(route.path)
+            if pattern.match(path) and method in (getattr(route, "methods", None) or {"WS"}):
+                return route
+    return None
+
+
+def test_the_prefect_api_answers_every_path_as_before_with_the_runs_routers_first():
+    """The temporary server's routers are reordered so that a run's first requests build
+    only the routers it uses (flows/prefect_server.py:runs_routers_first): every route of
+    Prefect's API must still be reached by the same requests."""
+    import re
+    import uuid
+
+    from prefect.server.api.server import API_ROUTERS
+
+    reordered = prefect_server.runs_routers_first(API_ROUTERS)
+    assert sorted(map(id, reordered)) == sorted(map(id, API_ROUTERS))  # none lost or doubled
+    first = [router.prefix.strip("/") for router in reordered[: len(prefect_server.RUN_PATHS)]]
+    assert first == list(prefect_server.RUN_PATHS)
+
+    checked = 0
+    for router in API_ROUTERS:
+        for route in router.routes:
+            path = route.path
+            path = re.sub(r"\{[^}:]+:uuid\}", str(uuid.uuid4()), path)
+            path = re.sub(r"\{[^}]+\}", "x", path)
+            for method in getattr(route, "methods", None) or {"WS"}:  # a websocket
+                expected = _first_route(API_ROUTERS, method, path)
+                assert expected is not None, (method, path)
+                assert _first_route(reordered, method, path) is expected, (method, path)
+                checked += 1
+    assert checked > 150  # Prefect's whole API, not a few routes
+
+
+def test_a_router_sharing_its_paths_with_another_keeps_its_place():
+    from fastapi import APIRouter
+
+    def endpoint() -> None: ...
+
+    counts = APIRouter()  # no prefix, listed first: it serves /flows/count
+    counts.add_api_route("/flows/count", endpoint, methods=["GET"])
+    flows = APIRouter(prefix="/flows")  # /flows/{name} would serve it if tried first
+    flows.add_api_route("/{name}", endpoint, methods=["GET"])
+    logs = APIRouter(prefix="/logs")
+    logs.add_api_route("/", endpoint, methods=["POST"])
+
+    reordered = prefect_server.runs_routers_first((counts, flows, logs))
+    assert reordered == (logs, counts, flows)
+    assert _first_route(reordered, "GET", "/flows/count") is counts.routes[0]
