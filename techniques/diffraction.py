@@ -9,6 +9,7 @@ the geometry and lent to one thread at a time.
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from collections import OrderedDict
@@ -274,7 +275,11 @@ class IntegratorCache:
     ``AzimuthalIntegrator`` at once gave wrong patterns, and once a crash in ``free``
     (pyFAI 2026.9, ``bbox,csr,cython``); with one integrator each, their patterns are
     the serial ones, and pyFAI's kernels release the GIL, so threads scale. A thread that
-    finds every integrator of its geometry lent builds one more.
+    finds every integrator of its geometry lent builds one more: a shallow copy of a lent
+    one (pyFAI's ``copy.copy``), which shares its pixel positions and solid angles, read
+    only, and builds a sparse matrix of its own. Its first frame then takes ~0.3 s
+    instead of ~1.1 s (a Pilatus 1M), most of it holding the GIL that the other threads
+    need between their frames.
 
     Parameters
     ----------
@@ -291,8 +296,10 @@ class IntegratorCache:
     def __init__(self, size: int = 4) -> None:
         self.size = size
         self._idle: OrderedDict[str, list[AzimuthalIntegrator]] = OrderedDict()
+        self._lent: dict[str, list[AzimuthalIntegrator]] = {}
         self._lock = threading.Lock()
         self.built = 0
+        self.copied = 0  # of those built, copies of a lent one
 
     @contextmanager
     def borrow(self, geometry: Geometry) -> Iterator[AzimuthalIntegrator]:
@@ -301,14 +308,29 @@ class IntegratorCache:
         with self._lock:
             idle = self._idle.get(key)
             integrator = idle.pop() if idle else None
+            lent = self._lent.get(key, [])
+            model = lent[-1] if lent and integrator is None else None
         if integrator is None:
-            integrator = make_integrator(geometry)
+            if model is not None:
+                with SETUP_LOCK:  # the model is not halfway through its own set-up
+                    integrator = copy.copy(model)
+            else:
+                integrator = make_integrator(geometry)
             with self._lock:
                 self.built += 1
+                self.copied += model is not None
+        with self._lock:
+            self._lent.setdefault(key, []).append(integrator)
         try:
             yield integrator
         finally:
             with self._lock:  # the most recently used geometry last
+                # By identity: integrators of one geometry compare equal.
+                lent = [other for other in self._lent[key] if other is not integrator]
+                if lent:
+                    self._lent[key] = lent
+                else:
+                    del self._lent[key]
                 self._idle.setdefault(key, []).append(integrator)
                 self._idle.move_to_end(key)
                 while len(self._idle) > self.size:

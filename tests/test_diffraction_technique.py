@@ -199,3 +199,43 @@ def test_parameters_are_grouped_and_paths_are_marked():
     assert [n for g in groups for n in g.model_fields] == list(DiffractionParameters.model_fields)
     assert DiffractionSource.path_fields() == DiffractionParameters.path_fields()
     assert DiffractionScience.path_fields() == DiffractionExecution.path_fields() == []
+
+
+def test_a_thread_finding_the_integrator_lent_copies_its_set_up():
+    # The second thread's integrator is a shallow copy of the first's, made once the first
+    # has set up: it shares the pixel positions (read only) and builds a sparse matrix of
+    # its own; both integrate at once and give the serial patterns.
+    cache = IntegratorCache()
+    shape = (600, 640)
+    geometry = GEOMETRY.model_copy(
+        update={"detector_config": {"pixel1": 1e-4, "pixel2": 1e-4, "max_shape": list(shape)}}
+    )
+    frames = rings(shape=shape, frames=4)
+    serial = integrate_frames(frames, make_integrator(geometry), npt=500)
+    set_up, copied = threading.Event(), threading.Event()
+
+    def first() -> tuple:
+        with cache.borrow(geometry) as integrator:
+            integrate_frames(frames[:1], integrator, npt=500)
+            set_up.set()
+            copied.wait(60)
+            return integrator, integrate_frames(frames, integrator, npt=500)
+
+    def second() -> tuple:
+        set_up.wait(60)
+        with cache.borrow(geometry) as integrator:
+            copied.set()
+            return integrator, integrate_frames(frames, integrator, npt=500)
+
+    with ThreadPoolExecutor(2) as pool:
+        ours, theirs = pool.submit(first), pool.submit(second)
+        (one, mine), (other, yours) = ours.result(), theirs.result()
+    assert other is not one and other == one  # the same geometry, another object
+    assert cache.built == 2 and cache.copied == 1
+    assert other.engines is not one.engines  # a sparse matrix of its own
+    for result in (mine, yours):
+        np.testing.assert_array_equal(result.intensity, serial.intensity)
+        np.testing.assert_array_equal(result.errors, serial.errors)
+    with cache.borrow(geometry) as again, cache.borrow(geometry) as too:
+        assert {id(again), id(too)} == {id(one), id(other)}  # both kept, neither copied
+    assert cache.built == 2
