@@ -92,6 +92,7 @@ class PrivateResults(LocalFileSystem):
 
 RESULTS_BLOCK = "calypso"  # the PrivateResults block's name in the Prefect API
 _saved = False
+_loaded: dict[str | None, Any] = {}  # the block, by Prefect API (a block's id is its server's)
 
 
 def save_result_block() -> None:
@@ -103,11 +104,15 @@ def save_result_block() -> None:
     if _saved:
         return
     try:
-        PrivateResults.load(RESULTS_BLOCK)
+        block = PrivateResults.load(RESULTS_BLOCK)
     except Exception:  # not saved yet (or by an older Calypso): save it now
         # Two runs starting at once may both save it: the first one's does.
         with suppress(ObjectAlreadyExists):
             PrivateResults().save(RESULTS_BLOCK, overwrite=True)
+    else:  # what the chunk tasks' result storage resolves to: not read again (~20 ms)
+        from prefect.settings import get_current_settings
+
+        _loaded.setdefault(get_current_settings().api.url, block)
     _saved = True
 
 
@@ -132,18 +137,17 @@ def _load_the_block_once() -> None:
     from prefect.settings import get_current_settings
 
     ours = CHUNK_TASK["result_storage"]
-    loaded: dict[str | None, Any] = {}  # by Prefect API: a block's id is its server's
 
     def resolve_result_storage(result_storage: Any, *args: Any, **kwargs: Any) -> Any:
         if result_storage != ours:
             return resolve(result_storage, *args, **kwargs)
         api = get_current_settings().api.url
-        if api not in loaded:
+        if api not in _loaded:
             # Loaded by its own class: Prefect's ``Block.load("slug/name")`` finds the class
             # by its slug, after importing every installed Prefect collection (prefect_dask,
             # and Dask's distributed with it: ~0.3 s of a run in the command's threads).
-            loaded[api] = PrivateResults.load(RESULTS_BLOCK, _sync=True)
-        return loaded[api]
+            _loaded[api] = PrivateResults.load(RESULTS_BLOCK, _sync=True)
+        return _loaded[api]
 
     resolve_result_storage.loads_calypso_block_once = True  # type: ignore[attr-defined]
     results.resolve_result_storage = resolve_result_storage
