@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -38,24 +39,33 @@ def parameters(sample) -> DiffractionParameters:
 
 
 class Simulator(threading.Thread):
-    """The simulator in its own process, as a beamline's writer is, started once the live
-    run follows (its flow has begun): the scan then runs while the run watches."""
+    """The simulator in its own process, as a beamline's writer is: started at once (its
+    imports done meanwhile) and told to begin its scan once the live run follows (its
+    flow has begun): the scan then runs while the run watches. A process started only
+    then could take longer to begin writing, on a loaded machine, than a run with a
+    short stall time-out waits for its scan."""
 
     def __init__(self, source: Path, root: Path, *options: str) -> None:
         super().__init__(daemon=True)
+        self.go = Path(tempfile.mkdtemp(prefix="calypso-simulator-")) / "go"
         command = [sys.executable, "-m", "calypso.flows.samples.acquisition_simulator"]
-        self.command = [*command, str(source), str(root), *options]
-        self.process: subprocess.Popen | None = None
+        command += [str(source), str(root), *options, "--start-after", str(self.go)]
+        self.process = subprocess.Popen(command)
+        self.told = False
 
     def run(self) -> None:
         deadline = time.monotonic() + 120
         while not live._RUNS and time.monotonic() < deadline:
             time.sleep(0.05)
-        self.process = subprocess.Popen(self.command)
+        if live._RUNS:
+            self.go.touch()
+            self.told = True
 
     def wait(self, timeout: float) -> int:
         self.join(timeout)
-        assert self.process is not None, "the live run never began"
+        if not self.told:
+            self.process.kill()
+        assert self.told, "the live run never began"
         return self.process.wait(timeout=timeout)
 
 

@@ -431,6 +431,14 @@ def _detector_dataset(
     )
 
 
+def _wait_for(path: Path, timeout_s: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{path} did not appear within {timeout_s:.0f} s: nothing written")
+        time.sleep(0.02)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="recorded raw dataset folder (or its .h5 file)")
@@ -451,11 +459,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeline", help="JSON file: when each frame was written")
     parser.add_argument("--start-delay", type=float, default=0.0, help="seconds before start")
     parser.add_argument(
+        "--start-after", metavar="FILE",
+        help="start (then wait --start-delay) once FILE exists: a script starts the writer "
+        "ahead, its imports done, and tells it when",
+    )  # fmt: skip
+    parser.add_argument(
         "--file-lag", type=int, default=0, metavar="N",
         help="with --blissdata: the dataset file's counters N points behind the stream",
     )  # fmt: skip
     args = parser.parse_args(argv)
     scans = args.scan or [1]
+    if args.start_after:
+        if args.blissdata:  # imported now, not once told to start
+            import calypso.flows.samples.bliss_publisher  # noqa: F401
+        _wait_for(Path(args.start_after))
     for index, scan in enumerate(scans):
         # Options about how a scan ends apply to the last one of a sequence.
         last = index == len(scans) - 1
