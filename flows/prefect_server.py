@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from contextlib import suppress
 from typing import Any
 
@@ -128,10 +129,7 @@ def runs_routers_first(routers: tuple) -> tuple:
     the command waited for its first answer. Only a router whose paths no other router
     shares moves, so each request still reaches the same route."""
     segments = [{route.path.strip("/").split("/")[0] for route in r.routes} for r in routers]
-    seen: dict[str, int] = {}
-    for own in segments:
-        for segment in own:
-            seen[segment] = seen.get(segment, 0) + 1
+    seen = Counter(segment for own in segments for segment in own)
     rank = {path: i for i, path in enumerate(RUN_PATHS)}
     first: list[tuple[int, Any]] = []
     after = []

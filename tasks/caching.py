@@ -92,7 +92,7 @@ class PrivateResults(LocalFileSystem):
 
 RESULTS_BLOCK = "calypso"  # the PrivateResults block's name in the Prefect API
 _saved = False
-_loaded: dict[str | None, Any] = {}  # the block, by Prefect API (a block's id is its server's)
+_loaded: dict[str | None, Any] = {}  # the block, by Prefect API (results_block)
 
 
 def save_result_block() -> None:
@@ -104,15 +104,11 @@ def save_result_block() -> None:
     if _saved:
         return
     try:
-        block = PrivateResults.load(RESULTS_BLOCK)
+        results_block()  # kept: what the chunk tasks' result storage resolves to
     except Exception:  # not saved yet (or by an older Calypso): save it now
         # Two runs starting at once may both save it: the first one's does.
         with suppress(ObjectAlreadyExists):
             PrivateResults().save(RESULTS_BLOCK, overwrite=True)
-    else:  # what the chunk tasks' result storage resolves to: not read again (~20 ms)
-        from prefect.settings import get_current_settings
-
-        _loaded.setdefault(get_current_settings().api.url, block)
     _saved = True
 
 
@@ -121,6 +117,20 @@ CHUNK_TASK: dict[str, Any] = {
     "persist_result": True,
     "result_storage": f"{PrivateResults.get_block_type_slug()}/{RESULTS_BLOCK}",
 }
+
+
+def results_block() -> PrivateResults:
+    """The saved block, read from this process's Prefect API once (a block's id is its
+    server's: one for each API)."""
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api.url
+    if api not in _loaded:
+        # Loaded by its own class: Prefect's ``Block.load("slug/name")`` finds the class by
+        # its slug, after importing every installed Prefect collection (prefect_dask, and
+        # Dask's distributed with it: ~0.3 s of a run in the command's threads).
+        _loaded[api] = PrivateResults.load(RESULTS_BLOCK, _sync=True)
+    return _loaded[api]
 
 
 def _load_the_block_once() -> None:
@@ -134,20 +144,12 @@ def _load_the_block_once() -> None:
     resolve = getattr(results, "resolve_result_storage", None)
     if resolve is None or getattr(resolve, "loads_calypso_block_once", False):
         return
-    from prefect.settings import get_current_settings
-
     ours = CHUNK_TASK["result_storage"]
 
     def resolve_result_storage(result_storage: Any, *args: Any, **kwargs: Any) -> Any:
         if result_storage != ours:
             return resolve(result_storage, *args, **kwargs)
-        api = get_current_settings().api.url
-        if api not in _loaded:
-            # Loaded by its own class: Prefect's ``Block.load("slug/name")`` finds the class
-            # by its slug, after importing every installed Prefect collection (prefect_dask,
-            # and Dask's distributed with it: ~0.3 s of a run in the command's threads).
-            _loaded[api] = PrivateResults.load(RESULTS_BLOCK, _sync=True)
-        return _loaded[api]
+        return results_block()
 
     resolve_result_storage.loads_calypso_block_once = True  # type: ignore[attr-defined]
     results.resolve_result_storage = resolve_result_storage

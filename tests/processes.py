@@ -21,6 +21,17 @@ def start(arguments: list[str], env: dict[str, str], log: Path) -> subprocess.Po
     )
 
 
+def run(arguments: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """``calypso ARGUMENTS`` to its end, its output and errors captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "calypso.flows.cli", *arguments],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     """Stop a process started with ``start_new_session=True`` and its children; killed
     after 30 s if ``sig`` did not end it."""

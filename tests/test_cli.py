@@ -20,6 +20,7 @@ import pytest
 
 from calypso.flows.cli import main
 from calypso.registry import SQLiteCatalogue
+from tests import processes
 
 
 def calypso(capsys, *args: str) -> tuple[int, str, str]:
@@ -206,9 +207,6 @@ def test_without_a_server_the_first_run_starts_the_local_one_and_the_next_uses_i
     output = tmp_path / "out"
     poni, mask = diffraction_sample.calibration["poni"], diffraction_sample.calibration["mask"]
     command = [
-        sys.executable,
-        "-m",
-        "calypso.flows.cli",
         "run",
         "diffraction",
         str(diffraction_sample.raw_dataset_dir),
@@ -220,13 +218,7 @@ def test_without_a_server_the_first_run_starts_the_local_one_and_the_next_uses_i
         str(output),
         "--json",
     ]
-    result = subprocess.run(
-        command,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = processes.run(command, env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == ""  # no tracebacks, no shutdown noise
     summary = json.loads(result.stdout)
@@ -240,12 +232,8 @@ def test_without_a_server_the_first_run_starts_the_local_one_and_the_next_uses_i
     assert oct(cluster.parent.stat().st_mode & 0o777) == "0o700"
     held = [_hold(tmp_path / "calypso" / ".local-server.use"), _hold(cluster.with_suffix(".use"))]
     try:
-        again = subprocess.run(
-            [*command[:-3], "--output", str(tmp_path / "again"), "--json"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
+        again = processes.run(
+            [*command[:-3], "--output", str(tmp_path / "again"), "--json"], env, timeout=300
         )
         assert again.returncode == 0 and again.stderr.strip() == "", again.stderr
         for use in held:
@@ -286,13 +274,8 @@ def test_input_refused_before_the_run_leaves_no_prefect_server_behind(keep_s, tm
     bad = tmp_path / "bad.xdi"
     bad.write_text("# XDI/1.0\n# Column.1: energy eV\n# Column.2: i0\n#----\n1 2\nfoo bar\n")
     env = _without_server(tmp_path, keep_s)
-    command = [sys.executable, "-m", "calypso.flows.cli", "run", "spectroscopy", str(bad)]
-    result = subprocess.run(
-        [*command, "--output", str(tmp_path / "out")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = processes.run(
+        ["run", "spectroscopy", str(bad), "--output", str(tmp_path / "out")], env, timeout=120
     )
     assert result.returncode == 3 and "bad.xdi: not a column file" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -337,14 +320,8 @@ def test_a_cold_command_leaves_its_run_recorded_and_its_server_gone(test_data, t
 
     env = _without_server(tmp_path)
     spectrum = test_data / "xas" / "fe_metal_rt.xdi"
-    command = [sys.executable, "-m", "calypso.flows.cli", "run", "spectroscopy", str(spectrum)]
-    result = subprocess.run(
-        [*command, "--output", str(tmp_path / "out"), "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    command = ["run", "spectroscopy", str(spectrum), "--output", str(tmp_path / "out"), "--json"]
+    result = processes.run(command, env, timeout=300)
     assert result.returncode == 0, result.stderr
     run_id = json.loads(result.stdout)["flow_run_id"]
     assert _left_after(f"PREFECT_HOME={tmp_path / 'prefect'}", 15) == []

@@ -121,6 +121,15 @@ def test_integrator_is_built_once_per_geometry():
         assert rebuilt is not first and cache.built == 5
 
 
+def threads_case(frames: int) -> tuple[IntegratorCache, Geometry, np.ndarray]:
+    """An empty integrator cache, a 600 x 640 detector's geometry and ``frames`` of rings."""
+    shape = (600, 640)
+    geometry = GEOMETRY.model_copy(
+        update={"detector_config": {"pixel1": 1e-4, "pixel2": 1e-4, "max_shape": list(shape)}}
+    )
+    return IntegratorCache(), geometry, rings(shape=shape, frames=frames)
+
+
 def test_threads_integrate_with_integrators_of_their_own():
     # pyFAI's integrators are not safe to share: two threads integrating with one at once
     # gave wrong patterns. A borrowed integrator is one thread's until it is returned. And
@@ -129,12 +138,7 @@ def test_threads_integrate_with_integrators_of_their_own():
     # one thread at a time sets up (SETUP_LOCK).
     import numexpr
 
-    cache = IntegratorCache()
-    shape = (600, 640)
-    geometry = GEOMETRY.model_copy(
-        update={"detector_config": {"pixel1": 1e-4, "pixel2": 1e-4, "max_shape": list(shape)}}
-    )
-    frames = rings(shape=shape, frames=3)
+    cache, geometry, frames = threads_case(frames=3)
     units = ["q_nm^-1", "2th_deg", "q_A^-1", "r_mm", "2th_rad"]  # a set-up for each
     alone = make_integrator(geometry)
     serial = {u: integrate_frames(frames, alone, npt=500, unit=u) for u in units}
@@ -205,12 +209,7 @@ def test_a_thread_finding_the_integrator_lent_copies_its_set_up():
     # The second thread's integrator is a shallow copy of the first's, made once the first
     # has set up: it shares the pixel positions (read only) and builds a sparse matrix of
     # its own; both integrate at once and give the serial patterns.
-    cache = IntegratorCache()
-    shape = (600, 640)
-    geometry = GEOMETRY.model_copy(
-        update={"detector_config": {"pixel1": 1e-4, "pixel2": 1e-4, "max_shape": list(shape)}}
-    )
-    frames = rings(shape=shape, frames=4)
+    cache, geometry, frames = threads_case(frames=4)
     serial = integrate_frames(frames, make_integrator(geometry), npt=500)
     set_up, copied = threading.Event(), threading.Event()
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import processes
+
 pytestmark = pytest.mark.slow
 BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -86,9 +88,8 @@ def test_a_flow_run_is_recorded_by_a_prefect_server_on_postgresql(
         loopback.wait_for_http(f"{api}/health", 180, server)
         env["PREFECT_API_URL"] = api
         calibration = diffraction_sample.calibration
-        run = subprocess.run(
+        run = processes.run(
             [
-                *command,
                 "run",
                 "diffraction",
                 str(diffraction_sample.raw_dataset_dir),
@@ -102,9 +103,7 @@ def test_a_flow_run_is_recorded_by_a_prefect_server_on_postgresql(
                 "1",
                 "--json",
             ],
-            env=env,
-            capture_output=True,
-            text=True,
+            env,
             timeout=600,
         )
         assert run.returncode == 0, run.stderr

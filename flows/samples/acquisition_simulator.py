@@ -431,14 +431,6 @@ def _detector_dataset(
     )
 
 
-def _wait_for(path: Path, timeout_s: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{path} did not appear within {timeout_s:.0f} s: nothing written")
-        time.sleep(0.02)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="recorded raw dataset folder (or its .h5 file)")
@@ -472,7 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.start_after:
         if args.blissdata:  # imported now, not once told to start
             import calypso.flows.samples.bliss_publisher  # noqa: F401
-        _wait_for(Path(args.start_after))
+        from calypso.tasks.plans.live import wait
+
+        told = Path(args.start_after)
+        wait(told.exists, 600.0, f"{told} did not appear: nothing written", poll=0.02)
     for index, scan in enumerate(scans):
         # Options about how a scan ends apply to the last one of a sequence.
         last = index == len(scans) - 1
