@@ -115,6 +115,9 @@ def create_app() -> _CollectOnceStarted:
     routers that a flow run uses first (:func:`runs_routers_first`)."""
     import prefect.server.api.server as prefect_server
 
+    from calypso.flows import prefect_database
+
+    prefect_database.provide(prefect_database.configured_file())  # before the migrations
     routers = getattr(prefect_server, "API_ROUTERS", None)
     if isinstance(routers, tuple):
         prefect_server.API_ROUTERS = runs_routers_first(routers)

@@ -113,6 +113,9 @@ def command_server(args: argparse.Namespace) -> int:
             "secret crosses the network in clear (docs/security.md).",
             flush=True,
         )
+    from calypso.flows import prefect_database
+
+    prefect_database.provide(prefect_database.configured_file())  # a new home's database
     os.execvpe(command[0], command, env)
     return 0  # not reached
 
