@@ -10,7 +10,7 @@ mask, ``--npt`` bins in q (nm^-1), ``bbox,csr,cython``, Poisson errors. Alternat
   (``.venv-peer``, made on first use: ewoksxrpd pulls in Qt and OpenCL packages that
   Calypso's environment should not carry);
 * ``calypso run diffraction`` cold (Prefect's temporary server and a Dask cluster of its
-  own, nothing kept: a user's very first run);
+  own, nothing kept, in a new home: a user's very first run);
 * ``calypso run diffraction`` with no configuration after the first command (the local
   Prefect server and Dask cluster that command left, as on a user's machine);
 * ``calypso run diffraction`` against a running ``calypso server`` (a cluster per command);
@@ -145,11 +145,12 @@ def main() -> None:
         root, frames=SMALL, seed=2, dataset_number=2, reuse=bool(args.data)
     )
     processed = sample.raw_dataset_dir.parents[1] / "PROCESSED_DATA"  # inside the proposal
-    env = isolated_environment(work)
+    # A home for each: a user's kept local server, a `calypso server` with `calypso serve`,
+    # and a new one for each cold run (a user's very first command).
     times: dict[str, list[float]] = {name: [] for name, _ in LABELS}
     with (
-        kept_local_server(env) as kept_env,
-        prefect_server(env) as served_env,
+        kept_local_server(isolated_environment(work / "kept")) as kept_env,
+        prefect_server(isolated_environment(work / "served")) as served_env,
         warm_service(served_env, root, work, "diffraction") as warm_env,
     ):
         # The first command starts the kept server and cluster (that is the cold run).
@@ -158,6 +159,7 @@ def main() -> None:
             times["ewoksxrpd"].append(
                 time_peer(python, sample, work / f"ewoksxrpd_{index}.h5", args.npt)
             )
+            env = isolated_environment(work / f"new-home-{index}")
             times["cold"].append(time_calypso(sample, args.npt, env, work / f"cold_{index}"))
             times["kept"].append(time_calypso(sample, args.npt, kept_env, work / f"kept_{index}"))
             times["server"].append(

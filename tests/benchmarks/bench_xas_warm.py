@@ -90,19 +90,22 @@ def main() -> None:
     shutil.copyfile(args.file, spectrum)
     sample = write_spectroscopy_map_sample(root, args.spectra)
     processed = sample.raw_dataset_dir.parents[1] / "PROCESSED_DATA"
-    env = isolated_environment(work)
     one = {"cold": [], "kept": [], "served": []}
     maps, loops = [], []
+    # A home for each (servers sharing one SQLite database lock each other out): a
+    # `calypso server` with `calypso serve`, a user's kept local server, and a new one
+    # for each cold run (a user's very first command).
     with (
-        prefect_server(env) as served_env,
+        prefect_server(isolated_environment(work / "served")) as served_env,
         warm_service(served_env, root, work, "spectroscopy") as warm_env,
-        kept_local_server(env) as kept_env,
+        kept_local_server(isolated_environment(work / "kept")) as kept_env,
     ):
         time_run(spectrum, kept_env, work / "first", False)  # starts the kept local server
         # The service's first map pays its workers' first touches of memory (seconds on a
         # virtual machine that hands each new page over from its host): shown apart.
         first_map, _ = time_run(sample.raw_dataset_dir, warm_env, processed / "first", True)
         for index in range(args.repeat):
+            env = isolated_environment(work / f"new-home-{index}")
             one["cold"].append(time_run(spectrum, env, work / f"cold_{index}", False)[0])
             one["kept"].append(time_run(spectrum, kept_env, work / f"kept_{index}", False)[0])
             wall, _ = time_run(spectrum, warm_env, root / "standards" / f"warm_{index}", True)

@@ -64,7 +64,8 @@ class PeakMemory(threading.Thread):
 def isolated_environment(work: Path) -> dict[str, str]:
     """This process's environment with a private Calypso and Prefect home under ``work``:
     a command run in it is cold (a temporary Prefect server and a Dask cluster of its own,
-    none kept)."""
+    none kept). Give each Prefect server its own ``work``: servers sharing one SQLite
+    database lock each other out ("database is locked": a 503, and a 2 s wait)."""
     env = dict(os.environ)
     env.update(CALYPSO_HOME=str(work / "calypso"), PREFECT_HOME=str(work / "prefect"))
     env["CALYPSO_SERVER__LOCAL_KEEP_S"] = "0"
