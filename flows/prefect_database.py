@@ -64,16 +64,19 @@ def provide(database: Path | None) -> bool:
     template = template_path()
     if database is None or database.exists() or not template.is_file():
         return False
-    database.parent.mkdir(parents=True, exist_ok=True)
-    # Owner only: the database will hold the runs' parameters and logs.
-    handle, name = tempfile.mkstemp(prefix=f".{database.name}.", dir=database.parent)
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        # Owner only (mkstemp's mode): the database will hold the runs' parameters and logs.
+        handle, name = tempfile.mkstemp(prefix=f".{database.name}.", dir=database.parent)
+    except OSError:
+        return False  # Prefect makes it, or says why it cannot
     staged = Path(name)
     try:
         with os.fdopen(handle, "wb") as out, template.open("rb") as source:
             while block := source.read(1 << 20):
                 out.write(block)
         os.link(staged, database)
-    except FileExistsError:
+    except OSError:  # taken meanwhile (FileExistsError), a template it cannot read, ...
         return False
     finally:
         staged.unlink(missing_ok=True)

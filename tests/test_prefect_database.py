@@ -4,6 +4,7 @@ a real server that starts on the copy."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -46,6 +47,13 @@ def test_the_template_is_copied_only_where_there_is_no_database(tmp_path: Path, 
     assert database.read_bytes() == b"a home's runs"  # never over a database
     assert list(database.parent.iterdir()) == [database]  # nothing staged left beside it
     assert not prefect_database.provide(None)  # PostgreSQL, in memory
+
+    def no_hard_links(*_):  # a file system without them
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(prefect_database.os, "link", no_hard_links)
+    assert not prefect_database.provide(tmp_path / "other" / "prefect.db")
+    assert list((tmp_path / "other").iterdir()) == []  # Prefect makes it, as before
 
 
 def sqlite_head_revision() -> str:
