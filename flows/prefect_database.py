@@ -46,26 +46,33 @@ def sqlite_file(url: str) -> Path | None:
     return Path(path)
 
 
-def configured_file() -> Path | None:
-    """The SQLite file of the database Prefect's settings name now (its home's
-    ``prefect.db`` by default); None for another database."""
+def provide_configured() -> bool:
+    """:func:`provide` the database Prefect's settings name now (its home's ``prefect.db``
+    by default; nothing for another database)."""
     from prefect.settings import get_current_settings
 
-    url = get_current_settings().server.database.connection_url
+    settings = get_current_settings()
+    url = settings.server.database.connection_url
     if url is None:
-        return None
-    return sqlite_file(url.get_secret_value() if hasattr(url, "get_secret_value") else url)
+        return False
+    database = sqlite_file(url.get_secret_value() if hasattr(url, "get_secret_value") else url)
+    if database is None:
+        return False
+    return provide(database, make_folder=database.parent == Path(settings.home))
 
 
-def provide(database: Path | None) -> bool:
+def provide(database: Path, make_folder: bool = False) -> bool:
     """Copy the template to ``database`` if ``database`` does not exist yet and there is
-    a template; whether it did. Never over a database that appeared meanwhile: the copy
-    is linked into place, which fails if the name is taken."""
+    a template; whether it did. Its folder is made only with ``make_folder`` (Prefect's
+    home, which Prefect makes too); elsewhere a missing folder stays Prefect's to report.
+    Never over a database that appeared meanwhile: the copy is linked into place, which
+    fails if the name is taken."""
     template = template_path()
-    if database is None or database.exists() or not template.is_file():
+    if database.exists() or not template.is_file():
         return False
     try:
-        database.parent.mkdir(parents=True, exist_ok=True)
+        if make_folder:
+            database.parent.mkdir(parents=True, exist_ok=True)
         # Owner only (mkstemp's mode): the database will hold the runs' parameters and logs.
         handle, name = tempfile.mkstemp(prefix=f".{database.name}.", dir=database.parent)
     except OSError:

@@ -117,7 +117,7 @@ def create_app() -> _CollectOnceStarted:
 
     from calypso.flows import prefect_database
 
-    prefect_database.provide(prefect_database.configured_file())  # before the migrations
+    prefect_database.provide_configured()  # before the migrations
     routers = getattr(prefect_server, "API_ROUTERS", None)
     if isinstance(routers, tuple):
         prefect_server.API_ROUTERS = runs_routers_first(routers)

@@ -115,7 +115,7 @@ def command_server(args: argparse.Namespace) -> int:
         )
     from calypso.flows import prefect_database
 
-    prefect_database.provide(prefect_database.configured_file())  # a new home's database
+    prefect_database.provide_configured()  # a new home's database
     os.execvpe(command[0], command, env)
     return 0  # not reached
 
