@@ -10,9 +10,11 @@ once, into the environment, as ``<sys.prefix>/share/calypso/prefect-<version>.db
 Calypso's result-storage block saved in it. A server about to make a new database copies
 that template instead.
 
-Prefect still checks the copy's revision as it starts (0.08 s) and applies any migration
-it lacks. Without a template, or with any database but a local SQLite file (PostgreSQL,
-in memory), nothing changes: Prefect migrates as before.
+A database at the template's revision has nothing to migrate: Calypso's own server
+process then skips Prefect's check (:func:`at_head`, ~0.1 s of its start); at any other
+revision Prefect checks it and applies what it lacks. Without a template, or with any
+database but a local SQLite file (PostgreSQL, in memory), nothing changes: Prefect
+migrates as before.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def revision(database: Path, immutable: bool = False) -> str | None:
     nothing writes, read without locks); None for a file that is no such database."""
     options = "mode=ro&immutable=1" if immutable else "mode=ro"
     try:
-        with closing(sqlite3.connect(f"file:{database}?{options}", uri=True)) as db:
+        uri = f"{database.resolve().as_uri()}?{options}"  # any character of the path quoted
+        with closing(sqlite3.connect(uri, uri=True)) as db:
             rows = db.execute("SELECT version_num FROM alembic_version").fetchall()
     except sqlite3.Error:
         return None

@@ -67,12 +67,13 @@ def test_a_database_is_at_head_only_at_the_templates_revision(tmp_path: Path, mo
     template.parent.mkdir()
 
     def database_at(path: Path, revision: str) -> Path:
+        path.parent.mkdir(exist_ok=True)
         with sqlite3.connect(path) as db:
             db.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
             db.execute("INSERT INTO alembic_version VALUES (?)", (revision,))
         return path
 
-    home = database_at(tmp_path / "prefect.db", "27d8f4e1a6c9")
+    home = database_at(tmp_path / "a home #1?" / "prefect.db", "27d8f4e1a6c9")
     assert not prefect_database.at_head(home)  # no template: Prefect checks
     database_at(template, "27d8f4e1a6c9")
     assert prefect_database.at_head(home)
