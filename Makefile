@@ -31,8 +31,7 @@ install: $(STAMP)
 	@# A new home's Prefect database is copied from one migrated here once per Prefect
 	@# version (flows/prefect_database.py): Prefect's 116 migrations cost a first command 3-6 s.
 	@# Without it everything works, only slower (tests/test_prefect_database.py makes it).
-	@[ -f "$$($(BIN)/python -c 'from calypso.flows.prefect_database import template_path; print(template_path())')" ] \
-		|| $(BIN)/python -m calypso.flows.prefect_database \
+	@$(BIN)/python -m calypso.flows.prefect_database --if-missing \
 		|| echo "Prefect database template: not made (see above); a new home's first command migrates its database"
 	@if ! command -v npm >/dev/null 2>&1 || ! command -v node >/dev/null 2>&1; then \
 		echo "portal viewer: skipped (node >= 18 and npm not found): the portal works without it"; \

@@ -189,6 +189,19 @@ def prefect_answers(url: str, auth: str | None = None, timeout: float = 2.0) -> 
         return False
 
 
+def prefect_started(
+    server: subprocess.Popen, url: str, auth: str | None, timeout_s: float, poll: float = 0.1
+) -> bool:
+    """Whether the Prefect server just started as ``server`` answers at ``url`` within
+    ``timeout_s``; False as soon as its process has ended."""
+    deadline = time.monotonic() + timeout_s
+    while not prefect_answers(url, auth, timeout=1.0):
+        if server.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(poll)
+    return True
+
+
 def running(pid: int) -> bool:
     try:
         os.kill(pid, 0)

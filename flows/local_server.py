@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, suppress
@@ -176,11 +175,8 @@ def keep(home: Path, keep_s: float, port: int) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not kept.prefect_answers(url, secret):
-            if server.poll() is not None or time.monotonic() > deadline:
-                return 1
-            time.sleep(0.2)
+        if not kept.prefect_started(server, url, secret, START_TIMEOUT_S, poll=0.2):
+            return 1
         create_private_file(path, json.dumps({"url": url, "pid": os.getpid()}).encode(), True)
         print(f"local Prefect server on {url} (UI http://127.0.0.1:{port})", flush=True)
         while server.poll() is None:

@@ -20,11 +20,11 @@ migrates as before.
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import closing
 from importlib.metadata import version
 from pathlib import Path
@@ -107,8 +107,7 @@ def provide(database: Path, make_folder: bool = False) -> bool:
     staged = Path(name)
     try:
         with os.fdopen(handle, "wb") as out, template.open("rb") as source:
-            while block := source.read(1 << 20):
-                out.write(block)
+            shutil.copyfileobj(source, out)
         os.link(staged, database)
     except OSError:  # taken meanwhile (FileExistsError), a template it cannot read, ...
         return False
@@ -161,18 +160,15 @@ def _save_result_block(environment: dict[str, str]) -> None:
     (:func:`calypso.tasks.caching.save_result_block`), saved in the template: a first run
     saving it raced the run's other writes in SQLite about half the time ("database is
     locked", answered 503) and waited Prefect's client's 2 s before it tried again."""
-    from calypso.executors.kept import prefect_answers
+    from calypso.executors.kept import prefect_started
     from calypso.flows import prefect_server
 
     port = prefect_server.free_port()
     server = prefect_server.start(port, environment)
     try:
         url = prefect_server.api_url(port)
-        deadline = time.monotonic() + 120
-        while not prefect_answers(url, timeout=1.0):
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Prefect's server on {url} did not start")
-            time.sleep(0.1)
+        if not prefect_started(server, url, None, 120):
+            raise RuntimeError(f"Prefect's server on {url} did not start")
         save = "from calypso.tasks.caching import save_result_block; save_result_block()"
         subprocess.run(
             [sys.executable, "-c", save], env={**environment, "PREFECT_API_URL": url}, check=True
@@ -182,4 +178,6 @@ def _save_result_block(environment: dict[str, str]) -> None:
 
 
 if __name__ == "__main__":
-    print(f"Prefect database template: {make_template()}")
+    # `make install`: made once per Prefect version (--if-missing); by hand, made anew.
+    if "--if-missing" not in sys.argv[1:] or not template_path().is_file():
+        print(f"Prefect database template: {make_template()}")
