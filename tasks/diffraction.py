@@ -332,8 +332,7 @@ def _copy_parts(
             total += np.nansum(block, axis=0)
             if rows:
                 into = np.arange(chunk.start, chunk.stop) * rows // n_frames
-                np.add.at(map_sum, into, np.nan_to_num(block))
-                np.add.at(map_count, into, 1)
+                _add_rows_in_order(map_sum, map_count, into, np.nan_to_num(block))
             if errors is not None:
                 block_errors = part["errors"][()]
                 errors[chunk.start : chunk.stop] = block_errors
@@ -351,6 +350,24 @@ def _copy_parts(
         group["intensity_errors"] = average.errors
     _write_pattern_axes(group, radial, azimuthal, radial_name, radial_units)
     return average
+
+
+def _add_rows_in_order(
+    sums: np.ndarray, counts: np.ndarray, into: np.ndarray, rows: np.ndarray
+) -> None:
+    """``sums[into[i]] += rows[i]`` (and ``counts[into[i]] += 1``) for every ``i`` in
+    order, ``into`` sorted: what ``np.add.at`` does, the same to the bit, in a few
+    vectorised passes (the k-th row of every run of equal ``into`` in pass k, so each
+    pass adds to distinct rows). ``np.add.at`` took ~0.05 s of a 600-frame write."""
+    if not len(into):
+        return
+    starts = np.flatnonzero(np.diff(into, prepend=into[0] - 1))
+    lengths = np.diff(starts, append=len(into))
+    within = np.arange(len(into)) - np.repeat(starts, lengths)
+    for k in range(int(lengths.max())):
+        chosen = np.flatnonzero(within == k)
+        sums[into[chosen]] += rows[chosen]
+        counts[into[chosen]] += 1
 
 
 def _write_pattern_axes(

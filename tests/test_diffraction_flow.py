@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ from calypso.flows.api import run_technique
 from calypso.flows.runtime import prefect_auth_headers
 from calypso.registry import SQLiteCatalogue
 from calypso.settings import load_settings
+from calypso.tasks.diffraction import _add_rows_in_order
 from calypso.tasks.plans.diffraction import load_geometry
 from calypso.tasks.progress import listening
 from calypso.techniques.diffraction import DiffractionParameters
@@ -100,6 +102,26 @@ def test_results_do_not_depend_on_chunks_or_workers(runs):
         b = read_integrated(runs[other]["outputs"][0])
         for x, y in zip(a, b, strict=True):
             np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize(
+    ("n_frames", "rows", "bounds"),
+    [(600, 400, [0, 100, 350, 600]), (5000, 400, [0, 37, 2501, 5000]), (7, 7, [0, 3, 7])],
+)
+def test_the_quick_looks_rows_average_frames_as_np_add_at_does(n_frames, rows, bounds):
+    # Frames averaged into the quick look's rows chunk by chunk: the same sums to the bit
+    # as numpy's unbuffered add, whose order of additions they keep.
+    rng = np.random.default_rng(n_frames)
+    expected, expected_counts = np.zeros((rows, 30)), np.zeros(rows)
+    sums, counts = np.zeros((rows, 30)), np.zeros(rows)
+    for start, stop in itertools.pairwise(bounds):
+        block = (rng.standard_normal((stop - start, 30)) * 1e3).astype(np.float32)
+        into = np.arange(start, stop) * rows // n_frames
+        np.add.at(expected, into, block)
+        np.add.at(expected_counts, into, 1)
+        _add_rows_in_order(sums, counts, into, block)
+    np.testing.assert_array_equal(sums, expected)
+    np.testing.assert_array_equal(counts, expected_counts)
 
 
 def test_a_cluster_of_the_runs_own_integrates_in_its_threads(runs):
