@@ -78,33 +78,15 @@ def _from_event(field: str) -> dict[str, Any]:
 
 def technique_deployment(technique: Technique, settings: CalypsoSettings):
     """The deployment of one technique flow, with its acquisition trigger."""
-    from prefect.deployments.runner import EntrypointType
-    from prefect.events import DeploymentEventTrigger
-
-    trigger = DeploymentEventTrigger(
-        name=f"{technique.name} after each acquisition",
-        expect={EVENT},
-        match={"calypso.technique": technique.name},
-        parameters={
-            "raw": _from_event("raw"),
-            "scans": _from_event("scans"),
-            "parameters": _from_event("parameters"),
-            "trigger": _from_event("key"),
-        },
-    )
-    limit = settings.serve.concurrency.get(
-        technique.name, settings.serve.default_concurrency or technique.concurrency
-    )
-    return Served(
+    return _technique_served(
+        technique,
+        settings,
         technique.flow(),
         name=technique.name,
-        triggers=[trigger],
-        concurrency_limit=limit,
-        version=technique.version,
-        tags=["calypso", technique.name],
+        event=EVENT,
+        trigger_name=f"{technique.name} after each acquisition",
         description=f"{technique.description} Runs after each acquisition event ({EVENT}) "
         f"for {technique.name}, or by hand from this form.",
-        entrypoint_type=EntrypointType.MODULE_PATH,
     )
 
 
@@ -112,37 +94,59 @@ def technique_live_deployment(technique: Technique, settings: CalypsoSettings):
     """The deployment of a technique's live flow, started by a scan's start event: its
     run follows the scan the event names (``source``, ``scan_key``) and claims the key
     the scan's completed event has."""
+    from calypso.flows.techniques import load
+
+    return _technique_served(
+        technique,
+        settings,
+        load(f"calypso.flows.online.live_served:{technique.name}_live"),
+        name=live_deployment(technique.name),
+        event=LIVE_EVENT,
+        trigger_name=f"{technique.name} live from each scan's start",
+        description=f"{technique.description} Live: runs at each scan's start ({LIVE_EVENT}) "
+        f"for {technique.name}, follows the scan as it is written and gives the offline result.",
+        live=True,
+    )
+
+
+def _technique_served(
+    technique: Technique,
+    settings: CalypsoSettings,
+    flow: Any,
+    *,
+    name: str,
+    event: str,
+    trigger_name: str,
+    description: str,
+    live: bool = False,
+) -> Served:
+    """A technique's flow served with the trigger of its ``event`` (the event's payload
+    gives the run's parameters; a live run's also the scan it follows) and the
+    technique's concurrency limit."""
     from prefect.deployments.runner import EntrypointType
     from prefect.events import DeploymentEventTrigger
 
-    from calypso.flows.techniques import load
-
-    name = live_deployment(technique.name)
+    parameters = {field: _from_event(field) for field in ("raw", "scans", "parameters")}
+    parameters["trigger"] = _from_event("key")
+    if live:
+        parameters |= {field: _from_event(field) for field in ("source", "scan_key")}
     trigger = DeploymentEventTrigger(
-        name=f"{technique.name} live from each scan's start",
-        expect={LIVE_EVENT},
+        name=trigger_name,
+        expect={event},
         match={"calypso.technique": technique.name},
-        parameters={
-            "raw": _from_event("raw"),
-            "scans": _from_event("scans"),
-            "parameters": _from_event("parameters"),
-            "trigger": _from_event("key"),
-            "source": _from_event("source"),
-            "scan_key": _from_event("scan_key"),
-        },
+        parameters=parameters,
     )
     limit = settings.serve.concurrency.get(
         technique.name, settings.serve.default_concurrency or technique.concurrency
     )
     return Served(
-        load(f"calypso.flows.online.live_served:{technique.name}_live"),
+        flow,
         name=name,
         triggers=[trigger],
         concurrency_limit=limit,
         version=technique.version,
-        tags=["calypso", technique.name, "live"],
-        description=f"{technique.description} Live: runs at each scan's start ({LIVE_EVENT}) "
-        f"for {technique.name}, follows the scan as it is written and gives the offline result.",
+        tags=["calypso", technique.name, *(["live"] if live else [])],
+        description=description,
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
 
