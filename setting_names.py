@@ -15,8 +15,9 @@ from pydantic import BaseModel
 
 from calypso.errors import ConfigurationError
 
-# CALYPSO_* variables that are not settings: read by Calypso itself or its test harness.
-_NOT_SETTINGS = frozenset({"CALYPSO_CONFIG", "CALYPSO_TECHNIQUES"})
+# CALYPSO_* variables that are not settings: read by Calypso itself or its test harness
+# (CALYPSO_LOCAL_CORES: set by Calypso in its local workers' environment).
+_NOT_SETTINGS = frozenset({"CALYPSO_CONFIG", "CALYPSO_TECHNIQUES", "CALYPSO_LOCAL_CORES"})
 _NOT_SETTINGS_PREFIXES = ("CALYPSO_TEST_",)
 # Settings that are gone, and why (an old environment should not be obeyed silently).
 _REMOVED = {

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 # Any free port (a fixed one warns when another cluster holds it), on loopback: the
 # dashboard shows every task's arguments and takes no certificate. Reach it by SSH tunnel.
 DASHBOARD_ADDRESS = "127.0.0.1:0"
+LOCAL_CORES = "CALYPSO_LOCAL_CORES"  # a local cluster's cores, in its workers' environment
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def local_worker_count(executor: ExecutorSettings) -> int:
     return max(1, cores // executor.threads_per_worker)
 
 
-def worker_environment(threads_per_worker: int) -> dict[str, int]:
+def worker_environment(threads_per_worker: int, local_cores: int = 0) -> dict[str, int]:
     """Environment of local worker processes, set before they start.
 
     Besides one OpenMP/BLAS thread per Dask thread, glibc is told to keep freed
@@ -53,9 +54,11 @@ def worker_environment(threads_per_worker: int) -> dict[str, int]:
     temporaries per frame, and Dask's default (``MALLOC_TRIM_THRESHOLD_=65536``)
     returns them to the OS each time, so every frame paid tens of thousands of
     page faults (measured: ~40,000 per 10 Pilatus 1M frames, ~25% of the time).
+    ``local_cores``: the cores of a local cluster's workers, which its chunk tasks share
+    out across the worker processes (:func:`calypso.executors.worker_setup.openmp_share`).
     """
     threads = threads_per_worker
-    return {
+    environment = {
         "OMP_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
         "OPENBLAS_NUM_THREADS": threads,
@@ -64,6 +67,17 @@ def worker_environment(threads_per_worker: int) -> dict[str, int]:
         "MALLOC_MMAP_THRESHOLD_": 1 << 30,
         "MALLOC_TRIM_THRESHOLD_": 1 << 30,
     }
+    if local_cores > threads:
+        environment[LOCAL_CORES] = local_cores
+    return environment
+
+
+def _local_environment(options: dict[str, Any]) -> dict[str, int]:
+    """:func:`worker_environment` of a local cluster with these options."""
+    threads = options.get("threads_per_worker") or 1
+    processes = options.get("processes", True)
+    cores = threads * (options.get("n_workers") or 1) if processes else 0
+    return worker_environment(threads, cores)
 
 
 def start_local_cluster(*, forked: bool = False, **kwargs: Any) -> LocalCluster:
@@ -77,7 +91,7 @@ def start_local_cluster(*, forked: bool = False, **kwargs: Any) -> LocalCluster:
     import dask
     from distributed import LocalCluster
 
-    environment = worker_environment(kwargs.get("threads_per_worker") or 1)
+    environment = _local_environment(kwargs)
     kwargs = with_certificate(kwargs)
     config: dict[str, Any] = {"distributed.nanny.pre-spawn-environ": environment}
     if forked:
@@ -99,7 +113,7 @@ def fork_workers(options: dict[str, Any]) -> bool:
     # The variables a worker needs as it starts (OpenMP's, malloc's) are the fork server's:
     # the nanny sets them in this process before its first worker, so before the fork
     # server starts, as it does before each spawn.
-    environment = worker_environment(options.get("threads_per_worker") or 1)
+    environment = _local_environment(options)
     if not fork_server_for(modules, environment):
         return False
     import distributed.utils

@@ -26,6 +26,7 @@ SCRIPT = textwrap.dedent(
             "parent": os.getppid(),
             "omp": os.environ.get("OMP_NUM_THREADS"),
             "malloc": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+            "cores": os.environ.get("CALYPSO_LOCAL_CORES"),
             "other": os.environ.get("CALYPSO_TEST_OTHER"),
             "imported": "calypso.tasks.diffraction" in sys.modules,
         }
@@ -66,6 +67,7 @@ def test_local_workers_are_forked_from_one_process_unless_it_is_anothers(tmp_pat
         assert len(seen[name]) == 2
         for worker in seen[name]:  # what a worker needs from its first instruction on
             assert worker["omp"] == "1" and worker["malloc"] == str(1 << 30), worker
+            assert worker["cores"] == "2", worker  # the cluster's, its chunks share out
             assert worker["imported"], worker
     fork_servers = {worker["parent"] for worker in seen["first"] + seen["again"]}
     assert len(fork_servers) == 1 and pid not in fork_servers  # one fork server, not the caller
@@ -178,6 +180,86 @@ def test_the_last_chunk_tasks_get_the_cores_the_others_left(monkeypatch):
         "beside the head start": 1,
     }
     assert worker_setup._running == 0
+
+
+# A chunk task in another worker process of the same cluster, holding its share until
+# its input closes (or it is killed).
+OTHER_WORKER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import calypso.executors.worker_setup as worker_setup
+    worker_setup._running_chunks_folder = lambda: Path(sys.argv[1])
+    with worker_setup.openmp_share():
+        print("integrating", flush=True)
+        sys.stdin.readline()
+    """
+)
+
+
+def test_a_local_clusters_worker_processes_share_its_cores_chunk_by_chunk(monkeypatch, tmp_path):
+    """Worker processes of a local cluster (a served run's, a kept cluster's) share its
+    cores as a command's threads do: one OpenMP thread each while both integrate, both
+    cores to the last chunk once the other process is done, or killed mid-chunk."""
+    import pyFAI.ext.splitBBoxCSR  # noqa: F401  (pyFAI's OpenMP runtime, loaded)
+
+    from calypso.executors import worker_setup
+
+    folder = tmp_path / "running"  # this test's own: other tests' chunks run meanwhile
+    folder.mkdir()
+    monkeypatch.setattr(worker_setup, "_shared", 0)  # a worker process, not a command's
+    monkeypatch.setattr(worker_setup, "_running_chunks_folder", lambda: folder)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("CALYPSO_LOCAL_CORES", "2")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def other_worker() -> subprocess.Popen:
+        process = subprocess.Popen(
+            [sys.executable, "-c", OTHER_WORKER, str(folder)],
+            env=environment,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdout.readline().strip() == "integrating"
+        return process
+
+    def threads_now() -> int:
+        [count] = pyfai_openmp_threads()
+        return count
+
+    def chunk() -> dict[str, int]:
+        seen = {}
+        with worker_setup.openmp_share() as pace:
+            pace()
+            seen["alone"] = threads_now()
+            other = other_worker()
+            pace()
+            seen["beside another process"] = threads_now()
+            other.communicate("done\n", timeout=60)
+            pace()
+            seen["left alone"] = threads_now()
+            other = other_worker()
+            pace()
+            seen["beside another again"] = threads_now()
+            other.kill()  # mid-chunk: its lock goes with it
+            other.wait()
+            pace()
+            seen["the other killed"] = threads_now()
+        seen["after the chunk"] = threads_now()
+        return seen
+
+    with ThreadPoolExecutor(1) as pool:  # a task thread of its own, as a worker's
+        seen = pool.submit(chunk).result(timeout=120)
+    assert seen == {
+        "alone": 2,
+        "beside another process": 1,
+        "left alone": 2,
+        "beside another again": 1,
+        "the other killed": 2,
+        "after the chunk": 1,
+    }
+    assert list(folder.iterdir()) == []  # the killed one's file removed, ours too
 
 
 def test_pyfai_gives_the_same_patterns_with_any_openmp_thread_count():
