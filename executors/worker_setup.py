@@ -160,22 +160,38 @@ def _shared_across_processes() -> Iterator[Callable[[], None]]:
     own = int(os.environ.get("OMP_NUM_THREADS") or 1)
     cores = int(os.environ.get("CALYPSO_LOCAL_CORES") or 0)  # executors.dask.LOCAL_CORES
     folder = _running_chunks_folder() if cores > own else None
-    if folder is None:
+    claim = _claim(folder) if folder is not None else None
+    if folder is None or claim is None:
         yield lambda: None
         return
+    held, mine = claim
+    try:
+        yield lambda: _set_openmp_threads(max(own, cores // _chunks_running(folder)))
+    finally:
+        with suppress(OSError):
+            mine.unlink()
+        os.close(held)  # its lock released
+        _set_openmp_threads(own)
+
+
+def _claim(folder: Path) -> tuple[int, Path] | None:
+    """A file of this chunk task's own in ``folder``, locked (its descriptor, its path);
+    None where it cannot be made (the chunk then keeps its one share)."""
     name = f"{os.getpid()}-{threading.get_native_id()}-{uuid.uuid4().hex[:8]}"
     claimed = folder / f".{name}"  # not counted until it is locked and renamed
-    held = os.open(claimed, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        held = os.open(claimed, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except OSError:
+        return None
     try:
         fcntl.flock(held, fcntl.LOCK_EX)
         os.rename(claimed, folder / name)
-        yield lambda: _set_openmp_threads(max(own, cores // max(_chunks_running(folder), 1)))
-    finally:
-        for path in (folder / name, claimed):
-            with suppress(OSError):
-                path.unlink()
-        os.close(held)  # its lock released
-        _set_openmp_threads(own)
+    except OSError:
+        with suppress(OSError):
+            claimed.unlink()
+        os.close(held)
+        return None
+    return held, folder / name
 
 
 def _running_chunks_folder() -> Path | None:
@@ -194,10 +210,14 @@ def _running_chunks_folder() -> Path | None:
 
 
 def _chunks_running(folder: Path) -> int:
-    """The chunk tasks whose file in ``folder`` is locked; a file nobody holds (its worker
-    was killed) is removed."""
+    """The chunk tasks whose file in ``folder`` is locked, this one's included (at least
+    1); a file nobody holds (its worker was killed) is removed."""
     running = 0
-    for entry in os.scandir(folder):
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # the folder removed under us: count as many as keeps one share each
+        return 1 << 16
+    for entry in entries:
         if entry.name.startswith("."):
             continue
         try:
@@ -215,4 +235,4 @@ def _chunks_running(folder: Path) -> int:
                 os.unlink(entry.path)
         finally:
             os.close(probe)
-    return running
+    return max(running, 1)
