@@ -389,6 +389,9 @@ def run_environment(work: Path) -> dict[str, str]:
         CALYPSO_CONFIG=str(config),
         PREFECT_HOME=str(work / "prefect-home"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        # The sample data is made from the real spectra found there (a model edge without
+        # them): the same for every checkout recorded, wherever it lies.
+        CALYPSO_TEST_DATA=str(DATA),
     )
     return env
 
