@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from calypso.errors import ConfigurationError
 from calypso.executors.tls import calypso_security, cluster_security, require_tls_address
+from calypso.executors.worker_setup import LOCAL_CORES
 from calypso.settings import ExecutorSettings
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 # Any free port (a fixed one warns when another cluster holds it), on loopback: the
 # dashboard shows every task's arguments and takes no certificate. Reach it by SSH tunnel.
 DASHBOARD_ADDRESS = "127.0.0.1:0"
-LOCAL_CORES = "CALYPSO_LOCAL_CORES"  # a local cluster's cores, in its workers' environment
 
 logger = logging.getLogger(__name__)
 

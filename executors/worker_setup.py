@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat"
+# A local cluster's cores, in its worker processes' environment (executors/dask.py).
+LOCAL_CORES = "CALYPSO_LOCAL_CORES"
 
 
 class ClosingWorkerHeartbeat(logging.Filter):
@@ -158,15 +160,20 @@ def _shared_across_processes() -> Iterator[Callable[[], None]]:
     each, as the worker's own OpenMP setting says."""
     openmp_threads_for_this_task()
     own = int(os.environ.get("OMP_NUM_THREADS") or 1)
-    cores = int(os.environ.get("CALYPSO_LOCAL_CORES") or 0)  # executors.dask.LOCAL_CORES
+    cores = int(os.environ.get(LOCAL_CORES) or 0)
     folder = _running_chunks_folder() if cores > own else None
     claim = _claim(folder) if folder is not None else None
     if folder is None or claim is None:
         yield lambda: None
         return
     held, mine = claim
+
+    def pace() -> None:  # a count is ~13 us, a frame ~20 ms: counted before each frame
+        running = _chunks_running(folder)
+        _set_openmp_threads(max(own, cores // running) if running else own)
+
     try:
-        yield lambda: _set_openmp_threads(max(own, cores // _chunks_running(folder)))
+        yield pace
     finally:
         with suppress(OSError):
             mine.unlink()
@@ -210,13 +217,13 @@ def _running_chunks_folder() -> Path | None:
 
 
 def _chunks_running(folder: Path) -> int:
-    """The chunk tasks whose file in ``folder`` is locked, this one's included (at least
-    1); a file nobody holds (its worker was killed) is removed."""
+    """The chunk tasks whose file in ``folder`` is locked, this one's included; a file
+    nobody holds (its worker was killed) is removed. 0: the folder is gone, none known."""
     running = 0
     try:
         entries = list(os.scandir(folder))
-    except OSError:  # the folder removed under us: count as many as keeps one share each
-        return 1 << 16
+    except OSError:
+        return 0
     for entry in entries:
         if entry.name.startswith("."):
             continue
@@ -235,4 +242,4 @@ def _chunks_running(folder: Path) -> int:
                 os.unlink(entry.path)
         finally:
             os.close(probe)
-    return max(running, 1)
+    return running
