@@ -85,7 +85,12 @@ def _set_openmp_threads(threads: int) -> None:
     openmp = ThreadpoolController().select(user_api="openmp")
     if not openmp.lib_controllers:
         return  # no OpenMP runtime loaded yet: set once the kernels have loaded one
-    openmp.limit(limits=threads)
+    for runtime in openmp.lib_controllers:
+        # bitshuffle's own runtime (frames decompressed as stored: calypso.tasks.raw.
+        # stored_chunks) keeps one thread: a frame's ~1.5 ms gains little from two, and
+        # the idle one spins on after, beside pyFAI's kernel on the same cores.
+        decompression = "bitshuffle" in Path(runtime.filepath).parent.name
+        runtime.set_num_threads(1 if decompression else threads)
     _thread.openmp = threads
 
 

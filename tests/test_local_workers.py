@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
@@ -81,13 +82,36 @@ def pyfai_openmp_threads() -> set[int]:
     or several: wheels bring their own). Only that one: another runtime may be loaded in
     this process too (Intel's, with MKL through Larch, starts lazily and reads
     OMP_NUM_THREADS as it does), and pyFAI's kernels are what the count is for."""
+    return {count for path, count in libgomp_threads() if "bitshuffle" not in path.parent.name}
+
+
+def libgomp_threads() -> list[tuple[Path, int]]:
+    """(where, thread count) of each copy of GCC's libgomp loaded, for the calling thread."""
     from threadpoolctl import ThreadpoolController
 
-    return {
-        info["num_threads"]
+    return [
+        (Path(info["filepath"]), info["num_threads"])
         for info in ThreadpoolController().info()
         if info["user_api"] == "openmp" and info["prefix"] == "libgomp"
-    }
+    ]
+
+
+def test_frames_are_decompressed_on_one_thread_whatever_the_share():
+    """bitshuffle's own OpenMP runtime (frames read as stored) keeps one thread when a
+    chunk task takes two for pyFAI: its idle thread would spin beside pyFAI's kernel."""
+    import pyFAI.ext.splitBBoxCSR  # noqa: F401  (loads pyFAI's runtime)
+
+    import calypso.tasks.raw.stored_chunks  # noqa: F401  (and bitshuffle's)
+    from calypso.executors import worker_setup
+
+    def counts(threads: int) -> dict[str, int]:
+        worker_setup._set_openmp_threads(threads)
+        return {path.parent.name: count for path, count in libgomp_threads()}
+
+    with ThreadPoolExecutor(1) as pool:
+        seen = pool.submit(counts, 2).result()
+    assert seen["bitshuffle.libs"] == 1, seen
+    assert set(seen.values()) == {1, 2}, seen  # pyFAI's runtime took the two
 
 
 def test_a_task_thread_runs_openmp_kernels_on_its_own_core(monkeypatch):

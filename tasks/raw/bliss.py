@@ -284,12 +284,16 @@ def _selection(
     """Where a VDS mapping starts in its source and how many elements it takes, per axis.
 
     A mapping of a whole source ("all" selection) takes as many elements as its block
-    in the virtual dataset.
+    in the virtual dataset: as many frames as the block's bounds span, or, for a block
+    strided along the frames (every other frame from each of two files), as it selects.
     """
     if source.get_select_type() == h5py.h5s.SEL_ALL:
         start, stop = virtual.get_select_bounds()
-        extent = tuple(int(b) - int(a) + 1 for a, b in zip(start, stop, strict=True))
-        return (0,) * len(extent), extent
+        extent = [int(b) - int(a) + 1 for a, b in zip(start, stop, strict=True)]
+        spanned = int(np.prod(extent, dtype=np.int64))
+        if spanned and virtual.get_select_npoints() != spanned:
+            extent[0] = virtual.get_select_npoints() * extent[0] // spanned
+        return (0,) * len(extent), tuple(extent)
     start, stop = source.get_select_bounds()
     return tuple(int(a) for a in start), tuple(
         int(b) - int(a) + 1 for a, b in zip(start, stop, strict=True)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from calypso.errors import ParameterError, RawDataError
 from calypso.tasks.raw.bliss import open_raw, require_frames
 from calypso.tasks.raw.cbf import check_cbf, is_cbf
+from calypso.tasks.raw.stored_chunks import frame_reader
 
 IMAGE_SUFFIXES = (".edf", ".cbf", ".tif", ".tiff", ".img", ".mccd", ".gz", ".bz2", ".npy")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".nxs", ".hdf")
@@ -158,7 +159,8 @@ def iter_frames(source: FrameSource, start: int, stop: int) -> Iterator[np.ndarr
     """Frames ``start:stop`` of a source, one at a time (the file stays open meanwhile).
 
     Reading frame by frame keeps a task's memory at one frame, and is faster
-    than one big read through an HDF5 virtual dataset.
+    than one big read through an HDF5 virtual dataset. Frames stored as Lima and Eiger
+    store them are read as stored (:mod:`calypso.tasks.raw.stored_chunks`).
 
     Raises
     ------
@@ -180,8 +182,9 @@ def _frames(source: FrameSource, start: int, stop: int) -> Iterator[np.ndarray]:
             if dset.ndim == 2:
                 yield dset[()]
                 return
-            for index in range(start, stop):
-                yield dset[index]
+            with frame_reader(dset, source.files[0]) as read:
+                for index in range(start, stop):
+                    yield read(index)
         return
     first = 0
     for path, count in zip(source.files, source.frames_per_file, strict=True):

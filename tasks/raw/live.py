@@ -30,6 +30,7 @@ import hdf5plugin  # noqa: F401  (registers bitshuffle, LZ4 ... with HDF5)
 import numpy as np
 
 from calypso.errors import ParameterError, RawDataError
+from calypso.tasks.raw.stored_chunks import read_dataset_frames
 
 LIMA_DATASET = "/entry_0000/measurement/data"
 
@@ -143,7 +144,7 @@ def read_lima(path: str | Path, dataset: str, first: int, stop: int) -> np.ndarr
                     f"{path}::{dataset} holds {data.shape[0]} frames, frame {stop - 1} "
                     "was announced: the Lima file was truncated or replaced"
                 )
-            return data[first:stop]
+            return read_dataset_frames(data, path, first, stop)
     except (OSError, KeyError) as exc:
         raise RawDataError(
             f"frames {first}-{stop - 1} of Lima file {path}::{dataset} cannot be read "
