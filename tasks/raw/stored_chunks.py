@@ -66,6 +66,8 @@ def frame_reader(dset: h5py.Dataset, path: str | Path) -> Iterator[FrameReader]:
 
 def read_dataset_frames(dset: h5py.Dataset, path: str | Path, start: int, stop: int) -> np.ndarray:
     """Frames ``start:stop`` of ``dset`` as one array, read as stored where they can be."""
+    if stop <= start:
+        return dset[start:stop]
     with frame_reader(dset, path) as read:
         return np.stack([read(index) for index in range(start, stop)])
 
@@ -80,67 +82,79 @@ def _direct_reader(
     if not dset.is_virtual:
         stored = _StoredFrames.of(dset)
         return None if stored is None else stored.frame
-    blocks = _virtual_blocks(dset, path, files)
-    if blocks is None:
-        return None
-    starts = [block[0] for block in blocks]
-
-    def read(index: int) -> np.ndarray | None:
-        at = bisect.bisect_right(starts, index) - 1
-        first, stop, stored, source_first = blocks[at]
-        return stored.frame(source_first + index - first) if first <= index < stop else None
-
-    return read
+    virtual = _VirtualFrames.of(dset, path, files)
+    return None if virtual is None else virtual.frame
 
 
-def _virtual_blocks(
-    dset: h5py.Dataset, path: Path, files: ExitStack
-) -> list[tuple[int, int, _StoredFrames, int]] | None:
-    """(first virtual frame, stop, its source, the source's first frame) for each mapping
-    of a virtual dataset, in order; None unless every mapping takes a block of whole
-    frames of a dataset that can be read as stored, of the virtual dataset's own type."""
-    frame = tuple(dset.shape[1:])
-    blocks: list[tuple[int, int, _StoredFrames, int]] = []
-    opened: dict[Path, h5py.File] = {}
-    try:
-        sources = dset.virtual_sources()
-    except (OSError, RuntimeError, ValueError):  # unlimited mappings (a scan being written)
-        return None
-    for source in sources:
-        virtual, taken = _box(source.vspace), _box(source.src_space)
-        if virtual is None or taken is None:
+class _VirtualFrames:
+    """The frames of a virtual dataset whose every mapping takes a block of whole frames
+    of a source, read from their sources as stored. A source file is opened when one of
+    its frames is first read (a task reads its chunk's, not the scan's hundreds of Lima
+    files), and its frames go through h5py where it cannot be read as stored."""
+
+    def __init__(
+        self,
+        dset: h5py.Dataset,
+        blocks: list[tuple[int, int, Path, str, int]],
+        files: ExitStack,
+    ) -> None:
+        self._dtype, self._files = dset.dtype, files
+        self._blocks = sorted(blocks)
+        self._starts = [block[0] for block in self._blocks]
+        self._sources: dict[tuple[Path, str], _StoredFrames | None] = {}
+
+    @classmethod
+    def of(cls, dset: h5py.Dataset, path: Path, files: ExitStack) -> _VirtualFrames | None:
+        """None unless every mapping takes a box of whole frames (first virtual frame,
+        stop, source file, source dataset, the source's first frame)."""
+        frame = tuple(dset.shape[1:])
+        blocks = []
+        try:
+            sources = dset.virtual_sources()
+        except (OSError, RuntimeError, ValueError):  # unlimited mappings (a scan being written)
             return None
-        (first, *corner), extent = virtual
-        if tuple(extent[1:]) != frame or any(corner):
-            return None
-        source_path = path if source.file_name == "." else Path(source.file_name)
-        if not source_path.is_absolute():
-            source_path = path.parent / source_path
-        if source_path not in opened:
-            try:
-                opened[source_path] = files.enter_context(open_raw(source_path))
-            except Exception:  # what h5py then reads (or refuses) as the scan's own
+        for source in sources:
+            virtual, taken = _box(source.vspace), _box(source.src_space)
+            if virtual is None or taken is None:
                 return None
-        link = opened[source_path].get(source.dset_name, getlink=True)
-        if not isinstance(link, h5py.HardLink):  # a link to follow: h5py follows it
-            return None
-        data = opened[source_path][source.dset_name]
-        stored = _StoredFrames.of(data) if data.dtype == dset.dtype else None
-        if stored is None:
-            return None
-        if source.src_space.get_select_type() == h5py.h5s.SEL_ALL:
-            source_first, source_extent = 0, tuple(data.shape)
-        else:
-            (source_first, *source_corner), source_extent = taken
-            if any(source_corner):
+            (first, *corner), extent = virtual
+            if tuple(extent[1:]) != frame or any(corner):
                 return None
-        if tuple(source_extent[1:]) != frame or source_extent[0] != extent[0]:
+            source_first = 0
+            if source.src_space.get_select_type() != h5py.h5s.SEL_ALL:
+                (source_first, *source_corner), source_extent = taken
+                if any(source_corner) or tuple(source_extent) != tuple(extent):
+                    return None
+            source_path = path if source.file_name == "." else Path(source.file_name)
+            if not source_path.is_absolute():
+                source_path = path.parent / source_path
+            blocks.append((first, first + extent[0], source_path, source.dset_name, source_first))
+        return cls(dset, blocks, files)
+
+    def frame(self, index: int) -> np.ndarray | None:
+        at = bisect.bisect_right(self._starts, index) - 1
+        if at < 0:
             return None
-        if source_first + extent[0] > data.shape[0]:
-            return None  # require_frames has refused it already; h5py says what it reads
-        blocks.append((first, first + extent[0], stored, source_first))
-    blocks.sort(key=lambda block: block[0])
-    return blocks
+        first, stop, path, name, source_first = self._blocks[at]
+        if index >= stop:
+            return None
+        key = (path, name)
+        if key not in self._sources:
+            self._sources[key] = self._open(path, name)
+        stored = self._sources[key]
+        return None if stored is None else stored.frame(source_first + index - first)
+
+    def _open(self, path: Path, name: str) -> _StoredFrames | None:
+        try:
+            h5 = self._files.enter_context(open_raw(path))
+        except Exception:  # what h5py then reads (or refuses) as the scan's own
+            return None
+        if not isinstance(h5.get(name, getlink=True), h5py.HardLink):
+            return None  # missing, or a link to follow: h5py follows it
+        data = h5[name]
+        if data.dtype != self._dtype:
+            return None  # HDF5 converts it; so does h5py
+        return _StoredFrames.of(data)
 
 
 def _box(space: h5py.h5s.SpaceID) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -186,6 +200,8 @@ class _StoredFrames:
 
     def frame(self, index: int) -> np.ndarray | None:
         """Frame ``index``, or None where its chunk does not decode as stored."""
+        if not 0 <= index < self._dset.shape[0]:
+            return None
         per_chunk = self._chunk_shape[0]
         number = index // per_chunk
         if self._last[0] != number:
