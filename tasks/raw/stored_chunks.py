@@ -79,11 +79,11 @@ def _direct_reader(
     None where the dataset's layout does not allow it."""
     if dset.ndim != 3:
         return None
-    if not dset.is_virtual:
-        stored = _StoredFrames.of(dset)
-        return None if stored is None else stored.frame
-    virtual = _VirtualFrames.of(dset, path, files)
-    return None if virtual is None else virtual.frame
+    try:
+        reader = _VirtualFrames.of(dset, path, files) if dset.is_virtual else _StoredFrames.of(dset)
+    except (OSError, RuntimeError, ValueError, KeyError):  # a layout h5py alone knows
+        return None
+    return None if reader is None else reader.frame
 
 
 class _VirtualFrames:
@@ -109,11 +109,7 @@ class _VirtualFrames:
         stop, source file, source dataset, the source's first frame)."""
         frame = tuple(dset.shape[1:])
         blocks = []
-        try:
-            sources = dset.virtual_sources()
-        except (OSError, RuntimeError, ValueError):  # unlimited mappings (a scan being written)
-            return None
-        for source in sources:
+        for source in dset.virtual_sources():  # refused for unlimited mappings (raises)
             virtual, taken = _box(source.vspace), _box(source.src_space)
             if virtual is None or taken is None:
                 return None
