@@ -53,9 +53,9 @@ import numpy as np
 
 from calypso.tasks.raw import bliss
 from calypso.tasks.raw.data_policy import RawDataset
+from calypso.tasks.raw.stored_chunks import BITSHUFFLE
 
 LIMA_DATASET = "/entry_0000/measurement/data"
-BITSHUFFLE = 32008  # HDF5's registered filter id of bitshuffle
 
 
 @dataclass(frozen=True)
