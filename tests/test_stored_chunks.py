@@ -65,11 +65,13 @@ def frames_read_as_stored(path: Path, name: str) -> list[bool]:
 
 @pytest.mark.parametrize("dtype", ["uint16", "int32", "uint32", "float32", "float64", "uint8"])
 @pytest.mark.parametrize("chunk_frames", [1, 3])
-def test_bitshuffle_lz4_frames_are_read_as_stored_with_the_same_bits(tmp_path, dtype, chunk_frames):
+@pytest.mark.parametrize("cname", ["lz4", "zstd"])
+def test_bitshuffle_frames_are_read_as_stored_with_the_same_bits(
+    tmp_path, dtype, chunk_frames, cname
+):
     path = tmp_path / "lima.h5"
-    write(
-        path, "entry/data", frames_of(dtype, 7, seed=chunk_frames), chunk_frames
-    )  # 7: a last chunk part-filled
+    frames = frames_of(dtype, 7, seed=chunk_frames)  # 7: a last chunk part-filled
+    write(path, "entry/data", frames, chunk_frames, **hdf5plugin.Bitshuffle(cname=cname))
     assert reads_as_stored(path, "entry/data")
     assert_same_as_h5py(path, "entry/data")
 

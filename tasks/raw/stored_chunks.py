@@ -11,9 +11,9 @@ are the same to the bit: the compression is lossless, and whatever this module c
 read as stored is read through h5py as before.
 
 Read as stored: a dataset of frames (n, rows, columns) whose chunks hold whole frames,
-compressed with bitshuffle-LZ4 alone, of a native numeric type; or a virtual dataset
-(Bliss's scan file) mapping whole frames of such datasets, one block of frames after
-another, with the same type. Anything else, and any chunk that does not decode as its
+compressed with bitshuffle-LZ4 (or bitshuffle-Zstd) alone, of a native numeric type; or
+a virtual dataset (Bliss's scan file) mapping whole frames of such datasets, one block of
+frames after another, with the same type. Anything else, and any chunk that does not decode as its
 header says (a chunk HDF5 stored unfiltered, one never written, a corrupt one), goes
 through h5py, whose errors name the file as before.
 """
@@ -33,14 +33,15 @@ import numpy as np
 # its own OpenMP runtime, one thread a core unless limited, and a task limits the
 # runtimes loaded when it starts (calypso.executors.worker_setup). Loaded later, each
 # frame's decompression took both cores beside the other task's integration.
-from bitshuffle import decompress_lz4
+from bitshuffle import decompress_lz4, decompress_zstd
 
 from calypso.tasks.raw.bliss import open_raw
 
 logger = logging.getLogger(__name__)
 
 BITSHUFFLE = 32008  # HDF5's registered filter id of bitshuffle
-_LZ4 = 2  # bitshuffle's fifth filter value: the blocks compressed with LZ4
+# bitshuffle's fifth filter value: how its blocks are compressed (the same chunk layout)
+_DECOMPRESS = {2: decompress_lz4, 3: decompress_zstd}
 _HEADER = 12  # a chunk's bytes uncompressed (8, big-endian), then its block size (4)
 
 FrameReader = Callable[[int], np.ndarray]
@@ -170,11 +171,11 @@ def _box(space: h5py.h5s.SpaceID) -> tuple[tuple[int, ...], tuple[int, ...]] | N
 
 
 class _StoredFrames:
-    """The frames of one dataset whose chunks hold whole frames in bitshuffle-LZ4 alone,
+    """The frames of one dataset whose chunks hold whole frames in bitshuffle (LZ4 or Zstd) alone,
     each chunk decompressed once, as it was stored."""
 
-    def __init__(self, dset: h5py.Dataset) -> None:
-        self._dset = dset
+    def __init__(self, dset: h5py.Dataset, decompress: Callable[..., np.ndarray]) -> None:
+        self._dset, self._decompress = dset, decompress
         self._chunk_shape = tuple(dset.chunks)
         self._bytes = int(np.prod(self._chunk_shape)) * dset.dtype.itemsize
         self._last: tuple[int, np.ndarray | None] = (-1, None)
@@ -190,9 +191,9 @@ class _StoredFrames:
         if plist.get_nfilters() != 1:
             return None
         code, _, values, _ = plist.get_filter(0)
-        if code != BITSHUFFLE or len(values) < 5 or values[4] != _LZ4:
+        if code != BITSHUFFLE or len(values) < 5 or values[4] not in _DECOMPRESS:
             return None
-        return cls(dset)
+        return cls(dset, _DECOMPRESS[values[4]])
 
     def frame(self, index: int) -> np.ndarray | None:
         """Frame ``index``, or None where its chunk does not decode as stored."""
@@ -216,7 +217,7 @@ class _StoredFrames:
         if mask or size != self._bytes or block % itemsize or len(stored) <= _HEADER:
             return None  # stored without the filter, or not a chunk of this shape
         try:
-            return decompress_lz4(
+            return self._decompress(
                 np.frombuffer(stored, np.uint8, offset=_HEADER),
                 self._chunk_shape,
                 self._dset.dtype,
