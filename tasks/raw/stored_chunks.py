@@ -35,6 +35,7 @@ import numpy as np
 # frame's decompression took both cores beside the other task's integration.
 from bitshuffle import decompress_lz4, decompress_zstd
 
+from calypso.errors import RawDataError
 from calypso.tasks.raw.bliss import open_raw
 
 logger = logging.getLogger(__name__)
@@ -142,16 +143,16 @@ class _VirtualFrames:
         return None if stored is None else stored.frame(source_first + index - first)
 
     def _open(self, path: Path, name: str) -> _StoredFrames | None:
+        """The source's frames as stored; None for h5py to read them (or refuse them, as
+        the scan's own), as it reads a source missing, linked or of another type."""
         try:
             h5 = self._files.enter_context(open_raw(path))
-        except Exception:  # what h5py then reads (or refuses) as the scan's own
+            if not isinstance(h5.get(name, getlink=True), h5py.HardLink):
+                return None
+            data = h5[name]
+            return _StoredFrames.of(data) if data.dtype == self._dtype else None
+        except (RawDataError, OSError, RuntimeError, ValueError, KeyError):
             return None
-        if not isinstance(h5.get(name, getlink=True), h5py.HardLink):
-            return None  # missing, or a link to follow: h5py follows it
-        data = h5[name]
-        if data.dtype != self._dtype:
-            return None  # HDF5 converts it; so does h5py
-        return _StoredFrames.of(data)
 
 
 def _box(space: h5py.h5s.SpaceID) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
