@@ -20,7 +20,7 @@ import stat
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ _thread = threading.local()
 _shared = 0
 _running = 0  # chunk tasks now integrating in this process's threads
 _running_lock = threading.Lock()
+_single_threaded: set[str] = set()  # OpenMP runtimes kept at one thread (their files)
 
 
 def share_cores(threads: int) -> None:
@@ -86,12 +87,16 @@ def _set_openmp_threads(threads: int) -> None:
     if not openmp.lib_controllers:
         return  # no OpenMP runtime loaded yet: set once the kernels have loaded one
     for runtime in openmp.lib_controllers:
-        # bitshuffle's own runtime (frames decompressed as stored: calypso.tasks.raw.
-        # stored_chunks) keeps one thread: a frame's ~1.5 ms gains little from two, and
-        # the idle one spins on after, beside pyFAI's kernel on the same cores.
-        decompression = "bitshuffle" in Path(runtime.filepath).parent.name
-        runtime.set_num_threads(1 if decompression else threads)
+        runtime.set_num_threads(1 if runtime.filepath in _single_threaded else threads)
     _thread.openmp = threads
+
+
+def keep_single_threaded(runtimes: Iterable[str]) -> None:
+    """These OpenMP runtimes (their library files) keep one thread whatever share of the
+    cores a task takes: a library whose parallel work is short (bitshuffle decompressing a
+    frame in ~1.5 ms, :mod:`calypso.tasks.raw.stored_chunks`) gains little from two, and
+    its idle thread spins on after each frame, beside pyFAI's kernel on the same cores."""
+    _single_threaded.update(runtimes)
 
 
 def openmp_threads_for_this_task() -> None:

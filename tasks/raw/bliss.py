@@ -232,13 +232,7 @@ def _source_problems(path: str | Path, dataset: str) -> tuple[list[str], list[st
         layout_dtype = dset.dtype
         seen: dict[tuple[str, str], tuple[tuple[int, ...], np.dtype] | str] = {}
         for source in dset.virtual_sources():
-            file_name = source.file_name
-            if file_name == ".":
-                source_path = path
-            else:
-                source_path = Path(file_name)
-                if not source_path.is_absolute():
-                    source_path = path.parent / source_path
+            source_path = virtual_source_path(path, source.file_name)
             key = (str(source_path), source.dset_name)
             if key not in seen:
                 seen[key] = _source_dataset(source_path, source.dset_name)
@@ -276,6 +270,15 @@ def _source_problems(path: str | Path, dataset: str) -> tuple[list[str], list[st
                     f"HDF5 would convert them silently ({loss})"
                 )
     return sorted(set(missing)), sorted(set(mismatched))
+
+
+def virtual_source_path(path: Path, file_name: str) -> Path:
+    """The file a mapping of the virtual dataset in ``path`` names: ``.`` for ``path``
+    itself, a relative name from ``path``'s folder (as HDF5 resolves it)."""
+    if file_name == ".":
+        return path
+    source = Path(file_name)
+    return source if source.is_absolute() else path.parent / source
 
 
 def _selection(

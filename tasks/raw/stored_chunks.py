@@ -29,21 +29,38 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-# Imported with the readers, before any task sets its OpenMP threads: bitshuffle brings
-# its own OpenMP runtime, one thread a core unless limited, and a task limits the
-# runtimes loaded when it starts (calypso.executors.worker_setup). Loaded later, each
-# frame's decompression took both cores beside the other task's integration.
-from bitshuffle import decompress_lz4, decompress_zstd
-
 from calypso.errors import RawDataError
-from calypso.tasks.raw.bliss import open_raw
+from calypso.executors.worker_setup import keep_single_threaded
+from calypso.tasks.raw.bliss import open_raw, virtual_source_path
 
 logger = logging.getLogger(__name__)
 
 BITSHUFFLE = 32008  # HDF5's registered filter id of bitshuffle
-# bitshuffle's fifth filter value: how its blocks are compressed (the same chunk layout)
-_DECOMPRESS = {2: decompress_lz4, 3: decompress_zstd}
 _HEADER = 12  # a chunk's bytes uncompressed (8, big-endian), then its block size (4)
+
+
+def _openmp_runtimes() -> set[str]:
+    from threadpoolctl import ThreadpoolController
+
+    openmp = ThreadpoolController().select(user_api="openmp")
+    return {runtime.filepath for runtime in openmp.lib_controllers}
+
+
+def _bitshuffle_decoders() -> dict[int, Callable[..., np.ndarray]]:
+    """bitshuffle's decoders by its fifth filter value (how the blocks are compressed; the
+    chunk layout is the same). Imported with the readers, before any task sets its OpenMP
+    threads: bitshuffle's wheel brings its own OpenMP runtime, one thread a core unless
+    limited, and a task limits the runtimes loaded when it starts. That runtime keeps one
+    thread (:func:`calypso.executors.worker_setup.keep_single_threaded`): with two, each
+    frame's decompression took both cores beside the other task's integration."""
+    loaded = _openmp_runtimes()
+    import bitshuffle
+
+    keep_single_threaded(_openmp_runtimes() - loaded)
+    return {2: bitshuffle.decompress_lz4, 3: bitshuffle.decompress_zstd}
+
+
+_DECOMPRESS = _bitshuffle_decoders()
 
 FrameReader = Callable[[int], np.ndarray]
 
@@ -123,9 +140,7 @@ class _VirtualFrames:
                 (source_first, *source_corner), source_extent = taken
                 if any(source_corner) or tuple(source_extent) != tuple(extent):
                     return None
-            source_path = path if source.file_name == "." else Path(source.file_name)
-            if not source_path.is_absolute():
-                source_path = path.parent / source_path
+            source_path = virtual_source_path(path, source.file_name)
             blocks.append((first, first + extent[0], source_path, source.dset_name, source_first))
         return cls(dset, blocks, files)
 
@@ -177,7 +192,7 @@ class _StoredFrames:
 
     def __init__(self, dset: h5py.Dataset, decompress: Callable[..., np.ndarray]) -> None:
         self._dset, self._decompress = dset, decompress
-        self._chunk_shape = tuple(dset.chunks)
+        self._chunk_shape, self._frames = tuple(dset.chunks), dset.shape[0]
         self._bytes = int(np.prod(self._chunk_shape)) * dset.dtype.itemsize
         self._last: tuple[int, np.ndarray | None] = (-1, None)
 
@@ -198,7 +213,7 @@ class _StoredFrames:
 
     def frame(self, index: int) -> np.ndarray | None:
         """Frame ``index``, or None where its chunk does not decode as stored."""
-        if not 0 <= index < self._dset.shape[0]:
+        if not 0 <= index < self._frames:
             return None
         per_chunk = self._chunk_shape[0]
         number = index // per_chunk
