@@ -162,6 +162,13 @@ def local_cluster_options(executor: ExecutorSettings, threaded: bool = False) ->
         threads = workers * executor.threads_per_worker
         options |= {"n_workers": 1, "threads_per_worker": threads, "processes": False}
         options["memory_limit"] = memory
+        # Scheduler, worker and client are this process's: they talk in memory, through
+        # no port another process could reach (so with no certificate), and tasks and
+        # results are handed over, not serialised.
+        options.pop("security", None)
+        options["protocol"] = "inproc://"
+        # The worker's HTTP server (health, metrics) would listen on every interface.
+        options["worker_dashboard_address"] = DASHBOARD_ADDRESS
     return options
 
 

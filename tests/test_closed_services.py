@@ -252,6 +252,34 @@ def test_the_dashboard_and_the_scheduler_listen_on_loopback_only(cluster):
     assert listening[dashboard] == "127.0.0.1" and listening[scheduler] == "127.0.0.1"
 
 
+def test_a_commands_cluster_of_threads_takes_no_port():
+    """A command's own cluster of threads (diffraction's ``threaded_chunks``) is scheduler,
+    worker and client in one process: they talk in memory, where nothing else can reach
+    them, with or without a certificate; only the dashboards listen, on loopback."""
+    import psutil
+    from distributed import Client
+
+    def listening() -> set[tuple[str, int]]:
+        connections = psutil.Process().net_connections("inet")
+        return {(c.laddr.ip, c.laddr.port) for c in connections if c.status == psutil.CONN_LISTEN}
+
+    before = listening()
+    cluster = start_local_cluster(**local_cluster_options(ExecutorSettings(n_workers=2), True))
+    try:
+        (worker,) = cluster.workers.values()
+        assert worker.state.nthreads == 2
+        comms = [cluster.scheduler.address, worker.address]
+        assert all(address.startswith("inproc://") for address in comms)
+        opened = listening() - before
+        assert {ip for ip, _ in opened} == {"127.0.0.1"}
+        dashboards = {cluster.scheduler.http_server.port, worker.http_server.port}
+        assert {port for _, port in opened} == dashboards
+        with Client(cluster.scheduler_address, timeout=30) as client:
+            assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
+    finally:
+        cluster.close()
+
+
 def test_a_scheduler_address_without_tls_is_refused_with_a_message():
     executor = ExecutorSettings(kind="address", address="tcp://scheduler.example.org:8786")
     with pytest.raises(ConfigurationError, match="not tls://.*CALYPSO_EXECUTOR__TLS=false"):
