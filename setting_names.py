@@ -16,9 +16,10 @@ from pydantic import BaseModel
 from calypso.errors import ConfigurationError
 
 # CALYPSO_* variables that are not settings: read by Calypso itself or its test harness
-# (CALYPSO_LOCAL_CORES: set by Calypso in its local workers' environment).
+# and benchmarks, whose commands inherit them (CALYPSO_LOCAL_CORES: set by Calypso in its
+# local workers' environment).
 _NOT_SETTINGS = frozenset({"CALYPSO_CONFIG", "CALYPSO_TECHNIQUES", "CALYPSO_LOCAL_CORES"})
-_NOT_SETTINGS_PREFIXES = ("CALYPSO_TEST_",)
+_NOT_SETTINGS_PREFIXES = ("CALYPSO_TEST_", "CALYPSO_BENCH_")
 # Settings that are gone, and why (an old environment should not be obeyed silently).
 _REMOVED = {
     "CALYPSO_USER": "who acts is the Unix account on the command "
