@@ -237,6 +237,14 @@ def boot_kept_cluster(
     return _in_background(lambda: (kept_cluster(home, key, options, keep_s, api), key))
 
 
+def kept_cluster_runs(executor: ExecutorSettings, home: Path, api_url: str) -> bool:
+    """Whether the home's kept local cluster for these settings and this Prefect API runs
+    (finding it counts as using it)."""
+    from calypso.executors.kept import cluster_key, find_cluster
+
+    return find_cluster(home, cluster_key(local_cluster_options(executor), api_url)) is not None
+
+
 def kept_task_runner(executor: ExecutorSettings, home: Path, booted: Future):
     """The task runner on the kept cluster ``booted`` (:func:`boot_kept_cluster`), and
     what to call when the command is done with it."""

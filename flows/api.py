@@ -344,9 +344,20 @@ def run_on_cluster(
             settings.executor,
             bool(os.environ.get("PREFECT_API_URL")) or settings.server.local_keep_s > 0,
         )
+        # One kept cluster for every technique: its workers import them all.
+        every = preloading_every_technique(settings) if kept else settings
+        # Chunks that can run in this command's threads do so (with the head start while
+        # Prefect's server starts) unless the kept cluster runs already, started by a
+        # command whose chunks need worker processes. Started for them, its workers'
+        # imports took the cores of the run (a new home's first 600-frame command: 14.4-18.1
+        # s against 10.7-12.2 s in its threads); started after it, those of the next
+        # command (14.1-19.4 s against 9.6-12.8 s). Warm, it takes a later command's
+        # chunks ~3% sooner than its threads do (medians 10.27 s against 10.55 s).
+        if kept and in_threads(settings.executor, threaded):
+            kept = _kept_runs(every, api)
         booting = None if in_process or kept else boot_local_cluster(settings.executor, threaded)
-        if kept:  # one kept cluster for every technique: its workers import them all
-            settings = preloading_every_technique(settings)
+        if kept:
+            settings = every
         kept_booting: list[Future] = []
 
         def boot_kept(api_url: str) -> None:  # as soon as the Prefect API's address is known
@@ -394,6 +405,20 @@ def run_on_cluster(
         bar.stage("running", started=True)
         collect_from_now_on()  # the command's start-up is done: :mod:`calypso.flows.startup`
         return call(runner)
+
+
+def _kept_runs(settings: CalypsoSettings, api: ServerStart | None) -> bool:
+    """Whether the kept local cluster for ``settings`` runs, for the Prefect API that
+    ``PREFECT_API_URL`` names or ``api`` found running (one this command is starting has
+    no cluster yet)."""
+    import os
+
+    from calypso.executors.dask import kept_cluster_runs
+
+    url = os.environ.get("PREFECT_API_URL")
+    if not url and api is not None and not api.pending():
+        url = api.url
+    return bool(url) and kept_cluster_runs(settings.executor, settings.home, url)
 
 
 def _close_cluster(booting: Future) -> None:

@@ -12,10 +12,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import suppress
 from pathlib import Path
 
 import h5py
 import numpy as np
+import psutil
 import pytest
 
 from calypso.flows.cli import main
@@ -194,8 +196,12 @@ def test_without_a_server_the_first_run_starts_the_local_one_and_the_next_uses_i
     diffraction_sample, tmp_path, capsys, monkeypatch
 ):
     """Real `calypso run` processes with no Prefect server configured: the first starts
-    the home's local server (calypso.flows.local_server) and local Dask cluster
-    (calypso.executors.kept), quietly; the next one uses both. Unused, both stop."""
+    the home's local server (calypso.flows.local_server), quietly, and integrates in its
+    own threads; the next uses the server. A map's batches need worker processes: its
+    command starts the home's local Dask cluster (calypso.executors.kept), and a
+    diffraction command after it sends its chunks there. Unused, both stop."""
+    from calypso.flows.samples.spectroscopy import write_spectroscopy_map_sample
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CALYPSO_"))}
     env.update(
         PREFECT_HOME=str(tmp_path / "prefect"),
@@ -206,19 +212,9 @@ def test_without_a_server_the_first_run_starts_the_local_one_and_the_next_uses_i
     )
     output = tmp_path / "out"
     poni, mask = diffraction_sample.calibration["poni"], diffraction_sample.calibration["mask"]
-    command = [
-        "run",
-        "diffraction",
-        str(diffraction_sample.raw_dataset_dir),
-        "--set",
-        f"poni={poni}",
-        "--set",
-        f"mask={mask}",
-        "--output",
-        str(output),
-        "--json",
-    ]
-    result = processes.run(command, env, timeout=300)
+    raw = str(diffraction_sample.raw_dataset_dir)
+    command = ["run", "diffraction", raw, "--set", f"poni={poni}", "--set", f"mask={mask}"]
+    result = processes.run([*command, "--output", str(output), "--json"], env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == ""  # no tracebacks, no shutdown noise
     summary = json.loads(result.stdout)
@@ -226,25 +222,42 @@ def test_without_a_server_the_first_run_starts_the_local_one_and_the_next_uses_i
     address = tmp_path / "calypso" / "local-server.json"
     local = json.loads(address.read_text())
     assert oct(address.stat().st_mode & 0o777) == "0o600"
-    [cluster] = (tmp_path / "calypso" / "clusters").glob("*.json")
-    kept = json.loads(cluster.read_text())
-    assert kept["address"].startswith("tls://127.0.0.1:")
-    assert oct(cluster.parent.stat().st_mode & 0o777) == "0o700"
-    held = [_hold(tmp_path / "calypso" / ".local-server.use"), _hold(cluster.with_suffix(".use"))]
+    clusters, kept = tmp_path / "calypso" / "clusters", {}
+    assert not list(clusters.glob("*.json"))  # its chunks ran in its threads: none kept
+    held = [_hold(tmp_path / "calypso" / ".local-server.use")]
     try:
-        again = processes.run(
-            [*command[:-3], "--output", str(tmp_path / "again"), "--json"], env, timeout=300
-        )
+        again = processes.run([*command, "--output", str(tmp_path / "again"), "--json"], env, 300)
         assert again.returncode == 0 and again.stderr.strip() == "", again.stderr
+        assert json.loads(address.read_text()) == local  # the same server, still running
+        assert not list(clusters.glob("*.json"))
+        # A map's command starts the kept cluster (worker processes) ...
+        xas = write_spectroscopy_map_sample(tmp_path / "visitor", 200, seed=3)
+        mapped = processes.run(
+            ["run", "spectroscopy", str(xas.raw_dataset_dir), "--output", str(tmp_path / "map")],
+            env,
+            timeout=300,
+        )
+        assert mapped.returncode == 0, mapped.stderr
+        # the sample's noisiest pixels are named, nothing else is said
+        assert all(line.startswith("calypso: warning:") for line in mapped.stderr.splitlines())
+        [cluster] = clusters.glob("*.json")
+        kept = json.loads(cluster.read_text())
+        assert kept["address"].startswith("tls://127.0.0.1:")
+        assert oct(cluster.parent.stat().st_mode & 0o777) == "0o700"
+        held.append(_hold(cluster.with_suffix(".use")))
+        # ... and a diffraction command after it integrates on that cluster's worker.
+        on_kept = processes.run([*command, "--output", str(tmp_path / "kept"), "--json"], env, 300)
+        assert on_kept.returncode == 0 and on_kept.stderr.strip() == "", on_kept.stderr
+        workers = {int(w.rsplit(":", 1)[1]) for w in json.loads(on_kept.stdout)["workers"]}
+        keepers = {p.pid for p in psutil.Process(kept["pid"]).children(recursive=True)}
+        assert workers and workers <= keepers, (workers, keepers)
         for use in held:
             use.close()
-        assert json.loads(address.read_text()) == local  # the same server, still running
-        assert list(cluster.parent.glob("*.json")) == [cluster]  # and the same cluster
-        assert json.loads(cluster.read_text()) == kept
-        # Both runs are on it, seen with the secret of the home (and not without).
+        assert list(clusters.glob("*.json")) == [cluster]  # the same cluster
+        # Every run is on the server, seen with the secret of the home (and not without).
         secret = (tmp_path / "calypso" / "prefect-auth").read_text().strip()
         runs = _post(f"{local['url']}/flow_runs/filter", {"limit": 10}, secret)
-        assert sorted(r["state_type"] for r in runs) == ["COMPLETED", "COMPLETED"]
+        assert sorted(r["state_type"] for r in runs) == ["COMPLETED"] * 4
         with pytest.raises(urllib.error.HTTPError, match="401"):
             _post(f"{local['url']}/flow_runs/filter", {"limit": 10}, None)
         monkeypatch.setenv("CALYPSO_HOME", env["CALYPSO_HOME"])  # the home's catalogue
@@ -261,8 +274,12 @@ def test_without_a_server_the_first_run_starts_the_local_one_and_the_next_uses_i
         assert not address.exists() and not cluster.exists()
         assert calypso(capsys, "cluster", "kept")[1].startswith("none kept in ")
     finally:
-        for path, pid in ((address, local["pid"]), (cluster, kept["pid"])):
-            if path.exists():
+        for use in held:
+            use.close()
+        left = [local["pid"]] if address.exists() else []
+        left += [kept["pid"]] if kept and list(clusters.glob("*.json")) else []
+        for pid in left:
+            with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
 
