@@ -124,6 +124,11 @@ def create_app() -> _CollectOnceStarted:
 
         os.environ["PREFECT_SERVER_DATABASE_MIGRATE_ON_START"] = "false"
         refresh_global_settings_context()
+    if not getattr(prefect_server, "_FASTAPI_COPIES_ROUTES_ON_INCLUDE", True):
+        # "Final" (the kept local server's) frees the routes older FastAPI versions copied
+        # on include; with this one it only runs a full garbage collection (~0.3 s) before
+        # the server answers. The collector runs once the server has started anyway.
+        os.environ.pop("PREFECT__SERVER_FINAL", None)
     routers = getattr(prefect_server, "API_ROUTERS", None)
     if isinstance(routers, tuple):
         prefect_server.API_ROUTERS = runs_routers_first(routers)

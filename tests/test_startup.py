@@ -213,3 +213,23 @@ def test_a_router_sharing_its_paths_with_another_keeps_its_place():
     reordered = prefect_server.runs_routers_first((counts, flows, logs))
     assert reordered == (logs, counts, flows)
     assert _first_route(reordered, "GET", "/flows/count") is counts.routes[0]
+
+
+def test_a_final_server_answers_without_a_full_collection_first(tmp_path: Path):
+    """``PREFECT__SERVER_FINAL`` (the kept local server's, as ``prefect server start``'s)
+    frees the routes FastAPI versions before 0.137 copied on include; with later ones all
+    it did was a full garbage collection (~0.15-0.3 s) before the server answered."""
+    seen = run_python(
+        f"""
+        import gc, json, os
+        os.environ.update(PREFECT_HOME={str(tmp_path)!r}, PREFECT__SERVER_FINAL="1")
+        import prefect.server.api.server as server
+        calls, real = [], gc.collect
+        gc.collect = lambda *args: calls.append(args) or real(*args)
+        from calypso.flows.prefect_server import create_app
+        create_app()
+        copies = server._FASTAPI_COPIES_ROUTES_ON_INCLUDE
+        print(json.dumps({{"copies": copies, "collections": len(calls)}}))
+        """
+    )
+    assert seen == {"copies": False, "collections": 0}
