@@ -10,9 +10,11 @@ mask, ``--npt`` bins in q (nm^-1), ``bbox,csr,cython``, Poisson errors. Alternat
   (``.venv-peer``, made on first use: ewoksxrpd pulls in Qt and OpenCL packages that
   Calypso's environment should not carry);
 * ``calypso run diffraction`` cold (Prefect's temporary server and a Dask cluster of its
-  own, nothing kept, in a new home: a user's very first run);
+  own, nothing kept, in a new home: a user's very first run with ``local_keep_s = 0``);
+* ``calypso run diffraction`` as the first command of a new home with no configuration
+  (it starts the local Prefect server it leaves for the next commands);
 * ``calypso run diffraction`` with no configuration after the first command (the local
-  Prefect server and Dask cluster that command left, as on a user's machine);
+  Prefect server that command left, as on a user's machine);
 * ``calypso run diffraction`` against a running ``calypso server`` (a cluster per command);
 * ``calypso run diffraction`` submitted to a running ``calypso serve`` (the warm service:
   its Dask workers, caches and Prefect client already up), on this scan and on a 5-frame
@@ -53,7 +55,8 @@ SMALL = 5  # frames of the scan that measures a run's fixed cost
 LABELS = [
     ("ewoksxrpd", "ewoksxrpd"),
     ("cold", "calypso run --local, cold (temporary server)"),
-    ("kept", "calypso run --local, local server+cluster kept"),
+    ("first", "calypso run --local, a new home's first"),
+    ("kept", "calypso run --local, local server kept"),
     ("server", "calypso run --local, server up"),
     ("service", "calypso run, sent to calypso serve"),
     ("small", f"{SMALL} frames, sent to calypso serve"),
@@ -168,6 +171,8 @@ def main() -> None:
             )
             env = isolated_environment(work / f"new-home-{index}")
             times["cold"].append(time_calypso(sample, args.npt, env, work / f"cold_{index}"))
+            with kept_local_server(isolated_environment(work / f"first-home-{index}")) as env:
+                times["first"].append(time_calypso(sample, args.npt, env, work / f"first_{index}"))
             times["kept"].append(time_calypso(sample, args.npt, kept_env, work / f"kept_{index}"))
             times["server"].append(
                 time_calypso(sample, args.npt, served_env, work / f"server_{index}")
