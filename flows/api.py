@@ -351,7 +351,7 @@ def run_on_cluster(
         # command whose chunks need worker processes. Started for them, its workers'
         # imports took the cores of the run (a new home's first 600-frame command: 14.4-18.1
         # s against 10.7-12.2 s in its threads); started after it, those of the next
-        # command (14.1-19.4 s against 9.6-12.8 s). Warm, it takes a later command's
+        # command (14.1-19.9 s against 9.6-12.8 s). Warm, it takes a later command's
         # chunks ~3% sooner than its threads do (medians 10.27 s against 10.55 s).
         if kept and in_threads(settings.executor, threaded):
             kept = _kept_runs(every, api)

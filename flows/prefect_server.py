@@ -13,6 +13,7 @@ starts no slower than ``uvicorn`` itself.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -20,12 +21,16 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any
 
 from calypso.flows.startup import collect_from_now_on, collect_later
 
 LOOK_EVERY_S = 0.5
+IDLE_S = 2.0  # no request for this long: the server's deferred start-up work is done
+DEFER_AT_MOST_S = 30.0  # ... or this long after its start
+REGISTER_BLOCKS = "PREFECT_API_BLOCKS_REGISTER_ON_START"
 ORPHAN_GRACE_S = 10.0  # an orphaned server's graceful shutdown, at most
 RELAY_S = 2.0  # to pass on what a server that ended by itself said last
 _RELAYS: dict[int, threading.Thread] = {}  # by server pid: what passes its errors on
@@ -114,16 +119,22 @@ def create_app() -> _CollectOnceStarted:
     """Prefect's server application (what ``prefect server start`` serves), its API's
     routers that a flow run uses first (:func:`runs_routers_first`)."""
     import prefect.server.api.server as prefect_server
+    from prefect.context import refresh_global_settings_context
 
     from calypso.flows import prefect_database
 
     database = prefect_database.provide_configured()  # before the migrations
     if database is not None and prefect_database.at_head(database):
         # Nothing for Prefect's migrations to do: skip their check (~0.1 s of the start).
-        from prefect.context import refresh_global_settings_context
-
         os.environ["PREFECT_SERVER_DATABASE_MIGRATE_ON_START"] = "false"
-        refresh_global_settings_context()
+    # Prefect's block types (the UI's catalogue of blocks) are registered once the server
+    # has started and sits idle, not before it answers: ~0.4 s of a new home's first
+    # command, and the check that they are (importing Prefect's collections: prefect-dask,
+    # so Dask) at every start. The blocks a run saves register their own types.
+    register_blocks = _on(os.environ.get(REGISTER_BLOCKS, "true"))
+    os.environ[REGISTER_BLOCKS] = "false"
+    os.environ["PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION"] = "false"
+    refresh_global_settings_context()
     if not getattr(prefect_server, "_FASTAPI_COPIES_ROUTES_ON_INCLUDE", True):
         # "Final" (the kept local server's) frees the routes older FastAPI versions copied
         # on include; with this one it only runs a full garbage collection (~0.3 s) before
@@ -132,7 +143,24 @@ def create_app() -> _CollectOnceStarted:
     routers = getattr(prefect_server, "API_ROUTERS", None)
     if isinstance(routers, tuple):
         prefect_server.API_ROUTERS = runs_routers_first(routers)
-    return _CollectOnceStarted(prefect_server.create_app())
+    return _CollectOnceStarted(
+        prefect_server.create_app(), _register_block_types if register_blocks else None
+    )
+
+
+def _on(value: str) -> bool:
+    return value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+async def _register_block_types() -> None:
+    """What Prefect's server does as it starts with ``PREFECT_API_BLOCKS_REGISTER_ON_START``
+    (its own blocks and those of the collections installed)."""
+    from prefect.server.database import provide_database_interface
+    from prefect.server.models.block_registration import run_block_auto_registration
+
+    session = await provide_database_interface().session()
+    async with session:
+        await run_block_auto_registration(session=session)
 
 
 def runs_routers_first(routers: tuple) -> tuple:
@@ -158,21 +186,38 @@ def runs_routers_first(routers: tuple) -> tuple:
 
 class _CollectOnceStarted:
     """An ASGI application that turns the garbage collector back on when its start-up
-    (its lifespan's start: Prefect's database, services) is complete."""
+    (its lifespan's start: Prefect's database, services) is complete, and then runs
+    ``when_idle()`` once no request has come for :data:`IDLE_S` (at the latest
+    :data:`DEFER_AT_MOST_S` after the start)."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
+    def __init__(self, app: Any, when_idle: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.app, self._when_idle = app, when_idle
+        self._last_request = time.monotonic()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "lifespan":
+            self._last_request = time.monotonic()
             return await self.app(scope, receive, send)
 
         async def started(message: dict) -> None:
             if message["type"] == "lifespan.startup.complete":
                 collect_from_now_on()
+                if self._when_idle is not None:
+                    self._idle_task = asyncio.get_running_loop().create_task(self._idle())
             await send(message)
 
         await self.app(scope, receive, started)
+
+    async def _idle(self) -> None:
+        latest = time.monotonic() + DEFER_AT_MOST_S  # a UI open on it asks every few seconds
+        while (quiet := time.monotonic() - self._last_request) < IDLE_S:
+            if time.monotonic() > latest:
+                break
+            await asyncio.sleep(IDLE_S - quiet)
+        try:
+            await self._when_idle()  # type: ignore[misc]
+        except Exception as exc:  # the server serves on; the UI's catalogue lacks them
+            print(f"calypso: Prefect's block types were not registered: {exc}", file=sys.stderr)
 
 
 def _stop_when_orphaned(parent: int) -> None:

@@ -233,3 +233,38 @@ def test_a_final_server_answers_without_a_full_collection_first(tmp_path: Path):
         """
     )
     assert seen == {"copies": False, "collections": 0}
+
+
+def test_prefects_block_types_are_registered_once_the_server_has_started_and_is_idle(
+    tmp_path: Path,
+):
+    """A kept server (the local one, `calypso server`) registers Prefect's block types
+    (the UI's catalogue) after it has answered and sat idle, not before it answers."""
+    port = prefect_server.free_port()
+    env = {k: v for k, v in os.environ.items() if "AUTH_STRING" not in k}
+    env.pop("PREFECT_API_URL", None)
+    env.update(PREFECT_HOME=str(tmp_path), PREFECT_UI_ENABLED="0")
+    server = prefect_server.start(port, env)
+    url = prefect_server.api_url(port)
+
+    def block_types() -> tuple[set[str]] | None:  # a tuple: true even when none is there
+        request = urllib.request.Request(
+            f"{url}/block_types/filter",
+            data=b"{}",
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as reply:
+                return ({block["slug"] for block in json.loads(reply.read())},)
+        except OSError:
+            assert server.poll() is None, "the server process ended"
+            return None
+
+    try:
+        (first,) = wait_until(block_types, 120, "the server's answer", interval=0.05)
+        assert "secret" not in first  # not before it answered
+        registered = lambda: "secret" in (block_types() or (set(),))[0]  # noqa: E731
+        assert wait_until(registered, 60, "Prefect's block types", interval=3.0)
+    finally:
+        prefect_server.stop(server, 10)
