@@ -165,7 +165,9 @@ def keep(home: Path, keep_s: float, port: int) -> int:
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.setdefault("PREFECT_UI_API_URL", url)
     env.setdefault("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", "2")
-    env["PREFECT__SERVER_FINAL"] = "1"  # as `prefect server start` (prefect_server.create_app)
+    # As `prefect server start` sets it (prefect_server.create_app drops it where all it
+    # would do is a garbage collection before the server answers).
+    env["PREFECT__SERVER_FINAL"] = "1"
     server = prefect_server.start(port, env)  # gone with this keeper, even killed
     path = address_path(home)
 

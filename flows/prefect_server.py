@@ -115,7 +115,7 @@ RUN_PATHS = (
 )
 
 
-def create_app() -> _CollectOnceStarted:
+def create_app() -> _AfterStartUp:
     """Prefect's server application (what ``prefect server start`` serves), its API's
     routers that a flow run uses first (:func:`runs_routers_first`)."""
     import prefect.server.api.server as prefect_server
@@ -143,7 +143,7 @@ def create_app() -> _CollectOnceStarted:
     routers = getattr(prefect_server, "API_ROUTERS", None)
     if isinstance(routers, tuple):
         prefect_server.API_ROUTERS = runs_routers_first(routers)
-    return _CollectOnceStarted(
+    return _AfterStartUp(
         prefect_server.create_app(), _register_block_types if register_blocks else None
     )
 
@@ -184,7 +184,7 @@ def runs_routers_first(routers: tuple) -> tuple:
     return (*(router for _, router in sorted(first, key=lambda ranked: ranked[0])), *after)
 
 
-class _CollectOnceStarted:
+class _AfterStartUp:
     """An ASGI application that turns the garbage collector back on when its start-up
     (its lifespan's start: Prefect's database, services) is complete, and then runs
     ``when_idle()`` once no request has come for :data:`IDLE_S` (at the latest
@@ -229,7 +229,7 @@ def _stop_when_orphaned(parent: int) -> None:
 
 
 def main() -> None:
-    collect_later()  # back on once the server has started (_CollectOnceStarted)
+    collect_later()  # back on once the server has started (_AfterStartUp)
     # The starter says who it is: one killed before this line runs has already left this
     # process to another parent (init, or a subreaper), which must not pass for it.
     parent = int(os.environ.pop(PARENT, os.getppid()))

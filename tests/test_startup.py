@@ -88,7 +88,7 @@ def test_a_collector_turned_off_by_someone_else_stays_theirs():
 APPLICATION = '''
 import gc
 
-from calypso.flows.prefect_server import _CollectOnceStarted
+from calypso.flows.prefect_server import _AfterStartUp
 
 
 async def application(scope, receive, send):
@@ -106,7 +106,7 @@ async def application(scope, receive, send):
 
 
 def create_app():
-    return _CollectOnceStarted(application)
+    return _AfterStartUp(application)
 '''
 
 
