@@ -2,7 +2,7 @@
 
 Runs started by a deployment (``calypso serve``, a work pool) get the flow's own task
 runner: Prefect loads the flow and calls it. Commands choose theirs per run
-(:func:`calypso.flows.api.run_on_cluster`), and a few spectra run in the command's own
+(:func:`calypso.flows.command_cluster.run_on_cluster`), and a few spectra run in the command's own
 threads. The flow's default is therefore built only when a run uses it: importing a
 flow must not import Dask's ``distributed`` and ``prefect_dask`` (~0.3 s of a one-spectrum
 command that never touches Dask).

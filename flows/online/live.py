@@ -434,7 +434,8 @@ def run_live(
 ) -> dict[str, Any]:
     """``calypso run TECHNIQUE --live``: follow the scan writing ``input_path`` and reduce
     it as it comes, on the configured Dask cluster; the summary of the run."""
-    from calypso.flows.api import confine_run, current_identity, run_on_cluster
+    from calypso.flows.api import confine_run, current_identity
+    from calypso.flows.command_cluster import run_on_cluster
     from calypso.flows.progress_bar import progress_bar
 
     preload = live_technique(technique).preload  # refuses the techniques not live yet
