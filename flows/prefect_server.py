@@ -30,7 +30,6 @@ from calypso.flows.startup import collect_from_now_on, collect_later
 LOOK_EVERY_S = 0.5
 IDLE_S = 2.0  # no request for this long: the server's deferred start-up work is done
 DEFER_AT_MOST_S = 30.0  # ... or this long after its start
-REGISTER_BLOCKS = "PREFECT_API_BLOCKS_REGISTER_ON_START"
 ORPHAN_GRACE_S = 10.0  # an orphaned server's graceful shutdown, at most
 RELAY_S = 2.0  # to pass on what a server that ended by itself said last
 _RELAYS: dict[int, threading.Thread] = {}  # by server pid: what passes its errors on
@@ -120,6 +119,7 @@ def create_app() -> _AfterStartUp:
     routers that a flow run uses first (:func:`runs_routers_first`)."""
     import prefect.server.api.server as prefect_server
     from prefect.context import refresh_global_settings_context
+    from prefect.settings import PREFECT_API_BLOCKS_REGISTER_ON_START
 
     from calypso.flows import prefect_database
 
@@ -131,8 +131,8 @@ def create_app() -> _AfterStartUp:
     # has started and sits idle, not before it answers: ~0.4 s of a new home's first
     # command, and the check that they are (importing Prefect's collections: prefect-dask,
     # so Dask) at every start. The blocks a run saves register their own types.
-    register_blocks = _on(os.environ.get(REGISTER_BLOCKS, "true"))
-    os.environ[REGISTER_BLOCKS] = "false"
+    register_blocks = bool(PREFECT_API_BLOCKS_REGISTER_ON_START.value())  # env, profile
+    os.environ["PREFECT_API_BLOCKS_REGISTER_ON_START"] = "false"
     os.environ["PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION"] = "false"
     refresh_global_settings_context()
     if not getattr(prefect_server, "_FASTAPI_COPIES_ROUTES_ON_INCLUDE", True):
@@ -146,10 +146,6 @@ def create_app() -> _AfterStartUp:
     return _AfterStartUp(
         prefect_server.create_app(), _register_block_types if register_blocks else None
     )
-
-
-def _on(value: str) -> bool:
-    return value.strip().lower() not in ("0", "false", "no", "off", "")
 
 
 async def _register_block_types() -> None:

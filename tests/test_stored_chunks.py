@@ -173,13 +173,17 @@ def test_a_corrupt_chunk_is_an_error_naming_the_file_as_before(tmp_path):
         read_as_calypso(path, "data")
 
 
-def test_a_live_lima_file_is_read_as_stored(tmp_path):
+@pytest.mark.parametrize(
+    "filters", [dict(BITSHUFFLE_LZ4), {"compression": "gzip"}], ids=["bitshuffle", "gzip"]
+)
+def test_a_live_lima_file_is_read_as_stored_or_through_h5py(tmp_path, filters):
     path = tmp_path / "pilatus_0000.h5"
     frames = frames_of("uint32", 5, seed=7)
-    write(path, "entry_0000/measurement/data", frames)
+    write(path, "entry_0000/measurement/data", frames, **filters)
     got = read_lima(path, "entry_0000/measurement/data", 1, 4)
     assert got.dtype == frames.dtype
     np.testing.assert_array_equal(got, frames[1:4])
+    assert read_lima(path, "entry_0000/measurement/data", 2, 2).shape == (0, *FRAME)
 
 
 def test_the_real_eiger_file_reads_as_stored_with_the_same_values(test_data):

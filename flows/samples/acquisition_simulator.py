@@ -53,7 +53,6 @@ import numpy as np
 
 from calypso.tasks.raw import bliss
 from calypso.tasks.raw.data_policy import RawDataset
-from calypso.tasks.raw.stored_chunks import BITSHUFFLE
 
 LIMA_DATASET = "/entry_0000/measurement/data"
 
@@ -201,7 +200,7 @@ class _Frames:
 
 def _bitshuffle(dataset: h5py.Dataset) -> bool:
     plist = dataset.id.get_create_plist()
-    return [plist.get_filter(i)[0] for i in range(plist.get_nfilters())] == [BITSHUFFLE]
+    return [plist.get_filter(i)[0] for i in range(plist.get_nfilters())] == [hdf5plugin.BSHUF_ID]
 
 
 def simulate_acquisition(
