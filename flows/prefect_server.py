@@ -21,8 +21,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from contextlib import suppress
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from calypso.flows.startup import collect_from_now_on, collect_later
@@ -143,9 +143,34 @@ def create_app() -> _AfterStartUp:
     routers = getattr(prefect_server, "API_ROUTERS", None)
     if isinstance(routers, tuple):
         prefect_server.API_ROUTERS = runs_routers_first(routers)
-    return _AfterStartUp(
-        prefect_server.create_app(), _register_block_types if register_blocks else None
-    )
+    with settings_exported_once():
+        app = prefect_server.create_app()
+    return _AfterStartUp(app, _register_block_types if register_blocks else None)
+
+
+@contextmanager
+def settings_exported_once() -> Iterator[None]:
+    """Prefect's settings turned into environment variables once per settings object and
+    arguments, not at every call. Prefect's ``create_app`` does it three times for the
+    same settings (the keys of its two application caches, then its logging
+    configuration's template), ~0.07 s each while the command waits for the server.
+    The settings do not change meanwhile: a change makes a new settings object."""
+    from prefect.settings.base import PrefectBaseSettings
+
+    exported = PrefectBaseSettings.to_environment_variables
+    made: dict[tuple, tuple[Any, dict[str, str]]] = {}
+
+    def once(self: Any, *args: Any, **kwargs: Any) -> dict[str, str]:
+        key = (id(self), args, tuple(sorted(kwargs.items())))
+        if key not in made:  # the object is kept with its variables: its id is not reused
+            made[key] = (self, exported(self, *args, **kwargs))
+        return dict(made[key][1])
+
+    PrefectBaseSettings.to_environment_variables = once  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        PrefectBaseSettings.to_environment_variables = exported  # type: ignore[method-assign]
 
 
 async def _register_block_types() -> None:

@@ -268,3 +268,34 @@ def test_prefects_block_types_are_registered_once_the_server_has_started_and_is_
         assert wait_until(registered, 60, "Prefect's block types", interval=3.0)
     finally:
         prefect_server.stop(server, 10)
+
+
+def test_prefects_app_turns_the_same_settings_into_variables_once_per_arguments():
+    from prefect.settings import get_current_settings
+    from prefect.settings.base import PrefectBaseSettings
+
+    settings = get_current_settings()
+    exported = PrefectBaseSettings.to_environment_variables
+    asked: list[tuple] = []
+
+    def counted(self, *args, **kwargs):
+        if self is settings:
+            asked.append((args, tuple(sorted(kwargs.items()))))
+        return exported(self, *args, **kwargs)
+
+    PrefectBaseSettings.to_environment_variables = counted
+    try:
+        expected = settings.to_environment_variables()
+        with_aliases = settings.to_environment_variables(include_aliases=True)
+        asked.clear()
+        with prefect_server.settings_exported_once():
+            first = settings.to_environment_variables()
+            first["PREFECT_NOT_A_SETTING"] = "changed by its caller"  # a copy each time
+            assert settings.to_environment_variables() == expected
+            assert settings.hash_key() == str(hash(tuple(expected.items())))
+            assert settings.to_environment_variables(include_aliases=True) == with_aliases
+            assert settings.to_environment_variables(include_aliases=True) == with_aliases
+        assert asked == [((), ()), ((), (("include_aliases", True),))]
+        assert PrefectBaseSettings.to_environment_variables is counted  # as it was
+    finally:
+        PrefectBaseSettings.to_environment_variables = exported
