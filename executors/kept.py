@@ -166,7 +166,7 @@ def wait_for_keeper(
             return found
         if keeper.poll() is not None:
             break
-        time.sleep(0.1)
+        time.sleep(0.05)  # a file read until the keeper writes the address
     keeper.kill()
     tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
     raise ConfigurationError(

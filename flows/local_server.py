@@ -73,10 +73,11 @@ class LocalServerStart:
     for the whole plan). A command that stops before its server answered (bad input,
     Ctrl-C) stops the keeper it started (:meth:`close`); one that answered stays, as
     another command may already use it, and its keeper stops it once unused. ``secret``:
-    what this command presents to it.
+    what this command presents to it; ``server_secret``: what the server asks for (the
+    home's, ``<home>/prefect-auth``), handed to a keeper started now.
     """
 
-    def __init__(self, home: Path, keep_s: float, secret: str) -> None:
+    def __init__(self, home: Path, keep_s: float, secret: str, server_secret: str) -> None:
         self.home, self.secret = home, secret
         self._lock = ExitStack()
         self._lock.enter_context(kept.starting_lock(home / ".local-server.lock"))
@@ -91,7 +92,11 @@ class LocalServerStart:
         port = prefect_server.free_port()
         self.url = prefect_server.api_url(port)
         arguments = ["calypso.flows.local_server", str(home), str(keep_s), str(port)]
-        self._keeper = kept.spawn_keeper(arguments, home / "local-server.log")
+        # The secret on its input: the keeper starts the server without reading (and
+        # importing) Calypso's settings to find it, ~0.2 s of a new home's first command.
+        self._keeper = kept.spawn_keeper(
+            arguments, home / "local-server.log", server_secret.encode()
+        )
         pool = ThreadPoolExecutor(1, "calypso-local-server")
         self._waiting = pool.submit(self._wait)
         pool.shutdown(wait=False)
@@ -154,12 +159,15 @@ def _active_flow_runs(url: str, auth: str) -> bool:
 
 
 def keep(home: Path, keep_s: float, port: int) -> int:
-    """The keeper: run the server on ``port`` until it has been unused for ``keep_s``."""
-    from calypso.flows.runtime import AUTH, SERVER_AUTH, prefect_auth_string
-    from calypso.settings import load_settings
+    """The keeper: run the server on ``port`` until it has been unused for ``keep_s``,
+    closed with the secret on this process's input (the home's)."""
+    from calypso.flows.runtime import AUTH, SERVER_AUTH, hide_prefect_secret
 
-    settings = load_settings().model_copy(update={"home": home})
-    secret = prefect_auth_string(settings)
+    secret = sys.stdin.read().strip()
+    if ":" not in secret:
+        print("no user:password on the keeper's input: the command starts it", flush=True)
+        return 2
+    hide_prefect_secret(secret)
     url = prefect_server.api_url(port)
     env = dict(os.environ, **{AUTH: secret, SERVER_AUTH: secret})
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -177,7 +185,7 @@ def keep(home: Path, keep_s: float, port: int) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        if not kept.prefect_started(server, url, secret, START_TIMEOUT_S, poll=0.2):
+        if not kept.prefect_started(server, url, secret, START_TIMEOUT_S, poll=0.05):
             return 1
         create_private_file(path, json.dumps({"url": url, "pid": os.getpid()}).encode(), True)
         print(f"local Prefect server on {url} (UI http://127.0.0.1:{port})", flush=True)

@@ -26,7 +26,13 @@ from typing import Protocol
 from calypso.errors import ConfigurationError
 from calypso.executors.kept import prefect_answers
 from calypso.flows import prefect_server
-from calypso.flows.runtime import AUTH, SERVER_AUTH, hide_prefect_secret, prefect_api_secret
+from calypso.flows.runtime import (
+    AUTH,
+    SERVER_AUTH,
+    hide_prefect_secret,
+    prefect_api_secret,
+    prefect_auth_string,
+)
 from calypso.settings import CalypsoSettings, load_settings
 
 START_TIMEOUT_S = 120.0  # a first start creates and migrates the SQLite database
@@ -129,7 +135,9 @@ def begin_prefect_api(settings: CalypsoSettings) -> Iterator[ServerStart | None]
         from calypso.flows.local_server import LocalServerStart
 
         secret = prefect_api_secret(settings)
-        start: ServerStart = LocalServerStart(settings.home, settings.server.local_keep_s, secret)
+        start: ServerStart = LocalServerStart(
+            settings.home, settings.server.local_keep_s, secret, prefect_auth_string(settings)
+        )
     else:
         start = TemporaryServer()
     saved = os.environ.get(AUTH)

@@ -14,11 +14,13 @@ import urllib.error
 import urllib.request
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from calypso.errors import ConfigurationError
 from calypso.private_files import create_private_file, read_private_file
-from calypso.settings import CalypsoSettings
+
+if TYPE_CHECKING:  # not imported: the local server's keeper needs none of the settings
+    from calypso.settings import CalypsoSettings
 
 AUTH = "PREFECT_API_AUTH_STRING"  # what Prefect's clients send (HTTP basic)
 SERVER_AUTH = "PREFECT_SERVER_API_AUTH_STRING"  # what Prefect's server requires

@@ -299,3 +299,23 @@ def test_prefects_app_turns_the_same_settings_into_variables_once_per_arguments(
         assert PrefectBaseSettings.to_environment_variables is counted  # as it was
     finally:
         PrefectBaseSettings.to_environment_variables = exported
+
+
+def test_the_local_servers_keeper_starts_with_the_secret_it_is_given_not_the_settings(
+    tmp_path: Path,
+):
+    """The keeper (calypso.flows.local_server) reads no settings before it starts the
+    server: the command hands it the home's secret; without one it starts nothing."""
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys, calypso.flows.local_server, calypso.flows.runtime;"
+         "print('calypso.settings' in sys.modules, 'pydantic' in sys.modules)"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert imported.stdout.split() == ["False", "False"]
+    keeper = subprocess.run(
+        [sys.executable, "-m", "calypso.flows.local_server", str(tmp_path), "60",
+         str(prefect_server.free_port())],
+        input="", capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert keeper.returncode == 2 and "no user:password" in keeper.stdout
+    assert not (tmp_path / "local-server.json").exists()
