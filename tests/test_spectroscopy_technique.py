@@ -278,19 +278,21 @@ def test_pure_noise_does_not_pass_for_an_edge(test_data):
     assert masks[NO_EDGE].all()
 
 
-def test_a_glitch_steeper_than_the_edge_is_refused_not_taken_for_it(test_data):
-    """One point an edge step off, 40 eV above an Fe foil's edge, is steeper than the edge:
-    E0 lands on it, and the edge test (on mu(E) without glitches) finds no edge there. A
-    clear refusal naming that point, never a result normalised at the glitch. (Looking
-    for E0 on mu(E) without glitches instead was tried: off-sample noise then passed for
-    an edge now and then, 1 pixel of 601 in the block test above.)"""
+def test_a_glitch_steeper_than_the_edge_is_not_taken_for_it(test_data):
+    """One point one to three edge steps off, 40 or 150 eV above an Fe foil's edge, or 30
+    eV below it, is steeper than the edge. E0 used to land on it, and the spectrum was
+    refused as having no edge (a U L3 scan with one such point in It, APS 10-ID). The
+    first guess of E0 is now taken with glitches out: E0 and the edge step are the clean
+    spectrum's. (Off-sample noise does not pass for an edge the more for it: the block
+    test above and :func:`test_pure_noise_does_not_pass_for_an_edge`.)"""
     energy, mu, _ = load(test_data / "xas" / "fe_metal_rt.xdi")
-    clean = xas.reduce_spectra(energy, mu)
-    glitched = mu.copy()
-    at = np.searchsorted(energy, clean.normalization.e0[0] + 40.0)
-    glitched[at] += clean.normalization.edge_step[0]
-    with pytest.raises(RawDataError, match="no absorption edge"):
-        xas.reduce_spectra(energy, glitched, where="scan 7")
+    clean = xas.reduce_spectra(energy, mu).normalization
+    for above, steps in ((40.0, 1.0), (40.0, 3.0), (150.0, 1.0), (-30.0, 3.0)):
+        glitched = mu.copy()
+        glitched[np.searchsorted(energy, clean.e0[0] + above)] += steps * clean.edge_step[0]
+        found = xas.reduce_spectra(energy, glitched, where="scan 7").normalization
+        assert found.e0[0] == clean.e0[0], (above, steps)
+        assert found.edge_step[0] == pytest.approx(clean.edge_step[0], rel=0.07), (above, steps)
 
 
 def test_bad_spectra_are_refused_with_the_reason(test_data):

@@ -225,7 +225,7 @@ def test_a_spectrum_too_noisy_to_decide_e0_says_so_in_the_summary(
     captured = capsys.readouterr()
     assert code == 0, captured.err
     [warning] = json.loads(captured.out)["warnings"]
-    assert "too noisy to decide E0" in warning and "e0_spread" in warning
+    assert "do not decide E0: it moves up to" in warning and "e0_spread" in warning
 
 
 def test_a_spec_file_of_several_scans_is_one_spectrum_a_scan(test_data, tmp_path):
@@ -280,3 +280,42 @@ def test_the_energy_counter_tells_a_maps_layout(tmp_path):
         h5["1.1/instrument/iref/data"] = rows
     with pytest.raises(CalypsoError, match=r"counters iref hold a spectrum of 415 .* i0, it"):
         make_spectroscopy_plan(str(dataset.raw_dataset_dir), xas.SpectroscopyParameters())
+
+
+def _fe_foil(test_data: Path, tmp_path: Path) -> tuple[np.ndarray, np.ndarray, float]:
+    """The Fe foil's energies, mu(E) and E0, read from its XDI file."""
+    parameters = xas.SpectroscopyParameters()
+    path = test_data / "xas" / "fe_metal_rt.xdi"
+    plan = make_spectroscopy_plan(str(path), parameters, output_dir=str(tmp_path / "xdi"))
+    data = absorption(read_source(plan.sources[0]), parameters)
+    energy, mu = np.asarray(data.energy), data.mu[0]
+    return energy, mu, float(xas.normalize(energy, mu).e0[0])
+
+
+def test_a_file_of_two_unnamed_columns_is_its_energy_and_mu(test_data, tmp_path):
+    """No header, two columns (ESRF ID24's Cu foil: the energy in keV, mu(E)): read as a
+    user reads it, and said so; it was refused for want of an It column."""
+    energy, mu, e0 = _fe_foil(test_data, tmp_path)
+    path = tmp_path / "foil.txt"
+    np.savetxt(path, np.column_stack([energy / 1000.0, mu]), fmt="%.7f")
+    plan = make_spectroscopy_plan(str(path), xas.SpectroscopyParameters(), output_dir=str(tmp_path))
+    assert any("two columns, 'col1' the energy: mu(E) is 'col2'" in n for n in plan.notes)
+    data = absorption(read_source(plan.sources[0]), plan.parameters)
+    assert float(xas.normalize(data.energy, data.mu).e0[0]) == pytest.approx(e0, abs=0.01)
+
+
+def test_a_normalised_export_whose_first_point_is_out_of_order(test_data, tmp_path):
+    """'#eV Norm' (an exported normalised XANES) whose first point comes before the scan
+    turned round (the monochromator before it settled): the energy column is 'eV', mu(E)
+    the 'Norm' column, the first point put in order, and said so. Refused before: no
+    energy column."""
+    energy, mu, e0 = _fe_foil(test_data, tmp_path)
+    first = int(np.searchsorted(energy, energy[0] + 30.0))  # inside the scan's range
+    order = [first, *(i for i in range(energy.size) if i != first)]
+    path = tmp_path / "exported.dat"
+    np.savetxt(path, np.column_stack([energy[order], mu[order]]), header="eV\tNorm")
+    plan = make_spectroscopy_plan(str(path), xas.SpectroscopyParameters(), output_dir=str(tmp_path))
+    assert any("steps back at 1 point(s)" in note for note in plan.notes), plan.notes
+    data = absorption(read_source(plan.sources[0]), plan.parameters)
+    assert np.array_equal(data.energy.reshape(-1), energy)
+    assert float(xas.normalize(data.energy, data.mu).e0[0]) == e0

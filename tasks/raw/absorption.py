@@ -80,6 +80,19 @@ def finite_axis(table: ColumnTable, name: str | None, role: str) -> np.ndarray:
 
 def _energy(table: ColumnTable, p: SpectroscopyParameters) -> np.ndarray:
     """The energy (eV) of a source: the named column, else the one whose values are an energy."""
+    d_spacing = p.d_spacing or spectrum_files.header_number(table.metadata.get("Mono.d_spacing"))
+    name, unit = energy_column(table, p)
+    if unit == "deg":
+        return mono_energy(finite_axis(table, name, "mono angle"), float(d_spacing or 0.0))
+    energy = finite_axis(table, name, "energy")
+    if unit == "keV" or (unit == "auto" and np.nanmax(energy) < 200):
+        energy = energy * 1000.0
+    return energy
+
+
+def energy_column(table: ColumnTable, p: SpectroscopyParameters) -> tuple[str, str]:
+    """The column of a source's energy and its unit ('eV', 'keV', 'deg' for a mono angle,
+    'auto'): the named column, else the one whose values are an energy."""
     name = table.find(p.energy, "energy", required=False)
     unit = p.energy_unit
     d_spacing = p.d_spacing or spectrum_files.header_number(table.metadata.get("Mono.d_spacing"))
@@ -102,13 +115,8 @@ def _energy(table: ColumnTable, p: SpectroscopyParameters) -> np.ndarray:
                 + ". Name it with --set energy=COLUMN, or give mono_angle and d_spacing"
             )
         name, found_unit = found
-        if found_unit == "deg":
-            return mono_energy(finite_axis(table, name, "mono angle"), float(d_spacing or 0.0))
-        unit = found_unit if unit == "auto" else unit
-    energy = finite_axis(table, name, "energy")
-    if unit == "keV" or (unit == "auto" and np.nanmax(energy) < 200):
-        energy = energy * 1000.0
-    return energy
+        unit = found_unit if unit == "auto" or found_unit == "deg" else unit
+    return name, unit
 
 
 def energy_axis(table: ColumnTable, parameters: SpectroscopyParameters) -> np.ndarray:
@@ -205,9 +213,9 @@ def absorption(table: ColumnTable, parameters: SpectroscopyParameters) -> Absorp
             # Each point keeps its mu: it was measured at the energy read back.
             order = np.argsort(axis * np.sign(axis[-1] - axis[0]), kind="stable")
             notes = (
-                f"{where}: the energy steps back at {back} point(s) by less than half a step "
-                "(the monochromator's readback): those points are put in energy order, as "
-                "Larch does",
+                f"{where}: the energy steps back at {back} point(s) (the monochromator's "
+                "readback, by less than half a step, or a first point read before it settled): "
+                "those points are put in energy order, as Larch does",
             )
             energy, mu = np.asarray(energy)[..., order], mu[:, order]
             mu_reference = None if mu_reference is None else mu_reference[:, order]
@@ -240,13 +248,24 @@ def transmission_or_mu_column(
     """'auto' mode's choice for a file with It and a mu column of its own: transmission,
     unless It is zero or negative at more than ``MAX_DROPOUTS`` of the first spectrum's
     points (a fluorescence measurement on a sample no beam crosses, the file's mu column
-    its fluorescence): then that column, and a note saying so. Decided once for a run."""
+    its fluorescence): then that column, and a note saying so. A file of two columns, no
+    It and no mu column by name: the one that is not the energy. Decided once for a run."""
     p = parameters
     if p.mode != "auto" or p.fluorescence or p.it is not None:
         return p, None
     i0_name = table.find(p.i0, "i0", required=False)
     it_name = table.find(None, "it", required=False)
     mu_name = table.find(p.mu_column, "mu_column", required=False)
+    if it_name is None and mu_name is None and len(table.columns) == 2:
+        # Two columns and no names to go by (a header-less file: col1, col2): the energy
+        # and mu(E), as a user would read it (ESRF ID24's Cu foil, in keV).
+        energy_name, _ = energy_column(table, p)
+        (other,) = (name for name in table.columns if name != energy_name)
+        note = (
+            f"{table.where}: two columns, {energy_name!r} the energy: mu(E) is {other!r} "
+            "(--set mu_column=..., or i0 and it, to say otherwise)"
+        )
+        return p.model_copy(update={"mode": "mu", "mu_column": other}), note
     if i0_name is None or it_name is None or mu_name is None:
         return p, None
     i0, it = (_rows(table.columns[name], 1)[0] for name in (i0_name, it_name))

@@ -39,11 +39,13 @@ COLUMN_NAMES: dict[str, tuple[str, ...]] = {
         "achieved_energy",
         "e_kev",
         "energy_kev",
+        "ev",  # Athena's and many a beamline's exports: the energy in eV
     ),
     "i0": ("i0", "iodet", "mon", "i_0", "izero", "io"),
     "it": ("it", "itrans", "i1", "i_t", "idet"),
     "iref": ("iref", "i2", "irefer", "i_ref", "ir"),
-    "mu_column": ("mu", "mutrans", "mu_trans", "xmu", "mufluor", "mu_fluo", "mu_fluor"),
+    # Last, 'norm': mu(E) normalised already (Athena's export of a normalised spectrum).
+    "mu_column": ("mu", "mutrans", "mu_trans", "xmu", "mufluor", "mu_fluo", "mu_fluor", "norm"),
 }
 TEXT_SUFFIXES = (".xdi", ".dat", ".txt", ".xmu", ".asc", ".csv", ".prj", ".spec")
 

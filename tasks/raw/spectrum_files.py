@@ -243,18 +243,27 @@ def jitter_steps(axis: np.ndarray) -> int | None:
     """How many steps of a scan's axis go against its direction by its readback's jitter:
     0 for a monotonic axis; None where it goes back further (more than ``JITTER_STEP`` of
     the median of the steps around) or more often (over ``MAX_JITTER`` of its points).
-    Repeated values are no steps back (``absorption.separate_repeats``).
+    Repeated values are no steps back (``absorption.separate_repeats``). A first point
+    inside the range of the others counts as one, however far back the scan then goes:
+    the monochromator read before it settled at the scan's start (a C K-edge XANES whose
+    first point, 275.8 eV, comes before 274.9 eV and the rest).
 
     >>> jitter_steps(np.array([1.0, 2, 3, 2.98, 5])), jitter_steps(np.array([1.0, 2, 3, 2, 4]))
     (1, None)
+    >>> jitter_steps(np.array([3.0, 1, 2, 4, 5])), jitter_steps(np.array([9.0, 1, 2, 4, 5]))
+    (1, None)
     """
-    steps = np.diff(axis) * np.sign(axis[-1] - axis[0])
+    direction = np.sign(axis[-1] - axis[1]) if axis.size > 2 else np.sign(axis[-1] - axis[0])
+    steps = np.diff(axis) * direction
     back = steps < 0
     if not back.any():
         return 0
     if back.sum() > max(1, MAX_JITTER * axis.size):
         return None
+    rest = axis[1:]
     for index in np.flatnonzero(back):  # against the steps around it: scans change step
+        if index == 0 and rest.min() < axis[0] < rest.max():
+            continue
         around = np.abs(steps[max(0, index - 5) : index + 6])
         if -steps[index] > JITTER_STEP * np.median(around):
             return None

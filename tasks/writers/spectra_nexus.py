@@ -295,14 +295,7 @@ class SpectraAssembly:
                 f"mu(E) is not finite at {self._points_left_out} point(s) (I0 or It read zero "
                 "or negative there: a dropout): left out, as Larch does (fit/points_left_out)"
             )
-        unsure = xas.e0_undecided(noise_all, spread_all)
-        if np.any(unsure):
-            warnings.append(
-                f"{int(np.count_nonzero(unsure))} of {n} spectra are too noisy to decide E0: an "
-                f"edge step under {xas.MIN_EDGE_NOISE_RATIO:g} times the noise (fit/edge_noise) "
-                f"or E0 moving over {xas.MAX_E0_SPREAD:g} eV between the even and odd points "
-                "(fit/e0_spread); merge repeats, choose other channels or give e0"
-            )
+        warnings += _undecided_e0(noise_all, spread_all, n)
         if warnings:
             figures["warning"] = "; ".join(warnings)
             for warning in warnings:
@@ -327,3 +320,30 @@ def _warn(message: str) -> None:
         get_run_logger().warning(message)
     except Exception:  # outside a flow or task run
         logging.getLogger("calypso.tasks.spectroscopy").warning(message)
+
+
+def _undecided_e0(edge_noise: np.ndarray, spread: np.ndarray, n: int) -> list[str]:
+    """What the results should say of the spectra whose E0 the data do not decide
+    (:func:`~calypso.techniques.spectroscopy.e0_undecided`): too noisy, or with a clean
+    edge whose E0 moves between the even and the odd points (an edge with two maxima of
+    dmu/dE of about the same height, a metal foil's shoulder, is told apart from noise
+    this way: both halves see the same noise-free edge and pick different maxima)."""
+    undecided = xas.e0_undecided(edge_noise, spread)
+    noisy = undecided & (np.asarray(edge_noise) < xas.MIN_EDGE_NOISE_RATIO)
+    moving = undecided & ~noisy
+    said = []
+    if np.any(noisy):
+        said.append(
+            f"{int(np.count_nonzero(noisy))} of {n} spectra are too noisy to decide E0: an "
+            f"edge step under {xas.MIN_EDGE_NOISE_RATIO:g} times the noise (fit/edge_noise); "
+            "merge repeats, choose other channels or give e0"
+        )
+    if np.any(moving):
+        most = float(np.nanmax(np.asarray(spread)[moving]))
+        said.append(
+            f"{int(np.count_nonzero(moving))} of {n} spectra do not decide E0: it moves up to "
+            f"{most:.1f} eV between the even and the odd points (fit/e0_spread; over "
+            f"{xas.MAX_E0_SPREAD:g} eV): noise, or two maxima of dmu/dE of about the same "
+            "height (a shoulder on the edge); give e0, or merge repeats"
+        )
+    return said
