@@ -319,3 +319,21 @@ def test_a_normalised_export_whose_first_point_is_out_of_order(test_data, tmp_pa
     data = absorption(read_source(plan.sources[0]), plan.parameters)
     assert np.array_equal(data.energy.reshape(-1), energy)
     assert float(xas.normalize(data.energy, data.mu).e0[0]) == e0
+
+
+def test_a_calibrated_spectrum_says_how_far_its_energies_moved(
+    beamlines, tmp_path, capsys, on_shared_cluster
+):
+    """SSRL's Ag K scan of 2006 has a reference foil 9 eV off its tabulated edge: the
+    summary's key figures say by how much the energies moved (only fit/energy_shift did)."""
+    path = beamlines / "SSRL1_2006.dat"
+    code = main(["run", "spectroscopy", str(path), "--output", str(tmp_path / "out"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    [found] = json.loads(captured.out)["key_figures"].values()
+    parameters = xas.SpectroscopyParameters()
+    plan = make_spectroscopy_plan(str(path), parameters, output_dir=str(tmp_path / "check"))
+    data = absorption(read_source(plan.sources[0]), parameters)
+    measured = larch_pre_edge(data.energy, data.mu[0])[0]  # on the energies as measured
+    assert -10.0 < found["energy_shift_eV"] < -8.0, found
+    assert found["e0_eV"] - found["energy_shift_eV"] == pytest.approx(measured, abs=0.5)

@@ -30,6 +30,8 @@ PART_TO_NEXUS = {
     "post_edge": "post_edge",
     "background": "background",
 }
+#: The fit's values a spectrum that the key figures are made of (medians).
+FIGURES = ("e0", "edge_step", "edge_noise", "e0_spread", "energy_shift")
 #: The fit's values a spectrum (or a row of coefficients): their units.
 FIT_UNITS = {
     "e0": "eV",
@@ -212,7 +214,7 @@ class SpectraAssembly:
                 for name, dataset in [*self._data.items(), *self._fits.items()]:
                     if name not in ("mu", "chi", "skipped"):
                         dataset[rows] = np.nan
-                for name in ("e0", "edge_step", "edge_noise", "e0_spread"):
+                for name in FIGURES:
                     self._figures.setdefault(name, []).append(
                         np.full(part.stop - part.start, np.nan)
                     )
@@ -235,7 +237,7 @@ class SpectraAssembly:
                 dropped.attrs["units"] = "eV"
                 dropped.attrs["meaning"] = "points left out: mu(E) not finite (I0 or It zero)"
                 self._points_left_out += dropped.size
-            for name in ("e0", "edge_step", "edge_noise", "e0_spread"):
+            for name in FIGURES:
                 self._figures.setdefault(name, []).append(h5[name][()])
             if "k" in h5 and (self._k is None or h5["k"].shape[0] > self._k.size):
                 self._k = h5["k"][()]
@@ -267,9 +269,8 @@ class SpectraAssembly:
                 self._data["chi"][self._rows(part)] = chi if self.stacked else chi[0]
 
     def _key_figures(self) -> dict[str, Any]:
-        e0_all, step_all, noise_all, spread_all = (
-            np.concatenate(self._figures[name])
-            for name in ("e0", "edge_step", "edge_noise", "e0_spread")
+        e0_all, step_all, noise_all, spread_all, shift_all = (
+            np.concatenate(self._figures[name]) for name in FIGURES
         )
         n = self.n
         # Medians of the spectra reduced (those left out are NaN).
@@ -280,6 +281,10 @@ class SpectraAssembly:
             "edge_noise": round(float(np.nanmedian(noise_all)), 1),
             "e0_spread_eV": round(float(np.nanmedian(spread_all)), 2),
         }
+        if np.any(shift_all[np.isfinite(shift_all)] != 0):
+            # Calibrated on a reference foil: by how much the measured energies moved (a
+            # monochromator 9 eV off, SSRL's Ag K scan of 2006), not only in fit/energy_shift.
+            figures["energy_shift_eV"] = round(float(np.nanmedian(shift_all)), 3)
         warnings = []
         if self._skipped:
             left_out = sum(self._skipped.values())
