@@ -256,7 +256,11 @@ def check_first_spectrum(
     except RawDataError as refused:
         found = _in_fluorescence(table, where, parameters, str(refused))
         if found is None:
-            raise
+            if "its columns:" in str(refused) or not getattr(table, "columns", None):
+                raise
+            # What to choose from instead (a file's reference foil's mu_ref, say).
+            columns = ", ".join(table.columns)
+            raise RawDataError(f"{refused}; its columns: {columns}") from refused
         first, chosen, mode_note = found
     else:
         if not first.e0_decided and mode_note is None and single:
