@@ -319,3 +319,37 @@ def test_the_local_servers_keeper_starts_with_the_secret_it_is_given_not_the_set
     )  # fmt: skip
     assert keeper.returncode == 2 and "no user:password" in keeper.stdout
     assert not (tmp_path / "local-server.json").exists()
+
+
+def test_a_busy_database_answer_says_to_ask_again_soon_once_in_a_while(monkeypatch):
+    """Prefect answers 503 when SQLite is busy, and its client then waits 2 s, then 4 s:
+    a new home's first command met it beside the server's starting services. The first
+    503 in a while carries Retry-After: 0.1; the next ones, and other answers, nothing."""
+    import asyncio
+
+    from calypso.flows.prefect_server import RETRY_WINDOW_S, _AfterStartUp
+
+    async def application(scope, receive, send):
+        status = 503 if scope["path"] == "/busy" else 200
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    app = _AfterStartUp(application)
+    clock = [1000.0]
+    monkeypatch.setattr(prefect_server.time, "monotonic", lambda: clock[0])
+
+    def answer(path: str) -> dict:
+        sent: list[dict] = []
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(app({"type": "http", "path": path}, None, send))
+        return dict(sent[0]["headers"])
+
+    assert answer("/busy") == {b"retry-after": b"0.1"}
+    assert answer("/ok") == {}
+    clock[0] += 1.0
+    assert answer("/busy") == {}  # a second in a row: Prefect's client backs off
+    clock[0] += RETRY_WINDOW_S + 0.1
+    assert answer("/busy") == {b"retry-after": b"0.1"}
