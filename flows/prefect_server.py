@@ -53,15 +53,22 @@ def api_url(port: int) -> str:
     return f"http://127.0.0.1:{port}/api"
 
 
+def serve_command(host: str, port: int, log_level: str) -> list[str]:
+    """The command that serves Prefect's API and UI on ``host``:``port`` (what ``prefect
+    server start`` runs, with :func:`create_app`): the temporary server's, the local
+    server's keeper's, and ``calypso server``'s."""
+    command = [sys.executable, "-m", "calypso.flows.prefect_server", "--factory"]
+    command += ["calypso.flows.prefect_server:create_app", "--host", host, "--port", str(port)]
+    return [*command, "--log-level", log_level, "--lifespan", "on"]
+
+
 def start(port: int, environment: dict[str, str]) -> subprocess.Popen:
     """Prefect's server on loopback ``port`` (what ``prefect server start`` runs, without
     its command line's ~1 s of imports), in ``environment``, stopping when this process
     goes. What it says (its errors) appears on this process's error output, relayed: the
     server does not hold this process's own output open, so a pipeline or a program
     reading it ends with this process, not with the server's shutdown after it."""
-    command = [sys.executable, "-m", "calypso.flows.prefect_server", "--factory"]
-    command += ["calypso.flows.prefect_server:create_app", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--log-level", "error", "--lifespan", "on"]
+    command = serve_command("127.0.0.1", port, "error")
     environment = {**environment, PARENT: str(os.getpid())}
     server = subprocess.Popen(
         command,

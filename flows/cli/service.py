@@ -66,6 +66,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def command_server(args: argparse.Namespace) -> int:
     from calypso.executors.tls import certificate_path, ensure_certificate
+    from calypso.flows import prefect_database, prefect_server
     from calypso.flows.runtime import AUTH, SERVER_AUTH, prefect_auth_path, prefect_auth_string
 
     settings = load_settings()
@@ -90,17 +91,10 @@ def command_server(args: argparse.Namespace) -> int:
     # waves): asking every 2 s costs the server one small request per waiting run.
     env.setdefault("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", "2")
     env.setdefault("PREFECT_UI_API_URL", f"http://{host}:{port}/api")
-    # The `prefect` beside this interpreter: the one of Calypso's environment, even unactivated.
-    prefect = Path(sys.executable).with_name("prefect")
-    command = [
-        str(prefect) if prefect.exists() else "prefect",
-        "server",
-        "start",
-        "--host",
-        host,
-        "--port",
-        str(port),
-    ]
+    # What `prefect server start` runs, through Calypso's application: a busy database's
+    # 503 says to ask again soon (flows/prefect_server.py), as for the local server.
+    level = env.get("PREFECT_SERVER_LOGGING_LEVEL", "warning").lower()
+    command = prefect_server.serve_command(host, port, level)
     print(
         f"Prefect server and UI on http://{host}:{port} (Ctrl-C stops it), closed: the UI and "
         f"the API ask for the secret in {where}.\nCalypso's commands with this home send it; "
@@ -113,8 +107,6 @@ def command_server(args: argparse.Namespace) -> int:
             "secret crosses the network in clear (docs/security.md).",
             flush=True,
         )
-    from calypso.flows import prefect_database
-
     prefect_database.provide_configured()  # a new home's database
     os.execvpe(command[0], command, env)
     return 0  # not reached
