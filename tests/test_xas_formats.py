@@ -339,3 +339,39 @@ def test_a_calibrated_spectrum_says_how_far_its_energies_moved(
     measured = larch_pre_edge(data.energy, data.mu[0])[0]  # on the energies as measured
     assert -10.0 < found["energy_shift_eV"] < -8.0, found
     assert found["e0_eV"] - found["energy_shift_eV"] == pytest.approx(measured, abs=0.5)
+
+
+def test_two_columns_one_a_counter_by_name_are_no_spectrum(test_data, tmp_path):
+    """SESAME's mono scan of I0 alone (energy, I0): refused, not reduced as mu(E)."""
+    energy, mu, _ = _fe_foil(test_data, tmp_path)
+    path = tmp_path / "flux.dat"
+    np.savetxt(path, np.column_stack([energy, np.exp(-mu)]), header="energy I0")
+    with pytest.raises(CalypsoError, match="cannot make mu"):
+        make_spectroscopy_plan(str(path), xas.SpectroscopyParameters(), output_dir=str(tmp_path))
+
+
+def test_an_angle_by_name_is_not_the_energy_and_zap_scans_name_theirs(test_data, tmp_path):
+    """ESRF SNBL's zap scans: TwoTheta (9.9-10.3 deg) before ZapEnergy (keV). TwoTheta
+    passed for keV (no d-spacing to make it an angle) and the spectrum came out 860 eV
+    low, without a word; ZapEnergy is the energy, by its name."""
+    energy, mu, e0 = _fe_foil(test_data, tmp_path)
+    i0 = np.full(energy.size, 1e5)
+    columns = [np.linspace(9.9, 10.3, energy.size), energy / 1000.0, i0, i0 * np.exp(-mu)]
+    for name in ("ZapEnergy", "Mono_kev_readback"):  # by its name; found by its values
+        path = tmp_path / f"{name}.dat"
+        np.savetxt(path, np.column_stack(columns), header=f"TwoTheta {name} i0 it")
+        plan = make_spectroscopy_plan(
+            str(path), xas.SpectroscopyParameters(), output_dir=str(tmp_path)
+        )
+        data = absorption(read_source(plan.sources[0]), plan.parameters)
+        assert float(xas.normalize(data.energy, data.mu).e0[0]) == pytest.approx(e0, abs=0.01)
+
+
+def test_a_mu_column_named_for_its_formula(test_data, tmp_path):
+    """SSRL's 'log(i0/it)' (Larch: log_i0_it) is mu(E) in transmission."""
+    energy, mu, e0 = _fe_foil(test_data, tmp_path)
+    path = tmp_path / "ssrl.dat"
+    np.savetxt(path, np.column_stack([energy, mu]), header="energy log(i0/it)")
+    plan = make_spectroscopy_plan(str(path), xas.SpectroscopyParameters(), output_dir=str(tmp_path))
+    data = absorption(read_source(plan.sources[0]), plan.parameters)
+    assert float(xas.normalize(data.energy, data.mu).e0[0]) == pytest.approx(e0, abs=0.01)

@@ -249,16 +249,17 @@ def transmission_or_mu_column(
     unless It is zero or negative at more than ``MAX_DROPOUTS`` of the first spectrum's
     points (a fluorescence measurement on a sample no beam crosses, the file's mu column
     its fluorescence): then that column, and a note saying so. A file of two columns, no
-    It and no mu column by name: the one that is not the energy. Decided once for a run."""
+    I0, It or mu column by name: the one that is not the energy. Decided once for a run."""
     p = parameters
     if p.mode != "auto" or p.fluorescence or p.it is not None:
         return p, None
     i0_name = table.find(p.i0, "i0", required=False)
     it_name = table.find(None, "it", required=False)
     mu_name = table.find(p.mu_column, "mu_column", required=False)
-    if it_name is None and mu_name is None and len(table.columns) == 2:
+    if it_name is None and mu_name is None and i0_name is None and len(table.columns) == 2:
         # Two columns and no names to go by (a header-less file: col1, col2): the energy
-        # and mu(E), as a user would read it (ESRF ID24's Cu foil, in keV).
+        # and mu(E), as a user would read it (ESRF ID24's Cu foil, in keV). Not where the
+        # second is a counter by name: SESAME's mono scan of I0 alone is no spectrum.
         energy_name, _ = energy_column(table, p)
         (other,) = (name for name in table.columns if name != energy_name)
         note = (

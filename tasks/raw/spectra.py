@@ -40,12 +40,17 @@ COLUMN_NAMES: dict[str, tuple[str, ...]] = {
         "e_kev",
         "energy_kev",
         "ev",  # Athena's and many a beamline's exports: the energy in eV
+        "zapenergy",  # ESRF's continuous (zap) scans
     ),
     "i0": ("i0", "iodet", "mon", "i_0", "izero", "io"),
     "it": ("it", "itrans", "i1", "i_t", "idet"),
     "iref": ("iref", "i2", "irefer", "i_ref", "ir"),
     # Last, 'norm': mu(E) normalised already (Athena's export of a normalised spectrum).
-    "mu_column": ("mu", "mutrans", "mu_trans", "xmu", "mufluor", "mu_fluo", "mu_fluor", "norm"),
+    # 'log(i0/it)' as Larch names it: SSRL's and other collectors' transmission mu(E).
+    "mu_column": (
+        *("mu", "mutrans", "mu_trans", "xmu", "mufluor", "mu_fluo", "mu_fluor"),
+        *("log_i0_it", "ln_i0_it", "norm"),
+    ),
 }
 TEXT_SUFFIXES = (".xdi", ".dat", ".txt", ".xmu", ".asc", ".csv", ".prj", ".spec")
 

@@ -292,7 +292,8 @@ def energy_by_content(
     energy or angle): index, time and counter
     columns before the energy are passed over, as they are not monotonic or not
     in range. Values of 2-85 may be keV or degrees: degrees when the column's
-    name says so (angle, theta, bragg) or ``angle_hint`` (the header says so).
+    name says so (angle, theta, bragg) or ``angle_hint`` (the header says so); a column
+    so named is never an energy.
 
     Examples
     --------
@@ -321,6 +322,10 @@ def energy_by_content(
             angle_fits = low <= energy.min() and energy.max() <= high
             if angle_fits and (named_angle or (angle_hint and "kev" not in name.lower())):
                 return name, "deg"
+        if named_angle and not any(word in name.lower() for word in ("energ", "kev")):
+            # An angle by name is never an energy: ESRF SNBL's TwoTheta (9.9-10.3 deg)
+            # passed for keV, before its ZapEnergy, and the spectrum came out 860 eV low.
+            continue
         if low <= 1e3 * lo and 1e3 * hi <= high and 1e3 * (hi - lo) >= MIN_SPAN_EV:
             return name, "keV"
     return None
