@@ -93,7 +93,8 @@ class LocalServerStart:
         self.url = prefect_server.api_url(port)
         arguments = ["calypso.flows.local_server", str(home), str(keep_s), str(port)]
         # The secret on its input: the keeper starts the server without reading (and
-        # importing) Calypso's settings to find it, ~0.2 s of a new home's first command.
+        # importing) Calypso's settings to find it: 0.11-0.14 s before the server starts,
+        # against 0.19-0.20 s.
         self._keeper = kept.spawn_keeper(
             arguments, home / "local-server.log", server_secret.encode()
         )
