@@ -44,8 +44,8 @@ MAX_E0_SPREAD = 1.0
 def find_e0(energy: np.ndarray, mu: np.ndarray, smooth: float = 0.5) -> np.ndarray:
     """Edge energy of each spectrum: the maximum of the smoothed derivative dmu/dE.
 
-    A first guess is the steepest step on the measured grid, glitches taken out (the
-    ends of the scan, 2% of the points each side, are ignored: glitches live there). Around
+    A first guess is the steepest step on the measured grid, not a glitch's (the ends of
+    the scan, 2% of the points each side, are ignored: glitches live there). Around
     it (±``E0_WINDOW`` eV) the spectrum is put on a uniform grid (the smallest
     energy step, at least 0.05 eV), differentiated and smoothed by a Gaussian of
     ``smooth`` eV; the maximum is refined between grid points by a parabola.
@@ -77,14 +77,17 @@ def _steepest_point(energy: np.ndarray, mu: np.ndarray, smooth: float, step: flo
     """:func:`find_e0` of rows, on a grid of ``step`` eV."""
     n, m = mu.shape
     rows = np.arange(n)
-    # A glitch (one point off, a monochromator's or a detector's) is no edge: the first
-    # guess is taken with them out. One in It made a U L3 scan's steepest step 200 eV
-    # above its edge, and the scan was refused as not covering it.
-    clean = _without_glitches(mu)
-    slope = np.diff(clean, axis=1) / np.diff(energy, axis=1)
-    slope = (slope[:, :-2] + slope[:, 1:-1] + slope[:, 2:]) / 3.0  # centred on points 1..m-2
     skip = max(3, int(0.02 * m))
-    guess = energy[rows, 1 + skip + np.argmax(slope[:, skip:-skip], axis=1)]
+    index, steps = _steepest_steps(energy, mu, skip)
+    # A glitch (one point off, a monochromator's or a detector's) is no edge: its steps go
+    # up then down, where an edge's all rise, so the median of the three is no steep one.
+    # Those rows are looked at again with their glitches out: one in It made a U L3 scan's
+    # steepest step 200 eV above its edge, and the scan was refused as not covering it.
+    # (Every row with its glitches out: 12% more of a batch's normalisation.)
+    spiky = np.median(steps, axis=1) < 0.5 * steps.mean(axis=1)
+    if spiky.any():
+        index[spiky] = _steepest_steps(energy[spiky], _without_glitches(mu[spiky]), skip)[0]
+    guess = energy[rows, 1 + index]
     half = max(E0_WINDOW, 10 * smooth)
     grid = guess[:, None] + step * np.arange(-int(half / step), int(half / step) + 1)
     uniform = np.empty(grid.shape)
@@ -103,6 +106,17 @@ def _steepest_point(energy: np.ndarray, mu: np.ndarray, smooth: float, step: flo
     with np.errstate(divide="ignore", invalid="ignore"):
         offset = np.where(curvature < 0, 0.5 * (left - right) / curvature, 0.0)
     return grid[rows, edge + peak] + np.clip(offset, -0.5, 0.5) * step
+
+
+def _steepest_steps(energy: np.ndarray, mu: np.ndarray, skip: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's steepest mean of three steps (``skip`` points at each end left out): its
+    index (the steps ``index`` to ``index + 2``, centred on point ``index + 1``) and the
+    three steps."""
+    step = np.diff(mu, axis=1) / np.diff(energy, axis=1)
+    slope = (step[:, :-2] + step[:, 1:-1] + step[:, 2:]) / 3.0
+    index = skip + np.argmax(slope[:, skip:-skip], axis=1)
+    rows = np.arange(mu.shape[0])[:, None]
+    return index, step[rows, index[:, None] + np.arange(3)]
 
 
 def edge_contrast(energy: np.ndarray, mu: np.ndarray, e0: np.ndarray) -> np.ndarray:
