@@ -86,6 +86,8 @@ def prepared_sinograms(plan: TomographyPlan, first: int, stop: int) -> np.ndarra
     low, high = plan.read_window(first, stop)
     projections = read_projection_rows(scan, low, high)
     dark = mean_rows(scan.darks, low, high) if scan.darks else None
+    if dark is None and scan.dark_level is not None:
+        dark = np.full((high - low, scan.columns), scan.dark_level, dtype=np.float32)
     flats = flat_series_rows(scan, low, high) if scan.flats else None
     p = plan.parameters
     sinograms = tomo.prepare_sinograms(

@@ -7,12 +7,10 @@ Four layouts are understood:
   nxtomomill does ("dark images", "reference images"/"flat", "projections";
   "static images" and "return" scans are alignment frames and are skipped);
   the angle of every projection is the rotation motor's channel.
-* **NXtomo** (what nxtomomill writes): one detector dataset with
-  ``image_key_control`` / ``image_key`` and ``sample/rotation_angle``.
-* **Data Exchange** (APS, tomopy's ``dxchange``): ``/exchange/data``,
-  ``data_white``, ``data_dark`` and ``theta``.
+* **NXtomo** and **Data Exchange** files: :mod:`calypso.tasks.raw.tomography_files`.
 * **TIFF (or any fabio image) stacks**: a folder of projections with dark and
-  flat files beside them; the angles come from the parameters.
+  flat files beside them (or in folders of their own); the angles come from the
+  parameters.
 
 A scan is described by :class:`TomographyScan`, small enough to travel to every
 task; tasks then read only the detector rows they reconstruct.
@@ -20,10 +18,10 @@ task; tasks then read only the detector rows they reconstruct.
 
 from __future__ import annotations
 
-import math
+import fnmatch
+import re
 from pathlib import Path
 
-import h5py
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
@@ -32,7 +30,6 @@ from calypso.tasks.raw import bliss
 from calypso.tasks.raw.frames import (
     IMAGE_SUFFIXES,
     FrameSource,
-    hdf5_frame_source,
     image_files_source,
     iter_frames,
     named_read_errors,
@@ -77,6 +74,7 @@ class TomographyScan(BaseModel):
     title: str = ""
     start_time: str | None = None
     end_time: str | None = None
+    dark_level: float | None = None  # a constant dark, recorded instead of dark images
     entry: str | None = None  # the projections' Bliss entry (N.1) when their frames are
     # read from elsewhere (a live scan's Lima files); else the first one's dataset says it
 
@@ -167,12 +165,15 @@ def open_tomography_scan(
     if path.is_dir():
         scan = image_folder_scan(path, parameters)
     else:
+        from calypso.tasks.raw.bliss_projections import bliss_scan
+        from calypso.tasks.raw.tomography_files import dxchange_scan, nxtomo_entry, nxtomo_scan
+
         with bliss.open_raw(path) as h5:
             if any(bliss.SCAN_ENTRY.match(name) for name in h5):
                 layout = "bliss"
             elif "exchange" in h5 and "data" in h5["exchange"]:
                 layout = "dxchange"
-            elif _nxtomo_entry(h5) is not None:
+            elif nxtomo_entry(h5) is not None:
                 layout = "nxtomo"
             else:
                 raise RawDataError(
@@ -181,7 +182,6 @@ def open_tomography_scan(
                 )
         if scans and layout != "bliss":
             raise ParameterError(f"--scan applies to Bliss files; {path.name} is {layout}")
-        from calypso.tasks.raw.bliss_projections import bliss_scan
 
         reader = {"bliss": bliss_scan, "dxchange": dxchange_scan, "nxtomo": nxtomo_scan}[layout]
         scan = reader(path, parameters, scans) if layout == "bliss" else reader(path)
@@ -248,120 +248,40 @@ def check_scan(scan: TomographyScan, parameters: TomographyParameters) -> None:
             )
 
 
-# -- NXtomo and Data Exchange ---------------------------------------------------
-
-
-def _nxtomo_entry(h5: h5py.File) -> str | None:
-    for name, item in h5.items():
-        if isinstance(item, h5py.Group) and "instrument/detector/data" in item:
-            detector = item["instrument/detector"]
-            if "image_key_control" in detector or "image_key" in detector:
-                return name
-    return None
-
-
-def _angles_in_degrees(dataset: h5py.Dataset) -> np.ndarray:
-    values = np.asarray(dataset[()], dtype=np.float64).ravel()
-    units = dataset.attrs.get("units", b"")
-    units = units.decode() if isinstance(units, bytes) else str(units)
-    if units.lower().startswith("rad") or (not units and np.abs(values).max() <= 2 * math.pi + 0.1):
-        return np.degrees(values)
-    return values
-
-
-def _runs(keys: np.ndarray) -> list[tuple[int, int, int]]:
-    """(key, start, stop) of each run of equal keys."""
-    edges = np.flatnonzero(np.diff(keys)) + 1
-    starts = np.concatenate([[0], edges])
-    stops = np.concatenate([edges, [len(keys)]])
-    return [(int(keys[a]), int(a), int(b)) for a, b in zip(starts, stops, strict=True)]
-
-
-def nxtomo_scan(path: Path) -> TomographyScan:
-    """An NXtomo entry: frames tagged by image key, angles in ``sample/rotation_angle``."""
-    with bliss.open_raw(path) as h5:
-        name = _nxtomo_entry(h5)
-        assert name is not None
-        detector = h5[f"{name}/instrument/detector"]
-        key_name = "image_key_control" if "image_key_control" in detector else "image_key"
-        keys = np.asarray(detector[key_name][()]).astype(int)
-        angle_location = f"{name}/sample/rotation_angle"
-        all_angles = _angles_in_degrees(h5[angle_location]) if angle_location in h5 else None
-    source = hdf5_frame_source(path, f"{name}/instrument/detector/data")
-    if len(keys) != source.n_frames:
-        raise RawDataError(
-            f"{path}: {key_name} has {len(keys)} values for {source.n_frames} frames"
-        )
-    darks, flats, projections = [], [], []
-    angles: list[float] = []
-    for key, start, stop in _runs(keys):
-        block = FrameBlock(source=source, start=start, stop=stop, position=float(start))
-        if key == IMAGE_KEY["dark"]:
-            darks.append(block)
-        elif key == IMAGE_KEY["flat"]:
-            flats.append(block)
-        elif key == IMAGE_KEY["projection"]:
-            projections.append(block)
-            if all_angles is not None:
-                if len(all_angles) != len(keys):
-                    raise RawDataError(
-                        f"{path}: {angle_location} has {len(all_angles)} values for "
-                        f"{len(keys)} frames"
-                    )
-                angles.extend(all_angles[start:stop].tolist())
-    return TomographyScan(
-        layout="nxtomo",
-        description=f"{path}::/{name}",
-        darks=darks,
-        flats=flats,
-        projections=projections,
-        angles_deg=angles,
-    )
-
-
-def dxchange_scan(path: Path) -> TomographyScan:
-    """Data Exchange: projections, flats (taken before) and darks in ``/exchange``."""
-
-    def block(name: str, position: float) -> FrameBlock | None:
-        with bliss.open_raw(path) as h5:
-            if name not in h5:
-                return None
-        source = hdf5_frame_source(path, name)
-        return FrameBlock(source=source, start=0, stop=source.n_frames, position=position)
-
-    darks = block("/exchange/data_dark", 0.0)
-    flats = block("/exchange/data_white", float(darks.n_frames if darks else 0))
-    offset = (darks.n_frames if darks else 0) + (flats.n_frames if flats else 0)
-    projections = block("/exchange/data", float(offset))
-    assert projections is not None
-    with bliss.open_raw(path) as h5:
-        angles = _angles_in_degrees(h5["/exchange/theta"]) if "/exchange/theta" in h5 else []
-    return TomographyScan(
-        layout="dxchange",
-        description=str(path),
-        darks=[darks] if darks else [],
-        flats=[flats] if flats else [],
-        projections=[projections],
-        angles_deg=list(angles),
-    )
-
-
 # -- image stacks -------------------------------------------------------------------
+
+
+def natural_key(path: Path) -> list:
+    """Sort key putting ``proj_2.tif`` before ``proj_10.tif`` (numbers not zero-padded)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def matching_images(folder: Path, patterns: str) -> list[Path]:
+    """Image files under ``folder`` whose name, the name of a folder they are in below
+    ``folder``, or their path from it (``tiffs/raw_*``) matches one of the comma-separated
+    globs ``patterns`` in any case, in natural order."""
+    globs = [glob.strip().lower() for glob in patterns.split(",") if glob.strip()]
+    found = []
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder).as_posix().lower()
+        parts = relative.split("/")
+        names = [relative, *parts]
+        if (
+            path.suffix.lower() in IMAGE_SUFFIXES
+            and not any(part.startswith(".") for part in parts)
+            and any(fnmatch.fnmatchcase(name, glob) for name in names for glob in globs)
+            and path.is_file()
+        ):
+            found.append(path)
+    return sorted(found, key=natural_key)
 
 
 def image_folder_scan(folder: Path, parameters: TomographyParameters) -> TomographyScan:
     """Projections, darks and flats as image files (TIFF, EDF ...) under ``folder``."""
-
-    def images(pattern: str) -> list[Path]:
-        return sorted(
-            p
-            for p in folder.rglob(pattern)
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-        )
-
-    darks, flats = images(parameters.darks), images(parameters.flats)
+    darks = matching_images(folder, parameters.darks)
+    flats = [p for p in matching_images(folder, parameters.flats) if p not in set(darks)]
     taken = set(darks) | set(flats)
-    projections = [p for p in images(parameters.projections) if p not in taken]
+    projections = [p for p in matching_images(folder, parameters.projections) if p not in taken]
     if not projections:
         raise RawDataError(
             f"{folder} holds no projection images ({', '.join(IMAGE_SUFFIXES)}) matching "

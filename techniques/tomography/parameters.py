@@ -37,17 +37,20 @@ class TomographySource(TechniqueParameters):
     )
     projections: str = Field(
         "*",
-        description="TIFF folder: glob of the projection files (darks and flats excluded)",
+        description="image folder: globs of the projection files, comma-separated (darks and "
+        "flats excluded)",
         json_schema_extra={"path": "glob"},
     )
     darks: str = Field(
-        "dark*",
-        description="TIFF folder: glob of the dark-field files",
+        "dark*,df_*",
+        description="image folder: globs of the dark-field files, comma-separated, matched in "
+        "any case against the file's name or the name of a folder it is in",
         json_schema_extra={"path": "glob"},
     )
     flats: str = Field(
-        "flat*",
-        description="TIFF folder: glob of the flat-field files",
+        "flat*,white*,ref*,bright*,ob_*,openbeam*",
+        description="image folder: globs of the flat-field files, comma-separated, matched in "
+        "any case against the file's name or the name of a folder it is in",
         json_schema_extra={"path": "glob"},
     )
 
