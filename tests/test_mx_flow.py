@@ -236,6 +236,38 @@ def test_eiger_master_with_data_files(grid, tmp_path, catalogue):
     assert "no indexing program on PATH" in summary["report"]["indexing"]["message"]
 
 
+@pytest.mark.parametrize("writer", ["old Eiger firmware", "Diamond"])
+def test_eiger_masters_keep_their_invalid_pixels_elsewhere(writer, grid, tmp_path, catalogue):
+    """Older Eiger firmware keeps the pixel mask in ``detectorSpecific`` (here the gaps
+    read 5000 counts, invalid only by that mask); Diamond's masters declare 16-bit frames
+    as 64-bit with no mask, the gaps at 65535 = ``saturation_value``. Either way the
+    gaps must stay out of the spot finding."""
+    sample, masked, _ = grid
+    with h5py.File(sample.dataset.raw_file, "r") as raw:
+        frames = raw["1.1/instrument/eiger/data"][10:16].astype(np.int64)
+        detector = raw["1.1/instrument/eiger"]
+        names = ("beam_center_x", "beam_center_y", "detector_distance", "x_pixel_size")
+        geometry = {name: detector[name][()] for name in names}
+        gaps = detector["pixel_mask"][()] != 0
+        wavelength = raw["1.1/instrument/beam/incident_wavelength"][()]
+    frames[:, gaps] = 5000 if writer == "old Eiger firmware" else 65535
+    with h5py.File(tmp_path / "grid_master.h5", "w") as h5:
+        h5["entry/data/data"] = frames if writer == "Diamond" else frames.astype(np.uint32)
+        for name, value in geometry.items():
+            h5[f"entry/instrument/detector/{name}"] = value
+        if writer == "Diamond":
+            h5["entry/instrument/detector/saturation_value"] = 65535
+        else:
+            h5["entry/instrument/detector/detectorSpecific/pixel_mask"] = gaps.astype(np.uint32)
+        h5["entry/instrument/beam/incident_wavelength"] = wavelength
+    summary = run_flow(
+        tmp_path / "grid_master.h5", MXParameters(mask=str(sample.mask)), output=str(tmp_path / "o")
+    )
+    np.testing.assert_array_equal(
+        per_image(summary)["n_spots"], per_image(masked)["n_spots"][10:16]
+    )
+
+
 # -- bad input ----------------------------------------------------------------------
 
 

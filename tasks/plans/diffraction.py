@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from calypso.errors import ParameterError, RawDataError
 from calypso.settings import CalypsoSettings
 from calypso.tasks.plans.preflight import require_output_room, require_registrable
-from calypso.tasks.raw import bliss
+from calypso.tasks.raw import bliss, number_order
 from calypso.tasks.raw.data_policy import RawDataset, output_folder
 from calypso.tasks.raw.frames import (
     HDF5_SUFFIXES,
@@ -323,7 +323,9 @@ def _resolve_input(
         raise RawDataError(f"{path_text} does not exist")
     raw: RawDataset | None = None
     if path.is_dir():
-        images = sorted(p for p in path.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
+        images = sorted(
+            (p for p in path.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES)), key=number_order
+        )
         try:
             raw = RawDataset.from_path(path)
         except Exception:

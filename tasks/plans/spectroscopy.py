@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from calypso.errors import CalypsoError, ParameterError, RawDataError
 from calypso.settings import CalypsoSettings
 from calypso.tasks.plans.preflight import require_output_room, require_registrable
-from calypso.tasks.raw import bliss
+from calypso.tasks.raw import bliss, number_order
 from calypso.tasks.raw.absorption import absorption, transmission_or_mu_column
 from calypso.tasks.raw.data_policy import RawDataset, output_folder
 from calypso.tasks.raw.spectra import (
@@ -139,7 +139,10 @@ def _resolve_sources(
         try:
             raw = RawDataset.from_path(path)
         except CalypsoError:
-            texts = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            texts = sorted(
+                (p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")),
+                key=number_order,
+            )
             texts = [p for p in texts if p.suffix.lower() in TEXT_SUFFIXES or _numbered(p)]
             if not texts:
                 raise RawDataError(

@@ -8,6 +8,7 @@ by parameters), which pixel values are invalid, and, for grid scans, the grid.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from calypso.errors import ParameterError, RawDataError
-from calypso.tasks.raw import bliss
+from calypso.tasks.raw import bliss, number_order
 from calypso.tasks.raw.cbf import CBF_SUFFIXES, check_cbf
 from calypso.tasks.raw.frames import FrameSource, hdf5_frame_source, image_files_source
 from calypso.techniques.mx import DetectorGeometry, MXParameters
@@ -24,6 +25,11 @@ from calypso.techniques.mx import DetectorGeometry, MXParameters
 GEOMETRY_FIELDS = ("beam_x_px", "beam_y_px", "distance_m", "wavelength_a", "pixel_size_um")
 MESH_TITLE = re.compile(
     r"^\s*[ad]mesh\s+\S+\s+\S+\s+\S+\s+(\d+)\s+\S+\s+\S+\s+\S+\s+(\d+)", re.IGNORECASE
+)
+# Eiger firmware before NXmx 1.x kept the mask among the vendor's own fields.
+NXMX_MASKS = (
+    "entry/instrument/detector/pixel_mask",
+    "entry/instrument/detector/detectorSpecific/pixel_mask",
 )
 OMEGA = ("entry/sample/transformations/omega", "entry/data/omega", "entry/sample/goniometer/omega")
 
@@ -220,7 +226,15 @@ def nxmx_scan(path: Path, parameters: MXParameters) -> MXScan:
         found = (
             hdf5_geometry(h5["entry/instrument"], "detector") if "entry/instrument" in h5 else {}
         )
-        has_mask = "entry/instrument/detector/pixel_mask" in h5
+        pixel_mask = next((name for name in NXMX_MASKS if name in h5), None)
+        detector = h5.get("entry/instrument/detector")
+        cutoff = (
+            _scalar(
+                detector, "saturation_value", "detectorSpecific/countrate_correction_count_cutoff"
+            )
+            if isinstance(detector, h5py.Group)
+            else None
+        )
         omega_name = next((name for name in OMEGA if name in h5), None)
         omega = np.asarray(h5[omega_name][()], dtype=np.float64).ravel() if omega_name else None
     if omega is not None and not np.all(np.isfinite(omega)):
@@ -246,13 +260,18 @@ def nxmx_scan(path: Path, parameters: MXParameters) -> MXScan:
     if not sources:
         raise RawDataError(f"{path}: entry/data holds no image data (data or data_NNNNNN)")
     dtype = np.dtype(sources[0].dtype)
+    saturation = float(np.iinfo(dtype).max) if dtype.kind == "u" else None
+    if cutoff is not None and math.isfinite(cutoff) and cutoff > 0:
+        # The detector's own: DLS's masters declare 16-bit Eiger frames as 64-bit, where
+        # 65535 (a gap, a defective pixel) is no type's maximum.
+        saturation = min(cutoff, saturation) if saturation is not None else cutoff
     return MXScan(
         name="entry",
         description=str(path),
         sources=sources,
         geometry=resolve_geometry(found, parameters, str(path)),
-        pixel_mask=f"{path}::/entry/instrument/detector/pixel_mask" if has_mask else None,
-        saturation=float(np.iinfo(dtype).max) if dtype.kind == "u" else None,
+        pixel_mask=f"{path}::/{pixel_mask}" if pixel_mask else None,
+        saturation=saturation,
         grid=parameters.grid,
         oscillation=(float(omega[0]), float(omega[1] - omega[0]))
         if omega is not None and len(omega) > 1
@@ -287,9 +306,12 @@ def open_mx_scans(
     """The scans in ``path`` and whether ``path`` is a Bliss file."""
     if path.is_dir():
         files = sorted(
-            p
-            for p in path.glob(parameters.images)
-            if p.is_file() and p.name.lower().endswith(CBF_SUFFIXES)
+            (
+                p
+                for p in path.glob(parameters.images)
+                if p.is_file() and p.name.lower().endswith(CBF_SUFFIXES)
+            ),
+            key=number_order,
         )
         if not files:
             raise RawDataError(

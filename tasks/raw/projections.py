@@ -19,14 +19,13 @@ task; tasks then read only the detector rows they reconstruct.
 from __future__ import annotations
 
 import fnmatch
-import re
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from calypso.errors import ParameterError, RawDataError
-from calypso.tasks.raw import bliss
+from calypso.tasks.raw import bliss, number_order
 from calypso.tasks.raw.frames import (
     IMAGE_SUFFIXES,
     FrameSource,
@@ -251,11 +250,6 @@ def check_scan(scan: TomographyScan, parameters: TomographyParameters) -> None:
 # -- image stacks -------------------------------------------------------------------
 
 
-def natural_key(path: Path) -> list:
-    """Sort key putting ``proj_2.tif`` before ``proj_10.tif`` (numbers not zero-padded)."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
-
-
 def matching_images(folder: Path, patterns: str) -> list[Path]:
     """Image files under ``folder`` whose name, the name of a folder they are in below
     ``folder``, or their path from it (``tiffs/raw_*``) matches one of the comma-separated
@@ -273,7 +267,7 @@ def matching_images(folder: Path, patterns: str) -> list[Path]:
             and path.is_file()
         ):
             found.append(path)
-    return sorted(found, key=natural_key)
+    return sorted(found, key=number_order)
 
 
 def image_folder_scan(folder: Path, parameters: TomographyParameters) -> TomographyScan:
