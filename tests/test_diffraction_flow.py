@@ -397,7 +397,7 @@ def test_an_eigers_gap_and_defective_pixels_are_left_out(test_data, tmp_path):
     """An Eiger writes 2^32 - 1 (its type's largest value) in its gaps and defective
     pixels: 6.6% of this real BioCAT Eiger2 9M vacuum frame. Counted, they made every bin
     ~10^8; left out as pyFAI's dummy, the run gives a direct pyFAI integration with
-    those pixels masked."""
+    those pixels masked. The same through an Eiger master file linking its data files."""
     import hdf5plugin  # noqa: F401
 
     data = test_data / "xrd" / "biocat_eiger" / "vac_007_data_000001.h5"
@@ -422,3 +422,25 @@ def test_an_eigers_gap_and_defective_pixels_are_left_out(test_data, tmp_path):
     )
     np.testing.assert_allclose(intensity[0], direct.intensity, rtol=1e-4)
     assert np.nanmax(intensity) < 1  # a vacuum frame: a few hundredths of a count a pixel
+    # The same frames through an Eiger master linking two data files (here the same file
+    # twice): one series of four frames, the first two and the last two as above.
+    for number in (1, 2):
+        (tmp_path / f"vac_data_{number:06d}.h5").symlink_to(data)
+    with h5py.File(tmp_path / "vac_master.h5", "w") as h5:
+        for number in (1, 2):
+            link = h5py.ExternalLink(f"vac_data_{number:06d}.h5", "/entry/data/data")
+            h5[f"entry/data/data_{number:06d}"] = link
+        # Images of the detector's size, which are not frames: a master's own datasets.
+        h5["entry/instrument/detector/detectorSpecific/pixel_mask"] = np.zeros(frame.shape)
+    summary = run_flow(
+        tmp_path / "vac_master.h5",
+        DiffractionParameters(poni=str(poni)),
+        workers=1,
+        output=str(tmp_path / "master"),
+    )
+    path, group = summary["outputs"][0].split("::")
+    with h5py.File(path) as h5:
+        series = h5[group]["intensity"][()]
+    assert series.shape[0] == 4
+    np.testing.assert_array_equal(series[:2], intensity)
+    np.testing.assert_array_equal(series[2:], intensity)

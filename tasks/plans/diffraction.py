@@ -24,6 +24,8 @@ from calypso.tasks.raw.frames import (
     IMAGE_SUFFIXES,
     FrameSource,
     default_image_dataset,
+    eiger_data_files,
+    hdf5_files_source,
     hdf5_frame_source,
     image_files_source,
     read_image,
@@ -349,6 +351,15 @@ def _resolve_input(
                 except Exception:
                     raw = None
             return raw, path, _bliss_scans(path, scans, detector), path.stem
+        if dataset_path is None and (parts := eiger_data_files(path)):
+            # An Eiger master: the frames of all its data files, in order.
+            source = hdf5_files_source(parts)
+            return (
+                None,
+                None,
+                [ScanPlan(number=1, detector="detector", source=source)],
+                (path.stem.removesuffix("_master")),
+            )
         dataset_path = dataset_path or default_image_dataset(path)
         source = hdf5_frame_source(path, dataset_path)
         name = dataset_path.strip("/").replace("/", "_")

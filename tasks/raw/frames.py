@@ -6,6 +6,7 @@ travels between tasks; each task reads only the frames of its own chunk.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,7 +48,8 @@ class FrameSource(BaseModel):
 
     def describe(self) -> str:
         if self.kind == "hdf5":
-            return f"{self.files[0]}::{self.dataset}"
+            more = f" (+{len(self.files) - 1} files)" if len(self.files) > 1 else ""
+            return f"{self.files[0]}::{self.dataset}{more}"
         return (
             self.files[0] if len(self.files) == 1 else f"{self.files[0]} (+{len(self.files) - 1})"
         )
@@ -74,6 +76,71 @@ def hdf5_frame_source(path: str | Path, dataset: str) -> FrameSource:
         # frame size without a word: every source is checked before a frame is read.
         require_frames(path, dataset)
     return FrameSource(kind="hdf5", files=(str(path),), dataset=dataset, shape=shape, dtype=dtype)
+
+
+def eiger_data_files(path: str | Path, whole: bool = False) -> list[tuple[Path, str]]:
+    """The data files an Eiger master links as ``entry/data/data_NNNNNN``, in order, as
+    (file, dataset); empty for any other file. With ``whole``, ``entry/data/data`` alone
+    where the master has it (a virtual dataset or a link over every frame).
+
+    Raises
+    ------
+    RawDataError
+        When a linked data file is missing.
+    """
+    path = Path(path)
+    with open_raw(path) as h5:
+        data = h5.get("entry/data")
+        if not isinstance(data, h5py.Group):
+            return []
+        names = list(data)  # the links' names: a missing data file is named, not skipped
+        if whole and "data" in names:
+            names = ["data"]
+        else:
+            names = sorted(name for name in names if re.fullmatch(r"data_\d+", name))
+        links = {name: data.get(name, getlink=True) for name in names}
+    found = []
+    for name in names:
+        link = links[name]
+        if not isinstance(link, h5py.ExternalLink):
+            found.append((path, f"entry/data/{name}"))
+            continue
+        target = Path(link.filename)
+        target = target if target.is_absolute() else path.parent / target
+        if not target.is_file():
+            raise RawDataError(
+                f"{path}: entry/data/{name} links to {target}, which is missing; copy the "
+                "data files next to the master file"
+            )
+        found.append((target, link.path))
+    return found
+
+
+def hdf5_files_source(parts: list[tuple[Path, str]]) -> FrameSource:
+    """Frame stacks of several HDF5 files (an Eiger's data files) as one, in order."""
+    sources = [hdf5_frame_source(path, dataset) for path, dataset in parts]
+    first = sources[0]
+    for source in sources[1:]:
+        if (source.frame_shape, source.dtype, source.dataset) != (
+            first.frame_shape,
+            first.dtype,
+            first.dataset,
+        ):
+            raise RawDataError(
+                f"{source.describe()} holds {source.dtype} frames of {source.frame_shape}, "
+                f"{first.describe()} {first.dtype} frames of {first.frame_shape}: they are not "
+                "one series"
+            )
+    if len(sources) == 1:
+        return first
+    counts = tuple(source.n_frames for source in sources)
+    return first.model_copy(
+        update={
+            "files": tuple(str(path) for path, _ in parts),
+            "frames_per_file": counts,
+            "shape": (sum(counts), *first.frame_shape),
+        }
+    )
 
 
 def default_image_dataset(path: str | Path) -> str:
@@ -176,27 +243,36 @@ def iter_frames(source: FrameSource, start: int, stop: int) -> Iterator[np.ndarr
 
 
 def _frames(source: FrameSource, start: int, stop: int) -> Iterator[np.ndarray]:
-    if source.kind == "hdf5":
-        with open_raw(source.files[0]) as h5:
-            dset = h5[source.dataset]
-            if dset.ndim == 2:
-                yield dset[()]
-                return
-            with frame_reader(dset, source.files[0]) as read:
-                for index in range(start, stop):
-                    yield read(index)
-        return
+    counts = source.frames_per_file or (source.n_frames,)
     first = 0
-    for path, count in zip(source.files, source.frames_per_file, strict=True):
+    for path, count in zip(source.files, counts, strict=True):
         last = first + count
         if last > start and first < stop:
-            image = _open_image(Path(path))
-            try:
-                for index in range(max(start, first) - first, min(stop, last) - first):
-                    yield image.data if count == 1 else image.get_frame(index).data
-            finally:
-                image.close()
+            indices = range(max(start, first) - first, min(stop, last) - first)
+            yield from (_hdf5_frames if source.kind == "hdf5" else _image_frames)(
+                source, path, count, indices
+            )
         first = last
+
+
+def _hdf5_frames(source: FrameSource, path: str, count: int, indices: range):
+    with open_raw(path) as h5:
+        dset = h5[source.dataset]
+        if dset.ndim == 2:
+            yield dset[()]
+            return
+        with frame_reader(dset, path) as read:
+            for index in indices:
+                yield read(index)
+
+
+def _image_frames(source: FrameSource, path: str, count: int, indices: range):
+    image = _open_image(Path(path))
+    try:
+        for index in indices:
+            yield image.data if count == 1 else image.get_frame(index).data
+    finally:
+        image.close()
 
 
 def read_frames(source: FrameSource, start: int, stop: int) -> np.ndarray:

@@ -19,7 +19,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from calypso.errors import ParameterError, RawDataError
 from calypso.tasks.raw import bliss, number_order
 from calypso.tasks.raw.cbf import CBF_SUFFIXES, check_cbf
-from calypso.tasks.raw.frames import FrameSource, hdf5_frame_source, image_files_source
+from calypso.tasks.raw.frames import (
+    FrameSource,
+    eiger_data_files,
+    hdf5_frame_source,
+    image_files_source,
+)
 from calypso.techniques.mx import DetectorGeometry, MXParameters
 
 GEOMETRY_FIELDS = ("beam_x_px", "beam_y_px", "distance_m", "wavelength_a", "pixel_size_um")
@@ -216,13 +221,6 @@ def nxmx_scan(path: Path, parameters: MXParameters) -> MXScan:
     with bliss.open_raw(path) as h5:
         if "entry/data" not in h5:
             raise RawDataError(f"{path}: no entry/data group: not an NXmx master file")
-        data = h5["entry/data"]
-        # A master holds a VDS "data" over the data files, or links "data_NNNNNN" to
-        # them (older Eiger firmware), or both: then "data" alone has every frame.
-        names = (
-            ["data"] if "data" in data else sorted(n for n in data if re.fullmatch(r"data_\d+", n))
-        )
-        links = {n: data.get(n, getlink=True) for n in names}
         found = (
             hdf5_geometry(h5["entry/instrument"], "detector") if "entry/instrument" in h5 else {}
         )
@@ -243,20 +241,11 @@ def nxmx_scan(path: Path, parameters: MXParameters) -> MXScan:
             f"{path}: {omega_name}, the rotation angle of every image, is NaN or infinite at "
             f"{len(bad)} of {len(omega)} images (first: image {bad[0]}); fix the master file"
         )
-    sources = []
-    for name in names:
-        link = links[name]
-        if isinstance(link, h5py.ExternalLink):
-            target = Path(link.filename)
-            target = target if target.is_absolute() else path.parent / target
-            if not target.is_file():
-                raise RawDataError(
-                    f"{path}: entry/data/{name} links to {target}, which is missing; copy the "
-                    "data files next to the master file"
-                )
-            sources.append(hdf5_frame_source(target, link.path))
-        else:
-            sources.append(hdf5_frame_source(path, f"entry/data/{name}"))
+    # A master holds a VDS "data" over the data files, or links "data_NNNNNN" to them
+    # (older Eiger firmware), or both: then "data" alone has every frame.
+    sources = [
+        hdf5_frame_source(file, dataset) for file, dataset in eiger_data_files(path, whole=True)
+    ]
     if not sources:
         raise RawDataError(f"{path}: entry/data holds no image data (data or data_NNNNNN)")
     dtype = np.dtype(sources[0].dtype)
