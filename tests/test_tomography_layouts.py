@@ -14,6 +14,7 @@ import pytest
 
 from calypso.errors import RawDataError
 from calypso.flows.cli import main
+from calypso.flows.samples.tomography import write_tomography_sample
 from calypso.tasks.raw.projections import (
     TomographyScan,
     matching_images,
@@ -167,3 +168,20 @@ def test_a_diamond_nxtomo_reconstructs_as_the_data_exchange_file(
         with h5py.File(result, "r") as h5:
             volumes.append(h5["entry/volume/data"][()])
     assert np.array_equal(volumes[0], volumes[1])
+
+
+def test_a_bliss_rotation_kept_among_the_positioners_under_another_motors_name(tmp_path):
+    """The rotation of a projection scan found as a positioner (one value a frame), under
+    a motor name nxtomomill knows (``hrrz_trig``), not only as a ``measurement`` channel."""
+    sample = write_tomography_sample(tmp_path, rows=4, columns=64, projections=91)
+    (raw_file,) = sample.raw_dataset_dir.glob("*.h5")
+    reference = scan_of(raw_file)
+    with h5py.File(raw_file, "a") as h5:
+        angles = h5["3.1/measurement/srot"][()]
+        for number in (1, 2, 3, 4):
+            for group in ("measurement", "instrument/positioners"):
+                if f"{group}/srot" in h5[f"{number}.1"]:
+                    del h5[f"{number}.1/{group}/srot"]
+        h5["3.1/instrument/positioners/hrrz_trig"] = angles
+    scan = scan_of(raw_file)
+    assert scan.angles_deg == reference.angles_deg and len(scan.angles_deg) == 91

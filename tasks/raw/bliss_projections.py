@@ -109,7 +109,7 @@ def bliss_series(
                 if motor is None:
                     raise RawDataError(
                         f"{path}: scan {info.number} ({info.title}) has no rotation angle for "
-                        f"its frames (looked for measurement/"
+                        f"its frames (looked for measurement/ and instrument/positioners/"
                         f"{parameters.rotation_motor or '{' + ','.join(ROTATION_MOTORS) + '}'}"
                         "); set rotation_motor=NAME or give --set angles=[FIRST,LAST]"
                     )
@@ -150,8 +150,11 @@ def bliss_scan(
 def _rotation_channel(entry: h5py.Group, name: str | None, shape: tuple[int, ...]) -> str | None:
     """The per-frame rotation angle dataset of a scan entry, if there is one."""
     names = [name] if name else list(ROTATION_MOTORS)
-    for candidate in names:
-        location = f"measurement/{candidate}"
-        if location in entry and entry[location].shape == (shape[0],):
-            return location
+    # A scanned motor is a channel of measurement/; Bliss also keeps it, one value a
+    # point, among the scan's positioners.
+    for group in ("measurement", "instrument/positioners"):
+        for candidate in names:
+            location = f"{group}/{candidate}"
+            if location in entry and entry[location].shape == (shape[0],):
+                return location
     return None

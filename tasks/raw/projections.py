@@ -35,7 +35,11 @@ from calypso.tasks.raw.frames import (
 )
 from calypso.techniques.tomography import TomographyParameters
 
-ROTATION_MOTORS = ("rotation", "srot", "rot", "hrsrot", "omega", "somega", "sampy_rot")
+# Ours first, then those nxtomomill looks for at ESRF's tomography beamlines.
+ROTATION_MOTORS = (
+    *("rotation", "srot", "rot", "hrsrot", "omega", "somega", "sampy_rot"),
+    *("rotm", "mhsrot", "hsrot", "mrsrot", "srot_eh2", "diffrz", "hrrz_trig"),
+)
 IMAGE_KEY = {"projection": 0, "flat": 1, "dark": 2}
 
 

@@ -28,7 +28,8 @@ class TomographySource(TechniqueParameters):
     rotation_motor: str | None = Field(
         None,
         description="Bliss: counter or positioner holding the rotation angle of every frame "
-        "(default: the first of rotation, srot, rot, hrsrot, omega, somega)",
+        "(default: the first of rotation, srot, rot, hrsrot, omega, somega, sampy_rot and the "
+        "motors nxtomomill knows: rotm, mhsrot, hsrot, mrsrot, srot_eh2, diffrz, hrrz_trig)",
     )
     angles: tuple[float, float] | None = Field(
         None,
