@@ -22,7 +22,12 @@ from calypso.tasks.raw.bliss import open_raw, require_frames
 from calypso.tasks.raw.cbf import check_cbf, is_cbf
 from calypso.tasks.raw.stored_chunks import frame_reader
 
-IMAGE_SUFFIXES = (".edf", ".cbf", ".tif", ".tiff", ".img", ".mccd", ".gz", ".bz2", ".npy")
+IMAGE_SUFFIXES = (
+    *(".edf", ".cbf", ".tif", ".tiff", ".img", ".mccd", ".gz", ".bz2", ".npy"),
+    # Other formats fabio reads: Mar345 plates, Bruker, Rigaku R-AXIS, GE (APS 1-ID, 11-ID).
+    *(f".mar{size}" for size in (1200, 1600, 1800, 2000, 2300, 2400, 3000, 3450, 3600)),
+    *(".sfrm", ".osc", ".ge", ".ge2", ".ge3", ".ge5"),
+)
 HDF5_SUFFIXES = (".h5", ".hdf5", ".nxs", ".hdf")
 
 
