@@ -12,6 +12,7 @@ import math
 import re
 from pathlib import Path
 
+import fabio
 import h5py
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -161,6 +162,66 @@ def cbf_header(path: Path) -> dict[str, float | None]:
     }
 
 
+SMV_SUFFIXES = (".img", ".img.gz", ".img.bz2")
+MX_IMAGE_SUFFIXES = CBF_SUFFIXES + SMV_SUFFIXES
+# What an ADSC SMV header must hold for its geometry to be read (as DIALS reads it);
+# d*TREK's SMV (Rigaku) headers are another convention, and give none here.
+ADSC_KEYS = ("BEAM_CENTER_X", "BEAM_CENTER_Y", "DISTANCE", "WAVELENGTH", "PIXEL_SIZE")
+
+
+def smv_header(path: Path) -> dict[str, float | None]:
+    """Geometry and angles from an ADSC SMV header: millimetres, the beam centre in
+    Mosflm's frame (``BEAM_CENTER_X`` along the slow axis, as DIALS reads ADSC images).
+
+    Raises
+    ------
+    RawDataError
+        When the image cannot be read, or its detector sits on a two-theta arm (a geometry
+        this flat, beam-perpendicular model cannot hold).
+    """
+    try:
+        image = fabio.open(str(path))
+        header = {key.upper(): str(value) for key, value in image.header.items()}
+        image.close()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise RawDataError(
+            f"{path} cannot be read as an SMV image ({exc}); copy it again"
+        ) from None
+
+    def number(key: str) -> float | None:
+        try:
+            return float(header[key])
+        except (KeyError, ValueError):
+            return None
+
+    if "DTREK_DATE_TIME" in header or any(number(key) is None for key in ADSC_KEYS):
+        return {}
+    two_theta = number("TWOTHETA") or 0.0
+    if abs(two_theta) > 0.01:
+        raise RawDataError(
+            f"{path}: the detector is on a two-theta arm (TWOTHETA {two_theta} deg); Calypso's "
+            "MX geometry is a detector perpendicular to the beam: reduce it with DIALS"
+        )
+    pixel_mm = number("PIXEL_SIZE") or 0.0
+    return {
+        "beam_x_px": number("BEAM_CENTER_Y") / pixel_mm if pixel_mm else None,
+        "beam_y_px": number("BEAM_CENTER_X") / pixel_mm if pixel_mm else None,
+        "distance_m": number("DISTANCE") / 1000,
+        "wavelength_a": number("WAVELENGTH"),
+        "pixel_size_um": pixel_mm * 1000,
+        "saturation": 65535.0 if header.get("TYPE", "").lower() == "unsigned_short" else None,
+        "start_angle": number("OSC_START"),
+        "angle_increment": number("OSC_RANGE"),
+    }
+
+
+def image_header(path: Path) -> dict[str, float | None]:
+    name = path.name.lower()
+    if name.endswith(CBF_SUFFIXES):
+        return cbf_header(path)
+    return smv_header(path) if name.endswith(SMV_SUFFIXES) else {}
+
+
 # -- sources ------------------------------------------------------------------------
 
 
@@ -273,7 +334,7 @@ def image_series_scan(files: list[Path], parameters: MXParameters, name: str) ->
     for path in files:
         if not path.is_file() or path.stat().st_size == 0:
             raise RawDataError(f"{path} is missing or empty")
-    header = cbf_header(files[0]) if files[0].name.lower().endswith(CBF_SUFFIXES) else {}
+    header = image_header(files[0])
     source = image_files_source(files)
     return MXScan(
         name="entry",
@@ -298,17 +359,17 @@ def open_mx_scans(
             (
                 p
                 for p in path.glob(parameters.images)
-                if p.is_file() and p.name.lower().endswith(CBF_SUFFIXES)
+                if p.is_file() and p.name.lower().endswith(MX_IMAGE_SUFFIXES)
             ),
             key=number_order,
         )
         if not files:
             raise RawDataError(
-                f"{path} holds no CBF images ({', '.join(CBF_SUFFIXES)}) matching "
+                f"{path} holds no CBF or SMV images ({', '.join(MX_IMAGE_SUFFIXES)}) matching "
                 f"{parameters.images!r}"
             )
         return [image_series_scan(files, parameters, path.name)], False
-    if path.name.lower().endswith(CBF_SUFFIXES):
+    if path.name.lower().endswith(MX_IMAGE_SUFFIXES):
         return [image_series_scan([path], parameters, path.name)], False
     with bliss.open_raw(path) as h5:
         is_bliss = any(bliss.SCAN_ENTRY.match(name) for name in h5)
