@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import fabio
+import fabio.tifimage
 import numpy as np
 import pytest
 
@@ -80,3 +81,25 @@ def test_adsc_images_on_a_two_theta_arm_or_of_dtrek_are_refused_or_asked(
     code = main(["run", "mx", str(dtrek), "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 3 and "--set beam_x_px=VALUE" in err and str(dtrek) in err
+
+
+def test_images_without_a_known_header_run_with_the_geometry_given(
+    thaumatin, tmp_path, capsys, catalogue
+):
+    """A MarCCD/Rayonix image (a TIFF, read by fabio): its header's geometry is not read
+    here, so the run asks for it, then gives the CBF's spots with the CBF's geometry."""
+    cbf, image, geometry = thaumatin
+    mccd = tmp_path / "thau_001.mccd"
+    fabio.tifimage.TifImage(data=image).write(str(mccd))
+    code = main(["run", "mx", str(mccd), "--output", str(tmp_path / "refused")])
+    err = capsys.readouterr().err
+    assert code == 3 and "no beam_x_px, beam_y_px, distance_m" in err and str(mccd) in err
+    given = {name: geometry[name] for name in ("beam_x_px", "beam_y_px", "distance_m")}
+    given |= {name: geometry[name] for name in ("wavelength_a", "pixel_size_um")}
+    spots = [
+        spot_table(run_flow("mx", raw, MXParameters(**given), 1, str(tmp_path / raw.stem)))
+        for raw in (mccd, cbf)
+    ]
+    assert len(spots[0]["x"]) > 100
+    for name, values in spots[1].items():
+        np.testing.assert_array_equal(spots[0][name], values)

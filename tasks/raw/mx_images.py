@@ -163,7 +163,11 @@ def cbf_header(path: Path) -> dict[str, float | None]:
 
 
 SMV_SUFFIXES = (".img", ".img.gz", ".img.bz2")
-MX_IMAGE_SUFFIXES = CBF_SUFFIXES + SMV_SUFFIXES
+# Read by fabio, geometry given with --set: MarCCD/Rayonix, R-AXIS, Bruker.
+OTHER_SUFFIXES = tuple(
+    f"{suffix}{packing}" for suffix in (".mccd", ".osc", ".sfrm") for packing in ("", ".gz", ".bz2")
+)
+MX_IMAGE_SUFFIXES = CBF_SUFFIXES + SMV_SUFFIXES + OTHER_SUFFIXES
 # What an ADSC SMV header must hold for its geometry to be read (as DIALS reads it);
 # d*TREK's SMV (Rigaku) headers are another convention, and give none here.
 ADSC_KEYS = ("BEAM_CENTER_X", "BEAM_CENTER_Y", "DISTANCE", "WAVELENGTH", "PIXEL_SIZE")
@@ -365,7 +369,7 @@ def open_mx_scans(
         )
         if not files:
             raise RawDataError(
-                f"{path} holds no CBF or SMV images ({', '.join(MX_IMAGE_SUFFIXES)}) matching "
+                f"{path} holds no MX images ({', '.join(MX_IMAGE_SUFFIXES)}) matching "
                 f"{parameters.images!r}"
             )
         return [image_series_scan(files, parameters, path.name)], False
