@@ -102,7 +102,8 @@ def _angles_in_degrees(dataset: h5py.Dataset) -> np.ndarray:
     values = np.asarray(dataset[()], dtype=np.float64).ravel()
     units = dataset.attrs.get("units", b"")
     units = units.decode() if isinstance(units, bytes) else str(units)
-    if units.lower().startswith("rad") or (not units and np.abs(values).max() <= 2 * math.pi + 0.1):
+    radians_by_size = values.size and np.abs(values).max() <= 2 * math.pi + 0.1
+    if units.lower().startswith("rad") or (not units and radians_by_size):
         return np.degrees(values)
     return values
 
