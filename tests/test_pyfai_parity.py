@@ -138,3 +138,79 @@ def test_ewoksxrpd_scripts_read_calypsos_output(
         assert integrated.shape[0] == len(h5["1.1/measurement/mon"])  # raw counters beside it
         with h5py.File(diffraction_sample.dataset.raw_file, "r") as raw:
             assert set(raw["1.1/measurement"]) < set(h5["1.1/measurement"])
+
+
+def test_older_and_newer_configurations_as_pyfais_worker_reads_them(
+    ceo2, tmp_path, catalogue_path, capsys, on_shared_cluster
+):
+    """What real configurations hold (found in the trial of session 36): a method as text
+    ('splitbbox', with parts left open), a PONI file named with a wavelength that overrides
+    its own, and a mask as the ``fabio:`` URL recent pyFAI writes. Calypso's pattern is
+    pyFAI's Worker's for the same configuration."""
+    image, poni = ceo2
+    frame = np.flipud(fabio.open(str(image)).data)
+    mask = tmp_path / "mask.edf"
+    # The gaps of the image and of the image flipped: the same mask for Calypso, which flips
+    # it with the frames, and for pyFAI's Worker, given the flipped frame.
+    gaps = (frame < 0) | np.flipud(frame < 0)
+    fabio.edfimage.EdfImage(data=gaps.astype(np.int8)).write(str(mask))
+    config = {  # version 1 (no version key): pyFAI merges the keys over the PONI file
+        "poni": str(poni), "wavelength": 1e-10, "nbpt_rad": 1000, "unit": "q_nm^-1",
+        "method": "splitbbox", "do_solid_angle": True, "do_mask": True, "mask_file": f"fabio://{mask}",
+    }  # fmt: skip
+    path = tmp_path / "integration.json"
+    path.write_text(json.dumps(config))
+    parameters = build_parameters("diffraction", [], str(path))
+    assert parameters.geometry.wavelength == 1e-10 and parameters.poni is None
+    assert parameters.mask == str(mask) and parameters.method[:2] == ("bbox", "histogram")
+    options = ["--params", str(path), "--set", "flip=ud", "--output", str(tmp_path / "out")]
+    code = main(["run", "diffraction", str(image), *options, "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0
+    nexus_file, _, group = summary["outputs"][0].partition("::")
+    with h5py.File(nexus_file, "r") as h5:
+        data = h5[group]
+        pattern, q = data["intensity"][0], data[data.attrs["axes"][-1]][()]
+    from pyFAI.worker import Worker
+
+    worker = Worker()
+    worker.set_config(config)
+    worker.output = "raw"
+    reference = worker.process(frame.astype(np.float32))
+    np.testing.assert_allclose(q, reference.radial, rtol=1e-6)
+    valid = np.isfinite(pattern) & (reference.intensity != 0)
+    assert valid.sum() > 0.9 * len(q)
+    np.testing.assert_allclose(pattern[valid], reference.intensity[valid], rtol=1e-4)
+
+
+def test_configurations_pyfai_reads_other_ways(ceo2, tmp_path):
+    _, poni = ceo2
+    geometry_only = {  # what blissoda keeps: the geometry, nothing of the integration
+        "application": "pyfai-integrate", "version": 3, "wavelength": 1.65e-11,
+        "dist": 1.01, "poni1": 0.21, "poni2": 0.14, "rot1": 0, "rot2": 0, "rot3": 0,
+        "detector": "Pilatus_CdTe_2M",
+    }  # fmt: skip
+    path = tmp_path / "integration.json"
+
+    def read(values):
+        path.write_text(json.dumps(values))
+        return build_parameters("diffraction", [], str(path))
+
+    defaults = read(geometry_only)
+    assert defaults.npt == build_parameters("diffraction", [f"poni={poni}"]).npt
+    assert defaults.geometry.dist == 1.01
+    # A 2D configuration made for OpenCL runs where there is none, as pyFAI's Worker does.
+    azimuthal = read(
+        geometry_only | {"nbpt_rad": 500, "nbpt_azim": 36, "method": ["bbox", "csr", "opencl"]}
+    )
+    assert azimuthal.method[:2] == ("bbox", "csr") and azimuthal.npt_azim == 36
+    for integrator in ("sigma_clip_ng", "medfilt1d_ng"):
+        with pytest.raises(
+            ParameterError, match=f"integrator_name='{integrator}' is not supported"
+        ):
+            read(geometry_only | {"integrator_name": integrator})
+    # Darks as pyFAI 0.x wrote them: one text of comma-separated files.
+    with pytest.raises(ParameterError, match="dark_current names 2 files; Calypso takes one"):
+        read(geometry_only | {"dark_current": "/a.edf,/b.edf", "do_dark": True})
+    with pytest.raises(ParameterError, match="takes frame .2,. of its file"):
+        read(geometry_only | {"mask_file": "fabio:///data/masks.edf?slice=2", "do_mask": True})

@@ -12,6 +12,7 @@ dropped silently.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from calypso.errors import ParameterError
@@ -41,17 +42,23 @@ def read_pyfai_config(values: Mapping[str, Any], source: str = "the configuratio
         raise ParameterError(f"{source}: pyFAI cannot read this configuration: {exc}") from None
     parameters: dict[str, Any] = {}
     poni = values.get("poni")
-    if isinstance(poni, str):  # a path to a PONI file
-        parameters["poni"] = poni
-    elif config.poni is not None and getattr(config.poni, "dist", None) is not None:
+    has_geometry = config.poni is not None and getattr(config.poni, "dist", None) is not None
+    if isinstance(poni, str) and poni.strip() and not _overridden(poni, config.poni):
+        parameters["poni"] = poni  # a PONI file, as it is (its spline found beside it)
+    elif has_geometry:  # the file's own, or a PONI file's with keys of the file over it
         parameters["geometry"] = _geometry(config.poni)
-    parameters["npt"] = int(config.nbpt_rad)
+    if config.nbpt_rad is not None:  # else Calypso's default, as for a PONI file
+        parameters["npt"] = int(config.nbpt_rad)
     if config.nbpt_azim and int(config.nbpt_azim) > 1:
         parameters["npt_azim"] = int(config.nbpt_azim)
-    parameters["unit"] = str(getattr(config.unit, "name", config.unit))
-    method = config.method
-    if method is not None:
-        parameters["method"] = [method.split, method.algo, method.impl]
+    if config.unit is not None:
+        parameters["unit"] = str(getattr(config.unit, "name", config.unit))
+    if config.method is not None:
+        parameters["method"] = _available_method(
+            config.method, 2 if "npt_azim" in parameters else 1
+        )
+    if config.integrator_method not in (None, *PLAIN_INTEGRATORS):
+        _refuse(source, "integrator_name", config.integrator_method)
     polarization = config.polarization_description
     if polarization is not None and polarization.polarization_factor is not None:
         if polarization.axis_offset:
@@ -62,6 +69,8 @@ def read_pyfai_config(values: Mapping[str, Any], source: str = "the configuratio
     parameters["correct_solid_angle"] = bool(config.correct_solid_angle)
     for key, name in (("mask_file", "mask"), ("dark_current", "dark"), ("flat_field", "flat")):
         files = getattr(config, key)
+        if isinstance(files, str) and "," in files and not Path(files).exists():
+            files = [name.strip() for name in files.split(",") if name.strip()]  # pyFAI 0.x
         if isinstance(files, list | tuple):
             if len(files) > 1:
                 raise ParameterError(
@@ -70,7 +79,7 @@ def read_pyfai_config(values: Mapping[str, Any], source: str = "the configuratio
                 )
             files = files[0] if files else None
         if files:
-            parameters[name] = str(files)
+            parameters[name] = _image_location(str(files), source, key)
     if config.val_dummy is not None:
         parameters["dummy"] = float(config.val_dummy)
     if config.delta_dummy is not None:
@@ -90,6 +99,55 @@ def read_pyfai_config(values: Mapping[str, Any], source: str = "the configuratio
     if config.chi_discontinuity_at_0:
         _refuse(source, "chi_discontinuity_at_0", True, "azimuth_range")
     return parameters
+
+
+# pyFAI's integrators that integrate and nothing more (sigma clipping, median filters and
+# radial integrations are other reductions).
+PLAIN_INTEGRATORS = ("integrate1d", "integrate1d_ng", "integrate2d", "integrate2d_ng")
+
+
+def _available_method(method: Any, dim: int) -> list[str]:
+    """The method pyFAI's Worker would run: the parts a configuration leaves open ('csr'
+    in older files) chosen, an implementation this machine lacks (OpenCL) replaced."""
+    from pyFAI.method_registry import IntegrationMethod
+
+    found = IntegrationMethod.select_method(
+        dim=dim, split=method.split, algo=method.algo, impl=method.impl, degradable=True
+    )
+    chosen = found[0] if found else IntegrationMethod.select_one_available(method, dim=dim)
+    return [chosen.split_lower, chosen.algo_lower, chosen.impl_lower]
+
+
+def _image_location(text: str, source: str, key: str) -> str:
+    """A file named as pyFAI names it (a path, or a ``fabio:``/``silx:`` URL as recent
+    pyFAI writes them) as Calypso names it: a path, or ``FILE.h5::/dataset``."""
+    if not text.startswith(("fabio:", "silx:")):
+        return text
+    from silx.io.url import DataUrl
+
+    url = DataUrl(text)
+    if not url.is_valid() or not url.file_path():
+        raise ParameterError(f"{source}: {key} {text!r} is not a file name or URL pyFAI reads")
+    if url.data_slice() not in (None, (0,)):
+        raise ParameterError(
+            f"{source}: {key} {text!r} takes frame {url.data_slice()} of its file; Calypso "
+            "takes an image file's first: save that frame on its own and name it"
+        )
+    return f"{url.file_path()}::{url.data_path()}" if url.data_path() else url.file_path()
+
+
+def _overridden(poni_path: str, merged: Any) -> bool:
+    """Whether keys of the configuration change the PONI file it names (pyFAI's Worker
+    takes them over the file's: a wavelength, say)."""
+    from pyFAI.io.ponifile import PoniFile
+
+    try:
+        alone = PoniFile(poni_path)
+    except Exception:  # missing or damaged: the planner names it
+        return False
+    if getattr(merged, "dist", None) is None:  # pyFAI kept the path, merging nothing
+        return False
+    return _geometry(alone) != _geometry(merged)
 
 
 def _geometry(poni: Any) -> dict[str, Any]:
