@@ -131,11 +131,17 @@ def parameters_from(technique: str, values: dict[str, Any], source: str) -> Base
     try:
         return model(**values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
-            for err in exc.errors()
-        )
+        problems = "; ".join(_problem(err) for err in exc.errors())
         raise ParameterError(f"invalid {technique} parameters{source}: {problems}") from None
+
+
+def _problem(error: Any) -> str:
+    """One of pydantic's errors as a user reads it: the parameter, what is wrong, the value
+    given; a rule between parameters (no single one to name) by its own words."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not error["loc"]:
+        return message
+    return f"{'.'.join(str(p) for p in error['loc'])}: {message} (got {error.get('input')!r})"
 
 
 def _read_params_file(path: Path) -> dict[str, Any]:

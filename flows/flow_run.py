@@ -277,7 +277,8 @@ class FlowRun:
                 yield str(work_dir)
         except Exception as exc:
             self.failed(exc)
-            if not self.run_id:
+            # Kept for a retry only when it holds a finished chunk a retry could take.
+            if not self.run_id or not any(p.is_file() for p in Path(work_dir).rglob("*")):
                 remove_work_dir(work_dir)
             raise
 

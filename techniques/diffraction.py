@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -144,6 +145,26 @@ class DiffractionScience(TechniqueParameters):
                 return ("bbox", parts[0], "cython")
             return tuple(parts)
         return value
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: tuple[str, str, str]) -> tuple[str, str, str]:
+        from pyFAI.method_registry import IntegrationMethod
+
+        split, algo, impl = (part.lower() for part in value)
+        registry = logging.getLogger("pyFAI.method_registry")
+        level, registry.level = registry.level, logging.CRITICAL  # its log repeats ours
+        try:
+            found = IntegrationMethod.select_method(dim=1, split=split, algo=algo, impl=impl)
+        finally:
+            registry.setLevel(level)
+        if not found:
+            raise ValueError(
+                f"pyFAI has no method {list(value)} here: splitting one of no, bbox, pseudo, "
+                "full; algorithm one of histogram, csr, csc, lut; implementation python, "
+                "cython or opencl (where OpenCL is installed)"
+            )
+        return (split, algo, impl)
 
     @field_validator("unit")
     @classmethod

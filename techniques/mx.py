@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from calypso.techniques.fields import TechniqueParameters
 from calypso.techniques.masks import DEFAULT_MIN_UNMASKED_FRACTION
@@ -98,6 +98,15 @@ class MXScience(TechniqueParameters):
         gt=1,
         description="ice flag: spots on ice-ring d-spacings this many times the uniform share",
     )
+
+    @model_validator(mode="after")
+    def _spot_sizes_in_order(self) -> MXScience:
+        if self.min_spot_size > self.max_spot_size:
+            raise ValueError(
+                f"min_spot_size={self.min_spot_size} is above max_spot_size="
+                f"{self.max_spot_size}: no spot could be kept"
+            )
+        return self
 
 
 class MXExecution(TechniqueParameters):

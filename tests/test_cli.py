@@ -141,27 +141,32 @@ def test_image_outside_the_policy_needs_an_output(test_data, tmp_path, capsys):
 def test_failure_inside_the_flow_leaves_nothing_that_looks_complete(
     dataset, options, catalogue_path, capsys, on_shared_cluster
 ):
+    # A beam loss at frame 7 is found before anything runs, and named as frame 7 (chunks
+    # counted their own frames: it was "frame 3" of the second chunk).
     with h5py.File(dataset / f"{dataset.name}.h5", "a") as h5:
-        h5["1.1/instrument/mon/data"][7] = 0.0  # a beam loss: cannot normalise frame 7
+        h5["1.1/instrument/mon/data"][7] = 0.0
     status, _, err = calypso(
-        capsys,
-        "run",
-        "diffraction",
-        dataset,
-        *options,
-        "--set",
-        "monitor=mon",
-        "--set",
-        "chunk_size=4",
+        capsys, "run", "diffraction", dataset, *options, "--set", "monitor=mon"
     )
-    assert status == 2
-    assert "monitor 'mon' is 0.0 at frame 3" in err
+    assert status == 3 and "monitor 'mon' is 0.0 at frame 7: cannot normalise" in err
+    assert not processed_dir(dataset).exists() and SQLiteCatalogue(catalogue_path).list() == []
+    # A frame whose stored bytes are damaged is found by the chunk that reads it.
+    lima = dataset / "scan0001" / "pilatus1m_0001.h5"  # frames 5-9, one chunk a frame
+    with h5py.File(lima, "r") as h5:
+        chunk = h5["entry_0000/measurement/data"].id.get_chunk_info(2)
+    with open(lima, "r+b") as stream:
+        stream.seek(chunk.byte_offset + chunk.size // 3)
+        stream.write(bytes(256))
+    status, _, err = calypso(
+        capsys, "run", "diffraction", dataset, *options, "--set", "chunk_size=4"
+    )
+    assert status == 3 and "frames 4-7" in err and "cannot be read" in err
     # Only the run's hidden part folder stays, for a retry of the same flow run.
     assert [
         p for p in files_under(processed_dir(dataset)) if ".calypso-partial-" not in str(p)
     ] == []
     [record] = SQLiteCatalogue(catalogue_path).list()
-    assert record.status == "failed" and "monitor 'mon'" in record.message
+    assert record.status == "failed" and "cannot be read" in record.message
 
 
 def test_unreachable_prefect_server_is_a_configuration_error(dataset, options, monkeypatch, capsys):

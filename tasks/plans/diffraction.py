@@ -185,6 +185,9 @@ def check_geometry(
         )
 
 
+MIN_FRAME_PIXELS = 64  # a strip detector (Mythen: 1 x 1280) is one
+
+
 def checked_setup(
     parameters: DiffractionParameters, frames: FrameSource, what: str
 ) -> tuple[DiffractionParameters, Geometry]:
@@ -201,6 +204,11 @@ def checked_setup(
     )
     geometry = load_geometry(parameters)
     frame_shape = frames.frame_shape
+    if frame_shape[0] * frame_shape[1] < MIN_FRAME_PIXELS:  # a PONI without a shape takes it
+        raise RawDataError(
+            f"{frames.describe()}: frames of {frame_shape[0]} x {frame_shape[1]} pixels are "
+            "not a detector's images: is this the right file (or dataset, FILE::/path)?"
+        )
     check_geometry(geometry, parameters, frame_shape, what)
     for name in names[1:]:
         location = getattr(parameters, name)
@@ -289,11 +297,7 @@ def _bliss_scans(path: Path, wanted: list[int] | None, detector: str | None) -> 
                     f"{', '.join(info.detectors) or 'none'}"
                 )
             continue
-        if not info.complete:
-            raise RawDataError(
-                f"{path}: scan {info.number} has no end_time, so Bliss is still writing it; "
-                "run again once the scan has finished"
-            )
+        bliss.require_ended(path, info)
         dataset = f"/{info.entry}/instrument/{detector}/data"
         plans.append(
             ScanPlan(
@@ -330,9 +334,12 @@ def _resolve_input(
         )
         try:
             raw = RawDataset.from_path(path)
-        except Exception:
+        except Exception as exc:
             if not images:
-                raise
+                raise RawDataError(
+                    f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)}) and is no raw "
+                    f"dataset folder ({exc})"
+                ) from None
         if raw is None:
             source = image_files_source(images)
             return None, None, [ScanPlan(number=1, detector="detector", source=source)], path.name
@@ -415,6 +422,15 @@ def make_integration_plan(
                 raise RawDataError(
                     f"{raw_file}: scan {scan.number} has {counts[parameters.monitor]} values of "
                     f"{parameters.monitor} for {scan.source.n_frames} frames"
+                )
+            values = bliss.read_counter(raw_file, scan.number, parameters.monitor)
+            bad = np.flatnonzero(~(np.asarray(values[: scan.source.n_frames], float) > 0))
+            if len(bad):  # NaN, zero or negative: no normalisation by it
+                raise RawDataError(
+                    f"{raw_file}: scan {scan.number}'s monitor {parameters.monitor!r} is "
+                    f"{values[bad[0]]} at frame {bad[0]}"
+                    + (f" (and {len(bad) - 1} more frames)" if len(bad) > 1 else "")
+                    + ": cannot normalise by it; choose another counter or drop 'monitor'"
                 )
     out = output_folder(input_path, raw, TECHNIQUE, output_dir, settings.processed_data)
     if raw is not None and raw_file is not None:

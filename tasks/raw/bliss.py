@@ -92,6 +92,17 @@ class ScanInfo:
         return self.end_time is not None
 
 
+def require_ended(path: str | Path, info: ScanInfo) -> None:
+    """Refuse a scan without ``end_time``: still being written, or cut short."""
+    if not info.complete:
+        title = f" ({info.title})" if info.title else ""
+        raise RawDataError(
+            f"{path}: scan {info.number}{title} has no end_time, so Bliss is still writing it "
+            "(or it was interrupted); run again once it has finished, follow it with --live, "
+            "or leave it out with --scan"
+        )
+
+
 def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")

@@ -86,11 +86,7 @@ def bliss_series(
             if role is None or role == "skip":
                 series.position += n_frames
                 continue
-            if not info.complete:
-                raise RawDataError(
-                    f"{path}: scan {info.number} ({info.title}) has no end_time: it is still "
-                    "running or was interrupted; wait for it or choose scans with --scan"
-                )
+            bliss.require_ended(path, info)
             block = FrameBlock(
                 source=hdf5_frame_source(path, dataset),
                 start=0,

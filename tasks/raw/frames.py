@@ -209,9 +209,20 @@ def _open_image(path: Path):
     if not path.exists():
         raise RawDataError(f"{path} does not exist")
     try:
-        return fabio.open(str(path))
+        image = fabio.open(str(path))
     except Exception as exc:
         raise RawDataError(f"{path} cannot be read as an image by fabio: {exc}") from None
+    if image.data is None:  # fabio read the header, the pixels are not all there
+        image.close()
+        raise _truncated(path)
+    return image
+
+
+def _truncated(path: Path | str, frame: int | None = None) -> RawDataError:
+    which = f"frame {frame} of " if frame is not None else ""
+    return RawDataError(
+        f"{which}{path} holds no readable pixels: the file is truncated or damaged; copy it again"
+    )
 
 
 @contextmanager
@@ -275,7 +286,10 @@ def _image_frames(source: FrameSource, path: str, count: int, indices: range):
     image = _open_image(Path(path))
     try:
         for index in indices:
-            yield image.data if count == 1 else image.get_frame(index).data
+            data = image.data if count == 1 else image.get_frame(index).data
+            if data is None:
+                raise _truncated(path, index)
+            yield data
     finally:
         image.close()
 

@@ -117,7 +117,7 @@ def _wavelength(instrument: h5py.Group) -> float | None:
         instrument, "beam/incident_wavelength", "monochromator/wavelength", "beam/wavelength"
     )
     if wavelength is not None:
-        return wavelength * 1e10 if wavelength < 1e-6 else wavelength  # metres or Å
+        return wavelength * 1e10 if 0 < wavelength < 1e-6 else wavelength  # metres or Å
     energy = _scalar(instrument, "monochromator/energy", "beam/incident_energy")
     if energy is not None:
         return 12.398419843 / (energy / 1000 if energy > 1000 else energy)  # eV or keV
@@ -238,6 +238,13 @@ def grid_from_title(title: str) -> tuple[int, int] | None:
     return slow + 1, fast + 1
 
 
+def _positions(group: h5py.Group, name: str) -> np.ndarray:
+    try:
+        return np.asarray(group[name][()], dtype=np.float64).ravel()
+    except (TypeError, ValueError):  # not numbers
+        return np.array([np.nan])
+
+
 def bliss_scans(path: Path, parameters: MXParameters, wanted: list[int] | None) -> list[MXScan]:
     infos = bliss.select_scans(path, wanted)
     infos = [info for info in infos if info.detectors]
@@ -248,15 +255,19 @@ def bliss_scans(path: Path, parameters: MXParameters, wanted: list[int] | None) 
     for info in infos:
         if detector not in info.detectors:
             continue
+        bliss.require_ended(path, info)
         dataset = f"{info.entry}/instrument/{detector}/data"
         with bliss.open_raw(path) as h5:
             instrument = h5[f"{info.entry}/instrument"]
             found = hdf5_geometry(instrument, detector)
             has_mask = "pixel_mask" in instrument[detector]
+            # A motor whose positions are not all finite (an encoder that dropped out)
+            # gives no position: the grid keeps its rows and columns, the centring its cell.
             motors = {
-                name: np.asarray(h5[f"{info.entry}/measurement/{name}"][()]).tolist()
+                name: values.tolist()
                 for name in ("sy", "sz", "sampy", "sampz", "phiy", "phiz")
                 if f"{info.entry}/measurement/{name}" in h5
+                and np.all(np.isfinite(values := _positions(h5[f"{info.entry}/measurement"], name)))
             }
         source = hdf5_frame_source(path, dataset)
         scans.append(

@@ -118,15 +118,28 @@ def read_block_rows(block: FrameBlock, first: int, stop: int) -> np.ndarray:
         When the file cannot deliver them (corrupt compressed chunk, truncated file).
     """
     source = block.source
-    with named_read_errors(f"{block.describe()}, rows {first}-{stop - 1}"):
+    where = f"{block.describe()}, rows {first}-{stop - 1}"
+    with named_read_errors(where):
         if source.kind == "hdf5":
             with bliss.open_raw(source.files[0]) as h5:
                 dset = h5[source.dataset]
-                if dset.ndim == 2:
-                    return dset[first:stop][None]
-                return dset[block.start : block.stop, first:stop, :]
-        frames = iter_frames(source, block.start, block.stop)
-        return np.stack([frame[first:stop] for frame in frames])
+                rows = (
+                    dset[first:stop][None]
+                    if dset.ndim == 2
+                    else dset[block.start : block.stop, first:stop, :]
+                )
+        else:
+            frames = iter_frames(source, block.start, block.stop)
+            rows = np.stack([frame[first:stop] for frame in frames])
+    if rows.dtype.kind == "f" and not np.isfinite(rows).all():
+        # NaN or infinite counts spread through the filter into the whole slice.
+        bad = np.argwhere(~np.isfinite(rows))[0]
+        raise RawDataError(
+            f"{where}: {np.count_nonzero(~np.isfinite(rows))} pixels are NaN or infinite "
+            f"(first: frame {block.start + bad[0]}, row {first + bad[1]}, column {bad[2]}); "
+            "the file is damaged, or give rows=[FIRST,STOP] that leave them out"
+        )
+    return rows
 
 
 def read_projection_rows(scan: TomographyScan, first: int, stop: int) -> np.ndarray:
@@ -197,6 +210,7 @@ def open_tomography_scan(
     return scan
 
 
+MIN_DETECTOR_PX = 8  # columns: below that no centre of rotation can be searched
 HALF_TURN_DEG = 179.0  # what a reconstruction needs: a half turn, one step short at most
 
 
@@ -229,19 +243,32 @@ def check_scan(scan: TomographyScan, parameters: TomographyParameters) -> None:
             "they must match one to one (fix the file or give --set angles=[FIRST,LAST])"
         )
     angles = np.asarray(scan.angles_deg)
+    given = "the angles given (--set angles)" if parameters.angles else "the file's angles"
     if not np.all(np.isfinite(angles)):
-        raise RawDataError(f"{where}: the rotation angles contain NaN or infinite values")
+        bad = np.flatnonzero(~np.isfinite(angles))
+        raise RawDataError(
+            f"{where}: {len(bad)} rotation angles are NaN or infinite (first: projection "
+            f"{bad[0]}); fix the file, or give --set angles=[FIRST,LAST] (degrees)"
+        )
     steps = np.diff(angles)
     if len(steps) and not (np.all(steps > 0) or np.all(steps < 0)):
+        # The first step against the scan's direction (or standing still), not the smallest.
+        direction = np.sign(np.median(steps)) or 1.0
+        wrong = int(np.flatnonzero(np.sign(steps) != direction)[0])
         raise RawDataError(
-            f"{where}: the rotation angles are not monotonic (a step of "
-            f"{steps[np.argmin(np.abs(steps))]:.3g} deg at projection "
-            f"{int(np.argmin(np.abs(steps)))}); check the rotation motor channel"
+            f"{where}: {given} are not monotonic: from projection {wrong} to {wrong + 1} "
+            f"they go {angles[wrong]:.4g} -> {angles[wrong + 1]:.4g} deg; check the rotation "
+            "motor channel (or the scans chosen), or give --set angles=[FIRST,LAST]"
         )
     span = covered_deg(angles)
     if span < HALF_TURN_DEG:
         raise RawDataError(
             f"{where}: the projections cover {span:.1f} degrees; a reconstruction needs 180"
+        )
+    if scan.columns < MIN_DETECTOR_PX:
+        raise RawDataError(
+            f"{where}: projections of {scan.rows} x {scan.columns} pixels; a reconstruction "
+            f"needs at least {MIN_DETECTOR_PX} columns: is this the right file?"
         )
     for block in scan.darks + scan.flats + scan.projections:
         if block.source.frame_shape != (scan.rows, scan.columns):

@@ -251,11 +251,7 @@ def bliss_sources(
             name = None
         if name is None:
             continue
-        if not info.complete:
-            raise RawDataError(
-                f"{path}: scan {number} has no end_time, so Bliss is still writing it; "
-                "run again once the scan has finished"
-            )
+        bliss.require_ended(path, info)
         with bliss.open_raw(path) as h5:
             measurement = h5[f"{number}.1/measurement"]
             shape = measurement[name].shape

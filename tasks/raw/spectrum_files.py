@@ -61,9 +61,16 @@ def read_xdi(path: Path, lines: list[str]) -> tuple[dict[str, np.ndarray], dict[
     try:
         data = np.loadtxt(path, comments="#", ndmin=2, delimiter=None)
     except ValueError as exc:
+        # numpy's own advice ('use usecols') is no option of Calypso's: keep its finding.
+        finding = str(exc).split(";")[0]
+        if "number of columns changed" in finding:
+            raise RawDataError(
+                f"{path}: {finding} of the data: a row is cut short or extra values were "
+                "written; the file is damaged or was copied while being written, copy it again"
+            ) from None
         raise RawDataError(
-            f"{path}: not a column file of numbers ({exc}); expected XDI or whitespace-separated "
-            "columns under a '#' header"
+            f"{path}: not a column file of numbers ({finding}); expected XDI or "
+            "whitespace-separated columns under a '#' header"
         ) from None
     if data.size == 0 or data.shape[1] < 2:
         raise RawDataError(f"{path}: no data columns found")

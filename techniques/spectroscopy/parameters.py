@@ -120,6 +120,15 @@ class SpectroscopyScience(TechniqueParameters):
     window: Window = Field("hanning", description="Fourier transform window.")
     rmax_out: float = Field(10.0, gt=0, description="Largest R written out (Å).")
 
+    @model_validator(mode="after")
+    def _k_ranges_in_order(self) -> SpectroscopyScience:
+        # A window from 12 to 3 1/Å is empty: chi(R) would be zero everywhere.
+        for low, high in (("kmin", "kmax"), ("bkg_kmin", "bkg_kmax")):
+            first, last = getattr(self, low), getattr(self, high)
+            if last is not None and first >= last:
+                raise ValueError(f"{low}={first} is not below {high}={last} (1/Å)")
+        return self
+
 
 class SpectroscopyExecution(TechniqueParameters):
     """How the spectra are cut into tasks."""

@@ -13,6 +13,11 @@ from calypso.techniques.fields import TechniqueParameters
 from calypso.techniques.tomography.flat_field import DEFAULT_LOG_FLOOR
 from calypso.techniques.tomography.rings import ring_filter_size
 
+# Smoothing windows of the ramp filter: algotom's (fbp, dfi) and tomopy's (gridrec).
+ALGOTOM_WINDOWS = ("hann", "hamming", "bartlett", "blackman", "nuttall", "parzen", "triang")
+TOMOPY_FILTERS = ("shepp", "cosine", "hann", "hamming", "ramlak", "parzen", "butterworth")
+UNWINDOWED = ("none", "ramp", "ram-lak", "")
+
 
 class TomographySource(TechniqueParameters):
     """Which frames to read: detector, rotation angles, rows, and the files of an image folder."""
@@ -54,6 +59,15 @@ class TomographySource(TechniqueParameters):
         "any case against the file's name or the name of a folder it is in",
         json_schema_extra={"path": "glob"},
     )
+
+    @model_validator(mode="after")
+    def _angles_apart(self) -> TomographySource:
+        if self.angles is not None and self.angles[0] == self.angles[1]:
+            raise ValueError(
+                f"angles={list(self.angles)}: the first and last projection angles must differ "
+                "(e.g. [0, 180] for a half turn)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _rows_in_order(self) -> TomographySource:
@@ -137,6 +151,18 @@ class TomographyScience(TechniqueParameters):
     @classmethod
     def _filter(cls, value: str) -> str:
         return value.lower()
+
+    @model_validator(mode="after")
+    def _known_filter(self) -> TomographyScience:
+        # algotom (fbp, dfi) reconstructs an unknown window's name without any window, and
+        # tomopy's gridrec knows its own: a typo ('hanning') would go unseen.
+        known = TOMOPY_FILTERS if self.algorithm == "gridrec" else ALGOTOM_WINDOWS
+        if self.filter_name not in (*known, *UNWINDOWED):
+            raise ValueError(
+                f"filter_name {self.filter_name!r} is not a window {self.algorithm} knows: "
+                f"{', '.join(known)}, or none"
+            )
+        return self
 
     @model_validator(mode="after")
     def _paganin_physics(self) -> TomographyScience:

@@ -1,0 +1,110 @@
+"""Mistakes and damaged inputs found by the bad-input sweep of session 36 (143 cases over
+the four techniques): each was a traceback, a complete-looking wrong result or a message
+that pointed elsewhere. Each is now a one-line refusal that says what to do."""
+
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from calypso.errors import ParameterError, RawDataError
+from calypso.flows.api import build_parameters
+from calypso.flows.cli import main
+from calypso.flows.samples.mx import write_mx_sample
+from calypso.tasks.raw.frames import image_files_source
+from calypso.tasks.raw.mx_images import open_mx_scans
+from calypso.tasks.raw.projections import open_tomography_scan, read_projection_rows
+from calypso.tasks.raw.spectrum_files import read_xdi
+from calypso.techniques.mx import MXParameters
+from calypso.techniques.tomography import TomographyParameters
+
+
+@pytest.mark.parametrize(
+    ("technique", "assignments", "expected"),
+    [
+        ("diffraction", ["method=foo"], "pyFAI has no method ['bbox', 'foo', 'cython'] here"),
+        ("tomography", ["filter_name=hanning"], "'hanning' is not a window fbp knows: hann,"),
+        ("tomography", ["angles=[0, 0]"], "the first and last projection angles must differ"),
+        ("spectroscopy", ["kmin=12", "kmax=3"], "kmin=12.0 is not below kmax=3.0"),
+        ("mx", ["min_spot_size=50", "max_spot_size=5"], "no spot could be kept"),
+    ],
+)
+def test_parameters_that_would_give_an_empty_or_silent_result_are_refused(
+    technique, assignments, expected
+):
+    with pytest.raises(ParameterError) as refused:
+        build_parameters(technique, assignments)
+    message = str(refused.value)
+    assert expected in message and "Value error" not in message and "\n" not in message
+
+
+def test_a_truncated_image_is_named_not_a_traceback(test_data, tmp_path):
+    whole = (test_data / "xrd" / "CeO2_Pilatus1M.tif").read_bytes()
+    cut = tmp_path / "CeO2_cut.tif"
+    cut.write_bytes(whole[: len(whole) // 2])  # fabio reads the header, then no pixels
+    with pytest.raises(RawDataError, match="CeO2_cut.tif holds no readable pixels: the file is"):
+        image_files_source([cut])
+
+
+@pytest.fixture
+def tooth(test_data, tmp_path):
+    copy = tmp_path / "tooth.h5"
+    shutil.copy(test_data / "tomo" / "tooth.h5", copy)
+    return copy
+
+
+def test_damaged_tomography_angles_and_pixels_are_named(tooth, tmp_path):
+    parameters = TomographyParameters()
+    with h5py.File(tooth, "a") as h5:
+        original = h5["exchange/theta"][()]
+        h5["exchange/theta"][...] = original[[0, 2, 1, *range(3, len(original))]]  # swapped
+    with pytest.raises(RawDataError, match=r"from projection 1 to 2 they go 1.989 -> 0.9945 deg"):
+        open_tomography_scan(tooth, parameters)
+    with h5py.File(tooth, "a") as h5:
+        h5["exchange/theta"][...] = np.where(np.arange(len(original)) == 50, np.nan, original)
+    with pytest.raises(RawDataError, match="1 rotation angles are NaN or infinite .first: projec"):
+        open_tomography_scan(tooth, parameters)
+    with h5py.File(tooth, "a") as h5:
+        h5["exchange/theta"][...] = original
+        h5["exchange/data"][10, 1, :5] = np.inf  # would spread through the filter
+    scan = open_tomography_scan(tooth, parameters)
+    with pytest.raises(RawDataError, match="rows 0-1: 5 pixels are NaN or infinite .first: frame"):
+        read_projection_rows(scan, 0, 2)
+    assert read_projection_rows(scan, 0, 1).shape == (181, 1, 640)  # rows=[0,1] leaves them out
+    # Inside a run: refused, and no empty scratch folder left in the output folder.
+    output = tmp_path / "out"
+    assert main(["run", "tomography", str(tooth), "--output", str(output)]) == 3
+    assert not output.exists() or not any(output.iterdir())
+
+
+def test_a_cut_column_file_says_so(test_data, tmp_path):
+    lines = (test_data / "xas" / "fe_metal_rt.xdi").read_text().splitlines()
+    cut = tmp_path / "fe_cut.xdi"
+    cut.write_text("\n".join([*lines[:60], lines[60].rsplit(maxsplit=1)[0], *lines[61:]]) + "\n")
+    with pytest.raises(RawDataError) as refused:
+        read_xdi(cut, cut.read_text().splitlines())
+    assert "a row is cut short" in str(refused.value) and "usecols" not in str(refused.value)
+
+
+def test_an_mx_scan_still_being_written_or_without_positions(tmp_path):
+    sample = write_mx_sample(tmp_path, grid=(2, 3), modules=(1, 1), module=(64, 128))
+    raw_file = sample.dataset.raw_file
+    with h5py.File(raw_file, "a") as h5:
+        h5["1.1/measurement/sy"][...] = np.nan  # an encoder that dropped out
+    (scan,), _ = open_mx_scans(raw_file, MXParameters(), None)
+    assert "sy" not in scan.motors and "sz" in scan.motors
+    with h5py.File(raw_file, "a") as h5:
+        del h5["1.1/end_time"]
+    with pytest.raises(RawDataError, match="scan 1 .* has no end_time, so Bliss is still writ"):
+        open_mx_scans(raw_file, MXParameters(), None)
+
+
+def test_diffraction_inputs_that_are_no_images(test_data, tmp_path, capsys):
+    poni = test_data / "xrd" / "CeO2_Pilatus1M.poni"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = main(["run", "diffraction", str(empty), "--set", f"poni={poni}", "--output", "o"])
+    assert code == 3 and f"{empty} holds no images (" in capsys.readouterr().err
