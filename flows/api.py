@@ -156,7 +156,11 @@ def _read_params_file(path: Path) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as exc:
-        raise ParameterError(f"parameter file {path} cannot be parsed: {exc}") from None
+        # YAML's message spans lines (the line quoted, a caret): its place and problem.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ParameterError(f"parameter file {path} cannot be parsed{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ParameterError(f"parameter file {path} must hold a mapping of NAME: VALUE")
     return data

@@ -62,6 +62,7 @@ class ChunkResult(BaseModel):
     seconds: float
     worker: str = ""  # where it ran: a SLURM job, or host:pid
     head_start: bool = False  # done by the command while Prefect's server started
+    empty_frames: list[int] = []  # frames without one finite pixel: empty patterns
 
 
 @task(name="integrate_chunk", **CHUNK_TASK)
@@ -118,12 +119,13 @@ def integrate_into_part(
         if getattr(parameters, name) is not None
     }
     p = parameters
+    empty: list[int] = []
     with (
         openmp_share() as pace,
         integrators.WORKER_INTEGRATORS.borrow(geometry) as integrator,
     ):
         result = integrate_frames(
-            _paced(frames, pace),
+            _paced(_noting_empty(frames, start, empty), pace),
             integrator,
             npt=p.npt,
             npt_azim=p.npt_azim,
@@ -158,7 +160,20 @@ def integrate_into_part(
         part_file=str(part),
         seconds=time.perf_counter() - began,
         worker=worker_identity(),
+        empty_frames=empty,
     )
+
+
+def _noting_empty(
+    frames: Iterable[np.ndarray], first: int, empty: list[int]
+) -> Iterator[np.ndarray]:
+    """``frames``; the numbers of those without one finite pixel (a beam dump written as
+    NaN) added to ``empty``: pyFAI gives them a pattern of zeros, which must not pass
+    unsaid."""
+    for number, frame in enumerate(frames, first):
+        if frame.dtype.kind == "f" and not np.isfinite(frame).any():
+            empty.append(number)
+        yield frame
 
 
 def _paced(frames: Iterable[np.ndarray], pace: Callable[[], None]) -> Iterator[np.ndarray]:

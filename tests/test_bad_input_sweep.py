@@ -4,6 +4,7 @@ that pointed elsewhere. Each is now a one-line refusal that says what to do."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import h5py
@@ -108,3 +109,23 @@ def test_diffraction_inputs_that_are_no_images(test_data, tmp_path, capsys):
     empty.mkdir()
     code = main(["run", "diffraction", str(empty), "--set", f"poni={poni}", "--output", "o"])
     assert code == 3 and f"{empty} holds no images (" in capsys.readouterr().err
+
+
+def test_a_frame_without_a_finite_pixel_is_reported(
+    test_data, tmp_path, capsys, catalogue_path, on_shared_cluster
+):
+    """A frame of NaN (a beam dump, a detector that wrote nothing) integrates to a pattern
+    of zeros: the run says so rather than averaging it in unsaid."""
+    import fabio
+
+    image = fabio.open(str(test_data / "xrd" / "CeO2_Pilatus1M.tif")).data.astype(np.float32)
+    path = tmp_path / "frames.h5"
+    with h5py.File(path, "w") as h5:
+        h5["entry/data/data"] = np.stack([image, np.full_like(image, np.nan), image])
+    poni = test_data / "xrd" / "CeO2_Pilatus1M.poni"
+    arguments = ["--set", f"poni={poni}", "--output", str(tmp_path / "out"), "--json"]
+    assert main(["run", "diffraction", str(path), *arguments]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert any(
+        "1 frames hold no finite pixel (first: scan 1 frame 1)" in w for w in summary["warnings"]
+    )

@@ -26,7 +26,15 @@ def integrate(ctx: Any, plan: Any) -> list[Any]:
 
 def chunk_figures(plan: Any, chunks: list[Any]) -> dict[str, Any]:
     """What the integration step reports of its chunks (offline and live alike)."""
+    empty = sorted((c.scan, frame) for c in chunks for frame in getattr(c, "empty_frames", []))
+    warning = (
+        f"{len(empty)} frames hold no finite pixel (first: scan {empty[0][0]} frame "
+        f"{empty[0][1]}): their patterns are empty (0) and count in the scan's mean"
+        if empty
+        else None
+    )
     return {
+        "warning": warning,
         "tasks": len(chunks),
         "busy": sum(c.seconds for c in chunks),
         "frames": plan.n_frames,

@@ -325,4 +325,6 @@ def read_image(path: str | Path, what: str) -> np.ndarray:
     data = np.asarray(data)
     if data.ndim != 2:
         raise ParameterError(f"{what} {text} has shape {data.shape}: expected one 2D image")
+    if data.dtype.kind not in "biuf":
+        raise ParameterError(f"{what} {text} holds {data.dtype} values: expected numbers")
     return data
