@@ -129,3 +129,54 @@ def test_a_frame_without_a_finite_pixel_is_reported(
     assert any(
         "1 frames hold no finite pixel (first: scan 1 frame 1)" in w for w in summary["warnings"]
     )
+
+
+# -- the other entry points (second sweep: 181 commands) ------------------------------
+
+
+def test_a_result_never_replaces_a_raw_file(test_data, tmp_path, capsys, on_shared_cluster):
+    """--output given as the input's own folder: the result (frames.h5) would have
+    replaced the raw file of that name. Refused, the raw file as it was."""
+    folder = tmp_path / "beamtime"
+    folder.mkdir()
+    raw = folder / "vac_007_data_000001.h5"
+    shutil.copy(test_data / "xrd" / "biocat_eiger" / raw.name, raw)
+    before = raw.read_bytes()
+    poni = tmp_path / "eiger.poni"
+    poni.write_text(
+        "PixelSize1: 7.5e-5\nPixelSize2: 7.5e-5\nDistance: 3.66869\nPoni1: 0.1828\n"
+        "Poni2: 0.1837\nRot1: 0\nRot2: 0\nRot3: 0\nWavelength: 1.0332e-10\n"
+    )
+    code = main(["run", "diffraction", str(raw), "--set", f"poni={poni}", "--output", str(folder)])
+    assert code == 4 and "which Calypso did not write" in capsys.readouterr().err
+    assert raw.read_bytes() == before
+    inside = tmp_path / "ih0001" / "id00" / "20261206" / "RAW_DATA" / "s" / "s_0001"
+    with pytest.raises(ParameterError, match="is inside a RAW_DATA folder"):
+        from calypso.tasks.raw.data_policy import output_folder
+
+        output_folder(str(raw), None, "diffraction", str(inside), None)
+
+
+def test_commands_that_would_delete_or_overwrite_what_is_not_theirs(tmp_path, capsys):
+    from calypso.errors import ConfigurationError
+    from calypso.flows.online.submissions import serve_submissions
+    from calypso.settings import CalypsoSettings
+    from calypso.tasks.export.transfer import check_target_uri, open_target
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    assert main(["demo", "--directory", str(mine)]) == 2
+    assert "holds what calypso demo did not write" in capsys.readouterr().err
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    # A socket path naming a regular file: the service takes no submissions, the file stays.
+    important = tmp_path / "important.txt"
+    important.write_text("kept")
+    settings = CalypsoSettings(serve={"socket": str(important)})
+    assert serve_submissions(settings) is None and important.read_text() == "kept"
+    with pytest.raises(ConfigurationError, match="inside a RAW_DATA folder"):
+        check_target_uri(str(tmp_path / "v" / "RAW_DATA" / "x"))
+    with pytest.raises(ConfigurationError, match="cannot be opened .Protocol not known: bogus"):
+        open_target("bogus://x/y", CalypsoSettings().export)
+    assert main(["server", "--port", "99999"]) == 2
+    assert "99999 is not a port number (1-65535)" in capsys.readouterr().err

@@ -132,11 +132,15 @@ def test_configured_modes_and_group_and_a_failed_runs_part_folder(
 
     # A failed run keeps its part folder for a retry: the owner's only, its files unseen.
     monkeypatch.delenv("CALYPSO_PROCESSED_DATA__GROUP")
-    with h5py.File(proposal / f"{proposal.name}.h5", "a") as h5:
-        h5["1.1/instrument/mon/data"][7] = 0.0  # a beam loss: the run fails in its chunks
+    lima = proposal / "scan0001" / "pilatus1m_0002.h5"  # frames 10 and 11
+    with h5py.File(lima, "r") as h5:
+        chunk = h5["entry_0000/measurement/data"].id.get_chunk_info(1)
+    with open(lima, "r+b") as stream:  # frame 11 damaged: its chunk fails, after others
+        stream.seek(chunk.byte_offset + chunk.size // 3)
+        stream.write(bytes(256))
     with umask(0):
-        status = main(["run", "diffraction", str(proposal), *options, "--set", "monitor=mon"])
-    assert status == 2 and "monitor 'mon' is 0.0" in capsys.readouterr().err
+        status = main(["run", "diffraction", str(proposal), *options, "--set", "chunk_size=4"])
+    assert status == 3 and "cannot be read" in capsys.readouterr().err
     [part] = results.glob("*/.calypso-partial-*")  # in the version folder the run took
     assert stat.S_IMODE(part.stat().st_mode) == 0o700
     assert [r.status for r in SQLiteCatalogue(catalogue_path).list()] == ["failed", "completed"]

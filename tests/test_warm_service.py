@@ -95,7 +95,8 @@ def test_the_service_confines_a_submitted_run_to_the_submitters_proposals(servic
     if os.getuid() != 0:
         return  # only root can be someone else
     nobody = pwd.getpwnam("nobody")
-    [reply] = replies_as(nobody, sock, submission(sample, {"poni": poni, "mask": mask}))
+    accepted, reply = replies_as(nobody, sock, submission(sample, {"poni": poni, "mask": mask}))
+    assert accepted == {"accepted": True}
     assert reply["error"]["type"] == "AccessError" and reply["error"]["exit_code"] == 7
     assert f"run submitted by uid {nobody.pw_uid}" in log.read_text()
 
@@ -123,7 +124,8 @@ def test_a_run_sent_to_the_service_is_the_run_done_alone(service):
     files = {name: str(path) for name, path in sample.calibration.items()}
     answers = replies(sock, submission(sample, {"npt": 300, "monitor": "mon", **files}))
     kinds = [next(iter(reply)) for reply in answers]
-    assert kinds[-1] == "summary" and "stage" in kinds and "error" not in kinds
+    assert kinds[0] == "accepted" and kinds[-1] == "summary"  # acknowledged at once
+    assert "stage" in kinds and "error" not in kinds
     progress = [reply["progress"] for reply in answers if "progress" in reply]
     assert progress[-1] == [8, 8] and [done for done, _ in progress] == sorted(
         done for done, _ in progress

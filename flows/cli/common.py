@@ -43,3 +43,17 @@ def print_export(export: dict[str, Any]) -> None:
     print(f"manifest: {export['manifest']}")
     for warning in export.get("warnings", []):
         print(f"calypso: warning: {warning}", file=sys.stderr)
+
+
+def port_number(text: str) -> int:
+    """argparse type of a TCP port: 1-65535 (the socket library refuses others with a
+    traceback once the server has begun)."""
+    import argparse
+
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port

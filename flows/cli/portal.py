@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from calypso.flows.cli.common import port_number
 from calypso.settings import load_settings
 
 
@@ -16,7 +17,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "portal", help="serve the web portal (sign-in, data browser, h5web, runs, export)"
     )
     portal.add_argument("--host", help="address to listen on (default: settings, 127.0.0.1)")
-    portal.add_argument("--port", type=int, help="port (default: settings, 8400)")
+    portal.add_argument("--port", type=port_number, help="port (default: settings, 8400)")
     portal.add_argument("-v", "--verbose", action="store_true", help="log every request")
     portal.set_defaults(handler=command_portal)
 

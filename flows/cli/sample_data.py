@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from calypso.errors import ParameterError
 from calypso.flows.api import build_parameters, run_technique
 from calypso.flows.builtin.diffraction import demo_settings
 from calypso.flows.cli.common import print_summary
@@ -42,7 +43,10 @@ def command_sample_data(args: argparse.Namespace) -> int:
         option.flags[0].lstrip("-").replace("-", "_"): None for option in technique.sample_options
     }
     options = {name: getattr(args, name) for name in options}
-    print(load(technique.sample_at)(Path(args.directory), seed=args.seed, **options))
+    root = Path(args.directory)
+    if root.exists() and not root.is_dir():
+        raise ParameterError(f"{root} is a file: give a folder to write the sample data under")
+    print(load(technique.sample_at)(root, seed=args.seed, **options))
     return 0
 
 
@@ -54,6 +58,11 @@ def _reduce(
     summary = run_technique(technique, str(raw_dir), parameters, None, None, settings)
     print_summary(summary)
     return summary
+
+
+# What calypso demo writes at the top of its folder: the samples' proposal, and the
+# tomography sample's ground truth beside it.
+DEMO_FOLDERS = frozenset({"ih0001", "tomography_ground_truth.h5", "mx_ground_truth.h5"})
 
 
 def command_demo(args: argparse.Namespace) -> int:
@@ -68,6 +77,13 @@ def command_demo(args: argparse.Namespace) -> int:
 
     prepare_environment(settings)
     if root.exists():
+        # Only what an earlier demo wrote there is replaced: never a folder of the user's.
+        written = {p.name for p in root.iterdir()} <= DEMO_FOLDERS if root.is_dir() else False
+        if not written:
+            raise ParameterError(
+                f"--directory {root} exists and holds what calypso demo did not write: "
+                "give a new folder (or the one an earlier demo wrote)"
+            )
         shutil.rmtree(root)
     print(f"Writing {args.frames} Pilatus 1M frames of CeO2 in the ESRF layout under {root} ...")
     sample = write_diffraction_sample(root, frames=args.frames)

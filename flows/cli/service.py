@@ -10,14 +10,14 @@ import sys
 from pathlib import Path
 
 from calypso.errors import ConfigurationError
-from calypso.flows.cli.common import technique_names
+from calypso.flows.cli.common import port_number, technique_names
 from calypso.settings import load_settings
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     server = commands.add_parser("server", help="start a local Prefect server with its UI")
     server.add_argument("--host", help="address to listen on (default: settings, 127.0.0.1)")
-    server.add_argument("--port", type=int, help="port (default: settings, 4200)")
+    server.add_argument("--port", type=port_number, help="port (default: settings, 4200)")
     server.add_argument(
         "--init",
         action="store_true",

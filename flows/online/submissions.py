@@ -21,7 +21,8 @@ The conversation is one JSON document a line. The command sends one request::
     {"technique": ..., "input": ..., "values": {...}, "scans": ..., "output": ...,
      "export_to": ..., "cwd": ..., "source": ...}
 
-and reads ``{"stage": TEXT}``, ``{"progress": [DONE, TOTAL]}`` lines, then one
+and reads ``{"accepted": true}`` at once (within ``ACKNOWLEDGE_S``: else the service is
+frozen), ``{"stage": TEXT}``, ``{"progress": [DONE, TOTAL]}`` lines, then one
 ``{"summary": {...}}`` or ``{"error": {"type", "message", "exit_code"}}``. A command
 that goes away (Ctrl-C) leaves its run going: it is followed in the Prefect UI.
 """
@@ -32,6 +33,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import struct
 import threading
 from collections.abc import Callable
@@ -51,6 +53,7 @@ logger = logging.getLogger("calypso.serve")
 # The longest request line accepted: parameters are small; a file's content is not sent.
 MAX_REQUEST_BYTES = 1 << 20
 CONNECT_TIMEOUT_S = 1.0
+ACKNOWLEDGE_S = 30.0  # from a request to the service's acknowledgement
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, the last a NUL
 
 
@@ -167,12 +170,16 @@ def submit(
     """Send ``request`` to the service, report what it says to ``progress``, and return the
     run's summary (raising the run's error as the same kind of error, same exit code)."""
     where = connection.getpeername()  # asked now: the socket is closed below
+    # A service acknowledges a request at once; one that does not is frozen, not busy.
+    connection.settimeout(ACKNOWLEDGE_S)
     with connection, connection.makefile("rwb") as stream:
         stream.write(json.dumps(request).encode() + b"\n")
         stream.flush()
-        for line in stream:
+        for line in _lines(stream, where):
             reply = json.loads(line)
-            if "progress" in reply:
+            if "accepted" in reply:
+                connection.settimeout(None)  # a run takes as long as it takes
+            elif "progress" in reply:
                 progress.update_to(*reply["progress"])
             elif "stage" in reply:
                 progress.stage(reply["stage"], started=reply.get("started", False))
@@ -184,6 +191,17 @@ def submit(
         f"the Calypso service at {where or 'its socket'} stopped during "
         "the run: see its log; the run may be in the Prefect UI"
     )
+
+
+def _lines(stream: Any, where: Any) -> Any:
+    try:
+        yield from stream
+    except TimeoutError:
+        raise ServiceGone(
+            f"the Calypso service at {where or 'its socket'} took the run but did not answer "
+            f"within {ACKNOWLEDGE_S:.0f} s: it is frozen or overloaded; see its log, or run "
+            "here with --local"
+        ) from None
 
 
 def _error_from(error: dict[str, Any]) -> CalypsoError:
@@ -304,6 +322,13 @@ def serve_submissions(settings: CalypsoSettings) -> socketserver.BaseServer | No
         )
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not stat.S_ISSOCK(path.lstat().st_mode):
+        logger.warning(
+            "runs cannot be submitted to this service: %s is not a socket (a file of someone's? "
+            "it is left as it is); set CALYPSO_SERVE__SOCKET to a free path",
+            path,
+        )
+        return None
     if path.exists():  # left by a service that was killed; a live one is refused below
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -326,6 +351,7 @@ def serve_submissions(settings: CalypsoSettings) -> socketserver.BaseServer | No
                 uid = peer_uid(self.request)
                 line = self.rfile.readline(MAX_REQUEST_BYTES)
                 request = json.loads(line)
+                reporter.send({"accepted": True})
                 logger.info(
                     "run submitted by uid %d: %s %s", uid, request["technique"], request["input"]
                 )

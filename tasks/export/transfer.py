@@ -104,6 +104,11 @@ def check_target_uri(uri: str) -> str:
         )
     if parts.scheme in S3_PROTOCOLS and not parts.netloc:
         raise ConfigurationError(f"{uri}: an S3 target needs a bucket, e.g. s3://bucket/prefix")
+    if parts.scheme in ("", "file") and "RAW_DATA" in Path(parts.path).parts:
+        raise ConfigurationError(
+            f"export target {uri} is inside a RAW_DATA folder, which holds raw data only: "
+            "export to a folder of your own or to s3://bucket/prefix"
+        )
     return uri.rstrip("/")
 
 
@@ -158,7 +163,13 @@ def open_target(uri: str, settings: ExportSettings) -> tuple[Any, str]:
         )
         fs.retries = settings.retries  # s3fs's own retry loop (a class attribute)
         return fs, fs._strip_protocol(uri)
-    fs, root = fsspec.core.url_to_fs(uri)
+    try:
+        fs, root = fsspec.core.url_to_fs(uri)
+    except (ValueError, ImportError, OSError) as exc:  # an unknown or unreachable protocol
+        raise ConfigurationError(
+            f"export target {uri} cannot be opened ({' '.join(str(exc).split())[:200]}): "
+            "Calypso exports to a local folder or to s3://bucket/prefix"
+        ) from None
     return fs, root
 
 
@@ -292,6 +303,14 @@ def export_dataset(
     """Send ``source``'s files to ``uri`` (resuming), then the manifest; optionally verify."""
     began = time.perf_counter()
     uri = check_target_uri(uri)
+    scheme = urlsplit(uri).scheme
+    if scheme in ("", "file"):
+        target = Path(urlsplit(uri).path).expanduser().absolute()
+        if target == source.absolute() or source.absolute() in target.parents:
+            raise ConfigurationError(
+                f"export target {uri} is the result's own folder {source} or inside it: "
+                "export to another folder"
+            )
     options = settings.export
     files = files_to_export(source, include)
     fs, root = open_target(uri, options)

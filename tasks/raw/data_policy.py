@@ -126,7 +126,14 @@ def output_folder(
         When the input is outside the data policy and no output folder is given.
     """
     if output_dir is not None:
-        return Path(output_dir).expanduser().absolute()
+        folder = Path(output_dir).expanduser().absolute()
+        if "RAW_DATA" in folder.parts:
+            raise ParameterError(
+                f"--output {output_dir} is inside a RAW_DATA folder, which holds raw data "
+                "only (read-only): leave --output out for the dataset's PROCESSED_DATA "
+                "folder, or give one outside RAW_DATA"
+            )
+        return folder
     if raw is not None:
         return raw.processed_dataset_dir(technique, policy)
     raise ParameterError(

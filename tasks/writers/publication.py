@@ -25,6 +25,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from calypso.errors import OutputError
 from calypso.tasks.writers.permissions import Permissions, default_permissions
 
 PARTIAL_PREFIX = ".calypso-partial-"
@@ -92,6 +93,8 @@ class Publication:
         ever visible with others. Raises OSError, with what was done still undoable."""
         if not self.moves:
             return
+        for _, final in self.moves:  # before anything moves: all or nothing
+            _refuse_foreign(final)
         permissions = self.permissions = self.permissions or default_permissions()
         for staged, final in sorted(self.moves, key=lambda m: len(m[0].parts), reverse=True):
             if staged == self.work_dir:  # the part folder itself becomes a result (volumes)
@@ -129,6 +132,28 @@ class Publication:
             except OSError:
                 continue
         self._done.clear()
+
+
+def _refuse_foreign(final: Path) -> None:
+    """Refuse to replace an HDF5 file that Calypso did not write: an output folder given
+    as the input's own folder would put the result over the raw file of the same name."""
+    if not final.is_file() or final.is_symlink():
+        return
+    with open(final, "rb") as stream:
+        if stream.read(8) != b"\x89HDF\r\n\x1a\n":
+            return
+    import h5py
+
+    try:
+        with h5py.File(final, "r", locking=False) as h5:
+            creator = str(h5.attrs.get("creator", ""))
+    except OSError:
+        creator = ""
+    if not creator.startswith("calypso"):
+        raise OutputError(
+            f"the result would replace {final}, which Calypso did not write (the raw data?): "
+            "raw files are never overwritten; give another --output folder"
+        )
 
 
 def _remove(path: Path) -> None:
