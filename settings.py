@@ -9,6 +9,7 @@ exists), then the embedded defaults, which run everything on one machine.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -397,5 +398,12 @@ def load_settings(**overrides: object) -> CalypsoSettings:
             else " (CALYPSO_* variables)"
         )
         raise ConfigurationError(f"invalid Calypso settings{where}: {problems}") from None
-    except ValueError as exc:  # malformed TOML
+    except ValueError as exc:  # malformed TOML, or a variable pydantic-settings cannot parse
+        field = re.search(r'field "(\w+)" from source "EnvSettingsSource"', str(exc))
+        if field:
+            name = f"CALYPSO_{field.group(1).upper()}"
+            raise ConfigurationError(
+                f"cannot read the Calypso configuration: {name} (or one of {name}__*) is not "
+                'valid JSON: a list is written ["/data/visitor"], a table {"id00": [...]}'
+            ) from None
         raise ConfigurationError(f"cannot read the Calypso configuration: {exc}") from None

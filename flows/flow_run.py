@@ -229,6 +229,10 @@ class FlowRun:
             raise self._not_published(exc, publication) from None
         try:
             publication.apply()
+        except OutputError as exc:  # a file there that is not a result (a raw file)
+            publication.undo()
+            self.failed(exc)
+            raise
         except OSError as exc:
             publication.undo()
             error = OutputError(

@@ -15,6 +15,7 @@ from calypso.errors import ParameterError, RawDataError
 from calypso.flows.api import build_parameters
 from calypso.flows.cli import main
 from calypso.flows.samples.mx import write_mx_sample
+from calypso.registry import SQLiteCatalogue
 from calypso.tasks.raw.frames import image_files_source
 from calypso.tasks.raw.mx_images import open_mx_scans
 from calypso.tasks.raw.projections import open_tomography_scan, read_projection_rows
@@ -134,7 +135,9 @@ def test_a_frame_without_a_finite_pixel_is_reported(
 # -- the other entry points (second sweep: 181 commands) ------------------------------
 
 
-def test_a_result_never_replaces_a_raw_file(test_data, tmp_path, capsys, on_shared_cluster):
+def test_a_result_never_replaces_a_raw_file(
+    test_data, tmp_path, capsys, catalogue_path, on_shared_cluster
+):
     """--output given as the input's own folder: the result (frames.h5) would have
     replaced the raw file of that name. Refused, the raw file as it was."""
     folder = tmp_path / "beamtime"
@@ -150,6 +153,8 @@ def test_a_result_never_replaces_a_raw_file(test_data, tmp_path, capsys, on_shar
     code = main(["run", "diffraction", str(raw), "--set", f"poni={poni}", "--output", str(folder)])
     assert code == 4 and "which Calypso did not write" in capsys.readouterr().err
     assert raw.read_bytes() == before
+    [record] = SQLiteCatalogue(catalogue_path).list()
+    assert record.status == "failed" and "did not write" in record.message
     inside = tmp_path / "ih0001" / "id00" / "20261206" / "RAW_DATA" / "s" / "s_0001"
     with pytest.raises(ParameterError, match="is inside a RAW_DATA folder"):
         from calypso.tasks.raw.data_policy import output_folder

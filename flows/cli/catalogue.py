@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from calypso.errors import ConfigurationError
-from calypso.flows.cli.common import technique_names
+from calypso.flows.cli.common import count_above_zero, technique_names
 from calypso.settings import load_settings
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     catalogue_commands = catalogue.add_subparsers(title="catalogue commands", metavar="ACTION")
     listing = catalogue_commands.add_parser("list", help="list processed datasets")
     listing.add_argument("--technique", choices=technique_names())
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--limit", type=count_above_zero, default=50)
     listing.add_argument("--json", action="store_true")
     listing.add_argument(
         "--pending", action="store_true", help="registrations waiting for delivery to ICAT"

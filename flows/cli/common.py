@@ -57,3 +57,25 @@ def port_number(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
     return port
+
+
+def positive_number(text: str) -> float:
+    """argparse type of a duration or count that must be above zero."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value:g} must be above 0")
+    return value
+
+
+def count_above_zero(text: str) -> int:
+    value = positive_number(text)
+    if value != int(value):
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(value)

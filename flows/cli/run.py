@@ -13,7 +13,7 @@ from calypso.flows.api import (
     parameter_values,
     run_technique,
 )
-from calypso.flows.cli.common import print_summary, technique_names
+from calypso.flows.cli.common import positive_number, print_summary, technique_names
 from calypso.flows.online.submissions import configured_socket, run_by_service, service_socket
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     run.add_argument(
         "--stall-timeout",
-        type=float,
+        type=positive_number,
         default=60.0,
         metavar="S",
         help="with --live: the writer stopped when no frame came for S seconds",

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from calypso.errors import ConfigurationError
-from calypso.flows.cli.common import port_number, technique_names
+from calypso.flows.cli.common import port_number, positive_number, technique_names
 from calypso.settings import load_settings
 
 
@@ -44,7 +44,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     watch.add_argument("roots", nargs="+", metavar="ROOT", help="e.g. /data/visitor")
     watch.add_argument("--once", action="store_true", help="one pass, then exit")
-    watch.add_argument("--interval", type=float, metavar="S", help="seconds between polls")
+    watch.add_argument(
+        "--interval", type=positive_number, metavar="S", help="seconds between polls"
+    )
     watch.add_argument(
         "--blissdata",
         metavar="URL",

@@ -188,7 +188,12 @@ def read_secret_block(name: str, setting: str) -> Any:
 
     try:
         block = Secret.load(name)
-    except Exception as exc:
+    except ValueError:  # Prefect's answer for a block it does not have
+        raise ConfigurationError(
+            f"the Prefect server has no Secret block {name!r} ({setting}): create it (see "
+            f"docs/operations/export.md) or unset {setting}"
+        ) from None
+    except Exception as exc:  # only its kind: the text could quote what it read
         raise ConfigurationError(
             f"cannot load the Prefect Secret block {name!r} ({setting}): {type(exc).__name__}"
         ) from None
