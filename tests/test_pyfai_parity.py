@@ -56,17 +56,22 @@ def test_a_pyfai_worker_configuration_gives_pyfais_own_pattern(
         two_theta = data[data.attrs["axes"][-1]][()]
 
     # pyFAI's Worker with the same configuration on the same (flipped) image.
+    frame = np.flipud(fabio.open(str(image)).data)
+    assert_workers_pattern(config, frame, two_theta, calypso_pattern)
+
+
+def assert_workers_pattern(config: dict, frame: np.ndarray, radial, pattern) -> None:
+    """Calypso's ``radial`` and ``pattern`` are pyFAI's Worker's for ``config`` and ``frame``."""
     from pyFAI.worker import Worker
 
     worker = Worker()
     worker.set_config(config)
     worker.output = "raw"
-    frame = np.flipud(fabio.open(str(image)).data).astype(np.float32)
-    reference = worker.process(frame)
-    np.testing.assert_allclose(two_theta, reference.radial, rtol=1e-6)
-    valid = np.isfinite(calypso_pattern) & (reference.intensity != 0)
-    assert valid.sum() > 0.9 * len(two_theta)
-    np.testing.assert_allclose(calypso_pattern[valid], reference.intensity[valid], rtol=1e-4)
+    reference = worker.process(frame.astype(np.float32))
+    np.testing.assert_allclose(radial, reference.radial, rtol=1e-6)
+    valid = np.isfinite(pattern) & (reference.intensity != 0)
+    assert valid.sum() > 0.9 * len(radial)
+    np.testing.assert_allclose(pattern[valid], reference.intensity[valid], rtol=1e-4)
 
 
 def test_configuration_keys_become_calypsos_parameters(ceo2, tmp_path):
@@ -171,16 +176,7 @@ def test_older_and_newer_configurations_as_pyfais_worker_reads_them(
     with h5py.File(nexus_file, "r") as h5:
         data = h5[group]
         pattern, q = data["intensity"][0], data[data.attrs["axes"][-1]][()]
-    from pyFAI.worker import Worker
-
-    worker = Worker()
-    worker.set_config(config)
-    worker.output = "raw"
-    reference = worker.process(frame.astype(np.float32))
-    np.testing.assert_allclose(q, reference.radial, rtol=1e-6)
-    valid = np.isfinite(pattern) & (reference.intensity != 0)
-    assert valid.sum() > 0.9 * len(q)
-    np.testing.assert_allclose(pattern[valid], reference.intensity[valid], rtol=1e-4)
+    assert_workers_pattern(config, frame, q, pattern)
 
 
 def test_configurations_pyfai_reads_other_ways(ceo2, tmp_path):
