@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 
 from calypso.tasks.raw.frames import read_image
-from calypso.techniques.diffraction import IntegratorCache
+from calypso.techniques.integrator_cache import IntegratorCache
 
 WORKER_INTEGRATORS = IntegratorCache()
 

@@ -23,6 +23,7 @@ import pytest
 from calypso.flows.cli import main
 from calypso.registry import SQLiteCatalogue
 from tests import processes
+from tests.damage import damage_stored_frame
 
 
 def calypso(capsys, *args: str) -> tuple[int, str, str]:
@@ -151,12 +152,7 @@ def test_failure_inside_the_flow_leaves_nothing_that_looks_complete(
     assert status == 3 and "monitor 'mon' is 0.0 at frame 7: cannot normalise" in err
     assert not processed_dir(dataset).exists() and SQLiteCatalogue(catalogue_path).list() == []
     # A frame whose stored bytes are damaged is found by the chunk that reads it.
-    lima = dataset / "scan0001" / "pilatus1m_0001.h5"  # frames 5-9, one chunk a frame
-    with h5py.File(lima, "r") as h5:
-        chunk = h5["entry_0000/measurement/data"].id.get_chunk_info(2)
-    with open(lima, "r+b") as stream:
-        stream.seek(chunk.byte_offset + chunk.size // 3)
-        stream.write(bytes(256))
+    damage_stored_frame(dataset, 7)
     status, _, err = calypso(
         capsys, "run", "diffraction", dataset, *options, "--set", "chunk_size=4"
     )

@@ -15,12 +15,12 @@ from calypso.techniques.diffraction import (
     DiffractionScience,
     DiffractionSource,
     Geometry,
-    IntegratorCache,
     integrate_frames,
     make_integrator,
     orient,
     oriented_shape,
 )
+from calypso.techniques.integrator_cache import IntegratorCache
 
 GEOMETRY = Geometry(
     dist=0.1,

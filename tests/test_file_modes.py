@@ -19,12 +19,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import h5py
 import pytest
 
 from calypso.flows.cli import main
 from calypso.registry import SQLiteCatalogue
 from calypso.tasks.result_storage import storage as result_storage
+from tests.damage import damage_stored_frame
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +132,7 @@ def test_configured_modes_and_group_and_a_failed_runs_part_folder(
 
     # A failed run keeps its part folder for a retry: the owner's only, its files unseen.
     monkeypatch.delenv("CALYPSO_PROCESSED_DATA__GROUP")
-    lima = proposal / "scan0001" / "pilatus1m_0002.h5"  # frames 10 and 11
-    with h5py.File(lima, "r") as h5:
-        chunk = h5["entry_0000/measurement/data"].id.get_chunk_info(1)
-    with open(lima, "r+b") as stream:  # frame 11 damaged: its chunk fails, after others
-        stream.seek(chunk.byte_offset + chunk.size // 3)
-        stream.write(bytes(256))
+    damage_stored_frame(proposal, 11)  # the last chunk fails, after others are done
     with umask(0):
         status = main(["run", "diffraction", str(proposal), *options, "--set", "chunk_size=4"])
     assert status == 3 and "cannot be read" in capsys.readouterr().err

@@ -21,9 +21,9 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-import h5py
 import pytest
 
+from tests.damage import damage_stored_frame
 from tests.processes import wait_until
 from tests.test_export import S3Server
 
@@ -179,8 +179,7 @@ def test_no_credential_reaches_anything_a_run_writes(
     raw = diffraction_sample.dataset
     broken = tmp_path / "visitor" / raw.raw_dataset_dir.relative_to(raw.root)
     shutil.copytree(raw.raw_dataset_dir, broken)
-    with h5py.File(broken / f"{broken.name}.h5", "a") as h5:
-        h5["1.1/instrument/mon/data"][7] = 0.0  # a beam loss: the run fails in its chunks
+    damage_stored_frame(broken, 7)  # a damaged frame: the run fails in its chunks
 
     (out / "some").mkdir(parents=True)
     (out / "some" / "result.h5").write_bytes(b"x")
@@ -193,8 +192,7 @@ def test_no_credential_reaches_anything_a_run_writes(
             "--output", out / "good", "--export-to", f"s3://{bucket}/runs",
         ),
         calypso(
-            env, "run", "diffraction", broken, *options, "--set", "monitor=mon",
-            "--output", out / "bad",
+            env, "run", "diffraction", broken, *options, "--output", out / "bad",
         ),
         # The key pair of the settings (the canary secret), which the store refuses.
         calypso(
@@ -208,7 +206,7 @@ def test_no_credential_reaches_anything_a_run_writes(
     assert "/dataacquisition/********/investigation" in ran.stderr
     assert "waiting in the outbox" in ran.stderr  # the registration failed
     assert f"the Prefect Secret block {BLOCK!r} held a dict" in ran.stderr
-    assert failed.returncode == 2 and "monitor 'mon' is 0.0" in failed.stderr
+    assert failed.returncode == 3 and "cannot be read" in failed.stderr
     assert refused.returncode == 6 and "refused access" in refused.stderr
 
     # The block is now stored as text, which Prefect's API masks.
@@ -219,7 +217,7 @@ def test_no_credential_reaches_anything_a_run_writes(
     text, _ = wait_until(
         lambda: (
             (found := prefect_records(since))
-            and any("monitor 'mon' is 0.0" in log.message for log in found[1])
+            and any("cannot be read" in log.message for log in found[1])
             and found
         ),
         60,

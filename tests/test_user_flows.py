@@ -499,7 +499,7 @@ def test_batches_no_step_takes_are_finished_before_the_run_ends(
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     assert main(["flows", "save", str(path), "--name", "reduced-twice"]) == 0
     capsys.readouterr()
-    output = Path(raw).parents[1] / "PROCESSED_DATA" / "twice"
+    output = Path(raw).parents[2] / "PROCESSED_DATA" / "twice"  # RAW_DATA beside it
     code = main(["flows", "run", "reduced-twice", str(raw), "--output", str(output), "--json"])
     [variant] = json.loads(capsys.readouterr().out)["variants"]
     assert code == 0
