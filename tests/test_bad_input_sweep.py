@@ -185,3 +185,19 @@ def test_commands_that_would_delete_or_overwrite_what_is_not_theirs(tmp_path, ca
         open_target("bogus://x/y", CalypsoSettings().export)
     assert main(["server", "--port", "99999"]) == 2
     assert "99999 is not a port number (1-65535)" in capsys.readouterr().err
+
+
+def test_a_result_changed_since_its_record_is_not_exported(
+    test_data, tmp_path, capsys, catalogue_path, on_shared_cluster
+):
+    out = tmp_path / "fe"
+    spectrum = test_data / "xas" / "fe_metal_rt.xdi"
+    assert main(["run", "spectroscopy", str(spectrum), "--output", str(out)]) == 0
+    [record] = SQLiteCatalogue(catalogue_path).list()
+    capsys.readouterr()
+    [result] = out.glob("*.h5")
+    with open(result, "r+b") as stream:  # a disk or a copy lost its end
+        stream.truncate(1000)
+    code = main(["export", str(record.id), "--to", str(tmp_path / "copy")])
+    assert code != 0 and f"changed {result.name} since catalogue record" in capsys.readouterr().err
+    assert not (tmp_path / "copy").exists()

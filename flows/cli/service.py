@@ -66,6 +66,21 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     deployments.set_defaults(handler=command_deployments)
 
 
+def _require_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on, or an address not this machine's, before
+    the server is announced (uvicorn would say so after, amid a traceback)."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): another server uses the "
+            "port, or the address is not this machine's; give --port / --host"
+        ) from None
+
+
 def command_server(args: argparse.Namespace) -> int:
     from calypso.executors.tls import certificate_path, ensure_certificate
     from calypso.flows import prefect_database, prefect_server
@@ -97,6 +112,7 @@ def command_server(args: argparse.Namespace) -> int:
     # 503 says to ask again soon (flows/prefect_server.py), as for the local server.
     level = env.get("PREFECT_SERVER_LOGGING_LEVEL", "warning").lower()
     command = prefect_server.serve_command(host, port, level)
+    _require_free(host, port)
     print(
         f"Prefect server and UI on http://{host}:{port} (Ctrl-C stops it), closed: the UI and "
         f"the API ask for the secret in {where}.\nCalypso's commands with this home send it; "

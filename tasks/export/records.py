@@ -56,10 +56,29 @@ def dataset_to_export(source: str, settings: CalypsoSettings) -> tuple[Path, int
             raise ExportError(
                 f"catalogue record {source} is a {record.status} run: nothing to export"
             )
+        _require_as_recorded(record, source)
         return Path(record.processed_path), record.id
     folder = Path(source).absolute()
     record = catalogue.find_by_processed_path(str(folder))
+    if record is not None and record.status == "completed":
+        _require_as_recorded(record, source)
     return folder, record.id if record else None
+
+
+def _require_as_recorded(record: Any, source: str) -> None:
+    """Refuse to export a result whose files changed since their record was made: a copy
+    that looks complete of a damaged result is worse than none."""
+    from calypso.registry.versions import verify
+
+    problems = [p for p in verify(record) if not p.startswith("no checksums")]
+    if problems:
+        shown = ", ".join(problems[:3]) + (
+            f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        )
+        raise ExportError(
+            f"{source}: {shown} since catalogue record {record.id} was made: the result is "
+            "damaged or was modified; run the reduction again rather than export it"
+        )
 
 
 def flow_export_uri(export_to: str, output_dir: str, raw: Any) -> str:
