@@ -102,9 +102,19 @@ start() {
 }
 
 stop() {
+    # A job still running keeps slurmd in its shutdown for as long as the job lasts (its
+    # step retries its completion against a stopped slurmctld): a start meanwhile finds
+    # that slurmd, starts none, and the node goes down when it ends. So: jobs cancelled
+    # first, then each daemon stopped and waited for.
+    scancel --partition=calypso >/dev/null 2>&1 || true
     pkill -x slurmd || true
     pkill -x slurmctld || true
     pkill -x slurmdbd || true
+    for _ in $(seq 1 40); do
+        pgrep -x 'slurmd|slurmctld|slurmdbd' >/dev/null || return 0
+        sleep 0.5
+    done
+    pkill -9 -x 'slurmd|slurmctld|slurmdbd' || true
 }
 
 "${1:-start}"
