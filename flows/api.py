@@ -331,13 +331,16 @@ def export_processed(
         record_export,
     )
 
-    folder, record_id = dataset_to_export(source, settings)
+    folder, record = dataset_to_export(source, settings)
+    record_id = record.id if record else None
     target = target or f"{settings.export_target.rstrip('/')}/{folder.name}"
     intent = Intent("export", export_source=str(folder), export_to=target)
     confine(identity or current_identity(settings), intent, settings)
     bar = TerminalBar(0, "B", scale=True)
     try:
-        report = export_dataset(folder, target, settings, include, verify, progress=bar.update_to)
+        report = export_dataset(
+            folder, target, settings, include, verify, progress=bar.update_to, record=record
+        )
     finally:
         bar.close()
     summary = export_summary(report, record_export(report, record_id, settings))

@@ -11,7 +11,6 @@ the geometry and lent to one thread at a time.
 from __future__ import annotations
 
 import json
-import logging
 import threading
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -148,22 +147,13 @@ class DiffractionScience(TechniqueParameters):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: tuple[str, str, str]) -> tuple[str, str, str]:
-        from pyFAI.method_registry import IntegrationMethod
+        from pyFAI.method_registry import Method
 
-        split, algo, impl = (part.lower() for part in value)
-        registry = logging.getLogger("pyFAI.method_registry")
-        level, registry.level = registry.level, logging.CRITICAL  # its log repeats ours
-        try:
-            found = IntegrationMethod.select_method(dim=1, split=split, algo=algo, impl=impl)
-        finally:
-            registry.setLevel(level)
-        if not found:
-            raise ValueError(
-                f"pyFAI has no method {list(value)} here: splitting one of no, bbox, pseudo, "
-                "full; algorithm one of histogram, csr, csc, lut; implementation python, "
-                "cython or opencl (where OpenCL is installed)"
-            )
-        return (split, algo, impl)
+        try:  # pyFAI's own check of each part's name, and its message
+            method = Method(1, *(part.lower() for part in value), None)
+        except ValueError as exc:
+            raise ValueError(f"pyFAI has no method {list(value)} here: {exc}") from None
+        return (method.split, method.algo, method.impl)
 
     @field_validator("unit")
     @classmethod

@@ -3,6 +3,7 @@ and how run and export summaries are printed."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Any
 
@@ -48,34 +49,32 @@ def print_export(export: dict[str, Any]) -> None:
 def port_number(text: str) -> int:
     """argparse type of a TCP port: 1-65535 (the socket library refuses others with a
     traceback once the server has begun)."""
-    import argparse
-
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    port = _number(text, int)
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
     return port
 
 
 def positive_number(text: str) -> float:
-    """argparse type of a duration or count that must be above zero."""
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    """argparse type of a duration that must be above zero."""
+    value = _number(text, float)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{value:g} must be above 0")
     return value
 
 
 def count_above_zero(text: str) -> int:
-    value = positive_number(text)
-    if value != int(value):
-        import argparse
+    """argparse type of a count that must be above zero."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be above 0")
+    return value
 
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-    return int(value)
+
+def _number(text: str, kind: type) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number" if kind is int else f"{text!r} is not a number"
+        ) from None

@@ -86,10 +86,10 @@ def _run_export(
 
     try:
         # What calypso.flows.api.export_processed does, with the bytes sent reported.
-        source, record_id = dataset_to_export(str(folder), settings)
+        source, record = dataset_to_export(str(folder), settings)
         confine(identity, Intent("export", export_source=str(source), export_to=target), settings)
-        report = export_dataset(source, target, settings, progress=progress)
-        summary = export_summary(report, record_export(report, record_id, settings))
+        report = export_dataset(source, target, settings, progress=progress, record=record)
+        summary = export_summary(report, record_export(report, record and record.id, settings))
         entry |= {"state": "completed", "summary": summary}
         settle(
             settings, action_id, "completed", f"{summary.get('uri')}: {summary.get('files')} files"

@@ -45,8 +45,10 @@ def record_export(report: ExportReport, record_id: int | None, settings: Calypso
     )
 
 
-def dataset_to_export(source: str, settings: CalypsoSettings) -> tuple[Path, int | None]:
-    """A processed dataset folder, or a catalogue id, as (folder, catalogue id or None)."""
+def dataset_to_export(source: str, settings: CalypsoSettings) -> tuple[Path, Any]:
+    """A processed dataset folder, or a catalogue id, as (folder, its catalogue record or
+    None). The files are compared with the record as they are sent (``export_dataset``),
+    once the caller may read them."""
     from calypso.registry import open_catalogue
 
     catalogue = open_catalogue(settings)
@@ -56,29 +58,9 @@ def dataset_to_export(source: str, settings: CalypsoSettings) -> tuple[Path, int
             raise ExportError(
                 f"catalogue record {source} is a {record.status} run: nothing to export"
             )
-        _require_as_recorded(record, source)
-        return Path(record.processed_path), record.id
+        return Path(record.processed_path), record
     folder = Path(source).absolute()
-    record = catalogue.find_by_processed_path(str(folder))
-    if record is not None and record.status == "completed":
-        _require_as_recorded(record, source)
-    return folder, record.id if record else None
-
-
-def _require_as_recorded(record: Any, source: str) -> None:
-    """Refuse to export a result whose files changed since their record was made: a copy
-    that looks complete of a damaged result is worse than none."""
-    from calypso.registry.versions import verify
-
-    problems = [p for p in verify(record) if not p.startswith("no checksums")]
-    if problems:
-        shown = ", ".join(problems[:3]) + (
-            f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        )
-        raise ExportError(
-            f"{source}: {shown} since catalogue record {record.id} was made: the result is "
-            "damaged or was modified; run the reduction again rather than export it"
-        )
+    return folder, catalogue.find_by_processed_path(str(folder))
 
 
 def flow_export_uri(export_to: str, output_dir: str, raw: Any) -> str:

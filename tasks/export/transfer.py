@@ -299,20 +299,41 @@ def export_dataset(
     include: list[str] | None = None,
     verify: bool = False,
     progress: Progress | None = None,
+    record: Any = None,
 ) -> ExportReport:
-    """Send ``source``'s files to ``uri`` (resuming), then the manifest; optionally verify."""
+    """Send ``source``'s files to ``uri`` (resuming), then the manifest; optionally verify.
+    With its catalogue ``record`` (completed), each file's SHA-256, computed for the
+    manifest before anything is sent, must be the recorded one: a damaged result is not
+    exported."""
     began = time.perf_counter()
     uri = check_target_uri(uri)
-    scheme = urlsplit(uri).scheme
-    if scheme in ("", "file"):
-        target = Path(urlsplit(uri).path).expanduser().absolute()
+    parts = urlsplit(uri)
+    if parts.scheme in ("", "file"):
+        target = Path(parts.path).expanduser().absolute()
         if target == source.absolute() or source.absolute() in target.parents:
             raise ConfigurationError(
                 f"export target {uri} is the result's own folder {source} or inside it: "
                 "export to another folder"
             )
+    recorded = record.checksums if record is not None and record.status == "completed" else {}
+    missing = sorted(name for name in recorded if not (source / name).is_file())
+    if missing:
+        raise _not_as_recorded(source, record, "missing", missing)
     options = settings.export
     files = files_to_export(source, include)
+    # Each file's SHA-256 for the manifest, first: a file changed since its record stops
+    # the export before anything is sent or made at the target.
+    try:
+        with ThreadPoolExecutor(options.files_at_once, thread_name_prefix="hash") as pool:
+            digests = pool.map(lambda item: sha256_of(item.path), files)
+            checksums = {f.relative: d for f, d in zip(files, digests, strict=True)}
+    except OSError as exc:
+        raise ExportError(
+            f"export of {source} stopped: cannot read {exc.filename}: {exc}"
+        ) from None
+    changed = [name for name, digest in checksums.items() if recorded.get(name, digest) != digest]
+    if changed:
+        raise _not_as_recorded(source, record, "changed", changed)
     fs, root = open_target(uri, options)
     require_writable_target(fs, root, uri, options)
     total = sum(f.size for f in files)
@@ -328,10 +349,9 @@ def export_dataset(
         if is_s3(fs):
             _abort_unfinished_uploads(fs, root)
         existing = _existing_sizes(fs, root)
-        checksums: dict[str, str] = {}
 
         def send(item: LocalFile) -> tuple[LocalFile, bool]:
-            digest = checksums[item.relative] = sha256_of(item.path)
+            digest = checksums[item.relative]
             target = f"{root}/{item.relative}"
             if existing.get(target) == item.size and _remote_checksum(fs, target) == digest:
                 counter.add(item.size)
@@ -385,6 +405,15 @@ def export_dataset(
         ) from None
     report.seconds = time.perf_counter() - began
     return report
+
+
+def _not_as_recorded(source: Path, record: Any, what: str, names: list[str]) -> ExportError:
+    shown = ", ".join(f"{what} {name}" for name in names[:3])
+    more = f" (and {len(names) - 3} more)" if len(names) > 3 else ""
+    return ExportError(
+        f"{source}: {shown}{more} since catalogue record {record.id} was made: the result is "
+        "damaged or was modified; run the reduction again rather than export it"
+    )
 
 
 def verify_export(

@@ -265,15 +265,16 @@ def _frames(source: FrameSource, start: int, stop: int) -> Iterator[np.ndarray]:
         last = first + count
         if last > start and first < stop:
             indices = range(max(start, first) - first, min(stop, last) - first)
-            yield from (_hdf5_frames if source.kind == "hdf5" else _image_frames)(
-                source, path, count, indices
-            )
+            if source.kind == "hdf5":
+                yield from _hdf5_frames(path, str(source.dataset), indices)
+            else:
+                yield from _image_frames(path, count, indices)
         first = last
 
 
-def _hdf5_frames(source: FrameSource, path: str, count: int, indices: range):
+def _hdf5_frames(path: str, dataset: str, indices: range) -> Iterator[np.ndarray]:
     with open_raw(path) as h5:
-        dset = h5[source.dataset]
+        dset = h5[dataset]
         if dset.ndim == 2:
             yield dset[()]
             return
@@ -282,7 +283,7 @@ def _hdf5_frames(source: FrameSource, path: str, count: int, indices: range):
                 yield read(index)
 
 
-def _image_frames(source: FrameSource, path: str, count: int, indices: range):
+def _image_frames(path: str, count: int, indices: range) -> Iterator[np.ndarray]:
     image = _open_image(Path(path))
     try:
         for index in indices:

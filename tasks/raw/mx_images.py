@@ -238,11 +238,21 @@ def grid_from_title(title: str) -> tuple[int, int] | None:
     return slow + 1, fast + 1
 
 
-def _positions(group: h5py.Group, name: str) -> np.ndarray:
-    try:
-        return np.asarray(group[name][()], dtype=np.float64).ravel()
-    except (TypeError, ValueError):  # not numbers
-        return np.array([np.nan])
+def _grid_motor_positions(measurement: h5py.Group | None) -> dict[str, list[float]]:
+    """The sample motors' position at every image. A motor whose positions are not all
+    finite numbers (an encoder that dropped out) gives none: the grid keeps its rows and
+    columns, the centring its cell."""
+    motors: dict[str, list[float]] = {}
+    for name in ("sy", "sz", "sampy", "sampz", "phiy", "phiz"):
+        if measurement is None or name not in measurement:
+            continue
+        try:
+            values = np.asarray(measurement[name][()], dtype=np.float64).ravel()
+        except (TypeError, ValueError):  # not numbers
+            continue
+        if np.all(np.isfinite(values)):
+            motors[name] = values.tolist()
+    return motors
 
 
 def bliss_scans(path: Path, parameters: MXParameters, wanted: list[int] | None) -> list[MXScan]:
@@ -261,14 +271,7 @@ def bliss_scans(path: Path, parameters: MXParameters, wanted: list[int] | None) 
             instrument = h5[f"{info.entry}/instrument"]
             found = hdf5_geometry(instrument, detector)
             has_mask = "pixel_mask" in instrument[detector]
-            # A motor whose positions are not all finite (an encoder that dropped out)
-            # gives no position: the grid keeps its rows and columns, the centring its cell.
-            motors = {
-                name: values.tolist()
-                for name in ("sy", "sz", "sampy", "sampz", "phiy", "phiz")
-                if f"{info.entry}/measurement/{name}" in h5
-                and np.all(np.isfinite(values := _positions(h5[f"{info.entry}/measurement"], name)))
-            }
+            motors = _grid_motor_positions(h5.get(f"{info.entry}/measurement"))
         source = hdf5_frame_source(path, dataset)
         scans.append(
             MXScan(

@@ -189,7 +189,7 @@ def open_tomography_scan(
                 layout = "bliss"
             elif "exchange" in h5 and "data" in h5["exchange"]:
                 layout = "dxchange"
-            elif nxtomo_entry(h5) is not None:
+            elif (entry := nxtomo_entry(h5)) is not None:
                 layout = "nxtomo"
             else:
                 raise RawDataError(
@@ -199,8 +199,10 @@ def open_tomography_scan(
         if scans and layout != "bliss":
             raise ParameterError(f"--scan applies to Bliss files; {path.name} is {layout}")
 
-        reader = {"bliss": bliss_scan, "dxchange": dxchange_scan, "nxtomo": nxtomo_scan}[layout]
-        scan = reader(path, parameters, scans) if layout == "bliss" else reader(path)
+        if layout == "bliss":
+            scan = bliss_scan(path, parameters, scans)
+        else:
+            scan = dxchange_scan(path) if layout == "dxchange" else nxtomo_scan(path, entry)
     if parameters.angles is not None:
         first, last = parameters.angles
         scan = scan.model_copy(
@@ -281,32 +283,47 @@ def check_scan(scan: TomographyScan, parameters: TomographyParameters) -> None:
 # -- image stacks -------------------------------------------------------------------
 
 
-def matching_images(folder: Path, patterns: str) -> list[Path]:
-    """Image files under ``folder`` whose name, the name of a folder they are in below
-    ``folder``, or their path from it (``tiffs/raw_*``) matches one of the comma-separated
-    globs ``patterns`` in any case, in natural order."""
-    globs = [glob.strip().lower() for glob in patterns.split(",") if glob.strip()]
+def images_under(folder: Path) -> list[tuple[Path, list[str]]]:
+    """Every image file under ``folder`` (hidden ones left out), in number order, with the
+    names it can be matched by: its path from ``folder`` and each part of it, in lower
+    case."""
     found = []
     for path in folder.rglob("*"):
         relative = path.relative_to(folder).as_posix().lower()
         parts = relative.split("/")
-        names = [relative, *parts]
         if (
             path.suffix.lower() in IMAGE_SUFFIXES
             and not any(part.startswith(".") for part in parts)
-            and any(fnmatch.fnmatchcase(name, glob) for name in names for glob in globs)
             and path.is_file()
         ):
-            found.append(path)
-    return sorted(found, key=number_order)
+            found.append((path, [relative, *parts]))
+    return sorted(found, key=lambda image: number_order(image[0]))
+
+
+def matching_images(
+    folder: Path, patterns: str, images: list[tuple[Path, list[str]]] | None = None
+) -> list[Path]:
+    """The image files under ``folder`` (listed once by :func:`images_under`) whose name,
+    the name of a folder they are in, or their path from ``folder`` (``tiffs/raw_*``)
+    matches one of the comma-separated globs ``patterns`` in any case, in number order."""
+    globs = [glob.strip().lower() for glob in patterns.split(",") if glob.strip()]
+    return [
+        path
+        for path, names in (images_under(folder) if images is None else images)
+        if any(fnmatch.fnmatchcase(name, glob) for name in names for glob in globs)
+    ]
 
 
 def image_folder_scan(folder: Path, parameters: TomographyParameters) -> TomographyScan:
     """Projections, darks and flats as image files (TIFF, EDF ...) under ``folder``."""
-    darks = matching_images(folder, parameters.darks)
-    flats = [p for p in matching_images(folder, parameters.flats) if p not in set(darks)]
-    taken = set(darks) | set(flats)
-    projections = [p for p in matching_images(folder, parameters.projections) if p not in taken]
+    images = images_under(folder)  # one walk of the folder for the three kinds
+    darks = matching_images(folder, parameters.darks, images)
+    taken = set(darks)
+    flats = [p for p in matching_images(folder, parameters.flats, images) if p not in taken]
+    taken |= set(flats)
+    projections = [
+        p for p in matching_images(folder, parameters.projections, images) if p not in taken
+    ]
     if not projections:
         raise RawDataError(
             f"{folder} holds no projection images ({', '.join(IMAGE_SUFFIXES)}) matching "

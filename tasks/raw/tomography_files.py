@@ -116,11 +116,10 @@ def _runs(keys: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(keys[a]), int(a), int(b)) for a, b in zip(starts, stops, strict=True)]
 
 
-def nxtomo_scan(path: Path) -> TomographyScan:
-    """An NXtomo entry: frames tagged by image key, a rotation angle for every frame."""
+def nxtomo_scan(path: Path, where: NXtomoEntry) -> TomographyScan:
+    """The NXtomo entry ``where`` (:func:`nxtomo_entry`): frames tagged by image key, a
+    rotation angle for every frame or every projection."""
     with bliss.open_raw(path) as h5:
-        where = nxtomo_entry(h5)
-        assert where is not None
         keys = np.asarray(h5[where.keys][()]) if where.keys else None
         all_angles = _angles_in_degrees(h5[where.angles]) if where.angles else None
     source = hdf5_frame_source(path, where.frames)
