@@ -13,6 +13,7 @@ import copy
 import time
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from prefect import Flow, flow, task
@@ -39,7 +40,9 @@ end_heartbeats_with_the_run()  # every process that runs Calypso's flows imports
 
 @dataclass
 class StepContext:
-    """What every step of one run (or sweep variant) shares, and what the steps report."""
+    """What every step of one run (or sweep variant) shares, and what the steps report.
+    Each step after the planning sees it through :meth:`step`, with a scratch folder of its
+    own."""
 
     run: FlowRun
     raw: str
@@ -66,6 +69,26 @@ class StepContext:
         if warning:
             self.warnings.append(warning)
         self.values.update(values)
+
+    def step(self, name: str) -> StepContext:
+        """This context as step ``name`` sees it: its part files go to a folder of the
+        step's own in the run's part folder. Two steps of one task in a user flow write
+        part files of the same names (two reduce steps on one plan did, into one folder:
+        HDF5 refused the second writer when they met)."""
+        folder = Path(self.work_dir) / f"step-{name}"  # no step name holds a "-"
+        self.run.make_step_folder(folder)
+        return _OneStep(self, str(folder))  # type: ignore[return-value]
+
+
+class _OneStep:
+    """One step's view of its run's context: the run's, but for its scratch folder."""
+
+    def __init__(self, run_context: StepContext, work_dir: str) -> None:
+        self._run_context = run_context
+        self.work_dir = work_dir
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._run_context, attribute)
 
 
 # -- planning ------------------------------------------------------------------------
@@ -164,7 +187,8 @@ def run_specification(
         inputs = {port: results[source] for port, source in (step.get("inputs") or {}).items()}
         if definition.takes_parameters:
             inputs["parameters"] = parameters or _parameters(definition, name, step, assignment)
-        return definition.run(ctx, **inputs)
+            return definition.run(ctx, **inputs)  # before the run's part folder exists
+        return definition.run(ctx.step(name), **inputs)
 
     planning = [name for name in spec.order if steps[spec.steps[name]["task"]].takes_parameters]
     for name in planning:

@@ -30,7 +30,7 @@ from calypso.settings import CalypsoSettings, load_settings
 from calypso.tasks.caching import save_result_block
 from calypso.tasks.catalogue import Registration, processed_record, register_processed_dataset
 from calypso.tasks.writers.nexus import new_work_dir, now_iso, remove_work_dir
-from calypso.tasks.writers.permissions import output_permissions
+from calypso.tasks.writers.permissions import Permissions, output_permissions
 from calypso.tasks.writers.publication import PARTIAL_PREFIX, Publication, preparing
 
 
@@ -55,6 +55,7 @@ class FlowRun:
     heartbeat: Heartbeat | None = None  # keeps the claim and the reservation
     work_dir: Path | None = None
     publication: Publication | None = None  # the results staged in the work folder
+    permissions: Permissions | None = None  # the results' group and modes (the proposal's)
     _base: str = ""  # the output folder as planned, before versions
 
     # Confinement (issue #20): a run that an event or the Prefect UI started is checked
@@ -272,8 +273,8 @@ class FlowRun:
         then raised; the folder stays, so a retry of the run (same flow run id) finds the
         chunks that finished, whose task results are cached."""
         save_result_block()  # where the chunk tasks keep their results, for a retry
-        # The results' group and mode (the proposal's), given before they are published.
-        permissions = output_permissions(self.plan, self.settings)
+        # The results' group and mode, given before they are published.
+        permissions = self.permissions = output_permissions(self.plan, self.settings)
         work_dir = new_work_dir(self.plan.output_dir, self.run_id or None, permissions)
         self.work_dir = work_dir
         try:
@@ -285,6 +286,14 @@ class FlowRun:
             if not self.run_id or not any(p.is_file() for p in Path(work_dir).rglob("*")):
                 remove_work_dir(work_dir)
             raise
+
+    def make_step_folder(self, folder: Path) -> None:
+        """A step's own scratch folder in the part folder (again for a retry of the run)."""
+        assert self.permissions is not None, "a step folder is made inside working()"
+        try:
+            self.permissions.make_work_dir(folder, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the scratch folder {folder}: {exc}") from None
 
     def summary(
         self,

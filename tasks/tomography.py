@@ -325,20 +325,20 @@ def write_volume_nexus(
     plan: TomographyPlan,
     center: CenterResult,
     slabs: list[SlabResult],
-    work_dir: str,
     provenance: dict,
 ) -> dict:
     """Publish the slab files and the NeXus file that maps them into one volume.
 
-    The slab folder and the NeXus file appear only when every slab is there;
-    the volume is a VDS over the slab files (relative paths, so the folder can
-    move), written without reading the slices back except the three shown in
-    the quick-look PNG.
+    The folder the slabs were reconstructed in becomes the volume's folder, beside the
+    NeXus file; both appear only when every slab is there. The volume is a VDS over the
+    slab files (relative paths, so the folder can move), written without reading the
+    slices back except the three shown in the quick-look PNG.
     """
     slabs = sorted(slabs, key=lambda s: s.first)
     covered = sum(s.stop - s.first for s in slabs)
     if covered != plan.n_rows or (slabs and slabs[0].first != plan.first_row):
         raise RawDataError(f"{covered} of {plan.n_rows} slices reconstructed")
+    [slab_folder] = {Path(s.part_file).parent for s in slabs}  # one reconstruct step's
     output = Path(plan.output_file)
     volume_dir = output.parent / f"{output.stem}_volume"
     png = output.with_suffix(".png")
@@ -373,7 +373,7 @@ def write_volume_nexus(
             entry.attrs["default"] = "volume"
         title = plan.scan.title or Path(plan.scan.description.partition("::")[0]).name
         plot_slices(png_temp, panels, f"{Path(plan.output_file).stem}: {title}")
-        _publish_folder(Path(work_dir), volume_dir)
+        _publish_folder(slab_folder, volume_dir)
     publish_image(png, f"Tomography: slices of {output.name}")
     return {
         "outputs": [f"{output}::/{_entry_name(plan)}/volume/data"],
@@ -391,11 +391,11 @@ def _quicklook_slices(plan: TomographyPlan, slabs: list[SlabResult]) -> list:
     return panels
 
 
-def _publish_folder(work_dir: Path, final: Path) -> None:
-    """Rename the work folder onto ``final``, replacing an older result only then: when
+def _publish_folder(folder: Path, final: Path) -> None:
+    """Rename the slab folder onto ``final``, replacing an older result only then: when
     the flow run publishes its results with their record, or now outside a flow run."""
     try:
-        move_into_place(work_dir, final)
+        move_into_place(folder, final)
     except OSError as exc:
         raise OutputError(f"cannot move the slab files into {final}: {exc}") from None
 

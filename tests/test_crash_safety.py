@@ -518,7 +518,7 @@ def test_a_flow_run_killed_mid_run_is_processed_again_once(plant):
     output = sample.dataset.processed_dataset_dir("diffraction")
     [first] = wait_until(lambda: plant.runs(raw), 120, "the acquisition's flow run")
     parts = output / f".calypso-partial-{first.id}"
-    wait_until(lambda: len(list(parts.glob("*.h5"))) >= 2, 240, "a few chunks", 0.05)
+    wait_until(lambda: len(list(parts.glob("step-*/*.h5"))) >= 2, 240, "a few chunks", 0.05)
     process = wait_until(lambda: flow_run_process(plant.serve, first.id), 30, "its process")
     process.kill()  # SIGKILL: no state, no record, no finally
 

@@ -473,7 +473,7 @@ def test_a_retry_after_a_killed_worker_recomputes_only_unfinished_chunks(facilit
     interrupted = start_run(results / "b")
     parts = results / "b" / f".calypso-partial-{interrupted.id}"
     wait_until(
-        lambda: parts.is_dir() and len(list(parts.glob("*.h5"))) >= 4,
+        lambda: parts.is_dir() and len(list(parts.glob("step-*/*.h5"))) >= 4,
         240,
         "some chunks",
         interval=0.01,

@@ -484,12 +484,24 @@ def test_cli_check_refuses_what_is_over_the_limits(tmp_path, capsys):
 
 
 def test_batches_no_step_takes_are_finished_before_the_run_ends(
-    tmp_path, capsys, user, on_shared_cluster
+    tmp_path, capsys, user, on_shared_cluster, monkeypatch
 ):
     """A map's reduce step hands its batches on as they finish; a second reduce step whose
     batches no step takes still has them all finished (their part files written) before
-    the run publishes and removes its part folder."""
+    the run publishes and removes its part folder. The two steps write part files of the
+    same names, each in a folder of its own (in one folder, HDF5 refused the second
+    writer when both reached a batch at once)."""
+    from calypso.flows.builtin import spectroscopy
     from calypso.flows.samples.spectroscopy import write_spectroscopy_map_sample
+
+    folders = []
+
+    def reduce(ctx, plan):
+        folders.append(Path(ctx.work_dir))
+        return reduce_in_place(ctx, plan)
+
+    reduce_in_place = spectroscopy.reduce
+    monkeypatch.setattr(spectroscopy, "reduce", reduce)
 
     raw = write_spectroscopy_map_sample(tmp_path / "xasmap", 200, seed=3).raw_dataset_dir
     spec = yaml.safe_load(_exported("spectroscopy", capsys))
@@ -506,3 +518,6 @@ def test_batches_no_step_takes_are_finished_before_the_run_ends(
     assert variant["tasks"] == 10  # 5 batches taken by the writer, 5 finished unused
     assert variant["count"] == 200
     assert not list(output.glob(".calypso-partial-*"))  # nothing left writing in it
+    assert [f.name for f in folders] == ["step-reduce", "step-again"]
+    assert folders[0].parent == folders[1].parent
+    assert folders[0].parent.name.startswith(".calypso-partial-")

@@ -56,7 +56,7 @@ def write(ctx: Any, plan: Any, center: Any, slices: Any) -> list[str]:
     if plan.preview:
         written = write_preview_nexus(plan, center, slices, ctx.provenance)
     else:
-        written = write_volume_nexus(plan, center, slices, ctx.work_dir, ctx.provenance)
+        written = write_volume_nexus(plan, center, slices, ctx.provenance)
     ctx.report(volume_dir=written["volume_dir"], png=written["png"])
     return written["outputs"]
 

@@ -1,7 +1,8 @@
 """Results published together with their catalogue record.
 
-While a flow run works, what its writers finish is *staged* in the run's part folder
-(``<output>/.calypso-partial-<run>/results/``, laid out as it will be published) instead
+While a flow run works, its steps keep their part files in folders of their own in the
+run's part folder (``<output>/.calypso-partial-<run>/step-<name>/``) and what its writers
+finish is *staged* there (``.../results/``, laid out as it will be published) instead
 of being renamed into place. The run then reserves its record as ``publishing``, renames
 everything into place (:meth:`Publication.apply`) and completes the record with the
 files' checksums (:meth:`calypso.flows.flow_run.FlowRun.completed`): no result appears
@@ -20,7 +21,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +72,7 @@ class Publication:
         for staged, final in self.moves:
             if staged.is_dir():
                 for path in sorted(staged.rglob("*")):
-                    if path.is_file() and not path.is_relative_to(self.staging):
+                    if path.is_file():
                         yield path, final / path.relative_to(staged)
             elif staged.exists():
                 yield staged, final
@@ -97,8 +98,6 @@ class Publication:
             _refuse_foreign(final)
         permissions = self.permissions = self.permissions or default_permissions()
         for staged, final in sorted(self.moves, key=lambda m: len(m[0].parts), reverse=True):
-            if staged == self.work_dir:  # the part folder itself becomes a result (volumes)
-                _remove_empty_folders(self.staging)
             permissions.make_folders(final.parent)
             permissions.apply(staged)
             aside = None
@@ -161,17 +160,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-
-
-def _remove_empty_folders(folder: Path) -> None:
-    if not folder.is_dir():
-        return
-    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if path.is_dir():
-            with suppress(OSError):  # not empty: a result left behind stays
-                path.rmdir()
-    with suppress(OSError):
-        folder.rmdir()
 
 
 _active: ContextVar[Publication | None] = ContextVar("calypso_publication", default=None)
