@@ -19,7 +19,7 @@ from calypso.registry import SQLiteCatalogue
 from calypso.tasks.raw.frames import image_files_source
 from calypso.tasks.raw.mx_images import open_mx_scans
 from calypso.tasks.raw.projections import open_tomography_scan, read_projection_rows
-from calypso.tasks.raw.spectrum_files import read_xdi
+from calypso.tasks.raw.spectrum_files import read_columns, read_xdi
 from calypso.techniques.mx import MXParameters
 from calypso.techniques.tomography import TomographyParameters
 
@@ -89,6 +89,24 @@ def test_a_cut_column_file_says_so(test_data, tmp_path):
     with pytest.raises(RawDataError) as refused:
         read_xdi(cut, cut.read_text().splitlines())
     assert "a row is cut short" in str(refused.value) and "usecols" not in str(refused.value)
+
+
+@pytest.mark.parametrize("name", ["se_na2so4_rt.xdi", "beamlines/APS13ID_2008.dat"])
+def test_a_column_file_cut_inside_its_last_value_is_refused(test_data, tmp_path, name):
+    """A file cut inside its last value reads as numbers: its last row is refused, not
+    taken as a point of the spectrum; a complete file without a final line end is read."""
+    original = test_data / "xas" / name
+    text = original.read_text().rstrip()
+    whole = tmp_path / f"whole{original.suffix}"
+    whole.write_text(text)  # complete, but no line end after its last row
+    read_back = read_columns(whole)[0]
+    for label, column in read_columns(original)[0].items():
+        np.testing.assert_array_equal(read_back[label], column)
+    cut = tmp_path / f"cut{original.suffix}"
+    cut.write_text(text[: text.rindex(" ") + 2])  # the last value's first character only
+    with pytest.raises(RawDataError) as refused:
+        read_columns(cut)
+    assert "its last row looks cut" in str(refused.value)
 
 
 def test_an_mx_scan_still_being_written_or_without_positions(tmp_path):

@@ -200,11 +200,15 @@ def athena_groups(path: Path) -> dict[str, dict[str, np.ndarray]]:
     return groups
 
 
-def _lines(path: Path) -> list[str]:
+def _text(path: Path) -> str:
     try:
-        return path.read_text(errors="replace").splitlines()
+        return path.read_text(errors="replace")
     except OSError as exc:
         raise RawDataError(f"{path} cannot be read: {exc}") from None
+
+
+def _lines(path: Path) -> list[str]:
+    return _text(path).splitlines()
 
 
 def spec_scans(path: Path) -> dict[str, list[str]]:
@@ -240,10 +244,38 @@ def read_columns(
             part.write_text("\n".join(scans[scan]) + "\n")
             columns, metadata = read_with_larch(part)
         return columns, metadata
-    lines = _lines(path)
+    text = _text(path)
+    _refuse_a_cut_last_row(path, text)
+    lines = text.splitlines()
     if lines and lines[0].lstrip("# ").upper().startswith("XDI/"):
         return read_xdi(path, lines)
     return read_with_larch(path)
+
+
+def _refuse_a_cut_last_row(path: Path, text: str) -> None:
+    """Refuse a file cut inside its last value: it ends without a line end, and its last
+    value is shorter than that column's in each of the rows before (``119919.4`` cut to
+    ``5`` reads as a number: a spectrum's last point wrong, and complete-looking)."""
+    if not text or text.endswith(("\n", "\r")):
+        return
+    rows = []
+    for line in reversed(text.splitlines()):
+        words = line.replace(",", " ").split()
+        if words and all(_LEADING_NUMBER.fullmatch(w) for w in words):
+            rows.append(words)
+        elif words:
+            break  # a comment or a header: the rows of numbers are above it
+        if len(rows) > 5:
+            break
+    if len(rows) < 3 or any(len(row) != len(rows[0]) for row in rows):
+        return
+    last, before = rows[0][-1], [row[-1] for row in rows[1:]]
+    if len(last) < min(len(value) for value in before):
+        raise RawDataError(
+            f"{path}: its last row looks cut: the file ends without a line end, inside a "
+            f"value ('{last}' where the rows before hold '{before[0]}'); it was copied while "
+            "being written? Copy it again (if it is complete, end its last line)"
+        )
 
 
 def jitter_steps(axis: np.ndarray) -> int | None:
