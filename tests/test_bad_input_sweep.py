@@ -203,6 +203,12 @@ def test_commands_that_would_delete_or_overwrite_what_is_not_theirs(tmp_path, ca
         open_target("bogus://x/y", CalypsoSettings().export)
     assert main(["server", "--port", "99999"]) == 2
     assert "99999 is not a port number (1-65535)" in capsys.readouterr().err
+    # A second sample into the same tree: the first dataset's files are not rewritten.
+    assert main(["sample-data", "spectroscopy", str(tmp_path / "tree")]) == 0
+    written = {p: p.read_bytes() for p in (tmp_path / "tree").rglob("*") if p.is_file()}
+    assert main(["sample-data", "spectroscopy", str(tmp_path / "tree"), "--seed", "3"]) == 4
+    assert "holds a dataset already: a sample never writes over one" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in written} == written
 
 
 def test_a_result_changed_since_its_record_is_not_exported(

@@ -18,6 +18,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 
+from calypso.errors import OutputError
 from calypso.tasks.raw.data_policy import RawDataset
 
 
@@ -172,8 +173,11 @@ def sample_dataset(
     proposal: str = "ih0001",
     beamline: str = "id00",
     session: str | None = None,
+    reuse: bool = False,
 ) -> RawDataset:
-    """A raw dataset under ``root`` laid out by the data policy."""
+    """A new raw dataset under ``root`` laid out by the data policy (``reuse``: or the one
+    there). A sample never writes into a dataset that holds files already: it would rewrite
+    a dataset's files under its master, which then describes frames no longer there."""
     session = session or datetime.now(UTC).strftime("%Y%m%d")
     dataset = RawDataset(
         root=Path(root).absolute(),
@@ -184,7 +188,13 @@ def sample_dataset(
         dataset=f"{number:04d}",
         sample_name=collection,
     )
-    dataset.raw_dataset_dir.mkdir(parents=True, exist_ok=True)
+    folder = dataset.raw_dataset_dir
+    if not reuse and folder.is_dir() and any(folder.iterdir()):
+        raise OutputError(
+            f"{folder} holds a dataset already: a sample never writes over one; give "
+            "another folder (or remove that dataset if it is an earlier sample)"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
     return dataset
 
 
@@ -210,7 +220,7 @@ def write_diffraction_sample(
     from pyFAI.detectors import detector_factory
     from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
-    dataset = sample_dataset(root, "CeO2", dataset_number)
+    dataset = sample_dataset(root, "CeO2", dataset_number, reuse=reuse)
     calibration = dataset.session_dir / "SCRIPTS" / "calibration"
     poni, mask = calibration / "pilatus1m_CeO2.poni", calibration / "pilatus1m_mask.edf"
     if reuse and dataset.raw_file.exists() and poni.exists() and mask.exists():
