@@ -5,7 +5,9 @@ that pointed elsewhere. Each is now a one-line refusal that says what to do."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 
 import h5py
 import numpy as np
@@ -22,6 +24,7 @@ from calypso.tasks.raw.projections import open_tomography_scan, read_projection_
 from calypso.tasks.raw.spectrum_files import read_columns, read_xdi
 from calypso.techniques.mx import MXParameters
 from calypso.techniques.tomography import TomographyParameters
+from tests.processes import run
 
 
 @pytest.mark.parametrize(
@@ -225,3 +228,27 @@ def test_a_result_changed_since_its_record_is_not_exported(
     code = main(["export", str(record.id), "--to", str(tmp_path / "copy")])
     assert code != 0 and f"changed {result.name} since catalogue record" in capsys.readouterr().err
     assert not (tmp_path / "copy").exists()
+
+
+def test_a_live_run_refused_says_so_in_one_line(diffraction_sample, tmp_path, capsys):
+    """A live run that cannot follow its scan prints Calypso's refusal only: Prefect's
+    console log of the flow's exception (a traceback) is quiet, as for other runs."""
+    raw, poni = diffraction_sample.raw_dataset_dir, diffraction_sample.calibration["poni"]
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # nothing listens on it once closed
+    env = {**os.environ, "CALYPSO_HOME": str(tmp_path / "home")}
+    for name in ("CALYPSO_CATALOGUE__PATH", "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"):
+        env.pop(name, None)  # the tests' console level: the command's own, as a user has it
+    arguments = ["run", "diffraction", str(raw), "--set", f"poni={poni}"]
+    arguments += ["--output", str(tmp_path / "out"), "--stall-timeout", "5"]
+    ran = run([*arguments, "--live", f"redis://127.0.0.1:{port}"], env, timeout=180)
+    assert ran.returncode == 3, ran.stderr[-3000:]
+    assert ran.stderr.strip().splitlines() == [
+        f"calypso: error: no blissdata server answers at redis://127.0.0.1:{port} "
+        f"(Error 111 connecting to 127.0.0.1:{port}. Connection refused.): start it (Bliss's "
+        "Redis with RedisJSON and RediSearch), or follow the growing files instead "
+        "(--live files)"
+    ]
+    assert main([*arguments, "--live", "http://example.invalid"]) == 2
+    assert "argument --live: 'http://example.invalid': give 'files'" in capsys.readouterr().err

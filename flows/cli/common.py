@@ -63,6 +63,16 @@ def positive_number(text: str) -> float:
     return value
 
 
+def live_source(text: str) -> str:
+    """argparse type of ``--live``: ``files``, or a blissdata server's URL."""
+    if text == "files" or text.partition("://")[0] in ("redis", "rediss", "unix"):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: give 'files' (the growing files) or Bliss's data-stream server "
+        "(redis://host:port, rediss://host:port or unix:///path)"
+    )
+
+
 def count_above_zero(text: str) -> int:
     """argparse type of a count that must be above zero."""
     value = _number(text, int)

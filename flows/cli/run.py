@@ -13,7 +13,12 @@ from calypso.flows.api import (
     parameter_values,
     run_technique,
 )
-from calypso.flows.cli.common import positive_number, print_summary, technique_names
+from calypso.flows.cli.common import (
+    live_source,
+    positive_number,
+    print_summary,
+    technique_names,
+)
 from calypso.flows.online.submissions import configured_socket, run_by_service, service_socket
 
 if TYPE_CHECKING:
@@ -64,6 +69,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--live",
         metavar="SOURCE",
+        type=live_source,
         help="reduce the scan while it runs, following it on Bliss's data-stream server "
         "(redis://host:port) or through its growing files ('files'): docs/live.md",
     )
@@ -126,10 +132,11 @@ def _report(args: argparse.Namespace, summary: dict[str, Any]) -> int:
 
 def live_run(args: argparse.Namespace, settings: CalypsoSettings) -> dict[str, Any]:
     """The run following the scan as it is written (``--live``), in this command's processes."""
-    from calypso.flows.online.live import run_live
     from calypso.flows.runtime import prepare_environment
 
-    prepare_environment(settings, verbose=args.verbose)
+    prepare_environment(settings, verbose=args.verbose)  # before Prefect reads its settings
+    from calypso.flows.online.live import run_live
+
     parameters = build_parameters(args.technique, args.set, args.params)
     live = {"source": args.live, "stall_timeout": args.stall_timeout}
     return run_live(

@@ -85,7 +85,7 @@ def _connect(url: str):
     except (redis.exceptions.RedisError, RuntimeError) as exc:
         raise RawDataError(
             f"no blissdata server answers at {url} ({exc}): start it (Bliss's Redis with "
-            "RedisJSON and RediSearch), or read the growing files instead (LimaFiles)"
+            "RedisJSON and RediSearch), or follow the growing files instead (--live files)"
         ) from None
 
 
