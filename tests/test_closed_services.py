@@ -86,6 +86,20 @@ def test_the_prefect_api_and_ui_refuse_requests_without_the_secret(server):
     assert log.is_file() and secret.split(":", 1)[1] not in log.read_text(errors="replace")
 
 
+def test_commands_present_the_secret_calypso_server_keeps_in_their_home(server):
+    """A command pointed at `calypso server` (PREFECT_API_URL) with no secret given finds
+    the one the server keeps in the same home (it was read after Prefect had read its
+    settings: 401 Unauthorized, a traceback)."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_AUTH_STRING"}
+    ran = subprocess.run(
+        [sys.executable, "-m", "calypso.flows.cli", "automations", "install", "--block",
+         "custom-webhook/absent"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ran.returncode == 2, ran.stderr[-3000:]
+    assert ran.stderr.startswith("calypso: error: the Prefect server has no block")
+
+
 def test_the_event_stream_refuses_a_websocket_without_the_secret(server):
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect

@@ -57,11 +57,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def command_automations_install(args: argparse.Namespace) -> int:
-    from prefect.client.orchestration import get_client
-
     from calypso.flows.runtime import check_prefect_api, prepare_environment
 
-    prepare_environment(load_settings())
+    prepare_environment(load_settings())  # before Prefect reads its settings (the secret)
+    from prefect.client.orchestration import get_client
+
     if not os.environ.get("PREFECT_API_URL"):
         raise ConfigurationError(
             "calypso automations installs on a Prefect server: set PREFECT_API_URL "
