@@ -345,8 +345,7 @@ def _check_parameters(
         elif values is not None:
             sweep[f"{here[1]}.{name}"] = values
             single[name] = values[0]
-            for other in values[1:]:  # every value must be valid, not only the first
-                _validate(model, {name: other}, where, problem)
+            _validate_swept(model, name, values[1:], where, problem)
             continue
         else:
             single[name] = value
@@ -373,6 +372,26 @@ def _sweep_values(value: Any, model, name: str, limit: int) -> list[Any] | str |
             return f"a sweep of {len(value):,} values: at most {limit:,} ({_SETTING}MAX_VARIANTS)"
         return list(value)
     return None
+
+
+def _validate_swept(model, name: str, values: list[Any], where, problem) -> None:
+    """Every value of a sweep must be valid, not only the first: one problem says how many
+    are not, and why the first of them is not (a line each buried the one that matters)."""
+    refused: list[tuple[Any, str]] = []
+    for value in values:
+        try:
+            model(**{name: value})
+        except ValidationError as exc:
+            refused.append((value, exc.errors()[0]["msg"]))
+    if len(refused) == 1:
+        problem(where, f"{refused[0][1]} (got {refused[0][0]!r})")
+    elif refused:
+        value, message = refused[0]
+        problem(
+            where,
+            f"{len(refused):,} of the sweep's {len(values) + 1:,} values are refused, the "
+            f"first {value!r}: {message}",
+        )
 
 
 def _validate(model, values: dict[str, Any], where, problem) -> None:

@@ -398,6 +398,12 @@ def test_a_sweep_of_a_million_or_a_billion_variants_is_refused_by_counting():
     values = ", ".join(str(n) for n in range(1001))
     listed = _refused(_tomography(f"center_of_rotation: [{values}]"))
     assert "a sweep of 1,001 values: at most 1,000" in listed
+    # Many values refused: one line says how many, and why the first is.
+    negative = _refused(_tomography("chunk_rows: {start: 2, stop: -90, step: -1}"))
+    assert negative.splitlines() == [
+        "line 6, steps.plan.parameters.chunk_rows: 91 of the sweep's 93 values are refused, "
+        "the first 0: Input should be greater than or equal to 1"
+    ]
 
 
 def test_the_variant_limit_is_a_setting(monkeypatch):
