@@ -147,7 +147,7 @@ def main() -> None:
     small = write_diffraction_sample(
         root, frames=SMALL, seed=2, dataset_number=2, reuse=bool(args.data)
     )
-    processed = sample.raw_dataset_dir.parents[1] / "PROCESSED_DATA"  # inside the proposal
+    processed = sample.dataset.session_dir / "PROCESSED_DATA"  # beside RAW_DATA
     # A home for each: a user's kept local server, a `calypso server` with `calypso serve`,
     # and a new one for each cold run (a user's very first command).
     times: dict[str, list[float]] = {name: [] for name, _ in LABELS}

@@ -89,7 +89,7 @@ def main() -> None:
     spectrum.parent.mkdir(parents=True)
     shutil.copyfile(args.file, spectrum)
     sample = write_spectroscopy_map_sample(root, args.spectra)
-    processed = sample.raw_dataset_dir.parents[1] / "PROCESSED_DATA"
+    processed = sample.session_dir / "PROCESSED_DATA"  # beside RAW_DATA
     one = {"cold": [], "kept": [], "served": []}
     maps, loops = [], []
     # A home for each (servers sharing one SQLite database lock each other out): a
