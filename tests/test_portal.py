@@ -190,6 +190,96 @@ def test_paths_out_of_the_proposal_are_refused(portal):
     assert "CeO2_0098 (a link out of the proposal: not shown)" in listing
 
 
+def test_what_hdf5_would_open_behind_a_file_is_checked_each_time(portal, tmp_path):
+    """A member of a proposal writes HDF5 files there that make HDF5 open another
+    proposal's files, or Calypso's own secrets: each is refused (found by an adversarial
+    sweep; each read the other proposal's data before)."""
+    import os
+
+    import h5py
+    import numpy as np
+
+    f = portal.facility
+    alice = signed_in_with_ldap(portal, "alice")
+    theirs = f.b_raw / "CeO2_0001.h5"
+    secret = portal.settings.home / "portal-secret"
+    folder = f.a_raw.parents[1] / "crafted"
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+
+    def meta(path: Path, inside: str = "/x", endpoint: str = "meta") -> int:
+        name = quote(portal_path(portal, path))
+        return alice.get(f"/h5grove/{endpoint}?file={name}&path={quote(inside)}").status_code
+
+    # Raw bytes kept in an external file (H5Pset_external): any file, read as it is.
+    with h5py.File(folder / "bytes.h5", "w") as h5:
+        for name, target in (("x", theirs), ("y", secret)):
+            size = target.stat().st_size
+            h5.create_dataset(name, shape=(size,), dtype="u1", external=[(target, 0, size)])
+    assert meta(folder / "bytes.h5", "/y", "data") == 403
+    # '%b' is a virtual dataset's pattern only: an external link opens '%b.h5' as it is.
+    with h5py.File(folder / "pattern.h5", "w") as h5:
+        h5["x"] = h5py.ExternalLink("%b.h5", "/")
+    (folder / "%b.h5").symlink_to(theirs)
+    assert meta(folder / "pattern.h5") == 403
+    # A symlinked file: HDF5 looks beside the symlink, not beside its target.
+    with h5py.File(folder / "b" / "real.h5", "w") as h5:
+        h5["x"] = h5py.ExternalLink("target.h5", "/")
+    with h5py.File(folder / "b" / "target.h5", "w") as h5:
+        h5["benign"] = np.arange(3)
+    (folder / "a" / "link.h5").symlink_to(folder / "b" / "real.h5")
+    (folder / "a" / "target.h5").symlink_to(theirs)
+    assert meta(folder / "a" / "link.h5") == 403
+    # A name in another proposal is refused whether it exists or not (no oracle), even
+    # when HDF5 would fall back to a file of the same name beside.
+    with h5py.File(folder / "CeO2_0001.h5", "w") as h5:
+        h5["benign"] = np.arange(3)
+    for target in (theirs, theirs.parent / "absent" / theirs.name):
+        with h5py.File(folder / "named.h5", "w") as h5:
+            h5["x"] = h5py.ExternalLink(str(target), "/")
+        assert meta(folder / "named.h5", "/") == 403
+    # Checked, then swapped for a file of the same size and time: checked again.
+    swapped = folder / "swapped.h5"
+    with h5py.File(swapped, "w") as h5:
+        h5["x"] = np.arange(3)
+    with h5py.File(tmp_path / "evil.h5", "w") as h5:
+        h5["x"] = h5py.ExternalLink(str(theirs), "/")
+    size = max(swapped.stat().st_size, (tmp_path / "evil.h5").stat().st_size)
+    for path in (swapped, tmp_path / "evil.h5"):
+        os.truncate(path, size)
+    before = swapped.stat()
+    assert meta(swapped, "/x") == 200
+    os.replace(tmp_path / "evil.h5", swapped)
+    os.utime(swapped, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert meta(swapped, "/x") == 403
+    # What h5grove cannot answer is a client's error, not a crash.
+    with h5py.File(folder / "odd.h5", "w") as h5:
+        h5["data"] = np.arange(10.0)
+        h5["text"] = "words"
+        h5["nowhere"] = h5py.ExternalLink("missing.h5", "/")
+    (folder / "notes.h5").write_text("not HDF5")
+    odd = quote(portal_path(portal, folder / "odd.h5"))
+    for request, status in [
+        (f"paths?file={odd}&path=/&resolve_links=all", 404),
+        (f"data?file={odd}&path=/data&selection=zz", 400),
+        (f"stats?file={odd}&path=/text", 400),
+        (f"meta?file={quote(portal_path(portal, folder / 'notes.h5'))}&path=/", 422),
+    ]:
+        assert alice.get(f"/h5grove/{request}").status_code == status, request
+    assert alice.get(f"/folder/{portal_path(portal, folder)}/{'x' * 300}").status_code == 404
+
+
+def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(portal):
+    alice = signed_in_with_ldap(portal, "alice")
+    copy = httpx.Client(base_url=portal.url, cookies=dict(alice.cookies))
+    assert copy.get("/").status_code == 200
+    assert alice.post("/signout", data={"csrf": csrf(alice)}).status_code == 303
+    assert copy.get("/").status_code == 303  # to the sign-in page
+    assert copy.get("/h5grove/meta?file=ih0001/x.h5").status_code == 401
+    again = signed_in_with_ldap(portal, "alice")  # a new session works
+    assert again.get("/").status_code == 200
+
+
 # -- runs: launch, follow, rerun, export; and Bob -----------------------------------------
 
 

@@ -21,6 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse, Response
 
 from calypso.errors import ConfigurationError
+from calypso.flows.portal import signed_out
 from calypso.flows.portal.app import PortalError, SignInRequired, page
 from calypso.registry.access import Identity, SignInError
 
@@ -39,13 +40,16 @@ def _stored(identity: Identity, max_age_s: float) -> dict[str, Any]:
         "all_proposals": identity.all_proposals,
         "staff": identity.staff,
         "until": time.time() + max_age_s,  # the cookie's own age is checked too
+        "sid": secrets.token_urlsafe(16),  # ended by signing out (signed_out.py)
     }
 
 
 def session_identity(request: Request) -> Identity | None:
     """Who signed in with this browser, or None (never signed in, signed out, expired)."""
     stored = request.session.get("identity")
-    if not stored or stored.get("until", 0) < time.time():
+    if not stored or stored.get("until", 0) < time.time() or "sid" not in stored:
+        return None
+    if signed_out.ended(request.app.state.settings.home, stored["sid"]):
         return None
     return Identity(
         stored["name"],
@@ -191,6 +195,8 @@ def sign_out(request: Request, csrf: str = Form("")) -> Response:
     check_csrf(request, csrf)
     identity = session_identity(request)
     if identity is not None:
+        stored = request.session["identity"]
+        signed_out.end_session(request.app.state.settings.home, stored["sid"], stored["until"])
         record(request.app.state.settings, identity, "sign out")
     request.session.clear()
     return RedirectResponse("/signin", status_code=303)

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from h5grove import fastapi_utils as grove
+from h5grove.utils import NotFoundError
 
 from calypso.flows.portal.auth import User
 from calypso.flows.portal.paths import readable_file
@@ -40,6 +41,18 @@ async def _answer(request: Request, identity: Identity, file: str, handler: Call
         return await run_in_threadpool(handler, str(path))
     except grove.H5GroveException as exc:  # a missing entity, a bad selection
         return JSONResponse({"message": exc.message}, status_code=exc.status_code)
+    except NotFoundError as exc:  # a link that leads nowhere (h5grove's LinkError)
+        return JSONResponse({"message": str(exc).splitlines()[0][:300]}, status_code=404)
+    except SystemError as exc:  # the same, raised inside h5py's visit of the links
+        if isinstance(exc.__context__, NotFoundError):
+            return JSONResponse({"message": str(exc.__context__)[:300]}, status_code=404)
+        raise
+    except OSError as exc:  # not HDF5, truncated, a link that leads nowhere
+        message = f"{file} cannot be read here: {str(exc).splitlines()[0][:300]}"
+        return JSONResponse({"message": message}, status_code=422)
+    except (LookupError, ValueError, TypeError) as exc:  # what h5grove lets through
+        message = f"cannot answer this request on {file}: {str(exc).splitlines()[0][:300]}"
+        return JSONResponse({"message": message}, status_code=400)
 
 
 @router.get("/h5grove/")

@@ -22,13 +22,13 @@ from urllib.parse import unquote
 
 from calypso.flows.portal.app import PortalError
 from calypso.registry.access import AccessError, Identity, Intent, confine
-from calypso.registry.access.links import resolved
+from calypso.registry.access.links import resolved, signature
 
 if TYPE_CHECKING:
     from calypso.settings import CalypsoSettings
 
 _CONFINED_TTL_S = 10.0  # h5web asks dozens of times per file: one check serves them
-_confined: dict[tuple, float] = {}
+_confined: dict[tuple, tuple] = {}  # (user, path) -> (until, paths looked at, their signature)
 _lock = threading.Lock()
 
 
@@ -71,6 +71,8 @@ def _components(relative: str) -> list[str]:
             or "\\" in decoded
         ):
             raise PortalError(403, f"refused: {relative!r} is not a plain path ('..' or '.')")
+        if len(part.encode()) > 255:  # the file system would refuse it (ENAMETOOLONG)
+            raise PortalError(404, f"no such file or folder: a name of {len(part)} characters")
     return parts
 
 
@@ -87,6 +89,8 @@ def locate(
     if folder is None:
         raise _not_found(proposal)
     path = folder.joinpath(*parts)
+    if len(str(path).encode()) >= 4096:  # PATH_MAX: the file system would refuse it
+        raise PortalError(404, f"no such file or folder: a path of {len(str(path))} characters")
     real, real_folder = resolved(path), resolved(folder)
     if not (real == real_folder or real.is_relative_to(real_folder)):
         raise PortalError(403, f"refused: {proposal}/{relative} leads outside proposal {proposal}")
@@ -106,23 +110,27 @@ def readable_file(settings: CalypsoSettings, identity: Identity, file: str) -> P
     proposal, relative = split(file)
     path = locate(settings, identity, proposal, relative)
     try:
-        status = path.stat()
+        path.stat()
     except OSError:
         raise PortalError(404, f"no file {file}") from None
     if not path.is_file():
         raise PortalError(404, f"{file} is not a file")
-    key = (identity.name, str(path), status.st_mtime_ns, status.st_size)
+    # A verdict is kept while nothing it looked at changed: the file, each file its links
+    # may open (there or not) and where each leads, by identity and change time (a file's
+    # owner can set its mtime back, not its ctime).
+    key = (identity.name, str(path))
     now = time.monotonic()
     with _lock:
-        if _confined.get(key, 0) > now:
-            return path
+        kept = _confined.get(key)
+    if kept is not None and kept[0] > now and signature(kept[1]) == kept[2]:
+        return path
     intent = Intent("portal read", raw=str(path), output=str(path.parent))
     try:
-        confine(identity, intent, settings)
+        looked = confine(identity, intent, settings).looked
     except AccessError as exc:
         raise PortalError(403, str(exc)) from None
     with _lock:
         if len(_confined) > 10_000:
             _confined.clear()
-        _confined[key] = now + _CONFINED_TTL_S
+        _confined[key] = (now + _CONFINED_TTL_S, looked, signature(looked))
     return path

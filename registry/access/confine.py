@@ -27,6 +27,7 @@ identity is refused: services and the portal need data roots.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ class Confined:
     proposal: str | None
     proposal_dir: Path | None = None
     roots: list[Path] = field(default_factory=list)
+    looked: list[Path] = field(default_factory=list)  # what the input's check looked at
 
 
 def _refuse(message: str) -> AccessError:
@@ -138,7 +140,20 @@ class _Check:
     def inside(self, real: Path, proposal: str, proposal_dir: Path, what: str) -> None:
         if not _inside(real, proposal_dir):
             shown = "" if f"{real})" in what or what.endswith(str(real)) else f" ({real})"
+            root = self._root_of(real)
+            if root is not None and real != root:
+                other = real.relative_to(root).parts[0]
+                if not self.identity.member_of(other):
+                    shown = ""  # a proposal not theirs: not even its files' names are told
             raise _refuse(f"{what} leads outside proposal {proposal}{shown}")
+
+    def reached(self, real: Path, how: str, proposal: str, proposal_dir: Path) -> None:
+        """What a symlink or an HDF5 link reaches must be inside the proposal. A name that
+        leads nowhere is refused too when it names a place under a data root (another
+        proposal's file, there or not: whether it exists is not told); elsewhere HDF5
+        cannot open it, and looks for the file under its other names."""
+        if os.path.lexists(real) or self._root_of(real) is not None:
+            self.inside(real, proposal, proposal_dir, how)
 
     # -- the check ------------------------------------------------------------------------
 
@@ -174,14 +189,14 @@ class _Check:
                 f"input {raw} belongs to proposal {proposal}, the flow {intent.saved_flow} to "
                 f"proposal {intent.flow_proposal}: it runs on its proposal's data only"
             )
-        check_dataset(
-            resolved(raw),
-            lambda real, how: self.inside(real, proposal, proposal_dir, f"{how} in {raw}"),
+        looked = check_dataset(
+            Path(raw).expanduser().absolute(),  # as a run opens it: HDF5 looks beside it
+            lambda real, how: self.reached(real, f"{how} in {raw}", proposal, proposal_dir),
         )
         self._output(raw, proposal, proposal_dir)
         self._parameters(raw, proposal, proposal_dir)
         self._target(proposal, proposal_dir)
-        return Confined(proposal, proposal_dir, self.roots)
+        return Confined(proposal, proposal_dir, self.roots, looked)
 
     def _output(self, raw: str, proposal: str, proposal_dir: Path) -> None:
         output = self.intent.output
@@ -212,9 +227,9 @@ class _Check:
             self.inside(real, proposal, proposal_dir, f"{where} {value}")
             if real.is_file():
                 check_dataset(
-                    real,
-                    lambda target, how, w=where: self.inside(
-                        target, proposal, proposal_dir, f"{how} in {w}"
+                    path.absolute(),
+                    lambda target, how, w=where: self.reached(
+                        target, f"{how} in {w}", proposal, proposal_dir
                     ),
                 )
 

@@ -17,56 +17,100 @@ def resolved(path: Path | str) -> Path:
     return Path(os.path.realpath(os.path.expanduser(path)))
 
 
-def _candidates(name: str, beside: Path, prefix_variable: str) -> list[Path]:
-    """Where HDF5 may look for a file a link names: the prefixes of ``prefix_variable``
-    (``${ORIGIN}`` is the linking file's folder), then beside the linking file, then the
-    current folder; an absolute name first as it is, then its base name in those places."""
-    given = Path(name)
-    names = [given.name] if given.is_absolute() else [name]
+def _places(opened: tuple[Path, ...], prefix_variable: str) -> list[Path]:
+    """Where HDF5 looks for a file a link names by a relative name: the prefixes of
+    ``prefix_variable`` (``${ORIGIN}``: the linking file's folder), the folder of the name
+    the linking file was opened by (a symlink's own folder, not its target's: HDF5 does not
+    resolve it), then the current folder. ``opened`` holds every name the file may be
+    opened by (as given, and its real path): each one's folder is a place."""
+    folders = list(dict.fromkeys(path.parent for path in opened))
     places: list[Path] = []
     for prefix in filter(None, os.environ.get(prefix_variable, "").split(os.pathsep)):
-        places.append(Path(prefix.replace("${ORIGIN}", str(beside))))
-    places += [beside, Path.cwd()]
-    found = [given] if given.is_absolute() else []
-    return found + [place / n for place in places for n in names]
+        if "${ORIGIN}" in prefix:
+            places += [Path(prefix.replace("${ORIGIN}", str(folder))) for folder in folders]
+        else:
+            places.append(Path(prefix))
+    return places + folders + [Path.cwd()]
 
 
-def link_targets(path: Path, prefix_variable: str, name: str) -> list[Path]:
-    """The files HDF5 could open for a link named ``name`` in ``path``: those of the
-    candidates that exist, else the first candidate (checked as it would be created)."""
-    name = name.replace("%b", path.stem).replace("%%", "%")
-    if "%" in name:  # a printf pattern of an unlimited virtual dataset: its folder
-        name = str(Path(name).parent / "*")
-    candidates = _candidates(name, path.parent, prefix_variable)
-    existing = []
-    for candidate in candidates:
-        if "*" in candidate.name:
-            existing += list(candidate.parent.glob(candidate.name)) or [candidate.parent]
-        elif candidate.exists():
-            existing.append(candidate)
-    return existing or candidates[:1]
+def link_targets(
+    opened: tuple[Path, ...],
+    prefix_variable: str,
+    name: str,
+    pattern: bool = False,
+    looked: list[Path] | None = None,
+) -> list[Path]:
+    """The files HDF5 could open for a link named ``name`` in the file ``opened``: an
+    absolute name as it is, whether it exists or not (the caller decides what a missing
+    one means), and every candidate that exists; else the first candidate (checked as it
+    would be created). Only a virtual dataset's source name is a ``pattern`` (``%b``, the
+    file's name without suffix, and printf numbers of an unlimited one: its folder);
+    HDF5 takes an external link's or external file's name literally. Every candidate
+    (there or not: one that appears would be opened) is added to ``looked``."""
+    if pattern:
+        names = {name.replace("%b", path.stem).replace("%%", "%") for path in opened}
+    else:
+        names = {name}
+    targets: list[Path] = []
+    for written in sorted(names):
+        if pattern and "%" in written:  # a printf pattern: any file of its folder
+            written = str(Path(written).parent / "*")
+        given = Path(written)
+        places = _places(opened, prefix_variable)
+        if given.is_absolute():
+            targets.append(given)
+            candidates = [place / given.name for place in places]
+        else:
+            candidates = [place / written for place in places]
+        if looked is not None:
+            looked += [given, *candidates] if given.is_absolute() else candidates
+        existing = []
+        for candidate in candidates:
+            if pattern and candidate.name == "*":
+                existing += list(candidate.parent.glob("*")) or [candidate.parent]
+                if looked is not None:  # a file added there changes its folder's ctime
+                    looked.append(candidate.parent)
+            elif os.path.lexists(candidate):
+                existing.append(candidate)
+        targets += existing or ([] if given.is_absolute() else candidates[:1])
+    return list(dict.fromkeys(targets))
 
 
-def hdf5_links(path: Path) -> Iterator[tuple[str, str, Path]]:
-    """``(where, what, target)`` for every external link and virtual dataset source in the
-    HDF5 file ``path`` (the file itself, for sources in the same file, is not listed)."""
+def hdf5_links(
+    opened: tuple[Path, ...], looked: list[Path] | None = None
+) -> Iterator[tuple[str, str, str, Path]]:
+    """``(where, what, name as written, target)`` for every external link, virtual dataset
+    source and external raw data file of the HDF5 file ``opened[0]`` (``opened``: the
+    names it may be opened by); sources in the same file are not listed."""
     import h5py
 
-    found: list[tuple[str, str, Path]] = []
+    path = opened[0]
+    found: list[tuple[str, str, str, Path]] = []
     with h5py.File(path, "r", locking=False) as h5:
 
         def visit(name: str, link) -> None:
+            where = f"{path}::/{name}"
             if isinstance(link, h5py.ExternalLink):
-                for target in link_targets(path, "HDF5_EXT_PREFIX", link.filename):
-                    found.append((f"{path}::/{name}", "an external link", target))
-            elif isinstance(link, h5py.HardLink):
-                node = h5.get(name)
-                if isinstance(node, h5py.Dataset) and node.is_virtual:
-                    for source in node.virtual_sources():
-                        if source.file_name == ".":
-                            continue
-                        for target in link_targets(path, "HDF5_VDS_PREFIX", source.file_name):
-                            found.append((f"{path}::/{name}", "a virtual dataset", target))
+                for target in link_targets(opened, "HDF5_EXT_PREFIX", link.filename, False, looked):
+                    found.append((where, "an external link", link.filename, target))
+                return
+            if not isinstance(link, h5py.HardLink):
+                return
+            node = h5.get(name)
+            if not isinstance(node, h5py.Dataset):
+                return
+            if node.is_virtual:
+                for source in node.virtual_sources():
+                    if source.file_name == ".":
+                        continue
+                    for target in link_targets(
+                        opened, "HDF5_VDS_PREFIX", source.file_name, True, looked
+                    ):
+                        found.append((where, "a virtual dataset", source.file_name, target))
+            for external, _, _ in node.external or ():
+                # Raw bytes kept in another file, of any kind (HDF5 reads them as they are).
+                for target in link_targets(opened, "HDF5_EXTFILE_PREFIX", external, False, looked):
+                    found.append((where, "an external data file", external, target))
 
         h5.visititems_links(visit)
     yield from found
@@ -92,11 +136,16 @@ def dataset_files(top: Path) -> Iterator[tuple[Path, Path]]:
                     pending.append(entry)
 
 
-def check_dataset(path: Path, check: Callable[[Path, str], None], limit: int = 1_000_000) -> None:
+def check_dataset(
+    path: Path, check: Callable[[Path, str], None], limit: int = 1_000_000
+) -> list[Path]:
     """Call ``check(real path, how it is reached)`` for everything a run on ``path`` (a
-    folder or a file) may read: every entry under a folder (symlinks resolved), the files
-    that HDF5 files link to (external links, virtual dataset sources), recursively."""
-    hdf5: list[Path] = []
+    folder or a file, as it will be opened) may read: every entry under a folder (symlinks
+    resolved), the files that HDF5 files link to (external links, virtual dataset sources,
+    external data files), recursively. Returns every path looked at, so that a caller
+    keeping the verdict can tell when one of them changes (:func:`signature`)."""
+    hdf5: list[tuple[Path, ...]] = []
+    looked: list[Path] = [path]
     if path.is_dir():
         for count, (entry, target) in enumerate(dataset_files(path)):
             if count >= limit:
@@ -104,28 +153,46 @@ def check_dataset(path: Path, check: Callable[[Path, str], None], limit: int = 1
             if entry != target:
                 check(target, f"the symlink {entry}")
             if target.is_file() and target.name.lower().endswith(HDF5_SUFFIXES):
-                hdf5.append(target)
+                hdf5.append((entry, target))
     elif path.is_file():
-        hdf5.append(path)
-    _check_hdf5(hdf5, check)
+        hdf5.append((path, resolved(path)))
+    _check_hdf5(hdf5, check, looked)
+    return looked
 
 
-def _check_hdf5(files: list[Path], check: Callable[[Path, str], None]) -> None:
+def _check_hdf5(
+    files: list[tuple[Path, ...]], check: Callable[[Path, str], None], looked: list[Path]
+) -> None:
     import h5py
 
-    seen: set[Path] = set()
+    seen: set[tuple[Path, ...]] = set()
     while files:
-        path = files.pop()
-        if path in seen or not path.is_file():
+        opened = tuple(dict.fromkeys(files.pop()))
+        if opened in seen or not opened[-1].is_file():
             continue
-        seen.add(path)
+        seen.add(opened)
+        looked += opened
         try:
-            if not h5py.is_hdf5(path):
+            if not h5py.is_hdf5(opened[-1]):
                 continue
-            links = list(hdf5_links(path))
+            links = list(hdf5_links(opened, looked))
         except OSError:
             continue  # unreadable: the run cannot read through it either
-        for where, what, target in links:
+        for where, what, name, target in links:
             real = resolved(target)
-            check(real, f"{what} at {where} (to {target})")
-            files.append(real)
+            check(real, f"{what} at {where} (to {name!r})")
+            files.append((target, real))
+
+
+def signature(paths: list[Path]) -> tuple:
+    """What each path is now: where it leads, and that file's identity and change time
+    (``st_ctime`` cannot be set back by a file's owner, unlike ``st_mtime``); equal
+    signatures mean a check of these paths still holds."""
+    now = []
+    for path in paths:
+        try:
+            status = os.stat(path)
+            now.append((resolved(path), status.st_dev, status.st_ino, status.st_ctime_ns))
+        except OSError:
+            now.append((resolved(path), None))
+    return tuple(now)
