@@ -147,12 +147,17 @@ async def run_page(request: Request, identity: User, run_id: str) -> Response:
         artifacts = await client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
         )
+    proposal = _run_proposal(settings, run) or ""
     records = [
         r
-        for r in await run_in_threadpool(
-            _proposal_records, settings, {_run_proposal(settings, run) or ""}
-        )
+        for r in await run_in_threadpool(_proposal_records, settings, {proposal})
         if r.flow_run_id == str(run.id)
+    ]
+    # An export names its run as the form said: only the run's proposal's exports are its.
+    exports = [
+        e
+        for e in request.app.state.launches.values()
+        if e.get("run") == str(run.id) and e.get("folder", "").partition("/")[0] == proposal
     ]
     return page(
         request,
@@ -163,7 +168,7 @@ async def run_page(request: Request, identity: User, run_id: str) -> Response:
         records=[(r, portal_path(settings, r.processed_path)) for r in records],
         raw=portal_path(settings, str((run.parameters or {}).get("raw") or "")),
         technique=(run.parameters or {}).get("technique") or _technique_of(run),
-        exports=[e for e in request.app.state.launches.values() if e.get("run") == str(run.id)],
+        exports=exports,
     )
 
 
