@@ -177,6 +177,18 @@ def current_identity(settings: CalypsoSettings) -> Identity:
     return identity(settings)
 
 
+def geometry_files(values: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """``(field, "file", name)`` of the files a diffraction geometry's detector names (a
+    NexusDetector's file, a spline): confinement checks them with the path parameters."""
+    from calypso.tasks.raw.pyfai_config import detector_files
+
+    geometry = values.get("geometry")
+    config = geometry.get("detector_config") if isinstance(geometry, dict) else None
+    return [
+        (f"geometry.detector_config.{key}", "file", name) for key, name in detector_files(config)
+    ]
+
+
 def confine_run(
     technique: str,
     input_path: str,
@@ -191,7 +203,9 @@ def confine_run(
     from calypso.registry.access import Intent, confine
     from calypso.techniques.fields import path_values
 
-    marked = path_values(type(parameters), parameters.model_dump())
+    marked = path_values(type(parameters), parameters.model_dump()) + geometry_files(
+        parameters.model_dump()
+    )
     intent = Intent(
         f"{technique} run",
         raw=input_path,

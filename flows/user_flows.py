@@ -32,13 +32,15 @@ if TYPE_CHECKING:
 def spec_parameters(spec: FlowSpec) -> list[tuple[str, str, str]]:
     """``(where, kind, value)`` of every path a specification's steps name (each value of a
     sweep), as the parameter models mark them: what confinement checks."""
+    from calypso.flows.api import geometry_files
     from calypso.techniques.fields import path_values
 
     steps = all_steps()
     found = []
     for name, step in spec.steps.items():
         model = steps[step["task"]].parameter_model()
-        for key, kind, value in path_values(model, step.get("parameters") or {}):
+        values = step.get("parameters") or {}
+        for key, kind, value in path_values(model, values) + geometry_files(values):
             found.append((f"steps.{name}.parameters.{key}", kind, value))
     return found
 

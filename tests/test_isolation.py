@@ -532,6 +532,57 @@ def test_export_refuses_what_is_not_theirs_and_exports_their_own(
     assert (tmp_path / "exports" / "alice" / "result.h5").read_bytes() == b"results of ih0001"
 
 
+def test_files_named_inside_parameters_and_hard_links_are_checked(signed_in, capsys):
+    """What a parameter names inside itself (a dataset of ``FILE::/path``, a spline or a
+    detector file in a PONI file) and files with a second name (a hard link) are checked
+    too: each let a run read another proposal's frames (an adversarial sweep)."""
+    f = signed_in
+    alice = ldap_user("alice")
+    theirs = f.b_raw / "CeO2_0001.h5"
+    crafted = f.a_raw.parents[1] / "crafted"  # in alice's RAW_DATA, beside her datasets
+    crafted.mkdir()
+    try:
+        (crafted / "theirs.h5").symlink_to(theirs)
+        with h5py.File(crafted / "dark.h5", "w") as h5:
+            h5["d"] = h5py.ExternalLink(str(theirs), "/1.1/measurement/pilatus1m")
+        calibration = f.poni.read_text().replace("SplineFile: None", "")
+        (crafted / "spline.poni").write_text(calibration + f"SplineFile: {theirs}\n")
+        detector = json.dumps({"filename": str(theirs)})
+        (crafted / "nexus.poni").write_text(
+            calibration + f"Detector: NexusDetector\nDetector_config: {detector}\n"
+        )
+        (crafted / "CeO2_0100").mkdir()
+        os.link(theirs, crafted / "CeO2_0100" / "CeO2_0100.h5")
+        own = ["--set", f"poni={f.poni}", "--set", f"mask={f.mask}"]
+        frames = "::/1.1/measurement/pilatus1m"
+        cases = [
+            (["--set", f"dark={crafted / 'theirs.h5'}{frames}"], "leads outside proposal ih0001"),
+            (["--set", f"dark={crafted / 'dark.h5'}::/d"], "an external link at"),
+            (["--set", f"poni={crafted / 'spline.poni'}"], "(SplineFile in spline.poni)"),
+            (["--set", f"poni={crafted / 'nexus.poni'}"], "(filename in nexus.poni)"),
+            ([str(crafted / "CeO2_0100"), *own], "has 2 hard links"),
+        ]
+        for arguments, message in cases:
+            raw = [] if arguments[0].startswith("--") else arguments[:1]
+            rest = arguments[len(raw) :]
+            argv = [
+                "run",
+                "diffraction",
+                *(raw or [str(f.a_raw)]),
+                *(own if not raw else []),
+                *rest,
+            ]
+            _refused(capsys, argv, message, f, alice)
+        processed = f.a_raw.parents[2] / "PROCESSED_DATA" / "linked"
+        processed.mkdir(parents=True)
+        os.link(theirs, processed / "result.h5")
+        export = ["export", str(processed), "--to", str(processed.parent / "copy")]
+        _refused(capsys, export, "hard links: Calypso cannot tell whose file it is", f, alice)
+    finally:
+        shutil.rmtree(crafted)
+        shutil.rmtree(f.a_raw.parents[2] / "PROCESSED_DATA" / "linked", ignore_errors=True)
+
+
 def test_the_unix_account_owns_its_proposal_folders(monkeypatch, capsys, tmp_path):
     """The embedded default: no group mapping; the proposal folders an account owns under
     the data roots are its proposals (the current user: uids cannot be switched here)."""

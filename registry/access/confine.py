@@ -28,6 +28,7 @@ identity is refused: services and the portal need data roots.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,20 @@ def _refuse(message: str) -> AccessError:
 def _no_dotdot(text: str, what: str) -> None:
     if ".." in Path(text).parts:
         raise _refuse(f"{what} {text}: '..' is not allowed in paths (give the real path)")
+
+
+def _no_hard_link(real: Path, how: str) -> None:
+    """A file with more than one name may have one in another proposal (or be Calypso's
+    own secret): its path says nothing of whose it is."""
+    try:
+        status = os.stat(real)
+    except OSError:
+        return
+    if stat.S_ISREG(status.st_mode) and status.st_nlink > 1:
+        raise _refuse(
+            f"{how} has {status.st_nlink} hard links: Calypso cannot tell whose file it is; "
+            "copy the file instead of linking it"
+        )
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -148,12 +163,14 @@ class _Check:
             raise _refuse(f"{what} leads outside proposal {proposal}{shown}")
 
     def reached(self, real: Path, how: str, proposal: str, proposal_dir: Path) -> None:
-        """What a symlink or an HDF5 link reaches must be inside the proposal. A name that
-        leads nowhere is refused too when it names a place under a data root (another
-        proposal's file, there or not: whether it exists is not told); elsewhere HDF5
-        cannot open it, and looks for the file under its other names."""
+        """What a run reads (a file, what a symlink or an HDF5 link reaches) must be inside
+        the proposal, and be no hard link. A name that leads nowhere is refused too when
+        it names a place under a data root (another proposal's file, there or not: whether
+        it exists is not told); elsewhere HDF5 cannot open it, and looks for the file
+        under its other names."""
         if os.path.lexists(real) or self._root_of(real) is not None:
             self.inside(real, proposal, proposal_dir, how)
+            _no_hard_link(real, how)
 
     # -- the check ------------------------------------------------------------------------
 
@@ -215,8 +232,12 @@ class _Check:
             raise _refuse(f"output folder {output} is a shared read-only folder")
 
     def _parameters(self, raw: str, proposal: str, proposal_dir: Path) -> None:
-        for where, kind, value in self.intent.parameters:
-            path = Path(value).expanduser()
+        from calypso.tasks.raw.pyfai_config import files_named_in
+
+        pending = [(where, kind, value) for where, kind, value in self.intent.parameters]
+        while pending:
+            where, kind, value = pending.pop(0)
+            path = Path(value.split("::", 1)[0]).expanduser()  # FILE::/dataset names FILE
             if kind == "glob":
                 if not path.is_absolute():
                     continue  # matched under the dataset's folder, checked with it
@@ -225,13 +246,16 @@ class _Check:
             if any(_inside(real, shared) for shared in self.shared):
                 continue
             self.inside(real, proposal, proposal_dir, f"{where} {value}")
-            if real.is_file():
+            if real.is_file() or kind == "glob":
                 check_dataset(
                     path.absolute(),
                     lambda target, how, w=where: self.reached(
                         target, f"{how} in {w}", proposal, proposal_dir
                     ),
                 )
+            if real.is_file():  # a calibration that names more files (a spline ...)
+                for key, named in files_named_in(real):
+                    pending.append((f"{where} ({key} in {path.name})", "file", str(named)))
 
     def _target(self, proposal: str, proposal_dir: Path) -> None:
         target = self.intent.export_to
@@ -254,6 +278,7 @@ class _Check:
         for entry, target in dataset_files(Path(source)):
             if entry != target:
                 self.inside(target, proposal, proposal_dir, f"the symlink {entry} in {source}")
+            _no_hard_link(target, f"the file {entry} in {source}")
         self._target(proposal, proposal_dir)
         return Confined(proposal, proposal_dir, self.roots)
 

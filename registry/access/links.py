@@ -150,11 +150,11 @@ def check_dataset(
         for count, (entry, target) in enumerate(dataset_files(path)):
             if count >= limit:
                 break
-            if entry != target:
-                check(target, f"the symlink {entry}")
+            check(target, f"the symlink {entry}" if entry != target else f"the file {entry}")
             if target.is_file() and target.name.lower().endswith(HDF5_SUFFIXES):
                 hdf5.append((entry, target))
     elif path.is_file():
+        check(resolved(path), f"the file {path}")
         hdf5.append((path, resolved(path)))
     _check_hdf5(hdf5, check, looked)
     return looked

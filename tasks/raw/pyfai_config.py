@@ -171,3 +171,61 @@ def _refuse(source: str, key: str, value: Any, instead: str | None = None) -> No
         f"{source}: {key}={value!r} is not supported by Calypso's diffraction flow{hint} "
         "(remove it from the file to use the rest)"
     )
+
+
+# -- files a calibration names: what confinement checks with it ------------------------
+
+#: Keys of a pyFAI detector configuration that name a file (a NexusDetector's own file,
+#: a distortion spline), compared in lower case.
+_DETECTOR_FILE_KEYS = ("filename", "splinefile", "spline_file")
+
+
+def detector_files(config: Mapping[str, Any] | str | None) -> list[tuple[str, str]]:
+    """``(key, name)`` of the files a pyFAI detector configuration names.
+
+    >>> detector_files({"splineFile": "distortion.spline", "pixel1": 1e-4})
+    [('splineFile', 'distortion.spline')]
+    """
+    import json
+
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except ValueError:
+            return []
+    if not isinstance(config, Mapping):
+        return []
+    return [
+        (key, value)
+        for key, value in config.items()
+        if key.lower() in _DETECTOR_FILE_KEYS
+        and isinstance(value, str)
+        and value not in ("", "None")
+    ]
+
+
+def files_named_in(path: Path) -> list[tuple[str, Path]]:
+    """``(key, file)`` of the files a PONI file names, where the diffraction plan opens
+    them: its distortion spline (a relative name beside the PONI file, where pyFAI-calib
+    keeps it) and its detector's own file (a NexusDetector's, opened as pyFAI opens it).
+    Nothing for a file that is no PONI file.
+    """
+    try:
+        if path.stat().st_size > 1_000_000:
+            return []
+        text = path.read_text(errors="replace")
+    except (OSError, ValueError):
+        return []
+    named: list[tuple[str, Path]] = []
+    for line in text.splitlines():
+        key, colon, value = line.partition(":")
+        key, value = key.strip().lower(), value.strip()
+        if not colon or line.startswith("#"):
+            continue
+        if key == "splinefile" and value not in ("", "None"):
+            named.append(("SplineFile", path.parent / Path(value).expanduser()))
+        elif key == "detector_config":
+            for name, file in detector_files(value):
+                beside = name.lower() != "filename"  # as the plan reads a spline
+                named.append((name, path.parent / file if beside else Path(file).expanduser()))
+    return named
