@@ -238,6 +238,10 @@ def test_what_hdf5_would_open_behind_a_file_is_checked_each_time(portal, tmp_pat
         with h5py.File(folder / "named.h5", "w") as h5:
             h5["x"] = h5py.ExternalLink(str(target), "/")
         assert meta(folder / "named.h5", "/") == 403
+    # A second name of their file (a hard link) says nothing of whose it is.
+    os.link(theirs, folder / "second-name.h5")
+    assert meta(folder / "second-name.h5", "/") == 403
+    os.unlink(folder / "second-name.h5")
     # Checked, then swapped for a file of the same size and time: checked again.
     swapped = folder / "swapped.h5"
     with h5py.File(swapped, "w") as h5:
