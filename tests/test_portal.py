@@ -68,7 +68,9 @@ def portal(tmp_path_factory, directory, issuer, scheduler, loopback):
 
 def signed_in_with_ldap(portal, name: str) -> httpx.Client:
     client = httpx.Client(base_url=portal.url, timeout=30)
-    answer = client.post("/signin", data={"username": name, "password": PASSWORDS[name]})
+    token = re.search(r'name="csrf" value="([^"]+)"', client.get("/signin").text)[1]
+    form = {"username": name, "password": PASSWORDS[name], "csrf": token}
+    answer = client.post("/signin", data=form)
     assert answer.status_code == 303, answer.text
     return client
 
@@ -142,8 +144,16 @@ def test_sign_in_and_only_their_proposals(portal):
     anonymous = httpx.Client(base_url=portal.url)
     assert anonymous.get("/").status_code == 303  # to the sign-in page
     assert anonymous.get("/h5grove/meta?file=ih0001/x.h5").status_code == 401
-    wrong = anonymous.post("/signin", data={"username": "alice", "password": "wrong"})
+    token = re.search(r'name="csrf" value="([^"]+)"', anonymous.get("/signin").text)[1]
+    wrong = anonymous.post(
+        "/signin", data={"username": "alice", "password": "wrong", "csrf": token}
+    )
     assert wrong.status_code == 401 and "wrong user name or password" in wrong.text
+    # Another site's form signs nobody in (its post carries no token of this browser's).
+    elsewhere = httpx.post(
+        f"{portal.url}/signin", data={"username": "alice", "password": PASSWORDS["alice"]}
+    )
+    assert elsewhere.status_code == 403 and "calypso_portal" not in elsewhere.cookies
     alice = signed_in_with_ldap(portal, "alice")
     home = alice.get("/").text
     assert 'href="/data/ih0001"' in home and "ih0002" not in home

@@ -123,6 +123,7 @@ def sign_in_page(request: Request, next: str = "/") -> Response:
         next=_safe_next(next),
         ldap=bool(access.ldap.url),
         oidc=bool(access.oidc.issuer and access.oidc.client_id),
+        signin_csrf=csrf_token(request),  # another site's form cannot sign this browser in
     )
 
 
@@ -132,9 +133,13 @@ async def sign_in_with_password(
     username: str = Form(""),
     password: str = Form(""),
     next: str = Form("/"),
+    csrf: str = Form(""),
 ) -> Response:
     from calypso.registry.access.ldap import ldap_sign_in
 
+    # Signed in by another site's form, the browser would show the other account's data
+    # as its user's own (and keep what they upload there): the form must be this page's.
+    check_csrf(request, csrf)
     settings = request.app.state.settings
     try:
         identity = await run_in_threadpool(ldap_sign_in, username, password, settings)
@@ -148,6 +153,7 @@ async def sign_in_with_password(
             error=str(exc),
             ldap=bool(access.ldap.url),
             oidc=bool(access.oidc.issuer),
+            signin_csrf=csrf_token(request),
         )
     _begin_session(request, identity)
     return RedirectResponse(_safe_next(next), status_code=303)
