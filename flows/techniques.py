@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -175,12 +176,21 @@ def module_file(module: str) -> Path | None:
     return Path(origin) if origin and origin.endswith(".py") else None
 
 
+# CPython 3.11 builds ASTs with a recursion counter that two threads parsing at once
+# corrupt ("SystemError: AST constructor recursion depth mismatch": a served run failed so
+# while the service looked up a live technique's modules in another thread).
+_PARSING = threading.Lock()
+
+
 def imported_names(path: Path, package: str) -> set[str]:
     """Every module name the source at ``path`` imports, anywhere in it (lazy imports
     too), relative imports resolved against ``package``; for ``from m import n``, both
     ``m`` and ``m.n`` (``n`` may be a module)."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_bytes())):
+    source = path.read_bytes()
+    with _PARSING:
+        tree = ast.parse(source)
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

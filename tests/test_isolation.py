@@ -496,7 +496,8 @@ def test_export_refuses_what_is_not_theirs_and_exports_their_own(
     from calypso.registry.catalogue import ProcessedDataset
 
     f = signed_in
-    # The facility's export area: any folder under it is a target (else inside the proposal).
+    # The facility's export area: each proposal's place in it, <area>/<proposal>/..., is a
+    # target (else a folder inside the proposal).
     monkeypatch.setenv("CALYPSO_EXPORT__DEFAULT_TARGET", str(tmp_path / "exports"))
     settings = load_settings()
     catalogue = SQLiteCatalogue(settings.catalogue_path)
@@ -514,7 +515,7 @@ def test_export_refuses_what_is_not_theirs_and_exports_their_own(
     sneaky.mkdir(exist_ok=True)
     (sneaky / "theirs.h5").symlink_to(theirs[0] / "result.h5")
     alice = oidc_user("alice")  # the portal's users sign in through OpenID Connect
-    target = str(tmp_path / "exports" / "alice")
+    target = str(tmp_path / "exports" / "ih0001" / "alice")
     cases = [
         (str(theirs[1]), "belongs to proposal ih0002"),  # a foreign catalogue id
         (str(theirs[0]), "belongs to proposal ih0002"),
@@ -526,10 +527,29 @@ def test_export_refuses_what_is_not_theirs_and_exports_their_own(
         assert not (tmp_path / "exports").exists()
     into_theirs = str(theirs[0].parent / "copy")
     _refused(capsys, ["export", str(mine[1]), "--to", into_theirs], "export target", f, alice)
+    # Another proposal's place in the export area, and object stores beside the configured
+    # area, would be written with the service's credentials.
+    for elsewhere, message in [
+        (str(tmp_path / "exports" / "ih0002" / "alice"), "not this proposal's place"),
+        ("s3://facility/ih0002/run", "no object store is configured for exports"),
+    ]:
+        _refused(capsys, ["export", str(mine[1]), "--to", elsewhere], message, f, alice)
+    monkeypatch.setenv("CALYPSO_EXPORT__DEFAULT_TARGET", "s3://facility/exports")
+    for elsewhere in ("s3://facility/exports/ih0002/run", "s3://other/ih0001/run"):
+        _refused(
+            capsys,
+            ["export", str(mine[1]), "--to", elsewhere],
+            "place in the export store",
+            f,
+            alice,
+        )
+    monkeypatch.setenv("CALYPSO_EXPORT__DEFAULT_TARGET", str(tmp_path / "exports"))
     with acting_as(alice):
         assert main(["export", str(mine[1]), "--to", target, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["files"] == 1
-    assert (tmp_path / "exports" / "alice" / "result.h5").read_bytes() == b"results of ih0001"
+    assert (
+        tmp_path / "exports" / "ih0001" / "alice" / "result.h5"
+    ).read_bytes() == b"results of ih0001"
 
 
 def test_files_named_inside_parameters_and_hard_links_are_checked(signed_in, capsys):

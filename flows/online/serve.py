@@ -304,15 +304,20 @@ def serve(settings: CalypsoSettings, techniques: list[str] | None = None) -> Non
         )
     check_prefect_api()
     chosen = [TECHNIQUES[name] for name in techniques] if techniques else TECHNIQUES.values()
+    live = [technique for technique in chosen if technique.name in LIVE_TECHNIQUES]
+    warm: list[str] = []
+    if settings.serve.warm_starts:
+        from calypso.flows.online.live_served import live_modules
+
+        # Found before any thread of the service parses Python too (CPython 3.11's
+        # ast.parse in two threads at once: "AST constructor recursion depth mismatch").
+        warm = preloaded_modules(chosen) + live_modules([t.name for t in live])
     cluster = start_shared_cluster(settings)
     stop = threading.Event()
     start_icat_flushing(settings, stop)
     submissions = start_submissions(settings, cluster, chosen)
-    live = [technique for technique in chosen if technique.name in LIVE_TECHNIQUES]
-    if settings.serve.warm_starts:
-        from calypso.flows.online.live_served import live_modules
-
-        start_warm(preloaded_modules(chosen) + live_modules([t.name for t in live]))
+    if warm:
+        start_warm(warm)
     try:
         deployments = [technique_deployment(technique, settings) for technique in chosen]
         deployments += [technique_live_deployment(technique, settings) for technique in live]

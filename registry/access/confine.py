@@ -258,13 +258,37 @@ class _Check:
                     pending.append((f"{where} ({key} in {path.name})", "file", str(named)))
 
     def _target(self, proposal: str, proposal_dir: Path) -> None:
+        """An export target: inside the proposal, or the proposal's own place in the
+        configured export store (``<export.default_target>/<proposal>/...``, where the
+        portal puts each proposal's exports): another proposal's place there, or any
+        other bucket, would be written with the service's credentials."""
         target = self.intent.export_to
-        if not target or ("://" in target and not target.startswith("file://")):
-            return  # object stores: the configured credentials decide (docs/security.md)
-        folder = resolved(target.removeprefix("file://"))
-        configured = resolved(self.settings.export_target.removeprefix("file://"))
-        if _inside(folder, configured):
+        if not target:
             return
+        configured = self.settings.export_target.rstrip("/")
+        if "://" in target and not target.startswith("file://"):
+            parts = target.split("://", 1)[1].split("/")
+            if ".." in parts or "." in parts:
+                raise _refuse(f"export target {target}: '..' is not allowed in paths")
+            own = f"{configured}/{proposal}"
+            if "://" in configured and (target.rstrip("/") + "/").startswith(own + "/"):
+                return
+            raise _refuse(
+                f"export target {target} is not this proposal's place in the export store "
+                f"({own}/...): exports to object stores go there"
+                if "://" in configured
+                else f"export target {target}: no object store is configured for exports "
+                "(export.default_target); export to a folder of the proposal"
+            )
+        folder = resolved(target.removeprefix("file://"))
+        store = resolved(configured.removeprefix("file://"))
+        if _inside(folder, store):
+            if _inside(folder, store / proposal):
+                return
+            raise _refuse(
+                f"export target {target} is not this proposal's place in the export folder "
+                f"({store / proposal}/...)"
+            )
         self.inside(folder, proposal, proposal_dir, f"export target {target}")
 
     def _export(self) -> Confined:
