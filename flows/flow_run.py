@@ -23,6 +23,8 @@ from prefect.runtime import flow_run
 
 from calypso.errors import CatalogueError, OutputError
 from calypso.registry import ProcessedDataset, claims, open_catalogue
+from calypso.registry.access import AccessError
+from calypso.registry.access.confine import still_in_proposal
 from calypso.registry.access.secrets import redact
 from calypso.registry.catalogue import embedded
 from calypso.registry.heartbeat import Heartbeat
@@ -229,8 +231,9 @@ class FlowRun:
         except CatalogueError as exc:
             raise self._not_published(exc, publication) from None
         try:
+            still_in_proposal(self.settings, self.raw, [f.parent for _, f in publication.moves])
             publication.apply()
-        except OutputError as exc:  # a file there that is not a result (a raw file)
+        except (OutputError, AccessError) as exc:  # a raw file there; a folder swapped
             publication.undo()
             self.failed(exc)
             raise
@@ -275,6 +278,11 @@ class FlowRun:
         save_result_block()  # where the chunk tasks keep their results, for a retry
         # The results' group and mode, given before they are published.
         permissions = self.permissions = output_permissions(self.plan, self.settings)
+        try:
+            still_in_proposal(self.settings, self.raw, [Path(self.plan.output_dir)])
+        except AccessError as exc:
+            self.failed(exc)
+            raise
         work_dir = new_work_dir(self.plan.output_dir, self.run_id or None, permissions)
         self.work_dir = work_dir
         try:

@@ -23,7 +23,14 @@ import h5py
 import pytest
 
 from calypso.flows.cli import main
-from calypso.registry.access import AccessError, Identity, SignInError, acting_as
+from calypso.registry.access import (
+    AccessError,
+    Identity,
+    Intent,
+    SignInError,
+    acting_as,
+    confine,
+)
 from calypso.settings import load_settings
 
 pytestmark = pytest.mark.slow
@@ -543,6 +550,14 @@ def test_export_refuses_what_is_not_theirs_and_exports_their_own(
             f,
             alice,
         )
+    # A run's --export-to is a prefix: its results go to <prefix>/<proposal>/... (the store
+    # itself is one), or under the proposal's own place.
+    run = ["run", "diffraction", str(f.a_raw), "--set", f"poni={f.poni}"]
+    theirs_prefix = ["--export-to", "s3://facility/exports/ih0002"]
+    _refused(capsys, [*run, *theirs_prefix], "place in the export store", f, alice)
+    for allowed in ("s3://facility/exports", "s3://facility/exports/ih0001/mine"):
+        intent = Intent("diffraction run", raw=str(f.a_raw), export_to=allowed)
+        assert confine(alice, intent, load_settings()).proposal == "ih0001"
     monkeypatch.setenv("CALYPSO_EXPORT__DEFAULT_TARGET", str(tmp_path / "exports"))
     with acting_as(alice):
         assert main(["export", str(mine[1]), "--to", target, "--json"]) == 0
@@ -601,6 +616,49 @@ def test_files_named_inside_parameters_and_hard_links_are_checked(signed_in, cap
     finally:
         shutil.rmtree(crafted)
         shutil.rmtree(f.a_raw.parents[2] / "PROCESSED_DATA" / "linked", ignore_errors=True)
+
+
+@pytest.mark.parametrize("when", ["before its part folder", "before publishing"])
+def test_an_output_folder_swapped_during_the_run_is_not_written(
+    signed_in, capsys, monkeypatch, when
+):
+    """Checked as the run begins, the output folder is swapped for a symlink into another
+    proposal by a member of this one (a sweep wrote results into the other proposal so):
+    the run writes nothing there and is recorded failed."""
+    import calypso.flows.api as api
+    from calypso.flows.flow_run import FlowRun
+
+    f = signed_in
+    alice = ldap_user("alice")
+    output = f.a_raw.parents[2] / "PROCESSED_DATA" / f"swapped-{when.split()[1]}"
+    theirs = f.b_raw.parents[2] / "PROCESSED_DATA" / "victim"
+    theirs.mkdir(parents=True, exist_ok=True)
+
+    def swap() -> None:
+        if output.is_dir() and not output.is_symlink():
+            for part in output.iterdir():  # the run's part folder moves along
+                shutil.move(part, theirs / part.name)
+            output.rmdir()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.symlink_to(theirs)
+
+    if when == "before its part folder":
+        checked = api.confine_run
+        monkeypatch.setattr(api, "confine_run", lambda *a, **k: (checked(*a, **k), swap()))
+    else:
+        completed = FlowRun.completed
+        monkeypatch.setattr(FlowRun, "completed", lambda run, o: (swap(), completed(run, o))[1])
+    argv = ["run", "diffraction", str(f.a_raw), "--set", f"poni={f.poni}"]
+    argv += ["--set", f"mask={f.mask}", "--set", "npt=100", "--output", str(output)]
+    try:
+        with acting_as(alice):
+            assert main(argv) == 7
+        assert "now leads outside proposal ih0001" in capsys.readouterr().err
+        # (the part folder moved along by the swap stays hidden: nothing published)
+        assert not [p for p in theirs.rglob("*") if ".calypso-partial" not in str(p)]
+    finally:
+        output.unlink(missing_ok=True)
+        shutil.rmtree(theirs, ignore_errors=True)
 
 
 def test_the_unix_account_owns_its_proposal_folders(monkeypatch, capsys, tmp_path):

@@ -273,6 +273,8 @@ class _Check:
             own = f"{configured}/{proposal}"
             if "://" in configured and (target.rstrip("/") + "/").startswith(own + "/"):
                 return
+            if "://" in configured and target.rstrip("/") == configured and self._adds(proposal):
+                return  # a run's prefix: its results go to <prefix>/<proposal>/...
             raise _refuse(
                 f"export target {target} is not this proposal's place in the export store "
                 f"({own}/...): exports to object stores go there"
@@ -290,6 +292,19 @@ class _Check:
                 f"({store / proposal}/...)"
             )
         self.inside(folder, proposal, proposal_dir, f"export target {target}")
+
+    def _adds(self, proposal: str) -> bool:
+        """Whether a run's results go under ``<export_to>/<proposal>/`` (its input follows
+        the data policy: ``flow_export_uri``)."""
+        if self.intent.export_source or not self.intent.raw:
+            return False
+        from calypso.tasks.raw.data_policy import RawDataset
+
+        try:
+            raw = RawDataset.from_path(Path(self.intent.raw.split("::", 1)[0]).absolute())
+        except Exception:
+            return False
+        return raw.proposal == proposal
 
     def _export(self) -> Confined:
         """An export copies files, not what their HDF5 links name: its files (symlinks
@@ -311,3 +326,24 @@ def confine(identity: Identity, intent: Intent, settings: CalypsoSettings) -> Co
     """Refuse ``intent`` (:class:`AccessError`, one line, nothing done) unless all it
     touches lies inside one proposal that ``identity`` may see (module docstring)."""
     return _Check(identity, intent, settings).run()
+
+
+def still_in_proposal(settings: CalypsoSettings, raw: str | None, paths: list[Path]) -> None:
+    """Refuse to write at ``paths`` unless each still leads into the proposal of the input
+    ``raw``: checked as the run began, a folder may have been swapped since for a symlink
+    into another proposal (by a member of this one). Nothing to check without data roots.
+    """
+    roots = [resolved(root) for root in settings.data_roots]
+    if not roots or not raw:
+        return
+    real = resolved(raw.split("::", 1)[0])
+    root = next((r for r in roots if _inside(real, r) and real != r), None)
+    if root is None:
+        return  # checked when it began: not under a root (a staff run on one machine)
+    proposal = real.relative_to(root).parts[0]
+    for path in paths:
+        if not _inside(resolved(path), root / proposal):
+            raise _refuse(
+                f"{path} now leads outside proposal {proposal} (changed since the run was "
+                "checked): nothing is written there"
+            )
