@@ -184,3 +184,38 @@ def replies_as(account: pwd.struct_passwd, sock: Path, request: dict) -> list[di
         text = answer.read()
     os.waitpid(child, 0)
     return json.loads(text)
+
+
+PLAIN_PYTHON = "/usr/bin/python3"  # the tests' own is under root's home, 0700
+
+
+def test_a_command_sends_nothing_to_a_socket_another_account_listens_on():
+    """In a folder anyone can write, another account can listen where the service's
+    socket is named: the command refuses to send it the run (paths, parameters)."""
+    from calypso.errors import ConfigurationError
+    from calypso.flows.online.submissions import connect
+
+    if os.geteuid() != 0:
+        pytest.skip("listening as another account needs root (CI runs as root)")
+    if not Path(PLAIN_PYTHON).exists():
+        pytest.skip(f"{PLAIN_PYTHON} (a Python another account may run) is missing")
+    shared = Path(tempfile.mkdtemp(prefix="calypso-shared-", dir="/tmp"))  # reachable by all
+    shared.chmod(0o1777)  # like /tmp itself
+    path = shared / "serve.sock"
+    listener = (
+        "import os, socket, sys, time\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1)\n"
+        "print('listening', flush=True); time.sleep(60)\n"
+    )
+    impostor = subprocess.Popen(
+        [PLAIN_PYTHON, "-c", listener, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert impostor.stdout.readline().strip() == "listening"
+        with pytest.raises(ConfigurationError, match="is served by uid 65534"):
+            connect(path)
+    finally:
+        impostor.kill()
+        impostor.wait()
+        shutil.rmtree(shared, ignore_errors=True)

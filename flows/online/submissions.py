@@ -14,7 +14,9 @@ uid from the socket (``SO_PEERCRED``), and the run is checked against that accou
 proposals exactly as if the user had run it (:func:`calypso.flows.api.run_technique`
 with :func:`calypso.registry.access.unix_identity` of that uid). A socket file is
 reached through the file system, so its folder's permissions decide who may connect
-at all.
+at all. The command checks the other way too: the process listening must be root, the
+user, or the owner of the socket's folder (in a folder others can write, another
+account could listen in the service's place and read the requests).
 
 The conversation is one JSON document a line. The command sends one request::
 
@@ -123,8 +125,25 @@ def connect(path: Path | None) -> socket.socket | None:
             f"cannot reach the Calypso service at {path} ({exc.strerror or exc}): ask its "
             "operator, or run here with --local"
         ) from None
+    listener = peer_uid(connection)
+    trusted = {0, os.getuid(), _owner(path.parent)}
+    if listener not in trusted:
+        connection.close()
+        raise ConfigurationError(
+            f"the socket {path} is served by uid {listener}, who owns neither it nor its "
+            "folder: another account may be listening in the service's place (a folder "
+            "others can write?); not sending it your run: put the service's socket in a "
+            "folder of the service's own (CALYPSO_SERVE__SOCKET), or run here with --local"
+        )
     connection.settimeout(None)  # a run takes as long as it takes
     return connection
+
+
+def _owner(folder: Path) -> int:
+    try:
+        return folder.stat().st_uid
+    except OSError:
+        return -1
 
 
 def run_by_service(
