@@ -17,6 +17,8 @@ import hashlib
 import json
 import re
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from pydantic import BaseModel
 
 import calypso
 from calypso.errors import CatalogueError, ConfigurationError
+from calypso.registry import claims
 from calypso.registry.access.errors import AccessError
 from calypso.registry.access.identity import Identity
 from calypso.registry.sqlite import connect, create_database
@@ -115,7 +118,8 @@ class SavedFlow(BaseModel):
 
 
 def may_change(identity: Identity, flow: SavedFlow) -> bool:
-    """Its owner, or a member of its proposal."""
+    """Its owner, or a member of its proposal (staff: any): who may change it, and who
+    may see it (`calypso flows list/show/diff`, the portal)."""
     return flow.owner == identity.name or identity.member_of(flow.proposal)
 
 
@@ -139,6 +143,22 @@ class SavedFlows:
             name="saved flows",
             version=2,
         )
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """A connection to change the registry: a file this account cannot write (another
+        account's, or the service's) is one line, not sqlite's traceback."""
+        try:
+            with connect(self.path) as db:
+                yield db
+        except sqlite3.OperationalError as exc:
+            if claims.busy_or_full(str(exc)):
+                raise CatalogueError(claims.problem(self.path, exc)) from None
+            raise CatalogueError(
+                f"the flow registry {self.path} cannot be changed by this account ({exc}): it "
+                "is kept by whoever set it up (the service: save through the portal), or set "
+                "CALYPSO_CATALOGUE__PATH to a file of your own"
+            ) from None
 
     def save(
         self,
@@ -167,7 +187,7 @@ class SavedFlows:
                 f"proposals: {identity.describe_proposals()}): a flow is saved for one's own "
                 "proposals only"
             )
-        with connect(self.path) as db:
+        with self._writing() as db:
             db.execute("BEGIN IMMEDIATE")
             latest = db.execute(
                 "SELECT * FROM saved_flows WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
@@ -226,7 +246,7 @@ class SavedFlows:
                 f"refused: flow {name!r} belongs to {flow.owner} (proposal {flow.proposal}): "
                 "only they or members of that proposal may delete it"
             )
-        with connect(self.path) as db:
+        with self._writing() as db:
             cursor = db.execute(
                 "UPDATE saved_flows SET deleted = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') "
                 "WHERE name = ? AND deleted IS NULL",

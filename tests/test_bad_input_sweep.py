@@ -252,3 +252,26 @@ def test_a_live_run_refused_says_so_in_one_line(diffraction_sample, tmp_path, ca
     ]
     assert main([*arguments, "--live", "http://example.invalid"]) == 2
     assert "argument --live: 'http://example.invalid': give 'files'" in capsys.readouterr().err
+
+
+def test_a_flow_registry_this_account_cannot_write_is_one_line(tmp_path, monkeypatch):
+    """Another account's registry file (0644) refused the write with sqlite's traceback.
+    Here as root, which SQLite lets write anything, the refusal is sqlite's own error."""
+    import contextlib
+
+    import calypso.registry.saved_flows as saved_flows
+    from calypso.errors import CatalogueError
+    from calypso.registry.access import Identity
+
+    alice = Identity("alice", "ldap", proposals={"ih0001"})
+    registry = saved_flows.SavedFlows(tmp_path / "catalogue.sqlite")
+    opened = saved_flows.connect
+
+    def read_only(path):
+        with opened(path) as db:
+            db.execute("PRAGMA query_only = ON")  # sqlite: "attempt to write a readonly database"
+            yield db
+
+    monkeypatch.setattr(saved_flows, "connect", contextlib.contextmanager(read_only))
+    with pytest.raises(CatalogueError, match="cannot be changed by this account .attempt to write"):
+        registry.save("mine", "calypso: 1\n", "diffraction", alice, None, "")

@@ -119,6 +119,30 @@ def test_a_lima_file_caught_with_its_header_half_written_is_read_once_whole(tmp_
     assert scan.finished
 
 
+@pytest.mark.parametrize("how", ["a symlink", "a hard link", "a symlinked scan folder"])
+def test_a_file_appearing_by_another_name_is_not_read(tmp_path, how):
+    """A live run was checked as its scan began; a Lima file that appears later as a
+    link to a file elsewhere (another proposal's, read with the service's rights) is
+    refused by name, not read."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with h5py.File(elsewhere / "pilatus_0000.h5", "w") as h5:
+        h5.create_dataset(LIMA_DATASET, data=np.stack([frame(7), frame(8)]))
+    dataset = tmp_path / "dataset"
+    template = lima_template(dataset, 1, "pilatus")
+    path = Path(template % 0)
+    if how == "a symlinked scan folder":
+        dataset.mkdir()
+        path.parent.symlink_to(elsewhere)
+    else:
+        path.parent.mkdir(parents=True)
+        link = path.symlink_to if how == "a symlink" else path.hardlink_to
+        link(elsewhere / "pilatus_0000.h5")
+    scan = LimaFiles(template, npoints=2, stall_timeout=30)
+    with pytest.raises(RawDataError, match="a live scan reads only the files its acquisition"):
+        scan.ready()
+
+
 def test_a_scan_that_ends_early_is_finished_and_partial(tmp_path):
     """end_time in the dataset file after 7 of 20 frames: the 7 are handed out, then the
     end; the result is marked partial, never complete."""

@@ -120,6 +120,11 @@ def test_cli_check_export_save_show_diff_list_delete(tmp_path, capsys, catalogue
         assert main(["flows", "save", str(first), "--name", "rings"]) == 7
         assert main(["flows", "delete", "rings"]) == 7
         assert "belongs to alice" in capsys.readouterr().err
+        # ... nor see it: another proposal's flows are not listed, shown or compared.
+        assert main(["flows", "list"]) == 0 and "rings" not in capsys.readouterr().out
+        for command in (["show", "rings@1"], ["diff", "rings@1", "rings@2"]):
+            assert main(["flows", *command]) == 5
+            assert "no saved flow rings@1" in capsys.readouterr().err
     with acting_as(BOB):
         assert main(["flows", "list"]) == 0
         assert "rings@2" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import argparse
 import difflib
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from calypso.errors import ParameterError
 from calypso.flows.api import (
@@ -16,7 +17,10 @@ from calypso.flows.api import (
     saved_flows,
 )
 from calypso.flows.cli.common import technique_names
-from calypso.settings import load_settings
+from calypso.settings import CalypsoSettings, load_settings
+
+if TYPE_CHECKING:
+    from calypso.registry.saved_flows import SavedFlow
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -112,8 +116,24 @@ def command_flows_save(args: argparse.Namespace) -> int:
     return 0
 
 
+def _visible(reference: str, settings: CalypsoSettings) -> SavedFlow:
+    """A saved flow the caller may see (their own, or their proposals'); another's is
+    "no saved flow", as if it were not there."""
+    from calypso.errors import CatalogueError
+    from calypso.registry.saved_flows import may_change
+
+    flow = get_saved_flow(reference, settings)
+    if not may_change(current_identity(settings), flow):
+        raise CatalogueError(f"no saved flow {reference} (`calypso flows list`)")
+    return flow
+
+
 def command_flows_list(args: argparse.Namespace) -> int:
-    flows = saved_flows(load_settings()).list()
+    from calypso.registry.saved_flows import may_change
+
+    settings = load_settings()
+    identity = current_identity(settings)
+    flows = [f for f in saved_flows(settings).list() if may_change(identity, f)]
     if not flows:
         print("no saved flows (`calypso flows save FILE --name NAME`)")
     for flow in flows:
@@ -126,7 +146,7 @@ def command_flows_list(args: argparse.Namespace) -> int:
 
 
 def command_flows_show(args: argparse.Namespace) -> int:
-    flow = get_saved_flow(args.reference, load_settings())
+    flow = _visible(args.reference, load_settings())
     print(
         f"# {flow.label}: {flow.technique}, owner {flow.owner}, proposal {flow.proposal}, "
         f"saved {flow.created} with Calypso {flow.calypso_version}, sha256 {flow.sha256}\n"
@@ -138,8 +158,8 @@ def command_flows_show(args: argparse.Namespace) -> int:
 
 def command_flows_diff(args: argparse.Namespace) -> int:
     settings = load_settings()
-    first = get_saved_flow(args.first, settings)
-    second = get_saved_flow(args.second, settings)
+    first = _visible(args.first, settings)
+    second = _visible(args.second, settings)
     lines = difflib.unified_diff(
         first.specification.splitlines(keepends=True),
         second.specification.splitlines(keepends=True),

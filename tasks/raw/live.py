@@ -19,6 +19,7 @@ stops without ending the scan (``stall_timeout``) or the stream vanishes.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -124,7 +125,9 @@ def lima_detectors(dataset_dir: Path, number: int) -> tuple[str, ...]:
 def open_lima(path: str | Path) -> h5py.File:
     """Open a Lima file another process may still write: no file locking, SWMR read
     where the file allows it. ``OSError`` when it cannot be opened (yet): HDF5 reports a
-    header caught half written as a RuntimeError ("bad object header version number")."""
+    header caught half written as a RuntimeError ("bad object header version number").
+    A live scan's file must be one the acquisition wrote (:func:`_written_here`)."""
+    _written_here(Path(path))
     try:
         return h5py.File(path, "r", locking=False, swmr=True)
     except (OSError, RuntimeError):
@@ -132,6 +135,28 @@ def open_lima(path: str | Path) -> h5py.File:
             return h5py.File(path, "r", locking=False)
         except RuntimeError as exc:
             raise OSError(f"{path} cannot be opened (yet): {exc}") from None
+
+
+def _written_here(path: Path) -> None:
+    """Refuse a file of a scan in progress that is a symlink, has a second name (a hard
+    link), or lies in a scan folder that is a symlink: the run was checked as the scan
+    began, and a file appearing later by another name could be another proposal's (a
+    service reads with rights the proposal's members do not have)."""
+    try:
+        status = os.lstat(path)
+    except OSError:
+        return  # not there yet: opening it says so
+    folder = path.parent
+    swapped = folder.name.startswith("scan") and folder.is_symlink()
+    if stat.S_ISLNK(status.st_mode) or status.st_nlink > 1 or swapped:
+        what = (
+            "is a symlink" if stat.S_ISLNK(status.st_mode)
+            else f"has {status.st_nlink} names (hard links)" if status.st_nlink > 1
+            else "is in a scan folder that is a symlink"
+        )  # fmt: skip
+        raise RawDataError(
+            f"{path} {what}: a live scan reads only the files its acquisition writes there"
+        )
 
 
 def read_lima(path: str | Path, dataset: str, first: int, stop: int) -> np.ndarray:
