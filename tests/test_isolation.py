@@ -661,6 +661,21 @@ def test_an_output_folder_swapped_during_the_run_is_not_written(
         shutil.rmtree(theirs, ignore_errors=True)
 
 
+def test_data_roots_named_through_a_symlink(signed_in, monkeypatch, tmp_path):
+    """A facility's data root is often a symlink (/data/visitor to a GPFS mount): a
+    dataset named through it is its proposal's, every file of it inside."""
+    f = signed_in
+    link = tmp_path / "visitor-link"
+    link.symlink_to(f.visitor)
+    monkeypatch.setenv("CALYPSO_DATA_ROOTS", json.dumps([str(link)]))
+    raw = link / f.a_raw.relative_to(f.visitor)
+    output = raw.parents[2] / "PROCESSED_DATA" / "via-link"
+    intent = Intent("diffraction run", raw=str(raw), output=str(output))
+    assert confine(ldap_user("alice"), intent, load_settings()).proposal == "ih0001"
+    with pytest.raises(AccessError, match="belongs to proposal ih0001"):
+        confine(ldap_user("bob"), intent, load_settings())
+
+
 def test_the_unix_account_owns_its_proposal_folders(monkeypatch, capsys, tmp_path):
     """The embedded default: no group mapping; the proposal folders an account owns under
     the data roots are its proposals (the current user: uids cannot be switched here)."""

@@ -315,7 +315,7 @@ class _Check:
         proposal, proposal_dir = self.proposal_of(source, "export source")
         self.member(proposal, source, "export source")
         for entry, target in dataset_files(Path(source)):
-            if entry != target:
+            if entry.is_symlink():
                 self.inside(target, proposal, proposal_dir, f"the symlink {entry} in {source}")
             _no_hard_link(target, f"the file {entry} in {source}")
         self._target(proposal, proposal_dir)
@@ -333,14 +333,18 @@ def still_in_proposal(settings: CalypsoSettings, raw: str | None, paths: list[Pa
     ``raw``: checked as the run began, a folder may have been swapped since for a symlink
     into another proposal (by a member of this one). Nothing to check without data roots.
     """
-    roots = [resolved(root) for root in settings.data_roots]
-    if not roots or not raw:
+    if not settings.data_roots or not raw:
         return
-    real = resolved(raw.split("::", 1)[0])
-    root = next((r for r in roots if _inside(real, r) and real != r), None)
-    if root is None:
+    # The proposal the input's path names as given (the input may have been swapped too),
+    # else where it leads.
+    given = Path(raw.split("::", 1)[0]).expanduser().absolute()
+    named = [(Path(r).expanduser().absolute(), resolved(r)) for r in settings.data_roots]
+    named += [(real, real) for _, real in named]
+    found = next(((g, r) for g, r in named if given.is_relative_to(g) and given != g), None)
+    if found is None:
         return  # checked when it began: not under a root (a staff run on one machine)
-    proposal = real.relative_to(root).parts[0]
+    proposal = given.relative_to(found[0]).parts[0]
+    root = found[1]
     for path in paths:
         if not _inside(resolved(path), root / proposal):
             raise _refuse(

@@ -117,8 +117,9 @@ def hdf5_links(
 
 
 def dataset_files(top: Path) -> Iterator[tuple[Path, Path]]:
-    """``(path, real path)`` of every entry under the folder ``top`` (itself included),
-    symlinked folders followed once."""
+    """``(path, real path)`` of every entry under the folder ``top``, symlinked folders
+    followed once. An entry that is no symlink has the real path of its folder (``top``
+    may be named through symlinks: ``/data/visitor`` leading to a GPFS mount)."""
     seen: set[Path] = set()
     pending = [top]
     while pending:
@@ -128,11 +129,13 @@ def dataset_files(top: Path) -> Iterator[tuple[Path, Path]]:
             continue
         seen.add(real)
         for base, folders, files in os.walk(folder, followlinks=False):
+            real_base = real / Path(base).relative_to(folder)
             for name in folders + files:
                 entry = Path(base) / name
-                target = resolved(entry) if entry.is_symlink() else entry
+                link = entry.is_symlink()
+                target = resolved(entry) if link else real_base / name
                 yield entry, target
-                if entry.is_symlink() and target.is_dir():
+                if link and target.is_dir():
                     pending.append(entry)
 
 
@@ -150,7 +153,7 @@ def check_dataset(
         for count, (entry, target) in enumerate(dataset_files(path)):
             if count >= limit:
                 break
-            check(target, f"the symlink {entry}" if entry != target else f"the file {entry}")
+            check(target, f"the symlink {entry}" if entry.is_symlink() else f"the file {entry}")
             if target.is_file() and target.name.lower().endswith(HDF5_SUFFIXES):
                 hdf5.append((entry, target))
     elif path.is_file():
