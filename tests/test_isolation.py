@@ -436,7 +436,12 @@ def test_saved_flows_refuse_what_is_not_theirs_and_run_their_own(signed_in, caps
     with acting_as(bob):  # bob's flow, for his proposal
         assert main(["flows", "save", str(path), "--name", "bobs", "--proposal", "ih0002"]) == 0
     capsys.readouterr()
-    _refused(capsys, [*save], "flow 'rings' belongs to alice", f, bob)
+    _refused(capsys, [*save, "--proposal", "ih0002"], "flow 'rings' belongs to alice", f, bob)
+    with acting_as(bob):  # with data roots, a flow is saved for one of one's proposals
+        assert main([*save]) == 2
+    assert "give the flow's proposal (--proposal ID, one of yours: ih0002)" in (
+        capsys.readouterr().err
+    )
     _refused(capsys, ["flows", "delete", "rings"], "belongs to alice", f, bob)
     run = ["flows", "run", "rings"]
     cases = [

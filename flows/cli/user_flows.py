@@ -106,8 +106,17 @@ def command_flows_save(args: argparse.Namespace) -> int:
     text = _read_specification(args.file)
     spec = check_specification(text, args.file)
     settings = load_settings()
+    identity = current_identity(settings)
+    if settings.data_roots and args.proposal is None and not identity.staff:
+        # A flow of no proposal runs on any proposal's data its caller may touch: a name
+        # a staff watch rule waits for could be taken by anyone who saves it first.
+        raise ParameterError(
+            "give the flow's proposal (--proposal ID, one of yours: "
+            f"{identity.describe_proposals()}): a flow is saved for one proposal and runs "
+            "on its data"
+        )
     saved = saved_flows(settings).save(
-        args.name, text, spec.technique, current_identity(settings), args.proposal, args.description
+        args.name, text, spec.technique, identity, args.proposal, args.description
     )
     print(
         f"saved {saved.label} ({saved.technique}, owner {saved.owner}, proposal {saved.proposal}, "
