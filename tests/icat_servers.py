@@ -110,9 +110,15 @@ class IcatServers:
     def start_icatplus(self) -> None:
         """ICAT+, echoing each post it accepts to a new sink (a sink takes one connection),
         whose posts :attr:`posts` then holds."""
-        sink = tcp.tcp_message_server("json", validate_all=False)
-        port, self.posts = sink.__enter__()
-        self._sinks.append(sink)
+        while True:
+            sink = tcp.tcp_message_server("json", validate_all=False)
+            port, self.posts = sink.__enter__()
+            self._sinks.append(sink)
+            # ICAT+'s own port was only picked (bound and closed): the sink may be given
+            # the same number. It would then take start_server's probe as its one
+            # connection, and ICAT+ would not start (a CI run waited 60 s for it).
+            if port != self.icatplus_port:
+                break
         self.icatplus = start_server(
             self.icatplus_port,
             "icatplus_server",
