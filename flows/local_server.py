@@ -35,6 +35,7 @@ from calypso.flows import prefect_server
 from calypso.private_files import create_private_file
 
 ADDRESS = "local-server.json"
+STOP_WAIT_S = 35.0  # a keeper stopped by its command: its server's own stop waits 30 s
 USE = ".local-server.use"
 START_TIMEOUT_S = 120.0  # a first start creates and migrates the database
 
@@ -134,6 +135,10 @@ class LocalServerStart:
             if self._keeper is not None and not self._answered:
                 with suppress(ProcessLookupError):  # the keeper and its server: its session
                     os.killpg(self._keeper.pid, signal.SIGTERM)
+                # Gone with the command, its address too: the keeper forgets it as it ends
+                # (a CI run found the address still there just after the command).
+                with suppress(subprocess.TimeoutExpired):
+                    self._keeper.wait(timeout=STOP_WAIT_S)
             else:
                 used(self.home)
             self._keeper = None
