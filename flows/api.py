@@ -203,9 +203,8 @@ def confine_run(
     from calypso.registry.access import Intent, confine
     from calypso.techniques.fields import path_values
 
-    marked = path_values(type(parameters), parameters.model_dump()) + geometry_files(
-        parameters.model_dump()
-    )
+    values = parameters.model_dump()
+    marked = path_values(type(parameters), values) + geometry_files(values)
     intent = Intent(
         f"{technique} run",
         raw=input_path,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import threading
 import time
 from pathlib import Path
@@ -110,10 +111,10 @@ def readable_file(settings: CalypsoSettings, identity: Identity, file: str) -> P
     proposal, relative = split(file)
     path = locate(settings, identity, proposal, relative)
     try:
-        path.stat()
+        status = path.stat()
     except OSError:
         raise PortalError(404, f"no file {file}") from None
-    if not path.is_file():
+    if not stat.S_ISREG(status.st_mode):
         raise PortalError(404, f"{file} is not a file")
     # A verdict is kept while nothing it looked at changed: the file, each file its links
     # may open (there or not) and where each leads, by identity and change time (a file's

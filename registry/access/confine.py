@@ -79,13 +79,14 @@ def _no_dotdot(text: str, what: str) -> None:
         raise _refuse(f"{what} {text}: '..' is not allowed in paths (give the real path)")
 
 
-def _no_hard_link(real: Path, how: str) -> None:
+def _no_hard_link(real: Path, how: str, status: os.stat_result | None = None) -> None:
     """A file with more than one name may have one in another proposal (or be Calypso's
     own secret): its path says nothing of whose it is."""
-    try:
-        status = os.stat(real)
-    except OSError:
-        return
+    if status is None:
+        try:
+            status = os.stat(real)
+        except OSError:
+            return
     if stat.S_ISREG(status.st_mode) and status.st_nlink > 1:
         raise _refuse(
             f"{how} has {status.st_nlink} hard links: Calypso cannot tell whose file it is; "
@@ -168,9 +169,14 @@ class _Check:
         it names a place under a data root (another proposal's file, there or not: whether
         it exists is not told); elsewhere HDF5 cannot open it, and looks for the file
         under its other names."""
-        if os.path.lexists(real) or self._root_of(real) is not None:
+        try:
+            status = os.stat(real)  # one look: whether it is there, and its link count
+        except OSError:
+            status = None
+        if status is not None or self._root_of(real) is not None:
             self.inside(real, proposal, proposal_dir, how)
-            _no_hard_link(real, how)
+            if status is not None:
+                _no_hard_link(real, how, status)
 
     # -- the check ------------------------------------------------------------------------
 
@@ -314,8 +320,8 @@ class _Check:
         source = self.intent.export_source or ""
         proposal, proposal_dir = self.proposal_of(source, "export source")
         self.member(proposal, source, "export source")
-        for entry, target in dataset_files(Path(source)):
-            if entry.is_symlink():
+        for entry, target, link in dataset_files(Path(source)):
+            if link:
                 self.inside(target, proposal, proposal_dir, f"the symlink {entry} in {source}")
             _no_hard_link(target, f"the file {entry} in {source}")
         self._target(proposal, proposal_dir)

@@ -51,12 +51,12 @@ def link_targets(
         names = {name.replace("%b", path.stem).replace("%%", "%") for path in opened}
     else:
         names = {name}
+    places = _places(opened, prefix_variable)
     targets: list[Path] = []
     for written in sorted(names):
         if pattern and "%" in written:  # a printf pattern: any file of its folder
             written = str(Path(written).parent / "*")
         given = Path(written)
-        places = _places(opened, prefix_variable)
         if given.is_absolute():
             targets.append(given)
             candidates = [place / given.name for place in places]
@@ -116,10 +116,11 @@ def hdf5_links(
     yield from found
 
 
-def dataset_files(top: Path) -> Iterator[tuple[Path, Path]]:
-    """``(path, real path)`` of every entry under the folder ``top``, symlinked folders
-    followed once. An entry that is no symlink has the real path of its folder (``top``
-    may be named through symlinks: ``/data/visitor`` leading to a GPFS mount)."""
+def dataset_files(top: Path) -> Iterator[tuple[Path, Path, bool]]:
+    """``(path, real path, whether it is a symlink)`` of every entry under the folder
+    ``top``, symlinked folders followed once. An entry that is no symlink has the real
+    path of its folder (``top`` may be named through symlinks: ``/data/visitor`` leading
+    to a GPFS mount)."""
     seen: set[Path] = set()
     pending = [top]
     while pending:
@@ -134,7 +135,7 @@ def dataset_files(top: Path) -> Iterator[tuple[Path, Path]]:
                 entry = Path(base) / name
                 link = entry.is_symlink()
                 target = resolved(entry) if link else real_base / name
-                yield entry, target
+                yield entry, target, link
                 if link and target.is_dir():
                     pending.append(entry)
 
@@ -150,10 +151,10 @@ def check_dataset(
     hdf5: list[tuple[Path, ...]] = []
     looked: list[Path] = [path]
     if path.is_dir():
-        for count, (entry, target) in enumerate(dataset_files(path)):
+        for count, (entry, target, link) in enumerate(dataset_files(path)):
             if count >= limit:
                 break
-            check(target, f"the symlink {entry}" if entry.is_symlink() else f"the file {entry}")
+            check(target, f"the symlink {entry}" if link else f"the file {entry}")
             if target.is_file() and target.name.lower().endswith(HDF5_SUFFIXES):
                 hdf5.append((entry, target))
     elif path.is_file():

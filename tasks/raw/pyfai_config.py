@@ -210,11 +210,10 @@ def files_named_in(path: Path) -> list[tuple[str, Path]]:
     keeps it) and its detector's own file (a NexusDetector's, opened as pyFAI opens it).
     Nothing for a file that is no PONI file.
     """
-    try:
-        if path.stat().st_size > 1_000_000:
-            return []
-        text = path.read_text(errors="replace")
-    except (OSError, ValueError):
+    try:  # a PONI file is a few hundred bytes: a mask or an image is not read whole
+        with open(path, "rb") as stream:
+            text = stream.read(65536).decode(errors="replace")
+    except OSError:
         return []
     named: list[tuple[str, Path]] = []
     for line in text.splitlines():

@@ -259,7 +259,7 @@ def _refuse_a_cut_last_row(path: Path, text: str) -> None:
     if not text or text.endswith(("\n", "\r")):
         return
     rows = []
-    for line in reversed(text.splitlines()):
+    for line in reversed(text.rsplit("\n", 12)[1:]):  # the last lines only: a map is long
         words = line.replace(",", " ").split()
         if words and all(_LEADING_NUMBER.fullmatch(w) for w in words):
             rows.append(words)
