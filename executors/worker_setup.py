@@ -68,6 +68,7 @@ _shared = 0
 _running = 0  # chunk tasks now integrating in this process's threads
 _running_lock = threading.Lock()
 _single_threaded: set[str] = set()  # OpenMP runtimes kept at one thread (their files)
+_runtimes: list = []  # the OpenMP runtimes found last in this process
 
 
 def share_cores(threads: int) -> None:
@@ -82,11 +83,15 @@ def _set_openmp_threads(threads: int) -> None:
         return
     from threadpoolctl import ThreadpoolController
 
+    global _runtimes
     # Every OpenMP runtime loaded now (a library may load its own later): a few per run.
-    openmp = ThreadpoolController().select(user_api="openmp")
-    if not openmp.lib_controllers:
+    # In a thread confined to a proposal's folders /proc/self/maps may not open: the
+    # runtimes found last then (setting a runtime's threads reads no file).
+    with suppress(OSError):
+        _runtimes = ThreadpoolController().select(user_api="openmp").lib_controllers
+    if not _runtimes:
         return  # no OpenMP runtime loaded yet: set once the kernels have loaded one
-    for runtime in openmp.lib_controllers:
+    for runtime in _runtimes:
         runtime.set_num_threads(1 if runtime.filepath in _single_threaded else threads)
     _thread.openmp = threads
 

@@ -272,7 +272,7 @@ def _run_technique(
         if api is None:
             api = stack.enter_context(begin_prefect_api(settings))
         from calypso.executors import local_worker_count
-        from calypso.flows.engine import remember_plan, with_task_runner
+        from calypso.flows.engine import plan_in_proposal, remember_plan, with_task_runner
 
         if not settings.executor.preload:
             # Workers import this technique's code while they start, not another's.
@@ -281,7 +281,9 @@ def _run_technique(
         # Check everything before the run: bad input fails in a second, with one message
         # and nothing written. The run takes this plan.
         workers = local_worker_count(settings.executor)
-        plan = entry.plan()(input_path, parameters, scans, output, settings, workers)
+        plan = plan_in_proposal(
+            entry.name, input_path, parameters, scans, output, settings, workers
+        )
         remember_plan(entry.name, input_path, parameters, scans, output, workers, plan)
         total = getattr(plan, entry.count_attribute)
         bar.update_to(0, total)

@@ -26,6 +26,7 @@ from calypso.flows.heartbeats import end_heartbeats_with_the_run
 from calypso.flows.runtime import send_prefect_settings_as_objects, share_prefect_tls_context
 from calypso.flows.specification import FlowSpec, check_specification
 from calypso.flows.techniques import OUTPUTS, TECHNIQUES, Step, Technique, all_steps
+from calypso.registry.access.landlock import proposal_confinement, within
 from calypso.settings import CalypsoSettings
 from calypso.tasks.progress import AsTheyFinish
 
@@ -132,7 +133,24 @@ def make_plan(
     key = _plan_key(technique, raw, parameters, scans, output_dir, workers)
     if key in _planned:
         return _planned.pop(key)
-    return TECHNIQUES[technique].plan()(raw, parameters, scans, output_dir, settings, workers)
+    return plan_in_proposal(technique, raw, parameters, scans, output_dir, settings, workers)
+
+
+def plan_in_proposal(
+    technique: str,
+    raw: str,
+    parameters: BaseModel,
+    scans: list[int] | None,
+    output_dir: str | None,
+    settings: CalypsoSettings,
+    workers: int,
+) -> Any:
+    """The technique's plan of ``raw``, read where the kernel keeps the reads inside the
+    input's proposal: a link swapped since the run was checked leads nowhere
+    (:mod:`calypso.registry.access.landlock`)."""
+    planner = TECHNIQUES[technique].plan()
+    confinement = proposal_confinement(settings, raw)
+    return within(confinement, planner, raw, parameters, scans, output_dir, settings, workers)
 
 
 def plan(ctx: StepContext, parameters: BaseModel) -> Any:

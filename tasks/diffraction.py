@@ -23,6 +23,7 @@ from calypso.errors import RawDataError
 from calypso.executors.dask import worker_identity
 from calypso.executors.paths import worker_paths
 from calypso.executors.worker_setup import openmp_share
+from calypso.registry.access.landlock import in_proposal, proposal_confinement, within
 from calypso.tasks import head_start, integrators
 from calypso.tasks.caching import CHUNK_TASK
 from calypso.tasks.plans.diffraction import (
@@ -79,7 +80,8 @@ def integrate_chunk(
     taken = head_start.take(chunk, inputs, work_dir)
     if taken is not None:
         return taken  # type: ignore[return-value]  # a ChunkResult of this chunk
-    return _integrate_chunk(chunk, inputs, work_dir)
+    # The kernel keeps what it opens inside the proposal (registry/access/landlock.py).
+    return in_proposal(work_dir, _integrate_chunk, chunk, inputs, work_dir)
 
 
 ChunkInputs = tuple[DiffractionParameters, Geometry, str | None]  # a chunk task's, but its chunk
@@ -186,9 +188,18 @@ def _paced(frames: Iterable[np.ndarray], pace: Callable[[], None]) -> Iterator[n
 def plan_head_start(plan: IntegrationPlan) -> head_start.HeadStart:
     """The plan's chunks integrated in one thread of the command while Prefect's server
     starts (:mod:`calypso.tasks.head_start`)."""
+    from calypso.settings import load_settings
+
     inputs: ChunkInputs = (plan.parameters, plan.geometry, plan.raw_file)
+    # Confined as the chunk tasks are, to the proposal and its staging folder.
+    confinement = proposal_confinement(load_settings(), plan.output_dir)
+
+    def integrate(chunk: Chunk, folder: str) -> ChunkResult:
+        confined = confinement and confinement.and_writable(folder)
+        return within(confined, _integrate_chunk, chunk, inputs, folder)
+
     return head_start.HeadStart(
-        lambda chunk, folder: _integrate_chunk(chunk, inputs, folder),
+        integrate,
         plan.chunks(),
         key=lambda chunk: chunk.model_dump_json(),
         inputs=inputs,

@@ -655,15 +655,74 @@ def test_an_output_folder_swapped_during_the_run_is_not_written(
         monkeypatch.setattr(FlowRun, "completed", lambda run, o: (swap(), completed(run, o))[1])
     argv = ["run", "diffraction", str(f.a_raw), "--set", f"poni={f.poni}"]
     argv += ["--set", f"mask={f.mask}", "--set", "npt=100", "--output", str(output)]
+    from calypso.registry.access import landlock
+
     try:
         with acting_as(alice):
-            assert main(argv) == 7
-        assert "now leads outside proposal ih0001" in capsys.readouterr().err
+            code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 7, err
+        if when == "before its part folder" and landlock.abi_version():
+            # the planning's probe of the folder, confined to the proposal, cannot open it
+            assert "a file outside proposal ih0001 was not opened" in err, err
+        else:
+            assert "now leads outside proposal ih0001" in err, err
         # (the part folder moved along by the swap stays hidden: nothing published)
         assert not [p for p in theirs.rglob("*") if ".calypso-partial" not in str(p)]
     finally:
         output.unlink(missing_ok=True)
         shutil.rmtree(theirs, ignore_errors=True)
+
+
+@pytest.mark.parametrize("swapped", ["frames", "mask"])
+@pytest.mark.parametrize("when", ["after the check", "after the plan"])
+def test_a_file_swapped_after_the_check_is_not_read(signed_in, capsys, monkeypatch, swapped, when):
+    """Checked as the run begins, a file the run reads (a Lima file of frames, the mask) is
+    swapped for a symlink into another proposal by a member of this one (a sweep read the
+    other proposal's frames into its result so): the kernel stops the read, in the
+    planning or in the chunks, and the run fails with a refusal, nothing published."""
+    import calypso.flows.api as api
+    import calypso.flows.engine as engine
+    from calypso.registry.access import landlock
+
+    if not landlock.abi_version():
+        pytest.skip("this kernel has no Landlock: reads are checked, not confined")
+    f = signed_in
+    alice = ldap_user("alice")
+    tag = f"{swapped}-{when.split()[1]}"
+    number = 90 + 2 * ["frames", "mask"].index(swapped) + (when == "after the plan")
+    raw = f._copy(f.a_raw.parent / f"CeO2_{number:04d}")
+    mask = f.mask.with_name(f"mask-{tag}.edf")
+    shutil.copy(f.mask, mask)
+    output = f.a_raw.parents[2] / "PROCESSED_DATA" / f"swap-{tag}"
+    lima = Path("scan0001") / "pilatus1m_0001.h5"
+    mine, theirs = {
+        "frames": (raw / lima, f.b_raw / lima),
+        "mask": (mask, f.b_raw.parents[2] / "SCRIPTS" / "calibration" / "pilatus1m_mask.edf"),
+    }[swapped]
+
+    def swap() -> None:
+        mine.unlink()
+        mine.symlink_to(theirs)
+
+    if when == "after the check":
+        checked = api.confine_run
+        monkeypatch.setattr(api, "confine_run", lambda *a, **k: (checked(*a, **k), swap())[0])
+    else:
+        planned = engine.remember_plan
+        monkeypatch.setattr(engine, "remember_plan", lambda *a, **k: (planned(*a, **k), swap()))
+    argv = ["run", "diffraction", str(raw), "--set", f"poni={f.poni}", "--set", f"mask={mask}"]
+    argv += ["--set", "npt=100", "--output", str(output)]
+    try:
+        with acting_as(alice):
+            assert main(argv) == 7
+        err = capsys.readouterr().err
+        assert "a file outside proposal ih0001 was not opened" in err, err
+        assert not [p for p in output.rglob("*.h5") if ".calypso" not in str(p)]
+    finally:
+        shutil.rmtree(raw, ignore_errors=True)
+        shutil.rmtree(output, ignore_errors=True)
+        mask.unlink(missing_ok=True)
 
 
 def test_data_roots_named_through_a_symlink(signed_in, monkeypatch, tmp_path):

@@ -283,6 +283,44 @@ def test_what_hdf5_would_open_behind_a_file_is_checked_each_time(portal, tmp_pat
     assert alice.get(f"/folder/{portal_path(portal, folder)}/{'x' * 300}").status_code == 404
 
 
+@pytest.mark.parametrize("endpoint", ["files", "h5grove"])
+def test_a_file_swapped_after_its_check_is_not_opened(portal, monkeypatch, endpoint):
+    """Between the check and the open (h5grove's, a download's), a member of the proposal
+    swaps the file for a symlink into another proposal: the kernel keeps the portal from
+    opening it (a sweep's race; the check alone cannot close it)."""
+    import h5py
+    import numpy as np
+
+    from calypso.flows.portal import h5 as endpoints
+    from calypso.registry.access import landlock
+
+    if not landlock.abi_version():
+        pytest.skip("this kernel has no Landlock: the portal's reads are checked only")
+    f = portal.facility
+    alice = signed_in_with_ldap(portal, "alice")
+    folder = f.a_raw.parents[1] / "swapped-later"
+    folder.mkdir(exist_ok=True)
+    mine = folder / f"mine-{endpoint}.h5"
+    with h5py.File(mine, "w") as h5:
+        h5["mine"] = np.arange(3)
+    name = portal_path(portal, mine)
+    url = f"/files/{name}" if endpoint == "files" else f"/h5grove/meta?file={quote(name)}&path=/"
+    assert alice.get(url).status_code == 200
+    checked = endpoints.readable_file
+
+    def check_then_swap(*args):
+        path = checked(*args)
+        mine.unlink()
+        mine.symlink_to(f.b_raw / "CeO2_0001.h5")
+        return path
+
+    monkeypatch.setattr(endpoints, "readable_file", check_then_swap)
+    answer = alice.get(url)
+    assert answer.status_code == 403, answer.text
+    assert "a file outside proposal ih0001 was not opened" in answer.text
+    assert "1.1" not in answer.text  # nothing of their file: not even its entries' names
+
+
 def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(portal):
     alice = signed_in_with_ldap(portal, "alice")
     copy = httpx.Client(base_url=portal.url, cookies=dict(alice.cookies))

@@ -50,7 +50,10 @@ def command_portal(args: argparse.Namespace) -> int:
             "portal.secure_cookies = true",
             file=sys.stderr,
         )
+    from calypso.registry.access.landlock import describe
+
     print(f"calypso portal on http://{host}:{port}/", flush=True)
+    print(f"calypso portal: {describe()}", flush=True)
     logging.getLogger("uvicorn.access").disabled = not args.verbose
     uvicorn.run(app, host=host, port=port, log_level="info" if args.verbose else "warning")
     return 0

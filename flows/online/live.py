@@ -37,6 +37,7 @@ from calypso.errors import CalypsoError, ParameterError, RawDataError
 from calypso.flows.engine import (
     StepContext,
     builtin_specification,
+    plan_in_proposal,
     run_specification,
     with_task_runner,
 )
@@ -316,9 +317,10 @@ def _finish(
     reason = _end_reason(live, error)
     if reason is None:
         technique.after_scan(ctx, live)
-        final = TECHNIQUES[ctx.run.technique].plan()(
-            ctx.raw, plan.parameters, ctx.scans, ctx.output_dir, ctx.settings, ctx.run.workers
-        )
+        final = plan_in_proposal(
+            ctx.run.technique, ctx.raw, plan.parameters, ctx.scans, ctx.output_dir,
+            ctx.settings, ctx.run.workers,
+        )  # fmt: skip
         recorded = technique.frames_in(final, live.number)
         if recorded != frames:
             reason = f"the scan's file holds {recorded or 0} {unit}, {frames} came"

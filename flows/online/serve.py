@@ -346,8 +346,11 @@ async def _serve(deployments: list, settings: CalypsoSettings, served: dict, lim
     )
     for deployment in deployments:
         await deployment.add_to(runner)
+    from calypso.registry.access.landlock import describe
+
     names = ", ".join(deployment.label for deployment in deployments)
     print(f"calypso serve: serving {names}; Ctrl-C stops", flush=True)
+    print(f"calypso serve: {describe()}", flush=True)
     following = asyncio.create_task(follow_saved_flows(runner, settings, served))
     prompted = asyncio.create_task(start_runs_once_scheduled(runner))
     try:

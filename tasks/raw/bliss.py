@@ -65,6 +65,8 @@ def open_raw(path: str | Path) -> Iterator[h5py.File]:
 def _open_read_only(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r", locking=False)
+    except PermissionError:
+        raise  # not a writer's hold: no SWMR reader would open it either
     except OSError:
         from calypso.tasks.raw.live import open_lima
 

@@ -165,9 +165,17 @@ class _VirtualFrames:
 
     def _open(self, path: Path, name: str) -> _StoredFrames | None:
         """The source's frames as stored; None for h5py to read them (or refuse them, as
-        the scan's own), as it reads a source missing, linked or of another type."""
+        the scan's own), as it reads a source linked or of another type. A source that
+        cannot be opened is an error: it could when the run was planned (HDF5 would read
+        its frames as zeros, without a word)."""
         try:
             h5 = self._files.enter_context(open_raw(path))
+        except (RawDataError, OSError) as exc:
+            raise RawDataError(
+                f"{path}, a source of the scan's frames, cannot be opened now ({exc}); it "
+                "could as the run began: was it removed or replaced meanwhile?"
+            ) from None
+        try:
             if not isinstance(h5.get(name, getlink=True), h5py.HardLink):
                 return None
             data = h5[name]

@@ -25,6 +25,7 @@ import numpy as np
 
 import calypso
 from calypso.errors import OutputError
+from calypso.registry.access.landlock import in_proposal
 from calypso.tasks.writers.failures import translating_write_errors
 from calypso.tasks.writers.permissions import Permissions, default_permissions
 from calypso.tasks.writers.publication import PARTIAL_PREFIX, active
@@ -155,12 +156,8 @@ def link_raw_groups(
     added beside the raw counters (``measurement/<detector>_integrated``, as ewoksxrpd).
     """
     relative = os.path.relpath(raw_file, output_dir)
-    with h5py.File(raw_file, "r", locking=False) as raw:
-        present = {
-            name: list(raw[raw_entry][name]) if name in expand else None
-            for name in ("instrument", "measurement", "sample")
-            if name in raw[raw_entry]
-        }
+    # Read where the kernel keeps it inside the proposal (registry/access/landlock.py).
+    present = in_proposal(output_dir, _raw_groups, raw_file, raw_entry, expand)
     for name, members in present.items():
         if members is None:
             entry[name] = h5py.ExternalLink(relative, f"/{raw_entry}/{name}")
@@ -169,6 +166,16 @@ def link_raw_groups(
         set_nx_class(group, "NXcollection")
         for member in members:
             group[member] = h5py.ExternalLink(relative, f"/{raw_entry}/{name}/{member}")
+
+
+def _raw_groups(raw_file: Path, raw_entry: str, expand: tuple[str, ...]) -> dict:
+    """The raw groups an entry links to, with their members for those in ``expand``."""
+    with h5py.File(raw_file, "r", locking=False) as raw:
+        return {
+            name: list(raw[raw_entry][name]) if name in expand else None
+            for name in ("instrument", "measurement", "sample")
+            if name in raw[raw_entry]
+        }
 
 
 def write_process(

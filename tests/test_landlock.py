@@ -1,0 +1,118 @@
+"""What a confined thread may open (registry/access/landlock.py): the proposal's folder,
+read and written; shared folders, read only; nothing else, whatever a symlink says."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from calypso.registry.access import AccessError, landlock
+from calypso.registry.access.landlock import Confinement, proposal_confinement, within
+from calypso.settings import load_settings
+
+pytestmark = pytest.mark.skipif(
+    not landlock.abi_version(), reason="this kernel has no Landlock: nothing is confined"
+)
+
+
+@pytest.fixture
+def facility(tmp_path, monkeypatch):
+    visitor = tmp_path / "visitor"
+    for proposal in ("ih0001", "ih0002"):
+        (visitor / proposal / "RAW_DATA").mkdir(parents=True)
+        (visitor / proposal / "RAW_DATA" / "frames.dat").write_text(f"frames of {proposal}")
+    shared = tmp_path / "calibrations"
+    shared.mkdir()
+    (shared / "ceo2.poni").write_text("Distance: 0.1")
+    monkeypatch.setenv("CALYPSO_DATA_ROOTS", json.dumps([str(visitor)]))
+    monkeypatch.setenv("CALYPSO_ACCESS__SHARED_PATHS", json.dumps([str(shared)]))
+    return visitor, shared
+
+
+def _read(path: Path) -> str:
+    return path.read_text()
+
+
+def test_a_proposal_confinement_opens_its_own_files_only(facility, tmp_path):
+    visitor, shared = facility
+    mine, theirs = visitor / "ih0001", visitor / "ih0002"
+    confinement = proposal_confinement(load_settings(), mine / "RAW_DATA" / "frames.dat")
+    assert confinement == Confinement("ih0001", (str(mine.resolve()),), (str(shared.resolve()),))
+    assert within(confinement, _read, mine / "RAW_DATA" / "frames.dat") == "frames of ih0001"
+    assert within(confinement, _read, shared / "ceo2.poni") == "Distance: 0.1"
+    (tmp_path / "secret").write_text("Calypso's own")
+    # A symlink in the proposal that leads into another one, made whenever: not opened.
+    (mine / "RAW_DATA" / "link.dat").symlink_to(theirs / "RAW_DATA" / "frames.dat")
+    (mine / "RAW_DATA" / "folder").symlink_to(theirs / "RAW_DATA")
+    for path in (
+        mine / "RAW_DATA" / "link.dat",
+        mine / "RAW_DATA" / "folder" / "frames.dat",
+        theirs / "RAW_DATA" / "frames.dat",
+        tmp_path / "secret",
+    ):
+        with pytest.raises(AccessError, match="a file outside proposal ih0001 was not opened"):
+            within(confinement, _read, path)
+    # Writes: inside the proposal only; nothing is made elsewhere, not even a name.
+    within(confinement, (mine / "out.txt").write_text, "result")
+    for path in (theirs / "out.txt", mine / "RAW_DATA" / "folder" / "x"):
+        with pytest.raises(AccessError, match=f"{path} leads outside the proposal's folders"):
+            within(confinement, path.write_text, "result")
+        assert not path.exists()
+    with pytest.raises(PermissionError):  # a shared folder: read only, its own name told
+        within(confinement, (shared / "out.txt").write_text, "result")
+    assert not (shared / "out.txt").exists()
+    with pytest.raises(AccessError):
+        within(confinement, os.mkdir, theirs / "made")
+    assert not (theirs / "made").exists()
+    # The caller's own thread is not confined: the kernel confines the thread it hands to.
+    assert _read(theirs / "RAW_DATA" / "frames.dat") == "frames of ih0002"
+
+
+def test_what_is_not_confined(facility, monkeypatch):
+    visitor, _ = facility
+    settings = load_settings()
+    assert proposal_confinement(settings, "/elsewhere/data.h5") is None  # under no root
+    assert proposal_confinement(settings, visitor) is None  # a root, no proposal
+    monkeypatch.delenv("CALYPSO_DATA_ROOTS")
+    assert proposal_confinement(load_settings(), visitor / "ih0001") is None
+    assert within(None, _read, visitor / "ih0002" / "RAW_DATA" / "frames.dat")
+
+
+def test_confined_threads_are_kept_per_proposal(facility):
+    """A proposal's reads go to threads kept for it (their OpenMP teams last); a call in
+    such a thread for the same proposal runs there, not in another thread."""
+    visitor, _ = facility
+    confinement = proposal_confinement(load_settings(), visitor / "ih0001")
+    first = within(confinement, threading.get_ident)
+
+    def twice() -> tuple[int, int]:
+        return threading.get_ident(), within(confinement, threading.get_ident)
+
+    nested = within(confinement, twice)
+    assert nested[0] == nested[1]
+    assert first != threading.get_ident()
+    assert "kept inside its proposal by the kernel" in landlock.describe()
+
+
+def test_more_proposals_at_once_than_threads_are_kept_for(facility):
+    """The portal reads for many proposals at once: threads kept for a proposal are let go
+    for another's, never while a read waits for them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    visitor, _ = facility
+    proposals = [f"ih{n:04d}" for n in range(10, 18)]
+    for proposal in proposals:
+        (visitor / proposal).mkdir()
+        (visitor / proposal / "data.txt").write_text(proposal)
+    settings = load_settings()
+
+    def read(proposal: str) -> str:
+        path = visitor / proposal / "data.txt"
+        return within(proposal_confinement(settings, path), _read, path)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(read, proposals * 6)) == proposals * 6
