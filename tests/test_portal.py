@@ -321,6 +321,38 @@ def test_a_file_swapped_after_its_check_is_not_opened(portal, monkeypatch, endpo
     assert "1.1" not in answer.text  # nothing of their file: not even its entries' names
 
 
+def test_a_folder_swapped_after_its_check_is_not_listed(portal, monkeypatch):
+    """The same race on a folder page: the listing shows nothing of the other proposal."""
+    from calypso.flows.portal import browse
+    from calypso.registry.access import landlock
+
+    if not landlock.abi_version():
+        pytest.skip("this kernel has no Landlock: the portal's listings are checked only")
+    f = portal.facility
+    alice = signed_in_with_ldap(portal, "alice")
+    theirs = f.b_raw.parent / "theirs-only"
+    theirs.mkdir(exist_ok=True)
+    (theirs / "their-secret-name.h5").write_bytes(b"")
+    mine = f.a_raw.parents[1] / "listed-later"
+    mine.mkdir(exist_ok=True)
+    (mine / "my-file.h5").write_bytes(b"")
+    url = f"/folder/{portal_path(portal, mine)}"
+    assert "my-file.h5" in alice.get(url).text
+    located = browse.locate
+
+    def locate_then_swap(*args):
+        path = located(*args)
+        (mine / "my-file.h5").unlink()
+        mine.rmdir()
+        mine.symlink_to(theirs)
+        return path
+
+    monkeypatch.setattr(browse, "locate", locate_then_swap)
+    answer = alice.get(url)
+    assert answer.status_code in (200, 403), answer.text
+    assert "their-secret-name" not in answer.text
+
+
 def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(portal):
     alice = signed_in_with_ldap(portal, "alice")
     copy = httpx.Client(base_url=portal.url, cookies=dict(alice.cookies))

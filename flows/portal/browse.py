@@ -12,14 +12,23 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from calypso.flows.portal.app import VIEWER_MISSING, PortalError, page, viewer_built
 from calypso.flows.portal.auth import User
-from calypso.flows.portal.paths import locate, proposal_folder, visible_proposals
+from calypso.flows.portal.paths import (
+    locate,
+    opened_in_proposal,
+    proposal_folder,
+    visible_proposals,
+)
 from calypso.registry.access.links import HDF5_SUFFIXES, resolved
+
+if TYPE_CHECKING:
+    from calypso.settings import CalypsoSettings
 
 router = APIRouter()
 RAW, PROCESSED = "RAW_DATA", "PROCESSED_DATA"
@@ -41,15 +50,28 @@ class Entry:
         return self.name.lower().endswith(HDF5_SUFFIXES)
 
 
-def _subfolders(folder: Path) -> list[str]:
-    try:
-        return sorted(e.name for e in os.scandir(folder) if e.is_dir() and e.name[0] != ".")
-    except OSError:
-        return []
+def _subfolders(settings: CalypsoSettings, folder: Path) -> list[str]:
+    """The folders in ``folder``, listed where the kernel keeps the portal inside the
+    proposal (a folder swapped for a symlink since the check lists nothing)."""
+
+    def listed() -> list[str]:
+        try:
+            return sorted(e.name for e in os.scandir(folder) if e.is_dir() and e.name[0] != ".")
+        except OSError:
+            return []
+
+    return opened_in_proposal(settings, folder, listed)
 
 
-def _entries(folder: Path, proposal_dir: Path, recursive: bool) -> list[Entry]:
-    """Files (and, not recursive, folders) under ``folder``; hidden part folders skipped."""
+def _entries(
+    settings: CalypsoSettings, folder: Path, proposal_dir: Path, recursive: bool
+) -> list[Entry]:
+    """Files (and, not recursive, folders) under ``folder``; hidden part folders skipped.
+    Listed where the kernel keeps the portal inside the proposal, as :func:`_subfolders`."""
+    return opened_in_proposal(settings, folder, _entries_in, folder, proposal_dir, recursive)
+
+
+def _entries_in(folder: Path, proposal_dir: Path, recursive: bool) -> list[Entry]:
     top = resolved(proposal_dir)
     found: list[Entry] = []
     if not folder.is_dir():
@@ -95,12 +117,13 @@ def home(request: Request, identity: User) -> Response:
 @router.get("/data/{proposal}")
 def sessions(request: Request, identity: User, proposal: str) -> Response:
     """The sessions of a proposal: ``<beamline>/<session>`` folders holding data."""
-    folder = locate(_settings(request), identity, proposal)
+    settings = _settings(request)
+    folder = locate(settings, identity, proposal)
     found = [
         (beamline, session)
-        for beamline in _subfolders(folder)
-        for session in _subfolders(folder / beamline)
-        if {RAW, PROCESSED} & set(_subfolders(folder / beamline / session))
+        for beamline in _subfolders(settings, folder)
+        for session in _subfolders(settings, folder / beamline)
+        if {RAW, PROCESSED} & set(_subfolders(settings, folder / beamline / session))
     ]
     return page(request, "proposal.html", proposal=proposal, sessions=found)
 
@@ -114,11 +137,12 @@ def collections(
     session: str,
 ) -> Response:
     """Each collection with its datasets, and which have results."""
-    folder = locate(_settings(request), identity, proposal, f"{beamline}/{session}")
+    settings = _settings(request)
+    folder = locate(settings, identity, proposal, f"{beamline}/{session}")
     table: dict[str, dict[str, tuple[bool, bool]]] = {}
     for side, present in ((RAW, (True, False)), (PROCESSED, (False, True))):
-        for collection in _subfolders(folder / side):
-            for dataset in _subfolders(folder / side / collection):
+        for collection in _subfolders(settings, folder / side):
+            for dataset in _subfolders(settings, folder / side / collection):
                 raw, processed = table.setdefault(collection, {}).get(dataset, (False, False))
                 table[collection][dataset] = (raw or present[0], processed or present[1])
     return page(
@@ -165,8 +189,8 @@ def dataset(
         collection=collection,
         dataset=dataset,
         raw_relative=str(raw.relative_to(proposal_dir)),
-        raw_files=_entries(raw, proposal_dir, recursive=True),
-        processed_files=_entries(processed, proposal_dir, recursive=True),
+        raw_files=_entries(settings, raw, proposal_dir, recursive=True),
+        processed_files=_entries(settings, processed, proposal_dir, recursive=True),
         techniques=list(TECHNIQUES),
         saved_flows=their_saved_flows(settings, identity),
         records=dataset_records(settings, raw),
@@ -182,7 +206,7 @@ def folder(request: Request, identity: User, proposal: str, relative: str) -> Re
         raise PortalError(404, f"no folder {proposal}/{relative}")
     proposal_dir = proposal_folder(settings, proposal)
     assert proposal_dir is not None
-    entries = _entries(path, proposal_dir, recursive=False)
+    entries = _entries(settings, path, proposal_dir, recursive=False)
     return page(request, "folder.html", proposal=proposal, relative=relative, entries=entries)
 
 

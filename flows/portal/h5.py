@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Annotated, BinaryIO, TypeVar
+from typing import Annotated, BinaryIO
 from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
@@ -21,14 +20,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from h5grove import fastapi_utils as grove
 from h5grove.utils import NotFoundError
 
-from calypso.flows.portal.app import PortalError
 from calypso.flows.portal.auth import User
-from calypso.flows.portal.paths import readable_file
-from calypso.registry.access import AccessError, Identity
-from calypso.registry.access.landlock import proposal_confinement, within
+from calypso.flows.portal.paths import opened_in_proposal, readable_file
+from calypso.registry.access import Identity
 
 router = APIRouter()
-Result = TypeVar("Result")
 INLINE = {
     ".png": "image/png",
     ".jpg": "image/jpeg",
@@ -40,22 +36,11 @@ INLINE = {
 }
 
 
-def _opened(settings, path: Path, function: Callable[..., Result], *args: object) -> Result:
-    """``function(*args)`` where the kernel lets the portal open files of ``path``'s
-    proposal only, read only: the check looked at the file and its links just before;
-    this holds whatever a member of the proposal changed since."""
-    confinement = proposal_confinement(settings, path)
-    try:
-        return within(confinement and confinement.reading_only(), function, *args)
-    except AccessError as exc:
-        raise PortalError(403, str(exc)) from None
-
-
 async def _answer(request: Request, identity: Identity, file: str, handler: Callable) -> Response:
     settings = request.app.state.settings
     path = await run_in_threadpool(readable_file, settings, identity, file)
     try:
-        return await run_in_threadpool(_opened, settings, path, handler, str(path))
+        return await run_in_threadpool(opened_in_proposal, settings, path, handler, str(path))
     except grove.H5GroveException as exc:  # a missing entity, a bad selection
         return JSONResponse({"message": exc.message}, status_code=exc.status_code)
     except NotFoundError as exc:  # a link that leads nowhere (h5grove's LinkError)
@@ -158,7 +143,7 @@ async def download(request: Request, identity: User, proposal: str, relative: st
     shown = path.suffix.lower() in INLINE
     # Opened where the kernel keeps the portal inside the proposal, then sent from the
     # open file: a name swapped since the check cannot lead elsewhere.
-    stream = await run_in_threadpool(_opened, settings, path, open, path, "rb")
+    stream = await run_in_threadpool(opened_in_proposal, settings, path, open, path, "rb")
     size = os.fstat(stream.fileno()).st_size
     disposition = "inline" if shown else "attachment"
     quoted = quote(path.name)  # as Starlette's FileResponse names a file

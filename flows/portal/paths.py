@@ -17,12 +17,14 @@ import re
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import unquote
 
 from calypso.flows.portal.app import PortalError
 from calypso.registry.access import AccessError, Identity, Intent, confine
+from calypso.registry.access.landlock import proposal_confinement, within
 from calypso.registry.access.links import resolved, signature
 
 if TYPE_CHECKING:
@@ -31,6 +33,9 @@ if TYPE_CHECKING:
 _CONFINED_TTL_S = 10.0  # h5web asks dozens of times per file: one check serves them
 _confined: dict[tuple, tuple] = {}  # (user, path) -> (until, paths looked at, their signature)
 _lock = threading.Lock()
+
+
+Result = TypeVar("Result")
 
 
 def _not_found(proposal: str) -> PortalError:
@@ -135,3 +140,16 @@ def readable_file(settings: CalypsoSettings, identity: Identity, file: str) -> P
             _confined.clear()
         _confined[key] = (now + _CONFINED_TTL_S, looked, signature(looked))
     return path
+
+
+def opened_in_proposal(
+    settings: CalypsoSettings, path: Path, function: Callable[..., Result], *args: object
+) -> Result:
+    """``function(*args)`` where the kernel lets the portal open files and list folders of
+    ``path``'s proposal only, read only: the check looked at the path (and a file's links)
+    just before; this holds whatever a member of the proposal changed since."""
+    confinement = proposal_confinement(settings, path)
+    try:
+        return within(confinement and confinement.reading_only(), function, *args)
+    except AccessError as exc:
+        raise PortalError(403, str(exc)) from None
