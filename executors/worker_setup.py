@@ -176,7 +176,7 @@ def _shared_across_processes() -> Iterator[Callable[[], None]]:
     openmp_threads_for_this_task()
     own = int(os.environ.get("OMP_NUM_THREADS") or 1)
     cores = int(os.environ.get(LOCAL_CORES) or 0)
-    folder = _running_chunks_folder() if cores > own else None
+    folder = running_chunks_folder() if cores > own else None
     claim = _claim(folder) if folder is not None else None
     if folder is None or claim is None:
         yield lambda: None
@@ -216,7 +216,7 @@ def _claim(folder: Path) -> tuple[int, Path] | None:
     return held, folder / name
 
 
-def _running_chunks_folder() -> Path | None:
+def running_chunks_folder() -> Path | None:
     """The folder of this user's running chunk tasks (in memory where the machine has
     /dev/shm); None if it cannot be this user's own."""
     base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())

@@ -116,3 +116,54 @@ def test_more_proposals_at_once_than_threads_are_kept_for(facility):
 
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(read, proposals * 6)) == proposals * 6
+
+
+def test_libraries_imported_first_in_a_confined_thread(facility, tmp_path):
+    """larch (and matplotlib, joblib, dill under it) look for a temporary folder, their
+    configuration and the machine as they are imported: imported first by a confined thread
+    they failed (a plain column file under data roots did not run). A new process, a new
+    home: nothing imported or configured before."""
+    import subprocess
+    import sys
+
+    visitor, _ = facility
+    columns = visitor / "ih0001" / "RAW_DATA" / "cu_plain.dat"
+    energy = [8900.0 + 2.0 * n for n in range(200)]
+    rows = [f"{e:.1f} {1e5:.1f} {1e5 * (0.5 + 0.3 * (e > 8979)):.3f}" for e in energy]
+    columns.write_text("# energy i0 itrans\n" + "\n".join(rows) + "\n")
+    script = f"""
+from calypso.registry.access.landlock import proposal_confinement, within
+from calypso.settings import load_settings
+from calypso.tasks.raw.spectrum_files import read_with_larch
+path = {str(columns)!r}
+confinement = proposal_confinement(load_settings(), path)
+assert confinement is not None
+columns, header = within(confinement, read_with_larch, __import__("pathlib").Path(path))
+print(sorted(columns), len(next(iter(columns.values()))))
+import psutil
+print(within(confinement, lambda: psutil.cpu_times().user >= 0))
+"""
+    home = tmp_path / "fresh-home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home)}
+    env.pop("MPLCONFIGDIR", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "200" in done.stdout and "True" in done.stdout, done.stdout
+
+
+def test_calypso_own_scratch_stays_writable(facility):
+    """The running chunks' folder (worker processes sharing the cores) is Calypso's own: a
+    confined chunk still claims its place there (a sweep found core sharing off)."""
+    from calypso.executors.worker_setup import running_chunks_folder
+
+    visitor, _ = facility
+    confinement = proposal_confinement(load_settings(), visitor / "ih0001")
+    folder = running_chunks_folder()
+    assert folder is not None
+    probe = folder / f".probe-{os.getpid()}"
+    within(confinement, probe.write_text, "claimed")
+    assert probe.read_text() == "claimed"
+    probe.unlink()

@@ -213,7 +213,7 @@ OTHER_WORKER = textwrap.dedent(
     import sys
     from pathlib import Path
     import calypso.executors.worker_setup as worker_setup
-    worker_setup._running_chunks_folder = lambda: Path(sys.argv[1])
+    worker_setup.running_chunks_folder = lambda: Path(sys.argv[1])
     with worker_setup.openmp_share():
         print("integrating", flush=True)
         sys.stdin.readline()
@@ -232,7 +232,7 @@ def test_a_local_clusters_worker_processes_share_its_cores_chunk_by_chunk(monkey
     folder = tmp_path / "running"  # this test's own: other tests' chunks run meanwhile
     folder.mkdir()
     monkeypatch.setattr(worker_setup, "_shared", 0)  # a worker process, not a command's
-    monkeypatch.setattr(worker_setup, "_running_chunks_folder", lambda: folder)
+    monkeypatch.setattr(worker_setup, "running_chunks_folder", lambda: folder)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("CALYPSO_LOCAL_CORES", "2")
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextvars
 import ctypes
 import functools
+import importlib
 import os
 import re
 import stat
@@ -35,8 +36,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -68,6 +71,14 @@ _SYSTEM_FILES = (
     "/proc/self/maps",
     "/proc/self/stat",  # psutil's memory and CPU figures (Dask's garbage-collection watch)
     "/proc/self/statm",
+    "/proc/self/status",  # libffi's probes
+    "/proc/mounts",
+    "/proc/stat",  # psutil: CPU times (a failed first read breaks them for the process)
+    "/proc/cpuinfo",  # numba: the CPU's features
+    "/proc/sys/vm/overcommit_memory",  # allocators' settings
+    "/sys/kernel/mm/transparent_hugepage/enabled",
+    "/etc/ssl/openssl.cnf",
+    "/etc/magic",  # `file`, which larch runs on a file it reads
 )
 _WRITABLE_FILES = ("/dev/null",)
 
@@ -200,7 +211,7 @@ def confine_this_thread(confinement: Confinement) -> None:
     )
     try:
         everything = _handled()
-        for place in (*confinement.writable, *_WRITABLE_FILES):
+        for place in (*confinement.writable, *_WRITABLE_FILES, *_calypso_scratch()):
             _allow(ruleset, place, everything)
         for place in (*confinement.readable, *_libraries(), *_SYSTEM, *_SYSTEM_FILES):
             _allow(ruleset, place, _READ_FILE | _READ_DIR)
@@ -224,9 +235,77 @@ _KEPT_POOLS = 4
 _here = threading.local()  # .confinement: what this thread is confined to
 
 
+def _calypso_scratch() -> list[str]:
+    """What a confined thread of Calypso's own may also write: the running chunks' folder
+    (worker processes sharing the cores, :mod:`calypso.executors.worker_setup`), and the
+    ``__pycache__`` folders where numba keeps the kernels it compiled (a kernel compiled
+    for new types is saved there; numba fails a call whose kernel it cannot save)."""
+    from calypso.executors.worker_setup import running_chunks_folder
+
+    places = [str(folder)] if (folder := running_chunks_folder()) else []
+    for module in list(sys.modules.values()):
+        cache = os.path.join(
+            os.path.dirname(getattr(module, "__file__", None) or "/"), "__pycache__"
+        )
+        if cache not in places and os.path.isdir(cache):
+            with suppress(OSError):
+                if any(name.endswith(".nbi") for name in os.listdir(cache)):
+                    places.append(cache)
+    return places
+
+
+# One thread of this process that is never confined: it imports, for a confined thread, a
+# library that looks at the machine as it is imported (:func:`imported`). Started by an
+# unconfined thread (a thread a confined one starts is confined too).
+_OUTSIDE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calypso-unconfined")
+_prepared: list[bool] = []
+
+
+def _after_fork() -> None:
+    """A forked process has none of its parent's threads: its pools start anew."""
+    global _OUTSIDE, _POOLS_LOCK
+    _POOLS_LOCK = threading.Lock()
+    _POOLS.clear()
+    _OUTSIDE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calypso-unconfined")
+    _prepared.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _prepare_process() -> None:
+    """Once, from an unconfined thread: what a library looks for the first time it is used
+    and keeps (the temporary folder; psutil's view of the machine), the running chunks'
+    folder made, and the thread that imports for confined ones."""
+    if _prepared:
+        return
+    import tempfile
+
+    from calypso.executors.worker_setup import running_chunks_folder
+
+    tempfile.gettempdir()
+    with suppress(ImportError):
+        import psutil  # noqa: F401
+    running_chunks_folder()
+    _OUTSIDE.submit(int).result()
+    _prepared.append(True)
+
+
+def imported(name: str) -> ModuleType:
+    """The module ``name``, imported outside the confinement when this thread is confined:
+    larch, matplotlib, joblib and others look for a temporary folder, their configuration
+    or the machine's semaphores as they are imported, and keep what they found."""
+    if name in sys.modules:
+        return sys.modules[name]
+    if getattr(_here, "confinement", None) is None:
+        return importlib.import_module(name)
+    return _OUTSIDE.submit(importlib.import_module, name).result()
+
+
 def _submit(confinement: Confinement, call: Callable[[], Result]) -> Future[Result]:
     """``call`` handed to a thread kept for ``confinement`` (inside the lock: a pool let go
     for another proposal's meanwhile would take nothing more)."""
+    _prepare_process()
     with _POOLS_LOCK:
         pool = _POOLS.pop(confinement, None) or ThreadPoolExecutor(
             max_workers=32, thread_name_prefix=f"calypso-{confinement.proposal}"

@@ -102,16 +102,19 @@ def header_number(value: str | None) -> float | None:
 
 def _larch_io(path: Path) -> ModuleType:
     """``larch.io``, imported now (seconds: only when a file needs it)."""
+    from calypso.registry.access.landlock import imported
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import larch.io
+            # Outside a proposal's confinement: larch looks for a temporary folder and
+            # its configuration as it is imported (registry/access/landlock.py).
+            return imported("larch.io")
     except ImportError:
         raise RawDataError(
             f"{path}: reading this layout needs xraylarch (a Calypso dependency): "
             "pip install xraylarch, or convert the file to XDI"
         ) from None
-    return larch.io
 
 
 def read_with_larch(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
