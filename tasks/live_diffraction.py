@@ -18,7 +18,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from calypso.executors.paths import worker_paths
-from calypso.registry.access.landlock import proposal_reads
+from calypso.registry.access.landlock import confined_to_proposal
 from calypso.tasks.diffraction import ChunkResult, integrate_into_part
 from calypso.tasks.live_common import frames_of, partial_file
 from calypso.tasks.raw.live import FileRun
@@ -30,7 +30,7 @@ from calypso.techniques.diffraction import DiffractionParameters, Geometry, radi
 # is, and a retried live run follows the scan again from its start.
 @task(name="integrate_live_chunk", cache_policy=NO_CACHE)
 @worker_paths
-@proposal_reads()
+@confined_to_proposal()
 def integrate_live_chunk(
     scan: int,
     start: int,

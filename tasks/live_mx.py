@@ -19,7 +19,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from calypso.executors.paths import worker_paths
-from calypso.registry.access.landlock import proposal_reads
+from calypso.registry.access.landlock import confined_to_proposal
 from calypso.tasks.live_common import frames_of, partial_file
 from calypso.tasks.mx import ChunkSpots, find_spots_into_part, heat_map_axes, write_grid
 from calypso.tasks.raw.live import FileRun
@@ -35,7 +35,7 @@ PROCESS = "spotfinder"  # the result's NXprocess, whose status a partial result 
 # is, and a retried live run follows the scan again from its start.
 @task(name="find_spots_live_chunk", cache_policy=NO_CACHE)
 @worker_paths
-@proposal_reads()
+@confined_to_proposal()
 def find_spots_live_chunk(
     scan: MXScan,
     start: int,

@@ -20,7 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from calypso.executors.paths import worker_paths
-from calypso.registry.access.landlock import proposal_reads
+from calypso.registry.access.landlock import confined_to_proposal
 from calypso.settings import CalypsoSettings
 from calypso.tasks.live_common import partial_file
 from calypso.tasks.plans.spectroscopy import SpectraBatch, SpectroscopyPlan
@@ -37,7 +37,7 @@ PROCESS = "xas"  # the result's NXprocess, whose status a partial result sets
 # retried live run follows the scan again from its start.
 @task(name="reduce_live_spectra", cache_policy=NO_CACHE)
 @worker_paths
-@proposal_reads()
+@confined_to_proposal()
 def reduce_live_spectra(
     batch: SpectraBatch,
     table: ColumnTable,

@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from calypso.errors import CalypsoError, RawDataError
-from calypso.registry.access.landlock import proposal_reads
+from calypso.registry.access.landlock import confined_to_proposal
 from calypso.settings import CalypsoSettings
 from calypso.tasks.live_common import partial_file
 from calypso.tasks.plans.tomography import TomographyPlan, plan_for_scan
@@ -220,7 +220,7 @@ def warm_up_reconstruction(parameters: tomo.TomographyParameters) -> float:
 
 
 @task(name="preview_live_projections", cache_policy=NO_CACHE)
-@proposal_reads()
+@confined_to_proposal()
 def preview_live_projections(
     plan: TomographyPlan | None, first: int, stop: int, work_dir: str
 ) -> LivePreview:

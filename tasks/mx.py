@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from calypso.errors import RawDataError
 from calypso.executors.paths import worker_paths
-from calypso.registry.access.landlock import proposal_reads
+from calypso.registry.access.landlock import confined_to_proposal
 from calypso.tasks.caching import CHUNK_TASK
 from calypso.tasks.plans.mx import TECHNIQUE, ImageChunk, MXPlan
 from calypso.tasks.raw.frames import iter_frames, read_image
@@ -113,7 +113,7 @@ def spot_finding_keywords(parameters: mx.MXParameters) -> dict[str, Any]:
 
 @task(name="find_spots_chunk", **CHUNK_TASK)
 @worker_paths
-@proposal_reads()
+@confined_to_proposal()
 def find_spots_chunk(chunk: ImageChunk, scan: MXScan, parameters: mx.MXParameters,
                      work_dir: str) -> ChunkSpots:  # fmt: skip
     """Find the spots of frames ``start:stop`` and store per-image values and spots."""

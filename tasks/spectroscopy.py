@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from calypso.errors import RawDataError
 from calypso.executors.paths import worker_paths
-from calypso.registry.access.landlock import proposal_reads
+from calypso.registry.access.landlock import confined_to_proposal
 from calypso.tasks.caching import CHUNK_TASK
 from calypso.tasks.plans.spectroscopy import (
     TECHNIQUE,
@@ -145,7 +145,7 @@ def _write_skipped_part(
 
 @task(name="reduce_spectra_batch", **CHUNK_TASK)
 @worker_paths
-@proposal_reads()
+@confined_to_proposal()
 def reduce_spectra_batch(
     batch: SpectraBatch,
     parameters: xas.SpectroscopyParameters,

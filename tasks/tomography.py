@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from calypso.errors import OutputError, RawDataError
 from calypso.executors.paths import worker_paths
-from calypso.registry.access.landlock import proposal_reads
+from calypso.registry.access.landlock import confined_to_proposal
 from calypso.tasks.caching import CHUNK_TASK
 from calypso.tasks.plans.tomography import TECHNIQUE, TomographyPlan
 from calypso.tasks.raw.projections import flat_series_rows, mean_rows, read_projection_rows
@@ -129,7 +129,7 @@ def _reconstruct(
 
 
 @task(name="find_center_of_rotation", cache_policy=NO_CACHE)
-@proposal_reads("plan.output_dir")
+@confined_to_proposal("plan.output_dir")
 def find_center_of_rotation(plan: TomographyPlan) -> CenterResult:
     """The rotation axis, found on the middle row's sinogram (or the one given).
 
@@ -174,7 +174,7 @@ def find_center_of_rotation(plan: TomographyPlan) -> CenterResult:
 
 @task(name="reconstruct_slab", **CHUNK_TASK)
 @worker_paths
-@proposal_reads()
+@confined_to_proposal()
 def reconstruct_slab(
     plan: TomographyPlan, first: int, stop: int, center: CenterResult, work_dir: str
 ) -> SlabResult:
@@ -200,7 +200,7 @@ def reconstruct_slab(
 
 
 @task(name="reconstruct_preview", cache_policy=NO_CACHE)
-@proposal_reads()
+@confined_to_proposal()
 def reconstruct_preview(plan: TomographyPlan, center: CenterResult, work_dir: str) -> PreviewResult:
     """The centre and quartile slices, and the centre slice at a few axis positions.
 

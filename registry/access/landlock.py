@@ -1,20 +1,22 @@
-"""Reads the kernel keeps inside one proposal (Linux Landlock).
+"""What a run opens, kept inside its proposal by the kernel (Linux Landlock).
 
 :func:`~calypso.registry.access.confine.confine` checks what a run will read before the
 run starts; a member of the proposal could still swap a file or a link in their own
 proposal between that check and the read, and make a service that may read every
-proposal read another one's frames into their result. A run's reads therefore happen in a
-thread the kernel itself confines: it may open files only beneath the proposal's folder,
-the shared read-only folders (``access.shared_paths``), its own part folder, and Python's
-and the system's libraries. A symlink or HDF5 link that leads elsewhere, whenever it was
-made, fails to open (``EACCES``), and the run fails with a refusal instead of a result.
+proposal read another one's frames into their result. A run's reads therefore happen in
+threads the kernel itself confines: they may open files only beneath the proposal's
+folder (read and write), the shared read-only folders (``access.shared_paths``), and
+Python's and the system's libraries (read), with Calypso's own scratch. A file, folder,
+symlink or HDF5 link that leads elsewhere, whenever it was made, fails to open
+(``EACCES``), and the run fails with a refusal instead of a result; nothing is created
+outside the proposal. The portal's threads read only.
 
 Landlock (Linux 5.13 and later, ``lsm=...,landlock``) needs no privilege and restricts
-one thread at a time, for good: confined reads run in threads kept for their proposal.
-Only opening files is confined (``READ_FILE``, ``READ_DIR``); what a run writes is
-checked where it writes (:func:`~calypso.registry.access.confine.still_in_proposal`).
-Where the kernel has no Landlock, reads are checked, not confined, as before; the
-service says so when it starts (:func:`describe`).
+one thread at a time, for good: confined work runs in threads kept for its proposal.
+Where the kernel has no Landlock, files are checked before, not held, as before (writes
+are checked again where they happen:
+:func:`~calypso.registry.access.confine.still_in_proposal`); the service and the portal
+say which as they start (:func:`describe`).
 
 Examples
 --------
@@ -49,7 +51,6 @@ Result = TypeVar("Result")
 
 # The three Landlock system calls have the same numbers on every architecture.
 _CREATE_RULESET, _ADD_RULE, _RESTRICT_SELF = 444, 445, 446
-_CREATE_RULESET_VERSION = 1
 _RULE_PATH_BENEATH = 1
 _READ_FILE, _READ_DIR = 1 << 2, 1 << 3
 # Writing: WRITE_FILE, REMOVE_DIR, REMOVE_FILE, the MAKE_* (character device to symlink)
@@ -443,7 +444,7 @@ def in_proposal(place: str | Path | None, function: Callable[..., Result], *args
 Decorator = Callable[[Callable[..., Result]], Callable[..., Result]]
 
 
-def proposal_reads(where: str = "work_dir") -> Decorator:
+def confined_to_proposal(where: str = "work_dir") -> Decorator:
     """A task confined to the proposal its argument ``where`` lies in (a path, or
     ``plan.output_dir``: an attribute of an argument): :func:`in_proposal`."""
     name, _, attribute = where.partition(".")
