@@ -163,6 +163,31 @@ def test_a_scan_that_ends_early_is_finished_and_partial(tmp_path):
     assert scan.finished and scan.partial
 
 
+def test_frames_still_to_land_after_the_scan_ended_are_waited_for(tmp_path):
+    """end_time written (the scan recorded 4 frames) while the Lima file holds 3 wholly
+    on disk: the 4th is waited for in that file, not looked for in a next one (a live run
+    once ended partial, 99 of 100 frames, looking for a file that never comes)."""
+    template = lima_template(tmp_path, 2, "pilatus")
+    Path(template).parent.mkdir()
+    with h5py.File(template % 0, "w") as h5:
+        data = h5.create_dataset(LIMA_DATASET, (4, *SHAPE), "u2", chunks=(1, *SHAPE))
+        for index in range(3):
+            data[index] = frame(index)
+    with h5py.File(tmp_path / "dataset.h5", "w") as h5:
+        h5["2.1/end_time"] = "2026-01-01T00:00:00"
+        h5["2.1/instrument/pilatus/data"] = np.zeros((4, 1, 1), "u2")  # its 4 frames
+    scan = LimaFiles(
+        template, npoints=4, dataset_file=tmp_path / "dataset.h5", scan=2, detector="pilatus",
+        stall_timeout=30,
+    )  # fmt: skip
+    assert scan.ready() == [(0, 3)] and not scan.finished
+    with h5py.File(template % 0, "a") as h5:
+        h5[LIMA_DATASET][3] = frame(3)
+    assert scan.ready() == [(3, 4)]
+    assert scan.finished and not scan.partial
+    check_exactly_once([(0, 4)], scan.read(0, 4), 4)
+
+
 # -- growing files written by another process --------------------------------------------
 
 WRITER = """

@@ -348,6 +348,11 @@ class LimaFiles:
             self._current = count
             if not final or (count < total and not self._ended):
                 break  # more to come in this file
+            if count < total and self._end is not None and self._handed < self._end:
+                # The scan has ended and its file records more frames than are wholly on
+                # disk here: the last ones are still to land (Lima closes its file after
+                # Bliss writes end_time). Read this file again, not the next one.
+                break
             self._files.append((self._path(index), count))
             self._current = 0
             if count < total:  # the scan ended inside this file
