@@ -23,7 +23,7 @@ from calypso.errors import RawDataError
 from calypso.executors.dask import worker_identity
 from calypso.executors.paths import worker_paths
 from calypso.executors.worker_setup import openmp_share
-from calypso.registry.access.landlock import in_proposal, proposal_confinement, within
+from calypso.registry.access.landlock import confinement_of, in_proposal, within
 from calypso.tasks import head_start, integrators
 from calypso.tasks.caching import CHUNK_TASK
 from calypso.tasks.plans.diffraction import (
@@ -188,11 +188,9 @@ def _paced(frames: Iterable[np.ndarray], pace: Callable[[], None]) -> Iterator[n
 def plan_head_start(plan: IntegrationPlan) -> head_start.HeadStart:
     """The plan's chunks integrated in one thread of the command while Prefect's server
     starts (:mod:`calypso.tasks.head_start`)."""
-    from calypso.settings import load_settings
-
     inputs: ChunkInputs = (plan.parameters, plan.geometry, plan.raw_file)
     # Confined as the chunk tasks are, to the proposal and its staging folder.
-    confinement = proposal_confinement(load_settings(), plan.output_dir)
+    confinement = confinement_of(plan.output_dir)
 
     def integrate(chunk: Chunk, folder: str) -> ChunkResult:
         confined = confinement and confinement.and_writable(folder)

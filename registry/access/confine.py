@@ -139,12 +139,8 @@ class _Check:
         return proposal, root / proposal
 
     def _lexical_proposal(self, given: Path) -> str | None:
-        """The proposal a path names before its symlinks are resolved."""
-        for root in [*self.settings.data_roots, *self.roots]:
-            root = Path(root).absolute()
-            if given.is_relative_to(root) and given != root:
-                return given.relative_to(root).parts[0]
-        return None
+        named = named_proposal(self.settings.data_roots, given)
+        return named[0] if named else None
 
     def member(self, proposal: str, text: str, what: str) -> None:
         if not self.identity.member_of(proposal):
@@ -339,21 +335,27 @@ def still_in_proposal(settings: CalypsoSettings, raw: str | None, paths: list[Pa
     ``raw``: checked as the run began, a folder may have been swapped since for a symlink
     into another proposal (by a member of this one). Nothing to check without data roots.
     """
-    if not settings.data_roots or not raw:
-        return
-    # The proposal the input's path names as given (the input may have been swapped too),
-    # else where it leads.
-    given = Path(raw.split("::", 1)[0]).expanduser().absolute()
-    named = [(Path(r).expanduser().absolute(), resolved(r)) for r in settings.data_roots]
-    named += [(real, real) for _, real in named]
-    found = next(((g, r) for g, r in named if given.is_relative_to(g) and given != g), None)
-    if found is None:
-        return  # checked when it began: not under a root (a staff run on one machine)
-    proposal = given.relative_to(found[0]).parts[0]
-    root = found[1]
+    # The proposal the input's path names as given (the input may have been swapped too).
+    named = named_proposal(settings.data_roots, raw) if raw else None
+    if named is None:
+        return  # checked when it began: no data roots, or not under one (one machine)
+    proposal, proposal_dir = named
     for path in paths:
-        if not _inside(resolved(path), root / proposal):
+        if not _inside(resolved(path), proposal_dir):
             raise _refuse(
                 f"{path} now leads outside proposal {proposal} (changed since the run was "
                 "checked): nothing is written there"
             )
+
+
+def named_proposal(data_roots: Sequence[Path | str], path: str | Path) -> tuple[str, Path] | None:
+    """The proposal ``path`` (``FILE::/dataset`` too) names under a data root before its
+    symlinks are resolved, and that proposal's real folder; None under no root (or for a
+    root itself). A root is matched as configured, then as the folder it leads to."""
+    given = Path(str(path).split("::", 1)[0]).expanduser().absolute()
+    roots = [(Path(root).expanduser().absolute(), resolved(root)) for root in data_roots]
+    for named, real in [*roots, *[(real, real) for _, real in roots]]:
+        if given.is_relative_to(named) and given != named:
+            proposal = given.relative_to(named).parts[0]
+            return proposal, real / proposal
+    return None

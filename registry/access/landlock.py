@@ -244,15 +244,18 @@ def _calypso_scratch() -> list[str]:
     from calypso.executors.worker_setup import running_chunks_folder
 
     places = [str(folder)] if (folder := running_chunks_folder()) else []
-    for module in list(sys.modules.values()):
-        cache = os.path.join(
-            os.path.dirname(getattr(module, "__file__", None) or "/"), "__pycache__"
-        )
-        if cache not in places and os.path.isdir(cache):
-            with suppress(OSError):
-                if any(name.endswith(".nbi") for name in os.listdir(cache)):
-                    places.append(cache)
+    folders = {os.path.dirname(f) for m in list(sys.modules.values()) if (f := _file_of(m))}
+    for package in sorted(folders):  # each package's folder once: ~6 ms, not ~50
+        cache = os.path.join(package, "__pycache__")
+        with suppress(OSError):
+            if any(name.endswith(".nbi") for name in os.listdir(cache)):
+                places.append(cache)
     return places
+
+
+def _file_of(module: ModuleType) -> str | None:
+    file = getattr(module, "__file__", None)
+    return file if isinstance(file, str) else None
 
 
 # One thread of this process that is never confined: it imports, for a confined thread, a
@@ -389,18 +392,14 @@ def proposal_confinement(settings: CalypsoSettings, path: str | Path | None) -> 
     proposal's real folder (the proposal the path names under a data root, before
     symlinks), and the shared read-only folders. None where runs are not confined: no
     data roots, or a path under none of them (a staff run on one machine)."""
-    if not settings.data_roots or not path:
-        return None
+    from calypso.registry.access.confine import named_proposal
     from calypso.registry.access.links import resolved
 
-    given = Path(str(path).split("::", 1)[0]).expanduser().absolute()
-    for root in settings.data_roots:
-        for named in (Path(root).expanduser().absolute(), resolved(root)):
-            if given.is_relative_to(named) and given != named:
-                proposal = given.relative_to(named).parts[0]
-                shared = tuple(str(resolved(p)) for p in settings.access.shared_paths)
-                return Confinement(proposal, (str(resolved(root) / proposal),), shared)
-    return None
+    named = named_proposal(settings.data_roots, path) if path else None
+    if named is None:
+        return None
+    shared = tuple(str(resolved(p)) for p in settings.access.shared_paths)
+    return Confinement(named[0], (str(named[1]),), shared)
 
 
 _kept_settings: list[tuple[object, CalypsoSettings]] = []  # the last settings read, by source
@@ -424,8 +423,13 @@ def _settings() -> CalypsoSettings:
 
 def in_proposal(place: str | Path | None, function: Callable[..., Result], *args: Any) -> Result:
     """``function(*args)`` confined to the proposal ``place`` lies in (a part or output
-    folder, which the run's check put inside its input's proposal), with this process's
-    settings, on a worker that mounts the facility's paths elsewhere too."""
+    folder, which the run's check put inside its input's proposal)."""
+    return within(confinement_of(place), function, *args)
+
+
+def confinement_of(place: str | Path | None) -> Confinement | None:
+    """:func:`proposal_confinement` of ``place`` with this process's settings, on a worker
+    that mounts the facility's paths elsewhere too (``CALYPSO_PATH_MAP``)."""
     from calypso.executors.paths import _path_map, translate
 
     mapping = _path_map()
@@ -438,7 +442,7 @@ def in_proposal(place: str | Path | None, function: Callable[..., Result], *args
             tuple(translate(list(confinement.writable), mapping)),
             tuple(translate(list(confinement.readable), mapping)),
         )
-    return within(confinement, function, *args)
+    return confinement
 
 
 Decorator = Callable[[Callable[..., Result]], Callable[..., Result]]

@@ -68,9 +68,9 @@ def _open_read_only(path: Path) -> h5py.File:
     except PermissionError:
         raise  # not a writer's hold: no SWMR reader would open it either
     except OSError:
-        from calypso.tasks.raw.live import open_lima
+        from calypso.tasks.raw.live import open_growing
 
-        return open_lima(path)  # SWMR read, where the writer allows it
+        return open_growing(path)  # SWMR read, where the writer allows it
 
 
 @dataclass(frozen=True)

@@ -123,11 +123,16 @@ def lima_detectors(dataset_dir: Path, number: int) -> tuple[str, ...]:
 
 
 def open_lima(path: str | Path) -> h5py.File:
-    """Open a Lima file another process may still write: no file locking, SWMR read
-    where the file allows it. ``OSError`` when it cannot be opened (yet): HDF5 reports a
-    header caught half written as a RuntimeError ("bad object header version number").
-    A live scan's file must be one the acquisition wrote (:func:`_written_here`)."""
+    """Open a file of a scan in progress: one the acquisition wrote there
+    (:func:`_written_here`), read as :func:`open_growing` does."""
     _written_here(Path(path))
+    return open_growing(path)
+
+
+def open_growing(path: str | Path) -> h5py.File:
+    """Open an HDF5 file another process may still write: no file locking, SWMR read
+    where the file allows it. ``OSError`` when it cannot be opened (yet): HDF5 reports a
+    header caught half written as a RuntimeError ("bad object header version number")."""
     try:
         return h5py.File(path, "r", locking=False, swmr=True)
     except (OSError, RuntimeError):
