@@ -299,6 +299,36 @@ def blissdata_url(valkey_url):
     return valkey_url
 
 
+def test_a_scan_created_before_the_first_wait_is_found(blissdata_url, tmp_path, monkeypatch):
+    """No scan on the server as the run looks, one created before it waits for the next:
+    found (each wait began "from now", and a scan created in between was missed)."""
+    from blissdata.redis_engine.store import DataStore
+
+    from calypso.tasks.plans.live import find_stream_scan
+    from calypso.tasks.raw import live_streams
+
+    raw_file = tmp_path / "dataset.h5"
+    connect = live_streams._connect
+
+    def connected(url):
+        store = connect(url)
+        last = store.get_last_scan
+
+        def last_then_one_created():
+            try:
+                return last()
+            finally:
+                identity = {"name": "loopscan", "number": 3, "data_policy": "no_policy"}
+                DataStore(url).create_scan(identity, info={"filename": str(raw_file)})
+
+        store.get_last_scan = last_then_one_created
+        return store
+
+    monkeypatch.setattr(live_streams, "_connect", connected)
+    key = find_stream_scan(blissdata_url, raw_file, None, timeout=3)
+    assert live_streams.load_scan(connect(blissdata_url), key).number == 3
+
+
 class BlissScan(threading.Thread):
     """A Bliss scan with a Lima detector, published through blissdata: Lima files of
     ``per_file`` frames (open and never flushed until full, like Lima's), the Lima status

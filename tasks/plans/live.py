@@ -91,9 +91,11 @@ def find_stream_scan(url: str, raw_file: Path, scans: list[int] | None, timeout:
         same = Path(str(scan.info.get("filename", ""))).resolve() == raw_file.resolve()
         return same and (not scans or scan.number == scans[0])
 
-    since = None
+    # Every scan created from now on is seen below: waiting "from now" at each call, a scan
+    # created between two waits was missed (a run waited its 30 s in a busy CI run).
+    since = store.get_last_scan_timetag()
     try:
-        since, key = store.get_last_scan()
+        _, key = store.get_last_scan()
         if matches(key):
             return key
     except NoScanAvailable:
