@@ -231,6 +231,13 @@ def running_chunks_folder() -> Path | None:
     return folder
 
 
+def scratch_folder(prefix: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder that a thread confined to a proposal may write too
+    (:mod:`calypso.registry.access.landlock`): in this user's running-chunks folder,
+    hidden from the count of chunks; the system's temporary folder where there is none."""
+    return tempfile.TemporaryDirectory(prefix=f".{prefix}", dir=running_chunks_folder())
+
+
 def _chunks_running(folder: Path) -> int:
     """The chunk tasks whose file in ``folder`` is locked, this one's included; a file
     nobody holds (its worker was killed) is removed. 0: the folder is gone, none known."""

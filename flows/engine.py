@@ -136,6 +136,26 @@ def make_plan(
     return plan_in_proposal(technique, raw, parameters, scans, output_dir, settings, workers)
 
 
+def _write(definition: Step, ctx: StepContext, inputs: dict[str, Any]) -> Any:
+    """A writing step, then its result marked partial where a scan it reduces did not end
+    well (Bliss's ``end_reason``: aborted, failed), with a warning in the summary: an
+    aborted scan reduced offline (by hand, or by the watcher at its end) gave a result
+    that looked complete."""
+    from calypso.tasks.writers.nexus import mark_scans_that_ended_early
+
+    outputs = definition.run(ctx, **inputs)
+    plan = inputs.get("plan")
+    output, raw_file = getattr(plan, "output_file", None), getattr(plan, "raw_file", None)
+    if not output or not raw_file or Path(raw_file).suffix not in (".h5", ".hdf5", ".nxs"):
+        return outputs
+    publication = ctx.run.publication
+    written = (publication.staged_for(Path(output)) if publication else None) or Path(output)
+    if written.is_file():
+        for line in mark_scans_that_ended_early(written, Path(raw_file)):
+            ctx.report(warning=f"{line}: its result holds what it recorded, marked partial")
+    return outputs
+
+
 def plan_in_proposal(
     technique: str,
     raw: str,
@@ -206,6 +226,12 @@ def run_specification(
         if definition.takes_parameters:
             inputs["parameters"] = parameters or _parameters(definition, name, step, assignment)
             return definition.run(ctx, **inputs)  # before the run's part folder exists
+        if definition.output == OUTPUTS:
+            # The writer reads the raw data again (the groups its result links to, a
+            # quick look's frame) and writes the staged results: where the kernel keeps
+            # both inside the proposal (a folder swapped since the check leads nowhere).
+            confinement = proposal_confinement(ctx.settings, raw)
+            return within(confinement, _write, definition, ctx.step(name), inputs)
         return definition.run(ctx.step(name), **inputs)
 
     planning = [name for name in spec.order if steps[spec.steps[name]["task"]].takes_parameters]

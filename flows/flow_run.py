@@ -25,6 +25,7 @@ from calypso.errors import CatalogueError, OutputError
 from calypso.registry import ProcessedDataset, claims, open_catalogue
 from calypso.registry.access import AccessError
 from calypso.registry.access.confine import still_in_proposal
+from calypso.registry.access.landlock import in_proposal
 from calypso.registry.access.secrets import redact
 from calypso.registry.catalogue import embedded
 from calypso.registry.heartbeat import Heartbeat
@@ -113,8 +114,9 @@ class FlowRun:
         )
         self.record = claims.reserve(catalogue, reservation, lease, dead=took_from)
         self._follow_version(plan)
-        if took_from:  # the part folder of the run that died there
-            remove_work_dir(Path(plan.output_dir) / f"{PARTIAL_PREFIX}{took_from}")
+        if took_from:  # the part folders of the run that died, in its versions' folders
+            for folder in claims.folders_of(catalogue, took_from):
+                _remove_part_folder(Path(folder) / f"{PARTIAL_PREFIX}{took_from}")
         self.heartbeat = Heartbeat(
             catalogue, self.run_id, self.trigger, self.record.id, lease
         ).start()
@@ -179,6 +181,7 @@ class FlowRun:
         """Register the failure (the reservation failed, its claim free for another run);
         a catalogue that cannot be written is logged, so that ``error`` is what is raised."""
         self._stop_heartbeat()
+        self._remove_partial_result()  # it said "running": the record says what happened
         try:
             # Not only Calypso's errors (redacted already) fail a run.
             message = redact(str(error))
@@ -191,6 +194,15 @@ class FlowRun:
         self._post(registration.catalogue_id)
         return registration
 
+    def _remove_partial_result(self) -> None:
+        """The partial result a live run keeps beside the result to come
+        (``<name>.partial.h5``), once the run has ended either way."""
+        from calypso.tasks.live_common import partial_path
+
+        output = getattr(self.plan, "output_file", None)
+        if output:
+            in_proposal(output, partial_path(output).unlink, True)
+
     def completed(self, outputs: list[str]) -> Registration:
         """Publish the results with their record, then export them when asked to."""
         try:
@@ -198,7 +210,8 @@ class FlowRun:
         finally:
             self._stop_heartbeat()
         if self.work_dir is not None:
-            remove_work_dir(self.work_dir)
+            _remove_part_folder(self.work_dir)
+        self._remove_partial_result()  # a live run's, or one a killed live run left
         if self.export_to:
             from calypso.tasks.export import flow_export_uri
             from calypso.tasks.export.step import export_processed_dataset
@@ -290,9 +303,15 @@ class FlowRun:
                 yield str(work_dir)
         except Exception as exc:
             self.failed(exc)
-            # Kept for a retry only when it holds a finished chunk a retry could take.
-            if not self.run_id or not any(p.is_file() for p in Path(work_dir).rglob("*")):
-                remove_work_dir(work_dir)
+            # Kept for a retry only when it holds a finished chunk a retry could take. A
+            # refused run's retry is refused again: its folder, which the visitor cannot
+            # remove (the service made it), would stay for good.
+            if (
+                isinstance(exc, AccessError)
+                or not self.run_id
+                or not any(p.is_file() for p in Path(work_dir).rglob("*"))
+            ):
+                _remove_part_folder(work_dir)
             raise
 
     def make_step_folder(self, folder: Path) -> None:
@@ -458,3 +477,9 @@ def publish_results_table(summary: dict[str, Any], links: list[dict] | None = No
         )
     except Exception:  # no Prefect API to report to: the results themselves are written
         logging.getLogger(__name__).debug("results table not published", exc_info=True)
+
+
+def _remove_part_folder(folder: Path) -> None:
+    """Remove a run's part folder, confined to its proposal: a folder above it swapped
+    for a link into another proposal since the run checked it removes nothing there."""
+    in_proposal(folder, remove_work_dir, folder)

@@ -13,12 +13,20 @@ A record goes ``running`` -> ``publishing`` (its results being renamed into plac
 which frees the claim. A version's folder (``<folder>``, then ``<folder>_v2`` ...) is
 never given to another run while a completed, publishing or live running record holds it
 for the same result file: a rerun writes beside the older results, whose record stays true.
+
+A run that died holds nothing once its lease has run out: the next run to reserve its
+folder marks its record failed and removes its part folder, and, when it died while
+publishing, the files it had renamed into place that still have the checksums its record
+gives (its own): the folder is then the next run's, and the acquisition is published
+once, with its record. A file changed since keeps the folder held.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -230,9 +238,54 @@ def _same_result(planned: str | None, other: str | None) -> bool:
     return not planned or not other or Path(planned).name == Path(other).name
 
 
-def _published_any(folder: str, checksums: str | None) -> bool:
+def _taken_back(folder: str, checksums: str | None) -> bool:
+    """Whether nothing is left in ``folder`` of what a run that died while publishing had
+    renamed into place (``checksums``: name -> SHA-256, its record's): each file that
+    still has its checksum is that run's own, and is removed; another file of the same
+    name (changed, or someone's) stays. Unknown checksums: the folder stays held."""
+    from calypso.registry.access.landlock import in_proposal
+
     names = json.loads(checksums or "{}")
-    return not names or any(os.path.lexists(os.path.join(folder, name)) for name in names)
+    return bool(names) and in_proposal(folder, _remove_published, folder, names)
+
+
+def _remove_published(folder: str, names: dict[str, str]) -> bool:
+    left = False
+    for name, digest in names.items():
+        path = os.path.join(folder, name)
+        if not os.path.lexists(path):
+            continue
+        if os.path.islink(path) or not os.path.isfile(path) or _sha256(path) != digest:
+            left = True
+            continue
+        os.unlink(path)
+    return not left
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _remove_part_folder(folder: str, run_id: str | None) -> None:
+    """The part folder a dead run left in ``folder`` (its finished chunks, its staged
+    results): a later run of its own would take them, and none will come."""
+    from calypso.registry.access.landlock import in_proposal
+    from calypso.tasks.writers.publication import PARTIAL_PREFIX
+
+    if run_id:
+        part = os.path.join(folder, f"{PARTIAL_PREFIX}{run_id}")
+        in_proposal(folder, shutil.rmtree, part, True)
+
+
+def folders_of(catalogue: SQLiteCatalogue, run_id: str) -> list[str]:
+    """The folders flow run ``run_id`` reserved records in (a run's versions)."""
+    with catalogue._connect() as db:
+        rows = db.execute(
+            "SELECT DISTINCT processed_path FROM processed_datasets WHERE flow_run_id = ?",
+            (run_id,),
+        ).fetchall()
+    return [row["processed_path"] for row in rows if row["processed_path"]]
 
 
 def _taken(
@@ -244,8 +297,9 @@ def _taken(
     dead: str | None = None,
 ) -> bool:
     """Whether ``folder`` is held for the result file ``planned``. A reservation whose
-    lease ran out, or whose run is ``dead`` (its claim was taken over), before any of its
-    files was published, is marked failed and holds nothing."""
+    lease ran out, or whose run is ``dead`` (its claim was taken over), is marked failed
+    and holds nothing once none of its published files is left (:func:`_taken_back`);
+    its part folder goes."""
     holders = db.execute(
         "SELECT id, status, lease_expires, output_file, flow_run_id, checksums FROM "
         f"processed_datasets WHERE processed_path = ? AND status IN {_HOLDING}",
@@ -258,18 +312,20 @@ def _taken(
         stale = holder["status"] != "completed" and (
             (holder["lease_expires"] or 0) <= now or holder["flow_run_id"] == dead
         )
-        if stale and (
-            holder["status"] == "running" or not _published_any(folder, holder["checksums"])
-        ):
+        publishing = holder["status"] == "publishing"
+        if stale and (not publishing or _taken_back(folder, holder["checksums"])):
+            what = "while publishing its results (the files it had published were removed)"
             db.execute(
                 "UPDATE processed_datasets SET status = 'failed', lease_expires = NULL, "
                 "message = ? WHERE id = ?",
                 (
-                    f"flow run {holder['flow_run_id']} stopped before publishing its results "
-                    f"(killed, crashed or vanished); flow run {run_id} took its folder",
+                    f"flow run {holder['flow_run_id']} stopped "
+                    f"{what if publishing else 'before publishing its results'} (killed, "
+                    f"crashed or vanished); flow run {run_id} took its folder",
                     holder["id"],
                 ),
             )
+            _remove_part_folder(folder, holder["flow_run_id"])
             continue
         taken = True
     return taken

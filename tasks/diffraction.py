@@ -19,7 +19,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from calypso.errors import RawDataError
+from calypso.errors import CalypsoError, RawDataError
 from calypso.executors.dask import worker_identity
 from calypso.executors.paths import worker_paths
 from calypso.executors.worker_setup import openmp_share
@@ -460,6 +460,8 @@ def _quick_look_of_first_scan(plan: IntegrationPlan, average: ScanAverage | None
             "radial_map": radial_map,
             "rings": average.radial[strongest],
         }
+    except (PermissionError, CalypsoError):  # the raw data changed since the chunks read it
+        raise  # (a file swapped for another proposal's, which the kernel refused to open)
     except Exception:  # the quick look is a convenience: the results are written anyway
         logger.warning("quick look: the frame with its rings was left out", exc_info=True)
     return look

@@ -96,13 +96,16 @@ def write_partial(
 
 @task(name="warm_up_integrator", cache_policy=NO_CACHE)
 @worker_paths
-def warm_up_integrator(parameters: DiffractionParameters, geometry: Geometry) -> float:
+@confined_to_proposal("raw")
+def warm_up_integrator(
+    parameters: DiffractionParameters, geometry: Geometry, raw: str | None = None
+) -> float:
     """Build this worker's integrator (pyFAI's sparse matrix for these parameters and mask)
     on a blank frame while the scan has not begun, so that the first frames wait for
-    nothing; seconds spent. Nothing is kept but the integrator."""
-    import shutil
-    import tempfile
-
+    nothing; seconds spent. Nothing is kept but the integrator (and the mask read, which
+    the chunks then take from the worker's cache: read inside the proposal of ``raw``, as
+    they would read it)."""
+    from calypso.executors.worker_setup import scratch_folder
     from calypso.tasks import integrators
 
     began = time.perf_counter()
@@ -111,15 +114,13 @@ def warm_up_integrator(parameters: DiffractionParameters, geometry: Geometry) ->
     if shape is None:  # a detector without a size: the first chunk builds it
         return 0.0
     monitor = None if parameters.monitor is None else np.ones(1)
-    folder = tempfile.mkdtemp(prefix="calypso-warm-up-")
-    try:
+    with scratch_folder("calypso-warm-up-") as folder:
         blank = np.zeros(shape, dtype=np.float32)
         integrate_into_part([blank], monitor, parameters, geometry, 0, 0, 1, folder, began)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
     return time.perf_counter() - began
 
 
+@confined_to_proposal()
 def regroup_parts(
     chunks: list[ChunkResult], wanted: list[tuple[int, int, int]], work_dir: str
 ) -> list[ChunkResult]:

@@ -212,6 +212,7 @@ def reduce_into_part(
 
 
 @task(name="merge_repeated_scans", cache_policy=NO_CACHE)
+@confined_to_proposal()
 def merge_repeated_scans(
     plan: SpectroscopyPlan, results: list[BatchResult], work_dir: str
 ) -> BatchResult:

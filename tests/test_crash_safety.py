@@ -136,6 +136,42 @@ def test_versions_go_beside_and_a_dead_reservation_frees_its_folder(tmp_path):
     assert "stopped before publishing" in catalogue.get(first.id).message
 
 
+@pytest.mark.parametrize("renamed", ["every file", "the first file"])
+def test_a_run_killed_while_publishing_is_taken_back_and_published_once(tmp_path, renamed):
+    """A run killed after renaming its results into place (all, or the first), before its
+    record completed: its record stayed 'publishing' for good and held its folder, so the
+    acquisition was processed again into a second version (a sweep saw two complete
+    results, one with no record). The next run for the key removes the files that still
+    have their recorded checksums (the dead run's own) and its part folder, and takes
+    the folder: published once. A file changed since is nobody's to remove."""
+    catalogue = SQLiteCatalogue(tmp_path / "c.sqlite")
+    out = tmp_path / "diffraction"
+    assert claims.claim(catalogue, "K", "a", "diffraction", 5)[0]
+    dead = claims.reserve(catalogue, reservation(out, "a"), 5)
+    part = out / ".calypso-partial-a" / "results"
+    part.mkdir(parents=True)
+    files = {"result.h5": b"a's result", "result.png": b"a's look", "result.xy": b"a's curve"}
+    sums = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    claims.publishing(catalogue, dead.id, "a", "K", 5, sums)
+    for index, (name, data) in enumerate(files.items()):  # Publication.apply, killed
+        (out if index == 0 or renamed == "every file" else part).joinpath(name).write_bytes(data)
+    with catalogue._connect() as db:  # a's lease runs out (or Prefect says it crashed)
+        db.execute("UPDATE processed_datasets SET lease_expires = 0 WHERE id = ?", (dead.id,))
+    taken, _ = claims.claim(catalogue, "K", "b", "diffraction", 5, take_from="a")
+    again = claims.reserve(catalogue, reservation(out, "b"), 5, dead="a")
+    assert taken and (again.version, again.processed_path) == (1, str(out))
+    assert sorted(p.name for p in out.iterdir()) == []  # a's files and part folder gone
+    assert catalogue.get(dead.id).status == "failed"
+    assert "while publishing its results" in catalogue.get(dead.id).message
+    # A file of the same name changed since a published it is nobody's to remove: held.
+    claims.publishing(catalogue, again.id, "b", "K", 5, sums)
+    (out / "result.h5").write_bytes(b"changed by hand")
+    with catalogue._connect() as db:
+        db.execute("UPDATE processed_datasets SET lease_expires = 0 WHERE id = ?", (again.id,))
+    third = claims.reserve(catalogue, reservation(out, "c"), 5, dead="b")
+    assert third.version == 2 and (out / "result.h5").read_bytes() == b"changed by hand"
+
+
 def test_results_are_staged_until_published_and_put_back_when_it_fails(tmp_path):
     out = tmp_path / "out"
     work = out / ".calypso-partial-run"

@@ -17,6 +17,7 @@ import pytest
 from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 from scipy.signal import find_peaks
 
+from calypso.errors import RawDataError
 from calypso.executors.dask import worker_identity
 from calypso.flows.api import run_technique
 from calypso.flows.runtime import prefect_auth_headers
@@ -229,6 +230,52 @@ def test_results_land_in_processed_data_as_nexus(runs, diffraction_sample, tmp_p
     np.testing.assert_allclose(average, intensity.mean(axis=0), rtol=1e-6)
     leftovers = [p.name for p in processed.iterdir() if p.name.startswith(".calypso")]
     assert leftovers == []
+
+
+def test_an_aborted_scan_reduced_offline_is_marked_partial(
+    runs, diffraction_sample, tmp_path, catalogue_path
+):
+    """A scan aborted mid-way (Bliss's end_reason USER_ABORT) reduced offline, by hand or
+    by the watcher at its end, gave a result that looked complete (a sweep): marked partial
+    as a live run marks it, with a warning; the frames it recorded are reduced. The partial
+    file a killed live run left beside the result ("running: ...") goes with the run's
+    end, whether it completes or fails."""
+    import shutil
+
+    from tests.damage import damage_stored_frame
+
+    raw = tmp_path / "ih0001" / "id00" / "20261207" / "RAW_DATA" / "CeO2" / "CeO2_0001"
+    shutil.copytree(diffraction_sample.raw_dataset_dir, raw)
+    with h5py.File(raw / "CeO2_0001.h5", "a") as h5:
+        h5["1.1/end_reason"] = "USER_ABORT"
+    stale = tmp_path / "out" / "CeO2_0001.partial.h5"
+    stale.parent.mkdir()
+    stale.write_text("running: 10 of 12 frames done")
+    settings = load_settings(executor={"n_workers": 1})
+    summary = run_technique(
+        "diffraction", str(raw), runs["parameters"], None, str(tmp_path / "out"), settings
+    )
+    assert not stale.exists()
+    assert summary["warnings"] == [
+        "scan 1.1 ended early (USER_ABORT): its result holds what it recorded, marked partial"
+    ]
+    with h5py.File(tmp_path / "out" / "CeO2_0001.h5", "r") as h5:
+        assert h5.attrs["status"] == "partial"
+        assert h5["1.1/status"][()] == b"partial: scan 1.1 ended early (USER_ABORT)"
+    # A scan that ended well says nothing of the kind.
+    with h5py.File(diffraction_sample.raw_dataset_dir / "CeO2_0001.h5", "r") as raw_file:
+        assert "end_reason" not in raw_file["1.1"] or raw_file["1.1/end_reason"][()] == b"SUCCESS"
+    with h5py.File(runs["default"]["outputs"][0].split("::")[0], "r") as h5:
+        assert "status" not in h5.attrs and "status" not in h5["1.1"]
+    failing = tmp_path / "failing" / stale.name
+    failing.parent.mkdir()
+    failing.write_text("running: 10 of 12 frames done")
+    damage_stored_frame(raw, 11)
+    with pytest.raises(RawDataError):
+        run_technique(
+            "diffraction", str(raw), runs["parameters"], None, str(failing.parent), settings
+        )
+    assert not failing.exists()
 
 
 def test_progress_is_reported_as_chunks_finish(runs):

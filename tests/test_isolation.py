@@ -674,13 +674,21 @@ def test_an_output_folder_swapped_during_the_run_is_not_written(
         shutil.rmtree(theirs, ignore_errors=True)
 
 
-@pytest.mark.parametrize("swapped", ["frames", "mask"])
-@pytest.mark.parametrize("when", ["after the check", "after the plan"])
+SWAPS = [
+    (swapped, when)
+    for swapped in ("frames", "mask")
+    for when in ("after the check", "after the plan")
+] + [("dataset file", "after the chunks"), ("frames", "after the chunks")]
+
+
+@pytest.mark.parametrize(("swapped", "when"), SWAPS)
 def test_a_file_swapped_after_the_check_is_not_read(signed_in, capsys, monkeypatch, swapped, when):
-    """Checked as the run begins, a file the run reads (a Lima file of frames, the mask) is
-    swapped for a symlink into another proposal by a member of this one (a sweep read the
-    other proposal's frames into its result so): the kernel stops the read, in the
-    planning or in the chunks, and the run fails with a refusal, nothing published."""
+    """Checked as the run begins, a file the run reads (a Lima file of frames, the mask,
+    the dataset file its result links to) is swapped for a symlink into another proposal
+    by a member of this one (a sweep read the other proposal's frames into its result
+    so): the kernel stops the read, in the planning, the chunks or the writer (its quick
+    look showed the other proposal's frame), and the run fails with a refusal, nothing
+    published, no part folder left behind."""
     import calypso.flows.api as api
     import calypso.flows.engine as engine
     from calypso.registry.access import landlock
@@ -689,9 +697,8 @@ def test_a_file_swapped_after_the_check_is_not_read(signed_in, capsys, monkeypat
         pytest.skip("this kernel has no Landlock: reads are checked, not confined")
     f = signed_in
     alice = ldap_user("alice")
-    tag = f"{swapped}-{when.split()[1]}"
-    number = 90 + 2 * ["frames", "mask"].index(swapped) + (when == "after the plan")
-    raw = f._copy(f.a_raw.parent / f"CeO2_{number:04d}")
+    tag = f"{swapped.split()[0]}-{when.split()[-1]}"
+    raw = f._copy(f.a_raw.parent / f"CeO2_{90 + SWAPS.index((swapped, when)):04d}")
     mask = f.mask.with_name(f"mask-{tag}.edf")
     shutil.copy(f.mask, mask)
     output = f.a_raw.parents[2] / "PROCESSED_DATA" / f"swap-{tag}"
@@ -699,6 +706,7 @@ def test_a_file_swapped_after_the_check_is_not_read(signed_in, capsys, monkeypat
     mine, theirs = {
         "frames": (raw / lima, f.b_raw / lima),
         "mask": (mask, f.b_raw.parents[2] / "SCRIPTS" / "calibration" / "pilatus1m_mask.edf"),
+        "dataset file": (raw / f"{raw.name}.h5", f.b_raw / f"{f.b_raw.name}.h5"),
     }[swapped]
 
     def swap() -> None:
@@ -708,9 +716,14 @@ def test_a_file_swapped_after_the_check_is_not_read(signed_in, capsys, monkeypat
     if when == "after the check":
         checked = api.confine_run
         monkeypatch.setattr(api, "confine_run", lambda *a, **k: (checked(*a, **k), swap())[0])
-    else:
+    elif when == "after the plan":
         planned = engine.remember_plan
         monkeypatch.setattr(engine, "remember_plan", lambda *a, **k: (planned(*a, **k), swap()))
+    else:  # the chunks are done: the writer links the result to the raw groups
+        from calypso.tasks.writers import nexus
+
+        link = nexus.link_raw_groups
+        monkeypatch.setattr(nexus, "link_raw_groups", lambda *a, **k: (swap(), link(*a, **k)))
     argv = ["run", "diffraction", str(raw), "--set", f"poni={f.poni}", "--set", f"mask={mask}"]
     argv += ["--set", "npt=100", "--output", str(output)]
     try:
@@ -719,6 +732,9 @@ def test_a_file_swapped_after_the_check_is_not_read(signed_in, capsys, monkeypat
         err = capsys.readouterr().err
         assert "a file outside proposal ih0001 was not opened" in err, err
         assert not [p for p in output.rglob("*.h5") if ".calypso" not in str(p)]
+        # Nor is its part folder kept for a retry (refused again): the visitor could not
+        # remove it.
+        assert not list(output.rglob(".calypso-partial-*"))
     finally:
         shutil.rmtree(raw, ignore_errors=True)
         shutil.rmtree(output, ignore_errors=True)

@@ -122,7 +122,10 @@ def test_libraries_imported_first_in_a_confined_thread(facility, tmp_path):
     """larch (and matplotlib, joblib, dill under it) look for a temporary folder, their
     configuration and the machine as they are imported: imported first by a confined thread
     they failed (a plain column file under data roots did not run). A new process, a new
-    home: nothing imported or configured before."""
+    home: nothing imported or configured before. A SPEC file's scan goes through a
+    temporary file (refused in the system's temporary folder: no SPEC file ran under data
+    roots); a writer's drawing thread, started by a confined one, is confined too (it
+    built matplotlib's font cache, which it could not save, at each run)."""
     import subprocess
     import sys
 
@@ -131,6 +134,9 @@ def test_libraries_imported_first_in_a_confined_thread(facility, tmp_path):
     energy = [8900.0 + 2.0 * n for n in range(200)]
     rows = [f"{e:.1f} {1e5:.1f} {1e5 * (0.5 + 0.3 * (e > 8979)):.3f}" for e in energy]
     columns.write_text("# energy i0 itrans\n" + "\n".join(rows) + "\n")
+    spec = columns.with_name("cu.spec")
+    scans = [f"#S {n} xafs\n#N 3\n#L Energy  I0  I1\n" + "\n".join(rows) + "\n" for n in (3, 4)]
+    spec.write_text("#F cu.spec\n\n" + "\n".join(scans))
     script = f"""
 from calypso.registry.access.landlock import proposal_confinement, within
 from calypso.settings import load_settings
@@ -142,6 +148,18 @@ columns, header = within(confinement, read_with_larch, __import__("pathlib").Pat
 print(sorted(columns), len(next(iter(columns.values()))))
 import psutil
 print(within(confinement, lambda: psutil.cpu_times().user >= 0))
+from calypso.tasks.raw.spectrum_files import read_columns
+columns, _ = within(confinement, read_columns, __import__("pathlib").Path({str(spec)!r}), "3")
+print("spec", sorted(columns))
+import threading
+from calypso.tasks.writers.plots import _pyplot
+def draw():
+    drawn = []
+    thread = threading.Thread(target=lambda: drawn.append(_pyplot().subplots(figsize=(2, 2))))
+    thread.start()
+    thread.join()
+    return len(drawn)
+print("drawn", within(confinement, draw))
 """
     home = tmp_path / "fresh-home"
     home.mkdir()
@@ -152,6 +170,9 @@ print(within(confinement, lambda: psutil.cpu_times().user >= 0))
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "200" in done.stdout and "True" in done.stdout, done.stdout
+    assert "spec ['energy', 'i0', 'i1']" in done.stdout and "drawn 1" in done.stdout, done.stdout
+    assert "font_manager" not in done.stderr and "Fontconfig" not in done.stderr, done.stderr
+    assert list((home / ".cache" / "matplotlib").glob("fontlist*.json"))  # kept for the next
 
 
 def test_calypso_own_scratch_stays_writable(facility):

@@ -522,3 +522,13 @@ def test_when_the_server_goes_away_the_lima_files_give_the_rest(tmp_path):
     writer.join(timeout=10)
     assert writer.error is None or isinstance(writer.error, redis.exceptions.RedisError)
     check_exactly_once(ranges, np.concatenate(frames), 30)
+
+
+def test_a_detector_saving_other_images_than_hdf5_is_named(tmp_path):
+    """A Lima saving EDF (a stream hands out its files) ended the live run in a Python
+    traceback from h5py ("file signature not found"): one line that says what to do."""
+    from calypso.flows.online.live import _frame_type
+
+    edf = tmp_path / "scan0001" / "pilatus1m_0000.edf"
+    with pytest.raises(RawDataError, match=r"saves \.edf images; live reduction follows"):
+        _frame_type(str(edf), "")

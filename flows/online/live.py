@@ -51,10 +51,11 @@ from calypso.flows.online.live_base import (
     PlanWaits,
 )
 from calypso.flows.techniques import OUTPUTS, TECHNIQUES, Step, all_steps
+from calypso.registry.access.landlock import proposal_confinement
 from calypso.settings import CalypsoSettings
 from calypso.tasks.plans.live import entry_texts, wait
 from calypso.tasks.raw import bliss
-from calypso.tasks.raw.live import LIMA_DATASET, LiveScan, open_lima
+from calypso.tasks.raw.live import LIMA_DATASET, open_lima
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +125,15 @@ def live_plan(ctx: StepContext, parameters: BaseModel) -> Any:
     is_file = path.suffix in (".h5", ".hdf5", ".nxs")
     raw_file = path if is_file else RawDataset.from_path(path).raw_file
     live.dataset_file = str(raw_file)
+    # What the flow itself opens of the scan being written (the files polled, counters,
+    # the first frame, the plan's reads) is held inside the proposal by the kernel, as
+    # the chunk tasks are: a file swapped since the run was checked is not opened.
+    live.confinement = proposal_confinement(ctx.settings, ctx.raw)
     live.technique.warm_up(ctx, parameters)  # while the scan has not begun
-    live.scan, live.number, live.detector = live.technique.open_scan(
-        live, raw_file, ctx.scans, parameters
+    scan, live.number, live.detector = live.held(
+        live.technique.open_scan, live, raw_file, ctx.scans, parameters
     )
-    scan: LiveScan = live.scan
+    live.scan = scan = live.hold(scan)
     # The first frames say the frames' shape and type; the stall time-out names a Lima
     # file that never appears. A map scanned an energy at a time has its first spectra at
     # its end: its own stall time-out (no energy point for that long) bounds the wait.
@@ -151,9 +156,8 @@ def live_plan(ctx: StepContext, parameters: BaseModel) -> Any:
     if not live.detector:
         live.detector = scan.info.detectors[0].split(":")[0]
     first_file, dataset, _, _ = scan.locations(0, 1)[0]
-    with open_lima(first_file) as h5:
-        frame_shape, dtype = h5[dataset].shape[1:], str(h5[dataset].dtype)
-    title, start_time = entry_texts(raw_file, live.number)
+    frame_shape, dtype = live.held(_frame_type, first_file, dataset)
+    title, start_time = live.held(entry_texts, raw_file, live.number)
     first = FirstFrames(
         raw_file=raw_file, number=live.number, detector=live.detector, lima_file=first_file,
         dataset=dataset or LIMA_DATASET, frame_shape=tuple(frame_shape), dtype=dtype,
@@ -162,7 +166,7 @@ def live_plan(ctx: StepContext, parameters: BaseModel) -> Any:
     )  # fmt: skip
     while True:
         try:
-            plan = live.technique.plan(ctx, parameters, first)
+            plan = live.held(live.technique.plan, ctx, parameters, first)
             break
         except PlanWaits:  # until more frames have come (a stalled scan raises)
             frames = scan.frames
@@ -171,6 +175,18 @@ def live_plan(ctx: StepContext, parameters: BaseModel) -> Any:
                 time.sleep(0.1)
     ctx.run.planned(plan, _count(ctx, plan))
     return plan
+
+
+def _frame_type(lima_file: str, dataset: str) -> tuple[tuple[int, ...], str]:
+    """The shape and type of the frames of a Lima file being written."""
+    if Path(lima_file).suffix.lower() not in (".h5", ".hdf5", ".nxs"):
+        raise RawDataError(
+            f"{lima_file}: the detector saves {Path(lima_file).suffix or 'files'} images; "
+            "live reduction follows Lima's HDF5 files: reduce this scan offline once it "
+            "has ended (calypso run TECHNIQUE RAW)"
+        )
+    with open_lima(lima_file) as h5:
+        return h5[dataset].shape[1:], str(h5[dataset].dtype)
 
 
 def _follow_ranges(live: LiveRun) -> int:
@@ -193,10 +209,10 @@ def live_process(ctx: StepContext, plan: Any) -> list[Any]:
     live = _RUNS[ctx.raw]
     technique: LiveTechnique = live.technique
     unit = _unit(ctx, technique)
-    technique.prepare(ctx, live, plan)
+    live.held(technique.prepare, ctx, live, plan)
     progress = RunProgress(plan.n_frames, f"{technique.doing} scan {live.number} live")
     partial = partial_path(plan.output_file)
-    look = live.look or LiveLook(f"scan {live.number} {live.detector}")
+    look = live.look or LiveLook(f"scan {live.number} {live.detector}", live.confinement)
     sent = _Chunks()
     written_at, shown = 0.0, 0
     while True:
@@ -222,7 +238,7 @@ def live_process(ctx: StepContext, plan: Any) -> list[Any]:
             frames = sum(b - a for a, b in map(technique.span, sent.done))
             total = max(plan.n_frames, live.scan.frames)
             state = f"running: {frames} of {total} {unit} done"
-            technique.write_partial(live, plan, sent.done, partial, state)
+            live.held(technique.write_partial, live, plan, sent.done, partial, state)
             written_at, shown = time.monotonic(), len(sent.done)
             if not over:  # the result's own quick look comes next
                 look.show(partial, state)
@@ -260,7 +276,7 @@ def _send_ready(ctx: StepContext, live: LiveRun, plan: Any, sent: _Chunks, ended
         if stop - first < plan.chunk_size and not ended and young:
             return  # a short chunk waits a little for more frames
         try:
-            inputs = technique.chunk_inputs(live, plan, first, stop, ended)
+            inputs = live.held(technique.chunk_inputs, live, plan, first, stop, ended)
         except MissingInputs as exc:  # never: what came before it is reduced
             sent.error, sent.limit = sent.error or exc, first
             return
@@ -278,7 +294,7 @@ def _fall_back(live: LiveRun, error: RawDataError) -> RawDataError | None:
     if not isinstance(error, StreamServerGone):
         return error
     logger.warning("%s; reading the rest of the scan from its Lima files", error)
-    live.scan = live.scan.as_files()
+    live.scan = live.hold(live.scan.as_files())
     return None
 
 
@@ -316,7 +332,7 @@ def _finish(
     frames = sum(b - a for a, b in map(technique.span, chunks))
     reason = _end_reason(live, error)
     if reason is None:
-        technique.after_scan(ctx, live)
+        live.held(technique.after_scan, ctx, live)
         final = plan_in_proposal(
             ctx.run.technique, ctx.raw, plan.parameters, ctx.scans, ctx.output_dir,
             ctx.settings, ctx.run.workers,
@@ -332,7 +348,7 @@ def _finish(
             warning=f"scan {live.number} {reason}: the result holds its {frames} {unit} "
             "and is marked partial"
         )
-        technique.as_partial(live, plan, frames)
+        live.held(technique.as_partial, live, plan, frames)
         ctx.run.planned(plan, _count(ctx, plan))  # the record counts what it holds
         progress.total = frames
         return technique.partial_chunks(ctx, live, plan, chunks)
@@ -364,7 +380,7 @@ def _end_reason(live: LiveRun, error: CalypsoError | None) -> str | None:
             return False
 
     try:
-        file_reason = wait(ended, live.end_timeout, "no end_time")
+        file_reason = wait(lambda: live.held(ended), live.end_timeout, "no end_time")
     except RawDataError:
         return f"ended without end_time in {raw_file}"
     return None if file_reason == "SUCCESS" else f"ended early ({file_reason})"

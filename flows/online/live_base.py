@@ -5,14 +5,19 @@ the pieces :mod:`calypso.flows.online.live` runs and each technique's module
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from calypso.errors import RawDataError
 
 if TYPE_CHECKING:  # not imported: the watcher reads LIVE_TECHNIQUES without Prefect
     from calypso.flows.engine import StepContext
+
+T = TypeVar("T")
 
 # The techniques that can be fed live, and where their LiveTechnique is.
 LIVE_TECHNIQUES = {
@@ -167,3 +172,33 @@ class LiveRun:
     look: Any = None  # the live quick look, when it began before the plan (LiveLook)
     handed: dict[int, float] = field(default_factory=dict)  # frame -> when it was ready
     timeline: list[tuple[int, int, float]] = field(default_factory=list)  # chunk, done at
+    confinement: Any = None  # where the kernel keeps what the run opens (its proposal)
+
+    def held(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``function(*args, **kwargs)`` where the kernel keeps what it opens inside the
+        run's proposal (:mod:`calypso.registry.access.landlock`), as the chunk tasks."""
+        from calypso.registry.access.landlock import within
+
+        return within(self.confinement, function, *args, **kwargs)
+
+    def hold(self, scan: Any) -> HeldScan:
+        """``scan`` (a LiveScan) with every look at its files held inside the proposal."""
+        return HeldScan(scan, self)
+
+
+class HeldScan:
+    """A live scan whose every look (its frames counted, its counters, its end: the flow's
+    own polling of files being written) is made where the kernel keeps it inside the
+    run's proposal: a file swapped for a link into another proposal during the scan is
+    not opened, as the chunk tasks do not open it."""
+
+    def __init__(self, scan: Any, run: LiveRun) -> None:
+        self._scan, self._run = scan, run
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # copy's and pickle's questions, before __init__ ran too
+            raise AttributeError(name)
+        value = self._run.held(getattr, self._scan, name)  # a property may read the files
+        if inspect.ismethod(value):
+            return functools.partial(self._run.held, value)
+        return value

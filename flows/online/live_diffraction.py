@@ -27,6 +27,7 @@ from calypso.flows.online.live_base import (
     LiveTechnique,
     MissingInputs,
 )
+from calypso.registry.access.landlock import proposal_confinement, within
 from calypso.tasks.raw.live import LiveScan, counter_named
 
 
@@ -52,9 +53,11 @@ class LiveDiffraction(LiveTechnique):
         absolute = parameters.model_copy(
             update={n: _absolute(getattr(parameters, n)) for n in names}
         )
-        geometry = load_geometry(absolute)  # a bad PONI file is named before any frame comes
+        # A bad PONI file is named before any frame comes; read inside the proposal.
+        held = proposal_confinement(ctx.settings, ctx.raw)
+        geometry = within(held, load_geometry, absolute)
         for _ in range(max(ctx.run.workers, 1)):
-            warm_up_integrator.submit(absolute, geometry)
+            warm_up_integrator.submit(absolute, geometry, ctx.raw)
 
     def plan(self, ctx: StepContext, parameters: Any, first: FirstFrames) -> Any:
         from calypso.tasks.plans.diffraction import ScanPlan

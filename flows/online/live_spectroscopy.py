@@ -97,22 +97,25 @@ class LiveSpectroscopy(LiveTechnique):
         from calypso.tasks.writers.live_look import LiveLook
 
         path, at, shown = self._scanned or (None, 0.0, 0)
-        points = self.scan.energy_points
+        points = live.scan.energy_points  # held inside the proposal, as the files it reads
         if points < 2 or points == shown or time.monotonic() - at < 1.0:
             return
         path = path or self._partial_path(ctx, live)
         self._scanned = (path, at, shown)
         state = f"running: {points} energy points scanned (spectra reduced at the map's end)"
         try:
-            table = self.scan.energy_points_table(LOOK_SPECTRA)
-            points = write_energy_points_partial(path, f"{live.number}.1", table, parameters, state)
+            table = live.scan.energy_points_table(LOOK_SPECTRA)
+            points = live.held(
+                write_energy_points_partial, path, f"{live.number}.1", table, parameters, state
+            )
         except Exception:  # a counter a point behind the others, a file being extended
             logging.getLogger(__name__).debug("energy points not shown", exc_info=True)
             return
         self._scanned = (path, time.monotonic(), points)
         if live.look is None:
-            counters = self.scan.info.detectors
-            live.look = LiveLook(f"scan {live.number} {counters[0] if counters else ''}")
+            counters = live.scan.info.detectors
+            name = f"scan {live.number} {counters[0] if counters else ''}"
+            live.look = LiveLook(name, live.confinement)
         live.look.show(path, state)
 
     def _partial_path(self, ctx: StepContext, live: LiveRun) -> Path:

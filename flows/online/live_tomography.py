@@ -159,7 +159,7 @@ class LiveTomography(LiveTechnique):
         preview_plan = None
         if inputs is not None:
             try:
-                preview_plan = self._plan(ctx, stop, checked=True)
+                preview_plan = live.held(self._plan, ctx, stop, checked=True)
             except RawDataError as exc:  # too sparse, say: the offline run will say so too
                 ctx.report(warning=f"no live preview of scan {live.number}: {exc}")
             self.previewed = stop

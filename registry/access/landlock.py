@@ -261,7 +261,8 @@ def _file_of(module: ModuleType) -> str | None:
 # One thread of this process that is never confined: it imports, for a confined thread, a
 # library that looks at the machine as it is imported (:func:`imported`). Started by an
 # unconfined thread (a thread a confined one starts is confined too).
-_OUTSIDE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calypso-unconfined")
+_OUTSIDE_NAME = "calypso-unconfined"
+_OUTSIDE = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_OUTSIDE_NAME)
 _prepared: list[bool] = []
 
 
@@ -270,7 +271,7 @@ def _after_fork() -> None:
     global _OUTSIDE, _POOLS_LOCK
     _POOLS_LOCK = threading.Lock()
     _POOLS.clear()
-    _OUTSIDE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calypso-unconfined")
+    _OUTSIDE = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_OUTSIDE_NAME)
     _prepared.clear()
 
 
@@ -296,12 +297,15 @@ def _prepare_process() -> None:
 
 
 def imported(name: str) -> ModuleType:
-    """The module ``name``, imported outside the confinement when this thread is confined:
-    larch, matplotlib, joblib and others look for a temporary folder, their configuration
-    or the machine's semaphores as they are imported, and keep what they found."""
+    """The module ``name``, imported outside the confinement when this thread may be
+    confined: larch, matplotlib, joblib and others look for a temporary folder, their
+    configuration, their caches or the machine's semaphores as they are imported, and
+    keep what they found. A thread a confined one started (a writer's drawing thread) is
+    confined without knowing it: only a process that confined no thread yet, and the
+    importing thread itself, import here."""
     if name in sys.modules:
         return sys.modules[name]
-    if getattr(_here, "confinement", None) is None:
+    if not _prepared or threading.current_thread().name.startswith(_OUTSIDE_NAME):
         return importlib.import_module(name)
     return _OUTSIDE.submit(importlib.import_module, name).result()
 

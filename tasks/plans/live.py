@@ -258,7 +258,6 @@ def make_live_mx_plan(
     from the title, the same checks, output folder and file) for the images the scan
     takes: ``npoints``, else the grid's cells. Chunks are a grid row (``chunk_size``
     without a grid), unless the parameters say."""
-    import tempfile
 
     import numpy as np
 
@@ -317,21 +316,9 @@ def make_live_mx_plan(
                 f"mask {parameters.mask} has shape {mask.shape}, the images of "
                 f"{scan.description} {scan.frame_shape}"
             )
-    # The offline check, on a copy of the pixel mask (the offline readers cannot open the
-    # file the writer holds), naming where the mask is.
-    with tempfile.TemporaryDirectory() as folder:
-        copy = Path(folder) / "pixel_mask.npy"
-        if pixel_mask is not None:
-            np.save(copy, pixel_mask)
-        try:
-            require_unmasked(
-                scan.model_copy(
-                    update={"pixel_mask": str(copy) if pixel_mask is not None else None}
-                ),
-                parameters,
-            )
-        except CalypsoError as exc:
-            raise type(exc)(str(exc).replace(str(copy), str(scan.pixel_mask))) from None
+    # The offline check, on the pixel mask read from the file the writer holds (the
+    # offline readers cannot open it), naming where the mask is.
+    require_unmasked(scan, parameters, pixel_mask)
     raw, out = _live_output(
         input_path, raw_file, number, TECHNIQUE, output_dir, settings,
         2 * BYTES_PER_IMAGE * n_frames,

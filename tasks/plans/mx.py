@@ -75,9 +75,13 @@ def default_chunk_size(n_frames: int, pixels: int, workers: int) -> int:
     return max(1, min(100, max(enough, balanced), n_frames))
 
 
-def require_unmasked(scan: MXScan, parameters: MXParameters) -> None:
+def require_unmasked(
+    scan: MXScan, parameters: MXParameters, pixel_mask: np.ndarray | None = None
+) -> None:
     """Refuse a static mask (the detector's pixel mask and the user's) that leaves fewer
-    pixels than ``min_unmasked_fraction``: every image would have no spots at all."""
+    pixels than ``min_unmasked_fraction``: every image would have no spots at all.
+    ``pixel_mask``: the scan's pixel mask, read already (a live scan's, from the file
+    its writer holds)."""
     masks = [(parameters.mask, "mask")] if parameters.mask is not None else []
     if scan.pixel_mask is not None:
         masks.append((scan.pixel_mask, "pixel mask"))
@@ -85,7 +89,8 @@ def require_unmasked(scan: MXScan, parameters: MXParameters) -> None:
         return
     masked = np.zeros(scan.frame_shape, dtype=bool)
     for location, what in masks:
-        image = read_image(location, what)
+        given = pixel_mask if what == "pixel mask" else None
+        image = read_image(location, what) if given is None else np.asarray(given)
         if image.shape == masked.shape:  # a pixel mask of another size is not this one's
             masked |= image != 0
     try:

@@ -14,7 +14,6 @@ file's header.
 from __future__ import annotations
 
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -22,6 +21,7 @@ from types import ModuleType
 import numpy as np
 
 from calypso.errors import RawDataError
+from calypso.executors.worker_setup import scratch_folder
 from calypso.techniques.spectroscopy import mono_energy
 
 #: Plausible X-ray absorption edge energies (eV) of a scan.
@@ -241,8 +241,9 @@ def read_columns(
         scans = spec_scans(path)
         if scan not in scans:
             raise RawDataError(f"{path}: no scan {scan}; its scans: {', '.join(scans)}")
-        # Larch reads files: the scan goes to a temporary one, beside nothing else.
-        with tempfile.TemporaryDirectory(prefix="calypso-spec-") as folder:
+        # Larch reads files: the scan goes to a temporary one, beside nothing else, where
+        # a run held inside its proposal may write it.
+        with scratch_folder("calypso-spec-") as folder:
             part = Path(folder) / path.name
             part.write_text("\n".join(scans[scan]) + "\n")
             columns, metadata = read_with_larch(part)

@@ -19,6 +19,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from calypso.registry.access.landlock import within
 from calypso.tasks.writers.plots import _fixed_margins, _pyplot, image_markdown
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def _extent(axis: Any, size: int) -> tuple[float, float] | None:
     return float(values[0]), float(values[-1])
 
 
-def plot_default_nxdata(path: Path, title: str) -> bytes:
+def plot_default_nxdata(path: Path, title: str, confinement: Any = None) -> bytes:
     """The default NXdata of the NeXus file ``path`` as a PNG: a curve for a 1D signal, an
     image for a 2D one (leading axes averaged for more); NaN (not done yet) left blank.
 
@@ -58,7 +59,8 @@ def plot_default_nxdata(path: Path, title: str) -> bytes:
     """
     from silx.io.nxdata import get_default
 
-    with h5py.File(path, "r") as h5:
+    # Opened where the kernel keeps the run inside its proposal (``confinement``), read here.
+    with within(confinement, h5py.File, path, "r") as h5:
         nxdata = get_default(h5)
         if nxdata is None:
             raise ValueError(f"{path}: no default NXdata (its 'default' attributes) to draw")
@@ -114,12 +116,13 @@ class LiveLook:
     redrawn at most every ``every_s`` seconds, never two drawings at once. Best effort: the
     result never depends on it."""
 
-    def __init__(self, name: str, every_s: float = LOOK_EVERY_S) -> None:
+    def __init__(self, name: str, confinement: Any = None, every_s: float = LOOK_EVERY_S) -> None:
         from prefect.context import FlowRunContext
 
         context = FlowRunContext.get()
         self.flow_run_id = context.flow_run.id if context and context.flow_run else None
         self.name = name
+        self.confinement = confinement  # where the partial file is opened (its proposal)
         self.every_s = every_s
         self.artifact_id: Any = None
         self._lock = threading.Lock()
@@ -158,7 +161,7 @@ class LiveLook:
 
     def _draw(self, partial: Path, state: str) -> None:
         try:
-            png = plot_default_nxdata(partial, f"{self.name}: {state}")
+            png = plot_default_nxdata(partial, f"{self.name}: {state}", self.confinement)
             self._post(image_markdown(f"{DESCRIPTION}: {self.name}", state, png, partial))
         except FileNotFoundError:  # the result was published meanwhile
             pass

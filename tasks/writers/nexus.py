@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import platform
 import shutil
@@ -141,6 +142,11 @@ def write_root_attributes(h5: h5py.File, default_entry: str) -> None:
     h5.attrs["default"] = default_entry
 
 
+logger = logging.getLogger(__name__)
+
+RAW_GROUPS = ("instrument", "measurement", "sample")  # what a result links to of its scan
+
+
 def link_raw_groups(
     entry: h5py.Group,
     raw_file: Path,
@@ -157,7 +163,16 @@ def link_raw_groups(
     """
     relative = os.path.relpath(raw_file, output_dir)
     # Read where the kernel keeps it inside the proposal (registry/access/landlock.py).
-    present = in_proposal(output_dir, _raw_groups, raw_file, raw_entry, expand)
+    try:
+        present = in_proposal(output_dir, _raw_groups, raw_file, raw_entry, expand)
+    except OSError as exc:
+        if "already open for write" not in str(exc):
+            raise
+        # Its writer died holding it (a scan killed mid-way, whose frames are reduced,
+        # marked partial): the groups linked whole, unread; the links resolve once the
+        # file's flags are cleared (h5clear -s).
+        logger.warning("%s is held open by a writer that stopped: %s", raw_file, exc)
+        present = dict.fromkeys(RAW_GROUPS)
     for name, members in present.items():
         if members is None:
             entry[name] = h5py.ExternalLink(relative, f"/{raw_entry}/{name}")
@@ -170,10 +185,12 @@ def link_raw_groups(
 
 def _raw_groups(raw_file: Path, raw_entry: str, expand: tuple[str, ...]) -> dict:
     """The raw groups an entry links to, with their members for those in ``expand``."""
-    with h5py.File(raw_file, "r", locking=False) as raw:
+    from calypso.tasks.raw.live import open_growing
+
+    with open_growing(raw_file) as raw:  # a scan's file still written: its SWMR reader
         return {
             name: list(raw[raw_entry][name]) if name in expand else None
-            for name in ("instrument", "measurement", "sample")
+            for name in RAW_GROUPS
             if name in raw[raw_entry]
         }
 
@@ -226,3 +243,39 @@ def write_axis(group: h5py.Group, name: str, values: np.ndarray, units: str) -> 
     dataset = group.create_dataset(name, data=values)
     if units:
         dataset.attrs["units"] = units
+
+
+def mark_scans_that_ended_early(output: Path, raw_file: Path) -> list[str]:
+    """Mark the result ``output`` partial where a scan it reduces (an entry named as the
+    scan's, ``N.1``) did not end well in the Bliss dataset file ``raw_file``: its
+    ``end_reason`` is not SUCCESS (aborted, failed). Root ``status`` "partial", and the
+    entry's ``status`` "partial: scan N.1 ended early (USER_ABORT)", as a live run marks
+    a scan it saw end early; a result its writer marked already is left as it is. What
+    was marked, one line a scan.
+
+    Examples
+    --------
+    >>> mark_scans_that_ended_early(Path("staged/CeO2_0001.h5"), Path("CeO2_0001.h5"))
+    ... # doctest: +SKIP
+    ['scan 1.1 ended early (USER_ABORT)']
+    """
+    from calypso.tasks.raw.bliss import SCAN_ENTRY, _optional_text, open_raw
+
+    with h5py.File(output, "r") as h5:
+        if h5.attrs.get("status") == "partial":
+            return []
+        entries = [name for name in h5 if SCAN_ENTRY.match(name)]
+    if not entries:
+        return []
+    with open_raw(raw_file) as raw:
+        reasons = {name: _optional_text(raw[name], "end_reason") for name in entries if name in raw}
+    early = {name: why for name, why in reasons.items() if why not in (None, "SUCCESS")}
+    if not early:
+        return []
+    lines = [f"scan {name} ended early ({why})" for name, why in early.items()]
+    with h5py.File(output, "a") as h5:
+        h5.attrs["status"] = "partial"
+        for name, line in zip(early, lines, strict=True):
+            if "status" not in h5[name]:
+                h5[name]["status"] = f"partial: {line}"
+    return lines

@@ -18,9 +18,12 @@ class _Figures:
 
     @staticmethod
     def subplots(*args, figsize=None, dpi=None, **kwargs):
-        from matplotlib.figure import Figure
+        from calypso.registry.access.landlock import imported
 
-        figure = Figure(figsize=figsize, dpi=dpi)
+        # Imported where matplotlib may read and write its font cache in the home folder
+        # (a writer runs confined to its proposal); savefig's canvas with it.
+        imported("matplotlib.backends.backend_agg")
+        figure = imported("matplotlib.figure").Figure(figsize=figsize, dpi=dpi)
         return figure, figure.subplots(*args, **kwargs)
 
     @staticmethod
