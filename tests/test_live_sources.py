@@ -532,3 +532,41 @@ def test_a_detector_saving_other_images_than_hdf5_is_named(tmp_path):
     edf = tmp_path / "scan0001" / "pilatus1m_0000.edf"
     with pytest.raises(RawDataError, match=r"saves \.edf images; live reduction follows"):
         _frame_type(str(edf), "")
+
+
+@pytest.mark.parametrize(
+    ("names", "frames_at"),
+    [
+        ("pilatus1m_{i}.h5", LIMA_DATASET),  # not padded
+        ("pilatus1m_{i:04d}.h5", "/entry_0000/ESRF-ID00/pilatus1m/data"),  # no measurement
+        ("pilatus1m_CeO2_{i:03d}.h5", LIMA_DATASET),  # the sample in Lima's saving prefix
+    ],
+)
+def test_lima_files_are_followed_as_the_beamline_names_them(tmp_path, names, frames_at):
+    """Lima's saving prefix, index format and first number are the beamline's, and its
+    frames may lie only under entry_0000/<instrument>/<detector>: a live run from the
+    files waited for scan0001/pilatus1m_0000.h5 and its measurement/data link, named no
+    file, and gave up (a helper's trial of real layouts); with a prefix other than the
+    detector's name it lost the wait for the last file's frames and named the result
+    after the prefix. Numbered from 1 here, four frames a file, the last one shorter."""
+    from calypso.tasks.plans.live import open_live_scan
+
+    raw_file = tmp_path / "CeO2_0001" / "CeO2_0001.h5"
+    (raw_file.parent / "scan0001").mkdir(parents=True)
+    with h5py.File(raw_file, "w") as h5:
+        h5["1.1/title"] = "loopscan 10 0.1"
+        h5.create_group("1.1/instrument/pilatus1m")
+    stacks = [range(0, 4), range(4, 8), range(8, 10)]
+    for number, indices in enumerate(stacks, start=1):
+        with h5py.File(raw_file.parent / "scan0001" / names.format(i=number), "w") as h5:
+            h5.create_dataset(frames_at, data=np.stack([frame(i) for i in indices]))
+    with h5py.File(raw_file, "a") as h5:
+        h5["1.1/end_time"] = "2026-12-07T08:00:00"
+    scan, number, detector = open_live_scan("files", raw_file, None, None, stall_timeout=10)
+    assert (number, detector) == (1, "pilatus1m")
+    ranges, frames = collect(scan)
+    check_exactly_once(ranges, frames, 10)
+    assert scan.locations(8, 10)[0][:2] == (
+        str(raw_file.parent / "scan0001" / names.format(i=3)),
+        frames_at,
+    )

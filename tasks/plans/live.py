@@ -12,10 +12,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import h5py
+
 from calypso.errors import CalypsoError, ParameterError, RawDataError
 from calypso.settings import CalypsoSettings
 from calypso.tasks.raw import bliss
-from calypso.tasks.raw.live import LimaFiles, LiveScan, lima_detectors, lima_template, open_lima
+from calypso.tasks.raw.live import (
+    LimaFiles,
+    LiveScan,
+    lima_detectors,
+    lima_files,
+    lima_template,
+    open_lima,
+)
 
 T = TypeVar("T")
 
@@ -78,6 +87,22 @@ def lima_detector(raw_dir: Path, number: int, wanted: str | None) -> str | None:
     return names[0] if names else None
 
 
+def _scan_detector(raw_file: Path, number: int, named: str) -> str:
+    """The detector of the scan whose Lima files' prefix is ``named``: the one of the
+    dataset file's ``N.1/instrument`` groups the prefix starts with
+    (``pilatus1m_CeO2_0000.h5`` -> ``pilatus1m``), else ``named``."""
+    try:
+        with open_lima(raw_file) as h5:
+            instrument = h5.get(f"{number}.1/instrument")
+            names = list(instrument) if isinstance(instrument, h5py.Group) else []
+    except (OSError, KeyError, ValueError, RuntimeError):
+        return named
+    if named in names:
+        return named
+    started = sorted((n for n in names if named.startswith(n)), key=len)
+    return started[-1] if started else named
+
+
 def find_stream_scan(url: str, raw_file: Path, scans: list[int] | None, timeout: float) -> str:
     """The key of the blissdata scan writing ``raw_file``: the last one, or the next."""
     from blissdata.exceptions import NoScanAvailable
@@ -128,12 +153,19 @@ def open_live_scan(
         number = wait(lambda: running_entry(raw_file, scans), stall_timeout, what)
         what = f"no Lima file appeared in {raw_file.parent / f'scan{number:04d}'}"
         name = wait(lambda: lima_detector(raw_file.parent, number, detector), stall_timeout, what)
-        files = LimaFiles(
+        template, first = lima_files(raw_file.parent, number, name) or (
             lima_template(raw_file.parent, number, name),
+            0,
+        )
+        name = detector or _scan_detector(raw_file, number, name)
+        files = LimaFiles(
+            template,
+            first_file=first,
             dataset_file=raw_file,
             scan=number,
             detector=name,
             stall_timeout=stall_timeout,
+            find_files=lambda: lima_files(raw_file.parent, number, name),
         )
         return files, number, name
     from calypso.tasks.raw.live_streams import BlissdataScan

@@ -19,6 +19,7 @@ stops without ending the scan (``stall_timeout``) or the stream vanishes.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -115,11 +116,70 @@ def follow(
 # -- reading Lima HDF5 files without locking ---------------------------------------
 
 
+# A Lima file: <prefix><number>.h5, the number padded or not (saving_index_format).
+_LIMA_FILE = re.compile(r"^(?P<prefix>.*?)(?P<number>\d+)\.(?P<suffix>h5|hdf5|nxs)$")
+
+
+def lima_namings(scan_folder: Path) -> dict[str, tuple[str, int]]:
+    """The Lima files in a scan's folder, by the detector their prefix names
+    (``pilatus1m_0000.h5`` -> ``pilatus1m``): the template of their names (``%04d`` as
+    their numbers are padded) and the first number. Lima's saving prefix, index format
+    and first number are the beamline's: ``<det>_0000.h5`` is Bliss's default only."""
+    numbers: dict[tuple[str, str], list[str]] = {}
+    try:
+        names = os.listdir(scan_folder)
+    except OSError:
+        return {}
+    for name in names:
+        if match := _LIMA_FILE.match(name):
+            key = (match["prefix"], match["suffix"])
+            numbers.setdefault(key, []).append(match["number"])
+    namings = {}
+    for (prefix, suffix), found in sorted(numbers.items()):
+        first = min(found, key=int)
+        template = str(scan_folder / f"{prefix}%0{len(first)}d.{suffix}")
+        namings[prefix.rstrip("_-.") or prefix] = (template, int(first))
+    return namings
+
+
 def lima_detectors(dataset_dir: Path, number: int) -> tuple[str, ...]:
-    """The detectors with a first Lima file (``<name>_0000.h5``) in scan ``number``'s
-    folder: what names them while the dataset file may not say so yet."""
-    first = (dataset_dir / f"scan{number:04d}").glob("*_0000.h5")
-    return tuple(sorted(path.name.removesuffix("_0000.h5") for path in first))
+    """The detectors with Lima files in scan ``number``'s folder
+    (:func:`lima_namings`): what names them while the dataset file may not say so yet."""
+    return tuple(sorted(lima_namings(dataset_dir / f"scan{number:04d}")))
+
+
+def frames_dataset(h5: h5py.File, detectors: tuple[str, ...] = ()) -> str | None:
+    """The frames of a Lima file without the ``measurement/data`` link: the detector's
+    ``entry_0000/<instrument>/<detector>/data`` (``ESRF-ID00``, ``instrument``), else the
+    one stack of frames in ``entry_0000``; None while there is none yet."""
+    entry = h5.get("entry_0000")
+    if not isinstance(entry, h5py.Group):
+        return None
+    for group in entry:
+        for detector in detectors:
+            data = entry.get(f"{group}/{detector}/data")
+            if isinstance(data, h5py.Dataset) and data.ndim >= 3:
+                return data.name
+    stacks: list[str] = []
+    entry.visititems(
+        lambda name, item: (
+            stacks.append(item.name)
+            if isinstance(item, h5py.Dataset) and item.ndim >= 3 and name.endswith("data")
+            else None
+        )
+    )
+    return stacks[0] if len(stacks) == 1 else None
+
+
+def lima_files(raw_dataset_dir: str | Path, scan: int, detector: str) -> tuple[str, int] | None:
+    """The template and first number of ``detector``'s Lima files in a scan's folder (a
+    prefix that starts with its name too: ``pilatus1m_CeO2_0000.h5``); None while there
+    is none."""
+    namings = lima_namings(Path(raw_dataset_dir) / f"scan{scan:04d}")
+    if detector in namings:
+        return namings[detector]
+    started = [n for n in namings if n.startswith(detector)]
+    return namings[started[0]] if len(started) == 1 else None
 
 
 def open_lima(path: str | Path) -> h5py.File:
@@ -255,6 +315,7 @@ class LimaFiles:
         detector: str = "",
         stall_timeout: float = 60.0,
         skip: int = 0,
+        find_files: Callable[[], tuple[str, int] | None] | None = None,
     ) -> None:
         if "%" not in str(template):
             raise ParameterError(f"{template}: a Lima file template needs %d or %04d")
@@ -268,6 +329,9 @@ class LimaFiles:
         self._info = LiveScanInfo(scan, "", npoints, (detector,) if detector else (), ())
         self._npoints = npoints
         self._skip = skip  # frames handed out before (by another source)
+        # Where the files are, looked for again while none has come (their names are the
+        # beamline's: the template is Bliss's default until the first one shows them).
+        self._find_files = find_files
         self._files: list[tuple[str, int]] = []  # final files: (path, frames)
         self._current = 0  # frames of the current (not final) file handed out
         self._handed = 0
@@ -322,12 +386,21 @@ class LimaFiles:
         """(complete frames, frames in the file, final) of file ``index``, or "missing" /
         "unreadable" (not flushed yet, or caught between two metadata writes)."""
         path = self._path(index)
+        if not os.path.exists(path) and index == 0 and self._find_files is not None:
+            found = self._find_files()
+            if found is not None:
+                self.template, self.first_file = found
+                path = self._path(index)
         if not os.path.exists(path):
             return "missing"
         final = self._ended or os.path.exists(self._path(index + 1))
         try:
             with open_lima(path) as h5:
                 data = h5.get(self.dataset)
+                if data is None and self.dataset == LIMA_DATASET and index == 0:
+                    # No measurement/data link: the frames where Lima put them.
+                    self.dataset = frames_dataset(h5, self._info.detectors) or self.dataset
+                    data = h5.get(self.dataset)
                 if not isinstance(data, h5py.Dataset):
                     return "unreadable"
                 if data.ndim < 2:
