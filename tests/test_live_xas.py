@@ -301,3 +301,26 @@ def test_a_map_whose_first_pixels_are_off_the_sample_is_followed(tmp_path_factor
     assert_as_offline(
         summary, "spectroscopy", raw_dir, parameters, tmp_path / "offline", live_settings
     )
+
+
+@pytest.mark.parametrize("layout", ["a spectrum a row", "an energy point a row"])
+def test_a_map_with_an_mca_a_point_is_followed(tmp_path, layout):
+    """A map that records an MCA a point too (a 2D counter of its channels' width) was
+    never followed from its file: the MCA's width stood for the spectrum's, and no
+    spectrum ever seemed whole (a helper's trial). Only the spectra's counters count."""
+    from calypso.tasks.raw.live_rows import CounterRows
+
+    spectra, points, channels = 6, 40, 256
+    raw_file = tmp_path / "Fe_map_0001.h5"
+    rows = spectra if layout == "a spectrum a row" else points
+    width = points if layout == "a spectrum a row" else spectra
+    with h5py.File(raw_file, "w") as h5:
+        measurement = h5.create_group("1.1/measurement")
+        measurement["energy_enc"] = np.linspace(7000.0, 7200.0, points)
+        for name in ("i0", "it"):
+            measurement[name] = np.ones((rows, width))
+        measurement["mca"] = np.ones((rows, channels))
+        h5["1.1/end_time"] = "2026-12-07T08:00:00"
+    scan = CounterRows(raw_file, 1, stall_timeout=5)
+    assert scan.ready() == [(0, spectra)] and scan.finished
+    assert scan.info.counters == ("i0", "it")

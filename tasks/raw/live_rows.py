@@ -103,13 +103,10 @@ class CounterRows:
                     return None
                 ended = "end_time" in entry  # read first: the rows then hold all there is
                 measurement = entry.get("measurement")
-                rows, counters, axis = [], [], 0
-                for name in measurement or ():
-                    item = measurement.get(name)
-                    if isinstance(item, h5py.Dataset) and item.ndim == 2:
-                        rows.append(item.shape[0])
-                        counters.append(name)
-                        axis = item.shape[1]
+                stacks = _stacks(measurement)
+                counters = list(stacks)
+                rows = [shape[0] for shape in stacks.values()]
+                axis = next(iter(stacks.values()))[1] if stacks else 0
                 if counters and not self._info.counters:
                     self._info = LiveScanInfo(
                         self._info.number, bliss._optional_text(entry, "title") or "", None,
@@ -270,11 +267,19 @@ class StreamRows(BlissdataScan):
             if stream.plugin is None and stream.kind == "array" and len(stream.shape) == 1
         }
 
+    def _spectra(self) -> dict[str, Any]:
+        """The streams of the spectra's counters: those of the commonest width (an MCA a
+        point is a row too, of its channels: no spectrum, its width no spectrum's)."""
+        rows = self._rows()
+        widths = [tuple(stream.shape) for stream in rows.values()]
+        width = max(set(widths), key=widths.count) if widths else None
+        return {name: stream for name, stream in rows.items() if tuple(stream.shape) == width}
+
     @property
     def info(self) -> LiveScanInfo:
         if self._files is not None:  # its file's 2D counters (no stream need be loaded)
             return self._files.info
-        rows = tuple(self._rows())
+        rows = tuple(self._spectra())
         return LiveScanInfo(
             self._scan.number, self._scan.info.get("title") or self._scan.name,
             self._scan.info.get("npoints"), rows[:1], rows,
@@ -310,7 +315,7 @@ class StreamRows(BlissdataScan):
                 measurement = h5.get(f"{self._scan.number}.1/measurement")
                 if measurement is None or any(name not in measurement for name in rows):
                     return False
-                length = next(iter(rows.values())).shape[0]
+                length = next(iter(self._spectra().values())).shape[0]
                 return any(
                     getattr(measurement.get(n), "shape", None) == (length,) for n in measurement
                 )
@@ -365,6 +370,28 @@ class StreamRows(BlissdataScan):
             self.dataset_file, self._scan.number, self.stall_timeout, self._handed,
             self._layout.energy,
         )  # fmt: skip
+
+
+def _stacks(measurement: h5py.Group | None) -> dict[str, tuple[int, int]]:
+    """The map's 2D counters and their shapes: those of the one width among them (a
+    spectrum's points, or the map's spectra when an energy point is a row) that a 1D
+    counter has too, else the commonest. A 2D counter of another width (an MCA's
+    channels a point) is no spectrum: its width once stood for the spectrum's, and the
+    map was never followed."""
+    shapes: dict[str, tuple[int, int]] = {}
+    lengths: set[int] = set()
+    for name in measurement or ():
+        item = measurement.get(name)
+        if isinstance(item, h5py.Dataset) and item.ndim == 2:
+            shapes[name] = item.shape
+        elif isinstance(item, h5py.Dataset) and item.ndim == 1:
+            lengths.add(item.shape[0])
+    widths = [shape[1] for shape in shapes.values()]
+    told = [width for width in widths if width in lengths] or widths
+    if not told:
+        return {}
+    width = max(set(told), key=told.count)
+    return {name: shape for name, shape in shapes.items() if shape[1] == width}
 
 
 def read_live_counters(
