@@ -19,9 +19,12 @@ from tests.test_live_flow import assert_as_offline, parameters
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.parametrize("after", [4, 0], ids=["mid-scan", "before the first frames"])
 def test_the_lima_files_give_the_rest_when_the_stream_server_goes_away(
-    diffraction_sample, tmp_path, catalogue_path, scheduler
+    diffraction_sample, tmp_path, catalogue_path, scheduler, after
 ):
+    """Gone mid-scan or before the first frames (the run then ended although the files
+    held every frame: its wait for the first frames did not fall back)."""
     server, url = fresh_valkey(tmp_path / "valkey")
     live_settings = load_settings(executor={"kind": "address", "address": scheduler})
     root = tmp_path / "beamline"
@@ -31,7 +34,7 @@ def test_the_lima_files_give_the_rest_when_the_stream_server_goes_away(
         str(diffraction_sample.raw_dataset_dir), str(root), "--rate", "2",
         "--frames-per-file", "3", "--start-delay", "2", "--blissdata", url,
     ]  # fmt: skip
-    beamline = ServerStopper(server, command, after=4)
+    beamline = ServerStopper(server, command, after=after)
     beamline.start()
     try:
         summary = live.run_live(

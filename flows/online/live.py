@@ -133,13 +133,16 @@ def live_plan(ctx: StepContext, parameters: BaseModel) -> Any:
     scan, live.number, live.detector = live.held(
         live.technique.open_scan, live, raw_file, ctx.scans, parameters
     )
-    live.scan = scan = live.hold(scan)
+    live.scan = live.hold(scan)
     # The first frames say the frames' shape and type; the stall time-out names a Lima
     # file that never appears. A map scanned an energy at a time has its first spectra at
     # its end: its own stall time-out (no energy point for that long) bounds the wait.
+    # The stream server gone before them: the Lima files (live.scan is then theirs).
     deadline, announced = time.monotonic() + live.stall_timeout + 1, False
-    while not (_follow_ranges(live) or scan.frames):
-        if getattr(scan, "whole_at_end", False):
+    while not (_follow_ranges_or_files(live) or live.scan.frames):
+        if live.scan.finished:
+            raise RawDataError(f"scan {live.number} ended without a frame")
+        if getattr(live.scan, "whole_at_end", False):
             deadline = time.monotonic() + live.stall_timeout + 1
             if not announced:  # in the run's log: why nothing comes before the end
                 from prefect import get_run_logger
@@ -153,6 +156,7 @@ def live_plan(ctx: StepContext, parameters: BaseModel) -> Any:
         if time.monotonic() > deadline:
             raise RawDataError(f"no frame came within {live.stall_timeout + 1:.0f} s")
         time.sleep(0.1)
+    scan = live.scan
     if not live.detector:
         live.detector = scan.info.detectors[0].split(":")[0]
     first_file, dataset, _, _ = scan.locations(0, 1)[0]
@@ -169,9 +173,9 @@ def live_plan(ctx: StepContext, parameters: BaseModel) -> Any:
             plan = live.held(live.technique.plan, ctx, parameters, first)
             break
         except PlanWaits:  # until more frames have come (a stalled scan raises)
-            frames = scan.frames
-            while scan.frames == frames and not scan.finished:
-                _follow_ranges(live)
+            frames = live.scan.frames
+            while live.scan.frames == frames and not live.scan.finished:
+                _follow_ranges_or_files(live)
                 time.sleep(0.1)
     ctx.run.planned(plan, _count(ctx, plan))
     return plan
@@ -187,6 +191,17 @@ def _frame_type(lima_file: str, dataset: str) -> tuple[tuple[int, ...], str]:
         )
     with open_lima(lima_file) as h5:
         return h5[dataset].shape[1:], str(h5[dataset].dtype)
+
+
+def _follow_ranges_or_files(live: LiveRun) -> int:
+    """:func:`_follow_ranges`, from the Lima files once the stream server has gone (before
+    the first frames: the run ended there, though the files hold them)."""
+    try:
+        return _follow_ranges(live)
+    except RawDataError as exc:
+        if _fall_back(live, exc) is not None:
+            raise
+        return _follow_ranges(live)
 
 
 def _follow_ranges(live: LiveRun) -> int:

@@ -36,7 +36,7 @@ class LiveSpectroscopy(LiveTechnique):
     def __init__(self) -> None:
         self.reference_e0: float | None = None  # the live chunks' calibration
         self.reused = 0  # live chunks that are batches of the result
-        self.scan: Any = None  # what open_scan found (the plan reads its first spectrum)
+        self.live: LiveRun | None = None  # the run (the plan reads its scan's first spectra)
         self._scanned: tuple[Path | None, float, int] | None = None  # file, when, points
 
     def warm_up(self, ctx: StepContext, parameters: Any) -> None:
@@ -57,29 +57,32 @@ class LiveSpectroscopy(LiveTechnique):
 
         # The energy axis the layout is told by: as the offline reader takes it.
         axis = parameters.mono_angle if parameters.energy is None else parameters.energy
+        self.live = live
         if live.source == "files":
             what = f"no scan started writing {raw_file}"
             number = wait(lambda: running_entry(raw_file, scans), live.stall_timeout, what)
-            self.scan = CounterRows(raw_file, number, live.stall_timeout, energy=axis)
-            return self.scan, number, ""
+            return CounterRows(raw_file, number, live.stall_timeout, energy=axis), number, ""
         key = find_stream_scan(live.source, raw_file, scans, live.stall_timeout)
-        self.scan = StreamRows(live.source, key, raw_file, live.stall_timeout, energy=axis)
-        return self.scan, self.scan.info.number, ""
+        scan = StreamRows(live.source, key, raw_file, live.stall_timeout, energy=axis)
+        return scan, scan.info.number, ""
 
     def plan(self, ctx: StepContext, parameters: Any, first: FirstFrames) -> Any:
         from calypso.tasks.live_spectroscopy import make_live_spectroscopy_plan
         from calypso.tasks.plans.spectroscopy import MAP_SPECTRA_TRIED
 
         # The first spectrum that can be reduced of those there: a map's first pixels may
-        # be off the sample, when the plan waits for more (up to MAP_SPECTRA_TRIED).
-        there = max(min(self.scan.frames, MAP_SPECTRA_TRIED), 1)
+        # be off the sample, when the plan waits for more (up to MAP_SPECTRA_TRIED). The
+        # run's scan: its files, once the stream server has gone.
+        assert self.live is not None
+        scan = self.live.scan
+        there = max(min(scan.frames, MAP_SPECTRA_TRIED), 1)
         try:
             plan = make_live_spectroscopy_plan(
-                ctx.raw, parameters, first, self.scan.table(0, there), ctx.output_dir,
-                ctx.settings, whole_at_end=self.scan.whole_at_end, workers=ctx.run.workers,
+                ctx.raw, parameters, first, scan.table(0, there), ctx.output_dir,
+                ctx.settings, whole_at_end=scan.whole_at_end, workers=ctx.run.workers,
             )  # fmt: skip
         except RawDataError as exc:
-            if there < MAP_SPECTRA_TRIED and not self.scan.finished:
+            if there < MAP_SPECTRA_TRIED and not scan.finished:
                 raise PlanWaits from exc
             raise
         self.reference_e0 = plan.calibration.reference_e0 if plan.calibration else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -331,6 +332,16 @@ class BlissdataScan:
     def as_files(self) -> LimaFiles:
         """The same scan's remaining frames from its Lima files (the server went away):
         the frames already handed out are not handed out again."""
+        if self._lima is None and self._handed == 0 and self._scan.info.get("filename"):
+            # Gone before the scan named its Lima files: found as growing files are found.
+            from calypso.tasks.plans.live import open_live_scan
+
+            number = self._scan.number
+            files, _, _ = open_live_scan(
+                "files", Path(self._scan.info["filename"]), [number], self._detector,
+                stall_timeout=self.stall_timeout,
+            )  # fmt: skip
+            return files
         if self._lima is None:
             raise RawDataError(f"scan {self.key} never got as far as naming its Lima files")
         lima = self._lima.info["lima_info"]
