@@ -6,7 +6,15 @@ pure functions on arrays), ``tasks`` (Prefect tasks that move data),
 and task runners) and ``registry`` (catalogues).
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# A dataset's external raw files (a Lima EDF saving that the Bliss dataset file refers
+# to) are named relative to the HDF5 file naming them, not to wherever the reader runs
+# (HDF5's default: a relative name was looked for in the working folder). HDF5 reads
+# this as it starts, before h5py's first import; worker processes inherit it.
+os.environ.setdefault("HDF5_EXTFILE_PREFIX", "${ORIGIN}")
 
 
 def __getattr__(name: str):

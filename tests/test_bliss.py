@@ -151,3 +151,30 @@ def test_a_file_held_for_writing_too_long_is_refused_with_what_to_do(tmp_path, m
             bliss.read_sample_name(path)
     finally:
         assert writer.wait(timeout=30) == 0
+
+
+def test_external_raw_files_are_named_from_their_hdf5_file(tmp_path):
+    """Frames stored as HDF5 external raw data (a Lima EDF saving the dataset file refers
+    to) with relative names: HDF5 looked for them in the reader's working folder, and the
+    run blamed a corrupt detector file. Importing calypso names them from the file."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "RAW_DATA"
+    folder.mkdir()
+    frames = np.arange(24, dtype=np.uint16).reshape(2, 3, 4)
+    frames.tofile(folder / "frames.bin")
+    with h5py.File(folder / "scan.h5", "w") as h5:
+        h5.create_dataset(
+            "data", shape=frames.shape, dtype=frames.dtype,
+            external=[("frames.bin", 0, frames.nbytes)],
+        )  # fmt: skip
+    script = (
+        f"import calypso, h5py; print(h5py.File({str(folder / 'scan.h5')!r})['data'][()].sum())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HDF5_EXTFILE_PREFIX"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.strip() == str(frames.sum()), done.stderr[-500:]
