@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 
-from calypso.errors import CatalogueError, OutputError
+from calypso.errors import CalypsoError, CatalogueError, OutputError
 from calypso.registry import ProcessedDataset, claims, open_catalogue
 from calypso.registry.access import AccessError
 from calypso.registry.access.confine import still_in_proposal
@@ -200,8 +200,9 @@ class FlowRun:
         from calypso.tasks.live_common import partial_path
 
         output = getattr(self.plan, "output_file", None)
-        if output:
-            in_proposal(output, partial_path(output).unlink, True)
+        if output:  # best effort: never what a run's end reports
+            with suppress(OSError, CalypsoError):
+                in_proposal(output, partial_path(output).unlink, True)
 
     def completed(self, outputs: list[str]) -> Registration:
         """Publish the results with their record, then export them when asked to."""
