@@ -327,6 +327,8 @@ def _taken(
             )
             _remove_part_folder(folder, holder["flow_run_id"])
             continue
+        if holder["status"] == "completed":  # killed after its record, before its cleanup
+            _remove_part_folder(folder, holder["flow_run_id"])
         taken = True
     return taken
 

@@ -170,6 +170,13 @@ def test_a_run_killed_while_publishing_is_taken_back_and_published_once(tmp_path
         db.execute("UPDATE processed_datasets SET lease_expires = 0 WHERE id = ?", (again.id,))
     third = claims.reserve(catalogue, reservation(out, "c"), 5, dead="b")
     assert third.version == 2 and (out / "result.h5").read_bytes() == b"changed by hand"
+    # Killed after completing its record, before removing its part folder: the next run
+    # of the dataset (in the next version) removes it.
+    catalogue.register(third.model_copy(update={"status": "completed"}))
+    left = Path(third.processed_path) / ".calypso-partial-c" / "step-integrate"
+    left.mkdir(parents=True)
+    claims.reserve(catalogue, reservation(out, "d"), 5)
+    assert not left.parent.exists()
 
 
 def test_results_are_staged_until_published_and_put_back_when_it_fails(tmp_path):

@@ -288,6 +288,41 @@ def test_export_to_a_folder_resumes_by_checksum(tmp_path, catalogue_path):
     }
 
 
+def test_an_export_over_a_finished_one_stopped_midway_is_never_complete_looking(
+    tmp_path, catalogue_path, monkeypatch
+):
+    """A newer result exported to a finished export's target and stopped after its first
+    file (a sweep SIGKILLed one): the old manifest stayed over the new objects, and said
+    the export was complete. It goes first; the rerun completes the export."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    target = tmp_path / "out" / "run"
+    export_dataset(
+        processed_dataset(tmp_path / "old", small=3, large=0), str(target), load_settings()
+    )
+    assert (target / MANIFEST_NAME).exists()
+    newer = processed_dataset(tmp_path / "new", small=3, large=0, seed=1)
+    put_file, sent = LocalFileSystem.put_file, []
+
+    def killed_after_one(self, lpath, rpath, **kwargs):
+        if sent:
+            raise OSError("killed")
+        sent.append(rpath)
+        return put_file(self, lpath, rpath, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "put_file", killed_after_one)
+    with pytest.raises(ExportError, match="stopped"):
+        export_dataset(newer, str(target), load_settings())
+    assert len(sent) == 1 and not (target / MANIFEST_NAME).exists()
+    with pytest.raises(ExportError, match="never finished"):
+        verify_export(str(target), load_settings())
+    monkeypatch.setattr(LocalFileSystem, "put_file", put_file)
+    export_dataset(newer, str(target), load_settings(), verify=True)
+    assert local_checksums(target) == local_checksums(newer) | {
+        MANIFEST_NAME: local_checksums(target)[MANIFEST_NAME]
+    }
+
+
 def test_a_flow_run_exports_its_results_with_export_to(
     s3_env, diffraction_sample, monkeypatch, capsys, scheduler
 ):

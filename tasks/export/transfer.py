@@ -349,6 +349,11 @@ def export_dataset(
         if is_s3(fs):
             _abort_unfinished_uploads(fs, root)
         existing = _existing_sizes(fs, root)
+        # Over a finished export, its manifest goes before any object changes: an export
+        # stopped midway left the new result's objects under the old manifest, which
+        # says the export is complete (a sweep killed one).
+        if f"{root}/{MANIFEST_NAME}" in existing or fs.exists(f"{root}/{MANIFEST_NAME}"):
+            fs.rm_file(f"{root}/{MANIFEST_NAME}")
 
         def send(item: LocalFile) -> tuple[LocalFile, bool]:
             digest = checksums[item.relative]
