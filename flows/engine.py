@@ -151,8 +151,10 @@ def _write(definition: Step, ctx: StepContext, inputs: dict[str, Any]) -> Any:
     publication = ctx.run.publication
     written = (publication.staged_for(Path(output)) if publication else None) or Path(output)
     if written.is_file():
-        for line in mark_scans_that_ended_early(written, Path(raw_file)):
+        lines = mark_scans_that_ended_early(written, Path(raw_file))
+        for line in lines:
             ctx.report(warning=f"{line}: its result holds what it recorded, marked partial")
+        ctx.run.partial = "; ".join(lines) or ctx.run.partial
     return outputs
 
 

@@ -59,6 +59,7 @@ class FlowRun:
     work_dir: Path | None = None
     publication: Publication | None = None  # the results staged in the work folder
     permissions: Permissions | None = None  # the results' group and modes (the proposal's)
+    partial: str | None = None  # why its result is partial (a scan that ended early)
     _base: str = ""  # the output folder as planned, before versions
 
     # Confinement (issue #20): a run that an event or the Prefect UI started is checked
@@ -259,7 +260,9 @@ class FlowRun:
             )
             self.failed(error)
             raise error from None
-        record = self._record(outputs, "completed", None, checksums=checksums)
+        # A partial result is complete as a publication; its record says what it lacks.
+        message = f"partial: {self.partial}" if self.partial else None
+        record = self._record(outputs, "completed", message, checksums=checksums)
         try:
             registration = register_processed_dataset(record)
         except CatalogueError as exc:

@@ -259,6 +259,11 @@ def test_an_aborted_scan_reduced_offline_is_marked_partial(
     assert summary["warnings"] == [
         "scan 1.1 ended early (USER_ABORT): its result holds what it recorded, marked partial"
     ]
+    record = SQLiteCatalogue(catalogue_path).get(summary["catalogue_id"])
+    assert (record.status, record.message) == (
+        "completed",
+        "partial: scan 1.1 ended early (USER_ABORT)",
+    )
     with h5py.File(tmp_path / "out" / "CeO2_0001.h5", "r") as h5:
         assert h5.attrs["status"] == "partial"
         assert h5["1.1/status"][()] == b"partial: scan 1.1 ended early (USER_ABORT)"

@@ -184,6 +184,8 @@ def test_an_aborted_scan_on_blissdata_gives_a_result_marked_partial(
         assert writer.wait(timeout=60) == 0
     assert summary["frames"] == 7 and "USER_ABORT" in summary["partial"]
     assert any("marked partial" in w for w in summary["warnings"])
+    record = SQLiteCatalogue(catalogue_path).get(summary["catalogue_id"])
+    assert record.message.startswith("partial: ended early (USER_ABORT")  # the record says so
     path = summary["outputs"][0].split("::")[0]
     with h5py.File(path) as h5:
         assert h5.attrs["status"] == "partial"

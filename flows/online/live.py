@@ -358,7 +358,7 @@ def _finish(
     if reason is not None:
         if not chunks:
             raise error or RawDataError(f"scan {live.number} ended without a frame: {reason}")
-        live.partial = reason
+        live.partial = ctx.run.partial = reason
         ctx.report(
             warning=f"scan {live.number} {reason}: the result holds its {frames} {unit} "
             "and is marked partial"
