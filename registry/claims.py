@@ -255,14 +255,15 @@ def _remove_published(folder: str, names: dict[str, str]) -> bool:
         path = os.path.join(folder, name)
         if not os.path.lexists(path):
             continue
-        if os.path.islink(path) or not os.path.isfile(path) or _sha256(path) != digest:
+        if os.path.islink(path) or not os.path.isfile(path) or file_sha256(path) != digest:
             left = True
             continue
         os.unlink(path)
     return not left
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str | Path) -> str:
+    """A file's SHA-256, as records keep it for each file they publish."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 

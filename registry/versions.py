@@ -8,7 +8,6 @@ SHA-256 of every file published is in the record, which :func:`verify` compares.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from contextlib import suppress
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from calypso.registry.claims import canonical, transaction, version_base
+from calypso.registry.claims import canonical, file_sha256, transaction, version_base
 
 if TYPE_CHECKING:
     from calypso.registry.catalogue import ProcessedDataset, SQLiteCatalogue
@@ -75,8 +74,7 @@ def verify(record: ProcessedDataset) -> list[str]:
     for name, expected in sorted(record.checksums.items()):
         path = Path(record.processed_path) / name
         try:
-            with open(path, "rb") as handle:
-                found = hashlib.file_digest(handle, "sha256").hexdigest()
+            found = file_sha256(path)
         except OSError:
             problems.append(f"missing {name}")
             continue

@@ -352,7 +352,7 @@ def export_dataset(
         # Over a finished export, its manifest goes before any object changes: an export
         # stopped midway left the new result's objects under the old manifest, which
         # says the export is complete (a sweep killed one).
-        if f"{root}/{MANIFEST_NAME}" in existing or fs.exists(f"{root}/{MANIFEST_NAME}"):
+        if f"{root}/{MANIFEST_NAME}" in existing:
             fs.rm_file(f"{root}/{MANIFEST_NAME}")
 
         def send(item: LocalFile) -> tuple[LocalFile, bool]:

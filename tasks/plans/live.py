@@ -153,14 +153,10 @@ def open_live_scan(
         number = wait(lambda: running_entry(raw_file, scans), stall_timeout, what)
         what = f"no Lima file appeared in {raw_file.parent / f'scan{number:04d}'}"
         name = wait(lambda: lima_detector(raw_file.parent, number, detector), stall_timeout, what)
-        template, first = lima_files(raw_file.parent, number, name) or (
-            lima_template(raw_file.parent, number, name),
-            0,
-        )
-        name = detector or _scan_detector(raw_file, number, name)
+        files_name, name = name, detector or _scan_detector(raw_file, number, name)
+        # Bliss's default names until the first file shows the beamline's (find_files).
         files = LimaFiles(
-            template,
-            first_file=first,
+            lima_template(raw_file.parent, number, files_name),
             dataset_file=raw_file,
             scan=number,
             detector=name,

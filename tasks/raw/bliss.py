@@ -43,7 +43,7 @@ def open_raw(path: str | Path) -> Iterator[h5py.File]:
             handle = _open_read_only(path)
             break
         except OSError as exc:
-            held = "already open for write" in str(exc)
+            held = held_by_writer(exc)
             if held and time.monotonic() < deadline:
                 time.sleep(0.05)
                 continue
@@ -60,6 +60,12 @@ def open_raw(path: str | Path) -> Iterator[h5py.File]:
         yield handle
     finally:
         handle.close()
+
+
+def held_by_writer(error: BaseException) -> bool:
+    """Whether HDF5 refused a file because a writer holds it (its superblock says open
+    for writing: a writer at work outside SWMR, or one that died holding it)."""
+    return "already open for write" in str(error)
 
 
 def _open_read_only(path: Path) -> h5py.File:

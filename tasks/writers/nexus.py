@@ -166,7 +166,9 @@ def link_raw_groups(
     try:
         present = in_proposal(output_dir, _raw_groups, raw_file, raw_entry, expand)
     except OSError as exc:
-        if "already open for write" not in str(exc):
+        from calypso.tasks.raw.bliss import held_by_writer
+
+        if not held_by_writer(exc):
             raise
         # Its writer died holding it (a scan killed mid-way, whose frames are reduced,
         # marked partial): the groups linked whole, unread; the links resolve once the

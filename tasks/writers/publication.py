@@ -16,7 +16,6 @@ before it is renamed into place, and the folders made for them are made with bot
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import uuid
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from calypso.errors import OutputError
+from calypso.registry.claims import file_sha256
 from calypso.tasks.writers.permissions import Permissions, default_permissions
 
 PARTIAL_PREFIX = ".calypso-partial-"
@@ -81,10 +81,8 @@ class Publication:
         """SHA-256 of every file published, by its path relative to ``root``."""
         sums = {}
         for staged, final in self.files():
-            with open(staged, "rb") as handle:
-                digest = hashlib.file_digest(handle, "sha256").hexdigest()
             name = os.path.relpath(final, root) if final.is_relative_to(root) else str(final)
-            sums[name] = digest
+            sums[name] = file_sha256(staged)
         return sums
 
     def apply(self) -> None:
