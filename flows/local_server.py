@@ -120,6 +120,9 @@ class LocalServerStart:
     def pending(self) -> bool:
         return self._waiting is not None and not self._waiting.done()
 
+    def answering(self) -> bool:
+        return not self.pending()
+
     def ready(self) -> str:
         """The server's API address, once it answers; held for this process's lifetime
         from then on (its last logs reach the server)."""

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Protocol
@@ -45,6 +47,10 @@ class ServerStart(Protocol):
 
     def pending(self) -> bool:
         """Whether this command started the server and has not yet seen it answer."""
+        ...
+
+    def answering(self) -> bool:
+        """Whether the server would answer now (never waits)."""
         ...
 
     def ready(self) -> str: ...
@@ -93,6 +99,18 @@ class TemporaryServer:
 
     def pending(self) -> bool:
         return not self._answered
+
+    def answering(self) -> bool:
+        """uvicorn listens once Prefect's app has started: a connection taken is a server
+        that answers (refused at once before; :meth:`ready` still asks it properly)."""
+        if self._answered:
+            return True
+        address = urllib.parse.urlsplit(self.url)
+        try:
+            socket.create_connection((address.hostname, address.port), timeout=0.05).close()
+        except OSError:
+            return False
+        return True
 
     def ready(self) -> str:
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -112,13 +112,18 @@ class Technique:
     def task_module(self) -> str:
         return self.preload
 
-    def modules(self) -> dict[str, Path]:
-        """Every Calypso module a run of this technique can import (flow, steps, planner,
-        readers, science, writers; lazy imports too), with its source file."""
+    def roots(self) -> frozenset[str]:
+        """The modules a run of this technique starts from: its flow, planner, parameters,
+        steps and what its workers preload."""
         roots = {at.split(":")[0] for at in (self.flow_at, self.plan_at, self.parameters_at)}
         roots |= {step.run_at.split(":")[0] for step in self.steps}
         roots.add(self.preload)
-        return imported_modules(frozenset(roots))
+        return frozenset(roots)
+
+    def modules(self) -> dict[str, Path]:
+        """Every Calypso module a run of this technique can import (flow, steps, planner,
+        readers, science, writers; lazy imports too), with its source file."""
+        return imported_modules(self.roots())
 
     @property
     def version(self) -> str:

@@ -16,21 +16,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from calypso.tasks.raw.live import FileRun, open_lima
+from calypso.tasks.raw.lima_saving import iter_run
+from calypso.tasks.raw.live import FileRun
 from calypso.tasks.writers import nexus
 
 
 def frames_of(runs: list[FileRun]) -> Iterator[np.ndarray]:
     """One frame at a time (a task's memory stays at one frame), as offline chunks read,
     a read that fails naming the Lima file and the frames."""
-    from calypso.tasks.raw.frames import named_read_errors
-
-    for path, dataset, first, stop in runs:
-        what = f"{path}::{dataset} frames {first}-{stop - 1}"
-        with named_read_errors(what), open_lima(path) as h5:
-            data = h5[dataset]
-            for index in range(first, stop):
-                yield data[index]
+    for run in runs:
+        yield from iter_run(*run)
 
 
 def partial_path(output_file: str | Path) -> Path:

@@ -29,7 +29,8 @@ from calypso.tasks.plans.tomography import TomographyPlan, plan_for_scan
 from calypso.tasks.raw import bliss
 from calypso.tasks.raw.bliss_projections import BlissSeries, bliss_series, scan_role
 from calypso.tasks.raw.frames import FrameSource
-from calypso.tasks.raw.live import FileRun, counter_named, open_lima
+from calypso.tasks.raw.lima_saving import open_lima, run_source
+from calypso.tasks.raw.live import FileRun, counter_named
 from calypso.tasks.raw.projections import ROTATION_MOTORS, FrameBlock, TomographyScan, check_scan
 from calypso.tasks.tomography import (
     CenterResult,
@@ -131,9 +132,7 @@ def live_tomography_scan(
     position = series.position
     blocks = []
     for path, dataset, first, stop in runs:
-        source = FrameSource(
-            kind="hdf5", files=(path,), dataset=dataset, shape=(stop, *frame_shape), dtype=dtype
-        )
+        source = run_source(path, dataset, stop, frame_shape, dtype)
         blocks.append(FrameBlock(source=source, start=first, stop=stop, position=position))
         position += stop - first
     n = sum(block.n_frames for block in blocks)

@@ -54,13 +54,15 @@ def heat_map(h5) -> dict:
     }  # fmt: skip
 
 
+@pytest.mark.parametrize("saving", ["hdf5", "edf"])
 def test_the_grid_is_centred_while_it_is_scanned(
-    grid_sample, tmp_path, catalogue_path, live_settings
+    grid_sample, tmp_path, catalogue_path, live_settings, saving
 ):
+    """Lima saving HDF5 files (Bliss's default) or EDF files (tests/test_live_edf.py)."""
     root = tmp_path / "beamline"
     writer = simulate(
         grid_sample.raw_dataset_dir, root,
-        *("--rate", "4", "--frames-per-file", "5", "--start-delay", "0.5"),
+        *("--rate", "4", "--frames-per-file", "5", "--start-delay", "0.5", "--saving", saving),
         *("--timeline", str(tmp_path / "written.json")),
     )  # fmt: skip
     watcher = PartialWatcher(root, heat_map)

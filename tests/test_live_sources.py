@@ -22,14 +22,8 @@ import numpy as np
 import pytest
 
 from calypso.errors import RawDataError
-from calypso.tasks.raw.live import (
-    LIMA_DATASET,
-    LimaFiles,
-    LiveScan,
-    complete_frames,
-    follow,
-    lima_template,
-)
+from calypso.tasks.raw.lima_saving import LIMA_DATASET, complete_frames, lima_template
+from calypso.tasks.raw.live import LimaFiles, LiveScan, follow
 
 SHAPE = (24, 32)
 
@@ -524,14 +518,17 @@ def test_when_the_server_goes_away_the_lima_files_give_the_rest(tmp_path):
     check_exactly_once(ranges, np.concatenate(frames), 30)
 
 
-def test_a_detector_saving_other_images_than_hdf5_is_named(tmp_path):
-    """A Lima saving EDF (a stream hands out its files) ended the live run in a Python
-    traceback from h5py ("file signature not found"): one line that says what to do."""
+@pytest.mark.parametrize("name", ["pilatus1m_0000.cbf", "pilatus1m_0000.edf.gz"])
+def test_a_detector_saving_images_whole_only_once_closed_is_named(tmp_path, name):
+    """A Lima saving CBF or gzipped EDF (a stream hands out its files) ended the live run
+    in a Python traceback from h5py ("file signature not found"): one line that says
+    what to do (EDF itself is followed: tests/test_live_edf.py)."""
     from calypso.flows.online.live import _frame_type
 
-    edf = tmp_path / "scan0001" / "pilatus1m_0000.edf"
-    with pytest.raises(RawDataError, match=r"saves \.edf images; live reduction follows"):
-        _frame_type(str(edf), "")
+    images = tmp_path / "scan0001" / name
+    suffix = "".join(images.suffixes).replace(".", r"\.")
+    with pytest.raises(RawDataError, match=rf"saves {suffix} images, whole only once closed"):
+        _frame_type(str(images), "")
 
 
 @pytest.mark.parametrize(

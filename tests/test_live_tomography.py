@@ -29,9 +29,11 @@ def phantom(tmp_path_factory):
     return write_tomography_sample(root, rows=8, columns=96, projections=180)
 
 
+@pytest.mark.parametrize("saving", ["hdf5", "edf"])
 def test_the_preview_comes_before_the_dataset_ends_and_the_result_is_offline(
-    phantom, tmp_path, catalogue_path, live_settings
+    phantom, tmp_path, catalogue_path, live_settings, saving
 ):
+    """Lima saving HDF5 files (Bliss's default) or EDF files (tests/test_live_edf.py)."""
     root = tmp_path / "beamline"
     raw_dir = replayed(phantom, root)
     raw_file = raw_dir / f"{raw_dir.name}.h5"
@@ -51,7 +53,7 @@ def test_the_preview_comes_before_the_dataset_ends_and_the_result_is_offline(
     writer = simulate(
         phantom.raw_dataset_dir, root,
         *SEQUENCE, "--rate", "60", "--frames-per-file", "50", "--gap", "3",
-        "--start-delay", "1",
+        "--start-delay", "1", "--saving", saving,
     )  # fmt: skip
     watcher = PartialWatcher(root, look, interval=0.1)
     watcher.start()

@@ -13,7 +13,7 @@ import pytest
 from calypso.errors import RawDataError
 from calypso.tasks.raw import stored_chunks
 from calypso.tasks.raw.frames import hdf5_frame_source, iter_frames
-from calypso.tasks.raw.live import read_lima
+from calypso.tasks.raw.lima_saving import read_lima
 
 FRAME = (37, 29)
 BITSHUFFLE_LZ4 = hdf5plugin.Bitshuffle(cname="lz4")

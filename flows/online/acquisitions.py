@@ -26,7 +26,7 @@ from calypso.errors import DataPolicyError
 from calypso.settings import WatchRule, WatchSettings
 from calypso.tasks.raw.bliss import list_scans, missing_frame_sources
 from calypso.tasks.raw.data_policy import RawDataset
-from calypso.tasks.raw.live import lima_detectors
+from calypso.tasks.raw.lima_saving import lima_detectors
 
 EVENT = "calypso.acquisition.completed"
 # A scan has started and a live flow follows it (flows/online/scan_starts.py): the same

@@ -62,13 +62,10 @@ class LiveDiffraction(LiveTechnique):
     def plan(self, ctx: StepContext, parameters: Any, first: FirstFrames) -> Any:
         from calypso.tasks.plans.diffraction import ScanPlan
         from calypso.tasks.plans.live import make_live_plan
-        from calypso.tasks.raw.frames import FrameSource
+        from calypso.tasks.raw.lima_saving import run_source
 
         npoints = first.npoints or first.frames
-        source = FrameSource(
-            kind="hdf5", files=(first.lima_file,), dataset=first.dataset,
-            shape=(npoints, *first.frame_shape), dtype=first.dtype,
-        )  # fmt: skip
+        source = run_source(first.lima_file, first.dataset, npoints, first.frame_shape, first.dtype)
         scan_plan = ScanPlan(
             number=first.number, title=first.title, detector=first.detector, source=source,
             start_time=first.start_time,

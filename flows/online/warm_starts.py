@@ -26,7 +26,7 @@ import multiprocessing
 import threading
 import time
 import types
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 logger = logging.getLogger("calypso.serve")
@@ -56,12 +56,16 @@ def preloaded_modules(techniques: Iterable[Any]) -> list[str]:
     return list(modules)
 
 
-def import_modules(modules: Iterable[str]) -> None:
-    """Import ``modules`` now (a command waiting for its Prefect server). One that fails
-    is skipped, as the fork server's preload skips it: the run that needs it says why."""
+def import_modules(modules: Iterable[str], until: Callable[[], bool] | None = None) -> None:
+    """Import ``modules`` now (a command waiting for its Prefect server), stopping once
+    ``until()`` is true (the server answers: the run then imports the rest as it needs
+    them). One that fails is skipped, as the fork server's preload skips it: the run that
+    needs it says why."""
     import importlib
 
     for module in modules:
+        if until is not None and until():
+            return
         try:
             importlib.import_module(module)
         except Exception as exc:  # an optional backend missing, say

@@ -5,14 +5,14 @@ It replays a recorded Bliss scan (``calypso sample-data diffraction`` or ``calyp
 sample-data mx`` writes one; real scans work too) into a new raw dataset, in a process of
 its own, as Bliss and Lima do:
 
-- Lima files ``scanNNNN/<detector>_%04d.h5`` of ``frames_per_file`` frames, one chunk a
-  frame, bitshuffle-LZ4 (the recorded chunks are copied as they are when they are
-  bitshuffle-LZ4 already: replaying costs no decompression), each frame flushed once
-  written, so that a reader of growing files sees it;
+- Lima files ``scanNNNN/<detector>_%04d.h5`` (or ``.edf``: ``saving``) of
+  ``frames_per_file`` frames, each frame on disk once written, so that a reader of
+  growing files sees it (:mod:`~calypso.flows.samples.lima_writer`);
 - the dataset file's entry ``N.1`` (title, ``start_time``, sample, positioners, the
   instrument's metadata as recorded: the detector's geometry and pixel mask, the beam) first,
   then every counter point as its frame is written (SWMR: a reader never sees a point
-  half-written), then the detector's virtual dataset, ``end_reason`` and ``end_time``,
+  half-written), then the detector's data (a virtual dataset over the Lima files, or
+  stored in the EDF files), ``end_reason`` and ``end_time``,
   written last;
 - with ``blissdata_url``, the scan published on Bliss's data-stream server too: a Lima
   stream with the files' names and Lima's ``last_index_saved``, one stream a counter (a
@@ -48,13 +48,11 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import hdf5plugin
 import numpy as np
 
+from calypso.flows.samples.lima_writer import SAVING_FORMATS, LimaWriter
 from calypso.tasks.raw import bliss
 from calypso.tasks.raw.data_policy import RawDataset
-
-LIMA_DATASET = "/entry_0000/measurement/data"
 
 
 @dataclass(frozen=True)
@@ -171,38 +169,6 @@ def _instrument_metadata(entry: h5py.Group, detector: str, counters: dict) -> tu
     return tuple(found)
 
 
-class _Frames:
-    """Copies recorded frames into new Lima files: raw chunks when they are bitshuffle-LZ4
-    frame chunks already, decoded and compressed again otherwise."""
-
-    def __init__(self) -> None:
-        self._open: dict[tuple[str, str], tuple[h5py.File, h5py.Dataset]] = {}
-
-    def copy(self, where: tuple[str, str, int], target: h5py.Dataset, slot: int) -> None:
-        path, dataset, index = where
-        key = (path, dataset)
-        if key not in self._open:
-            for h5, _ in self._open.values():
-                h5.close()
-            h5 = h5py.File(path, "r")
-            self._open = {key: (h5, h5[dataset])}
-        source = self._open[key][1]
-        if source.chunks == target.chunks and _bitshuffle(source) and _bitshuffle(target):
-            mask, chunk = source.id.read_direct_chunk((index, 0, 0))
-            target.id.write_direct_chunk((slot, 0, 0), chunk, mask)
-        else:
-            target[slot] = source[index]
-
-    def close(self) -> None:
-        for h5, _ in self._open.values():
-            h5.close()
-
-
-def _bitshuffle(dataset: h5py.Dataset) -> bool:
-    plist = dataset.id.get_create_plist()
-    return [plist.get_filter(i)[0] for i in range(plist.get_nfilters())] == [hdf5plugin.BSHUF_ID]
-
-
 def simulate_acquisition(
     source: str | Path,
     target_root: str | Path,
@@ -217,13 +183,15 @@ def simulate_acquisition(
     timeline: str | Path | None = None,
     start_delay: float = 0.0,
     file_lag: int = 0,
+    saving: str = "hdf5",
 ) -> Path:
     """Replay scan ``scan`` of ``source`` (a raw dataset folder or its file) into the same
     raw dataset under ``target_root``, ``rate`` frames a second; returns the new dataset
     file. ``frames`` replays the first ones only (a scan of that many points).
     ``file_lag`` (with ``blissdata_url``): the dataset file gets each point's counters
     that many points after the stream, as Bliss's writer may lag its data streams; it
-    catches up when the scan stops."""
+    catches up when the scan stops. ``saving``: Lima's saving format, ``hdf5`` or ``edf``
+    (:mod:`~calypso.flows.samples.lima_writer`)."""
     recorded = recorded_scan(source, scan)
     n_frames = min(frames or recorded.points, recorded.points)
     written = n_frames if abort_after is None else min(abort_after, n_frames)
@@ -231,11 +199,12 @@ def simulate_acquisition(
     raw.raw_dataset_dir.mkdir(parents=True, exist_ok=True)
     lima_dir = raw.raw_dataset_dir / f"scan{scan:04d}"
     lima_dir.mkdir(exist_ok=True)
-    template = str(lima_dir / f"{recorded.detector}_%04d.h5")
     shape, dtype = (), np.dtype("uint16")
     if recorded.detector:
         with h5py.File(recorded.frames[0][0], "r") as h5:
             shape, dtype = h5[recorded.frames[0][1]].shape[1:], h5[recorded.frames[0][1]].dtype
+    lima = LimaWriter(lima_dir, recorded.detector, saving, shape, dtype)
+    template = lima.template
     time.sleep(start_delay)
     publisher = None
     if blissdata_url:
@@ -245,25 +214,22 @@ def simulate_acquisition(
             blissdata_url, recorded, raw, template, n_frames, frames_per_file
         )
     counters = _start_entry(raw, recorded)
-    copier = _Frames()
     times: list[float] = []  # each point wholly in the files
     published: list[float] = []  # ... and on the stream
     began = time.monotonic()
-    lima = data = None
     try:
         for index in range(written):
             number, slot = divmod(index, frames_per_file)
             if slot == 0 and recorded.detector:
                 count = min(frames_per_file, n_frames - index)
-                lima, data = _lima_file(template % number, recorded.detector, count, shape, dtype)
+                lima.start_file(number, count)
             pause = began + index / rate - time.monotonic()
             if pause > 0:
                 time.sleep(pause)
             if recorded.detector:
-                copier.copy(recorded.frames[index], data, slot)
-                lima.flush()  # a reader of growing files sees the frame now
+                lima.write(recorded.frames[index], slot)  # on disk: a reader sees it now
                 if slot == count - 1 or index == written - 1:
-                    lima.close()  # as Lima does once a file is full (or the scan stops)
+                    lima.close_file()
             if publisher is not None and file_lag:  # the stream first, the file behind it
                 publisher.frame(index, {n: v[index] for n, v in recorded.counters.items()})
                 published.append(time.time())
@@ -277,14 +243,14 @@ def simulate_acquisition(
             _write_point(counters, recorded, len(times))
             times.append(time.time())
     finally:
-        copier.close()
+        lima.close()
         counters["__file__"].close()
     if timeline is not None:
         Path(timeline).write_text(json.dumps({"written": times, "published": published}))
     if not end:
         return raw.raw_file  # a writer that died: no end_time, the stream never closed
     reason = "SUCCESS" if written == n_frames else "USER_ABORT"
-    _end_entry(raw, recorded, template, written, frames_per_file, shape, dtype, reason)
+    _end_entry(raw, recorded, lima, written, frames_per_file, reason)
     if publisher is not None:
         publisher.end(reason)
         if publisher.gone:  # its streams, collected, would wait for the server forever
@@ -305,24 +271,6 @@ def _write_point(counters: dict[str, Any], recorded: RecordedScan, index: int) -
         counters[name].resize(index + 1, axis=0)
         counters[name][index] = values[index]
         counters[name].flush()
-
-
-def _lima_file(path: str, detector: str, count: int, shape, dtype) -> tuple[h5py.File, Any]:
-    h5 = h5py.File(path, "w")
-    entry = h5.create_group("entry_0000")
-    entry.attrs["NX_class"] = "NXentry"
-    data = h5.create_dataset(
-        LIMA_DATASET,
-        shape=(count, *shape),
-        dtype=dtype,
-        chunks=(1, *shape),
-        **hdf5plugin.Bitshuffle(cname="lz4"),
-    )
-    det = entry.create_group(f"instrument/{detector}")
-    det.attrs["NX_class"] = "NXdetector"
-    det["data"] = h5py.SoftLink(LIMA_DATASET)
-    h5.flush()
-    return h5, data
 
 
 def _start_entry(raw: RawDataset, recorded: RecordedScan) -> dict[str, Any]:
@@ -382,52 +330,17 @@ def _copy_metadata(recorded: RecordedScan, entry: h5py.Group) -> None:
 
 
 def _end_entry(
-    raw: RawDataset,
-    recorded: RecordedScan,
-    template: str,
-    written: int,
-    per_file: int,
-    shape,
-    dtype,
+    raw: RawDataset, recorded: RecordedScan, lima: LimaWriter, written: int, per_file: int,
     reason: str,
-) -> None:
-    """The detector's virtual dataset over the Lima files (a scan with a detector),
-    ``end_reason``, then ``end_time``."""
+) -> None:  # fmt: skip
+    """The detector's data over the Lima files (a scan with a detector), ``end_reason``,
+    then ``end_time``."""
     with h5py.File(raw.raw_file, "a") as h5:
         entry = h5[f"{recorded.number}.1"]
         if recorded.detector:
-            _detector_dataset(entry, recorded, template, written, per_file, shape, dtype)
+            lima.detector_dataset(entry, written, per_file)
         entry["end_reason"] = reason
         entry["end_time"] = datetime.now(UTC).astimezone().isoformat()  # written last
-
-
-def _detector_dataset(
-    entry: h5py.Group,
-    recorded: RecordedScan,
-    template: str,
-    written: int,
-    per_file: int,
-    shape,
-    dtype,
-) -> None:
-    """The detector's virtual dataset over the Lima files, as Bliss writes it at the end."""
-    layout = h5py.VirtualLayout(shape=(written, *shape), dtype=dtype)
-    for number, first in enumerate(range(0, written, per_file)):
-        count = min(per_file, written - first)
-        name = Path(template % number)
-        source = h5py.VirtualSource(
-            f"{name.parent.name}/{name.name}", LIMA_DATASET, shape=(count, *shape)
-        )
-        layout[first : first + count] = source[:count]
-    det = entry["instrument"].require_group(recorded.detector)  # its metadata: there
-    det.attrs["NX_class"] = "NXdetector"
-    det.create_virtual_dataset("data", layout, fillvalue=0)
-    det["data"].attrs["interpretation"] = "image"
-    if "type" not in det:
-        det["type"] = "lima"
-    entry["measurement"][recorded.detector] = h5py.SoftLink(
-        f"/{recorded.number}.1/instrument/{recorded.detector}/data"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -444,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=20.0, help="frames a second")
     parser.add_argument("--frames", type=int, help="replay only the first N frames")
     parser.add_argument("--frames-per-file", type=int, default=10)
+    parser.add_argument(
+        "--saving", choices=SAVING_FORMATS, default="hdf5", help="Lima's saving format"
+    )
     parser.add_argument("--blissdata", metavar="URL", help="publish through blissdata too")
     parser.add_argument("--abort-after", type=int, metavar="K", help="abort after K frames")
     parser.add_argument("--no-end", action="store_true", help="stop without end_time")
@@ -476,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             blissdata_url=args.blissdata, abort_after=args.abort_after if last else None,
             end=not args.no_end or not last, timeline=args.timeline if last else None,
             start_delay=args.start_delay if index == 0 else args.gap,
-            file_lag=args.file_lag if args.blissdata else 0,
+            file_lag=args.file_lag if args.blissdata else 0, saving=args.saving,
         )  # fmt: skip
     print(path, flush=True)
     if args.blissdata:

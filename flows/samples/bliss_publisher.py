@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from calypso.tasks.raw.data_policy import RawDataset
-from calypso.tasks.raw.live import LIMA_DATASET
+from calypso.tasks.raw.lima_saving import LIMA_DATASET
 
 if TYPE_CHECKING:
     from calypso.flows.samples.acquisition_simulator import RecordedScan
@@ -54,7 +54,7 @@ class BlissPublisher:
             saving = {
                 "file_path": template,
                 "data_path": LIMA_DATASET,
-                "file_format": "hdf5",
+                "file_format": "edf" if template.endswith(".edf") else "hdf5",
                 "file_offset": 0,
                 "frames_per_file": per_file,
             }

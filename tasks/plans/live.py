@@ -17,14 +17,14 @@ import h5py
 from calypso.errors import CalypsoError, ParameterError, RawDataError
 from calypso.settings import CalypsoSettings
 from calypso.tasks.raw import bliss
-from calypso.tasks.raw.live import (
-    LimaFiles,
-    LiveScan,
+from calypso.tasks.raw.lima_saving import (
     lima_detectors,
     lima_files,
     lima_template,
     open_lima,
+    run_source,
 )
+from calypso.tasks.raw.live import LimaFiles, LiveScan
 
 T = TypeVar("T")
 
@@ -291,7 +291,7 @@ def make_live_mx_plan(
 
     from calypso.tasks.plans.mx import BYTES_PER_IMAGE, TECHNIQUE, MXPlan, require_unmasked
     from calypso.tasks.raw import mx_images
-    from calypso.tasks.raw.frames import FrameSource, read_image
+    from calypso.tasks.raw.frames import read_image
 
     raw_file, number, detector = Path(first.raw_file), first.number, first.detector
     entry = f"{number}.1"
@@ -320,10 +320,7 @@ def make_live_mx_plan(
     dtype = np.dtype(first.dtype)
     pixel_mask = live_pixel_mask(raw_file, number, detector)
     dataset = f"{entry}/instrument/{detector}/data"
-    source = FrameSource(
-        kind="hdf5", files=(first.lima_file,), dataset=first.dataset,
-        shape=(n_frames, *first.frame_shape), dtype=first.dtype,
-    )  # fmt: skip
+    source = run_source(first.lima_file, first.dataset, n_frames, first.frame_shape, first.dtype)
     scan = mx_images.MXScan(
         name=entry,
         description=f"{raw_file}::/{dataset}",

@@ -74,7 +74,7 @@ def _open_read_only(path: Path) -> h5py.File:
     except PermissionError:
         raise  # not a writer's hold: no SWMR reader would open it either
     except OSError:
-        from calypso.tasks.raw.live import open_growing
+        from calypso.tasks.raw.lima_saving import open_growing
 
         return open_growing(path)  # SWMR read, where the writer allows it
 

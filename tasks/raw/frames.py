@@ -187,6 +187,8 @@ def image_files_source(files: list[Path]) -> FrameSource:
         else:
             image = _open_image(path)
             try:
+                if getattr(image, "incomplete_file", False):  # fabio pads what is missing
+                    raise _truncated(path, image.nframes - 1)
                 frame_shape = tuple(image.shape[-2:])
                 frame_dtype, n = str(image.data.dtype), max(1, image.nframes)
             finally:
@@ -287,7 +289,14 @@ def _image_frames(path: str, count: int, indices: range) -> Iterator[np.ndarray]
     image = _open_image(Path(path))
     try:
         for index in indices:
-            data = image.data if count == 1 else image.get_frame(index).data
+            frame = image if count == 1 else image.get_frame(index)
+            # A frame whose pixels are not all in the file: fabio pads them with zeros
+            # (it only logs it), which would look like a whole frame.
+            if getattr(frame, "incomplete_data", False) or (
+                count == 1 and getattr(image, "incomplete_file", False)
+            ):
+                raise _truncated(path, index)
+            data = frame.data
             if data is None:
                 raise _truncated(path, index)
             yield data

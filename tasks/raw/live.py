@@ -19,8 +19,6 @@ stops without ending the scan (``stall_timeout``) or the stream vanishes.
 from __future__ import annotations
 
 import os
-import re
-import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,13 +26,18 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import h5py
-import hdf5plugin  # noqa: F401  (registers bitshuffle, LZ4 ... with HDF5)
 import numpy as np
 
 from calypso.errors import ParameterError, RawDataError
-from calypso.tasks.raw.stored_chunks import read_dataset_frames
-
-LIMA_DATASET = "/entry_0000/measurement/data"
+from calypso.tasks.raw.lima_saving import (
+    LIMA_DATASET,
+    complete_frames,
+    edf_frames,
+    frames_dataset,
+    is_edf,
+    open_lima,
+    read_run,
+)
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ def counter_named(counters: dict[str, np.ndarray], name: str) -> np.ndarray | No
 
 def read_runs(runs: list[FileRun]) -> np.ndarray:
     """The frames of :meth:`LiveScan.locations` runs, in order (in a task, on a worker)."""
-    return np.concatenate([read_lima(*run) for run in runs])
+    return np.concatenate([read_run(*run) for run in runs])
 
 
 def follow(
@@ -113,135 +116,6 @@ def follow(
         sleep(poll)
 
 
-# -- reading Lima HDF5 files without locking ---------------------------------------
-
-
-# A Lima file: <prefix><number>.h5, the number padded or not (saving_index_format).
-_LIMA_FILE = re.compile(r"^(?P<prefix>.*?)(?P<number>\d+)\.(?P<suffix>h5|hdf5|nxs)$")
-
-
-def lima_namings(scan_folder: Path) -> dict[str, tuple[str, int]]:
-    """The Lima files in a scan's folder, by the detector their prefix names
-    (``pilatus1m_0000.h5`` -> ``pilatus1m``): the template of their names (``%04d`` as
-    their numbers are padded) and the first number. Lima's saving prefix, index format
-    and first number are the beamline's: ``<det>_0000.h5`` is Bliss's default only."""
-    numbers: dict[tuple[str, str], list[str]] = {}
-    try:
-        names = os.listdir(scan_folder)
-    except OSError:
-        return {}
-    for name in names:
-        if match := _LIMA_FILE.match(name):
-            key = (match["prefix"], match["suffix"])
-            numbers.setdefault(key, []).append(match["number"])
-    namings = {}
-    for (prefix, suffix), found in sorted(numbers.items()):
-        first = min(found, key=int)
-        template = str(scan_folder / f"{prefix}%0{len(first)}d.{suffix}")
-        namings[prefix.rstrip("_-.") or prefix] = (template, int(first))
-    return namings
-
-
-def lima_detectors(dataset_dir: Path, number: int) -> tuple[str, ...]:
-    """The detectors with Lima files in scan ``number``'s folder
-    (:func:`lima_namings`): what names them while the dataset file may not say so yet."""
-    return tuple(sorted(lima_namings(dataset_dir / f"scan{number:04d}")))
-
-
-def frames_dataset(h5: h5py.File, detectors: tuple[str, ...] = ()) -> str | None:
-    """The frames of a Lima file without the ``measurement/data`` link: the detector's
-    ``entry_0000/<instrument>/<detector>/data`` (``ESRF-ID00``, ``instrument``), else the
-    one stack of frames in ``entry_0000``; None while there is none yet."""
-    entry = h5.get("entry_0000")
-    if not isinstance(entry, h5py.Group):
-        return None
-    for group in entry:
-        for detector in detectors:
-            data = entry.get(f"{group}/{detector}/data")
-            if isinstance(data, h5py.Dataset) and data.ndim >= 3:
-                return data.name
-    stacks: list[str] = []
-    entry.visititems(
-        lambda name, item: (
-            stacks.append(item.name)
-            if isinstance(item, h5py.Dataset) and item.ndim >= 3 and name.endswith("data")
-            else None
-        )
-    )
-    return stacks[0] if len(stacks) == 1 else None
-
-
-def lima_files(raw_dataset_dir: str | Path, scan: int, detector: str) -> tuple[str, int] | None:
-    """The template and first number of ``detector``'s Lima files in a scan's folder (a
-    prefix that starts with its name too: ``pilatus1m_CeO2_0000.h5``); None while there
-    is none."""
-    namings = lima_namings(Path(raw_dataset_dir) / f"scan{scan:04d}")
-    if detector in namings:
-        return namings[detector]
-    started = [n for n in namings if n.startswith(detector)]
-    return namings[started[0]] if len(started) == 1 else None
-
-
-def open_lima(path: str | Path) -> h5py.File:
-    """Open a file of a scan in progress: one the acquisition wrote there
-    (:func:`_written_here`), read as :func:`open_growing` does."""
-    _written_here(Path(path))
-    return open_growing(path)
-
-
-def open_growing(path: str | Path) -> h5py.File:
-    """Open an HDF5 file another process may still write: no file locking, SWMR read
-    where the file allows it. ``OSError`` when it cannot be opened (yet): HDF5 reports a
-    header caught half written as a RuntimeError ("bad object header version number")."""
-    try:
-        return h5py.File(path, "r", locking=False, swmr=True)
-    except (OSError, RuntimeError):
-        try:
-            return h5py.File(path, "r", locking=False)
-        except RuntimeError as exc:
-            raise OSError(f"{path} cannot be opened (yet): {exc}") from None
-
-
-def _written_here(path: Path) -> None:
-    """Refuse a file of a scan in progress that is a symlink, has a second name (a hard
-    link), or lies in a scan folder that is a symlink: the run was checked as the scan
-    began, and a file appearing later by another name could be another proposal's (a
-    service reads with rights the proposal's members do not have)."""
-    try:
-        status = os.lstat(path)
-    except OSError:
-        return  # not there yet: opening it says so
-    folder = path.parent
-    swapped = folder.name.startswith("scan") and folder.is_symlink()
-    if stat.S_ISLNK(status.st_mode) or status.st_nlink > 1 or swapped:
-        what = (
-            "is a symlink" if stat.S_ISLNK(status.st_mode)
-            else f"has {status.st_nlink} names (hard links)" if status.st_nlink > 1
-            else "is in a scan folder that is a symlink"
-        )  # fmt: skip
-        raise RawDataError(
-            f"{path} {what}: a live scan reads only the files its acquisition writes there"
-        )
-
-
-def read_lima(path: str | Path, dataset: str, first: int, stop: int) -> np.ndarray:
-    """Frames ``first`` to ``stop - 1`` of one Lima file, or a RawDataError naming it."""
-    try:
-        with open_lima(path) as h5:
-            data = h5[dataset]
-            if data.shape[0] < stop:
-                raise RawDataError(
-                    f"{path}::{dataset} holds {data.shape[0]} frames, frame {stop - 1} "
-                    "was announced: the Lima file was truncated or replaced"
-                )
-            return read_dataset_frames(data, path, first, stop)
-    except (OSError, KeyError) as exc:
-        raise RawDataError(
-            f"frames {first}-{stop - 1} of Lima file {path}::{dataset} cannot be read "
-            f"({exc}); the file is announced as complete"
-        ) from None
-
-
 def _text(value: object) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
@@ -253,44 +127,6 @@ def _stalled(what: str, waited: float, ended: bool = False) -> RawDataError:
         "or its writer stopped. Reduce what was handed out, or rerun offline once the "
         "files are complete."
     )
-
-
-# -- growing Lima files --------------------------------------------------------------
-
-
-def lima_template(raw_dataset_dir: str | Path, scan: int, detector: str) -> str:
-    """Where Bliss has Lima write a scan's files: ``<dataset>/scanNNNN/<detector>_%04d.h5``."""
-    return str(Path(raw_dataset_dir) / f"scan{scan:04d}" / f"{detector}_%04d.h5")
-
-
-def complete_frames(data: h5py.Dataset, final: bool) -> int:
-    """How many leading frames of ``data`` are wholly on disk.
-
-    A chunked dataset: a frame counts once the chunk holding it is stored (and inside
-    the dataset's current shape); a chunk of several frames only once the chunk after it
-    is stored or the file is ``final`` (a writer fills a chunk frame by frame). A
-    contiguous dataset says nothing of what is written: it counts only when final.
-    """
-    total = data.shape[0]
-    if data.chunks is None:
-        return total if final else 0
-    per_chunk = data.chunks[0]
-    rest = (0,) * (data.ndim - 1)
-
-    def stored(chunk: int) -> bool:
-        first = chunk * per_chunk
-        if first >= total:
-            return False
-        return data.id.get_chunk_info_by_coord((first, *rest)).byte_offset is not None
-
-    count = 0
-    chunk = 0
-    while count < total and stored(chunk):
-        if per_chunk > 1 and not final and not stored(chunk + 1):
-            break
-        count = min(total, (chunk + 1) * per_chunk)
-        chunk += 1
-    return count
 
 
 class LimaFiles:
@@ -395,6 +231,8 @@ class LimaFiles:
             return "missing"
         final = self._ended or os.path.exists(self._path(index + 1))
         try:
+            if is_edf(path):  # frames whose header and pixels are all on disk
+                return (*edf_frames(path), final)
             with open_lima(path) as h5:
                 data = h5.get(self.dataset)
                 if data is None and self.dataset == LIMA_DATASET and index == 0:
@@ -426,10 +264,12 @@ class LimaFiles:
             self._current = count
             if not final or (count < total and not self._ended):
                 break  # more to come in this file
-            if count < total and self._end is not None and self._handed < self._end:
-                # The scan has ended and its file records more frames than are wholly on
-                # disk here: the last ones are still to land (Lima closes its file after
-                # Bliss writes end_time). Read this file again, not the next one.
+            later = os.path.exists(self._path(index + 1))
+            if self._end is not None and self._handed < self._end and (count < total or not later):
+                # The scan has ended and recorded more frames than are wholly on disk: the
+                # last ones are still to land in this file (Lima closes its file after
+                # Bliss writes end_time; an EDF file says nothing of the frames to come).
+                # Read this file again, not the next one.
                 break
             self._files.append((self._path(index), count))
             self._current = 0

@@ -32,7 +32,8 @@ import numpy as np
 
 from calypso.errors import RawDataError
 from calypso.tasks.raw import bliss
-from calypso.tasks.raw.live import FileRun, LiveScanInfo, _stalled, open_lima
+from calypso.tasks.raw.lima_saving import open_lima
+from calypso.tasks.raw.live import FileRun, LiveScanInfo, _stalled
 from calypso.tasks.raw.live_streams import BlissdataScan
 from calypso.tasks.raw.spectra import ColumnTable, counter_spectra, energy_point_rows
 

@@ -187,7 +187,7 @@ def link_raw_groups(
 
 def _raw_groups(raw_file: Path, raw_entry: str, expand: tuple[str, ...]) -> dict:
     """The raw groups an entry links to, with their members for those in ``expand``."""
-    from calypso.tasks.raw.live import open_growing
+    from calypso.tasks.raw.lima_saving import open_growing
 
     with open_growing(raw_file) as raw:  # a scan's file still written: its SWMR reader
         return {

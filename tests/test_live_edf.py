@@ -1,0 +1,154 @@
+"""Live reduction of a detector that Lima saves as EDF files (docs/live.md): a frame is
+handed out once its header and every byte of its pixels are on disk, never a frame begun;
+the scan is followed from its growing files or through blissdata, and the result is the
+offline one bit for bit (offline, Bliss's dataset file stores the frames in the EDF files:
+HDF5 external storage). Offline, a truncated EDF file is refused: fabio pads a frame it
+cannot read whole with zeros."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from calypso.errors import RawDataError
+from calypso.flows.online import live
+from calypso.flows.samples.lima_writer import LimaWriter
+from calypso.tasks.raw.frames import image_files_source, read_frames
+from calypso.tasks.raw.lima_saving import edf_frames, lima_namings
+from calypso.tasks.raw.live import LimaFiles, follow
+from tests.live_servers import replayed
+from tests.test_live_flow import assert_as_offline, parameters, simulate
+
+SHAPE = (6, 5)
+
+
+def frame(index: int) -> np.ndarray:
+    return np.random.default_rng(index).integers(1, 60000, SHAPE, dtype=np.uint16)
+
+
+@pytest.fixture
+def recorded(tmp_path) -> Path:
+    """Frames to replay: an HDF5 file of 7 distinct frames."""
+    path = tmp_path / "recorded.h5"
+    with h5py.File(path, "w") as h5:
+        h5["data"] = np.stack([frame(i) for i in range(7)])
+    return path
+
+
+def test_an_edf_frame_counts_once_its_pixels_are_all_on_disk(tmp_path, recorded):
+    """Frames written one by one, three a file: each is handed out once, bit for bit, and
+    a frame whose header is there but not all its pixels is not."""
+    folder = tmp_path / "scan0001"
+    folder.mkdir()
+    writer = LimaWriter(folder, "frelon", "edf", SHAPE, "uint16")
+    files = LimaFiles(writer.template, npoints=7, stall_timeout=10)
+    handed: list[tuple[int, int]] = []
+    for index in range(7):
+        number, slot = divmod(index, 3)
+        if slot == 0:
+            writer.close_file()
+            writer.start_file(number, 3)
+        writer.write((str(recorded), "data", index), slot)
+        handed += files.ready()
+        assert files.frames == index + 1, (index, handed)
+    writer.close()
+    assert [h for h in handed if h[1] > h[0]] == [(i, i + 1) for i in range(7)]
+    np.testing.assert_array_equal(files.read(0, 7), np.stack([frame(i) for i in range(7)]))
+    assert files.finished and lima_namings(folder)["frelon"][0].endswith("frelon_%04d.edf")
+
+    # The seventh frame, begun: its header whole and half its pixels, or none of them,
+    # is counted begun, not whole; its header half written, the file is not read yet.
+    path = folder / "frelon_0002.edf"
+    whole = path.read_bytes()
+    pixels = frame(6).nbytes
+    for cut in (len(whole) - pixels // 2, len(whole) - pixels):
+        path.write_bytes(whole[:cut])
+        assert edf_frames(path) == (0, 1), cut
+    path.write_bytes(whole[:100])
+    with pytest.raises(OSError):
+        edf_frames(path)
+    path.write_bytes(whole)
+    assert edf_frames(path) == (1, 1)
+
+
+def test_a_growing_edf_file_is_followed_to_the_scans_end(tmp_path, recorded):
+    """The scan's end known from its dataset file (the frames Bliss recorded): the last
+    frame, still to land in the last file when end_time is written, is waited for."""
+    folder = tmp_path / "scan0001"
+    folder.mkdir()
+    raw_file = tmp_path / "sample_0001.h5"
+    with h5py.File(raw_file, "w") as h5:
+        h5.create_group("1.1/instrument/frelon")
+        h5.create_group("1.1/measurement")
+    writer = LimaWriter(folder, "frelon", "edf", SHAPE, "uint16")
+    files = LimaFiles(writer.template, dataset_file=raw_file, scan=1, detector="frelon")
+    writer.start_file(0, 10)
+    for index in range(6):
+        writer.write((str(recorded), "data", index), index)
+    with h5py.File(raw_file, "a") as h5:  # Bliss ends the scan: 7 frames recorded
+        h5["1.1/instrument/frelon"].create_dataset("data", (7, *SHAPE), "uint16")
+        h5["1.1/end_time"] = "2026-12-07T10:00:00"
+    ranges = [r for _ in range(3) for r in files.ready()]
+    assert ranges == [(0, 6)] and not files.finished  # the seventh is still to come
+    writer.write((str(recorded), "data", 6), 6)
+    writer.close()
+    assert [r for r in follow(files, poll=0.01)] == [(6, 7)] and files.finished
+    assert not files.partial
+
+
+def test_a_truncated_edf_file_is_refused_offline_not_padded(tmp_path, recorded):
+    folder = tmp_path / "scan0001"
+    folder.mkdir()
+    writer = LimaWriter(folder, "frelon", "edf", SHAPE, "uint16")
+    writer.start_file(0, 3)
+    for index in range(3):
+        writer.write((str(recorded), "data", index), index)
+    writer.close()
+    path = folder / "frelon_0000.edf"
+    np.testing.assert_array_equal(
+        read_frames(image_files_source([path]), 0, 3), np.stack([frame(i) for i in range(3)])
+    )
+    os.truncate(path, path.stat().st_size - 10)  # the last frame's last pixels lost
+    with pytest.raises(RawDataError, match="frame 2 of .*frelon_0000.edf holds no readable"):
+        image_files_source([path])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["files", "blissdata"])
+def test_a_scan_saved_as_edf_gives_the_offline_result_while_it_runs(
+    diffraction_sample, tmp_path, catalogue_path, live_settings, blissdata_url, source
+):
+    """The acquisition simulator saves the frames as Lima's EDF saving does (four frames a
+    file, each written in two parts); the live run reads them while the scan runs."""
+    root = tmp_path / "beamline"
+    options = ("--rate", "4", "--frames-per-file", "4", "--start-delay", "1", "--saving", "edf")
+    options += ("--timeline", str(tmp_path / "written.json"))
+    if source == "blissdata":
+        options += ("--blissdata", blissdata_url)
+    writer = simulate(diffraction_sample.raw_dataset_dir, root, *options)
+    raw_dir = replayed(diffraction_sample, root)
+    try:
+        summary = live.run_live(
+            "diffraction", str(raw_dir), parameters(diffraction_sample), None, None, live_settings,
+            live={"source": blissdata_url if source == "blissdata" else "files",
+                  "stall_timeout": 30, "poll": 0.05},
+        )  # fmt: skip
+    finally:
+        assert writer.wait(timeout=60) == 0
+    assert sorted(p.name for p in (raw_dir / "scan0001").iterdir()) == [
+        f"pilatus1m_{n:04d}.edf" for n in range(3)
+    ]
+    assert summary["frames"] == 12 and not summary["partial"] and not summary["warnings"]
+    timeline = list(live.LAST_TIMELINE)
+    assert sum(c["stop"] - c["start"] for c in timeline) == 12
+    last_written = json.loads((tmp_path / "written.json").read_text())["written"][-1]
+    assert [c for c in timeline if c["done"] < last_written], f"none during the scan: {timeline}"
+    assert_as_offline(
+        summary, "diffraction", raw_dir, parameters(diffraction_sample), tmp_path / "offline",
+        live_settings,
+    )  # fmt: skip
