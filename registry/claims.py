@@ -29,7 +29,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,25 +313,85 @@ def _taken(
         stale = holder["status"] != "completed" and (
             (holder["lease_expires"] or 0) <= now or holder["flow_run_id"] == dead
         )
-        publishing = holder["status"] == "publishing"
-        if stale and (not publishing or _taken_back(folder, holder["checksums"])):
-            what = "while publishing its results (the files it had published were removed)"
-            db.execute(
-                "UPDATE processed_datasets SET status = 'failed', lease_expires = NULL, "
-                "message = ? WHERE id = ?",
-                (
-                    f"flow run {holder['flow_run_id']} stopped "
-                    f"{what if publishing else 'before publishing its results'} (killed, "
-                    f"crashed or vanished); flow run {run_id} took its folder",
-                    holder["id"],
-                ),
-            )
-            _remove_part_folder(folder, holder["flow_run_id"])
+        if stale and _release(db, holder, folder, f"flow run {run_id} took its folder"):
             continue
         if holder["status"] == "completed":  # killed after its record, before its cleanup
             _remove_part_folder(folder, holder["flow_run_id"])
         taken = True
     return taken
+
+
+def _release(db: sqlite3.Connection, holder: sqlite3.Row, folder: str, by: str) -> str:
+    """Mark the record of a dead run failed, once none of the files it published is left
+    (:func:`_taken_back`), and remove its part folder: the record's message; "" (the
+    folder stays held) when a file it published has changed since."""
+    publishing = holder["status"] == "publishing"
+    if publishing and not _taken_back(folder, holder["checksums"]):
+        return ""
+    what = (
+        "while publishing its results (the files it had published were removed)"
+        if publishing
+        else "before publishing its results"
+    )
+    message = f"flow run {holder['flow_run_id']} stopped {what} (killed, crashed or vanished); {by}"
+    db.execute(
+        "UPDATE processed_datasets SET status = 'failed', lease_expires = NULL, message = ? "
+        "WHERE id = ?",
+        (message, holder["id"]),
+    )
+    _remove_part_folder(folder, holder["flow_run_id"])
+    return message
+
+
+@dataclass(frozen=True)
+class Released:
+    """The record of a run that died holding it, released (:func:`release_dead`)."""
+
+    record_id: int
+    flow_run_id: str
+    folder: str
+    message: str
+
+
+def release_dead(
+    catalogue: SQLiteCatalogue,
+    folders: Collection[str] | None = None,
+    now: float | None = None,
+    dry_run: bool = False,
+) -> list[Released]:
+    """Release what runs that died hold (records ``running`` or ``publishing`` whose lease
+    ran out: the process was killed, crashed or its machine went away), in ``folders`` or
+    everywhere: each record is marked failed as :func:`reserve` does when another run
+    takes its folder (a dead publication's files removed, its part folder too), and its
+    claim is marked failed. Without this, such a record waits for the next run of the
+    same folder (a rerun that came while its lease still ran went to the next version).
+    ``dry_run``: only which records are dead (nothing changes)."""
+    now = time.time() if now is None else now
+    released = []
+    with transaction(catalogue) as db:
+        holders = db.execute(
+            "SELECT id, status, lease_expires, output_file, flow_run_id, checksums, "
+            "processed_path FROM processed_datasets WHERE status IN ('running', 'publishing') "
+            "AND COALESCE(lease_expires, 0) <= ? ORDER BY id",
+            (now,),
+        ).fetchall()
+        for holder in holders:
+            folder = holder["processed_path"]
+            if folders is not None and folder not in folders:
+                continue
+            if dry_run:
+                released.append(Released(holder["id"], holder["flow_run_id"] or "", folder, ""))
+                continue
+            message = _release(db, holder, folder, "its lease ran out and it was released")
+            if not message:
+                continue
+            db.execute(
+                "UPDATE claims SET state = 'failed' WHERE flow_run_id = ? AND "
+                "state = 'running' AND expires <= ?",
+                (holder["flow_run_id"], now),
+            )
+            released.append(Released(holder["id"], holder["flow_run_id"] or "", folder, message))
+    return released
 
 
 def reserve(

@@ -204,11 +204,23 @@ def command_catalogue_versions(args: argparse.Namespace) -> int:
 
 
 def command_catalogue_prune(args: argparse.Namespace) -> int:
+    from calypso.flows.dead_runs import reap_dead_runs
     from calypso.registry.versions import prunable, prune
 
     catalogue, found = _versions(args.dataset)
     if args.keep < 1:
         raise ConfigurationError("--keep must be at least 1: the latest version always stays")
+    # Runs that died holding a version (killed: their lease ran out) release it first: a
+    # dead publication's files go, and its record says failed (calypso.flows.dead_runs).
+    folders = {record.processed_path for family in found for record in family.records}
+    dead = reap_dead_runs(load_settings(), folders, dry_run=not args.yes)
+    for record in dead:
+        print(
+            f"{'released' if args.yes else 'would release'} id {record.record_id} of flow run "
+            f"{record.flow_run_id}, which died holding {record.folder} (its lease ran out)"
+        )
+    if dead:
+        catalogue, found = _versions(args.dataset)
     chosen = [
         record
         for family in found

@@ -31,6 +31,7 @@ from typing import Any
 
 import calypso
 from calypso.errors import ConfigurationError
+from calypso.flows.dead_runs import reap_now_and_then
 from calypso.flows.online.acquisitions import EVENT, LIVE_EVENT, live_deployment
 from calypso.flows.online.live_base import LIVE_TECHNIQUES
 from calypso.flows.online.submissions import stop_serving
@@ -315,6 +316,7 @@ def serve(settings: CalypsoSettings, techniques: list[str] | None = None) -> Non
     cluster = start_shared_cluster(settings)
     stop = threading.Event()
     start_icat_flushing(settings, stop)
+    reap_now_and_then(settings, stop)  # runs that died without a word: shown Crashed
     submissions = start_submissions(settings, cluster, chosen)
     if warm:
         start_warm(warm)

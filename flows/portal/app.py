@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +90,20 @@ def page(request: Request, template: str, code: int = 200, **context: Any) -> HT
     return templates.TemplateResponse(request, template, context, status_code=code)
 
 
+@asynccontextmanager
+async def _releasing_dead_runs(app: FastAPI) -> AsyncIterator[None]:
+    """While the portal serves: the runs that died without a word (one it launched and
+    was killed with it, say) shown Crashed, not Running (:mod:`calypso.flows.dead_runs`)."""
+    from calypso.flows.dead_runs import reap_now_and_then
+
+    stop = threading.Event()
+    reap_now_and_then(app.state.settings, stop)
+    try:
+        yield
+    finally:
+        stop.set()
+
+
 def create_app(settings: CalypsoSettings) -> FastAPI:
     """The portal for ``settings`` (data roots, sign-in, Prefect, catalogue, export)."""
     from calypso.flows.portal import auth, browse, exports, h5, launch, runs, saved
@@ -96,7 +113,10 @@ def create_app(settings: CalypsoSettings) -> FastAPI:
     require_data_roots(settings, "calypso portal")
     # Files still being written (live results) open too: HDF5's lock would refuse them.
     os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
-    app = FastAPI(title="Calypso portal", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="Calypso portal", docs_url=None, redoc_url=None, openapi_url=None,
+        lifespan=_releasing_dead_runs,
+    )  # fmt: skip
     app.state.settings = settings
     app.state.launches = {}
     app.add_middleware(

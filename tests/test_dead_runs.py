@@ -1,0 +1,131 @@
+"""Runs that died without a word (flows/dead_runs.py): a run killed with the process that
+ran it (the portal, serve, a command) stayed Running in Prefect and in the portal, and its
+catalogue record held its folder until another run of the same folder came. Once its
+lease has run out, its record is released (a publication's files taken back, its part
+folder removed), its claim fails and its flow run is marked Crashed, by the portal and
+serve every half lease and by ``calypso catalogue prune`` for its dataset; a run whose
+lease still runs is left alone. Against the tests' real Prefect server."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from pathlib import Path
+
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.states import Running
+
+from calypso.flows.cli import main
+from calypso.flows.dead_runs import reap_dead_runs
+from calypso.registry import ProcessedDataset, SQLiteCatalogue, claims
+from calypso.settings import load_settings
+
+
+@flow(name="calypso-test-killed-run", persist_result=False)
+def killed_run() -> None:
+    """Never run: its flow runs are made Running by hand, as one killed would be left."""
+
+
+def running_flow_run() -> str:
+    with get_client(sync_client=True) as client:
+        return str(client.create_flow_run(killed_run, state=Running()).id)
+
+
+def prefect_state(run_id: str):
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(uuid.UUID(run_id)).state
+
+
+def reserved(catalogue: SQLiteCatalogue, folder: Path, run_id: str, lease_s: float):
+    """A run's claim and record, as FlowRun.planned makes them, and its part folder."""
+    claims.claim(catalogue, f"key-{run_id}", run_id, "diffraction", lease_s)
+    record = ProcessedDataset(
+        technique="diffraction", raw_dataset=str(folder.parent / "RAW"),
+        processed_path=str(folder), output_file=str(folder / "result.h5"),
+        flow_run_id=run_id, status="running",
+    )  # fmt: skip
+    record = claims.reserve(catalogue, record, lease_s)
+    (folder / f".calypso-partial-{run_id}" / "step-integrate").mkdir(parents=True)
+    return record
+
+
+def test_a_run_killed_silently_is_released_and_shown_crashed(tmp_path, catalogue_path):
+    settings = load_settings()
+    catalogue = SQLiteCatalogue(catalogue_path)
+    dead, publishing, alive = running_flow_run(), running_flow_run(), running_flow_run()
+    first = reserved(catalogue, tmp_path / "a", dead, 0.2)
+    second = reserved(catalogue, tmp_path / "b", publishing, 0.2)
+    third = reserved(catalogue, tmp_path / "c", alive, 600)
+    # The second was killed with its results renamed into place, its record publishing.
+    (tmp_path / "b" / "result.h5").write_bytes(b"b's result")
+    sums = {"result.h5": hashlib.sha256(b"b's result").hexdigest()}
+    claims.publishing(catalogue, second.id, publishing, f"key-{publishing}", 0.2, sums)
+    time.sleep(0.3)
+
+    released = reap_dead_runs(settings)
+    assert sorted(r.record_id for r in released) == [first.id, second.id]
+    for record, run in ((first, dead), (second, publishing)):
+        assert catalogue.get(record.id).status == "failed"
+        assert not (Path(record.processed_path) / f".calypso-partial-{run}").exists()
+        assert claims.processing_claim(catalogue, f"key-{run}").state == "failed"
+        state = prefect_state(run)
+        assert state.type.value == "CRASHED" and "its lease ran out" in state.message
+    assert "files it had published were removed" in catalogue.get(second.id).message
+    assert not (tmp_path / "b" / "result.h5").exists()
+    # The run whose lease still runs is left alone, and nothing is released twice.
+    assert catalogue.get(third.id).status == "running"
+    assert (tmp_path / "c" / f".calypso-partial-{alive}").exists()
+    assert prefect_state(alive).type.value == "RUNNING"
+    assert reap_dead_runs(settings) == []
+
+
+def test_catalogue_prune_releases_a_dead_run_of_its_dataset(tmp_path, catalogue_path, capsys):
+    """A rerun that came while the dead run's lease still ran went to the next version;
+    the dead one's record stayed 'running' until a run of its folder came again."""
+    catalogue = SQLiteCatalogue(catalogue_path)
+    run = running_flow_run()
+    record = reserved(catalogue, tmp_path / "out", run, 0.2)
+    time.sleep(0.3)
+    raw = str(tmp_path / "RAW")
+    assert main(["catalogue", "prune", raw]) == 0
+    assert f"would release id {record.id} of flow run {run}" in capsys.readouterr().out
+    assert catalogue.get(record.id).status == "running"  # a dry run changes nothing
+    assert prefect_state(run).type.value == "RUNNING"
+    assert main(["catalogue", "prune", raw, "--yes"]) == 0
+    assert f"released id {record.id} of flow run {run}" in capsys.readouterr().out
+    assert catalogue.get(record.id).status == "failed"
+    assert prefect_state(run).type.value == "CRASHED"
+
+
+def test_the_portal_releases_dead_runs_as_it_starts(
+    tmp_path, catalogue_path, monkeypatch, loopback
+):
+    """A portal killed with a run it launched: the run is shown Crashed, not Running, once
+    a portal serves again (and then every half lease)."""
+    import threading
+
+    import uvicorn
+
+    from calypso.flows.portal import create_app
+
+    monkeypatch.setenv("CALYPSO_DATA_ROOTS", f'["{tmp_path}"]')
+    catalogue = SQLiteCatalogue(catalogue_path)
+    run = running_flow_run()
+    reserved(catalogue, tmp_path / "out", run, 0.2)
+    time.sleep(0.3)
+    port = loopback.free_port()
+    config = uvicorn.Config(create_app(load_settings()), port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        loopback.wait_for_http(f"http://127.0.0.1:{port}/health", timeout=30)
+        deadline = time.monotonic() + 20
+        while prefect_state(run).type.value != "CRASHED" and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+    assert prefect_state(run).type.value == "CRASHED"
