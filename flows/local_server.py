@@ -71,9 +71,10 @@ class LocalServerStart:
     Begun before the command imports Prefect and reads its input, so the server starts
     while the plan is made; :meth:`ready` waits for it. One command at a time looks for or
     starts it: the home's start lock is held until the server answers (by a thread, not
-    for the whole plan). A command that stops before its server answered (bad input,
-    Ctrl-C) stops the keeper it started (:meth:`close`); one that answered stays, as
-    another command may already use it, and its keeper stops it once unused. ``secret``:
+    for the whole plan). A command that stops before using the server it started (bad
+    input, Ctrl-C) stops its keeper (:meth:`close`) unless another command holds the
+    server already (a command that finds it holds it at once, under the start lock); one
+    that used it leaves it to its keeper, which stops it once unused. ``secret``:
     what this command presents to it; ``server_secret``: what the server asks for (the
     home's, ``<home>/prefect-auth``), handed to a keeper started now.
     """
@@ -87,6 +88,7 @@ class LocalServerStart:
         self._guard = threading.Lock()  # between answering and being abandoned
         self.url = find(home)
         if self.url:
+            hold(home)  # under the start lock: a command that started it sees it held
             self._lock.close()
             self._waiting = None
             return
@@ -132,19 +134,31 @@ class LocalServerStart:
         return self.url
 
     def close(self) -> None:
-        """Stop the keeper this command started if its server never answered; else mark
-        the server used now (its keeper counts idle time from here)."""
+        """Stop the keeper this command started if no command used its server (this one
+        was refused before its run, say); else mark the server used now (its keeper counts
+        idle time from here)."""
         with self._guard:
             if self._keeper is not None and not self._answered:
-                with suppress(ProcessLookupError):  # the keeper and its server: its session
-                    os.killpg(self._keeper.pid, signal.SIGTERM)
-                # Gone with the command, its address too: the keeper forgets it as it ends
-                # (a CI run found the address still there just after the command).
-                with suppress(subprocess.TimeoutExpired):
-                    self._keeper.wait(timeout=STOP_WAIT_S)
+                self._stop_keeper()
+            elif self._keeper is not None:
+                # It answered: another command may have found it since, and holds it.
+                with kept.starting_lock(self.home / ".local-server.lock"):
+                    if kept.unused(self.home / USE):
+                        self._stop_keeper()
+                    else:
+                        used(self.home)
             else:
                 used(self.home)
             self._keeper = None
+
+    def _stop_keeper(self) -> None:
+        assert self._keeper is not None
+        with suppress(ProcessLookupError):  # the keeper and its server: its session
+            os.killpg(self._keeper.pid, signal.SIGTERM)
+        # Gone with the command, its address too: the keeper forgets it as it ends (a CI
+        # run found the address still there just after the command).
+        with suppress(subprocess.TimeoutExpired):
+            self._keeper.wait(timeout=STOP_WAIT_S)
 
 
 def _active_flow_runs(url: str, auth: str) -> bool:

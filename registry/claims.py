@@ -23,10 +23,8 @@ once, with its record. A file changed since keeps the folder held.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import sqlite3
 import time
 from collections.abc import Collection, Iterator
@@ -37,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from calypso.errors import CatalogueError
 from calypso.registry import sqlite as shared_sqlite
+from calypso.registry.leftovers import release, remove_part_folder
 
 if TYPE_CHECKING:
     from calypso.registry.catalogue import ProcessedDataset, SQLiteCatalogue
@@ -238,47 +237,6 @@ def _same_result(planned: str | None, other: str | None) -> bool:
     return not planned or not other or Path(planned).name == Path(other).name
 
 
-def _taken_back(folder: str, checksums: str | None) -> bool:
-    """Whether nothing is left in ``folder`` of what a run that died while publishing had
-    renamed into place (``checksums``: name -> SHA-256, its record's): each file that
-    still has its checksum is that run's own, and is removed; another file of the same
-    name (changed, or someone's) stays. Unknown checksums: the folder stays held."""
-    from calypso.registry.access.landlock import in_proposal
-
-    names = json.loads(checksums or "{}")
-    return bool(names) and in_proposal(folder, _remove_published, folder, names)
-
-
-def _remove_published(folder: str, names: dict[str, str]) -> bool:
-    left = False
-    for name, digest in names.items():
-        path = os.path.join(folder, name)
-        if not os.path.lexists(path):
-            continue
-        if os.path.islink(path) or not os.path.isfile(path) or file_sha256(path) != digest:
-            left = True
-            continue
-        os.unlink(path)
-    return not left
-
-
-def file_sha256(path: str | Path) -> str:
-    """A file's SHA-256, as records keep it for each file they publish."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def _remove_part_folder(folder: str, run_id: str | None) -> None:
-    """The part folder a dead run left in ``folder`` (its finished chunks, its staged
-    results): a later run of its own would take them, and none will come."""
-    from calypso.registry.access.landlock import in_proposal
-    from calypso.tasks.writers.publication import PARTIAL_PREFIX
-
-    if run_id:
-        part = os.path.join(folder, f"{PARTIAL_PREFIX}{run_id}")
-        in_proposal(folder, shutil.rmtree, part, True)
-
-
 def folders_of(catalogue: SQLiteCatalogue, run_id: str) -> list[str]:
     """The folders flow run ``run_id`` reserved records in (a run's versions)."""
     with catalogue._connect() as db:
@@ -299,8 +257,8 @@ def _taken(
 ) -> bool:
     """Whether ``folder`` is held for the result file ``planned``. A reservation whose
     lease ran out, or whose run is ``dead`` (its claim was taken over), is marked failed
-    and holds nothing once none of its published files is left (:func:`_taken_back`);
-    its part folder goes."""
+    and holds nothing once none of its published files is left, its part folder removed
+    (:func:`~calypso.registry.leftovers.release`)."""
     holders = db.execute(
         "SELECT id, status, lease_expires, output_file, flow_run_id, checksums FROM "
         f"processed_datasets WHERE processed_path = ? AND status IN {_HOLDING}",
@@ -313,34 +271,12 @@ def _taken(
         stale = holder["status"] != "completed" and (
             (holder["lease_expires"] or 0) <= now or holder["flow_run_id"] == dead
         )
-        if stale and _release(db, holder, folder, f"flow run {run_id} took its folder"):
+        if stale and release(db, holder, folder, f"flow run {run_id} took its folder"):
             continue
         if holder["status"] == "completed":  # killed after its record, before its cleanup
-            _remove_part_folder(folder, holder["flow_run_id"])
+            remove_part_folder(folder, holder["flow_run_id"])
         taken = True
     return taken
-
-
-def _release(db: sqlite3.Connection, holder: sqlite3.Row, folder: str, by: str) -> str:
-    """Mark the record of a dead run failed, once none of the files it published is left
-    (:func:`_taken_back`), and remove its part folder: the record's message; "" (the
-    folder stays held) when a file it published has changed since."""
-    publishing = holder["status"] == "publishing"
-    if publishing and not _taken_back(folder, holder["checksums"]):
-        return ""
-    what = (
-        "while publishing its results (the files it had published were removed)"
-        if publishing
-        else "before publishing its results"
-    )
-    message = f"flow run {holder['flow_run_id']} stopped {what} (killed, crashed or vanished); {by}"
-    db.execute(
-        "UPDATE processed_datasets SET status = 'failed', lease_expires = NULL, message = ? "
-        "WHERE id = ?",
-        (message, holder["id"]),
-    )
-    _remove_part_folder(folder, holder["flow_run_id"])
-    return message
 
 
 @dataclass(frozen=True)
@@ -362,8 +298,9 @@ def release_dead(
     """Release what runs that died hold (records ``running`` or ``publishing`` whose lease
     ran out: the process was killed, crashed or its machine went away), in ``folders`` or
     everywhere: each record is marked failed as :func:`reserve` does when another run
-    takes its folder (a dead publication's files removed, its part folder too), and its
-    claim is marked failed. Without this, such a record waits for the next run of the
+    takes its folder (a dead publication's files removed, its part folder too); its claim
+    stays as it is (a lease run out: the watcher posts the acquisition again, the next run
+    takes it over). Without this, such a record waits for the next run of the
     same folder (a rerun that came while its lease still ran went to the next version).
     ``dry_run``: only which records are dead (nothing changes)."""
     now = time.time() if now is None else now
@@ -382,14 +319,9 @@ def release_dead(
             if dry_run:
                 released.append(Released(holder["id"], holder["flow_run_id"] or "", folder, ""))
                 continue
-            message = _release(db, holder, folder, "its lease ran out and it was released")
+            message = release(db, holder, folder, "its lease ran out and it was released")
             if not message:
                 continue
-            db.execute(
-                "UPDATE claims SET state = 'failed' WHERE flow_run_id = ? AND "
-                "state = 'running' AND expires <= ?",
-                (holder["flow_run_id"], now),
-            )
             released.append(Released(holder["id"], holder["flow_run_id"] or "", folder, message))
     return released
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from calypso.registry.claims import canonical, file_sha256, transaction, version_base
+from calypso.registry.claims import canonical, transaction, version_base
+from calypso.registry.leftovers import file_sha256
 
 if TYPE_CHECKING:
     from calypso.registry.catalogue import ProcessedDataset, SQLiteCatalogue

@@ -118,6 +118,100 @@ def test_a_truncated_edf_file_is_refused_offline_not_padded(tmp_path, recorded):
         image_files_source([path])
 
 
+def edf_file(path: Path, first: int, count: int = 1) -> None:
+    """An EDF file as Lima writes it, frames ``first`` to ``first + count - 1`` of the scan
+    (``acq_frame_nb`` in each header)."""
+    from fabio.edfimage import EdfFrame, EdfImage
+
+    image = EdfImage(data=frame(first), header={"acq_frame_nb": first})
+    for number in range(first + 1, first + count):
+        image.append_frame(EdfFrame(data=frame(number), header={"acq_frame_nb": number}))
+    image.write(str(path))
+
+
+def test_a_later_edf_file_written_first_is_not_taken_for_the_first(tmp_path):
+    """Lima's saving tasks write one frame a file in parallel: pilatus1m_0001.edf can appear
+    before pilatus1m_0000.edf. Its first number read from the files, the run took 0001
+    for the first file, and every frame after was the next one (a helper's trial)."""
+    from calypso.tasks.raw.lima_saving import lima_files
+
+    folder = tmp_path / "scan0001"
+    folder.mkdir()
+    files = LimaFiles(
+        folder / "pilatus1m_%04d.h5", npoints=3, stall_timeout=10,
+        find_files=lambda: lima_files(tmp_path, 1, "pilatus1m"),
+    )  # fmt: skip
+    edf_file(folder / "pilatus1m_0001.edf", 1)
+    assert files.ready() == [] and files.ready() == []  # frame 0's file is still to come
+    edf_file(folder / "pilatus1m_0000.edf", 0)
+    edf_file(folder / "pilatus1m_0002.edf", 2)
+    assert [r for r in follow(files, poll=0.01)] == [(0, 3)]
+    np.testing.assert_array_equal(files.read(0, 3), np.stack([frame(i) for i in range(3)]))
+
+
+def test_an_edf_file_rewritten_with_fewer_frames_is_named(tmp_path):
+    """Lima's old EDFConcat saving rewrites its one header: the frames counted went 1, 0,
+    1 and frame 0 was handed out again and again (a helper's trial)."""
+    folder = tmp_path / "scan0001"
+    folder.mkdir()
+    files = LimaFiles(folder / "frelon_%04d.edf", npoints=4, stall_timeout=10)
+    edf_file(folder / "frelon_0000.edf", 0, count=2)
+    assert files.ready() == [(0, 2)]
+    edf_file(folder / "frelon_0000.edf", 0, count=1)
+    with pytest.raises(RawDataError, match="held 2 complete frames, now 1: the Lima file was"):
+        files.ready()
+
+
+@pytest.mark.parametrize("name", ["pilatus1m_0000.cbf", "pilatus1m_0000.edf.gz"])
+def test_a_saving_followed_only_once_closed_is_named_at_once(tmp_path, name):
+    """A CBF or gzipped EDF saving, followed from its files: named only after the whole
+    stall time-out, as 'no Lima file appeared'."""
+    import time
+
+    from calypso.tasks.plans.live import open_live_scan
+
+    raw_file = tmp_path / "sample_0001" / "sample_0001.h5"
+    (raw_file.parent / "scan0001").mkdir(parents=True)
+    with h5py.File(raw_file, "w") as h5:
+        h5.create_group("1.1/instrument/pilatus1m")
+    (raw_file.parent / "scan0001" / name).write_bytes(b"whatever a detector wrote")
+    began = time.monotonic()
+    scan, _, _ = open_live_scan("files", raw_file, None, None, stall_timeout=30)
+    with pytest.raises(RawDataError, match="images, whole only once closed"):
+        scan.ready()
+    assert time.monotonic() - began < 10
+
+
+def test_an_edf_scan_whose_files_are_short_is_refused_offline(tmp_path, recorded):
+    """Offline, a Bliss dataset file stores an EDF saving's frames in the EDF files (HDF5
+    external storage), which HDF5 reads as zeros where a file is missing or short: a scan
+    reduced at its end_time, the last frame still in Lima's buffer, looked complete."""
+    from calypso.tasks.raw.frames import hdf5_frame_source
+
+    folder = tmp_path / "scan0001"
+    folder.mkdir()
+    writer = LimaWriter(folder, "frelon", "edf", SHAPE, "uint16")
+    writer.start_file(0, 3)
+    for index in range(3):
+        writer.write((str(recorded), "data", index), index)
+    writer.close()
+    raw_file = tmp_path / "sample_0001.h5"
+    with h5py.File(raw_file, "w") as h5:
+        h5.create_group("1.1/instrument")
+        h5.create_group("1.1/measurement")
+        writer.detector_dataset(h5["1.1"], 3, 3)
+    dataset = "1.1/instrument/frelon/data"
+    source = hdf5_frame_source(raw_file, dataset)
+    np.testing.assert_array_equal(read_frames(source, 0, 3), np.stack([frame(i) for i in range(3)]))
+    path = folder / "frelon_0000.edf"
+    os.truncate(path, path.stat().st_size - 10)
+    with pytest.raises(RawDataError, match=r"frelon_0000.edf holds \d+ bytes, the frames"):
+        hdf5_frame_source(raw_file, dataset)
+    path.unlink()
+    with pytest.raises(RawDataError, match="frelon_0000.edf is missing"):
+        hdf5_frame_source(raw_file, dataset)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["files", "blissdata"])
 def test_a_scan_saved_as_edf_gives_the_offline_result_while_it_runs(

@@ -55,7 +55,12 @@ from calypso.registry.access.landlock import proposal_confinement
 from calypso.settings import CalypsoSettings
 from calypso.tasks.plans.live import entry_texts, wait
 from calypso.tasks.raw import bliss
-from calypso.tasks.raw.lima_saving import LIMA_DATASET, frame_type, open_lima
+from calypso.tasks.raw.lima_saving import (
+    LIMA_DATASET,
+    frame_type,
+    open_lima,
+    require_followed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -183,12 +188,7 @@ def live_plan(ctx: StepContext, parameters: BaseModel) -> Any:
 
 def _frame_type(lima_file: str, dataset: str) -> tuple[tuple[int, ...], str]:
     """The shape and type of the frames of a Lima file being written."""
-    if Path(lima_file).suffix.lower() not in (".h5", ".hdf5", ".nxs", ".edf"):
-        raise RawDataError(
-            f"{lima_file}: the detector saves {''.join(Path(lima_file).suffixes) or 'files'} "
-            "images, whole only once closed; live reduction follows Lima's HDF5 and EDF "
-            "files: reduce this scan offline once it has ended (calypso run TECHNIQUE RAW)"
-        )
+    require_followed(lima_file)
     return frame_type(lima_file, dataset)
 
 

@@ -8,6 +8,7 @@ are read every source is checked: a missing or short Lima file is an error.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -247,7 +248,7 @@ def _source_problems(path: str | Path, dataset: str) -> tuple[list[str], list[st
             raise RawDataError(f"{path} has no dataset {dataset}")
         dset = h5[dataset]
         if not dset.is_virtual:
-            return missing, mismatched
+            return _external_problems(path, dset), mismatched
         layout_dtype = dset.dtype
         seen: dict[tuple[str, str], tuple[tuple[int, ...], np.dtype] | str] = {}
         for source in dset.virtual_sources():
@@ -289,6 +290,34 @@ def _source_problems(path: str | Path, dataset: str) -> tuple[list[str], list[st
                     f"HDF5 would convert them silently ({loss})"
                 )
     return sorted(set(missing)), sorted(set(mismatched))
+
+
+def _external_problems(path: Path, dset: h5py.Dataset) -> list[str]:
+    """The files of a dataset stored in other files (HDF5 external storage: the Lima EDF
+    files a Bliss dataset file describes, a segment a frame) that are missing or shorter
+    than the frames need: HDF5 reads what is not there as zeros, without an error."""
+    plist = dset.id.get_create_plist()
+    # Relative names are resolved as HDF5 resolves them (calypso sets ``${ORIGIN}``).
+    prefix = os.environ.get("HDF5_EXTFILE_PREFIX", "${ORIGIN}")
+    folder = Path(prefix.replace("${ORIGIN}", str(path.parent)) or ".")
+    sizes: dict[Path, int] = {}
+    problems = set()
+    for index in range(plist.get_external_count()):
+        name, offset, size = plist.get_external(index)
+        file = folder / os.fsdecode(name)
+        if file not in sizes:
+            try:
+                sizes[file] = file.stat().st_size
+            except OSError:
+                sizes[file] = -1
+        if sizes[file] < 0:
+            problems.add(f"{file} is missing")
+        elif size != h5py.h5f.UNLIMITED and sizes[file] < offset + size:
+            problems.add(
+                f"{file} holds {sizes[file]} bytes, the frames stored there need "
+                f"{offset + size} (truncated, or still being written)"
+            )
+    return sorted(problems)
 
 
 def virtual_source_path(path: Path, file_name: str) -> Path:

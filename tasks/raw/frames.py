@@ -66,7 +66,8 @@ def hdf5_frame_source(path: str | Path, dataset: str) -> FrameSource:
         if dataset not in h5 or not isinstance(h5[dataset], h5py.Dataset):
             raise RawDataError(f"{path} has no dataset {dataset}")
         dset = h5[dataset]
-        virtual = dset.is_virtual
+        # Frames in other files (a virtual dataset; external storage: Lima's EDF files)
+        stored_elsewhere = dset.is_virtual or dset.id.get_create_plist().get_external_count()
         if dset.ndim == 2:
             shape = (1, *dset.shape)
         elif dset.ndim == 3:
@@ -76,7 +77,7 @@ def hdf5_frame_source(path: str | Path, dataset: str) -> FrameSource:
                 f"{path}::{dataset} has shape {dset.shape}: expected frames (n, rows, columns)"
             )
         dtype = str(dset.dtype)
-    if virtual:
+    if stored_elsewhere:
         # HDF5 reads a missing source as zeros, and converts a source of another type or
         # frame size without a word: every source is checked before a frame is read.
         require_frames(path, dataset)

@@ -33,14 +33,18 @@ from calypso.tasks.raw.stored_chunks import read_dataset_frames
 
 LIMA_DATASET = "/entry_0000/measurement/data"
 EDF_SUFFIXES = (".edf",)
+FOLLOWED_SUFFIXES = (".h5", ".hdf5", ".nxs", *EDF_SUFFIXES)
 
 
 # -- the files of a scan's folder ----------------------------------------------------
 
 
-# A Lima file: <prefix><number>.h5 (or .edf), the number padded or not
-# (saving_index_format).
-_LIMA_FILE = re.compile(r"^(?P<prefix>.*?)(?P<number>\d+)\.(?P<suffix>h5|hdf5|nxs|edf)$")
+# A Lima file: <prefix><number>.h5 (or .edf ...), the number padded or not
+# (saving_index_format). Those not followed while written are found too, to be named.
+_LIMA_FILE = re.compile(
+    r"^(?P<prefix>.*?)(?P<number>\d+)\.(?P<suffix>h5|hdf5|nxs|edf|edf\.gz|edf\.bz2|cbf|"
+    r"cbf\.gz|tiff?)$"
+)
 
 
 def lima_namings(scan_folder: Path) -> dict[str, tuple[str, int]]:
@@ -168,6 +172,18 @@ def read_lima(path: str | Path, dataset: str, first: int, stop: int) -> np.ndarr
 # -- EDF files ------------------------------------------------------------------------
 
 
+def require_followed(path: str | Path) -> None:
+    """A RawDataError unless ``path`` is a Lima file live reduction follows while it is
+    written (HDF5, EDF): a CBF, TIFF or compressed EDF image is whole only once closed."""
+    if not str(path).lower().endswith(FOLLOWED_SUFFIXES):
+        suffix = "".join(Path(path).suffixes[-2:]) or "files"
+        raise RawDataError(
+            f"{path}: the detector saves {suffix} images, whole only once closed; live "
+            "reduction follows Lima's HDF5 and EDF files: reduce this scan offline once it "
+            "has ended (calypso run TECHNIQUE RAW)"
+        )
+
+
 def is_edf(path: str | Path) -> bool:
     """A Lima EDF file (one header a frame, then its pixels)."""
     return str(path).lower().endswith(EDF_SUFFIXES)
@@ -207,6 +223,20 @@ def edf_frames(path: str | Path) -> tuple[int, int]:
         return whole, whole + (size > end)
     finally:
         image.close()
+
+
+def edf_first_frame(path: str | Path) -> int | None:
+    """The number in the scan of an EDF file's first frame (Lima's ``acq_frame_nb``), if
+    its header says."""
+    image = _open_edf(path)
+    try:
+        number = image.get_frame(0).header.get("acq_frame_nb")
+    finally:
+        image.close()
+    try:
+        return int(number) if number is not None else None
+    except ValueError:
+        return None
 
 
 def iter_edf(path: str | Path, first: int, stop: int) -> Iterator[np.ndarray]:

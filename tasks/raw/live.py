@@ -32,11 +32,13 @@ from calypso.errors import ParameterError, RawDataError
 from calypso.tasks.raw.lima_saving import (
     LIMA_DATASET,
     complete_frames,
+    edf_first_frame,
     edf_frames,
     frames_dataset,
     is_edf,
     open_lima,
     read_run,
+    require_followed,
 )
 
 
@@ -168,6 +170,7 @@ class LimaFiles:
         # Where the files are, looked for again while none has come (their names are the
         # beamline's: the template is Bliss's default until the first one shows them).
         self._find_files = find_files
+        self._first_frame: int | None = None  # of the first EDF file found (acq_frame_nb)
         self._files: list[tuple[str, int]] = []  # final files: (path, frames)
         self._current = 0  # frames of the current (not final) file handed out
         self._handed = 0
@@ -229,9 +232,19 @@ class LimaFiles:
                 path = self._path(index)
         if not os.path.exists(path):
             return "missing"
+        require_followed(path)  # a CBF, TIFF ... saving: named now, not after a stall
         final = self._ended or os.path.exists(self._path(index + 1))
         try:
             if is_edf(path):  # frames whose header and pixels are all on disk
+                if index == 0 and self._current == 0 and self._find_files is not None:
+                    # The first file found may not be the first: Lima's saving tasks write
+                    # one frame a file in parallel. An EDF frame says which it is (Lima's
+                    # acq_frame_nb, from 0): until frame 0's file comes, look again.
+                    self._first_frame = edf_first_frame(path)
+                    if self._first_frame not in (0, None):
+                        if found := self._find_files():
+                            self.template, self.first_file = found
+                        return "missing"
                 return (*edf_frames(path), final)
             with open_lima(path) as h5:
                 data = h5.get(self.dataset)
@@ -260,6 +273,11 @@ class LimaFiles:
                     self._end = self._handed  # every file the scan wrote is read
                 break
             count, total, final = probe
+            if count < self._current:
+                raise RawDataError(
+                    f"{self._path(index)} held {self._current} complete frames, now {count}: "
+                    "the Lima file was rewritten or replaced while the scan ran"
+                )
             self._handed += count - self._current
             self._current = count
             if not final or (count < total and not self._ended):
@@ -290,7 +308,12 @@ class LimaFiles:
         if waited <= self.stall_timeout:
             return
         path = self._path(len(self._files))
-        if not os.path.exists(path):
+        if self._first_frame not in (0, None):
+            what = (
+                f"the first Lima file found, {path}, starts at frame {self._first_frame} of the "
+                "scan (acq_frame_nb), and the file of frame 0 did not appear"
+            )
+        elif not os.path.exists(path):
             what = f"Lima file {path} did not appear ({self._handed} frames read before)"
         else:
             what = f"Lima file {path} has held {self._current} complete frames"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from calypso.errors import OutputError
-from calypso.registry.claims import file_sha256
+from calypso.registry.leftovers import file_sha256
 from calypso.tasks.writers.permissions import Permissions, default_permissions
 
 PARTIAL_PREFIX = ".calypso-partial-"
