@@ -101,14 +101,20 @@ def test_a_growing_edf_file_is_followed_to_the_scans_end(tmp_path, recorded):
     assert not files.partial
 
 
-def test_a_truncated_edf_file_is_refused_offline_not_padded(tmp_path, recorded):
-    folder = tmp_path / "scan0001"
+def three_frames_saved(folder: Path, recorded: Path) -> LimaWriter:
+    """Frames 0-2 of ``recorded`` in ``folder/frelon_0000.edf``, as Lima's EDF saving."""
     folder.mkdir()
     writer = LimaWriter(folder, "frelon", "edf", SHAPE, "uint16")
     writer.start_file(0, 3)
     for index in range(3):
         writer.write((str(recorded), "data", index), index)
     writer.close()
+    return writer
+
+
+def test_a_truncated_edf_file_is_refused_offline_not_padded(tmp_path, recorded):
+    folder = tmp_path / "scan0001"
+    three_frames_saved(folder, recorded)
     path = folder / "frelon_0000.edf"
     np.testing.assert_array_equal(
         read_frames(image_files_source([path]), 0, 3), np.stack([frame(i) for i in range(3)])
@@ -189,12 +195,7 @@ def test_an_edf_scan_whose_files_are_short_is_refused_offline(tmp_path, recorded
     from calypso.tasks.raw.frames import hdf5_frame_source
 
     folder = tmp_path / "scan0001"
-    folder.mkdir()
-    writer = LimaWriter(folder, "frelon", "edf", SHAPE, "uint16")
-    writer.start_file(0, 3)
-    for index in range(3):
-        writer.write((str(recorded), "data", index), index)
-    writer.close()
+    writer = three_frames_saved(folder, recorded)
     raw_file = tmp_path / "sample_0001.h5"
     with h5py.File(raw_file, "w") as h5:
         h5.create_group("1.1/instrument")
