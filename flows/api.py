@@ -316,11 +316,11 @@ def _run_technique(
 
 def _import_what_the_run_imports(entry: Technique, api: ServerStart | None) -> None:
     """What the run will import (Prefect's engine, the technique's modules, matplotlib:
-    ~1 s), imported while this command's server starts, until it answers: once it does,
-    a run that imported on the command's cores what it could import as it needs it
-    (matplotlib at the write) only started later (1.66 s of a cold command's 7.0 s, the
-    server ready and unused, session 40). The technique's own modules import theirs; not
-    looked for first (``Technique.modules`` reads 78 files: 0.2-0.46 s)."""
+    ~1 s), imported while this command's server starts and no longer once it answers:
+    the run then starts at once and imports the rest as it needs it (a cold 60-frame
+    command had its server ready and unused for 1.66 s of its 7.0 s, session 40). The
+    technique's modules are its roots, which import theirs (listing every module a run
+    may import, ``Technique.modules``, reads 78 files: 0.2-0.46 s)."""
     from calypso.flows.online.warm_starts import ALWAYS, import_modules
 
     first = [m for m in ALWAYS if not m.startswith("matplotlib")]
