@@ -25,11 +25,13 @@ logger = logging.getLogger(__name__)
 def reap_dead_runs(
     settings: CalypsoSettings, folders: Collection[str] | None = None, dry_run: bool = False
 ) -> list[claims.Released]:
-    """Release the catalogue records of runs whose lease ran out (in ``folders``, or
-    all) and mark their flow runs Crashed where Prefect still has them running
+    """Release the catalogue records of runs whose lease ran out a lease ago or more (in
+    ``folders``, or all) and mark their flow runs Crashed where Prefect still has them running
     (``dry_run``: only which they are)."""
     catalogue = embedded(open_catalogue(settings))
-    released = claims.release_dead(catalogue, folders, dry_run=dry_run)
+    # One more lease of grace: a run whose heartbeat a loaded machine starved is alive.
+    lease = settings.catalogue.lease_s
+    released = claims.release_dead(catalogue, folders, dry_run=dry_run, grace_s=lease)
     if dry_run:
         return released
     for dead in released:

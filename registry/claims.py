@@ -294,6 +294,7 @@ def release_dead(
     folders: Collection[str] | None = None,
     now: float | None = None,
     dry_run: bool = False,
+    grace_s: float = 0.0,
 ) -> list[Released]:
     """Release what runs that died hold (records ``running`` or ``publishing`` whose lease
     ran out: the process was killed, crashed or its machine went away), in ``folders`` or
@@ -302,7 +303,9 @@ def release_dead(
     stays as it is (a lease run out: the watcher posts the acquisition again, the next run
     takes it over). Without this, such a record waits for the next run of the
     same folder (a rerun that came while its lease still ran went to the next version).
-    ``dry_run``: only which records are dead (nothing changes)."""
+    ``dry_run``: only which records are dead (nothing changes). ``grace_s``: how long past
+    its lease a record must be (a live run's heartbeat starved by a loaded machine is
+    not taken for dead)."""
     now = time.time() if now is None else now
     released = []
     with transaction(catalogue) as db:
@@ -310,7 +313,7 @@ def release_dead(
             "SELECT id, status, lease_expires, output_file, flow_run_id, checksums, "
             "processed_path FROM processed_datasets WHERE status IN ('running', 'publishing') "
             "AND COALESCE(lease_expires, 0) <= ? ORDER BY id",
-            (now,),
+            (now - grace_s,),
         ).fetchall()
         for holder in holders:
             folder = holder["processed_path"]
