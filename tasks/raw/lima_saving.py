@@ -22,6 +22,7 @@ import os
 import re
 import stat
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 
 import h5py
@@ -211,7 +212,13 @@ def edf_frames(path: str | Path) -> tuple[int, int]:
     A frame counts once its header is whole and the last byte of its pixels is on disk:
     Lima writes a frame's header, then its pixels, frame after frame, so a byte past the
     last whole frame is a frame begun."""
-    size = os.stat(path).st_size  # first: what fabio then finds whole was there by now
+    _written_here(Path(path))
+    status = os.stat(path)  # first: what fabio then finds whole was there by now
+    return _edf_frames(str(path), status.st_size, status.st_mtime_ns, status.st_ino)
+
+
+@lru_cache(maxsize=8)  # a file that has not changed since the last look: not read again
+def _edf_frames(path: str, size: int, _mtime_ns: int, _inode: int) -> tuple[int, int]:
     image = _open_edf(path)
     try:
         whole, end = 0, 0
