@@ -17,6 +17,7 @@ import fcntl
 import logging
 import os
 import stat
+import sys
 import tempfile
 import threading
 import uuid
@@ -51,6 +52,12 @@ def dask_setup(worker: Any) -> None:
     worker._calypso_heartbeat_filter = ClosingWorkerHeartbeat(worker)
     logging.getLogger("distributed.worker").addFilter(worker._calypso_heartbeat_filter)
     share_prefect_tls_context()  # each task run's engine makes a Prefect client
+    # What the preloaded modules warm in each worker, not in the fork server that imported
+    # them (calypso.tasks.tomography): in a thread, the worker takes tasks meanwhile.
+    for name, module in list(sys.modules.items()):
+        warm_up = getattr(module, "warm_up_worker", None) if name.startswith("calypso.") else None
+        if callable(warm_up):
+            threading.Thread(target=warm_up, name=f"warm-up {name}", daemon=True).start()
 
 
 def dask_teardown(worker: Any) -> None:

@@ -35,11 +35,18 @@ from calypso.tasks.writers.plots import plot_slices, publish_image
 from calypso.tasks.writers.publication import move_into_place
 from calypso.techniques import tomography as tomo
 
-# Compile the back-projection kernel now (~0.5 s): workers preload this module
-# while they start, so the first slab does not wait for it.
-tomo.back_projection_kernel()(
-    np.zeros((2, 4), np.float32), np.zeros(2, np.float32), np.float32(1.5), False
-)
+
+def warm_up_worker() -> None:
+    """Compile the back-projection kernel (~0.5 s) as a worker starts, so the first slab
+    does not wait for it (:func:`calypso.executors.worker_setup.dask_setup`). Not at
+    import: a kept cluster's workers are forked from a fork server that imported this
+    module, and numba's OpenMP threads started there (compiling a parallel kernel starts
+    them) kill each worker forked after it at its first slab ("fork() called from a
+    process already using GNU OpenMP")."""
+    tomo.back_projection_kernel()(
+        np.zeros((2, 4), np.float32), np.zeros(2, np.float32), np.float32(1.5), False
+    )
+
 
 __all__ = [
     "TECHNIQUE",

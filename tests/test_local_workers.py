@@ -303,3 +303,42 @@ def test_pyfai_gives_the_same_patterns_with_any_openmp_thread_count():
         if threads == 2:
             np.testing.assert_array_equal(results[2].intensity, results[1].intensity)
             np.testing.assert_array_equal(results[2].errors, results[1].errors)
+
+
+# A fork server that imported the tomography tasks, and a worker forked from it that
+# reconstructs: in a process of its own (a process has one fork server).
+FORKED_TOMOGRAPHY = textwrap.dedent(
+    """
+    import multiprocessing
+    import numpy as np
+
+    def back_project(_):
+        from calypso.techniques import tomography as tomo
+
+        kernel = tomo.back_projection_kernel()
+        angles = np.linspace(0, 3, 8).astype(np.float32)
+        return float(kernel(np.ones((8, 16), np.float32), angles, np.float32(8), False).sum())
+
+    if __name__ == "__main__":
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["calypso.tasks.tomography"])
+        with context.Pool(1) as pool:
+            print(pool.map_async(back_project, [0]).get(timeout=60))
+    """
+)
+
+
+def test_workers_forked_after_the_tomography_tasks_were_imported_reconstruct(tmp_path):
+    """The tomography tasks ran numba's parallel kernel as they were imported (to compile
+    it): in a kept cluster's fork server, which imports every technique's tasks, that
+    started numba's OpenMP threads, and each worker forked from it died at its first slab
+    ("fork() called from a process already using GNU OpenMP"; KilledWorker, then later
+    commands waited for workers that never came). The kernel is compiled in each worker."""
+    script = tmp_path / "forked.py"
+    script.write_text(FORKED_TOMOGRAPHY)
+    env = dict(os.environ, NUMBA_NUM_THREADS="1")  # as in Calypso's Dask workers
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip().startswith("["), done.stderr[-2000:]
+    assert "GNU OpenMP" not in done.stderr
