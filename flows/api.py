@@ -347,6 +347,7 @@ def export_processed(
     from calypso.registry.access import Intent, confine
     from calypso.tasks.export import (
         dataset_to_export,
+        default_export_uri,
         export_dataset,
         export_summary,
         record_export,
@@ -354,7 +355,7 @@ def export_processed(
 
     folder, record = dataset_to_export(source, settings)
     record_id = record.id if record else None
-    target = target or f"{settings.export_target.rstrip('/')}/{folder.name}"
+    target = target or default_export_uri(settings.export_target, folder, record)
     intent = Intent("export", export_source=str(folder), export_to=target)
     confine(identity or current_identity(settings), intent, settings)
     bar = TerminalBar(0, "B", scale=True)

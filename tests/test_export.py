@@ -373,3 +373,35 @@ def test_a_flow_run_exports_its_results_with_export_to(
         )
     exporting = [a for a in artifacts if (a.description or "").startswith("Exporting")]
     assert len(exporting) == 1 and exporting[0].data == 100.0
+
+
+def test_two_datasets_exported_without_a_target_do_not_meet(
+    tmp_path, catalogue_path, capsys, monkeypatch
+):
+    """Without --to the default was <home>/export/<folder name>: every result folder is
+    named after its technique, so a second dataset's export replaced the first one's
+    files and manifest, exit 0 (a fresh-checkout walk). Each goes to its data-policy
+    path now: from its catalogue record's raw dataset, else below its PROCESSED_DATA."""
+    from calypso.registry import ProcessedDataset
+    from calypso.tasks.export import default_export_uri
+
+    monkeypatch.setenv("CALYPSO_EXPORT__DEFAULT_TARGET", str(tmp_path / "exports"))
+    session = tmp_path / "visitor" / "ih0001" / "id00" / "20261207"
+    folders = []
+    for dataset in ("CeO2_0001", "CeO2_0002"):
+        folder = session / "PROCESSED_DATA" / "CeO2" / dataset / "diffraction"
+        folder.parent.mkdir(parents=True)
+        folders.append(processed_dataset(tmp_path / dataset, small=2, large=0).rename(folder))
+    for folder in folders:
+        assert main(["export", str(folder), "--json"]) == 0
+        uri = json.loads(capsys.readouterr().out)["uri"]
+        assert uri.endswith(f"ih0001/id00/20261207/CeO2/{folder.parent.name}/diffraction")
+    exported = tmp_path / "exports" / "ih0001" / "id00" / "20261207" / "CeO2"
+    assert sorted(p.name for p in exported.iterdir()) == ["CeO2_0001", "CeO2_0002"]
+    raw = session / "RAW_DATA" / "CeO2" / "CeO2_0001"
+    record = ProcessedDataset(technique="diffraction", raw_dataset=str(raw), processed_path="x")
+    elsewhere = tmp_path / "scratch" / "diffraction"  # written with --output
+    assert default_export_uri("s3://b/p", elsewhere, record) == (
+        "s3://b/p/ih0001/id00/20261207/CeO2/CeO2_0001/diffraction"
+    )
+    assert default_export_uri("s3://b/p", elsewhere, None) == "s3://b/p/diffraction"

@@ -18,8 +18,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--to",
         metavar="URI",
-        help="s3://bucket/prefix or any fsspec URL or folder (default: settings' "
-        "export.default_target, then <home>/export/<folder name>)",
+        help="s3://bucket/prefix or any fsspec URL or folder (default: under settings' "
+        "export.default_target, else <home>/export, the dataset's data-policy path: "
+        "<proposal>/<beamline>/<session>/<collection>/<dataset>/<technique>)",
     )
     export.add_argument(
         "--include",

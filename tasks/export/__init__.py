@@ -17,6 +17,7 @@ Prefect task a flow runs (imported on its own: ``calypso export`` needs no Prefe
 
 from calypso.tasks.export.records import (
     dataset_to_export,
+    default_export_uri,
     export_summary,
     flow_export_uri,
     record_export,
@@ -41,6 +42,7 @@ __all__ = [
     "LocalFile",
     "check_target_uri",
     "dataset_to_export",
+    "default_export_uri",
     "export_dataset",
     "export_summary",
     "files_to_export",

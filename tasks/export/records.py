@@ -79,6 +79,27 @@ def flow_export_uri(export_to: str, output_dir: str, raw: Any) -> str:
     return f"{check_target_uri(export_to)}/{output.name}"
 
 
+def default_export_uri(export_root: str, folder: Path, record: Any) -> str:
+    """Where ``calypso export`` sends a processed folder without ``--to``: under
+    ``export_root``, the data-policy path of its raw dataset (as a flow run's
+    ``export_to``), so that two datasets' ``diffraction/`` folders never land in one
+    place; a folder outside the policy under the path below its ``PROCESSED_DATA``, else
+    under its own name."""
+    from calypso.tasks.raw.data_policy import DataPolicyError, RawDataset
+
+    raw = None
+    if record is not None and record.raw_dataset:
+        try:
+            raw = RawDataset.from_path(record.raw_dataset)
+        except DataPolicyError:
+            raw = None
+    if raw is None and "PROCESSED_DATA" in folder.parts[:-1]:
+        at = folder.parts.index("PROCESSED_DATA")
+        above = folder.parts[max(1, at - 3) : at]  # proposal, beamline, session
+        return "/".join([check_target_uri(export_root), *above, *folder.parts[at + 1 :]])
+    return flow_export_uri(export_root, str(folder), raw)
+
+
 def export_summary(report: ExportReport, warning: str = "") -> dict[str, Any]:
     return {
         "uri": report.uri,
