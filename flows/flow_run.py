@@ -185,7 +185,12 @@ class FlowRun:
         self._remove_partial_result()  # it said "running": the record says what happened
         try:
             # Not only Calypso's errors (redacted already) fail a run.
-            message = redact(str(error))
+            message = (
+                redact(str(error))
+                if isinstance(error, Exception)
+                else f"interrupted ({type(error).__name__}: Ctrl-C, or the process was told "
+                "to stop) before it finished"
+            )
             registration = register_processed_dataset(self._record([], "failed", message))
         except CatalogueError as exc:
             logging.getLogger(__name__).warning(
@@ -305,7 +310,7 @@ class FlowRun:
         try:
             with preparing(work_dir, permissions) as self.publication:
                 yield str(work_dir)
-        except Exception as exc:
+        except BaseException as exc:  # Ctrl-C too: the record said "running" for good
             self.failed(exc)
             # Kept for a retry only when it holds a finished chunk a retry could take. A
             # refused run's retry is refused again: its folder, which the visitor cannot

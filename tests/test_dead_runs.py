@@ -140,3 +140,33 @@ def test_the_portal_releases_dead_runs_as_it_starts(
         server.should_exit = True
         thread.join(timeout=20)
     assert prefect_state(run).type.value == "CRASHED"
+
+
+def test_a_run_stopped_with_ctrl_c_says_so_in_its_record(tmp_path, catalogue_path):
+    """Ctrl-C on `calypso run` left its record 'running': the next run went to `_v2`, a
+    later one took the first folder back (a fresh-checkout walk)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from calypso.flows.samples.diffraction import write_diffraction_sample
+    from tests.processes import wait_until
+
+    sample = write_diffraction_sample(tmp_path / "visitor", frames=60, frames_per_file=10, seed=4)
+    command = [
+        sys.executable, "-m", "calypso.flows.cli", "run", "diffraction",
+        str(sample.raw_dataset_dir), "--set", f"poni={sample.calibration['poni']}",
+        "--set", f"mask={sample.calibration['mask']}", "--set", "chunk_size=4",
+    ]  # fmt: skip
+    env = dict(os.environ, CALYPSO_CATALOGUE__LEASE_S="120")
+    run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    output = sample.dataset.processed_dataset_dir("diffraction")
+    try:
+        wait_until(lambda: list(output.glob(".calypso-partial-*/step-*/*.h5")), 120, "a chunk")
+    finally:
+        run.send_signal(signal.SIGINT)
+        _, errors = run.communicate(timeout=60)
+    assert run.returncode != 0, errors
+    [record] = SQLiteCatalogue(catalogue_path).list()
+    assert record.status == "failed" and record.message.startswith("interrupted"), record
