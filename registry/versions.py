@@ -124,3 +124,18 @@ def _remove_if_empty(folder: Path) -> None:
     with suppress(OSError):
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
+
+
+def removed_with(catalogue: SQLiteCatalogue, folder: str | Path, why: str) -> int:
+    """Records of results under ``folder``, which was removed whole (its files gone), say
+    so: status ``pruned`` (they hold no version folder any more), ``why`` in their message.
+    Returns how many."""
+    path = canonical(folder)
+    with transaction(catalogue) as db:
+        changed = db.execute(
+            "UPDATE processed_datasets SET status = 'pruned', message = ? WHERE status IN "
+            "('completed', 'failed', 'publishing') AND (processed_path = ? OR processed_path "
+            "LIKE ? ESCAPE '\\')",
+            (json.dumps({"removed_with": path, "why": why}), path, _like_prefix(path)),
+        )
+        return changed.rowcount

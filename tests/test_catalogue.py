@@ -36,3 +36,33 @@ def test_an_outbox_made_before_keys_is_upgraded_with_its_entries(tmp_path):
     assert not catalogue.enqueue(1, "icat", {"path": "/processed"})  # still owed once
     assert catalogue.enqueue(1, "icat-metadata", {"n": 1}, key="export:1:s3://b/p")
     assert catalogue.exports(record_id=1) == []
+
+
+def test_results_removed_with_their_folder_hold_no_version(tmp_path):
+    """`calypso demo` run again removes its folder, results included, and its records
+    stayed completed ('3 files missing'): the new results went to `_v2`, and README's
+    path to the result no longer existed (a fresh-checkout walk)."""
+    from calypso.registry import ProcessedDataset, claims
+    from calypso.registry.versions import removed_with
+
+    catalogue = SQLiteCatalogue(tmp_path / "c.sqlite")
+    demo, kept = tmp_path / "demo-data", tmp_path / "mine"
+
+    def reserved(folder, run):
+        record = ProcessedDataset(
+            technique="diffraction", raw_dataset=str(folder / "RAW"),
+            processed_path=str(folder / "diffraction"),
+            output_file=str(folder / "diffraction" / "r.h5"), flow_run_id=run,
+            status="running",
+        )  # fmt: skip
+        return claims.reserve(catalogue, record, 60)
+
+    old, other = reserved(demo, "a"), reserved(kept, "b")
+    for record in (old, other):
+        catalogue.register(record.model_copy(update={"status": "completed"}))
+    assert removed_with(catalogue, demo, "calypso demo wrote it again") == 1
+    assert catalogue.get(old.id).status == "pruned"
+    assert "calypso demo wrote it again" in catalogue.get(old.id).message
+    assert catalogue.get(other.id).status == "completed"
+    again = reserved(demo, "c")  # the new result goes where the old one was
+    assert (again.version or 1) == 1 and again.processed_path == old.processed_path

@@ -7,6 +7,7 @@ partial; a Lima file that never appears is named after the time-out."""
 from __future__ import annotations
 
 import base64
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,8 +66,11 @@ class Simulator(threading.Thread):
         self.join(timeout)
         if not self.told:
             self.process.kill()
-        assert self.told, "the live run never began"
-        return self.process.wait(timeout=timeout)
+        try:
+            assert self.told, "the live run never began"
+            return self.process.wait(timeout=timeout)
+        finally:
+            shutil.rmtree(self.go.parent, ignore_errors=True)  # nothing left in /tmp
 
 
 def simulate(source: Path, root: Path, *options: str) -> Simulator:

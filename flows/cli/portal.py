@@ -43,6 +43,12 @@ def command_portal(args: argparse.Namespace) -> int:
     port = args.port or settings.portal.port
     if not viewer_built():
         print(f"calypso portal: warning: {VIEWER_MISSING}", file=sys.stderr)
+    if not settings.access.ldap.url and not settings.access.oidc.issuer:
+        print(
+            "calypso portal: warning: no way to sign in: set CALYPSO_ACCESS__LDAP__URL (an "
+            "LDAP directory) or CALYPSO_ACCESS__OIDC__ISSUER (OpenID Connect): docs/portal.md",
+            file=sys.stderr,
+        )
     if host not in ("127.0.0.1", "::1", "localhost"):
         print(
             f"calypso portal: warning: listening on {host}: put a TLS reverse proxy in front "

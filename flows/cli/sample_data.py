@@ -85,13 +85,22 @@ def command_demo(args: argparse.Namespace) -> int:
                 "give a new folder (or the one an earlier demo wrote)"
             )
         shutil.rmtree(root)
+        # Their records went with them: the new results go where the old ones were.
+        from calypso.registry import open_catalogue
+        from calypso.registry.catalogue import embedded
+        from calypso.registry.versions import removed_with
+
+        removed_with(embedded(open_catalogue(settings)), root, "calypso demo wrote it again")
     print(f"Writing {args.frames} Pilatus 1M frames of CeO2 in the ESRF layout under {root} ...")
     sample = write_diffraction_sample(root, frames=args.frames)
     print(f"raw dataset: {sample.raw_dataset_dir}")
     settings_text = demo_settings(sample.calibration)
     print("Reducing it with the diffraction flow on a local Dask cluster under Prefect ...")
     summary = _reduce("diffraction", sample.raw_dataset_dir, settings, settings_text)
-    print("Look at the result with: silx view " + summary["outputs"][0].split("::")[0])
+    print(
+        f"The result: {summary['outputs'][0].split('::')[0]} (open it with h5py, in the "
+        "portal, or with `silx view`, which needs a Qt binding: pip install PyQt5)"
+    )
 
     print("\nWriting 3 XAS scans of an Fe foil (transmission, reference foil channel) ...")
     xas_dataset = write_spectroscopy_sample(root, repeats=3)

@@ -186,7 +186,8 @@ def command_watch(args: argparse.Namespace) -> int:
     if not settings.watch.beamlines:
         raise ConfigurationError(
             "no beamline rules: set CALYPSO_WATCH__BEAMLINES (or [watch.beamlines] in the "
-            "config file) to say which technique reduces which scans (see README 'Triggers')"
+            "config file) to say which technique reduces which scans "
+            "(docs/operations/automation.md)"
         )
     _log_to_stderr()
     Watcher(roots, settings, api).run(once=args.once)
