@@ -89,6 +89,8 @@ def test_the_service_confines_a_submitted_run_to_the_submitters_proposals(servic
     assert refused.returncode == 7, refused.stdout + refused.stderr
     error = json.loads(refused.stdout)["error"]
     assert error["type"] == "AccessError" and "outside proposal" in error["message"]
+    # Said to come from the service, with the way to run it here instead.
+    assert "said by `calypso serve`" in error["message"] and "--local" in error["message"]
     assert not elsewhere.exists()
 
     # Another account, as the kernel tells the service: not in the proposal, refused.

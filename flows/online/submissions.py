@@ -230,7 +230,13 @@ def _error_from(error: dict[str, Any]) -> CalypsoError:
     kind = getattr(errors, error["type"], None) or getattr(access_errors, error["type"], None)
     if not (isinstance(kind, type) and issubclass(kind, CalypsoError)):
         kind = CalypsoError
-    exc = kind(error["message"])
+    message = error["message"]
+    if issubclass(kind, access_errors.AccessError):  # the service's rules, not this machine's
+        message += (
+            " (said by `calypso serve`, which took the run: it reads only inside its data "
+            "roots and your proposals; --local runs it in this command)"
+        )
+    exc = kind(message)
     exc.exit_code = int(error.get("exit_code", 1))
     return exc
 
