@@ -307,6 +307,7 @@ def test_a_rerun_writes_a_version_beside_the_old_one_whose_record_stays_true(
     raw = str(sample.raw_dataset_dir)
     shown = calypso(capsys, "catalogue", "versions", raw)
     assert "v1" in shown and "v2" in shown and "3 files ok" in shown and "npt=150" in shown
+    assert calypso(capsys, "catalogue", "versions", str(records[1].id)) == shown  # by an id
     assert "would remove 3 files of v1" in calypso(capsys, "catalogue", "prune", raw)
     assert digest(v1) == before  # a dry run
     assert "removed 3 files of v1" in calypso(capsys, "catalogue", "prune", raw, "--yes")

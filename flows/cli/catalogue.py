@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from calypso.errors import ConfigurationError
@@ -41,7 +42,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "versions",
         help="every version of a dataset's results, checked against the files it lists",
     )
-    versions.add_argument("dataset", help="raw dataset folder (or a processed folder)")
+    versions.add_argument(
+        "dataset", help="raw dataset folder (or a processed folder, or a record's id)"
+    )
     versions.add_argument("--json", action="store_true")
     versions.set_defaults(handler=command_catalogue_versions)
     prune = catalogue_commands.add_parser(
@@ -143,6 +146,8 @@ def _versions(dataset: str):
     from calypso.registry.versions import families, records_of
 
     catalogue = embedded(open_catalogue(load_settings()))
+    if dataset.isdigit() and not Path(dataset).exists():  # a record's id: its dataset's
+        dataset = catalogue.get(int(dataset)).raw_dataset
     return catalogue, families(records_of(catalogue, dataset))
 
 
