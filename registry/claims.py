@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from calypso.errors import CatalogueError
+from calypso.errors import CalypsoError, CatalogueError
 from calypso.registry import sqlite as shared_sqlite
 from calypso.registry.leftovers import release, remove_part_folder
 
@@ -322,7 +322,10 @@ def release_dead(
             if dry_run:
                 released.append(Released(holder["id"], holder["flow_run_id"] or "", folder, ""))
                 continue
-            message = release(db, holder, folder, "its lease ran out and it was released")
+            try:
+                message = release(db, holder, folder, "its lease ran out and it was released")
+            except (OSError, CalypsoError):  # a folder this process may not touch: others
+                continue
             if not message:
                 continue
             released.append(Released(holder["id"], holder["flow_run_id"] or "", folder, message))
