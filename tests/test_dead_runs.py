@@ -153,7 +153,9 @@ def test_a_run_stopped_with_ctrl_c_says_so_in_its_record(tmp_path, catalogue_pat
     from calypso.flows.samples.diffraction import write_diffraction_sample
     from tests.processes import wait_until
 
-    sample = write_diffraction_sample(tmp_path / "visitor", frames=60, frames_per_file=10, seed=4)
+    # Long enough to be stopped mid-run on a loaded machine: a cold command integrates its
+    # first chunks before its flow run (and part folder) begins.
+    sample = write_diffraction_sample(tmp_path / "visitor", frames=240, frames_per_file=40, seed=4)
     command = [
         sys.executable, "-m", "calypso.flows.cli", "run", "diffraction",
         str(sample.raw_dataset_dir), "--set", f"poni={sample.calibration['poni']}",
@@ -163,7 +165,9 @@ def test_a_run_stopped_with_ctrl_c_says_so_in_its_record(tmp_path, catalogue_pat
     run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     output = sample.dataset.processed_dataset_dir("diffraction")
     try:
-        wait_until(lambda: list(output.glob(".calypso-partial-*/step-*/*.h5")), 120, "a chunk")
+        wait_until(
+            lambda: list(output.glob(".calypso-partial-*/step-*/*.h5")), 120, "a chunk", 0.05
+        )
     finally:
         run.send_signal(signal.SIGINT)
         _, errors = run.communicate(timeout=60)
