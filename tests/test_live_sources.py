@@ -523,12 +523,12 @@ def test_a_detector_saving_images_whole_only_once_closed_is_named(tmp_path, name
     """A Lima saving CBF or gzipped EDF (a stream hands out its files) ended the live run
     in a Python traceback from h5py ("file signature not found"): one line that says
     what to do (EDF itself is followed: tests/test_live_edf.py)."""
-    from calypso.flows.online.live import _frame_type
+    from calypso.tasks.raw.lima_saving import frame_type
 
     images = tmp_path / "scan0001" / name
     suffix = "".join(images.suffixes).replace(".", r"\.")
     with pytest.raises(RawDataError, match=rf"saves {suffix} images, whole only once closed"):
-        _frame_type(str(images), "")
+        frame_type(str(images), "")
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,6 @@ from calypso.tasks.raw.lima_saving import (
     LIMA_DATASET,
     frame_type,
     open_lima,
-    require_followed,
 )
 
 logger = logging.getLogger(__name__)
@@ -165,7 +164,7 @@ def live_plan(ctx: StepContext, parameters: BaseModel) -> Any:
     if not live.detector:
         live.detector = scan.info.detectors[0].split(":")[0]
     first_file, dataset, _, _ = scan.locations(0, 1)[0]
-    frame_shape, dtype = live.held(_frame_type, first_file, dataset)
+    frame_shape, dtype = live.held(frame_type, first_file, dataset)
     title, start_time = live.held(entry_texts, raw_file, live.number)
     first = FirstFrames(
         raw_file=raw_file, number=live.number, detector=live.detector, lima_file=first_file,
@@ -184,12 +183,6 @@ def live_plan(ctx: StepContext, parameters: BaseModel) -> Any:
                 time.sleep(0.1)
     ctx.run.planned(plan, _count(ctx, plan))
     return plan
-
-
-def _frame_type(lima_file: str, dataset: str) -> tuple[tuple[int, ...], str]:
-    """The shape and type of the frames of a Lima file being written."""
-    require_followed(lima_file)
-    return frame_type(lima_file, dataset)
 
 
 def _follow_ranges_or_files(live: LiveRun) -> int:

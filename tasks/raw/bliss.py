@@ -8,7 +8,6 @@ are read every source is checked: a missing or short Lima file is an error.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -296,26 +295,25 @@ def _external_problems(path: Path, dset: h5py.Dataset) -> list[str]:
     """The files of a dataset stored in other files (HDF5 external storage: the Lima EDF
     files a Bliss dataset file describes, a segment a frame) that are missing or shorter
     than the frames need: HDF5 reads what is not there as zeros, without an error."""
-    plist = dset.id.get_create_plist()
-    # Relative names are resolved as HDF5 resolves them (calypso sets ``${ORIGIN}``).
-    prefix = os.environ.get("HDF5_EXTFILE_PREFIX", "${ORIGIN}")
-    folder = Path(prefix.replace("${ORIGIN}", str(path.parent)) or ".")
-    sizes: dict[Path, int] = {}
-    problems = set()
-    for index in range(plist.get_external_count()):
-        name, offset, size = plist.get_external(index)
-        file = folder / os.fsdecode(name)
-        if file not in sizes:
-            try:
-                sizes[file] = file.stat().st_size
-            except OSError:
-                sizes[file] = -1
-        if sizes[file] < 0:
-            problems.add(f"{file} is missing")
-        elif size != h5py.h5f.UNLIMITED and sizes[file] < offset + size:
-            problems.add(
-                f"{file} holds {sizes[file]} bytes, the frames stored there need "
-                f"{offset + size} (truncated, or still being written)"
+    from calypso.registry.access.links import link_targets
+
+    needed: dict[str, int] = {}  # bytes each file must hold
+    for name, offset, size in dset.external or ():
+        end = offset if size == h5py.h5f.UNLIMITED else offset + size
+        needed[name] = max(needed.get(name, 0), end)
+    problems = []
+    for name, end in needed.items():
+        # Found where HDF5 finds it (calypso sets HDF5_EXTFILE_PREFIX=${ORIGIN}).
+        file = link_targets((path,), "HDF5_EXTFILE_PREFIX", name)[0]
+        try:
+            held = file.stat().st_size
+        except OSError:
+            problems.append(f"{file} is missing")
+            continue
+        if held < end:
+            problems.append(
+                f"{file} holds {held} bytes, the frames stored there need {end} "
+                "(truncated, or still being written)"
             )
     return sorted(problems)
 

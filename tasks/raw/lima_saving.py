@@ -212,13 +212,24 @@ def edf_frames(path: str | Path) -> tuple[int, int]:
     A frame counts once its header is whole and the last byte of its pixels is on disk:
     Lima writes a frame's header, then its pixels, frame after frame, so a byte past the
     last whole frame is a frame begun."""
+    return _edf_look(path)[:2]
+
+
+def edf_first_frame(path: str | Path) -> int | None:
+    """The number in the scan of an EDF file's first frame (Lima's ``acq_frame_nb``), if
+    its header says."""
+    return _edf_look(path)[2]
+
+
+def _edf_look(path: str | Path) -> tuple[int, int, int | None]:
+    """:func:`edf_frames` and :func:`edf_first_frame` of one look at the file."""
     _written_here(Path(path))
     status = os.stat(path)  # first: what fabio then finds whole was there by now
-    return _edf_frames(str(path), status.st_size, status.st_mtime_ns, status.st_ino)
+    return _edf_headers(str(path), status.st_size, status.st_mtime_ns, status.st_ino)
 
 
 @lru_cache(maxsize=8)  # a file that has not changed since the last look: not read again
-def _edf_frames(path: str, size: int, _mtime_ns: int, _inode: int) -> tuple[int, int]:
+def _edf_headers(path: str, size: int, _mtime: int, _inode: int) -> tuple[int, int, int | None]:
     image = _open_edf(path)
     try:
         whole, end = 0, 0
@@ -227,23 +238,14 @@ def _edf_frames(path: str, size: int, _mtime_ns: int, _inode: int) -> tuple[int,
             if getattr(frame, "incomplete_data", False) or frame.start + frame.blobsize > size:
                 break
             whole, end = index + 1, frame.start + frame.blobsize
-        return whole, whole + (size > end)
-    finally:
-        image.close()
-
-
-def edf_first_frame(path: str | Path) -> int | None:
-    """The number in the scan of an EDF file's first frame (Lima's ``acq_frame_nb``), if
-    its header says."""
-    image = _open_edf(path)
-    try:
         number = image.get_frame(0).header.get("acq_frame_nb")
     finally:
         image.close()
     try:
-        return int(number) if number is not None else None
+        first = int(number) if number is not None else None
     except ValueError:
-        return None
+        first = None
+    return whole, whole + (size > end), first
 
 
 def iter_edf(path: str | Path, first: int, stop: int) -> Iterator[np.ndarray]:
@@ -294,7 +296,9 @@ def iter_run(path: str | Path, dataset: str, first: int, stop: int) -> Iterator[
 
 
 def frame_type(path: str | Path, dataset: str) -> tuple[tuple[int, ...], str]:
-    """The shape and type of the frames of a Lima file being written."""
+    """The shape and type of the frames of a Lima file being written (a RawDataError for
+    one live reduction does not follow: :func:`require_followed`)."""
+    require_followed(path)
     if is_edf(path):
         image = _open_edf(path)
         try:
