@@ -157,6 +157,9 @@ def lima_blocks(raw_file: Path, blocks: list[FrameBlock]) -> list[FrameBlock]:
     found: list[FrameBlock] = []
     with bliss.open_raw(raw_file) as h5:
         for block in blocks:
+            if block.source.kind != "hdf5":  # image files the dataset file names (CBF, TIFF)
+                found.append(block)
+                continue
             dataset = h5[block.source.dataset]
             if not dataset.is_virtual:
                 found.append(block)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 
 from calypso.flows.cli import main
@@ -232,6 +233,14 @@ class Facility:
         self.vds = self._copy(collection / "CeO2_0099")
         with h5py.File(self.vds / "CeO2_0099.h5", "a") as h5:
             self._point_vds_at(h5, self.b_raw)
+        # A's dataset whose detector data names B's images (a CBF or TIFF saving's
+        # FILE::INDEX strings), relative to A's dataset file as Bliss's writer names them
+        self.named = self._copy(collection / "CeO2_0096")
+        theirs = self.b_raw.parents[2] / "SCRIPTS" / "calibration" / "pilatus1m_mask.edf"
+        with h5py.File(self.named / "CeO2_0096.h5", "a") as h5:
+            del h5["1.1/instrument/pilatus1m/data"]
+            name = os.path.relpath(theirs, self.named)
+            h5["1.1/instrument/pilatus1m/data"] = np.array([f"{name}::0"] * 4, dtype=object)
         # A's dataset with an external link into B's dataset file
         self.linked = self._copy(collection / "CeO2_0097")
         with h5py.File(self.linked / "CeO2_0097.h5", "a") as h5:
@@ -398,6 +407,7 @@ def test_calypso_run_refuses_what_is_not_theirs_and_runs_their_own(signed_in, ca
         ([f.dotdot], "'..' is not allowed in paths"),
         ([str(f.symlink)], "input " + str(f.symlink) + " leads outside proposal ih0001"),
         ([str(f.vds)], "a virtual dataset at " + str(f.vds / "CeO2_0099.h5")),
+        ([str(f.named)], "a frame reference at " + str(f.named / "CeO2_0096.h5")),
         ([str(f.linked)], "an external link at " + str(f.linked / "CeO2_0097.h5")),
         # a foreign proposal id: B's calibration as a parameter, B's folder as output
         (["--set", f"poni={f.b_raw.parents[2]}/SCRIPTS/calibration/pilatus1m_CeO2.poni"],

@@ -168,9 +168,9 @@ def test_an_edf_file_rewritten_with_fewer_frames_is_named(tmp_path):
         files.ready()
 
 
-@pytest.mark.parametrize("name", ["pilatus1m_0000.cbf", "pilatus1m_0000.edf.gz"])
+@pytest.mark.parametrize("name", ["pilatus1m_0000.cbf.gz", "pilatus1m_0000.edf.gz"])
 def test_a_saving_followed_only_once_closed_is_named_at_once(tmp_path, name):
-    """A CBF or gzipped EDF saving, followed from its files: named only after the whole
+    """A gzipped CBF or EDF saving, followed from its files: named only after the whole
     stall time-out, as 'no Lima file appeared'."""
     import time
 

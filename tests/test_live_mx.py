@@ -54,11 +54,12 @@ def heat_map(h5) -> dict:
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("saving", ["hdf5", "edf"])
+@pytest.mark.parametrize("saving", ["hdf5", "edf", "cbf"])
 def test_the_grid_is_centred_while_it_is_scanned(
     grid_sample, tmp_path, catalogue_path, live_settings, saving
 ):
-    """Lima saving HDF5 files (Bliss's default) or EDF files (tests/test_live_edf.py)."""
+    """Lima saving HDF5 files (Bliss's default), EDF files (tests/test_live_edf.py) or
+    CBF images (tests/test_live_images.py)."""
     root = tmp_path / "beamline"
     writer = simulate(
         grid_sample.raw_dataset_dir, root,

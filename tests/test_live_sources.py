@@ -518,11 +518,12 @@ def test_when_the_server_goes_away_the_lima_files_give_the_rest(tmp_path):
     check_exactly_once(ranges, np.concatenate(frames), 30)
 
 
-@pytest.mark.parametrize("name", ["pilatus1m_0000.cbf", "pilatus1m_0000.edf.gz"])
+@pytest.mark.parametrize("name", ["pilatus1m_0000.cbf.gz", "pilatus1m_0000.edf.gz"])
 def test_a_detector_saving_images_whole_only_once_closed_is_named(tmp_path, name):
-    """A Lima saving CBF or gzipped EDF (a stream hands out its files) ended the live run
+    """A Lima saving gzipped CBF or EDF (a stream hands out its files) ended the live run
     in a Python traceback from h5py ("file signature not found"): one line that says
-    what to do (EDF itself is followed: tests/test_live_edf.py)."""
+    what to do (EDF, CBF and TIFF are followed: tests/test_live_edf.py,
+    tests/test_live_images.py)."""
     from calypso.tasks.raw.lima_saving import frame_type
 
     images = tmp_path / "scan0001" / name

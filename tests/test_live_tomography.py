@@ -29,11 +29,12 @@ def phantom(tmp_path_factory):
     return write_tomography_sample(root, rows=8, columns=96, projections=180)
 
 
-@pytest.mark.parametrize("saving", ["hdf5", "edf"])
+@pytest.mark.parametrize("saving", ["hdf5", "edf", "tiff"])
 def test_the_preview_comes_before_the_dataset_ends_and_the_result_is_offline(
     phantom, tmp_path, catalogue_path, live_settings, saving
 ):
-    """Lima saving HDF5 files (Bliss's default) or EDF files (tests/test_live_edf.py)."""
+    """Lima saving HDF5 files (Bliss's default), EDF files (tests/test_live_edf.py) or
+    TIFF images (tests/test_live_images.py)."""
     root = tmp_path / "beamline"
     raw_dir = replayed(phantom, root)
     raw_file = raw_dir / f"{raw_dir.name}.h5"

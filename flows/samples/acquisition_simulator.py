@@ -5,15 +5,16 @@ It replays a recorded Bliss scan (``calypso sample-data diffraction`` or ``calyp
 sample-data mx`` writes one; real scans work too) into a new raw dataset, in a process of
 its own, as Bliss and Lima do:
 
-- Lima files ``scanNNNN/<detector>_%04d.h5`` (or ``.edf``: ``saving``) of
-  ``frames_per_file`` frames, each frame on disk once written, so that a reader of
-  growing files sees it (:mod:`~calypso.flows.samples.lima_writer`);
+- Lima files ``scanNNNN/<detector>_%04d.h5`` (or ``.edf``, ``.cbf``, ``.tiff``:
+  ``saving``) of ``frames_per_file`` frames (one a CBF or TIFF file), each frame on disk
+  once written, so that a reader of growing files sees it
+  (:mod:`~calypso.flows.samples.lima_writer`);
 - the dataset file's entry ``N.1`` (title, ``start_time``, sample, positioners, the
   instrument's metadata as recorded: the detector's geometry and pixel mask, the beam) first,
   then every counter point as its frame is written (SWMR: a reader never sees a point
-  half-written), then the detector's data (a virtual dataset over the Lima files, or
-  stored in the EDF files), ``end_reason`` and ``end_time``,
-  written last;
+  half-written), then the detector's data (a virtual dataset over the Lima files,
+  stored in the EDF files, or the CBF or TIFF files named), ``end_reason`` and
+  ``end_time``, written last;
 - with ``blissdata_url``, the scan published on Bliss's data-stream server too: a Lima
   stream with the files' names and Lima's ``last_index_saved``, one stream a counter (a
   row a point for a map's 2D counters), ``end_reason``; the scan is closed only once the
@@ -50,7 +51,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from calypso.flows.samples.lima_writer import SAVING_FORMATS, LimaWriter
+from calypso.flows.samples.lima_writer import ONE_IMAGE_A_FILE, SAVING_FORMATS, LimaWriter
 from calypso.tasks.raw import bliss
 from calypso.tasks.raw.data_policy import RawDataset
 
@@ -190,9 +191,11 @@ def simulate_acquisition(
     file. ``frames`` replays the first ones only (a scan of that many points).
     ``file_lag`` (with ``blissdata_url``): the dataset file gets each point's counters
     that many points after the stream, as Bliss's writer may lag its data streams; it
-    catches up when the scan stops. ``saving``: Lima's saving format, ``hdf5`` or ``edf``
-    (:mod:`~calypso.flows.samples.lima_writer`)."""
+    catches up when the scan stops. ``saving``: Lima's saving format, ``hdf5``, ``edf``,
+    ``cbf`` or ``tiff`` (:mod:`~calypso.flows.samples.lima_writer`)."""
     recorded = recorded_scan(source, scan)
+    if saving in ONE_IMAGE_A_FILE:
+        frames_per_file = 1  # as Lima saves CBF and TIFF images
     n_frames = min(frames or recorded.points, recorded.points)
     written = n_frames if abort_after is None else min(abort_after, n_frames)
     raw = recorded.raw.model_copy(update={"root": Path(target_root).absolute()})

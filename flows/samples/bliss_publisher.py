@@ -51,10 +51,11 @@ class BlissPublisher:
             with h5py.File(recorded.frames[0][0], "r") as h5:
                 source = h5[recorded.frames[0][1]]
                 shape, dtype = source.shape[1:], source.dtype
+            suffix = template.rsplit(".", 1)[-1]
             saving = {
                 "file_path": template,
                 "data_path": LIMA_DATASET,
-                "file_format": "edf" if template.endswith(".edf") else "hdf5",
+                "file_format": {"h5": "hdf5", "tiff": "tiff"}.get(suffix, suffix),
                 "file_offset": 0,
                 "frames_per_file": per_file,
             }

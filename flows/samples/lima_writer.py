@@ -9,6 +9,10 @@ frames written file after file as Lima writes them, in the saving format a beaml
   in two parts as a writer's buffers reach the disk (a reader may find a frame begun); the
   dataset file's detector data is then an HDF5 dataset stored in the EDF files (external
   storage, one segment a frame), as Bliss's writer describes an EDF saving.
+- ``cbf``, ``tiff``: one image a file, ``<detector>_%04d.cbf`` (byte-offset compressed, as
+  a Pilatus saves them) or ``.tiff``, each written in two parts too; the dataset file's
+  detector data is then one string a frame naming its file, ``scanNNNN/<file>::0``, as
+  Bliss's writer records a saving it can neither link nor store externally.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import numpy as np
 
 from calypso.tasks.raw.lima_saving import LIMA_DATASET
 
-SAVING_FORMATS = ("hdf5", "edf")
+SAVING_FORMATS = ("hdf5", "edf", "cbf", "tiff")
+ONE_IMAGE_A_FILE = ("cbf", "tiff")
 
 
 class LimaWriter:
@@ -37,9 +42,10 @@ class LimaWriter:
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
         self._copier = _Frames()
         self._hdf5: tuple[h5py.File, h5py.Dataset] | None = None
-        self._edf: BinaryIO | None = None
+        self._edf: BinaryIO | None = None  # an EDF, CBF or TIFF file being written
         self._number = 0
         self.segments: list[tuple[str, int, int]] = []  # EDF: (file, offset, bytes) a frame
+        self.names: list[str] = []  # CBF, TIFF: the file of each frame
 
     def start_file(self, number: int, count: int) -> None:
         """Lima's next file, to hold ``count`` frames."""
@@ -57,10 +63,17 @@ class LimaWriter:
             self._copier.copy(where, data, slot)
             h5.flush()  # a reader of growing files sees the frame now
             return
-        from fabio.edfimage import EdfImage
-
         assert self._edf is not None
         frame = np.ascontiguousarray(self._copier.read(where), dtype=self.dtype)
+        name = Path(self.template % self._number)
+        if self.saving in ONE_IMAGE_A_FILE:
+            image = _encoded(frame, self.saving)
+            self._edf.write(image[: len(image) // 2])  # the image begun: its end still to come
+            self._edf.write(image[len(image) // 2 :])
+            self.names.append(f"{name.parent.name}/{name.name}")
+            return
+        from fabio.edfimage import EdfImage
+
         header = {"acq_frame_nb": len(self.segments), "image_roi": "<0,0>-<0,0>"}
         block = EdfImage(data=frame, header=header).get_frame(0).get_edf_block()
         head = len(block) - frame.nbytes
@@ -69,7 +82,6 @@ class LimaWriter:
         half = head + frame.nbytes // 2
         self._edf.write(block[head:half])  # a frame begun: its last rows still to come
         self._edf.write(block[half:])
-        name = Path(self.template % self._number)
         self.segments.append((f"{name.parent.name}/{name.name}", offset, frame.nbytes))
 
     def close_file(self) -> None:
@@ -87,7 +99,8 @@ class LimaWriter:
 
     def detector_dataset(self, entry: h5py.Group, written: int, per_file: int) -> None:
         """The detector's data in the dataset file, as Bliss writes it at the end: a
-        virtual dataset over the Lima HDF5 files, or a dataset stored in the EDF files."""
+        virtual dataset over the Lima HDF5 files, a dataset stored in the EDF files, or
+        the CBF or TIFF files named frame by frame."""
         det = entry["instrument"].require_group(self.detector)  # its metadata: there
         det.attrs["NX_class"] = "NXdetector"
         if self.saving == "hdf5":
@@ -100,6 +113,8 @@ class LimaWriter:
                 )
                 layout[first : first + count] = source[:count]
             det.create_virtual_dataset("data", layout, fillvalue=0)
+        elif self.saving in ONE_IMAGE_A_FILE:  # named, relative to the dataset file
+            det["data"] = np.array([f"{n}::0" for n in self.names[:written]], dtype=object)
         else:  # the names relative to the dataset file (HDF5_EXTFILE_PREFIX=${ORIGIN})
             det.create_dataset(
                 "data", shape=(written, *self.shape), dtype=self.dtype,
@@ -111,6 +126,26 @@ class LimaWriter:
         entry["measurement"][self.detector] = h5py.SoftLink(
             f"{entry.name}/instrument/{self.detector}/data"
         )
+
+
+def _encoded(frame: np.ndarray, saving: str) -> bytes:
+    """One image as a CBF (fabio's byte-offset miniCBF) or TIFF file's bytes."""
+    if saving == "tiff":
+        import io
+
+        import tifffile
+
+        buffer = io.BytesIO()
+        tifffile.imwrite(buffer, frame)
+        return buffer.getvalue()
+    import tempfile
+
+    from fabio.cbfimage import CbfImage
+
+    with tempfile.TemporaryDirectory() as folder:  # fabio writes to a file name only
+        path = Path(folder) / "image.cbf"
+        CbfImage(data=frame).write(str(path))
+        return path.read_bytes()
 
 
 def _bitshuffle(dataset: h5py.Dataset) -> bool:

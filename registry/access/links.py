@@ -6,10 +6,51 @@ all, not only the path it was given."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs", ".nx5", ".cxi")
+_REFERENCE = re.compile(r"^(?P<file>.+)::(?P<index>\d+)$")
+
+
+def file_references(dataset) -> list[tuple[str, int]] | None:
+    """The frames an HDF5 dataset names instead of holding them, as ``(file as written,
+    index in it)``, or None for any other dataset. Bliss's writer records a Lima saving it
+    cannot link (CBF, TIFF: neither a virtual dataset nor external storage can describe
+    them) as one string a frame, ``<file>::<index>``, the file named relative to the
+    dataset file's folder: the frames are read from those files."""
+    import h5py
+
+    if not isinstance(dataset, h5py.Dataset) or dataset.ndim != 1 or dataset.shape[0] == 0:
+        return None
+    if h5py.check_string_dtype(dataset.dtype) is None and dataset.dtype.kind not in "SO":
+        return None
+    if _REFERENCE.match(_text(dataset[0])) is None:
+        return None
+    values = [_text(value) for value in dataset[()]]
+    found = [_REFERENCE.match(value) for value in values]
+    references = []
+    for value, match in zip(values, found, strict=True):
+        if match is None:
+            from calypso.errors import RawDataError
+
+            raise RawDataError(
+                f"{dataset.file.filename}::{dataset.name} names frames as FILE::INDEX, not "
+                f"{value!r}: the dataset file is damaged; write it again from the scan"
+            )
+        references.append((match["file"], int(match["index"])))
+    return references
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def referenced_file(dataset_file: Path | str, name: str) -> Path:
+    """The file a frame reference names (:func:`file_references`): relative to the folder
+    of the dataset file, as Bliss's writer writes it."""
+    return Path(dataset_file).parent / name
 
 
 def resolved(path: Path | str) -> Path:
@@ -107,6 +148,9 @@ def hdf5_links(
                         opened, "HDF5_VDS_PREFIX", source.file_name, True, looked
                     ):
                         found.append((where, "a virtual dataset", source.file_name, target))
+            for written in dict.fromkeys(n for n, _ in file_references(node) or ()):
+                target = referenced_file(path, written)
+                found.append((where, "a frame reference", written, target))
             for external, _, _ in node.external or ():
                 # Raw bytes kept in another file, of any kind (HDF5 reads them as they are).
                 for target in link_targets(opened, "HDF5_EXTFILE_PREFIX", external, False, looked):

@@ -1,9 +1,11 @@
 """Reading Bliss HDF5 dataset files, read-only and safely while Bliss writes.
 
-A Bliss dataset file holds one NXentry per scan (``N.1``); detector frames are
-a virtual dataset (VDS) over Lima files. HDF5 fills a VDS region whose source
-file is missing with the fill value (zeros) without any error, so before frames
-are read every source is checked: a missing or short Lima file is an error.
+A Bliss dataset file holds one NXentry per scan (``N.1``); detector frames are a
+virtual dataset (VDS) over Lima's HDF5 files, a dataset stored in Lima's EDF files
+(external storage), or one string a frame naming Lima's CBF or TIFF images
+(``<file>::<index>``). HDF5 fills a VDS region whose source file is missing with the fill
+value (zeros) without any error, and reads missing external bytes as zeros, so before
+frames are read every source is checked: a missing or short Lima file is an error.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hdf5plugin  # noqa: F401  (registers bitshuffle, LZ4 ... with HDF5)
 import numpy as np
 
 from calypso.errors import ParameterError, RawDataError
+from calypso.registry.access.links import file_references, referenced_file
 
 SCAN_ENTRY = re.compile(r"^(\d+)\.1$")
 
@@ -87,6 +90,7 @@ class ScanInfo:
     title: str
     start_time: str | None
     end_time: str | None
+    # name: (frames, rows, columns); (frames,) for images named FILE::INDEX (CBF, TIFF)
     detectors: dict[str, tuple[int, ...]] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
 
@@ -131,7 +135,8 @@ def scan_info(entry: h5py.Group, number: int) -> ScanInfo:
     if isinstance(instrument, h5py.Group):
         for name, item in instrument.items():
             data = item.get("data") if isinstance(item, h5py.Group) else None
-            if isinstance(data, h5py.Dataset) and data.ndim == 3:
+            # Frames, or images named one string a frame (FILE::INDEX: CBF, TIFF).
+            if isinstance(data, h5py.Dataset) and (data.ndim == 3 or file_references(data)):
                 detectors[name] = tuple(data.shape)
     measurement = entry.get("measurement")
     if isinstance(measurement, h5py.Group):
@@ -140,7 +145,8 @@ def scan_info(entry: h5py.Group, number: int) -> ScanInfo:
                 item = measurement[name]
             except (KeyError, OSError):  # broken external link
                 continue
-            if isinstance(item, h5py.Dataset) and item.ndim == 1:
+            # One number a point (not a detector's images named one string a point).
+            if isinstance(item, h5py.Dataset) and item.ndim == 1 and item.dtype.kind in "biuf":
                 counters[name] = item.shape[0]
     return ScanInfo(
         number=number,
@@ -246,6 +252,10 @@ def _source_problems(path: str | Path, dataset: str) -> tuple[list[str], list[st
         if dataset not in h5:
             raise RawDataError(f"{path} has no dataset {dataset}")
         dset = h5[dataset]
+        references = file_references(dset)
+        if references is not None:  # Lima's CBF, TIFF ... files, named frame by frame
+            named = dict.fromkeys(referenced_file(path, name) for name, _ in references)
+            return referenced_problems(list(named)), mismatched
         if not dset.is_virtual:
             return _external_problems(path, dset), mismatched
         layout_dtype = dset.dtype
@@ -289,6 +299,20 @@ def _source_problems(path: str | Path, dataset: str) -> tuple[list[str], list[st
                     f"HDF5 would convert them silently ({loss})"
                 )
     return sorted(set(missing)), sorted(set(mismatched))
+
+
+def referenced_problems(files: list[Path]) -> list[str]:
+    """What keeps the image files a dataset file names from being read: missing, or a
+    CBF or TIFF image not wholly written (its writer still at it, or the copy cut short)."""
+    from calypso.tasks.raw.lima_saving import image_written, is_image
+
+    problems = []
+    for file in files:
+        if not file.is_file():
+            problems.append(f"{file} is missing")
+        elif is_image(file) and not image_written(file):
+            problems.append(f"{file} is not whole (still being written, or cut short)")
+    return problems
 
 
 def _external_problems(path: Path, dset: h5py.Dataset) -> list[str]:

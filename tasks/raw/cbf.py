@@ -16,6 +16,7 @@ import base64
 import bz2
 import gzip
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -66,7 +67,23 @@ def check_cbf(path: str | Path) -> CbfInfo:
 
 @lru_cache(maxsize=16)  # planning reads the first image's header twice (shape, geometry)
 def _check(name: str, _mtime_ns: int, _size: int) -> CbfInfo:
-    path = Path(name)
+    return _parse(Path(name))[0]
+
+
+def read_cbf(path: str | Path) -> np.ndarray:
+    """The pixels of a CBF image, its sections checked against each other as
+    :func:`check_cbf` does, in the same pass (the binary is decoded once): the values
+    fabio reads, as a (rows, columns) array of the header's element type."""
+    _, pixels = _parse(Path(path))
+    if pixels is None:
+        raise RawDataError(
+            f"{path}: the binary is not byte-offset compressed (x-CBF_BYTE_OFFSET), the one "
+            "compression fabio reads; convert the image (cbflib's convert_image)"
+        )
+    return pixels
+
+
+def _parse(path: Path) -> tuple[CbfInfo, np.ndarray | None]:
     data = _read(path)
     start = data.find(BINARY_SECTION)
     if start < 0:
@@ -105,15 +122,40 @@ def _check(name: str, _mtime_ns: int, _size: int) -> CbfInfo:
             f"X-Binary-Number-of-Elements says {elements}: the image would be read with "
             "shifted rows; re-export it from the detector's original file"
         )
+    pixels = None
     if "x-cbf_byte_offset" in mime.lower():
-        decoded = len(decByteOffset(binary, size=None, dtype=np.dtype(dtype)))
-        if decoded != elements:
+        pixels = decByteOffset(binary, size=None, dtype=np.dtype(dtype))
+        if len(pixels) != elements:
             raise RawDataError(
                 f"{path}: the header announces {rows} x {columns} = {elements} pixels but "
-                f"the binary holds {decoded} values: the image would be read with shifted "
-                "rows; re-export it from the detector's original file"
+                f"the binary holds {len(pixels)} values: the image would be read with "
+                "shifted rows; re-export it from the detector's original file"
             )
-    return CbfInfo(header=header, shape=(rows, columns), dtype=dtype)
+        pixels = np.ascontiguousarray(pixels, dtype).reshape(rows, columns)
+    return CbfInfo(header=header, shape=(rows, columns), dtype=dtype), pixels
+
+
+def cbf_written(path: str | Path, head: int = 65536) -> bool:
+    """Whether a CBF file another process may still be writing holds its whole binary:
+    its header, its binary section's header and the ``X-Binary-Size`` bytes announced
+    there are on disk. A light look for live reduction (the file's head, no pixel
+    decoded); :func:`check_cbf` checks the rest before a pixel is read."""
+    try:
+        with open(path, "rb") as stream:
+            size = os.fstat(stream.fileno()).st_size
+            data = stream.read(head)
+            if STARTER not in data and size > head:  # a long header: read on
+                data += stream.read()
+    except OSError:
+        return False
+    start = data.find(BINARY_SECTION)
+    stop = data.find(STARTER, start) if start >= 0 else -1
+    if stop < 0:
+        return False
+    fields = dict(re.findall(rb"^\s*(X-Binary-Size)\s*:\s*(\d+)\s*$", data[start:stop], re.M))
+    if b"X-Binary-Size" not in fields:
+        return False
+    return size >= stop + len(STARTER) + int(fields[b"X-Binary-Size"])
 
 
 def _read(path: Path) -> bytes:

@@ -18,8 +18,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from calypso.errors import ParameterError, RawDataError
-from calypso.tasks.raw.bliss import open_raw, require_frames
-from calypso.tasks.raw.cbf import check_cbf, is_cbf
+from calypso.registry.access.links import file_references, referenced_file
+from calypso.tasks.raw.bliss import open_raw, referenced_problems, require_frames
+from calypso.tasks.raw.cbf import check_cbf, is_cbf, read_cbf
 from calypso.tasks.raw.stored_chunks import frame_reader
 
 IMAGE_SUFFIXES = (
@@ -32,7 +33,8 @@ HDF5_SUFFIXES = (".h5", ".hdf5", ".nxs", ".hdf")
 
 
 class FrameSource(BaseModel):
-    """A stack of frames: one HDF5 dataset, or image files read by fabio."""
+    """A stack of frames: one HDF5 dataset, or image files read by fabio (``dataset``, if
+    any: the dataset of a Bliss dataset file that names them, :func:`referenced_frames_source`)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -66,6 +68,9 @@ def hdf5_frame_source(path: str | Path, dataset: str) -> FrameSource:
         if dataset not in h5 or not isinstance(h5[dataset], h5py.Dataset):
             raise RawDataError(f"{path} has no dataset {dataset}")
         dset = h5[dataset]
+        references = file_references(dset)
+        if references is not None:  # Lima's CBF, TIFF ... files, named frame by frame
+            return referenced_frames_source(path, dataset, references)
         # Frames in other files (a virtual dataset; external storage: Lima's EDF files)
         stored_elsewhere = dset.is_virtual or dset.id.get_create_plist().get_external_count()
         if dset.ndim == 2:
@@ -82,6 +87,63 @@ def hdf5_frame_source(path: str | Path, dataset: str) -> FrameSource:
         # frame size without a word: every source is checked before a frame is read.
         require_frames(path, dataset)
     return FrameSource(kind="hdf5", files=(str(path),), dataset=dataset, shape=shape, dtype=dtype)
+
+
+def referenced_frames_source(
+    path: str | Path, dataset: str, references: list[tuple[str, int]]
+) -> FrameSource:
+    """The frames a Bliss dataset names as ``FILE::INDEX`` (:func:`file_references`: a
+    Lima saving in CBF or TIFF files, one image a file), read from those files in the
+    scan's order. Each file's frames must be named from its first, in order (as Lima
+    writes them); a file missing, or holding fewer frames than named, is refused."""
+    from calypso.tasks.raw.lima_saving import is_image
+
+    where = f"{path}::{dataset}"
+    files: list[Path] = []
+    counts: list[int] = []
+    seen: set[Path] = set()
+    for name, index in references:
+        file = referenced_file(path, name)
+        if files and file == files[-1] and index == counts[-1]:
+            counts[-1] += 1
+        elif index == 0 and file not in seen:
+            files.append(file)
+            counts.append(1)
+            seen.add(file)
+        else:
+            raise RawDataError(
+                f"{where} names frame {index} of {file} as frame {sum(counts)} of the scan: "
+                "each file's frames must come in their order, from its first; the dataset "
+                "file does not describe a Lima saving Calypso reads"
+            )
+        if not file.name.lower().endswith(IMAGE_SUFFIXES):
+            raise RawDataError(
+                f"{where} names frames in {file}, which is not an image file (CBF, TIFF, "
+                "EDF ...): the dataset file does not describe a Lima saving Calypso reads"
+            )
+    problems = referenced_problems(files)
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise RawDataError(
+            f"{where} names detector files that are missing or incomplete: "
+            f"{'; '.join(problems[:3])}{more}. Copy the Lima files next to the dataset file "
+            "(or wait for the scan to finish) and run again; missing frames are never read "
+            "as zeros."
+        )
+    # One image a file (CBF, TIFF): the first image gives the frames' shape and type; every
+    # other is checked as it is read (a check of each here would read every file twice).
+    single = all(count == 1 and is_image(file) for file, count in zip(files, counts, strict=True))
+    if not single:
+        return image_files_source(files, counts).model_copy(update={"dataset": dataset})
+    first = image_files_source(files[:1], counts[:1])
+    return first.model_copy(
+        update={
+            "files": tuple(map(str, files)),
+            "frames_per_file": tuple(counts),
+            "shape": (len(files), *first.frame_shape),
+            "dataset": dataset,  # the scan's: which scan the frames are
+        }
+    )
 
 
 def eiger_data_files(path: str | Path, whole: bool = False) -> list[tuple[Path, str]]:
@@ -173,12 +235,13 @@ def default_image_dataset(path: str | Path) -> str:
     )
 
 
-def image_files_source(files: list[Path]) -> FrameSource:
-    """Describe image files (EDF, CBF, TIFF ...) as one frame stack, in the given order."""
+def image_files_source(files: list[Path], named: list[int] | None = None) -> FrameSource:
+    """Describe image files (EDF, CBF, TIFF ...) as one frame stack, in the given order:
+    every frame of each, or the first ``named[i]`` frames of file ``i``."""
     counts: list[int] = []
     shape: tuple[int, int] | None = None
     dtype = ""
-    for path in files:
+    for number, path in enumerate(files):
         if is_cbf(path):
             # A CBF's header is compared with its binary first: fabio trusts the header.
             if not path.exists():
@@ -197,6 +260,13 @@ def image_files_source(files: list[Path]) -> FrameSource:
         if shape is not None and frame_shape != shape:
             raise RawDataError(f"{path} has images of shape {frame_shape}, the others {shape}")
         shape, dtype = frame_shape, frame_dtype
+        if named is not None:
+            if n < named[number]:
+                raise RawDataError(
+                    f"{path} holds {n} frames, {named[number]} are named in the dataset "
+                    "file: the file is incomplete; copy it again (or wait for the scan)"
+                )
+            n = named[number]
         counts.append(n)
     assert shape is not None
     return FrameSource(
@@ -271,7 +341,13 @@ def _frames(source: FrameSource, start: int, stop: int) -> Iterator[np.ndarray]:
             if source.kind == "hdf5":
                 yield from _hdf5_frames(path, str(source.dataset), indices)
             else:
-                yield from _image_frames(path, count, indices)
+                for frame in image_file_frames(path, count, indices):
+                    if frame.shape != source.frame_shape:
+                        raise RawDataError(
+                            f"{path} has images of shape {frame.shape}, the scan's are "
+                            f"{source.frame_shape}: it belongs to another detector or scan"
+                        )
+                    yield frame
         first = last
 
 
@@ -286,7 +362,14 @@ def _hdf5_frames(path: str, dataset: str, indices: range) -> Iterator[np.ndarray
                 yield read(index)
 
 
-def _image_frames(path: str, count: int, indices: range) -> Iterator[np.ndarray]:
+def image_file_frames(path: str, count: int, indices: range) -> Iterator[np.ndarray]:
+    if is_cbf(path) and count == 1:
+        # Its sections checked against each other as the pixels are decoded, once: a CBF
+        # named by a Bliss dataset file is checked whole only as it is read.
+        if not Path(path).exists():
+            raise RawDataError(f"{path} does not exist")
+        yield read_cbf(path)
+        return
     image = _open_image(Path(path))
     try:
         for index in indices:

@@ -1,23 +1,25 @@
 """Lima's files as a beamline saves them, read while they are written (docs/live.md).
 
 Lima saves a detector's frames as the beamline sets its saving: HDF5 files (Bliss's
-default, ``<detector>_0000.h5``) or EDF files (``<detector>_0000.edf``: a text header,
-then the frame's pixels, frame after frame), under any prefix, index format and first
-number. What a live scan needs of them is here, whatever the format:
+default, ``<detector>_0000.h5``), EDF files (``<detector>_0000.edf``: a text header, then
+the frame's pixels, frame after frame) or one image a file (CBF, TIFF), under any prefix,
+index format and first number. What a live scan needs of them is here, whatever the
+format:
 
 - the files of a scan's folder and the detector they belong to (:func:`lima_namings`);
 - how many leading frames of a file are wholly on disk (:func:`complete_frames` for an
-  HDF5 dataset's chunks, :func:`edf_frames` for an EDF file's frames);
+  HDF5 dataset's chunks, :func:`edf_frames` for an EDF file's frames,
+  :func:`image_written` for a CBF or TIFF image);
 - the frames of a run of one file, read without file locking, where the acquisition
   wrote them (:func:`read_run`, :func:`iter_run`), and its frame shape and type.
 
-Only HDF5 and EDF files (Lima's EDF format, its frames read by fabio) are followed while
-written: a CBF, TIFF or gzip-compressed EDF file is whole only once closed, which no
-reader can tell.
+A compressed image file (``.edf.gz``, ``.cbf.gz``) is not followed while written: it is
+whole only once closed, which no reader can tell before the scan's end.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import stat
@@ -34,7 +36,8 @@ from calypso.tasks.raw.stored_chunks import read_dataset_frames
 
 LIMA_DATASET = "/entry_0000/measurement/data"
 EDF_SUFFIXES = (".edf",)
-FOLLOWED_SUFFIXES = (".h5", ".hdf5", ".nxs", *EDF_SUFFIXES)
+IMAGE_SUFFIXES = (".cbf", ".tif", ".tiff")  # one image a file
+FOLLOWED_SUFFIXES = (".h5", ".hdf5", ".nxs", *EDF_SUFFIXES, *IMAGE_SUFFIXES)
 
 
 # -- the files of a scan's folder ----------------------------------------------------
@@ -175,14 +178,75 @@ def read_lima(path: str | Path, dataset: str, first: int, stop: int) -> np.ndarr
 
 def require_followed(path: str | Path) -> None:
     """A RawDataError unless ``path`` is a Lima file live reduction follows while it is
-    written (HDF5, EDF): a CBF, TIFF or compressed EDF image is whole only once closed."""
+    written (HDF5, EDF, CBF, TIFF): a compressed image is whole only once closed."""
     if not str(path).lower().endswith(FOLLOWED_SUFFIXES):
         suffix = "".join(Path(path).suffixes[-2:]) or "files"
         raise RawDataError(
             f"{path}: the detector saves {suffix} images, whole only once closed; live "
-            "reduction follows Lima's HDF5 and EDF files: reduce this scan offline once it "
-            "has ended (calypso run TECHNIQUE RAW)"
+            "reduction follows Lima's HDF5, EDF, CBF and TIFF files: reduce this scan "
+            "offline once it has ended (calypso run TECHNIQUE RAW)"
         )
+
+
+# -- one image a file (CBF, TIFF) -----------------------------------------------------
+
+
+def is_image(path: str | Path) -> bool:
+    """A Lima file of one image (CBF, TIFF)."""
+    return str(path).lower().endswith(IMAGE_SUFFIXES)
+
+
+def image_written(path: str | Path) -> bool:
+    """Whether the one image of a CBF or TIFF file another process may still be writing
+    is wholly on disk: every byte its header announces is there (a CBF's binary, a TIFF's
+    strips or tiles). A file caught before its header is whole is not."""
+    from calypso.tasks.raw.cbf import cbf_written
+
+    if str(path).lower().endswith(".cbf"):
+        return cbf_written(path)
+    import tifffile
+
+    quiet = logging.Filter("nothing")  # tifffile logs each tag of a file cut short
+    logging.getLogger("tifffile").addFilter(quiet)
+    try:
+        size = os.stat(path).st_size
+        with tifffile.TiffFile(path) as tiff:
+            page = tiff.pages.first
+            ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=True)]
+    except Exception:  # tifffile fails in its own ways on a file caught half written
+        return False
+    finally:
+        logging.getLogger("tifffile").removeFilter(quiet)
+    return bool(ends) and min(page.databytecounts) > 0 and max(ends) <= size
+
+
+def image_frames(path: str | Path) -> tuple[int, int]:
+    """(frames wholly on disk, frames begun) of a CBF or TIFF file of a scan in progress,
+    as :func:`edf_frames` counts them: (1, 1) once :func:`image_written`, else (0, 1)."""
+    _written_here(Path(path))
+    return int(image_written(path)), 1
+
+
+def iter_image(path: str | Path, first: int, stop: int) -> Iterator[np.ndarray]:
+    """The image of a CBF or TIFF file (``first``, ``stop``: 0, 1), checked whole as it is
+    read (a CBF's sections agreeing with each other)."""
+    from calypso.tasks.raw.frames import image_file_frames
+
+    _written_here(Path(path))
+    if (first, stop) != (0, 1):
+        raise RawDataError(
+            f"frames {first}-{stop - 1} of {path} were asked for: the file holds one image"
+        )
+    yield from image_file_frames(str(path), 1, range(1))
+
+
+def _image_source(path: str | Path):
+    """The :class:`~calypso.tasks.raw.frames.FrameSource` of one CBF or TIFF image, once
+    checked whole (a CBF's sections agreeing with each other)."""
+    from calypso.tasks.raw.frames import image_files_source
+
+    _written_here(Path(path))
+    return image_files_source([Path(path)])
 
 
 def is_edf(path: str | Path) -> bool:
@@ -276,6 +340,8 @@ def iter_edf(path: str | Path, first: int, stop: int) -> Iterator[np.ndarray]:
 
 def read_run(path: str | Path, dataset: str, first: int, stop: int) -> np.ndarray:
     """Frames ``first`` to ``stop - 1`` of one Lima file (``dataset``: an HDF5 file's)."""
+    if is_image(path):
+        return np.stack(list(iter_image(path, first, stop)))
     if is_edf(path):
         return np.stack(list(iter_edf(path, first, stop)))
     return read_lima(path, dataset, first, stop)
@@ -284,6 +350,9 @@ def read_run(path: str | Path, dataset: str, first: int, stop: int) -> np.ndarra
 def iter_run(path: str | Path, dataset: str, first: int, stop: int) -> Iterator[np.ndarray]:
     """Frames ``first`` to ``stop - 1`` of one Lima file, one at a time (a task's memory
     stays at one frame), a read that fails naming the file and the frames."""
+    if is_image(path):
+        yield from iter_image(path, first, stop)
+        return
     if is_edf(path):
         yield from iter_edf(path, first, stop)
         return
@@ -299,6 +368,9 @@ def frame_type(path: str | Path, dataset: str) -> tuple[tuple[int, ...], str]:
     """The shape and type of the frames of a Lima file being written (a RawDataError for
     one live reduction does not follow: :func:`require_followed`)."""
     require_followed(path)
+    if is_image(path):
+        source = _image_source(path)
+        return source.frame_shape, source.dtype
     if is_edf(path):
         image = _open_edf(path)
         try:
@@ -316,7 +388,7 @@ def run_source(path: str, dataset: str, frames: int, frame_shape: tuple[int, ...
     from calypso.tasks.raw.frames import FrameSource
 
     shape = (frames, *frame_shape)
-    if is_edf(path):
+    if is_edf(path) or is_image(path):
         return FrameSource(
             kind="images", files=(path,), frames_per_file=(frames,), shape=shape, dtype=dtype
         )

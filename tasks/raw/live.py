@@ -29,13 +29,16 @@ import h5py
 import numpy as np
 
 from calypso.errors import ParameterError, RawDataError
+from calypso.registry.access.links import file_references, referenced_file
 from calypso.tasks.raw.lima_saving import (
     LIMA_DATASET,
     complete_frames,
     edf_first_frame,
     edf_frames,
     frames_dataset,
+    image_frames,
     is_edf,
+    is_image,
     open_lima,
     read_run,
     require_followed,
@@ -116,6 +119,12 @@ def follow(
         if scan.finished:
             return
         sleep(poll)
+
+
+def _counter(item: object) -> bool:
+    """A counter of the dataset file: one number a point (a detector whose images are
+    named frame by frame, CBF or TIFF, is one string a point)."""
+    return isinstance(item, h5py.Dataset) and item.ndim == 1 and item.dtype.kind in "biuf"
 
 
 def _text(value: object) -> str:
@@ -207,6 +216,7 @@ class LimaFiles:
             return
         entry = f"{self._info.number}.1"
         detector = self._info.detectors[0] if self._info.detectors else None
+        named = None
         try:
             with h5py.File(self.dataset_file, "r", locking=False) as h5:
                 if entry not in h5 or "end_time" not in h5[entry]:
@@ -216,10 +226,26 @@ class LimaFiles:
                 recorded = h5.get(f"{entry}/instrument/{detector}/data") if detector else None
                 if isinstance(recorded, h5py.Dataset):
                     self._end = recorded.shape[0]
+                    named = file_references(recorded)
         except (OSError, KeyError, ValueError, RuntimeError):
             return  # the writer is between two flushes: look again next time
+        if named and self._handed:
+            self._check_first_file(referenced_file(self.dataset_file, named[0][0]))
         self._ended = True
         self._info = LiveScanInfo(self._info.number, name, self._npoints, self._info.detectors)
+
+    def _check_first_file(self, named: Path) -> None:
+        """The scan's first frame is where the dataset file says (CBF, TIFF files named
+        frame by frame): an image says not which frame it is, and a later file whole
+        before the first one appeared would have been taken for it."""
+        followed = Path(self._path(0))
+        same = named.exists() and followed.exists() and os.path.samefile(named, followed)
+        if not same:
+            raise RawDataError(
+                f"the dataset file {self.dataset_file} names {named} as the scan's first "
+                f"frame, {followed} was read as it: the frames read while the scan ran are "
+                "not the scan's; reduce it offline (calypso run TECHNIQUE RAW)"
+            )
 
     def _probe(self, index: int) -> tuple[int, int, bool] | str:
         """(complete frames, frames in the file, final) of file ``index``, or "missing" /
@@ -235,6 +261,15 @@ class LimaFiles:
         require_followed(path)  # a CBF, TIFF ... saving: named now, not after a stall
         final = self._ended or os.path.exists(self._path(index + 1))
         try:
+            if is_image(path):  # one image a file (CBF, TIFF): whole once every byte is
+                # Lima's saving tasks may open file 1 before file 0, and an image says not
+                # which frame it is: the lowest number is looked for until frame 0 is out.
+                relist = index == 0 and self._handed == 0 and self._find_files is not None
+                found = self._find_files() if relist else None
+                if found and found != (self.template, self.first_file):
+                    self.template, self.first_file = found
+                    return "missing"
+                return (*image_frames(path), final)
             if is_edf(path):  # frames whose header and pixels are all on disk
                 if index == 0 and self._current == 0 and self._find_files is not None:
                     # The first file found may not be the first: Lima's saving tasks write
@@ -351,7 +386,7 @@ class LimaFiles:
                 measurement = h5.get(f"{self._info.number}.1/measurement")
                 for name in measurement or ():
                     item = measurement.get(name)
-                    if isinstance(item, h5py.Dataset) and item.ndim == 1 and len(item) >= stop:
+                    if _counter(item) and len(item) >= stop:
                         counters[name] = np.asarray(item[first:stop], dtype=np.float64)
         except (OSError, KeyError, ValueError, RuntimeError):
             return {}  # caught between two metadata writes: look again next time

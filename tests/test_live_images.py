@@ -1,0 +1,239 @@
+"""A detector that Lima saves one image a file, CBF (a Pilatus's own format) or TIFF
+(docs/live.md): an image is handed out once every byte its header announces is on disk,
+never one begun; offline, Bliss's dataset file names the files frame by frame
+(``scan0001/pilatus1m_0000.cbf::0``: its writer can neither link them nor store them
+externally), and the frames are read from them, a missing or cut file refused; live, the
+result is the offline one bit for bit."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from calypso.errors import RawDataError
+from calypso.flows.online import live
+from calypso.flows.samples.lima_writer import LimaWriter
+from calypso.tasks.raw.frames import hdf5_frame_source, read_frames
+from calypso.tasks.raw.lima_saving import image_frames, lima_files, lima_namings
+from calypso.tasks.raw.live import LimaFiles, follow
+from tests.live_servers import replayed
+from tests.test_live_flow import assert_as_offline, parameters, simulate
+
+SHAPE = (6, 5)
+DATASET = "1.1/instrument/pilatus1m/data"
+
+
+def frame(index: int) -> np.ndarray:
+    return np.random.default_rng(index).integers(1, 60000, SHAPE, dtype=np.uint16)
+
+
+@pytest.fixture
+def recorded(tmp_path) -> Path:
+    """Frames to replay: an HDF5 file of 5 distinct frames."""
+    path = tmp_path / "recorded.h5"
+    with h5py.File(path, "w") as h5:
+        h5["data"] = np.stack([frame(i) for i in range(5)])
+    return path
+
+
+def saved(folder: Path, recorded: Path, saving: str, count: int = 3) -> LimaWriter:
+    """Frames 0 to ``count - 1`` of ``recorded`` in ``folder``, one image a file."""
+    folder.mkdir()
+    writer = LimaWriter(folder, "pilatus1m", saving, SHAPE, "uint16")
+    for index in range(count):
+        writer.start_file(index, 1)
+        writer.write((str(recorded), "data", index), 0)
+        writer.close_file()
+    writer.close()
+    return writer
+
+
+def scan_file(tmp_path: Path, writer: LimaWriter, count: int = 3) -> Path:
+    raw_file = tmp_path / "sample_0001.h5"
+    with h5py.File(raw_file, "w") as h5:
+        h5.create_group("1.1/instrument")
+        h5.create_group("1.1/measurement")
+        writer.detector_dataset(h5["1.1"], count, 1)
+    return raw_file
+
+
+@pytest.mark.parametrize("saving", ["cbf", "tiff"])
+def test_an_image_counts_once_every_byte_is_on_disk(tmp_path, recorded, saving):
+    """Images written one by one, each in two parts: each is handed out once, bit for bit;
+    a file cut anywhere before its last pixel is counted begun, not whole."""
+    folder = tmp_path / "scan0001"
+    folder.mkdir()
+    writer = LimaWriter(folder, "pilatus1m", saving, SHAPE, "uint16")
+    files = LimaFiles(writer.template, npoints=5, stall_timeout=10)
+    handed: list[tuple[int, int]] = []
+    for index in range(5):
+        writer.start_file(index, 1)
+        writer.write((str(recorded), "data", index), 0)
+        writer.close_file()
+        handed += files.ready()
+        assert files.frames == index + 1, (index, handed)
+    writer.close()
+    assert handed == [(i, i + 1) for i in range(5)] and files.finished
+    np.testing.assert_array_equal(files.read(0, 5), np.stack([frame(i) for i in range(5)]))
+    assert lima_namings(folder)["pilatus1m"][0].endswith(f"pilatus1m_%04d.{saving}")
+
+    path = folder / f"pilatus1m_0004.{saving}"
+    whole = path.read_bytes()
+    last = len(whole)  # a TIFF's pixels are its last bytes; a CBF ends with a trailer
+    if saving == "cbf":
+        size = int(re.search(rb"X-Binary-Size: (\d+)", whole)[1])
+        last = whole.index(b"\x0c\x1a\x04\xd5") + 4 + size
+    for cut in (0, 10, len(whole) // 2, last - 1):
+        path.write_bytes(whole[:cut])
+        assert image_frames(path) == (0, 1), cut
+    path.write_bytes(whole)
+    assert image_frames(path) == (1, 1)
+
+
+def test_a_later_image_is_not_taken_for_the_first_once_the_first_comes(tmp_path, recorded):
+    """Lima's saving tasks may open pilatus1m_0001.cbf before pilatus1m_0000.cbf, and an
+    image says not which frame it is: the first file is looked for again until frame 0
+    is handed out. Where the later one was whole before the first appeared, the dataset
+    file's names say so at the scan's end, and the run fails rather than give the frames
+    as another scan's."""
+    folder = tmp_path / "scan0001"
+    writer = saved(folder, recorded, "cbf")
+    first, second = folder / "pilatus1m_0000.cbf", folder / "pilatus1m_0001.cbf"
+    held, held_second = first.read_bytes(), second.read_bytes()
+    first.unlink()
+    second.write_bytes(held_second[:40])  # file 1 begun, file 0 not there yet
+    files = LimaFiles(
+        folder / "pilatus1m_%04d.h5", npoints=3, stall_timeout=10,
+        find_files=lambda: lima_files(tmp_path, 1, "pilatus1m"),
+    )  # fmt: skip
+    assert files.ready() == []
+    first.write_bytes(held[:40])  # file 0 begun: the first
+    second.write_bytes(held_second)
+    assert files.ready() == []
+    first.write_bytes(held)
+    assert [r for r in follow(files, poll=0.01)] == [(0, 3)]
+    np.testing.assert_array_equal(files.read(0, 3), np.stack([frame(i) for i in range(3)]))
+
+    # The first file appeared only once the second was whole: taken for the first.
+    first.unlink()
+    raw_file = tmp_path / "sample_0001.h5"
+    with h5py.File(raw_file, "w") as h5:
+        h5.create_group("1.1/instrument/pilatus1m")
+    files = LimaFiles(
+        folder / "pilatus1m_%04d.h5", dataset_file=raw_file, scan=1, detector="pilatus1m",
+        stall_timeout=10, find_files=lambda: lima_files(tmp_path, 1, "pilatus1m"),
+    )  # fmt: skip
+    assert files.ready() == [(0, 2)]
+    first.write_bytes(held)
+    scan_file(tmp_path, writer).replace(raw_file)
+    with h5py.File(raw_file, "a") as h5:
+        h5["1.1/end_time"] = "2026-12-07T10:00:00"
+    with pytest.raises(RawDataError, match=r"names .*pilatus1m_0000.cbf as the scan's first"):
+        files.ready()
+
+
+@pytest.mark.parametrize("saving", ["cbf", "tiff"])
+def test_a_bliss_scan_saved_as_images_is_read_from_the_files_it_names(tmp_path, recorded, saving):
+    """Offline: the frames the dataset file names, in its order; a file missing or cut
+    short is refused by name, never read as zeros; the watcher waits for them."""
+    from calypso.tasks.raw.bliss import list_scans, missing_frame_sources
+
+    folder = tmp_path / "scan0001"
+    writer = saved(folder, recorded, saving)
+    raw_file = scan_file(tmp_path, writer)
+    with h5py.File(raw_file, "r") as h5:
+        assert h5[DATASET][0] == f"scan0001/pilatus1m_0000.{saving}::0".encode()
+    assert list_scans(raw_file)[0].detectors == {"pilatus1m": (3,)}
+    source = hdf5_frame_source(raw_file, DATASET)
+    assert source.kind == "images" and source.shape == (3, *SHAPE)
+    np.testing.assert_array_equal(read_frames(source, 0, 3), np.stack([frame(i) for i in range(3)]))
+    assert missing_frame_sources(raw_file, DATASET) == []
+
+    path = folder / f"pilatus1m_0002.{saving}"
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(RawDataError, match=r"pilatus1m_0002\.\w+ is not whole"):
+        hdf5_frame_source(raw_file, DATASET)
+    path.unlink()
+    with pytest.raises(RawDataError, match=r"missing or incomplete: .*pilatus1m_0002\.\w+ is"):
+        hdf5_frame_source(raw_file, DATASET)
+    assert missing_frame_sources(raw_file, DATASET) == [f"{path} is missing"]
+
+
+def test_frames_named_out_of_their_files_order_are_refused(tmp_path, recorded):
+    folder = tmp_path / "scan0001"
+    saved(folder, recorded, "cbf")
+    raw_file = tmp_path / "sample_0001.h5"
+    with h5py.File(raw_file, "w") as h5:
+        names = ["scan0001/pilatus1m_0000.cbf::0", "scan0001/pilatus1m_0001.cbf::1"]
+        h5[DATASET] = np.array(names, dtype=object)
+    with pytest.raises(RawDataError, match="names frame 1 of .*pilatus1m_0001.cbf as frame 1"):
+        hdf5_frame_source(raw_file, DATASET)
+
+
+def test_a_cbf_that_disagrees_with_its_header_is_refused_as_it_is_read(tmp_path, recorded):
+    """Only the first image is checked whole before the run (each would be read twice):
+    every other is checked as it is read, its binary's checksum and values counted."""
+    folder = tmp_path / "scan0001"
+    writer = saved(folder, recorded, "cbf")
+    source = hdf5_frame_source(scan_file(tmp_path, writer), DATASET)
+    path = folder / "pilatus1m_0002.cbf"
+    data = bytearray(path.read_bytes())
+    data[-60] ^= 0xFF  # a bit flipped in the binary: its MD5 differs
+    path.write_bytes(bytes(data))
+    np.testing.assert_array_equal(read_frames(source, 0, 2), np.stack([frame(i) for i in range(2)]))
+    with pytest.raises(RawDataError, match="pilatus1m_0002.cbf: the binary's MD5 checksum"):
+        read_frames(source, 2, 3)
+
+
+def test_confinement_follows_the_files_a_dataset_file_names(tmp_path, recorded):
+    """A service reading with more rights than the proposal's members checks every file a
+    run would read: the images a dataset file names are among them."""
+    from calypso.registry.access.links import hdf5_links
+
+    writer = saved(tmp_path / "scan0001", recorded, "tiff")
+    raw_file = scan_file(tmp_path, writer)
+    found = [(what, target) for _, what, _, target in hdf5_links((raw_file,))]
+    assert found == [
+        ("a frame reference", tmp_path / "scan0001" / f"pilatus1m_{n:04d}.tiff") for n in range(3)
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["files", "blissdata"])
+def test_a_scan_saved_as_cbf_gives_the_offline_result_while_it_runs(
+    diffraction_sample, tmp_path, catalogue_path, live_settings, blissdata_url, source
+):
+    """The acquisition simulator saves the frames as Lima's CBF saving does (each image in
+    two parts); the live run reads them while the scan runs."""
+    root = tmp_path / "beamline"
+    options = ("--rate", "4", "--start-delay", "1", "--saving", "cbf")
+    options += ("--timeline", str(tmp_path / "written.json"))
+    if source == "blissdata":
+        options += ("--blissdata", blissdata_url)
+    writer = simulate(diffraction_sample.raw_dataset_dir, root, *options)
+    raw_dir = replayed(diffraction_sample, root)
+    try:
+        summary = live.run_live(
+            "diffraction", str(raw_dir), parameters(diffraction_sample), None, None, live_settings,
+            live={"source": blissdata_url if source == "blissdata" else "files",
+                  "stall_timeout": 30, "poll": 0.05},
+        )  # fmt: skip
+    finally:
+        assert writer.wait(timeout=60) == 0
+    assert sorted(p.name for p in (raw_dir / "scan0001").iterdir()) == [
+        f"pilatus1m_{n:04d}.cbf" for n in range(12)
+    ]
+    assert summary["frames"] == 12 and not summary["partial"] and not summary["warnings"]
+    timeline = list(live.LAST_TIMELINE)
+    last_written = json.loads((tmp_path / "written.json").read_text())["written"][-1]
+    assert [c for c in timeline if c["done"] < last_written], f"none during the scan: {timeline}"
+    assert_as_offline(
+        summary, "diffraction", raw_dir, parameters(diffraction_sample), tmp_path / "offline",
+        live_settings,
+    )  # fmt: skip
