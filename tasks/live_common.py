@@ -16,16 +16,24 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from calypso.errors import RawDataError
 from calypso.tasks.raw.lima_saving import iter_run
 from calypso.tasks.raw.live import FileRun
 from calypso.tasks.writers import nexus
 
 
-def frames_of(runs: list[FileRun]) -> Iterator[np.ndarray]:
+def frames_of(runs: list[FileRun], frame_shape: tuple[int, ...]) -> Iterator[np.ndarray]:
     """One frame at a time (a task's memory stays at one frame), as offline chunks read,
-    a read that fails naming the Lima file and the frames."""
+    a read that fails naming the Lima file and the frames. A frame not of the scan's
+    ``frame_shape`` is refused by name (one image a file: any file may be another's)."""
     for run in runs:
-        yield from iter_run(*run)
+        for frame in iter_run(*run):
+            if frame.shape != tuple(frame_shape):
+                raise RawDataError(
+                    f"{run[0]} holds a frame of shape {frame.shape}, the scan's are "
+                    f"{tuple(frame_shape)}: it belongs to another detector or scan"
+                )
+            yield frame
 
 
 def partial_path(output_file: str | Path) -> Path:

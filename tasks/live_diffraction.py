@@ -40,12 +40,15 @@ def integrate_live_chunk(
     parameters: DiffractionParameters,
     geometry: Geometry,
     work_dir: str,
+    frame_shape: tuple[int, int],
 ) -> ChunkResult:
-    """Frames ``start:stop`` of a scan in progress, integrated into their part file."""
+    """Frames ``start:stop`` of a scan in progress (frames of ``frame_shape``), integrated
+    into their part file."""
     began = time.perf_counter()
     values = None if monitor is None else np.asarray(monitor, dtype=np.float64)
+    frames = frames_of(runs, frame_shape)
     return integrate_into_part(
-        frames_of(runs), values, parameters, geometry, scan, start, stop, work_dir, began
+        frames, values, parameters, geometry, scan, start, stop, work_dir, began
     )
 
 

@@ -47,7 +47,8 @@ def find_spots_live_chunk(
     """The spots of frames ``start:stop`` of a scan in progress, into their part file."""
     began = time.perf_counter()
     part = Path(work_dir) / f"live-{scan.name}-{start:09d}.h5"
-    return find_spots_into_part(frames_of(runs), scan, parameters, 0, start, part, began)
+    frames = frames_of(runs, scan.frame_shape)
+    return find_spots_into_part(frames, scan, parameters, 0, start, part, began)
 
 
 @task(name="warm_up_spot_finder", cache_policy=NO_CACHE)

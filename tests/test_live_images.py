@@ -18,7 +18,7 @@ import pytest
 from calypso.errors import RawDataError
 from calypso.flows.online import live
 from calypso.flows.samples.lima_writer import LimaWriter
-from calypso.tasks.raw.frames import hdf5_frame_source, read_frames
+from calypso.tasks.raw.frames import hdf5_frame_source, image_files_source, read_frames
 from calypso.tasks.raw.lima_saving import image_frames, lima_files, lima_namings
 from calypso.tasks.raw.live import LimaFiles, follow
 from tests.live_servers import replayed
@@ -237,3 +237,76 @@ def test_a_scan_saved_as_cbf_gives_the_offline_result_while_it_runs(
         summary, "diffraction", raw_dir, parameters(diffraction_sample), tmp_path / "offline",
         live_settings,
     )  # fmt: skip
+
+
+# -- a helper's sweep of CBF and TIFF variants (session 41) ------------------------------
+
+
+def test_a_packbits_tiff_is_read_as_its_pixels(tmp_path):
+    """fabio reads a single-strip PackBits TIFF (as Pillow writes one) as its compressed
+    bytes, without an error: TIFF images are read by tifffile."""
+    import fabio
+    import tifffile
+
+    image = np.random.default_rng(3).integers(1, 70000, (100, 120)).astype(np.int32)
+    path = tmp_path / "pilatus1m_0000.tiff"
+    tifffile.imwrite(path, image, compression="packbits", rowsperstrip=100)
+    assert not np.array_equal(fabio.open(str(path)).data, image)  # what was read before
+    source = image_files_source([path])
+    np.testing.assert_array_equal(read_frames(source, 0, 1)[0], image)
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_a_cut_tiff_is_refused_not_read_as_zeros(tmp_path, compression):
+    """A TIFF cut short read as zeros (a compressed strip) or as its one row on disk over
+    every row (fabio), where nothing looked at the file again before reading it: the
+    image counted whole, then replaced, or an image series given offline."""
+    import tifffile
+
+    image = np.arange(40 * 30, dtype=np.uint16).reshape(40, 30)
+    path = tmp_path / "frame_0000.tiff"
+    tifffile.imwrite(path, image, compression=compression)
+    source = image_files_source([path])
+    with tifffile.TiffFile(path) as tiff:
+        start, count = tiff.pages.first.dataoffsets[0], tiff.pages.first.databytecounts[0]
+    cut = start + (30 * 2 if compression is None else count // 2)  # one row; half a strip
+    path.write_bytes(path.read_bytes()[:cut])
+    with pytest.raises(RawDataError, match=r"(truncated|beyond the file's end)"):
+        read_frames(source, 0, 1)
+
+
+def test_a_live_image_of_another_shape_is_named(tmp_path, recorded):
+    """An image of another detector among the scan's: a numpy traceback (LimaFiles.read),
+    or the frame handed to the task unchecked (frames_of)."""
+    from calypso.tasks.live_common import frames_of
+
+    folder = tmp_path / "scan0001"
+    saved(folder, recorded, "cbf")
+    other = LimaWriter(tmp_path, "other", "cbf", (5, 6), "uint16")
+    with h5py.File(tmp_path / "other.h5", "w") as h5:
+        h5["data"] = np.zeros((1, 5, 6), np.uint16)
+    other.start_file(0, 1)
+    other.write((str(tmp_path / "other.h5"), "data", 0), 0)
+    other.close()
+    (tmp_path / "other_0000.cbf").replace(folder / "pilatus1m_0001.cbf")
+    files = LimaFiles(folder / "pilatus1m_%04d.cbf", npoints=3, stall_timeout=10)
+    assert [r for r in follow(files, poll=0.01)] == [(0, 3)]
+    with pytest.raises(RawDataError, match=r"pilatus1m_0001.cbf holds frames of shape \(5, 6\)"):
+        files.read(0, 3)
+    with pytest.raises(RawDataError, match=r"pilatus1m_0001.cbf holds a frame of shape \(5, 6\)"):
+        list(frames_of(files.locations(0, 3), SHAPE))
+
+
+def test_a_string_dataset_that_is_not_frame_names_is_no_link(tmp_path):
+    """A user's file in the dataset's folder with strings that begin like FILE::INDEX: the
+    confinement check ended in h5py's SystemError (an error raised in its visit)."""
+    from calypso.registry.access.links import hdf5_links
+
+    notes = tmp_path / "notes.h5"
+    with h5py.File(notes, "w") as h5:
+        h5["labels"] = np.array(["sample::1", "buffer", "sample::2"], dtype=object)
+    assert [(what, target) for _, what, _, target in hdf5_links((notes,))] == [
+        ("a frame reference", tmp_path / "sample")
+    ]
+    with pytest.raises(RawDataError, match="names frames as FILE::INDEX, not 'buffer'"):
+        hdf5_frame_source(notes, "labels")

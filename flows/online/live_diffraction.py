@@ -104,7 +104,7 @@ class LiveDiffraction(LiveTechnique):
 
         return integrate_live_chunk.submit(
             live.number, first, stop, live.scan.locations(first, stop), inputs,
-            plan.parameters, plan.geometry, ctx.work_dir,
+            plan.parameters, plan.geometry, ctx.work_dir, plan.scans[0].source.frame_shape,
         )  # fmt: skip
 
     def span(self, result: Any) -> tuple[int, int]:

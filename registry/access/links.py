@@ -14,12 +14,14 @@ HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs", ".nx5", ".cxi")
 _REFERENCE = re.compile(r"^(?P<file>.+)::(?P<index>\d+)$")
 
 
-def file_references(dataset) -> list[tuple[str, int]] | None:
+def file_references(dataset, strict: bool = True) -> list[tuple[str, int]] | None:
     """The frames an HDF5 dataset names instead of holding them, as ``(file as written,
     index in it)``, or None for any other dataset. Bliss's writer records a Lima saving it
     cannot link (CBF, TIFF: neither a virtual dataset nor external storage can describe
     them) as one string a frame, ``<file>::<index>``, the file named relative to the
-    dataset file's folder: the frames are read from those files."""
+    dataset file's folder: the frames are read from those files. A dataset whose first
+    string is such a name and a later one is not is damaged: a RawDataError, or with
+    ``strict`` false the names that are (what confinement checks)."""
     import h5py
 
     if not isinstance(dataset, h5py.Dataset) or dataset.ndim != 1 or dataset.shape[0] == 0:
@@ -32,6 +34,8 @@ def file_references(dataset) -> list[tuple[str, int]] | None:
     found = [_REFERENCE.match(value) for value in values]
     references = []
     for value, match in zip(values, found, strict=True):
+        if match is None and not strict:
+            continue
         if match is None:
             from calypso.errors import RawDataError
 
@@ -148,7 +152,8 @@ def hdf5_links(
                         opened, "HDF5_VDS_PREFIX", source.file_name, True, looked
                     ):
                         found.append((where, "a virtual dataset", source.file_name, target))
-            for written in dict.fromkeys(n for n, _ in file_references(node) or ()):
+            named = file_references(node, strict=False) or ()
+            for written in dict.fromkeys(n for n, _ in named):
                 target = referenced_file(path, written)
                 found.append((where, "a frame reference", written, target))
             for external, _, _ in node.external or ():

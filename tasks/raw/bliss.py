@@ -136,7 +136,8 @@ def scan_info(entry: h5py.Group, number: int) -> ScanInfo:
         for name, item in instrument.items():
             data = item.get("data") if isinstance(item, h5py.Group) else None
             # Frames, or images named one string a frame (FILE::INDEX: CBF, TIFF).
-            if isinstance(data, h5py.Dataset) and (data.ndim == 3 or file_references(data)):
+            named = isinstance(data, h5py.Dataset) and file_references(data, strict=False)
+            if isinstance(data, h5py.Dataset) and (data.ndim == 3 or named):
                 detectors[name] = tuple(data.shape)
     measurement = entry.get("measurement")
     if isinstance(measurement, h5py.Group):
@@ -308,7 +309,9 @@ def referenced_problems(files: list[Path]) -> list[str]:
 
     problems = []
     for file in files:
-        if not file.is_file():
+        if file.is_dir():
+            problems.append(f"{file} is a folder, not an image")
+        elif not file.is_file():
             problems.append(f"{file} is missing")
         elif is_image(file) and not image_written(file):
             problems.append(f"{file} is not whole (still being written, or cut short)")

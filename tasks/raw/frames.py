@@ -22,6 +22,7 @@ from calypso.registry.access.links import file_references, referenced_file
 from calypso.tasks.raw.bliss import open_raw, referenced_problems, require_frames
 from calypso.tasks.raw.cbf import check_cbf, is_cbf, read_cbf
 from calypso.tasks.raw.stored_chunks import frame_reader
+from calypso.tasks.raw.tiff import is_tiff, read_tiff, tiff_layout
 
 IMAGE_SUFFIXES = (
     *(".edf", ".cbf", ".tif", ".tiff", ".img", ".mccd", ".gz", ".bz2", ".npy"),
@@ -71,6 +72,12 @@ def hdf5_frame_source(path: str | Path, dataset: str) -> FrameSource:
         references = file_references(dset)
         if references is not None:  # Lima's CBF, TIFF ... files, named frame by frame
             return referenced_frames_source(path, dataset, references)
+        if dset.dtype.kind not in "biuf":
+            what = "strings" if dset.dtype.kind in "SOU" else f"{dset.dtype} values"
+            raise RawDataError(
+                f"{path}::{dataset} holds {what}, not frames (nor images named as "
+                "FILE::INDEX, one a frame): name the dataset of the detector's frames"
+            )
         # Frames in other files (a virtual dataset; external storage: Lima's EDF files)
         stored_elsewhere = dset.is_virtual or dset.id.get_create_plist().get_external_count()
         if dset.ndim == 2:
@@ -111,10 +118,11 @@ def referenced_frames_source(
             counts.append(1)
             seen.add(file)
         else:
+            again = " (the file is named twice)" if index == 0 else ""
             raise RawDataError(
-                f"{where} names frame {index} of {file} as frame {sum(counts)} of the scan: "
-                "each file's frames must come in their order, from its first; the dataset "
-                "file does not describe a Lima saving Calypso reads"
+                f"{where} names frame {index} of {file} as frame {sum(counts)} of the scan"
+                f"{again}: each file's frames must come in their order, from its first; the "
+                "dataset file does not describe a Lima saving Calypso reads"
             )
         if not file.name.lower().endswith(IMAGE_SUFFIXES):
             raise RawDataError(
@@ -248,6 +256,8 @@ def image_files_source(files: list[Path], named: list[int] | None = None) -> Fra
                 raise RawDataError(f"{path} does not exist")
             info = check_cbf(path)
             frame_shape, frame_dtype, n = info.shape, info.dtype, 1
+        elif is_tiff(path):  # tifffile: fabio misreads some (calypso.tasks.raw.tiff)
+            n, frame_shape, frame_dtype = tiff_layout(path)
         else:
             image = _open_image(path)
             try:
@@ -342,10 +352,13 @@ def _frames(source: FrameSource, start: int, stop: int) -> Iterator[np.ndarray]:
                 yield from _hdf5_frames(path, str(source.dataset), indices)
             else:
                 for frame in image_file_frames(path, count, indices):
-                    if frame.shape != source.frame_shape:
+                    if frame.shape != source.frame_shape or not np.can_cast(
+                        frame.dtype, source.dtype, "safe"
+                    ):
                         raise RawDataError(
-                            f"{path} has images of shape {frame.shape}, the scan's are "
-                            f"{source.frame_shape}: it belongs to another detector or scan"
+                            f"{path} has images of shape {frame.shape} ({frame.dtype}), the "
+                            f"scan's are {source.frame_shape} ({source.dtype}): it belongs "
+                            "to another detector or scan"
                         )
                     yield frame
         first = last
@@ -363,6 +376,10 @@ def _hdf5_frames(path: str, dataset: str, indices: range) -> Iterator[np.ndarray
 
 
 def image_file_frames(path: str, count: int, indices: range) -> Iterator[np.ndarray]:
+    """Frames ``indices`` of an image file holding ``count``, each checked whole."""
+    if is_tiff(path):
+        yield from read_tiff(path, indices)
+        return
     if is_cbf(path) and count == 1:
         # Its sections checked against each other as the pixels are decoded, once: a CBF
         # named by a Bliss dataset file is checked whole only as it is read.
@@ -407,6 +424,11 @@ def read_image(path: str | Path, what: str) -> np.ndarray:
             data = np.load(text)
         except (OSError, ValueError) as exc:
             raise ParameterError(f"{what} {text} cannot be read: {exc}") from None
+    elif is_tiff(text):
+        try:
+            data = next(read_tiff(text, range(1)))
+        except RawDataError as exc:
+            raise ParameterError(f"{what}: {exc}") from None
     else:
         try:
             image = _open_image(Path(text))

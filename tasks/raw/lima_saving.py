@@ -19,7 +19,6 @@ whole only once closed, which no reader can tell before the scan's end.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import stat
@@ -201,23 +200,11 @@ def image_written(path: str | Path) -> bool:
     is wholly on disk: every byte its header announces is there (a CBF's binary, a TIFF's
     strips or tiles). A file caught before its header is whole is not."""
     from calypso.tasks.raw.cbf import cbf_written
+    from calypso.tasks.raw.tiff import tiff_written
 
     if str(path).lower().endswith(".cbf"):
         return cbf_written(path)
-    import tifffile
-
-    quiet = logging.Filter("nothing")  # tifffile logs each tag of a file cut short
-    logging.getLogger("tifffile").addFilter(quiet)
-    try:
-        size = os.stat(path).st_size
-        with tifffile.TiffFile(path) as tiff:
-            page = tiff.pages.first
-            ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=True)]
-    except Exception:  # tifffile fails in its own ways on a file caught half written
-        return False
-    finally:
-        logging.getLogger("tifffile").removeFilter(quiet)
-    return bool(ends) and min(page.databytecounts) > 0 and max(ends) <= size
+    return tiff_written(path)
 
 
 def image_frames(path: str | Path) -> tuple[int, int]:

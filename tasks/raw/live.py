@@ -106,8 +106,16 @@ def counter_named(counters: dict[str, np.ndarray], name: str) -> np.ndarray | No
 
 
 def read_runs(runs: list[FileRun]) -> np.ndarray:
-    """The frames of :meth:`LiveScan.locations` runs, in order (in a task, on a worker)."""
-    return np.concatenate([read_run(*run) for run in runs])
+    """The frames of :meth:`LiveScan.locations` runs, in order (in a task, on a worker),
+    all of the first's shape (one image a file: any file may be another's)."""
+    blocks = [read_run(*run) for run in runs]
+    for run, block in zip(runs, blocks, strict=True):
+        if block.shape[1:] != blocks[0].shape[1:]:
+            raise RawDataError(
+                f"{run[0]} holds frames of shape {block.shape[1:]}, {runs[0][0]} of "
+                f"{blocks[0].shape[1:]}: one belongs to another detector or scan"
+            )
+    return np.concatenate(blocks)
 
 
 def follow(
