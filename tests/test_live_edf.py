@@ -7,7 +7,6 @@ cannot read whole with zeros."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,13 +15,11 @@ import numpy as np
 import pytest
 
 from calypso.errors import RawDataError
-from calypso.flows.online import live
 from calypso.flows.samples.lima_writer import LimaWriter
 from calypso.tasks.raw.frames import image_files_source, read_frames
 from calypso.tasks.raw.lima_saving import edf_frames, lima_namings
 from calypso.tasks.raw.live import LimaFiles, follow
-from tests.live_servers import replayed
-from tests.test_live_flow import assert_as_offline, parameters, simulate
+from tests.test_live_flow import saved_scan_as_offline
 
 SHAPE = (6, 5)
 
@@ -31,13 +28,17 @@ def frame(index: int) -> np.ndarray:
     return np.random.default_rng(index).integers(1, 60000, SHAPE, dtype=np.uint16)
 
 
-@pytest.fixture
-def recorded(tmp_path) -> Path:
-    """Frames to replay: an HDF5 file of 7 distinct frames."""
+def distinct_frames(tmp_path: Path, count: int) -> Path:
+    """Frames to replay: an HDF5 file of ``count`` distinct frames (:func:`frame`)."""
     path = tmp_path / "recorded.h5"
     with h5py.File(path, "w") as h5:
-        h5["data"] = np.stack([frame(i) for i in range(7)])
+        h5["data"] = np.stack([frame(i) for i in range(count)])
     return path
+
+
+@pytest.fixture
+def recorded(tmp_path) -> Path:
+    return distinct_frames(tmp_path, 7)
 
 
 def test_an_edf_frame_counts_once_its_pixels_are_all_on_disk(tmp_path, recorded):
@@ -220,30 +221,8 @@ def test_a_scan_saved_as_edf_gives_the_offline_result_while_it_runs(
 ):
     """The acquisition simulator saves the frames as Lima's EDF saving does (four frames a
     file, each written in two parts); the live run reads them while the scan runs."""
-    root = tmp_path / "beamline"
-    options = ("--rate", "4", "--frames-per-file", "4", "--start-delay", "1", "--saving", "edf")
-    options += ("--timeline", str(tmp_path / "written.json"))
-    if source == "blissdata":
-        options += ("--blissdata", blissdata_url)
-    writer = simulate(diffraction_sample.raw_dataset_dir, root, *options)
-    raw_dir = replayed(diffraction_sample, root)
-    try:
-        summary = live.run_live(
-            "diffraction", str(raw_dir), parameters(diffraction_sample), None, None, live_settings,
-            live={"source": blissdata_url if source == "blissdata" else "files",
-                  "stall_timeout": 30, "poll": 0.05},
-        )  # fmt: skip
-    finally:
-        assert writer.wait(timeout=60) == 0
-    assert sorted(p.name for p in (raw_dir / "scan0001").iterdir()) == [
-        f"pilatus1m_{n:04d}.edf" for n in range(3)
-    ]
-    assert summary["frames"] == 12 and not summary["partial"] and not summary["warnings"]
-    timeline = list(live.LAST_TIMELINE)
-    assert sum(c["stop"] - c["start"] for c in timeline) == 12
-    last_written = json.loads((tmp_path / "written.json").read_text())["written"][-1]
-    assert [c for c in timeline if c["done"] < last_written], f"none during the scan: {timeline}"
-    assert_as_offline(
-        summary, "diffraction", raw_dir, parameters(diffraction_sample), tmp_path / "offline",
-        live_settings,
-    )  # fmt: skip
+    saving = ("--saving", "edf", "--frames-per-file", "4")
+    names = saved_scan_as_offline(
+        diffraction_sample, tmp_path, live_settings, blissdata_url, source, saving
+    )
+    assert names == [f"pilatus1m_{n:04d}.edf" for n in range(3)]

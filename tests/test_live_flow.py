@@ -7,6 +7,7 @@ partial; a Lima file that never appears is named after the time-out."""
 from __future__ import annotations
 
 import base64
+import json
 import shutil
 import subprocess
 import sys
@@ -108,6 +109,40 @@ def assert_as_offline(summary: dict, technique: str, raw_dir, parameters, folder
     for name in live_sets:
         assert live_sets[name] == offline_sets[name], name
     return offline
+
+
+def saved_scan_as_offline(
+    sample, tmp_path, settings, blissdata_url, source: str, saving: tuple[str, ...]
+) -> list[str]:
+    """A 12-frame diffraction scan written by the simulator with Lima's ``saving``
+    options, reduced live from its ``source`` (``files`` or ``blissdata``): read during the
+    scan, complete, the offline result bit for bit. The names of the scan's Lima files."""
+    root = tmp_path / "beamline"
+    options = ("--rate", "4", "--start-delay", "1", *saving)
+    options += ("--timeline", str(tmp_path / "written.json"))
+    if source == "blissdata":
+        options += ("--blissdata", blissdata_url)
+    writer = simulate(sample.raw_dataset_dir, root, *options)
+    raw_dir = replayed(sample, root)
+    try:
+        summary = live.run_live(
+            "diffraction", str(raw_dir), parameters(sample), None, None, settings,
+            live={"source": blissdata_url if source == "blissdata" else "files",
+                  "stall_timeout": 30, "poll": 0.05},
+        )  # fmt: skip
+    finally:
+        assert writer.wait(timeout=60) == 0
+    assert summary["frames"] == 12 and not summary["partial"] and not summary["warnings"]
+    timeline = list(live.LAST_TIMELINE)
+    assert sum(c["stop"] - c["start"] for c in timeline) == 12
+    # Frames handed out while the scan ran (their results may come after it on a loaded
+    # machine: test_growing_files_give_the_offline_result_while_the_scan_runs times those).
+    last_written = json.loads((tmp_path / "written.json").read_text())["written"][-1]
+    assert [c for c in timeline if c["ready"] < last_written], f"none during the scan: {timeline}"
+    assert_as_offline(
+        summary, "diffraction", raw_dir, parameters(sample), tmp_path / "offline", settings
+    )
+    return sorted(p.name for p in (raw_dir / "scan0001").iterdir())
 
 
 def test_growing_files_give_the_offline_result_while_the_scan_runs(

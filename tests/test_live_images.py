@@ -7,7 +7,6 @@ result is the offline one bit for bit."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -16,29 +15,19 @@ import numpy as np
 import pytest
 
 from calypso.errors import RawDataError
-from calypso.flows.online import live
 from calypso.flows.samples.lima_writer import LimaWriter
 from calypso.tasks.raw.frames import hdf5_frame_source, image_files_source, read_frames
 from calypso.tasks.raw.lima_saving import image_frames, lima_files, lima_namings
 from calypso.tasks.raw.live import LimaFiles, follow
-from tests.live_servers import replayed
-from tests.test_live_flow import assert_as_offline, parameters, simulate
+from tests.test_live_edf import SHAPE, distinct_frames, frame
+from tests.test_live_flow import saved_scan_as_offline
 
-SHAPE = (6, 5)
 DATASET = "1.1/instrument/pilatus1m/data"
-
-
-def frame(index: int) -> np.ndarray:
-    return np.random.default_rng(index).integers(1, 60000, SHAPE, dtype=np.uint16)
 
 
 @pytest.fixture
 def recorded(tmp_path) -> Path:
-    """Frames to replay: an HDF5 file of 5 distinct frames."""
-    path = tmp_path / "recorded.h5"
-    with h5py.File(path, "w") as h5:
-        h5["data"] = np.stack([frame(i) for i in range(5)])
-    return path
+    return distinct_frames(tmp_path, 5)
 
 
 def saved(folder: Path, recorded: Path, saving: str, count: int = 3) -> LimaWriter:
@@ -211,32 +200,10 @@ def test_a_scan_saved_as_cbf_gives_the_offline_result_while_it_runs(
 ):
     """The acquisition simulator saves the frames as Lima's CBF saving does (each image in
     two parts); the live run reads them while the scan runs."""
-    root = tmp_path / "beamline"
-    options = ("--rate", "4", "--start-delay", "1", "--saving", "cbf")
-    options += ("--timeline", str(tmp_path / "written.json"))
-    if source == "blissdata":
-        options += ("--blissdata", blissdata_url)
-    writer = simulate(diffraction_sample.raw_dataset_dir, root, *options)
-    raw_dir = replayed(diffraction_sample, root)
-    try:
-        summary = live.run_live(
-            "diffraction", str(raw_dir), parameters(diffraction_sample), None, None, live_settings,
-            live={"source": blissdata_url if source == "blissdata" else "files",
-                  "stall_timeout": 30, "poll": 0.05},
-        )  # fmt: skip
-    finally:
-        assert writer.wait(timeout=60) == 0
-    assert sorted(p.name for p in (raw_dir / "scan0001").iterdir()) == [
-        f"pilatus1m_{n:04d}.cbf" for n in range(12)
-    ]
-    assert summary["frames"] == 12 and not summary["partial"] and not summary["warnings"]
-    timeline = list(live.LAST_TIMELINE)
-    last_written = json.loads((tmp_path / "written.json").read_text())["written"][-1]
-    assert [c for c in timeline if c["done"] < last_written], f"none during the scan: {timeline}"
-    assert_as_offline(
-        summary, "diffraction", raw_dir, parameters(diffraction_sample), tmp_path / "offline",
-        live_settings,
-    )  # fmt: skip
+    names = saved_scan_as_offline(
+        diffraction_sample, tmp_path, live_settings, blissdata_url, source, ("--saving", "cbf")
+    )
+    assert names == [f"pilatus1m_{n:04d}.cbf" for n in range(12)]
 
 
 # -- a helper's sweep of CBF and TIFF variants (session 41) ------------------------------
