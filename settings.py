@@ -329,6 +329,17 @@ class CalypsoSettings(BaseSettings):
         "Unset: one machine, the Unix account's own permissions decide (docs/security.md).",
     )
     processed_data: ProcessedDataPolicy = Field(default_factory=ProcessedDataPolicy)
+
+    @field_validator("data_roots")
+    @classmethod
+    def _absolute_roots(cls, roots: list[Path]) -> list[Path]:
+        """A relative root would mean another folder to each process (serve, watch and the
+        portal are started from different folders)."""
+        for root in roots:
+            if not root.expanduser().is_absolute():
+                raise ValueError(f"data root {root} is not an absolute path (e.g. /data/visitor)")
+        return [root.expanduser() for root in roots]
+
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     catalogue: CatalogueSettings = Field(default_factory=CatalogueSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)

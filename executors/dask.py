@@ -297,6 +297,51 @@ def build_task_runner(executor: ExecutorSettings, cluster: LocalCluster | None =
     )
 
 
+def require_scheduler(executor: ExecutorSettings, timeout: float = 5.0) -> None:
+    """A ConfigurationError unless the scheduler ``executor`` names by address answers on
+    its port (Dask's own client tries for 30 s, then ends the run in a traceback), or, for
+    SLURM, its controller answers ``scontrol ping`` (dask-jobqueue tries ``sbatch`` again
+    every few seconds, for good, without a word). Nothing for the other kinds."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if executor.kind == "slurm":
+        _require_slurm_controller(timeout * 2)
+        return
+    if executor.kind != "address" or not executor.address:
+        return
+    where = urlsplit(executor.address if "://" in executor.address else f"tcp://{executor.address}")
+    try:
+        with socket.create_connection((where.hostname or "", where.port or 8786), timeout):
+            return
+    except OSError as exc:
+        raise ConfigurationError(
+            f"the Dask scheduler at {executor.address} (CALYPSO_EXECUTOR__ADDRESS) does not "
+            f"answer ({exc.strerror or exc}): start it, or unset CALYPSO_EXECUTOR__KIND to "
+            "run on this machine's own workers"
+        ) from None
+
+
+def _require_slurm_controller(timeout: float) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("scontrol") is None:
+        return  # no SLURM client here: sbatch's own error says so
+    try:
+        ping = subprocess.run(
+            ["scontrol", "ping"], capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        ping = None
+    if ping is None or ping.returncode != 0:
+        said = ping.stdout.strip().splitlines()[0] if ping and ping.stdout.strip() else "no answer"
+        raise ConfigurationError(
+            f"the SLURM controller does not answer (scontrol ping: {said}): start slurmctld, "
+            "or unset CALYPSO_EXECUTOR__KIND to run on this machine's own workers"
+        )
+
+
 def _client(security: Security | None) -> dict[str, Any]:
     """The Dask client's keyword arguments: the certificate, when the cluster has one. A
     client of a cluster object gets it from the cluster; by address, it must be given."""

@@ -38,12 +38,13 @@ def translate(value: Any, mapping: dict[str, str]) -> Any:
     return visit_collection(value, visit_fn=move, return_data=True)
 
 
-@functools.cache
 def _path_map() -> dict[str, str]:
-    """This worker's path map, read from its settings once (not once a chunk)."""
-    from calypso.settings import load_settings
+    """This worker's path map, from its settings as kept (read again only when they
+    change, and never in a thread confined to a proposal: its configuration file lies
+    outside; :func:`~calypso.registry.access.landlock.current_settings`)."""
+    from calypso.registry.access.landlock import current_settings
 
-    return load_settings().path_map
+    return current_settings().path_map
 
 
 def worker_paths(function: Function) -> Function:

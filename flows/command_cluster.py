@@ -49,6 +49,7 @@ def run_on_cluster(
         in_threads,
         keeps_cluster,
         kept_task_runner,
+        require_scheduler,
     )
     from calypso.flows.prefect_api import prefect_api
     from calypso.flows.runtime import check_prefect_api, prefect_api_secret
@@ -120,6 +121,7 @@ def run_on_cluster(
             runner, release = kept_task_runner(settings.executor, settings.home, kept_booting[0])
             stack.callback(release)
         else:
+            require_scheduler(settings.executor)  # one line, not Dask's traceback in 30 s
             runner = build_task_runner(settings.executor, booting.result() if booting else None)
         bar.stage("running", started=True)
         collect_from_now_on()  # the command's start-up is done: :mod:`calypso.flows.startup`

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import os
+import shutil
 import socket
 import ssl
 import stat
@@ -299,6 +300,53 @@ def test_a_scheduler_address_without_tls_is_refused_with_a_message():
     with pytest.raises(ConfigurationError, match="not tls://.*CALYPSO_EXECUTOR__TLS=false"):
         build_task_runner(executor)
     build_task_runner(executor.model_copy(update={"tls": False}))  # the way out, on purpose
+
+
+def test_a_scheduler_that_does_not_answer_is_named_in_one_line(
+    diffraction_sample, tmp_path, catalogue_path
+):
+    """A scheduler named by address that is down: Dask's client tried for 30 s and ended
+    the command in a 111-line traceback, exit 1 (a helper's walk of the operations
+    docs). Now one line, exit 2, before a record or a folder is made."""
+    from calypso.executors.dask import require_scheduler
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    executor = ExecutorSettings(kind="address", address=f"tls://127.0.0.1:{port}")
+    with pytest.raises(ConfigurationError, match=f"at tls://127.0.0.1:{port} .* does not answer"):
+        require_scheduler(executor)
+    result = subprocess.run(
+        [sys.executable, "-m", "calypso.flows.cli", "run", "diffraction",
+         str(diffraction_sample.raw_dataset_dir), "--output", str(tmp_path / "out"),
+         "--set", f"poni={diffraction_sample.calibration['poni']}"],
+        capture_output=True, text=True, timeout=120,
+        env=os.environ | {
+            "CALYPSO_CATALOGUE__PATH": str(catalogue_path), "CALYPSO_EXECUTOR__KIND": "address",
+            "CALYPSO_EXECUTOR__ADDRESS": executor.address,
+        },
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().count("\n") == 0 and "does not answer" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_slurm_controller_that_does_not_answer_is_named():
+    """kind = "slurm" with slurmctld down: dask-jobqueue tried sbatch every ten seconds,
+    for good, and `calypso run` said nothing (a helper's walk of the operations docs). The
+    run is refused in one line exactly when the controller does not answer its ping (down
+    here unless tests/test_slurm.py started it)."""
+    from calypso.executors.dask import require_scheduler
+
+    if shutil.which("scontrol") is None:
+        pytest.skip("no SLURM client on this machine")
+    executor = ExecutorSettings(kind="slurm", slurm={"queue": "q"})
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+    if ping.returncode == 0:
+        require_scheduler(executor)
+    else:
+        with pytest.raises(ConfigurationError, match=r"SLURM controller does not answer"):
+            require_scheduler(executor)
 
 
 def test_slurm_jobs_get_the_certificate_by_path(tmp_path):

@@ -411,7 +411,8 @@ def test_calypso_run_refuses_what_is_not_theirs_and_runs_their_own(signed_in, ca
         ([str(f.linked)], "an external link at " + str(f.linked / "CeO2_0097.h5")),
         # a foreign proposal id: B's calibration as a parameter, B's folder as output
         (["--set", f"poni={f.b_raw.parents[2]}/SCRIPTS/calibration/pilatus1m_CeO2.poni"],
-         "parameters.poni"),
+         "leads outside proposal ih0001: a file every proposal's runs read (a calibration, a "
+         "mask) belongs in a folder named in the settings' access.shared_paths"),
         (["--output", str(f.b_raw.parents[2] / "PROCESSED_DATA" / "mine")],
          "leads outside proposal ih0001"),
         ([str(f.visitor.parent / "stage-ih0001")], "outside the configured data roots"),
@@ -806,3 +807,11 @@ def test_the_unix_account_owns_its_proposal_folders(monkeypatch, capsys, tmp_pat
 
     with pytest.raises(ConfigurationError, match="calypso serve refuses to start without data"):
         serve(load_settings())
+    # ... nor with a root that is not there (every run would be refused), nor a relative
+    # one (another folder for each service): both were taken without a word.
+    monkeypatch.setenv("CALYPSO_DATA_ROOTS", json.dumps([str(tmp_path / "not-mounted")]))
+    with pytest.raises(ConfigurationError, match="data root .*not-mounted is not a folder"):
+        serve(load_settings())
+    monkeypatch.setenv("CALYPSO_DATA_ROOTS", '["data/visitor"]')
+    with pytest.raises(ConfigurationError, match="data root data/visitor is not an absolute"):
+        load_settings()

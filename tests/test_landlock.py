@@ -188,3 +188,35 @@ def test_calypso_own_scratch_stays_writable(facility):
     within(confinement, probe.write_text, "claimed")
     assert probe.read_text() == "claimed"
     probe.unlink()
+
+
+def test_a_confined_thread_keeps_the_settings_read_before_it(facility, tmp_path, monkeypatch):
+    """Calypso configured by a file (`CALYPSO_CONFIG`, ~/.config/calypso/config.toml): a
+    served run's write step, confined to its proposal, read the settings again to find
+    its path map and the proposal of its output, and the kernel refused the file ("...
+    config.toml leads outside the proposal's folders"): every run in serve failed once
+    its chunks were done (a helper's walk of the operations docs). Settings are read
+    before a thread is confined, and kept there, the file edited meanwhile or not."""
+    from calypso.tasks.writers.permissions import default_permissions
+
+    visitor, shared = facility
+    config = tmp_path / "calypso.toml"
+    config.write_text(f'data_roots = ["{visitor}"]\n\n[access]\nshared_paths = ["{shared}"]\n')
+    monkeypatch.delenv("CALYPSO_DATA_ROOTS")
+    monkeypatch.delenv("CALYPSO_ACCESS__SHARED_PATHS")
+    monkeypatch.setenv("CALYPSO_CONFIG", str(config))
+    output = visitor / "ih0001" / "PROCESSED_DATA"
+    output.mkdir()
+
+    def write_step() -> str:  # as a writer does, inside the run's confinement
+        default_permissions()
+        return landlock.in_proposal(output, (output / "result.h5").write_text, "result") and "ok"
+
+    confinement = landlock.confinement_of(output)
+    assert confinement is not None and confinement.proposal == "ih0001"
+    assert within(confinement, write_step) == "ok"
+    later = config.stat().st_mtime_ns + 10**9
+    os.utime(config, ns=(later, later))  # the configuration edited while serve runs
+    assert within(confinement, write_step) == "ok"
+    with pytest.raises(AccessError, match="calypso.toml leads outside the proposal"):
+        within(confinement, config.read_text)  # the file itself: outside, as before

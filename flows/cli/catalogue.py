@@ -115,12 +115,13 @@ def command_catalogue_list(args: argparse.Namespace) -> int:
         print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
         return 0
     if not records:
-        print("the catalogue is empty")
+        print(f"no {args.technique} records" if args.technique else "the catalogue is empty")
         return 0
     print(f"{'id':>5}  {'status':9}  {'technique':12} {'finished':25} raw dataset -> processed")
     for r in records:
         print(
-            f"{r.id:>5}  {r.status:9}  {r.technique:12} {r.finished or '':25} "
+            f"{r.id:>5}  {r.status:9}  {r.technique:12} "
+            f"{(r.finished if r.status != 'running' else None) or '':25} "
             f"{r.raw_dataset} -> {r.processed_path}"
         )
     return 0
@@ -232,6 +233,9 @@ def command_catalogue_prune(args: argparse.Namespace) -> int:
         if args.technique in (None, family.technique)
         for record in prunable(family, args.keep)
     ]
+    if not found:
+        print(f"the catalogue has no results of {args.dataset}: nothing to prune")
+        return 0
     if not chosen:
         print(f"nothing to prune: at most {args.keep} completed version(s) of each result")
         return 0

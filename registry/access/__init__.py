@@ -66,6 +66,12 @@ def require_data_roots(settings, service: str, watched=()) -> None:
             '["/data/visitor"]); every run it starts stays inside one proposal under them '
             "(docs/security.md)"
         )
+    for root in settings.data_roots:
+        if not resolved(root).is_dir():
+            raise ConfigurationError(
+                f"{service}: the data root {root} is not a folder (CALYPSO_DATA_ROOTS): mount "
+                "it, or correct the setting; every run under it would be refused"
+            )
     roots = [resolved(root) for root in settings.data_roots]
     for folder in watched:
         real = resolved(folder)

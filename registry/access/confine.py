@@ -98,6 +98,13 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or path.is_relative_to(folder)
 
 
+# Where a refused parameter file (a calibration, a mask) belongs when every proposal uses it.
+SHARED_HINT = (
+    ": a file every proposal's runs read (a calibration, a mask) belongs in a folder named "
+    "in the settings' access.shared_paths (CALYPSO_ACCESS__SHARED_PATHS), read-only to runs"
+)
+
+
 class _Check:
     def __init__(self, identity: Identity, intent: Intent, settings: CalypsoSettings) -> None:
         self.identity, self.intent, self.settings = identity, intent, settings
@@ -149,7 +156,9 @@ class _Check:
                 f"a member of it (their proposals: {self.identity.describe_proposals()})"
             )
 
-    def inside(self, real: Path, proposal: str, proposal_dir: Path, what: str) -> None:
+    def inside(
+        self, real: Path, proposal: str, proposal_dir: Path, what: str, hint: str = ""
+    ) -> None:
         if not _inside(real, proposal_dir):
             shown = "" if f"{real})" in what or what.endswith(str(real)) else f" ({real})"
             root = self._root_of(real)
@@ -157,7 +166,7 @@ class _Check:
                 other = real.relative_to(root).parts[0]
                 if not self.identity.member_of(other):
                     shown = ""  # a proposal not theirs: not even its files' names are told
-            raise _refuse(f"{what} leads outside proposal {proposal}{shown}")
+            raise _refuse(f"{what} leads outside proposal {proposal}{shown}{hint}")
 
     def reached(self, real: Path, how: str, proposal: str, proposal_dir: Path) -> None:
         """What a run reads (a file, what a symlink or an HDF5 link reaches) must be inside
@@ -247,7 +256,7 @@ class _Check:
             real = resolved(path)  # a relative file is opened from the current folder
             if any(_inside(real, shared) for shared in self.shared):
                 continue
-            self.inside(real, proposal, proposal_dir, f"{where} {value}")
+            self.inside(real, proposal, proposal_dir, f"{where} {value}", SHARED_HINT)
             if real.is_file() or kind == "glob":
                 check_dataset(
                     path.absolute(),

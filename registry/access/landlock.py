@@ -343,6 +343,7 @@ def within(
         return function(*args, **kwargs)
     if getattr(_here, "confinement", None) == confinement:
         return function(*args, **kwargs)
+    current_settings()  # read here, where the configuration file may be read
     context = contextvars.copy_context()
     call = functools.partial(context.run, function, *args, **kwargs)
     future = _submit(confinement, call)
@@ -409,12 +410,17 @@ def proposal_confinement(settings: CalypsoSettings, path: str | Path | None) -> 
 _kept_settings: list[tuple[object, CalypsoSettings]] = []  # the last settings read, by source
 
 
-def _settings() -> CalypsoSettings:
+def current_settings() -> CalypsoSettings:
     """This process's settings, read again only when their sources changed (every chunk
-    task asks: reading them takes ~1 ms)."""
+    task asks: reading them takes ~1 ms). In a thread confined to a proposal, those read
+    before it was confined (:func:`within` reads them first): the configuration file lies
+    outside every proposal, so reading it there is refused, and a run's served threads
+    failed at their write step wherever Calypso was configured by a file."""
     from calypso.config_file import config_file_path
     from calypso.settings import load_settings
 
+    if _kept_settings and getattr(_here, "confinement", None) is not None:
+        return _kept_settings[0][1]
     path = config_file_path()
     key = (
         sorted(item for item in os.environ.items() if item[0].startswith("CALYPSO_")),
@@ -439,7 +445,7 @@ def confinement_of(place: str | Path | None) -> Confinement | None:
     mapping = _path_map()
     if mapping:  # the facility's paths, as the settings name the data roots
         place = translate(place, {target: source for source, target in mapping.items()})
-    confinement = proposal_confinement(_settings(), place)
+    confinement = proposal_confinement(current_settings(), place)
     if confinement is not None and mapping:
         confinement = Confinement(
             confinement.proposal,

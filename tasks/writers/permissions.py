@@ -177,6 +177,6 @@ def output_permissions(plan: Any, settings: Any) -> Permissions:
 def default_permissions() -> Permissions:
     """The configured modes and group, for results written outside a flow run (a writer
     called on its own), where no proposal is known."""
-    from calypso.settings import load_settings
+    from calypso.registry.access.landlock import current_settings
 
-    return output_permissions(None, load_settings())
+    return output_permissions(None, current_settings())
