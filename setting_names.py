@@ -17,8 +17,11 @@ from calypso.errors import ConfigurationError
 
 # CALYPSO_* variables that are not settings: read by Calypso itself or its test harness
 # and benchmarks, whose commands inherit them (CALYPSO_LOCAL_CORES: set by Calypso in its
-# local workers' environment).
-_NOT_SETTINGS = frozenset({"CALYPSO_CONFIG", "CALYPSO_TECHNIQUES", "CALYPSO_LOCAL_CORES"})
+# local workers' environment; CALYPSO_SLURM_STATE: deploy/slurm/single-node.sh's folder,
+# which made every command in the shell that ran it fail).
+_NOT_SETTINGS = frozenset(
+    {"CALYPSO_CONFIG", "CALYPSO_TECHNIQUES", "CALYPSO_LOCAL_CORES", "CALYPSO_SLURM_STATE"}
+)
 _NOT_SETTINGS_PREFIXES = ("CALYPSO_TEST_", "CALYPSO_BENCH_")
 # Settings that are gone, and why (an old environment should not be obeyed silently).
 _REMOVED = {

@@ -34,7 +34,12 @@ from calypso.tasks.caching import save_result_block
 from calypso.tasks.catalogue import Registration, processed_record, register_processed_dataset
 from calypso.tasks.writers.nexus import new_work_dir, now_iso, remove_work_dir
 from calypso.tasks.writers.permissions import Permissions, output_permissions
-from calypso.tasks.writers.publication import PARTIAL_PREFIX, Publication, preparing
+from calypso.tasks.writers.publication import (
+    PARTIAL_PREFIX,
+    Publication,
+    interrupts_held,
+    preparing,
+)
 
 
 @dataclass
@@ -211,14 +216,16 @@ class FlowRun:
                 in_proposal(output, partial_path(output).unlink, True)
 
     def completed(self, outputs: list[str]) -> Registration:
-        """Publish the results with their record, then export them when asked to."""
-        try:
-            registration = self._publish(outputs)
-        finally:
-            self._stop_heartbeat()
-        if self.work_dir is not None:
-            _remove_part_folder(self.work_dir)
-        self._remove_partial_result()  # a live run's, or one a killed live run left
+        """Publish the results with their record, then export them when asked to; a Ctrl-C
+        meanwhile acts once they are published (:func:`interrupts_held`)."""
+        with interrupts_held():
+            try:
+                registration = self._publish(outputs)
+            finally:
+                self._stop_heartbeat()
+            if self.work_dir is not None:
+                _remove_part_folder(self.work_dir)
+            self._remove_partial_result()  # a live run's, or one a killed live run left
         if self.export_to:
             from calypso.tasks.export import flow_export_uri
             from calypso.tasks.export.step import export_processed_dataset

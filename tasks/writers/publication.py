@@ -208,3 +208,28 @@ def published_path(path: str | Path) -> Path:
 def will_exist(path: str | Path) -> bool:
     """Whether ``path`` exists, or will once the run publishes its results."""
     return published_path(path).exists()
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Ctrl-C (SIGINT) held while the block runs, then acted on: the results move into
+    place with their record, or not at all. A Ctrl-C as a run published its results left
+    its record "running" (the files renamed, or not, and no record saying which). Only in
+    the main thread, where Python delivers the signal."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, _frame: received.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, None)  # Python's own: KeyboardInterrupt, here
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGINT)
