@@ -216,8 +216,7 @@ class FlowRun:
                 in_proposal(output, partial_path(output).unlink, True)
 
     def completed(self, outputs: list[str]) -> Registration:
-        """Publish the results with their record, then export them when asked to; a Ctrl-C
-        meanwhile acts once they are published (:func:`interrupts_held`)."""
+        """Publish the results with their record (Ctrl-C held), then export them if asked."""
         with interrupts_held():
             try:
                 registration = self._publish(outputs)
