@@ -277,3 +277,26 @@ def test_a_string_dataset_that_is_not_frame_names_is_no_link(tmp_path):
     ]
     with pytest.raises(RawDataError, match="names frames as FILE::INDEX, not 'buffer'"):
         hdf5_frame_source(notes, "labels")
+
+
+def test_a_tiff_cut_anywhere_is_read_whole_or_refused(tmp_path):
+    """Every cut of a tiled TIFF and of a two-page one: the image as written, or a
+    RawDataError (a file cut inside its tags ended in an IndexError or a ValueError)."""
+    import tifffile
+
+    from calypso.tasks.raw.tiff import read_tiff, tiff_layout
+
+    for shape, options in (((64, 64), {"tile": (16, 16)}), ((2, 20, 30), {})):
+        image = np.arange(np.prod(shape), dtype=np.uint16).reshape(shape)
+        path, cut_path = tmp_path / "whole.tiff", tmp_path / "cut.tiff"
+        tifffile.imwrite(path, image, **options)
+        whole = path.read_bytes()
+        pages = image.shape[0] if image.ndim == 3 else 1
+        for cut in range(0, len(whole) + 1, 3):
+            cut_path.write_bytes(whole[:cut])
+            try:
+                tiff_layout(cut_path)
+                read = np.stack(list(read_tiff(cut_path, range(pages))))
+            except RawDataError:
+                continue
+            np.testing.assert_array_equal(read.reshape(image.shape), image, err_msg=str(cut))

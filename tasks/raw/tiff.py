@@ -43,6 +43,8 @@ def _quiet() -> Iterator[None]:
 
 def _whole(page, size: int) -> bool:
     counts, offsets = page.databytecounts, page.dataoffsets
+    if len(counts) != len(offsets):  # the tags caught half written
+        return False
     ends = [offset + count for offset, count in zip(offsets, counts, strict=True)]
     return bool(ends) and min(counts) > 0 and max(ends) <= size
 
@@ -64,7 +66,9 @@ def tiff_written(path: str | Path) -> bool:
 def tiff_layout(path: str | Path) -> tuple[int, tuple[int, int], str]:
     """(pages, image shape, pixel type) of a whole TIFF file, or a RawDataError naming it."""
     with _opened(path) as (tiff, size):
-        pages = [_page(path, tiff, index) for index in range(len(tiff.pages))]
+        pages = [_page(path, tiff, index) for index in range(_count(path, tiff))]
+        if not pages:
+            raise RawDataError(f"{path} holds no image yet: the file is truncated; copy it again")
         for index, page in enumerate(pages):
             _require_whole(path, page, size, index)
         first = pages[0]
@@ -81,9 +85,9 @@ def read_tiff(path: str | Path, indices: range) -> Iterator[np.ndarray]:
     """Pages ``indices`` of a TIFF file, each checked whole, then decoded."""
     with _opened(path) as (tiff, size):
         for index in indices:
-            if index >= len(tiff.pages):
+            if index >= (count := _count(path, tiff)):
                 raise RawDataError(
-                    f"{path} holds {len(tiff.pages)} images, image {index} was asked for: "
+                    f"{path} holds {count} images, image {index} was asked for: "
                     "the file was cut short or replaced"
                 )
             page = _page(path, tiff, index)
@@ -115,6 +119,16 @@ def _opened(path: str | Path):
             ) from None
         with tiff:
             yield tiff, os.stat(path).st_size
+
+
+def _count(path: str | Path, tiff) -> int:
+    try:
+        return len(tiff.pages)
+    except Exception as exc:  # a page's tags cut short or damaged
+        raise RawDataError(
+            f"{path}'s images cannot be counted ({exc}): the file is truncated or damaged; "
+            "copy it again"
+        ) from None
 
 
 def _page(path: str | Path, tiff, index: int):
