@@ -14,26 +14,30 @@ HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs", ".nx5", ".cxi")
 _REFERENCE = re.compile(r"^(?P<file>.+)::(?P<index>\d+)$")
 
 
-def file_references(dataset, strict: bool = True) -> list[tuple[str, int]] | None:
-    """The frames an HDF5 dataset names instead of holding them, as ``(file as written,
-    index in it)``, or None for any other dataset. Bliss's writer records a Lima saving it
-    cannot link (CBF, TIFF: neither a virtual dataset nor external storage can describe
-    them) as one string a frame, ``<file>::<index>``, the file named relative to the
-    dataset file's folder: the frames are read from those files. A dataset whose first
-    string is such a name and a later one is not is damaged: a RawDataError, or with
-    ``strict`` false the names that are (what confinement checks)."""
+def names_frames(dataset) -> bool:
+    """Whether an HDF5 dataset names frames instead of holding them: Bliss's writer records
+    a Lima saving it cannot link (CBF, TIFF: neither a virtual dataset nor external storage
+    can describe them) as one string a frame, ``<file>::<index>``, the file named relative
+    to the dataset file's folder. One string read: a scan's listing asks of every detector."""
     import h5py
 
     if not isinstance(dataset, h5py.Dataset) or dataset.ndim != 1 or dataset.shape[0] == 0:
-        return None
+        return False
     if h5py.check_string_dtype(dataset.dtype) is None and dataset.dtype.kind not in "SO":
+        return False
+    return _REFERENCE.match(as_text(dataset[0])) is not None
+
+
+def file_references(dataset, strict: bool = True) -> list[tuple[str, int]] | None:
+    """The frames a dataset names (:func:`names_frames`), as ``(file as written, index in
+    it)``, or None for any other dataset. A dataset whose first string is such a name and
+    a later one is not is damaged: a RawDataError, or with ``strict`` false the names that
+    are (what confinement checks)."""
+    if not names_frames(dataset):
         return None
-    if _REFERENCE.match(_text(dataset[0])) is None:
-        return None
-    values = [_text(value) for value in dataset[()]]
-    found = [_REFERENCE.match(value) for value in values]
     references = []
-    for value, match in zip(values, found, strict=True):
+    for value in map(as_text, dataset[()]):
+        match = _REFERENCE.match(value)
         if match is None and not strict:
             continue
         if match is None:
@@ -47,7 +51,13 @@ def file_references(dataset, strict: bool = True) -> list[tuple[str, int]] | Non
     return references
 
 
-def _text(value: object) -> str:
+def first_reference(dataset) -> str | None:
+    """The file a dataset that :func:`names_frames` names first, as written; else None."""
+    return _REFERENCE.match(as_text(dataset[0]))["file"] if names_frames(dataset) else None
+
+
+def as_text(value: object) -> str:
+    """An HDF5 string as read (bytes or str) as text."""
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 

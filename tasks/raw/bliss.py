@@ -22,7 +22,7 @@ import hdf5plugin  # noqa: F401  (registers bitshuffle, LZ4 ... with HDF5)
 import numpy as np
 
 from calypso.errors import ParameterError, RawDataError
-from calypso.registry.access.links import file_references, referenced_file
+from calypso.registry.access.links import file_references, names_frames, referenced_file
 
 SCAN_ENTRY = re.compile(r"^(\d+)\.1$")
 
@@ -136,8 +136,7 @@ def scan_info(entry: h5py.Group, number: int) -> ScanInfo:
         for name, item in instrument.items():
             data = item.get("data") if isinstance(item, h5py.Group) else None
             # Frames, or images named one string a frame (FILE::INDEX: CBF, TIFF).
-            named = isinstance(data, h5py.Dataset) and file_references(data, strict=False)
-            if isinstance(data, h5py.Dataset) and (data.ndim == 3 or named):
+            if isinstance(data, h5py.Dataset) and (data.ndim == 3 or names_frames(data)):
                 detectors[name] = tuple(data.shape)
     measurement = entry.get("measurement")
     if isinstance(measurement, h5py.Group):

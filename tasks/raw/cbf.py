@@ -135,17 +135,21 @@ def _parse(path: Path) -> tuple[CbfInfo, np.ndarray | None]:
     return CbfInfo(header=header, shape=(rows, columns), dtype=dtype), pixels
 
 
-def cbf_written(path: str | Path, head: int = 65536) -> bool:
+def cbf_written(path: str | Path, head: int = 8192) -> bool:
     """Whether a CBF file another process may still be writing holds its whole binary:
     its header, its binary section's header and the ``X-Binary-Size`` bytes announced
-    there are on disk. A light look for live reduction (the file's head, no pixel
-    decoded); :func:`check_cbf` checks the rest before a pixel is read."""
+    there are on disk. A light look for live reduction and for the watcher (the file's
+    head up to its binary, a few kB, no pixel decoded); :func:`read_cbf` checks the rest
+    as the pixels are read."""
     try:
         with open(path, "rb") as stream:
             size = os.fstat(stream.fileno()).st_size
-            data = stream.read(head)
-            if STARTER not in data and size > head:  # a long header: read on
-                data += stream.read()
+            data = b""
+            while STARTER not in data:  # a long header: read on, in doubling blocks
+                block = stream.read(max(head, len(data)))
+                if not block:
+                    break
+                data += block
     except OSError:
         return False
     start = data.find(BINARY_SECTION)

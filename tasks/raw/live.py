@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 
 from calypso.errors import ParameterError, RawDataError
-from calypso.registry.access.links import file_references, referenced_file
+from calypso.registry.access.links import as_text, first_reference, referenced_file
 from calypso.tasks.raw.lima_saving import (
     LIMA_DATASET,
     complete_frames,
@@ -135,10 +135,6 @@ def _counter(item: object) -> bool:
     return isinstance(item, h5py.Dataset) and item.ndim == 1 and item.dtype.kind in "biuf"
 
 
-def _text(value: object) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
 def _stalled(what: str, waited: float, ended: bool = False) -> RawDataError:
     state = "the scan ended without them" if ended else "the scan has not ended"
     return RawDataError(
@@ -230,15 +226,15 @@ class LimaFiles:
                 if entry not in h5 or "end_time" not in h5[entry]:
                     return
                 title = h5[entry].get("title")
-                name = _text(title[()]) if isinstance(title, h5py.Dataset) else ""
+                name = as_text(title[()]) if isinstance(title, h5py.Dataset) else ""
                 recorded = h5.get(f"{entry}/instrument/{detector}/data") if detector else None
                 if isinstance(recorded, h5py.Dataset):
                     self._end = recorded.shape[0]
-                    named = file_references(recorded)
+                    named = first_reference(recorded)
         except (OSError, KeyError, ValueError, RuntimeError):
             return  # the writer is between two flushes: look again next time
         if named and self._handed:
-            self._check_first_file(referenced_file(self.dataset_file, named[0][0]))
+            self._check_first_file(referenced_file(self.dataset_file, named))
         self._ended = True
         self._info = LiveScanInfo(self._info.number, name, self._npoints, self._info.detectors)
 

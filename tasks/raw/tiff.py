@@ -53,13 +53,11 @@ def tiff_written(path: str | Path) -> bool:
     """Whether every page of a TIFF file another process may still be writing is wholly
     on disk: every strip or tile each announces lies within the file. A file caught
     before its header or a page's tags are whole is not."""
-    import tifffile
-
     try:
-        with _quiet(), tifffile.TiffFile(path) as tiff:
-            size = os.stat(path).st_size
-            return all(_whole(page, size) for page in tiff.pages)
-    except Exception:  # tifffile fails in its own ways on a file caught half written
+        with _opened(path) as (tiff, size):
+            pages = range(_count(path, tiff))
+            return bool(pages) and all(_whole(_page(path, tiff, i), size) for i in pages)
+    except RawDataError:  # caught before its header or a page's tags are whole
         return False
 
 
