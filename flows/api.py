@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 import json
 import time
+from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,21 +119,30 @@ def parameters_from(technique: str, values: dict[str, Any], source: str) -> Base
     from pydantic import ValidationError
 
     model = parameter_model(technique)
-    unknown = [name for name in values if name not in model.model_fields]
-    if unknown:
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, model.model_fields, n=1)
-            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ParameterError(
-            f"unknown {technique} parameter {', '.join(hints)}; known parameters: "
-            f"{', '.join(model.model_fields)} (`calypso parameters {technique}` explains them)"
-        )
+    if unknown := unknown_parameters(technique, values):
+        raise ParameterError(unknown)
     try:
         return model(**values)
     except ValidationError as exc:
         problems = "; ".join(_problem(err) for err in exc.errors())
         raise ParameterError(f"invalid {technique} parameters{source}: {problems}") from None
+
+
+def unknown_parameters(technique: str, names: Iterable[str]) -> str | None:
+    """What is wrong with the names among ``names`` that are no parameter of ``technique``
+    (each with the closest one), or None."""
+    known = parameter_model(technique).model_fields
+    unknown = [name for name in names if name not in known]
+    if not unknown:
+        return None
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return (
+        f"unknown {technique} parameter {', '.join(hints)}; known parameters: "
+        f"{', '.join(known)} (`calypso parameters {technique}` explains them)"
+    )
 
 
 def _problem(error: Any) -> str:

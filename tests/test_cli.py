@@ -436,6 +436,27 @@ def test_an_error_is_one_line_or_json_for_the_scripts_that_asked(tmp_path, capsy
     }
 
 
+def test_a_beamline_rule_naming_no_technique_or_parameter_stops_the_watcher(
+    tmp_path, monkeypatch, capsys
+):
+    # Once each dataset the rule matched was rejected in turn, said only in the log.
+    rules = {
+        "id11": [
+            {"technique": "difraction", "detector": "eiger*"},
+            {"technique": "diffraction", "parameters": {"npts": 1000}},
+            {"technique": "flow:my-look"},  # a saved flow: looked up as it runs
+        ]
+    }
+    monkeypatch.setenv("CALYPSO_WATCH__BEAMLINES", json.dumps(rules))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # refused before it is needed
+    code, out, err = calypso(capsys, "watch", tmp_path)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "watch.beamlines.id11[0].technique 'difraction' is no technique (did you mean " in err
+    assert "'diffraction'?" in err
+    assert "watch.beamlines.id11[1].parameters: unknown diffraction parameter 'npts' (did " in err
+    assert "[2]" not in err
+
+
 def test_sample_data_command(tmp_path, capsys):
     status, out, _ = calypso(capsys, "sample-data", "diffraction", tmp_path, "--frames", "3")
     assert status == 0 and "calypso run diffraction" in out

@@ -134,6 +134,7 @@ def test_calypso_commands_present_the_secret_of_their_home(tmp_path, monkeypatch
     watch = [sys.executable, "-m", "calypso.flows.cli", "watch", str(tmp_path), "--once"]
     done = subprocess.run(watch, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    assert f"looked once at {tmp_path}: 0 acquisition(s) announced" in done.stderr
     # A wrong secret is a one-line error, and the secret given is not echoed.
     monkeypatch.setenv("PREFECT_API_AUTH_STRING", "calypso:not-the-secret")
     with pytest.raises(ConfigurationError, match="refused this process's credentials") as error:

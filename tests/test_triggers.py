@@ -63,7 +63,6 @@ class Facility:
                             "parameters": self.parameters,
                         }
                     ],
-                    "id99": [{"technique": "holography", "detector": "*"}],
                     "id02": [{"technique": "flow:auto-look", "detector": "pilatus*"}],
                 }
             ),
@@ -401,14 +400,6 @@ def test_bad_events_are_rejected_with_a_reason_and_the_watcher_goes_on(facility,
     wait_until(reason_logged, 60, "the refusal's reason in the run's logs")
     assert not outside.dataset.processed_dataset_dir("diffraction").exists()
 
-    # A beamline whose rules name an unknown technique: logged, and the watcher goes on.
-    unknown = facility.tree / "ih0009" / "id99" / "20261127" / "RAW_DATA" / "CeO2"
-    shutil.copytree(first_sample(facility), unknown / "CeO2_0001")
-    wait_until(
-        lambda: "unknown technique 'holography'" in (facility.work / "watch.log").read_text(),
-        60,
-        "the watcher's reason",
-    )
     sample = write_diffraction_sample(facility.tree, frames=2, dataset_number=3, seed=5)
     runs = wait_until(lambda: facility.finished(before + 2), 240, "the next dataset's run")
     assert runs[-1].parameters["raw"] == str(sample.raw_dataset_dir)

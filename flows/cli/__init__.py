@@ -22,7 +22,7 @@ from calypso.flows.startup import collect_later
 # In the order `calypso --help` lists the commands (modules of this package).
 COMMAND_GROUPS = (
     *("run", "export", "parameters", "sample_data", "service", "user_flows", "cluster"),
-    *("catalogue", "automations", "whoami", "portal"),
+    *("catalogue", "automations", "whoami", "config", "portal"),
 )
 
 

@@ -171,6 +171,7 @@ def command_watch(args: argparse.Namespace) -> int:
         # validated as the setting is: a password in it is never logged
         watch = settings.watch.model_dump() | {"blissdata_url": args.blissdata}
         settings = settings.model_copy(update={"watch": WatchSettings.model_validate(watch)})
+    check_rules(settings.watch.beamlines)
     prepare_environment(settings)
     api = os.environ.get("PREFECT_API_URL")
     if not api:
@@ -192,6 +193,34 @@ def command_watch(args: argparse.Namespace) -> int:
     _log_to_stderr()
     Watcher(roots, settings, api).run(once=args.once)
     return 0
+
+
+def check_rules(beamlines: dict[str, list]) -> None:
+    """Refuse, before anything is watched, a rule naming no technique or a parameter the
+    technique does not take: otherwise each dataset it matches is rejected (or each run
+    fails) in turn, said only in the watcher's log."""
+    import difflib
+
+    from calypso.flows.api import unknown_parameters
+    from calypso.flows.techniques import TECHNIQUES
+
+    problems = []
+    for beamline, rules in beamlines.items():
+        for number, rule in enumerate(rules):
+            where = f"watch.beamlines.{beamline}[{number}]"
+            if rule.technique.startswith("flow:"):  # a saved flow: looked up as it runs
+                continue
+            if rule.technique not in TECHNIQUES:
+                close = difflib.get_close_matches(rule.technique, TECHNIQUES, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                problems.append(
+                    f"{where}.technique {rule.technique!r} is no technique ({hint}known: "
+                    f"{', '.join(TECHNIQUES)}, or flow:NAME for a saved flow)"
+                )
+            elif unknown := unknown_parameters(rule.technique, rule.parameters):
+                problems.append(f"{where}.parameters: {unknown}")
+    if problems:
+        raise ConfigurationError("; ".join(problems))
 
 
 def _log_to_stderr() -> None:

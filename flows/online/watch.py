@@ -439,10 +439,15 @@ class Watcher:
         try:
             while True:
                 began = time.monotonic()
-                self.poll()
+                announced = self.poll()
                 self.post_pending()
                 self.confirm()
-                if once:
+                if once:  # said even when nothing is new: a silent exit looks like a fault
+                    logger.info(
+                        "looked once at %s: %d acquisition(s) announced",
+                        ", ".join(map(str, self.roots)),
+                        len(announced),
+                    )
                     return
                 self._until_next_poll(began)
         finally:
