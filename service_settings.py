@@ -7,6 +7,7 @@ grows past what one reads at once); import them from :mod:`calypso.settings`.
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -45,6 +46,18 @@ class WatchRule(BaseModel):
     parameters: dict[str, Any] = Field(
         default_factory=dict, description="Defaults for this beamline, e.g. its PONI file."
     )
+    since: datetime | None = Field(
+        None,
+        description="Scans that started before this time (a TOML date-time; local time "
+        "without an offset) are left to the rules after this one, or alone: set it when a "
+        "rule's parameters change, or Calypso is upgraded, to reduce only the acquisitions "
+        "from then on (a new key would otherwise process every finished dataset again).",
+    )
+
+    @field_validator("since")
+    @classmethod
+    def _aware(cls, when: datetime | None) -> datetime | None:
+        return when.astimezone() if when is not None else None  # naive: local time
 
 
 class WatchSettings(BaseModel):

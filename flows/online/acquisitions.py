@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,17 @@ class ScanState:
     title: str
     detectors: tuple[str, ...]
     finished: bool
+    started: datetime | None = None  # its start_time; None: not said (a rule's since not asked)
+
+
+def start_time(text: str | None) -> datetime | None:
+    """A scan's ``start_time`` (ISO 8601, as Bliss writes it; local time without an offset),
+    or None if it says none or none that reads."""
+    try:
+        when = datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+    return when.astimezone() if when is not None else None  # naive: local time
 
 
 def scan_states(bliss_file: Path, quiet: Callable[[], bool]) -> list[ScanState]:
@@ -192,13 +204,17 @@ def scan_states(bliss_file: Path, quiet: Callable[[], bool]) -> list[ScanState]:
             # While a scan is written, its detectors' datasets may not be in the dataset
             # file yet: their first Lima files in the scan's folder name them.
             detectors = detectors or lima_detectors(bliss_file.parent, info.number)
-        states.append(ScanState(info.number, info.title, detectors, finished))
+        started = start_time(info.start_time)
+        states.append(ScanState(info.number, info.title, detectors, finished, started))
     return states
 
 
 def matching_rule(scan: ScanState, rules: list[WatchRule]) -> WatchRule | None:
-    """The first rule whose patterns all match the scan (case-insensitive)."""
+    """The first rule whose patterns all match the scan (case-insensitive), among those
+    whose ``since`` (if any) the scan did not start before."""
     for rule in rules:
+        if rule.since and scan.started and scan.started < rule.since:
+            continue
         if rule.title and not fnmatch.fnmatch(scan.title.lower(), rule.title.lower()):
             continue
         if rule.detector and not any(
@@ -286,7 +302,7 @@ def started_acquisition(
     bliss_file = Path(os.path.realpath(filename))  # the spelling finished scans get
     require_inside_roots(bliss_file, roots)
     raw = RawDataset.from_path(bliss_file)
-    scan = ScanState(number, title, detectors, finished=False)
+    scan = ScanState(number, title, detectors, finished=False, started=datetime.now().astimezone())
     rule = matching_rule(scan, rules_for(raw.beamline, settings))
     if rule is None or rule.technique not in LIVE_TECHNIQUES:
         return None
