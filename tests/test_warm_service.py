@@ -221,3 +221,36 @@ def test_a_command_sends_nothing_to_a_socket_another_account_listens_on():
         impostor.kill()
         impostor.wait()
         shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.mark.parametrize("when", ["starting", "started"])
+def test_ctrl_c_stops_the_service_with_one_line_and_no_traceback(tmp_path, when):
+    # A terminal sends Ctrl-C to every process of the group: each Dask worker and the fork
+    # server printed a traceback (mid-import while serve started), burying serve's line.
+    env = dict(os.environ)
+    env.update(
+        CALYPSO_HOME=str(tmp_path / "home"),
+        CALYPSO_DATA_ROOTS=json.dumps([str(tmp_path)]),
+        CALYPSO_SERVE__SOCKET=str(tmp_path / "serve.sock"),
+        CALYPSO_EXECUTOR__N_WORKERS="1",
+    )
+    env.pop("CALYPSO_CATALOGUE__PATH", None)
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        served = subprocess.Popen(
+            [sys.executable, "-m", "calypso.flows.cli", "serve", "--technique", "spectroscopy"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            # as at a terminal: pytest-xdist's workers ignore SIGINT, which children inherit
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+    try:
+        # Its workers are up once it listens; the fork server is importing then.
+        sign = "runs can be submitted" if when == "starting" else "fork server for served runs"
+        wait_until(lambda: sign in log.read_text(), 180, f"serve {when}")
+        os.killpg(served.pid, signal.SIGINT)
+        assert served.wait(timeout=60) == 0
+    finally:
+        stop(served)
+    output = log.read_text()
+    assert "interrupted: serve stops" in output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]

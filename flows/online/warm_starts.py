@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import multiprocessing
+import signal
 import threading
 import time
 import types
@@ -97,7 +98,8 @@ def start_warm(modules: list[str]) -> bool:
     # Prefect asks its module-level `multiprocessing` for the "spawn" context: for the
     # duration of the call, that name answers with the fork server. The runner calls
     # this from its one event-loop thread, so the swap is never seen by anything else.
-    shim = types.SimpleNamespace(get_context=lambda method=None: context)
+    # Its processes take Ctrl-C again, held back from the fork server (serve.py).
+    shim = types.SimpleNamespace(get_context=lambda method=None: _TakingCtrlC(context))
     lock = threading.Lock()
 
     @functools.wraps(cold)
@@ -128,3 +130,25 @@ def _start_fork_server(context) -> None:
         return
     # Runs triggered before this wait for it: said, so that a slow first run is explained.
     logger.info("the fork server for served runs is ready (%.1f s)", time.monotonic() - began)
+
+
+class _TakingCtrlC:
+    """A multiprocessing context whose processes unblock Ctrl-C as they start: the fork
+    server they are forked from was started with it blocked, and a served run stopped by
+    a Ctrl-C in serve's terminal (Prefect records it so) is stopped as before."""
+
+    def __init__(self, context) -> None:
+        self._context = context
+
+    def Process(self, target=None, args=(), kwargs=None, **options):
+        return self._context.Process(
+            target=_taking_ctrl_c, args=(target, *args), kwargs=kwargs or {}, **options
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def _taking_ctrl_c(target: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    return target(*args, **kwargs)
