@@ -226,3 +226,44 @@ def test_a_scan_saved_as_edf_gives_the_offline_result_while_it_runs(
         diffraction_sample, tmp_path, live_settings, blissdata_url, source, saving
     )
     assert names == [f"pilatus1m_{n:04d}.edf" for n in range(3)]
+
+
+def test_a_look_at_a_growing_edf_file_parses_only_the_frames_added(tmp_path, monkeypatch):
+    """fabio alone parses every header of the file at each look (~50 µs a frame: 0.1 s a
+    look at 2,000 frames) and again for each run of frames read from it."""
+    from fabio.edfimage import EdfImage
+
+    from calypso.tasks.raw.lima_saving import iter_edf
+
+    parsed = []
+    read_header = EdfImage._read_header_block
+    monkeypatch.setattr(
+        EdfImage,
+        "_read_header_block",
+        staticmethod(lambda infile, number: parsed.append(number) or read_header(infile, number)),
+    )
+    whole = tmp_path / "whole.edf"
+    edf_file(whole, 0, count=8)
+    data = whole.read_bytes()
+    path = tmp_path / "frelon_0000.edf"
+    size = len(data) // 8  # fabio writes frames of one size: header blocks, then pixels
+    path.write_bytes(data[: 5 * size])
+    assert edf_frames(path) == (5, 5) and len(parsed) == 6  # five headers, then the end
+    with path.open("ab") as growing:
+        growing.write(data[5 * size : 7 * size + 100])  # two frames, and a header begun
+    parsed.clear()
+    assert edf_frames(path) == (7, 8) and len(parsed) == 3
+    parsed.clear()
+    frames = list(iter_edf(path, 5, 7))  # a run's own headers only
+    assert len(parsed) == 4  # the header begun, looked at again; the run's two; its end
+    np.testing.assert_array_equal(np.stack(frames), np.stack([frame(5), frame(6)]))
+    np.testing.assert_array_equal(next(iter_edf(path, 0, 1)), frame(0))
+    # A file replaced, or cut short, is looked at afresh.
+    path.unlink()
+    path.write_bytes(data[: 3 * size])
+    assert edf_frames(path) == (3, 3)
+    # Pixels where the next header should be: not a file written a frame at a time.
+    with path.open("ab") as growing:
+        growing.write(data[-size // 2 :])
+    with pytest.raises(RawDataError, match="begin no EDF header: the file is not written a"):
+        edf_frames(path)

@@ -23,7 +23,6 @@ import os
 import re
 import stat
 from collections.abc import Iterator
-from functools import lru_cache
 from pathlib import Path
 
 import h5py
@@ -31,6 +30,8 @@ import hdf5plugin  # noqa: F401  (registers bitshuffle, LZ4 ... with HDF5)
 import numpy as np
 
 from calypso.errors import RawDataError
+from calypso.tasks.raw.edf import edf_look, open_frames
+from calypso.tasks.raw.edf import iter_edf as edf_run
 from calypso.tasks.raw.stored_chunks import read_dataset_frames
 
 LIMA_DATASET = "/entry_0000/measurement/data"
@@ -241,28 +242,13 @@ def is_edf(path: str | Path) -> bool:
     return str(path).lower().endswith(EDF_SUFFIXES)
 
 
-def _open_edf(path: str | Path):
-    """The frames' headers of an EDF file (fabio reads no pixel yet), or ``OSError`` while
-    its first header is not whole. A later header caught half written ends the frames
-    read: fabio marks the file incomplete, as it does a frame whose pixels are not all
-    there (``incomplete_data``)."""
-    from fabio.edfimage import EdfImage
-
-    _written_here(Path(path))
-    try:
-        return EdfImage().read(str(path))
-    except OSError:
-        raise
-    except Exception as exc:  # fabio's parser fails in its own ways on a header in flux
-        raise OSError(f"{path} cannot be read as EDF (yet): {exc}") from None
-
-
 def edf_frames(path: str | Path) -> tuple[int, int]:
     """(frames wholly on disk, frames begun) of an EDF file another process may still write.
 
     A frame counts once its header is whole and the last byte of its pixels is on disk:
     Lima writes a frame's header, then its pixels, frame after frame, so a byte past the
-    last whole frame is a frame begun."""
+    last whole frame is a frame begun. Only the frames added since the last look are
+    parsed (:mod:`calypso.tasks.raw.edf`)."""
     return _edf_look(path)[:2]
 
 
@@ -276,50 +262,13 @@ def _edf_look(path: str | Path) -> tuple[int, int, int | None]:
     """:func:`edf_frames` and :func:`edf_first_frame` of one look at the file."""
     _written_here(Path(path))
     status = os.stat(path)  # first: what fabio then finds whole was there by now
-    return _edf_headers(str(path), status.st_size, status.st_mtime_ns, status.st_ino)
-
-
-@lru_cache(maxsize=8)  # a file that has not changed since the last look: not read again
-def _edf_headers(path: str, size: int, _mtime: int, _inode: int) -> tuple[int, int, int | None]:
-    image = _open_edf(path)
-    try:
-        whole, end = 0, 0
-        for index in range(image.nframes):
-            frame = image.get_frame(index)
-            if getattr(frame, "incomplete_data", False) or frame.start + frame.blobsize > size:
-                break
-            whole, end = index + 1, frame.start + frame.blobsize
-        number = image.get_frame(0).header.get("acq_frame_nb")
-    finally:
-        image.close()
-    try:
-        first = int(number) if number is not None else None
-    except ValueError:
-        first = None
-    return whole, whole + (size > end), first
+    return edf_look(path, status.st_size, status.st_ino)
 
 
 def iter_edf(path: str | Path, first: int, stop: int) -> Iterator[np.ndarray]:
     """Frames ``first`` to ``stop - 1`` of an EDF file, all of them whole, one at a time."""
-    try:
-        image = _open_edf(path)
-    except OSError as exc:
-        raise RawDataError(
-            f"frames {first}-{stop - 1} of Lima file {path} cannot be read ({exc}); the "
-            "file is announced as complete"
-        ) from None
-    try:
-        for index in range(first, stop):
-            frame = image.get_frame(index) if index < image.nframes else None
-            if frame is None or getattr(frame, "incomplete_data", False):
-                raise RawDataError(
-                    f"{path} holds {image.nframes} frames, frame {index} is not whole, "
-                    f"frames {first}-{stop - 1} were announced: the Lima file was truncated "
-                    "or replaced"
-                )
-            yield frame.data
-    finally:
-        image.close()
+    _written_here(Path(path))
+    yield from edf_run(path, first, stop)
 
 
 # -- a run of frames of one file, whatever its format ----------------------------------
@@ -359,7 +308,8 @@ def frame_type(path: str | Path, dataset: str) -> tuple[tuple[int, ...], str]:
         source = _image_source(path)
         return source.frame_shape, source.dtype
     if is_edf(path):
-        image = _open_edf(path)
+        _written_here(Path(path))
+        image = open_frames(path)
         try:
             frame = image.get_frame(0)
             return tuple(frame.shape), str(np.dtype(frame.dtype))
