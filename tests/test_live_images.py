@@ -154,6 +154,33 @@ def test_a_bliss_scan_saved_as_images_is_read_from_the_files_it_names(tmp_path, 
     assert missing_frame_sources(raw_file, DATASET) == [f"{path} is missing"]
 
 
+def test_an_edf_file_named_frame_by_frame_is_waited_for_until_it_holds_them(tmp_path):
+    """A multi-frame EDF named by FILE::INDEX (not Bliss's own EDF layout, which stores the
+    frames externally): only the file's being there was checked, so the watcher did not
+    wait for its last frames, and reading them failed late."""
+    from calypso.tasks.raw.bliss import missing_frame_sources
+    from tests.test_live_edf import edf_file
+
+    folder = tmp_path / "scan0001"
+    folder.mkdir()
+    path = folder / "frelon_0000.edf"
+    edf_file(path, 0, count=4)
+    whole = path.read_bytes()
+    raw_file = tmp_path / "sample_0001.h5"
+    with h5py.File(raw_file, "w") as h5:
+        names = [f"scan0001/frelon_0000.edf::{index}" for index in range(4)]
+        h5[DATASET] = np.array(names, dtype=object)
+    path.write_bytes(whole[: len(whole) * 3 // 4 - 10])  # the fourth frame begun
+    expected = f"{path} holds 2 whole frames of the 4 named (still being written, or cut"
+    assert missing_frame_sources(raw_file, DATASET)[0].startswith(expected)
+    with pytest.raises(RawDataError, match="holds 2 whole frames of the 4 named"):
+        hdf5_frame_source(raw_file, DATASET)
+    path.write_bytes(whole)
+    assert missing_frame_sources(raw_file, DATASET) == []
+    source = hdf5_frame_source(raw_file, DATASET)
+    np.testing.assert_array_equal(read_frames(source, 0, 4), np.stack([frame(i) for i in range(4)]))
+
+
 def test_frames_named_out_of_their_files_order_are_refused(tmp_path, recorded):
     folder = tmp_path / "scan0001"
     saved(folder, recorded, "cbf")

@@ -254,8 +254,11 @@ def _source_problems(path: str | Path, dataset: str) -> tuple[list[str], list[st
         dset = h5[dataset]
         references = file_references(dset)
         if references is not None:  # Lima's CBF, TIFF ... files, named frame by frame
-            named = dict.fromkeys(referenced_file(path, name) for name, _ in references)
-            return referenced_problems(list(named)), mismatched
+            named: dict[Path, int] = {}  # file -> frames it must hold
+            for name, index in references:
+                file = referenced_file(path, name)
+                named[file] = max(named.get(file, 0), index + 1)
+            return referenced_problems(list(named), list(named.values())), mismatched
         if not dset.is_virtual:
             return _external_problems(path, dset), mismatched
         layout_dtype = dset.dtype
@@ -301,19 +304,32 @@ def _source_problems(path: str | Path, dataset: str) -> tuple[list[str], list[st
     return sorted(set(missing)), sorted(set(mismatched))
 
 
-def referenced_problems(files: list[Path]) -> list[str]:
-    """What keeps the image files a dataset file names from being read: missing, or a
-    CBF or TIFF image not wholly written (its writer still at it, or the copy cut short)."""
-    from calypso.tasks.raw.lima_saving import image_written, is_image
+def referenced_problems(files: list[Path], frames: list[int]) -> list[str]:
+    """What keeps the image files a dataset file names (``frames``: how many of each)
+    from being read: missing, a CBF or TIFF image not wholly written, an EDF file short
+    of its frames (its writer still at it, or the copy cut short)."""
+    from calypso.tasks.raw.edf import edf_look
+    from calypso.tasks.raw.lima_saving import image_written, is_edf, is_image
 
     problems = []
-    for file in files:
+    for file, needed in zip(files, frames, strict=True):
         if file.is_dir():
             problems.append(f"{file} is a folder, not an image")
         elif not file.is_file():
             problems.append(f"{file} is missing")
         elif is_image(file) and not image_written(file):
             problems.append(f"{file} is not whole (still being written, or cut short)")
+        elif is_edf(file):
+            status = file.stat()
+            try:
+                whole = edf_look(file, status.st_size, status.st_ino)[0]
+            except OSError:
+                whole = 0
+            if whole < needed:
+                problems.append(
+                    f"{file} holds {whole} whole frames of the {needed} named (still being "
+                    "written, or cut short)"
+                )
     return problems
 
 

@@ -129,7 +129,7 @@ def referenced_frames_source(
                 f"{where} names frames in {file}, which is not an image file (CBF, TIFF, "
                 "EDF ...): the dataset file does not describe a Lima saving Calypso reads"
             )
-    problems = referenced_problems(files)
+    problems = referenced_problems(files, counts)
     if problems:
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise RawDataError(
