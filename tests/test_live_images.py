@@ -154,28 +154,39 @@ def test_a_bliss_scan_saved_as_images_is_read_from_the_files_it_names(tmp_path, 
     assert missing_frame_sources(raw_file, DATASET) == [f"{path} is missing"]
 
 
-def test_an_edf_file_named_frame_by_frame_is_waited_for_until_it_holds_them(tmp_path):
-    """A multi-frame EDF named by FILE::INDEX (not Bliss's own EDF layout, which stores the
-    frames externally): only the file's being there was checked, so the watcher did not
-    wait for its last frames, and reading them failed late."""
+@pytest.mark.parametrize("saving", ["edf", "tiff"])
+def test_a_file_of_frames_named_frame_by_frame_is_waited_for_until_it_holds_them(tmp_path, saving):
+    """A multi-frame EDF or multi-page TIFF named by FILE::INDEX (not Lima's layouts: Bliss
+    stores EDF frames externally, TIFF is one image a file): only the file's being there,
+    or each of its pages whole, was checked, so the watcher did not wait for its last
+    frames, and reading them failed late."""
+    import tifffile
+
     from calypso.tasks.raw.bliss import missing_frame_sources
     from tests.test_live_edf import edf_file
 
     folder = tmp_path / "scan0001"
     folder.mkdir()
-    path = folder / "frelon_0000.edf"
-    edf_file(path, 0, count=4)
-    whole = path.read_bytes()
+    path = folder / f"frelon_0000.{saving}"
+
+    def write(count: int) -> None:  # the first count frames
+        if saving == "edf":
+            edf_file(path, 0, count=count)
+        else:
+            with tifffile.TiffWriter(path) as tiff:
+                for index in range(count):
+                    tiff.write(frame(index))
+
     raw_file = tmp_path / "sample_0001.h5"
     with h5py.File(raw_file, "w") as h5:
-        names = [f"scan0001/frelon_0000.edf::{index}" for index in range(4)]
+        names = [f"scan0001/frelon_0000.{saving}::{index}" for index in range(4)]
         h5[DATASET] = np.array(names, dtype=object)
-    path.write_bytes(whole[: len(whole) * 3 // 4 - 10])  # the fourth frame begun
+    write(2)
     expected = f"{path} holds 2 whole frames of the 4 named (still being written, or cut"
     assert missing_frame_sources(raw_file, DATASET)[0].startswith(expected)
     with pytest.raises(RawDataError, match="holds 2 whole frames of the 4 named"):
         hdf5_frame_source(raw_file, DATASET)
-    path.write_bytes(whole)
+    write(4)
     assert missing_frame_sources(raw_file, DATASET) == []
     source = hdf5_frame_source(raw_file, DATASET)
     np.testing.assert_array_equal(read_frames(source, 0, 4), np.stack([frame(i) for i in range(4)]))
