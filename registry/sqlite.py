@@ -7,6 +7,7 @@ per schema.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 import sqlite3
@@ -151,6 +152,11 @@ def create_database(
     shift = 8 * SCHEMA_SLOTS[name]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # A new file is the account's alone, whatever the umask (it holds every proposal's
+        # parameters, the ICAT outbox): SQLite gives its -wal and -shm files its mode. A
+        # file that is there keeps the mode it was given (a catalogue shared on purpose).
+        with suppress(FileExistsError):
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         # No implicit transactions: this one is taken and committed by hand below.
         db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
         db.row_factory = sqlite3.Row

@@ -11,6 +11,7 @@ from __future__ import annotations
 import grp
 import os
 import shutil
+import sqlite3
 import stat
 import subprocess
 import time
@@ -213,3 +214,27 @@ def test_kept_chunk_results_are_private_reused_then_expired(tmp_path, monkeypatc
         os.utime(path, (old, old))
     (storage / "fresh").write_bytes(b"x")
     assert prune_results() == 2 and [p.name for p in storage.iterdir()] == ["fresh"]
+
+
+def test_a_new_catalogue_is_the_accounts_alone_whatever_the_umask(tmp_path):
+    # It holds every proposal's parameters and the ICAT outbox: a configured path (outside
+    # the 0700 home) was created world-readable under the usual umask.
+    from calypso.registry.watch_state import WatchState
+
+    previous = os.umask(0o022)
+    try:
+        SQLiteCatalogue(tmp_path / "state" / "catalogue.sqlite")
+        WatchState(tmp_path / "state" / "watch.sqlite")
+        db = sqlite3.connect(tmp_path / "state" / "catalogue.sqlite")  # its WAL files, open
+        db.execute("CREATE TABLE probe (x)")
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "state").iterdir()}
+        db.close()
+    finally:
+        os.umask(previous)
+    assert set(modes) >= {"catalogue.sqlite", "catalogue.sqlite-wal", "watch.sqlite"}, modes
+    assert modes == dict.fromkeys(modes, 0o600)
+    # One that is there keeps its mode (a catalogue shared on purpose).
+    shared = tmp_path / "shared.sqlite"
+    shared.touch(mode=0o640)
+    SQLiteCatalogue(shared)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o640
