@@ -220,3 +220,25 @@ def test_a_confined_thread_keeps_the_settings_read_before_it(facility, tmp_path,
     assert within(confinement, write_step) == "ok"
     with pytest.raises(AccessError, match="calypso.toml leads outside the proposal"):
         within(confinement, config.read_text)  # the file itself: outside, as before
+
+
+def test_a_module_another_thread_is_importing_is_waited_for_not_taken_half_made(
+    tmp_path, monkeypatch
+):
+    """A sweep's variants write their quick looks at once: one thread imported matplotlib,
+    another took it from sys.modules half made ("partially initialized module
+    'matplotlib.figure' has no attribute 'Figure'"), and the variant failed."""
+    import sys
+    import time
+
+    (tmp_path / "slow_to_import.py").write_text("import time\ntime.sleep(0.5)\nFigure = object\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "slow_to_import", raising=False)
+    found = []
+    first = threading.Thread(target=lambda: found.append(landlock.imported("slow_to_import")))
+    first.start()
+    while "slow_to_import" not in sys.modules:
+        time.sleep(0.001)
+    assert landlock.imported("slow_to_import").Figure is object  # waited for the first
+    first.join()
+    assert found[0].Figure is object

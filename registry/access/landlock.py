@@ -303,8 +303,8 @@ def imported(name: str) -> ModuleType:
     keep what they found. A thread a confined one started (a writer's drawing thread) is
     confined without knowing it: only a process that confined no thread yet, and the
     importing thread itself, import here."""
-    if name in sys.modules:
-        return sys.modules[name]
+    if name in sys.modules:  # imported, or being imported: then its lock waits for it
+        return importlib.import_module(name)  # (sys.modules alone gave it half made)
     if not _prepared or threading.current_thread().name.startswith(_OUTSIDE_NAME):
         return importlib.import_module(name)
     return _OUTSIDE.submit(importlib.import_module, name).result()
