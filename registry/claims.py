@@ -276,7 +276,30 @@ def _taken(
         if holder["status"] == "completed":  # killed after its record, before its cleanup
             remove_part_folder(folder, holder["flow_run_id"])
         taken = True
-    return taken
+    return taken or _in_the_way(folder, planned)
+
+
+def _in_the_way(folder: str, planned: str | None) -> bool:
+    """Whether files no record here holds are where the result would go: the result file
+    planned or a sibling of it (``<stem>.png`` ...), or, the result unknown, anything. A
+    result of another catalogue (another account's home, the catalogue started afresh),
+    a user's own file in an ``--output`` folder or another program's were replaced
+    without a word. A dead run's part folder and a live run's partial file are a run's
+    own (taken over by the next run)."""
+    from calypso.tasks.writers.publication import PARTIAL_PREFIX
+
+    try:
+        names = [
+            name
+            for name in os.listdir(folder)
+            if not name.startswith(PARTIAL_PREFIX) and not name.endswith(".partial.h5")
+        ]
+    except OSError:  # not there yet (or not ours to list: the run's own check says so)
+        return False
+    if not planned:
+        return bool(names)
+    result = Path(planned)
+    return any(name == result.name or name.startswith(f"{result.stem}.") for name in names)
 
 
 @dataclass(frozen=True)

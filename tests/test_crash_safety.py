@@ -136,6 +136,31 @@ def test_versions_go_beside_and_a_dead_reservation_frees_its_folder(tmp_path):
     assert "stopped before publishing" in catalogue.get(first.id).message
 
 
+def test_files_no_record_holds_are_never_overwritten(tmp_path):
+    """Results of another catalogue (another account's home, a catalogue started afresh),
+    a user's own files in an --output folder, another program's: a run replaced them
+    without a word, as its catalogue held no record of that folder."""
+    catalogue = SQLiteCatalogue(tmp_path / "c.sqlite")
+    out = tmp_path / "diffraction"
+    out.mkdir()
+    (out / "result.h5").write_text("another home's result")
+    assert claims.reserve(catalogue, reservation(out, "a"), 5).version == 2
+    mine = tmp_path / "userdir"
+    mine.mkdir()
+    (mine / "result.png").write_text("the user's own plot")  # a sibling of the result
+    assert claims.reserve(catalogue, reservation(mine, "b"), 5).version == 2
+    # Another result file of the same folder is no collision; nor a run's own leftovers:
+    # a dead run's part folder, a live run's partial file (taken over by the next run).
+    assert claims.reserve(catalogue, reservation(out, "c", "preview.h5"), 5).version == 1
+    left = tmp_path / "left"
+    (left / ".calypso-partial-dead").mkdir(parents=True)
+    (left / "result.partial.h5").write_text("a live run's frames so far")
+    assert claims.reserve(catalogue, reservation(left, "d"), 5).version == 1
+    # The result unknown: anything there is in the way.
+    unknown = reservation(tmp_path / "userdir", "e").model_copy(update={"output_file": None})
+    assert claims.reserve(catalogue, unknown, 5).version == 3
+
+
 @pytest.mark.parametrize("renamed", ["every file", "the first file"])
 def test_a_run_killed_while_publishing_is_taken_back_and_published_once(tmp_path, renamed):
     """A run killed after renaming its results into place (all, or the first), before its
