@@ -275,3 +275,24 @@ def test_a_flow_registry_this_account_cannot_write_is_one_line(tmp_path, monkeyp
     monkeypatch.setattr(saved_flows, "connect", contextlib.contextmanager(read_only))
     with pytest.raises(CatalogueError, match="cannot be changed by this account .attempt to write"):
         registry.save("mine", "calypso: 1\n", "diffraction", alice, None, "")
+
+
+@pytest.mark.parametrize(("unit", "scale", "looks"), [("keV", 1.0, "eV"), ("eV", 0.001, "keV")])
+def test_an_energy_unit_the_values_deny_is_named(test_data, tmp_path, unit, scale, looks):
+    """energy_unit=keV on a spectrum in eV searched an edge at 9 MeV and ended in numpy's
+    gradient, with a traceback (a helper's walk through the spectroscopy docs)."""
+    from calypso.tasks.raw.absorption import energy_axis
+    from calypso.techniques.spectroscopy import SpectroscopyParameters
+
+    spectrum = test_data / "xas" / "cu_metal_rt.xdi"
+    from calypso.tasks.raw.spectra import ColumnTable
+
+    columns, metadata = read_xdi(spectrum, spectrum.read_text().splitlines())
+    columns["energy"] = columns["energy"] * scale
+    table = ColumnTable(str(spectrum), columns, metadata)
+    with pytest.raises(RawDataError) as refused:
+        energy_axis(table, SpectroscopyParameters(energy_unit=unit))
+    message = str(refused.value)
+    assert f"read in {unit} (energy_unit={unit}) spans" in message and "\n" not in message
+    assert f"its values look like {looks}; set energy_unit={looks}" in message
+    assert energy_axis(table, SpectroscopyParameters(energy_unit=looks)).max() > 8900

@@ -46,6 +46,9 @@ MAX_DROPOUTS = 0.01
 #: Step (eV) put between repeated energies, as Larch does (``TINY_ENERGY``).
 REPEAT_STEP = 0.0005
 
+#: Where absorption edges are (eV): from soft X-rays (Li K, 55 eV) to U K (115.6 keV).
+EDGES_EV = (30.0, 130_000.0)
+
 
 def separate_repeats(energy: np.ndarray) -> np.ndarray:
     """The energy with repeated values (a scan that waits at its start) moved apart by
@@ -87,6 +90,17 @@ def _energy(table: ColumnTable, p: SpectroscopyParameters) -> np.ndarray:
     energy = finite_axis(table, name, "energy")
     if unit == "keV" or (unit == "auto" and np.nanmax(energy) < 200):
         energy = energy * 1000.0
+    low, high = float(np.min(energy)), float(np.max(energy))
+    if unit in ("eV", "keV") and not (EDGES_EV[0] <= high and low <= EDGES_EV[1]):
+        # A unit given that the values deny: an edge search on 9 eV (or 9 MeV) failed deep
+        # in numpy's gradient, with a traceback.
+        other = "eV" if unit == "keV" else "keV"
+        raise RawDataError(
+            f"{table.where}: the energy column {name!r} read in {unit} "
+            f"(energy_unit={unit}) spans {low:.0f}-{high:.0f} eV, where no absorption edge is "
+            f"({EDGES_EV[0]:g}-{EDGES_EV[1]:g} eV): its values look like {other}; set "
+            f"energy_unit={other}, or leave energy_unit to 'auto'"
+        )
     return energy
 
 
