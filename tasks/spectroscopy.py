@@ -223,7 +223,7 @@ def merge_repeated_scans(
     """
     began = time.perf_counter()
     labels = {source.label for source in plan.repeats}
-    energies, spectra, noise = [], [], []
+    energies, spectra, noise, shifts = [], [], [], []
     for result in sorted(results, key=lambda r: r.label):
         if result.label in labels:
             with h5py.File(result.part_file, "r") as part:
@@ -231,6 +231,7 @@ def merge_repeated_scans(
                 energies.append(energy)
                 spectra.append(norm)
                 noise.append(xas.spectrum_noise(energy, norm, float(part["e0"][0])))
+                shifts.append(float(part["energy_shift"][0]))
     merged = xas.merge_spectra(energies, spectra, np.array(noise))
     reduction = xas.BatchReduction(
         merged.energy,
@@ -241,6 +242,10 @@ def merge_repeated_scans(
     part_file = Path(work_dir) / f"{MERGED}.h5"
     _write_part(part_file, reduction, merged.energy, stacked=False)
     with h5py.File(part_file, "a") as h5:
+        # Each repeat's energies were calibrated before the merge (a single spectrum keeps
+        # its calibrated axis): the merge's shift is theirs, not the 0 of its own reduction
+        # (an Athena user read "not calibrated" in the merged XDI).
+        h5["energy_shift"][0] = float(np.median(shifts))
         h5["mu_errors"] = merged.error[None, :]
         h5["merge_weights"] = merged.weights
         h5.attrs["count"] = merged.count

@@ -89,6 +89,10 @@ def test_repeats_are_calibrated_merged_and_written(repeats):
             assert h5[entry]["xas/fit/energy_shift"][()] == pytest.approx(-1.5, abs=0.5)
             assert h5[entry]["instrument"].file.filename  # external link to the raw scan resolves
         merged = h5["merged/xas"]
+        # Its repeats were calibrated before the merge: their shift, not 0 ("not
+        # calibrated", as an Athena user read the merged XDI).
+        shifts = [h5[entry]["xas/fit/energy_shift"][()] for entry in ("1.1", "2.1", "3.1")]
+        assert merged["fit/energy_shift"][()] == pytest.approx(np.median(shifts))
         assert merged["mu/mu_errors"].shape == merged["mu/mu"].shape
         assert merged["fit/merge_weights"][()].sum() == pytest.approx(1.0)
         # |chi(R)| of Fe metal (bcc): the first shell peak at 2.0-2.3 Å (not phase-corrected)
