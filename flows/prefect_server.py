@@ -288,9 +288,12 @@ def _stop_when_orphaned(parent: int) -> None:
 def main() -> None:
     collect_later()  # back on once the server has started (_AfterStartUp)
     # The starter says who it is: one killed before this line runs has already left this
-    # process to another parent (init, or a subreaper), which must not pass for it.
-    parent = int(os.environ.pop(PARENT, os.getppid()))
-    threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
+    # process to another parent (init, or a subreaper), which must not pass for it. A
+    # server no Calypso process started (`calypso server`, an operator's) is nobody's to
+    # follow: it stopped as the shell that started it in the background exited.
+    if PARENT in os.environ:
+        parent = int(os.environ.pop(PARENT))
+        threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
     # Prefect's server imports py-key-value (through docket), whose modules beartype
     # instruments as they are imported, for checks that only ever warn: ~0.05 s of the
     # start. The library's own switch turns them off.

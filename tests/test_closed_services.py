@@ -19,6 +19,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -449,3 +450,29 @@ def test_server_init_makes_both_secrets_and_prints_neither(tmp_path, monkeypatch
     assert made[0].strip().split(":", 1)[1] not in out and "PRIVATE" not in out
     assert main(["server", "--init"]) == 0  # again: the same secrets, kept
     assert (secret.read_text(), certificate.read_text()) == made
+
+
+def test_calypso_server_outlives_the_shell_that_started_it(tmp_path, loopback):
+    """An operator's `calypso server &` stopped a few seconds after its shell exited (the
+    watch for an orphaned server, meant for the servers Calypso's commands start), and the
+    portal then found no Prefect server."""
+    import psutil
+
+    port = loopback.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["CALYPSO_HOME"] = str(tmp_path / "home")
+    log = tmp_path / "server.log"
+    shell = subprocess.run(
+        ["bash", "-c", f'"$0" -m calypso.flows.cli server --port {port} >"$1" 2>&1 & echo $!; '
+         "sleep 3", sys.executable, str(log)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    server = psutil.Process(int(shell.stdout.split()[0]))  # the shell has gone by now
+    try:
+        loopback.wait_for_http(f"http://127.0.0.1:{port}/api/health", 120)
+        time.sleep(4)  # the orphan watch looked every second
+        assert server.is_running() and server.status() != psutil.STATUS_ZOMBIE, log.read_text()
+        loopback.wait_for_http(f"http://127.0.0.1:{port}/api/health", 10)
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -90,6 +90,7 @@ def command_server(args: argparse.Namespace) -> int:
     host = args.host or settings.server.host
     port = args.port or settings.server.port
     env = dict(os.environ)
+    env.pop(prefect_server.PARENT, None)  # nobody's to follow: it stays when its shell goes
     # The API and UI ask for this secret (HTTP basic): one the operator gives wins over
     # the one Calypso keeps in its home (made on the first start).
     secret = env.get(SERVER_AUTH) or prefect_auth_string(settings)
