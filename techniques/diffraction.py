@@ -15,10 +15,17 @@ import threading
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pyFAI import units as pyfai_units
 from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
@@ -166,7 +173,31 @@ class DiffractionScience(TechniqueParameters):
     @field_validator("error_model", mode="before")
     @classmethod
     def _none_error_model(cls, value: Any) -> Any:
-        return None if isinstance(value, str) and value.lower() in ("none", "") else value
+        if isinstance(value, str) and value.lower() in ("none", ""):
+            return None
+        if isinstance(value, str) and value not in get_args(ErrorModel):
+            known = ", ".join(repr(name) for name in (*get_args(ErrorModel), "none"))
+            raise ValueError(f"unknown error model {value!r}: give one of {known}")
+        return value
+
+    @field_validator("radial_range", "azimuth_range")
+    @classmethod
+    def _ordered_range(
+        cls, value: tuple[float, float] | None, info: ValidationInfo
+    ) -> tuple[float, float] | None:
+        # Once taken silently: a reversed range (pyFAI swaps it) and an azimuth range
+        # beyond a turn, whose bins outside the detector's chi are empty.
+        if value is None:
+            return None
+        low, high = value
+        if not low < high:
+            raise ValueError(f"[{low:g}, {high:g}]: the first bound must be below the second")
+        if info.field_name == "azimuth_range" and (low < -360 or high > 360 or high - low > 360):
+            raise ValueError(
+                f"[{low:g}, {high:g}] degrees: an azimuth range lies within one turn, "
+                "between -180 and 180 or 0 and 360"
+            )
+        return value
 
 
 class DiffractionExecution(TechniqueParameters):

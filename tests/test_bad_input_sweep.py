@@ -35,6 +35,11 @@ from tests.processes import run
         ("tomography", ["angles=[0, 0]"], "the first and last projection angles must differ"),
         ("spectroscopy", ["kmin=12", "kmax=3"], "kmin=12.0 is not below kmax=3.0"),
         ("mx", ["min_spot_size=50", "max_spot_size=5"], "no spot could be kept"),
+        # From a user's walk through the docs (session 42): once taken without a word.
+        ("diffraction", ["radial_range=[10, 1]"], "the first bound must be below the second"),
+        ("diffraction", ["azimuth_range=[0, 400]"], "an azimuth range lies within one turn"),
+        ("diffraction", ["error_model=gauss"], "'poisson', 'azimuthal', 'hybrid', 'none'"),
+        ("spectroscopy", ["edge=Q"], "'Q' is no absorption edge: give K, L1, L2, L3"),
     ],
 )
 def test_parameters_that_would_give_an_empty_or_silent_result_are_refused(

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from calypso.techniques.fields import TechniqueParameters
 from calypso.techniques.spectroscopy.exafs import Window
@@ -80,7 +81,22 @@ class SpectroscopyScience(TechniqueParameters):
     element: str | None = Field(
         None, description="Absorbing element of the reference foil (default: guessed from E0)."
     )
-    edge: str = Field("K", description="Absorption edge of the reference foil.")
+    edge: str = Field(
+        "K", description="Absorption edge of the reference foil: K, L1-L3, M1-M5, N1-N7 ..."
+    )
+
+    @field_validator("edge")
+    @classmethod
+    def _edge_name(cls, value: str) -> str:
+        # Checked against the table only with an element; without one, 'Q' (or a typo)
+        # was taken silently.
+        name = value.strip().upper()
+        if not re.fullmatch(r"K|L[1-3]|M[1-5]|N[1-7]|O[1-5]|P[1-3]", name):
+            raise ValueError(
+                f"{value!r} is no absorption edge: give K, L1, L2, L3, M1 ... M5, N1 ... N7"
+            )
+        return name
+
     reference_e0: float | None = Field(
         None, description="E0 of the reference foil (eV); default: tabulated (xraydb)."
     )

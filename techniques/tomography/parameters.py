@@ -92,8 +92,9 @@ class TomographyScience(TechniqueParameters):
     ring_size: int | None = Field(
         None,
         ge=3,
-        description="ring removal: median filter width in pixels, odd (default: 1% of the "
-        "detector width, at least 3; 21 on a 2048-pixel detector)",
+        description="ring removal: median filter width in pixels, odd (an even one is "
+        "taken as the next odd one; default: 1% of the detector width, at least 3; 21 on a "
+        "2048-pixel detector)",
     )
     center_of_rotation: float | None = Field(
         None,
