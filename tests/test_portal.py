@@ -174,6 +174,21 @@ def test_the_portal_needs_data_roots(portal, monkeypatch, capsys):
     assert "calypso portal refuses to start without data roots" in capsys.readouterr().err
 
 
+def test_the_portal_knows_the_port_it_listens_on(portal, monkeypatch):
+    """The links a launched run's Prefect page gets pointed at the settings' port (8400),
+    not the one given with --port."""
+    import uvicorn
+
+    from calypso.flows.cli import main
+    from calypso.flows.portal import app
+
+    made = []
+    monkeypatch.setattr(app, "create_app", lambda settings: made.append(settings) or "app")
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    assert main(["portal", "--port", "8481", "--host", "127.0.0.1"]) == 0
+    assert (made[0].portal.host, made[0].portal.port) == ("127.0.0.1", 8481)
+
+
 def test_paths_out_of_the_proposal_are_refused(portal):
     f = portal.facility
     alice = signed_in_with_ldap(portal, "alice")

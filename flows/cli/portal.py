@@ -32,6 +32,12 @@ def command_portal(args: argparse.Namespace) -> int:
     prepare_environment(settings, verbose=args.verbose)
     # The runs pages read the Prefect API: a server that refuses us is said now, not later.
     check_prefect_api()
+    host = args.host or settings.portal.host
+    port = args.port or settings.portal.port
+    # Where it listens, as the settings say it: the links a launched run's Prefect page
+    # gets (without portal.public_url) pointed at the settings' port, not --port.
+    portal = settings.portal.model_copy(update={"host": host, "port": port})
+    settings = settings.model_copy(update={"portal": portal})
     app = create_app(settings)  # refuses to start without data roots
     if not os.environ.get("PREFECT_API_URL"):
         print(
@@ -39,8 +45,6 @@ def command_portal(args: argparse.Namespace) -> int:
             "`calypso server` that `calypso serve` uses; set PREFECT_API_URL to its API",
             file=sys.stderr,
         )
-    host = args.host or settings.portal.host
-    port = args.port or settings.portal.port
     if not viewer_built():
         print(f"calypso portal: warning: {VIEWER_MISSING}", file=sys.stderr)
     if not settings.access.ldap.url and not settings.access.oidc.issuer:
