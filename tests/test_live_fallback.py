@@ -89,3 +89,35 @@ def test_an_xas_map_reads_the_rest_from_its_file_when_the_stream_server_goes_awa
     assert_as_offline(
         summary, "spectroscopy", raw_dir, parameters, tmp_path / "offline", live_settings
     )
+
+
+def test_the_simulator_writes_its_files_when_the_server_goes_as_the_scan_is_declared(
+    diffraction_sample, tmp_path, monkeypatch
+):
+    """The server stopped as soon as a live run saw the scan created (the case above, the
+    server gone before the first frames): the simulator died declaring the scan's streams,
+    before its dataset file had the scan, and the run waited 30 s for a scan that never
+    came (seen once in CI, under load)."""
+    import h5py
+    from blissdata.redis_engine.store import DataStore
+
+    from calypso.flows.samples.acquisition_simulator import simulate_acquisition
+
+    server, url = fresh_valkey(tmp_path / "valkey")
+    create = DataStore.create_scan
+
+    def created_then_gone(self, *args, **kwargs):
+        scan = create(self, *args, **kwargs)
+        stop_valkey(server)
+        return scan
+
+    monkeypatch.setattr(DataStore, "create_scan", created_then_gone)
+    try:
+        raw_file = simulate_acquisition(
+            diffraction_sample.raw_dataset_dir, tmp_path / "beamline", rate=200,
+            frames_per_file=3, blissdata_url=url,
+        )  # fmt: skip
+    finally:
+        stop_valkey(server)
+    with h5py.File(raw_file, "r") as h5:
+        assert "1.1/end_time" in h5 and h5["1.1/instrument/pilatus1m/data"].shape[0] == 12

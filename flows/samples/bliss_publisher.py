@@ -47,31 +47,38 @@ class BlissPublisher:
         info = {"npoints": n_frames, "filename": str(raw.raw_file), "title": recorded.title}
         self.scan = self.store.create_scan(identity, info=info)
         self.lima = None
-        if recorded.detector:
-            with h5py.File(recorded.frames[0][0], "r") as h5:
-                source = h5[recorded.frames[0][1]]
-                shape, dtype = source.shape[1:], source.dtype
-            suffix = template.rsplit(".", 1)[-1]
-            saving = {
-                "file_path": template,
-                "data_path": LIMA_DATASET,
-                "file_format": {"h5": "hdf5", "tiff": "tiff"}.get(suffix, suffix),
-                "file_offset": 0,
-                "frames_per_file": per_file,
+        self.counters: dict = {}
+
+        def declare() -> None:
+            if recorded.detector:
+                with h5py.File(recorded.frames[0][0], "r") as h5:
+                    source = h5[recorded.frames[0][1]]
+                    shape, dtype = source.shape[1:], source.dtype
+                suffix = template.rsplit(".", 1)[-1]
+                saving = {
+                    "file_path": template,
+                    "data_path": LIMA_DATASET,
+                    "file_format": {"h5": "hdf5", "tiff": "tiff"}.get(suffix, suffix),
+                    "file_offset": 0,
+                    "frames_per_file": per_file,
+                }
+                image = LimaStream.make_definition(
+                    f"{recorded.detector}:image", dtype, shape,
+                    f"id00/limaccds/{recorded.detector}", 10, n_frames, 0, saving,
+                )  # fmt: skip
+                self.lima = self.scan.create_stream(image)
+            self.counters = {
+                name: self.scan.create_stream(
+                    Stream.make_definition(f"simulator:{name}", "float64", values.shape[1:])
+                )
+                for name, values in recorded.counters.items()
             }
-            image = LimaStream.make_definition(
-                f"{recorded.detector}:image", dtype, shape, f"id00/limaccds/{recorded.detector}",
-                10, n_frames, 0, saving,
-            )  # fmt: skip
-            self.lima = self.scan.create_stream(image)
-        self.counters = {
-            name: self.scan.create_stream(
-                Stream.make_definition(f"simulator:{name}", "float64", values.shape[1:])
-            )
-            for name, values in recorded.counters.items()
-        }
-        self.scan.prepare()
-        self.scan.start()
+            self.scan.prepare()
+            self.scan.start()
+
+        # A server gone as the scan is declared (a reader saw it created): the files are
+        # written all the same, as when it goes later.
+        self._publish(declare)
 
     gone = False  # the server stopped answering: the files go on being written
 
