@@ -301,3 +301,24 @@ def test_an_energy_unit_the_values_deny_is_named(test_data, tmp_path, unit, scal
     assert f"read in {unit} (energy_unit={unit}) spans" in message and "\n" not in message
     assert f"its values look like {looks}; set energy_unit={looks}" in message
     assert energy_axis(table, SpectroscopyParameters(energy_unit=looks)).max() > 8900
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"element": "Cu"}, "eV from the tabulated Cu K edge (8979.0 eV): wrong element"),
+        # once "the tabulated Fe K edge (-5.0 eV)": the value given, not the table's
+        ({"reference_e0": -5.0}, "eV from the reference_e0 given (-5.0 eV): wrong value"),
+    ],
+)
+def test_a_reference_foil_far_from_its_edge_names_what_was_given(tmp_path, values, expected):
+    from calypso.flows.samples.spectroscopy import write_spectroscopy_sample
+    from calypso.tasks.plans.spectroscopy import make_spectroscopy_plan
+    from calypso.techniques.spectroscopy import SpectroscopyParameters
+
+    dataset = write_spectroscopy_sample(tmp_path / "visitor", repeats=1, seed=2)
+    with pytest.raises(ParameterError) as refused:
+        make_spectroscopy_plan(
+            str(dataset.raw_dataset_dir), SpectroscopyParameters(**values), output_dir=str(tmp_path)
+        )
+    assert expected in str(refused.value)
