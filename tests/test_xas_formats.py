@@ -59,7 +59,7 @@ REFUSED: dict[str, tuple[dict, str]] = {
     "PF9A_2022.dat": ({}, "cannot make mu(E)"),
     # Its header's names land one column off: 'fluo' on the point counter, which
     # 'auto' must not take for a fluorescence channel (it rises with every point).
-    "MoFoil.dat": ({}, "falls across the edge"),
+    "MoFoil.dat": ({}, "falls across the edge|column names are shifted against its values"),
 }
 NO_OPTION = [name for name, (options, _) in READABLE.items() if not options]
 

@@ -229,8 +229,10 @@ def edge_frame(
         if edge_contrast(energy[row], -mu[row], falling)[0] >= MIN_EDGE_CONTRAST:
             raise RawDataError(
                 f"{where}: mu(E) falls across the edge at {falling[0]:.1f} eV instead of rising: "
-                "I0 and It are swapped, or these columns are not the sample's absorption; choose "
-                "them with --set i0=COLUMN --set it=COLUMN (or mu_column, fluorescence)"
+                "I0 and It are swapped, the file's column names are shifted against its values "
+                "(a heading of two words read as two names), or these columns are not the "
+                "sample's absorption; choose them with --set i0=COLUMN --set it=COLUMN (or "
+                "mu_column, fluorescence)"
             )
         raise RawDataError(
             f"{where}: no absorption edge in the scanned range {energy[row, 0]:.1f}-"
