@@ -65,7 +65,12 @@ def reference_spectrum() -> ReferenceSpectrum:
     k = np.sqrt(ETOK * np.clip(relative, 0.0, None))
     exafs = 0.08 * np.sin(2 * 2.48 * k + 0.5) * np.exp(-2 * 0.005 * k**2) / np.maximum(k, 1.0)
     mu = 0.2 - 1e-4 * relative + 2.5 * (0.5 + np.arctan(relative / 1.5) / np.pi) * (1 + exafs)
-    return ReferenceSpectrum(energy, mu, None, "model edge (shared data not found)")
+    return ReferenceSpectrum(
+        energy,
+        mu,
+        None,
+        f"a model edge: no {metal} (the real Fe spectrum; CALYPSO_TEST_DATA names its folder)",
+    )
 
 
 def scan_grid(e0: float = FE_K_EDGE_EV) -> np.ndarray:
