@@ -322,3 +322,13 @@ def test_a_reference_foil_far_from_its_edge_names_what_was_given(tmp_path, value
             str(dataset.raw_dataset_dir), SpectroscopyParameters(**values), output_dir=str(tmp_path)
         )
     assert expected in str(refused.value)
+
+
+def test_a_bliss_proposal_file_names_the_dataset_files_it_links_to(test_data, tmp_path, capsys):
+    master = test_data / "bliss" / "id11_demoh5" / "ma4500_demoh5.h5"
+    poni = test_data / "xrd" / "CeO2_Pilatus1M.poni"
+    arguments = ["run", "diffraction", str(master), "--set", f"poni={poni}"]
+    assert main([*arguments, "--output", str(tmp_path / "out")]) == 3
+    error = capsys.readouterr().err
+    assert "links to the dataset files demoh5_dataset/demoh5_dataset.h5 (Bliss's" in error
+    assert "give one of them, or its folder" in error and not (tmp_path / "out").exists()

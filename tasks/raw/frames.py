@@ -234,8 +234,16 @@ def default_image_dataset(path: str | Path) -> str:
                 found.append("/" + name)
 
         h5.visititems(visit)
+        links = (h5.get(name, getlink=True) for name in h5)
+        linked = sorted({link.filename for link in links if isinstance(link, h5py.ExternalLink)})
     if len(found) == 1:
         return found[0]
+    if linked and not found:  # Bliss's proposal and collection files: links to datasets
+        more = f" and {len(linked) - 3} more" if len(linked) > 3 else ""
+        raise RawDataError(
+            f"{path} links to the dataset files {', '.join(linked[:3])}{more} (Bliss's "
+            "proposal or sample file): give one of them, or its folder"
+        )
     raise RawDataError(
         f"{path}: cannot tell which dataset holds the images "
         f"({'none found' if not found else 'candidates: ' + ', '.join(found)}); "
