@@ -91,12 +91,16 @@ def start_local_cluster(*, forked: bool = False, **kwargs: Any) -> LocalCluster:
     import dask
     from distributed import LocalCluster
 
+    from calypso.executors.interrupts import ctrl_c_left_to_this_process
+
     environment = _local_environment(kwargs)
     kwargs = with_certificate(kwargs)
     config: dict[str, Any] = {"distributed.nanny.pre-spawn-environ": environment}
     if forked:
         config["distributed.worker.multiprocessing-method"] = "forkserver"
-    with dask.config.set(config):
+    # Its workers (and their fork server) leave Ctrl-C to the command, which closes them.
+    processes = kwargs.get("processes", True)
+    with dask.config.set(config), ctrl_c_left_to_this_process(multiprocessing=processes):
         return LocalCluster(**kwargs)
 
 

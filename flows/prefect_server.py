@@ -70,13 +70,18 @@ def start(port: int, environment: dict[str, str]) -> subprocess.Popen:
     reading it ends with this process, not with the server's shutdown after it."""
     command = serve_command("127.0.0.1", port, "error")
     environment = {**environment, PARENT: str(os.getpid())}
-    server = subprocess.Popen(
-        command,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,  # uvicorn's access log (off at this level)
-        stderr=subprocess.PIPE,
-    )
+    from calypso.executors.interrupts import ctrl_c_left_to_this_process
+
+    # Stopped by this process (SIGTERM), not by a Ctrl-C at its terminal: gone first, the
+    # server left the command retrying its last reports against it for a minute or more.
+    with ctrl_c_left_to_this_process(multiprocessing=False):
+        server = subprocess.Popen(
+            command,
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,  # uvicorn's access log (off at this level)
+            stderr=subprocess.PIPE,
+        )
     relay = threading.Thread(target=_relay, args=(server.stderr,), daemon=True)
     relay.start()
     _RELAYS[server.pid] = relay

@@ -330,6 +330,41 @@ def test_a_killed_command_takes_its_temporary_prefect_server_with_it(test_data, 
     assert _left_after(ours, 15) == []
 
 
+def test_ctrl_c_at_the_terminal_stops_a_cold_command_at_once_in_one_line(tmp_path):
+    """A terminal's Ctrl-C goes to the whole group: the command's temporary Prefect server
+    and Dask workers stopped on their own, with tracebacks, and the command then retried
+    its last reports against the server gone for a minute or more."""
+    from calypso.flows.samples.tomography import write_tomography_sample
+
+    sample = write_tomography_sample(tmp_path / "visitor", projections=180)
+    env = _without_server(tmp_path) | {"CALYPSO_EXECUTOR__LOCAL_KEEP_S": "0"}
+    command = [sys.executable, "-m", "calypso.flows.cli", "run", "tomography"]
+    process = subprocess.Popen(
+        [*command, str(sample.raw_dataset_dir), "--output", str(tmp_path / "out")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        # as at a terminal: pytest-xdist's workers ignore SIGINT, which children inherit
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    ours = f"PREFECT_HOME={tmp_path / 'prefect'}"
+    try:
+        deadline = time.monotonic() + 120
+        while len(_processes_with(ours)) < 3:  # the command, its server, its workers
+            assert process.poll() is None and time.monotonic() < deadline, "nothing started"
+            time.sleep(0.05)
+        time.sleep(1)
+        os.killpg(process.pid, signal.SIGINT)
+        output, _ = process.communicate(timeout=45)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    text = output.decode()
+    assert process.returncode in (0, 130), text[-3000:]  # or it had ended already
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    if process.returncode == 130:
+        assert text.strip().splitlines()[-1] == "calypso: error: interrupted", text[-3000:]
+    assert _left_after(ours, 20) == []
+
+
 def test_a_cold_command_leaves_its_run_recorded_and_its_server_gone(test_data, tmp_path):
     """A command does not wait for its temporary server's shutdown (~0.2 s of ``uvicorn``
     looking for it): the server ends by itself soon after, and what the command sent it

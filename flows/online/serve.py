@@ -26,14 +26,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import calypso
 from calypso.errors import ConfigurationError
+from calypso.executors.interrupts import ctrl_c_left_to_this_process
 from calypso.flows.dead_runs import reap_now_and_then
 from calypso.flows.online.acquisitions import EVENT, LIVE_EVENT, live_deployment
 from calypso.flows.online.live_base import LIVE_TECHNIQUES
@@ -319,7 +317,7 @@ def serve(settings: CalypsoSettings, techniques: list[str] | None = None) -> Non
     cluster = submissions = None
     stop = threading.Event()
     try:
-        with ctrl_c_for_this_process_only():
+        with ctrl_c_left_to_this_process():  # executors/interrupts.py
             cluster = start_shared_cluster(settings)
             start_icat_flushing(settings, stop)
             reap_now_and_then(settings, stop)  # runs that died without a word: shown Crashed
@@ -342,27 +340,6 @@ def serve(settings: CalypsoSettings, techniques: list[str] | None = None) -> Non
         stop_serving(submissions, settings)
         if cluster is not None:
             cluster.close()
-
-
-@contextmanager
-def ctrl_c_for_this_process_only() -> Iterator[None]:
-    """Ctrl-C held back from the threads and processes started meanwhile (Dask's workers,
-    the fork server): a terminal sends it to every process of serve's group, and each of
-    them printed its own traceback (mid-import while serve started) before serve, which
-    stops them in order, said a word. Blocked signals are inherited by threads and child
-    processes; this thread takes a Ctrl-C that came meanwhile as the block ends. Served
-    flow runs take it again as they start (:mod:`warm_starts`), as they did before."""
-    from multiprocessing import resource_tracker
-
-    # Started now: the thread that starts it unblocks SIGINT for itself after (the
-    # standard library's own doing), and Dask's loop thread would start it, then its
-    # workers, with Ctrl-C.
-    resource_tracker.ensure_running()
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 async def _serve(deployments: list, settings: CalypsoSettings, served: dict, limit: int) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import logging
 import multiprocessing
-import signal
 import threading
 import time
 import types
@@ -150,5 +149,7 @@ class _TakingCtrlC:
 
 
 def _taking_ctrl_c(target: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    from calypso.executors.interrupts import taking_ctrl_c
+
+    taking_ctrl_c()
     return target(*args, **kwargs)
