@@ -233,7 +233,7 @@ def test_a_look_at_a_growing_edf_file_parses_only_the_frames_added(tmp_path, mon
     look at 2,000 frames) and again for each run of frames read from it."""
     from fabio.edfimage import EdfImage
 
-    from calypso.tasks.raw.lima_saving import iter_edf
+    from calypso.tasks.raw.lima_saving import edf_first_frame, iter_edf
 
     parsed = []
     read_header = EdfImage._read_header_block
@@ -258,8 +258,17 @@ def test_a_look_at_a_growing_edf_file_parses_only_the_frames_added(tmp_path, mon
     assert len(parsed) == 4  # the header begun, looked at again; the run's two; its end
     np.testing.assert_array_equal(np.stack(frames), np.stack([frame(5), frame(6)]))
     np.testing.assert_array_equal(next(iter_edf(path, 0, 1)), frame(0))
-    # A file replaced, or cut short, is looked at afresh.
+    # A file replaced, or cut short, or written again in place from its start (the same
+    # inode, longer by then: another scan's frames, whose first header differs), is looked
+    # at afresh.
     path.unlink()
+    path.write_bytes(data[: 3 * size])
+    assert edf_frames(path) == (3, 3)
+    other = tmp_path / "other.edf"
+    edf_file(other, 100, count=5)
+    path.write_bytes(other.read_bytes())
+    assert edf_frames(path) == (5, 5) and edf_first_frame(path) == 100
+    assert next(iter_edf(path, 4, 5))[0, 0] == frame(104)[0, 0]
     path.write_bytes(data[: 3 * size])
     assert edf_frames(path) == (3, 3)
     # Pixels where the next header should be: not a file written a frame at a time.

@@ -23,6 +23,7 @@ import numpy as np
 from calypso.errors import RawDataError
 
 _KEPT_FILES = 16  # files whose frame offsets a process keeps (a scan's few growing ones)
+_HEAD_BYTES = 512  # an EDF header block: its first frame's header, time stamps included
 
 
 @dataclass
@@ -34,6 +35,7 @@ class _Frames:
     end: int = 0  # the byte after the last whole frame
     first_number: int | None = None  # Lima's acq_frame_nb of frame 0
     general: bool = False  # a general header (not Lima's): parsed whole at each look
+    head: bytes = b""  # the file's first bytes: rewritten in place, it is looked at afresh
 
 
 _known: OrderedDict[str, _Frames] = OrderedDict()
@@ -111,6 +113,8 @@ def edf_look(path: str | Path, size: int, inode: int) -> tuple[int, int, int | N
         known = _known.pop(key, None)
         if known is None or known.inode != inode or size < known.end or known.general:
             known = _Frames(inode)
+        elif known.head and _head(path, len(known.head)) != known.head:
+            known = _Frames(inode)  # the same file written again from its start
         _known[key] = known
         while len(_known) > _KEPT_FILES:
             _known.popitem(last=False)
@@ -152,8 +156,15 @@ def _extend(path: str | Path, known: _Frames, size: int) -> None:
                 known.first_number = int(number) if str(number).isdigit() else None
         known.general = image.generalframe is not None
         known.end = offset
+        if not known.head and known.starts:
+            known.head = _head(path, min(_HEAD_BYTES, known.end))
     finally:
         image.close()
+
+
+def _head(path: str | Path, size: int) -> bytes:
+    with open(path, "rb") as raw:
+        return raw.read(size)
 
 
 def iter_edf(path: str | Path, first: int, stop: int) -> Iterator[np.ndarray]:
