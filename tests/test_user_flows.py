@@ -115,6 +115,8 @@ def test_cli_check_export_save_show_diff_list_delete(tmp_path, capsys, catalogue
     assert main(["flows", "diff", "rings@1", "rings@2"]) == 0
     diff = capsys.readouterr().out
     assert "-      npt: 1000" in diff and "+      npt: 2000" in diff
+    assert main(["flows", "diff", "rings@2", "rings"]) == 0  # the latest: the same
+    assert capsys.readouterr().out == "rings@2 and rings@2 are the same flow\n"
     # Someone else may neither overwrite nor delete it; a member of the proposal may.
     with acting_as(MALLORY):
         assert main(["flows", "save", str(first), "--name", "rings"]) == 7

@@ -169,13 +169,19 @@ def command_flows_diff(args: argparse.Namespace) -> int:
     settings = load_settings()
     first = _visible(args.first, settings)
     second = _visible(args.second, settings)
-    lines = difflib.unified_diff(
-        first.specification.splitlines(keepends=True),
-        second.specification.splitlines(keepends=True),
-        fromfile=first.label,
-        tofile=second.label,
+    lines = list(
+        difflib.unified_diff(
+            first.specification.splitlines(keepends=True),
+            second.specification.splitlines(keepends=True),
+            fromfile=first.label,
+            tofile=second.label,
+        )
     )
     sys.stdout.writelines(lines)
+    if first.description != second.description:  # saved beside the specification
+        print(f"description: {first.description!r} -> {second.description!r}")
+    elif not lines:  # said, not an empty output that looks like a failure
+        print(f"{first.label} and {second.label} are the same flow")
     return 0
 
 
