@@ -20,7 +20,9 @@ its standard input; it writes ``<home>/clusters/<key>.json`` (scheduler address,
 pid) once the workers are up, and closes the cluster once no command has used it for
 ``executor.local_keep_s`` (default 10 min) or its Prefect API has gone. A command marks
 its use by touching the address file as it starts and ends, and holds a shared lock
-while it runs. ``executor.local_keep_s = 0``: a cluster of its own for each command.
+while it runs. ``executor.local_keep_s = 0``: a cluster of its own for each command. A
+home keeps :data:`KEPT_AT_MOST` clusters at once: a command that would start another
+first stops the one used least recently that no command holds.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ from calypso.private_files import create_private_file, private_folder
 
 FOLDER = "clusters"
 START_TIMEOUT_S = 180.0  # workers import the science while they start
+# Clusters a home keeps at once: a command that would start another stops the one used
+# least recently that no command holds. Each differs by technique, options and working
+# folder: commands from several folders kept one each, two worker processes apiece, for
+# their idle 10 minutes (a user's walk found five on a two-core machine).
+KEPT_AT_MOST = 2
 LOOK_EVERY_S = 30.0  # how often a keeper asks whether it is still used
 
 # The variables a worker's behaviour can depend on; the shell's own (PWD, TERM ...) are not.
@@ -221,10 +228,11 @@ def read_address(path: Path) -> dict[str, Any] | None:
     return known if running(int(known.get("pid", 0))) else None
 
 
-def forget_address(path: Path) -> None:
-    """Take this keeper's address away (not one a newer keeper wrote)."""
+def forget_address(path: Path, pid: int | None = None) -> None:
+    """Take the address of this keeper (or keeper ``pid``) away, not one a newer keeper
+    wrote."""
     try:
-        if json.loads(path.read_text()).get("pid") == os.getpid():
+        if json.loads(path.read_text()).get("pid") == (pid or os.getpid()):
             path.unlink()
     except (OSError, ValueError):
         pass
@@ -308,6 +316,7 @@ def kept_cluster(
     with starting_lock(lock):
         address = find_cluster(home, key)
         if address is None:
+            make_room(home, KEPT_AT_MOST - 1)
             arguments = ["calypso.executors.kept", str(home), key, str(keep_s)]
             # on its standard input: a secret never shows in a process list
             stdin = json.dumps({"options": options, "api": api}).encode()
@@ -316,6 +325,28 @@ def kept_cluster(
             address = start_keeper(arguments, log, find, "local Dask cluster", setting, stdin)
         hold(use)
     return address
+
+
+def make_room(home: Path, room_for: int) -> list[str]:
+    """Stop this home's kept clusters, least recently used first, that no command holds,
+    until at most ``room_for`` run; the keys stopped. One being looked at by another
+    command (its starting lock taken) is left alone."""
+    stopped: list[str] = []
+    kept = sorted(kept_clusters(home), key=lambda cluster: cluster["idle_s"], reverse=True)
+    for cluster in kept:
+        if len(kept) - len(stopped) <= room_for:
+            break
+        path, lock, use, _ = _paths(home, cluster["key"])
+        with open(lock, "a") as starting:
+            try:
+                fcntl.flock(starting, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            if unused(use) and running(cluster["pid"]):
+                os.kill(cluster["pid"], signal.SIGTERM)  # it closes its workers, then goes
+                forget_address(path, cluster["pid"])
+                stopped.append(cluster["key"])
+    return stopped
 
 
 def release(home: Path, key: str) -> None:

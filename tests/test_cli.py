@@ -563,3 +563,43 @@ def test_the_command_ends_at_once_with_what_an_exit_owes_done(arguments, status,
     assert ran.returncode == status, ran.stderr
     assert ran.stderr.rstrip().endswith("atexit ran"), ran.stderr
     assert ran.stdout.rstrip().endswith("thread done"), ran.stdout[-500:]
+
+
+def test_a_home_keeps_two_clusters_at_most_the_least_used_idle_one_stops(tmp_path):
+    """Commands from several folders, or of several techniques, kept a cluster each (two
+    worker processes apiece) for their idle ten minutes: five on a user's two-core
+    machine. A third stops the one used least recently that no command holds."""
+    from calypso.executors import kept
+    from calypso.executors.dask import local_cluster_options
+    from calypso.settings import ExecutorSettings
+
+    home = tmp_path / "home"
+    options = local_cluster_options(ExecutorSettings(n_workers=1))
+    api = (os.environ["PREFECT_API_URL"], os.environ.get("PREFECT_API_AUTH_STRING"))
+    pids = {}
+    try:
+        for key in ("first", "second", "third"):
+            if key == "third":  # the first is in use again, by a living command
+                held = _hold(home / "clusters" / "first.use")
+            kept.kept_cluster(home, key, options, 600, api)
+            kept._held.pop().close()  # as the command that started it exits
+            pids[key] = kept.read_address(home / "clusters" / f"{key}.json")["pid"]
+            time.sleep(1.1)  # one second less idle than the one before
+        # The second, idle and least recently used (the first is held), has gone.
+        assert _gone(pids["second"], 30)
+        assert {c["key"] for c in kept.kept_clusters(home)} == {"first", "third"}
+        held.close()
+    finally:
+        for pid in pids.values():
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    assert all(_gone(pid, 30) for pid in pids.values())
+
+
+def _gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
