@@ -433,19 +433,15 @@ def edge_and_calibration(
             "calibrate"
         )
         return element, edge, None, notes
-    if parameters.reference_e0 is not None:
-        tabulated = parameters.reference_e0
-    else:
-        tabulated = xas.tabulated_edge(element, edge or "K")
+    given = parameters.reference_e0 is not None
+    tabulated = parameters.reference_e0 if given else xas.tabulated_edge(element, edge or "K")
     if abs(tabulated - first.reference_e0) > 50:
-        given = parameters.reference_e0 is not None
         expected = "the reference_e0 given" if given else f"the tabulated {element} {edge} edge"
-        fix = "reference_e0" if given else "element/edge"
         raise ParameterError(
             f"{where}: the reference channel's edge is at {first.reference_e0:.1f} eV, "
             f"{tabulated - first.reference_e0:+.1f} eV from {expected} ({tabulated:.1f} eV): "
             f"wrong {'value' if given else 'element'}, or no foil in the reference channel; "
-            f"set {fix} or calibrate=false"
+            f"set {'reference_e0' if given else 'element/edge'} or calibrate=false"
         )
     calibration = Calibration(element=element, edge=edge or "K", reference_e0=tabulated)
     return element, edge, calibration, notes
