@@ -165,7 +165,7 @@ def test_a_result_never_replaces_a_raw_file(
     test_data, tmp_path, capsys, catalogue_path, on_shared_cluster
 ):
     """--output given as the input's own folder: the result (frames.h5) would have
-    replaced the raw file of that name. Refused, the raw file as it was."""
+    replaced the raw file of that name. The raw file stays as it was."""
     folder = tmp_path / "beamtime"
     folder.mkdir()
     raw = folder / "vac_007_data_000001.h5"
@@ -177,10 +177,18 @@ def test_a_result_never_replaces_a_raw_file(
         "Poni2: 0.1837\nRot1: 0\nRot2: 0\nRot3: 0\nWavelength: 1.0332e-10\n"
     )
     code = main(["run", "diffraction", str(raw), "--set", f"poni={poni}", "--output", str(folder)])
-    assert code == 4 and "which Calypso did not write" in capsys.readouterr().err
-    assert raw.read_bytes() == before
+    # The folder holds a file of the result's name that no record holds: the result goes
+    # beside it, in the next version (it was refused before the versions looked on disk).
+    assert code == 0 and raw.read_bytes() == before
     [record] = SQLiteCatalogue(catalogue_path).list()
-    assert record.status == "failed" and "did not write" in record.message
+    assert record.status == "completed" and record.processed_path == f"{folder}_v2"
+    # Had the file come between the choice of the folder and the publication, the
+    # publication itself refuses to replace it.
+    from calypso.errors import OutputError
+    from calypso.tasks.writers.publication import _refuse_foreign
+
+    with pytest.raises(OutputError, match="which Calypso did not write"):
+        _refuse_foreign(raw)
     inside = tmp_path / "ih0001" / "id00" / "20261206" / "RAW_DATA" / "s" / "s_0001"
     with pytest.raises(ParameterError, match="is inside a RAW_DATA folder"):
         from calypso.tasks.raw.data_policy import output_folder
