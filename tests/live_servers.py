@@ -193,7 +193,9 @@ class PartialWatcher(threading.Thread):
 class LookWatcher(threading.Thread):
     """Looks at the live quick looks in the Prefect UI while a live run goes, as staff
     would: the markdown artifacts made after it started, through the server's API;
-    ``seen``: (when, description, markdown) of each new state."""
+    ``seen``: (when it was made, description, markdown) of each new state. When it was
+    made, by the server's clock, not when this poll found it: a loaded machine's API
+    answered a poll seconds late, and a look drawn mid-scan was taken for one after."""
 
     def __init__(self, interval: float = 0.2):
         super().__init__(daemon=True)
@@ -218,7 +220,7 @@ class LookWatcher(threading.Thread):
                 for artifact in newest:
                     state = (str(artifact.description), str(artifact.data))
                     if artifact.created >= since and not any(s[1:] == state for s in self.seen):
-                        self.seen.append((time.time(), *state))
+                        self.seen.append((artifact.created.timestamp(), *state))
 
     def looks(self) -> list[tuple[float, str, str]]:
         return [s for s in self.seen if s[1].startswith("Live quick look")]
