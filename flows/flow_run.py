@@ -189,12 +189,13 @@ class FlowRun:
         self._stop_heartbeat()
         self._remove_partial_result()  # it said "running": the record says what happened
         try:
-            # Not only Calypso's errors (redacted already) fail a run.
+            # A Ctrl-C may come wrapped ("Error calling function `ser_model`: KeyboardInterrupt")
+            ctrl_c = not isinstance(error, Exception) or "KeyboardInterrupt" in str(error)
             message = (
-                redact(str(error))
-                if isinstance(error, Exception)
-                else f"interrupted ({type(error).__name__}: Ctrl-C, or the process was told "
-                "to stop) before it finished"
+                f"interrupted ({type(error).__name__}: Ctrl-C, or the process was told to "
+                "stop) before it finished"
+                if ctrl_c
+                else redact(str(error))
             )
             registration = register_processed_dataset(self._record([], "failed", message))
         except CatalogueError as exc:
@@ -206,8 +207,7 @@ class FlowRun:
         return registration
 
     def _remove_partial_result(self) -> None:
-        """The partial result a live run keeps beside the result to come
-        (``<name>.partial.h5``), once the run has ended either way."""
+        """A live run's partial result (``<name>.partial.h5``), once the run has ended."""
         from calypso.tasks.live_common import partial_path
 
         output = getattr(self.plan, "output_file", None)
