@@ -14,25 +14,32 @@ HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs", ".nx5", ".cxi")
 _REFERENCE = re.compile(r"^(?P<file>.+)::(?P<index>\d+)$")
 
 
-def names_frames(dataset) -> bool:
-    """Whether an HDF5 dataset names frames instead of holding them: Bliss's writer records
-    a Lima saving it cannot link (CBF, TIFF: neither a virtual dataset nor external storage
-    can describe them) as one string a frame, ``<file>::<index>``, the file named relative
-    to the dataset file's folder. One string read: a scan's listing asks of every detector."""
+def first_reference(dataset) -> str | None:
+    """The file named first, as written, by an HDF5 dataset that names frames instead of
+    holding them; None for any other dataset. Bliss's writer records a Lima saving it
+    cannot link (CBF, TIFF: neither a virtual dataset nor external storage can describe
+    them) as one string a frame, ``<file>::<index>``, the file named relative to the
+    dataset file's folder. One string read: a scan's listing asks of every detector."""
     import h5py
 
     if not isinstance(dataset, h5py.Dataset) or dataset.ndim != 1 or dataset.shape[0] == 0:
-        return False
+        return None
     if h5py.check_string_dtype(dataset.dtype) is None and dataset.dtype.kind not in "SO":
-        return False
-    return _REFERENCE.match(as_text(dataset[0])) is not None
+        return None
+    match = _REFERENCE.match(as_text(dataset[0]))
+    return match["file"] if match else None
+
+
+def names_frames(dataset) -> bool:
+    """Whether an HDF5 dataset names frames instead of holding them (:func:`first_reference`)."""
+    return first_reference(dataset) is not None
 
 
 def file_references(dataset, strict: bool = True) -> list[tuple[str, int]] | None:
-    """The frames a dataset names (:func:`names_frames`), as ``(file as written, index in
-    it)``, or None for any other dataset. A dataset whose first string is such a name and
-    a later one is not is damaged: a RawDataError, or with ``strict`` false the names that
-    are (what confinement checks)."""
+    """The frames a dataset names (:func:`first_reference`), as ``(file as written, index
+    in it)``, or None for any other dataset. A dataset whose first string is such a name
+    and a later one is not is damaged: a RawDataError, or with ``strict`` false the names
+    that are (what confinement checks)."""
     if not names_frames(dataset):
         return None
     references = []
@@ -49,11 +56,6 @@ def file_references(dataset, strict: bool = True) -> list[tuple[str, int]] | Non
             )
         references.append((match["file"], int(match["index"])))
     return references
-
-
-def first_reference(dataset) -> str | None:
-    """The file a dataset that :func:`names_frames` names first, as written; else None."""
-    return _REFERENCE.match(as_text(dataset[0]))["file"] if names_frames(dataset) else None
 
 
 def as_text(value: object) -> str:

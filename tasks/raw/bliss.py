@@ -308,9 +308,7 @@ def referenced_problems(files: list[Path], frames: list[int]) -> list[str]:
     """What keeps the image files a dataset file names (``frames``: how many of each)
     from being read: missing, a CBF or TIFF image not wholly written, an EDF file or a
     multi-page TIFF short of its frames (its writer still at it, or the copy cut short)."""
-    from calypso.tasks.raw.edf import edf_look
-    from calypso.tasks.raw.lima_saving import image_written, is_edf, is_image
-    from calypso.tasks.raw.tiff import is_tiff, tiff_layout
+    from calypso.tasks.raw.lima_saving import image_written, is_image
 
     problems = []
     for file, needed in zip(files, frames, strict=True):
@@ -320,21 +318,30 @@ def referenced_problems(files: list[Path], frames: list[int]) -> list[str]:
             problems.append(f"{file} is missing")
         elif is_image(file) and not image_written(file):
             problems.append(f"{file} is not whole (still being written, or cut short)")
-        elif is_edf(file) or (is_tiff(file) and needed > 1):
-            if is_tiff(file):  # a multi-page TIFF: each page there is whole, but all?
-                whole = tiff_layout(file)[0]
-            else:
-                status = file.stat()
-                try:
-                    whole = edf_look(file, status.st_size, status.st_ino)[0]
-                except OSError:
-                    whole = 0
-            if whole < needed:
-                problems.append(
-                    f"{file} holds {whole} whole frames of the {needed} named (still being "
-                    "written, or cut short)"
-                )
+        elif (whole := _whole_frames(file, needed)) is not None and whole < needed:
+            problems.append(
+                f"{file} holds {whole} whole frames of the {needed} named (still being "
+                "written, or cut short)"
+            )
     return problems
+
+
+def _whole_frames(file: Path, needed: int) -> int | None:
+    """The whole frames of a file of several (an EDF file, a multi-page TIFF: each page
+    there is whole, but all?); None for a file of one image."""
+    from calypso.tasks.raw.edf import edf_look
+    from calypso.tasks.raw.lima_saving import is_edf
+    from calypso.tasks.raw.tiff import is_tiff, tiff_layout
+
+    if is_tiff(file) and needed > 1:
+        return tiff_layout(file)[0]
+    if not is_edf(file):
+        return None
+    status = file.stat()
+    try:
+        return edf_look(file, status.st_size, status.st_ino)[0]
+    except OSError:  # not even its first header is whole
+        return 0
 
 
 def _external_problems(path: Path, dset: h5py.Dataset) -> list[str]:
