@@ -12,9 +12,11 @@ them in order.
 
 from __future__ import annotations
 
+import asyncio
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 @contextmanager
@@ -40,3 +42,68 @@ def taking_ctrl_c() -> None:
     """Take Ctrl-C again in a process started under :func:`ctrl_c_left_to_this_process`
     that should stop with the command's terminal (a served flow run)."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+class StopRequest:
+    """Ctrl-C and SIGTERM taken as a request to stop, acted on where the command is ready
+    for it (:meth:`check`, :meth:`in_loop`), never as an exception raised wherever its main
+    thread happens to be. A long-running command's Ctrl-C, raised as Python raises it, landed
+    at random in what it was starting: inside a SQLite transaction ("cannot rollback - no
+    transaction is active", exit 5), wrapped into one of pydantic's schema errors (a
+    traceback), or as a cancellation that Prefect's starting runner absorbed (the command
+    served on; once in ~70 tries under load). A second request stops the command at once
+    (KeyboardInterrupt), as a second Ctrl-C would be expected to.
+
+    Use it as a context: the signals' handlers are this object's inside it."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self._requested = False
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self._requested
+
+    def __enter__(self) -> StopRequest:
+        for number in self.SIGNALS:
+            self._previous[number] = signal.signal(number, self._take)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+
+    def _take(self, number: int = signal.SIGINT, frame: object = None) -> None:
+        if self._requested:
+            raise KeyboardInterrupt  # asked twice: at once
+        self._requested = True
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt, the command's way out on Ctrl-C, if a stop was asked."""
+        if self._requested:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def in_loop(self, loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> Iterator[None]:
+        """Meanwhile a request calls ``stop`` in ``loop`` (on the loop's thread, which it wakes
+        whichever thread the signal reached: a Python handler alone waits for the loop's next
+        timer), as soon as it comes; one made before calls it at once."""
+
+        def take() -> None:
+            if self._requested:
+                raise KeyboardInterrupt  # asked twice: out of the loop at once
+            self._requested = True
+            stop()
+
+        for number in self.SIGNALS:
+            loop.add_signal_handler(number, take)
+        try:
+            if self._requested:
+                loop.call_soon(stop)
+            yield
+        finally:
+            for number in self.SIGNALS:
+                loop.remove_signal_handler(number)
+                signal.signal(number, self._take)

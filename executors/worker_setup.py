@@ -62,10 +62,20 @@ def dask_setup(worker: Any) -> None:
 
 def dask_teardown(worker: Any) -> None:
     # A worker of threads lives in a process that outlives it (a notebook's runs, each
-    # with a cluster of its own): its filter goes with it.
+    # with a cluster of its own): its filter goes with it, once it has closed. Removed
+    # here, as the worker starts closing, it let the heartbeat failure through: distributed
+    # tears the preloads down before it closes the connections a heartbeat may be using.
     kept = getattr(worker, "_calypso_heartbeat_filter", None)
     if kept is not None:
-        logging.getLogger("distributed.worker").removeFilter(kept)
+        import asyncio
+
+        async def remove_once_closed() -> None:
+            await worker.finished()
+            logging.getLogger("distributed.worker").removeFilter(kept)
+
+        worker._calypso_filter_removal = asyncio.get_running_loop().create_task(
+            remove_once_closed()
+        )
 
 
 _thread = threading.local()

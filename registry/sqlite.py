@@ -177,7 +177,10 @@ def create_database(
                     db.execute(f"PRAGMA user_version = {stamp}")
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # Not once it has committed: a Ctrl-C on COMMIT's return became "cannot
+                # rollback - no transaction is active", reported as a file that won't open.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
         finally:
             db.close()

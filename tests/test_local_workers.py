@@ -342,3 +342,39 @@ def test_workers_forked_after_the_tomography_tasks_were_imported_reconstruct(tmp
     )
     assert done.returncode == 0 and done.stdout.strip().startswith("["), done.stderr[-2000:]
     assert "GNU OpenMP" not in done.stderr
+
+
+def test_a_heartbeat_failing_as_its_worker_closes_says_nothing_and_the_filter_goes():
+    """distributed tears a worker's preloads down before it closes the connections its
+    heartbeat may be using: the filter, removed there, let "Failed to communicate with
+    scheduler during heartbeat" and its traceback through after a run that went well (a
+    served run's Ctrl-C, under load). A preload torn down after Calypso's logs it here."""
+    import logging
+
+    from distributed import LocalCluster
+
+    from calypso.executors.worker_setup import ClosingWorkerHeartbeat
+
+    late = (
+        "import logging\n"
+        "def dask_teardown(worker):\n"
+        "    try:\n"
+        "        raise OSError('Stream is closed')\n"
+        "    except OSError:\n"
+        "        logging.getLogger('distributed.worker').exception(\n"
+        "            'Failed to communicate with scheduler during heartbeat.')\n"
+    )
+    seen: list[str] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("distributed.worker")
+    logger.addHandler(handler)
+    try:
+        # torn down in reverse: Calypso's first, then the late one
+        preload = [late, "calypso.executors.worker_setup"]
+        with LocalCluster(n_workers=1, processes=False, preload=preload, dashboard_address=None):
+            assert any(isinstance(f, ClosingWorkerHeartbeat) for f in logger.filters)
+    finally:
+        logger.removeHandler(handler)
+    assert not [message for message in seen if "heartbeat" in message], seen
+    assert not any(isinstance(f, ClosingWorkerHeartbeat) for f in logger.filters)

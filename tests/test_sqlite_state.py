@@ -176,3 +176,21 @@ def test_on_a_network_disk_the_rollback_journal_is_kept_with_one_warning(
     assert "set CALYPSO_CATALOGUE__PATH to a local disk" in warning
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_a_ctrl_c_as_the_schema_commits_stays_a_ctrl_c(tmp_path):
+    # Taken on COMMIT's return, it turned into "cannot open the flow registry ...: cannot
+    # rollback - no transaction is active" (exit 5) as `calypso serve` started.
+    import pytest
+
+    from calypso.errors import CatalogueError
+
+    def committed_then_interrupted(db: sqlite3.Connection) -> None:
+        db.execute("COMMIT")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sqlite.create_database(
+            tmp_path / "state.sqlite", "CREATE TABLE t (x INTEGER);", CatalogueError,
+            "the test state", "advice", committed_then_interrupted, name="watch state",
+        )  # fmt: skip

@@ -57,3 +57,43 @@ def test_a_scan_that_ends_is_announced_within_seconds_not_at_the_next_poll(tmp_p
     finally:
         stop(watcher)
     assert Path(tmp_path / "watch.log").read_text().count("Traceback") == 0
+
+
+def test_ctrl_c_or_sigterm_stops_the_watcher_soon_in_one_line(tmp_path):
+    # Raised wherever the watcher was, a Ctrl-C could land inside a write of its state
+    # (a misleading "cannot open ..." error); SIGTERM killed it on the spot. A stop is now
+    # taken between two looks, within half a second while it waits for the next poll.
+    import signal
+    import subprocess
+    import sys
+
+    tree = tmp_path / "visitor"
+    tree.mkdir()
+    env = dict(os.environ)
+    env.pop("CALYPSO_CATALOGUE__PATH", None)
+    env.update(
+        CALYPSO_HOME=str(tmp_path / "home"),
+        CALYPSO_DATA_ROOTS=json.dumps([str(tree)]),
+        CALYPSO_WATCH__BEAMLINES=json.dumps({"id00": [{"technique": "diffraction"}]}),
+        CALYPSO_WATCH__INTERVAL_S=str(POLL_S),
+    )
+    for number in (signal.SIGINT, signal.SIGTERM):
+        log = tmp_path / f"watch-{number}.log"
+        with open(log, "wb") as out:
+            watcher = subprocess.Popen(
+                [sys.executable, "-m", "calypso.flows.cli", "watch", str(tree)],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                # as at a terminal: pytest-xdist's workers ignore SIGINT, which children inherit
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            )  # fmt: skip
+        try:
+            wait_until(lambda log=log: "watching" in log.read_text(), 60, "the watcher")
+            sent = time.monotonic()
+            os.killpg(watcher.pid, number)
+            assert watcher.wait(timeout=30) == 0, log.read_text()[-2000:]
+            assert time.monotonic() - sent < 10  # not at the next poll, 600 s away
+        finally:
+            stop(watcher)
+        output = log.read_text()
+        assert "interrupted: watch stops" in output, output[-2000:]
+        assert "Traceback" not in output, output[-2000:]

@@ -192,7 +192,15 @@ def command_watch(args: argparse.Namespace) -> int:
             "(docs/operations/automation.md)"
         )
     _log_to_stderr()
-    Watcher(roots, settings, api).run(once=args.once)
+    from calypso.executors.interrupts import StopRequest
+
+    with StopRequest() as stop:  # taken between two looks, as `calypso serve` does
+        try:
+            Watcher(roots, settings, api).run(once=args.once, stop=stop)
+        except KeyboardInterrupt:
+            logging.getLogger("calypso.watch").info(
+                "interrupted: watch stops (what it announced is in its state)"
+            )
     return 0
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import calypso
 from calypso.errors import ConfigurationError
-from calypso.executors.interrupts import ctrl_c_left_to_this_process
+from calypso.executors.interrupts import StopRequest, ctrl_c_left_to_this_process
 from calypso.flows.dead_runs import reap_now_and_then
 from calypso.flows.online.acquisitions import EVENT, LIVE_EVENT, live_deployment
 from calypso.flows.online.live_base import LIVE_TECHNIQUES
@@ -295,6 +295,16 @@ def start_icat_flushing(settings: CalypsoSettings, stop: threading.Event) -> Non
 
 def serve(settings: CalypsoSettings, techniques: list[str] | None = None) -> None:
     """Serve the deployments until interrupted (Ctrl-C or SIGTERM)."""
+    with StopRequest() as stop:  # executors/interrupts.py
+        try:
+            _start_and_serve(settings, techniques, stop)
+        except KeyboardInterrupt:
+            logger.info("interrupted: serve stops (its deployments stay, for the next serve)")
+
+
+def _start_and_serve(
+    settings: CalypsoSettings, techniques: list[str] | None, stop: StopRequest
+) -> None:
     from calypso.flows.runtime import check_prefect_api
     from calypso.registry.access import require_data_roots
 
@@ -315,15 +325,19 @@ def serve(settings: CalypsoSettings, techniques: list[str] | None = None) -> Non
         # ast.parse in two threads at once: "AST constructor recursion depth mismatch").
         warm = preloaded_modules(chosen) + live_modules([t.name for t in live])
     cluster = submissions = None
-    stop = threading.Event()
+    stopping = threading.Event()
     try:
+        # A stop asked meanwhile is taken between the steps, each left whole.
         with ctrl_c_left_to_this_process():  # executors/interrupts.py
+            stop.check()
             cluster = start_shared_cluster(settings)
-            start_icat_flushing(settings, stop)
-            reap_now_and_then(settings, stop)  # runs that died without a word: shown Crashed
+            start_icat_flushing(settings, stopping)
+            reap_now_and_then(settings, stopping)  # runs that died without a word: Crashed
+            stop.check()
             submissions = start_submissions(settings, cluster, chosen)
             if warm:
                 start_warm(warm)
+        stop.check()
         deployments = [technique_deployment(technique, settings) for technique in chosen]
         deployments += [technique_live_deployment(technique, settings) for technique in live]
         deployments.append(saved_flow_deployment(settings))
@@ -332,17 +346,19 @@ def serve(settings: CalypsoSettings, techniques: list[str] | None = None) -> Non
         served = {name: flow.label for name, flow in saved.items()}
         # All saved flows share the slots of one deployment: saving flows adds no load.
         limit = sum(d.concurrency_limit or 1 for d in deployments[: len(chosen) + len(live) + 1])
-        asyncio.run(_serve(deployments, settings, served, limit))
-    except KeyboardInterrupt:
-        logger.info("interrupted: serve stops (its deployments stay, for the next serve)")
+        stop.check()
+        asyncio.run(_serve(deployments, settings, served, limit, stop))
+        stop.check()
     finally:
-        stop.set()
+        stopping.set()
         stop_serving(submissions, settings)
         if cluster is not None:
             cluster.close()
 
 
-async def _serve(deployments: list, settings: CalypsoSettings, served: dict, limit: int) -> None:
+async def _serve(
+    deployments: list, settings: CalypsoSettings, served: dict, limit: int, stop: StopRequest
+) -> None:
     from prefect.runner import Runner
 
     # Deployments stay active when serve stops: runs triggered meanwhile wait for it.
@@ -351,6 +367,7 @@ async def _serve(deployments: list, settings: CalypsoSettings, served: dict, lim
     )
     for deployment in deployments:
         await deployment.add_to(runner)
+        stop.check()
     from calypso.registry.access.landlock import describe
 
     names = ", ".join(deployment.label for deployment in deployments)
@@ -358,11 +375,32 @@ async def _serve(deployments: list, settings: CalypsoSettings, served: dict, lim
     print(f"calypso serve: {describe()}", flush=True)
     following = asyncio.create_task(follow_saved_flows(runner, settings, served))
     prompted = asyncio.create_task(start_runs_once_scheduled(runner))
+    # SIGTERM too is this command's (StopRequest): the runner's own handler would exit
+    # from wherever the main thread is, before it has started.
+    runner.handle_sigterm = lambda *_: None
+    asked = asyncio.Event()
     try:
-        await runner.start()
+        with stop.in_loop(asyncio.get_running_loop(), asked.set):
+            running = asyncio.create_task(runner.start())
+            waiting = asyncio.create_task(asked.wait())
+            await asyncio.wait([running, waiting], return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            if asked.is_set():
+                await _stop_runner(runner, running)
+            await running
     finally:
         following.cancel()
         prompted.cancel()
+
+
+async def _stop_runner(runner, running: asyncio.Task) -> None:
+    """Stop ``runner`` through its own API (the runs it started are cancelled, marked
+    "Runner is shutting down"), once it has started: cancelling its task instead, as
+    asyncio does on Ctrl-C, was absorbed now and then while it started."""
+    while not runner.started and not running.done():
+        await asyncio.sleep(0.05)
+    if runner.started:
+        await runner.astop()
 
 
 # The names of the events of a flow run put in a Scheduled-type state (Prefect names them

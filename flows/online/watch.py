@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from calypso.errors import CalypsoError
+from calypso.executors.interrupts import StopRequest
 from calypso.flows.online.acquisitions import (
     Acquisition,
     bliss_files,
@@ -99,6 +100,7 @@ _FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 # serve serves the live deployment, or the server lost the event); the scan's end is
 # announced instead. Prefect makes a run of an event within a second or two, unless loaded.
 LIVE_START_GRACE_S = 30.0
+STOP_SEEN_S = 0.5  # how soon a Ctrl-C (SIGTERM) is acted on while the watcher waits
 
 
 def verdict(claim: Claim | None, runs: list[tuple[str, str]], now: float | None = None) -> str:
@@ -148,6 +150,7 @@ class Watcher:
     # Dataset files to look at before the next poll (from other threads: the ones inotify
     # saw change, those of scans blissdata says ended).
     _soon: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, init=False)
+    _stop: StopRequest | None = field(default=None, init=False)  # run's, taken between looks
 
     def __post_init__(self) -> None:
         from calypso.registry.access import require_data_roots
@@ -161,6 +164,7 @@ class Watcher:
         announced = []
         for root in self.roots:
             for bliss_file in bliss_files(root):
+                self._stop_if_asked()
                 announced += self.look_at(bliss_file)
         return announced
 
@@ -418,7 +422,10 @@ class Watcher:
             why = "no flow run yet" if not runs else f"its flow run {runs[0][0]} did not finish"
             logger.warning("%s: %s: event posted again", raw, why)
 
-    def run(self, once: bool = False) -> None:
+    def run(self, once: bool = False, stop: StopRequest | None = None) -> None:
+        """Poll (and listen) until ``stop`` is asked (Ctrl-C, SIGTERM), or once. A stop is
+        taken between two looks, never in the middle of one (a record half written)."""
+        self._stop = stop
         self.post_pending(stale_after_s=0)  # what a watcher killed before posting left
         inotify = self.settings.watch.inotify and not once
         listening = listen(self.roots, self.look_soon) if inotify else None
@@ -439,6 +446,7 @@ class Watcher:
         try:
             while True:
                 began = time.monotonic()
+                self._stop_if_asked()
                 announced = self.poll()
                 self.post_pending()
                 self.confirm()
@@ -455,14 +463,19 @@ class Watcher:
                 if stop is not None:
                     stop.set()
 
+    def _stop_if_asked(self) -> None:
+        if self._stop is not None:
+            self._stop.check()
+
     def _until_next_poll(self, began: float) -> None:
         """Wait for the next poll, looking meanwhile at the dataset files handed to
         :meth:`look_soon` as they come."""
         while (left := self.settings.watch.interval_s - (time.monotonic() - began)) > 0:
-            try:
-                files = {self._soon.get(timeout=left)}
+            self._stop_if_asked()
+            try:  # a stop asked meanwhile is seen within STOP_SEEN_S
+                files = {self._soon.get(timeout=min(left, STOP_SEEN_S))}
             except queue.Empty:
-                return
+                continue
             while not self._soon.empty():
                 files.add(self._soon.get())
             for bliss_file in sorted(files):
