@@ -61,3 +61,17 @@ class ExportError(CalypsoError):
     """Results could not be exported to (or verified in) an object store or folder."""
 
     exit_code = 6
+
+
+def is_ctrl_c(error: BaseException) -> bool:
+    """Whether ``error`` is a Ctrl-C (KeyboardInterrupt), also one that a library caught
+    and wrapped in an error of its own: pydantic's core says it in its message only
+    ("Error calling function `ser_model`: KeyboardInterrupt", a SchemaError building a
+    model as a module is imported), others chain it."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt) or "KeyboardInterrupt" in str(error):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False

@@ -21,7 +21,7 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 
-from calypso.errors import CalypsoError, CatalogueError, OutputError
+from calypso.errors import CalypsoError, CatalogueError, OutputError, is_ctrl_c
 from calypso.registry import ProcessedDataset, claims, open_catalogue
 from calypso.registry.access import AccessError
 from calypso.registry.access.confine import still_in_proposal
@@ -189,8 +189,7 @@ class FlowRun:
         self._stop_heartbeat()
         self._remove_partial_result()  # it said "running": the record says what happened
         try:
-            # A Ctrl-C may come wrapped ("Error calling function `ser_model`: KeyboardInterrupt")
-            ctrl_c = not isinstance(error, Exception) or "KeyboardInterrupt" in str(error)
+            ctrl_c = not isinstance(error, Exception) or is_ctrl_c(error)  # wrapped too
             message = (
                 f"interrupted ({type(error).__name__}: Ctrl-C, or the process was told to "
                 "stop) before it finished"

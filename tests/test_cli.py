@@ -603,3 +603,34 @@ def _gone(pid: int, timeout_s: float) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def test_a_ctrl_c_that_a_library_wrapped_is_one_line_not_a_traceback(monkeypatch, capsys):
+    # Pressed as a command imported Prefect, pydantic's core wrapped it in a SchemaError
+    # ("... KeyboardInterrupt: "): a traceback. Other errors stay a bug's traceback.
+    import argparse
+
+    from calypso.flows import cli
+
+    def wrapped_by_pydantic(_args):
+        raise RuntimeError('Error building "literal" validator:\n  KeyboardInterrupt: ')
+
+    def raised_handling_it(_args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise OSError("cannot rollback - no transaction is active") from None
+
+    def a_bug(_args):
+        raise ValueError("a bug")
+
+    for handler in (wrapped_by_pydantic, raised_handling_it, a_bug):
+        parser = argparse.ArgumentParser()
+        parser.set_defaults(handler=handler)
+        monkeypatch.setattr(cli, "build_parser", lambda groups, parser=parser: parser)
+        if handler is a_bug:
+            with pytest.raises(ValueError):
+                cli.main([])
+            continue
+        assert cli.main([]) == 130
+        assert capsys.readouterr().err.strip() == "calypso: error: interrupted"

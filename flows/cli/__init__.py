@@ -16,7 +16,7 @@ from importlib import import_module
 from typing import NoReturn
 
 import calypso
-from calypso.errors import CalypsoError
+from calypso.errors import CalypsoError, is_ctrl_c
 from calypso.flows.startup import collect_later
 
 # In the order `calypso --help` lists the commands (modules of this package).
@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         return _report(exc, as_json)
     except KeyboardInterrupt:
         return _report(Interrupted("interrupted"), as_json)
+    except Exception as exc:
+        if is_ctrl_c(exc):  # wrapped by a library: a Ctrl-C all the same, not a traceback
+            return _report(Interrupted("interrupted"), as_json)
+        raise
     except BrokenPipeError:  # output piped into `head` or a pager that quit
         sys.stderr.close()
         return 0
