@@ -60,6 +60,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self._requested = False
+        self.signal: int | None = None  # the signal that asked first (SIGINT: Ctrl-C)
         self._previous: dict[int, Any] = {}
 
     @property
@@ -78,7 +79,7 @@ class StopRequest:
     def _take(self, number: int = signal.SIGINT, frame: object = None) -> None:
         if self._requested:
             raise KeyboardInterrupt  # asked twice: at once
-        self._requested = True
+        self._requested, self.signal = True, number
 
     def check(self) -> None:
         """Raise KeyboardInterrupt, the command's way out on Ctrl-C, if a stop was asked."""
@@ -91,14 +92,14 @@ class StopRequest:
         whichever thread the signal reached: a Python handler alone waits for the loop's next
         timer), as soon as it comes; one made before calls it at once."""
 
-        def take() -> None:
+        def take(number: int) -> None:
             if self._requested:
                 raise KeyboardInterrupt  # asked twice: out of the loop at once
-            self._requested = True
+            self._requested, self.signal = True, number
             stop()
 
         for number in self.SIGNALS:
-            loop.add_signal_handler(number, take)
+            loop.add_signal_handler(number, take, number)
         try:
             if self._requested:
                 loop.call_soon(stop)

@@ -317,15 +317,16 @@ class FlowRun:
                 yield str(work_dir)
         except BaseException as exc:  # Ctrl-C too: the record said "running" for good
             self.failed(exc)
-            # Kept for a retry only when it holds a finished chunk a retry could take. A
-            # refused run's retry is refused again: its folder, which the visitor cannot
-            # remove (the service made it), would stay for good.
+            # Kept for a retry when it holds a finished chunk, or soon may (a Ctrl-C's chunks
+            # on serve's cluster finish into it); not a refused run's: refused again.
             if (
                 isinstance(exc, AccessError)
                 or not self.run_id
-                or not any(p.is_file() for p in Path(work_dir).rglob("*"))
+                or not (is_ctrl_c(exc) or any(p.is_file() for p in Path(work_dir).rglob("*")))
             ):
                 _remove_part_folder(work_dir)
+            if isinstance(exc, Exception) and is_ctrl_c(exc):  # a Ctrl-C pydantic wrapped:
+                raise KeyboardInterrupt from exc  # Prefect's "interrupted", not a traceback
             raise
 
     def make_step_folder(self, folder: Path) -> None:

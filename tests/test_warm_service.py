@@ -227,6 +227,10 @@ def test_a_command_sends_nothing_to_a_socket_another_account_listens_on():
 def test_ctrl_c_stops_the_service_with_one_line_and_no_traceback(tmp_path, when):
     # A terminal sends Ctrl-C to every process of the group: each Dask worker and the fork
     # server printed a traceback (mid-import while serve started), burying serve's line.
+    # Started, it has a run in flight, which the Ctrl-C reaches too: the run records
+    # itself interrupted (cancelled by serve's runner first, its record stayed "running").
+    from calypso.registry.catalogue import SQLiteCatalogue
+
     env = dict(os.environ)
     env.update(
         CALYPSO_HOME=str(tmp_path / "home"),
@@ -235,10 +239,11 @@ def test_ctrl_c_stops_the_service_with_one_line_and_no_traceback(tmp_path, when)
         CALYPSO_EXECUTOR__N_WORKERS="1",
     )
     env.pop("CALYPSO_CATALOGUE__PATH", None)
+    technique = "spectroscopy" if when == "starting" else "diffraction"
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         served = subprocess.Popen(
-            [sys.executable, "-m", "calypso.flows.cli", "serve", "--technique", "spectroscopy"],
+            [sys.executable, "-m", "calypso.flows.cli", "serve", "--technique", technique],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             # as at a terminal: pytest-xdist's workers ignore SIGINT, which children inherit
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
@@ -247,6 +252,8 @@ def test_ctrl_c_stops_the_service_with_one_line_and_no_traceback(tmp_path, when)
         # Its workers are up once it listens; the fork server is importing then.
         sign = "runs can be submitted" if when == "starting" else "fork server for served runs"
         wait_until(lambda: sign in log.read_text(), 180, f"serve {when}")
+        if when == "started":
+            run = _a_run_in_flight(tmp_path)
         os.killpg(served.pid, signal.SIGINT)
         try:
             served.wait(timeout=60)
@@ -259,6 +266,33 @@ def test_ctrl_c_stops_the_service_with_one_line_and_no_traceback(tmp_path, when)
     output = log.read_text()
     assert "interrupted: serve stops" in output
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+    if when == "started":
+        [record] = SQLiteCatalogue(tmp_path / "home" / "catalogue.sqlite").list()
+        assert record.status == "failed" and record.message.startswith("interrupted"), record
+        assert _flow_run_state(run) == "Crashed"  # as Prefect says a run stopped by Ctrl-C
+
+
+def _a_run_in_flight(tmp_path: Path):
+    """A diffraction run of serve's deployment, once it integrates."""
+    from prefect.deployments import run_deployment
+
+    sample = write_diffraction_sample(tmp_path / "visitor", frames=480, frames_per_file=40)
+    parameters = {
+        "raw": str(sample.raw_dataset_dir),
+        "parameters": {**{k: str(v) for k, v in sample.calibration.items()}, "chunk_size": 4},
+    }
+    run = run_deployment("diffraction/diffraction", parameters=parameters, timeout=0)
+    output = sample.dataset.processed_dataset_dir("diffraction")
+    wait_until(lambda: list(output.glob(".calypso-partial-*")), 120, "the run", 0.02)
+    assert _flow_run_state(run) == "Running", "the run ended before it could be stopped"
+    return run
+
+
+def _flow_run_state(run) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run.id).state.name
 
 
 def test_a_stop_asked_is_taken_where_the_command_is_ready_and_twice_at_once():

@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import threading
+from contextlib import suppress
 from typing import Any
 
 import calypso
@@ -386,20 +388,32 @@ async def _serve(
             await asyncio.wait([running, waiting], return_when=asyncio.FIRST_COMPLETED)
             waiting.cancel()
             if asked.is_set():
-                await _stop_runner(runner, running)
-            await running
+                await _stop_runner(runner, running, ctrl_c=stop.signal == signal.SIGINT)
+            with suppress(asyncio.CancelledError):  # stopped by _stop_runner
+                await running
     finally:
         following.cancel()
         prompted.cancel()
 
 
-async def _stop_runner(runner, running: asyncio.Task) -> None:
-    """Stop ``runner`` through its own API (the runs it started are cancelled, marked
-    "Runner is shutting down"), once it has started: cancelling its task instead, as
-    asyncio does on Ctrl-C, was absorbed now and then while it started."""
+# How long the runs of a Ctrl-C have to record themselves stopped before they are
+# cancelled: the terminal's Ctrl-C reached them too (a run records itself in ~0.1 s).
+CTRL_C_GRACE_S = 30.0
+
+
+async def _stop_runner(runner, running: asyncio.Task, ctrl_c: bool) -> None:
+    """Stop ``runner`` once it has started: asked by a start cancelled early, it went on
+    serving now and then (the cancellation absorbed as it started). A Ctrl-C's runs took
+    it too and record themselves interrupted: the runner is let go as asyncio would let it
+    go (its task cancelled), once they had the time. SIGTERM, or a runner that would not
+    stop: its own stop, which cancels the runs it started ("Runner is shutting down";
+    their records are released by the next serve's reaper)."""
     while not runner.started and not running.done():
         await asyncio.sleep(0.05)
-    if runner.started:
+    if ctrl_c and not running.done():
+        running.cancel()
+        await asyncio.wait([running], timeout=CTRL_C_GRACE_S)
+    if runner.started and not running.done():
         await runner.astop()
 
 
