@@ -396,18 +396,18 @@ async def _serve(
         prompted.cancel()
 
 
-# How long the runs of a Ctrl-C have to record themselves stopped before they are
-# cancelled: the terminal's Ctrl-C reached them too (a run records itself in ~0.1 s).
+# How long a runner whose task a Ctrl-C cancelled has to end (its runs, which took the
+# Ctrl-C too, record themselves interrupted meanwhile) before its own stop is called.
 CTRL_C_GRACE_S = 30.0
 
 
 async def _stop_runner(runner, running: asyncio.Task, ctrl_c: bool) -> None:
-    """Stop ``runner`` once it has started: asked by a start cancelled early, it went on
-    serving now and then (the cancellation absorbed as it started). A Ctrl-C's runs took
-    it too and record themselves interrupted: the runner is let go as asyncio would let it
-    go (its task cancelled), once they had the time. SIGTERM, or a runner that would not
-    stop: its own stop, which cancels the runs it started ("Runner is shutting down";
-    their records are released by the next serve's reaper)."""
+    """Stop ``runner`` once it has started: cancelled as it started, it absorbed the
+    cancellation now and then and served on. On Ctrl-C its task is cancelled, as asyncio
+    does, and the runs, which took the Ctrl-C too, record themselves interrupted (its own
+    stop cancels them first: "Cancelled", their records left "running"). On SIGTERM, or
+    if it has not ended after CTRL_C_GRACE_S: its own stop ("Runner is shutting down";
+    their records are released once their lease runs out)."""
     while not runner.started and not running.done():
         await asyncio.sleep(0.05)
     if ctrl_c and not running.done():
