@@ -76,7 +76,7 @@ class StopRequest:
         for number, previous in self._previous.items():
             signal.signal(number, previous)
 
-    def _take(self, number: int = signal.SIGINT, frame: object = None) -> None:
+    def _take(self, number: int, frame: object = None) -> None:
         if self._requested:
             raise KeyboardInterrupt  # asked twice: at once
         self._requested, self.signal = True, number
@@ -93,9 +93,7 @@ class StopRequest:
         timer), as soon as it comes; one made before calls it at once."""
 
         def take(number: int) -> None:
-            if self._requested:
-                raise KeyboardInterrupt  # asked twice: out of the loop at once
-            self._requested, self.signal = True, number
+            self._take(number)  # asked twice: out of the loop at once (KeyboardInterrupt)
             stop()
 
         for number in self.SIGNALS:

@@ -189,12 +189,11 @@ class FlowRun:
         self._stop_heartbeat()
         self._remove_partial_result()  # it said "running": the record says what happened
         try:
-            ctrl_c = not isinstance(error, Exception) or is_ctrl_c(error)  # wrapped too
             message = (
-                f"interrupted ({type(error).__name__}: Ctrl-C, or the process was told to "
-                "stop) before it finished"
-                if ctrl_c
-                else redact(str(error))
+                redact(str(error))
+                if isinstance(error, Exception)
+                else f"interrupted ({type(error).__name__}: Ctrl-C, or the process was told "
+                "to stop) before it finished"
             )
             registration = register_processed_dataset(self._record([], "failed", message))
         except CatalogueError as exc:
@@ -316,17 +315,18 @@ class FlowRun:
             with preparing(work_dir, permissions) as self.publication:
                 yield str(work_dir)
         except BaseException as exc:  # Ctrl-C too: the record said "running" for good
-            self.failed(exc)
+            interrupted = is_ctrl_c(exc)  # one pydantic wrapped too ("... KeyboardInterrupt")
+            self.failed(KeyboardInterrupt() if interrupted else exc)
             # Kept for a retry when it holds a finished chunk, or soon may (a Ctrl-C's chunks
             # on serve's cluster finish into it); not a refused run's: refused again.
             if (
                 isinstance(exc, AccessError)
                 or not self.run_id
-                or not (is_ctrl_c(exc) or any(p.is_file() for p in Path(work_dir).rglob("*")))
+                or not (interrupted or any(p.is_file() for p in Path(work_dir).rglob("*")))
             ):
                 _remove_part_folder(work_dir)
-            if isinstance(exc, Exception) and is_ctrl_c(exc):  # a Ctrl-C pydantic wrapped:
-                raise KeyboardInterrupt from exc  # Prefect's "interrupted", not a traceback
+            if interrupted and isinstance(exc, Exception):  # Prefect's "interrupted" then
+                raise KeyboardInterrupt from exc
             raise
 
     def make_step_folder(self, folder: Path) -> None:

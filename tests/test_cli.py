@@ -609,6 +609,7 @@ def test_a_ctrl_c_that_a_library_wrapped_is_one_line_not_a_traceback(monkeypatch
     # Pressed as a command imported Prefect, pydantic's core wrapped it in a SchemaError
     # ("... KeyboardInterrupt: "): a traceback. Other errors stay a bug's traceback.
     import argparse
+    import io
 
     from calypso.flows import cli
 
@@ -634,3 +635,12 @@ def test_a_ctrl_c_that_a_library_wrapped_is_one_line_not_a_traceback(monkeypatch
             continue
         assert cli.main([]) == 130
         assert capsys.readouterr().err.strip() == "calypso: error: interrupted"
+
+    def a_pager_that_quit(_args):
+        raise BrokenPipeError  # an Exception too: still the quiet exit, not a traceback
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(handler=a_pager_that_quit)
+    monkeypatch.setattr(cli, "build_parser", lambda groups: parser)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert cli.main([]) == 0

@@ -46,13 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         return _report(exc, as_json)
     except KeyboardInterrupt:
         return _report(Interrupted("interrupted"), as_json)
+    except BrokenPipeError:  # output piped into `head` or a pager that quit
+        sys.stderr.close()
+        return 0
     except Exception as exc:
         if is_ctrl_c(exc):  # wrapped by a library: a Ctrl-C all the same, not a traceback
             return _report(Interrupted("interrupted"), as_json)
         raise
-    except BrokenPipeError:  # output piped into `head` or a pager that quit
-        sys.stderr.close()
-        return 0
 
 
 def command() -> NoReturn:

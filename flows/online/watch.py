@@ -446,7 +446,6 @@ class Watcher:
         try:
             while True:
                 began = time.monotonic()
-                self._stop_if_asked()
                 announced = self.poll()
                 self.post_pending()
                 self.confirm()
