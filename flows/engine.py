@@ -237,25 +237,26 @@ def run_specification(
         return definition.run(ctx.step(name), **inputs)
 
     planning = [name for name in spec.order if steps[spec.steps[name]["task"]].takes_parameters]
-    for name in planning:
-        results[name] = call(name)
-    if run.skipped_because:  # this acquisition was processed by this flow already
-        return run.skipped()
-    outputs: list[str] = []
-    with run.working() as work_dir:
-        ctx.work_dir = work_dir
-        for name in spec.order:
-            if name in results:
-                continue
-            began = time.perf_counter()
+    with run.ending_registered():
+        for name in planning:
             results[name] = call(name)
-            timings[name] = time.perf_counter() - began
-            if steps[spec.steps[name]["task"]].output == OUTPUTS:
-                outputs = results[name]
-        for result in results.values():  # results no step took: their tasks end with the run
-            if isinstance(result, AsTheyFinish):
-                list(result)
-    registration = run.completed(outputs)
+        if run.skipped_because:  # this acquisition was processed by this flow already
+            return run.skipped()
+        outputs: list[str] = []
+        with run.working() as work_dir:
+            ctx.work_dir = work_dir
+            for name in spec.order:
+                if name in results:
+                    continue
+                began = time.perf_counter()
+                results[name] = call(name)
+                timings[name] = time.perf_counter() - began
+                if steps[spec.steps[name]["task"]].output == OUTPUTS:
+                    outputs = results[name]
+            for result in results.values():  # results no step took: they end with the run
+                if isinstance(result, AsTheyFinish):
+                    list(result)
+        registration = run.completed(outputs)
     summary = run.summary(
         raw,
         outputs,

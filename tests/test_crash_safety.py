@@ -389,6 +389,26 @@ def test_a_locked_catalogue_publishes_nothing_and_a_later_run_succeeds(
     assert (output / "CeO2_0001.h5").is_file()
 
 
+def test_a_ctrl_c_after_planning_before_the_work_registers_the_run_interrupted(
+    sample, scheduler, catalogue_path, tmp_path, monkeypatch
+):
+    """A Ctrl-C after the planning step reserved the run's record, before the run's part
+    folder exists (as Prefect saves the result block the chunks use): the record says
+    "interrupted", not "running" until its lease runs out."""
+    from calypso.flows import flow_run
+
+    def ctrl_c() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flow_run, "save_result_block", ctrl_c)
+    output = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_diffraction(sample, scheduler, output=str(output))
+    [record] = SQLiteCatalogue(catalogue_path).list()
+    assert record.status == "failed" and record.message.startswith("interrupted"), record
+    assert not list(output.glob(".calypso-partial-*"))
+
+
 # -- the real thing: `calypso serve` and `calypso watch` as processes, killed ------------
 
 LEASE_S = 2  # leases of these tests' flow runs

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,27 @@ def test_confined_threads_are_kept_per_proposal(facility):
     assert nested[0] == nested[1]
     assert first != threading.get_ident()
     assert "kept inside its proposal by the kernel" in landlock.describe()
+
+
+def test_a_ctrl_c_waits_for_the_confined_step_in_progress(facility, caplog):
+    """Python cannot stop a confined thread: a Ctrl-C while the main thread waits for one
+    waits for its step to end (a run's writer went on into the command's exit, its imports
+    and logs refused there: tracebacks after `interrupted`), and says so after a second."""
+    import signal
+
+    visitor, _ = facility
+    confinement = proposal_confinement(load_settings(), visitor / "ih0001")
+    ended = threading.Event()
+
+    def step() -> None:
+        time.sleep(1.6)
+        ended.set()
+
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        within(confinement, step)
+    assert ended.is_set()
+    assert "the step in progress ends first" in caplog.text
 
 
 def test_more_proposals_at_once_than_threads_are_kept_for(facility):

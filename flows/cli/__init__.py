@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Machine-readable errors too when the caller asked for machine-readable output.
     as_json = "--json" in argv
-    # `calypso run` alone imports only its own group: a run handed to `calypso serve`
-    # starts without the other groups' imports (the settings' among them).
-    parser = build_parser(("run",) if argv[:1] == ["run"] else COMMAND_GROUPS)
-    try:
+    try:  # a Ctrl-C from the first moment on is `interrupted`, not a traceback
+        # `calypso run` alone imports only its own group: a run handed to `calypso serve`
+        # starts without the other groups' imports (the settings' among them).
+        parser = build_parser(("run",) if argv[:1] == ["run"] else COMMAND_GROUPS)
         import argcomplete  # completes words when the shell asks (`calypso completion`)
 
         argcomplete.autocomplete(parser)

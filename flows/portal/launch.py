@@ -270,7 +270,7 @@ def link_from_prefect(
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import ArtifactCreate
 
-    from calypso.flows.flow_run import portal_path
+    from calypso.flows.results_table import portal_path
 
     portal = settings.portal
     base = (portal.public_url or f"http://{portal.host}:{portal.port}").rstrip("/")

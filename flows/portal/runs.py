@@ -19,10 +19,10 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from calypso.flows.flow_run import portal_path
 from calypso.flows.portal.app import PortalError, page
 from calypso.flows.portal.auth import User
 from calypso.flows.portal.paths import visible_proposals
+from calypso.flows.results_table import portal_path
 from calypso.registry.access import Identity
 from calypso.registry.access.links import resolved
 

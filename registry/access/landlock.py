@@ -30,6 +30,7 @@ import contextvars
 import ctypes
 import functools
 import importlib
+import logging
 import os
 import re
 import stat
@@ -37,7 +38,7 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,8 +350,24 @@ def within(
     future = _submit(confinement, call)
     try:
         return future.result()
+    except KeyboardInterrupt:
+        _let_finish(future)
+        raise
     except BaseException as error:
-        raise _refused(error, confinement) from error
+        refused = _refused(error, confinement)
+        if refused is error:
+            raise
+        raise refused from error
+
+
+def _let_finish(future: Future[Any]) -> None:
+    """Wait for a confined call whose caller a Ctrl-C interrupted: Python cannot stop its
+    thread, which went on (writing a run's result) into the command's exit, its imports and
+    Prefect's logs refused there (tracebacks after `interrupted`)."""
+    if wait([future], timeout=1.0).not_done:  # a second Ctrl-C leaves at once
+        log = "interrupted: the step in progress ends first (Ctrl-C again to stop at once)"
+        logging.getLogger(__name__).warning(log)
+        wait([future])
 
 
 _PATH_IN_TEXT = re.compile(r"/[^\s'\"()\[\],;]+")
