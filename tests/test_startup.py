@@ -235,6 +235,36 @@ def test_a_final_server_answers_without_a_full_collection_first(tmp_path: Path):
     assert seen == {"copies": False, "collections": 0}
 
 
+def test_a_server_stopped_as_it_starts_stops_without_a_traceback(tmp_path: Path):
+    """Prefect's server asked to stop as soon as it has started (a Ctrl-C 1-3 s into
+    `calypso server`): Prefect stops its services before they have started, asserts
+    ("Reactive triggers not started"), and uvicorn printed the traceback and "Application
+    shutdown failed". Prefect's real application, its lifespan driven as uvicorn does."""
+    seen = run_python(
+        f"""
+        import asyncio, json, os
+        os.environ.update(PREFECT_HOME={str(tmp_path)!r}, PREFECT_UI_ENABLED="0")
+        from calypso.flows.prefect_server import create_app
+
+        async def main():
+            messages = asyncio.Queue()
+            for kind in ("lifespan.startup", "lifespan.shutdown"):  # the stop at once
+                messages.put_nowait({{"type": kind}})
+            sent = []
+
+            async def send(message):
+                sent.append(message["type"])
+
+            scope = {{"type": "lifespan", "asgi": {{"version": "3.0"}}, "state": {{}}}}
+            await create_app()(scope, messages.get, send)
+            print(json.dumps(sent))
+
+        asyncio.run(main())
+        """
+    )
+    assert seen == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
 def test_prefects_block_types_are_registered_once_the_server_has_started_and_is_idle(
     tmp_path: Path,
 ):
