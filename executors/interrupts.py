@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -36,6 +37,21 @@ def ctrl_c_left_to_this_process(multiprocessing: bool = True) -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+@contextmanager
+def ctrl_c_handler_kept() -> Iterator[None]:
+    """The process's Ctrl-C handler restored after the block (in the main thread, where
+    handlers are set). dask-jobqueue replaces it with ``sys.exit()`` as its runner module
+    is imported: a Ctrl-C then ended a SLURM command with exit status 0 and no word, and
+    reached ``calypso serve`` wherever its main thread was, its stop request bypassed."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
 
 
 def taking_ctrl_c() -> None:

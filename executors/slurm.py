@@ -55,8 +55,16 @@ def slurm_cluster_options(executor: ExecutorSettings) -> tuple[dict[str, Any], d
 
 def start_slurm_cluster(**options: Any):
     """The cluster, with Calypso's certificate read as it starts (``security=True``)."""
-    from dask_jobqueue import SLURMCluster
-
     from calypso.executors.dask import with_certificate
 
-    return SLURMCluster(**with_certificate(options))
+    return slurm_cluster_class()(**with_certificate(options))
+
+
+def slurm_cluster_class() -> type:
+    """dask-jobqueue's ``SLURMCluster``, imported without the Ctrl-C handler its import
+    sets (:func:`~calypso.executors.interrupts.ctrl_c_handler_kept`)."""
+    from calypso.executors.interrupts import ctrl_c_handler_kept
+
+    with ctrl_c_handler_kept():
+        from dask_jobqueue import SLURMCluster
+    return SLURMCluster

@@ -605,6 +605,23 @@ def _gone(pid: int, timeout_s: float) -> bool:
     return True
 
 
+def test_a_ctrl_c_stays_a_ctrl_c_once_dask_jobqueue_is_imported():
+    """dask-jobqueue sets a Ctrl-C handler of its own (``sys.exit()``) as it is imported: a
+    Ctrl-C then ended a command that runs on SLURM with exit status 0 and not a word, and
+    bypassed serve's stop request. A fresh interpreter: the module is imported once."""
+    code = (
+        "import signal\n"
+        "from calypso.executors.slurm import slurm_cluster_class\n"
+        "before = signal.getsignal(signal.SIGINT)\n"
+        "slurm_cluster_class()\n"
+        "print(signal.getsignal(signal.SIGINT) is before)\n"
+    )
+    seen = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert seen.stdout.strip() == "True"
+
+
 def test_a_ctrl_c_that_a_library_wrapped_is_one_line_not_a_traceback(monkeypatch, capsys):
     # Pressed as a command imported Prefect, pydantic's core wrapped it in a SchemaError
     # ("... KeyboardInterrupt: "): a traceback. Other errors stay a bug's traceback.

@@ -113,9 +113,15 @@ def test_a_ctrl_c_waits_for_the_confined_step_in_progress(facility, caplog):
         time.sleep(1.6)
         ended.set()
 
-    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
-    with pytest.raises(KeyboardInterrupt):
-        within(confinement, step)
+    # A command's own handler (a library imported earlier in this process may have set
+    # another: dask-jobqueue's raises SystemExit).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            within(confinement, step)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert ended.is_set()
     assert "the step in progress ends first" in caplog.text
 
