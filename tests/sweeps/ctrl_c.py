@@ -12,7 +12,11 @@ random delay in ``--window`` seconds. A try is good when
   Prefect's own way: the flow run crashed, the process ended by SIGTERM (-15);
 * it printed no traceback;
 * no record of its run is left ``running`` (a Ctrl-C's says failed, "interrupted ...");
-* a cold home has no process left 3 s later (its temporary server, its Dask workers).
+* a cold home has no process left 15 s later (its temporary server, its Dask workers).
+
+A signal before the command's ``main()`` runs (Python's own start, then the imports of
+the command line module: the first ~50 ms) ends it as it ends any Python program (a
+traceback, killed by SIGINT): counted apart.
 
 Not part of ``make test`` (minutes, random by design). Prints each try and how many were
 bad; exit status 1 if any was.
@@ -41,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from harness import REPO, scratch_folder
 
 TECHNIQUES = ("diffraction", "spectroscopy", "tomography", "mx", "xas-map")
+LEFT_S = 15.0  # a new home's processes still there this long after the command: left
 
 
 def sample(technique: str, root: Path) -> tuple[str, list[str]]:
@@ -79,6 +84,15 @@ def processes_of(home: Path, but: int) -> list[str]:
             if ours and process.pid != but:
                 found.append(" ".join(process.info["cmdline"] or [])[:100])
     return found
+
+
+def processes_left(home: Path, but: int) -> list[str]:
+    """Those of :func:`processes_of` still there :data:`LEFT_S` after the command ended
+    (a temporary server stopped as it starts takes Prefect's graceful shutdown, seconds)."""
+    deadline = time.monotonic() + LEFT_S
+    while (alive := processes_of(home, but)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive
 
 
 def running_records(home: Path) -> list[str]:
@@ -129,7 +143,7 @@ def main() -> None:
     env["CALYPSO_DATA_ROOTS"] = json.dumps([str(work)])
     if args.home == "cold":
         env.update(CALYPSO_SERVER__LOCAL_KEEP_S="0", CALYPSO_EXECUTOR__LOCAL_KEEP_S="0")
-    bad = 0
+    bad = early = 0
     for index in range(args.tries):
         home = work / (f"home-{index}" if args.home == "cold" else "home")
         home.mkdir(exist_ok=True)
@@ -139,9 +153,14 @@ def main() -> None:
         delay = random.uniform(low, high)
         log = work / f"try-{index}.log"
         pid, status, took = one_try(command, env, delay, number, log)
-        time.sleep(3)
         said = log.read_text(errors="replace")
         last = said.strip().splitlines()[-1] if said.strip() else ""
+        if status == -signal.SIGINT or "init_import_site" in said:
+            # Before the command's main() ran (Python's start, the command line module's
+            # imports: the first ~50 ms), as any Python program.
+            early += 1
+            print(f"try {index}: signal at {delay:.2f} s, before main() ran")
+            continue
         problems = [] if status in good else [f"exit status {status}"]
         if "Traceback" in said or "Logging error" in said:
             problems.append("a traceback")
@@ -149,14 +168,17 @@ def main() -> None:
             problems.append(f"its last line: {last[:120]!r}")
         if left := running_records(home / "calypso"):
             problems.append(f"records left running: {left}")
-        if args.home == "cold" and (alive := processes_of(home / "calypso", pid)):
-            problems.append(f"processes left: {alive}")
+        if args.home == "cold" and (alive := processes_left(home / "calypso", pid)):
+            problems.append(f"processes left {LEFT_S:g} s later: {alive}")
         bad += bool(problems)
         verdict = "; ".join(problems) or "good"
         print(f"try {index}: signal at {delay:.2f} s, exit {status} {took:.1f} s later: {verdict}")
         if problems:
             print(said[-3000:], flush=True)
-    print(f"{bad} bad of {args.tries} ({args.technique}, {args.home} home, SIG{args.signal})")
+    print(
+        f"{bad} bad of {args.tries} ({args.technique}, {args.home} home, SIG{args.signal}); "
+        f"{early} before the command's main() ran"
+    )
     if args.home == "kept":  # the local server and cluster the tries kept: stopped with them
         for process in psutil.process_iter(["environ"]):
             with suppress(psutil.Error):
