@@ -187,10 +187,12 @@ class FlowRun:
 
     @contextmanager
     def ending_registered(self) -> Iterator[None]:
-        """The run from its planning to its publication: an error or a Ctrl-C after its
-        record was reserved registers it failed, also outside :meth:`working` (as Prefect
-        reports the planning task's end). Else the record said "running" until its lease
-        ran out (1 of 24 Ctrl-Cs of a 120-frame command, session 44)."""
+        """The run from its planning to its publication: an error or a Ctrl-C (also one a
+        library wrapped) once its record is reserved registers it failed, in
+        :meth:`working` or outside it (as Prefect reports the planning task's end: the
+        record said "running" until its lease ran out, 1 of 24 Ctrl-Cs of a 120-frame
+        command in session 44). The one place a run's failure is registered but for its
+        publication's, which says where its results wait."""
         try:
             yield
         except BaseException as exc:
@@ -315,25 +317,20 @@ class FlowRun:
     def working(self) -> Iterator[str]:
         """A scratch folder in the output folder for the tasks' part files, named after the
         flow run; the writers' results are staged in it until :meth:`completed` publishes
-        them, then it is removed. An error inside the block is registered as a failed run,
-        then raised; the folder stays, so a retry of the run (same flow run id) finds the
-        chunks that finished, whose task results are cached."""
+        them, then it is removed. Used inside :meth:`ending_registered`, which registers an
+        error inside the block as a failed run; the folder stays, so a retry of the run
+        (same flow run id) finds the chunks that finished, whose task results are cached."""
         save_result_block()  # where the chunk tasks keep their results, for a retry
         # The results' group and mode, given before they are published.
         permissions = self.permissions = output_permissions(self.plan, self.settings)
-        try:
-            still_in_proposal(self.settings, self.raw, [Path(self.plan.output_dir)])
-        except AccessError as exc:
-            self.failed(exc)
-            raise
+        still_in_proposal(self.settings, self.raw, [Path(self.plan.output_dir)])
         work_dir = new_work_dir(self.plan.output_dir, self.run_id or None, permissions)
         self.work_dir = work_dir
         try:
             with preparing(work_dir, permissions) as self.publication:
                 yield str(work_dir)
-        except BaseException as exc:  # Ctrl-C too: the record said "running" for good
+        except BaseException as exc:  # Ctrl-C too
             interrupted = is_ctrl_c(exc)  # one pydantic wrapped too ("... KeyboardInterrupt")
-            self.failed(KeyboardInterrupt() if interrupted else exc)
             # Kept for a retry when it holds a finished chunk, or soon may (a Ctrl-C's chunks
             # on serve's cluster finish into it); not a refused run's: refused again.
             if (
